@@ -1,0 +1,272 @@
+"""Daemon settings: defaults < config file < ``BATCHD_*`` environment < command-line flags.
+
+The config file is TOML (``config.toml``), chosen by ``--config PATH``, else ``$BATCHD_CONFIG``,
+else ``./config.toml`` when it exists. Relative paths written in the file resolve against the
+file's folder, so a config and its inbox/outbox can move together; relative paths from the
+environment or the command line resolve against the working directory. After loading, every
+path setting is absolute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV_VAR = "BATCHD_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+
+#: The Gemini API accepts inline batch requests up to 20 MB; keep a margin for the JSON envelope.
+INLINE_LIMIT_BYTES = 20 * 1024 * 1024
+INLINE_MARGIN_BYTES = 1024 * 1024
+
+# Settings whose names look like this are never shown by ``redacted_dict()``.
+_SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which file/key/variable and why."""
+
+
+class EmulatorSettings(BaseModel):
+    """The ``[emulator]`` table: the embedded emulator started by ``provider = "emulator"``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_seconds: float = Field(2.0, ge=0, description="How long an emulated batch job runs.")
+    faults: list[str] = Field(
+        default_factory=list, description="Fault specs injected into every request (see docs/emulator.md)."
+    )
+    state_dir: Path | None = Field(None, description="Emulator storage; defaults to <state_dir>/emulator.")
+
+
+class Settings(BaseSettings):
+    """All daemon settings. Build with :func:`load_settings`, which applies the layering."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_",
+        env_nested_delimiter="__",  # BATCHD_EMULATOR__JOB_SECONDS=0.2
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # Folders
+    inbox: Path = Field(Path("inbox"), description="Where job manifests are dropped.")
+    outbox: Path = Field(Path("outbox"), description="Where organized results are written.")
+    state_dir: Path = Field(Path("state"), description="Journal, claimed jobs and downloads.")
+    plugins_dir: Path | None = Field(None, description="Optional folder of one-off *.py task plugins.")
+
+    # Backend
+    provider: Literal["emulator", "gemini"] = Field(
+        "gemini", description="'gemini' calls the Gemini API; 'emulator' starts the embedded emulator."
+    )
+    model: str = Field("gemini-2.5-flash", min_length=1, description="Model used when a manifest names none.")
+    api_version: str = Field("v1beta", min_length=1, description="Gemini API version.")
+
+    # Polling and file watching
+    poll_interval: float = Field(5.0, gt=0, description="First wait (s) between job status polls.")
+    poll_max_interval: float = Field(60.0, gt=0, description="Polling backs off up to this many seconds.")
+    settle_seconds: float = Field(1.0, ge=0, description="A new file must stay unchanged this long.")
+    incomplete_grace_seconds: float = Field(
+        30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long."
+    )
+    rescan_seconds: float = Field(30.0, gt=0, description="Full inbox rescan period (backs up the watcher).")
+
+    # Submission and sizing
+    max_concurrent_submissions: int = Field(4, ge=1, description="Uploads/creates in flight at once.")
+    chunk_max_requests: int = Field(50_000, ge=1, description="Requests per remote batch job at most.")
+    chunk_max_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Size of one batch's JSONL input at most."
+    )
+    inline_max_bytes: int = Field(
+        INLINE_LIMIT_BYTES - INLINE_MARGIN_BYTES,
+        ge=0,
+        description="Chunks up to this size are sent inline; 0 always uploads a file.",
+    )
+    inline_max_requests: int = Field(1000, ge=0, description="Chunks with more requests are uploaded.")
+    submit_grace_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="After a crash, wait this long for a submitted job to appear before resubmitting.",
+    )
+
+    emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
+
+    _config_file: Path | None = PrivateAttr(None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first. No .env or secrets-dir sources: a daemon's environment
+        # comes from its service manager, and one config file is enough to reason about.
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        # Values from the config file arrive already resolved against its folder; anything
+        # still relative came from defaults, the environment or the command line.
+        _make_paths_absolute(self, Path.cwd())
+        if self.emulator.state_dir is None:
+            self.emulator.state_dir = self.state_dir / "emulator"
+        _make_paths_absolute(self.emulator, Path.cwd())
+        return self
+
+    @property
+    def config_file(self) -> Path | None:
+        """The config file these settings were read from, if any."""
+        return self._config_file
+
+    def gemini_api_key(self) -> str:
+        """The Gemini API key from the environment, as the google-genai SDK picks it.
+
+        ``GOOGLE_API_KEY`` wins over ``GEMINI_API_KEY`` when both are set. The key is read on
+        demand rather than stored, so it can never leak through a settings dump.
+        """
+        key = os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
+        if not key:
+            raise ConfigError(
+                'provider = "gemini" needs an API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) '
+                'in the environment, or use provider = "emulator" to run against the local emulator'
+            )
+        return key
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The settings as JSON-compatible data, safe to print (secret-looking values masked)."""
+        return _redact(self.model_dump(mode="json"))
+
+
+# The config file is picked per load_settings() call, but pydantic-settings builds its sources
+# from the class; a context variable hands this call's file values to the source.
+_config_file_values: ContextVar[dict[str, Any]] = ContextVar("batchd_config_file_values", default={})
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The values read from the config file, below the environment in priority."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        # Unused: __call__ returns the whole (already nested) mapping at once.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _config_file_values.get()
+
+
+def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Settings:
+    """Load settings with the layering described in the module docstring.
+
+    :param config_path: the ``--config`` flag; ``None`` falls back to ``$BATCHD_CONFIG`` and then
+        ``./config.toml`` if it exists.
+    :param cli_overrides: command-line flags by setting name; ``None`` values (flags not given)
+        are ignored. Nested tables are dicts, e.g. ``emulator={"job_seconds": 0.2}``.
+    :raises ConfigError: unreadable file, unknown key, or invalid value.
+    """
+    config_file = _find_config_file(config_path)
+    file_values = _read_config_file(config_file) if config_file else {}
+    overrides = {name: value for name, value in cli_overrides.items() if value is not None}
+    token = _config_file_values.set(file_values)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        origin = f" (config file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid settings{origin}:\n{_format_errors(exc)}") from None
+    finally:
+        _config_file_values.reset(token)
+    settings._config_file = config_file
+    return settings
+
+
+def _find_config_file(config_path: Path | None) -> Path | None:
+    if config_path is None and os.environ.get(CONFIG_ENV_VAR):
+        config_path = Path(os.environ[CONFIG_ENV_VAR])
+    if config_path is not None:
+        config_path = Path(config_path).expanduser().resolve()
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        return config_path
+    default = Path.cwd() / DEFAULT_CONFIG_NAME
+    return default.resolve() if default.is_file() else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    _check_known_keys(Settings, values, path)
+    return _resolve_relative_paths(Settings, values, path.parent)
+
+
+def _check_known_keys(model: type[BaseModel], values: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Reject keys the model does not declare, naming the key and the file (typos must not pass)."""
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        dotted = f"{prefix}{key}"
+        if field is None:
+            table = f" in [{prefix.rstrip('.')}]" if prefix else ""
+            known = ", ".join(model.model_fields)
+            raise ConfigError(f"{path}: unknown key {dotted!r} (known keys{table}: {known})")
+        nested = _nested_model(field.annotation)
+        if nested is not None and isinstance(value, dict):
+            _check_known_keys(nested, value, path, prefix=f"{dotted}.")
+
+
+def _resolve_relative_paths(model: type[BaseModel], values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Return ``values`` with relative path settings made absolute against ``base``."""
+    resolved = dict(values)
+    for key, value in values.items():
+        field = model.model_fields[key]
+        nested = _nested_model(field.annotation)
+        if nested is not None and isinstance(value, dict):
+            resolved[key] = _resolve_relative_paths(nested, value, base)
+        elif _is_path_field(field.annotation) and isinstance(value, str):
+            resolved[key] = str((base / Path(value).expanduser()).resolve())
+    return resolved
+
+
+def _make_paths_absolute(model: BaseModel, base: Path) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if _is_path_field(field.annotation) and isinstance(value, Path):
+            setattr(model, name, (base / value.expanduser()).resolve())
+
+
+def _is_path_field(annotation: Any) -> bool:
+    return annotation in (Path, Path | None)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def _redact(value: Any, name: str = "") -> Any:
+    if isinstance(value, dict):
+        return {key: _redact(item, key) for key, item in value.items()}
+    if name and _SECRET_NAME.search(name) and value not in (None, ""):
+        return "***"
+    return value

@@ -1,0 +1,726 @@
+"""The daemon loop: inbox → journal → task plugin → remote batch jobs → outbox.
+
+One thread owns the journal and makes every decision; a small pool only runs the
+slow, remote part of a submission (upload, ``batches.create``).  Each step reads
+the job's committed state, does one effect and commits the next state, so the loop
+can be killed anywhere and, started again, carries on from the journal (see
+:mod:`batchd.journal` for the states and the intent-before-effect rule).
+
+``BATCHD_CRASH_AT=<point>`` makes the process SIGKILL itself at one of the named
+:data:`CRASH_POINTS`; the crash tests use it to prove nothing is lost or billed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchd import outbox
+from batchd.config import Settings
+from batchd.inbox import Inbox, claim
+from batchd.journal import Chunk, Job, Journal, REMOTE_LIVE_STATES, new_job_id
+from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.plugins import get_tasks
+from batchd.provider import Provider, RemoteJob, RequestEncoder, is_retryable
+from batchd.spool import ChunkLimits, JobSpool
+
+log = logging.getLogger("batchd")
+
+CRASH_POINTS = (
+    "after-claim",        # manifest renamed into the spool, job not yet 'received'
+    "after-intent",       # create intent committed, batches.create not yet sent
+    "after-create",       # the remote job exists, its name not yet recorded
+    "while-polling",      # remote jobs running, mid poll
+    "after-download",     # results fetched into the spool, outbox not yet written
+    "after-publish",      # outbox folder published, job not yet marked done
+)
+MANIFEST_SUFFIXES = (".toml", ".json")
+CANCEL_SUFFIX = ".cancel"
+#: Job outcomes that make ``batchd run --once`` exit non-zero.
+FAILED_OUTCOMES = ("failed", "rejected")
+
+
+def crashpoint(name: str) -> None:
+    """Die here, as abruptly as a power cut would, if the crash tests asked for it."""
+    if os.environ.get("BATCHD_CRASH_AT") == name:
+        log.warning("crash point %s: killing the process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Stopping(Exception):
+    """Raised inside long steps when a stop was requested; the step's state stays committed as before."""
+
+
+@dataclass
+class PollClock:
+    """Backoff between polls: doubles while nothing changes, resets when something does."""
+
+    initial: float
+    maximum: float
+    interval: float = 0.0
+    due_at: float = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.due_at
+
+    def schedule(self, changed: bool) -> None:
+        self.interval = self.initial if changed or not self.interval else min(self.interval * 2, self.maximum)
+        self.due_at = time.monotonic() + self.interval
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.due_at - time.monotonic())
+
+
+@dataclass
+class Submission:
+    """A create running in the pool; the journal already holds its intent."""
+
+    job_id: str
+    idx: int
+    future: Future
+
+
+@dataclass
+class RunReport:
+    """What one ``run`` delivered, for the exit code of ``--once``."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()) else 0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, once: bool = False):
+        self.settings = settings
+        self.once = once
+        self.stopping = threading.Event()
+        self.report = RunReport()
+        self.journal: Journal | None = None
+        self.provider: Provider | None = None
+        self.emulator = None
+        self.tasks = get_tasks()
+        self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
+                           rescan_seconds=settings.rescan_seconds,
+                           suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX,))
+        self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
+                                       thread_name_prefix="batchd-submit")
+        self.submissions: dict[tuple[str, int], Submission] = {}
+        self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
+        self.once_pending: set[str] = set()
+        self._lock_file = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        try:
+            self.start()
+            self.loop()
+        finally:
+            self.close()
+        return self.report.exit_code
+
+    def start(self) -> None:
+        s = self.settings
+        for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        # Claims and publishes are renames: they are only atomic within one filesystem.
+        outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
+        self._lock_state_dir()
+        self.journal = Journal(s.state_dir / "journal.db")
+        self.provider = self._connect()
+        self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
+        if self.once:
+            self.once_pending = {p.name for p in s.inbox.iterdir()
+                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX,) and not p.name.startswith(".")}
+        self.recover()
+        log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
+
+    def _connect(self) -> Provider:
+        s = self.settings
+        if s.provider == "emulator":
+            # The embedded emulator is reached over HTTP exactly like Google: the provider
+            # only ever sees a base URL and a key.
+            from batchd.emulator.server import EmulatorServer
+
+            self.emulator = EmulatorServer(
+                s.emulator.state_dir or s.state_dir / "emulator",
+                job_seconds=s.emulator.job_seconds,
+                faults=list(s.emulator.faults),
+            )
+            self.emulator.start()
+            return Provider.from_settings(s, base_url=self.emulator.base_url, api_key="batchd-emulator")
+        return Provider.from_settings(s)
+
+    def _lock_state_dir(self) -> None:
+        import fcntl
+
+        self._lock_file = open(self.settings.state_dir / "batchd.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"batchd: another batchd is already running on {self.settings.state_dir}") from None
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, _frame):
+            log.info("received %s: stopping after the current step", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        # Let creates already sent finish and record them, so no remote job is left unrecorded.
+        self.pool.shutdown(wait=True)
+        if self.journal is not None:
+            self._collect_submissions()
+            self.journal.close()
+        self.inbox.stop()
+        if self.emulator is not None:
+            self.emulator.stop()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise Stopping()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except Stopping:
+                break
+            if self.once and self._once_done():
+                break
+            self.inbox.wait(self._sleep_seconds())
+
+    def tick(self) -> None:
+        self.inbox.ensure_watching()
+        self.intake()
+        self._collect_submissions()
+        for job in self.journal.active_jobs():
+            self.check_stop()
+            self.advance(job)
+        if self.poll_clock.due() and self._live_chunks():
+            self.poll()
+
+    def _sleep_seconds(self) -> float:
+        if self.submissions:
+            return 0.05
+        if self._live_chunks():
+            return min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
+        return min(self.settings.rescan_seconds, 1.0 if self.once else self.settings.rescan_seconds)
+
+    def _once_done(self) -> bool:
+        present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
+        return not present and not self.journal.active_jobs() and not self.submissions
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish what a crash interrupted; runs before the first new manifest is taken."""
+        for job in self.journal.jobs(states=("claiming",)):
+            self._finish_claim(job)
+        self.reconcile()
+
+    # -- intake: inbox → journal --------------------------------------------------------------
+
+    def intake(self) -> None:
+        for candidate in self.inbox.scan():
+            self.check_stop()
+            path = candidate.path
+            if path.suffix == CANCEL_SUFFIX:
+                self._take_cancel_file(path)
+                continue
+            try:
+                manifest = load_manifest(path, root=self.settings.inbox, tasks=self.tasks)
+            except ManifestError as error:
+                # A file that does not parse may still be being written: reject it only once
+                # it has stayed unchanged long enough.
+                if candidate.unchanged_for < self.settings.incomplete_grace_seconds:
+                    continue
+                self._accept(path, None, error=error.as_dict())
+                continue
+            self._accept(path, manifest)
+
+    def _accept(self, path: Path, manifest: Manifest | None, *, error: dict | None = None) -> None:
+        job_id = new_job_id()
+        spool = self._spool(job_id)
+        spool.root.mkdir(parents=True)
+        inputs = manifest.input_files() if manifest else []
+        digest = hashlib.sha256(path.read_bytes())
+        for input_path in inputs:
+            # Inputs are linked (or copied) into the spool before the claim, so the claimed
+            # job is self-contained; a crash here leaves only a spare copy.
+            relative = input_path.relative_to(path.parent)
+            _link_or_copy(input_path, spool.root / relative)
+            digest.update(b"\0" + str(relative).encode() + b"\0")
+            digest.update(outbox.file_sha256(spool.root / relative).encode())
+        sha256 = digest.hexdigest()
+        self.journal.add_job(job_id, name=path.stem, source=path.name, sha256=sha256)
+        if not claim(path, spool.manifest_path(path.name)):
+            log.warning("%s vanished before it could be claimed", path.name)
+            self.journal.update_job(job_id, state="done", outcome="rejected",
+                                    error={"message": f"{path.name} was removed before batchd could claim it"})
+            return
+        crashpoint("after-claim")
+        fields: dict = {"state": "received"}
+        if manifest is not None:
+            fields.update(task=manifest.task, model=manifest.model or self.settings.model)
+        earlier = self.journal.job_with_content(sha256)
+        if error is None and earlier is not None and earlier.id != job_id:
+            error = {"message": f"{path.name} has the same content as job {earlier.id} "
+                                f"({earlier.source}); it was not run again",
+                     "duplicate_of": earlier.id}
+        if error is not None:
+            fields["error"] = error
+        self.journal.update_job(job_id, **fields)
+        log.info("accepted %s as job %s%s", path.name, job_id, " (rejected)" if error else "")
+
+    def _finish_claim(self, job: Job) -> None:
+        spool = self._spool(job.id)
+        claimed = spool.manifest_path(job.source)
+        if not claimed.exists():
+            source = self.settings.inbox / job.source
+            if not source.exists() or not claim(source, claimed):
+                self.journal.update_job(job.id, state="done", outcome="rejected",
+                                        error={"message": f"{job.source} vanished during its claim"})
+                return
+        self.journal.update_job(job.id, state="received")
+
+    def _take_cancel_file(self, path: Path) -> None:
+        name = path.stem
+        jobs = [job for job in self.journal.find_jobs(name) if job.state != "done"]
+        waiting = [p for p in (self.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
+        if not jobs and waiting:
+            return  # the manifest is still settling; cancel it once it is a job
+        for job in jobs:
+            self.journal.update_job(job.id, cancel_requested=1)
+            log.info("cancel requested for job %s (%s)", job.id, job.source)
+        if not jobs:
+            log.warning("%s: no unfinished job named %r", path.name, name)
+        path.unlink(missing_ok=True)
+
+    # -- per-job state machine ------------------------------------------------------------------
+
+    def advance(self, job: Job) -> None:
+        if job.state == "received":
+            if job.error is not None:
+                self.deliver(job)
+            elif job.cancel_requested:
+                self.deliver(job, cancelled_before_start=True)
+            else:
+                self.build(job)
+        elif job.state == "built":
+            self.submit(job)
+        elif job.state == "submitted":
+            self.progress(job)
+        elif job.state == "fetched":
+            self.deliver(job)
+        elif job.state == "publishing":
+            self.publish(job)
+
+    def _spool(self, job_id: str) -> JobSpool:
+        return JobSpool(self.settings.state_dir / "jobs" / job_id)
+
+    def _load_claimed(self, job: Job) -> Manifest:
+        spool = self._spool(job.id)
+        return load_manifest(spool.manifest_path(job.source), root=spool.root, tasks=self.tasks)
+
+    def build(self, job: Job) -> None:
+        spool = self._spool(job.id)
+        try:
+            manifest = self._load_claimed(job)
+            task = self.tasks[manifest.task]
+            model = manifest.model or self.settings.model
+            encoder = RequestEncoder(model, manifest.generation_config())
+            chunks = spool.build(task.requests(manifest.params, manifest.inputs()), encoder.encode, self._limits(),
+                                 check_stop=self.check_stop)
+        except Stopping:
+            raise
+        except ManifestError as error:
+            self.journal.update_job(job.id, error=error.as_dict())
+            return
+        except Exception as error:  # a task plugin's failure rejects its job, never the daemon
+            log.exception("job %s: building requests failed", job.id)
+            self.journal.update_job(job.id, error={"message": f"task {job.task!r} failed to build requests: "
+                                                              f"{type(error).__name__}: {error}"})
+            return
+        if not chunks:
+            self.journal.update_job(job.id, error={"message": "the manifest produced no requests"})
+            return
+        self.journal.set_built(job.id, [
+            {"idx": c.idx, "display_name": self._display_name(job, c.idx), "mode": c.mode,
+             "request_count": c.request_count, "byte_size": c.byte_size} for c in chunks
+        ])
+        log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
+
+    def _limits(self) -> ChunkLimits:
+        s = self.settings
+        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
+
+    @staticmethod
+    def _display_name(job: Job, idx: int) -> str:
+        # Deterministic and unique per chunk: it is the idempotency key that reconciliation
+        # finds in batches.list after a crash between create and recording its answer.
+        return f"batchd-{job.name[:60]}-{job.id}-c{idx}"
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        chunks = self.journal.chunks(job.id)
+        if job.cancel_requested:
+            for chunk in chunks:
+                if chunk.state == "built":
+                    self.journal.update_chunk(job.id, chunk.idx, state="skipped")
+        for chunk in self.journal.chunks(job.id):
+            if chunk.state != "built" or (job.id, chunk.idx) in self.submissions:
+                continue
+            if len(self.submissions) >= self.settings.max_concurrent_submissions:
+                return
+            self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time())
+            crashpoint("after-intent")
+            self._start_create(job, chunk)
+        chunks = self.journal.chunks(job.id)
+        if all(c.state != "built" for c in chunks):
+            self.journal.update_job(job.id, state="submitted", submitted_at=time.time())
+
+    def _start_create(self, job: Job, chunk: Chunk) -> None:
+        spool = self._spool(job.id)
+        model = job.model or self.settings.model
+        provider = self.provider
+
+        def create() -> RemoteJob:
+            if chunk.mode == "inline":
+                requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
+                return provider.create_inline(model, requests, chunk.display_name)
+            file_name = provider.upload_jsonl(spool.requests_path(chunk.idx), chunk.display_name)
+            return provider.create_from_file(model, file_name, chunk.display_name)
+
+        self.submissions[(job.id, chunk.idx)] = Submission(job.id, chunk.idx, self.pool.submit(create))
+        log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
+                 chunk.request_count)
+
+    def _collect_submissions(self) -> None:
+        for key, submission in list(self.submissions.items()):
+            if not submission.future.done():
+                continue
+            del self.submissions[key]
+            chunk = next(c for c in self.journal.chunks(submission.job_id) if c.idx == submission.idx)
+            try:
+                remote = submission.future.result()
+            except Exception as error:
+                self._create_failed(chunk, error)
+                continue
+            crashpoint("after-create")
+            self._adopt(chunk, remote)
+
+    def _adopt(self, chunk: Chunk, remote: RemoteJob) -> None:
+        self.journal.record_remote_job(remote.name, chunk, "adopted")
+        self.journal.update_chunk(chunk.job_id, chunk.idx, state="running", remote_name=remote.name,
+                                  remote_state=remote.state, stats=remote.stats)
+        log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name)
+
+    def _create_failed(self, chunk: Chunk, error: Exception) -> None:
+        if is_retryable(error):
+            # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
+            # either finds it by display name or, after the grace period, creates it.
+            log.warning("job %s: create of chunk %d failed (%s); will reconcile", chunk.job_id, chunk.idx, error)
+            return
+        log.error("job %s: chunk %d was refused: %s", chunk.job_id, chunk.idx, error)
+        self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="rejected",
+                                  error=_error_dict(error))
+
+    def reconcile(self) -> None:
+        """Match chunks whose create is unconfirmed against the remote job list, by display name."""
+        pending = {c.display_name: c for c in self._chunks_in("submitting")
+                   if (c.job_id, c.idx) not in self.submissions}
+        if not pending:
+            return
+        found: dict[str, list[RemoteJob]] = {}
+        for remote in self.provider.list_jobs():
+            if remote.display_name in pending:
+                found.setdefault(remote.display_name, []).append(remote)
+        for display_name, chunk in pending.items():
+            matches = sorted(found.get(display_name, []), key=lambda r: (r.create_time or 0, r.name))
+            if matches:
+                self._adopt(chunk, matches[0])
+                for duplicate in matches[1:]:
+                    log.warning("cancelling duplicate remote job %s for %s", duplicate.name, display_name)
+                    self.journal.record_remote_job(duplicate.name, chunk, "duplicate")
+                    self.provider.cancel(duplicate.name)
+            elif time.time() - (chunk.intent_at or 0) >= self.settings.submit_grace_seconds:
+                job = self.journal.job(chunk.job_id)
+                log.info("job %s: no remote job for chunk %d; creating it", chunk.job_id, chunk.idx)
+                self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=time.time())
+                self._start_create(job, chunk)
+
+    def _chunks_in(self, *states: str) -> list[Chunk]:
+        chunks = []
+        for job in self.journal.jobs(states=("built", "submitted")):
+            chunks.extend(c for c in self.journal.chunks(job.id) if c.state in states)
+        return chunks
+
+    def _live_chunks(self) -> list[Chunk]:
+        return self._chunks_in(*REMOTE_LIVE_STATES)
+
+    # -- monitoring ---------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """One round of monitoring: list pages for every running job, a get only for finished ones."""
+        running = {c.remote_name: c for c in self._chunks_in("running")}
+        changed = False
+        try:
+            self.reconcile()
+            seen: set[str] = set()
+            if running:
+                for remote in self.provider.list_jobs():
+                    chunk = running.get(remote.name)
+                    if chunk is not None:
+                        seen.add(remote.name)
+                        changed |= self._observe(chunk, remote)
+                    if len(seen) == len(running):
+                        break  # every job we watch is accounted for: no need for older pages
+            crashpoint("while-polling")
+            for name in running.keys() - seen:
+                changed |= self._observe(running[name], self._get_or_none(name))
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            log.warning("polling failed (%s); retrying later", error)
+        self.poll_clock.schedule(changed)
+
+    def _get_or_none(self, name: str) -> RemoteJob | None:
+        try:
+            return self.provider.get(name)
+        except Exception as error:
+            if getattr(error, "code", None) == 404:
+                return None
+            raise
+
+    def _observe(self, chunk: Chunk, remote: RemoteJob | None) -> bool:
+        """Record what the service says about one chunk; fetch its results once it has finished."""
+        if remote is None:
+            log.error("job %s: remote job %s has disappeared", chunk.job_id, chunk.remote_name)
+            self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="missing",
+                                      error={"code": "remote_missing",
+                                             "message": f"remote job {chunk.remote_name} no longer exists"})
+            return True
+        changed = remote.state != chunk.remote_state or remote.stats != chunk.stats
+        if remote.state in ("pending", "running", "unknown"):
+            if changed:
+                self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats)
+            return changed
+        self.fetch(chunk, remote)
+        return True
+
+    def fetch(self, chunk: Chunk, listed: RemoteJob) -> None:
+        """Download a finished chunk's results into the spool (a get for this job only)."""
+        remote = self.provider.get(chunk.remote_name) if listed.state == "succeeded" else listed
+        spool = self._spool(chunk.job_id)
+        if remote.state == "succeeded" or remote.responses_file or remote.inlined:
+            if remote.responses_file:
+                self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
+            else:
+                keys = spool.request_keys(chunk.idx)
+                spool.write_results(chunk.idx, _keyed_inline_results(remote.inlined or [], keys))
+        crashpoint("after-download")
+        self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
+                                  stats=remote.stats)
+        log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state)
+
+    def progress(self, job: Job) -> None:
+        chunks = self.journal.chunks(job.id)
+        if job.cancel_requested:
+            self._cancel_remote(job, chunks)
+        if all(c.state in ("fetched", "skipped") for c in chunks):
+            self.journal.update_job(job.id, state="fetched", finished_at=time.time())
+
+    def _cancel_remote(self, job: Job, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            if chunk.state == "built":
+                self.journal.update_chunk(job.id, chunk.idx, state="skipped")
+            elif chunk.state == "running" and not chunk.cancel_sent:
+                try:
+                    self.provider.cancel(chunk.remote_name)
+                except Exception as error:
+                    log.warning("job %s: cancel of %s failed (%s); retrying", job.id, chunk.remote_name, error)
+                    continue
+                self.journal.update_chunk(job.id, chunk.idx, cancel_sent=1)
+                self.poll_clock.due_at = 0  # look again soon
+
+    # -- delivery: spool → outbox -------------------------------------------------------------
+
+    def deliver(self, job: Job, *, cancelled_before_start: bool = False) -> None:
+        """Write the job's outbox folder in the spool, then publish it (intent first)."""
+        spool = self._spool(job.id)
+        folder = outbox.JobFolder(spool.staging)
+        if job.error is not None:
+            summary = self._summary(job, state="rejected", counts={"total": 0, "succeeded": 0, "failed": 0})
+            summary["error"] = job.error
+        elif cancelled_before_start:
+            summary = self._summary(job, state="cancelled", counts={"total": 0, "succeeded": 0, "failed": 0})
+        else:
+            summary = self._write_results(job, spool, folder)
+        manifest = spool.manifest_path(job.source)
+        if manifest.exists():
+            folder.copy_in(job.source, manifest)
+        folder.write_json("summary.json", summary)
+        destination = outbox.choose_folder(self.settings.outbox, job.name)
+        self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"])
+        self.publish(self.journal.job(job.id))
+
+    def _write_results(self, job: Job, spool: JobSpool, folder: outbox.JobFolder) -> dict:
+        chunks = self.journal.chunks(job.id)
+        task = self.tasks[job.task]
+        chunk_errors = {c.idx: error for c in chunks if (error := _chunk_error(c, spool)) is not None}
+        counts = {"total": 0, "succeeded": 0, "failed": 0}
+        tokens = {"prompt": 0, "output": 0, "total": 0}
+        dumps = json.dumps
+
+        def results_written():
+            for n, result in enumerate(spool.joined(chunk_errors)):
+                if n % 10_000 == 0:
+                    self.check_stop()
+                counts["total"] += 1
+                counts["succeeded" if result.status == "ok" else "failed"] += 1
+                if result.usage:
+                    tokens["prompt"] += result.usage.get("promptTokenCount", 0)
+                    tokens["output"] += result.usage.get("candidatesTokenCount", 0)
+                    tokens["total"] += result.usage.get("totalTokenCount", 0)
+                lines.write(dumps({"key": result.key, "input": result.input, "status": result.status,
+                                   "text": result.text, "data": result.data, "error": result.error,
+                                   "usage": result.usage}, ensure_ascii=False) + "\n")
+                yield result
+
+        with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
+            organized = outbox.JsonObjectWriter(organized_file)
+            for key, value in task.organize(results_written()):
+                organized.add(key, value)
+            organized.close()
+        if job.cancel_requested:
+            state = "cancelled"
+        elif counts["failed"] == 0:
+            state = "succeeded"
+        elif counts["succeeded"] == 0:
+            state = "failed"
+        else:
+            state = "partial"
+        summary = self._summary(job, state=state, counts=counts)
+        summary["tokens"] = tokens
+        summary["remote_batches"] = [
+            {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
+             "requests": c.request_count, "state": c.remote_state or c.state}
+            for c in chunks
+        ]
+        duplicates = [r["remote_name"] for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
+        if duplicates:
+            summary["duplicate_remote_batches_cancelled"] = duplicates
+        return summary
+
+    def _summary(self, job: Job, *, state: str, counts: dict) -> dict:
+        now = time.time()
+        return {
+            "job": job.id,
+            "name": job.name,
+            "manifest": job.source,
+            "task": job.task,
+            "model": job.model,
+            "provider": self.settings.provider,
+            "emulated": self.settings.provider == "emulator",
+            "state": state,
+            "counts": counts,
+            "timings": {
+                "received": _iso(job.created_at),
+                "submitted": _iso(job.submitted_at),
+                "finished": _iso(job.finished_at),
+                "delivered": _iso(now),
+                "seconds": round(now - job.created_at, 3),
+            },
+        }
+
+    def publish(self, job: Job) -> None:
+        spool = self._spool(job.id)
+        destination = Path(job.outbox_dir)
+        if spool.staging.exists():
+            if destination.exists():
+                # Taken by someone else since we chose it: pick again, intent first.
+                destination = outbox.choose_folder(self.settings.outbox, job.name)
+                self.journal.update_job(job.id, outbox_dir=str(destination))
+            outbox.JobFolder(spool.staging, create=False).publish(destination)
+        crashpoint("after-publish")
+        self.journal.update_job(job.id, state="done")
+        spool.remove()
+        self.report.outcomes[job.id] = job.outcome
+        self.once_pending.discard(job.source)
+        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination)
+
+
+def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:
+    """The error every request of a chunk gets when the chunk itself produced no results."""
+    if chunk.state == "skipped":
+        return {"code": "cancelled", "message": "cancelled before it was submitted"}
+    if chunk.error is not None:
+        return chunk.error
+    if not spool.results_path(chunk.idx).exists():
+        return {"code": chunk.remote_state or "no_results",
+                "message": f"remote batch {chunk.remote_name} ended {chunk.remote_state} with no results"}
+    return None  # requests the service left out of the results show up as "missing"
+
+
+def _keyed_inline_results(items: list[dict], keys) -> list[dict]:
+    """Inline results as result lines; a dropped ``metadata.key`` falls back to input order."""
+    keys = list(keys)
+    lines = []
+    for position, item in enumerate(items):
+        key = (item.get("metadata") or {}).get("key")
+        if key is None and position < len(keys):
+            key = keys[position]
+        line = {"key": key}
+        if item.get("error"):
+            line["error"] = item["error"]
+        else:
+            line["response"] = item.get("response")
+        lines.append(line)
+    return lines
+
+
+def _error_dict(error: Exception) -> dict:
+    return {"code": getattr(error, "code", None) or type(error).__name__,
+            "message": getattr(error, "message", None) or str(error)}
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    import shutil
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

@@ -1,0 +1,356 @@
+"""The inbox: notice manifests dropped into one folder, decide when they are complete, claim them.
+
+Filesystem events are only *hints*. watchdog drops events on inotify queue overflow
+(watchdog #654), reports files while they are still being written (#586), reports some
+twice (#93, #1003), misses files present before it starts (#1077), and sees nothing on
+NFS/CIFS (#504). So the source of truth is a directory scan, run when a hint arrives and on
+a periodic timer, as Postfix's pickup does:
+
+    inbox = Inbox(path)
+    inbox.start()                   # watch first, then scan (watchdog #1010)
+    while running:
+        inbox.ensure_watching()
+        for candidate in inbox.scan():
+            ...                     # parse, then claim(candidate.path, spool_path)
+        inbox.wait(timeout)
+
+A file is a candidate only once it has *settled* (size and mtime unchanged for a while),
+and it is taken with :func:`claim`, a no-overwrite move into the state dir that exactly
+one claimant wins (Maildir's delivery protocol, turned around for a shared drop folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from batchd.outbox import durable_move
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "Candidate", "DEFAULT_SUFFIXES", "Inbox", "Irregular", "claim", "is_temp_name", "sha256_file"]
+
+DEFAULT_SUFFIXES = (".toml", ".json", ".cancel")
+BACKENDS = ("auto", "inotify", "polling")
+
+#: Careful producers write under one of these names and rename when done (Maildir B1);
+#: editors leave the others behind. None of them is ever a finished manifest.
+_TEMP_SUFFIXES = (".tmp", ".part", "~", ".swp")
+
+_HASH_BLOCK = 1 << 20
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a dotfile or a temp/editor name (``*.tmp``, ``*.part``, ``*~``, ``*.swp``, ``#*#``)."""
+    lowered = name.lower()
+    return (
+        name.startswith(".")
+        or lowered.endswith(_TEMP_SUFFIXES)
+        or (len(name) > 1 and name.startswith("#") and name.endswith("#"))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A settled regular file in the inbox, as of the scan that returned it."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    #: Seconds (monotonic clock) its size and mtime have been unchanged, counted from when
+    #: this Inbox first saw them. Lets the daemon give up on a file that still does not parse
+    #: after it has sat untouched for long enough.
+    unchanged_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class Irregular:
+    """An inbox entry with a manifest's name that is not a regular file, so it is never a candidate."""
+
+    path: Path
+    kind: str  # "symlink" | "directory" | "fifo" | "socket" | "device" | "other"
+
+
+@dataclass(slots=True)
+class _Observation:
+    size: int
+    mtime_ns: int
+    unchanged_since: float  # time.monotonic() when this size/mtime was first seen
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "other"
+
+
+class _WakeOnEvent(FileSystemEventHandler):
+    """Turns every event in the inbox into a wake-up hint, and nothing else.
+
+    watchdog dispatches with no try/except, so an exception here would kill the observer
+    thread for good (watchdog #427); hence the catch-all around the one thing it does.
+    """
+
+    def __init__(self, wake: threading.Event):
+        super().__init__()
+        self._wake = wake
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        # Overriding dispatch covers created, moved (into the inbox it arrives as created or
+        # moved-with-dest_path), modified and closed alike: which one does not matter to a scan.
+        try:
+            self._wake.set()
+        except BaseException:  # noqa: BLE001 - see class docstring
+            log.exception("inbox event handler failed")
+
+
+class Inbox:
+    """Watches, scans and settles one inbox folder (not its subfolders).
+
+    ``settle_seconds``: how long a file's size and mtime must stay unchanged (and its mtime
+    be in the past) before it is a :class:`Candidate`. ``rescan_seconds``: the longest
+    :meth:`wait` sleeps without a hint, the safety net for lost events. ``backend``:
+    ``"auto"`` (watchdog's native observer for this platform), ``"inotify"`` (Linux only) or
+    ``"polling"`` (for NFS/CIFS, where native backends see nothing; ``poll_seconds`` is its
+    interval). Only names ending in one of ``suffixes`` (case-insensitive) are considered.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        settle_seconds: float = 1.0,
+        rescan_seconds: float = 30.0,
+        backend: str = "auto",
+        suffixes: Iterable[str] = DEFAULT_SUFFIXES,
+        poll_seconds: float = 1.0,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.path = Path(path)
+        self.settle_seconds = settle_seconds
+        self.rescan_seconds = rescan_seconds
+        self.backend = backend
+        self.suffixes = tuple(suffix.lower() for suffix in suffixes)
+        self.poll_seconds = poll_seconds
+        self._hint = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._observations: dict[str, _Observation] = {}
+        self._irregular_seen: set[str] = set()
+        self._irregular_unreported: list[Irregular] = []
+        self._next_rescan = 0.0  # monotonic; 0 means "scan now"
+        self._next_settle_check: float | None = None
+
+    # -- watching ---------------------------------------------------------------------------
+
+    @property
+    def observer_name(self) -> str | None:
+        """Class name of the running observer (e.g. "InotifyObserver", "PollingObserver"), for status."""
+        return type(self._observer).__name__ if self._observer is not None else None
+
+    def start(self) -> None:
+        """Start watching. The caller scans *after* this returns.
+
+        Watch-then-scan may report a file twice, scan-then-watch may miss one (watchdog
+        #1010); duplicates are harmless because claiming is exclusive.
+        """
+        if self._observer is None:
+            self._observer = self._start_observer()
+
+    def _start_observer(self) -> BaseObserver:
+        if self.backend != "polling":
+            try:
+                return self._schedule_and_start(self._native_observer())
+            except OSError as exc:
+                # inotify's watch and instance limits (ENOSPC/EMFILE, watchdog #673, #846)
+                # surface here; polling keeps batchd working instead of crash-looping.
+                log.warning("cannot watch %s natively (%s); falling back to polling every %.1fs",
+                            self.path, exc, self.poll_seconds)
+        return self._schedule_and_start(PollingObserver(timeout=self.poll_seconds))
+
+    def _native_observer(self) -> BaseObserver:
+        if self.backend == "inotify":
+            from watchdog.observers.inotify import InotifyObserver
+
+            return InotifyObserver()
+        from watchdog.observers import Observer
+
+        return Observer()
+
+    def _schedule_and_start(self, observer: BaseObserver) -> BaseObserver:
+        try:
+            observer.schedule(_WakeOnEvent(self._hint), str(self.path), recursive=False)
+            observer.start()  # the inotify watch itself is added here
+        except BaseException:
+            _stop_observer(observer)
+            raise
+        return observer
+
+    def ensure_watching(self) -> bool:
+        """Restart the observer if its thread (or its emitter) died; True if it had to.
+
+        A restart also sets the wake-up hint, since events were lost while it was down.
+        """
+        observer = self._observer
+        if observer is None:
+            raise RuntimeError("Inbox.ensure_watching() called before start()")
+        if observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters):
+            return False
+        log.warning("the watcher of %s stopped; restarting it", self.path)
+        self._observer = None
+        _stop_observer(observer)
+        self._observer = self._start_observer()
+        self._hint.set()
+        return True
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            _stop_observer(observer)
+
+    def __enter__(self) -> Inbox:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a filesystem event hint, a rescan or settle check is due, or ``timeout``.
+
+        Returns True if woken by an event hint. Clears the hint either way: the scan that
+        follows covers everything that happened before this returned.
+        """
+        now = time.monotonic()
+        deadline = min(now + timeout, self._next_rescan)
+        if self._next_settle_check is not None:
+            deadline = min(deadline, self._next_settle_check)
+        hinted = self._hint.wait(max(0.0, deadline - now))
+        self._hint.clear()
+        return hinted
+
+    # -- scanning ---------------------------------------------------------------------------
+
+    def scan(self) -> list[Candidate]:
+        """List the inbox and return its settled manifest candidates, oldest mtime first.
+
+        Entries with a manifest's name that are not regular files are logged once and kept
+        for :meth:`take_irregular`.
+        """
+        now = time.monotonic()
+        wall_now_ns = time.time_ns()
+        settle_ns = int(self.settle_seconds * 1e9)
+        observations: dict[str, _Observation] = {}
+        irregular_present: set[str] = set()
+        settled: list[Candidate] = []
+        next_settle_check: float | None = None
+
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if is_temp_name(entry.name) or not entry.name.lower().endswith(self.suffixes):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # gone since the listing (claimed, or renamed by its producer)
+                if not stat.S_ISREG(st.st_mode):
+                    irregular_present.add(entry.name)
+                    self._note_irregular(entry.name, st.st_mode)
+                    continue
+
+                seen = self._observations.get(entry.name)
+                if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    seen = _Observation(st.st_size, st.st_mtime_ns, now)
+                observations[entry.name] = seen
+
+                unchanged_for = now - seen.unchanged_since
+                mtime_age_ns = wall_now_ns - st.st_mtime_ns
+                # The mtime is only ever compared with the wall clock. An mtime ahead of our
+                # clock (a skewed NFS server) tells nothing, so then the monotonic rule decides.
+                still_to_settle = max(
+                    self.settle_seconds - unchanged_for,
+                    (settle_ns - mtime_age_ns) / 1e9 if mtime_age_ns >= 0 else 0.0,
+                )
+                if still_to_settle <= 0:
+                    settled.append(Candidate(Path(entry.path), st.st_size, st.st_mtime_ns, unchanged_for))
+                else:
+                    due = now + still_to_settle
+                    next_settle_check = due if next_settle_check is None else min(next_settle_check, due)
+
+        self._observations = observations
+        self._irregular_seen &= irregular_present  # forget what left, report it again if it returns
+        self._next_settle_check = next_settle_check
+        self._next_rescan = now + self.rescan_seconds
+        settled.sort(key=lambda candidate: (candidate.mtime_ns, candidate.path.name))
+        return settled
+
+    def _note_irregular(self, name: str, mode: int) -> None:
+        if name in self._irregular_seen:
+            return
+        self._irregular_seen.add(name)
+        irregular = Irregular(self.path / name, _kind_of(mode))
+        log.warning("ignoring %s in the inbox: it is a %s, not a regular file", irregular.path, irregular.kind)
+        self._irregular_unreported.append(irregular)
+
+    def take_irregular(self) -> list[Irregular]:
+        """Irregular entries found since the last call, each reported once while it stays.
+
+        The daemon may quarantine them (:func:`batchd.outbox.durable_move` moves a symlink,
+        FIFO or directory itself, never what it points to) or leave them be.
+        """
+        found, self._irregular_unreported = self._irregular_unreported, []
+        return found
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    # stop() also tears down the emitters and the inotify fd, which matters for an observer
+    # whose dispatcher thread died: its emitter threads would otherwise keep running.
+    observer.stop()
+    if observer.is_alive():
+        observer.join(timeout=5)
+
+
+def claim(candidate_path: Path, dest: Path) -> bool:
+    """Take ``candidate_path`` out of the inbox by moving it to ``dest`` (in the state dir).
+
+    Returns False if the file is already gone, which is how the loser of a double claim
+    (a duplicate event, watchdog #93/#1003) finds out. Never overwrites: an existing,
+    different ``dest`` raises ``FileExistsError``. Calling it again with the same ``dest``
+    after a kill -9 mid-claim completes that claim, so a daemon that derives ``dest``
+    deterministically (from a journal row written first) recovers without a duplicate.
+    """
+    try:
+        durable_move(candidate_path, dest)
+    except FileNotFoundError:
+        if os.path.lexists(candidate_path):
+            raise  # the source is still there: it is dest's directory that is missing
+        return False
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

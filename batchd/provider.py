@@ -1,0 +1,618 @@
+"""The Gemini Batch API provider: the only module of batchd that talks to the service.
+
+Everything goes through the google-genai SDK over HTTP, exactly as to Google; the local emulator is just
+another ``base_url``. Two SDK clients share the same settings and differ only in retries:
+
+* ``_retrying_client`` has SDK retries on (exponential backoff on 408/429/5xx, timeouts, connect errors). It
+  serves every call that is safe to repeat: get, list, cancel, delete, count_tokens.
+* ``_single_shot_client`` never retries. ``batches.create`` is not idempotent: a retry after an ambiguous
+  5xx or timeout can create a second job, so batchd reconciles by display name instead (see
+  ``jobs_named``). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
+  *whole* transfer: the SDK retries neither chunk uploads nor downloads, and one retry layer instead of
+  two keeps the worst-case wait bounded. A repeated upload leaves at most an orphan file (deleted by the
+  service after 48 h); a repeated download overwrites a temp file.
+
+Two clients rather than per-call ``http_options``: google-genai 3.3.0 does honour per-call
+``retry_options`` (``BaseApiClient._request``), but a client without ``retry_options`` is the SDK's
+documented "never retry" default, so create cannot pick up retries by a missed argument or by a change
+in how per-call options are merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for str
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from google import genai
+from google.genai import errors, types
+
+log = logging.getLogger(__name__)
+
+#: The Files API needs an explicit type: ``.jsonl`` is unknown to ``mimetypes``; Google's docs use "jsonl".
+JSONL_MIME_TYPE = "jsonl"
+
+#: HTTP statuses worth retrying: the SDK's own default set.
+RETRYABLE_STATUS_CODES = (408, 429, 500, 502, 503, 504)
+
+#: Progress counters of ``metadata.batchStats``; int64 strings on the wire, zero-valued ones omitted.
+STAT_FIELDS = ("requestCount", "successfulRequestCount", "failedRequestCount", "pendingRequestCount")
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+# Wire states are BATCH_STATE_X; the SDK reports JOB_STATE_X. The Vertex-only states are mapped too so a
+# future Gemini API that sends them is understood: CANCELLING may still end in SUCCEEDED or FAILED, and
+# PARTIALLY_SUCCEEDED has results (missing ones show up as keys without a result).
+_SHORT_STATES = {
+    "QUEUED": "pending",
+    "PENDING": "pending",
+    "PAUSED": "pending",
+    "RUNNING": "running",
+    "UPDATING": "running",
+    "CANCELLING": "running",
+    "SUCCEEDED": "succeeded",
+    "PARTIALLY_SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+    "EXPIRED": "expired",
+}
+
+_BATCH_NAME = re.compile(r"batches/[A-Za-z0-9_-]+")
+
+# google.rpc code for "unrecoverable data loss or corruption": a result line that cannot be read.
+_DATA_LOSS = 15
+
+_Result = TypeVar("_Result")
+
+
+class ProviderError(RuntimeError):
+    """A provider-level failure that is not an HTTP error from the service."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Error classification
+
+
+def _transient_transport_errors() -> tuple[type[BaseException], ...]:
+    # The SDK picks httpx2 or httpx at runtime (GOOGLE_GENAI_HTTP_CLIENT), so accept either. Unlike the
+    # SDK's own list, read errors and dropped connections count too: they are what a long download sees.
+    found: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [module.TimeoutException, module.NetworkError, module.RemoteProtocolError]
+    return tuple(found)
+
+
+_TRANSIENT_TRANSPORT_ERRORS = _transient_transport_errors()
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for failures that may succeed later: 408/429/5xx, timeouts, connection errors.
+
+    400/401/403/404 and client-side validation errors (``ValueError``) are permanent.
+    """
+    if isinstance(exc, errors.APIError):
+        return exc.code in RETRYABLE_STATUS_CODES
+    return isinstance(exc, _TRANSIENT_TRANSPORT_ERRORS)
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """True when the service rejected the credentials.
+
+    Google answers a bad key with 400 INVALID_ARGUMENT "API key not valid", not 401, hence the message check.
+    """
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code in (401, 403):
+        return True
+    return exc.code == 400 and "api key" in (exc.message or "").lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """One backoff policy for both the SDK's retries and batchd's own transfer retries."""
+
+    attempts: int = 5  # including the first
+    initial_delay: float = 1.0  # seconds
+    max_delay: float = 60.0
+
+    def sdk_options(self) -> types.HttpRetryOptions:
+        return types.HttpRetryOptions(
+            attempts=self.attempts,
+            initial_delay=self.initial_delay,
+            max_delay=self.max_delay,
+            jitter=self.initial_delay,  # the SDK's default of 1 s would dominate small test delays
+            http_status_codes=list(RETRYABLE_STATUS_CODES),
+        )
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after ``failed_attempts`` failures: exponential with jitter, like the SDK."""
+        backoff = min(self.max_delay, self.initial_delay * 2 ** (failed_attempts - 1))
+        return backoff + random.uniform(0, self.initial_delay)
+
+
+def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str) -> _Result:
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return operation()
+        except Exception as exc:
+            if attempt == policy.attempts or not is_retryable(exc):
+                raise
+            delay = policy.delay(attempt)
+            log.warning("%s failed (%s); attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def short_state(raw_state: str | None) -> str:
+    """``BATCH_STATE_RUNNING`` / ``JOB_STATE_RUNNING`` -> ``running``; anything unknown -> ``unknown``."""
+    if not raw_state:
+        return "unknown"
+    return _SHORT_STATES.get(raw_state.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_"), "unknown")
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0  # a malformed counter must not stop polling; counts are for progress display only
+
+
+def _timestamp(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value)  # 3.11 accepts "Z" and nanosecond fractions (truncated)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(slots=True)
+class RemoteJob:
+    """A batch job as the service reports it."""
+
+    name: str  # "batches/…"
+    display_name: str | None
+    state: str  # pending | running | succeeded | failed | cancelled | expired | unknown
+    raw_state: str | None  # as received, e.g. "BATCH_STATE_RUNNING"
+    stats: dict[str, int]  # every STAT_FIELDS key, 0 when the service omitted it
+    responses_file: str | None = None  # "files/batch-…" for file output
+    inlined: list[dict[str, Any]] | None = None  # raw InlinedResponse dicts for inline output
+    create_time: datetime | None = None
+    model: str | None = None
+    error: dict[str, Any] | None = None  # operation-level error of a failed job, if the service sent one
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_operation(cls, operation: Mapping[str, Any]) -> RemoteJob:
+        """Parse the REST ``Operation`` that get and list return (the batch fields live in ``metadata``)."""
+        metadata = operation.get("metadata") or {}
+        output = metadata.get("output") or {}
+        raw_stats = metadata.get("batchStats") or {}
+        raw_state = metadata.get("state")
+        return cls(
+            name=operation.get("name") or metadata.get("name", ""),
+            display_name=metadata.get("displayName"),
+            state=short_state(raw_state),
+            raw_state=raw_state,
+            stats={field: _count(raw_stats.get(field, 0)) for field in STAT_FIELDS},
+            responses_file=output.get("responsesFile"),
+            inlined=(output.get("inlinedResponses") or {}).get("inlinedResponses"),
+            create_time=_timestamp(metadata.get("createTime")),
+            model=metadata.get("model"),
+            error=operation.get("error"),
+        )
+
+    @classmethod
+    def from_sdk(cls, job: types.BatchJob) -> RemoteJob:
+        """Convert the SDK's answer to create; it has no stats (a new job has nothing done yet)."""
+        raw_state = job.state.value if job.state is not None else None
+        return cls(
+            name=job.name or "",
+            display_name=job.display_name,
+            state=short_state(raw_state),
+            raw_state=raw_state,
+            stats=dict.fromkeys(STAT_FIELDS, 0),
+            responses_file=job.dest.file_name if job.dest else None,
+            create_time=job.create_time,
+            model=job.model,
+        )
+
+
+def _checked_batch_name(name: str) -> str:
+    # The name becomes a URL path; refuse anything but "batches/<id>" before it gets there.
+    if not _BATCH_NAME.fullmatch(name):
+        raise ProviderError(f"not a batch job name: {name!r} (expected 'batches/<id>')")
+    return name
+
+
+def _raw_json(client: genai.Client, method: str, path: str) -> dict[str, Any]:
+    """Call ``path`` through the SDK's private API client and return the JSON body unparsed by the SDK.
+
+    Why: google-genai 3.3.0's ``BatchJob`` drops ``metadata.batchStats`` (python-genai#1323) and the
+    operation-level ``error``, which batchd needs for progress and failure reasons. Going through the
+    SDK's own API client keeps base URL, API version, auth header, timeout and retry policy identical to
+    the public calls. ``_api_client`` is private: this is the only place batchd touches it, and
+    tests/test_provider.py::test_sdk_private_request_api_is_unchanged fails loudly if the SDK changes it.
+    """
+    response = client._api_client.request(method, path, {})
+    return json.loads(response.body) if response.body else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def _error_record(key: Any, message: str) -> dict[str, Any]:
+    return {"key": key, "error": {"code": _DATA_LOSS, "status": "DATA_LOSS", "message": message}}
+
+
+def _result_record(key: Any, result: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if "response" in result:
+        return {"key": key, "response": result["response"]}
+    if "error" in result:
+        return {"key": key, "error": result["error"]}
+    return _error_record(key, f"{where}: neither 'response' nor 'error'")
+
+
+def read_results_file(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream the ``{"key", "response"|"error"}`` records of a downloaded results JSONL file.
+
+    A line that is not a JSON object becomes an error record (key None) instead of stopping the job.
+    """
+    with open(path, "rb") as lines:  # bytes: invalid UTF-8 is then one bad line, not a crash
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                result = json.loads(line)
+            except ValueError as exc:
+                yield _error_record(None, f"{path.name} line {number}: not JSON ({exc})")
+                continue
+            if not isinstance(result, dict):
+                yield _error_record(None, f"{path.name} line {number}: not a JSON object")
+                continue
+            yield _result_record(result.get("key"), result, f"{path.name} line {number}")
+
+
+def inline_results(items: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Records of inline output; the key comes from ``metadata["key"]``, None when the service dropped it."""
+    for number, item in enumerate(items, 1):
+        key = (item.get("metadata") or {}).get("key")
+        yield _result_record(key, item, f"inline result {number}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The provider
+
+
+class Provider:
+    """Submit, reconcile, poll, fetch and cancel Gemini batch jobs."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        api_version: str = "v1beta",
+        retry: RetryPolicy = RetryPolicy(),
+        timeout_s: float = 120.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """``base_url`` None lets the SDK choose (``GOOGLE_GEMINI_BASE_URL``, else Google).
+
+        ``timeout_s`` bounds each connect/read/write, not a whole transfer. ``headers`` are sent with every
+        JSON request (proxies, tracing).
+        """
+        self._retry = retry
+        options: dict[str, Any] = {"api_version": api_version, "timeout": int(timeout_s * 1000)}
+        if base_url:
+            options["base_url"] = base_url
+        if headers:
+            options["headers"] = dict(headers)
+        self._retrying_client = genai.Client(
+            api_key=api_key, http_options=types.HttpOptions(**options, retry_options=retry.sdk_options())
+        )
+        self._single_shot_client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, base_url: str | None = None) -> Provider:
+        """Build from batchd settings (``provider``, ``api_version``, ``gemini_api_key()``)."""
+        if settings.provider == "emulator" and not (base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL")):
+            # Without a URL the SDK would send the emulator's jobs to Google.
+            raise ProviderError("provider 'emulator' needs the emulator's base URL")
+        return cls(api_key=settings.gemini_api_key(), base_url=base_url, api_version=settings.api_version)
+
+    def close(self) -> None:
+        self._retrying_client.close()
+        self._single_shot_client.close()
+
+    def __enter__(self) -> Provider:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- submit ------------------------------------------------------------------------------------
+
+    def upload_jsonl(self, path: Path, display_name: str) -> str:
+        """Upload a requests JSONL file (resumable, 8 MiB chunks); returns its name ``files/…``."""
+
+        def upload() -> types.File:
+            config = types.UploadFileConfig(display_name=display_name, mime_type=JSONL_MIME_TYPE)
+            return self._single_shot_client.files.upload(file=path, config=config)
+
+        uploaded = _with_retries(upload, self._retry, f"upload of {path}")
+        if not uploaded.name:
+            raise ProviderError(f"upload of {path}: the service returned no file name")
+        return uploaded.name
+
+    def create_from_file(self, model: str, file_name: str, display_name: str) -> RemoteJob:
+        """Create a batch from an uploaded JSONL file. Never retried: on an ambiguous failure reconcile
+        with ``jobs_named(display_name)`` before creating again."""
+        return self._create(model, file_name, display_name)
+
+    def create_inline(self, model: str, requests: list[dict[str, Any]], display_name: str) -> RemoteJob:
+        """Create a batch from SDK InlinedRequest dicts (see ``RequestEncoder.inline``); the service caps
+        the total at 20 MB and the SDK costs ~0.5 ms per request, so use files for anything large."""
+        return self._create(model, requests, display_name)
+
+    def _create(self, model: str, source: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
+        job = self._single_shot_client.batches.create(
+            model=model, src=source, config=types.CreateBatchJobConfig(display_name=display_name)
+        )
+        return RemoteJob.from_sdk(job)
+
+    # -- reconcile and poll ------------------------------------------------------------------------
+
+    def get(self, name: str) -> RemoteJob:
+        return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name)))
+
+    def list_jobs(self, page_size: int = 100) -> Iterator[RemoteJob]:
+        """All jobs of the project, page after page. On the real service inline output is left out."""
+        page_token = ""
+        seen_tokens: set[str] = set()
+        while True:
+            query: dict[str, Any] = {"pageSize": page_size}
+            if page_token:
+                query["pageToken"] = page_token
+            page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}")
+            for operation in page.get("operations") or ():
+                yield RemoteJob.from_operation(operation)
+            page_token = page.get("nextPageToken") or ""
+            if not page_token:
+                return
+            if page_token in seen_tokens:  # a server bug must not become an endless loop at startup
+                raise ProviderError(f"batches.list returned page token {page_token!r} twice")
+            seen_tokens.add(page_token)
+
+    def jobs_named(self, display_name: str) -> list[RemoteJob]:
+        """Jobs with this display name, oldest first: the lookup that makes create idempotent.
+
+        The Gemini API cannot filter list server-side (the SDK rejects ``filter``), so this pages
+        through all jobs.
+        """
+        matches = [job for job in self.list_jobs() if job.display_name == display_name]
+        return sorted(matches, key=lambda job: (job.create_time is None, job.create_time or datetime.min))
+
+    def cancel(self, name: str) -> None:
+        """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
+        self._retrying_client.batches.cancel(name=_checked_batch_name(name))
+
+    def delete(self, name: str) -> None:
+        """Delete a job; one that is already gone counts as deleted (a retried delete sees 404)."""
+        try:
+            self._retrying_client.batches.delete(name=_checked_batch_name(name))
+        except errors.ClientError as exc:
+            if exc.code != 404:
+                raise
+
+    def count_tokens(self, model: str, text: str) -> int:
+        response = self._retrying_client.models.count_tokens(model=model, contents=text)
+        return response.total_tokens or 0
+
+    # -- fetch -------------------------------------------------------------------------------------
+
+    def results(self, job: RemoteJob, download_to: Path) -> Iterator[dict[str, Any]]:
+        """The ``{"key", "response"|"error"}`` records of a finished job.
+
+        File output is downloaded to ``download_to`` first (now, not on first iteration), then streamed
+        line by line. A job without known output (list leaves inline output out) is read again with get.
+        """
+        if job.responses_file is None and job.inlined is None:
+            job = self.get(job.name)
+        if job.responses_file is not None:
+            return read_results_file(self.download(job.responses_file, download_to))
+        if job.inlined is not None:
+            return inline_results(job.inlined)
+        raise ProviderError(f"{job.name} has no output (state {job.raw_state})")
+
+    def download(self, file_name: str, destination: Path) -> Path:
+        """Download a generated file to ``destination``, atomically and without holding it in memory."""
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _with_retries(lambda: self._download_once(file_name, destination), self._retry, f"download of {file_name}")
+        return destination
+
+    def _download_once(self, file_name: str, destination: Path) -> None:
+        # google-genai 3.3.0 streams into a writable object in 1 MiB chunks when given a destination.
+        # Writing a temp file beside the target and renaming it means a reader (or a crash) never sees a
+        # partial file; fsyncs make the rename durable before the caller records the download as done.
+        fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as temp_file:
+                self._single_shot_client.files.download(file=file_name, destination=temp_file)
+                temp_file.flush()
+                os.fsync(temp_file.fileno())
+            os.replace(temp_name, destination)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_name)
+            raise
+        _fsync_directory(destination.parent)
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+
+
+# Generation settings in the SDK's snake_case -> their GenerationConfig field on the wire. The SDK's
+# converter (batches._GenerateContentConfig_to_mldev) renames these and passes values through
+# unchanged, so doing the same here gives the file path exactly the inline path's wire request.
+# thinking_config's inner keys are passed through as given, as the SDK does.
+_GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "top_k": "topK",
+    "candidate_count": "candidateCount",
+    "max_output_tokens": "maxOutputTokens",
+    "stop_sequences": "stopSequences",
+    "seed": "seed",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+    "response_mime_type": "responseMimeType",
+    "response_json_schema": "responseJsonSchema",
+    "response_logprobs": "responseLogprobs",
+    "logprobs": "logprobs",
+    "response_modalities": "responseModalities",
+    "media_resolution": "mediaResolution",
+    "thinking_config": "thinkingConfig",
+}
+# Settings that sit beside generationConfig in the request.
+_REQUEST_LEVEL_SETTINGS = ("system_instruction", "safety_settings")
+
+_MAX_CACHED_OVERRIDE_TAILS = 256
+
+#: Every generation setting RequestEncoder accepts.
+GENERATION_SETTINGS = frozenset(_GENERATION_CONFIG_FIELDS) | frozenset(_REQUEST_LEVEL_SETTINGS)
+
+
+def _user_content(text: str) -> dict[str, Any]:
+    return {"parts": [{"text": text}], "role": "user"}
+
+
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Known settings with None (meaning "not set") dropped."""
+    unknown = settings.keys() - GENERATION_SETTINGS
+    if unknown:
+        raise ValueError(
+            f"unsupported generation settings {sorted(unknown)}; supported: {sorted(GENERATION_SETTINGS)}"
+            " (for an OpenAPI response_schema use response_json_schema)"
+        )
+    system_instruction = settings.get("system_instruction")
+    if system_instruction is not None and not isinstance(system_instruction, str):
+        raise ValueError("system_instruction must be a string")
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def _wire_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The camelCase GenerateContentRequest fields, other than contents, for these settings."""
+    fields: dict[str, Any] = {}
+    if "system_instruction" in settings:
+        fields["systemInstruction"] = _user_content(settings["system_instruction"])
+    if "safety_settings" in settings:
+        fields["safetySettings"] = settings["safety_settings"]
+    generation_config = {
+        wire_name: settings[name] for name, wire_name in _GENERATION_CONFIG_FIELDS.items() if name in settings
+    }
+    if generation_config:
+        fields["generationConfig"] = generation_config
+    return fields
+
+
+def _json_tail(fields: Mapping[str, Any]) -> str:
+    """``fields`` as JSON object members to follow ``"contents":…`` (empty when there are none)."""
+    if not fields:
+        return ""
+    return "," + json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:-1]
+
+
+class RequestEncoder:
+    """Turns (key, prompt, per-request overrides) into batch requests, for one job's default settings.
+
+    Settings are snake_case SDK names (``GENERATION_SETTINGS``); None means "not set", so an override
+    of None removes a default. Both outputs put the same GenerateContentRequest on the wire.
+    """
+
+    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
+        self.defaults = _checked_settings(defaults or {})
+        # The part of every request line that only depends on the job's settings, encoded once.
+        self._default_tail = _json_tail(_wire_fields(self.defaults))
+        # Per-request overrides usually come from a handful of variants (say, three temperatures), so
+        # their encoded tails are kept too, up to a bound; unhashable overrides are encoded every time.
+        self._override_tails: dict[tuple[tuple[str, Any], ...], str] = {}
+
+    def settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The job's defaults with ``overrides`` applied."""
+        if not overrides:
+            return self.defaults
+        return _checked_settings({**self.defaults, **overrides})
+
+    def wire_request(self, prompt: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The camelCase REST GenerateContentRequest for one prompt."""
+        return {"contents": [_user_content(prompt)], **_wire_fields(self.settings(overrides))}
+
+    def jsonl_line(self, key: str, prompt: str, overrides: Mapping[str, Any] | None = None) -> str:
+        """One line of a batch input file, ``{"key": …, "request": {…}}`` with its newline.
+
+        This runs once per request of the largest jobs, so the request is written as text: the same shape
+        as ``wire_request`` (a test checks they agree), with the settings part encoded once per job.
+        """
+        tail = self._override_tail(overrides) if overrides else self._default_tail
+        return (
+            f'{{"key":{_json_string(key)},"request":{{"contents":[{{"parts":[{{"text":{_json_string(prompt)}}}],'
+            f'"role":"user"}}]{tail}}}}}\n'
+        )
+
+    def _override_tail(self, overrides: Mapping[str, Any]) -> str:
+        cache_key = tuple(overrides.items())
+        try:
+            tail = self._override_tails.get(cache_key)
+        except TypeError:  # an unhashable value, e.g. a JSON schema: encoded every time
+            return _json_tail(_wire_fields(self.settings(overrides)))
+        if tail is None:
+            tail = _json_tail(_wire_fields(self.settings(overrides)))
+            if len(self._override_tails) < _MAX_CACHED_OVERRIDE_TAILS:
+                self._override_tails[cache_key] = tail
+        return tail
+
+    def inline(self, key: str, prompt: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """An SDK InlinedRequest dict; the key travels in ``metadata`` (which the service may drop)."""
+        request: dict[str, Any] = {"contents": [_user_content(prompt)], "metadata": {"key": key}}
+        settings = self.settings(overrides)
+        if settings:
+            request["config"] = dict(settings)
+        return request

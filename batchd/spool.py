@@ -1,0 +1,238 @@
+"""A job's spool: its working folder in the state dir, from built requests to joined results.
+
+Layout of ``state_dir/jobs/<job id>/``::
+
+    <NAME>.toml | <NAME>.json      the claimed manifest (plus the input files it names)
+    index.jsonl                    one line per request, in request order: [key, chunk, wants_json, input]
+    requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
+    results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"})
+    outbox/                        the job's outbox folder while it is being written
+
+Everything here is streamed line by line, so memory stays flat however many
+requests a job has; the only thing that grows is bounded by one chunk (see
+:func:`join_chunk`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from batchd.task import TaskRequest, TaskResult
+
+
+@dataclass(frozen=True)
+class ChunkLimits:
+    max_requests: int
+    max_bytes: int
+    inline_max_requests: int
+    inline_max_bytes: int
+
+
+@dataclass
+class BuiltChunk:
+    idx: int
+    request_count: int = 0
+    byte_size: int = 0
+    mode: str = "file"
+
+
+class JobSpool:
+    """Paths and streaming readers/writers of one job's working folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.jsonl"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "outbox"
+
+    def requests_path(self, idx: int) -> Path:
+        return self.root / f"requests-{idx:04d}.jsonl"
+
+    def results_path(self, idx: int) -> Path:
+        return self.root / f"results-{idx:04d}.jsonl"
+
+    def manifest_path(self, source: str) -> Path:
+        return self.root / source
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- build ----------------------------------------------------------------------------------
+
+    def build(self, requests: Iterable[TaskRequest], encode: Callable[[TaskRequest], str],
+              limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> list[BuiltChunk]:
+        """Write the job's requests into chunk files split by count and bytes, plus the index.
+
+        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, no newline).
+        Rebuilding overwrites whatever a crashed earlier build left behind.
+        """
+        chunks: list[BuiltChunk] = []
+        out = None
+        current: BuiltChunk | None = None
+        dumps = json.dumps
+        with open(self.index_path, "w", encoding="utf-8") as index:
+            for n, request in enumerate(requests):
+                line = encode(request) + "\n"
+                size = len(line.encode("utf-8")) if not line.isascii() else len(line)
+                if current is None or current.request_count >= limits.max_requests or (
+                    current.request_count and current.byte_size + size > limits.max_bytes
+                ):
+                    if out is not None:
+                        _close_durably(out)
+                    current = BuiltChunk(idx=len(chunks))
+                    chunks.append(current)
+                    out = open(self.requests_path(current.idx), "w", encoding="utf-8")
+                out.write(line)
+                current.request_count += 1
+                current.byte_size += size
+                wants_json = request.config.get("response_mime_type") == "application/json"
+                index.write(dumps([request.key, current.idx, wants_json, request.input],
+                                  ensure_ascii=False) + "\n")
+                if n % 10_000 == 0:
+                    check_stop()
+            if out is not None:
+                _close_durably(out)
+            index.flush()
+            os.fsync(index.fileno())
+        for chunk in chunks:
+            if chunk.request_count <= limits.inline_max_requests and chunk.byte_size <= limits.inline_max_bytes:
+                chunk.mode = "inline"
+        return chunks
+
+    def read_requests(self, idx: int) -> Iterator[dict]:
+        with open(self.requests_path(idx), encoding="utf-8") as lines:
+            for line in lines:
+                yield json.loads(line)
+
+    def request_keys(self, idx: int) -> Iterator[str]:
+        for entry in self.read_index(idx):
+            yield entry[0]
+
+    def read_index(self, idx: int | None = None) -> Iterator[list]:
+        """Index entries ``[key, chunk, wants_json, input]`` in request order (optionally one chunk's)."""
+        with open(self.index_path, encoding="utf-8") as lines:
+            for line in lines:
+                entry = json.loads(line)
+                if idx is None or entry[1] == idx:
+                    yield entry
+
+    # -- results --------------------------------------------------------------------------------
+
+    def write_results(self, idx: int, records: Iterable[dict]) -> None:
+        """Store inline results as the same JSONL a file job returns (written atomically)."""
+        path = self.results_path(idx)
+        tmp = path.with_name("." + path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for record in records:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            _fsync(out)
+        os.replace(tmp, path)
+
+    def read_results(self, idx: int) -> Iterator[dict]:
+        path = self.results_path(idx)
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    # A torn or garbled line must not sink the whole job: its request shows as an error.
+                    yield {"key": None, "error": {"code": "bad_result_line",
+                                                  "message": f"results line {number}: {exc}"}}
+
+    def joined(self, chunk_errors: dict[int, dict]) -> Iterator[TaskResult]:
+        """Every request's result, in request order, joined by key.
+
+        ``chunk_errors`` maps a chunk that produced no results (failed, expired, cancelled
+        before running, rejected at create) to the error each of its requests gets.
+        """
+        for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
+            if idx in chunk_errors:
+                error = chunk_errors[idx]
+                for key, _chunk, _json, inputs in entries:
+                    yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
+                                     error=error, usage=None)
+                continue
+            for (key, _chunk, wants_json, inputs), record in join_chunk(entries, self.read_results(idx)):
+                yield to_task_result(key, inputs, wants_json, record)
+
+
+def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tuple[list, dict | None]]:
+    """Pair each index entry with its result record by key, in index order.
+
+    Results usually come back in input order, so this walks both streams together and only
+    parks records that arrive early; memory is bounded by how far out of order a chunk is,
+    never by the job's size.
+    """
+    parked: dict[Any, dict] = {}
+    records = iter(records)
+    exhausted = False
+    for entry in entries:
+        key = entry[0]
+        record = parked.pop(key, None)
+        while record is None and not exhausted:
+            candidate = next(records, None)
+            if candidate is None:
+                exhausted = True
+            elif candidate.get("key") == key:
+                record = candidate
+            else:
+                parked[candidate.get("key")] = candidate
+        yield entry, record
+
+
+def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None) -> TaskResult:
+    """Turn one service result line into what the outbox and the task plugin see."""
+    if record is None:
+        return TaskResult(key=key, input=inputs, status="error", text=None, data=None,
+                          error={"code": "missing", "message": "the service returned no result for this request"},
+                          usage=None)
+    if "error" in record and record["error"]:
+        error = record["error"]
+        return TaskResult(key=key, input=inputs, status="error", text=None, data=None,
+                          error={"code": error.get("code"), "message": error.get("message")}, usage=None)
+    response = record.get("response") or {}
+    usage = response.get("usageMetadata")
+    candidates = response.get("candidates") or []
+    if not candidates:
+        reason = (response.get("promptFeedback") or {}).get("blockReason", "no candidates")
+        return TaskResult(key=key, input=inputs, status="error", text=None, data=None,
+                          error={"code": "blocked", "message": f"no answer: {reason}"}, usage=usage)
+    candidate = candidates[0]
+    parts = (candidate.get("content") or {}).get("parts") or []
+    text = "".join(part.get("text", "") for part in parts if not part.get("thought"))
+    if not wants_json:
+        return TaskResult(key=key, input=inputs, status="ok", text=text, data=None, error=None, usage=usage)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        finish = candidate.get("finishReason", "")
+        return TaskResult(key=key, input=inputs, status="error", text=text, data=None,
+                          error={"code": "invalid_json",
+                                 "message": f"structured output is not valid JSON ({exc.msg}; finishReason {finish})"},
+                          usage=usage)
+    return TaskResult(key=key, input=inputs, status="ok", text=text, data=data, error=None, usage=usage)
+
+
+def _fsync(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _close_durably(handle) -> None:
+    _fsync(handle)
+    handle.close()

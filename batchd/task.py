@@ -1,0 +1,150 @@
+"""The task plugin API: what a task plugin implements and the values it exchanges with batchd.
+
+A task turns a manifest's parameters and input items into model requests, and turns the joined
+results back into the entries of ``organized.json``. Plugins register :class:`Task` instances
+through the ``register_tasks`` hook (see :mod:`batchd.hookspecs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _number_to_str(value: Any) -> Any:
+    # TOML and JSON users write `id = 7`; ids are strings everywhere else (keys, JSON objects).
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+#: An input item's id: a non-empty string; integers are accepted and converted.
+ItemId = Annotated[str, BeforeValidator(_number_to_str), Field(min_length=1, max_length=256)]
+
+
+class GenerationSettings(BaseModel):
+    """Generation settings, named as in google-genai's ``GenerateContentConfig``.
+
+    A manifest may set these for all its requests; a task may set them per request in
+    :attr:`TaskRequest.config` (which also admits ``response_mime_type`` and
+    ``response_json_schema``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling probability mass.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens.")
+    max_output_tokens: int | None = Field(None, ge=1, description="Longest answer, in tokens.")
+    system_instruction: str | None = Field(None, min_length=1, description="System instruction text.")
+    stop_sequences: list[str] | None = Field(None, description="Stop generating at any of these.")
+    seed: int | None = Field(None, description="Seed for more repeatable sampling.")
+
+    def as_config(self) -> dict[str, Any]:
+        """The settings that are set, as a request config dict."""
+        return self.model_dump(exclude_none=True)
+
+
+class TextItem(BaseModel):
+    """An input item that is a piece of text, optionally with an id.
+
+    Items without an id get their 1-based position (index in an inline list, data row of a CSV
+    file, line of a .txt/.jsonl file) when batchd reads them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ItemId | None = Field(None, description="Stable id; defaults to the item's 1-based position.")
+    text: str = Field(description="The text.")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be empty")
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """One model request built by a task."""
+
+    #: Stable and unique within the job; results are joined back by it.
+    key: str
+    #: The user text sent as the request's contents.
+    prompt: str
+    #: Fields echoed into ``results.jsonl`` so each result says what it answers.
+    input: dict[str, Any]
+    #: Generation settings for this request (snake_case SDK names, see GenerationSettings);
+    #: they win over the manifest's, which win over ``Task.default_config``.
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TaskResult:
+    """One request's outcome, handed back to :meth:`Task.organize` in request order."""
+
+    key: str
+    input: dict[str, Any]
+    status: Literal["ok", "error"]
+    text: str | None = None
+    #: Parsed JSON when the request asked for JSON and the answer parsed.
+    data: Any | None = None
+    #: ``{"code": int, "message": str}`` for a failed request.
+    error: dict[str, Any] | None = None
+    #: The response's usageMetadata.
+    usage: dict[str, Any] | None = None
+
+    def failure(self) -> str | None:
+        """Why this result has no usable text, or ``None`` when it has some."""
+        if self.status != "ok":
+            return (self.error or {}).get("message") or "request failed"
+        if not self.text or not self.text.strip():
+            return "empty response"
+        return None
+
+
+def error_entry(message: str) -> dict[str, str]:
+    """The value organize() puts where an answer is missing, so failures never vanish."""
+    return {"error": message}
+
+
+class Task:
+    """Base class of task plugins.
+
+    Subclasses set the class attributes and implement :meth:`requests` and :meth:`organize`.
+    """
+
+    #: The manifest's ``task = "..."`` value.
+    name: ClassVar[str]
+    #: One line shown by ``batchd plugins`` and in the manifest JSON Schema.
+    description: ClassVar[str] = ""
+    #: The task's own manifest fields. Must use ``extra="forbid"`` so typos are reported.
+    Params: ClassVar[type[BaseModel]]
+    #: One input item, from an inline list or a row of an input file. Must have an ``id`` field.
+    Item: ClassVar[type[BaseModel]] = TextItem
+    #: Generation settings the task works best with; the manifest's settings override them.
+    default_config: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    def inline_items(self, params: BaseModel) -> tuple[str, Sequence[Any]] | None:
+        """The manifest field holding inline items and its list, or ``None`` if it has none.
+
+        Entries may be strings (taken as ``text``), mappings or ``Item`` instances. When this
+        returns ``None`` the manifest must name an ``input`` file instead.
+        """
+        return None
+
+    def requests(self, params: BaseModel, items: Iterable[BaseModel]) -> Iterator[TaskRequest]:
+        """Yield the requests for these validated ``Item`` instances (each has a string id)."""
+        raise NotImplementedError
+
+    def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
+        """Yield the top-level ``(key, value)`` entries of ``organized.json``, each key once."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} task {self.name!r}>"

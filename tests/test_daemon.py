@@ -1,0 +1,275 @@
+"""The daemon end to end, as a real process against the embedded emulator."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+
+import pytest
+from google import genai
+from google.genai import types
+
+from batchd.daemon import CRASH_POINTS
+from batchd.emulator.server import EmulatorServer
+from conftest import Workspace, stop_daemon
+
+TRANSLATE = """\
+task = "translate"
+texts = ["Hello, how are you?", "The meeting is at 3 pm."]
+languages = ["Spanish", "French"]
+"""
+
+SENTIMENT = """\
+task = "sentiment"
+
+[[items]]
+id = "r1"
+text = "I love this product, it works perfectly."
+
+[[items]]
+id = "r2"
+text = "Broken after two days. Very disappointed."
+
+[[items]]
+id = "r3"
+text = "It is fine."
+"""
+
+VARIATIONS = """\
+task = "variations"
+base_content = "Our new water bottle keeps drinks cold for 24 hours."
+
+[[variations]]
+id = "formal"
+tone = "formal"
+length = "short"
+audience = "business customers"
+style = "product description"
+
+[[variations]]
+id = "playful"
+tone = "playful"
+length = "medium"
+audience = "teenagers"
+style = "social media post"
+temperature = 0.9
+max_output_tokens = 200
+"""
+
+
+def remote_jobs(ws: Workspace) -> list[types.BatchJob]:
+    """Every remote job the embedded emulator holds, read through the SDK after the daemon stopped."""
+    with EmulatorServer(ws.state / "emulator") as emulator:
+        client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
+        return list(client.batches.list(config={"page_size": 50}))
+
+
+def assert_one_live_job_per_chunk(ws: Workspace) -> None:
+    jobs = remote_jobs(ws)
+    live = Counter(job.display_name for job in jobs if job.state != types.JobState.JOB_STATE_CANCELLED)
+    assert live, "no remote jobs were created"
+    assert all(count == 1 for count in live.values()), live
+
+
+def test_run_once_delivers_every_task(workspace: Workspace):
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("sentiment.toml", SENTIMENT)
+    workspace.drop("variations.toml", VARIATIONS)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    delivered = workspace.delivered()
+    assert set(delivered) == {"translate", "sentiment", "variations"}
+    assert all(s["state"] == "succeeded" and s["emulated"] is True for s in delivered.values())
+    assert not list(workspace.inbox.iterdir())
+
+    translate = workspace.outbox / "translate"
+    organized = json.loads((translate / "organized.json").read_text())
+    assert organized.keys() == {"Hello, how are you?", "The meeting is at 3 pm."}
+    assert all(v.keys() == {"Spanish", "French"} for v in organized.values())
+    lines = [json.loads(line) for line in (translate / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(line["status"] == "ok" and "emulated" in line["text"].lower() for line in lines)
+    assert (translate / "translate.toml").read_text() == TRANSLATE
+    assert delivered["translate"]["counts"] == {"total": 4, "succeeded": 4, "failed": 0}
+
+    sentiment = json.loads((workspace.outbox / "sentiment" / "organized.json").read_text())
+    assert sentiment.keys() == {"r1", "r2", "r3"}
+    assert all(entry["label"] in ("positive", "negative", "neutral", "mixed") for entry in sentiment.values())
+
+    variations = json.loads((workspace.outbox / "variations" / "organized.json").read_text())
+    assert variations.keys() == {"formal", "playful"}
+    assert_one_live_job_per_chunk(workspace)
+
+
+def test_daemon_takes_manifests_dropped_while_running_and_stops_cleanly(workspace: Workspace):
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("first.toml", TRANSLATE)
+        workspace.wait_for(lambda: "first" in workspace.delivered(), what="first delivered")
+        # Dropped straight in, without the careful rename: still taken once complete.
+        (workspace.inbox / "second.toml").write_text(SENTIMENT)
+        workspace.wait_for(lambda: "second" in workspace.delivered(), what="second delivered")
+    finally:
+        assert stop_daemon(daemon) == 0
+    assert {s["state"] for s in workspace.delivered().values()} == {"succeeded"}
+
+
+def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Workspace):
+    workspace.drop("broken.toml", 'task = "translate"\ntexts = ["a", "b"\nlanguages = ["French"]\n')
+    workspace.drop("good.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1  # one job was rejected
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["broken"]
+    assert rejected["state"] == "rejected"
+    message = json.dumps(rejected["error"])
+    assert "broken.toml" in message and "line" in message
+    assert (workspace.outbox / "broken" / "broken.toml").exists(), "the rejected manifest is kept"
+
+
+def test_a_manifest_with_a_bad_field_is_rejected_naming_the_field(workspace: Workspace):
+    workspace.drop("bad.toml", 'task = "translate"\ntexts = ["a"]\nlanguages = "French"\n')
+    workspace.batchd("run", "--once")
+    rejected = workspace.delivered()["bad"]
+    assert rejected["state"] == "rejected"
+    assert "languages" in json.dumps(rejected["error"])
+
+
+def test_a_half_written_manifest_waits_until_it_is_complete(workspace: Workspace):
+    daemon = workspace.start("run")
+    try:
+        partial = workspace.inbox / "slow.toml"
+        partial.write_text(TRANSLATE[:40])  # cut mid-line: does not parse yet
+        workspace.wait_for(lambda: workspace.status() is not None, what="daemon up")
+        partial.write_text(TRANSLATE)
+        workspace.wait_for(lambda: "slow" in workspace.delivered(), what="slow delivered")
+    finally:
+        assert stop_daemon(daemon) == 0
+    assert workspace.delivered()["slow"]["state"] == "succeeded"
+
+
+def test_the_same_content_twice_runs_once(workspace: Workspace):
+    workspace.drop("one.toml", TRANSLATE)
+    workspace.batchd("run", "--once")
+    workspace.drop("again.toml", TRANSLATE)
+    workspace.batchd("run", "--once")
+
+    delivered = workspace.delivered()
+    assert delivered["one"]["state"] == "succeeded"
+    assert delivered["again"]["state"] == "rejected"
+    assert delivered["again"]["error"]["duplicate_of"] == delivered["one"]["job"]
+    assert len(remote_jobs(workspace)) == 1
+
+
+def test_a_name_taken_in_the_outbox_gets_a_unique_suffix(workspace: Workspace):
+    (workspace.outbox / "translate").mkdir()
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.batchd("run", "--once")
+    assert "translate-2" in workspace.delivered()
+
+
+def test_inputs_from_a_csv_file(workspace: Workspace):
+    (workspace.inbox / "reviews.csv").write_text("id,text\na1,Great value\na2,Terrible support\n")
+    workspace.drop("reviews.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+    result = workspace.batchd("run", "--once")
+    assert result.returncode == 0, result.stderr
+    organized = json.loads((workspace.outbox / "reviews" / "organized.json").read_text())
+    assert organized.keys() == {"a1", "a2"}
+
+
+def test_cancel_a_running_job(workspace: Workspace):
+    workspace.configure(job_seconds=60)
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("long.toml", TRANSLATE)
+        workspace.wait_for(lambda: any(b["name"] for job in workspace.status() for b in job["remote_batches"]),
+                           what="remote job created")
+        assert workspace.batchd("cancel", "long").returncode == 0
+        workspace.wait_for(lambda: "long" in workspace.delivered(), what="cancelled job delivered")
+    finally:
+        assert stop_daemon(daemon) == 0
+    summary = workspace.delivered()["long"]
+    assert summary["state"] == "cancelled"
+    lines = (workspace.outbox / "long" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4, "every request is accounted for, as a result or an error"
+    assert all(job.state == types.JobState.JOB_STATE_CANCELLED for job in remote_jobs(workspace))
+
+
+@pytest.mark.parametrize("mode", ["inline", "file"])
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: str, mode: str):
+    workspace.configure(extra="inline_max_bytes = 0" if mode == "file" else "")
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("sentiment.toml", SENTIMENT)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point)
+    assert crashed.wait(120) == -signal.SIGKILL, f"the daemon did not reach crash point {point}"
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    delivered = workspace.delivered()
+    assert set(delivered) == {"translate", "sentiment"}, delivered
+    assert all(s["state"] == "succeeded" for s in delivered.values())
+    assert delivered["translate"]["counts"]["total"] == 4
+    assert delivered["sentiment"]["counts"]["total"] == 3
+    assert not list(workspace.inbox.iterdir())
+    assert_one_live_job_per_chunk(workspace)
+
+
+@pytest.mark.parametrize("faults, mode, state", [
+    (["http=503:0.3", "http=429:0.2"], "inline", "succeeded"),
+    (["http=503:0.3", "http=429:0.2"], "file", "succeeded"),
+    (["shuffle"], "inline", "succeeded"),
+    (["drop-metadata"], "inline", "succeeded"),
+    # Inline answers both shuffled and stripped of their keys cannot be joined by anyone;
+    # file results always carry their key, so that is what large or order-sensitive jobs use.
+    (["shuffle", "drop-metadata"], "file", "succeeded"),
+    (["fail-requests=0.5"], "inline", "partial"),
+    (["fail-requests=0.5"], "file", "partial"),
+])
+def test_emulator_faults_end_in_correct_outboxes(workspace: Workspace, faults: list[str], mode: str, state: str):
+    workspace.configure(faults=faults, extra="inline_max_bytes = 0" if mode == "file" else "")
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("sentiment.toml", SENTIMENT)
+
+    result = workspace.batchd("run", "--once", timeout=180)
+
+    delivered = workspace.delivered()
+    assert set(delivered) == {"translate", "sentiment"}, result.stderr
+    for name, total in (("translate", 4), ("sentiment", 3)):
+        lines = [json.loads(l) for l in (workspace.outbox / name / "results.jsonl").read_text().splitlines()]
+        assert len(lines) == total
+        assert len({line["key"] for line in lines}) == total
+    if state == "succeeded":
+        assert all(s["state"] == "succeeded" for s in delivered.values()), delivered
+        translate = [json.loads(l) for l in (workspace.outbox / "translate" / "results.jsonl").read_text().splitlines()]
+        # Joined by key even when the service shuffles and drops metadata: each answer is about its input.
+        for line in translate:
+            assert line["input"]["text"].split()[0] in line["text"], line
+    else:
+        assert any(s["counts"]["failed"] for s in delivered.values())
+    assert_one_live_job_per_chunk(workspace)
+
+
+def test_a_second_daemon_on_the_same_state_refuses_to_start(workspace: Workspace):
+    daemon = workspace.start("run")
+    try:
+        workspace.wait_for(lambda: (workspace.state / "journal.db").exists(), what="first daemon up")
+        second = workspace.batchd("run", "--once", timeout=60)
+        assert second.returncode != 0
+        assert "already running" in second.stderr
+    finally:
+        assert stop_daemon(daemon) == 0
+
+
+def test_gemini_provider_without_a_key_is_a_clear_error(workspace: Workspace):
+    result = workspace.batchd("run", "--once", "--provider", "gemini")
+    assert result.returncode != 0
+    assert "GEMINI_API_KEY" in result.stderr

@@ -1,0 +1,373 @@
+"""Tests of batchd.outbox: atomic writes, no-overwrite moves, job folders, streamed JSON."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from batchd import outbox
+from batchd.outbox import (
+    CrossDeviceError,
+    DuplicateKeyError,
+    JobFolder,
+    JsonObjectWriter,
+    atomic_write,
+    atomic_write_json,
+    check_same_filesystem,
+    choose_folder,
+    durable_move,
+    is_published,
+)
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "state.json"
+    atomic_write(target, "first")
+    atomic_write(target, b"second \xc3\xa9")
+    assert target.read_bytes() == b"second \xc3\xa9"
+    assert names(tmp_path) == ["state.json"]
+
+
+def test_atomic_write_str_is_utf8(tmp_path):
+    atomic_write(tmp_path / "t.txt", "héllo")
+    assert (tmp_path / "t.txt").read_bytes() == "héllo".encode()
+
+
+def test_atomic_write_failure_keeps_old_content_and_cleans_up(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    atomic_write(target, "old")
+
+    def failing_replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outbox.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        atomic_write(target, "new")
+    assert target.read_text() == "old"
+    assert names(tmp_path) == ["state.json"]
+
+
+def test_atomic_write_json_format(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"b": [1, 2], "a": "é"})
+    text = (tmp_path / "x.json").read_text(encoding="utf-8")
+    assert text == '{\n  "b": [\n    1,\n    2\n  ],\n  "a": "é"\n}\n'
+
+
+def test_atomic_write_json_rejects_nan(tmp_path):
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "x.json", {"a": float("nan")})
+    assert names(tmp_path) == []
+
+
+# -- moves --------------------------------------------------------------------------------------
+
+
+def test_durable_move_file_across_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src = tmp_path / "a" / "job.toml"
+    src.write_text("x")
+    durable_move(src, tmp_path / "b" / "job.toml")
+    assert not src.exists()
+    assert (tmp_path / "b" / "job.toml").read_text() == "x"
+
+
+def test_durable_move_never_overwrites_a_file(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_text("new")
+    dst.write_text("precious")
+    with pytest.raises(FileExistsError):
+        durable_move(src, dst)
+    assert src.read_text() == "new"
+    assert dst.read_text() == "precious"
+
+
+def test_durable_move_directory_never_replaces_an_empty_directory(tmp_path):
+    # rename(2) would silently replace an empty directory.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_text("x")
+    dst.mkdir()
+    with pytest.raises(FileExistsError):
+        durable_move(src, dst)
+    assert (src / "f").exists()
+
+
+def test_durable_move_completes_a_move_interrupted_between_link_and_unlink(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_text("x")
+    os.link(src, dst)  # what a kill -9 right after the link leaves behind
+    durable_move(src, dst)
+    assert not src.exists()
+    assert dst.read_text() == "x"
+
+
+def test_durable_move_without_hard_links_still_refuses_to_overwrite(tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(outbox.os, "link", no_links)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_text("x")
+    durable_move(src, dst)
+    assert dst.read_text() == "x" and not src.exists()
+
+    src.write_text("y")
+    with pytest.raises(FileExistsError):
+        durable_move(src, dst)
+    assert dst.read_text() == "x"
+
+
+def test_durable_move_moves_a_symlink_itself(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("t")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    (tmp_path / "q").mkdir()
+    durable_move(link, tmp_path / "q" / "link")
+    assert (tmp_path / "q" / "link").is_symlink()
+    assert target.read_text() == "t"
+
+
+def test_durable_move_reports_cross_device_clearly(tmp_path, monkeypatch):
+    def exdev(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(outbox.os, "link", exdev)
+    src = tmp_path / "src"
+    src.write_text("x")
+    with pytest.raises(CrossDeviceError, match="different filesystems"):
+        durable_move(src, tmp_path / "dst")
+    assert src.exists()
+
+
+def test_check_same_filesystem(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    check_same_filesystem(tmp_path / "a", tmp_path / "b")
+    if os.stat("/proc").st_dev != os.stat(tmp_path).st_dev:
+        with pytest.raises(CrossDeviceError, match="one filesystem") as info:
+            check_same_filesystem(tmp_path, "/proc")
+        assert info.value.errno == errno.EXDEV
+        assert "/proc" in str(info.value)
+
+
+# -- choosing and recognising folders ------------------------------------------------------------
+
+
+def test_choose_folder_adds_a_suffix_when_taken(tmp_path):
+    assert choose_folder(tmp_path, "report") == tmp_path / "report"
+    (tmp_path / "report").mkdir()
+    assert choose_folder(tmp_path, "report") == tmp_path / "report-2"
+    (tmp_path / "report-2").mkdir()
+    assert choose_folder(tmp_path, "report") == tmp_path / "report-3"
+
+
+def test_choose_folder_honours_a_custom_taken(tmp_path):
+    reserved = {tmp_path / "report", tmp_path / "report-2"}
+    assert choose_folder(tmp_path, "report", taken=reserved.__contains__) == tmp_path / "report-3"
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a\0b"])
+def test_choose_folder_rejects_unusable_names(tmp_path, bad):
+    with pytest.raises(ValueError):
+        choose_folder(tmp_path, bad)
+
+
+def test_is_published(tmp_path):
+    dest = tmp_path / "report"
+    assert not is_published(dest, "j1")
+    dest.mkdir()
+    assert not is_published(dest, "j1")
+    (dest / "summary.json").write_text("{not json")
+    assert not is_published(dest, "j1")
+    (dest / "summary.json").write_text(json.dumps({"job_id": "j2"}))
+    assert not is_published(dest, "j1")
+    (dest / "summary.json").write_text(json.dumps({"job_id": "j1"}))
+    assert is_published(dest, "j1")
+
+
+# -- job folders -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    state, out = tmp_path / "state", tmp_path / "outbox"
+    state.mkdir()
+    out.mkdir()
+    return state, out
+
+
+def fill(folder: JobFolder) -> None:
+    folder.write_json("summary.json", {"job_id": "j1"})
+    folder.write_bytes("raw/results.jsonl", b'{"key": "a"}\n')
+    with folder.open("notes.txt") as fh:
+        fh.write("line 1\n")
+        fh.write("line 2\n")
+
+
+def test_job_folder_publish_makes_the_whole_folder_appear(dirs, tmp_path):
+    state, out = dirs
+    src = tmp_path / "input.csv"
+    src.write_text("id,text\n1,hi\n")
+    folder = JobFolder(state / "staging" / "j1")
+    fill(folder)
+    folder.copy_in("input.csv", src)
+    dest = folder.publish(choose_folder(out, "report"))
+
+    assert dest == out / "report"
+    assert names(dest) == ["input.csv", "notes.txt", "raw", "summary.json"]
+    assert (dest / "notes.txt").read_text() == "line 1\nline 2\n"
+    assert (dest / "raw" / "results.jsonl").read_bytes() == b'{"key": "a"}\n'
+    assert (dest / "input.csv").read_text() == src.read_text()
+    assert is_published(dest, "j1")
+    assert not (state / "staging" / "j1").exists()
+
+
+def test_job_folder_crash_before_publish_leaves_the_outbox_untouched(dirs):
+    state, out = dirs
+    staging = state / "staging" / "j1"
+    fill(JobFolder(staging))  # the build "crashes" here: publish never runs
+    assert staging.exists()
+    assert names(out) == []
+
+    # On restart the build is redone from scratch in the same staging directory.
+    folder = JobFolder(staging)
+    assert names(staging) == []
+    fill(folder)
+    dest = folder.publish(out / "report")
+    assert names(out) == ["report"]
+    assert is_published(dest, "j1")
+
+
+def test_job_folder_publish_refuses_an_existing_dest(dirs):
+    state, out = dirs
+    (out / "report").mkdir()
+    folder = JobFolder(state / "staging" / "j1")
+    fill(folder)
+    with pytest.raises(FileExistsError):
+        folder.publish(out / "report")
+    assert names(out / "report") == []
+    assert (state / "staging" / "j1" / "summary.json").exists()
+
+
+def test_job_folder_rejects_reuse_and_escapes(dirs):
+    state, out = dirs
+    folder = JobFolder(state / "staging" / "j1")
+    folder.write_bytes("a.txt", b"1")
+    with pytest.raises(FileExistsError):
+        folder.write_bytes("a.txt", b"2")
+    for bad in ("../escape.txt", "/abs.txt", "", "a/../../b"):
+        with pytest.raises(ValueError):
+            folder.write_bytes(bad, b"x")
+    with pytest.raises(ValueError):
+        with folder.open("b.txt", mode="a"):
+            pass
+    folder.publish(out / "report")
+    with pytest.raises(RuntimeError):
+        folder.write_bytes("late.txt", b"x")
+    with pytest.raises(RuntimeError):
+        folder.publish(out / "again")
+
+
+def test_job_folder_streams_organized_json(dirs):
+    state, out = dirs
+    folder = JobFolder(state / "staging" / "j1")
+    with folder.open("organized.json") as fh, JsonObjectWriter(fh) as writer:
+        writer.extend((f"k{i}", {"n": i}) for i in range(3))
+    dest = folder.publish(out / "report")
+    assert json.loads((dest / "organized.json").read_text()) == {f"k{i}": {"n": i} for i in range(3)}
+
+
+# -- streamed JSON objects ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {},
+        {"a": 1},
+        {"a": {"b": [1, {"c": None}], "d": []}, "e": "multi\nline é", "f": {}, "g": [True, 1.5]},
+    ],
+)
+def test_json_object_writer_matches_json_dumps(obj):
+    fh = io.StringIO()
+    writer = JsonObjectWriter(fh)
+    for key, value in obj.items():
+        writer.add(key, value)
+    writer.close()
+    assert fh.getvalue() == json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+class CountingWriter(io.StringIO):
+    """Records how much had been written after each call, to show output is streamed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: list[int] = []
+
+    def write(self, text):
+        result = super().write(text)
+        self.lengths.append(self.tell())
+        return result
+
+
+def test_json_object_writer_streams_many_entries():
+    fh = CountingWriter()
+    writer = JsonObjectWriter(fh)
+    count = 20_000
+    for i in range(count):
+        writer.add(f"key-{i:05d}", {"index": i, "text": f"value {i}"})
+        if i == 10:
+            written_early = fh.tell()
+    writer.close()
+    assert written_early > 0  # entries were on their way out long before the end
+    assert len(fh.lengths) == count + 1
+    parsed = json.loads(fh.getvalue())
+    assert len(parsed) == count
+    assert parsed["key-12345"] == {"index": 12345, "text": "value 12345"}
+
+
+def test_json_object_writer_rejects_duplicate_and_non_str_keys():
+    fh = io.StringIO()
+    writer = JsonObjectWriter(fh)
+    writer.add("a", 1)
+    with pytest.raises(DuplicateKeyError):
+        writer.add("a", 2)
+    with pytest.raises(TypeError):
+        writer.add(1, 2)  # type: ignore[arg-type]
+    writer.close()
+    assert json.loads(fh.getvalue()) == {"a": 1}
+
+
+def test_json_object_writer_unserializable_value_writes_nothing():
+    fh = io.StringIO()
+    writer = JsonObjectWriter(fh)
+    writer.add("a", 1)
+    with pytest.raises(TypeError):
+        writer.add("b", object())
+    writer.add("b", 2)
+    writer.close()
+    assert json.loads(fh.getvalue()) == {"a": 1, "b": 2}
+
+
+def test_json_object_writer_context_leaves_interrupted_output_unparseable():
+    fh = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with JsonObjectWriter(fh) as writer:
+            writer.add("a", 1)
+            raise RuntimeError("plugin failed")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(fh.getvalue())

@@ -1,0 +1,399 @@
+"""Tests of batchd.provider: the real google-genai SDK over HTTP against the emulator on 127.0.0.1."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from google import genai
+from google.genai import errors
+
+from batchd.emulator.server import EmulatorServer
+from batchd.provider import (
+    STAT_FIELDS,
+    Provider,
+    ProviderError,
+    RemoteJob,
+    RequestEncoder,
+    RetryPolicy,
+    inline_results,
+    is_auth_error,
+    is_retryable,
+    read_results_file,
+    short_state,
+)
+
+MODEL = "gemini-2.5-flash"
+API_KEY = "test-key"
+# Fast backoff so retry tests take milliseconds; the attempts match production.
+FAST_RETRY = RetryPolicy(attempts=5, initial_delay=0.01, max_delay=0.05)
+TRANSLATE_DEFAULTS = {"temperature": 0.2, "max_output_tokens": 256, "system_instruction": "Translate to French."}
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}, "score": {"type": "number"}},
+    "required": ["label", "score"],
+}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServer]:
+    with EmulatorServer(tmp_path_factory.mktemp("emulator"), job_seconds=0.2, api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture()
+def provider(emulator: EmulatorServer) -> Iterator[Provider]:
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY) as provider:
+        yield provider
+
+
+def wait_until_done(provider: Provider, name: str) -> RemoteJob:
+    for _ in range(2000):  # a bound against hangs, not a timing assertion
+        job = provider.get(name)
+        if job.done:
+            return job
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{name} never finished")
+
+
+def write_requests(path: Path, encoder: RequestEncoder, prompts: dict[str, str]) -> Path:
+    with open(path, "w", encoding="utf-8") as requests_file:
+        for key, prompt in prompts.items():
+            requests_file.write(encoder.jsonl_line(key, prompt))
+    return path
+
+
+def answer_text(response: dict[str, Any]) -> str:
+    return "".join(part.get("text", "") for part in response["candidates"][0]["content"]["parts"])
+
+
+# -- end to end against the emulator ----------------------------------------------------------------
+
+
+def test_file_job_round_trip_joins_results_by_key(provider: Provider, tmp_path: Path) -> None:
+    prompts = {f"r{number:06d}-fr": f"Sentence number {number}." for number in range(25)}
+    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(TRANSLATE_DEFAULTS), prompts)
+
+    file_name = provider.upload_jsonl(input_path, "round-trip-input")
+    assert file_name.startswith("files/")
+    created = provider.create_from_file(MODEL, file_name, "round-trip")
+    assert created.name.startswith("batches/")
+    assert created.display_name == "round-trip"
+    assert created.state in ("pending", "running")
+
+    job = wait_until_done(provider, created.name)
+    assert job.state == "succeeded"
+    assert job.stats["requestCount"] == 25
+    assert job.stats["successfulRequestCount"] == 25
+    assert job.responses_file
+
+    records = {record["key"]: record for record in provider.results(job, tmp_path / "out" / "results.jsonl")}
+    assert records.keys() == prompts.keys()
+    for key, prompt in prompts.items():
+        assert "Sentence" in answer_text(records[key]["response"])
+    assert (tmp_path / "out" / "results.jsonl").is_file()
+
+
+def test_inline_job_with_structured_output(provider: Provider, tmp_path: Path) -> None:
+    encoder = RequestEncoder({"response_mime_type": "application/json", "response_json_schema": VERDICT_SCHEMA})
+    requests = [
+        encoder.inline("a", "I loved it."),
+        encoder.inline("b", "Dreadful.", {"temperature": 0.0}),
+    ]
+    created = provider.create_inline(MODEL, requests, "inline-structured")
+    job = wait_until_done(provider, created.name)
+    assert job.state == "succeeded"
+    assert job.responses_file is None
+
+    records = {record["key"]: record for record in provider.results(job, tmp_path / "unused.jsonl")}
+    assert records.keys() == {"a", "b"}
+    for record in records.values():
+        verdict = json.loads(answer_text(record["response"]))
+        assert verdict["label"] in ("positive", "negative")
+        assert isinstance(verdict["score"], (int, float))
+    assert not (tmp_path / "unused.jsonl").exists()
+
+
+def test_list_pages_through_all_jobs_with_int_stats(provider: Provider) -> None:
+    encoder = RequestEncoder()
+    names = [
+        provider.create_inline(MODEL, [encoder.inline(str(n), "hi")] * 2, f"listed-{n}").name for n in range(3)
+    ]
+    listed = {job.name: job for job in provider.list_jobs(page_size=1)}
+    assert set(names) <= listed.keys()
+    found = listed[names[1]]
+    assert found.display_name == "listed-1"
+    assert found.stats.keys() == set(STAT_FIELDS)
+    assert all(isinstance(count, int) for count in found.stats.values())
+    assert found.stats["requestCount"] == 2
+
+    [named] = provider.jobs_named("listed-1")
+    assert named.name == names[1]
+
+
+def test_jobs_named_returns_duplicates_oldest_first(provider: Provider) -> None:
+    first = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "twice")
+    second = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "twice")
+    assert [job.name for job in provider.jobs_named("twice")] == [first.name, second.name]
+
+
+def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
+    with Provider(
+        api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": CREATE_503_ONCE}
+    ) as faulty:
+        with pytest.raises(errors.ServerError) as raised:
+            faulty.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "create-503")
+    assert raised.value.code == 503
+    assert is_retryable(raised.value)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status: int) -> None:
+    created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], f"read-retry-{status}")
+    with Provider(
+        api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": read_fault(status)}
+    ) as flaky:
+        assert flaky.get(created.name).name == created.name
+        assert any(job.name == created.name for job in flaky.list_jobs())
+
+
+def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tmp_path: Path) -> None:
+    # Long prompts are echoed into long answers; ~4,000 of them make an output file of several MB.
+    prompts = {f"k{number}": f"{number} " + "word " * 400 for number in range(4000)}
+    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(), prompts)
+    job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input"), "big")
+    job = wait_until_done(provider, job.name)
+    destination = tmp_path / "results.jsonl"
+
+    tracemalloc.start()
+    try:
+        provider.download(job.responses_file, destination)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    size = destination.stat().st_size
+    assert size > 3 * 1024 * 1024
+    assert peak < size / 2  # chunks went to disk; the body was never held whole
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".part")] == []
+    assert sum(1 for _ in read_results_file(destination)) == len(prompts)
+
+
+def test_cancel(tmp_path: Path) -> None:
+    with EmulatorServer(tmp_path, job_seconds=60, api_key=API_KEY) as slow_emulator:
+        with Provider(api_key=API_KEY, base_url=slow_emulator.base_url, retry=FAST_RETRY) as provider:
+            created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "to-cancel")
+            provider.cancel(created.name)
+            job = wait_until_done(provider, created.name)
+    assert job.state == "cancelled"
+
+
+def test_delete_tolerates_a_job_that_is_already_gone(provider: Provider) -> None:
+    created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "to-delete")
+    provider.delete(created.name)
+    provider.delete(created.name)
+    assert not provider.jobs_named("to-delete")
+
+
+def test_count_tokens(provider: Provider) -> None:
+    assert provider.count_tokens(MODEL, "How many tokens is this?") > 0
+
+
+def test_wrong_api_key_is_a_clear_permanent_error(emulator: EmulatorServer) -> None:
+    with Provider(api_key="not-the-key", base_url=emulator.base_url, retry=FAST_RETRY) as provider:
+        with pytest.raises(errors.ClientError) as raised:
+            provider.get("batches/anything")
+    assert is_auth_error(raised.value)
+    assert not is_retryable(raised.value)
+    assert "key" in str(raised.value).lower()
+
+
+def test_from_settings(emulator: EmulatorServer) -> None:
+    settings = SimpleNamespace(provider="emulator", api_version="v1beta", gemini_api_key=lambda: API_KEY)
+    with Provider.from_settings(settings, base_url=emulator.base_url) as provider:
+        assert provider.count_tokens(MODEL, "hello") > 0
+
+
+def test_from_settings_refuses_an_emulator_without_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_GEMINI_BASE_URL", raising=False)
+    settings = SimpleNamespace(provider="emulator", api_version="v1beta", gemini_api_key=lambda: API_KEY)
+    with pytest.raises(ProviderError, match="base URL"):
+        Provider.from_settings(settings)
+
+
+def test_sdk_private_request_api_is_unchanged() -> None:
+    # batchd reads batchStats through client._api_client.request (see provider._raw_json). If this fails,
+    # google-genai changed that private API: adapt _raw_json before anything else.
+    client = genai.Client(api_key=API_KEY, http_options={"base_url": "http://127.0.0.1:9"})
+    parameters = list(inspect.signature(client._api_client.request).parameters)
+    assert parameters == ["http_method", "path", "request_dict", "http_options"]
+
+
+# -- the wire request: file path vs inline path ------------------------------------------------------
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    """Records request bodies and answers every POST with a minimal batch Operation."""
+
+    bodies: list[dict[str, Any]]
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        answer = json.dumps({"name": "batches/recorded", "metadata": {"state": "BATCH_STATE_PENDING"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def recorder() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    bodies: list[dict[str, Any]] = []
+    handler = type("Handler", (_RecordingHandler,), {"bodies": bodies})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        None,
+        {"temperature": 0.9, "top_p": 0.5, "top_k": 3, "stop_sequences": ["\n\n"], "seed": 7},
+        {"system_instruction": None, "thinking_config": {"thinking_budget": 0}},
+        {"response_mime_type": "application/json", "response_json_schema": VERDICT_SCHEMA},
+        {"safety_settings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]},
+    ],
+)
+def test_jsonl_line_is_the_request_the_sdk_sends_inline(
+    recorder: tuple[str, list[dict[str, Any]]], overrides: dict[str, Any] | None
+) -> None:
+    base_url, bodies = recorder
+    encoder = RequestEncoder(TRANSLATE_DEFAULTS)
+    prompt = 'A "quoted" prompt — with ünïcödé, 日本語 and a\nnewline.'
+    with Provider(api_key=API_KEY, base_url=base_url) as provider:
+        provider.create_inline(MODEL, [encoder.inline("key-1", prompt, overrides)], "recorded")
+
+    [sent] = bodies[0]["batch"]["inputConfig"]["requests"]["requests"]
+    line = encoder.jsonl_line("key-1", prompt, overrides)
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert json.loads(line) == {"key": sent["metadata"]["key"], "request": sent["request"]}
+    assert sent["request"] == encoder.wire_request(prompt, overrides)
+
+
+# -- units --------------------------------------------------------------------------------------------
+
+
+def test_request_encoder_rejects_unknown_settings() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        RequestEncoder({"max_tokens": 5})
+    with pytest.raises(ValueError, match="response_schema"):
+        RequestEncoder().jsonl_line("k", "p", {"response_schema": {"type": "STRING"}})
+
+
+def test_request_encoder_override_of_none_removes_a_default() -> None:
+    encoder = RequestEncoder({"system_instruction": "Be brief.", "temperature": 0.5})
+    request = json.loads(encoder.jsonl_line("k", "p", {"system_instruction": None}))["request"]
+    assert "systemInstruction" not in request
+    assert request["generationConfig"] == {"temperature": 0.5}
+    assert encoder.inline("k", "p", {"system_instruction": None})["config"] == {"temperature": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("raw", "short"),
+    [
+        ("BATCH_STATE_PENDING", "pending"),
+        ("JOB_STATE_RUNNING", "running"),
+        ("BATCH_STATE_SUCCEEDED", "succeeded"),
+        ("JOB_STATE_FAILED", "failed"),
+        ("BATCH_STATE_CANCELLED", "cancelled"),
+        ("BATCH_STATE_EXPIRED", "expired"),
+        ("BATCH_STATE_UNSPECIFIED", "unknown"),
+        ("BATCH_STATE_SOMETHING_NEW", "unknown"),
+        (None, "unknown"),
+    ],
+)
+def test_short_state(raw: str | None, short: str) -> None:
+    assert short_state(raw) == short
+
+
+def test_remote_job_from_operation_reads_string_stats_and_fills_omitted_zeros() -> None:
+    job = RemoteJob.from_operation(
+        {
+            "name": "batches/abc",
+            "metadata": {
+                "displayName": "d",
+                "state": "BATCH_STATE_RUNNING",
+                "batchStats": {"requestCount": "3", "pendingRequestCount": "3"},
+                "createTime": "2025-12-10T18:27:01.407650525Z",
+            },
+        }
+    )
+    assert job.stats == {
+        "requestCount": 3,
+        "successfulRequestCount": 0,
+        "failedRequestCount": 0,
+        "pendingRequestCount": 3,
+    }
+    assert (job.state, job.raw_state, job.done) == ("running", "BATCH_STATE_RUNNING", False)
+    assert job.create_time is not None and job.create_time.year == 2025
+
+
+def test_results_file_with_malformed_lines_yields_error_records(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(
+        b'{"key": "a", "response": {"candidates": []}}\n'
+        b"\n"
+        b"{not json\n"
+        b'{"key": "b", "error": {"code": 3, "message": "bad"}}\n'
+        b'["a list"]\n'
+        b'{"key": "c"}\n'
+        b"\xff\xfe\n"
+    )
+    records = list(read_results_file(path))
+    assert [record["key"] for record in records] == ["a", None, "b", None, "c", None]
+    assert records[0]["response"] == {"candidates": []}
+    assert records[2]["error"] == {"code": 3, "message": "bad"}
+    assert all(record["error"]["status"] == "DATA_LOSS" for record in records if record["key"] in (None, "c"))
+
+
+def test_inline_results_without_metadata_have_no_key() -> None:
+    records = list(inline_results([{"response": {"candidates": []}}, {"metadata": {"key": "x"}, "error": {"code": 8}}]))
+    assert records == [{"key": None, "response": {"candidates": []}}, {"key": "x", "error": {"code": 8}}]
+
+
+def test_error_classification() -> None:
+    def api_error(code: int, message: str = "m") -> errors.APIError:
+        error_class = errors.ClientError if code < 500 else errors.ServerError
+        return error_class(code, {"error": {"code": code, "message": message}})
+
+    assert all(is_retryable(api_error(code)) for code in (408, 429, 500, 502, 503, 504))
+    assert not any(is_retryable(api_error(code)) for code in (400, 401, 403, 404))
+    assert is_retryable(TimeoutError()) and is_retryable(ConnectionResetError())
+    assert not is_retryable(ValueError("bad name"))
+    assert is_auth_error(api_error(400, "API key not valid. Please pass a valid API key."))
+    assert is_auth_error(api_error(403)) and not is_auth_error(api_error(404))
+
+
+def test_bad_batch_names_are_refused_before_any_request(provider: Provider) -> None:
+    with pytest.raises(ProviderError):
+        provider.get("batches/../files/x")
+    with pytest.raises(ProviderError):
+        provider.cancel("abc")
