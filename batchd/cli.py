@@ -90,7 +90,11 @@ def cancel(ctx: Context, name: str) -> None:
     from batchd.inbox import drop_bytes
 
     settings = ctx.settings()
-    drop_bytes(b"", settings.inbox / f"{name}.cancel")
+    try:
+        drop_bytes(b"", settings.inbox / f"{name}.cancel")
+    except FileExistsError:
+        click.echo(f"cancel of {name} was already requested")
+        return
     click.echo(f"cancel requested for {name}")
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from batchd import outbox
 from batchd.config import Settings
-from batchd.inbox import Inbox, claim
+from batchd.inbox import Inbox, claim, sha256_file
 from batchd.journal import Chunk, Job, Journal, REMOTE_LIVE_STATES, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_tasks
-from batchd.provider import Provider, RemoteJob, RequestEncoder, is_retryable
+from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_request, is_retryable
 from batchd.spool import ChunkLimits, JobSpool
 
 log = logging.getLogger("batchd")
@@ -159,7 +159,7 @@ class Daemon:
                 faults=list(s.emulator.faults),
             )
             self.emulator.start()
-            return Provider.from_settings(s, base_url=self.emulator.base_url, api_key="batchd-emulator")
+            return Provider(api_key="batchd-emulator", base_url=self.emulator.base_url, api_version=s.api_version)
         return Provider.from_settings(s)
 
     def _lock_state_dir(self) -> None:
@@ -258,7 +258,7 @@ class Daemon:
                 # it has stayed unchanged long enough.
                 if candidate.unchanged_for < self.settings.incomplete_grace_seconds:
                     continue
-                self._accept(path, None, error=error.as_dict())
+                self._accept(path, None, error=_manifest_error(error))
                 continue
             self._accept(path, manifest)
 
@@ -266,15 +266,13 @@ class Daemon:
         job_id = new_job_id()
         spool = self._spool(job_id)
         spool.root.mkdir(parents=True)
-        inputs = manifest.input_files() if manifest else []
         digest = hashlib.sha256(path.read_bytes())
-        for input_path in inputs:
+        for input_path in manifest.input_files() if manifest else []:
             # Inputs are linked (or copied) into the spool before the claim, so the claimed
             # job is self-contained; a crash here leaves only a spare copy.
-            relative = input_path.relative_to(path.parent)
-            _link_or_copy(input_path, spool.root / relative)
-            digest.update(b"\0" + str(relative).encode() + b"\0")
-            digest.update(outbox.file_sha256(spool.root / relative).encode())
+            copy = spool.inputs / input_path.name
+            _link_or_copy(input_path, copy)
+            digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
         sha256 = digest.hexdigest()
         self.journal.add_job(job_id, name=path.stem, source=path.name, sha256=sha256)
         if not claim(path, spool.manifest_path(path.name)):
@@ -299,12 +297,15 @@ class Daemon:
     def _finish_claim(self, job: Job) -> None:
         spool = self._spool(job.id)
         claimed = spool.manifest_path(job.source)
+        source = self.settings.inbox / job.source
+        # Whenever the inbox copy still exists the claim is (re)done: a crash between its link and
+        # its unlink leaves the same file in both places, and claim() finishes that move.
+        if source.exists():
+            claim(source, claimed)
         if not claimed.exists():
-            source = self.settings.inbox / job.source
-            if not source.exists() or not claim(source, claimed):
-                self.journal.update_job(job.id, state="done", outcome="rejected",
-                                        error={"message": f"{job.source} vanished during its claim"})
-                return
+            self.journal.update_job(job.id, state="done", outcome="rejected",
+                                    error={"message": f"{job.source} vanished during its claim"})
+            return
         self.journal.update_job(job.id, state="received")
 
     def _take_cancel_file(self, path: Path) -> None:
@@ -344,21 +345,21 @@ class Daemon:
 
     def _load_claimed(self, job: Job) -> Manifest:
         spool = self._spool(job.id)
-        return load_manifest(spool.manifest_path(job.source), root=spool.root, tasks=self.tasks)
+        return load_manifest(spool.manifest_path(job.source), input_dir=spool.inputs, tasks=self.tasks,
+                             check_inputs=False)
 
     def build(self, job: Job) -> None:
         spool = self._spool(job.id)
         try:
             manifest = self._load_claimed(job)
-            task = self.tasks[manifest.task]
-            model = manifest.model or self.settings.model
-            encoder = RequestEncoder(model, manifest.generation_config())
-            chunks = spool.build(task.requests(manifest.params, manifest.inputs()), encoder.encode, self._limits(),
-                                 check_stop=self.check_stop)
+            # Settings are merged per request by the manifest, so the encoder has no defaults.
+            encoder = RequestEncoder()
+            chunks = spool.build(manifest.requests(), lambda r: encoder.jsonl_line(r.key, r.prompt, r.config),
+                                 self._limits(), check_stop=self.check_stop)
         except Stopping:
             raise
         except ManifestError as error:
-            self.journal.update_job(job.id, error=error.as_dict())
+            self.journal.update_job(job.id, error=_manifest_error(error))
             return
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
             log.exception("job %s: building requests failed", job.id)
@@ -411,7 +412,7 @@ class Daemon:
 
         def create() -> RemoteJob:
             if chunk.mode == "inline":
-                requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
+                requests = [inline_request(line) for line in spool.read_requests(chunk.idx)]
                 return provider.create_inline(model, requests, chunk.display_name)
             file_name = provider.upload_jsonl(spool.requests_path(chunk.idx), chunk.display_name)
             return provider.create_from_file(model, file_name, chunk.display_name)
@@ -702,6 +703,13 @@ def _keyed_inline_results(items: list[dict], keys) -> list[dict]:
             line["response"] = item.get("response")
         lines.append(line)
     return lines
+
+
+def _manifest_error(error: ManifestError) -> dict:
+    """A rejection as summary.json shows it: the file, the field and the line, where known."""
+    details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
+               "column": error.column, "reason": error.message}
+    return {name: value for name, value in details.items() if value is not None}
 
 
 def _error_dict(error: Exception) -> dict:

@@ -35,11 +35,22 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from batchd.outbox import durable_move
+from batchd.outbox import durable_move, numbered_paths, write_temp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "Candidate", "DEFAULT_SUFFIXES", "Inbox", "Irregular", "claim", "is_temp_name", "sha256_file"]
+__all__ = [
+    "BACKENDS",
+    "Candidate",
+    "DEFAULT_SUFFIXES",
+    "Inbox",
+    "Irregular",
+    "claim",
+    "drop_bytes",
+    "drop_file",
+    "is_temp_name",
+    "sha256_file",
+]
 
 DEFAULT_SUFFIXES = (".toml", ".json", ".cancel")
 BACKENDS = ("auto", "inotify", "polling")
@@ -238,7 +249,8 @@ class Inbox:
         """Sleep until a filesystem event hint, a rescan or settle check is due, or ``timeout``.
 
         Returns True if woken by an event hint. Clears the hint either way: the scan that
-        follows covers everything that happened before this returned.
+        follows covers everything that happened before this returned. Before the first
+        :meth:`scan` a rescan is already due, so it returns at once.
         """
         now = time.monotonic()
         deadline = min(now + timeout, self._next_rescan)
@@ -345,6 +357,43 @@ def claim(candidate_path: Path, dest: Path) -> bool:
             raise  # the source is still there: it is dest's directory that is missing
         return False
     return True
+
+
+def drop_file(src: Path, inbox: Path) -> Path:
+    """Deliver a copy of ``src`` into ``inbox`` as a careful producer should, and return its path.
+
+    The producer side of Maildir's protocol: the copy is written and fsynced under a dotfile
+    temp name that scans ignore, then linked to its final name, so it is never seen half
+    written. An existing file is never replaced: if ``NAME.toml`` is still waiting, the copy
+    becomes ``NAME-2.toml`` (then ``-3``, …).
+    """
+    src, inbox = Path(src), Path(inbox)
+    with open(src, "rb") as source:
+        tmp = write_temp(inbox / src.name, source)
+    try:
+        for dest in numbered_paths(inbox, src.stem, src.suffix):
+            try:
+                durable_move(tmp, dest)
+            except FileExistsError:
+                continue
+            return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise AssertionError("unreachable: numbered_paths never ends")
+
+
+def drop_bytes(data: bytes, path: Path) -> Path:
+    """Deliver ``data`` as exactly ``path`` (e.g. ``inbox/NAME.cancel``), the same careful way.
+
+    Raises ``FileExistsError`` if ``path`` exists: that file is left as it is.
+    """
+    path = Path(path)
+    tmp = write_temp(path, data)
+    try:
+        durable_move(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def sha256_file(path: Path) -> str:

@@ -20,17 +20,15 @@ All of this relies on the state dir and the outbox sharing one filesystem;
 from __future__ import annotations
 
 import errno
+import itertools
 import json
-import logging
 import os
 import secrets
 import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterable, Iterator
-
-log = logging.getLogger(__name__)
+from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator
 
 __all__ = [
     "CrossDeviceError",
@@ -44,7 +42,11 @@ __all__ = [
     "durable_move",
     "fsync_dir",
     "is_published",
+    "numbered_paths",
+    "write_temp",
 ]
+
+_COPY_BLOCK = 1 << 20
 
 #: ``os.link`` errors that mean "this filesystem or this file cannot be hard-linked", after
 #: which a move falls back to check-then-rename. EPERM is also what Linux returns under
@@ -94,22 +96,39 @@ def _temp_name(final_name: str) -> str:
     return f".{final_name}.{secrets.token_hex(4)}.tmp"
 
 
-def atomic_write(path: Path | str, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` (str is encoded as UTF-8) so readers see old or new, never a mix.
+def write_temp(path: Path | str, data: bytes | str | BinaryIO) -> Path:
+    """Write ``data`` to a new fsynced dotfile temp beside ``path`` and return the temp's path.
 
-    Temp file in the same directory → write → fsync → ``os.replace`` → fsync the directory.
+    ``data`` is bytes, str (encoded as UTF-8) or a binary stream (copied in 1 MiB blocks).
+    The caller renames the temp into place, or deletes it.
     """
     path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.with_name(_temp_name(path.name))
     # os.open rather than tempfile.mkstemp: mkstemp forces mode 0600, and files meant for
     # other users must get the usual umask-derived permissions.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            if isinstance(data, (bytes, str)):
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            else:
+                shutil.copyfileobj(data, fh, _COPY_BLOCK)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path | str, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` (str is encoded as UTF-8) so readers see old or new, never a mix.
+
+    Temp file in the same directory → write → fsync → ``os.replace`` → fsync the directory.
+    """
+    path = Path(path)
+    tmp = write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -179,7 +198,8 @@ def durable_move(src: Path | str, dst: Path | str) -> None:
     src, dst = Path(src), Path(dst)
     src_stat = os.lstat(src)
     try:
-        linked = not stat.S_ISDIR(src_stat.st_mode) and _link_no_replace(src, dst, src_stat)
+        # Directories cannot be hard-linked; they are renamed into an absent name.
+        linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
         if linked:
             fsync_dir(dst.parent)
             try:
@@ -217,12 +237,14 @@ def choose_folder(outbox: Path, name: str, taken: Callable[[Path], bool] | None 
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"not a usable folder name: {name!r}")
     is_taken = taken if taken is not None else os.path.lexists
-    candidate = outbox / name
-    suffix = 2
-    while is_taken(candidate):
-        candidate = outbox / f"{name}-{suffix}"
-        suffix += 1
-    return candidate
+    return next(path for path in numbered_paths(outbox, name) if not is_taken(path))
+
+
+def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:
+    """``directory/STEM+SUFFIX``, then ``STEM-2+SUFFIX``, ``STEM-3+SUFFIX``, … without end."""
+    yield directory / f"{stem}{suffix}"
+    for number in itertools.count(2):
+        yield directory / f"{stem}-{number}{suffix}"
 
 
 def is_published(dest: Path, job_id: str, *, marker_file: str = "summary.json", key: str = "job_id") -> bool:
@@ -243,14 +265,20 @@ class JobFolder:
     """One job's outbox folder, written in ``staging_dir`` and published whole.
 
     ``staging_dir`` must be on the outbox's filesystem (the state dir is); anything already
-    there, such as the remains of a build killed before publishing, is removed. Files are
+    there, such as the remains of a build killed before publishing, is removed; with
+    ``create=False`` an existing staging folder, finished before a crash, is adopted as it
+    is so that it can be published. Files are
     written directly in staging and fsynced when closed; :meth:`publish` renames the folder
     into the outbox, so readers see the complete folder or none at all.
     """
 
-    def __init__(self, staging_dir: Path):
+    def __init__(self, staging_dir: Path, *, create: bool = True):
         self.staging_dir = Path(staging_dir)
         self.published_to: Path | None = None
+        if not create:
+            if not self.staging_dir.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "no staged job folder", str(self.staging_dir))
+            return
         if self.staging_dir.exists():
             shutil.rmtree(self.staging_dir)
         self.staging_dir.mkdir(parents=True)
@@ -291,7 +319,7 @@ class JobFolder:
     def copy_in(self, name: str, src_path: Path) -> None:
         """Copy ``src_path`` into the folder as ``name`` (a copy, so the source may be archived later)."""
         with open(src_path, "rb") as src, self.open(name, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+            shutil.copyfileobj(src, dst, _COPY_BLOCK)
 
     def publish(self, dest: Path) -> Path:
         """Rename the finished folder to ``dest`` (which must not exist) and return ``dest``.

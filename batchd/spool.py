@@ -2,7 +2,8 @@
 
 Layout of ``state_dir/jobs/<job id>/``::
 
-    <NAME>.toml | <NAME>.json      the claimed manifest (plus the input files it names)
+    <NAME>.toml | <NAME>.json      the claimed manifest
+    inputs/                        copies of the input files it names
     index.jsonl                    one line per request, in request order: [key, chunk, wants_json, input]
     requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
     results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"})
@@ -53,6 +54,11 @@ class JobSpool:
         return self.root / "index.jsonl"
 
     @property
+    def inputs(self) -> Path:
+        """Copies of the input files the manifest names."""
+        return self.root / "inputs"
+
+    @property
     def staging(self) -> Path:
         return self.root / "outbox"
 
@@ -74,7 +80,7 @@ class JobSpool:
               limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> list[BuiltChunk]:
         """Write the job's requests into chunk files split by count and bytes, plus the index.
 
-        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, no newline).
+        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, with its newline).
         Rebuilding overwrites whatever a crashed earlier build left behind.
         """
         chunks: list[BuiltChunk] = []
@@ -83,7 +89,7 @@ class JobSpool:
         dumps = json.dumps
         with open(self.index_path, "w", encoding="utf-8") as index:
             for n, request in enumerate(requests):
-                line = encode(request) + "\n"
+                line = encode(request)
                 size = len(line.encode("utf-8")) if not line.isascii() else len(line)
                 if current is None or current.request_count >= limits.max_requests or (
                     current.request_count and current.byte_size + size > limits.max_bytes

@@ -22,6 +22,8 @@ from batchd.outbox import (
     choose_folder,
     durable_move,
     is_published,
+    numbered_paths,
+    write_temp,
 )
 
 
@@ -57,6 +59,15 @@ def test_atomic_write_failure_keeps_old_content_and_cleans_up(tmp_path, monkeypa
         atomic_write(target, "new")
     assert target.read_text() == "old"
     assert names(tmp_path) == ["state.json"]
+
+
+def test_write_temp_is_a_hidden_sibling(tmp_path):
+    source = io.BytesIO(b"streamed" * 1000)
+    tmp = write_temp(tmp_path / "final.toml", source)
+    assert tmp.parent == tmp_path
+    assert tmp.name.startswith(".final.toml.") and tmp.name.endswith(".tmp")
+    assert tmp.read_bytes() == b"streamed" * 1000
+    assert not (tmp_path / "final.toml").exists()
 
 
 def test_atomic_write_json_format(tmp_path):
@@ -175,6 +186,11 @@ def test_choose_folder_adds_a_suffix_when_taken(tmp_path):
     assert choose_folder(tmp_path, "report") == tmp_path / "report-3"
 
 
+def test_numbered_paths(tmp_path):
+    paths = numbered_paths(tmp_path, "job", ".toml")
+    assert [next(paths).name for _ in range(3)] == ["job.toml", "job-2.toml", "job-3.toml"]
+
+
 def test_choose_folder_honours_a_custom_taken(tmp_path):
     reserved = {tmp_path / "report", tmp_path / "report-2"}
     assert choose_folder(tmp_path, "report", taken=reserved.__contains__) == tmp_path / "report-3"
@@ -250,6 +266,21 @@ def test_job_folder_crash_before_publish_leaves_the_outbox_untouched(dirs):
     dest = folder.publish(out / "report")
     assert names(out) == ["report"]
     assert is_published(dest, "j1")
+
+
+def test_job_folder_staged_before_a_crash_is_published_as_is(dirs):
+    state, out = dirs
+    staging = state / "staging" / "j1"
+    fill(JobFolder(staging))  # finished, then killed before publishing
+    dest = JobFolder(staging, create=False).publish(out / "report")
+    assert is_published(dest, "j1")
+    assert (dest / "notes.txt").read_text() == "line 1\nline 2\n"
+
+
+def test_job_folder_adopting_a_missing_staging_folder_fails(dirs):
+    state, _out = dirs
+    with pytest.raises(FileNotFoundError):
+        JobFolder(state / "staging" / "nothing", create=False)
 
 
 def test_job_folder_publish_refuses_an_existing_dest(dirs):

@@ -9,9 +9,11 @@ implement the three methods of :class:`Responder`.
 Rules of the emulated answers (documented in docs/emulator.md):
 
 * **Deterministic.** The answer is a pure function of the model name and the request: a
-  BLAKE2b digest of the model name, the system instruction and every part of ``contents`` seeds
-  all choices (never Python's randomized ``hash()``). The same request gives byte-identical output
-  in every process and on every run.
+  BLAKE2b digest of the model name, the system instruction, every part of ``contents`` and the
+  sampling settings (``temperature``, ``topP``, ``topK``, ``seed``, penalties) seeds all choices
+  (never Python's randomized ``hash()``). The same request gives byte-identical output in every
+  process and on every run; another ``seed`` or temperature gives another answer.
+  ``maxOutputTokens`` and ``stopSequences`` only cut that same answer.
 * **Marked.** Plain-text answers start with ``[emulated <model>] `` (see :data:`MARKER_TEMPLATE`),
   then echo the prompt (its first and last words) and add a few filler words picked from the
   digest. In JSON mode every free string starts with ``emulated``. Every ``responseId`` starts with
@@ -28,6 +30,8 @@ Rules of the emulated answers (documented in docs/emulator.md):
   the JSON text cut, which leaves invalid JSON, as the real service does.
 * **stopSequences.** The text is cut before the first occurrence of any stop sequence
   (``finishReason: STOP``).
+* **candidateCount** (1..8) gives that many different candidates, ``index`` 0..n-1;
+  ``candidatesTokenCount`` is their sum. Thinking is not emulated (no ``thoughtsTokenCount``).
 * **JSON mode** (``responseMimeType: application/json``): with ``responseSchema`` (OpenAPI subset,
   upper- or lower-case types, ``nullable``, ``propertyOrdering``) or ``responseJsonSchema`` (JSON
   Schema) the text is compact JSON valid against the schema; without a schema it is
@@ -72,7 +76,18 @@ NON_TEXT_PART_TOKENS = 258
 MAX_EMBEDDING_DIMENSION = 3072
 
 _M64 = 0xFFFFFFFFFFFFFFFF
+# Prebuilt encoders: json.dumps with non-default arguments builds a new encoder per call.
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+_sorted_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 _SEP = b"\x1f"
+# generationConfig fields that change *which* answer is sampled; other fields (maxOutputTokens,
+# stopSequences, schemas...) only shape or cut the same answer.
+_SAMPLING_KEYS = {
+    "temperature": "temperature", "topP": "topP", "top_p": "topP", "topK": "topK",
+    "top_k": "topK", "seed": "seed", "presencePenalty": "presencePenalty",
+    "presence_penalty": "presencePenalty", "frequencyPenalty": "frequencyPenalty",
+    "frequency_penalty": "frequencyPenalty",
+}
 # Filler vocabulary: 64 words, so one digest byte picks one word with `& 63`.
 _WORDS = (
     "amber", "harbor", "signal", "meadow", "copper", "lantern", "river", "quartz",
@@ -111,10 +126,15 @@ class Responder(Protocol):
 def load_responder(spec: str) -> Responder:
     """Load a responder from ``"package.module:attribute"``; a class or factory is called."""
     module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"responder spec must look like 'package.module:attribute', got {spec!r}")
     target: Any = importlib.import_module(module_name)
-    for name in (attribute or "Responder").split("."):
+    for name in attribute.split("."):
         target = getattr(target, name)
-    responder = target() if callable(target) and not isinstance(target, Responder) else target
+    # A class (which itself looks like a Responder) or a factory is called to get the instance.
+    if isinstance(target, type) or (callable(target) and not isinstance(target, Responder)):
+        target = target()
+    responder = target
     if not isinstance(responder, Responder):
         raise TypeError(f"{spec} is not a Responder (needs generate, embed and count_tokens)")
     return responder
@@ -125,24 +145,33 @@ def load_responder(spec: str) -> Responder:
 
 
 class _Rng:
-    """SplitMix64: tiny, fast and identical everywhere (random.Random seeding costs more)."""
+    """64-bit LCG (Knuth's MMIX constants) using the high bits: one multiplication per draw,
+    identical on every platform, and far cheaper to seed than random.Random. Plenty for
+    picking enum values and filler words; this is not a statistical generator."""
 
-    __slots__ = ("state",)
+    __slots__ = ("state", "active")
 
     def __init__(self, seed: int) -> None:
         self.state = seed & _M64
+        self.active: dict[str, int] = {}  # $ref -> current recursion level (see _ref)
 
     def next(self) -> int:
-        self.state = z = (self.state + 0x9E3779B97F4A7C15) & _M64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-        return z ^ (z >> 31)
+        """32 random bits."""
+        self.state = state = (self.state * 6364136223846793005 + 1442695040888963407) & _M64
+        return state >> 32
 
     def below(self, n: int) -> int:
-        return self.next() % n if n > 0 else 0
+        """An int in [0, n)."""
+        if n <= 1:
+            return 0
+        self.state = state = (self.state * 6364136223846793005 + 1442695040888963407) & _M64
+        if n <= 0xFFFFFFFF:
+            return ((state >> 32) * n) >> 32
+        return state % n
 
     def word(self) -> str:
-        return _WORDS[self.next() & 63]
+        self.state = state = (self.state * 6364136223846793005 + 1442695040888963407) & _M64
+        return _WORDS[state >> 58]
 
 
 def _get(mapping: dict, camel: str, snake: str, default: Any = None) -> Any:
@@ -205,7 +234,7 @@ def _iter_parts(content: Any) -> list:
 def _part_hash_bytes(part: Any) -> bytes:
     """Stable bytes for a non-text part (only these, rare, pay for sorted JSON)."""
     try:
-        return json.dumps(part, sort_keys=True, separators=(",", ":"), default=str).encode()
+        return _sorted_json(part).encode("utf-8", "surrogatepass")
     except (TypeError, ValueError):
         return repr(part).encode("utf-8", "surrogatepass")
 
@@ -226,10 +255,11 @@ def _echo(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 # JSON instances from schemas
 
-# A generator takes (rng, minimal, depth) and returns one JSON value.
-_Gen = Callable[[_Rng, bool, int], Any]
-_MINIMAL_DEPTH = 6  # beyond this nesting depth only required properties / minItems are emitted
-_MAX_DEPTH = 32  # hard stop for (unsatisfiable) infinitely recursive schemas
+# A generator takes (rng, minimal) and returns one JSON value; `minimal` asks for the smallest
+# instance (required properties only, minItems, short strings).
+_Gen = Callable[[_Rng, bool], Any]
+_RECURSION_LEVELS = 2  # a $ref nested this deep inside itself emits only its minimal instance
+_MAX_RECURSION = 16  # hard stop for schemas that require infinite recursion
 
 
 class _SchemaCompiler:
@@ -243,7 +273,7 @@ class _SchemaCompiler:
     def compile(self, schema: Any, label: str = "") -> _Gen:
         if schema is True or schema is None or not isinstance(schema, dict):
             if schema is False:
-                return lambda rng, minimal, depth: None
+                return lambda rng, minimal: None
             return self._string({}, label)
         ref = schema.get("$ref")
         if ref is None:
@@ -254,11 +284,11 @@ class _SchemaCompiler:
             return self._ref(ref, label)
         if "const" in schema:
             const = schema["const"]
-            return lambda rng, minimal, depth: const
+            return lambda rng, minimal: const
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:
-            choices = tuple(enum)
-            return lambda rng, minimal, depth: choices[rng.below(len(choices))]
+            choices = self._typed_enum(enum, schema.get("type"))
+            return lambda rng, minimal: choices[rng.below(len(choices))]
         all_of = _get(schema, "allOf", "all_of")
         if isinstance(all_of, list) and all_of:
             return self.compile(self._merge_all_of(schema, all_of), label)
@@ -267,6 +297,28 @@ class _SchemaCompiler:
             if isinstance(branches, list) and branches:
                 return self._any_of(schema, branches, camel, snake, label)
         return self._typed(schema, label)
+
+    @staticmethod
+    def _typed_enum(enum: list, raw_type: Any) -> tuple:
+        """Enum values that fit the declared type; numeric strings become numbers for
+        INTEGER/NUMBER (the OpenAPI subset only has string enums)."""
+        type_name = raw_type.lower() if isinstance(raw_type, str) else None
+        if type_name in ("integer", "number"):
+            numbers = []
+            for value in enum:
+                try:
+                    number = float(value) if not isinstance(value, bool) else None
+                except (TypeError, ValueError):
+                    number = None
+                if number is not None and (type_name == "number" or number.is_integer()):
+                    numbers.append(int(number) if number.is_integer() else number)
+            if numbers:
+                return tuple(numbers)
+        elif type_name == "string":
+            strings = [v for v in enum if isinstance(v, str)]
+            if strings:
+                return tuple(strings)
+        return tuple(enum)
 
     def _typed(self, schema: dict, label: str) -> _Gen:
         raw_type = schema.get("type")
@@ -281,12 +333,12 @@ class _SchemaCompiler:
             types = [self._infer_type(schema)]
         concrete = [t for t in types if t != "null"]
         if not concrete:
-            return lambda rng, minimal, depth: None
+            return lambda rng, minimal: None
         gens = [self._of_type(t, schema, label) for t in concrete]
         if len(gens) == 1:
             return gens[0]
         chooser = tuple(gens)
-        return lambda rng, minimal, depth: chooser[rng.below(len(chooser))](rng, minimal, depth)
+        return lambda rng, minimal: chooser[rng.below(len(chooser))](rng, minimal)
 
     @staticmethod
     def _infer_type(schema: dict) -> str:
@@ -312,24 +364,32 @@ class _SchemaCompiler:
         if type_name == "number":
             return self._number(schema)
         if type_name == "boolean":
-            return lambda rng, minimal, depth: bool(rng.next() & 1)
+            return lambda rng, minimal: bool(rng.next() & 1)
         if type_name == "null":
-            return lambda rng, minimal, depth: None
+            return lambda rng, minimal: None
         return self._string(schema, label)
 
     # -- combinators
     def _ref(self, ref: str, label: str) -> _Gen:
         refs = self.refs
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> Any:
+        def gen(rng: _Rng, minimal: bool) -> Any:
             target = refs.get(ref)
             if target is None:
                 # Placeholder first so that a recursive schema compiles in finite time.
-                refs[ref] = lambda r, m, d: None
+                refs[ref] = lambda r, m: None
                 target = refs[ref] = self.compile(self._resolve(ref), label)
-            if depth > _MAX_DEPTH:
-                return None
-            return target(rng, minimal or depth > _MINIMAL_DEPTH, depth + 1)
+            # Recursion is tracked per generation (on the rng, so plans stay thread-safe):
+            # nested _RECURSION_LEVELS deep in itself, a ref emits its minimal instance.
+            active = rng.active
+            level = active.get(ref, 0)
+            if level > _MAX_RECURSION:
+                return None  # only reachable when the schema requires infinite recursion
+            active[ref] = level + 1
+            try:
+                return target(rng, minimal or level >= _RECURSION_LEVELS)
+            finally:
+                active[ref] = level
 
         return gen
 
@@ -379,14 +439,16 @@ class _SchemaCompiler:
         gens = tuple(self.compile(b, label) for b in (useful or merged))
         if len(gens) == 1:
             return gens[0]
-        return lambda rng, minimal, depth: gens[rng.below(len(gens))](rng, minimal, depth)
+        return lambda rng, minimal: gens[rng.below(len(gens))](rng, minimal)
 
     # -- containers
     def _object(self, schema: dict, label: str) -> _Gen:
         properties = schema.get("properties")
         properties = properties if isinstance(properties, dict) else {}
-        required = [r for r in (schema.get("required") or []) if isinstance(r, str)]
-        ordering = _get(schema, "propertyOrdering", "property_ordering") or []
+        required = schema.get("required")
+        required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
+        ordering = _get(schema, "propertyOrdering", "property_ordering")
+        ordering = ordering if isinstance(ordering, list) else []
         names = [n for n in ordering if isinstance(n, str) and n in properties]
         names += [n for n in properties if n not in names]
         names += [n for n in required if n not in names]
@@ -402,18 +464,29 @@ class _SchemaCompiler:
         may_add = extra is not False and not schema.get("propertyNames")
         frozen = tuple(fields)
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> dict:
-            minimal = minimal or depth > _MINIMAL_DEPTH
+        # maxProperties: required properties always, optional ones only within the budget.
+        optional_budget = None if max_props is None else max(max_props - len(required_set), 0)
+
+        def gen(rng: _Rng, minimal: bool) -> dict:
             out: dict = {}
+            optional_left = optional_budget
             for name, is_required, field_gen in frozen:
-                if is_required or not minimal:
-                    if max_props is not None and len(out) >= max_props and not is_required:
-                        continue
-                    out[name] = field_gen(rng, minimal, depth + 1)
-            if may_add:
+                if is_required:
+                    out[name] = field_gen(rng, minimal)
+                elif not minimal and (optional_left is None or optional_left > 0):
+                    out[name] = field_gen(rng, minimal)
+                    if optional_left is not None:
+                        optional_left -= 1
+            if len(out) < min_props:
+                # minProperties: listed optional properties first, then invented ones.
+                for name, _, field_gen in frozen:
+                    if len(out) >= min_props:
+                        break
+                    if name not in out:
+                        out[name] = field_gen(rng, minimal)
                 index = 1
-                while len(out) < min_props:
-                    out[f"emulated_{index}"] = extra_gen(rng, minimal, depth + 1)
+                while may_add and len(out) < min_props:
+                    out.setdefault(f"emulated_{index}", extra_gen(rng, minimal))
                     index += 1
             return out
 
@@ -433,21 +506,20 @@ class _SchemaCompiler:
             max_items = len(prefix_gens) if max_items is None else min(max_items, len(prefix_gens))
         unique = bool(_get(schema, "uniqueItems", "unique_items"))
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> list:
-            minimal = minimal or depth > _MINIMAL_DEPTH
+        def gen(rng: _Rng, minimal: bool) -> list:
             count = min_items if minimal else max(min_items, len(prefix_gens), 1 + rng.below(3))
             if max_items is not None:
                 count = min(count, max_items)
             out: list = []
             seen: set[str] = set()
             attempts = 0
-            while len(out) < count and attempts < count * 8 + 8:
+            while len(out) < count and attempts < count * 16 + 16:
                 attempts += 1
                 index = len(out)
                 source = prefix_gens[index] if index < len(prefix_gens) else item_gen
-                value = source(rng, minimal, depth + 1)
+                value = source(rng, minimal)
                 if unique:
-                    key = json.dumps(value, sort_keys=True)
+                    key = _sorted_json(value)
                     if key in seen:
                         continue
                     seen.add(key)
@@ -470,7 +542,7 @@ class _SchemaCompiler:
             hi = lo + 100.0
         low, high = lo, hi
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> float:
+        def gen(rng: _Rng, minimal: bool) -> float:
             value = round(low + (high - low) * ((1 + rng.below(999)) / 1000), 3)
             if value < low or value > high or (lo_open and value == low) or (hi_open and value == high):
                 value = (low + high) / 2
@@ -493,7 +565,7 @@ class _SchemaCompiler:
             high = low + 100
         span = max(high - low + 1, 1)
         base = low
-        return lambda rng, minimal, depth: base + rng.below(span)
+        return lambda rng, minimal: base + rng.below(span)
 
     @staticmethod
     def _multiples(lo, hi, lo_open, hi_open, step, integer) -> _Gen:
@@ -507,12 +579,19 @@ class _SchemaCompiler:
             first = last - 100
         span = max(last - first + 1, 1)
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> float | int:
-            k = first + rng.below(span)
-            value = k * step
-            if integer or float(value).is_integer():
-                return int(round(value))
-            return value
+        def gen(rng: _Rng, minimal: bool) -> float | int:
+            # Float steps (0.1) make k*step inexact; validators test `value / step` for being
+            # whole, so try a few multiples until one passes that test (integers usually do).
+            value: float = first * step
+            for attempt in range(8 + 200):
+                # After 8 random tries, walk the multiples in order (only odd steps get here).
+                k = first + (rng.below(span) if attempt < 8 else attempt - 8)
+                value = round(k * step, 12)
+                if integer and not float(value).is_integer():
+                    continue
+                if (value / step).is_integer():
+                    return int(value) if integer else value
+            return int(round(value)) if integer else value
 
         return gen
 
@@ -543,16 +622,12 @@ class _SchemaCompiler:
             return _pattern_gen(pattern, min_len, max_len, label)
         format_gen = _FORMATS.get(fmt)
         if format_gen is not None:
-            return lambda rng, minimal, depth: format_gen(rng)
+            return lambda rng, minimal: format_gen(rng)
         head = f"emulated {label}" if label else "emulated"
 
-        def gen(rng: _Rng, minimal: bool, depth: int) -> str:
+        def gen(rng: _Rng, minimal: bool) -> str:
             text = "emulated" if minimal else f"{head} {rng.word()} {rng.word()}"
-            while len(text) < min_len:
-                text += " " + rng.word()
-            if max_len is not None and len(text) > max_len:
-                text = text[:max_len]
-            return text
+            return _sized(text, rng, min_len, max_len)
 
         return gen
 
@@ -578,7 +653,8 @@ _FORMATS: dict[str, Callable[[_Rng], str]] = {
     "uri-reference": lambda rng: f"https://example.com/emulated/{rng.word()}",
     "iri-reference": lambda rng: f"https://example.com/emulated/{rng.word()}",
     "uri-template": lambda rng: "https://example.com/emulated/{id}",
-    "uuid": lambda rng: str(uuid.UUID(int=(rng.next() << 64) | rng.next(), version=4)),
+    "uuid": lambda rng: str(uuid.UUID(int=(rng.next() << 96) | (rng.next() << 64)
+                                      | (rng.next() << 32) | rng.next(), version=4)),
     "hostname": lambda rng: f"emulated-{rng.word()}.example.com",
     "idn-hostname": lambda rng: f"emulated-{rng.word()}.example.com",
     "ipv4": lambda rng: f"192.0.2.{1 + rng.below(254)}",
@@ -605,24 +681,38 @@ def _pattern_gen(pattern: str, min_len: int, max_len: int | None, label: str) ->
 
     head = f"emulated {label}" if label else "emulated"
 
-    def gen(rng: _Rng, minimal: bool, depth: int) -> str:
-        plain = "emulated" if minimal else f"{head} {rng.word()}"
+    def gen(rng: _Rng, minimal: bool) -> str:
+        plain = _sized("emulated" if minimal else f"{head} {rng.word()}", rng, min_len, max_len)
         if fits(plain):
             return plain
         if parsed is not None:
-            for _ in range(8):
+            for attempt in range(8):
+                # Later attempts allow longer repeats, for patterns that must reach minLength.
+                stretch = 3 if attempt < 4 else max(3, min_len)
                 try:
-                    text = _from_regex(parsed, rng, minimal, {})
+                    text = _from_regex(parsed, rng, minimal and attempt < 4, {}, stretch)
                 except Exception:  # noqa: BLE001 - unsupported regex feature
                     break
                 if fits(text):
                     return text
+                padded = _sized(text, rng, min_len, max_len)  # unanchored patterns allow padding
+                if fits(padded):
+                    return padded
         return plain
 
     return gen
 
 
-def _from_regex(parsed: Any, rng: _Rng, minimal: bool, groups: dict) -> str:
+def _sized(text: str, rng: _Rng, min_len: int, max_len: int | None) -> str:
+    """Pad with filler words up to minLength, cut to maxLength."""
+    while len(text) < min_len:
+        text += " " + rng.word()
+    if max_len is not None and len(text) > max_len:
+        text = text[:max_len]
+    return text
+
+
+def _from_regex(parsed: Any, rng: _Rng, minimal: bool, groups: dict, stretch: int = 3) -> str:
     """An instance of a parsed regex (literals, classes, repeats, groups, alternation)."""
     c = _re_constants
     out: list[str] = []
@@ -637,20 +727,20 @@ def _from_regex(parsed: Any, rng: _Rng, minimal: bool, groups: dict) -> str:
             out.append(_from_class(av, rng, c))
         elif op in (c.MAX_REPEAT, c.MIN_REPEAT) or op is getattr(c, "POSSESSIVE_REPEAT", None):
             low, high, sub = av
-            high = min(high, low + 3)
+            high = min(high, low + stretch)
             count = low if minimal else low + rng.below(high - low + 1)
-            out.extend(_from_regex(sub, rng, minimal, groups) for _ in range(count))
+            out.extend(_from_regex(sub, rng, minimal, groups, stretch) for _ in range(count))
         elif op is c.SUBPATTERN:
             group, sub = av[0], av[-1]
-            text = _from_regex(sub, rng, minimal, groups)
+            text = _from_regex(sub, rng, minimal, groups, stretch)
             if group is not None:
                 groups[group] = text
             out.append(text)
         elif op is getattr(c, "ATOMIC_GROUP", None):
-            out.append(_from_regex(av, rng, minimal, groups))
+            out.append(_from_regex(av, rng, minimal, groups, stretch))
         elif op is c.BRANCH:
             alternatives = av[1]
-            out.append(_from_regex(alternatives[rng.below(len(alternatives))], rng, minimal, groups))
+            out.append(_from_regex(alternatives[rng.below(len(alternatives))], rng, minimal, groups, stretch))
         elif op is c.AT:
             continue
         elif op is c.GROUPREF:
@@ -731,7 +821,7 @@ class EmulatedResponder:
             system = request.get("system_instruction")
         if system is not None:
             for part in _iter_parts(system):
-                text = part.get("text") if isinstance(part, dict) else None
+                text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
                     prompt_tokens += (len(text) + 3) // 4
                     digest_input.update(b"\x1es")
@@ -743,7 +833,7 @@ class EmulatedResponder:
             from_user = not (isinstance(content, dict) and content.get("role") == "model")
             digest_input.update(b"\x1eu" if from_user else b"\x1em")
             for part in _iter_parts(content):
-                text = part.get("text") if isinstance(part, dict) else None
+                text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
                     prompt_tokens += (len(text) + 3) // 4
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
@@ -753,12 +843,21 @@ class EmulatedResponder:
                 else:
                     prompt_tokens += NON_TEXT_PART_TOKENS
                     digest_input.update(_part_hash_bytes(part))
+        # Sampling settings pick a different (still deterministic) answer, so that e.g. the
+        # same prompt with another `seed` or temperature varies, as with a real model. Sorted,
+        # so that key order (or camel vs snake case) does not matter.
+        sampling = sorted(f"{_SAMPLING_KEYS[key]}={value!r}" for key, value in config.items()
+                          if key in _SAMPLING_KEYS and value is not None)
+        if sampling:
+            digest_input.update("\x1e".join(sampling).encode())
         digest = digest_input.digest()
         name = _model_name(model)
 
         mime = _get(config, "responseMimeType", "response_mime_type") or "text/plain"
+        structured = isinstance(mime, str) and (mime.startswith("application/json")
+                                                or mime == "text/x.enum")
         schema = None
-        if mime != "text/plain":
+        if structured:
             schema = _get(config, "responseJsonSchema", "response_json_schema")
             if schema is None:
                 schema = _get(config, "responseSchema", "response_schema")
@@ -773,7 +872,7 @@ class EmulatedResponder:
         for index in range(max(1, min(count, 8))):
             seed = digest if index == 0 else hashlib.blake2b(
                 digest + bytes((index,)), digest_size=16).digest()
-            if mime == "text/plain" or not isinstance(mime, str):
+            if not structured:
                 text, finish = self._text(seed, name, last_text, max_tokens)
             else:
                 text, finish = self._structured(seed, name, last_text, mime, schema, max_tokens)
@@ -809,7 +908,7 @@ class EmulatedResponder:
         tokens = 0
         for item in _as_contents(content):
             for part in _iter_parts(item):
-                text = part.get("text") if isinstance(part, dict) else None
+                text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
                     tokens += (len(text) + 3) // 4
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
@@ -831,7 +930,7 @@ class EmulatedResponder:
         total = 0
         for content in _as_contents(contents):
             for part in _iter_parts(content):
-                text = part.get("text") if isinstance(part, dict) else None
+                text = part.get("text") if isinstance(part, dict) else part
                 total += (len(text) + 3) // 4 if isinstance(text, str) else NON_TEXT_PART_TOKENS
         return total
 
@@ -851,27 +950,28 @@ class EmulatedResponder:
                     max_tokens: int | None) -> tuple[str, str]:
         if schema is None:
             plain, _ = self._text(seed, name, prompt, None)
-            text = json.dumps({"emulated": True, "text": plain}, ensure_ascii=False,
-                              separators=(",", ":"))
+            text = _compact_json({"emulated": True, "text": plain})
             return _cut(text, max_tokens)
-        plan = self._plan(schema)
-        rng_seed = int.from_bytes(seed[:8], "little")
-        value = plan(_Rng(rng_seed), False, 0)
+        try:
+            plan = self._plan(schema)
+            rng_seed = int.from_bytes(seed[:8], "little")
+            value = plan(_Rng(rng_seed), False)
+        except Exception:  # noqa: BLE001 - a malformed schema must not take the emulator down
+            return self._structured(seed, name, prompt, mime, None, max_tokens)
         if mime == "text/x.enum":
-            text = value if isinstance(value, str) else json.dumps(value)
-        else:
-            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return _cut(value if isinstance(value, str) else _compact_json(value), max_tokens)
+        text = _compact_json(value)
         if max_tokens is not None and len(text) > max_tokens * 4:
             # Before cutting (which breaks the JSON), try the smallest valid instance.
-            small = plan(_Rng(rng_seed), True, 0)
-            text = json.dumps(small, ensure_ascii=False, separators=(",", ":"))
+            small = plan(_Rng(rng_seed), True)
+            text = _compact_json(small)
         return _cut(text, max_tokens)
 
     def _plan(self, schema: Any) -> _Gen:
-        try:
-            key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-        except (TypeError, ValueError):
-            key = repr(schema)
+        # repr() of JSON-parsed data is injective and ~2x cheaper than sorted JSON. It is also
+        # order-sensitive on purpose: key order decides the output's property order, so two
+        # schemas that differ only in order must not share a plan.
+        key = repr(schema)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.schema_cache_size:

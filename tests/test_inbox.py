@@ -1,0 +1,370 @@
+"""Tests of batchd.inbox: scanning and settling, claiming, and the watcher as a source of hints."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from watchdog.events import FileSystemEventHandler
+
+from batchd.inbox import Candidate, Inbox, claim, drop_bytes, drop_file, is_temp_name, sha256_file
+
+SETTLE = 0.2
+
+
+@pytest.fixture
+def inbox_dir(tmp_path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def inbox(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=SETTLE, rescan_seconds=3600)
+    yield inbox
+    inbox.stop()
+
+
+def scan_until(inbox: Inbox, predicate, limit: float = 15.0) -> list[Candidate]:
+    """Scan (sleeping in inbox.wait between scans) until ``predicate(candidates)`` holds."""
+    give_up = time.monotonic() + limit
+    while True:
+        candidates = inbox.scan()
+        if predicate(candidates):
+            return candidates
+        if time.monotonic() > give_up:
+            pytest.fail(f"inbox never reached the expected state; last scan: {candidates}")
+        inbox.wait(0.05)
+
+
+def names(candidates: list[Candidate]) -> list[str]:
+    return sorted(candidate.path.name for candidate in candidates)
+
+
+def backdate(path: Path, seconds: float = 3600) -> None:
+    old = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(old, old))
+
+
+# -- scan and settle ------------------------------------------------------------------------------
+
+
+def test_a_new_file_settles_after_settle_seconds(inbox, inbox_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text('task = "translate"\n')
+    assert inbox.scan() == []  # just seen: not settled yet
+
+    [candidate] = scan_until(inbox, bool)
+    assert candidate.path == manifest
+    assert candidate.size == manifest.stat().st_size
+    assert candidate.mtime_ns == manifest.stat().st_mtime_ns
+    assert candidate.unchanged_for >= SETTLE
+
+
+def test_an_old_mtime_alone_does_not_settle_a_file(inbox, inbox_dir):
+    # A file copied with its mtime preserved (cp -p) may still be growing: it must also be
+    # seen unchanged for settle_seconds.
+    manifest = inbox_dir / "job.json"
+    manifest.write_text("{}")
+    backdate(manifest)
+    assert inbox.scan() == []
+    assert names(scan_until(inbox, bool)) == ["job.json"]
+
+
+def test_a_file_still_growing_is_not_settled(inbox, inbox_dir):
+    manifest = inbox_dir / "job.toml"
+    with open(manifest, "w") as fh:
+        for i in range(8):
+            fh.write(f"line{i} = {i}\n")
+            fh.flush()
+            assert inbox.scan() == []
+            time.sleep(SETTLE / 4)
+    assert names(scan_until(inbox, bool)) == ["job.toml"]
+
+
+def test_an_mtime_ahead_of_the_clock_still_settles(inbox, inbox_dir):
+    # NFS servers stamp mtimes with their own clock; skew must not stall the inbox.
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x = 1\n")
+    future = time.time_ns() + 3600 * 10**9
+    os.utime(manifest, ns=(future, future))
+    assert names(scan_until(inbox, bool)) == ["job.toml"]
+
+
+def test_unchanged_for_grows_and_resets_on_change(inbox, inbox_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x = 1\n")
+    [first] = scan_until(inbox, bool)
+    [later] = scan_until(inbox, lambda found: found and found[0].unchanged_for > first.unchanged_for)
+    assert later.unchanged_for > first.unchanged_for
+
+    manifest.write_text("x = 22\n")
+    assert inbox.scan() == []
+
+
+def test_entries_that_disappear_are_forgotten(inbox, inbox_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x = 1\n")
+    backdate(manifest)
+    stat_before = manifest.stat()
+    scan_until(inbox, bool)
+
+    manifest.unlink()
+    assert inbox.scan() == []
+    # Same name, size and mtime again: it is a new arrival and must settle afresh.
+    manifest.write_text("x = 1\n")
+    os.utime(manifest, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    assert inbox.scan() == []
+
+
+def test_temp_names_dotfiles_and_other_suffixes_are_ignored(inbox, inbox_dir):
+    ignored = [".job.toml", "job.toml.tmp", "job.toml.part", "job.toml~", "job.toml.swp",
+               "#job.toml#", "items.csv", "README"]
+    for name in ignored + ["real.json", "stop.cancel", "UPPER.TOML"]:
+        (inbox_dir / name).write_text("x")
+    found = scan_until(inbox, lambda found: len(found) >= 3)
+    assert names(found) == ["UPPER.TOML", "real.json", "stop.cancel"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [(".hidden.toml", True), ("a.tmp", True), ("a.TMP", True), ("a.part", True), ("a~", True),
+     ("a.swp", True), ("#a#", True), ("#", False), ("a.toml", False), ("a#b.toml", False)],
+)
+def test_is_temp_name(name, expected):
+    assert is_temp_name(name) is expected
+
+
+def test_custom_suffixes(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=SETTLE, suffixes=(".yaml",))
+    (inbox_dir / "a.yaml").write_text("x")
+    (inbox_dir / "b.toml").write_text("x")
+    assert names(scan_until(inbox, bool)) == ["a.yaml"]
+
+
+def test_symlinks_directories_and_fifos_are_skipped_and_reported_once(inbox, inbox_dir, tmp_path):
+    target = tmp_path / "elsewhere.toml"
+    target.write_text("x")
+    (inbox_dir / "link.toml").symlink_to(target)
+    (inbox_dir / "folder.toml").mkdir()
+    os.mkfifo(inbox_dir / "pipe.toml")
+    (inbox_dir / "real.toml").write_text("x")
+
+    assert names(scan_until(inbox, bool)) == ["real.toml"]
+    irregular = {entry.path.name: entry.kind for entry in inbox.take_irregular()}
+    assert irregular == {"link.toml": "symlink", "folder.toml": "directory", "pipe.toml": "fifo"}
+
+    inbox.scan()
+    assert inbox.take_irregular() == []  # once while it stays
+
+    (inbox_dir / "pipe.toml").unlink()
+    inbox.scan()
+    os.mkfifo(inbox_dir / "pipe.toml")
+    inbox.scan()
+    assert [entry.path.name for entry in inbox.take_irregular()] == ["pipe.toml"]
+
+
+# -- claim ------------------------------------------------------------------------------------------
+
+
+def test_claim_moves_the_file_and_a_second_claim_loses(inbox_dir, state_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x = 1\n")
+    assert claim(manifest, state_dir / "j1.toml") is True
+    assert not manifest.exists()
+    assert (state_dir / "j1.toml").read_text() == "x = 1\n"
+
+    # The same file reported again (a duplicate event): the second claimant finds it gone.
+    assert claim(manifest, state_dir / "j2.toml") is False
+    assert os.listdir(state_dir) == ["j1.toml"]
+
+
+def test_claim_never_overwrites_an_existing_dest(inbox_dir, state_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("new")
+    (state_dir / "j1.toml").write_text("precious")
+    with pytest.raises(FileExistsError):
+        claim(manifest, state_dir / "j1.toml")
+    assert manifest.read_text() == "new"
+    assert (state_dir / "j1.toml").read_text() == "precious"
+
+
+def test_claim_again_completes_a_claim_killed_midway(inbox_dir, state_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x")
+    os.link(manifest, state_dir / "j1.toml")  # kill -9 between link and unlink
+    assert claim(manifest, state_dir / "j1.toml") is True
+    assert not manifest.exists()
+    assert (state_dir / "j1.toml").read_text() == "x"
+
+
+def test_claim_into_a_missing_directory_raises_and_keeps_the_file(inbox_dir, state_dir):
+    manifest = inbox_dir / "job.toml"
+    manifest.write_text("x")
+    with pytest.raises(FileNotFoundError):
+        claim(manifest, state_dir / "missing" / "j1.toml")
+    assert manifest.exists()
+
+
+# -- the producer side ----------------------------------------------------------------------------
+
+
+def test_drop_file_never_replaces_a_waiting_manifest(inbox, inbox_dir, tmp_path):
+    first, second = tmp_path / "a" / "job.toml", tmp_path / "b" / "job.toml"
+    for path, text in ((first, "x = 1\n"), (second, "x = 2\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    assert drop_file(first, inbox_dir) == inbox_dir / "job.toml"
+    assert drop_file(second, inbox_dir) == inbox_dir / "job-2.toml"
+    assert sorted(os.listdir(inbox_dir)) == ["job-2.toml", "job.toml"]  # no temp files left
+    assert (inbox_dir / "job-2.toml").read_text() == "x = 2\n"
+    assert names(scan_until(inbox, lambda found: len(found) == 2)) == ["job-2.toml", "job.toml"]
+
+
+def test_drop_bytes_uses_the_exact_name_and_refuses_to_replace(inbox_dir):
+    cancel = inbox_dir / "job.cancel"
+    assert drop_bytes(b"", cancel) == cancel
+    with pytest.raises(FileExistsError):
+        drop_bytes(b"again", cancel)
+    assert os.listdir(inbox_dir) == ["job.cancel"]
+    assert cancel.read_bytes() == b""
+
+
+def test_sha256_file(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 17)  # spans several 1 MiB blocks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# -- watching -------------------------------------------------------------------------------------
+
+
+def clear_hints(inbox: Inbox) -> None:
+    inbox.scan()
+    inbox.wait(0)
+
+
+def test_wait_without_events_times_out(inbox):
+    inbox.start()
+    clear_hints(inbox)
+    assert inbox.wait(0.05) is False
+
+
+def test_an_event_wakes_wait(inbox, inbox_dir):
+    inbox.start()
+    assert inbox.observer_name is not None and inbox.observer_name != "PollingObserver"
+    clear_hints(inbox)
+    (inbox_dir / "job.toml").write_text("x")
+    assert inbox.wait(30) is True
+    assert names(scan_until(inbox, bool)) == ["job.toml"]
+
+
+def test_a_rename_into_the_inbox_wakes_wait(inbox, inbox_dir, tmp_path):
+    outside = tmp_path / "job.toml"
+    outside.write_text("x")
+    inbox.start()
+    clear_hints(inbox)
+    outside.rename(inbox_dir / "job.toml")
+    assert inbox.wait(30) is True
+
+
+def test_polling_backend(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=SETTLE, rescan_seconds=3600, backend="polling", poll_seconds=0.1)
+    with inbox:
+        assert inbox.observer_name == "PollingObserver"
+        clear_hints(inbox)
+        (inbox_dir / "job.toml").write_text("x")
+        assert inbox.wait(30) is True
+
+
+def test_inotify_limit_at_start_falls_back_to_polling(inbox_dir, monkeypatch):
+    def watch_limit_reached(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr("watchdog.observers.inotify.InotifyWatchGroup", watch_limit_reached)
+    inbox = Inbox(inbox_dir, settle_seconds=SETTLE, rescan_seconds=3600, backend="inotify", poll_seconds=0.1)
+    with inbox:
+        assert inbox.observer_name == "PollingObserver"
+        clear_hints(inbox)
+        (inbox_dir / "job.toml").write_text("x")
+        assert inbox.wait(30) is True
+
+
+def test_unknown_backend_is_rejected(inbox_dir):
+    with pytest.raises(ValueError, match="backend"):
+        Inbox(inbox_dir, backend="fsevents-please")
+
+
+def test_a_stopped_observer_is_restarted(inbox, inbox_dir):
+    inbox.start()
+    assert inbox.ensure_watching() is False
+    inbox._observer.stop()
+    inbox._observer.join()
+
+    assert inbox.ensure_watching() is True
+    assert inbox.ensure_watching() is False
+    assert inbox.wait(0) is True  # a restart asks for a rescan: events were lost meanwhile
+    inbox.scan()
+    (inbox_dir / "job.toml").write_text("x")
+    assert inbox.wait(30) is True
+
+
+class Explodes(FileSystemEventHandler):
+    def dispatch(self, event):
+        raise RuntimeError("handler bug")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_observer_killed_by_a_handler_exception_is_restarted_and_nothing_is_missed(inbox, inbox_dir):
+    # watchdog #427: any exception in a handler kills the observer thread for good.
+    inbox.start()
+    inbox._observer.schedule(Explodes(), str(inbox_dir))
+    (inbox_dir / "first.toml").write_text("x")
+    give_up = time.monotonic() + 15
+    while not inbox.ensure_watching():
+        assert time.monotonic() < give_up, "the observer thread never died"
+        time.sleep(0.02)
+
+    (inbox_dir / "second.toml").write_text("x")
+    assert inbox.wait(30) is True
+    # first.toml arrived just as the watcher died; the scan finds it regardless.
+    assert names(scan_until(inbox, lambda found: len(found) == 2)) == ["first.toml", "second.toml"]
+
+
+def test_rescan_finds_files_that_arrived_without_any_event(inbox_dir):
+    # Events disabled altogether (as on an inotify overflow or an NFS mount): the periodic
+    # rescan alone must find every file.
+    inbox = Inbox(inbox_dir, settle_seconds=0.05, rescan_seconds=0.2)
+    inbox.scan()
+    for i in range(50):
+        (inbox_dir / f"job-{i:02d}.toml").write_text("x")
+    found: set[str] = set()
+    give_up = time.monotonic() + 15
+    while len(found) < 50:
+        assert time.monotonic() < give_up, f"rescans found only {len(found)} files"
+        assert inbox.wait(30) is False  # woken by the timer; no watcher is running
+        found.update(candidate.path.name for candidate in inbox.scan())
+    assert found == {f"job-{i:02d}.toml" for i in range(50)}
+
+
+@pytest.mark.timeout(30)
+def test_wait_wakes_when_a_pending_file_is_due_to_settle(inbox, inbox_dir):
+    # With an hour until the next rescan and no watcher, only the settle deadline can end
+    # this wait; a regression shows up as the test timing out.
+    (inbox_dir / "job.toml").write_text("x")
+    assert inbox.scan() == []
+    assert inbox.wait(3600) is False
+    assert names(inbox.scan()) == ["job.toml"]
