@@ -252,7 +252,8 @@ class Daemon:
                 self._take_cancel_file(path)
                 continue
             try:
-                manifest = load_manifest(path, root=self.settings.inbox, tasks=self.tasks)
+                # Input rows are validated while the job is built (one pass over a big file, not two).
+                manifest = load_manifest(path, root=self.settings.inbox, tasks=self.tasks, check_inputs=False)
             except ManifestError as error:
                 # A file that does not parse may still be being written: reject it only once
                 # it has stayed unchanged long enough.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 
 def _number_to_str(value: Any) -> Any:
@@ -23,7 +23,12 @@ def _number_to_str(value: Any) -> Any:
 
 
 #: An input item's id: a non-empty string; integers are accepted and converted.
-ItemId = Annotated[str, BeforeValidator(_number_to_str), Field(min_length=1, max_length=256)]
+ItemId = Annotated[
+    str,
+    BeforeValidator(_number_to_str),
+    Field(min_length=1, max_length=256),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1, "maxLength": 256}, {"type": "integer"}]}),
+]
 
 
 class GenerationSettings(BaseModel):
@@ -43,10 +48,13 @@ class GenerationSettings(BaseModel):
     system_instruction: str | None = Field(None, min_length=1, description="System instruction text.")
     stop_sequences: list[str] | None = Field(None, description="Stop generating at any of these.")
     seed: int | None = Field(None, description="Seed for more repeatable sampling.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens already used.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often used.")
 
     def as_config(self) -> dict[str, Any]:
-        """The settings that are set, as a request config dict."""
-        return self.model_dump(exclude_none=True)
+        """The generation settings that are set, as a request config dict."""
+        # `include` keeps subclasses' own fields (such as a manifest's `task`) out.
+        return self.model_dump(include=set(GenerationSettings.model_fields), exclude_none=True)
 
 
 class TextItem(BaseModel):

@@ -1,0 +1,547 @@
+"""Job manifests: TOML or JSON files naming a task, its parameters and its input items.
+
+A manifest has common fields (``task``, ``model``, generation settings, ``input``…) and the
+task's own fields, validated by the task plugin's ``Params`` model. Items are either listed
+inline (in a task field such as ``texts``) or read from an input file next to the manifest
+(``.csv``, ``.tsv``, ``.jsonl``, ``.txt``). Input files are streamed, never loaded whole.
+
+Loading in place and after a claim::
+
+    manifest = load_manifest(inbox / "reviews.toml", root=inbox)   # inputs confined to the inbox
+    manifest.input_files()                                          # what to copy along
+    ...
+    manifest = load_manifest(job_dir / "manifest.toml", input_dir=job_dir / "inputs")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sqlite3
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+
+from batchd.task import GenerationSettings, Task, TaskRequest, TaskResult
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+MANIFEST_SUFFIXES = (".toml", ".json")
+INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+
+
+class ManifestError(Exception):
+    """A manifest (or its input file) is invalid.
+
+    ``str()`` reads ``PATH, line L, column C: FIELD: MESSAGE``, leaving out what is unknown.
+    ``field`` is a dotted path such as ``items[2].text``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        message: str,
+        *,
+        field: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        self.path = path
+        self.message = message
+        self.field = field
+        self.line = line
+        self.column = column
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = str(self.path)
+        if self.line is not None:
+            where += f", line {self.line}"
+            if self.column is not None:
+                where += f", column {self.column}"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {field}{self.message}"
+
+
+class CommonFields(GenerationSettings):
+    """Manifest fields shared by every task (plus the generation settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="The task plugin that handles this manifest.")
+    model: str | None = Field(None, min_length=1, description="Model name; defaults to the daemon's model.")
+    input: str | None = Field(
+        None,
+        min_length=1,
+        description="Input file next to the manifest (.csv, .tsv, .jsonl or .txt) instead of inline items.",
+    )
+    id_column: str = Field("id", min_length=1, description="CSV column / JSONL key holding item ids.")
+    text_column: str = Field("text", min_length=1, description="CSV column / JSONL key holding item text.")
+
+
+#: Names task plugins may not use for their own manifest fields, in declaration order.
+COMMON_FIELDS: tuple[str, ...] = tuple(CommonFields.model_fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A validated manifest. Build with :func:`load_manifest`."""
+
+    path: Path
+    task_plugin: Task
+    common: CommonFields
+    params: BaseModel
+    #: The resolved input file, or ``None`` when items are inline.
+    input_path: Path | None
+
+    @property
+    def task(self) -> str:
+        return self.task_plugin.name
+
+    @property
+    def model(self) -> str | None:
+        return self.common.model
+
+    def generation_config(self) -> dict[str, Any]:
+        """The generation settings the manifest sets (for all its requests)."""
+        return self.common.as_config()
+
+    @property
+    def inputs(self) -> Inputs:
+        """The job's items, validated and streamed anew on each iteration."""
+        return Inputs(self)
+
+    def input_files(self) -> list[Path]:
+        """Files the manifest reads its items from (absolute paths); empty for inline items."""
+        return [self.input_path] if self.input_path else []
+
+    def check_inputs(self) -> int:
+        """Read every item once (validation, duplicate ids, emptiness) and return the count."""
+        return sum(1 for _ in self.inputs)
+
+    def requests(self) -> Iterator[TaskRequest]:
+        """The task's requests, each with its complete generation config.
+
+        Precedence: the task's per-request config > the manifest's settings > the task's defaults.
+        """
+        base_config = {**self.task_plugin.default_config, **self.generation_config()}
+        for request in self.task_plugin.requests(self.params, self.inputs):
+            # Built directly rather than with dataclasses.replace(): this runs once per row.
+            yield TaskRequest(request.key, request.prompt, request.input, {**base_config, **request.config})
+
+    def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
+        """The entries of ``organized.json`` for results given in request order."""
+        return self.task_plugin.organize(results)
+
+
+def load_manifest(
+    path: Path,
+    *,
+    root: Path | None = None,
+    base_dir: Path | None = None,
+    input_dir: Path | None = None,
+    tasks: Mapping[str, Task] | None = None,
+    check_inputs: bool = True,
+) -> Manifest:
+    """Read and validate a manifest.
+
+    :param root: folder input files must stay inside (the inbox); defaults to ``base_dir``.
+    :param base_dir: folder relative input paths resolve against; defaults to the manifest's.
+    :param input_dir: folder holding the input files themselves, found by file name; a claimed
+        job keeps copies of its inputs there. Replaces ``base_dir`` and ``root``.
+    :param tasks: task registry; defaults to the installed plugins' tasks.
+    :param check_inputs: also read every input item now, so bad rows, duplicate ids and empty
+        inputs are reported here. Pass ``False`` to defer that to the first pass over ``inputs``.
+    :raises ManifestError:
+    """
+    path = Path(path)
+    if tasks is None:
+        tasks = _registered_tasks()
+    document = _read_document(path)
+    task = _select_task(path, document, tasks)
+    common_values = {key: value for key, value in document.items() if key in COMMON_FIELDS}
+    task_values = {key: value for key, value in document.items() if key not in COMMON_FIELDS}
+    common = _validate(CommonFields, common_values, path)
+    params = _validate(task.Params, task_values, path, task=task)
+
+    inline = task.inline_items(params)
+    if common.input and inline is not None:
+        raise ManifestError(path, f"give either input or {inline[0]}, not both", field="input")
+    if not common.input and inline is None:
+        raise ManifestError(path, "no items: list them inline or name an input file (input = \"...\")")
+    input_path = None
+    if common.input:
+        if input_dir is not None:
+            input_path = _confined_input(path, Path(common.input).name, input_dir, input_dir)
+        else:
+            base = Path(base_dir) if base_dir is not None else path.parent
+            input_path = _confined_input(path, common.input, base, Path(root) if root is not None else base)
+    manifest = Manifest(path=path, task_plugin=task, common=common, params=params, input_path=input_path)
+    if check_inputs:
+        manifest.check_inputs()
+    return manifest
+
+
+def manifest_json_schema(tasks: Mapping[str, Task] | None = None) -> dict[str, Any]:
+    """JSON Schema of manifests: one alternative per registered task, chosen by ``task``."""
+    if tasks is None:
+        tasks = _registered_tasks()
+    variants = [_combined_model(tasks[name]) for name in sorted(tasks)]
+    if not variants:
+        raise ValueError("no tasks are registered")
+    if len(variants) == 1:
+        schema = variants[0].model_json_schema()
+    else:
+        union = Annotated[Union[tuple(variants)], Field(discriminator="task")]  # noqa: UP007
+        schema = TypeAdapter(union).json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "batchd job manifest",
+        **schema,
+    }
+
+
+class Inputs:
+    """A manifest's items as validated ``Item`` instances, each with a string id.
+
+    Iteration streams inline entries or input-file rows and raises :class:`ManifestError` at the
+    first bad item, at a duplicate id, or at the end when there were no items at all.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+
+    def __iter__(self) -> Iterator[BaseModel]:
+        manifest = self._manifest
+        task = manifest.task_plugin
+        if manifest.input_path is None:
+            field, entries = task.inline_items(manifest.params) or ("", ())
+            records, ids_are_positions = _inline_records(manifest.path, field, entries), False
+        else:
+            records, ids_are_positions = _file_records(manifest.input_path, manifest.common, task.Item)
+        count = 0
+        with _SeenIds(enabled=not ids_are_positions) as seen:
+            for record in records:
+                item = record.validate(task.Item)
+                first_use = seen.add(item.id, record.location())
+                if first_use is not None:
+                    raise record.error(f"duplicate id {item.id!r} (first used at {first_use})", field="id")
+                count += 1
+                yield item
+        if count == 0:
+            raise ManifestError(manifest.input_path or manifest.path, "no input items")
+
+
+# --- Reading and validating the manifest document ----------------------------------------------
+
+
+def _registered_tasks() -> Mapping[str, Task]:
+    # Imported here because batchd.plugins imports this module (for COMMON_FIELDS).
+    from batchd.plugins import get_tasks
+
+    return get_tasks()
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise ManifestError(path, f"unsupported manifest type (use {' or '.join(MANIFEST_SUFFIXES)})")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a BOM left by Windows editors
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, "not valid UTF-8", line=data.count(b"\n", 0, exc.start) + 1) from None
+    if path.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _toml_error(path, exc, text) from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(path, f"invalid JSON: {exc.msg}", line=exc.lineno, column=exc.colno) from None
+    if not isinstance(document, dict):
+        raise ManifestError(path, "a JSON manifest must be an object")
+    return document
+
+
+def _toml_error(path: Path, exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
+    # Python 3.11's TOMLDecodeError has no lineno attribute; the position ends its message.
+    message = str(exc)
+    position = _TOML_POSITION.search(message)
+    if position is None:  # "(at end of document)": typically a file cut short
+        return ManifestError(path, f"invalid TOML: {message}", line=text.count("\n") + 1)
+    return ManifestError(
+        path, f"invalid TOML: {message[: position.start()]}", line=int(position[1]), column=int(position[2])
+    )
+
+
+def _select_task(path: Path, document: Mapping[str, Any], tasks: Mapping[str, Task]) -> Task:
+    known = f"known tasks: {', '.join(sorted(tasks)) or 'none installed'}"
+    name = document.get("task")
+    if name is None:
+        raise ManifestError(path, f"required field is missing ({known})", field="task")
+    if not isinstance(name, str) or name not in tasks:
+        raise ManifestError(path, f"unknown task {name!r} ({known})", field="task")
+    return tasks[name]
+
+
+def _validate(model: type[ModelT], values: Mapping[str, Any], path: Path, *, task: Task | None = None) -> ModelT:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, path, task=task) from None
+
+
+def _error_from_validation(
+    exc: ValidationError, path: Path, *, prefix: str = "", line: int | None = None, task: Task | None = None
+) -> ManifestError:
+    """One ManifestError for the first problem, mentioning how many more there are."""
+    errors = exc.errors()
+    first = errors[0]
+    message = _describe(first, task)
+    if len(errors) > 1:
+        others = "; ".join(f"{_field_path(e['loc'], prefix) or '(item)'}: {_describe(e, task)}" for e in errors[1:4])
+        more = ", …" if len(errors) > 4 else ""
+        message += f" (also {others}{more})"
+    return ManifestError(path, message, field=_field_path(first["loc"], prefix) or None, line=line)
+
+
+def _describe(error: ErrorDetails, task: Task | None) -> str:
+    if error["type"] == "extra_forbidden":
+        if task is not None and len(error["loc"]) == 1:  # a top-level field of the manifest
+            own = ", ".join(task.Params.model_fields)
+            return f"unknown field (task {task.name!r} takes: {own}; and the common fields: {', '.join(COMMON_FIELDS)})"
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return error["msg"]
+
+
+def _field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """``("items", 2, "text")`` → ``items[2].text``."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path) -> Path:
+    """The input file ``reference`` names, checked to exist inside ``root``."""
+    candidate = (base / Path(reference).expanduser()).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise ManifestError(manifest_path, f"{reference!r} is outside the inbox ({root})", field="input")
+    if candidate.suffix.lower() not in INPUT_SUFFIXES:
+        raise ManifestError(
+            manifest_path, f"unsupported input type {candidate.suffix!r} (use {', '.join(INPUT_SUFFIXES)})",
+            field="input",
+        )
+    if not candidate.is_file():
+        raise ManifestError(manifest_path, f"input file not found: {candidate}", field="input")
+    return candidate
+
+
+def _combined_model(task: Task) -> type[BaseModel]:
+    """A model of one task's whole manifest (for the JSON Schema only)."""
+    title = "".join(part.capitalize() for part in task.name.split("_")) + "Manifest"
+    return create_model(
+        title,
+        __base__=(task.Params, CommonFields),  # common fields first in the schema
+        __doc__=task.description or None,
+        task=(Literal[task.name], Field(description="The task plugin that handles this manifest.")),
+    )
+
+
+# --- Streaming input items ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """One raw input item and where it was written, for error messages."""
+
+    position: int  # 1-based; the item's id when it has none
+    values: dict[str, Any]
+    path: Path
+    field_prefix: str = ""  # e.g. "items[2]" for inline items
+    line: int | None = None  # for items read from files
+
+    def validate(self, model: type[BaseModel]) -> BaseModel:
+        values = self.values
+        if values.get("id") in (None, ""):
+            values = {**values, "id": str(self.position)}
+        try:
+            return model.model_validate(values)
+        except ValidationError as exc:
+            raise _error_from_validation(exc, self.path, prefix=self.field_prefix, line=self.line) from None
+
+    def location(self) -> str:
+        return self.field_prefix or f"line {self.line}"
+
+    def error(self, message: str, *, field: str) -> ManifestError:
+        return ManifestError(self.path, message, field=_field_path((field,), self.field_prefix), line=self.line)
+
+
+def _inline_records(path: Path, field: str, entries: Sequence[Any]) -> Iterator[_Record]:
+    for index, entry in enumerate(entries):
+        if isinstance(entry, BaseModel):
+            values = entry.model_dump(exclude_none=True)
+        elif isinstance(entry, str):
+            values = {"text": entry}
+        else:
+            values = dict(entry)
+        yield _Record(position=index + 1, values=values, path=path, field_prefix=f"{field}[{index}]")
+
+
+def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel]) -> tuple[Iterator[_Record], bool]:
+    """The records of an input file, and whether their ids are all positions (hence unique)."""
+    suffix = path.suffix.lower()
+    renames = {common.id_column: "id", common.text_column: "text"}
+    known_fields = item_model.model_fields.keys()
+    if suffix in (".csv", ".tsv"):
+        header = _csv_header(path, "\t" if suffix == ".tsv" else ",")
+        columns = _csv_columns(path, header, renames, common, item_model)
+        return _csv_records(path, "\t" if suffix == ".tsv" else ",", columns, known_fields), "id" not in columns
+    if suffix == ".jsonl":
+        return _jsonl_records(path, renames, known_fields), False
+    return _txt_records(path), True
+
+
+def _open_text(path: Path):
+    # newline="" lets the csv module handle quoted line breaks; utf-8-sig drops a spreadsheet BOM.
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _target_field(name: str, renames: Mapping[str, str]) -> str | None:
+    """The item field a CSV column or JSONL key feeds, or ``None`` to ignore it.
+
+    A column named like a target ("id", "text") that is not its configured source is ignored
+    rather than mixed up with the configured one.
+    """
+    if name in renames:
+        return renames[name]
+    return None if name in renames.values() else name
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    with _open_text(path) as f:
+        try:
+            return next(csv.reader(f, delimiter=delimiter), [])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise ManifestError(path, f"cannot read the header: {exc}", line=1) from None
+
+
+def _csv_columns(
+    path: Path, header: list[str], renames: Mapping[str, str], common: CommonFields, item_model: type[BaseModel]
+) -> list[str | None]:
+    """The item field each CSV column feeds (``None``: ignored), after checking required columns."""
+    columns = [_target_field(name.strip(), renames) for name in header]
+    source_name = {target: source for source, target in renames.items()}
+    required = [name for name, field in item_model.model_fields.items() if field.is_required()]
+    if "id_column" in common.model_fields_set:  # an id column asked for by name must exist
+        required.append("id")
+    missing = [source_name.get(name, name) for name in required if name not in columns]
+    if missing:
+        listed = ", ".join(repr(name) for name in header) or "none"
+        raise ManifestError(path, f"missing column(s) {', '.join(map(repr, missing))} (columns: {listed})", line=1)
+    return columns
+
+
+def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fields: Iterable[str]) -> Iterator[_Record]:
+    wanted = [(index, name) for index, name in enumerate(columns) if name in known_fields]
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            next(reader, None)  # the header
+            position = 0
+            for row in reader:
+                if not row:  # blank line
+                    continue
+                position += 1
+                if len(row) > len(columns):
+                    raise ManifestError(
+                        path, f"row has {len(row)} values but the header has {len(columns)} columns", line=reader.line_num
+                    )
+                # Empty cells count as absent, so optional fields get their defaults.
+                values = {name: row[index] for index, name in wanted if index < len(row) and row[index] != ""}
+                yield _Record(position=position, values=values, path=path, line=reader.line_num)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise ManifestError(path, f"unreadable CSV: {exc}", line=reader.line_num) from None
+
+
+def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterable[str]) -> Iterator[_Record]:
+    for line_number, line in _numbered_lines(path):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(path, f"invalid JSON: {exc.msg}", line=line_number, column=exc.colno) from None
+        if isinstance(value, str):
+            values = {"text": value}
+        elif isinstance(value, dict):
+            fields = ((_target_field(key, renames), item) for key, item in value.items())
+            values = {field: item for field, item in fields if field in known_fields}
+        else:
+            raise ManifestError(path, "each line must be a JSON object or string", line=line_number)
+        yield _Record(position=line_number, values=values, path=path, line=line_number)
+
+
+def _txt_records(path: Path) -> Iterator[_Record]:
+    for line_number, line in _numbered_lines(path):
+        yield _Record(position=line_number, values={"text": line}, path=path, line=line_number)
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines, stripped, with their 1-based line numbers."""
+    line_number = 0
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield line_number, line.strip()
+    except UnicodeDecodeError:
+        raise ManifestError(path, "not valid UTF-8", line=line_number + 1) from None
+
+
+class _SeenIds:
+    """Ids met so far, for duplicate detection without holding millions of ids in memory.
+
+    A temporary SQLite database keeps its pages in a small cache and spills to a temp file,
+    so a million-row input costs a few MB at most.
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._db: sqlite3.Connection | None = None
+        if enabled:
+            self._db = sqlite3.connect("")  # "" = private temporary database on disk
+            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID")
+
+    def add(self, item_id: str, location: str) -> str | None:
+        """Record ``item_id``; return where it was first seen if it is a duplicate."""
+        if self._db is None:
+            return None
+        inserted = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (item_id, location)).rowcount
+        if inserted:
+            return None
+        return self._db.execute("SELECT location FROM seen WHERE id = ?", (item_id,)).fetchone()[0]
+
+    def __enter__(self) -> _SeenIds:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._db is not None:
+            self._db.close()

@@ -1,0 +1,101 @@
+"""Classify the sentiment of texts with structured output (label, score, rationale).
+
+organized.json: ``{item id: {"label": ..., "score": ..., "rationale": ...}}``. ``score`` is the
+polarity from -1 (very negative) through 0 (neutral or balanced) to 1 (very positive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from batchd import hookimpl
+from batchd.task import Task, TaskRequest, TaskResult, TextItem, error_entry
+
+
+class SentimentParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[TextItem] | None = Field(None, min_length=1, description="Texts with ids.")
+    texts: list[str] | None = Field(None, min_length=1, description="Texts; ids are their 1-based positions.")
+    context: str | None = Field(
+        None, description='What the texts are, to guide the reading, e.g. "reviews of a coffee shop".'
+    )
+
+    @model_validator(mode="after")
+    def _one_item_list(self) -> SentimentParams:
+        if self.items is not None and self.texts is not None:
+            raise ValueError("give either items or texts, not both")
+        return self
+
+
+class Verdict(BaseModel):
+    """The structured answer requested for each text."""
+
+    label: Literal["positive", "negative", "neutral", "mixed"] = Field(
+        description="neutral: no clear sentiment; mixed: clear positive and negative parts."
+    )
+    score: float = Field(ge=-1, le=1, description="Polarity: -1 very negative, 0 neutral or balanced, 1 very positive.")
+    rationale: str = Field(description="One short sentence on what in the text drives the label.")
+
+
+RESPONSE_SCHEMA = Verdict.model_json_schema()
+
+PROMPT = """\
+Classify the sentiment of the text below{context}.
+- label: "positive", "negative", "neutral" (no clear sentiment) or "mixed" (clearly positive and negative parts).
+- score: overall polarity from -1 (very negative) through 0 (neutral or balanced) to 1 (very positive).
+- rationale: one short sentence naming what in the text drives the label.
+
+Text:
+\"\"\"
+{text}
+\"\"\""""
+
+
+class Sentiment(Task):
+    name = "sentiment"
+    description = "Label the sentiment of texts as positive, negative, neutral or mixed, with a score."
+    Params = SentimentParams
+    Item = TextItem
+    default_config = {"temperature": 0.0}  # the same text should get the same label
+
+    def inline_items(self, params: SentimentParams) -> tuple[str, list[Any]] | None:
+        if params.items is not None:
+            return "items", params.items
+        if params.texts is not None:
+            return "texts", params.texts
+        return None
+
+    def requests(self, params: SentimentParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
+        context = f" ({params.context})" if params.context else ""
+        structured_output = {"response_mime_type": "application/json", "response_json_schema": RESPONSE_SCHEMA}
+        for item in items:
+            yield TaskRequest(
+                key=item.id,
+                prompt=PROMPT.format(context=context, text=item.text),
+                input={"id": item.id, "text": item.text},
+                config=structured_output,
+            )
+
+    def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
+        for result in results:
+            yield result.input["id"], _verdict(result)
+
+
+def _verdict(result: TaskResult) -> dict[str, Any]:
+    failure = result.failure()
+    if failure:
+        return error_entry(failure)
+    try:
+        return Verdict.model_validate(result.data).model_dump()
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors())
+        return {**error_entry(f"unexpected answer ({problem})"), "text": result.text}
+
+
+@hookimpl
+def register_tasks(register):
+    register(Sentiment())

@@ -1,0 +1,161 @@
+"""Settings layering: defaults < config file < BATCHD_* environment < command-line flags."""
+
+from pathlib import Path
+
+import pytest
+
+from batchd.config import ConfigError, Settings, load_settings
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No BATCHD_* or API-key variables from the caller, and an empty working directory."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("BATCHD_") or name in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write_config(folder: Path, text: str, name: str = "config.toml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_config_file(tmp_path):
+    settings = load_settings()
+    assert settings.config_file is None
+    assert settings.provider == "gemini"
+    assert settings.model == "gemini-2.5-flash"
+    assert settings.api_version == "v1beta"
+    assert settings.inbox == tmp_path / "inbox"
+    assert settings.emulator.state_dir == tmp_path / "state" / "emulator"
+    assert 0 < settings.inline_max_bytes < 20 * 1024 * 1024
+
+
+def test_layers_defaults_file_env_cli(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "etc", "poll_interval = 2.0\nsettle_seconds = 2.0\nrescan_seconds = 2.0\n")
+    monkeypatch.setenv("BATCHD_SETTLE_SECONDS", "3.0")
+    monkeypatch.setenv("BATCHD_RESCAN_SECONDS", "3.0")
+    settings = load_settings(config, rescan_seconds=4.0, poll_max_interval=None)
+    assert settings.poll_max_interval == Settings.model_fields["poll_max_interval"].default  # default
+    assert settings.poll_interval == 2.0  # file
+    assert settings.settle_seconds == 3.0  # environment beats file
+    assert settings.rescan_seconds == 4.0  # command line beats environment
+
+
+def test_nested_table_layers_merge(tmp_path, monkeypatch):
+    config = write_config(tmp_path, "[emulator]\njob_seconds = 0.5\n")
+    monkeypatch.setenv("BATCHD_EMULATOR__FAULTS", '["a-fault"]')
+    settings = load_settings(config)
+    assert settings.emulator.job_seconds == 0.5
+    assert settings.emulator.faults == ["a-fault"]
+    assert load_settings(config, emulator={"job_seconds": 0.2}).emulator.job_seconds == 0.2
+
+
+def test_relative_paths_in_file_resolve_against_its_folder(tmp_path):
+    folder = tmp_path / "srv" / "batchd"
+    config = write_config(folder, 'inbox = "in"\nstate_dir = "../var"\nplugins_dir = "plugins.d"\n')
+    settings = load_settings(config)
+    assert settings.inbox == folder / "in"
+    assert settings.state_dir == tmp_path / "srv" / "var"
+    assert settings.plugins_dir == folder / "plugins.d"
+    assert settings.outbox == tmp_path / "outbox"  # default: relative to the working directory
+    assert settings.emulator.state_dir == tmp_path / "srv" / "var" / "emulator"
+
+
+def test_relative_paths_from_env_and_cli_resolve_against_cwd(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "etc", 'inbox = "in"\n')
+    monkeypatch.setenv("BATCHD_INBOX", "env-inbox")
+    assert load_settings(config).inbox == tmp_path / "env-inbox"
+    assert load_settings(config, inbox=Path("cli-inbox")).inbox == tmp_path / "cli-inbox"
+
+
+def test_config_file_from_env_then_cwd(tmp_path, monkeypatch):
+    write_config(tmp_path, 'model = "from-cwd"\n')
+    assert load_settings().model == "from-cwd"
+    other = write_config(tmp_path / "other", 'model = "from-env"\n')
+    monkeypatch.setenv("BATCHD_CONFIG", str(other))
+    settings = load_settings()
+    assert settings.model == "from-env"
+    assert settings.config_file == other
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("inbx = 'x'\n", "'inbx'"),
+        ("[emulator]\njob_second = 1\n", "'emulator.job_second'"),
+    ],
+)
+def test_unknown_keys_name_the_key_and_file(tmp_path, text, key):
+    config = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    assert key in str(error.value)
+    assert str(config) in str(error.value)
+
+
+def test_invalid_values_name_the_key(tmp_path):
+    config = write_config(tmp_path, 'provider = "openai"\n')
+    with pytest.raises(ConfigError, match="provider"):
+        load_settings(config)
+    with pytest.raises(ConfigError, match="poll_interval"):
+        load_settings(poll_interval=0)
+
+
+def test_toml_syntax_error_names_the_line(tmp_path):
+    config = write_config(tmp_path, 'model = "x"\ninbox = \n')
+    with pytest.raises(ConfigError, match="line 2"):
+        load_settings(config)
+
+
+def test_unknown_cli_override_is_an_error():
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        load_settings(no_such_setting=1)
+
+
+def test_missing_api_key_names_both_variables():
+    settings = load_settings(provider="gemini")
+    with pytest.raises(ConfigError) as error:
+        settings.gemini_api_key()
+    assert "GEMINI_API_KEY" in str(error.value) and "GOOGLE_API_KEY" in str(error.value)
+
+
+def test_api_key_precedence_follows_the_sdk(monkeypatch):
+    settings = load_settings()
+    monkeypatch.setenv("GEMINI_API_KEY", "gemini-key")
+    assert settings.gemini_api_key() == "gemini-key"
+    monkeypatch.setenv("GOOGLE_API_KEY", "google-key")
+    assert settings.gemini_api_key() == "google-key"
+
+
+def test_redacted_dict_masks_secret_looking_values(monkeypatch):
+    monkeypatch.setenv("GOOGLE_API_KEY", "sekrit")
+    dump = load_settings().redacted_dict()
+    assert "sekrit" not in repr(dump)
+    assert dump["provider"] == "gemini"
+
+    from batchd import config
+
+    assert config._redact({"api_key": "abc", "nested": {"token": "t", "n": 1}}) == {
+        "api_key": "***",
+        "nested": {"token": "***", "n": 1},
+    }
+
+
+def test_shipped_config_loads(tmp_path):
+    settings = load_settings(REPO_CONFIG)
+    assert settings.provider == "emulator"
+    assert settings.inbox == REPO_CONFIG.parent / "inbox"
+    assert settings.state_dir == REPO_CONFIG.parent / "state"
