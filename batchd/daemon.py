@@ -29,7 +29,7 @@ from batchd.inbox import Inbox, claim, sha256_file
 from batchd.journal import Chunk, Job, Journal, REMOTE_LIVE_STATES, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_tasks
-from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_request, is_retryable
+from batchd.provider import Provider, RemoteJob, RequestEncoder, is_retryable
 from batchd.spool import ChunkLimits, JobSpool
 
 log = logging.getLogger("batchd")
@@ -353,10 +353,10 @@ class Daemon:
         spool = self._spool(job.id)
         try:
             manifest = self._load_claimed(job)
+            model = manifest.model or self.settings.model
             # Settings are merged per request by the manifest, so the encoder has no defaults.
-            encoder = RequestEncoder()
-            chunks = spool.build(manifest.requests(), lambda r: encoder.jsonl_line(r.key, r.prompt, r.config),
-                                 self._limits(), check_stop=self.check_stop)
+            encoder = RequestEncoder(model)
+            chunks = spool.build(manifest.requests(), encoder.encode, self._limits(), check_stop=self.check_stop)
         except Stopping:
             raise
         except ManifestError as error:
@@ -373,7 +373,7 @@ class Daemon:
         self.journal.set_built(job.id, [
             {"idx": c.idx, "display_name": self._display_name(job, c.idx), "mode": c.mode,
              "request_count": c.request_count, "byte_size": c.byte_size} for c in chunks
-        ])
+        ], task=manifest.task, model=model)
         log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
 
     def _limits(self) -> ChunkLimits:
@@ -413,7 +413,7 @@ class Daemon:
 
         def create() -> RemoteJob:
             if chunk.mode == "inline":
-                requests = [inline_request(line) for line in spool.read_requests(chunk.idx)]
+                requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
                 return provider.create_inline(model, requests, chunk.display_name)
             file_name = provider.upload_jsonl(spool.requests_path(chunk.idx), chunk.display_name)
             return provider.create_from_file(model, file_name, chunk.display_name)

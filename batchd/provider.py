@@ -34,11 +34,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for str
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 from google import genai
 from google.genai import errors, types
+
+if TYPE_CHECKING:
+    from batchd.task import TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,10 @@ class RetryPolicy:
     initial_delay: float = 1.0  # seconds
     max_delay: float = 60.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts counts the first try, so it must be at least 1")
+
     def sdk_options(self) -> types.HttpRetryOptions:
         return types.HttpRetryOptions(
             attempts=self.attempts,
@@ -161,7 +168,7 @@ def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: s
             delay = policy.delay(attempt)
             log.warning("%s failed (%s); attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.attempts, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,12 +356,19 @@ class Provider:
         self._single_shot_client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
 
     @classmethod
-    def from_settings(cls, settings: Any, *, base_url: str | None = None) -> Provider:
-        """Build from batchd settings (``provider``, ``api_version``, ``gemini_api_key()``)."""
+    def from_settings(cls, settings: Any, *, base_url: str | None = None, api_key: str | None = None) -> Provider:
+        """Build from batchd settings (``provider``, ``api_version``, ``gemini_api_key()``).
+
+        ``api_key`` None asks ``settings.gemini_api_key()``, which raises a clear error when none is set.
+        """
         if settings.provider == "emulator" and not (base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL")):
             # Without a URL the SDK would send the emulator's jobs to Google.
             raise ProviderError("provider 'emulator' needs the emulator's base URL")
-        return cls(api_key=settings.gemini_api_key(), base_url=base_url, api_version=settings.api_version)
+        return cls(
+            api_key=api_key if api_key is not None else settings.gemini_api_key(),
+            base_url=base_url,
+            api_version=settings.api_version,
+        )
 
     def close(self) -> None:
         self._retrying_client.close()
@@ -511,6 +525,7 @@ _GENERATION_CONFIG_FIELDS = {
     "media_resolution": "mediaResolution",
     "thinking_config": "thinkingConfig",
 }
+_SETTING_BY_GENERATION_CONFIG_FIELD = {wire_name: name for name, wire_name in _GENERATION_CONFIG_FIELDS.items()}
 # Settings that sit beside generationConfig in the request.
 _REQUEST_LEVEL_SETTINGS = ("system_instruction", "safety_settings")
 
@@ -564,10 +579,12 @@ class RequestEncoder:
     """Turns (key, prompt, per-request overrides) into batch requests, for one job's default settings.
 
     Settings are snake_case SDK names (``GENERATION_SETTINGS``); None means "not set", so an override
-    of None removes a default. Both outputs put the same GenerateContentRequest on the wire.
+    of None removes a default. The input-file line and the inline request put the same
+    GenerateContentRequest on the wire. Requests do not name the model: the batch does.
     """
 
-    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, model: str, defaults: Mapping[str, Any] | None = None) -> None:
+        self.model = model
         self.defaults = _checked_settings(defaults or {})
         # The part of every request line that only depends on the job's settings, encoded once.
         self._default_tail = _json_tail(_wire_fields(self.defaults))
@@ -585,8 +602,12 @@ class RequestEncoder:
         """The camelCase REST GenerateContentRequest for one prompt."""
         return {"contents": [_user_content(prompt)], **_wire_fields(self.settings(overrides))}
 
+    def encode(self, request: TaskRequest) -> str:
+        """``jsonl_line`` for a task's request."""
+        return self.jsonl_line(request.key, request.prompt, request.config)
+
     def jsonl_line(self, key: str, prompt: str, overrides: Mapping[str, Any] | None = None) -> str:
-        """One line of a batch input file, ``{"key": …, "request": {…}}`` with its newline.
+        """One line of a batch input file, ``{"key": …, "request": {…}}``, without the newline.
 
         This runs once per request of the largest jobs, so the request is written as text: the same shape
         as ``wire_request`` (a test checks they agree), with the settings part encoded once per job.
@@ -594,7 +615,7 @@ class RequestEncoder:
         tail = self._override_tail(overrides) if overrides else self._default_tail
         return (
             f'{{"key":{_json_string(key)},"request":{{"contents":[{{"parts":[{{"text":{_json_string(prompt)}}}],'
-            f'"role":"user"}}]{tail}}}}}\n'
+            f'"role":"user"}}]{tail}}}}}'
         )
 
     def _override_tail(self, overrides: Mapping[str, Any]) -> str:
@@ -616,3 +637,25 @@ class RequestEncoder:
         if settings:
             request["config"] = dict(settings)
         return request
+
+    @staticmethod
+    def inline_from_line(line: Mapping[str, Any]) -> dict[str, Any]:
+        """The SDK InlinedRequest dict for a parsed input-file line; the SDK sends the same request.
+
+        Lets a job be written to its input file once and still go inline when it turns out small.
+        """
+        request = line["request"]
+        config: dict[str, Any] = {}
+        for wire_name, value in (request.get("generationConfig") or {}).items():
+            try:
+                config[_SETTING_BY_GENERATION_CONFIG_FIELD[wire_name]] = value
+            except KeyError:
+                raise ValueError(f"request {line.get('key')!r}: unsupported generationConfig.{wire_name}") from None
+        if "systemInstruction" in request:
+            config["system_instruction"] = request["systemInstruction"]  # a Content; the SDK sends it as is
+        if "safetySettings" in request:
+            config["safety_settings"] = request["safetySettings"]
+        inlined: dict[str, Any] = {"contents": request["contents"], "metadata": {"key": line["key"]}}
+        if config:
+            inlined["config"] = config
+        return inlined

@@ -80,7 +80,7 @@ class JobSpool:
               limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> list[BuiltChunk]:
         """Write the job's requests into chunk files split by count and bytes, plus the index.
 
-        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, with its newline).
+        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, without the newline).
         Rebuilding overwrites whatever a crashed earlier build left behind.
         """
         chunks: list[BuiltChunk] = []
@@ -89,7 +89,7 @@ class JobSpool:
         dumps = json.dumps
         with open(self.index_path, "w", encoding="utf-8") as index:
             for n, request in enumerate(requests):
-                line = encode(request)
+                line = encode(request) + "\n"
                 size = len(line.encode("utf-8")) if not line.isascii() else len(line)
                 if current is None or current.request_count >= limits.max_requests or (
                     current.request_count and current.byte_size + size > limits.max_bytes

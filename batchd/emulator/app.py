@@ -1,0 +1,474 @@
+"""The HTTP face of the emulator: routing, auth, faults, and one handler per Gemini API route.
+
+Every path is accepted under any ``v1*`` version (``v1``, ``v1beta``, ``v1alpha``), optionally after
+a path prefix, and under ``upload/`` and ``download/`` for the media routes. Request bodies are
+normalized to camelCase on the way in (``wire.to_camel_case``); answers are camelCase, success is
+always HTTP 200 (google-genai treats 201/204 as errors), failures use Google's error envelope.
+
+A request goes: route match -> API key -> faults (``X-Emulator-Fault`` and server faults) -> handler.
+Handlers doing disk or CPU work run in the thread pool; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from batchd.emulator.answers import Answerer, check_embed_request, check_generate_request
+from batchd.emulator.errors import ApiError, invalid, not_found
+from batchd.emulator.faults import HEADER as FAULT_HEADER
+from batchd.emulator.faults import FaultInjector
+from batchd.emulator.files import Uploads, render_file
+from batchd.emulator.jobs import BatchRunner, needs_processing, render_operation, view_job, write_inline_input
+from batchd.emulator.models import ModelCatalog
+from batchd.emulator.responder import Responder
+from batchd.emulator.store import Store
+from batchd.emulator.wire import has_snake_case_keys, new_id, to_camel_case
+
+log = logging.getLogger("batchd.emulator")
+
+#: "total request size under 20MB" for inline batches; also the cap on any JSON body.
+MAX_INLINE_BYTES = 20 * 1024 * 1024
+
+DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE = 50, 1000
+DEFAULT_FILE_PAGE_SIZE, MAX_FILE_PAGE_SIZE = 10, 100
+
+_VERSIONED_PATH = re.compile(r"^(?:/[^/]+)*?/(?:(?P<area>upload|download)/)?(?P<version>v1[a-z0-9]*)/(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    job_seconds: float = 2.0
+    expire_seconds: float = 48 * 3600
+    api_key: str | None = None
+
+
+@dataclass
+class Call:
+    """One routed request."""
+
+    request: Request
+    version: str
+    params: dict[str, str]
+    route: str
+    job_faults: tuple[str, ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        # The client reached us under this scheme and host, so upload URLs and URIs use them too.
+        host = self.request.headers.get("host") or f"{self.request.url.hostname}:{self.request.url.port}"
+        return f"{self.request.url.scheme}://{host}"
+
+    def query(self, camel: str, snake: str) -> str | None:
+        return self.request.query_params.get(camel) or self.request.query_params.get(snake)
+
+
+Handler = Callable[["EmulatorApp", Call], Awaitable[Response]]
+_ROUTES: list[tuple[str, str | None, re.Pattern, str, Handler]] = []
+
+
+def route(method: str, area: str | None, pattern: str, name: str):
+    """Register a handler for ``method`` on ``{area/}{version}/pattern``; ``name`` is the fault route name."""
+
+    def register(handler: Handler) -> Handler:
+        _ROUTES.append((method, area, re.compile(f"^{pattern}$"), name, handler))
+        return handler
+
+    return register
+
+
+def json_response(data: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+class _BigFileResponse(FileResponse):
+    chunk_size = 1024 * 1024  # fewer, larger writes for multi-hundred-MB outputs
+
+
+class EmulatorApp:
+    """The emulator's state and behaviour behind one Starlette application."""
+
+    def __init__(self, state_dir: Path, settings: EmulatorSettings, *, models: list[str] | None,
+                 faults: list[str] | tuple[str, ...], responder: Responder) -> None:
+        self.settings = settings
+        self.store = Store(state_dir)
+        self.catalog = ModelCatalog(models)
+        self.faults = FaultInjector(faults)
+        self.answerer = Answerer(responder)
+        self.responder = responder
+        self.runner = BatchRunner(self.store, self.answerer)
+        self.uploads = Uploads(self.store)
+        self.route_counts: Counter[str] = Counter()
+        self.creates_by_display_name: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self.runner.resume()
+        self.asgi = Starlette(routes=[
+            Route("/_emulator/stats", self.stats, methods=["GET"]),
+            Route("/{path:path}", self.dispatch, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        ])
+
+    def close(self) -> None:
+        self.runner.stop()
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    async def dispatch(self, request: Request) -> Response:
+        path = request.url.path
+        found = _VERSIONED_PATH.match(path)
+        name = None
+        try:
+            if found is None:
+                raise not_found(f"The requested URL {path} was not found on this server.")
+            area, version, rest = found["area"], found["version"], found["rest"]
+            for method, route_area, pattern, name, handler in _ROUTES:
+                match = pattern.match(rest)
+                if match and method == request.method and route_area == area:
+                    break
+            else:
+                name = None
+                raise not_found(f"The requested URL {path} was not found on this server.")
+            if area == "upload" and request.query_params.get("upload_id"):
+                name, handler = "upload-chunk", EmulatorApp.upload_chunk  # the id is the authorisation
+            else:
+                self._check_api_key(request)
+            with self._counts_lock:
+                self.route_counts[name] += 1
+            fault_header = request.headers.get(FAULT_HEADER)
+            if name == "upload-chunk" and fault_header is None:
+                # google-genai sends a client's headers with the start only: its faults hold for the session.
+                session = self.store.uploads.get(request.query_params["upload_id"]) or {}
+                fault_header = session.get("faultHeader")
+            decided = self.faults.decide(name, fault_header)
+            if decided.delay:
+                await asyncio.sleep(decided.delay)
+            if decided.error is not None:
+                raise decided.error
+            call = Call(request, version, match.groupdict(), name, decided.job_faults)
+            return await handler(self, call)
+        except ApiError as error:
+            headers = {"X-Goog-Upload-Status": "final"} if name in ("upload-start", "upload-chunk") else None
+            return json_response(error.envelope(), headers=headers, status=error.code)
+
+    def _check_api_key(self, request: Request) -> None:
+        key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
+        if not key:
+            raise ApiError(403, "Method doesn't allow unregistered callers (callers without established identity). "
+                                "Please use API Key or other form of API consumer identity to call this API.",
+                           "PERMISSION_DENIED")
+        if self.settings.api_key is not None and key != self.settings.api_key:
+            raise invalid("API key not valid. Please pass a valid API key.")
+
+    async def stats(self, request: Request) -> Response:
+        """Not part of the Gemini API: counters for tests (``GET /_emulator/stats``)."""
+        with self._counts_lock:
+            routes = dict(self.route_counts)
+            creates = dict(self.creates_by_display_name)
+        stored = Counter(job.get("displayName") or "" for job in list(self.store.jobs.values()))
+        return json_response({"routes": routes, "createsByDisplayName": creates,
+                              "jobsByDisplayName": dict(stored), "jobs": len(self.store.jobs),
+                              "files": len(self.store.files)})
+
+    # -- request bodies ---------------------------------------------------------------------------
+
+    async def read_json(self, call: Call) -> dict:
+        """The request body as camelCase JSON; refuses bodies over 20 MB without reading them whole."""
+        chunks, size = [], 0
+        async for chunk in call.request.stream():
+            size += len(chunk)
+            if size > MAX_INLINE_BYTES:
+                raise invalid(f"Request payload size exceeds the limit: {MAX_INLINE_BYTES} bytes.")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as error:
+            raise invalid(f"Invalid JSON payload received. {error}") from None
+        if not isinstance(body, dict):
+            raise invalid("Invalid JSON payload received. Expected an object.")
+        return to_camel_case(body) if has_snake_case_keys(raw) else body
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    @route("POST", None, r"(?P<model>(?:models|tunedModels)/[^/:]+):batchGenerateContent", "create")
+    async def create_generate_batch(self, call: Call) -> Response:
+        return await self._create_batch(call, "generate", "batchGenerateContent")
+
+    @route("POST", None, r"(?P<model>models/[^/:]+):asyncBatchEmbedContent", "create")
+    async def create_embed_batch(self, call: Call) -> Response:
+        return await self._create_batch(call, "embed", "asyncBatchEmbedContent")
+
+    async def _create_batch(self, call: Call, kind: str, method: str) -> Response:
+        body = await self.read_json(call)
+        model = self.catalog.resolve(call.params["model"], method, call.version)
+        batch = body.get("batch")
+        if not isinstance(batch, dict):
+            raise invalid("* BatchGenerateContentRequest.batch: batch is not specified")
+        operation = await run_in_threadpool(self._store_new_job, batch, kind, model, call.job_faults)
+        return json_response(operation)
+
+    def _store_new_job(self, batch: dict, kind: str, model: str, job_faults: tuple[str, ...]) -> dict:
+        """Validate, then make the job durable *before* answering: a job the client heard of survives a kill."""
+        input_config = batch.get("inputConfig") or {}
+        file_name = input_config.get("fileName")
+        inline = (input_config.get("requests") or {}).get("requests")
+        job_id = new_id(36)
+        job = {
+            "id": job_id, "kind": kind, "model": model, "displayName": batch.get("displayName"),
+            "createTime": time.time(), "jobSeconds": self.settings.job_seconds, "inputFile": None,
+            "requestCount": 0, "faults": list(job_faults), "succeeded": 0, "failed": 0,
+        }
+        if file_name:
+            file_id = file_name.removeprefix("files/")
+            if self._live_file(file_id) is None:
+                raise not_found(f"File {file_name} not found.")
+            job["inputFile"] = file_id
+            job["requestCount"] = _count_lines(self.store.blob(file_id))
+        elif inline is not None:
+            items = _checked_inline_requests(inline, kind)
+            job["requestCount"] = len(items)
+            write_inline_input(self.store, job_id, items)
+        else:
+            raise invalid("* BatchGenerateContentRequest.batch.input_config: input_config is not specified")
+        self.store.save_job(job)
+        with self._counts_lock:
+            self.creates_by_display_name[job["displayName"] or ""] += 1
+        if needs_processing(job):
+            self.runner.submit(job)
+        return self._operation(job)
+
+    def _operation(self, job: dict, *, with_inline: bool = True) -> dict:
+        view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
+        inline = None
+        if view.state == "SUCCEEDED" and not job.get("inputFile") and with_inline:
+            inline = json.loads(self.store.job_output(job["id"]).read_bytes())
+        return render_operation(job, view, inline)
+
+    def _job(self, call: Call) -> dict:
+        job = self.store.jobs.get(call.params["id"])
+        if job is None:
+            raise not_found()
+        return job
+
+    @route("GET", None, r"batches/(?P<id>[^/:]+)", "get")
+    async def get_batch(self, call: Call) -> Response:
+        job = self._job(call)
+        return json_response(await run_in_threadpool(self._operation, job))
+
+    @route("GET", None, r"batches", "list")
+    async def list_batches(self, call: Call) -> Response:
+        jobs = sorted(self.store.jobs.values(), key=lambda j: (-j["createTime"], j["id"]))
+        page, token = _page(jobs, call, DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE,
+                            lambda j: (-j["createTime"], j["id"]))
+        # The real service leaves inlined responses out of list answers; clients must get each job.
+        body: dict = {"operations": [self._operation(job, with_inline=False) for job in page]}
+        if token:
+            body["nextPageToken"] = token
+        return json_response(body)
+
+    @route("POST", None, r"batches/(?P<id>[^/:]+):cancel", "cancel")
+    async def cancel_batch(self, call: Call) -> Response:
+        job = self._job(call)
+        view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
+        if not view.terminal:  # cancelling a finished job changes nothing
+            self.runner.abandon(job["id"])
+            await run_in_threadpool(self.store.update_job, job["id"], cancelTime=time.time(),
+                                    succeeded=view.succeeded, failed=view.failed)
+        return json_response({})
+
+    @route("DELETE", None, r"batches/(?P<id>[^/:]+)", "delete")
+    @route("POST", None, r"batches/(?P<id>[^/:]+):delete", "delete")
+    async def delete_batch(self, call: Call) -> Response:
+        job = self._job(call)
+        self.runner.abandon(job["id"])
+        await run_in_threadpool(self.store.delete_job, job["id"])
+        return json_response({})
+
+    # -- models (online) --------------------------------------------------------------------------
+
+    @route("POST", None, r"(?P<model>models/[^/:]+):countTokens", "count-tokens")
+    async def count_tokens(self, call: Call) -> Response:
+        body = await self.read_json(call)
+        self.catalog.resolve(call.params["model"], "countTokens", call.version)
+        request = body.get("generateContentRequest") or body
+        check_generate_request(request, "CountTokensRequest")
+        total = await run_in_threadpool(self.responder.count_tokens, request["contents"])
+        return json_response({"totalTokens": total})
+
+    @route("POST", None, r"(?P<model>(?:models|tunedModels)/[^/:]+):generateContent", "generate")
+    async def generate_content(self, call: Call) -> Response:
+        body = await self.read_json(call)
+        model = self.catalog.resolve(call.params["model"], "generateContent", call.version)
+        check_generate_request(body)
+        return json_response(await run_in_threadpool(self.answerer.generate, body, model))
+
+    @route("POST", None, r"(?P<model>models/[^/:]+):embedContent", "embed")
+    async def embed_content(self, call: Call) -> Response:
+        body = await self.read_json(call)
+        model = self.catalog.resolve(call.params["model"], "embedContent", call.version)
+        check_embed_request(body)
+        answer = await run_in_threadpool(self.answerer.embed, body, model)
+        return json_response({"embedding": answer["embedding"]})
+
+    @route("POST", None, r"(?P<model>models/[^/:]+):batchEmbedContents", "embed")
+    async def batch_embed_contents(self, call: Call) -> Response:
+        """The synchronous multi-text embedding call google-genai's ``models.embed_content`` makes."""
+        body = await self.read_json(call)
+        model = self.catalog.resolve(call.params["model"], "batchEmbedContents", call.version)
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not requests:
+            raise invalid("* BatchEmbedContentsRequest.requests: requests must not be empty")
+        for index, request in enumerate(requests):
+            check_embed_request(request, f"BatchEmbedContentsRequest.requests[{index}]")
+
+        def embed_all() -> list:
+            return [self.answerer.embed(request, model)["embedding"] for request in requests]
+
+        return json_response({"embeddings": await run_in_threadpool(embed_all)})
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _live_file(self, file_id: str) -> dict | None:
+        """A stored file that has not expired (files are kept for ``expire_seconds``, 48 h by default)."""
+        doc = self.store.files.get(file_id)
+        if doc is None or doc["createTime"] + self.settings.expire_seconds <= time.time():
+            return None
+        return doc
+
+    def _file(self, call: Call) -> dict:
+        doc = self._live_file(call.params["id"])
+        if doc is None:
+            raise not_found(f"File files/{call.params['id']} not found.")
+        return doc
+
+    def _render_file(self, call: Call, doc: dict) -> dict:
+        return render_file(doc, call.base_url, call.version, self.settings.expire_seconds)
+
+    @route("POST", "upload", r"files", "upload-start")
+    async def upload_start(self, call: Call) -> Response:
+        body = await self.read_json(call)
+        upload_id = await run_in_threadpool(self.uploads.start, body, call.request.headers,
+                                            call.request.headers.get(FAULT_HEADER))
+        url = f"{call.base_url}/upload/{call.version}/files?upload_id={upload_id}&upload_protocol=resumable"
+        return Response(b"", headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active",
+                                      "X-Goog-Upload-Chunk-Granularity": "262144"})
+
+    async def upload_chunk(self, call: Call) -> Response:
+        result = await self.uploads.chunk(call.request.query_params["upload_id"], call.request)
+        headers = {"X-Goog-Upload-Status": result.status, "X-Goog-Upload-Size-Received": str(result.received)}
+        if result.file is None:
+            return Response(b"", headers=headers)
+        return json_response({"file": self._render_file(call, result.file)}, headers=headers)
+
+    @route("GET", None, r"files/(?P<id>[^/:]+)", "file-get")
+    async def get_file(self, call: Call) -> Response:
+        return json_response(self._render_file(call, self._file(call)))
+
+    @route("GET", None, r"files", "file-list")
+    async def list_files(self, call: Call) -> Response:
+        files = [doc for doc in sorted(self.store.files.values(), key=lambda d: (-d["createTime"], d["id"]))
+                 if self._live_file(doc["id"]) is not None]
+        page, token = _page(files, call, DEFAULT_FILE_PAGE_SIZE, MAX_FILE_PAGE_SIZE,
+                            lambda d: (-d["createTime"], d["id"]))
+        body: dict = {"files": [self._render_file(call, doc) for doc in page]}
+        if token:
+            body["nextPageToken"] = token
+        return json_response(body)
+
+    @route("DELETE", None, r"files/(?P<id>[^/:]+)", "file-delete")
+    async def delete_file(self, call: Call) -> Response:
+        doc = self._file(call)
+        await run_in_threadpool(self.store.delete_file, doc["id"])
+        return json_response({})
+
+    @route("GET", None, r"files/(?P<id>[^/:]+):download", "download")
+    @route("GET", "download", r"files/(?P<id>[^/:]+):download", "download")
+    async def download_file(self, call: Call) -> Response:
+        doc = self._file(call)
+        if doc["source"] != "GENERATED":
+            # As on the real service: uploaded files have metadata, but their bytes cannot be fetched.
+            raise invalid(f"File files/{doc['id']} was uploaded; only generated files can be downloaded.")
+        return _BigFileResponse(self.store.blob(doc["id"]), media_type=doc["mimeType"])
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _checked_inline_requests(items: Any, kind: str) -> list[dict]:
+    """Inline requests are small (<= 20 MB), so the whole list is checked before the job exists."""
+    if not isinstance(items, list) or not items:
+        raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests: "
+                      "requests must not be empty")
+    checked = []
+    for index, item in enumerate(items):
+        where = f"InlinedRequest.requests[{index}].request"
+        if not isinstance(item, dict):
+            raise invalid(f"* {where}: an inlined request must be a JSON object")
+        request = item.get("request")
+        if kind == "embed":
+            check_embed_request(request, where)
+        else:
+            check_generate_request(request, where)
+        entry: dict = {"request": request}
+        metadata = item.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise invalid(f"* InlinedRequest.requests[{index}].metadata: must be an object")
+            # google-genai parses answers' metadata as dict[str, str]; other values would crash it.
+            entry["metadata"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        checked.append(entry)
+    return checked
+
+
+def _count_lines(path: Path) -> int:
+    """Requests in a JSONL file: non-blank lines, counted in one streaming pass."""
+    count = 0
+    with open(path, "rb") as lines:
+        for line in lines:
+            if not line.isspace():
+                count += 1
+    return count
+
+
+def _page(items: list, call: Call, default_size: int, max_size: int, sort_key) -> tuple[list, str | None]:
+    """One page of ``items`` (sorted by ``sort_key``) after the cursor in ``pageToken``."""
+    size_text = call.query("pageSize", "page_size")
+    try:
+        size = int(size_text) if size_text else default_size
+    except ValueError:
+        raise invalid(f"Invalid page size {size_text!r}.") from None
+    size = default_size if size <= 0 else min(size, max_size)
+    start = 0
+    token = call.query("pageToken", "page_token")
+    if token:
+        try:
+            cursor = tuple(json.loads(base64.urlsafe_b64decode(token.encode())))
+            after = (float(cursor[0]), str(cursor[1]))
+        except (ValueError, TypeError, IndexError, binascii.Error):
+            raise invalid("Invalid page token.") from None
+        start = next((i for i, item in enumerate(items) if sort_key(item) > after), len(items))
+    page = items[start:start + size]
+    if start + size >= len(items):
+        return page, None
+    last = sort_key(page[-1])
+    return page, base64.urlsafe_b64encode(json.dumps(list(last)).encode()).decode()

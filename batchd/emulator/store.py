@@ -1,0 +1,166 @@
+"""Durable emulator state: one small JSON document per job, file and upload session, plus blobs.
+
+Layout of a state directory::
+
+    batches/<id>.json          the job record (see jobs.py)
+    batches/<id>.input.json    an inline job's requests, as received
+    batches/<id>.output.json   an inline job's answers (the inlinedResponses list)
+    files/<id>.json            a File resource
+    blobs/<id>                 its bytes (uploaded, or a job's generated output ``batch-<job id>``)
+    uploads/<id>.json          an open resumable upload session
+    uploads/<id>.part          the bytes received so far
+
+The daemon using the emulator is tested by SIGKILLing its process, emulator thread included, at
+arbitrary points. So every document is replaced atomically (write a temporary file, fsync, rename,
+fsync the directory) and is written *before* the answer that announces it is sent: a job the client
+was told about, or a file whose upload was confirmed, survives a kill. Anything half done (a
+temporary file, an output still being written) is simply redone or discarded on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Doc = dict[str, Any]
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` all-or-nothing: ``write(binary_file)`` fills a temporary file that replaces it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    data = json.dumps(value, separators=(",", ":")).encode()
+    atomic_write(path, lambda file: file.write(data))
+
+
+class Store:
+    """The state directory, with every document also held in memory (documents are small)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.batches_dir = root / "batches"
+        self.files_dir = root / "files"
+        self.blobs_dir = root / "blobs"
+        self.uploads_dir = root / "uploads"
+        for folder in (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        # One lock serializes document updates, so a read-modify-write (cancel racing a finishing
+        # worker) never loses a field. Documents in the dicts are replaced, never mutated.
+        self._lock = threading.RLock()
+        self._remove_leftovers()
+        self.jobs: dict[str, Doc] = self._load(self.batches_dir, skip_suffixes=(".input.json", ".output.json"))
+        self.files: dict[str, Doc] = self._load(self.files_dir)
+        self.uploads: dict[str, Doc] = self._load(self.uploads_dir)
+        for part in self.uploads_dir.glob("*.part"):
+            if part.name.removesuffix(".part") not in self.uploads:  # session doc never written
+                part.unlink(missing_ok=True)
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def blob(self, file_id: str) -> Path:
+        return self.blobs_dir / file_id
+
+    def upload_part(self, upload_id: str) -> Path:
+        return self.uploads_dir / f"{upload_id}.part"
+
+    def job_input(self, job_id: str) -> Path:
+        return self.batches_dir / f"{job_id}.input.json"
+
+    def job_output(self, job_id: str) -> Path:
+        return self.batches_dir / f"{job_id}.output.json"
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def save_job(self, job: Doc) -> None:
+        with self._lock:
+            atomic_write_json(self.batches_dir / f"{job['id']}.json", job)
+            self.jobs[job["id"]] = job
+
+    def update_job(self, job_id: str, **changes: Any) -> Doc | None:
+        """Apply ``changes`` to a stored job; None when the job was deleted meanwhile."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            job = {**job, **changes}
+            self.save_job(job)
+            return job
+
+    def delete_job(self, job_id: str) -> None:
+        with self._lock:
+            self.jobs.pop(job_id, None)
+            for path in (self.batches_dir / f"{job_id}.json", self.job_input(job_id), self.job_output(job_id)):
+                path.unlink(missing_ok=True)
+            fsync_directory(self.batches_dir)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def save_file(self, file: Doc) -> None:
+        with self._lock:
+            atomic_write_json(self.files_dir / f"{file['id']}.json", file)
+            self.files[file["id"]] = file
+
+    def delete_file(self, file_id: str) -> None:
+        with self._lock:
+            self.files.pop(file_id, None)
+            (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
+            self.blob(file_id).unlink(missing_ok=True)
+            fsync_directory(self.files_dir)
+
+    # -- upload sessions --------------------------------------------------------------------------
+
+    def save_upload(self, upload: Doc) -> None:
+        with self._lock:
+            atomic_write_json(self.uploads_dir / f"{upload['id']}.json", upload)
+            self.uploads[upload["id"]] = upload
+
+    def delete_upload(self, upload_id: str) -> None:
+        with self._lock:
+            self.uploads.pop(upload_id, None)
+            (self.uploads_dir / f"{upload_id}.json").unlink(missing_ok=True)
+            self.upload_part(upload_id).unlink(missing_ok=True)
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and unfinished outputs of a killed process are never valid state."""
+        for folder in (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir):
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+        for path in self.blobs_dir.glob("*.part"):
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _load(folder: Path, skip_suffixes: tuple[str, ...] = ()) -> dict[str, Doc]:
+        docs = {}
+        for path in folder.glob("*.json"):
+            if path.name.endswith(skip_suffixes):
+                continue
+            doc = json.loads(path.read_bytes())
+            docs[doc["id"]] = doc
+        return docs

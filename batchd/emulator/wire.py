@@ -1,0 +1,80 @@
+"""Wire-format helpers: field-name normalization, timestamps, ids and int64 counters.
+
+Google's protobuf-JSON front end accepts both ``camelCase`` and ``snake_case`` field names, and
+google-genai really sends both (``{"file": {"display_name": ...}}``, ``thinkingConfig:
+{"thinking_budget": 0}``, ``inputConfig: {"file_name": ...}``). The emulator normalizes request
+bodies to camelCase once, on the way in, so everything behind it reads one spelling.
+
+Normalization is field-aware: names that are *data* are never renamed. Those are the keys of
+``metadata`` and ``labels`` maps, function-call ``args`` and function-response ``response`` structs,
+property names inside a schema's ``properties``, and everything inside a JSON Schema
+(``responseJsonSchema``, ``parametersJsonSchema``), whose keywords are camelCase by definition.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+#: A JSON object key in snake_case, found on the raw bytes. A quote inside a JSON string is always
+#: escaped (``\"``), so this cannot match inside a string value: no match means no snake_case key.
+_SNAKE_KEY = re.compile(rb'"[a-z][a-z0-9]*_[a-z0-9_]*"\s*:')
+
+#: Fields whose whole value is user data (a Struct or a JSON Schema) and is passed on untouched.
+_OPAQUE_FIELDS = frozenset({"metadata", "labels", "args", "responseJsonSchema", "parametersJsonSchema"})
+
+#: Fields whose value maps user-chosen names to schemas: keep the names, normalize the schemas.
+_NAMED_SCHEMA_FIELDS = frozenset({"properties"})
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def has_snake_case_keys(raw: bytes) -> bool:
+    """Cheap pre-check on a raw JSON document; False means :func:`to_camel_case` would change nothing."""
+    return _SNAKE_KEY.search(raw) is not None
+
+
+@lru_cache(maxsize=4096)
+def camel(name: str) -> str:
+    """``max_output_tokens`` -> ``maxOutputTokens``; names without an inner ``_`` are unchanged."""
+    if "_" not in name.strip("_"):
+        return name
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def to_camel_case(value: Any, field: str | None = None) -> Any:
+    """Rename every protobuf field name in a request body to camelCase (see module doc)."""
+    if isinstance(value, dict):
+        if field in _NAMED_SCHEMA_FIELDS:
+            return {name: to_camel_case(schema) for name, schema in value.items()}
+        normalized = {}
+        for key, item in value.items():
+            name = camel(key)
+            if name in _OPAQUE_FIELDS or (field == "functionResponse" and name == "response"):
+                normalized[name] = item
+            else:
+                normalized[name] = to_camel_case(item, name)
+        return normalized
+    if isinstance(value, list):
+        return [to_camel_case(item, field) for item in value]
+    return value
+
+
+def rfc3339(timestamp: float) -> str:
+    """Google's timestamp format: UTC with a ``Z`` suffix (microseconds; Google sends nanoseconds)."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id(length: int) -> str:
+    """A random lowercase alphanumeric id, the shape of Google's batch (36) and file (12) ids."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def int64_counts(**counts: int) -> dict[str, str]:
+    """proto3 JSON for int64 counters: decimal strings, zero-valued fields omitted."""
+    return {name: str(count) for name, count in counts.items() if count}
