@@ -29,7 +29,8 @@ STATUS_NAMES: dict[int, str] = {
 DEFAULT_MESSAGES: dict[int, str] = {
     408: "Request timed out.",
     429: "Resource has been exhausted (e.g. check quota).",
-    500: "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+    500: "An internal error has occurred. Please retry or report in "
+         "https://developers.generativeai.google/guide/troubleshooting",
     502: "Bad gateway.",
     503: "The service is currently unavailable.",
     504: "Deadline expired before operation could complete.",

@@ -1,0 +1,204 @@
+"""Every emulated route through the real google-genai SDK, sync and async, on v1 and v1beta."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from google import genai
+from google.genai import errors, types
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is experimental")
+
+from .support import (
+    EMBED_MODEL,
+    MODEL,
+    inline_requests,
+    make_client,
+    output_lines,
+    request_lines,
+    wait_done,
+    write_jsonl,
+)
+
+
+def test_inline_batch_goes_pending_running_succeeded(client: genai.Client):
+    src = inline_requests(3)
+    src[1]["config"] = {"temperature": 0.2, "max_output_tokens": 4, "system_instruction": "Be brief.",
+                        "thinking_config": {"thinking_budget": 0}}
+    job = client.batches.create(model=MODEL, src=src, config={"display_name": "inline-lifecycle"})
+    assert job.name.startswith("batches/") and len(job.name) == len("batches/") + 36
+    assert job.state == types.JobState.JOB_STATE_PENDING
+    assert job.display_name == "inline-lifecycle" and job.model == f"models/{MODEL}"
+
+    seen = [job.state]
+    while not job.done:
+        job = client.batches.get(name=job.name)
+        if job.state != seen[-1]:
+            seen.append(job.state)
+    assert seen == [types.JobState.JOB_STATE_PENDING, types.JobState.JOB_STATE_RUNNING,
+                    types.JobState.JOB_STATE_SUCCEEDED]
+    assert job.end_time >= job.create_time
+
+    answers = job.dest.inlined_responses
+    assert [a.metadata["key"] for a in answers] == ["req-0", "req-1", "req-2"]
+    assert all(a.response.text.startswith("[emulated") for a in answers)
+    assert answers[0].response.text.startswith("[emulated gemini-2.5-flash]")
+    capped = answers[1].response
+    assert capped.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    assert capped.usage_metadata.candidates_token_count <= 4
+
+
+def test_file_batch_from_upload_to_download(client: genai.Client, tmp_path: Path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        *request_lines(3),
+        {"key": "snake", "request": {"contents": [{"parts": [{"text": "x"}]}],
+                                     "generation_config": {"max_output_tokens": 2}}},
+    ])
+    uploaded = client.files.upload(file=str(path), config={"mime_type": "jsonl", "display_name": "route-in"})
+    assert uploaded.size_bytes == path.stat().st_size
+    assert uploaded.source == types.FileSource.UPLOADED and uploaded.state == types.FileState.ACTIVE
+    expected_hash = base64.b64encode(hashlib.sha256(path.read_bytes()).hexdigest().encode()).decode()
+    assert uploaded.sha256_hash == expected_hash
+
+    job = client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "file-route"})
+    job = wait_done(client, job.name)
+    assert job.state == types.JobState.JOB_STATE_SUCCEEDED
+    assert job.dest.file_name == f"files/batch-{job.name.removeprefix('batches/')}"
+
+    output = client.files.get(name=job.dest.file_name)
+    assert output.source == types.FileSource.GENERATED and output.download_uri
+    lines = output_lines(client, job)
+    assert [line["key"] for line in lines] == ["k0", "k1", "k2", "snake"]
+    assert lines[3]["response"]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+
+    destination = tmp_path / "out.jsonl"
+    client.files.download(file=job.dest.file_name, config={"http_options": {"timeout": 10_000}})
+    destination.write_bytes(client.files.download(file=job.dest.file_name))
+    assert destination.stat().st_size == output.size_bytes
+
+
+def test_file_source_given_as_dict_and_bare_request_lines(client: genai.Client, tmp_path: Path):
+    path = write_jsonl(tmp_path / "bare.jsonl", [{"contents": [{"parts": [{"text": "bare"}]}]}, ""])
+    uploaded = client.files.upload(file=str(path), config={"mime_type": "jsonl"})
+    job = wait_done(client, client.batches.create(model=MODEL, src={"file_name": uploaded.name}).name)
+    lines = output_lines(client, job)
+    assert len(lines) == 1 and lines[0]["key"] == "1" and "response" in lines[0]
+
+
+def test_embedding_batches_inline_and_file(client: genai.Client, tmp_path: Path):
+    job = client.batches.create_embeddings(model=EMBED_MODEL, src={"inlined_requests": {
+        "contents": ["a", "b"], "config": {"output_dimensionality": 3}}})
+    job = wait_done(client, job.name)
+    vectors = [r.response.embedding.values for r in job.dest.inlined_embed_content_responses]
+    assert [len(v) for v in vectors] == [3, 3]
+
+    path = write_jsonl(tmp_path / "emb.jsonl", [
+        {"key": "e1", "request": {"output_dimensionality": 5, "content": {"parts": [{"text": "1"}]}}}])
+    uploaded = client.files.upload(file=str(path), config={"mime_type": "jsonl"})
+    job = wait_done(client, client.batches.create_embeddings(model=EMBED_MODEL, src={"file_name": uploaded.name}).name)
+    [line] = output_lines(client, job)
+    assert line["key"] == "e1" and len(line["response"]["embedding"]["values"]) == 5
+
+
+def test_list_pages_cancel_and_delete(client: genai.Client, emulator, version: str):
+    names = [client.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": f"page-{i}"}).name
+             for i in range(2)]
+    # A job that stays PENDING can always be cancelled, however slow the machine is.
+    stuck = make_client(emulator.base_url, version, fault="stuck-pending")
+    names.insert(0, stuck.batches.create(model=MODEL, src=inline_requests(1)).name)
+    listed = [job.name for job in client.batches.list(config={"page_size": 2})]
+    assert set(names) <= set(listed)
+    assert len(listed) == len(set(listed))
+
+    client.batches.cancel(name=names[0])
+    assert client.batches.get(name=names[0]).state == types.JobState.JOB_STATE_CANCELLED
+
+    deleted = client.batches.delete(name=names[1])
+    assert deleted is not None
+    with pytest.raises(errors.ClientError) as raised:
+        client.batches.get(name=names[1])
+    assert raised.value.code == 404 and raised.value.status == "NOT_FOUND"
+    assert names[1] not in [job.name for job in client.batches.list()]
+
+
+def test_list_leaves_inline_answers_out_as_the_service_does(client: genai.Client):
+    job = wait_done(client, client.batches.create(model=MODEL, src=inline_requests(1)).name)
+    [listed] = [j for j in client.batches.list(config={"page_size": 100}) if j.name == job.name]
+    assert listed.state == types.JobState.JOB_STATE_SUCCEEDED and listed.dest is None
+    assert job.dest.inlined_responses
+
+
+def test_files_get_list_delete(client: genai.Client, tmp_path: Path):
+    path = write_jsonl(tmp_path / "f.jsonl", request_lines(1))
+    uploaded = client.files.upload(file=str(path), config={"mime_type": "jsonl", "display_name": "to-delete"})
+    assert client.files.get(name=uploaded.name).display_name == "to-delete"
+    assert uploaded.name in [f.name for f in client.files.list(config={"page_size": 2})]
+    client.files.delete(name=uploaded.name)
+    with pytest.raises(errors.ClientError) as raised:
+        client.files.get(name=uploaded.name)
+    assert raised.value.code == 404
+
+
+def test_upload_with_a_chosen_name(client: genai.Client, tmp_path: Path, version: str):
+    path = write_jsonl(tmp_path / "named.jsonl", request_lines(1))
+    uploaded = client.files.upload(file=str(path), config={"mime_type": "jsonl", "name": f"named-{version}"})
+    assert uploaded.name == f"files/named-{version}"
+    with pytest.raises(errors.ClientError) as raised:
+        client.files.upload(file=str(path), config={"mime_type": "jsonl", "name": f"named-{version}"})
+    assert raised.value.code == 409
+
+
+def test_online_routes(client: genai.Client):
+    assert client.models.count_tokens(model=MODEL, contents="How many tokens is this?").total_tokens == 6
+    answer = client.models.generate_content(
+        model=MODEL, contents="Give me JSON",
+        config={"response_mime_type": "application/json",
+                "response_json_schema": {"type": "object", "properties": {"snake_name": {"type": "integer"}},
+                                         "required": ["snake_name"]}})
+    assert isinstance(json.loads(answer.text)["snake_name"], int)
+    assert answer.usage_metadata.total_token_count > 0
+    embedding = client.models.embed_content(model=EMBED_MODEL, contents="hi",
+                                            config={"output_dimensionality": 4})
+    assert len(embedding.embeddings[0].values) == 4
+
+
+def test_answers_are_deterministic(client: genai.Client):
+    first = client.models.generate_content(model=MODEL, contents="same prompt").text
+    assert client.models.generate_content(model=MODEL, contents="same prompt").text == first
+
+
+def test_every_route_async(client: genai.Client, tmp_path: Path, emulator, version: str):
+    path = write_jsonl(tmp_path / "async.jsonl", request_lines(2))
+
+    async def scenario() -> None:
+        aio = client.aio
+        uploaded = await aio.files.upload(file=str(path), config={"mime_type": "jsonl"})
+        assert (await aio.files.get(name=uploaded.name)).size_bytes == path.stat().st_size
+        assert uploaded.name in [f.name async for f in await aio.files.list()]
+        file_job = await aio.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "aio-file"})
+        inline_job = await aio.batches.create(model=MODEL, src=inline_requests(2))
+        embed_job = await aio.batches.create_embeddings(model=EMBED_MODEL,
+                                                        src={"inlined_requests": {"contents": ["x"]}})
+        for name in (file_job.name, inline_job.name, embed_job.name):
+            while not (job := await aio.batches.get(name=name)).done:
+                await asyncio.sleep(0.05)
+            assert job.state == types.JobState.JOB_STATE_SUCCEEDED
+        file_job = await aio.batches.get(name=file_job.name)
+        data = await aio.files.download(file=file_job.dest.file_name)
+        assert len(data.decode().splitlines()) == 2
+        assert inline_job.name in [j.name async for j in await aio.batches.list()]
+        stuck = make_client(emulator.base_url, version, fault="stuck-pending").aio
+        to_cancel = await stuck.batches.create(model=MODEL, src=inline_requests(1))
+        await aio.batches.cancel(name=to_cancel.name)
+        assert (await aio.batches.get(name=to_cancel.name)).state == types.JobState.JOB_STATE_CANCELLED
+        await aio.batches.delete(name=to_cancel.name)
+        await aio.files.delete(name=uploaded.name)
+        assert (await aio.models.count_tokens(model=MODEL, contents="abcd")).total_tokens == 1
+        assert (await aio.models.generate_content(model=MODEL, contents="hi")).text.startswith("[emulated")
+
+    asyncio.run(scenario())
