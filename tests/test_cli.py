@@ -1,0 +1,75 @@
+"""The command line: submit, status, list, cancel, schema and errors, each as a real process."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Workspace
+from test_daemon import TRANSLATE
+
+
+def test_submit_validates_and_drops_atomically(workspace: Workspace, tmp_path_factory):
+    source = tmp_path_factory.mktemp("elsewhere") / "job.toml"
+    source.write_text(TRANSLATE)
+    result = workspace.batchd("submit", str(source))
+    assert result.returncode == 0, result.stderr
+    assert (workspace.inbox / "job.toml").read_text() == TRANSLATE
+    # The same name again does not overwrite the first drop.
+    assert workspace.batchd("submit", str(source)).returncode == 0
+    assert sorted(p.name for p in workspace.inbox.iterdir()) == ["job-2.toml", "job.toml"]
+
+
+def test_submit_refuses_an_invalid_manifest(workspace: Workspace, tmp_path_factory):
+    source = tmp_path_factory.mktemp("elsewhere") / "bad.toml"
+    source.write_text('task = "translate"\ntexts = ["a"]\n')
+    result = workspace.batchd("submit", str(source))
+    assert result.returncode != 0
+    assert "languages" in result.stderr
+    assert not list(workspace.inbox.iterdir())
+
+
+def test_status_and_list_after_a_run(workspace: Workspace):
+    workspace.drop("translate.toml", TRANSLATE)
+    assert workspace.batchd("run", "--once").returncode == 0
+
+    jobs = workspace.status()
+    assert [(j["name"], j["state"], j["outcome"], j["requests"], j["done"]) for j in jobs] == [
+        ("translate", "done", "succeeded", 4, 4)]
+    one = json.loads(workspace.batchd("status", "translate", "--json").stdout)
+    assert one[0]["remote_batches"][0]["name"].startswith("batches/")
+    table = workspace.batchd("list")
+    assert table.returncode == 0 and "translate.toml" in table.stdout and "succeeded" in table.stdout
+    missing = workspace.batchd("status", "nope")
+    assert missing.returncode != 0 and "no job named 'nope'" in missing.stderr
+
+
+def test_status_before_any_run_says_no_jobs(workspace: Workspace):
+    result = workspace.batchd("status")
+    assert result.returncode == 0 and "no jobs" in result.stdout
+
+
+def test_cancel_drops_a_cancel_file_once(workspace: Workspace):
+    assert workspace.batchd("cancel", "long").returncode == 0
+    assert (workspace.inbox / "long.cancel").exists()
+    again = workspace.batchd("cancel", "long")
+    assert again.returncode == 0 and "already requested" in again.stdout
+
+
+def test_schema_describes_every_task(workspace: Workspace):
+    result = workspace.batchd("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    text = json.dumps(schema)
+    assert all(task in text for task in ("translate", "sentiment", "variations"))
+
+
+def test_an_unknown_config_key_is_named(workspace: Workspace):
+    workspace.config.write_text(workspace.config.read_text().replace("inbox =", "inbx = 1\ninbox ="))
+    result = workspace.batchd("run", "--once")
+    assert result.returncode != 0
+    assert "inbx" in result.stderr
+
+
+def test_emulator_command_is_wired(workspace: Workspace):
+    result = workspace.batchd("emulator", "--help")
+    assert result.returncode == 0 and "--job-seconds" in result.stdout
