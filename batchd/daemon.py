@@ -597,7 +597,7 @@ class Daemon:
         chunk_errors = {c.idx: error for c in chunks if (error := _chunk_error(c, spool)) is not None}
         counts = {"total": 0, "succeeded": 0, "failed": 0}
         tokens = {"prompt": 0, "output": 0, "total": 0}
-        dumps = json.dumps
+        dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
         def results_written():
             for n, result in enumerate(spool.joined(chunk_errors)):
@@ -611,7 +611,7 @@ class Daemon:
                     tokens["total"] += result.usage.get("totalTokenCount", 0)
                 lines.write(dumps({"key": result.key, "input": result.input, "status": result.status,
                                    "text": result.text, "data": result.data, "error": result.error,
-                                   "usage": result.usage}, ensure_ascii=False) + "\n")
+                                   "usage": result.usage}) + "\n")
                 yield result
 
         with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:

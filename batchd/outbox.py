@@ -65,10 +65,6 @@ class CrossDeviceError(OSError):
         return self.strerror
 
 
-class DuplicateKeyError(ValueError):
-    """A key was added twice to a :class:`JsonObjectWriter`."""
-
-
 # -- primitives -------------------------------------------------------------------------------
 
 
@@ -339,34 +335,32 @@ class JobFolder:
 
 
 class JsonObjectWriter:
-    """Writes one JSON object to ``fh`` entry by entry, as ``json.dumps(obj, indent=2)`` would.
+    """Writes one JSON object to ``fh`` entry by entry, one entry per line.
 
     Values are serialized and written as they are added, so a large organized.json never has
-    to exist as a dict in memory; only the keys are remembered, to reject duplicates (which
-    JSON readers would silently collapse into the last one). Used as a context manager, the
-    closing brace is written only on a clean exit, so an interrupted write never parses.
+    to exist as a dict in memory.  Keys are not remembered either (a million ids would be the
+    biggest thing in memory): their uniqueness is the task's contract, and manifests reject
+    duplicate ids.  Values are compact (the C encoder; an indented dump is several times
+    slower), one per line, so the file stays readable and greppable.  Used as a context
+    manager, the closing brace is written only on a clean exit, so an interrupted write never
+    parses.
     """
 
     def __init__(self, fh: IO[str]):
         self._fh = fh
-        self._keys: set[str] = set()
+        self._count = 0
         self._closed = False
+        self._encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
     def add(self, key: str, value: Any) -> None:
         if self._closed:
             raise RuntimeError("JsonObjectWriter is closed")
         if not isinstance(key, str):
             raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
-        if key in self._keys:
-            raise DuplicateKeyError(f"duplicate key in JSON object: {key!r}")
         # Serialize before writing anything, so an unserializable value leaves no half entry.
-        body = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
-        separator = ",\n  " if self._keys else "{\n  "
-        # json.dumps escapes newlines inside strings, so every raw newline is between tokens
-        # and re-indenting by replacement is exact.
-        indented_body = body.replace("\n", "\n  ")
-        self._keys.add(key)
-        self._fh.write(f"{separator}{json.dumps(key, ensure_ascii=False)}: {indented_body}")
+        entry = f"{self._encode(key)}: {self._encode(value)}"
+        self._fh.write(f",\n  {entry}" if self._count else f"{{\n  {entry}")
+        self._count += 1
 
     def extend(self, entries: Iterable[tuple[str, Any]]) -> None:
         """Add every ``(key, value)``, e.g. what a task's ``organize`` yields."""
@@ -376,7 +370,7 @@ class JsonObjectWriter:
     def close(self) -> None:
         """Finish the object (``fh`` itself stays open; its owner closes it)."""
         if not self._closed:
-            self._fh.write("\n}\n" if self._keys else "{}\n")
+            self._fh.write("\n}\n" if self._count else "{}\n")
             self._closed = True
 
     def __enter__(self) -> JsonObjectWriter:

@@ -86,7 +86,7 @@ class JobSpool:
         chunks: list[BuiltChunk] = []
         out = None
         current: BuiltChunk | None = None
-        dumps = json.dumps
+        dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
         with open(self.index_path, "w", encoding="utf-8") as index:
             for n, request in enumerate(requests):
                 line = encode(request) + "\n"
@@ -103,8 +103,7 @@ class JobSpool:
                 current.request_count += 1
                 current.byte_size += size
                 wants_json = request.config.get("response_mime_type") == "application/json"
-                index.write(dumps([request.key, current.idx, wants_json, request.input],
-                                  ensure_ascii=False) + "\n")
+                index.write(dumps([request.key, current.idx, wants_json, request.input]) + "\n")
                 if n % 10_000 == 0:
                     check_stop()
             if out is not None:

@@ -67,7 +67,7 @@ def wait_until_done(provider: Provider, name: str) -> RemoteJob:
 def write_requests(path: Path, encoder: RequestEncoder, prompts: dict[str, str]) -> Path:
     with open(path, "w", encoding="utf-8") as requests_file:
         for key, prompt in prompts.items():
-            requests_file.write(encoder.jsonl_line(key, prompt))
+            requests_file.write(encoder.jsonl_line(key, prompt) + "\n")
     return path
 
 
@@ -80,7 +80,7 @@ def answer_text(response: dict[str, Any]) -> str:
 
 def test_file_job_round_trip_joins_results_by_key(provider: Provider, tmp_path: Path) -> None:
     prompts = {f"r{number:06d}-fr": f"Sentence number {number}." for number in range(25)}
-    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(TRANSLATE_DEFAULTS), prompts)
+    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL, TRANSLATE_DEFAULTS), prompts)
 
     file_name = provider.upload_jsonl(input_path, "round-trip-input")
     assert file_name.startswith("files/")
@@ -103,7 +103,7 @@ def test_file_job_round_trip_joins_results_by_key(provider: Provider, tmp_path: 
 
 
 def test_inline_job_with_structured_output(provider: Provider, tmp_path: Path) -> None:
-    encoder = RequestEncoder({"response_mime_type": "application/json", "response_json_schema": VERDICT_SCHEMA})
+    encoder = RequestEncoder(MODEL, {"response_mime_type": "application/json", "response_json_schema": VERDICT_SCHEMA})
     requests = [
         encoder.inline("a", "I loved it."),
         encoder.inline("b", "Dreadful.", {"temperature": 0.0}),
@@ -123,7 +123,7 @@ def test_inline_job_with_structured_output(provider: Provider, tmp_path: Path) -
 
 
 def test_list_pages_through_all_jobs_with_int_stats(provider: Provider) -> None:
-    encoder = RequestEncoder()
+    encoder = RequestEncoder(MODEL)
     names = [
         provider.create_inline(MODEL, [encoder.inline(str(n), "hi")] * 2, f"listed-{n}").name for n in range(3)
     ]
@@ -140,8 +140,8 @@ def test_list_pages_through_all_jobs_with_int_stats(provider: Provider) -> None:
 
 
 def test_jobs_named_returns_duplicates_oldest_first(provider: Provider) -> None:
-    first = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "twice")
-    second = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "twice")
+    first = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "twice")
+    second = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "twice")
     assert [job.name for job in provider.jobs_named("twice")] == [first.name, second.name]
 
 
@@ -150,14 +150,14 @@ def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
         api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": CREATE_503_ONCE}
     ) as faulty:
         with pytest.raises(errors.ServerError) as raised:
-            faulty.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "create-503")
+            faulty.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "create-503")
     assert raised.value.code == 503
     assert is_retryable(raised.value)
 
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status: int) -> None:
-    created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], f"read-retry-{status}")
+    created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], f"read-retry-{status}")
     with Provider(
         api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": read_fault(status)}
     ) as flaky:
@@ -168,7 +168,7 @@ def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status:
 def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tmp_path: Path) -> None:
     # Long prompts are echoed into long answers; ~4,000 of them make an output file of several MB.
     prompts = {f"k{number}": f"{number} " + "word " * 400 for number in range(4000)}
-    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(), prompts)
+    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL), prompts)
     job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input"), "big")
     job = wait_until_done(provider, job.name)
     destination = tmp_path / "results.jsonl"
@@ -190,14 +190,14 @@ def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tm
 def test_cancel(tmp_path: Path) -> None:
     with EmulatorServer(tmp_path, job_seconds=60, api_key=API_KEY) as slow_emulator:
         with Provider(api_key=API_KEY, base_url=slow_emulator.base_url, retry=FAST_RETRY) as provider:
-            created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "to-cancel")
+            created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "to-cancel")
             provider.cancel(created.name)
             job = wait_until_done(provider, created.name)
     assert job.state == "cancelled"
 
 
 def test_delete_tolerates_a_job_that_is_already_gone(provider: Provider) -> None:
-    created = provider.create_inline(MODEL, [RequestEncoder().inline("k", "hi")], "to-delete")
+    created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "to-delete")
     provider.delete(created.name)
     provider.delete(created.name)
     assert not provider.jobs_named("to-delete")
@@ -258,18 +258,24 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
-def recorder() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+@pytest.fixture(scope="module")
+def recording_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     bodies: list[dict[str, Any]] = []
     handler = type("Handler", (_RecordingHandler,), {"bodies": bodies})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", bodies
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture()
+def recorder(recording_server: tuple[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
+    recording_server[1].clear()
+    return recording_server
 
 
 @pytest.mark.parametrize(
@@ -286,16 +292,18 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
     recorder: tuple[str, list[dict[str, Any]]], overrides: dict[str, Any] | None
 ) -> None:
     base_url, bodies = recorder
-    encoder = RequestEncoder(TRANSLATE_DEFAULTS)
+    encoder = RequestEncoder(MODEL, TRANSLATE_DEFAULTS)
     prompt = 'A "quoted" prompt — with ünïcödé, 日本語 and a\nnewline.'
-    with Provider(api_key=API_KEY, base_url=base_url) as provider:
-        provider.create_inline(MODEL, [encoder.inline("key-1", prompt, overrides)], "recorded")
-
-    [sent] = bodies[0]["batch"]["inputConfig"]["requests"]["requests"]
     line = encoder.jsonl_line("key-1", prompt, overrides)
-    assert line.endswith("\n") and "\n" not in line[:-1]
-    assert json.loads(line) == {"key": sent["metadata"]["key"], "request": sent["request"]}
-    assert sent["request"] == encoder.wire_request(prompt, overrides)
+    with Provider(api_key=API_KEY, base_url=base_url) as provider:
+        provider.create_inline(MODEL, [encoder.inline("key-1", prompt, overrides)], "from-settings")
+        provider.create_inline(MODEL, [RequestEncoder.inline_from_line(json.loads(line))], "from-line")
+
+    assert "\n" not in line
+    assert json.loads(line)["request"] == encoder.wire_request(prompt, overrides)
+    for body in bodies:
+        [sent] = body["batch"]["inputConfig"]["requests"]["requests"]
+        assert {"key": sent["metadata"]["key"], "request": sent["request"]} == json.loads(line)
 
 
 # -- units --------------------------------------------------------------------------------------------
@@ -303,13 +311,13 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
 
 def test_request_encoder_rejects_unknown_settings() -> None:
     with pytest.raises(ValueError, match="max_tokens"):
-        RequestEncoder({"max_tokens": 5})
+        RequestEncoder(MODEL, {"max_tokens": 5})
     with pytest.raises(ValueError, match="response_schema"):
-        RequestEncoder().jsonl_line("k", "p", {"response_schema": {"type": "STRING"}})
+        RequestEncoder(MODEL).jsonl_line("k", "p", {"response_schema": {"type": "STRING"}})
 
 
 def test_request_encoder_override_of_none_removes_a_default() -> None:
-    encoder = RequestEncoder({"system_instruction": "Be brief.", "temperature": 0.5})
+    encoder = RequestEncoder(MODEL, {"system_instruction": "Be brief.", "temperature": 0.5})
     request = json.loads(encoder.jsonl_line("k", "p", {"system_instruction": None}))["request"]
     assert "systemInstruction" not in request
     assert request["generationConfig"] == {"temperature": 0.5}
