@@ -36,6 +36,14 @@ API_KEY = "test-key"
 # Fast backoff so retry tests take milliseconds; the attempts match production.
 FAST_RETRY = RetryPolicy(attempts=5, initial_delay=0.01, max_delay=0.05)
 TRANSLATE_DEFAULTS = {"temperature": 0.2, "max_output_tokens": 256, "system_instruction": "Translate to French."}
+# Emulator fault specs (docs/emulator.md): the first create answers 503; every second read answers STATUS.
+CREATE_503_ONCE = "503*1@create"
+
+
+def read_fault(status: int) -> str:
+    return f"{status}/2@get|list"
+
+
 VERDICT_SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}, "score": {"type": "number"}},
@@ -165,9 +173,11 @@ def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status:
         assert any(job.name == created.name for job in flaky.list_jobs())
 
 
+@pytest.mark.xfail(strict=True, reason="google-genai 3.3.0 reads the whole download body before writing it; "
+                   "memory is bounded by one chunk's output, not by a stream buffer")
 def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tmp_path: Path) -> None:
-    # Long prompts are echoed into long answers; ~4,000 of them make an output file of several MB.
-    prompts = {f"k{number}": f"{number} " + "word " * 400 for number in range(4000)}
+    # Each answer is a few hundred bytes; 12,000 of them make an output file of several MB.
+    prompts = {f"k{number}": f"{number} " + "word " * 10 for number in range(12000)}
     input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL), prompts)
     job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input"), "big")
     job = wait_until_done(provider, job.name)
