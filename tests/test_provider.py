@@ -35,15 +35,17 @@ MODEL = "gemini-2.5-flash"
 API_KEY = "test-key"
 # Fast backoff so retry tests take milliseconds; the attempts match production.
 FAST_RETRY = RetryPolicy(attempts=5, initial_delay=0.01, max_delay=0.05)
-TRANSLATE_DEFAULTS = {"temperature": 0.2, "max_output_tokens": 256, "system_instruction": "Translate to French."}
-# Emulator fault specs (docs/emulator.md): the first create answers 503; every second read answers STATUS.
+# X-Emulator-Fault specs (docs/emulator.md). A header spec keeps one counter per spec text for the
+# whole emulator, so each test uses its own text.
 CREATE_503_ONCE = "503*1@create"
 
 
 def read_fault(status: int) -> str:
-    return f"{status}/2@get|list"
+    """The first two gets and the first two lists fail with ``status``: fewer than the retry attempts."""
+    return f"{status}*2@get,{status}*2@list"
 
 
+TRANSLATE_DEFAULTS = {"temperature": 0.2, "max_output_tokens": 256, "system_instruction": "Translate to French."}
 VERDICT_SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}, "score": {"type": "number"}},
@@ -160,7 +162,13 @@ def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
         with pytest.raises(errors.ServerError) as raised:
             faulty.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "create-503")
     assert raised.value.code == 503
-    assert is_retryable(raised.value)
+    assert is_retryable(raised.value)  # for the caller's own policy: reconcile first, then create again
+    assert provider_jobs_named(emulator, "create-503") == []
+
+
+def provider_jobs_named(emulator: EmulatorServer, display_name: str) -> list[RemoteJob]:
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY) as provider:
+        return provider.jobs_named(display_name)
 
 
 @pytest.mark.parametrize("status", [503, 429])
@@ -173,11 +181,9 @@ def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status:
         assert any(job.name == created.name for job in flaky.list_jobs())
 
 
-@pytest.mark.xfail(strict=True, reason="google-genai 3.3.0 reads the whole download body before writing it; "
-                   "memory is bounded by one chunk's output, not by a stream buffer")
 def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tmp_path: Path) -> None:
-    # Each answer is a few hundred bytes; 12,000 of them make an output file of several MB.
-    prompts = {f"k{number}": f"{number} " + "word " * 10 for number in range(12000)}
+    # Each answer line is ~450 bytes; 28,000 of them make an output file of ~12 MiB.
+    prompts = {f"k{number}": f"{number} " + "word " * 10 for number in range(28000)}
     input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL), prompts)
     job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input"), "big")
     job = wait_until_done(provider, job.name)
@@ -190,9 +196,11 @@ def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tm
     finally:
         tracemalloc.stop()
 
-    size = destination.stat().st_size
-    assert size > 3 * 1024 * 1024
-    assert peak < size / 2  # chunks went to disk; the body was never held whole
+    # google-genai streams in 1 MiB chunks and httpx copies each a few times while assembling it: the
+    # peak stays near 4.5 MiB whatever the file size, well below the body it would take to hold it whole.
+    mebibyte = 1024 * 1024
+    assert destination.stat().st_size > 10 * mebibyte
+    assert peak < 8 * mebibyte
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".part")] == []
     assert sum(1 for _ in read_results_file(destination)) == len(prompts)
 
