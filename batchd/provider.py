@@ -40,6 +40,8 @@ from urllib.parse import urlencode
 from google import genai
 from google.genai import errors, types
 
+from batchd.outbox import fsync_dir
+
 if TYPE_CHECKING:
     from batchd.task import TaskRequest
 
@@ -314,14 +316,6 @@ def inline_results(items: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any
         yield _result_record(key, item, f"inline result {number}")
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------------------
 # The provider
 
@@ -496,7 +490,7 @@ class Provider:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_name)
             raise
-        _fsync_directory(destination.parent)
+        fsync_dir(destination.parent)
 
 
 # --------------------------------------------------------------------------------------------------

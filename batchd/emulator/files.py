@@ -24,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from batchd.emulator.errors import ApiError, invalid, not_found
-from batchd.emulator.store import Doc, Store, fsync_directory
+from batchd.emulator.store import Doc, Store
 from batchd.emulator.wire import new_id, rfc3339
+from batchd.outbox import fsync_dir
 
 #: The service's limit for one file (discovery document ``media.upload.maxSize``).
 MAX_FILE_BYTES = 2 * 1024**3
@@ -171,7 +172,7 @@ class Uploads:
             os.fsync(data.fileno())
         file_id = upload["fileId"]
         os.replace(part, self.store.blob(file_id))
-        fsync_directory(self.store.blobs_dir)
+        fsync_dir(self.store.blobs_dir)
         doc = {
             "id": file_id, "displayName": upload.get("displayName"), "mimeType": upload["mimeType"],
             "sizeBytes": size, "createTime": time.time(), "sha256": session.sha256.hexdigest(), "source": "UPLOADED",

@@ -28,8 +28,9 @@ from functools import lru_cache
 from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
-from batchd.emulator.store import Doc, Store, atomic_write, atomic_write_json, fsync_directory
+from batchd.emulator.store import Doc, Store, atomic_write_json
 from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
+from batchd.outbox import atomic_write, fsync_dir
 
 log = logging.getLogger("batchd.emulator")
 
@@ -283,7 +284,7 @@ class BatchRunner:
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
-        fsync_directory(target.parent)
+        fsync_dir(target.parent)
         self.store.save_file(generated_file_doc(file_id, target.stat().st_size, job))
         return done - failed, failed
 
@@ -333,5 +334,4 @@ def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:
 
 def write_inline_input(store: Store, job_id: str, items: list) -> None:
     """An inline job's requests go to disk before the job record, so a stored job always has them."""
-    data = json.dumps(items, separators=(",", ":")).encode()
-    atomic_write(store.job_input(job_id), lambda file: file.write(data))
+    atomic_write(store.job_input(job_id), json.dumps(items, separators=(",", ":")))

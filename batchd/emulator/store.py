@@ -20,42 +20,18 @@ temporary file, an output still being written) is simply redone or discarded on 
 from __future__ import annotations
 
 import json
-import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from batchd.outbox import atomic_write, fsync_dir
 
 Doc = dict[str, Any]
 
 
-def fsync_directory(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` all-or-nothing: ``write(binary_file)`` fills a temporary file that replaces it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
 def atomic_write_json(path: Path, value: Any) -> None:
-    data = json.dumps(value, separators=(",", ":")).encode()
-    atomic_write(path, lambda file: file.write(data))
+    """A compact JSON document, replaced all-or-nothing (see :func:`batchd.outbox.atomic_write`)."""
+    atomic_write(path, json.dumps(value, separators=(",", ":")))
 
 
 class Store:
@@ -116,7 +92,7 @@ class Store:
             self.jobs.pop(job_id, None)
             for path in (self.batches_dir / f"{job_id}.json", self.job_input(job_id), self.job_output(job_id)):
                 path.unlink(missing_ok=True)
-            fsync_directory(self.batches_dir)
+            fsync_dir(self.batches_dir)
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -130,7 +106,7 @@ class Store:
             self.files.pop(file_id, None)
             (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
             self.blob(file_id).unlink(missing_ok=True)
-            fsync_directory(self.files_dir)
+            fsync_dir(self.files_dir)
 
     # -- upload sessions --------------------------------------------------------------------------
 
