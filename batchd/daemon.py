@@ -29,7 +29,7 @@ from batchd.inbox import Inbox, claim, sha256_file
 from batchd.journal import Chunk, Job, Journal, REMOTE_LIVE_STATES, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_tasks
-from batchd.provider import Provider, RemoteJob, RequestEncoder, is_retryable
+from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.spool import ChunkLimits, JobSpool
 
 log = logging.getLogger("batchd")
@@ -532,19 +532,17 @@ class Daemon:
             if changed:
                 self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats)
             return changed
-        self.fetch(chunk, remote)
+        self.fetch(chunk)
         return True
 
-    def fetch(self, chunk: Chunk, listed: RemoteJob) -> None:
-        """Download a finished chunk's results into the spool (a get for this job only)."""
-        remote = self.provider.get(chunk.remote_name) if listed.state == "succeeded" else listed
+    def fetch(self, chunk: Chunk) -> None:
+        """Store a finished chunk's results in the spool: one get (list leaves inline output out), then them."""
+        remote = self.provider.get(chunk.remote_name)
         spool = self._spool(chunk.job_id)
-        if remote.state == "succeeded" or remote.responses_file or remote.inlined:
-            if remote.responses_file:
-                self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
-            else:
-                keys = spool.request_keys(chunk.idx)
-                spool.write_results(chunk.idx, _keyed_inline_results(remote.inlined or [], keys))
+        if remote.responses_file:
+            self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
+        elif remote.inlined is not None:
+            spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
         crashpoint("after-download")
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
                                   stats=remote.stats)
@@ -687,23 +685,6 @@ def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:
         return {"code": chunk.remote_state or "no_results",
                 "message": f"remote batch {chunk.remote_name} ended {chunk.remote_state} with no results"}
     return None  # requests the service left out of the results show up as "missing"
-
-
-def _keyed_inline_results(items: list[dict], keys) -> list[dict]:
-    """Inline results as result lines; a dropped ``metadata.key`` falls back to input order."""
-    keys = list(keys)
-    lines = []
-    for position, item in enumerate(items):
-        key = (item.get("metadata") or {}).get("key")
-        if key is None and position < len(keys):
-            key = keys[position]
-        line = {"key": key}
-        if item.get("error"):
-            line["error"] = item["error"]
-        else:
-            line["response"] = item.get("response")
-        lines.append(line)
-    return lines
 
 
 def _manifest_error(error: ManifestError) -> dict:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from batchd.outbox import atomic_write
 from batchd.task import TaskRequest, TaskResult
 
 
@@ -120,29 +121,28 @@ class JobSpool:
             for line in lines:
                 yield json.loads(line)
 
-    def request_keys(self, idx: int) -> Iterator[str]:
-        for entry in self.read_index(idx):
-            yield entry[0]
-
-    def read_index(self, idx: int | None = None) -> Iterator[list]:
-        """Index entries ``[key, chunk, wants_json, input]`` in request order (optionally one chunk's)."""
+    def read_index(self) -> Iterator[list]:
+        """Index entries ``[key, chunk, wants_json, input]``, in request order."""
         with open(self.index_path, encoding="utf-8") as lines:
             for line in lines:
-                entry = json.loads(line)
-                if idx is None or entry[1] == idx:
-                    yield entry
+                yield json.loads(line)
 
     # -- results --------------------------------------------------------------------------------
 
-    def write_results(self, idx: int, records: Iterable[dict]) -> None:
-        """Store inline results as the same JSONL a file job returns (written atomically)."""
-        path = self.results_path(idx)
-        tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            _fsync(out)
-        os.replace(tmp, path)
+    def write_inline_results(self, idx: int, records: Iterable[dict]) -> None:
+        """Store inline results as the same JSONL a file job returns (written atomically).
+
+        A record whose ``metadata.key`` the service dropped (key None) takes the key of the
+        request at its position: inline answers come back in input order unless the service
+        also shuffles them, and then nobody can join them (file results always carry their key).
+        """
+        keys = (line["key"] for line in self.read_requests(idx))  # an inline chunk is small
+        lines = []
+        for record, key in zip(records, itertools.chain(keys, itertools.repeat(None))):
+            if record.get("key") is None:
+                record = {**record, "key": key}
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        atomic_write(self.results_path(idx), "".join(lines))
 
     def read_results(self, idx: int) -> Iterator[dict]:
         path = self.results_path(idx)
@@ -233,11 +233,7 @@ def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None
     return TaskResult(key=key, input=inputs, status="ok", text=text, data=data, error=None, usage=usage)
 
 
-def _fsync(handle) -> None:
+def _close_durably(handle) -> None:
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def _close_durably(handle) -> None:
-    _fsync(handle)
     handle.close()
