@@ -529,6 +529,19 @@ _MAX_CACHED_OVERRIDE_TAILS = 256
 GENERATION_SETTINGS = frozenset(_GENERATION_CONFIG_FIELDS) | frozenset(_REQUEST_LEVEL_SETTINGS)
 
 
+def _identity_if_unhashable(value: Any) -> Any:
+    """A cache key part for a setting value.
+
+    A JSON schema is a dict, so unhashable, but a task hands the same schema object to every request
+    of a job: keyed by identity, its encoding is reused instead of redone a million times.
+    """
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
 def _user_content(text: str) -> dict[str, Any]:
     return {"parts": [{"text": text}], "role": "user"}
 
@@ -583,8 +596,8 @@ class RequestEncoder:
         # The part of every request line that only depends on the job's settings, encoded once.
         self._default_tail = _json_tail(_wire_fields(self.defaults))
         # Per-request overrides usually come from a handful of variants (say, three temperatures), so
-        # their encoded tails are kept too, up to a bound; unhashable overrides are encoded every time.
-        self._override_tails: dict[tuple[tuple[str, Any], ...], str] = {}
+        # their encoded tails are kept too, up to a bound (unhashable values, such as a schema, by identity).
+        self._override_tails: dict[tuple[tuple[str, Any], ...], tuple[str, Mapping[str, Any]]] = {}
 
     def settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The job's defaults with ``overrides`` applied."""
@@ -613,15 +626,14 @@ class RequestEncoder:
         )
 
     def _override_tail(self, overrides: Mapping[str, Any]) -> str:
-        cache_key = tuple(overrides.items())
-        try:
-            tail = self._override_tails.get(cache_key)
-        except TypeError:  # an unhashable value, e.g. a JSON schema: encoded every time
-            return _json_tail(_wire_fields(self.settings(overrides)))
-        if tail is None:
-            tail = _json_tail(_wire_fields(self.settings(overrides)))
-            if len(self._override_tails) < _MAX_CACHED_OVERRIDE_TAILS:
-                self._override_tails[cache_key] = tail
+        cache_key = tuple((name, _identity_if_unhashable(value)) for name, value in overrides.items())
+        cached = self._override_tails.get(cache_key)
+        if cached is not None:
+            return cached[0]
+        tail = _json_tail(_wire_fields(self.settings(overrides)))
+        if len(self._override_tails) < _MAX_CACHED_OVERRIDE_TAILS:
+            # The overrides are kept with their tail so the ids in the key stay theirs.
+            self._override_tails[cache_key] = (tail, overrides)
         return tail
 
     def inline(self, key: str, prompt: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
