@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,9 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
     """batchd: drop job manifests into inbox/, find organized Gemini batch results in outbox/."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The HTTP clients log every request at INFO: batchd's own lines say what matters.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     ctx.obj = Context(config_path)
 
 
@@ -99,9 +101,9 @@ def cancel(ctx: Context, name: str) -> None:
 
 
 def _open_journal(settings: Settings):
-    from batchd.journal import Journal
+    from batchd.journal import Journal, journal_path
 
-    path = settings.state_dir / "journal.db"
+    path = journal_path(settings.state_dir)
     if not path.exists():
         return None
     return Journal(path, readonly=True)
@@ -161,11 +163,10 @@ def status(ctx: Context, name: str | None, as_json: bool) -> None:
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_context
-def list_jobs(ctx: Context, as_json: bool) -> None:
+@click.pass_context
+def list_jobs(ctx: click.Context, as_json: bool) -> None:
     """List every job the journal knows, oldest first."""
-    ctx_obj = click.get_current_context()
-    ctx_obj.invoke(status, name=None, as_json=as_json)
+    ctx.invoke(status, name=None, as_json=as_json)
 
 
 def _print_jobs(jobs: list[dict]) -> None:

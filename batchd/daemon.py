@@ -12,10 +12,12 @@ can be killed anywhere and, started again, carries on from the journal (see
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from batchd import outbox
 from batchd.config import Settings
-from batchd.inbox import Inbox, claim, sha256_file
-from batchd.journal import Chunk, Job, Journal, REMOTE_LIVE_STATES, new_job_id
+from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
+from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_tasks
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
@@ -137,12 +139,12 @@ class Daemon:
         # Claims and publishes are renames: they are only atomic within one filesystem.
         outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
         self._lock_state_dir()
-        self.journal = Journal(s.state_dir / "journal.db")
+        self.journal = Journal(journal_path(s.state_dir))
         self.provider = self._connect()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
             self.once_pending = {p.name for p in s.inbox.iterdir()
-                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX,) and not p.name.startswith(".")}
+                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX,) and not is_temp_name(p.name)}
         self.recover()
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
@@ -163,8 +165,6 @@ class Daemon:
         return Provider.from_settings(s)
 
     def _lock_state_dir(self) -> None:
-        import fcntl
-
         self._lock_file = open(self.settings.state_dir / "batchd.lock", "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,9 +181,6 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-
-    def stop(self) -> None:
-        self.stopping.set()
 
     def close(self) -> None:
         # Let creates already sent finish and record them, so no remote job is left unrecorded.
@@ -228,7 +225,8 @@ class Daemon:
             return 0.05
         if self._live_chunks():
             return min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
-        return min(self.settings.rescan_seconds, 1.0 if self.once else self.settings.rescan_seconds)
+        # --once also waits for unparseable manifests to reach their grace period: look each second.
+        return 1.0 if self.once else self.settings.rescan_seconds
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
@@ -463,7 +461,7 @@ class Daemon:
             if remote.display_name in pending:
                 found.setdefault(remote.display_name, []).append(remote)
         for display_name, chunk in pending.items():
-            matches = sorted(found.get(display_name, []), key=lambda r: (r.create_time or 0, r.name))
+            matches = sorted(found.get(display_name, []), key=_creation_order)
             if matches:
                 self._adopt(chunk, matches[0])
                 for duplicate in matches[1:]:
@@ -694,6 +692,11 @@ def _manifest_error(error: ManifestError) -> dict:
     return {name: value for name, value in details.items() if value is not None}
 
 
+def _creation_order(remote: RemoteJob) -> tuple[float, str]:
+    """Oldest first (the one to keep when a crash left duplicates); unknown times last."""
+    return (remote.create_time.timestamp() if remote.create_time else float("inf"), remote.name)
+
+
 def _error_dict(error: Exception) -> dict:
     return {"code": getattr(error, "code", None) or type(error).__name__,
             "message": getattr(error, "message", None) or str(error)}
@@ -706,8 +709,6 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
-    import shutil
-
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.unlink(missing_ok=True)
     try:

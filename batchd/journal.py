@@ -126,6 +126,11 @@ class Chunk:
     error: dict | None
 
 
+def journal_path(state_dir: Path) -> Path:
+    """Where a state dir keeps its journal."""
+    return state_dir / "journal.db"
+
+
 def new_job_id() -> str:
     """A sortable, unique job id: creation time plus randomness."""
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)

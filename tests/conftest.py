@@ -12,26 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 
-FAST_CONFIG = """\
-inbox = "inbox"
-outbox = "outbox"
-state_dir = "state"
-provider = "emulator"
-model = "gemini-2.5-flash"
-poll_interval = 0.1
-poll_max_interval = 0.3
-settle_seconds = 0.1
-incomplete_grace_seconds = 1.5
-rescan_seconds = 0.5
-submit_grace_seconds = 0.3
-
-[emulator]
-job_seconds = {job_seconds}
-faults = {faults}
-"""
+# Fast timings so a test's jobs finish in about a second.
+FAST_CONFIG = {
+    "inbox": "inbox",
+    "outbox": "outbox",
+    "state_dir": "state",
+    "provider": "emulator",
+    "model": "gemini-2.5-flash",
+    "poll_interval": 0.1,
+    "poll_max_interval": 0.3,
+    "settle_seconds": 0.1,
+    "incomplete_grace_seconds": 1.5,
+    "rescan_seconds": 0.5,
+    "submit_grace_seconds": 0.3,
+}
 
 
 @dataclass
@@ -54,13 +52,10 @@ class Workspace:
     def config(self) -> Path:
         return self.root / "config.toml"
 
-    def configure(self, *, job_seconds: float = 0.3, faults: list[str] = (), extra: str = "") -> None:
-        text = FAST_CONFIG.format(job_seconds=job_seconds, faults=json.dumps(list(faults)))
-        if extra:
-            # Top-level keys must come before the [emulator] table.
-            head, table = text.split("[emulator]")
-            text = head + extra.strip() + "\n\n[emulator]" + table
-        self.config.write_text(text)
+    def configure(self, *, job_seconds: float = 0.3, faults: list[str] = (), **settings) -> None:
+        """Write config.toml: the fast defaults, ``settings`` on top, and the emulator's table."""
+        config = {**FAST_CONFIG, **settings, "emulator": {"job_seconds": job_seconds, "faults": list(faults)}}
+        self.config.write_text(tomli_w.dumps(config))
 
     def drop(self, name: str, text: str) -> Path:
         """Drop a file the careful way (write a dotfile, then rename), as a producer should."""

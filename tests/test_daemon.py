@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -57,6 +58,10 @@ style = "social media post"
 temperature = 0.9
 max_output_tokens = 200
 """
+
+
+#: Upload every chunk as a file instead of sending it inline.
+FILE_MODE = {"inline_max_bytes": 0}
 
 
 def remote_jobs(ws: Workspace) -> list[types.BatchJob]:
@@ -142,11 +147,15 @@ def test_a_manifest_with_a_bad_field_is_rejected_naming_the_field(workspace: Wor
 
 
 def test_a_half_written_manifest_waits_until_it_is_complete(workspace: Workspace):
+    workspace.configure(incomplete_grace_seconds=60)
     daemon = workspace.start("run")
     try:
         partial = workspace.inbox / "slow.toml"
-        partial.write_text(TRANSLATE[:40])  # cut mid-line: does not parse yet
-        workspace.wait_for(lambda: workspace.status() is not None, what="daemon up")
+        partial.write_text(TRANSLATE[:40])  # cut mid-line: it does not parse yet
+        workspace.wait_for(lambda: (workspace.state / "journal.db").exists(), what="daemon up")
+        # Several scans (settle 0.1 s, rescan 0.5 s) see the unparseable file and leave it alone.
+        time.sleep(1.5)
+        assert partial.exists() and workspace.status() == []
         partial.write_text(TRANSLATE)
         workspace.wait_for(lambda: "slow" in workspace.delivered(), what="slow delivered")
     finally:
@@ -204,7 +213,7 @@ def test_cancel_a_running_job(workspace: Workspace):
 @pytest.mark.parametrize("mode", ["inline", "file"])
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: str, mode: str):
-    workspace.configure(extra="inline_max_bytes = 0" if mode == "file" else "")
+    workspace.configure(**FILE_MODE if mode == "file" else {})
     workspace.drop("translate.toml", TRANSLATE)
     workspace.drop("sentiment.toml", SENTIMENT)
 
@@ -235,7 +244,7 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
     (["fail-requests=0.5"], "file", "partial"),
 ])
 def test_emulator_faults_end_in_correct_outboxes(workspace: Workspace, faults: list[str], mode: str, state: str):
-    workspace.configure(faults=faults, extra="inline_max_bytes = 0" if mode == "file" else "")
+    workspace.configure(faults=faults, **FILE_MODE if mode == "file" else {})
     workspace.drop("translate.toml", TRANSLATE)
     workspace.drop("sentiment.toml", SENTIMENT)
 
