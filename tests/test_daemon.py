@@ -282,3 +282,19 @@ def test_gemini_provider_without_a_key_is_a_clear_error(workspace: Workspace):
     result = workspace.batchd("run", "--once", "--provider", "gemini")
     assert result.returncode != 0
     assert "GEMINI_API_KEY" in result.stderr
+
+
+def test_sigterm_mid_job_exits_cleanly_and_a_restart_finishes_it(workspace: Workspace):
+    workspace.configure(job_seconds=3)
+    daemon = workspace.start("run")
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.wait_for(lambda: any(b["name"] for job in workspace.status() for b in job["remote_batches"]),
+                       what="remote job created")
+    assert stop_daemon(daemon) == 0
+    assert not workspace.delivered()
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert workspace.delivered()["translate"]["state"] == "succeeded"
+    assert_one_live_job_per_chunk(workspace)

@@ -1,0 +1,73 @@
+"""Reconciliation of unconfirmed creates against the remote job list, driven in-process on the emulator.
+
+The crash tests reach these paths by killing the daemon; here each branch is set up exactly:
+a chunk whose create intent is committed, and the remote jobs the service may or may not hold.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+from batchd.provider import RequestEncoder
+from conftest import Workspace
+
+MODEL = "gemini-2.5-flash"
+DISPLAY_NAME = "batchd-dup-j1-c0"
+
+
+@pytest.fixture
+def daemon(workspace: Workspace):
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    journal = daemon.journal
+    journal.add_job("j1", name="dup", source="dup.toml", state="received")
+    journal.set_built("j1", [{"idx": 0, "display_name": DISPLAY_NAME, "mode": "inline",
+                              "request_count": 1, "byte_size": 100}], task="translate", model=MODEL)
+    journal.update_chunk("j1", 0, state="submitting", intent_at=time.time())
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def create_remote(daemon: Daemon):
+    return daemon.provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], DISPLAY_NAME)
+
+
+def test_duplicates_left_by_a_crash_keep_the_oldest_and_cancel_the_rest(daemon: Daemon):
+    first, second = create_remote(daemon), create_remote(daemon)
+
+    daemon.reconcile()
+
+    chunk = daemon.journal.chunks("j1")[0]
+    assert (chunk.state, chunk.remote_name) == ("running", first.name)
+    roles = {r["remote_name"]: r["role"] for r in daemon.journal.remote_jobs("j1")}
+    assert roles == {first.name: "adopted", second.name: "duplicate"}
+    assert daemon.provider.get(second.name).state == "cancelled"
+    assert daemon.provider.get(first.name).state != "cancelled"
+
+
+def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_once(daemon: Daemon):
+    daemon.reconcile()
+    assert not daemon.submissions, "inside the grace period nothing is created"
+    assert daemon.journal.chunks("j1")[0].state == "submitting"
+
+    daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
+    # The spool's request file is what a create sends; this job was never built on disk.
+    spool = daemon._spool("j1")
+    spool.root.mkdir(parents=True)
+    spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
+    daemon.reconcile()
+    assert len(daemon.submissions) == 1
+    next(iter(daemon.submissions.values())).future.result(timeout=30)
+    daemon._collect_submissions()
+
+    chunk = daemon.journal.chunks("j1")[0]
+    assert chunk.state == "running"
+    assert [job.name for job in daemon.provider.jobs_named(DISPLAY_NAME)] == [chunk.remote_name]
+    daemon.reconcile()  # a second pass finds nothing left to do
+    assert [job.name for job in daemon.provider.jobs_named(DISPLAY_NAME)] == [chunk.remote_name]
