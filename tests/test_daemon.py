@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -298,3 +299,25 @@ def test_sigterm_mid_job_exits_cleanly_and_a_restart_finishes_it(workspace: Work
     assert result.returncode == 0, result.stderr
     assert workspace.delivered()["translate"]["state"] == "succeeded"
     assert_one_live_job_per_chunk(workspace)
+
+
+def test_the_gemini_provider_is_a_config_change_and_polls_with_list_pages(workspace: Workspace, tmp_path):
+    """provider = "gemini" with the SDK's own variables, pointed at an emulator standing in for Google."""
+    with EmulatorServer(tmp_path / "google", job_seconds=1.5, api_key="real-looking-key") as google:
+        workspace.configure(provider="gemini", chunk_max_requests=2)
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once", GEMINI_API_KEY="real-looking-key",
+                                  GOOGLE_GEMINI_BASE_URL=google.base_url)
+
+        assert result.returncode == 0, result.stderr
+        summary = workspace.delivered()["translate"]
+        assert (summary["provider"], summary["emulated"], summary["state"]) == ("gemini", False, "succeeded")
+        assert len(summary["remote_batches"]) == 2, "4 requests at 2 a chunk make two remote jobs"
+        organized = json.loads((workspace.outbox / "translate" / "organized.json").read_text())
+        assert all(len(languages) == 2 for languages in organized.values())
+        with urllib.request.urlopen(f"{google.base_url}/_emulator/stats") as answer:  # not the Gemini API
+            routes = json.load(answer)["routes"]
+    # Jobs ran for 1.5 s under 0.1-0.3 s polls: progress came from list pages, with one get per finished job.
+    assert routes["list"] >= 3
+    assert routes["get"] == 2
