@@ -58,11 +58,12 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
 def run(ctx: Context, once: bool, **overrides) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
     from batchd.daemon import Daemon
+    from batchd.plugins import PluginError
 
     settings = ctx.settings(**overrides)
     try:
         code = Daemon(settings, once=once).run()
-    except ConfigError as error:
+    except (ConfigError, PluginError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(code)
 
@@ -74,10 +75,11 @@ def submit(ctx: Context, manifest: Path) -> None:
     """Drop MANIFEST into the inbox atomically (validated first)."""
     from batchd.inbox import drop_file
     from batchd.manifest import ManifestError, load_manifest
+    from batchd.plugins import get_tasks
 
     settings = ctx.settings()
     try:
-        load_manifest(manifest, root=manifest.parent)
+        load_manifest(manifest, root=manifest.parent, tasks=get_tasks(settings.plugins_dir))
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
     destination = drop_file(manifest, settings.inbox)
@@ -194,11 +196,13 @@ def _age(seconds: float) -> str:
 
 
 @main.command()
-def schema() -> None:
-    """Print the JSON Schema of job manifests."""
+@pass_context
+def schema(ctx: Context) -> None:
+    """Print the JSON Schema of job manifests (every installed task's, and plugins_dir's)."""
     from batchd.manifest import manifest_json_schema
+    from batchd.plugins import get_tasks
 
-    click.echo(json.dumps(manifest_json_schema(), indent=2))
+    click.echo(json.dumps(manifest_json_schema(get_tasks(ctx.settings().plugins_dir)), indent=2))
 
 
 def _add_emulator_command() -> None:

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from batchd import outbox
 from batchd.config import Settings
@@ -33,6 +34,7 @@ from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_tasks
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.spool import ChunkLimits, JobSpool
+from batchd.task import TaskResult
 
 log = logging.getLogger("batchd")
 
@@ -110,7 +112,7 @@ class Daemon:
         self.journal: Journal | None = None
         self.provider: Provider | None = None
         self.emulator = None
-        self.tasks = get_tasks()
+        self.tasks = get_tasks(settings.plugins_dir)
         self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
                            rescan_seconds=settings.rescan_seconds,
                            suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX,))
@@ -537,13 +539,23 @@ class Daemon:
         """Store a finished chunk's results in the spool: one get (list leaves inline output out), then them."""
         remote = self.provider.get(chunk.remote_name)
         spool = self._spool(chunk.job_id)
+        error = None
         if remote.responses_file:
-            self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
+            try:
+                self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
+            except Exception as failure:
+                if is_retryable(failure):
+                    raise  # the next poll tries again
+                # A results file the service refuses for good must not stop every other job:
+                # the chunk's requests are delivered as errors that say why.
+                log.error("job %s: results of chunk %d cannot be downloaded: %s", chunk.job_id, chunk.idx, failure)
+                error = {"code": "results_unavailable",
+                         "message": f"{remote.responses_file} could not be downloaded: {_error_dict(failure)['message']}"}
         elif remote.inlined is not None:
             spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
         crashpoint("after-download")
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
-                                  stats=remote.stats)
+                                  stats=remote.stats, error=error)
         log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state)
 
     def progress(self, job: Job) -> None:
@@ -571,14 +583,14 @@ class Daemon:
     def deliver(self, job: Job, *, cancelled_before_start: bool = False) -> None:
         """Write the job's outbox folder in the spool, then publish it (intent first)."""
         spool = self._spool(job.id)
-        folder = outbox.JobFolder(spool.staging)
-        if job.error is not None:
-            summary = self._summary(job, state="rejected", counts={"total": 0, "succeeded": 0, "failed": 0})
-            summary["error"] = job.error
-        elif cancelled_before_start:
-            summary = self._summary(job, state="cancelled", counts={"total": 0, "succeeded": 0, "failed": 0})
+        if job.error is not None or cancelled_before_start:
+            folder = outbox.JobFolder(spool.staging)
+            summary = self._summary(job, state="rejected" if job.error is not None else "cancelled",
+                                    counts={"total": 0, "succeeded": 0, "failed": 0})
+            if job.error is not None:
+                summary["error"] = job.error
         else:
-            summary = self._write_results(job, spool, folder)
+            folder, summary = self._write_results(job, spool)
         manifest = spool.manifest_path(job.source)
         if manifest.exists():
             folder.copy_in(job.source, manifest)
@@ -587,10 +599,52 @@ class Daemon:
         self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"])
         self.publish(self.journal.job(job.id))
 
-    def _write_results(self, job: Job, spool: JobSpool, folder: outbox.JobFolder) -> dict:
+    def _write_results(self, job: Job, spool: JobSpool) -> tuple[outbox.JobFolder, dict]:
+        """results.jsonl and organized.json in a fresh staging folder, and the job's summary.
+
+        A task plugin whose ``organize`` raises costs the job its organized.json, never its
+        results: the files are written again with every result and an empty organized.json,
+        and the summary says why.
+        """
         chunks = self.journal.chunks(job.id)
-        task = self.tasks[job.task]
         chunk_errors = {c.idx: error for c in chunks if (error := _chunk_error(c, spool)) is not None}
+        organize_error = None
+        try:
+            folder = outbox.JobFolder(spool.staging)
+            counts, tokens = self._write_result_files(folder, spool, chunk_errors, self.tasks[job.task].organize)
+        except Stopping:
+            raise
+        except Exception as error:
+            log.exception("job %s: task %r failed to organize its results", job.id, job.task)
+            organize_error = {"message": f"task {job.task!r} failed to organize the results: "
+                                         f"{type(error).__name__}: {error}; results.jsonl has every result"}
+            folder = outbox.JobFolder(spool.staging)
+            counts, tokens = self._write_result_files(folder, spool, chunk_errors, _organize_nothing)
+        if job.cancel_requested:
+            state = "cancelled"
+        elif counts["failed"] == 0:
+            state = "succeeded"
+        elif counts["succeeded"] == 0:
+            state = "failed"
+        else:
+            state = "partial"
+        summary = self._summary(job, state=state, counts=counts)
+        summary["tokens"] = tokens
+        summary["remote_batches"] = [
+            {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
+             "requests": c.request_count, "state": c.remote_state or c.state}
+            for c in chunks
+        ]
+        duplicates = [r["remote_name"] for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
+        if duplicates:
+            summary["duplicate_remote_batches_cancelled"] = duplicates
+        if organize_error is not None:
+            summary["error"] = organize_error
+        return folder, summary
+
+    def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool, chunk_errors: dict[int, dict],
+                            organize) -> tuple[dict, dict]:
+        """Stream every joined result into results.jsonl and through ``organize`` into organized.json."""
         counts = {"total": 0, "succeeded": 0, "failed": 0}
         tokens = {"prompt": 0, "output": 0, "total": 0}
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
@@ -612,28 +666,10 @@ class Daemon:
 
         with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
             organized = outbox.JsonObjectWriter(organized_file)
-            for key, value in task.organize(results_written()):
+            for key, value in organize(results_written()):
                 organized.add(key, value)
             organized.close()
-        if job.cancel_requested:
-            state = "cancelled"
-        elif counts["failed"] == 0:
-            state = "succeeded"
-        elif counts["succeeded"] == 0:
-            state = "failed"
-        else:
-            state = "partial"
-        summary = self._summary(job, state=state, counts=counts)
-        summary["tokens"] = tokens
-        summary["remote_batches"] = [
-            {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
-             "requests": c.request_count, "state": c.remote_state or c.state}
-            for c in chunks
-        ]
-        duplicates = [r["remote_name"] for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
-        if duplicates:
-            summary["duplicate_remote_batches_cancelled"] = duplicates
-        return summary
+        return counts, tokens
 
     def _summary(self, job: Job, *, state: str, counts: dict) -> dict:
         now = time.time()
@@ -671,6 +707,13 @@ class Daemon:
         self.report.outcomes[job.id] = job.outcome
         self.once_pending.discard(job.source)
         log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination)
+
+
+def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:
+    """Consume the results (so results.jsonl is written) and organize none of them."""
+    for _ in results:
+        pass
+    yield from ()
 
 
 def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:

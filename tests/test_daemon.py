@@ -321,3 +321,83 @@ def test_the_gemini_provider_is_a_config_change_and_polls_with_list_pages(worksp
     # Jobs ran for 1.5 s under 0.1-0.3 s polls: progress came from list pages, with one get per finished job.
     assert routes["list"] >= 3
     assert routes["get"] == 2
+
+
+ONE_OFF_PLUGINS = '''
+from pydantic import BaseModel, ConfigDict
+
+from batchd import hookimpl
+from batchd.task import Task, TaskRequest
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class Shout(Task):
+    name = "shout"
+    Params = Params
+
+    def inline_items(self, params):
+        return "texts", params.texts
+
+    def requests(self, params, items):
+        for item in items:
+            yield TaskRequest(key=item.id, prompt=f"Shout: {item.text}", input={"text": item.text})
+
+    def organize(self, results):
+        for result in results:
+            yield result.key, (result.text or "").upper()
+
+
+class Clumsy(Shout):
+    name = "clumsy"
+
+    def organize(self, results):
+        for result in results:
+            yield result.key, result.text
+            raise RuntimeError("organize tripped over its own feet")
+
+
+@hookimpl
+def register_tasks(register):
+    register(Shout())
+    register(Clumsy())
+'''
+
+
+def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_output(workspace: Workspace):
+    (workspace.root / "plugins.d").mkdir()
+    (workspace.root / "plugins.d" / "one_off.py").write_text(ONE_OFF_PLUGINS)
+    workspace.configure(plugins_dir="plugins.d")
+    workspace.drop("loud.toml", 'task = "shout"\ntexts = ["hello", "world"]\n')
+    workspace.drop("clumsy.toml", 'task = "clumsy"\ntexts = ["a", "b", "c"]\n')
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    delivered = workspace.delivered()
+    assert delivered["loud"]["state"] == "succeeded", result.stderr
+    loud = json.loads((workspace.outbox / "loud" / "organized.json").read_text())
+    assert loud.keys() == {"1", "2"} and "[EMULATED" in loud["1"]
+    clumsy = delivered["clumsy"]
+    assert clumsy["counts"]["total"] == 3 and "organize tripped" in clumsy["error"]["message"]
+    assert len((workspace.outbox / "clumsy" / "results.jsonl").read_text().splitlines()) == 3
+    assert json.loads((workspace.outbox / "clumsy" / "organized.json").read_text()) == {}
+    assert delivered["translate"]["state"] == "succeeded", "other jobs are unaffected"
+    schema = workspace.batchd("schema")
+    assert '"shout"' in schema.stdout
+
+
+def test_results_the_service_refuses_to_hand_over_fail_the_chunk_not_the_daemon(workspace: Workspace):
+    workspace.configure(faults=["404@download"], **FILE_MODE)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1  # the job failed: --once says so
+    summary = workspace.delivered()["translate"]
+    assert summary["state"] == "failed" and summary["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
+    errors = [json.loads(line)["error"] for line in (workspace.outbox / "translate" / "results.jsonl").open()]
+    assert all(error["code"] == "results_unavailable" for error in errors)
