@@ -12,6 +12,7 @@ can be killed anywhere and, started again, carries on from the journal (see
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -40,6 +41,7 @@ log = logging.getLogger("batchd")
 
 CRASH_POINTS = (
     "after-claim",        # manifest renamed into the spool, job not yet 'received'
+    "while-building",     # a second chunk recorded while the first may already be out
     "after-intent",       # create intent committed, batches.create not yet sent
     "after-create",       # the remote job exists, its name not yet recorded
     "while-polling",      # remote jobs running, mid poll
@@ -119,6 +121,7 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                        thread_name_prefix="batchd-submit")
         self.submissions: dict[tuple[str, int], Submission] = {}
+        self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
         self._lock_file = None
@@ -155,9 +158,9 @@ class Daemon:
         if s.provider == "emulator":
             # The embedded emulator is reached over HTTP exactly like Google: the provider
             # only ever sees a base URL and a key.
-            from batchd.emulator.server import EmulatorServer
+            from batchd.emulator.server import EmulatorProcess
 
-            self.emulator = EmulatorServer(
+            self.emulator = EmulatorProcess(
                 s.emulator.state_dir or s.state_dir / "emulator",
                 job_seconds=s.emulator.job_seconds,
                 faults=list(s.emulator.faults),
@@ -223,6 +226,8 @@ class Daemon:
             self.poll()
 
     def _sleep_seconds(self) -> float:
+        if self.builders:
+            return 0.0
         if self.submissions:
             return 0.05
         if self._live_chunks():
@@ -252,8 +257,9 @@ class Daemon:
                 self._take_cancel_file(path)
                 continue
             try:
-                # Input rows are validated while the job is built (one pass over a big file, not two).
-                manifest = load_manifest(path, root=self.settings.inbox, tasks=self.tasks, check_inputs=False)
+                # Every input row is validated before anything is claimed or sent: a bad row at the end
+                # of a big file rejects the job up front instead of after some of it was billed.
+                manifest = load_manifest(path, root=self.settings.inbox, tasks=self.tasks)
             except ManifestError as error:
                 # A file that does not parse may still be being written: reject it only once
                 # it has stayed unchanged long enough.
@@ -327,13 +333,15 @@ class Daemon:
     def advance(self, job: Job) -> None:
         if job.state == "received":
             if job.error is not None:
-                self.deliver(job)
+                self.deliver(job, without_results="rejected")
             elif job.cancel_requested:
-                self.deliver(job, cancelled_before_start=True)
+                self.deliver(job, without_results="cancelled")
             else:
                 self.build(job)
-        elif job.state == "built":
-            self.submit(job)
+        elif job.state in ("building", "built"):
+            if job.state == "building":
+                self.build(job)
+            self.submit(self.journal.job(job.id))
         elif job.state == "submitted":
             self.progress(job)
         elif job.state == "fetched":
@@ -350,31 +358,67 @@ class Daemon:
                              check_inputs=False)
 
     def build(self, job: Job) -> None:
-        spool = self._spool(job.id)
+        """Build the job's next chunk of requests (one per tick, so finished chunks go out meanwhile)."""
         try:
-            manifest = self._load_claimed(job)
-            model = manifest.model or self.settings.model
-            # Settings are merged per request by the manifest, so the encoder has no defaults.
-            encoder = RequestEncoder(model)
-            chunks = spool.build(manifest.requests(), encoder.encode, self._limits(), check_stop=self.check_stop)
+            builder = self.builders.get(job.id) or self._start_build(job)
+            chunk = next(builder, None)
         except Stopping:
             raise
         except ManifestError as error:
-            self.journal.update_job(job.id, error=_manifest_error(error))
+            self._build_failed(job, _manifest_error(error))
             return
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
             log.exception("job %s: building requests failed", job.id)
-            self.journal.update_job(job.id, error={"message": f"task {job.task!r} failed to build requests: "
-                                                              f"{type(error).__name__}: {error}"})
+            self._build_failed(job, {"message": f"task {job.task!r} failed to build requests: "
+                                                f"{type(error).__name__}: {error}"})
             return
+        if chunk is not None:
+            self._record_chunk(job, chunk)
+            if chunk.idx:
+                crashpoint("while-building")
+            return
+        del self.builders[job.id]
+        chunks = self.journal.chunks(job.id)
         if not chunks:
             self.journal.update_job(job.id, error={"message": "the manifest produced no requests"})
             return
-        self.journal.set_built(job.id, [
-            {"idx": c.idx, "display_name": self._display_name(job, c.idx), "mode": c.mode,
-             "request_count": c.request_count, "byte_size": c.byte_size} for c in chunks
-        ], task=manifest.task, model=model)
+        self.journal.update_job(job.id, state="built")
         log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
+
+    def _start_build(self, job: Job):
+        """The chunk generator of a job; after a crash the same chunks are built again, with the same limits."""
+        manifest = self._load_claimed(job)
+        model = manifest.model or self.settings.model
+        limits = job.chunk_limits or dataclasses.asdict(self._limits())
+        if job.state != "building":
+            self.journal.update_job(job.id, state="building", task=manifest.task, model=model, chunk_limits=limits)
+        # Settings are merged per request by the manifest, so the encoder has no defaults.
+        encoder = RequestEncoder(model)
+        builder = self._spool(job.id).build(manifest.requests(), encoder.encode, ChunkLimits(**limits),
+                                            check_stop=self.check_stop)
+        self.builders[job.id] = builder
+        return builder
+
+    def _record_chunk(self, job: Job, chunk) -> None:
+        recorded = {"idx": chunk.idx, "display_name": self._display_name(job, chunk.idx), "mode": chunk.mode,
+                    "request_count": chunk.request_count, "byte_size": chunk.byte_size}
+        if self.journal.add_chunk(job.id, recorded):
+            return
+        # Recorded before a crash, and perhaps submitted already: the rebuild must agree with it.
+        before = next(c for c in self.journal.chunks(job.id) if c.idx == chunk.idx)
+        if (before.request_count, before.byte_size) != (chunk.request_count, chunk.byte_size):
+            raise RuntimeError(f"chunk {chunk.idx} came out different when rebuilt after a restart: "
+                               f"task {job.task!r} must build the same requests from the same manifest")
+
+    def _build_failed(self, job: Job, error: dict) -> None:
+        self.builders.pop(job.id, None)
+        if not self.journal.chunks(job.id):
+            self.journal.update_job(job.id, state="received", error=error)  # rejected: nothing was sent
+            return
+        # Chunks already out may be running: their results are kept, the requests that were never
+        # sent show up as errors, and the summary says why the job stopped short.
+        log.error("job %s: building stopped part way: %s", job.id, error["message"])
+        self.journal.update_job(job.id, state="built", error=error)
 
     def _limits(self) -> ChunkLimits:
         s = self.settings
@@ -402,8 +446,7 @@ class Daemon:
             self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time())
             crashpoint("after-intent")
             self._start_create(job, chunk)
-        chunks = self.journal.chunks(job.id)
-        if all(c.state != "built" for c in chunks):
+        if job.state == "built" and all(c.state != "built" for c in self.journal.chunks(job.id)):
             self.journal.update_job(job.id, state="submitted", submitted_at=time.time())
 
     def _start_create(self, job: Job, chunk: Chunk) -> None:
@@ -478,7 +521,7 @@ class Daemon:
 
     def _chunks_in(self, *states: str) -> list[Chunk]:
         chunks = []
-        for job in self.journal.jobs(states=("built", "submitted")):
+        for job in self.journal.jobs(states=("building", "built", "submitted")):
             chunks.extend(c for c in self.journal.chunks(job.id) if c.state in states)
         return chunks
 
@@ -580,17 +623,19 @@ class Daemon:
 
     # -- delivery: spool → outbox -------------------------------------------------------------
 
-    def deliver(self, job: Job, *, cancelled_before_start: bool = False) -> None:
-        """Write the job's outbox folder in the spool, then publish it (intent first)."""
+    def deliver(self, job: Job, *, without_results: str | None = None) -> None:
+        """Write the job's outbox folder in the spool, then publish it (intent first).
+
+        ``without_results`` is the state of a job that never ran: ``rejected`` or ``cancelled``.
+        """
         spool = self._spool(job.id)
-        if job.error is not None or cancelled_before_start:
+        if without_results is not None:
             folder = outbox.JobFolder(spool.staging)
-            summary = self._summary(job, state="rejected" if job.error is not None else "cancelled",
-                                    counts={"total": 0, "succeeded": 0, "failed": 0})
-            if job.error is not None:
-                summary["error"] = job.error
+            summary = self._summary(job, state=without_results, counts={"total": 0, "succeeded": 0, "failed": 0})
         else:
             folder, summary = self._write_results(job, spool)
+        if job.error is not None:
+            summary["error"] = job.error
         manifest = spool.manifest_path(job.source)
         if manifest.exists():
             folder.copy_in(job.source, manifest)

@@ -11,10 +11,12 @@ it blindly.
 
 Job states, in order::
 
-    claiming → received → built → submitted → fetched → publishing → done
+    claiming → received → building → built → submitted → fetched → publishing → done
 
-``submitted`` covers the time the remote jobs run; every chunk (one remote
-batch) has its own small state machine::
+A chunk is recorded as soon as its requests file is complete, so chunks are
+submitted while later ones are still being built; ``built`` means every chunk
+is known. ``submitted`` covers the time the remote jobs run; every chunk (one
+remote batch) has its own small state machine::
 
     built → submitting → running → finished → fetched
                        ↘ skipped (cancelled before it was ever sent)
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error         TEXT,               -- JSON: why a job was rejected or failed
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     outbox_dir    TEXT,               -- chosen and committed before publishing
+    chunk_limits  TEXT,               -- JSON: the limits its chunks were cut with (a rebuild reuses them)
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
     submitted_at  REAL,
@@ -84,7 +87,7 @@ CREATE TABLE IF NOT EXISTS remote_jobs (
 """
 
 #: Job states that still need work from the daemon.
-ACTIVE_STATES = ("claiming", "received", "built", "submitted", "fetched", "publishing")
+ACTIVE_STATES = ("claiming", "received", "building", "built", "submitted", "fetched", "publishing")
 #: Chunk states in which a remote job exists (or may exist) and is not yet known to be finished.
 REMOTE_LIVE_STATES = ("submitting", "running")
 
@@ -102,6 +105,7 @@ class Job:
     error: dict | None
     cancel_requested: bool
     outbox_dir: str | None
+    chunk_limits: dict | None
     created_at: float
     updated_at: float
     submitted_at: float | None
@@ -139,6 +143,7 @@ def new_job_id() -> str:
 def _job(row: sqlite3.Row) -> Job:
     data = dict(row)
     data["error"] = json.loads(data["error"]) if data["error"] else None
+    data["chunk_limits"] = json.loads(data["chunk_limits"]) if data["chunk_limits"] else None
     data["cancel_requested"] = bool(data["cancel_requested"])
     return Job(**data)
 
@@ -202,8 +207,9 @@ class Journal:
 
     @staticmethod
     def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
-        if "error" in fields and fields["error"] is not None:
-            fields["error"] = json.dumps(fields["error"], ensure_ascii=False)
+        for name in ("error", "chunk_limits"):
+            if name in fields and fields[name] is not None:
+                fields[name] = json.dumps(fields[name], ensure_ascii=False)
         fields["updated_at"] = time.time()
         columns = ", ".join(f"{name} = ?" for name in fields)
         db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
@@ -245,17 +251,16 @@ class Journal:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def set_built(self, job_id: str, chunks: list[dict], **job_fields: Any) -> None:
-        """Record a job's chunks and move it to ``built`` in one transaction (rebuilds replace)."""
+    def add_chunk(self, job_id: str, chunk: dict) -> bool:
+        """Record a built chunk (state ``built``); False if it was already recorded before a crash."""
         with self.transaction() as db:
-            db.execute("DELETE FROM chunks WHERE job_id = ?", (job_id,))
-            db.executemany(
-                "INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'built')",
-                [(job_id, c["idx"], c["display_name"], c["mode"], c["request_count"], c["byte_size"])
-                 for c in chunks],
-            )
-            self._update_job(db, job_id, state="built", **job_fields)
+                (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
+                 chunk["byte_size"]),
+            ).rowcount
+        return bool(inserted)
 
     def chunks(self, job_id: str) -> list[Chunk]:
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))

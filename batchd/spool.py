@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from batchd.outbox import atomic_write
+from batchd.outbox import atomic_write, fsync_dir
 from batchd.task import TaskRequest, TaskResult
 
 
@@ -78,15 +78,17 @@ class JobSpool:
     # -- build ----------------------------------------------------------------------------------
 
     def build(self, requests: Iterable[TaskRequest], encode: Callable[[TaskRequest], str],
-              limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> list[BuiltChunk]:
+              limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> Iterator[BuiltChunk]:
         """Write the job's requests into chunk files split by count and bytes, plus the index.
 
-        ``encode`` turns a request into one JSONL line (``{"key", "request"}``, without the newline).
-        Rebuilding overwrites whatever a crashed earlier build left behind.
+        Yields each chunk as soon as its file is complete and durable, so it can be submitted
+        while the next one is built.  ``encode`` turns a request into one JSONL line
+        (``{"key", "request"}``, without the newline).  A rebuild after a crash writes the same
+        chunks again (the requests of a manifest are deterministic); each chunk file is replaced
+        atomically, so a reader of the earlier copy is never disturbed.
         """
-        chunks: list[BuiltChunk] = []
-        out = None
         current: BuiltChunk | None = None
+        out = None
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
         with open(self.index_path, "w", encoding="utf-8") as index:
             for n, request in enumerate(requests):
@@ -95,11 +97,10 @@ class JobSpool:
                 if current is None or current.request_count >= limits.max_requests or (
                     current.request_count and current.byte_size + size > limits.max_bytes
                 ):
-                    if out is not None:
-                        _close_durably(out)
-                    current = BuiltChunk(idx=len(chunks))
-                    chunks.append(current)
-                    out = open(self.requests_path(current.idx), "w", encoding="utf-8")
+                    if current is not None:
+                        yield self._finish_chunk(current, out, limits)
+                    current = BuiltChunk(idx=current.idx + 1 if current else 0)
+                    out = open(self._partial(current.idx), "w", encoding="utf-8")
                 out.write(line)
                 current.request_count += 1
                 current.byte_size += size
@@ -107,14 +108,24 @@ class JobSpool:
                 index.write(dumps([request.key, current.idx, wants_json, request.input]) + "\n")
                 if n % 10_000 == 0:
                     check_stop()
-            if out is not None:
-                _close_durably(out)
             index.flush()
             os.fsync(index.fileno())
-        for chunk in chunks:
-            if chunk.request_count <= limits.inline_max_requests and chunk.byte_size <= limits.inline_max_bytes:
-                chunk.mode = "inline"
-        return chunks
+        if current is not None:
+            yield self._finish_chunk(current, out, limits)
+
+    def _partial(self, idx: int) -> Path:
+        path = self.requests_path(idx)
+        return path.with_name(f".{path.name}.part")
+
+    def _finish_chunk(self, chunk: BuiltChunk, out, limits: ChunkLimits) -> BuiltChunk:
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        os.replace(self._partial(chunk.idx), self.requests_path(chunk.idx))
+        fsync_dir(self.root)
+        if chunk.request_count <= limits.inline_max_requests and chunk.byte_size <= limits.inline_max_bytes:
+            chunk.mode = "inline"
+        return chunk
 
     def read_requests(self, idx: int) -> Iterator[dict]:
         with open(self.requests_path(idx), encoding="utf-8") as lines:
@@ -231,9 +242,3 @@ def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None
                                  "message": f"structured output is not valid JSON ({exc.msg}; finishReason {finish})"},
                           usage=usage)
     return TaskResult(key=key, input=inputs, status="ok", text=text, data=data, error=None, usage=usage)
-
-
-def _close_durably(handle) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()

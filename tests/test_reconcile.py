@@ -25,8 +25,9 @@ def daemon(workspace: Workspace):
     daemon.start()
     journal = daemon.journal
     journal.add_job("j1", name="dup", source="dup.toml", state="received")
-    journal.set_built("j1", [{"idx": 0, "display_name": DISPLAY_NAME, "mode": "inline",
-                              "request_count": 1, "byte_size": 100}], task="translate", model=MODEL)
+    journal.add_chunk("j1", {"idx": 0, "display_name": DISPLAY_NAME, "mode": "inline",
+                             "request_count": 1, "byte_size": 100})
+    journal.update_job("j1", state="built", task="translate", model=MODEL)
     journal.update_chunk("j1", 0, state="submitting", intent_at=time.time())
     try:
         yield daemon

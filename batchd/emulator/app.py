@@ -127,6 +127,7 @@ class EmulatorApp:
 
     def close(self) -> None:
         self.runner.stop()
+        self.store.close()
 
     # -- dispatch ---------------------------------------------------------------------------------
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import click
 
 from batchd.emulator.faults import parse_fault
 from batchd.emulator.models import DEFAULT_MODELS
+
+
+def _exit_when_stdin_closes() -> None:
+    """Stop cleanly once the parent is gone: its end of our stdin pipe closes even when it is SIGKILLed."""
+
+    def wait_for_eof() -> None:
+        sys.stdin.buffer.read()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_for_eof, name="emulator-parent-watch", daemon=True).start()
 
 
 def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[str, ...]:
@@ -37,9 +51,11 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
 @click.option("--responder", "responder_spec", metavar="MODULE:NAME",
               help="Answer requests with this Responder instead of the built-in deterministic one.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--exit-with-parent", is_flag=True, hidden=True,
+              help="Shut down when standard input closes (the embedded emulator of `batchd run`).")
 def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: float, expire_seconds: float,
                      api_key: str | None, models: tuple[str, ...], faults: tuple[str, ...],
-                     responder_spec: str | None, access_log: bool) -> None:
+                     responder_spec: str | None, access_log: bool, exit_with_parent: bool) -> None:
     """Serve a local Gemini Batch API emulator until SIGINT/SIGTERM.
 
     Point google-genai at it with http_options.base_url or GOOGLE_GEMINI_BASE_URL.
@@ -48,6 +64,8 @@ def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: 
     from batchd.emulator.server import serve
 
     responder = load_responder(responder_spec) if responder_spec else None
+    if exit_with_parent:
+        _exit_when_stdin_closes()
     serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
           api_key=api_key, models=list(models) or None, faults=list(faults), responder=responder,
           access_log=access_log)

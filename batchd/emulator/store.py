@@ -19,8 +19,10 @@ temporary file, an output still being written) is simply redone or discarded on 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,23 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write(path, json.dumps(value, separators=(",", ":")))
 
 
+def _lock_state_dir(root: Path, wait_seconds: float = 30.0):
+    """Own ``root`` for as long as the returned file stays open: two emulators on one state dir
+    would process the same jobs twice. Waits a while, as an emulator whose parent was just killed
+    may still be shutting down."""
+    owner = open(root / ".lock", "a+")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return owner
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                owner.close()
+                raise RuntimeError(f"another emulator is using the state directory {root}") from None
+            time.sleep(0.05)
+
+
 class Store:
     """The state directory, with every document also held in memory (documents are small)."""
 
@@ -45,6 +64,7 @@ class Store:
         self.uploads_dir = root / "uploads"
         for folder in (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_state_dir(root)
         # One lock serializes document updates, so a read-modify-write (cancel racing a finishing
         # worker) never loses a field. Documents in the dicts are replaced, never mutated.
         self._lock = threading.RLock()
@@ -55,6 +75,10 @@ class Store:
         for part in self.uploads_dir.glob("*.part"):
             if part.name.removesuffix(".part") not in self.uploads:  # session doc never written
                 part.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Let another emulator use this state directory."""
+        self._owner.close()
 
     # -- paths ------------------------------------------------------------------------------------
 
