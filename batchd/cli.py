@@ -75,11 +75,11 @@ def submit(ctx: Context, manifest: Path) -> None:
     """Drop MANIFEST into the inbox atomically (validated first)."""
     from batchd.inbox import drop_file
     from batchd.manifest import ManifestError, load_manifest
-    from batchd.plugins import get_tasks
+    from batchd.plugins import tasks_for
 
     settings = ctx.settings()
     try:
-        load_manifest(manifest, root=manifest.parent, tasks=get_tasks(settings.plugins_dir))
+        load_manifest(manifest, root=manifest.parent, tasks=tasks_for(settings))
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
     destination = drop_file(manifest, settings.inbox)
@@ -196,13 +196,45 @@ def _age(seconds: float) -> str:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def plugins(ctx: Context, as_json: bool) -> None:
+    """List the loaded plugins: name, version, source, hooks and tasks."""
+    import dataclasses
+
+    from batchd.plugins import PluginError, plugins_for
+
+    try:
+        described = plugins_for(ctx.settings())
+    except PluginError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(plugin) for plugin in described], indent=2))
+        return
+    _print_plugins(described)
+
+
+def _print_plugins(described) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    for column in ("plugin", "version", "source", "hooks", "tasks"):
+        table.add_column(column)
+    for plugin in described:
+        table.add_row(plugin.name, plugin.version or "-", plugin.source,
+                      ", ".join(plugin.hooks) or "-", ", ".join(plugin.tasks) or "-")
+    Console().print(table if described else "no plugins")
+
+
+@main.command()
 @pass_context
 def schema(ctx: Context) -> None:
     """Print the JSON Schema of job manifests (every installed task's, and plugins_dir's)."""
     from batchd.manifest import manifest_json_schema
-    from batchd.plugins import get_tasks
+    from batchd.plugins import tasks_for
 
-    click.echo(json.dumps(manifest_json_schema(get_tasks(ctx.settings().plugins_dir)), indent=2))
+    click.echo(json.dumps(manifest_json_schema(tasks_for(ctx.settings())), indent=2))
 
 
 def _add_emulator_command() -> None:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     outbox: Path = Field(Path("outbox"), description="Where organized results are written.")
     state_dir: Path = Field(Path("state"), description="Journal, claimed jobs and downloads.")
     plugins_dir: Path | None = Field(None, description="Optional folder of one-off *.py task plugins.")
+    disabled_plugins: list[str] = Field(
+        default_factory=list,
+        description="Plugins not to load, by entry-point name or plugins_dir file stem (see `batchd plugins`).",
+    )
 
     # Backend
     provider: Literal["emulator", "gemini"] = Field(

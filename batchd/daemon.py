@@ -32,7 +32,7 @@ from batchd.config import Settings
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
-from batchd.plugins import get_tasks
+from batchd.plugins import tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskResult
@@ -114,7 +114,7 @@ class Daemon:
         self.journal: Journal | None = None
         self.provider: Provider | None = None
         self.emulator = None
-        self.tasks = get_tasks(settings.plugins_dir)
+        self.tasks = tasks_for(settings)
         self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
                            rescan_seconds=settings.rescan_seconds,
                            suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX,))

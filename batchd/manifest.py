@@ -412,7 +412,8 @@ def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel])
     """The records of an input file, and whether their ids are all positions (hence unique)."""
     suffix = path.suffix.lower()
     renames = {common.id_column: "id", common.text_column: "text"}
-    known_fields = item_model.model_fields.keys()
+    # An Item model that allows extra fields (a template's {column}s) takes every column.
+    known_fields = _EveryField() if item_model.model_config.get("extra") == "allow" else item_model.model_fields.keys()
     if suffix in (".csv", ".tsv"):
         header = _csv_header(path, "\t" if suffix == ".tsv" else ",")
         columns = _csv_columns(path, header, renames, common, item_model)
@@ -420,6 +421,13 @@ def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel])
     if suffix == ".jsonl":
         return _jsonl_records(path, renames, known_fields), False
     return _txt_records(path), True
+
+
+class _EveryField:
+    """A field-name set that contains every named column."""
+
+    def __contains__(self, name: object) -> bool:
+        return name is not None
 
 
 def _open_text(path: Path):

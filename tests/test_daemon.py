@@ -15,7 +15,7 @@ from google.genai import types
 
 from batchd.daemon import CRASH_POINTS
 from batchd.emulator.server import EmulatorServer
-from conftest import Workspace, stop_daemon
+from conftest import REPO, Workspace, stop_daemon
 
 TRANSLATE = """\
 task = "translate"
@@ -403,3 +403,20 @@ def test_results_the_service_refuses_to_hand_over_fail_the_chunk_not_the_daemon(
     assert summary["state"] == "failed" and summary["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
     errors = [json.loads(line)["error"] for line in (workspace.outbox / "translate" / "results.jsonl").open()]
     assert all(error["code"] == "results_unavailable" for error in errors)
+
+
+def test_the_shipped_examples_all_succeed(workspace: Workspace):
+    """README's main job: every example manifest in the repository's inbox/, one per task."""
+    shipped = REPO / "inbox"
+    for path in shipped.iterdir():
+        (workspace.inbox / path.name).write_bytes(path.read_bytes())
+    manifests = {path.stem for path in shipped.iterdir() if path.suffix in (".toml", ".json")}
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    delivered = workspace.delivered()
+    assert set(delivered) == manifests
+    assert {s["task"] for s in delivered.values()} >= {"translate", "sentiment", "variations", "analysis",
+                                                        "documents", "template"}
+    assert all(s["state"] == "succeeded" for s in delivered.values()), delivered

@@ -104,7 +104,8 @@ max_output_tokens = 200
 
 def test_shipped_examples_load(tmp_path):
     names = sorted(path.name for path in EXAMPLES.glob("*.toml"))
-    assert names == ["reviews.toml", "sentiment.toml", "translate.toml", "variations.toml"]
+    assert names == ["analysis.toml", "documents.toml", "reviews.toml", "sentiment.toml", "template.toml",
+                     "translate.toml", "variations.toml"]
     for name in names:
         manifest = load_manifest(EXAMPLES / name, root=EXAMPLES)
         assert len(list(manifest.requests())) >= 3
@@ -244,7 +245,7 @@ def test_unknown_or_missing_task_lists_known_tasks(inbox):
     for text in ('task = "translat"\n', 'texts = ["a"]\n'):
         error = manifest_error(write(inbox, "x.toml", text))
         assert error.field == "task"
-        assert "sentiment, translate, variations" in error.message
+        assert "sentiment, template, translate, variations" in error.message
 
 
 @pytest.mark.parametrize(
