@@ -26,6 +26,15 @@ class Context:
         except ConfigError as error:
             raise click.ClickException(str(error)) from None
 
+    def tasks(self) -> dict:
+        """The tasks of the plugins the settings select; a broken plugin is a clean error."""
+        from batchd.plugins import PluginError, tasks_for
+
+        try:
+            return tasks_for(self.settings())
+        except PluginError as error:
+            raise click.ClickException(str(error)) from None
+
 
 pass_context = click.make_pass_decorator(Context)
 
@@ -75,11 +84,10 @@ def submit(ctx: Context, manifest: Path) -> None:
     """Drop MANIFEST into the inbox atomically (validated first)."""
     from batchd.inbox import drop_file
     from batchd.manifest import ManifestError, load_manifest
-    from batchd.plugins import tasks_for
 
     settings = ctx.settings()
     try:
-        load_manifest(manifest, root=manifest.parent, tasks=tasks_for(settings))
+        load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks())
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
     destination = drop_file(manifest, settings.inbox)
@@ -232,9 +240,8 @@ def _print_plugins(described) -> None:
 def schema(ctx: Context) -> None:
     """Print the JSON Schema of job manifests (every installed task's, and plugins_dir's)."""
     from batchd.manifest import manifest_json_schema
-    from batchd.plugins import tasks_for
 
-    click.echo(json.dumps(manifest_json_schema(tasks_for(ctx.settings())), indent=2))
+    click.echo(json.dumps(manifest_json_schema(ctx.tasks()), indent=2))
 
 
 def _add_emulator_command() -> None:
