@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import Workspace
+from batchd.testing import Workspace
 from test_daemon import TRANSLATE
 
 

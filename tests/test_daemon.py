@@ -15,7 +15,8 @@ from google.genai import types
 
 from batchd.daemon import CRASH_POINTS
 from batchd.emulator.server import EmulatorServer
-from conftest import REPO, Workspace, stop_daemon
+from batchd.testing import Workspace
+from conftest import REPO
 
 TRANSLATE = """\
 task = "translate"
@@ -119,7 +120,7 @@ def test_daemon_takes_manifests_dropped_while_running_and_stops_cleanly(workspac
         (workspace.inbox / "second.toml").write_text(SENTIMENT)
         workspace.wait_for(lambda: "second" in workspace.delivered(), what="second delivered")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
     assert {s["state"] for s in workspace.delivered().values()} == {"succeeded"}
 
 
@@ -160,7 +161,7 @@ def test_a_half_written_manifest_waits_until_it_is_complete(workspace: Workspace
         partial.write_text(TRANSLATE)
         workspace.wait_for(lambda: "slow" in workspace.delivered(), what="slow delivered")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
     assert workspace.delivered()["slow"]["state"] == "succeeded"
 
 
@@ -203,7 +204,7 @@ def test_cancel_a_running_job(workspace: Workspace):
         assert workspace.batchd("cancel", "long").returncode == 0
         workspace.wait_for(lambda: "long" in workspace.delivered(), what="cancelled job delivered")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
     summary = workspace.delivered()["long"]
     assert summary["state"] == "cancelled"
     lines = (workspace.outbox / "long" / "results.jsonl").read_text().splitlines()
@@ -278,7 +279,7 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(workspace: Workspace
         assert second.returncode != 0
         assert "already running" in second.stderr
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
 
 
 def test_gemini_provider_without_a_key_is_a_clear_error(workspace: Workspace):
@@ -293,7 +294,7 @@ def test_sigterm_mid_job_exits_cleanly_and_a_restart_finishes_it(workspace: Work
     workspace.drop("translate.toml", TRANSLATE)
     workspace.wait_for(lambda: any(b["name"] for job in workspace.status() for b in job["remote_batches"]),
                        what="remote job created")
-    assert stop_daemon(daemon) == 0
+    assert daemon.stop() == 0
     assert not workspace.delivered()
 
     result = workspace.batchd("run", "--once")

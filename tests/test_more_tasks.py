@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from batchd.manifest import ManifestError, load_manifest
-from batchd.task import TaskRequest, TaskResult
+from batchd.testing import answered, failed
 from batchd_plugins.analysis import Analysis
 from batchd_plugins.documents import Documents
 from batchd_plugins.template import Template, template_fields
@@ -29,15 +29,6 @@ def rejection(tmp_path: Path, text: str, **files: str) -> ManifestError:
     with pytest.raises(ManifestError) as error:
         manifest_for(tmp_path, text, **files)
     return error.value
-
-
-def answered(request: TaskRequest, data=None, text: str | None = None) -> TaskResult:
-    text = json.dumps(data) if text is None else text
-    return TaskResult(key=request.key, input=request.input, status="ok", text=text, data=data)
-
-
-def failed(request: TaskRequest, message: str = "quota exhausted") -> TaskResult:
-    return TaskResult(key=request.key, input=request.input, status="error", error={"code": 429, "message": message})
 
 
 JSON_CONFIG_KEYS = {"response_mime_type", "response_json_schema"}
@@ -125,17 +116,17 @@ def test_analysis_organize_groups_by_item(tmp_path):
     themes = [{"theme": "support speed", "evidence": "support was quick"}]
     entities = [{"name": "Acme", "type": "organization"}]
     results = [
-        answered(requests[0], verdict),
-        answered(requests[1], themes),
-        answered(requests[2], entities),
-        answered(requests[3], {"summary": "Support was quick."}),
-        answered(requests[4], {"level": "low"}),
+        answered(requests[0], data=verdict),
+        answered(requests[1], data=themes),
+        answered(requests[2], data=entities),
+        answered(requests[3], data={"summary": "Support was quick."}),
+        answered(requests[4], data={"level": "low"}),
         answered(requests[5], text=" Thank you! \n"),
         failed(requests[6], "internal error"),
-        answered(requests[7], [{"theme": "delays"}]),  # evidence missing
-        answered(requests[8], [{"name": "x", "type": "animal"}]),  # not a listed type
-        answered(requests[9], None, text="not json"),
-        answered(requests[10], None, text="{"),  # custom schema, unparsable answer
+        answered(requests[7], data=[{"theme": "delays"}]),  # evidence missing
+        answered(requests[8], data=[{"name": "x", "type": "animal"}]),  # not a listed type
+        answered(requests[9], text="not json"),
+        answered(requests[10], text="{"),  # custom schema, unparsable answer
         answered(requests[11], text=""),
     ]
     organized = dict(manifest.organize(results))
@@ -219,7 +210,7 @@ def test_documents_structured_output(tmp_path):
         "response_json_schema": {"type": "object", "properties": {"title": {"type": "string"}}},
     }
     assert requests[0].input["format"] == "json"
-    results = [answered(requests[0], {"title": "A"}), answered(requests[1], None, text="Sorry"), failed(requests[2])]
+    results = [answered(requests[0], data={"title": "A"}), answered(requests[1], text="Sorry"), failed(requests[2])]
     assert dict(manifest.organize(results)) == {
         "1": {"title": "A"},
         "2": {"error": "unexpected answer (not valid JSON)", "text": "Sorry"},
@@ -269,7 +260,7 @@ def test_template_structured_output(tmp_path):
     cat, dog = manifest.requests()
     assert JSON_CONFIG_KEYS <= cat.config.keys() and cat.input["format"] == "json"
     assert dog.prompt == "Name a 7."  # numbers in rows are shown as written
-    organized = dict(manifest.organize([answered(cat, {"name": "Tom"}), answered(dog, None, text="Rex")]))
+    organized = dict(manifest.organize([answered(cat, data={"name": "Tom"}), answered(dog, text="Rex")]))
     assert organized == {"1": {"name": "Tom"}, "2": {"error": "unexpected answer (not valid JSON)", "text": "Rex"}}
 
 

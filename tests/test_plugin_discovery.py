@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from batchd.plugins import get_tasks
-from conftest import Workspace
+from batchd.testing import Workspace
 
 BUILTIN_PLUGINS = {"analysis", "documents", "sentiment", "template", "translate", "variations"}
 
@@ -40,12 +40,10 @@ def register_tasks(register):
 
 
 def with_plugin_file(workspace: Workspace, name: str, body: str, **settings) -> Path:
-    """Write plugins.d/NAME.py and point the config's plugins_dir at it."""
-    folder = workspace.root / "plugins.d"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{name}.py"
-    path.write_text(textwrap.dedent(body))
-    workspace.configure(plugins_dir="plugins.d", **settings)
+    """Write the workspace's plugins/NAME.py (its plugins_dir), and ``settings`` into its config."""
+    path = workspace.add_plugin(name, textwrap.dedent(body))
+    if settings:
+        workspace.configure(**settings)
     return path
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from batchd.manifest import load_manifest
 from batchd.plugins import PluginError, get_plugin_manager, get_tasks
-from batchd.task import TaskRequest, TaskResult
+from batchd.testing import answered, failed
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_TASKS = {"translate", "sentiment", "variations"}
@@ -23,14 +23,6 @@ def manifest_for(tmp_path: Path, text: str):
     path = tmp_path / "job.toml"
     path.write_text(text)
     return load_manifest(path)
-
-
-def answered(request: TaskRequest, text: str | None = None, data=None) -> TaskResult:
-    return TaskResult(key=request.key, input=request.input, status="ok", text=text, data=data)
-
-
-def failed(request: TaskRequest, message: str = "quota exhausted") -> TaskResult:
-    return TaskResult(key=request.key, input=request.input, status="error", error={"code": 429, "message": message})
 
 
 # --- Discovery ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from google import genai
 from google.genai import errors
 
 from batchd.emulator.server import EmulatorServer
+from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
     STAT_FIELDS,
     Provider,
@@ -32,7 +33,7 @@ from batchd.provider import (
 )
 
 MODEL = "gemini-2.5-flash"
-API_KEY = "test-key"
+API_KEY = EMULATOR_API_KEY
 # Fast backoff so retry tests take milliseconds; the attempts match production.
 FAST_RETRY = RetryPolicy(attempts=5, initial_delay=0.01, max_delay=0.05)
 # X-Emulator-Fault specs (docs/emulator.md). A header spec keeps one counter per spec text for the
@@ -54,8 +55,8 @@ VERDICT_SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServer]:
-    with EmulatorServer(tmp_path_factory.mktemp("emulator"), job_seconds=0.2, api_key=API_KEY) as server:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    with Emulator(tmp_path_factory.mktemp("emulator"), job_seconds=0.2) as server:
         yield server
 
 

@@ -13,7 +13,7 @@ import pytest
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.provider import RequestEncoder
-from conftest import Workspace
+from batchd.testing import Workspace
 
 MODEL = "gemini-2.5-flash"
 DISPLAY_NAME = "batchd-dup-j1-c0"

@@ -1,4 +1,8 @@
-"""Fixtures for the emulator tests: a running emulator and real google-genai clients pointed at it."""
+"""Fixtures for the emulator tests: one emulator shared by the session, or one of a test's own.
+
+Both are batchd.testing's :class:`~batchd.testing.Emulator`, the one plugin authors get; the
+``emulator`` fixture here replaces batchd.testing's per-test one with a shared one, for speed.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,22 @@ from pathlib import Path
 import pytest
 from google import genai
 
-from batchd.emulator import EmulatorServer
+from batchd.testing import Emulator
 
-from .support import API_KEY, JOB_SECONDS, VERSIONS, make_client
+from .support import VERSIONS
 
 
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServer]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     """One emulator shared by the tests that do not need their own (tests use unique names)."""
-    with EmulatorServer(tmp_path_factory.mktemp("emulator"), job_seconds=JOB_SECONDS, api_key=API_KEY) as server:
+    with Emulator(tmp_path_factory.mktemp("emulator")) as server:
         yield server
 
 
 @pytest.fixture
-def fresh_emulator(tmp_path: Path) -> Iterator[EmulatorServer]:
+def fresh_emulator(tmp_path: Path) -> Iterator[Emulator]:
     """An emulator of its own, for tests whose fault counters or job lists must start from zero."""
-    with EmulatorServer(tmp_path / "emulator", job_seconds=JOB_SECONDS, api_key=API_KEY) as server:
+    with Emulator(tmp_path / "emulator") as server:
         yield server
 
 
@@ -33,5 +37,5 @@ def version(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def client(emulator: EmulatorServer, version: str) -> genai.Client:
-    return make_client(emulator.base_url, version)
+def client(emulator: Emulator, version: str) -> genai.Client:
+    return emulator.client(version)

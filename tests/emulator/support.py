@@ -1,45 +1,25 @@
-"""Helpers shared by the emulator tests: real google-genai clients for the emulator, JSONL files, waiting."""
+"""Helpers shared by the emulator tests: JSONL request files and outputs; clients and waiting come from
+batchd.testing, re-exported here."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from google import genai
 from google.genai import types
 
-API_KEY = "test-key"
+from batchd.testing import EMULATOR_API_KEY as API_KEY
+from batchd.testing import EMULATOR_JOB_SECONDS as JOB_SECONDS
+from batchd.testing import make_client, wait_done
+
 MODEL = "gemini-2.5-flash"
 EMBED_MODEL = "gemini-embedding-001"
-JOB_SECONDS = 0.3
 VERSIONS = ("v1", "v1beta")
 
-
-def make_client(base_url: str, version: str = "v1beta", *, fault: str | None = None, api_key: str = API_KEY,
-                timeout_ms: int | None = None, retries: int | None = None) -> genai.Client:
-    """A google-genai client for the emulator; ``fault`` travels in the ``X-Emulator-Fault`` header."""
-    options = types.HttpOptions(
-        base_url=base_url,
-        api_version=version,
-        headers={"X-Emulator-Fault": fault} if fault else None,
-        timeout=timeout_ms,
-        retry_options=types.HttpRetryOptions(attempts=retries, initial_delay=0.01, max_delay=0.05)
-        if retries else None,
-    )
-    return genai.Client(api_key=api_key, http_options=options)
-
-
-def wait_done(client: genai.Client, name: str, timeout: float = 30) -> types.BatchJob:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.batches.get(name=name)
-        if job.done:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} still {job.state} after {timeout} s")
-        time.sleep(0.05)
+__all__ = ["API_KEY", "EMBED_MODEL", "JOB_SECONDS", "MODEL", "VERSIONS", "inline_requests", "make_client",
+           "output_lines", "request_lines", "wait_done", "write_jsonl"]
 
 
 def inline_requests(count: int, prefix: str = "req") -> list[dict]:
