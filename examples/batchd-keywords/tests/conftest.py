@@ -1,0 +1,2 @@
+# batchd's test fixtures: emulator, workspace, daemon.
+pytest_plugins = ["batchd.testing"]
