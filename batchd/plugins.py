@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,9 +251,13 @@ def _import_file(path: Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise PluginError(f"plugin file {path} cannot be imported")
     module = importlib.util.module_from_spec(spec)
+    # In sys.modules, as an imported module would be: pydantic resolves a model's postponed
+    # annotations (``from __future__ import annotations``) through its module there.
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[spec.name]
         raise PluginError(f"plugin file {path} failed to load: {exc!r}") from exc
     return module
 

@@ -241,13 +241,15 @@ class DaemonProcess(subprocess.Popen):
 class Workspace:
     """A folder to run batchd in: config.toml, inbox/, outbox/, state/ and plugins/ (the plugins_dir)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, python: str = sys.executable) -> None:
         self.root = Path(root)
+        #: The interpreter that runs ``python -m batchd``: this one, or another environment's.
+        self.python = python
 
     @classmethod
-    def create(cls, root: Path, **settings: Any) -> Workspace:
+    def create(cls, root: Path, *, python: str = sys.executable, **settings: Any) -> Workspace:
         """Make the folders and write config.toml (:meth:`configure` with ``settings``)."""
-        workspace = cls(root)
+        workspace = cls(root, python=python)
         for folder in (workspace.inbox, workspace.outbox, workspace.plugins):
             folder.mkdir(parents=True, exist_ok=True)
         workspace.configure(**settings)
@@ -304,14 +306,14 @@ class Workspace:
 
     def batchd(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
         """Run ``batchd ARGS`` to completion; ``env`` adds environment variables."""
-        return subprocess.run([sys.executable, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
+        return subprocess.run([self.python, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str, **env: str) -> DaemonProcess:
         """Start ``batchd ARGS`` in the background, its output in a ``daemon-*.log`` file of the workspace."""
         log_path = self.root / f"daemon-{time.monotonic_ns()}.log"
         with open(log_path, "w") as log:
-            process = DaemonProcess([sys.executable, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
+            process = DaemonProcess([self.python, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
                                     stdout=log, stderr=subprocess.STDOUT, text=True)
         process.log_path = log_path
         return process

@@ -1,11 +1,6 @@
 """Plugin discovery, task registration, and the builtin tasks' requests and organized results."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -15,7 +10,6 @@ from batchd.manifest import load_manifest
 from batchd.plugins import PluginError, get_plugin_manager, get_tasks
 from batchd.testing import answered, failed
 
-REPO = Path(__file__).resolve().parents[1]
 BUILTIN_TASKS = {"translate", "sentiment", "variations"}
 
 
@@ -210,57 +204,13 @@ def test_variations_requests_and_organize(tmp_path):
 
 
 @pytest.mark.slow
-def test_builtins_load_after_a_plain_pip_install(tmp_path):
+def test_builtins_load_after_a_plain_pip_install(fresh_venv, source_copy, tmp_path):
     """`pip install .` into a fresh venv outside the checkout, reusing this environment's dependencies."""
-    source = tmp_path / "src"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(".venv", ".git", ".plan", "state", "outbox", "build", "*.egg-info", "__pycache__"),
-    )
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    venv_python = venv / "bin" / "python"
-    # Reuse this environment's dependencies (and setuptools) instead of downloading them. A plain
-    # path line in a .pth file does not run that directory's own .pth files, so the editable
-    # install of batchd in this environment stays out of the way.
-    venv_site = Path(
-        subprocess.run(
-            [venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-    )
-    (venv_site / "project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    build_options = []
-    if _can_build_wheels_offline():
-        build_options, env["PIP_NO_INDEX"] = ["--no-build-isolation"], "1"
-    # else pip fetches the build backend (once; later runs use pip's cache)
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv_python), "install", "--quiet", "--no-deps",
-         *build_options, str(source)],
-        env=env, cwd=tmp_path, capture_output=True, text=True,
-    )
-    assert install.returncode == 0, install.stderr
+    fresh_venv.install(source_copy)
     probe = (
         "import json, batchd, batchd_plugins; from batchd.plugins import get_tasks; "
         "print(json.dumps([batchd.__file__, batchd_plugins.__file__, sorted(get_tasks())]))"
     )
-    output = subprocess.run(
-        [venv_python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
-    ).stdout
-    batchd_file, plugins_file, tasks = json.loads(output)
-    assert batchd_file.startswith(str(venv_site)) and plugins_file.startswith(str(venv_site))
+    batchd_file, plugins_file, tasks = json.loads(fresh_venv.run("-c", probe, cwd=tmp_path).stdout)
+    assert batchd_file.startswith(str(fresh_venv.site)) and plugins_file.startswith(str(fresh_venv.site))
     assert BUILTIN_TASKS <= set(tasks)
-
-
-def _can_build_wheels_offline() -> bool:
-    """Whether this environment's setuptools builds wheels by itself (70.1+ has bdist_wheel)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from packaging.version import Version
-
-    try:
-        return Version(version("setuptools")) >= Version("70.1")
-    except PackageNotFoundError:
-        return False
