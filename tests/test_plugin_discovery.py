@@ -9,34 +9,9 @@ from pathlib import Path
 
 from batchd.plugins import get_tasks
 from batchd.testing import Workspace
+from test_plugins import SUMMARIZE_PLUGIN as ONE_OFF_PLUGIN
 
 BUILTIN_PLUGINS = {"analysis", "documents", "sentiment", "template", "translate", "variations"}
-
-ONE_OFF_PLUGIN = """
-from pydantic import BaseModel, ConfigDict
-from batchd import hookimpl
-from batchd.task import Task, TaskRequest
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    texts: list[str]
-
-class Summarize(Task):
-    name = "summarize"
-    Params = Params
-    def inline_items(self, params):
-        return "texts", params.texts
-    def requests(self, params, items):
-        for item in items:
-            yield TaskRequest(item.id, f"Summarize: {item.text}", {"id": item.id})
-    def organize(self, results):
-        for result in results:
-            yield result.key, result.text
-
-@hookimpl
-def register_tasks(register):
-    register(Summarize())
-"""
 
 
 def with_plugin_file(workspace: Workspace, name: str, body: str, **settings) -> Path:

@@ -164,6 +164,12 @@ def test_the_example_plugin_installs_and_its_own_tests_pass(fresh_venv, source_c
     assert plugins["keywords"] == {"name": "keywords", "version": "0.1.0", "source": "entry point batchd-keywords",
                                    "hooks": ["register_tasks"], "tasks": ["keywords"]}
     assert "translate" in plugins  # batchd's builtins come through the same door
+    only = workspace.batchd("plugins", "--json", BATCHD_LOAD_PLUGINS="keywords")
+    assert [plugin["name"] for plugin in json.loads(only.stdout)] == ["keywords"], only.stderr
+    workspace.configure(disabled_plugins=["keywords"])
+    without = workspace.batchd("plugins", "--json")
+    assert "keywords" not in {plugin["name"] for plugin in json.loads(without.stdout)}, without.stderr
+    workspace.configure()
     # From outside the example's folder, so its module is imported from the venv, as installed.
     tests = fresh_venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(example), cwd=tmp_path, check=False)
     assert tests.returncode == 0, tests.stdout[-5000:] + tests.stderr[-2000:]

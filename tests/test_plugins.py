@@ -49,13 +49,8 @@ class Params(BaseModel):
 """
 
 
-def test_plugins_dir_adds_a_task(tmp_path):
-    folder = tmp_path / "plugins.d"
-    write_plugin(
-        folder,
-        "summarize",
-        PLUGIN_HEADER
-        + """
+#: A complete one-off plugin, shared with the discovery tests.
+SUMMARIZE_PLUGIN = PLUGIN_HEADER + """
 class Summarize(Task):
     name = "summarize"
     Params = Params
@@ -71,8 +66,12 @@ class Summarize(Task):
 @hookimpl
 def register_tasks(register):
     register(Summarize())
-""",
-    )
+"""
+
+
+def test_hook_register_tasks_from_a_plugins_dir_file(tmp_path):
+    folder = tmp_path / "plugins.d"
+    write_plugin(folder, "summarize", SUMMARIZE_PLUGIN)
     tasks = get_tasks(folder)
     assert {"summarize"} | BUILTIN_TASKS <= tasks.keys()
     manifest = load_manifest(_write(tmp_path / "s.toml", 'task = "summarize"\ntexts = ["a"]\n'), tasks=tasks)
@@ -111,7 +110,7 @@ def _write(path: Path, text: str) -> Path:
     ],
     ids=["duplicate", "not-a-task", "extra-allowed", "field-clash", "raises", "misspelt-hook", "import-error"],
 )
-def test_plugin_errors_name_the_plugin(tmp_path, body, message):
+def test_hook_register_tasks_errors_name_the_plugin(tmp_path, body, message):
     plugin = write_plugin(tmp_path / "plugins.d", "faulty", PLUGIN_HEADER + body)
     with pytest.raises(PluginError) as error:
         get_tasks(plugin.parent)
