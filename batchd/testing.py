@@ -48,6 +48,7 @@ from batchd.task import TaskRequest, TaskResult
 
 __all__ = [
     "EMULATOR_API_KEY",
+    "EMULATOR_JOB_SECONDS",
     "FAST_CONFIG",
     "Daemon",
     "DaemonProcess",
@@ -56,12 +57,9 @@ __all__ = [
     "OutboxFolder",
     "Workspace",
     "answered",
-    "daemon",
-    "emulator",
     "failed",
     "make_client",
     "wait_done",
-    "workspace",
     "write_manifest",
 ]
 
