@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchd import hookspecs
-from batchd.testing import Daemon, Workspace
+from batchd.testing import Daemon, Emulator, Workspace
 from conftest import REPO
 
 DOCS = REPO / "docs" / "plugins.md"
@@ -139,6 +139,19 @@ def test_daemon_fixture_stops_what_a_test_left_running(workspace: Workspace):
     workspace.wait_for(lambda: (workspace.state / "journal.db").exists(), what="daemon up")
     runner.stop_all()
     assert running.returncode == 0
+
+
+def test_daemon_fixture_can_use_the_tests_emulator(workspace: Workspace, daemon: Daemon, emulator: Emulator):
+    workspace.drop_manifest("one", {"task": "translate", "texts": ["Hi", "Bye"], "languages": ["French"]})
+
+    run = daemon.run_once(emulator=emulator)
+
+    assert run.returncode == 0, run.stderr
+    summary = run.outbox["one"].summary
+    assert (summary["provider"], summary["emulated"]) == ("gemini", False)  # as if it were Google
+    [job] = emulator.client().batches.list()
+    assert job.name == summary["remote_batches"][0]["name"]
+    assert job.state.name == "JOB_STATE_SUCCEEDED"
 
 
 def test_manifests_can_be_dropped_as_json(workspace: Workspace, daemon: Daemon):
