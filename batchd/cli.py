@@ -66,13 +66,13 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
 @pass_context
 def run(ctx: Context, once: bool, **overrides) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
-    from batchd.daemon import Daemon
+    from batchd.daemon import AlreadyRunning, Daemon
     from batchd.plugins import PluginError
 
     settings = ctx.settings(**overrides)
     try:
         code = Daemon(settings, once=once).run()
-    except (ConfigError, PluginError) as error:
+    except (ConfigError, PluginError, AlreadyRunning) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(code)
 

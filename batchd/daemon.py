@@ -34,6 +34,7 @@ from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
+from batchd.service import Notifier
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskResult
 
@@ -54,11 +55,34 @@ CANCEL_SUFFIX = ".cancel"
 FAILED_OUTCOMES = ("failed", "rejected")
 
 
+def lock_path(state_dir: Path) -> Path:
+    """The file whose flock makes a state dir one daemon's."""
+    return state_dir / "batchd.lock"
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid of the daemon running on ``state_dir`` (0: running, pid unknown), or None if none is."""
+    try:
+        with open(lock_path(state_dir)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else 0  # held, pid not written yet
+            return None
+    except FileNotFoundError:
+        return None
+
+
 def crashpoint(name: str) -> None:
     """Die here, as abruptly as a power cut would, if the crash tests asked for it."""
     if os.environ.get("BATCHD_CRASH_AT") == name:
         log.warning("crash point %s: killing the process", name)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class AlreadyRunning(Exception):
+    """Another batchd holds the state dir's lock: two daemons on one journal would both claim and submit."""
 
 
 class Stopping(Exception):
@@ -125,6 +149,8 @@ class Daemon:
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
         self._lock_file = None
+        self.notifier = Notifier()
+        self.advance_now = False  # a poll finished a chunk: tick again at once to deliver it
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -132,10 +158,13 @@ class Daemon:
         self._install_signal_handlers()
         try:
             self.start()
+            self.notifier.ready(self.status_line())
             self.loop()
         finally:
             self.close()
-        return self.report.exit_code
+        # A service stopped by SIGTERM exits 0 whatever its jobs did (a failed job is in its
+        # summary, not a failure of the service); only --once reports outcomes in its exit code.
+        return self.report.exit_code if self.once else 0
 
     def start(self) -> None:
         s = self.settings
@@ -170,11 +199,22 @@ class Daemon:
         return Provider.from_settings(s)
 
     def _lock_state_dir(self) -> None:
-        self._lock_file = open(self.settings.state_dir / "batchd.lock", "a+")
+        path = lock_path(self.settings.state_dir)
+        self._lock_file = open(path, "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"batchd: another batchd is already running on {self.settings.state_dir}") from None
+            holder = lock_holder(self.settings.state_dir)
+            self._lock_file.close()
+            self._lock_file = None
+            raise AlreadyRunning(
+                f"another batchd{f' (pid {holder})' if holder else ''} is already running on state dir "
+                f"{self.settings.state_dir} (lock {path}); stop it first, or give this one its own state_dir"
+            ) from None
+        # The holder's pid, for this message and `batchd doctor`; the lock itself is the flock.
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -183,6 +223,10 @@ class Daemon:
         def request_stop(signum, _frame):
             log.info("received %s: stopping after the current step", signal.Signals(signum).name)
             self.stopping.set()
+            self.notifier.stopping()
+            # The loop may be asleep until its next rescan. Waking it takes the inbox's event lock,
+            # which the interrupted main thread may hold, so another thread does it.
+            threading.Thread(target=self.inbox.wake, name="batchd-wake", daemon=True).start()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
@@ -200,8 +244,19 @@ class Daemon:
             self._lock_file.close()
 
     def check_stop(self) -> None:
+        # Long steps call this often on the main thread: a good place to prove the loop is alive.
+        self.notifier.watchdog()
         if self.stopping.is_set():
             raise Stopping()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: e.g. "3 jobs active, 2 remote batches running"."""
+        jobs = self.journal.active_jobs()
+        running = len(self._chunks_in("running"))
+        line = f"{len(jobs)} job{'s' if len(jobs) != 1 else ''} active, " \
+               f"{running} remote batch{'es' if running != 1 else ''} running"
+        waiting = len(self.submissions)
+        return line + (f", {waiting} being submitted" if waiting else "")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -211,9 +266,12 @@ class Daemon:
                 self.tick()
             except Stopping:
                 break
+            self.notifier.watchdog()
+            if self.notifier.enabled:
+                self.notifier.status(self.status_line())
             if self.once and self._once_done():
                 break
-            self.inbox.wait(self._sleep_seconds())
+            self.inbox.wait(self.notifier.max_sleep(self._sleep_seconds()))
 
     def tick(self) -> None:
         self.inbox.ensure_watching()
@@ -226,8 +284,11 @@ class Daemon:
             self.poll()
 
     def _sleep_seconds(self) -> float:
-        if self.builders:
+        if self.builders or self.advance_now:
+            self.advance_now = False
             return 0.0
+        if any(job.state in ("received", "fetched", "publishing") for job in self.journal.active_jobs()):
+            return 0.0  # the next step needs no one else: take it now, not at the next rescan
         if self.submissions:
             return 0.05
         if self._live_chunks():
@@ -565,6 +626,7 @@ class Daemon:
     def _observe(self, chunk: Chunk, remote: RemoteJob | None) -> bool:
         """Record what the service says about one chunk; fetch its results once it has finished."""
         if remote is None:
+            self.advance_now = True
             log.error("job %s: remote job %s has disappeared", chunk.job_id, chunk.remote_name)
             self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="missing",
                                       error={"code": "remote_missing",
@@ -576,6 +638,7 @@ class Daemon:
                 self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats)
             return changed
         self.fetch(chunk)
+        self.advance_now = True
         return True
 
     def fetch(self, chunk: Chunk) -> None:

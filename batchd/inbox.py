@@ -245,6 +245,10 @@ class Inbox:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
 
+    def wake(self) -> None:
+        """End a :meth:`wait` early (safe from a signal handler): the caller has something to do."""
+        self._hint.set()
+
     def wait(self, timeout: float) -> bool:
         """Sleep until a filesystem event hint, a rescan or settle check is due, or ``timeout``.
 

@@ -1,0 +1,216 @@
+"""batchd under systemd: the notify protocol against a fake NOTIFY_SOCKET, the daemon as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from batchd import service
+from conftest import Workspace, stop_daemon
+
+TRANSLATE = """\
+task = "translate"
+texts = ["Hello", "Goodbye"]
+languages = ["French"]
+"""
+
+#: The loop's own timers are long, as in production, so only the watchdog and signals can wake it.
+SLOW_LOOP = {"rescan_seconds": 60.0}
+
+
+class FakeSystemd:
+    """The service manager's end of $NOTIFY_SOCKET: a datagram socket in a short temporary folder."""
+
+    def __init__(self, abstract: bool = False):
+        self.folder = Path(tempfile.mkdtemp(prefix="sd-"))  # AF_UNIX paths are limited to 108 bytes
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.sock.bind(str(self.folder / "notify.sock"))
+            self.address = str(self.folder / "notify.sock")
+        self.messages: list[list[str]] = []  # one list of lines per datagram
+
+    def receive(self, timeout: float) -> list[str] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (socket.timeout, BlockingIOError):
+            return None
+        lines = data.decode().splitlines()
+        self.messages.append(lines)
+        return lines
+
+    def wait_for(self, predicate, timeout: float = 60, what: str = "message") -> list[str]:
+        """Receive until a datagram satisfies ``predicate``; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.receive(max(0.01, deadline - time.monotonic()))
+            if lines is not None and predicate(lines):
+                return lines
+        raise AssertionError(f"no {what} from the daemon; got {self.messages}")
+
+    def lines(self) -> list[str]:
+        return [line for message in self.messages for line in message]
+
+    def close(self) -> None:
+        self.sock.close()
+        for path in self.folder.iterdir():
+            path.unlink()
+        self.folder.rmdir()
+
+
+@pytest.fixture
+def systemd():
+    fake = FakeSystemd()
+    yield fake
+    fake.close()
+
+
+def job_states(ws: Workspace) -> list[str]:
+    db = sqlite3.connect(f"file:{ws.state / 'journal.db'}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT state FROM jobs")]
+    finally:
+        db.close()
+
+
+def chunk_states(ws: Workspace) -> list[tuple[str, str | None]]:
+    db = sqlite3.connect(f"file:{ws.state / 'journal.db'}?mode=ro", uri=True)
+    try:
+        return list(db.execute("SELECT state, remote_name FROM chunks"))
+    finally:
+        db.close()
+
+
+# -- the protocol, in process -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_notify_sends_one_datagram_to_a_path_or_abstract_socket(abstract):
+    fake = FakeSystemd(abstract=abstract)
+    try:
+        assert service.notify("READY=1\nSTATUS=hello", environ={"NOTIFY_SOCKET": fake.address})
+        assert fake.receive(5) == ["READY=1", "STATUS=hello"]
+    finally:
+        fake.close()
+
+
+def test_notify_is_a_no_op_without_a_socket_and_ignores_errors(tmp_path):
+    assert service.notify("READY=1", environ={}) is False
+    assert service.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")}) is False
+    assert service.notify("READY=1", environ={"NOTIFY_SOCKET": "relative/path"}) is False
+
+
+def test_the_watchdog_is_only_ours_when_watchdog_pid_is_unset_or_ours():
+    assert service.watchdog_seconds({"WATCHDOG_USEC": "4000000"}) == 4.0
+    assert service.watchdog_seconds({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}) == 4.0
+    assert service.watchdog_seconds({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
+    assert service.watchdog_seconds({"WATCHDOG_USEC": "0"}) is None
+    assert service.watchdog_seconds({}) is None
+    notifier = service.Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "4000000"})
+    assert notifier.ping_interval == 2.0, "pings at half the timeout"
+    assert notifier.max_sleep(30.0) <= 2.0, "the loop wakes in time for its next ping"
+
+
+# -- the daemon as a real process -------------------------------------------------------------
+
+
+def test_ready_comes_after_recovery_then_status_lines_and_stopping_on_sigterm(workspace: Workspace, systemd):
+    # A crash right after a claim leaves a job in 'claiming': recovery must finish it before READY.
+    workspace.configure(**SLOW_LOOP)
+    workspace.drop("translate.toml", TRANSLATE)
+    crashed = workspace.batchd("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.returncode == -signal.SIGKILL
+    assert job_states(workspace) == ["claiming"]
+
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address)
+    try:
+        ready = systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        assert "claiming" not in job_states(workspace), "READY=1 came before recovery finished"
+        assert f"MAINPID={daemon.pid}" in ready
+        assert any(line.startswith("STATUS=") and "job" in line for line in ready)
+
+        systemd.wait_for(lambda lines: "STATUS=0 jobs active, 0 remote batches running" in lines,
+                         what="a status line once the job is delivered")
+        assert workspace.delivered()["translate"]["state"] == "succeeded"
+        statuses = [line for line in systemd.lines() if line.startswith("STATUS=")]
+        assert any("1 job active" in line for line in statuses), statuses
+
+        daemon.send_signal(signal.SIGTERM)
+        systemd.wait_for(lambda lines: "STOPPING=1" in lines, what="STOPPING=1")
+        # The loop was asleep until its 60 s rescan: SIGTERM must wake it, well inside this bound.
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert "READY=1" not in systemd.lines()[systemd.lines().index("STOPPING=1"):]
+
+
+def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Workspace, systemd):
+    workspace.configure(**SLOW_LOOP)
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="400000")
+    try:
+        systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        for _ in range(5):  # an idle loop that would sleep 60 s still pings
+            systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=30, what="WATCHDOG=1")
+    finally:
+        assert stop_daemon(daemon) == 0
+
+
+def test_no_watchdog_pings_when_the_watchdog_belongs_to_another_process(workspace: Workspace, systemd):
+    workspace.configure(**SLOW_LOOP)
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    try:
+        systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        workspace.drop("translate.toml", TRANSLATE)
+        systemd.wait_for(lambda lines: "STATUS=0 jobs active, 0 remote batches running" in lines,
+                         what="the job delivered")
+    finally:
+        assert stop_daemon(daemon) == 0
+    assert "WATCHDOG=1" not in systemd.lines()
+
+
+def test_sigterm_during_a_create_records_the_remote_job_before_exiting_0(workspace: Workspace, systemd):
+    # The create takes 3 s: SIGTERM arrives while it is in flight.
+    workspace.configure(faults=["slow=3@create"], job_seconds=5, **SLOW_LOOP)
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address)
+    try:
+        systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        workspace.drop("translate.toml", TRANSLATE)
+        systemd.wait_for(lambda lines: any("being submitted" in line for line in lines), what="a create in flight")
+        daemon.send_signal(signal.SIGTERM)
+        systemd.wait_for(lambda lines: "STOPPING=1" in lines, what="STOPPING=1")
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    # Nothing ambiguous is left: the create's answer was recorded, so no restart has to guess.
+    [(state, remote_name)] = chunk_states(workspace)
+    assert state == "running" and remote_name
+    assert job_states(workspace) == ["submitted"]
+
+
+def test_a_second_daemon_on_the_same_state_dir_exits_with_a_clear_error(workspace: Workspace, systemd):
+    first = workspace.start("run", NOTIFY_SOCKET=systemd.address)
+    try:
+        systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        second = workspace.batchd("run", timeout=60)
+        assert second.returncode == 1
+        assert f"another batchd (pid {first.pid}) is already running on state dir {workspace.state}" \
+            in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None, "the first daemon is untouched"
+    finally:
+        assert stop_daemon(first) == 0
+    # Once the first one is gone, the state dir is free again.
+    assert workspace.batchd("run", "--once").returncode == 0
