@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,19 +12,27 @@ import click
 
 from batchd import __version__
 from batchd.config import ConfigError, Settings, load_settings
+from batchd.logs import FORMATS, LEVELS, setup_logging
 
 
 class Context:
     """Settings are loaded lazily: ``batchd schema`` and ``batchd emulator`` need none."""
 
-    def __init__(self, config_path: Path | None):
+    def __init__(self, config_path: Path | None, log_level: str | None = None, log_format: str | None = None):
         self.config_path = config_path
+        self.log_level = log_level
+        self.log_format = log_format
 
     def settings(self, **overrides) -> Settings:
+        from batchd.logs import setup_logging
+
         try:
-            return load_settings(self.config_path, **overrides)
+            settings = load_settings(self.config_path, **overrides)
         except ConfigError as error:
             raise click.ClickException(str(error)) from None
+        # The flags win; otherwise the config's log_level / log_format apply from here on.
+        setup_logging(self.log_level or settings.log_level, self.log_format or settings.log_format)
+        return settings
 
     def tasks(self) -> dict:
         """The tasks of the plugins the settings select; a broken plugin is a clean error."""
@@ -43,17 +51,16 @@ pass_context = click.make_pass_decorator(Context)
 @click.version_option(__version__, prog_name="batchd")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="BATCHD_CONFIG", help="Config file (default: ./config.toml if present).")
-@click.option("--log-level", default="INFO", show_default=True, envvar="BATCHD_LOG_LEVEL",
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-level", envvar="BATCHD_LOG_LEVEL", type=click.Choice(LEVELS, case_sensitive=False),
+              help="Least severe log level on stderr (default: the config's log_level, INFO).")
+@click.option("--log-format", envvar="BATCHD_LOG_FORMAT", type=click.Choice(FORMATS),
+              help="text (key=value fields) or json (default: the config's log_format, text).")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
+def main(ctx: click.Context, config_path: Path | None, log_level: str | None, log_format: str | None) -> None:
     """batchd: drop job manifests into inbox/, find organized Gemini batch results in outbox/."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The HTTP clients log every request at INFO: batchd's own lines say what matters.
-    for noisy in ("httpx", "httpx2"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    ctx.obj = Context(config_path)
+    log_level = log_level.upper() if log_level else None
+    setup_logging(log_level or "INFO", log_format or "text")
+    ctx.obj = Context(config_path, log_level, log_format)
 
 
 @main.command()
@@ -150,25 +157,72 @@ def _job_view(journal, job) -> dict:
     }
 
 
+def _read_jobs(settings: Settings, name: str | None) -> list[dict]:
+    journal = _open_journal(settings)
+    if journal is None:
+        return []
+    try:
+        selected = journal.find_jobs(name) if name else journal.jobs()
+        return [_job_view(journal, job) for job in selected]
+    finally:
+        journal.close()
+
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after this many refreshes.")
 @pass_context
-def status(ctx: Context, name: str | None, as_json: bool) -> None:
-    """Show jobs (all unfinished and recent ones, or the jobs named NAME)."""
+def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
+    """Show jobs (all unfinished and recent ones, or the jobs named NAME) with their progress."""
     settings = ctx.settings()
-    journal = _open_journal(settings)
-    jobs = []
-    if journal is not None:
-        selected = journal.find_jobs(name) if name else journal.jobs()
-        jobs = [_job_view(journal, job) for job in selected]
-        journal.close()
+    jobs = _read_jobs(settings, name)
     if name and not jobs:
         raise click.ClickException(f"no job named {name!r}")
-    if as_json:
+    if watch:
+        _watch(settings, name, as_json, interval, count)
+    elif as_json:
         click.echo(json.dumps(jobs, indent=2))
-        return
-    _print_jobs(jobs)
+    else:
+        from rich.console import Console
+
+        from batchd.views import jobs_table
+
+        Console().print(jobs_table(jobs))
+
+
+def _watch(settings: Settings, name: str | None, as_json: bool, interval: float, count: int | None) -> None:
+    """Redraw in place on a terminal; elsewhere (a pipe, a log) print one frame (or JSON line) per refresh."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from batchd.views import status_frame
+
+    console = Console()
+    refreshes = 0
+    live = Live(console=console, auto_refresh=False) if console.is_terminal and not as_json else None
+    try:
+        if live is not None:
+            live.start()
+        while count is None or refreshes < count:
+            if refreshes:
+                time.sleep(interval)
+            jobs = _read_jobs(settings, name)
+            refreshes += 1
+            if as_json:
+                click.echo(json.dumps({"time": time.time(), "jobs": jobs}))
+            elif live is not None:
+                live.update(status_frame(jobs), refresh=True)
+            else:
+                console.print(status_frame(jobs))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how --watch ends
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @main.command("list")
@@ -177,30 +231,6 @@ def status(ctx: Context, name: str | None, as_json: bool) -> None:
 def list_jobs(ctx: click.Context, as_json: bool) -> None:
     """List every job the journal knows, oldest first."""
     ctx.invoke(status, name=None, as_json=as_json)
-
-
-def _print_jobs(jobs: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_edge=False)
-    for column in ("job", "manifest", "task", "state", "progress", "age"):
-        table.add_column(column)
-    for job in jobs:
-        state = job["outcome"] if job["state"] == "done" else job["state"]
-        if job["cancel_requested"] and job["state"] != "done":
-            state += " (cancelling)"
-        progress = f"{job['done']}/{job['requests']}" if job["requests"] else "-"
-        table.add_row(job["id"], job["manifest"], job["task"] or "-", state, progress,
-                      _age(time.time() - job["created_at"]))
-    Console().print(table if jobs else "no jobs")
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 @main.command()
@@ -251,3 +281,138 @@ def _add_emulator_command() -> None:
 
 
 _add_emulator_command()
+
+
+# -- setting up and looking after an installation --------------------------------------------------
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing config.toml with the template.")
+def init(folder: Path, force: bool) -> None:
+    """Create a working FOLDER: commented config.toml, batchd.env, inbox/, outbox/, plugins/, state/."""
+    from batchd.service import init_workdir
+
+    try:
+        created = init_workdir(folder, force=force)
+    except FileExistsError as error:
+        raise click.ClickException(str(error)) from None
+    for path in created:
+        click.echo(f"created {path}{'/' if path.is_dir() else ''}")
+    config = folder.expanduser().resolve() / "config.toml"
+    click.echo(f"next: edit {config}, then `batchd --config {config} run` or `batchd --config {config} service install`")
+
+
+@main.group()
+def service() -> None:
+    """Run batchd as a systemd service."""
+
+
+@service.command("install")
+@click.option("--user", "user_unit", is_flag=True, help="A user unit (systemctl --user) instead of a system one.")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit instead of writing it.")
+@click.option("--target-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the unit here instead of /etc/systemd/system or ~/.config/systemd/user.")
+@pass_context
+def service_install(ctx: Context, user_unit: bool, print_only: bool, target_dir: Path | None) -> None:
+    """Write batchd.service for this installation (its executable, working folder and config)."""
+    from batchd import service as units
+
+    settings = ctx.settings()
+    try:
+        paths = units.unit_paths(settings)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    text = units.render_unit(paths, user=user_unit)
+    if print_only:
+        click.echo(text, nl=False)
+        return
+    target = target_dir or (units.user_unit_dir() if user_unit else units.SYSTEM_UNIT_DIR)
+    try:
+        path = units.install_unit(text, target)
+    except PermissionError:
+        raise click.ClickException(f"cannot write to {target}: run with sudo, or use --user") from None
+    manager = "systemctl --user" if user_unit else "sudo systemctl"
+    click.echo(f"wrote {path}\nnext: {manager} daemon-reload && {manager} enable --now {units.UNIT_NAME}")
+
+
+@main.group("config")
+def config_group() -> None:
+    """The effective configuration and its reference."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def config_show(ctx: Context, as_json: bool) -> None:
+    """The effective settings and where each came from (secrets masked)."""
+    from batchd.config import SECRET_ENV_VARS
+    from batchd.logs import redact_data
+
+    settings = ctx.settings()
+    values = _flatten(settings.redacted_dict())
+    sources = settings.sources()
+    secrets = {name: "set" if os.environ.get(name) else "not set" for name in SECRET_ENV_VARS}
+    if as_json:
+        click.echo(json.dumps(redact_data({
+            "config_file": str(settings.config_file) if settings.config_file else None,
+            "settings": {key: {"value": value, "source": sources.get(key, "default")} for key, value in values.items()},
+            "secrets": secrets}), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, title=f"config file: {settings.config_file or 'none'}")
+    for column in ("setting", "value", "source"):
+        table.add_column(column)
+    for key, value in values.items():
+        table.add_row(key, json.dumps(redact_data(value)), sources.get(key, "default"))
+    for name, state in secrets.items():
+        table.add_row(name, state, "environment")
+    Console().print(table)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@config_group.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (docs/configuration.md) generated from the settings model."""
+    from batchd.reference import configuration_reference
+
+    click.echo(configuration_reference(), nl=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def doctor(ctx: Context, as_json: bool) -> None:
+    """Check the config, folders, inotify limits, provider and API key; exit 1 if a check fails."""
+    from batchd.doctor import run_checks
+
+    def settings():
+        return load_settings(ctx.config_path)
+
+    checks = run_checks(settings)
+    failed = any(check.status == "fail" for check in checks)
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "checks": [check.as_dict() for check in checks]}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console()
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        for check in checks:
+            console.print(f"{marks[check.status]:>16}  [bold]{escape(check.name)}[/]: {escape(check.detail)}")
+            if check.fix and check.status != "ok":
+                console.print(f"{'':>6}fix: {escape(check.fix)}")
+    if failed:
+        sys.exit(1)

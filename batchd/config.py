@@ -16,8 +16,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from batchd.logs import redact_data, register_secret
 
 CONFIG_ENV_VAR = "BATCHD_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -102,7 +104,17 @@ class Settings(BaseSettings):
 
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
 
+    # Logging (the --log-level / --log-format flags override these)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written to stderr."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'text': key=value fields; 'json': one JSON object per line."
+    )
+
     _config_file: Path | None = PrivateAttr(None)
+    _file_values: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -116,6 +128,11 @@ class Settings(BaseSettings):
         # Highest priority first. No .env or secrets-dir sources: a daemon's environment
         # comes from its service manager, and one config file is enough to reason about.
         return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
@@ -139,6 +156,7 @@ class Settings(BaseSettings):
         demand rather than stored, so it can never leak through a settings dump.
         """
         key = os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY")
+        register_secret(key)
         if not key:
             raise ConfigError(
                 'provider = "gemini" needs an API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) '
@@ -147,8 +165,12 @@ class Settings(BaseSettings):
         return key
 
     def redacted_dict(self) -> dict[str, Any]:
-        """The settings as JSON-compatible data, safe to print (secret-looking values masked)."""
-        return _redact(self.model_dump(mode="json"))
+        """The settings as JSON-compatible data, safe to print (secrets and secret-looking values masked)."""
+        return redact_data(_redact(self.model_dump(mode="json")))
+
+    def sources(self) -> dict[str, str]:
+        """Where each effective setting (dotted key) came from: default, the config file, BATCHD_*, a flag."""
+        return _sources(type(self), self._overrides, self._file_values, self._config_file)
 
 
 # The config file is picked per load_settings() call, but pydantic-settings builds its sources
@@ -188,7 +210,63 @@ def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Sett
     finally:
         _config_file_values.reset(token)
     settings._config_file = config_file
+    settings._file_values = file_values
+    settings._overrides = overrides
+    _register_secrets(settings)
     return settings
+
+
+#: Environment variables that hold secrets batchd reads (the SDK's API key variables).
+SECRET_ENV_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+
+def _register_secrets(model: BaseModel) -> None:
+    """Every SecretStr setting and API key variable joins the log redaction registry."""
+    if isinstance(model, Settings):
+        for name in SECRET_ENV_VARS:
+            register_secret(os.environ.get(name))
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            register_secret(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            _register_secrets(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, SecretStr):
+                    register_secret(item.get_secret_value())
+                elif isinstance(item, BaseModel):
+                    _register_secrets(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, SecretStr):
+                    register_secret(item.get_secret_value())
+                elif isinstance(item, BaseModel):
+                    _register_secrets(item)
+
+
+def _sources(model: type[BaseModel], overrides: dict[str, Any], file_values: dict[str, Any],
+             config_file: Path | None, prefix: str = "", table_env: str | None = None) -> dict[str, str]:
+    environ = {key.upper(): key for key in os.environ}
+    found: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        env_name = "BATCHD_" + dotted.replace(".", "__").upper()
+        nested = _nested_model(field.annotation)
+        if nested is not None:  # a table: each of its keys has its own source
+            inner_overrides = overrides.get(name) if isinstance(overrides.get(name), dict) else {}
+            inner_file = file_values.get(name) if isinstance(file_values.get(name), dict) else {}
+            found.update(_sources(nested, inner_overrides, inner_file, config_file, prefix=f"{dotted}.",
+                                  table_env=environ.get(env_name, table_env)))
+        elif name in overrides:
+            found[dotted] = "command line"
+        elif env_name in environ or table_env:
+            found[dotted] = f"environment {environ.get(env_name, table_env)}"
+        elif name in file_values:
+            found[dotted] = "config file"
+        else:
+            found[dotted] = "default"
+    return found
 
 
 def _find_config_file(config_path: Path | None) -> Path | None:

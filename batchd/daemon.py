@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from batchd import outbox
 from batchd.config import Settings
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
+from batchd.logs import redact_data
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import tasks_for
@@ -702,7 +703,7 @@ class Daemon:
         manifest = spool.manifest_path(job.source)
         if manifest.exists():
             folder.copy_in(job.source, manifest)
-        folder.write_json("summary.json", summary)
+        folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
         destination = outbox.choose_folder(self.settings.outbox, job.name)
         self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"])
         self.publish(self.journal.job(job.id))

@@ -194,9 +194,9 @@ def render_unit(paths: UnitPaths, *, user: bool = False, run_as: str | None = No
     network = "" if user else "After=network-online.target\nWants=network-online.target\n"
     writable = " ".join(_quote(str(path)) for path in paths.writable)
     return f"""\
-# batchd as a systemd service. Written by `batchd service install`; see README "Run as a service".
+# batchd as a systemd service, written by `batchd service install` (README: "Run as a service").
 [Unit]
-Description=batchd: Gemini Batch API jobs from {paths.working_dir / "inbox"}
+Description=batchd: Gemini Batch API jobs ({paths.config})
 Documentation=https://ai.google.dev/gemini-api/docs/batch-mode
 {network}
 [Service]
@@ -207,8 +207,9 @@ NotifyAccess=main
 ExecStart={command}
 # GEMINI_API_KEY=... (mode 0600, never in config.toml). "-": the file is optional for the emulator.
 EnvironmentFile=-{_quote(str(paths.env_file))}
-# The main loop pings at half this; a wedged loop is killed and restarted.
-WatchdogSec=60
+# The main loop pings at half this; a wedged loop is killed and restarted. Generous, because
+# one step of the loop may be a long results download or, in an outage, an HTTP call's retries.
+WatchdogSec=300
 Restart=on-failure
 RestartSec=5
 # Startup recovery reconciles with the remote job list; a stop finishes the step in hand.
@@ -234,6 +235,14 @@ UMask=0027
 [Install]
 WantedBy={wanted_by}
 """
+
+
+def example_unit() -> str:
+    """contrib/systemd/batchd.service: the unit for an installation in /srv/batchd run by user batchd."""
+    root = Path("/srv/batchd")
+    paths = UnitPaths(exec_start=["/opt/batchd/venv/bin/batchd"], working_dir=root, config=root / "config.toml",
+                      env_file=root / ENV_FILE_NAME, writable=[root / "inbox", root / "outbox", root / "state"])
+    return render_unit(paths, run_as="batchd")
 
 
 def _quote(value: str) -> str:

@@ -1,0 +1,207 @@
+"""``batchd doctor``: checks an installation the way an operator would, each with a fix.
+
+A check is ``ok``, ``warn`` (batchd works, but not as well as it could) or ``fail`` (batchd will not
+work); ``batchd doctor`` exits non-zero if any check fails. Checks never change anything: folders
+that do not exist yet are judged by the folder they would be created in, and the emulator check
+runs a throw-away emulator in a temporary folder, never the daemon's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+INOTIFY_DIR = Path("/proc/sys/fs/inotify")
+#: Seconds a reachability check may take before it counts as unreachable.
+REACH_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # "ok", "warn" or "fail"
+    detail: str
+    fix: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_checks(load_settings: Callable, *, inotify_dir: Path = INOTIFY_DIR) -> list[Check]:
+    """Every check, in the order a failure is easiest to understand; later ones need the config."""
+    from batchd.config import ConfigError
+
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        return [Check("config", "fail", str(error),
+                      "fix the file/key named above; `batchd init DIR` writes a commented config.toml")]
+    where = f"loaded from {settings.config_file}" if settings.config_file else "no config file: defaults and BATCHD_*"
+    checks = [Check("config", "ok", where)]
+    checks.append(check_plugins(settings))
+    checks.extend(check_folders(settings))
+    checks.append(check_inotify(inotify_dir))
+    checks.append(check_daemon(settings))
+    checks.extend(check_provider(settings))
+    return checks
+
+
+def check_plugins(settings) -> Check:
+    from batchd.plugins import PluginError, tasks_for
+
+    try:
+        tasks = tasks_for(settings)
+    except PluginError as error:
+        return Check("plugins", "fail", str(error),
+                     "fix the plugin, or leave it out with disabled_plugins = [\"NAME\"] in config.toml")
+    return Check("plugins", "ok", f"tasks: {', '.join(sorted(tasks)) or 'none'}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_folders(settings) -> list[Check]:
+    folders = {"inbox": settings.inbox, "outbox": settings.outbox, "state_dir": settings.state_dir}
+    checks = []
+    devices = {}
+    for name, folder in folders.items():
+        existing = _existing_ancestor(folder)
+        if existing.exists() and not existing.is_dir():
+            checks.append(Check(f"folder {name}", "fail", f"{existing} is not a folder",
+                                f"point {name} at a folder, or remove {existing}"))
+            continue
+        if not os.access(existing, os.W_OK | os.X_OK):
+            checks.append(Check(f"folder {name}", "fail", f"{existing} is not writable by this user",
+                                f"chown/chmod {existing}, or run batchd as its owner"))
+            continue
+        devices[name] = existing.stat().st_dev
+        state = "exists" if folder.is_dir() else f"will be created in {existing}"
+        checks.append(Check(f"folder {name}", "ok", f"{folder} ({state})"))
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on device {device}" for name, device in devices.items())
+        checks.append(Check("same filesystem", "fail",
+                            f"inbox, outbox and state_dir are on different filesystems ({where}): claims and "
+                            "deliveries are renames, which are only atomic within one filesystem",
+                            "put inbox, outbox and state_dir under one folder on one disk (see `batchd init`)"))
+    elif len(devices) == len(folders):
+        checks.append(Check("same filesystem", "ok", "inbox, outbox and state_dir share one filesystem: "
+                                                     "claims and deliveries are atomic renames"))
+    return checks
+
+
+def _inotify_instances_in_use() -> int | None:
+    """inotify instances held by this user's processes (what max_user_instances limits)."""
+    uid = os.getuid()
+    used = 0
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            if os.stat(fd_dir).st_uid != uid:
+                continue
+            for fd in os.listdir(fd_dir):
+                if os.readlink(f"{fd_dir}/{fd}") == "anon_inode:inotify":
+                    used += 1
+        except OSError:
+            continue  # gone, or not ours to read
+    return used
+
+
+def check_inotify(inotify_dir: Path = INOTIFY_DIR) -> Check:
+    fix = ("raise the limits: sudo sysctl fs.inotify.max_user_instances=1024 fs.inotify.max_user_watches=524288 "
+           "(persist them in /etc/sysctl.d/60-inotify.conf)")
+    try:
+        watches = int((inotify_dir / "max_user_watches").read_text())
+        instances = int((inotify_dir / "max_user_instances").read_text())
+    except (OSError, ValueError):
+        return Check("inotify", "warn", f"no inotify limits in {inotify_dir}: batchd watches the inbox by polling",
+                     "nothing to do on non-Linux systems; on Linux check that /proc is mounted")
+    used = _inotify_instances_in_use()
+    detail = f"max_user_watches={watches}, max_user_instances={instances}"
+    if used is not None:
+        detail += f", instances in use by this user: {used}"
+    # batchd needs one instance and one watch (the inbox is watched without its subfolders).
+    if watches < 1 or instances < 1 or (used is not None and used >= instances):
+        return Check("inotify", "warn", detail + ": no inotify instance is free, so batchd would fall back to "
+                                                 "polling the inbox (slower to notice new files)", fix)
+    return Check("inotify", "ok", detail)
+
+
+def check_daemon(settings) -> Check:
+    from batchd.daemon import lock_holder
+
+    pid = lock_holder(settings.state_dir)
+    if pid is None:
+        return Check("daemon", "ok", f"no batchd is running on {settings.state_dir}")
+    return Check("daemon", "ok", f"batchd is running on {settings.state_dir}" + (f" (pid {pid})" if pid else ""))
+
+
+def check_provider(settings) -> list[Check]:
+    if settings.provider == "emulator":
+        return [check_emulator(settings)]
+    key = check_api_key(settings)
+    if key.status == "fail":
+        return [key]
+    return [key, check_gemini_reachable(settings)]
+
+
+def check_emulator(settings) -> Check:
+    """The embedded emulator starts and answers a list call through the SDK (in a throw-away folder)."""
+    from batchd.emulator.server import EmulatorProcess
+    from batchd.provider import Provider, RetryPolicy
+
+    with tempfile.TemporaryDirectory(prefix="batchd-doctor-") as folder:
+        emulator = EmulatorProcess(Path(folder), job_seconds=settings.emulator.job_seconds,
+                                   faults=list(settings.emulator.faults), startup_seconds=REACH_TIMEOUT_SECONDS * 3)
+        try:
+            emulator.start()
+            with Provider(api_key="batchd-doctor", base_url=emulator.base_url, api_version=settings.api_version,
+                          retry=RetryPolicy(attempts=1), timeout_s=REACH_TIMEOUT_SECONDS) as provider:
+                next(provider.list_jobs(page_size=1), None)
+        except Exception as error:  # noqa: BLE001 - any failure is the finding
+            return Check("provider emulator", "fail", f"the embedded emulator did not start or answer: {error}",
+                         "run `batchd emulator --port 8765` to see why; reinstall batchd if it cannot import")
+        finally:
+            emulator.stop()
+    return Check("provider emulator", "ok", "the embedded emulator starts and answers (nothing leaves this machine)")
+
+
+def check_api_key(settings) -> Check:
+    from batchd.config import ConfigError
+
+    try:
+        settings.gemini_api_key()
+    except ConfigError:
+        return Check("api key", "fail", 'provider = "gemini" and neither GEMINI_API_KEY nor GOOGLE_API_KEY is set',
+                     "put GEMINI_API_KEY=... in batchd.env (mode 0600; the unit's EnvironmentFile=) or export it; "
+                     "never in config.toml")
+    name = "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+    return Check("api key", "ok", f"{name} is set")
+
+
+def check_gemini_reachable(settings) -> Check:
+    """One cheap batches.list call (a page of one), single try, bounded by a timeout."""
+    from batchd.provider import Provider, RetryPolicy, is_auth_error
+
+    base = os.environ.get("GOOGLE_GEMINI_BASE_URL") or "https://generativelanguage.googleapis.com"
+    try:
+        with Provider(api_key=settings.gemini_api_key(), api_version=settings.api_version,
+                      retry=RetryPolicy(attempts=1), timeout_s=REACH_TIMEOUT_SECONDS) as provider:
+            next(provider.list_jobs(page_size=1), None)
+    except Exception as error:  # noqa: BLE001 - any failure is the finding
+        if is_auth_error(error):
+            return Check("provider gemini", "fail", f"{base} refused the API key: {error}",
+                         "check the key at https://aistudio.google.com/apikey and update batchd.env")
+        return Check("provider gemini", "fail", f"{base} did not answer batches.list: {type(error).__name__}: {error}",
+                     "check network access and proxies (HTTPS_PROXY) from this host, and GOOGLE_GEMINI_BASE_URL "
+                     "if set; the unit's hardening allows outbound network")
+    return Check("provider gemini", "ok", f"{base} answered batches.list")

@@ -1,0 +1,89 @@
+"""What ``batchd status`` shows: a table of jobs with progress bars, once or refreshed (``--watch``).
+
+A job row is the dict ``batchd status --json`` prints (see ``batchd.cli._job_view``). Progress counts
+requests: a finished chunk counts all of its requests, a running one what its remote ``batchStats``
+say is done. Cost comes from the row (``cost``) or, for a delivered job, its ``summary.json``, when
+either has one; the column only appears if some job has a cost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+_STATE_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "rejected": "red",
+                "cancelled": "magenta", "submitted": "cyan"}
+
+
+def job_state(job: dict) -> str:
+    state = job["outcome"] if job["state"] == "done" and job.get("outcome") else job["state"]
+    if job.get("cancel_requested") and job["state"] != "done":
+        state += " (cancelling)"
+    return state
+
+
+def job_cost(job: dict) -> float | None:
+    """The job's cost in USD, if batchd knows one (from the journal row or the delivered summary)."""
+    cost = job.get("cost")
+    if cost is None and job.get("state") == "done" and job.get("outbox"):
+        try:
+            cost = json.loads((Path(job["outbox"]) / "summary.json").read_text()).get("cost")
+        except (OSError, ValueError):
+            cost = None
+    return _usd(cost)
+
+
+def _usd(cost: Any) -> float | None:
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+        return float(cost)
+    if isinstance(cost, dict):
+        for key in ("total_usd", "usd", "estimated_usd", "total"):
+            if isinstance(cost.get(key), (int, float)):
+                return float(cost[key])
+    return None
+
+
+def age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def jobs_table(jobs: list[dict], *, now: float | None = None):
+    """The jobs as a rich renderable: one row each, with a progress bar and done/total requests."""
+    if not jobs:
+        return Text("no jobs")
+    now = time.time() if now is None else now
+    costs = [job_cost(job) for job in jobs]
+    table = Table(show_edge=False)
+    for column in ("job", "manifest", "task", "state", "progress", "done/total"):
+        table.add_column(column, justify="right" if column == "done/total" else "left")
+    if any(cost is not None for cost in costs):
+        table.add_column("cost", justify="right")
+    table.add_column("age", justify="right")
+    for job, cost in zip(jobs, costs):
+        state = job_state(job)
+        total = job["requests"]
+        bar = ProgressBar(total=max(total, 1), completed=min(job["done"], total) if total else 0, width=20,
+                          complete_style="green" if job["state"] == "done" else "cyan")
+        row = [job["id"], job["manifest"], job["task"] or "-", Text(state, style=_STATE_STYLE.get(state, "")),
+               bar if total else Text("-"), f"{job['done']}/{total}" if total else "-"]
+        if len(table.columns) == 8:
+            row.append(f"${cost:.4f}" if cost is not None else "-")
+        row.append(age(now - job["created_at"]))
+        table.add_row(*row)
+    return table
+
+
+def status_frame(jobs: list[dict], *, title: str | None = None):
+    """A ``--watch`` frame: a title line (what and when) above the table."""
+    header = Text(title or time.strftime("batchd status  %H:%M:%S"), style="bold")
+    return Group(header, jobs_table(jobs))
