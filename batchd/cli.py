@@ -187,21 +187,18 @@ def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval:
     elif as_json:
         click.echo(json.dumps(jobs, indent=2))
     else:
-        from rich.console import Console
+        from batchd.views import console, jobs_table
 
-        from batchd.views import jobs_table
-
-        Console().print(jobs_table(jobs))
+        console().print(jobs_table(jobs))
 
 
 def _watch(settings: Settings, name: str | None, as_json: bool, interval: float, count: int | None) -> None:
     """Redraw in place on a terminal; elsewhere (a pipe, a log) print one frame (or JSON line) per refresh."""
-    from rich.console import Console
     from rich.live import Live
 
-    from batchd.views import status_frame
+    from batchd.views import console as make_console, status_frame
 
-    console = Console()
+    console = make_console()
     refreshes = 0
     live = Live(console=console, auto_refresh=False) if console.is_terminal and not as_json else None
     try:
@@ -359,8 +356,9 @@ def config_show(ctx: Context, as_json: bool) -> None:
             "settings": {key: {"value": value, "source": sources.get(key, "default")} for key, value in values.items()},
             "secrets": secrets}), indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from batchd.views import console
 
     table = Table(show_edge=False, title=f"config file: {settings.config_file or 'none'}")
     for column in ("setting", "value", "source"):
@@ -369,7 +367,7 @@ def config_show(ctx: Context, as_json: bool) -> None:
         table.add_row(key, json.dumps(redact_data(value)), sources.get(key, "default"))
     for name, state in secrets.items():
         table.add_row(name, state, "environment")
-    Console().print(table)
+    console().print(table)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -405,10 +403,11 @@ def doctor(ctx: Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": not failed, "checks": [check.as_dict() for check in checks]}, indent=2))
     else:
-        from rich.console import Console
         from rich.markup import escape
 
-        console = Console()
+        from batchd.views import console as make_console
+
+        console = make_console()
         marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
         for check in checks:
             console.print(f"{marks[check.status]:>16}  [bold]{escape(check.name)}[/]: {escape(check.detail)}")

@@ -22,6 +22,14 @@ _STATE_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "rej
                 "cancelled": "magenta", "submitted": "cyan"}
 
 
+def console():
+    """A console for tables: the terminal's width, or wide enough not to wrap ids in a pipe or a log."""
+    from rich.console import Console
+
+    interactive = Console()
+    return interactive if interactive.is_terminal else Console(width=200)
+
+
 def job_state(job: dict) -> str:
     state = job["outcome"] if job["state"] == "done" and job.get("outcome") else job["state"]
     if job.get("cancel_requested") and job["state"] != "done":
@@ -72,7 +80,7 @@ def jobs_table(jobs: list[dict], *, now: float | None = None):
     for job, cost in zip(jobs, costs):
         state = job_state(job)
         total = job["requests"]
-        bar = ProgressBar(total=max(total, 1), completed=min(job["done"], total) if total else 0, width=20,
+        bar = ProgressBar(total=max(total, 1), completed=min(job["done"], total) if total else 0, width=16,
                           complete_style="green" if job["state"] == "done" else "cyan")
         row = [job["id"], job["manifest"], job["task"] or "-", Text(state, style=_STATE_STYLE.get(state, "")),
                bar if total else Text("-"), f"{job['done']}/{total}" if total else "-"]

@@ -1,0 +1,156 @@
+"""Log lines (key=value, JSON, journald) and secrets that never reach logs, outbox files or `config show`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from batchd import logs
+from batchd.emulator.server import EmulatorServer
+from conftest import Workspace
+
+#: Recognisable, so a leak anywhere is found by a plain substring search.
+FAKE_KEY = "AIzaFAKE-batchd-test-key-0123456789"
+
+TRANSLATE = 'task = "translate"\ntexts = ["Hello"]\nlanguages = ["French"]\n'
+
+# A task plugin that gets hold of the key and puts it everywhere it can: a log line, and an
+# exception whose text ends up in the job's summary.json.
+LEAKY_PLUGIN = '''
+import logging, os
+from pydantic import BaseModel, ConfigDict
+from batchd import hookimpl
+from batchd.task import Task, TaskRequest
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class Leaky(Task):
+    name = "leaky"
+    Params = Params
+
+    def inline_items(self, params):
+        return "texts", params.texts
+
+    def requests(self, params, items):
+        key = os.environ["GEMINI_API_KEY"]
+        logging.getLogger("leaky").warning("building with key %s", key)
+        raise RuntimeError(f"cannot build: the key {key} is not welcome here")
+
+    def organize(self, results):
+        yield from ()
+
+
+@hookimpl
+def register_tasks(register):
+    register(Leaky())
+'''
+
+
+def every_file_text(folder) -> str:
+    return "\n".join(path.read_text(errors="replace") for path in folder.rglob("*") if path.is_file())
+
+
+def test_the_api_key_never_reaches_logs_outbox_or_config_show(workspace: Workspace, tmp_path):
+    (workspace.root / "plugins.d").mkdir()
+    (workspace.root / "plugins.d" / "leaky.py").write_text(LEAKY_PLUGIN)
+    with EmulatorServer(tmp_path / "google", job_seconds=0.2, api_key=FAKE_KEY) as google:
+        workspace.configure(provider="gemini", plugins_dir="plugins.d")
+        workspace.drop("translate.toml", TRANSLATE)  # a real job, sent with the key
+        workspace.drop("leaky.toml", 'task = "leaky"\ntexts = ["a"]\n')
+        env = {"GEMINI_API_KEY": FAKE_KEY, "GOOGLE_GEMINI_BASE_URL": google.base_url}
+
+        run = workspace.batchd("--log-level", "DEBUG", "run", "--once", **env)
+        json_run = workspace.batchd("--log-format", "json", "status", "--json", **env)
+        show = workspace.batchd("config", "show", **env)
+        show_json = workspace.batchd("config", "show", "--json", **env)
+
+    delivered = workspace.delivered()
+    assert delivered["translate"]["state"] == "succeeded", run.stderr  # the key did its job
+    assert delivered["leaky"]["state"] == "rejected"
+    assert "is not welcome here" in delivered["leaky"]["error"]["message"]
+    assert "building with key ***" in run.stderr, "the plugin's log line is there, masked"
+    assert "the key *** is not welcome" in run.stderr
+
+    for text in (run.stdout, run.stderr, json_run.stderr, show.stdout, show_json.stdout,
+                 every_file_text(workspace.outbox)):
+        assert FAKE_KEY not in text
+    settings = json.loads(show_json.stdout)
+    assert settings["secrets"]["GEMINI_API_KEY"] == "set"
+    assert settings["settings"]["provider"] == {"value": "gemini", "source": "config file"}
+
+
+def test_secret_settings_are_registered_generically():
+    from pydantic import BaseModel, SecretStr
+
+    from batchd.config import _register_secrets
+
+    class Hook(BaseModel):
+        url: str
+        secret: SecretStr
+
+    class Section(BaseModel):
+        hooks: list[Hook]
+
+    class Model(BaseModel):
+        notifications: Section
+
+    _register_secrets(Model(notifications=Section(hooks=[Hook(url="http://x", secret=SecretStr("whsec-123456789"))])))
+    assert logs.redact("signature whsec-123456789 sent") == "signature *** sent"
+    assert logs.redact_data({"a": ["whsec-123456789"]}) == {"a": ["***"]}
+
+
+def test_key_value_lines_quote_what_needs_it_and_keep_a_traceback_on_one_line():
+    formatter = logs.KeyValueFormatter()
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        record = logging.LogRecord("batchd", logging.ERROR, __file__, 1, "job %s failed", ("j1",), sys.exc_info())
+    record.job = "j1"
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert line.startswith("ts=") and ' level=error logger=batchd msg="job j1 failed" job=j1 exc="Traceback' in line
+    journal_line = logs.KeyValueFormatter(journald=True).format(record)
+    assert journal_line.startswith("<3>level=error ") and "ts=" not in journal_line
+
+    data = json.loads(logs.JsonFormatter().format(record))
+    assert (data["level"], data["msg"], data["job"]) == ("error", "job j1 failed", "j1")
+    assert "ValueError: bad" in data["exc"]
+
+
+def test_under_systemd_the_daemon_logs_without_timestamps_and_with_priorities(workspace: Workspace):
+    log_path = workspace.root / "journal-stream.log"
+    with open(log_path, "w") as stream:
+        st = os.fstat(stream.fileno())
+        workspace.drop("translate.toml", TRANSLATE)
+        env = workspace.env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        result = subprocess.run([sys.executable, "-m", "batchd", "run", "--once"], cwd=workspace.root, env=env,
+                                stderr=stream, stdout=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0
+    lines = log_path.read_text().splitlines()
+    ours = [line for line in lines if "logger=batchd" in line]
+    assert ours and all(line.startswith("<6>level=info logger=batchd") for line in ours), lines
+    assert not any("ts=" in line for line in lines)
+
+
+def test_json_log_format_from_the_config(workspace: Workspace):
+    workspace.configure(log_format="json")
+    workspace.drop("translate.toml", TRANSLATE)
+    result = workspace.batchd("run", "--once")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "batchd" and "succeeded" in r["msg"] for r in records), result.stderr
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+
+
+def test_log_level_flag_filters(workspace: Workspace):
+    workspace.drop("translate.toml", TRANSLATE)
+    result = workspace.batchd("--log-level", "warning", "run", "--once")
+    assert result.returncode == 0
+    assert "level=info" not in result.stderr
