@@ -22,7 +22,7 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +52,8 @@ CRASH_POINTS = (
 )
 MANIFEST_SUFFIXES = (".toml", ".json")
 CANCEL_SUFFIX = ".cancel"
+#: While stopping with uploads in flight, systemd's stop timeout is extended by this much at a time.
+DRAIN_EXTEND_SECONDS = 30.0
 #: Job outcomes that make ``batchd run --once`` exit non-zero.
 FAILED_OUTCOMES = ("failed", "rejected")
 
@@ -234,6 +236,7 @@ class Daemon:
 
     def close(self) -> None:
         # Let creates already sent finish and record them, so no remote job is left unrecorded.
+        self._drain_submissions()
         self.pool.shutdown(wait=True)
         if self.journal is not None:
             self._collect_submissions()
@@ -243,6 +246,19 @@ class Daemon:
             self.emulator.stop()
         if self._lock_file is not None:
             self._lock_file.close()
+
+    def _drain_submissions(self) -> None:
+        """Wait for the uploads and creates in flight; under systemd, ask for stop time while they run.
+
+        Every submission starts at once (the pool is as large as the limit), so nothing is queued
+        that could be withdrawn: each one may already have reached the service.
+        """
+        pending = [submission.future for submission in self.submissions.values()]
+        if pending:
+            log.info("waiting for %d submission(s) in flight before stopping", len(pending))
+        while pending:
+            self.notifier.extend_timeout(DRAIN_EXTEND_SECONDS)
+            pending = list(wait(pending, timeout=DRAIN_EXTEND_SECONDS / 3).not_done)
 
     def check_stop(self) -> None:
         # Long steps call this often on the main thread: a good place to prove the loop is alive.

@@ -117,6 +117,10 @@ class Notifier:
             self.stopping_sent = True
             self._send(f"STOPPING=1\nSTATUS={status}")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for ``seconds`` more before systemd's start or stop timeout (EXTEND_TIMEOUT_USEC)."""
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def max_sleep(self, seconds: float) -> float:
         """``seconds`` shortened so the loop wakes in time for its next watchdog ping or status line."""
         now = time.monotonic()

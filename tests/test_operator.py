@@ -251,3 +251,25 @@ def test_every_read_command_speaks_json(workspace: Workspace):
         result = workspace.batchd(*command, "--json")
         assert result.returncode == 0, (command, result.stderr)
         json.loads(result.stdout)  # the whole of stdout is one JSON document
+
+
+def test_the_cost_column_appears_when_a_summary_has_a_cost(tmp_path):
+    from rich.console import Console
+
+    from batchd.views import jobs_table
+
+    delivered = tmp_path / "translate"
+    delivered.mkdir()
+    (delivered / "summary.json").write_text(json.dumps({"cost": {"total_usd": 0.01234}}))
+    job = {"id": "j1", "manifest": "translate.toml", "task": "translate", "state": "done", "outcome": "succeeded",
+           "requests": 4, "done": 4, "cancel_requested": False, "outbox": str(delivered), "created_at": 0.0}
+    running = {**job, "id": "j2", "state": "submitted", "outcome": None, "done": 1, "outbox": None}
+
+    def render(jobs):
+        console = Console(width=200, record=True)
+        console.print(jobs_table(jobs, now=90.0))
+        return console.export_text()
+
+    with_cost = render([job, running])
+    assert "cost" in with_cost and "$0.0123" in with_cost and "1/4" in with_cost and "1m" in with_cost
+    assert "cost" not in render([running]), "no column when no job has a cost"

@@ -190,6 +190,8 @@ def test_sigterm_during_a_create_records_the_remote_job_before_exiting_0(workspa
         systemd.wait_for(lambda lines: any("being submitted" in line for line in lines), what="a create in flight")
         daemon.send_signal(signal.SIGTERM)
         systemd.wait_for(lambda lines: "STOPPING=1" in lines, what="STOPPING=1")
+        # While the create runs, the daemon asks for more stop time instead of being killed mid-way.
+        systemd.wait_for(lambda lines: "EXTEND_TIMEOUT_USEC=30000000" in lines, what="EXTEND_TIMEOUT_USEC")
         assert daemon.wait(timeout=60) == 0
     finally:
         if daemon.poll() is None:
@@ -214,3 +216,16 @@ def test_a_second_daemon_on_the_same_state_dir_exits_with_a_clear_error(workspac
         assert stop_daemon(first) == 0
     # Once the first one is gone, the state dir is free again.
     assert workspace.batchd("run", "--once").returncode == 0
+
+
+def test_a_service_that_delivered_a_failed_job_still_stops_with_0(workspace: Workspace, systemd):
+    # A rejected job is the job's outcome, written to its summary, not a failure of the service:
+    # exiting 1 on SIGTERM would mark the unit failed (and --once keeps reporting it in its code).
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address)
+    try:
+        systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
+        workspace.drop("unknown.toml", 'task = "no-such-task"\n')
+        workspace.wait_for(lambda: "unknown" in workspace.delivered(), what="the rejection")
+        assert workspace.delivered()["unknown"]["state"] == "rejected"
+    finally:
+        assert stop_daemon(daemon) == 0
