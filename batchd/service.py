@@ -197,6 +197,18 @@ def render_unit(paths: UnitPaths, *, user: bool = False, run_as: str | None = No
     wanted_by = "default.target" if user else "multi-user.target"
     network = "" if user else "After=network-online.target\nWants=network-online.target\n"
     writable = " ".join(_quote(str(path)) for path in paths.writable)
+    if user:
+        # A user manager can only sandbox through an unprivileged user namespace, which many systems
+        # restrict (Ubuntu 24.04's AppArmor policy, hardened kernels): there the unit would not start.
+        hardening = ("# Hardening: a user unit runs with your own rights; the file-system sandbox of the\n"
+                     "# system unit (ProtectSystem=strict, ReadWritePaths=, PrivateTmp=) needs user namespaces.\n"
+                     "NoNewPrivileges=yes\n")
+    else:
+        hardening = ("# Hardening: the file system is read-only except the folders batchd writes.\n"
+                     "NoNewPrivileges=yes\nProtectSystem=strict\n"
+                     f"ReadWritePaths={writable}\n"
+                     "PrivateTmp=yes\nPrivateDevices=yes\nProtectKernelTunables=yes\nProtectKernelModules=yes\n"
+                     "ProtectControlGroups=yes\nRestrictSUIDSGID=yes\nLockPersonality=yes\n")
     return f"""\
 # batchd as a systemd service, written by `batchd service install` (README: "Run as a service").
 [Unit]
@@ -223,18 +235,7 @@ TimeoutStopSec=120
 # flight. Whatever is left gets SIGKILL at TimeoutStopSec.
 KillMode=mixed
 
-# Hardening: the file system is read-only except the folders batchd writes.
-NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths={writable}
-PrivateTmp=yes
-PrivateDevices=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectControlGroups=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-UMask=0027
+{hardening}UMask=0027
 
 [Install]
 WantedBy={wanted_by}

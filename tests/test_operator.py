@@ -87,6 +87,8 @@ def test_service_install_prints_or_writes_the_unit_with_this_installations_paths
     assert written.returncode == 0, written.stderr
     unit = (target / "batchd.service").read_text()
     assert "WantedBy=default.target" in unit and "User=" not in unit
+    assert "Type=notify" in unit and "NoNewPrivileges=yes" in unit
+    assert "\nProtectSystem=" not in unit, "a user manager's sandbox needs user namespaces: left out"
     assert "systemctl --user daemon-reload" in written.stdout
 
     no_config = batchd("service", "install", "--print", cwd=tmp_path)
