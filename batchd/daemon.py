@@ -377,7 +377,8 @@ class Daemon:
         if error is not None:
             fields["error"] = error
         self.journal.update_job(job_id, **fields)
-        log.info("accepted %s as job %s%s", path.name, job_id, " (rejected)" if error else "")
+        log.info("accepted %s as job %s%s", path.name, job_id, " (rejected)" if error else "",
+                 extra={"job": job_id, "manifest": path.name})
 
     def _finish_claim(self, job: Job) -> None:
         spool = self._spool(job.id)
@@ -541,7 +542,7 @@ class Daemon:
 
         self.submissions[(job.id, chunk.idx)] = Submission(job.id, chunk.idx, self.pool.submit(create))
         log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
-                 chunk.request_count)
+                 chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
 
     def _collect_submissions(self) -> None:
         for key, submission in list(self.submissions.items()):
@@ -561,7 +562,8 @@ class Daemon:
         self.journal.record_remote_job(remote.name, chunk, "adopted")
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="running", remote_name=remote.name,
                                   remote_state=remote.state, stats=remote.stats)
-        log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name)
+        log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name,
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "remote": remote.name})
 
     def _create_failed(self, chunk: Chunk, error: Exception) -> None:
         if is_retryable(error):
@@ -679,7 +681,8 @@ class Daemon:
         crashpoint("after-download")
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
                                   stats=remote.stats, error=error)
-        log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state)
+        log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
 
     def progress(self, job: Job) -> None:
         chunks = self.journal.chunks(job.id)
@@ -831,7 +834,8 @@ class Daemon:
         spool.remove()
         self.report.outcomes[job.id] = job.outcome
         self.once_pending.discard(job.source)
-        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination)
+        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
+                 extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
 
 
 def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -136,7 +137,7 @@ def test_under_systemd_the_daemon_logs_without_timestamps_and_with_priorities(wo
     lines = log_path.read_text().splitlines()
     ours = [line for line in lines if "logger=batchd" in line]
     assert ours and all(line.startswith("<6>level=info logger=batchd") for line in ours), lines
-    assert not any("ts=" in line for line in lines)
+    assert not any(re.search(r"(^|[\s>])ts=", line) for line in lines), "the journal stamps lines itself"
 
 
 def test_json_log_format_from_the_config(workspace: Workspace):
@@ -145,7 +146,8 @@ def test_json_log_format_from_the_config(workspace: Workspace):
     result = workspace.batchd("run", "--once")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    assert any(r["logger"] == "batchd" and "succeeded" in r["msg"] for r in records), result.stderr
+    delivered = [r for r in records if r["logger"] == "batchd" and r.get("outcome") == "succeeded"]
+    assert delivered and delivered[0]["job"] and delivered[0]["outbox"].endswith("translate"), result.stderr
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
 
 
@@ -154,3 +156,12 @@ def test_log_level_flag_filters(workspace: Workspace):
     result = workspace.batchd("--log-level", "warning", "run", "--once")
     assert result.returncode == 0
     assert "level=info" not in result.stderr
+
+
+def test_lifecycle_lines_carry_job_fields(workspace: Workspace):
+    workspace.drop("translate.toml", TRANSLATE)
+    result = workspace.batchd("run", "--once")
+    assert result.returncode == 0
+    accepted = next(line for line in result.stderr.splitlines() if "msg=\"accepted translate.toml" in line)
+    assert " job=" in accepted and " manifest=translate.toml" in accepted
+    assert any(" outcome=succeeded " in line for line in result.stderr.splitlines())
