@@ -187,6 +187,8 @@ def pages() -> dict[Path, str]:
 
 
 def main() -> None:
+    if not (REPO / "pyproject.toml").is_file():
+        sys.exit(f"{REPO} is not a batchd source checkout: run this from an editable install")
     for path, text in pages().items():
         target = REPO / path
         target.parent.mkdir(parents=True, exist_ok=True)

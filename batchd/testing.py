@@ -296,8 +296,10 @@ class Workspace:
         return write_manifest(self.inbox, name, manifest)
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment batchd runs in: this one without BATCHD_*, GOOGLE_* and GEMINI_* variables."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "GOOGLE_", "GEMINI_"))}
+        """The environment batchd runs in: this one without BATCHD_*, GOOGLE_* and GEMINI_* variables,
+        nor the service manager's (should the tests themselves run under systemd)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "GOOGLE_", "GEMINI_"))
+               and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
         env["BATCHD_CONFIG"] = str(self.config)
         env.update(extra)
         return env
