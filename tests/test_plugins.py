@@ -213,3 +213,6 @@ def test_builtins_load_after_a_plain_pip_install(fresh_venv, source_copy, tmp_pa
     batchd_file, plugins_file, tasks = json.loads(fresh_venv.run("-c", probe, cwd=tmp_path).stdout)
     assert batchd_file.startswith(str(fresh_venv.site)) and plugins_file.startswith(str(fresh_venv.site))
     assert BUILTIN_TASKS <= set(tasks)
+    # `batchd init` writes the config template shipped inside the package.
+    template = fresh_venv.run("-c", "from batchd.service import config_template; print(config_template())", cwd=tmp_path)
+    assert template.stdout.startswith("# batchd configuration."), template.stderr
