@@ -22,6 +22,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from batchd.logs import redact_data, register_secret
 
 CONFIG_ENV_VAR = "BATCHD_CONFIG"
+#: Environment variables that hold secrets batchd reads (the SDK's API key variables).
+SECRET_ENV_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 DEFAULT_CONFIG_NAME = "config.toml"
 
 #: The Gemini API accepts inline batch requests up to 20 MB; keep a margin for the JSON envelope.
@@ -212,37 +214,25 @@ def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Sett
     settings._config_file = config_file
     settings._file_values = file_values
     settings._overrides = overrides
+    for name in SECRET_ENV_VARS:
+        register_secret(os.environ.get(name))
     _register_secrets(settings)
     return settings
 
 
-#: Environment variables that hold secrets batchd reads (the SDK's API key variables).
-SECRET_ENV_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
-
-
-def _register_secrets(model: BaseModel) -> None:
-    """Every SecretStr setting and API key variable joins the log redaction registry."""
-    if isinstance(model, Settings):
-        for name in SECRET_ENV_VARS:
-            register_secret(os.environ.get(name))
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, SecretStr):
-            register_secret(value.get_secret_value())
-        elif isinstance(value, BaseModel):
-            _register_secrets(value)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, SecretStr):
-                    register_secret(item.get_secret_value())
-                elif isinstance(item, BaseModel):
-                    _register_secrets(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                if isinstance(item, SecretStr):
-                    register_secret(item.get_secret_value())
-                elif isinstance(item, BaseModel):
-                    _register_secrets(item)
+def _register_secrets(value: Any) -> None:
+    """Every SecretStr in the settings (at any depth: tables, lists of tables) joins the redaction registry."""
+    if isinstance(value, SecretStr):
+        register_secret(value.get_secret_value())
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _register_secrets(getattr(value, name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _register_secrets(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _register_secrets(item)
 
 
 def _sources(model: type[BaseModel], overrides: dict[str, Any], file_values: dict[str, Any],

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 from batchd import outbox
 from batchd.config import Settings
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
-from batchd.logs import redact_data
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
+from batchd.logs import redact_data
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable

@@ -86,6 +86,8 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         """Startup is finished: recovery and reconciliation are done and the inbox is watched."""
+        if self.stopping_sent:
+            return  # SIGTERM came during startup: STOPPING=1 was final
         self._last_status = status
         self._send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
 
