@@ -160,6 +160,7 @@ class Daemon:
     def run(self) -> int:
         self._install_signal_handlers()
         try:
+            self.notifier.status("starting: recovering and reconciling with the remote job list")
             self.start()
             self.notifier.ready(self.status_line())
             self.loop()
