@@ -11,7 +11,7 @@ import sys
 
 from batchd import logs
 from batchd.emulator.server import EmulatorServer
-from conftest import Workspace
+from batchd.testing import Workspace
 
 #: Recognisable, so a leak anywhere is found by a plain substring search.
 FAKE_KEY = "AIzaFAKE-batchd-test-key-0123456789"

@@ -14,7 +14,8 @@ import pytest
 
 from batchd import service
 from batchd.emulator.server import EmulatorServer
-from conftest import REPO, Workspace
+from batchd.testing import Workspace
+from conftest import REPO
 
 TRANSLATE = 'task = "translate"\ntexts = ["Hello", "Goodbye"]\nlanguages = ["French"]\n'
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batchd import service
-from conftest import Workspace, stop_daemon
+from batchd.testing import Workspace
 
 TRANSLATE = """\
 task = "translate"
@@ -165,7 +165,7 @@ def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Worksp
         for _ in range(5):  # an idle loop that would sleep 60 s still pings
             systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=30, what="WATCHDOG=1")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
 
 
 def test_no_watchdog_pings_when_the_watchdog_belongs_to_another_process(workspace: Workspace, systemd):
@@ -176,7 +176,7 @@ def test_no_watchdog_pings_when_the_watchdog_belongs_to_another_process(workspac
         workspace.drop("translate.toml", TRANSLATE)
         workspace.wait_for(lambda: "translate" in workspace.delivered(), what="the job delivered")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
     while systemd.receive(0.01) is not None:
         pass  # take in everything the daemon sent
     assert "STOPPING=1" in systemd.lines() and "WATCHDOG=1" not in systemd.lines()
@@ -215,7 +215,7 @@ def test_a_second_daemon_on_the_same_state_dir_exits_with_a_clear_error(workspac
         assert "Traceback" not in second.stderr
         assert first.poll() is None, "the first daemon is untouched"
     finally:
-        assert stop_daemon(first) == 0
+        assert first.stop() == 0
     # Once the first one is gone, the state dir is free again.
     assert workspace.batchd("run", "--once").returncode == 0
 
@@ -230,4 +230,4 @@ def test_a_service_that_delivered_a_failed_job_still_stops_with_0(workspace: Wor
         workspace.wait_for(lambda: "unknown" in workspace.delivered(), what="the rejection")
         assert workspace.delivered()["unknown"]["state"] == "rejected"
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
