@@ -309,12 +309,16 @@ class Workspace:
         return subprocess.run([self.python, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
                               capture_output=True, text=True, timeout=timeout)
 
-    def start(self, *args: str, **env: str) -> DaemonProcess:
-        """Start ``batchd ARGS`` in the background, its output in a ``daemon-*.log`` file of the workspace."""
+    def start(self, *args: str, process_group: int | None = None, **env: str) -> DaemonProcess:
+        """Start ``batchd ARGS`` in the background, its output in a ``daemon-*.log`` file of the workspace.
+
+        ``process_group=0`` starts it in a process group of its own, as a shell does a foreground
+        command, so a test can signal the whole group the way Ctrl-C in a terminal does.
+        """
         log_path = self.root / f"daemon-{time.monotonic_ns()}.log"
         with open(log_path, "w") as log:
             process = DaemonProcess([self.python, "-m", "batchd", *args], cwd=self.root, env=self.env(**env),
-                                    stdout=log, stderr=subprocess.STDOUT, text=True)
+                                    stdout=log, stderr=subprocess.STDOUT, text=True, process_group=process_group)
         process.log_path = log_path
         return process
 

@@ -182,15 +182,21 @@ def test_no_watchdog_pings_when_the_watchdog_belongs_to_another_process(workspac
     assert "STOPPING=1" in systemd.lines() and "WATCHDOG=1" not in systemd.lines()
 
 
-def test_sigterm_during_a_create_records_the_remote_job_before_exiting_0(workspace: Workspace, systemd):
-    # The create takes 3 s: SIGTERM arrives while it is in flight.
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_stop_during_a_create_records_the_remote_job_before_exiting_0(workspace: Workspace, systemd, stop: str):
+    # The create takes 3 s: the stop arrives while it is in flight. systemd sends SIGTERM to the daemon
+    # alone; Ctrl-C in a terminal sends SIGINT to the whole foreground process group, and the embedded
+    # emulator must not go down with it before the daemon has recorded the create's answer.
     workspace.configure(faults=["slow=3@create"], job_seconds=5, **SLOW_LOOP)
-    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address)
+    daemon = workspace.start("run", process_group=0, NOTIFY_SOCKET=systemd.address)
     try:
         systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
         workspace.drop("translate.toml", TRANSLATE)
         systemd.wait_for(lambda lines: any("being submitted" in line for line in lines), what="a create in flight")
-        daemon.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            daemon.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(daemon.pid, signal.SIGINT)
         systemd.wait_for(lambda lines: "STOPPING=1" in lines, what="STOPPING=1")
         # While the create runs, the daemon asks for more stop time instead of being killed mid-way.
         systemd.wait_for(lambda lines: "EXTEND_TIMEOUT_USEC=30000000" in lines, what="EXTEND_TIMEOUT_USEC")

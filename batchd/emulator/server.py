@@ -184,7 +184,11 @@ class EmulatorProcess:
         self.base_url: str | None = None
 
     def start(self) -> EmulatorProcess:
-        self._process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and the
+        # emulator must outlive the daemon's graceful stop (which records creates still in flight).
+        # It stops when the daemon closes its stdin, or when the daemon dies.
+        self._process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         process_group=0)
         timer = threading.Timer(self._startup_seconds, self._process.kill)  # a child that never answers
         timer.start()
         try:
