@@ -117,6 +117,26 @@ def cancel(ctx: Context, name: str) -> None:
     click.echo(f"cancel requested for {name}")
 
 
+@main.command()
+@click.argument("name")
+@pass_context
+def approve(ctx: Context, name: str) -> None:
+    """Release job NAME held over budget (the manifest's name without extension, or a job id).
+
+    The same as dropping NAME.approve into the inbox: the daemon records the approval in its
+    journal, then removes the file. Approving a job not yet held lets it skip its budget check.
+    """
+    from batchd.inbox import drop_bytes
+
+    settings = ctx.settings()
+    try:
+        drop_bytes(b"", settings.inbox / f"{name}.approve")
+    except FileExistsError:
+        click.echo(f"approval of {name} was already requested")
+        return
+    click.echo(f"approval requested for {name}")
+
+
 def _open_journal(settings: Settings):
     from batchd.journal import Journal, journal_path
 
@@ -127,6 +147,8 @@ def _open_journal(settings: Settings):
 
 
 def _job_view(journal, job) -> dict:
+    from batchd.costs import summary_cost
+
     chunks = journal.chunks(job.id)
     total = sum(c.request_count for c in chunks)
     done = 0
@@ -146,6 +168,9 @@ def _job_view(journal, job) -> dict:
         "requests": total,
         "done": done,
         "cancel_requested": job.cancel_requested,
+        "hold": job.hold if job.state == "held" else None,
+        "approved": job.approved,
+        "cost": summary_cost(job.cost),
         "outbox": job.outbox_dir,
         "error": job.error,
         "created_at": job.created_at,

@@ -50,6 +50,122 @@ class EmulatorSettings(BaseModel):
     state_dir: Path | None = Field(None, description="Emulator storage; defaults to <state_dir>/emulator.")
 
 
+#: Standard (interactive) prices in USD per million tokens, text input, from Google's pricing page
+#: (ai.google.dev/gemini-api/docs/pricing, late 2025); the batch discount applies on top. Output
+#: prices include thinking tokens. Prompts above 200k tokens cost more on the Pro models; that tier
+#: is not modelled. ``[cost.prices]`` in config.toml overrides or extends this table.
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gemini-3-pro-preview": {"input": 2.00, "output": 12.00},
+    "gemini-3-flash-preview": {"input": 0.50, "output": 3.00},
+    "gemini-2.5-pro": {"input": 1.25, "output": 10.00},
+    "gemini-2.5-flash": {"input": 0.30, "output": 2.50},
+    "gemini-2.5-flash-lite": {"input": 0.10, "output": 0.40},
+    "gemini-2.0-flash": {"input": 0.10, "output": 0.40},
+    "gemini-2.0-flash-lite": {"input": 0.075, "output": 0.30},
+    "gemini-embedding-001": {"input": 0.15, "output": 0.0},
+}
+
+#: The kinds of job events, in the order a job meets them (see docs/plugins.md, job_event).
+EVENT_KINDS = ("accepted", "rejected", "held", "submitted", "progress",
+               "succeeded", "partial", "failed", "cancelled")
+EventKind = Literal["accepted", "rejected", "held", "submitted", "progress",
+                    "succeeded", "partial", "failed", "cancelled"]
+
+
+class ModelPrice(BaseModel):
+    """One model's standard price, USD (or ``cost.currency``) per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0, description="Per million prompt tokens.")
+    output: float = Field(ge=0, description="Per million output tokens (thinking tokens included).")
+
+
+class CostSettings(BaseModel):
+    """The ``[cost]`` table: the price table and budgets used by the ``cost`` plugin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: str = Field("USD", min_length=1, description="Currency of prices and budgets.")
+    batch_discount: float = Field(0.5, ge=0, le=1, description="Fraction taken off standard prices for batch jobs.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Prices per model name, over the built-in table (DEFAULT_PRICES)."
+    )
+    job_budget: float | None = Field(None, ge=0, description="Hold a job whose estimate exceeds this.")
+    daily_budget: float | None = Field(
+        None, ge=0, description="Hold a job that would take the last 24 hours' spend above this."
+    )
+    count_tokens: bool = Field(True, description="Calibrate the estimate with the provider's countTokens.")
+    count_tokens_sample: int = Field(20, ge=1, le=1000, description="Prompts sent to countTokens per job.")
+    default_output_tokens: int = Field(
+        256, ge=0, description="Output tokens assumed per request that sets no max_output_tokens."
+    )
+
+    def price_for(self, model: str) -> tuple[str, ModelPrice] | None:
+        """The price entry for ``model``: an exact name, else the longest name it starts with."""
+        model = model.removeprefix("models/")
+        table = {name: ModelPrice(**price) for name, price in DEFAULT_PRICES.items()} | self.prices
+        if model in table:
+            return model, table[model]
+        prefixes = [name for name in table if model.startswith(name)]
+        if not prefixes:
+            return None
+        name = max(prefixes, key=len)
+        return name, table[name]
+
+
+class LogNotifySettings(BaseModel):
+    """``[notify.log]``: the ``log`` plugin, one structured line per event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[EventKind] = Field(default_factory=list, description="Kinds to log; empty: all.")
+
+
+class WebhookSettings(BaseModel):
+    """``[notify.webhook]``: the ``webhook`` plugin, signed JSON POSTs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(default_factory=list, description="Endpoints each event is POSTed to.")
+    secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of X-Batchd-Signature (or BATCHD_NOTIFY__WEBHOOK__SECRET)."
+    )
+    events: list[EventKind] = Field(default_factory=list, description="Kinds to send; empty: all.")
+    timeout_seconds: float = Field(10.0, gt=0, description="HTTP timeout of one POST.")
+
+
+class EmailSettings(BaseModel):
+    """``[notify.email]``: the ``email`` plugin, through apprise (mailto://, slack://, ntfy://, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[SecretStr] = Field(
+        default_factory=list, description="Apprise URLs; they hold credentials, so they are never shown."
+    )
+    events: list[EventKind] = Field(
+        default_factory=lambda: ["held", "succeeded", "partial", "failed", "cancelled", "rejected"],
+        description="Kinds to send; empty: all.",
+    )
+
+
+class NotifySettings(BaseModel):
+    """``[notify]``: how events are delivered to notification plugins, and their own tables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float = Field(30.0, gt=0, description="A plugin call longer than this counts as failed.")
+    max_attempts: int = Field(10, ge=1, description="Attempts per event and plugin before giving up.")
+    retry_initial_seconds: float = Field(2.0, gt=0, description="First wait before retrying a failed delivery.")
+    retry_max_seconds: float = Field(600.0, gt=0, description="The wait doubles up to this.")
+    once_drain_seconds: float = Field(
+        30.0, ge=0, description="run --once waits this long at most for undelivered events before exiting."
+    )
+    log: LogNotifySettings = Field(default_factory=LogNotifySettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    email: EmailSettings = Field(default_factory=EmailSettings)
+
+
 class Settings(BaseSettings):
     """All daemon settings. Build with :func:`load_settings`, which applies the layering."""
 
@@ -105,6 +221,8 @@ class Settings(BaseSettings):
     )
 
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     # Logging (the --log-level / --log-format flags override these)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

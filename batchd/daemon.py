@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from batchd import outbox
-from batchd.config import Settings
+from batchd.config import ConfigError, Settings, load_settings
+from batchd.costs import DAY_SECONDS, CostHooks, JobInfo, RequestStream, spend_of, summary_cost
+from batchd.events import Notifier, make_event
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.logs import redact_data
 from batchd.manifest import Manifest, ManifestError, load_manifest
-from batchd.plugins import tasks_for
+from batchd.plugins import get_plugin_manager, tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.service import Notifier
 from batchd.spool import ChunkLimits, JobSpool
@@ -52,10 +54,13 @@ CRASH_POINTS = (
 )
 MANIFEST_SUFFIXES = (".toml", ".json")
 CANCEL_SUFFIX = ".cancel"
+APPROVE_SUFFIX = ".approve"
 #: While stopping with uploads in flight, systemd's stop timeout is extended by this much at a time.
 DRAIN_EXTEND_SECONDS = 30.0
 #: Job outcomes that make ``batchd run --once`` exit non-zero.
 FAILED_OUTCOMES = ("failed", "rejected")
+#: Exit code of ``batchd run --once`` when nothing failed but jobs are left held (over budget).
+HELD_EXIT_CODE = 3
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -126,10 +131,13 @@ class RunReport:
     """What one ``run`` delivered, for the exit code of ``--once``."""
 
     outcomes: dict[str, str] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()) else 0
+        if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()):
+            return 1
+        return HELD_EXIT_CODE if self.held else 0
 
 
 class Daemon:
@@ -142,15 +150,20 @@ class Daemon:
         self.provider: Provider | None = None
         self.emulator = None
         self.tasks = tasks_for(settings)
+        self.plugin_manager = get_plugin_manager(settings.plugins_dir, frozenset(settings.disabled_plugins))
+        self.costs = CostHooks(self.plugin_manager)
+        self.notifier: Notifier | None = None
         self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
                            rescan_seconds=settings.rescan_seconds,
-                           suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX,))
+                           suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX))
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                        thread_name_prefix="batchd-submit")
         self.submissions: dict[tuple[str, int], Submission] = {}
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
+        self._once_jobs_done_at: float | None = None
+        self._config_mtime = self._config_file_mtime()
         self._lock_file = None
         self.notifier = Notifier()
         self.advance_now = False  # a poll finished a chunk: tick again at once to deliver it
@@ -178,11 +191,13 @@ class Daemon:
         outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
         self._lock_state_dir()
         self.journal = Journal(journal_path(s.state_dir))
+        self.notifier = Notifier(self.plugin_manager, self.journal, lambda: self.settings)
         self.provider = self._connect()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
             self.once_pending = {p.name for p in s.inbox.iterdir()
-                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX,) and not is_temp_name(p.name)}
+                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX)
+                                 and not is_temp_name(p.name)}
         self.recover()
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
@@ -241,6 +256,8 @@ class Daemon:
         self.pool.shutdown(wait=True)
         if self.journal is not None:
             self._collect_submissions()
+            if self.notifier is not None:
+                self.notifier.close()
             self.journal.close()
         self.inbox.stop()
         if self.emulator is not None:
@@ -293,13 +310,16 @@ class Daemon:
 
     def tick(self) -> None:
         self.inbox.ensure_watching()
+        self._reload_settings()
         self.intake()
         self._collect_submissions()
+        self.review_held()
         for job in self.journal.active_jobs():
             self.check_stop()
             self.advance(job)
         if self.poll_clock.due() and self._live_chunks():
             self.poll()
+        self.notifier.pump()
 
     def _sleep_seconds(self) -> float:
         if self.builders or self.advance_now:
@@ -310,13 +330,50 @@ class Daemon:
         if self.submissions:
             return 0.05
         if self._live_chunks():
-            return min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
-        # --once also waits for unparseable manifests to reach their grace period: look each second.
-        return 1.0 if self.once else self.settings.rescan_seconds
+            wait = min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
+        else:
+            # --once also waits for unparseable manifests to reach their grace period: look each second.
+            wait = 1.0 if self.once else self.settings.rescan_seconds
+        return min(wait, self.notifier.seconds_until_due())
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
-        return not present and not self.journal.active_jobs() and not self.submissions
+        if present or self.journal.active_jobs() or self.submissions:
+            return False
+        # Jobs are done; give undelivered events a bounded time (the next run retries the rest).
+        now = time.monotonic()
+        if self._once_jobs_done_at is None:
+            self._once_jobs_done_at = now
+        if self.notifier.busy() and now - self._once_jobs_done_at < self.settings.notify.once_drain_seconds:
+            return False
+        held = self.journal.jobs(states=("held",))
+        self.report.held = [job.id for job in held]
+        for job in held:
+            log.warning("job %s (%s) is held: %s; release it with `batchd approve %s`",
+                        job.id, job.source, job.hold, job.name)
+        return True
+
+    def _config_file_mtime(self) -> float | None:
+        config_file = self.settings.config_file
+        try:
+            return config_file.stat().st_mtime if config_file else None
+        except OSError:
+            return None
+
+    def _reload_settings(self) -> None:
+        """Take the config file's [cost] and [notify] tables anew when it changes (a raised budget)."""
+        mtime = self._config_file_mtime()
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            fresh = load_settings(self.settings.config_file)
+        except ConfigError as error:
+            log.error("config file changed but cannot be used (%s); keeping the settings in force", error)
+            return
+        if (fresh.cost, fresh.notify) != (self.settings.cost, self.settings.notify):
+            self.settings.cost, self.settings.notify = fresh.cost, fresh.notify
+            log.info("config file changed: [cost] and [notify] reloaded (other settings need a restart)")
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -334,6 +391,9 @@ class Daemon:
             path = candidate.path
             if path.suffix == CANCEL_SUFFIX:
                 self._take_cancel_file(path)
+                continue
+            if path.suffix == APPROVE_SUFFIX:
+                self._take_approve_file(path)
                 continue
             try:
                 # Every input row is validated before anything is claimed or sent: a bad row at the end
@@ -375,9 +435,13 @@ class Daemon:
             error = {"message": f"{path.name} has the same content as job {earlier.id} "
                                 f"({earlier.source}); it was not run again",
                      "duplicate_of": earlier.id}
+        events = []
         if error is not None:
             fields["error"] = error
-        self.journal.update_job(job_id, **fields)
+        else:
+            job = self.journal.job(job_id)
+            events.append(self._event("accepted", dataclasses.replace(job, **fields)))
+        self.journal.update_job(job_id, events=events, **fields)
         log.info("accepted %s as job %s%s", path.name, job_id, " (rejected)" if error else "",
                  extra={"job": job_id, "manifest": path.name})
 
@@ -393,7 +457,8 @@ class Daemon:
             self.journal.update_job(job.id, state="done", outcome="rejected",
                                     error={"message": f"{job.source} vanished during its claim"})
             return
-        self.journal.update_job(job.id, state="received")
+        self.journal.update_job(job.id, state="received",
+                                events=[self._event("accepted", dataclasses.replace(job, state="received"))])
 
     def _take_cancel_file(self, path: Path) -> None:
         name = path.stem
@@ -408,6 +473,21 @@ class Daemon:
             log.warning("%s: no unfinished job named %r", path.name, name)
         path.unlink(missing_ok=True)
 
+    def _take_approve_file(self, path: Path) -> None:
+        """``batchd approve NAME``: release NAME's held jobs (or let them skip the budget check)."""
+        name = path.stem
+        jobs = [job for job in self.journal.find_jobs(name) if job.state != "done"]
+        waiting = [p for p in (self.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
+        if not jobs and waiting:
+            return  # the manifest is still settling; approve it once it is a job
+        for job in jobs:
+            # The flag is committed before the file goes: a crash in between approves twice, harmlessly.
+            self.journal.update_job(job.id, approved=1)
+            log.info("job %s (%s) approved%s", job.id, job.source, "" if job.state == "held" else " ahead of its budget check")
+        if not jobs:
+            log.warning("%s: no unfinished job named %r", path.name, name)
+        path.unlink(missing_ok=True)
+
     # -- per-job state machine ------------------------------------------------------------------
 
     def advance(self, job: Job) -> None:
@@ -416,6 +496,8 @@ class Daemon:
                 self.deliver(job, without_results="rejected")
             elif job.cancel_requested:
                 self.deliver(job, without_results="cancelled")
+            elif job.admitted_at is None:
+                self.admit(job)
             else:
                 self.build(job)
         elif job.state in ("building", "built"):
@@ -436,6 +518,70 @@ class Daemon:
         spool = self._spool(job.id)
         return load_manifest(spool.manifest_path(job.source), input_dir=spool.inputs, tasks=self.tasks,
                              check_inputs=False)
+
+    # -- cost and budget: received → (held →) admitted ----------------------------------------------
+
+    def admit(self, job: Job) -> None:
+        """Estimate the job's cost, then build it if the budget allows, else hold it.
+
+        The estimate streams the manifest's requests once before any chunk is built: chunks go out
+        while later ones are still being built, so the whole job must be priced first.
+        """
+        if job.cost is None and self.costs.active:
+            try:
+                manifest = self._load_claimed(job)
+            except ManifestError as error:
+                self.journal.update_job(job.id, error=_manifest_error(error))
+                return  # rejected on the next tick
+            model = manifest.model or self.settings.model
+            job = dataclasses.replace(job, task=manifest.task, model=model)
+            estimate = self.costs.estimate(JobInfo.of(job), RequestStream(manifest.requests),
+                                           self._token_counter(model), self.settings)
+            cost = {"estimate": estimate}
+            self.journal.update_job(job.id, task=job.task, model=model, cost=cost, spend=spend_of(cost))
+            job = self.journal.job(job.id)
+        reasons = [] if job.approved else self._budget_reasons(job)
+        if reasons:
+            reason = "; ".join(reasons)
+            held = dataclasses.replace(job, state="held", hold=reason)
+            self.journal.update_job(job.id, state="held", hold=reason,
+                                    events=[self._event("held", held, reason=reason)])
+            log.warning("job %s (%s) held: %s; release it with `batchd approve %s` or a higher budget",
+                        job.id, job.source, reason, job.name)
+            return
+        self.journal.update_job(job.id, admitted_at=time.time())
+        self.build(self.journal.job(job.id))
+
+    def review_held(self) -> None:
+        """Release held jobs that were approved or now fit the budget; deliver cancelled ones."""
+        for job in self.journal.jobs(states=("held",)):
+            if job.cancel_requested:
+                self.journal.update_job(job.id, state="received")  # delivered as cancelled next
+                continue
+            if not job.approved and self._budget_reasons(job):
+                continue
+            why = "approved" if job.approved else "now within budget"
+            self.journal.update_job(job.id, state="received", admitted_at=time.time(), hold=None)
+            log.info("job %s (%s) released: %s", job.id, job.source, why)
+
+    def _budget_reasons(self, job: Job) -> list[str]:
+        estimate = (job.cost or {}).get("estimate")
+        return self.costs.budget_reasons(
+            JobInfo.of(job, self.settings.model), estimate,
+            lambda since: self.journal.spent_since(since, excluding=job.id), self.settings)
+
+    def _token_counter(self, model: str):
+        provider = self.provider
+
+        def count_tokens(texts: list[str]) -> int:
+            return provider.count_tokens(model, list(texts))
+
+        return count_tokens
+
+    def _event(self, kind: str, job: Job, **details) -> dict:
+        if kind == "progress":
+            details["seq"] = self.journal.event_count(job.id, kind) + 1
+        return make_event(kind, job, default_model=self.settings.model, **details)
 
     def build(self, job: Job) -> None:
         """Build the job's next chunk of requests (one per tick, so finished chunks go out meanwhile)."""
@@ -526,8 +672,12 @@ class Daemon:
             self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time())
             crashpoint("after-intent")
             self._start_create(job, chunk)
-        if job.state == "built" and all(c.state != "built" for c in self.journal.chunks(job.id)):
-            self.journal.update_job(job.id, state="submitted", submitted_at=time.time())
+        chunks = self.journal.chunks(job.id)
+        if job.state == "built" and all(c.state != "built" for c in chunks):
+            total = sum(c.request_count for c in chunks)
+            event = self._event("submitted", dataclasses.replace(job, state="submitted"),
+                                counts={"total": total, "done": 0, "chunks": len(chunks)})
+            self.journal.update_job(job.id, state="submitted", submitted_at=time.time(), events=[event])
 
     def _start_create(self, job: Job, chunk: Chunk) -> None:
         spool = self._spool(job.id)
@@ -681,9 +831,20 @@ class Daemon:
             spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
         crashpoint("after-download")
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
-                                  stats=remote.stats, error=error)
+                                  stats=remote.stats, error=error, events=self._progress_events(chunk))
         log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
                  extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
+
+    def _progress_events(self, finished: Chunk) -> list[dict]:
+        """A ``progress`` event when a chunk finishes and others of its job are still to come."""
+        job = self.journal.job(finished.job_id)
+        chunks = self.journal.chunks(job.id)
+        done = [c for c in chunks if c.idx == finished.idx or c.state in ("fetched", "skipped")]
+        if len(done) == len(chunks) and job.state != "building":
+            return []  # the last one: the final event follows
+        counts = {"total": sum(c.request_count for c in chunks), "done": sum(c.request_count for c in done),
+                  "chunks": len(chunks), "chunks_done": len(done)}
+        return [self._event("progress", job, counts=counts)]
 
     def progress(self, job: Job) -> None:
         chunks = self.journal.chunks(job.id)
@@ -713,23 +874,30 @@ class Daemon:
         ``without_results`` is the state of a job that never ran: ``rejected`` or ``cancelled``.
         """
         spool = self._spool(job.id)
+        usage = None
         if without_results is not None:
             folder = outbox.JobFolder(spool.staging)
             summary = self._summary(job, state=without_results, counts={"total": 0, "succeeded": 0, "failed": 0})
         else:
-            folder, summary = self._write_results(job, spool)
+            folder, summary, usage = self._write_results(job, spool)
         if job.error is not None:
             summary["error"] = job.error
+        cost = dict(job.cost or {})
+        if usage is not None and self.costs.active:
+            cost["actual"] = self.costs.account(JobInfo.of(job, self.settings.model), usage, self.settings)
+        if cost:
+            summary["cost"] = summary_cost(cost)
         manifest = spool.manifest_path(job.source)
         if manifest.exists():
             folder.copy_in(job.source, manifest)
         folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
         destination = outbox.choose_folder(self.settings.outbox, job.name)
-        self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"])
+        self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"],
+                                cost=cost or None, spend=spend_of(cost))
         self.publish(self.journal.job(job.id))
 
-    def _write_results(self, job: Job, spool: JobSpool) -> tuple[outbox.JobFolder, dict]:
-        """results.jsonl and organized.json in a fresh staging folder, and the job's summary.
+    def _write_results(self, job: Job, spool: JobSpool) -> tuple[outbox.JobFolder, dict, dict]:
+        """results.jsonl and organized.json in a fresh staging folder, the job's summary and its usage.
 
         A task plugin whose ``organize`` raises costs the job its organized.json, never its
         results: the files are written again with every result and an empty organized.json,
@@ -740,7 +908,8 @@ class Daemon:
         organize_error = None
         try:
             folder = outbox.JobFolder(spool.staging)
-            counts, tokens = self._write_result_files(folder, spool, chunk_errors, self.tasks[job.task].organize)
+            counts, tokens, usage = self._write_result_files(folder, spool, chunk_errors,
+                                                             self.tasks[job.task].organize)
         except Stopping:
             raise
         except Exception as error:
@@ -748,7 +917,7 @@ class Daemon:
             organize_error = {"message": f"task {job.task!r} failed to organize the results: "
                                          f"{type(error).__name__}: {error}; results.jsonl has every result"}
             folder = outbox.JobFolder(spool.staging)
-            counts, tokens = self._write_result_files(folder, spool, chunk_errors, _organize_nothing)
+            counts, tokens, usage = self._write_result_files(folder, spool, chunk_errors, _organize_nothing)
         if job.cancel_requested:
             state = "cancelled"
         elif counts["failed"] == 0:
@@ -769,13 +938,17 @@ class Daemon:
             summary["duplicate_remote_batches_cancelled"] = duplicates
         if organize_error is not None:
             summary["error"] = organize_error
-        return folder, summary
+        return folder, summary, usage
 
     def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool, chunk_errors: dict[int, dict],
-                            organize) -> tuple[dict, dict]:
-        """Stream every joined result into results.jsonl and through ``organize`` into organized.json."""
+                            organize) -> tuple[dict, dict, dict]:
+        """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
+
+        Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
+        """
         counts = {"total": 0, "succeeded": 0, "failed": 0}
-        tokens = {"prompt": 0, "output": 0, "total": 0}
+        tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
+        extra = {"cached": 0, "with_usage": 0}
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
         def results_written():
@@ -785,9 +958,15 @@ class Daemon:
                 counts["total"] += 1
                 counts["succeeded" if result.status == "ok" else "failed"] += 1
                 if result.usage:
-                    tokens["prompt"] += result.usage.get("promptTokenCount", 0)
-                    tokens["output"] += result.usage.get("candidatesTokenCount", 0)
-                    tokens["total"] += result.usage.get("totalTokenCount", 0)
+                    usage = result.usage
+                    tokens["prompt"] += usage.get("promptTokenCount", 0)
+                    tokens["output"] += usage.get("candidatesTokenCount", 0)
+                    tokens["total"] += usage.get("totalTokenCount", 0)
+                    if "thoughtsTokenCount" in usage:
+                        tokens["thoughts"] += usage["thoughtsTokenCount"]
+                    if "cachedContentTokenCount" in usage:
+                        extra["cached"] += usage["cachedContentTokenCount"]
+                    extra["with_usage"] += 1
                 lines.write(dumps({"key": result.key, "input": result.input, "status": result.status,
                                    "text": result.text, "data": result.data, "error": result.error,
                                    "usage": result.usage}) + "\n")
@@ -798,7 +977,10 @@ class Daemon:
             for key, value in organize(results_written()):
                 organized.add(key, value)
             organized.close()
-        return counts, tokens
+        usage = {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
+                 "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
+                 "total_tokens": tokens["total"], "requests": extra["with_usage"]}
+        return counts, tokens, usage
 
     def _summary(self, job: Job, *, state: str, counts: dict) -> dict:
         now = time.time()
@@ -831,12 +1013,21 @@ class Daemon:
                 self.journal.update_job(job.id, outbox_dir=str(destination))
             outbox.JobFolder(spool.staging, create=False).publish(destination)
         crashpoint("after-publish")
-        self.journal.update_job(job.id, state="done")
+        self.journal.update_job(job.id, state="done", events=[self._final_event(job, destination)])
         spool.remove()
         self.report.outcomes[job.id] = job.outcome
         self.once_pending.discard(job.source)
         log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
                  extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+
+
+    def _final_event(self, job: Job, destination: Path) -> dict:
+        try:
+            summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
+        return self._event(job.outcome, dataclasses.replace(job, state="done"), counts=summary.get("counts"),
+                           outbox=str(destination), error=summary.get("error", job.error))
 
 
 def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:

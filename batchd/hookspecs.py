@@ -3,17 +3,21 @@
 Plugins implement these with ``from batchd import hookimpl`` and are found through the
 ``batchd`` entry-point group (or a ``plugins_dir`` of one-off modules). Hooks accept any subset
 of the documented arguments, so new arguments can be added without breaking plugins.
+
+Every hook is documented, with an example, in docs/plugins.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
-    from batchd.task import Task
+    from batchd.config import Settings
+    from batchd.costs import JobInfo
+    from batchd.task import Task, TaskRequest
 
 hookspec = pluggy.HookspecMarker("batchd")
 
@@ -27,4 +31,90 @@ def register_tasks(register: Callable[[Task], None]) -> None:
 
     :param register: validates the task and adds it under ``task.name``; a name already taken by
         another plugin is an error.
+    """
+
+
+# --- Cost hooks, called by the daemon around a job's submission --------------------------------
+
+
+@hookspec(firstresult=True)
+def estimate_cost(
+    job: JobInfo,
+    requests: Iterable[TaskRequest],
+    count_tokens: Callable[[list[str]], int] | None,
+    settings: Settings,
+) -> dict[str, Any] | None:
+    """Estimate what a job will cost, before any of it is built or submitted.
+
+    The first plugin that returns a dict wins. Called once per job (again after a crash that
+    came before the estimate was committed).
+
+    :param job: the job: ``id``, ``name``, ``manifest``, ``task``, ``model``.
+    :param requests: the job's requests; each iteration streams them from the manifest anew
+        (constant memory), so iterate once.
+    :param count_tokens: the provider's token counter for ``job.model`` (``countTokens``): the
+        total tokens of the given prompt texts, one API call per call; ``None`` when the provider
+        has none. It may raise (network, quota): fall back to a local estimate.
+    :param settings: the daemon's settings (``settings.cost``).
+    :return: ``{"cost": float | None, "currency": str, "input_tokens": int,
+        "output_tokens": int, "requests": int, "method": str}`` and any other JSON fields;
+        ``cost`` is ``None`` when the model has no price.
+    """
+
+
+@hookspec
+def check_budget(
+    job: JobInfo,
+    estimate: dict[str, Any] | None,
+    spent_since: Callable[[float], float],
+    settings: Settings,
+) -> str | None:
+    """Say whether a job may be submitted now: ``None`` lets it go, a string holds it (the reason).
+
+    Every plugin is asked; one reason is enough to hold the job. A held job is asked about again on
+    every tick (so a raised budget or a day's spending leaving the window releases it), until
+    ``batchd approve NAME`` releases it for good. Not called for an approved job.
+
+    :param job: the job (see ``estimate_cost``).
+    :param estimate: what ``estimate_cost`` returned, or ``None`` if no plugin could estimate.
+    :param spent_since: ``spent_since(timestamp)``: the cost of the other jobs let through since
+        ``timestamp`` (their actual cost once delivered, else their estimate).
+    :param settings: the daemon's settings, re-read from the config file when it changes.
+    """
+
+
+@hookspec(firstresult=True)
+def account_cost(job: JobInfo, usage: dict[str, int], settings: Settings) -> dict[str, Any] | None:
+    """The actual cost of a finished job, from the ``usageMetadata`` of its results.
+
+    The first plugin that returns a dict wins. Called when the job's outbox folder is written.
+
+    :param job: the job (see ``estimate_cost``).
+    :param usage: token totals over every result: ``prompt_tokens``, ``output_tokens``
+        (candidates), ``thoughts_tokens``, ``cached_tokens``, ``total_tokens`` and ``requests``
+        (results that carried usage).
+    :param settings: the daemon's settings.
+    :return: ``{"cost": float | None, "currency": str, ...}``.
+    """
+
+
+# --- Notification hooks ----------------------------------------------------------------------
+
+
+@hookspec
+def job_event(event: dict[str, Any], settings: Settings) -> None:
+    """Deliver one job event (email, chat, webhook, log, ...).
+
+    Each plugin is called on its own, in a thread, with a timeout (``notify.timeout_seconds``):
+    raising or hanging changes no job state and does not stop the other plugins. A call that
+    returns counts as delivered and is recorded in the journal; one that raises or times out is
+    retried with backoff, across restarts, up to ``notify.max_attempts`` times. Delivery is at
+    least once: deduplicate by ``event["id"]``.
+
+    :param event: JSON-ready: ``id`` (stable across retries and restarts), ``kind`` (accepted,
+        rejected, held, submitted, progress, succeeded, partial, failed, cancelled), ``time``
+        (ISO 8601 UTC), ``job_id``, ``job`` (the manifest's name), ``manifest``, ``task``,
+        ``model``, ``state``, ``counts``, ``cost`` (estimate, actual, currency), ``outbox``
+        (the delivered folder, on final kinds), and ``reason`` (held) or ``error`` where there is one.
+    :param settings: the daemon's settings (``settings.notify``).
     """

@@ -12,6 +12,15 @@ it blindly.
 Job states, in order::
 
     claiming → received → building → built → submitted → fetched → publishing → done
+                 ↓   ↑
+                 held
+
+Before it is built, a ``received`` job gets a cost estimate (committed in ``cost``) and a budget
+decision: within budget, ``admitted_at`` is committed and it is built; over budget it goes to
+``held``, with the reason in ``hold``, and waits, never dropped. A held job goes back to
+``received`` (admitted) when ``approved`` is set (``batchd approve``) or when the budget check
+passes again (a raised budget, or older spending leaving the rolling day); a cancel delivers it
+as cancelled. Held jobs are not *active*: ``batchd run --once`` does not wait for them.
 
 A chunk is recorded as soon as its requests file is complete, so chunks are
 submitted while later ones are still being built; ``built`` means every chunk
@@ -34,7 +43,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,10 +62,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
     submitted_at  REAL,
-    finished_at   REAL
+    finished_at   REAL,
+    cost          TEXT,               -- JSON {"estimate": {...}, "actual": {...}} from the cost hooks
+    spend         REAL,               -- what the job counts against budgets: actual, else estimate
+    admitted_at   REAL,               -- when it passed the budget check (or was approved)
+    hold          TEXT,               -- why it is held
+    approved      INTEGER NOT NULL DEFAULT 0   -- `batchd approve`: no budget check
 );
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
 CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
+CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at);
 
 CREATE TABLE IF NOT EXISTS chunks (
     job_id        TEXT NOT NULL REFERENCES jobs(id),
@@ -84,7 +99,35 @@ CREATE TABLE IF NOT EXISTS remote_jobs (
     display_name  TEXT NOT NULL,
     role          TEXT NOT NULL        -- adopted | duplicate (cancelled)
 );
+
+-- Job events for the notification plugins: committed in the transaction of the transition they
+-- announce, with one delivery row per plugin implementing job_event (an outbox table).
+CREATE TABLE IF NOT EXISTS events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE, -- stable: <job id>:<kind>[:<n>]
+    job_id        TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    body          TEXT NOT NULL,        -- JSON, as handed to job_event
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id      TEXT NOT NULL REFERENCES events(id),
+    plugin        TEXT NOT NULL,
+    state         TEXT NOT NULL,        -- pending | sent | failed (gave up)
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at       REAL NOT NULL,        -- not retried before this time
+    last_error    TEXT,
+    sent_at       REAL,
+    PRIMARY KEY (event_id, plugin)
+);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
 """
+
+#: Columns added to ``jobs`` after its first release, added to older journals when opened.
+_ADDED_JOB_COLUMNS = {
+    "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
+    "approved": "INTEGER NOT NULL DEFAULT 0",
+}
 
 #: Job states that still need work from the daemon.
 ACTIVE_STATES = ("claiming", "received", "building", "built", "submitted", "fetched", "publishing")
@@ -110,6 +153,11 @@ class Job:
     updated_at: float
     submitted_at: float | None
     finished_at: float | None
+    cost: dict | None = None
+    spend: float | None = None
+    admitted_at: float | None = None
+    hold: str | None = None
+    approved: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,7 +192,9 @@ def _job(row: sqlite3.Row) -> Job:
     data = dict(row)
     data["error"] = json.loads(data["error"]) if data["error"] else None
     data["chunk_limits"] = json.loads(data["chunk_limits"]) if data["chunk_limits"] else None
+    data["cost"] = json.loads(data["cost"]) if data.get("cost") else None
     data["cancel_requested"] = bool(data["cancel_requested"])
+    data["approved"] = bool(data.get("approved"))
     return Job(**data)
 
 
@@ -171,8 +221,19 @@ class Journal:
             # FULL: a committed transition survives power loss, not just a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
+        #: Plugins that get a delivery row for every new event (those implementing job_event).
+        self.event_targets: tuple[str, ...] = ()
+        #: Events committed by this process so far (lets the notifier skip queries when none are new).
+        self.events_added = 0
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, declaration in _ADDED_JOB_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -200,14 +261,15 @@ class Journal:
                 (job_id, name, source, sha256, state, now, now),
             )
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
-        """Set fields of one job in its own transaction."""
+    def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:
+        """Set fields of one job in its own transaction, with the events that announce the change."""
         with self.transaction() as db:
             self._update_job(db, job_id, **fields)
+            self._add_events(db, events)
 
     @staticmethod
     def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
-        for name in ("error", "chunk_limits"):
+        for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
                 fields[name] = json.dumps(fields[name], ensure_ascii=False)
         fields["updated_at"] = time.time()
@@ -266,7 +328,7 @@ class Journal:
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         return [_chunk(row) for row in rows]
 
-    def update_chunk(self, job_id: str, idx: int, **fields: Any) -> None:
+    def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
         for name in ("stats", "error"):
             if name in fields and fields[name] is not None:
                 fields[name] = json.dumps(fields[name], ensure_ascii=False)
@@ -274,6 +336,7 @@ class Journal:
         with self.transaction() as db:
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
                        (*fields.values(), job_id, idx))
+            self._add_events(db, events)
 
     def record_remote_job(self, remote_name: str, chunk: Chunk, role: str) -> None:
         with self.transaction() as db:
@@ -288,3 +351,88 @@ class Journal:
             "SELECT * FROM remote_jobs WHERE job_id = ? ORDER BY chunk_idx, remote_name", (job_id,)
         )
         return [dict(row) for row in rows]
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    def spent_since(self, since: float, *, excluding: str | None = None) -> float:
+        """What the jobs admitted since ``since`` count against budgets (``spend``), summed."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(spend), 0) FROM jobs WHERE admitted_at >= ? AND id != ?",
+            (since, excluding or ""),
+        ).fetchone()
+        return float(row[0])
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _add_events(self, db: sqlite3.Connection, events: Iterable[dict]) -> None:
+        now = time.time()
+        for event in events:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO events (id, job_id, kind, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                (event["id"], event["job_id"], event["kind"], json.dumps(event, ensure_ascii=False), now),
+            ).rowcount
+            if not inserted:
+                continue  # the same transition again after a crash: the event exists already
+            self.events_added += 1
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (event_id, plugin, state, next_at) VALUES (?, ?, 'pending', ?)",
+                [(event["id"], plugin, now) for plugin in self.event_targets],
+            )
+
+    def add_events(self, events: Iterable[dict]) -> None:
+        with self.transaction() as db:
+            self._add_events(db, events)
+
+    def event_count(self, job_id: str, kind: str) -> int:
+        return self._db.execute("SELECT count(*) FROM events WHERE job_id = ? AND kind = ?",
+                                (job_id, kind)).fetchone()[0]
+
+    def events(self, job_id: str | None = None) -> list[dict]:
+        """Events in the order they were committed, each with its deliveries by plugin."""
+        query, args = "SELECT * FROM events", ()
+        if job_id is not None:
+            query, args = query + " WHERE job_id = ?", (job_id,)
+        found = []
+        for row in self._db.execute(query + " ORDER BY seq", args).fetchall():
+            deliveries = {d["plugin"]: dict(d) for d in self._db.execute(
+                "SELECT * FROM deliveries WHERE event_id = ?", (row["id"],))}
+            found.append({"event": json.loads(row["body"]), "deliveries": deliveries})
+        return found
+
+    def due_deliveries(self, now: float, *, plugins: Iterable[str]) -> list[tuple[str, dict, int]]:
+        """``(plugin, event, attempts)`` of pending deliveries due by ``now``, oldest event first."""
+        plugins = tuple(plugins)
+        if not plugins:
+            return []
+        rows = self._db.execute(
+            "SELECT d.plugin, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
+            f" WHERE d.state = 'pending' AND d.next_at <= ? AND d.plugin IN ({', '.join('?' * len(plugins))})"
+            " ORDER BY e.seq",
+            (now, *plugins),
+        )
+        return [(row["plugin"], json.loads(row["body"]), row["attempts"]) for row in rows]
+
+    def pending_deliveries(self, *, plugins: Iterable[str]) -> list[dict]:
+        """Pending deliveries to these plugins, due or not: what ``--once`` waits for."""
+        plugins = tuple(plugins)
+        if not plugins:
+            return []
+        rows = self._db.execute(
+            f"SELECT * FROM deliveries WHERE state = 'pending' AND plugin IN ({', '.join('?' * len(plugins))})",
+            plugins,
+        )
+        return [dict(row) for row in rows]
+
+    def delivery_sent(self, event_id: str, plugin: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL"
+                       " WHERE event_id = ? AND plugin = ?", (time.time(), event_id, plugin))
+
+    def delivery_failed(self, event_id: str, plugin: str, error: str, *, retry_at: float | None) -> None:
+        """Record a failed attempt: retried from ``retry_at``, or given up for good when it is None."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, state = ?, next_at = ?"
+                " WHERE event_id = ? AND plugin = ?",
+                (error, "failed" if retry_at is None else "pending", retry_at or time.time(), event_id, plugin),
+            )

@@ -139,6 +139,21 @@ def get_plugin_manager(plugins_dir: Path | None = None, disabled: frozenset[str]
     return pm
 
 
+def single_plugin_callers(pm: pluggy.PluginManager, hook_name: str) -> dict[str, pluggy.HookCaller]:
+    """A hook caller per plugin implementing ``hook_name``, each reaching that plugin alone.
+
+    pluggy stops a hook call at the first exception, so a host that must call every plugin
+    whatever the others do calls them one by one; going through hook callers (rather than the
+    implementation functions) keeps argument selection and ``BATCHD_TRACE_PLUGINS`` working.
+    """
+    implementations = getattr(pm.hook, hook_name).get_hookimpls()
+    callers = {}
+    for impl in implementations:
+        others = [other.plugin for other in implementations if other is not impl]
+        callers[impl.plugin_name] = pm.subset_hook_caller(hook_name, remove_plugins=others)
+    return callers
+
+
 def _selected_entry_points(available: Iterable[str]) -> list[str]:
     """The entry-point names to load: all of them, or those ``BATCHD_LOAD_PLUGINS`` lists."""
     available = sorted(available)

@@ -448,8 +448,11 @@ class Provider:
             if exc.code != 404:
                 raise
 
-    def count_tokens(self, model: str, text: str) -> int:
-        response = self._retrying_client.models.count_tokens(model=model, contents=text)
+    def count_tokens(self, model: str, text: str | list[str]) -> int:
+        """Tokens of one prompt, or of several counted in one call (each a user turn)."""
+        texts = [text] if isinstance(text, str) else text
+        contents = [types.Content(role="user", parts=[types.Part(text=item)]) for item in texts]
+        response = self._retrying_client.models.count_tokens(model=model, contents=contents)
         return response.total_tokens or 0
 
     # -- fetch -------------------------------------------------------------------------------------

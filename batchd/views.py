@@ -3,7 +3,8 @@
 A job row is the dict ``batchd status --json`` prints (see ``batchd.cli._job_view``). Progress counts
 requests: a finished chunk counts all of its requests, a running one what its remote ``batchStats``
 say is done. Cost comes from the row (``cost``) or, for a delivered job, its ``summary.json``, when
-either has one; the column only appears if some job has a cost.
+either has one: the actual cost, else the estimate marked ``~``; the column only appears if some job
+has a cost. Held jobs get a line under the table saying why and how to release them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 _STATE_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "rejected": "red",
-                "cancelled": "magenta", "submitted": "cyan"}
+                "cancelled": "magenta", "submitted": "cyan", "held": "yellow"}
 
 
 def console():
@@ -37,24 +38,40 @@ def job_state(job: dict) -> str:
     return state
 
 
-def job_cost(job: dict) -> float | None:
-    """The job's cost in USD, if batchd knows one (from the journal row or the delivered summary)."""
+def job_cost(job: dict) -> str | None:
+    """The job's cost as shown, if batchd knows one (from the journal row or the delivered summary)."""
     cost = job.get("cost")
     if cost is None and job.get("state") == "done" and job.get("outbox"):
         try:
             cost = json.loads((Path(job["outbox"]) / "summary.json").read_text()).get("cost")
         except (OSError, ValueError):
             cost = None
-    return _usd(cost)
+    return _cost_text(cost)
 
 
-def _usd(cost: Any) -> float | None:
-    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-        return float(cost)
-    if isinstance(cost, dict):
-        for key in ("total_usd", "usd", "estimated_usd", "total"):
-            if isinstance(cost.get(key), (int, float)):
-                return float(cost[key])
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _money(amount: float, currency: str = "USD") -> str:
+    return f"${amount:.4f}" if currency == "USD" else f"{amount:.4f} {currency}"
+
+
+def _cost_text(cost: Any) -> str | None:
+    if _is_number(cost):
+        return _money(float(cost))
+    if not isinstance(cost, dict):
+        return None
+    if "actual" in cost or "estimate" in cost:  # the cost plugin's {estimate, actual, currency}
+        currency = cost.get("currency") or "USD"
+        if _is_number(cost.get("actual")):
+            return _money(float(cost["actual"]), currency)
+        if _is_number(cost.get("estimate")):
+            return "~" + _money(float(cost["estimate"]), currency)
+        return None
+    for key in ("total_usd", "usd", "estimated_usd", "total"):
+        if _is_number(cost.get(key)):
+            return _money(float(cost[key]))
     return None
 
 
@@ -85,10 +102,13 @@ def jobs_table(jobs: list[dict], *, now: float | None = None):
         row = [job["id"], job["manifest"], job["task"] or "-", Text(state, style=_STATE_STYLE.get(state, "")),
                bar if total else Text("-"), f"{job['done']}/{total}" if total else "-"]
         if len(table.columns) == 8:
-            row.append(f"${cost:.4f}" if cost is not None else "-")
+            row.append(cost or "-")
         row.append(age(now - job["created_at"]))
         table.add_row(*row)
-    return table
+    held = [Text(f"{job['id']} ({job['manifest']}) is held: {job['hold']}; "
+                 f"release it with `batchd approve {job['name']}`", style="yellow")
+            for job in jobs if job.get("hold")]
+    return Group(table, *held) if held else table
 
 
 def status_frame(jobs: list[dict], *, title: str | None = None):
