@@ -337,6 +337,7 @@ class Daemon:
         return min(wait, self.notifier.seconds_until_due())
 
     def _once_done(self) -> bool:
+        self.review_held()  # a job the last step made fit (its neighbour's actual cost came in) goes now
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
         if present or self.journal.active_jobs() or self.submissions:
             return False

@@ -1,0 +1,99 @@
+"""Local receivers for the notification tests: an HTTP sink and an SMTP sink, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    status: int  # what the sink answered
+
+    @property
+    def event(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class HttpSink:
+    """Records every POST; answers ``statuses`` in turn, then ``status`` (200 unless changed)."""
+
+    status: int = 200
+    statuses: list[int] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+
+    def __post_init__(self):
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with sink.lock:
+                    status = sink.statuses.pop(0) if sink.statuses else sink.status
+                    sink.received.append(Received(dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def accepted(self) -> list[Received]:
+        """The POSTs answered with a 2xx."""
+        with self.lock:
+            return [r for r in self.received if 200 <= r.status < 300]
+
+    def __enter__(self) -> HttpSink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SmtpSink:
+    """An aiosmtpd server on 127.0.0.1 keeping every message it is handed."""
+
+    def __init__(self):
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope):
+        from email import message_from_bytes
+
+        self.messages.append((envelope.mail_from, envelope.rcpt_tos, message_from_bytes(envelope.content)))
+        return "250 OK"
+
+    def apprise_url(self, to: str = "ops@example.com") -> str:
+        return f"mailto://127.0.0.1:{self.port}?from=batchd@example.com&to={to}"
+
+    def __enter__(self) -> SmtpSink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.controller.stop()

@@ -1,0 +1,200 @@
+"""The cost plugin through the daemon and the emulator: estimates, actual costs, budgets, held jobs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from batchd.config import DEFAULT_PRICES, Settings
+from batchd.costs import JobInfo
+from batchd.journal import Journal, journal_path
+from batchd_plugins import cost as cost_plugin
+from conftest import Workspace, stop_daemon
+from test_daemon import TRANSLATE, remote_jobs
+
+#: Same shape as TRANSLATE (4 requests), other content: not a duplicate of it.
+TRANSLATE_OTHER = TRANSLATE.replace("Hello, how are you?", "Good morning, how was the trip?")
+
+
+def events_of(ws: Workspace, name: str) -> list[dict]:
+    journal = Journal(journal_path(ws.state), readonly=True)
+    try:
+        (job,) = journal.find_jobs(name)
+        return [entry["event"] for entry in journal.events(job.id)]
+    finally:
+        journal.close()
+
+
+def batch_price(model: str, prompt_tokens: int, output_tokens: int) -> float:
+    price = DEFAULT_PRICES[model]
+    return (prompt_tokens * price["input"] + output_tokens * price["output"]) / 1e6 * 0.5
+
+
+def test_hook_estimate_cost_counts_tokens_and_account_cost_prices_the_usage(workspace: Workspace):
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    summary = workspace.delivered()["translate"]
+    cost, tokens = summary["cost"], summary["tokens"]
+    assert cost["currency"] == "USD"
+    estimate = cost["estimate_details"]
+    assert estimate["method"] == "countTokens: all 4 prompts"
+    # The emulator's countTokens applies the rule it bills by: an exact count gives the actual prompt tokens.
+    assert estimate["input_tokens"] == tokens["prompt"] > 0
+    assert estimate["output_tokens"] == 4 * 256  # default_output_tokens per request
+    assert cost["estimate"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"], 4 * 256))
+    assert cost["actual"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"], tokens["output"]))
+    assert cost["actual_details"]["requests"] == 4
+    (job,) = workspace.status()
+    assert job["cost"]["actual"] == cost["actual"]
+
+
+def test_hook_estimate_cost_samples_a_big_job_and_falls_back_to_the_local_rule(workspace: Workspace):
+    rows = "".join(f"r{n},{'lovely battery ' * (n % 13 + 1)}and {n}\n" for n in range(300))
+    (workspace.inbox / "reviews.csv").write_text("id,text\n" + rows)
+    workspace.drop("reviews.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+    workspace.configure(cost={"count_tokens_sample": 5})
+
+    assert workspace.batchd("run", "--once").returncode == 0
+    summary = workspace.delivered()["reviews"]
+    estimate = summary["cost"]["estimate_details"]
+    assert estimate["method"] == "countTokens: 5 of 300 prompts, scaled by characters"
+    assert estimate["requests"] == 300
+    assert estimate["input_tokens"] == pytest.approx(summary["tokens"]["prompt"], rel=0.1)
+
+    workspace.configure(cost={"count_tokens": False})
+    (workspace.inbox / "more.csv").write_text("id,text\n" + rows.replace("and", "or"))
+    workspace.drop("more.toml", 'task = "sentiment"\ninput = "more.csv"\n')
+    assert workspace.batchd("run", "--once").returncode == 0
+    local = workspace.delivered()["more"]["cost"]["estimate_details"]
+    assert local["method"].startswith("local: 4 characters a token")
+    assert local["input_tokens"] == pytest.approx(workspace.delivered()["more"]["tokens"]["prompt"], rel=0.1)
+
+
+def test_hook_check_budget_holds_a_job_over_the_per_job_budget_until_approved(workspace: Workspace):
+    workspace.configure(cost={"job_budget": 0.0001})
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("other.toml", TRANSLATE_OTHER)
+
+    first = workspace.batchd("run", "--once")
+
+    assert first.returncode == 3, first.stderr  # nothing failed, but jobs are left held
+    assert not workspace.delivered()
+    assert remote_jobs(workspace) == [], "nothing of a held job is submitted"
+    jobs = {job["name"]: job for job in workspace.status()}
+    for job in jobs.values():
+        assert job["state"] == "held"
+        assert "over the per-job budget of 0.0001 USD" in job["hold"]
+        assert job["cost"]["estimate"] > 0.0001
+    listing = workspace.batchd("list").stdout
+    assert "held" in listing and "batchd approve translate" in listing
+    assert '"kind":"held"' in first.stderr, "the log plugin announced the hold"
+
+    assert workspace.batchd("approve", "translate").returncode == 0
+    assert workspace.batchd("cancel", "other").returncode == 0
+    second = workspace.batchd("run", "--once")
+
+    assert second.returncode == 0, second.stderr
+    delivered = workspace.delivered()
+    assert delivered["translate"]["state"] == "succeeded"
+    assert delivered["translate"]["cost"]["estimate"] > 0.0001, "approved over its budget"
+    assert delivered["other"]["state"] == "cancelled", "a held job can be cancelled"
+    assert [event["kind"] for event in events_of(workspace, "translate")] == [
+        "accepted", "held", "submitted", "succeeded"]
+    assert [event["kind"] for event in events_of(workspace, "other")] == ["accepted", "held", "cancelled"]
+    assert not list(workspace.inbox.iterdir()), "the approve and cancel files were consumed"
+
+
+def test_hook_check_budget_rolling_day_counts_the_jobs_of_the_last_24_hours(workspace: Workspace):
+    workspace.drop("first.toml", TRANSLATE)
+    assert workspace.batchd("run", "--once").returncode == 0
+    first_actual = workspace.delivered()["first"]["cost"]["actual"]
+
+    workspace.configure(cost={"daily_budget": first_actual / 2})
+    workspace.drop("second.toml", TRANSLATE_OTHER)
+    assert workspace.batchd("run", "--once").returncode == 3
+    (held,) = [job for job in workspace.status() if job["state"] == "held"]
+    assert "daily budget" in held["hold"]
+    second_estimate = held["cost"]["estimate"]
+
+    # Enough for the second job alone, not with what the first spent within the last 24 hours.
+    workspace.configure(cost={"daily_budget": second_estimate + first_actual / 2})
+    assert workspace.batchd("run", "--once").returncode == 3
+    assert "second" not in workspace.delivered()
+
+    # A day passes for the first job: its spending leaves the rolling window.
+    with sqlite3.connect(journal_path(workspace.state)) as db:
+        db.execute("UPDATE jobs SET admitted_at = admitted_at - 86400 - 60 WHERE name = 'first'")
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert workspace.delivered()["second"]["state"] == "succeeded"
+
+
+def test_hook_check_budget_in_one_run_a_held_job_goes_once_the_others_actual_cost_is_known(workspace: Workspace):
+    # Two jobs whose estimates do not fit the day together; the first's actual cost (far below its
+    # estimate: emulated answers are short) makes room for the second in the same run.
+    workspace.configure(cost={"default_output_tokens": 1000})
+    workspace.drop("probe.toml", TRANSLATE.replace("3 pm", "4 pm"))
+    assert workspace.batchd("run", "--once").returncode == 0
+    probe = workspace.delivered()["probe"]["cost"]
+    assert probe["actual"] * 4 < probe["estimate"]
+    workspace.configure(cost={"default_output_tokens": 1000, "daily_budget": probe["actual"] + 1.5 * probe["estimate"]})
+    workspace.drop("a.toml", TRANSLATE)
+    workspace.drop("b.toml", TRANSLATE_OTHER)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert {workspace.delivered()[name]["state"] for name in ("a", "b")} == {"succeeded"}
+    kinds = {name: [event["kind"] for event in events_of(workspace, name)] for name in ("a", "b")}
+    assert sorted(kinds.values()) == [["accepted", "held", "submitted", "succeeded"],
+                                      ["accepted", "submitted", "succeeded"]]
+
+
+def test_a_raised_budget_releases_a_held_job_while_the_daemon_runs(workspace: Workspace):
+    workspace.configure(cost={"job_budget": 0.0001})
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: [job["state"] for job in workspace.status()] == ["held"], what="job held")
+        workspace.configure(cost={"job_budget": 1.0})  # the config file is re-read when it changes
+        workspace.wait_for(lambda: "translate" in workspace.delivered(), what="released job delivered")
+    finally:
+        assert stop_daemon(daemon) == 0
+    assert workspace.delivered()["translate"]["state"] == "succeeded"
+
+
+# --- the plugin's rules, in process --------------------------------------------------------------
+
+
+def test_prices_by_exact_name_else_longest_prefix_and_config_overrides():
+    settings = Settings(cost={"prices": {"gemini-2.5-flash": {"input": 1.0, "output": 2.0}}})
+    assert settings.cost.price_for("models/gemini-2.5-flash")[1].input == 1.0
+    assert settings.cost.price_for("gemini-2.5-flash-lite-preview-09-2025")[0] == "gemini-2.5-flash-lite"
+    assert settings.cost.price_for("gemini-2.5-flash-preview-09-2025")[0] == "gemini-2.5-flash"
+    assert settings.cost.price_for("gemini-flash-latest") is None
+
+
+def test_hook_check_budget_holds_an_unpriced_job_only_when_a_budget_is_set():
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="gemini-flash-latest")
+    estimate = cost_plugin.estimate_cost(job=job, requests=[], count_tokens=None, settings=Settings())
+    assert estimate["cost"] is None and "no price" in estimate["error"]
+    assert cost_plugin.check_budget(job=job, estimate=estimate, spent_since=lambda _: 0.0,
+                                    settings=Settings()) is None
+    reason = cost_plugin.check_budget(job=job, estimate=estimate, spent_since=lambda _: 0.0,
+                                      settings=Settings(cost={"daily_budget": 10}))
+    assert "cost is unknown" in reason and "no price" in reason
+
+
+def test_hook_account_cost_bills_thinking_tokens_as_output():
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="gemini-2.5-pro")
+    usage = {"prompt_tokens": 1_000_000, "output_tokens": 100_000, "thoughts_tokens": 900_000, "requests": 3}
+    actual = cost_plugin.account_cost(job=job, usage=usage, settings=Settings())
+    assert actual["output_tokens"] == 1_000_000
+    assert actual["cost"] == pytest.approx((1.25 + 10.00) * 0.5)
+    assert json.dumps(actual)  # JSON-ready, as summary.json needs

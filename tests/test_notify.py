@@ -1,0 +1,230 @@
+"""Job events through the daemon: the log, webhook and email plugins, isolation, at-least-once delivery."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from batchd.config import Settings
+from batchd.journal import Journal, journal_path
+from batchd_plugins import notify_webhook
+from conftest import Workspace
+from sinks import HttpSink, SmtpSink
+from test_daemon import TRANSLATE
+
+SECRET = "webhook-secret-for-tests"
+#: Quick retries, so a test sees several attempts within a second or two.
+FAST_RETRIES = {"retry_initial_seconds": 0.1, "retry_max_seconds": 0.4, "timeout_seconds": 5}
+
+RECORDER = '''
+import json, os
+from batchd import hookimpl
+
+@hookimpl
+def job_event(event):
+    with open(os.environ["RECORD_EVENTS_TO"], "a") as out:
+        out.write(json.dumps(event) + "\\n")
+'''
+RAISING = '''
+from batchd import hookimpl
+
+@hookimpl
+def job_event(event):
+    raise RuntimeError("boom on " + event["kind"])
+'''
+HANGING = '''
+import time
+from batchd import hookimpl
+
+@hookimpl
+def job_event(event):
+    time.sleep(3600)
+'''
+
+
+def deliveries(ws: Workspace) -> list[dict]:
+    """Every event in the journal with its delivery rows by plugin."""
+    journal = Journal(journal_path(ws.state), readonly=True)
+    try:
+        return journal.events()
+    finally:
+        journal.close()
+
+
+def recorded(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def with_plugins(ws: Workspace, **plugins: str) -> Path:
+    folder = ws.root / "plugins.d"
+    folder.mkdir(exist_ok=True)
+    for name, source in plugins.items():
+        (folder / f"{name}.py").write_text(source)
+    return folder
+
+
+def assert_signed(received) -> None:
+    expected = "sha256=" + hmac.new(SECRET.encode(), received.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(received.headers["X-Batchd-Signature"], expected)
+    assert received.headers["X-Batchd-Event-Id"] == received.event["id"]
+
+
+def test_hook_job_event_log_plugin_writes_one_structured_line_per_event(workspace: Workspace):
+    workspace.configure(chunk_max_requests=2)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line.split("batchd.notify: event ", 1)[1])
+             for line in result.stderr.splitlines() if "batchd.notify: event " in line]
+    assert [line["kind"] for line in lines] == ["accepted", "submitted", "progress", "succeeded"]
+    assert [line["id"] for line in lines] == [entry["event"]["id"] for entry in deliveries(workspace)]
+    final = lines[-1]
+    assert final["counts"] == {"total": 4, "succeeded": 4, "failed": 0}
+    assert Path(final["outbox"]) == workspace.outbox / "translate"
+    assert final["cost"]["actual"] > 0 and final["cost"]["currency"] == "USD"
+    assert all(entry["deliveries"]["log"]["state"] == "sent" for entry in deliveries(workspace))
+
+
+def test_hook_job_event_webhook_posts_signed_events(workspace: Workspace):
+    with HttpSink() as sink:
+        workspace.configure(chunk_max_requests=2, notify={"webhook": {"urls": [sink.url], "secret": SECRET}})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    posts = sink.accepted()
+    assert [post.event["kind"] for post in posts] == ["accepted", "submitted", "progress", "succeeded"]
+    for post in posts:
+        assert_signed(post)
+        assert post.headers["Content-Type"] == "application/json"
+        assert post.headers["X-Batchd-Event"] == post.event["kind"]
+    assert len({post.event["id"] for post in posts}) == 4
+    final = posts[-1].event
+    assert final["job"] == "translate" and final["task"] == "translate" and final["state"] == "done"
+    assert final["counts"]["succeeded"] == 4 and final["cost"]["estimate"] > 0
+    assert SECRET not in result.stderr, "the secret is never logged"
+
+
+def test_hook_job_event_webhook_events_filter_and_unsigned_without_secret():
+    with HttpSink() as sink:
+        settings = Settings(notify={"webhook": {"urls": [sink.url], "events": ["failed"]}})
+        notify_webhook.job_event(event={"id": "j:succeeded", "kind": "succeeded"}, settings=settings)
+        notify_webhook.job_event(event={"id": "j:failed", "kind": "failed"}, settings=settings)
+    (post,) = sink.received
+    assert post.event["id"] == "j:failed"
+    assert "X-Batchd-Signature" not in post.headers
+
+
+def test_hook_job_event_webhook_failing_then_recovering_is_retried(workspace: Workspace):
+    with HttpSink(statuses=[500, 503, 500]) as sink:
+        workspace.configure(notify={**FAST_RETRIES, "webhook": {"urls": [sink.url], "secret": SECRET}})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    refused = [post.event["id"] for post in sink.received if post.status >= 500]
+    accepted = [post.event["id"] for post in sink.accepted()]
+    assert len(refused) == 3
+    assert set(refused) <= set(accepted), "every refused event was sent again, with the same id"
+    assert sorted(Counter(accepted).values()) == [1, 1, 1], "each delivered once it was accepted"
+    for post in sink.received:
+        assert_signed(post)
+    rows = {entry["event"]["id"]: entry["deliveries"]["webhook"] for entry in deliveries(workspace)}
+    assert all(row["state"] == "sent" for row in rows.values())
+    assert rows[refused[0]]["attempts"] >= 2
+    assert "not delivered (attempt 1 of 10" in result.stderr
+
+
+def test_hook_job_event_email_through_apprise_reaches_the_smtp_sink(workspace: Workspace):
+    with SmtpSink() as smtp:
+        workspace.configure(notify={"email": {"urls": [smtp.apprise_url()]}})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    # By default only what a person wants to hear about: held jobs and final outcomes.
+    (sender, recipients, message), = smtp.messages
+    assert (sender, recipients) == ("batchd@example.com", ["ops@example.com"])
+    assert message["Subject"] == "batchd: job translate succeeded"
+    text = "".join(part.get_payload(decode=True).decode() for part in message.walk()
+                   if part.get_content_type() == "text/plain")
+    assert str(workspace.outbox / "translate") in text and "Requests: total 4, succeeded 4" in text
+    event_ids = [entry["event"]["id"] for entry in deliveries(workspace)]
+    assert any(event_id in text for event_id in event_ids)
+
+
+def test_hook_job_event_a_raising_and_a_hanging_plugin_change_nothing_for_the_others(workspace: Workspace):
+    record = workspace.root / "events.jsonl"
+    plugins = with_plugins(workspace, recorder=RECORDER, raising=RAISING, hanging=HANGING)
+    with HttpSink() as sink:
+        workspace.configure(plugins_dir=str(plugins), notify={
+            **FAST_RETRIES, "timeout_seconds": 0.5, "max_attempts": 2, "once_drain_seconds": 3,
+            "webhook": {"urls": [sink.url], "secret": SECRET}})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once", RECORD_EVENTS_TO=str(record))
+        webhook_ids = [post.event["id"] for post in sink.accepted()]
+
+    assert result.returncode == 0, result.stderr
+    summary = workspace.delivered()["translate"]
+    assert summary["state"] == "succeeded" and summary["counts"]["succeeded"] == 4
+    kinds = ["accepted", "submitted", "succeeded"]
+    assert [event["kind"] for event in recorded(record)] == kinds
+    assert webhook_ids == [event["id"] for event in recorded(record)]
+    rows = [entry["deliveries"] for entry in deliveries(workspace)]
+    assert all(row["recorder"]["state"] == "sent" and row["webhook"]["state"] == "sent" for row in rows)
+    assert all(row["raising"]["state"] == "failed" and "boom on" in row["raising"]["last_error"] for row in rows)
+    assert all(row["hanging"]["state"] != "sent" for row in rows)
+    assert any("timed out after 0.5 s" in (row["hanging"]["last_error"] or "") for row in rows)
+    assert "giving up on event" in result.stderr
+
+
+def test_events_survive_a_sigkill_and_are_delivered_after_the_restart_with_the_same_ids(workspace: Workspace):
+    with HttpSink(status=500) as sink:
+        workspace.configure(notify={**FAST_RETRIES, "webhook": {"urls": [sink.url], "secret": SECRET}})
+        daemon = workspace.start("run")
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: any(post.event["kind"] == "succeeded" for post in sink.received),
+                           what="the final event refused once")
+        daemon.send_signal(signal.SIGKILL)
+        assert daemon.wait(30) == -signal.SIGKILL
+        refused = {post.event["id"] for post in sink.received}
+
+        sink.status = 200
+        result = workspace.batchd("run", "--once")
+        accepted = [post.event for post in sink.accepted()]
+
+    assert result.returncode == 0, result.stderr
+    assert {event["id"] for event in accepted} == refused
+    assert [event["kind"] for event in accepted] == ["accepted", "submitted", "succeeded"]
+    assert all(entry["deliveries"]["webhook"]["state"] == "sent" for entry in deliveries(workspace))
+
+
+@pytest.mark.parametrize("point", ["after-intent", "after-publish"])
+def test_events_of_a_job_killed_mid_way_are_each_delivered(workspace: Workspace, point: str):
+    record = workspace.root / "events.jsonl"
+    workspace.configure(plugins_dir=str(with_plugins(workspace, recorder=RECORDER)))
+    workspace.drop("translate.toml", TRANSLATE)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point, RECORD_EVENTS_TO=str(record))
+    assert crashed.wait(120) == -signal.SIGKILL
+    result = workspace.batchd("run", "--once", RECORD_EVENTS_TO=str(record))
+
+    assert result.returncode == 0, result.stderr
+    events = recorded(record)
+    assert {event["kind"] for event in events} == {"accepted", "submitted", "succeeded"}
+    ids = {event["kind"]: event["id"] for event in events}
+    assert all(event["id"] == ids[event["kind"]] for event in events), "a redelivered event keeps its id"
+    assert [event["kind"] for event in events].count("succeeded") == 1
+    assert all(entry["deliveries"]["recorder"]["state"] == "sent" for entry in deliveries(workspace))
