@@ -7,7 +7,7 @@ daemon's loop, hands each pending delivery to its plugin:
 
 * each plugin on its own, in its own thread: pluggy stops a hook call at the first exception, and
   a plugin that hangs must not hold up the others or the daemon;
-* one call in flight per plugin, oldest event first; a call still running after
+* one call in flight per plugin, the oldest due event first; a call still running after
   ``notify.timeout_seconds`` counts as a failed attempt (its thread is abandoned, and a plugin with
   :data:`MAX_ABANDONED_CALLS` hung calls gets no more until one of them returns);
 * a call that returns marks the delivery ``sent``; one that raises or times out is retried with
@@ -141,9 +141,12 @@ class Notifier:
             self.in_flight[plugin] = _Call(plugin, event, self.callers[plugin], self.settings(),
                                            self._late_return)
         upcoming = [d["next_at"] for d in self.journal.pending_deliveries(plugins=self.callers)]
-        later = [at for at in upcoming if at > now]
-        # Due ones not started (their plugin busy) are looked at again as soon as a call ends.
-        self._next_check = min(later) if later and len(later) == len(upcoming) else 0.0
+        if not upcoming:
+            self._next_check = float("inf")  # until an event is added
+        elif all(at > now for at in upcoming):
+            self._next_check = min(upcoming)
+        else:
+            self._next_check = 0.0  # due ones wait for their plugin's call in flight: look on every tick
 
     def _collect(self) -> None:
         timeout = self.settings().notify.timeout_seconds

@@ -71,7 +71,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
 CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
-CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at);
 
 CREATE TABLE IF NOT EXISTS chunks (
     job_id        TEXT NOT NULL REFERENCES jobs(id),
@@ -234,6 +233,8 @@ class Journal:
         for column, declaration in _ADDED_JOB_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+        # After the columns: an older journal gets admitted_at above first.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
 
     def close(self) -> None:
         self._db.close()

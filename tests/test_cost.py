@@ -198,3 +198,27 @@ def test_hook_account_cost_bills_thinking_tokens_as_output():
     assert actual["output_tokens"] == 1_000_000
     assert actual["cost"] == pytest.approx((1.25 + 10.00) * 0.5)
     assert json.dumps(actual)  # JSON-ready, as summary.json needs
+
+
+def test_a_journal_from_before_costs_and_events_gains_their_columns(tmp_path):
+    from batchd.journal import SCHEMA, _ADDED_JOB_COLUMNS
+
+    path = tmp_path / "journal.db"
+    old_schema = "\n".join(line for line in SCHEMA.splitlines()
+                           if line.split()[:1] not in ([column] for column in _ADDED_JOB_COLUMNS))
+    old_schema = old_schema.replace("finished_at   REAL,", "finished_at   REAL")
+    old_schema = old_schema.split("-- Job events")[0]  # no events tables either
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO jobs (id, name, source, state, created_at, updated_at)"
+                   " VALUES ('old', 'old', 'old.toml', 'done', 1, 1)")
+        assert "approved" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+
+    journal = Journal(path)
+    try:
+        assert journal.job("old").approved is False and journal.job("old").cost is None
+        journal.update_job("old", cost={"estimate": {"cost": 1.5}}, spend=1.5, admitted_at=10.0)
+        assert journal.job("old").cost == {"estimate": {"cost": 1.5}}
+        assert journal.spent_since(5.0) == 1.5
+    finally:
+        journal.close()

@@ -228,3 +228,21 @@ def test_events_of_a_job_killed_mid_way_are_each_delivered(workspace: Workspace,
     assert all(event["id"] == ids[event["kind"]] for event in events), "a redelivered event keeps its id"
     assert [event["kind"] for event in events].count("succeeded") == 1
     assert all(entry["deliveries"]["recorder"]["state"] == "sent" for entry in deliveries(workspace))
+
+
+def test_hook_job_event_announces_rejected_and_failed_jobs(workspace: Workspace):
+    workspace.configure(faults=["fail-requests=1.0"])
+    workspace.drop("broken.toml", 'task = "translate"\ntexts = ["a"]\nlanguages = "French"\n')
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1
+    by_job: dict[str, list[dict]] = {}
+    for entry in deliveries(workspace):
+        by_job.setdefault(entry["event"]["job"], []).append(entry["event"])
+    (rejected,) = by_job["broken"]
+    assert rejected["kind"] == "rejected" and "languages" in json.dumps(rejected["error"])
+    assert Path(rejected["outbox"]) == workspace.outbox / "broken"
+    assert [event["kind"] for event in by_job["translate"]] == ["accepted", "submitted", "failed"]
+    assert by_job["translate"][-1]["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
