@@ -10,10 +10,12 @@ Estimate (one pass over the job's requests, constant memory):
 * input tokens: the characters of every prompt and system instruction, turned into tokens by a
   ratio. With ``cost.count_tokens`` and a provider that counts tokens, the ratio comes from one
   ``countTokens`` call over a sample of ``cost.count_tokens_sample`` prompts spread over the job
-  (reservoir sampling, seeded by the job id); a job no larger than the sample is counted exactly.
+  (reservoir sampling, seeded by the job id; cut to :data:`MAX_SAMPLE_CHARS` characters); a job no
+  larger than the sample is counted exactly.
   Otherwise, or when the call fails, the local rule: 4 characters a token (Google's rule of thumb).
   Structured-output schemas are not counted.
-* output tokens: per request its ``max_output_tokens``, else ``cost.default_output_tokens``.
+* output tokens: per request its ``max_output_tokens``, else ``cost.default_output_tokens``, times
+  its ``candidate_count``.
   The output of thinking models (thinking tokens are billed as output) is what this guess misses
   most; the actual cost tells.
 
@@ -37,6 +39,8 @@ from batchd.costs import DAY_SECONDS
 
 #: The local estimate: characters per token (Google: "a token is about 4 characters").
 CHARS_PER_TOKEN = 4.0
+#: The sample sent to countTokens is cut to this many characters (long documents): one modest request.
+MAX_SAMPLE_CHARS = 2_000_000
 
 
 def _rate(settings, model: str | None) -> tuple[str, float, float] | None:
@@ -68,7 +72,8 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
         if system:
             text = f"{system}\n{text}"
         chars += len(text)
-        output_tokens += request.config.get("max_output_tokens") or cost.default_output_tokens
+        per_answer = request.config.get("max_output_tokens") or cost.default_output_tokens
+        output_tokens += per_answer * (request.config.get("candidate_count") or 1)
         # Reservoir sampling: every request is equally likely to be counted, in one pass.
         if count < sample_size:
             sample.append(text)
@@ -78,6 +83,8 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
                 sample[slot] = text
         count += 1
     sample_chars = sum(len(text) for text in sample)
+    while len(sample) > 1 and sample_chars > MAX_SAMPLE_CHARS:
+        sample_chars -= len(sample.pop())  # the reservoir is in no particular order: any one may go
     method = f"local: {CHARS_PER_TOKEN:g} characters a token"
     input_tokens = round(chars / CHARS_PER_TOKEN)
     if cost.count_tokens and count_tokens is not None and sample:
@@ -86,7 +93,7 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
         except Exception as error:  # the estimate falls back; the job is not at stake
             method += f" (countTokens failed: {type(error).__name__}: {error})"
         else:
-            if len(sample) == count:
+            if len(sample) == count and sample_chars == chars:
                 input_tokens, method = counted, f"countTokens: all {count} prompts"
             elif sample_chars:
                 input_tokens = round(chars * counted / sample_chars)

@@ -246,3 +246,16 @@ def test_hook_job_event_announces_rejected_and_failed_jobs(workspace: Workspace)
     assert Path(rejected["outbox"]) == workspace.outbox / "broken"
     assert [event["kind"] for event in by_job["translate"]] == ["accepted", "submitted", "failed"]
     assert by_job["translate"][-1]["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
+
+
+def test_webhook_secret_and_email_urls_come_from_the_environment_and_are_never_shown(monkeypatch, tmp_path):
+    from batchd.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHD_NOTIFY__WEBHOOK__SECRET", SECRET)
+    monkeypatch.setenv("BATCHD_NOTIFY__EMAIL__URLS", '["mailtos://me:hunter2@example.com"]')
+    settings = load_settings()
+    assert settings.notify.webhook.secret.get_secret_value() == SECRET
+    assert settings.notify.email.urls[0].get_secret_value() == "mailtos://me:hunter2@example.com"
+    for shown in (repr(settings), json.dumps(settings.redacted_dict())):
+        assert SECRET not in shown and "hunter2" not in shown
