@@ -46,13 +46,22 @@ class JobInfo:
 
 
 class RequestStream:
-    """A job's requests, re-read from its manifest on every iteration (constant memory)."""
+    """A job's requests, re-read from its manifest on every iteration (constant memory).
 
-    def __init__(self, open_requests: Callable[[], Iterator[TaskRequest]]):
+    ``stopping`` is asked every 10,000 requests: when the daemon is stopping the stream ends early,
+    so a long estimate does not hold up a shutdown (the host then discards that estimate).
+    """
+
+    def __init__(self, open_requests: Callable[[], Iterator[TaskRequest]],
+                 stopping: Callable[[], bool] = lambda: False):
         self._open = open_requests
+        self._stopping = stopping
 
     def __iter__(self) -> Iterator[TaskRequest]:
-        return self._open()
+        for n, request in enumerate(self._open()):
+            if n % 10_000 == 0 and self._stopping():
+                return
+            yield request
 
 
 class CostHooks:

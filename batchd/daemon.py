@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
-from batchd.costs import DAY_SECONDS, CostHooks, JobInfo, RequestStream, spend_of, summary_cost
+from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
 from batchd.events import Notifier, make_event
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
@@ -160,6 +160,7 @@ class Daemon:
                                        thread_name_prefix="batchd-submit")
         self.submissions: dict[tuple[str, int], Submission] = {}
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
+        self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
         self._once_jobs_done_at: float | None = None
@@ -325,9 +326,10 @@ class Daemon:
         if self.builders or self.advance_now:
             self.advance_now = False
             return 0.0
-        if any(job.state in ("received", "fetched", "publishing") for job in self.journal.active_jobs()):
+        if any(job.state in ("received", "fetched", "publishing") and job.id not in self.estimating
+               for job in self.journal.active_jobs()):
             return 0.0  # the next step needs no one else: take it now, not at the next rescan
-        if self.submissions:
+        if self.submissions or self.estimating:
             return 0.05
         if self._live_chunks():
             wait = min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
@@ -526,20 +528,15 @@ class Daemon:
         """Estimate the job's cost, then build it if the budget allows, else hold it.
 
         The estimate streams the manifest's requests once before any chunk is built: chunks go out
-        while later ones are still being built, so the whole job must be priced first.
+        while later ones are still being built, so the whole job must be priced first. It runs in
+        the pool (a big job's pass and a countTokens call take a while), so other jobs go on meanwhile.
         """
         if job.cost is None and self.costs.active:
-            try:
-                manifest = self._load_claimed(job)
-            except ManifestError as error:
-                self.journal.update_job(job.id, error=_manifest_error(error))
-                return  # rejected on the next tick
-            model = manifest.model or self.settings.model
-            job = dataclasses.replace(job, task=manifest.task, model=model)
-            estimate = self.costs.estimate(JobInfo.of(job), RequestStream(manifest.requests),
-                                           self._token_counter(model), self.settings)
-            cost = {"estimate": estimate}
-            self.journal.update_job(job.id, task=job.task, model=model, cost=cost, spend=spend_of(cost))
+            estimate = self._estimate(job)
+            if estimate is None:
+                return  # still running, or the manifest turned out unusable (rejected next tick)
+            cost = {"estimate": estimate.get("result")}
+            self.journal.update_job(job.id, cost=cost, spend=spend_of(cost))
             job = self.journal.job(job.id)
         reasons = [] if job.approved else self._budget_reasons(job)
         if reasons:
@@ -552,6 +549,29 @@ class Daemon:
             return
         self.journal.update_job(job.id, admitted_at=time.time())
         self.build(self.journal.job(job.id))
+
+    def _estimate(self, job: Job) -> dict | None:
+        """Start the job's estimate, or collect it: ``{"result": estimate}`` once it is there."""
+        future = self.estimating.get(job.id)
+        if future is None:
+            try:
+                manifest = self._load_claimed(job)
+            except ManifestError as error:
+                self.journal.update_job(job.id, error=_manifest_error(error))
+                return None
+            model = manifest.model or self.settings.model
+            self.journal.update_job(job.id, task=manifest.task, model=model)
+            info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
+            self.estimating[job.id] = self.pool.submit(
+                self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
+                self._token_counter(model), self.settings)
+            return None
+        if not future.done():
+            return None
+        del self.estimating[job.id]
+        if self.stopping.is_set():
+            return None  # cut short by the stop: estimated again after the restart
+        return {"result": future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
 
     def review_held(self) -> None:
         """Release held jobs that were approved or now fit the budget; deliver cancelled ones."""
