@@ -32,6 +32,10 @@ remote batch) has its own small state machine::
 
 A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
 rejected.
+
+Job events for the notification plugins are rows of ``events``, inserted in the
+transaction of the transition they announce, each with a ``deliveries`` row per
+plugin (pending → sent, or failed once given up); see :mod:`batchd.events`.
 """
 
 from __future__ import annotations
