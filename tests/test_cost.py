@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import pytest
@@ -11,7 +12,8 @@ from batchd.config import DEFAULT_PRICES, Settings
 from batchd.costs import JobInfo
 from batchd.journal import Journal, journal_path
 from batchd_plugins import cost as cost_plugin
-from conftest import Workspace, stop_daemon
+from batchd.testing import Workspace
+from conftest import REPO
 from test_daemon import TRANSLATE, remote_jobs
 
 #: Same shape as TRANSLATE (4 requests), other content: not a duplicate of it.
@@ -165,7 +167,7 @@ def test_a_raised_budget_releases_a_held_job_while_the_daemon_runs(workspace: Wo
         workspace.configure(cost={"job_budget": 1.0})  # the config file is re-read when it changes
         workspace.wait_for(lambda: "translate" in workspace.delivered(), what="released job delivered")
     finally:
-        assert stop_daemon(daemon) == 0
+        assert daemon.stop() == 0
     assert workspace.delivered()["translate"]["state"] == "succeeded"
 
 
@@ -222,3 +224,21 @@ def test_a_journal_from_before_costs_and_events_gains_their_columns(tmp_path):
         assert journal.spent_since(5.0) == 1.5
     finally:
         journal.close()
+
+
+def test_hook_estimate_cost_and_account_cost_documented_examples_win_over_the_builtin(workspace: Workspace):
+    docs = (REPO / "docs" / "plugins.md").read_text()
+    examples = {}
+    for hook in ("estimate_cost", "account_cost"):
+        section = re.search(rf"^### {hook}\(.*?(?=^### )", docs, re.M | re.S)[0]
+        examples[hook] = re.search(r"^```python\n(.*?)^```", section, re.M | re.S)[1]
+    # One-off plugins are registered after the entry points, so pluggy asks them first.
+    workspace.add_plugin("flat_price", examples["estimate_cost"])
+    workspace.add_plugin("token_price", examples["account_cost"])
+    workspace.drop("translate.toml", TRANSLATE)
+
+    assert workspace.batchd("run", "--once").returncode == 0
+    summary = workspace.delivered()["translate"]
+    assert summary["cost"]["estimate"] == pytest.approx(0.0004)
+    assert summary["cost"]["estimate_details"]["method"] == "flat 0.0001 EUR a request"
+    assert summary["cost"]["actual"] == pytest.approx(summary["tokens"]["total"] * 2e-7)

@@ -14,7 +14,7 @@ import pytest
 from batchd.config import Settings
 from batchd.journal import Journal, journal_path
 from batchd_plugins import notify_webhook
-from conftest import Workspace
+from batchd.testing import Workspace
 from sinks import HttpSink, SmtpSink
 from test_daemon import TRANSLATE
 
@@ -61,12 +61,10 @@ def recorded(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def with_plugins(ws: Workspace, **plugins: str) -> Path:
-    folder = ws.root / "plugins.d"
-    folder.mkdir(exist_ok=True)
+def with_plugins(ws: Workspace, **plugins: str) -> None:
+    """One-off plugins in the workspace's plugins_dir, by name."""
     for name, source in plugins.items():
-        (folder / f"{name}.py").write_text(source)
-    return folder
+        ws.add_plugin(name, source)
 
 
 def assert_signed(received) -> None:
@@ -166,9 +164,9 @@ def test_hook_job_event_email_through_apprise_reaches_the_smtp_sink(workspace: W
 
 def test_hook_job_event_a_raising_and_a_hanging_plugin_change_nothing_for_the_others(workspace: Workspace):
     record = workspace.root / "events.jsonl"
-    plugins = with_plugins(workspace, recorder=RECORDER, raising=RAISING, hanging=HANGING)
+    with_plugins(workspace, recorder=RECORDER, raising=RAISING, hanging=HANGING)
     with HttpSink() as sink:
-        workspace.configure(plugins_dir=str(plugins), notify={
+        workspace.configure(notify={
             **FAST_RETRIES, "timeout_seconds": 0.5, "max_attempts": 2, "once_drain_seconds": 3,
             "webhook": {"urls": [sink.url], "secret": SECRET}})
         workspace.drop("translate.toml", TRANSLATE)
@@ -214,7 +212,7 @@ def test_events_survive_a_sigkill_and_are_delivered_after_the_restart_with_the_s
 @pytest.mark.parametrize("point", ["after-intent", "after-publish"])
 def test_events_of_a_job_killed_mid_way_are_each_delivered(workspace: Workspace, point: str):
     record = workspace.root / "events.jsonl"
-    workspace.configure(plugins_dir=str(with_plugins(workspace, recorder=RECORDER)))
+    with_plugins(workspace, recorder=RECORDER)
     workspace.drop("translate.toml", TRANSLATE)
 
     crashed = workspace.start("run", BATCHD_CRASH_AT=point, RECORD_EVENTS_TO=str(record))
