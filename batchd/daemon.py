@@ -61,6 +61,8 @@ DRAIN_EXTEND_SECONDS = 30.0
 FAILED_OUTCOMES = ("failed", "rejected")
 #: Exit code of ``batchd run --once`` when nothing failed but jobs are left held (over budget).
 HELD_EXIT_CODE = 3
+#: Held jobs are checked against the budget again at most this often.
+HELD_REVIEW_SECONDS = 1.0
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -164,6 +166,7 @@ class Daemon:
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
         self._once_jobs_done_at: float | None = None
+        self._held_reviewed_at = float("-inf")
         self._config_mtime = self._config_file_mtime()
         self._lock_file = None
         self.notifier = Notifier()
@@ -339,10 +342,11 @@ class Daemon:
         return min(wait, self.notifier.seconds_until_due())
 
     def _once_done(self) -> bool:
-        self.review_held()  # a job the last step made fit (its neighbour's actual cost came in) goes now
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
         if present or self.journal.active_jobs() or self.submissions:
             return False
+        if self.review_held(force=True):
+            return False  # a job the last step made fit (another's actual cost came in) goes now
         # Jobs are done; give undelivered events a bounded time (the next run retries the rest).
         now = time.monotonic()
         if self._once_jobs_done_at is None:
@@ -471,6 +475,7 @@ class Daemon:
             return  # the manifest is still settling; cancel it once it is a job
         for job in jobs:
             self.journal.update_job(job.id, cancel_requested=1)
+            self._held_reviewed_at = float("-inf")  # a held one is delivered as cancelled on this tick
             log.info("cancel requested for job %s (%s)", job.id, job.source)
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
@@ -486,6 +491,7 @@ class Daemon:
         for job in jobs:
             # The flag is committed before the file goes: a crash in between approves twice, harmlessly.
             self.journal.update_job(job.id, approved=1)
+            self._held_reviewed_at = float("-inf")  # release it on this tick
             log.info("job %s (%s) approved%s", job.id, job.source, "" if job.state == "held" else " ahead of its budget check")
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
@@ -573,17 +579,29 @@ class Daemon:
             return None  # cut short by the stop: estimated again after the restart
         return {"result": future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
 
-    def review_held(self) -> None:
-        """Release held jobs that were approved or now fit the budget; deliver cancelled ones."""
+    def review_held(self, *, force: bool = False) -> bool:
+        """Release held jobs that were approved or now fit the budget; deliver cancelled ones.
+
+        Budgets are checked at most every :data:`HELD_REVIEW_SECONDS` unless ``force``d.
+        Returns whether any job left ``held``.
+        """
+        now = time.monotonic()
+        if not force and now - self._held_reviewed_at < HELD_REVIEW_SECONDS:
+            return False
+        self._held_reviewed_at = now
+        released = False
         for job in self.journal.jobs(states=("held",)):
             if job.cancel_requested:
                 self.journal.update_job(job.id, state="received")  # delivered as cancelled next
+                released = True
                 continue
             if not job.approved and self._budget_reasons(job):
                 continue
             why = "approved" if job.approved else "now within budget"
             self.journal.update_job(job.id, state="received", admitted_at=time.time(), hold=None)
             log.info("job %s (%s) released: %s", job.id, job.source, why)
+            released = True
+        return released
 
     def _budget_reasons(self, job: Job) -> list[str]:
         estimate = (job.cost or {}).get("estimate")
