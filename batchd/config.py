@@ -129,7 +129,7 @@ class WebhookSettings(BaseModel):
 
     urls: list[str] = Field(default_factory=list, description="Endpoints each event is POSTed to.")
     secret: SecretStr | None = Field(
-        None, description="HMAC-SHA256 key of X-Batchd-Signature (or BATCHD_NOTIFY__WEBHOOK__SECRET)."
+        None, description="HMAC-SHA256 key of the X-Batchd-Signature header; unset: unsigned."
     )
     events: list[EventKind] = Field(default_factory=list, description="Kinds to send; empty: all.")
     timeout_seconds: float = Field(10.0, gt=0, description="HTTP timeout of one POST.")

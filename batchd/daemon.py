@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
 from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
-from batchd.events import Notifier, make_event
+from batchd.events import EventDispatcher, make_event
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.logs import redact_data
@@ -154,7 +154,7 @@ class Daemon:
         self.tasks = tasks_for(settings)
         self.plugin_manager = get_plugin_manager(settings.plugins_dir, frozenset(settings.disabled_plugins))
         self.costs = CostHooks(self.plugin_manager)
-        self.notifier: Notifier | None = None
+        self.event_dispatcher: EventDispatcher | None = None
         self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
                            rescan_seconds=settings.rescan_seconds,
                            suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX))
@@ -195,7 +195,7 @@ class Daemon:
         outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
         self._lock_state_dir()
         self.journal = Journal(journal_path(s.state_dir))
-        self.notifier = Notifier(self.plugin_manager, self.journal, lambda: self.settings)
+        self.event_dispatcher = EventDispatcher(self.plugin_manager, self.journal, lambda: self.settings)
         self.provider = self._connect()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
@@ -260,8 +260,8 @@ class Daemon:
         self.pool.shutdown(wait=True)
         if self.journal is not None:
             self._collect_submissions()
-            if self.notifier is not None:
-                self.notifier.close()
+            if self.event_dispatcher is not None:
+                self.event_dispatcher.close()
             self.journal.close()
         self.inbox.stop()
         if self.emulator is not None:
@@ -323,7 +323,7 @@ class Daemon:
             self.advance(job)
         if self.poll_clock.due() and self._live_chunks():
             self.poll()
-        self.notifier.pump()
+        self.event_dispatcher.pump()
 
     def _sleep_seconds(self) -> float:
         if self.builders or self.advance_now:
@@ -339,7 +339,7 @@ class Daemon:
         else:
             # --once also waits for unparseable manifests to reach their grace period: look each second.
             wait = 1.0 if self.once else self.settings.rescan_seconds
-        return min(wait, self.notifier.seconds_until_due())
+        return min(wait, self.event_dispatcher.seconds_until_due())
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
@@ -351,7 +351,7 @@ class Daemon:
         now = time.monotonic()
         if self._once_jobs_done_at is None:
             self._once_jobs_done_at = now
-        if self.notifier.busy() and now - self._once_jobs_done_at < self.settings.notify.once_drain_seconds:
+        if self.event_dispatcher.busy() and now - self._once_jobs_done_at < self.settings.notify.once_drain_seconds:
             return False
         held = self.journal.jobs(states=("held",))
         self.report.held = [job.id for job in held]

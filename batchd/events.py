@@ -2,7 +2,7 @@
 
 An event is committed in the journal in the same transaction as the state transition it announces
 (:meth:`batchd.journal.Journal.update_job` ``events=``), together with one *pending* delivery row
-per plugin implementing ``job_event`` (an outbox table). The :class:`Notifier`, driven by the
+per plugin implementing ``job_event`` (an outbox table). The :class:`EventDispatcher`, driven by the
 daemon's loop, hands each pending delivery to its plugin:
 
 * each plugin on its own, in its own thread: pluggy stops a hook call at the first exception, and
@@ -105,7 +105,7 @@ class _Call:
             return True
 
 
-class Notifier:
+class EventDispatcher:
     """Delivers the journal's pending events to the ``job_event`` plugins (see the module docstring)."""
 
     def __init__(self, pm: pluggy.PluginManager, journal: Journal, settings: Callable[[], Settings]):

@@ -74,16 +74,17 @@ def assert_signed(received) -> None:
 
 
 def test_hook_job_event_log_plugin_writes_one_structured_line_per_event(workspace: Workspace):
-    workspace.configure(chunk_max_requests=2)
+    workspace.configure(chunk_max_requests=2, log_format="json")
     workspace.drop("translate.toml", TRANSLATE)
 
     result = workspace.batchd("run", "--once")
 
     assert result.returncode == 0, result.stderr
-    lines = [json.loads(line.split("batchd.notify: event ", 1)[1])
-             for line in result.stderr.splitlines() if "batchd.notify: event " in line]
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    lines = [record for record in records if record["logger"] == "batchd.notify"]
     assert [line["kind"] for line in lines] == ["accepted", "submitted", "progress", "succeeded"]
-    assert [line["id"] for line in lines] == [entry["event"]["id"] for entry in deliveries(workspace)]
+    assert [line["event"] for line in lines] == [entry["event"]["id"] for entry in deliveries(workspace)]
+    assert lines[-1]["msg"] == "job translate succeeded" and lines[-1]["job_name"] == "translate"
     final = lines[-1]
     assert final["counts"] == {"total": 4, "succeeded": 4, "failed": 0}
     assert Path(final["outbox"]) == workspace.outbox / "translate"
