@@ -9,7 +9,6 @@ actual cost", with the error logged and kept in the job's ``cost`` record.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -81,14 +80,12 @@ class CostHooks:
     def estimate(self, job: JobInfo, requests: RequestStream, count_tokens, settings: Settings) -> dict | None:
         if not self.hook.estimate_cost.get_hookimpls():
             return None
-        started = time.monotonic()
         try:
             estimate = self.hook.estimate_cost(job=job, requests=requests, count_tokens=count_tokens,
                                                settings=settings)
         except Exception as error:
             log.exception("job %s: estimate_cost failed", job.id)
-            return {"cost": None, "error": f"{type(error).__name__}: {error}"}
-        log.info("job %s: estimated %s in %.2f s", job.id, _money(estimate), time.monotonic() - started)
+            estimate = {"cost": None, "error": f"{type(error).__name__}: {error}"}
         return estimate
 
     def budget_reasons(self, job: JobInfo, estimate: dict | None, spent_since: Callable[[float], float],
@@ -139,7 +136,10 @@ def spend_of(cost: dict | None) -> float | None:
     return None
 
 
-def _money(estimate: dict | None) -> str:
+def describe(estimate: dict | None) -> str:
+    """An estimate or actual cost for a log line: ``0.001234 USD (how)`` or ``an unknown cost``."""
     if not estimate or estimate.get("cost") is None:
-        return "an unknown cost"
-    return f"{estimate['cost']:.6f} {estimate.get('currency', '')}".strip()
+        why = (estimate or {}).get("error")
+        return f"an unknown cost ({why})" if why else "an unknown cost"
+    text = f"{estimate['cost']:.6f} {estimate.get('currency', '')}".strip()
+    return f"{text} ({estimate['method']})" if estimate.get("method") else text

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
 from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
+from batchd.costs import describe as describe_cost
 from batchd.events import EventDispatcher, make_event
 from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
@@ -541,8 +542,9 @@ class Daemon:
             estimate = self._estimate(job)
             if estimate is None:
                 return  # still running, or the manifest turned out unusable (rejected next tick)
-            cost = {"estimate": estimate.get("result")}
+            cost = {"estimate": estimate["result"]}
             self.journal.update_job(job.id, cost=cost, spend=spend_of(cost))
+            log.info("job %s: estimated %s", job.id, describe_cost(cost["estimate"]), extra={"job": job.id})
             job = self.journal.job(job.id)
         reasons = [] if job.approved else self._budget_reasons(job)
         if reasons:
