@@ -161,6 +161,9 @@ class NotifySettings(BaseModel):
     once_drain_seconds: float = Field(
         30.0, ge=0, description="run --once waits this long at most for undelivered events before exiting."
     )
+    keep_days: float = Field(
+        30.0, gt=0, description="Delivered (or given up) events are kept in the journal this long."
+    )
     log: LogNotifySettings = Field(default_factory=LogNotifySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)

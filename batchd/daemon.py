@@ -204,6 +204,9 @@ class Daemon:
                                  if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX)
                                  and not is_temp_name(p.name)}
         self.recover()
+        pruned = self.journal.prune_events(time.time() - s.notify.keep_days * 86400)
+        if pruned:
+            log.info("forgot %d delivered events older than %g days", pruned, s.notify.keep_days)
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
     def _connect(self) -> Provider:

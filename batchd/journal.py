@@ -428,6 +428,15 @@ class Journal:
         )
         return [dict(row) for row in rows]
 
+    def prune_events(self, before: float) -> int:
+        """Forget events older than ``before`` that no plugin is still waiting for; returns how many."""
+        pending = "SELECT event_id FROM deliveries WHERE state = 'pending'"
+        with self.transaction() as db:
+            db.execute(f"DELETE FROM deliveries WHERE event_id IN (SELECT id FROM events WHERE created_at < ?"
+                       f" AND id NOT IN ({pending}))", (before,))
+            return db.execute(f"DELETE FROM events WHERE created_at < ? AND id NOT IN ({pending})",
+                              (before,)).rowcount
+
     def delivery_sent(self, event_id: str, plugin: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL"

@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import json
 import signal
+import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -258,3 +260,19 @@ def test_webhook_secret_and_email_urls_come_from_the_environment_and_are_never_s
     assert settings.notify.email.urls[0].get_secret_value() == "mailtos://me:hunter2@example.com"
     for shown in (repr(settings), json.dumps(settings.redacted_dict())):
         assert SECRET not in shown and "hunter2" not in shown
+
+
+def test_delivered_events_are_forgotten_after_keep_days_and_pending_ones_never(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    journal.event_targets = ("webhook",)
+    try:
+        journal.add_events([{"id": f"j:{kind}", "job_id": "j", "kind": kind} for kind in ("accepted", "submitted")])
+        journal.delivery_sent("j:accepted", "webhook")
+        with sqlite3.connect(tmp_path / "journal.db") as db:
+            db.execute("UPDATE events SET created_at = created_at - 40 * 86400")
+        assert journal.prune_events(before=time.time() - 30 * 86400) == 1
+        remaining = journal.events()
+        assert [entry["event"]["id"] for entry in remaining] == ["j:submitted"], "still owed to the webhook"
+        assert remaining[0]["deliveries"]["webhook"]["state"] == "pending"
+    finally:
+        journal.close()
