@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,12 +76,28 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None, lo
 @pass_context
 def run(ctx: Context, once: bool, **overrides) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
+    # A stop may come while the daemon is still importing and loading plugins (a second or so):
+    # it is remembered and honoured, instead of the signal killing the process, so that a stop at
+    # any moment once batchd runs exits 0. The daemon installs its own handlers in run().
+    early: dict = {"daemon": None, "stop": False}
+
+    def stop_while_starting(_signum, _frame):
+        early["stop"] = True
+        if early["daemon"] is not None:
+            early["daemon"].stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_while_starting)
+
     from batchd.daemon import AlreadyRunning, Daemon
     from batchd.plugins import PluginError
 
     settings = ctx.settings(**overrides)
     try:
-        code = Daemon(settings, once=once).run()
+        daemon = early["daemon"] = Daemon(settings, once=once)
+        if early["stop"]:
+            daemon.stopping.set()
+        code = daemon.run()
     except (ConfigError, PluginError, AlreadyRunning) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(code)

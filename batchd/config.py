@@ -204,6 +204,16 @@ class Settings(BaseSettings):
         30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long."
     )
     rescan_seconds: float = Field(30.0, gt=0, description="Full inbox rescan period (backs up the watcher).")
+    watch_backend: Literal["auto", "inotify", "polling", "none"] = Field(
+        "auto",
+        description="How the inbox is watched: the platform's native events, inotify, polling (NFS/CIFS),"
+                    " or none (the periodic rescan alone).",
+    )
+    temp_max_age_seconds: float = Field(
+        36 * 3600.0,
+        gt=0,
+        description="Temp files a producer left in the inbox (dotfiles, *.tmp, *.part) are removed once this old.",
+    )
 
     # Submission and sizing
     max_concurrent_submissions: int = Field(4, ge=1, description="Uploads/creates in flight at once.")

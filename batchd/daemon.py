@@ -8,6 +8,8 @@ can be killed anywhere and, started again, carries on from the journal (see
 
 ``BATCHD_CRASH_AT=<point>`` makes the process SIGKILL itself at one of the named
 :data:`CRASH_POINTS`; the crash tests use it to prove nothing is lost or billed twice.
+With ``BATCHD_CRASH_SIGNAL=SIGTERM`` it sends itself a stop request there instead, as
+systemd would at that instant.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -32,7 +35,7 @@ from batchd.config import ConfigError, Settings, load_settings
 from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
 from batchd.costs import describe as describe_cost
 from batchd.events import EventDispatcher, make_event
-from batchd.inbox import Inbox, claim, is_temp_name, sha256_file
+from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.logs import redact_data
 from batchd.manifest import Manifest, ManifestError, load_manifest
@@ -88,8 +91,9 @@ def lock_holder(state_dir: Path) -> int | None:
 def crashpoint(name: str) -> None:
     """Die here, as abruptly as a power cut would, if the crash tests asked for it."""
     if os.environ.get("BATCHD_CRASH_AT") == name:
-        log.warning("crash point %s: killing the process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+        signum = signal.Signals[os.environ.get("BATCHD_CRASH_SIGNAL", "SIGKILL")]
+        log.warning("crash point %s: sending the process %s", name, signum.name)
+        os.kill(os.getpid(), signum)
 
 
 class AlreadyRunning(Exception):
@@ -157,7 +161,8 @@ class Daemon:
         self.costs = CostHooks(self.plugin_manager)
         self.event_dispatcher: EventDispatcher | None = None
         self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
-                           rescan_seconds=settings.rescan_seconds,
+                           rescan_seconds=settings.rescan_seconds, backend=settings.watch_backend,
+                           temp_max_age=settings.temp_max_age_seconds,
                            suffixes=MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX))
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                        thread_name_prefix="batchd-submit")
@@ -397,9 +402,21 @@ class Daemon:
     # -- intake: inbox → journal --------------------------------------------------------------
 
     def intake(self) -> None:
-        for candidate in self.inbox.scan():
+        self.inbox.reap_stale_temp_files()
+        candidates = self.inbox.scan()
+        for irregular in self.inbox.take_irregular():
+            self._reject_irregular(irregular)
+        for candidate in candidates:
             self.check_stop()
             path = candidate.path
+            if not _is_utf8(path.name):
+                # Journal, outbox folder and remote display name all need a text name: the job is
+                # rejected under a readable rendering of it, the file kept in its folder.
+                source = _readable_name(path.name)
+                self._accept(path, None, source=source, error={
+                    "code": "file_name_not_utf8", "file": source,
+                    "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
+                continue
             if path.suffix == CANCEL_SUFFIX:
                 self._take_cancel_file(path)
                 continue
@@ -419,57 +436,85 @@ class Daemon:
                 continue
             self._accept(path, manifest)
 
-    def _accept(self, path: Path, manifest: Manifest | None, *, error: dict | None = None) -> None:
+    def _reject_irregular(self, irregular: Irregular) -> None:
+        """A symlink, folder or FIFO with a manifest's name: rejected, and the entry itself (never what
+        a symlink points to) moved into the rejected job's outbox folder, as a manifest would be."""
+        if irregular.path.suffix not in MANIFEST_SUFFIXES:
+            return  # a NAME.cancel that is no file: the warning the inbox logged is all it gets
+        name = irregular.path.name
+        self._accept(irregular.path, None, source=_readable_name(name), error={
+            "code": "not_a_regular_file", "file": _readable_name(name), "kind": irregular.kind,
+            "message": f"{_readable_name(name)} is a {irregular.kind}, not a regular file; batchd reads only "
+                       f"regular files (`batchd submit FILE` copies one in). It is kept in this folder as it was"})
+
+    def _accept(self, path: Path, manifest: Manifest | None, *, error: dict | None = None,
+                source: str | None = None) -> None:
+        """Claim ``path`` as a new job. ``source``: the file name the job is known by (default ``path.name``)."""
+        source = source or path.name
+        try:
+            # Only a regular file is read: a FIFO would block, a symlink could point anywhere.
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+            digest = hashlib.sha256(path.read_bytes()) if regular else None
+        except FileNotFoundError:
+            return  # gone since the scan: nothing was claimed, nothing to record
         job_id = new_job_id()
         spool = self._spool(job_id)
         spool.root.mkdir(parents=True)
-        digest = hashlib.sha256(path.read_bytes())
         for input_path in manifest.input_files() if manifest else []:
             # Inputs are linked (or copied) into the spool before the claim, so the claimed
             # job is self-contained; a crash here leaves only a spare copy.
             copy = spool.inputs / input_path.name
             _link_or_copy(input_path, copy)
             digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
-        sha256 = digest.hexdigest()
-        self.journal.add_job(job_id, name=path.stem, source=path.name, sha256=sha256)
-        if not claim(path, spool.manifest_path(path.name)):
-            log.warning("%s vanished before it could be claimed", path.name)
+        sha256 = digest.hexdigest() if digest is not None else None
+        earlier = self.journal.job_with_content(sha256) if sha256 is not None else None
+        if error is None and earlier is not None:
+            error = {"message": f"{source} has the same content as job {earlier.id} "
+                                f"({earlier.source}); it was not run again",
+                     "duplicate_of": earlier.id}
+        # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
+        # and must not run a duplicate, a symlink or a FIFO it never re-examines.
+        self.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error)
+        if not claim(path, spool.manifest_path(source)):
+            log.warning("%s vanished before it could be claimed", source)
             self.journal.update_job(job_id, state="done", outcome="rejected",
-                                    error={"message": f"{path.name} was removed before batchd could claim it"})
+                                    error={"message": f"{source} was removed before batchd could claim it"})
             return
         crashpoint("after-claim")
         fields: dict = {"state": "received"}
         if manifest is not None:
             fields.update(task=manifest.task, model=manifest.model or self.settings.model)
-        earlier = self.journal.job_with_content(sha256)
-        if error is None and earlier is not None and earlier.id != job_id:
-            error = {"message": f"{path.name} has the same content as job {earlier.id} "
-                                f"({earlier.source}); it was not run again",
-                     "duplicate_of": earlier.id}
         events = []
-        if error is not None:
-            fields["error"] = error
-        else:
+        if error is None:
             job = self.journal.job(job_id)
             events.append(self._event("accepted", dataclasses.replace(job, **fields)))
         self.journal.update_job(job_id, events=events, **fields)
-        log.info("accepted %s as job %s%s", path.name, job_id, " (rejected)" if error else "",
-                 extra={"job": job_id, "manifest": path.name})
+        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if error else "",
+                 extra={"job": job_id, "manifest": source})
 
     def _finish_claim(self, job: Job) -> None:
         spool = self._spool(job.id)
         claimed = spool.manifest_path(job.source)
-        source = self.settings.inbox / job.source
+        source = self._inbox_path(job.source)
         # Whenever the inbox copy still exists the claim is (re)done: a crash between its link and
         # its unlink leaves the same file in both places, and claim() finishes that move.
-        if source.exists():
+        if os.path.lexists(source):
             claim(source, claimed)
-        if not claimed.exists():
+        if not os.path.lexists(claimed):
             self.journal.update_job(job.id, state="done", outcome="rejected",
                                     error={"message": f"{job.source} vanished during its claim"})
             return
         self.journal.update_job(job.id, state="received",
                                 events=[self._event("accepted", dataclasses.replace(job, state="received"))])
+
+    def _inbox_path(self, source: str) -> Path:
+        """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""
+        path = self.settings.inbox / source
+        if not os.path.lexists(path):
+            for name in os.listdir(self.settings.inbox):
+                if name != source and _readable_name(name) == source:
+                    return self.settings.inbox / name
+        return path
 
     def _take_cancel_file(self, path: Path) -> None:
         name = path.stem
@@ -932,8 +977,8 @@ class Daemon:
         if cost:
             summary["cost"] = summary_cost(cost)
         manifest = spool.manifest_path(job.source)
-        if manifest.exists():
-            folder.copy_in(job.source, manifest)
+        if _is_regular_file(manifest):
+            folder.copy_in(job.source, manifest)  # anything else is moved in whole by publish()
         folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
         destination = outbox.choose_folder(self.settings.outbox, job.name)
         self.journal.update_job(job.id, state="publishing", outbox_dir=str(destination), outcome=summary["state"],
@@ -1056,6 +1101,11 @@ class Daemon:
                 destination = outbox.choose_folder(self.settings.outbox, job.name)
                 self.journal.update_job(job.id, outbox_dir=str(destination))
             outbox.JobFolder(spool.staging, create=False).publish(destination)
+        claimed = spool.manifest_path(job.source)
+        if os.path.lexists(claimed) and not _is_regular_file(claimed):
+            # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
+            # goes into the published folder, so removing the spool loses nothing.
+            outbox.durable_move(claimed, destination / job.source)
         crashpoint("after-publish")
         self.journal.update_job(job.id, state="done", events=[self._final_event(job, destination)])
         spool.remove()
@@ -1072,6 +1122,27 @@ class Daemon:
             summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
         return self._event(job.outcome, dataclasses.replace(job, state="done"), counts=summary.get("counts"),
                            outbox=str(destination), error=summary.get("error", job.error))
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name from the OS decoded as UTF-8 (undecodable bytes arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable_name(name: str) -> str:
+    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:

@@ -53,11 +53,14 @@ __all__ = [
 ]
 
 DEFAULT_SUFFIXES = (".toml", ".json", ".cancel")
-BACKENDS = ("auto", "inotify", "polling")
+BACKENDS = ("auto", "inotify", "polling", "none")
 
 #: Careful producers write under one of these names and rename when done (Maildir B1);
 #: editors leave the others behind. None of them is ever a finished manifest.
 _TEMP_SUFFIXES = (".tmp", ".part", "~", ".swp")
+
+#: Names a producer writes under before its rename; once stale, the reaper removes them.
+_PRODUCER_TEMP_SUFFIXES = (".tmp", ".part")
 
 _HASH_BLOCK = 1 << 20
 
@@ -140,9 +143,12 @@ class Inbox:
     ``settle_seconds``: how long a file's size and mtime must stay unchanged (and its mtime
     be in the past) before it is a :class:`Candidate`. ``rescan_seconds``: the longest
     :meth:`wait` sleeps without a hint, the safety net for lost events. ``backend``:
-    ``"auto"`` (watchdog's native observer for this platform), ``"inotify"`` (Linux only) or
+    ``"auto"`` (watchdog's native observer for this platform), ``"inotify"`` (Linux only),
     ``"polling"`` (for NFS/CIFS, where native backends see nothing; ``poll_seconds`` is its
-    interval). Only names ending in one of ``suffixes`` (case-insensitive) are considered.
+    interval) or ``"none"`` (no watcher at all: the periodic rescan alone finds files). Only
+    names ending in one of ``suffixes`` (case-insensitive) are considered. ``temp_max_age``:
+    the age (seconds, by mtime) after which :meth:`reap_stale_temp_files` removes a producer's
+    leftover temp file; None never removes one.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class Inbox:
         backend: str = "auto",
         suffixes: Iterable[str] = DEFAULT_SUFFIXES,
         poll_seconds: float = 1.0,
+        temp_max_age: float | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -163,6 +170,8 @@ class Inbox:
         self.backend = backend
         self.suffixes = tuple(suffix.lower() for suffix in suffixes)
         self.poll_seconds = poll_seconds
+        self.temp_max_age = temp_max_age
+        self._next_reap = 0.0  # monotonic
         self._hint = threading.Event()
         self._observer: BaseObserver | None = None
         self._observations: dict[str, _Observation] = {}
@@ -184,7 +193,7 @@ class Inbox:
         Watch-then-scan may report a file twice, scan-then-watch may miss one (watchdog
         #1010); duplicates are harmless because claiming is exclusive.
         """
-        if self._observer is None:
+        if self._observer is None and self.backend != "none":
             self._observer = self._start_observer()
 
     def _start_observer(self) -> BaseObserver:
@@ -221,6 +230,8 @@ class Inbox:
 
         A restart also sets the wake-up hint, since events were lost while it was down.
         """
+        if self.backend == "none":
+            return False
         observer = self._observer
         if observer is None:
             raise RuntimeError("Inbox.ensure_watching() called before start()")
@@ -326,6 +337,38 @@ class Inbox:
         irregular = Irregular(self.path / name, _kind_of(mode))
         log.warning("ignoring %s in the inbox: it is a %s, not a regular file", irregular.path, irregular.kind)
         self._irregular_unreported.append(irregular)
+
+    def reap_stale_temp_files(self) -> list[Path]:
+        """Remove producers' temp files (``*.tmp``, ``*.part``, dotfiles included) older than ``temp_max_age``.
+
+        Maildir's reader duty: a producer killed between writing its temp file and renaming it
+        leaves the file behind for good, and nobody else will ever remove it (Maildir says 36 h
+        without access). Age is the file's mtime, the one place a wall-clock age is the right
+        measure. Only regular files with those suffixes go: other dotfiles (``.gitkeep``) and
+        editor files (``*~``, ``*.swp``: someone's unsaved work) are left alone. Runs at most once
+        per rescan period; returns what it removed.
+        """
+        now = time.monotonic()
+        if self.temp_max_age is None or now < self._next_reap:
+            return []
+        self._next_reap = now + min(self.rescan_seconds, self.temp_max_age)
+        oldest_ns = time.time_ns() - int(self.temp_max_age * 1e9)
+        removed = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if not entry.name.lower().endswith(_PRODUCER_TEMP_SUFFIXES):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns > oldest_ns:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # renamed into place (or removed) by its producer just now
+                age_hours = (time.time_ns() - st.st_mtime_ns) / 3.6e12
+                log.warning("removed %s: a temp file left in the inbox %.1f h ago", entry.path, age_hours)
+                removed.append(Path(entry.path))
+        return removed
 
     def take_irregular(self) -> list[Irregular]:
         """Irregular entries found since the last call, each reported once while it stays.

@@ -257,13 +257,15 @@ class Journal:
     # -- jobs -------------------------------------------------------------------------------
 
     def add_job(self, job_id: str, *, name: str, source: str, state: str = "claiming",
-                sha256: str | None = None) -> None:
+                sha256: str | None = None, error: dict | None = None) -> None:
+        """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, source, sha256, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, name, source, sha256, state, now, now),
+                "INSERT INTO jobs (id, name, source, sha256, state, error, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, source, sha256, state,
+                 json.dumps(error, ensure_ascii=False) if error is not None else None, now, now),
             )
 
     def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:

@@ -264,6 +264,8 @@ def _read_document(path: Path) -> dict[str, Any]:
         text = data.decode("utf-8-sig")  # tolerate a BOM left by Windows editors
     except UnicodeDecodeError as exc:
         raise ManifestError(path, "not valid UTF-8", line=data.count(b"\n", 0, exc.start) + 1) from None
+    if not text.strip():
+        raise ManifestError(path, "the file is empty")
     if path.suffix.lower() == ".toml":
         try:
             return tomllib.loads(text)

@@ -117,7 +117,11 @@ def test_soak_random_kills_under_faults_lose_nothing_and_bill_nothing_twice(tmp_
                     time.sleep(rng.uniform(0.02, 0.3))
                 assert process.poll() is None, f"the daemon died by itself:\n{process.output()[-3000:]}"
                 if rng.random() < SIGTERM_SHARE:
-                    assert process.stop(timeout=60) == 0, process.output()[-3000:]
+                    code = process.stop(timeout=60)
+                    # Only a stop that lands while the interpreter itself is still starting, before
+                    # batchd's first line of code, may end by the signal; after that it exits 0.
+                    assert code == 0 or (code == -signal.SIGTERM and not process.output()), \
+                        f"exit {code}:\n{process.output()[-3000:]}"
                     stops["SIGTERM"] += 1
                 else:
                     process.kill()

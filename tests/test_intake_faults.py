@@ -1,0 +1,144 @@
+"""Inbox faults at the daemon (reliability.md B8, filesystem and input faults): lost events, entries
+that are no regular file, file names that are no text, empty files, stale producer temp files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from batchd.testing import Daemon, Workspace
+from invariants import Dropped, assert_invariants
+from test_daemon import TRANSLATE, remote_jobs
+
+#: 1,000 in the B8 test list; BATCHD_RESCAN_MANIFESTS=... to run another number by hand.
+RESCAN_MANIFESTS = int(os.environ.get("BATCHD_RESCAN_MANIFESTS", "1000"))
+
+
+def backdate(path: Path, seconds: float) -> None:
+    old = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(old, old), follow_symlinks=False)
+
+
+def test_with_file_system_events_disabled_the_rescan_alone_takes_every_manifest(workspace: Workspace,
+                                                                                 daemon: Daemon):
+    """As on an inotify queue overflow or an NFS mount: no event ever arrives (watch_backend = "none")."""
+    workspace.configure(watch_backend="none", rescan_seconds=0.5, settle_seconds=0.05, chunk_max_requests=1000)
+    process = daemon.start()
+    dropped = []
+    for n in range(RESCAN_MANIFESTS):
+        path = workspace.drop(f"m{n:04d}.toml", f'task = "translate"\ntexts = ["Hello {n}"]\nlanguages = ["French"]\n')
+        dropped.append(Dropped.of(path))
+    workspace.wait_for(lambda: len(workspace.outbox_folders()) >= RESCAN_MANIFESTS, timeout=600,
+                       what=f"{RESCAN_MANIFESTS} manifests delivered")
+    assert process.stop() == 0
+    assert "watcher" not in process.output()  # no watcher was ever started, or restarted
+    report = assert_invariants(workspace, dropped, remote_jobs(workspace))
+    assert report["folders"] == RESCAN_MANIFESTS
+    assert all(summary["state"] == "succeeded" for summary in workspace.delivered().values())
+
+
+def test_entries_that_are_no_regular_file_are_rejected_with_a_reason_and_kept(workspace: Workspace, tmp_path):
+    """Postfix's mail_open_ok: only regular files. A symlink is never followed, a FIFO never opened
+    (it would block the daemon), a folder never read; each is moved whole into its rejected folder."""
+    target = tmp_path / "elsewhere.toml"
+    target.write_text(TRANSLATE)
+    (workspace.inbox / "link.toml").symlink_to(target)
+    (workspace.inbox / "folder.toml").mkdir()
+    (workspace.inbox / "folder.toml" / "notes.txt").write_text("someone's file")
+    os.mkfifo(workspace.inbox / "pipe.json")
+    workspace.drop("good.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr  # jobs were rejected
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    for name, source, kind in (("link", "link.toml", "symlink"), ("folder", "folder.toml", "directory"),
+                               ("pipe", "pipe.json", "fifo")):
+        summary = delivered[name]
+        assert summary["state"] == "rejected"
+        assert summary["error"]["code"] == "not_a_regular_file" and summary["error"]["kind"] == kind
+        assert source in summary["error"]["message"] and kind in summary["error"]["message"]
+    kept = workspace.outbox
+    assert os.readlink(kept / "link" / "link.toml") == str(target)
+    assert target.read_text() == TRANSLATE, "what the symlink points to is left alone"
+    assert (kept / "folder" / "folder.toml" / "notes.txt").read_text() == "someone's file"
+    assert (kept / "pipe" / "pipe.json").is_fifo()
+    assert os.listdir(workspace.inbox) == []
+    assert len(remote_jobs(workspace)) == 1, "only the good manifest reached the service"
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_under_a_readable_name(workspace: Workspace):
+    """Journal, outbox folder and display name all need text; the daemon must not crash on it (it did)."""
+    raw_name = os.path.join(os.fsencode(workspace.inbox), b"caf\xe9.toml")
+    with open(raw_name, "wb") as manifest:
+        manifest.write(TRANSLATE.encode())
+    workspace.drop("good.toml", TRANSLATE.replace("Hello", "Hi"))
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["caf\\xe9"]
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "file_name_not_utf8"
+    assert "caf\\\\xe9.toml" in rejected["error"]["message"]
+    assert (workspace.outbox / "caf\\xe9" / "caf\\xe9.toml").read_text() == TRANSLATE, "the bytes are kept"
+    assert os.listdir(workspace.inbox) == []
+
+
+def test_a_non_utf8_name_claimed_just_before_a_crash_is_finished_by_recovery(workspace: Workspace):
+    """K3 for a renamed source: the journal knows the readable name, the inbox holds the raw one."""
+    raw_name = os.path.join(os.fsencode(workspace.inbox), b"na\xefve.toml")
+    with open(raw_name, "wb") as manifest:
+        manifest.write(TRANSLATE.encode())
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -9
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    assert set(workspace.delivered()) == {"na\\xefve"}
+    assert workspace.delivered()["na\\xefve"]["error"]["code"] == "file_name_not_utf8"
+
+
+def test_an_empty_manifest_is_rejected_as_empty(workspace: Workspace):
+    (workspace.inbox / "empty.toml").write_bytes(b"")
+    (workspace.inbox / "blank.json").write_text("\n  \n")
+    workspace.configure(incomplete_grace_seconds=0.3)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1
+    for name in ("empty", "blank"):
+        summary = workspace.delivered()[name]
+        assert summary["state"] == "rejected"
+        assert summary["error"]["reason"] == "the file is empty"
+
+
+def test_stale_producer_temp_files_are_reaped_and_fresh_ones_and_other_dotfiles_kept(workspace: Workspace,
+                                                                                    daemon: Daemon):
+    """K1: a producer killed before its rename leaves its temp file for good; Maildir reaps after 36 h."""
+    workspace.configure(temp_max_age_seconds=3600)
+    stale = [workspace.inbox / ".job.toml.tmp", workspace.inbox / "upload.toml.part", workspace.inbox / "x.TMP"]
+    fresh = workspace.inbox / ".other.toml.tmp"
+    kept = [workspace.inbox / ".gitkeep", workspace.inbox / "notes.toml~", workspace.inbox / ".job.toml.swp"]
+    for path in stale + kept + [fresh]:
+        path.write_text('task = "translate"\n')
+    for path in stale + kept:
+        backdate(path, 2 * 3600)
+    (workspace.inbox / "old-dir.tmp").mkdir()  # not a file a producer wrote: left alone
+    backdate(workspace.inbox / "old-dir.tmp", 2 * 3600)
+
+    process = daemon.start()
+    workspace.wait_for(lambda: not any(path.exists() for path in stale), timeout=60, what="stale temp files reaped")
+    workspace.drop("after.toml", TRANSLATE)  # the daemon carries on
+    workspace.wait_for_delivery("after")
+    assert process.stop() == 0
+
+    assert all(path.exists() for path in kept + [fresh])
+    assert (workspace.inbox / "old-dir.tmp").is_dir()
+    assert all(path.name in process.output() for path in stale), "each removal is logged"
+    assert set(workspace.delivered()) == {"after"}, "no temp file was ever taken as a manifest"
