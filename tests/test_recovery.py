@@ -1,0 +1,143 @@
+"""Recovery after crashes and stops (reliability.md B8): I6 idempotent recovery, K16 SIGTERM at each
+crash point, and a claim's verdict surviving a kill right after the claim."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from batchd.config import load_settings
+from batchd.daemon import CRASH_POINTS, Daemon
+from batchd.journal import journal_path
+from batchd.testing import Emulator, Workspace
+from invariants import Dropped, assert_invariants
+from test_daemon import SENTIMENT, TRANSLATE, remote_jobs
+
+
+def creates_by_display_name(emulator: Emulator) -> dict[str, int]:
+    with urllib.request.urlopen(f"{emulator.base_url}/_emulator/stats") as answer:
+        return json.load(answer)["createsByDisplayName"]
+
+
+def journal_rows(ws: Workspace) -> dict[str, list[tuple]]:
+    """Every row of every journal table, as they are (updated_at included: a no-op must not touch it)."""
+    db = sqlite3.connect(f"file:{journal_path(ws.state)}?mode=ro", uri=True)
+    try:
+        return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+                for table in ("jobs", "chunks", "remote_jobs")}
+    finally:
+        db.close()
+
+
+def files(ws: Workspace) -> dict[str, str]:
+    """Inbox, outbox and job spools: each path with its kind and, for files, a digest of its bytes."""
+    tree = {}
+    for top in (ws.inbox, ws.outbox, ws.state / "jobs"):
+        for path in sorted(top.rglob("*")):
+            kind = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            tree[str(path.relative_to(ws.root))] = kind
+    return tree
+
+
+def recover_once(settings, emulator: Emulator) -> None:
+    """Start a daemon in this process (start() runs recovery), let the creates it sent finish, close it."""
+    daemon = Daemon(settings)
+    daemon.start()
+    try:
+        for submission in list(daemon.submissions.values()):
+            submission.future.result(timeout=60)
+        daemon._collect_submissions()
+        daemon.recover()  # a second pass within the same process changes nothing either
+        assert not daemon.submissions, "a second recovery pass sent a create"
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_recovery_run_twice_is_idempotent(workspace: Workspace, emulator: Emulator, monkeypatch,
+                                                    point: str):
+    """I6: recovering after a crash at ``point`` twice leaves the journal, the files and the service
+    as recovering once did, and the second recovery creates nothing."""
+    workspace.configure(provider="gemini", chunk_max_requests=2, submit_grace_seconds=0)
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("sentiment.toml", SENTIMENT)
+    service = {"GEMINI_API_KEY": emulator.api_key, "GOOGLE_GEMINI_BASE_URL": emulator.base_url}
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point, BATCHD_PROVIDER="gemini", **service)
+    assert crashed.wait(120) == -signal.SIGKILL, f"never reached {point}:\n{crashed.output()[-2000:]}"
+
+    for name, value in service.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(workspace.config)
+    recover_once(settings, emulator)
+    once = (journal_rows(workspace), files(workspace), creates_by_display_name(emulator),
+            Counter(job.display_name for job in emulator.client().batches.list()))
+    recover_once(settings, emulator)
+    twice = (journal_rows(workspace), files(workspace), creates_by_display_name(emulator),
+             Counter(job.display_name for job in emulator.client().batches.list()))
+
+    assert twice[0] == once[0], "the journal changed"
+    assert twice[1] == once[1], "the files changed"
+    assert twice[2] == once[2], "the second recovery created remote jobs"
+    assert twice[3] == once[3]
+    assert all(count == 1 for count in once[2].values()), once[2]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_sigterm_at_each_crash_point_exits_0_and_a_restart_creates_nothing_extra(workspace: Workspace,
+                                                                                 point: str):
+    """K16: a stop request at any of the crash points ends the process cleanly (exit 0); the restart
+    delivers everything with exactly one remote job per chunk: no cancelled duplicate, no re-create."""
+    workspace.configure(chunk_max_requests=2)
+    dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE)),
+               Dropped.of(workspace.drop("sentiment.toml", SENTIMENT))]
+
+    stopped = workspace.start("run", BATCHD_CRASH_AT=point, BATCHD_CRASH_SIGNAL="SIGTERM")
+    assert stopped.wait(120) == 0, stopped.output()[-3000:]
+    assert f"crash point {point}: sending the process SIGTERM" in stopped.output()
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    jobs = remote_jobs(workspace)
+    per_chunk = Counter(job.display_name for job in jobs)
+    assert all(count == 1 for count in per_chunk.values()), per_chunk
+    assert len(per_chunk) == 4, "translate: 4 requests, sentiment: 3, at 2 a chunk"
+    assert_invariants(workspace, dropped, jobs)
+
+
+def test_a_duplicate_killed_right_after_its_claim_is_still_a_duplicate(workspace: Workspace):
+    """The verdict of a claim is committed with it: recovery finishes the claim, never re-runs the content."""
+    workspace.drop("one.toml", TRANSLATE)
+    assert workspace.batchd("run", "--once").returncode == 0
+    workspace.drop("again.toml", TRANSLATE)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -signal.SIGKILL
+    workspace.batchd("run", "--once")
+
+    delivered = workspace.delivered()
+    assert delivered["again"]["state"] == "rejected"
+    assert delivered["again"]["error"]["duplicate_of"] == delivered["one"]["job"]
+    assert len(remote_jobs(workspace)) == 1, "the same content was billed twice"
+
+
+def test_a_fifo_killed_right_after_its_claim_is_delivered_rejected_not_opened(workspace: Workspace):
+    """Were recovery to forget the verdict it would open the FIFO to build requests and hang for good."""
+    os.mkfifo(workspace.inbox / "pipe.toml")
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -signal.SIGKILL
+
+    result = workspace.batchd("run", "--once", timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    assert workspace.delivered()["pipe"]["error"]["code"] == "not_a_regular_file"
+    assert (workspace.outbox / "pipe" / "pipe.toml").is_fifo()
+    assert Path(workspace.state / "jobs").exists() and not list((workspace.state / "jobs").iterdir())
