@@ -368,3 +368,38 @@ def test_wait_wakes_when_a_pending_file_is_due_to_settle(inbox, inbox_dir):
     assert inbox.scan() == []
     assert inbox.wait(3600) is False
     assert names(inbox.scan()) == ["job.toml"]
+
+
+def test_backend_none_watches_nothing_and_the_rescan_still_finds_files(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=0.05, rescan_seconds=0.2, backend="none")
+    with inbox:
+        assert inbox.observer_name is None
+        assert inbox.ensure_watching() is False  # nothing to restart
+        inbox.scan()
+        (inbox_dir / "job.toml").write_text("x")
+        assert inbox.wait(30) is False  # no event: the rescan timer ended the wait
+        assert names(scan_until(inbox, bool)) == ["job.toml"]
+
+
+def test_reaper_removes_only_stale_producer_temp_files(inbox_dir):
+    inbox = Inbox(inbox_dir, rescan_seconds=3600, temp_max_age=60)
+    stale = [".job.toml.tmp", "big.csv.part", "UP.TMP"]
+    spared = [".gitkeep", "job.toml~", ".job.toml.swp", "job.toml", "fresh.tmp"]
+    for name in stale + spared:
+        (inbox_dir / name).write_text("x")
+        if name != "fresh.tmp":
+            backdate(inbox_dir / name, 120)
+    (inbox_dir / "folder.tmp").mkdir()
+    backdate(inbox_dir / "folder.tmp", 120)
+
+    assert sorted(path.name for path in inbox.reap_stale_temp_files()) == sorted(stale)
+    assert sorted(os.listdir(inbox_dir)) == sorted(spared + ["folder.tmp"])
+    backdate(inbox_dir / "fresh.tmp", 120)
+    assert inbox.reap_stale_temp_files() == []  # at most once per rescan period
+
+
+def test_reaper_is_off_without_a_max_age(inbox_dir):
+    (inbox_dir / "old.tmp").write_text("x")
+    backdate(inbox_dir / "old.tmp", 10**6)
+    assert Inbox(inbox_dir).reap_stale_temp_files() == []
+    assert (inbox_dir / "old.tmp").exists()

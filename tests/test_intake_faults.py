@@ -3,10 +3,11 @@ that are no regular file, file names that are no text, empty files, stale produc
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 from batchd.testing import Daemon, Workspace
 from invariants import Dropped, assert_invariants
@@ -21,6 +22,7 @@ def backdate(path: Path, seconds: float) -> None:
     os.utime(path, ns=(old, old), follow_symlinks=False)
 
 
+@pytest.mark.timeout(900)
 def test_with_file_system_events_disabled_the_rescan_alone_takes_every_manifest(workspace: Workspace,
                                                                                  daemon: Daemon):
     """As on an inotify queue overflow or an NFS mount: no event ever arrives (watch_backend = "none")."""
