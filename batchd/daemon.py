@@ -397,7 +397,18 @@ class Daemon:
         """Finish what a crash interrupted; runs before the first new manifest is taken."""
         for job in self.journal.jobs(states=("claiming",)):
             self._finish_claim(job)
+        self._remove_leftover_spools()
         self.reconcile()
+
+    def _remove_leftover_spools(self) -> None:
+        """Spools a crash left behind: of a job already done (killed before its spool was removed), or
+        of no job at all (killed in _accept before the job's row: the spool holds only copies of its
+        inputs, the manifest itself is claimed only after the row is committed)."""
+        for folder in (self.settings.state_dir / "jobs").iterdir():
+            job = self.journal.job(folder.name)
+            if job is None or job.state == "done":
+                log.info("removing the leftover spool %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
     # -- intake: inbox → journal --------------------------------------------------------------
 

@@ -141,3 +141,22 @@ def test_a_fifo_killed_right_after_its_claim_is_delivered_rejected_not_opened(wo
     assert workspace.delivered()["pipe"]["error"]["code"] == "not_a_regular_file"
     assert (workspace.outbox / "pipe" / "pipe.toml").is_fifo()
     assert Path(workspace.state / "jobs").exists() and not list((workspace.state / "jobs").iterdir())
+
+
+def test_spools_a_crash_left_behind_are_removed_at_start(workspace: Workspace):
+    """Killed between a job's 'done' commit and removing its spool, or between making a spool and
+    recording its job: recovery removes those spools, and only those."""
+    workspace.drop("translate.toml", TRANSLATE)
+    assert workspace.batchd("run", "--once").returncode == 0
+    [job] = json.loads(workspace.batchd("list", "--json").stdout)
+    jobs = workspace.state / "jobs"
+    (jobs / job["id"] / "inputs").mkdir(parents=True)           # a done job's spool
+    (jobs / "20990101000000-abcdef" / "inputs").mkdir(parents=True)  # a spool with no job
+    (jobs / "20990101000000-abcdef" / "inputs" / "items.csv").write_text("id,text\n")
+    workspace.drop("sentiment.toml", SENTIMENT)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert list(jobs.iterdir()) == []
+    assert set(workspace.delivered()) == {"translate", "sentiment"}
