@@ -160,3 +160,12 @@ def test_spools_a_crash_left_behind_are_removed_at_start(workspace: Workspace):
     assert result.returncode == 0, result.stderr
     assert list(jobs.iterdir()) == []
     assert set(workspace.delivered()) == {"translate", "sentiment"}
+
+
+def test_a_daemon_that_rejected_a_manifest_still_stops_with_exit_0(workspace: Workspace, daemon):
+    """Exit codes for failed jobs are --once's answer; systemd must not see a stop on request as a failure."""
+    process = daemon.start()
+    workspace.drop("broken.toml", 'task = "translate"\ntexts = ["a"\n')
+    workspace.wait_for_delivery("broken")
+    assert workspace.delivered()["broken"]["state"] == "rejected"
+    assert process.stop() == 0, process.output()[-2000:]
