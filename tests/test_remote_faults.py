@@ -1,0 +1,58 @@
+"""Remote and input faults of reliability.md B8 not covered elsewhere: a remote job that vanishes, a
+job the service fails as a whole, one manifest hard-linked into the inbox under two names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from batchd.testing import Daemon, Emulator, Workspace
+from invariants import Dropped, assert_invariants
+from test_daemon import TRANSLATE, remote_jobs
+
+
+def test_a_remote_job_that_disappears_fails_its_requests_and_is_never_recreated(workspace: Workspace,
+                                                                               tmp_path: Path):
+    with Emulator(tmp_path / "google", job_seconds=60) as google:
+        runner = Daemon(workspace)
+        process = runner.start(emulator=google)
+        try:
+            workspace.drop("translate.toml", TRANSLATE)
+            [job] = workspace.wait_for(lambda: list(google.client().batches.list()), what="the remote job")
+            google.client().batches.delete(name=job.name)  # someone else deleted it
+            folder = workspace.wait_for_delivery("translate")
+        finally:
+            assert process.stop() == 0
+        assert list(google.client().batches.list()) == [], "the vanished job was created again"
+    assert folder.state == "failed"
+    assert {line["error"]["code"] for line in folder.results} == {"remote_missing"}
+    assert len(folder.results) == 4
+
+
+def test_a_job_the_service_fails_is_delivered_failed_with_every_request_an_error(workspace: Workspace,
+                                                                                daemon: Daemon):
+    workspace.configure(faults=["job-failed"])
+    dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
+
+    run = daemon.run_once()
+
+    assert run.returncode == 1, run.stderr
+    folder = run.outbox["translate"]
+    assert folder.state == "failed" and folder.summary["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
+    assert all(line["status"] == "error" and line["error"] for line in folder.results)
+    assert_invariants(workspace, dropped, remote_jobs(workspace))
+
+
+def test_one_manifest_hard_linked_under_two_names_runs_once(workspace: Workspace, daemon: Daemon):
+    first = workspace.drop("first.toml", TRANSLATE)
+    os.link(first, workspace.inbox / "second.toml")
+
+    run = daemon.run_once()
+
+    delivered = workspace.delivered()
+    assert sorted(state["state"] for state in delivered.values()) == ["rejected", "succeeded"], run.stderr
+    [rejected] = [summary for summary in delivered.values() if summary["state"] == "rejected"]
+    [succeeded] = [summary for summary in delivered.values() if summary["state"] == "succeeded"]
+    assert rejected["error"]["duplicate_of"] == succeeded["job"]
+    assert len(remote_jobs(workspace)) == 1
+    assert os.listdir(workspace.inbox) == []
