@@ -398,7 +398,14 @@ class Daemon:
         for job in self.journal.jobs(states=("claiming",)):
             self._finish_claim(job)
         self._remove_leftover_spools()
-        self.reconcile()
+        try:
+            self.reconcile()
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            # The service is down or throttling: the unconfirmed creates stay 'submitting' and every
+            # poll reconciles them again, instead of the daemon exiting into a restart loop.
+            log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
 
     def _remove_leftover_spools(self) -> None:
         """Spools a crash left behind: of a job already done (killed before its spool was removed), or

@@ -36,6 +36,16 @@ class Dropped:
     keys: frozenset[str] | None  # the request keys it must produce; None for one that must be rejected
 
     @classmethod
+    def of_text(cls, name: str, text: str) -> Dropped:
+        """Record a manifest by its text (one whose inputs are all inline), e.g. after it was taken."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / name
+            path.write_text(text)
+            return cls.of(path)
+
+    @classmethod
     def of(cls, path: Path, *, rejected: bool = False) -> Dropped:
         """Record ``path`` (already in the inbox, its input files beside it) before the daemon may take it."""
         data = path.read_bytes()

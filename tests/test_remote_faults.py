@@ -56,3 +56,37 @@ def test_one_manifest_hard_linked_under_two_names_runs_once(workspace: Workspace
     assert rejected["error"]["duplicate_of"] == succeeded["job"]
     assert len(remote_jobs(workspace)) == 1
     assert os.listdir(workspace.inbox) == []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_service_unreachable_at_start_up_does_not_stop_recovery_or_the_daemon(workspace: Workspace,
+                                                                                tmp_path: Path):
+    """A restart after a crash needs batches.list to reconcile; with the API down the daemon stays up
+    (no crash loop under systemd) and reconciles once the service answers again."""
+    workspace.configure(chunk_max_requests=2)
+    port = free_port()
+    runner = Daemon(workspace)
+    with Emulator(tmp_path / "google", port=port) as google:
+        workspace.drop("translate.toml", TRANSLATE)
+        crashed = runner.start(emulator=google, BATCHD_CRASH_AT="after-create")
+        assert crashed.wait(120) == -9
+        base_url = google.base_url
+    # The service is down: the daemon restarts with creates to reconcile and nothing answering.
+    env = {"BATCHD_PROVIDER": "gemini", "GEMINI_API_KEY": "test-key", "GOOGLE_GEMINI_BASE_URL": base_url}
+    process = workspace.start("run", **env)
+    workspace.wait_for(lambda: "retrying" in process.output() or process.poll() is not None,
+                       what="a failed reconcile")
+    assert process.poll() is None, f"the daemon gave up while the service was down:\n{process.output()[-3000:]}"
+    with Emulator(tmp_path / "google", port=port) as google:
+        folder = workspace.wait_for_delivery("translate")
+        assert process.stop() == 0
+        jobs = list(google.client().batches.list())
+    assert folder.state == "succeeded"
+    assert_invariants(workspace, [Dropped.of_text("translate.toml", TRANSLATE)], jobs)
