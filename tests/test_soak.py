@@ -132,6 +132,7 @@ def test_soak_random_kills_under_faults_lose_nothing_and_bill_nothing_twice(tmp_
             while not producer.done:
                 producer.drop_one()
             process = runner.start(emulator=google)
+            ws.wait_for(lambda: "batchd ready" in process.output(), what="the last daemon up")
             ws.wait_for(lambda: all_delivered(ws, MANIFESTS), timeout=300, what=f"all {MANIFESTS} delivered")
             assert process.stop(timeout=60) == 0, process.output()[-3000:]
         finally:
