@@ -212,7 +212,8 @@ class Settings(BaseSettings):
     temp_max_age_seconds: float = Field(
         36 * 3600.0,
         gt=0,
-        description="Temp files a producer left in the inbox (dotfiles, *.tmp, *.part) are removed once this old.",
+        description="Producer temp files left in the inbox (*.tmp, *.part, hidden or not)"
+                    " are removed once this old (by mtime).",
     )
 
     # Submission and sizing
