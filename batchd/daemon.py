@@ -577,9 +577,12 @@ class Daemon:
             else:
                 self.build(job)
         elif job.state in ("building", "built"):
+            # Chunks already built go out before the next one is built, so the service works
+            # on chunk n while chunk n+1 is written.
+            self.submit(job)
             if job.state == "building":
-                self.build(job)
-            self.submit(self.journal.job(job.id))
+                self.build(self.journal.job(job.id))
+                self.submit(self.journal.job(job.id))
         elif job.state == "submitted":
             self.progress(job)
         elif job.state == "fetched":
