@@ -1,7 +1,8 @@
 """The daemon loop: inbox → journal → task plugin → remote batch jobs → outbox.
 
-One thread owns the journal and makes every decision; a small pool only runs the
-slow, remote part of a submission (upload, ``batches.create``).  Each step reads
+One thread owns the journal and makes every decision; small pools only run the
+slow, remote parts: a submission (upload, ``batches.create``) and the download of a
+finished chunk's results, so neither holds up building or polling.  Each step reads
 the job's committed state, does one effect and commits the next state, so the loop
 can be killed anywhere and, started again, carries on from the journal (see
 :mod:`batchd.journal` for the states and the intent-before-effect rule).
@@ -134,6 +135,14 @@ class Submission:
 
 
 @dataclass
+class Fetch:
+    """A finished chunk's results being stored in the spool; the journal records them when done."""
+
+    chunk: Chunk
+    future: Future  # -> (RemoteJob, chunk error or None)
+
+
+@dataclass
 class RunReport:
     """What one ``run`` delivered, for the exit code of ``--once``."""
 
@@ -167,6 +176,10 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                        thread_name_prefix="batchd-submit")
         self.submissions: dict[tuple[str, int], Submission] = {}
+        # Downloads are transfers like uploads: as many at once as submissions, in their own pool.
+        self.fetch_pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
+                                             thread_name_prefix="batchd-fetch")
+        self.fetches: dict[tuple[str, int], Fetch] = {}
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
@@ -267,6 +280,8 @@ class Daemon:
         # Let creates already sent finish and record them, so no remote job is left unrecorded.
         self._drain_submissions()
         self.pool.shutdown(wait=True)
+        # A download cut short leaves its chunk 'running': the next start fetches it again.
+        self.fetch_pool.shutdown(wait=True, cancel_futures=True)
         if self.journal is not None:
             self._collect_submissions()
             if self.event_dispatcher is not None:
@@ -327,6 +342,7 @@ class Daemon:
         self.intake()
         self._collect_submissions()
         self.review_held()
+        self._collect_fetches()
         for job in self.journal.active_jobs():
             self.check_stop()
             self.advance(job)
@@ -341,7 +357,7 @@ class Daemon:
         if any(job.state in ("received", "fetched", "publishing") and job.id not in self.estimating
                for job in self.journal.active_jobs()):
             return 0.0  # the next step needs no one else: take it now, not at the next rescan
-        if self.submissions or self.estimating:
+        if self.submissions or self.estimating or self.fetches:
             return 0.05
         if self._live_chunks():
             wait = min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
@@ -352,7 +368,7 @@ class Daemon:
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
-        if present or self.journal.active_jobs() or self.submissions:
+        if present or self.journal.active_jobs() or self.submissions or self.fetches:
             return False
         if self.review_held(force=True):
             return False  # a job the last step made fit (another's actual cost came in) goes now
@@ -922,28 +938,54 @@ class Daemon:
         return True
 
     def fetch(self, chunk: Chunk) -> None:
-        """Store a finished chunk's results in the spool: one get (list leaves inline output out), then them."""
-        remote = self.provider.get(chunk.remote_name)
+        """Start storing a finished chunk's results in the spool, unless that is already under way."""
+        if (chunk.job_id, chunk.idx) in self.fetches:
+            return
         spool = self._spool(chunk.job_id)
-        error = None
-        if remote.responses_file:
+        provider = self.provider
+
+        def store_results() -> tuple[RemoteJob, dict | None]:
+            # One get (list leaves inline output out), then the results themselves.
+            remote = provider.get(chunk.remote_name)
+            error = None
+            if remote.responses_file:
+                try:
+                    provider.download(remote.responses_file, spool.results_path(chunk.idx))
+                except Exception as failure:
+                    if is_retryable(failure):
+                        raise  # the next poll tries again
+                    # A results file the service refuses for good must not stop every other job:
+                    # the chunk's requests are delivered as errors that say why.
+                    log.error("job %s: results of chunk %d cannot be downloaded: %s",
+                              chunk.job_id, chunk.idx, failure)
+                    error = {"code": "results_unavailable",
+                             "message": f"{remote.responses_file} could not be downloaded: "
+                                        f"{_error_dict(failure)['message']}"}
+            elif remote.inlined is not None:
+                spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
+            crashpoint("after-download")
+            return remote, error
+
+        self.fetches[(chunk.job_id, chunk.idx)] = Fetch(chunk, self.fetch_pool.submit(store_results))
+
+    def _collect_fetches(self) -> None:
+        """Record the chunks whose results are now in the spool."""
+        for key, fetch in list(self.fetches.items()):
+            if not fetch.future.done():
+                continue
+            del self.fetches[key]
+            chunk = fetch.chunk
             try:
-                self.provider.download(remote.responses_file, spool.results_path(chunk.idx))
+                remote, error = fetch.future.result()
             except Exception as failure:
-                if is_retryable(failure):
-                    raise  # the next poll tries again
-                # A results file the service refuses for good must not stop every other job:
-                # the chunk's requests are delivered as errors that say why.
-                log.error("job %s: results of chunk %d cannot be downloaded: %s", chunk.job_id, chunk.idx, failure)
-                error = {"code": "results_unavailable",
-                         "message": f"{remote.responses_file} could not be downloaded: {_error_dict(failure)['message']}"}
-        elif remote.inlined is not None:
-            spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
-        crashpoint("after-download")
-        self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
-                                  stats=remote.stats, error=error, events=self._progress_events(chunk))
-        log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
-                 extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
+                if not is_retryable(failure):
+                    raise
+                log.warning("job %s: fetching chunk %d failed (%s); retrying later", chunk.job_id, chunk.idx, failure)
+                continue  # still 'running' in the journal: the next poll fetches it again
+            self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
+                                      stats=remote.stats, error=error, events=self._progress_events(chunk))
+            log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
+                     extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
 
     def _progress_events(self, finished: Chunk) -> list[dict]:
         """A ``progress`` event when a chunk finishes and others of its job are still to come."""
