@@ -2,7 +2,10 @@
 
 One thread owns the journal and makes every decision; small pools only run the
 slow, remote parts: a submission (upload, ``batches.create``) and the download of a
-finished chunk's results, so neither holds up building or polling.  Each step reads
+finished chunk's results, so neither holds up building or polling.  A job's
+results.jsonl and organized.json are written by a writer thread that starts once the
+job is built and joins each chunk as soon as the loop says it is back, so a big job is
+mostly delivered by the time its last chunk returns.  Each step reads
 the job's committed state, does one effect and commits the next state, so the loop
 can be killed anywhere and, started again, carries on from the journal (see
 :mod:`batchd.journal` for the states and the intent-before-effect rule).
@@ -29,7 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
@@ -142,6 +145,51 @@ class Fetch:
     future: Future  # -> (RemoteJob, chunk error or None)
 
 
+class ChunkGate:
+    """Which chunks of a job have their results in the spool, told by the loop to the job's writer.
+
+    The writer joins chunks in order and waits at each one until the loop opens it (with the
+    error every request of the chunk gets when the chunk produced no results, else None).
+    Index entries of a chunk that was never recorded (a build that stopped part way) have
+    nothing to wait for.
+    """
+
+    def __init__(self, recorded: Iterable[int], stopping: threading.Event):
+        self._waiting = set(recorded)
+        self._opened: dict[int, dict | None] = {}
+        self._changed = threading.Condition()
+        self._stopping = stopping
+
+    def open(self, idx: int, error: dict | None) -> None:
+        with self._changed:
+            if idx in self._waiting:
+                self._waiting.discard(idx)
+                self._opened[idx] = error
+                self._changed.notify_all()
+
+    def pending(self) -> bool:
+        """Whether some recorded chunk is not back yet."""
+        with self._changed:
+            return bool(self._waiting)
+
+    def error_of(self, idx: int) -> dict | None:
+        """The chunk's error once it is back (None: join its results), waiting until then."""
+        with self._changed:
+            while idx in self._waiting:
+                if self._stopping.is_set():
+                    raise Stopping()
+                self._changed.wait(0.5)
+            return self._opened.get(idx)
+
+
+@dataclass
+class Delivery:
+    """A job's result files being written in its spool's staging folder."""
+
+    gate: ChunkGate
+    future: Future  # -> (JobFolder, counts, tokens, organize error or None)
+
+
 @dataclass
 class RunReport:
     """What one ``run`` delivered, for the exit code of ``--once``."""
@@ -180,6 +228,8 @@ class Daemon:
         self.fetch_pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                              thread_name_prefix="batchd-fetch")
         self.fetches: dict[tuple[str, int], Fetch] = {}
+        self.writer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchd-write")
+        self.deliveries: dict[str, Delivery] = {}  # job id → its result files being written
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
@@ -282,6 +332,9 @@ class Daemon:
         self.pool.shutdown(wait=True)
         # A download cut short leaves its chunk 'running': the next start fetches it again.
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        # Writers waiting for chunks give up; a restart writes the job's staging folder anew.
+        self.stopping.set()
+        self.writer_pool.shutdown(wait=True, cancel_futures=True)
         if self.journal is not None:
             self._collect_submissions()
             if self.event_dispatcher is not None:
@@ -354,10 +407,9 @@ class Daemon:
         if self.builders or self.advance_now:
             self.advance_now = False
             return 0.0
-        if any(job.state in ("received", "fetched", "publishing") and job.id not in self.estimating
-               for job in self.journal.active_jobs()):
+        if any(self._step_ready(job) for job in self.journal.active_jobs()):
             return 0.0  # the next step needs no one else: take it now, not at the next rescan
-        if self.submissions or self.estimating or self.fetches:
+        if self.submissions or self.estimating or self.fetches or self._delivery_awaited():
             return 0.05
         if self._live_chunks():
             wait = min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
@@ -365,6 +417,15 @@ class Daemon:
             # --once also waits for unparseable manifests to reach their grace period: look each second.
             wait = 1.0 if self.once else self.settings.rescan_seconds
         return min(wait, self.event_dispatcher.seconds_until_due())
+
+    def _step_ready(self, job: Job) -> bool:
+        """Whether the job's next step can be taken now (a fetched job's writer may still be at work)."""
+        if job.id in self.estimating:
+            return False
+        if job.state == "fetched":
+            delivery = self.deliveries.get(job.id)
+            return delivery is None or delivery.future.done()
+        return job.state in ("received", "publishing")
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
@@ -999,9 +1060,10 @@ class Daemon:
         return [self._event("progress", job, counts=counts)]
 
     def progress(self, job: Job) -> None:
-        chunks = self.journal.chunks(job.id)
         if job.cancel_requested:
-            self._cancel_remote(job, chunks)
+            self._cancel_remote(job, self.journal.chunks(job.id))
+        chunks = self.journal.chunks(job.id)
+        self._delivery(job, chunks)  # the chunks back so far are joined while the rest run
         if all(c.state in ("fetched", "skipped") for c in chunks):
             self.journal.update_job(job.id, state="fetched", finished_at=time.time())
 
@@ -1024,6 +1086,8 @@ class Daemon:
         """Write the job's outbox folder in the spool, then publish it (intent first).
 
         ``without_results`` is the state of a job that never ran: ``rejected`` or ``cancelled``.
+        Otherwise the job's writer must have finished its result files; until it has, this
+        returns and the loop comes back.
         """
         spool = self._spool(job.id)
         usage = None
@@ -1031,7 +1095,11 @@ class Daemon:
             folder = outbox.JobFolder(spool.staging)
             summary = self._summary(job, state=without_results, counts={"total": 0, "succeeded": 0, "failed": 0})
         else:
-            folder, summary, usage = self._write_results(job, spool)
+            delivery = self._delivery(job, self.journal.chunks(job.id))
+            if not delivery.future.done():
+                return
+            del self.deliveries[job.id]
+            folder, summary, usage = self._results_summary(job, *delivery.future.result())
         if job.error is not None:
             summary["error"] = job.error
         cost = dict(job.cost or {})
@@ -1048,28 +1116,49 @@ class Daemon:
                                 cost=cost or None, spend=spend_of(cost))
         self.publish(self.journal.job(job.id))
 
-    def _write_results(self, job: Job, spool: JobSpool) -> tuple[outbox.JobFolder, dict, dict]:
-        """results.jsonl and organized.json in a fresh staging folder, the job's summary and its usage.
+    def _delivery(self, job: Job, chunks: list[Chunk]) -> Delivery:
+        """The job's writer (started on first use), told about every chunk whose results are back."""
+        delivery = self.deliveries.get(job.id)
+        if delivery is None:
+            gate = ChunkGate((c.idx for c in chunks), self.stopping)
+            future = self.writer_pool.submit(self._write_results, self._spool(job.id), gate, job.task)
+            delivery = self.deliveries[job.id] = Delivery(gate, future)
+        spool = self._spool(job.id)
+        for chunk in chunks:
+            if chunk.state in ("fetched", "skipped"):
+                delivery.gate.open(chunk.idx, _chunk_error(chunk, spool))
+        return delivery
 
-        A task plugin whose ``organize`` raises costs the job its organized.json, never its
-        results: the files are written again with every result and an empty organized.json,
-        and the summary says why.
+    def _delivery_awaited(self) -> bool:
+        """Whether a job whose chunks are all back waits for its writer."""
+        return any(not d.future.done() and not d.gate.pending() for d in self.deliveries.values())
+
+    def _write_results(self, spool: JobSpool, gate: ChunkGate, task: str):
+        """results.jsonl and organized.json in a fresh staging folder (runs in the writer pool).
+
+        Returns the folder, the counts, the token totals, the usage totals of ``account_cost``
+        and the organize error, if any. A task plugin whose ``organize`` raises costs the job
+        its organized.json, never its results: the files are written again with every result
+        and an empty organized.json, and the summary says why.
         """
-        chunks = self.journal.chunks(job.id)
-        chunk_errors = {c.idx: error for c in chunks if (error := _chunk_error(c, spool)) is not None}
         organize_error = None
         try:
             folder = outbox.JobFolder(spool.staging)
-            counts, tokens, usage = self._write_result_files(folder, spool, chunk_errors,
-                                                             self.tasks[job.task].organize)
+            counts, tokens, usage = self._write_result_files(folder, spool, gate.error_of,
+                                                             self.tasks[task].organize)
         except Stopping:
             raise
         except Exception as error:
-            log.exception("job %s: task %r failed to organize its results", job.id, job.task)
-            organize_error = {"message": f"task {job.task!r} failed to organize the results: "
+            log.exception("job %s: task %r failed to organize its results", spool.root.name, task)
+            organize_error = {"message": f"task {task!r} failed to organize the results: "
                                          f"{type(error).__name__}: {error}; results.jsonl has every result"}
             folder = outbox.JobFolder(spool.staging)
-            counts, tokens, usage = self._write_result_files(folder, spool, chunk_errors, _organize_nothing)
+            counts, tokens, usage = self._write_result_files(folder, spool, gate.error_of, _organize_nothing)
+        return folder, counts, tokens, usage, organize_error
+
+    def _results_summary(self, job: Job, folder: outbox.JobFolder, counts: dict, tokens: dict, usage: dict,
+                         organize_error: dict | None) -> tuple[outbox.JobFolder, dict, dict]:
+        chunks = self.journal.chunks(job.id)
         if job.cancel_requested:
             state = "cancelled"
         elif counts["failed"] == 0:
@@ -1092,8 +1181,8 @@ class Daemon:
             summary["error"] = organize_error
         return folder, summary, usage
 
-    def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool, chunk_errors: dict[int, dict],
-                            organize) -> tuple[dict, dict, dict]:
+    def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool,
+                            chunk_error: Callable[[int], dict | None], organize) -> tuple[dict, dict, dict]:
         """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
         Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
@@ -1104,7 +1193,7 @@ class Daemon:
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
         def results_written():
-            for n, result in enumerate(spool.joined(chunk_errors)):
+            for n, result in enumerate(spool.joined(chunk_error)):
                 if n % 10_000 == 0:
                     self.check_stop()
                 counts["total"] += 1

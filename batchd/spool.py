@@ -170,15 +170,17 @@ class JobSpool:
                     yield {"key": None, "error": {"code": "bad_result_line",
                                                   "message": f"results line {number}: {exc}"}}
 
-    def joined(self, chunk_errors: dict[int, dict]) -> Iterator[TaskResult]:
+    def joined(self, chunk_error: Callable[[int], dict | None]) -> Iterator[TaskResult]:
         """Every request's result, in request order, joined by key.
 
-        ``chunk_errors`` maps a chunk that produced no results (failed, expired, cancelled
-        before running, rejected at create) to the error each of its requests gets.
+        ``chunk_error(idx)`` is asked once per chunk, in order, before its results are read:
+        it returns the error each request of a chunk that produced no results gets (failed,
+        expired, cancelled before running, rejected at create), else None.  It may block
+        until the chunk is back, so results are joined while later chunks still run.
         """
         for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
-            if idx in chunk_errors:
-                error = chunk_errors[idx]
+            error = chunk_error(idx)
+            if error is not None:
                 for key, _chunk, _json, inputs in entries:
                     yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
                                      error=error, usage=None)

@@ -1,0 +1,105 @@
+"""The spool's join and the gate through which the loop hands finished chunks to a job's writer."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+
+from batchd.daemon import ChunkGate, Stopping
+from batchd.provider import RequestEncoder
+from batchd.spool import ChunkLimits, JobSpool
+from batchd.task import TaskRequest
+
+LIMITS = ChunkLimits(max_requests=2, max_bytes=1 << 20, inline_max_requests=0, inline_max_bytes=0)
+
+
+def built_spool(tmp_path, count: int) -> JobSpool:
+    spool = JobSpool(tmp_path / "job")
+    spool.root.mkdir()
+    requests = (TaskRequest(key=f"k{n}", prompt=f"text {n}", input={"n": n}) for n in range(count))
+    chunks = list(spool.build(requests, RequestEncoder("m").encode, LIMITS))
+    assert [c.request_count for c in chunks] == [2] * (count // 2) + [1] * (count % 2)
+    return spool
+
+
+def answer(spool: JobSpool, idx: int, keys: list[str]) -> None:
+    lines = [json.dumps({"key": key, "response": {"candidates": [{"content": {"parts": [{"text": f"re {key}"}]}}]}})
+             for key in keys]
+    spool.results_path(idx).write_text("\n".join(lines) + "\n")
+
+
+def test_joined_waits_at_a_chunk_still_running_and_goes_on_once_it_is_back(tmp_path):
+    spool = built_spool(tmp_path, 4)
+    answer(spool, 0, ["k1", "k0"])  # out of order within the chunk
+    gate = ChunkGate([0, 1], threading.Event())
+    gate.open(0, None)
+    results: queue.Queue = queue.Queue()
+
+    def writer():
+        for result in spool.joined(gate.error_of):
+            results.put(result)
+        results.put(None)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    assert [results.get(timeout=10).key for _ in range(2)] == ["k0", "k1"]
+    assert gate.pending()
+    thread.join(0.5)
+    assert thread.is_alive() and results.empty(), "chunk 1 was read before the loop said it was back"
+
+    answer(spool, 1, ["k2", "k3"])
+    gate.open(1, None)
+    rest = [results.get(timeout=10) for _ in range(3)]
+    assert [r.key for r in rest[:2]] == ["k2", "k3"] and rest[2] is None
+    assert [r.text for r in rest[:2]] == ["re k2", "re k3"]
+    assert not gate.pending()
+
+
+def test_a_chunk_without_results_gives_each_request_its_error(tmp_path):
+    spool = built_spool(tmp_path, 3)
+    answer(spool, 0, ["k0", "k1"])
+    gate = ChunkGate([0, 1], threading.Event())
+    gate.open(0, None)
+    gate.open(1, {"code": "expired", "message": "the batch expired"})
+    results = list(spool.joined(gate.error_of))
+    assert [(r.key, r.status) for r in results] == [("k0", "ok"), ("k1", "ok"), ("k2", "error")]
+    assert results[2].error == {"code": "expired", "message": "the batch expired"}
+
+
+def test_index_entries_of_a_chunk_never_recorded_are_missing_without_waiting(tmp_path):
+    # A build that stopped part way leaves index entries of a chunk that was never recorded.
+    spool = built_spool(tmp_path, 3)
+    answer(spool, 0, ["k0", "k1"])
+    gate = ChunkGate([0], threading.Event())
+    gate.open(0, None)
+    results = list(spool.joined(gate.error_of))
+    assert [(r.key, r.status) for r in results] == [("k0", "ok"), ("k1", "ok"), ("k2", "error")]
+    assert results[2].error["code"] == "missing"
+
+
+def test_a_writer_waiting_at_the_gate_stops_when_the_daemon_does(tmp_path):
+    stopping = threading.Event()
+    gate = ChunkGate([0], stopping)
+    failure: list[BaseException] = []
+
+    def wait():
+        try:
+            gate.error_of(0)
+        except BaseException as error:  # noqa: BLE001 - recorded for the assertion
+            failure.append(error)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    stopping.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], Stopping)
+
+
+def test_opening_a_chunk_twice_keeps_the_first_word(tmp_path):
+    gate = ChunkGate([0], threading.Event())
+    gate.open(0, {"code": "x", "message": "first"})
+    gate.open(0, None)
+    assert gate.error_of(0) == {"code": "x", "message": "first"}
+    assert not gate.pending()
