@@ -434,7 +434,7 @@ class _EveryField:
 
 def _open_text(path: Path):
     # newline="" lets the csv module handle quoted line breaks; utf-8-sig drops a spreadsheet BOM.
-    return path.open(encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="", buffering=1 << 20)  # fewer, larger reads
 
 
 def _target_field(name: str, renames: Mapping[str, str]) -> str | None:

@@ -298,7 +298,9 @@ class JobFolder:
         if mode not in ("w", "wb"):
             raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
         path = self._member_path(name)
-        fh = open(path, "xb") if mode == "wb" else open(path, "x", encoding="utf-8", newline="\n")
+        # Large buffers: results.jsonl of a big job is hundreds of MB written line by line.
+        fh = open(path, "xb", buffering=_COPY_BLOCK) if mode == "wb" else \
+            open(path, "x", encoding="utf-8", newline="\n", buffering=_COPY_BLOCK)
         with fh:
             yield fh
             fh.flush()
