@@ -133,9 +133,14 @@ class Manifest:
         Precedence: the task's per-request config > the manifest's settings > the task's defaults.
         """
         base_config = {**self.task_plugin.default_config, **self.generation_config()}
+        task_config, config = None, base_config
         for request in self.task_plugin.requests(self.params, self.inputs):
+            if request.config is not task_config:
+                # Tasks usually give every request the same config object: then they share one
+                # merged config too, which lets the encoder reuse its encoding by identity.
+                task_config, config = request.config, {**base_config, **request.config}
             # Built directly rather than with dataclasses.replace(): this runs once per row.
-            yield TaskRequest(request.key, request.prompt, request.input, {**base_config, **request.config})
+            yield TaskRequest(request.key, request.prompt, request.input, config)
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
         """The entries of ``organized.json`` for results given in request order."""

@@ -601,6 +601,9 @@ class RequestEncoder:
         # Per-request overrides usually come from a handful of variants (say, three temperatures), so
         # their encoded tails are kept too, up to a bound (unhashable values, such as a schema, by identity).
         self._override_tails: dict[tuple[tuple[str, Any], ...], tuple[str, Mapping[str, Any]]] = {}
+        # Most often every request hands over the very same overrides object: that needs no key at all.
+        self._last_overrides: Mapping[str, Any] | None = None
+        self._last_tail = ""
 
     def settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The job's defaults with ``overrides`` applied."""
@@ -629,6 +632,13 @@ class RequestEncoder:
         )
 
     def _override_tail(self, overrides: Mapping[str, Any]) -> str:
+        if overrides is self._last_overrides:
+            return self._last_tail
+        tail = self._cached_override_tail(overrides)
+        self._last_overrides, self._last_tail = overrides, tail  # kept alive here, so its id is not reused
+        return tail
+
+    def _cached_override_tail(self, overrides: Mapping[str, Any]) -> str:
         cache_key = tuple((name, _identity_if_unhashable(value)) for name, value in overrides.items())
         cached = self._override_tails.get(cache_key)
         if cached is not None:

@@ -88,7 +88,9 @@ class TaskRequest:
     #: Fields echoed into ``results.jsonl`` so each result says what it answers.
     input: dict[str, Any]
     #: Generation settings for this request (snake_case SDK names, see GenerationSettings);
-    #: they win over the manifest's, which win over ``Task.default_config``.
+    #: they win over the manifest's, which win over ``Task.default_config``. Read-only once
+    #: handed over: a task may give every request the same dict (batchd then merges and
+    #: encodes it once), but must not change a dict it has already yielded.
     config: dict[str, Any] = field(default_factory=dict)
 
 

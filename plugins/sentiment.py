@@ -42,6 +42,7 @@ class Verdict(BaseModel):
 
 
 RESPONSE_SCHEMA = Verdict.model_json_schema()
+_LABELS = frozenset(Verdict.model_fields["label"].annotation.__args__)
 
 PROMPT = """\
 Classify the sentiment of the text below{context}.
@@ -89,8 +90,15 @@ def _verdict(result: TaskResult) -> dict[str, Any]:
     failure = result.failure()
     if failure:
         return error_entry(failure)
+    data = result.data
+    # The shape a well-behaved model returns is checked here directly (it is every answer of a
+    # big job); anything else goes through the model, which also explains what is wrong.
+    if (type(data) is dict and type(label := data.get("label")) is str and label in _LABELS
+            and type(score := data.get("score")) in (float, int) and -1 <= score <= 1
+            and type(rationale := data.get("rationale")) is str):
+        return {"label": label, "score": float(score), "rationale": rationale}
     try:
-        return Verdict.model_validate(result.data).model_dump()
+        return Verdict.model_validate(data).model_dump()
     except ValidationError as exc:
         problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors())
         return {**error_entry(f"unexpected answer ({problem})"), "text": result.text}

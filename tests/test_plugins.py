@@ -216,3 +216,28 @@ def test_builtins_load_after_a_plain_pip_install(fresh_venv, source_copy, tmp_pa
     # `batchd init` writes the config template shipped inside the package.
     template = fresh_venv.run("-c", "from batchd.service import config_template; print(config_template())", cwd=tmp_path)
     assert template.stdout.startswith("# batchd configuration."), template.stderr
+
+
+@pytest.mark.parametrize("data", [
+    {"label": "mixed", "score": -1, "rationale": ""},  # an int score comes out a float, as the model makes it
+    {"label": "neutral", "score": 0.25, "rationale": "Plain.", "extra": "dropped"},
+    {"label": "positive", "score": True, "rationale": "x"},  # bool is not a number here: the model decides
+    {"label": "positive", "score": "0.5", "rationale": "x"},  # lax strings: the model decides
+    {"label": "positive", "score": 1.5, "rationale": "x"},
+    {"label": "positive", "score": float("nan"), "rationale": "x"},
+    {"label": "glad", "score": 0.5, "rationale": "x"},
+    {"label": "positive", "score": 0.5},
+    ["positive"],
+])
+def test_sentiment_verdicts_of_well_formed_answers_match_the_model(tmp_path, data):
+    from batchd_plugins.sentiment import Verdict
+
+    manifest = manifest_for(tmp_path, 'task = "sentiment"\ntexts = ["t"]\n')
+    [request] = manifest.requests()
+    [(_, verdict)] = manifest.organize([answered(request, json.dumps(data), data)])
+    try:
+        expected = Verdict.model_validate(data).model_dump()
+    except ValueError:
+        assert verdict["error"].startswith("unexpected answer (") and verdict["text"] == json.dumps(data)
+    else:
+        assert verdict == expected and type(verdict["score"]) is float

@@ -153,6 +153,9 @@ class EmulatorServer:
         # Our own handlers instead of uvicorn's: uvicorn re-raises the signal after shutting down,
         # which would end the process with -SIGTERM instead of a clean exit status 0.
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        # Batch workers compute flat out; the HTTP thread must still answer polls and stream
+        # uploads and downloads without waiting 5 ms (the default) for the GIL at every step.
+        sys.setswitchinterval(0.001)
         previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         print(f"batchd emulator listening on {self.base_url} (state: {self.state_dir})", flush=True)
         try:
