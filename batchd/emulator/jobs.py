@@ -291,6 +291,10 @@ class BatchRunner:
         return done - failed, failed
 
 
+#: One encoder for every output line (json.dumps with options builds a new one per call).
+_encode_line = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
 class _LineAnswerer:
     """Turns one input JSONL line into one output line ``{"key", "response" | "error"}``."""
 
@@ -323,7 +327,7 @@ class _LineAnswerer:
         except ApiError as error:
             line = {"key": key, "error": error.status_object()}
             ok = False
-        return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode(), ok
+        return (_encode_line(line) + "\n").encode(), ok
 
 
 def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:

@@ -806,6 +806,7 @@ class EmulatedResponder:
         """``default_embedding_dimension`` overrides the per-model default (3072 / 768)."""
         self.default_embedding_dimension = default_embedding_dimension
         self._plans: dict[str, _Gen] = {}
+        self._digest_start: tuple[str, Any] | None = None
 
     # -- Responder API
     def generate(self, request: dict, model: str) -> dict:
@@ -813,7 +814,7 @@ class EmulatedResponder:
         config = request.get("generationConfig")
         if config is None:
             config = request.get("generation_config") or {}
-        digest_input = hashlib.blake2b(model.encode("utf-8", "surrogatepass"), digest_size=16)
+        digest_input = self._model_digest(model).copy()
         prompt_tokens = 0
         last_text = ""
         system = request.get("systemInstruction")
@@ -935,6 +936,14 @@ class EmulatedResponder:
         return total
 
     # -- internals
+    def _model_digest(self, model: str) -> Any:
+        """The answer digest's start for a model (a batch asks for one model a million times)."""
+        cached = self._digest_start  # one (model, digest) pair, read and replaced whole: workers share it
+        if cached is None or cached[0] != model:
+            cached = self._digest_start = (model, hashlib.blake2b(model.encode("utf-8", "surrogatepass"),
+                                                                  digest_size=16))
+        return cached[1]  # only ever copied, never updated
+
     def _default_dimension(self, model: str) -> int:
         if self.default_embedding_dimension:
             return self.default_embedding_dimension
