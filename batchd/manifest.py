@@ -16,6 +16,7 @@ Loading in place and after a claim::
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 import sqlite3
@@ -234,13 +235,23 @@ class Inputs:
             records, ids_are_positions = _file_records(manifest.input_path, manifest.common, task.Item)
         count = 0
         with _SeenIds(enabled=not ids_are_positions) as seen:
-            for record in records:
-                item = record.validate(task.Item)
-                first_use = seen.add(item.id, record.location())
-                if first_use is not None:
-                    raise record.error(f"duplicate id {item.id!r} (first used at {first_use})", field="id")
-                count += 1
-                yield item
+            # Validated and checked for duplicates a batch at a time (one pydantic call, one SQLite
+            # statement), with the same outcome as record by record: the items before the first
+            # bad record, then its error.
+            for batch, unreadable in _batches(records, _BATCH):
+                items, failure = _validate_batch(batch, task.Item)
+                duplicate = seen.add_many([(item.id, record.location()) for item, record in zip(items, batch)])
+                if duplicate is not None:
+                    index, first_use = duplicate
+                    yield from items[:index]
+                    raise batch[index].error(f"duplicate id {items[index].id!r} (first used at {first_use})",
+                                             field="id")
+                count += len(items)
+                yield from items
+                if failure is not None:
+                    raise failure
+                if unreadable is not None:
+                    raise unreadable
         if count == 0:
             raise ManifestError(manifest.input_path or manifest.path, "no input items")
 
@@ -388,12 +399,16 @@ class _Record:
     field_prefix: str = ""  # e.g. "items[2]" for inline items
     line: int | None = None  # for items read from files
 
-    def validate(self, model: type[BaseModel]) -> BaseModel:
+    def values_with_id(self) -> dict[str, Any]:
+        """The values to validate: an item without an id gets its position."""
         values = self.values
         if values.get("id") in (None, ""):
             values = {**values, "id": str(self.position)}
+        return values
+
+    def validate(self, model: type[BaseModel]) -> BaseModel:
         try:
-            return model.model_validate(values)
+            return model.model_validate(self.values_with_id())
         except ValidationError as exc:
             raise _error_from_validation(exc, self.path, prefix=self.field_prefix, line=self.line) from None
 
@@ -402,6 +417,46 @@ class _Record:
 
     def error(self, message: str, *, field: str) -> ManifestError:
         return ManifestError(self.path, message, field=_field_path((field,), self.field_prefix), line=self.line)
+
+
+#: Records validated together: big enough to amortize the per-call costs, small enough for memory.
+_BATCH = 256
+
+
+def _batches(records: Iterable[_Record], size: int) -> Iterator[tuple[list[_Record], ManifestError | None]]:
+    """Lists of up to ``size`` records; the last one comes with the error that stopped the reading, if any."""
+    batch: list[_Record] = []
+    try:
+        for record in records:
+            batch.append(record)
+            if len(batch) == size:
+                yield batch, None
+                batch = []
+    except ManifestError as error:  # the records read before it still count first
+        yield batch, error
+        return
+    if batch:
+        yield batch, None
+
+
+@functools.lru_cache(maxsize=64)
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def _validate_batch(batch: list[_Record], model: type[BaseModel]) -> tuple[list[BaseModel], ManifestError | None]:
+    """The items of ``batch`` up to its first invalid record, and that record's error (or None)."""
+    try:
+        return _list_adapter(model).validate_python([record.values_with_id() for record in batch]), None
+    except ValidationError:
+        pass
+    items = []  # some record is bad: find the first one, and its own error, one by one
+    for record in batch:
+        try:
+            items.append(record.validate(model))
+        except ManifestError as error:
+            return items, error
+    return items, None
 
 
 def _inline_records(path: Path, field: str, entries: Sequence[Any]) -> Iterator[_Record]:
@@ -544,6 +599,25 @@ class _SeenIds:
         if enabled:
             self._db = sqlite3.connect("")  # "" = private temporary database on disk
             self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID")
+
+    def add_many(self, entries: list[tuple[str, str]]) -> tuple[int, str] | None:
+        """Record ``(item_id, location)`` pairs; for the first duplicate, its index and where it was first seen."""
+        if self._db is None or not entries:
+            return None
+        changes = self._db.total_changes
+        self._db.execute("SAVEPOINT batch")
+        self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", entries)
+        if self._db.total_changes - changes == len(entries):
+            self._db.execute("RELEASE batch")
+            return None
+        # A duplicate somewhere (maybe within the batch): undo the batch and find it pair by pair.
+        self._db.execute("ROLLBACK TO batch")
+        self._db.execute("RELEASE batch")
+        for index, (item_id, location) in enumerate(entries):
+            first_use = self.add(item_id, location)
+            if first_use is not None:
+                return index, first_use
+        return None
 
     def add(self, item_id: str, location: str) -> str | None:
         """Record ``item_id``; return where it was first seen if it is a duplicate."""

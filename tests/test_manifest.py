@@ -348,3 +348,50 @@ def test_schema_accepts_the_examples_and_rejects_typos():
         validator.validate(tomllib.loads(path.read_text()))
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({"task": "translate", "texts": ["a"], "languages": ["x"], "langauge": "y"})
+
+
+def _csv_rows(inbox, name: str, ids: list[str], bad_text_at: int | None = None) -> Path:
+    rows = "".join(f'{item_id},{"" if n == bad_text_at else "text " + str(n)}\n' for n, item_id in enumerate(ids))
+    return write(inbox, name, "id,text\n" + rows)
+
+
+def _items_then_error(path: Path) -> tuple[list[str], ManifestError]:
+    manifest = load(path, check_inputs=False)
+    seen = []
+    with pytest.raises(ManifestError) as error:
+        for item in manifest.inputs:
+            seen.append(item.id)
+    return seen, error.value
+
+
+@pytest.mark.parametrize("first, again", [(3, 900), (700, 701), (0, 255), (255, 256)])
+def test_a_duplicate_anywhere_in_a_big_file_is_found_after_the_items_before_it(inbox, first, again):
+    # Rows are validated in batches; duplicates across and within batches are reported as row by row.
+    ids = [f"r{n}" for n in range(1000)]
+    ids[again] = ids[first]
+    _csv_rows(inbox, "dup.csv", ids)
+    seen, error = _items_then_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "dup.csv"\n'))
+    assert seen == ids[:again]
+    assert (error.line, error.field) == (again + 2, "id")
+    assert f"duplicate id {ids[first]!r} (first used at line {first + 2})" in error.message
+
+
+def test_the_first_problem_of_a_batch_is_the_one_reported(inbox):
+    ids = [f"r{n}" for n in range(600)]
+    ids[520] = ids[10]  # a duplicate after a bad row of the same batch: the bad row is reported
+    _csv_rows(inbox, "a.csv", ids, bad_text_at=515)
+    seen, error = _items_then_error(write(inbox, "a.toml", 'task = "sentiment"\ninput = "a.csv"\n'))
+    assert seen == ids[:515] and (error.line, error.field) == (517, "text")
+    ids = [f"r{n}" for n in range(600)]
+    ids[515] = ids[10]  # and a bad row after a duplicate: the duplicate is
+    _csv_rows(inbox, "b.csv", ids, bad_text_at=520)
+    seen, error = _items_then_error(write(inbox, "b.toml", 'task = "sentiment"\ninput = "b.csv"\n'))
+    assert seen == ids[:515] and (error.line, error.field) == (517, "id") and "duplicate id 'r10'" in error.message
+
+
+def test_items_before_an_unreadable_line_come_first(inbox):
+    lines = [json.dumps({"id": f"j{n}", "text": f"t{n}"}) for n in range(300)] + ['{"text": ']
+    write(inbox, "in.jsonl", "\n".join(lines) + "\n")
+    seen, error = _items_then_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "in.jsonl"\n'))
+    assert seen == [f"j{n}" for n in range(300)]
+    assert error.line == 301 and "invalid JSON" in error.message
