@@ -18,6 +18,7 @@ systemd would at that instant.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -252,6 +253,7 @@ class Daemon:
         # threads come back from I/O thousands of times per job; each return waits for the GIL up
         # to one switch interval (5 ms by default), which made uploads several times slower.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        _return_big_buffers_to_the_os()
         try:
             self.notifier.status("starting: recovering and reconciling with the remote job list")
             self.start()
@@ -1302,6 +1304,23 @@ def _is_utf8(name: str) -> bool:
 def _readable_name(name: str) -> str:
     r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``)."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _return_big_buffers_to_the_os() -> None:
+    """Make glibc give every large buffer back to the OS when it is freed.
+
+    The SDK uploads in 8 MiB pieces and downloads in 1 MiB ones, from pool threads. glibc's
+    sliding mmap threshold moves such blocks, once one is freed, into the per-thread heaps,
+    which rarely shrink: the daemon's RSS then grew with every chunk of a big job. A fixed
+    threshold keeps them mmapped (each costs a few page faults, nothing next to its transfer).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: nothing to tune
+    M_MMAP_THRESHOLD = -3
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024)
 
 
 def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:
