@@ -215,7 +215,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.report = RunReport()
         self.journal: Journal | None = None
-        self.provider: Provider | None = None
+        self._provider: Provider | None = None
         self.emulator = None
         self.tasks = tasks_for(settings)
         self.plugin_manager = get_plugin_manager(settings.plugins_dir, frozenset(settings.disabled_plugins))
@@ -274,7 +274,7 @@ class Daemon:
         self._lock_state_dir()
         self.journal = Journal(journal_path(s.state_dir))
         self.event_dispatcher = EventDispatcher(self.plugin_manager, self.journal, lambda: self.settings)
-        self.provider = self._connect()
+        self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
             self.once_pending = {p.name for p in s.inbox.iterdir()
@@ -286,21 +286,29 @@ class Daemon:
             log.info("forgot %d delivered events older than %g days", pruned, s.notify.keep_days)
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
-    def _connect(self) -> Provider:
+    def _start_emulator(self) -> None:
         s = self.settings
         if s.provider == "emulator":
-            # The embedded emulator is reached over HTTP exactly like Google: the provider
-            # only ever sees a base URL and a key.
             from batchd.emulator.server import EmulatorProcess
 
             self.emulator = EmulatorProcess(
                 s.emulator.state_dir or s.state_dir / "emulator",
                 job_seconds=s.emulator.job_seconds,
                 faults=list(s.emulator.faults),
-            )
-            self.emulator.start()
-            return Provider(api_key="batchd-emulator", base_url=self.emulator.base_url, api_version=s.api_version)
-        return Provider.from_settings(s)
+            ).spawn()
+        else:
+            self._provider = Provider.from_settings(s)  # now, so a missing key is reported at start
+
+    @property
+    def provider(self) -> Provider:
+        """The service's client; with the embedded emulator, ready once the emulator serves."""
+        if self._provider is None:
+            # The embedded emulator is reached over HTTP exactly like Google: the provider
+            # only ever sees a base URL and a key.
+            self.emulator.wait_ready()
+            self._provider = Provider(api_key="batchd-emulator", base_url=self.emulator.base_url,
+                                      api_version=self.settings.api_version)
+        return self._provider
 
     def _lock_state_dir(self) -> None:
         path = lock_path(self.settings.state_dir)

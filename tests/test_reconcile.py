@@ -23,6 +23,7 @@ DISPLAY_NAME = "batchd-dup-j1-c0"
 def daemon(workspace: Workspace):
     daemon = Daemon(load_settings(workspace.config))
     daemon.start()
+    assert daemon.provider  # the embedded emulator serves before the intents below are timed
     journal = daemon.journal
     journal.add_job("j1", name="dup", source="dup.toml", state="received")
     journal.add_chunk("j1", {"idx": 0, "display_name": DISPLAY_NAME, "mode": "inline",

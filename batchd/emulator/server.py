@@ -187,11 +187,22 @@ class EmulatorProcess:
         self.base_url: str | None = None
 
     def start(self) -> EmulatorProcess:
+        """Start the child and return once it serves."""
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> EmulatorProcess:
+        """Start the child without waiting for it (it boots while the caller does other work)."""
         # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and the
         # emulator must outlive the daemon's graceful stop (which records creates still in flight).
         # It stops when the daemon closes its stdin, or when the daemon dies.
         self._process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                          process_group=0)
+        return self
+
+    def wait_ready(self) -> EmulatorProcess:
+        """Wait until the spawned child serves; ``base_url`` is then set."""
+        if self.base_url is not None:
+            return self
         timer = threading.Timer(self._startup_seconds, self._process.kill)  # a child that never answers
         timer.start()
         try:
