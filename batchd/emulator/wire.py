@@ -35,7 +35,8 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 def has_snake_case_keys(raw: bytes) -> bool:
     """Cheap pre-check on a raw JSON document; False means :func:`to_camel_case` would change nothing."""
-    return _SNAKE_KEY.search(raw) is not None
+    # No underscore at all (memchr-fast) is the usual case and rules every snake_case key out.
+    return b"_" in raw and _SNAKE_KEY.search(raw) is not None
 
 
 @lru_cache(maxsize=4096)
