@@ -1211,8 +1211,9 @@ class Daemon:
 
         def results_written():
             for n, result in enumerate(spool.joined(chunk_error)):
-                if n % 10_000 == 0:
-                    self.check_stop()
+                # The writer's thread is not the loop's: it must not ping the service watchdog.
+                if n % 10_000 == 0 and self.stopping.is_set():
+                    raise Stopping()
                 counts["total"] += 1
                 counts["succeeded" if result.status == "ok" else "failed"] += 1
                 if result.usage:
