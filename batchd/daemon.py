@@ -1284,7 +1284,6 @@ class Daemon:
         log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
                  extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
 
-
     def _final_event(self, job: Job, destination: Path) -> dict:
         try:
             summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
