@@ -1196,6 +1196,12 @@ class Daemon:
             summary["duplicate_remote_batches_cancelled"] = duplicates
         if organize_error is not None:
             summary["error"] = organize_error
+        if counts.get("joined_by_position"):
+            summary["warnings"] = [
+                f"{counts['joined_by_position']} inline answers came back without their key and were matched to "
+                "their requests by position, which the service does not guarantee; they are marked "
+                "\"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
+                "inline_max_requests to use them)"]
         return folder, summary, usage
 
     def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool,
@@ -1206,7 +1212,7 @@ class Daemon:
         """
         counts = {"total": 0, "succeeded": 0, "failed": 0}
         tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
-        extra = {"cached": 0, "with_usage": 0}
+        extra = {"cached": 0, "with_usage": 0, "joined_by_position": 0}
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
         def results_written():
@@ -1226,9 +1232,12 @@ class Daemon:
                     if "cachedContentTokenCount" in usage:
                         extra["cached"] += usage["cachedContentTokenCount"]
                     extra["with_usage"] += 1
-                lines.write(dumps({"key": result.key, "input": result.input, "status": result.status,
-                                   "text": result.text, "data": result.data, "error": result.error,
-                                   "usage": result.usage}) + "\n")
+                line = {"key": result.key, "input": result.input, "status": result.status, "text": result.text,
+                        "data": result.data, "error": result.error, "usage": result.usage}
+                if result.joined_by != "key":
+                    line["joined_by"] = result.joined_by
+                    extra["joined_by_position"] += 1
+                lines.write(dumps(line) + "\n")
                 yield result
 
         with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
@@ -1236,6 +1245,9 @@ class Daemon:
             for key, value in organize(results_written()):
                 organized.add(key, value)
             organized.close()
+        if extra["joined_by_position"]:
+            # A summary-only count: the service's answers are in `counts`, this is about trusting them.
+            counts["joined_by_position"] = extra["joined_by_position"]
         usage = {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
                  "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
                  "total_tokens": tokens["total"], "requests": extra["with_usage"]}

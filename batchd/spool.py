@@ -147,15 +147,20 @@ class JobSpool:
     def write_inline_results(self, idx: int, records: Iterable[dict]) -> None:
         """Store inline results as the same JSONL a file job returns (written atomically).
 
-        A record whose ``metadata.key`` the service dropped (key None) takes the key of the
-        request at its position: inline answers come back in input order unless the service
-        also shuffles them, and then nobody can join them (file results always carry their key).
+        A record whose ``metadata.key`` the service dropped (key None) is matched to a request
+        whose key no other record carries, in request order, and marked ``joined_by: position``:
+        right when the service keeps input order (it usually does), a guess when it also shuffles
+        (python-genai#1909), so the outbox says which results were matched that way. File
+        results always carry their key.
         """
-        keys = (line["key"] for line in self.read_requests(idx))  # an inline chunk is small
+        keys = [line["key"] for line in self.read_requests(idx)]  # an inline chunk is small
+        records = list(records)
+        returned = {record.get("key") for record in records}
+        unclaimed = iter([key for key in keys if key not in returned])
         lines = []
-        for record, key in zip(records, itertools.chain(keys, itertools.repeat(None))):
+        for record in records:
             if record.get("key") is None:
-                record = {**record, "key": key}
+                record = {**record, "key": next(unclaimed, None), "joined_by": "position"}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         atomic_write(self.results_path(idx), "".join(lines))
 
@@ -190,7 +195,10 @@ class JobSpool:
                                      error=error, usage=None)
                 continue
             for (key, _chunk, wants_json, inputs), record in join_chunk(entries, self.read_results(idx)):
-                yield to_task_result(key, inputs, wants_json, record)
+                result = to_task_result(key, inputs, wants_json, record)
+                if record is not None and "joined_by" in record:
+                    result.joined_by = record["joined_by"]
+                yield result
 
 
 def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tuple[list, dict | None]]:

@@ -108,6 +108,9 @@ class TaskResult:
     error: dict[str, Any] | None = None
     #: The response's usageMetadata.
     usage: dict[str, Any] | None = None
+    #: How the answer was matched to its request: ``"key"``, or ``"position"`` when the service
+    #: returned an inline answer without its key (see the outbox's results.jsonl).
+    joined_by: Literal["key", "position"] = "key"
 
     def failure(self) -> str | None:
         """Why this result has no usable text, or ``None`` when it has some."""

@@ -268,6 +268,15 @@ def test_emulator_faults_end_in_correct_outboxes(workspace: Workspace, faults: l
             assert line["input"]["text"].split()[0] in line["text"], line
     else:
         assert any(s["counts"]["failed"] for s in delivered.values())
+    if faults == ["drop-metadata"]:
+        # Matched by position, and the outbox says so: per result and in the summary.
+        for name, total in (("translate", 4), ("sentiment", 3)):
+            lines = [json.loads(l) for l in (workspace.outbox / name / "results.jsonl").read_text().splitlines()]
+            assert all(line["joined_by"] == "position" for line in lines)
+            assert delivered[name]["counts"]["joined_by_position"] == total
+            assert "by position" in delivered[name]["warnings"][0]
+    else:
+        assert all("warnings" not in s and "joined_by_position" not in s["counts"] for s in delivered.values())
     assert_one_live_job_per_chunk(workspace)
 
 

@@ -103,3 +103,24 @@ def test_opening_a_chunk_twice_keeps_the_first_word(tmp_path):
     gate.open(0, None)
     assert gate.error_of(0) == {"code": "x", "message": "first"}
     assert not gate.pending()
+
+
+def inline_answer(key: str | None, text: str) -> dict:
+    """An inline result record as provider.inline_results makes it (key None: the service dropped it)."""
+    return {"key": key, "response": {"candidates": [{"content": {"parts": [{"text": text}]}}]}}
+
+
+def test_inline_answers_without_their_key_take_the_keys_no_other_answer_has(tmp_path):
+    spool = built_spool(tmp_path, 4)
+    # Chunk 0 holds k0 and k1: the service dropped k0's key and returned k1's answer first.
+    spool.write_inline_results(0, [inline_answer("k1", "re k1"), inline_answer(None, "re k0")])
+    spool.write_inline_results(1, [inline_answer("k2", "re k2"), inline_answer("k3", "re k3")])
+    gate = ChunkGate([0, 1], threading.Event())
+    gate.open(0, None)
+    gate.open(1, None)
+
+    results = list(spool.joined(gate.error_of))
+
+    # Matching by absolute position would have given k0's answer to k1 (a key already taken).
+    assert [(r.key, r.text, r.joined_by) for r in results] == [
+        ("k0", "re k0", "position"), ("k1", "re k1", "key"), ("k2", "re k2", "key"), ("k3", "re k3", "key")]
