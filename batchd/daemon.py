@@ -569,6 +569,11 @@ class Daemon:
             digest = hashlib.sha256(path.read_bytes()) if regular else None
         except FileNotFoundError:
             return  # gone since the scan: nothing was claimed, nothing to record
+        except OSError as unreadable:
+            # Unreadable (permissions): rejected and moved aside, or it would fail every tick and restart.
+            digest, manifest = None, None
+            error = error or {"code": "unreadable", "file": source,
+                              "message": f"{source} cannot be read: {unreadable.strerror}"}
         job_id = new_job_id()
         spool = self._spool(job_id)
         spool.root.mkdir(parents=True)
@@ -608,9 +613,10 @@ class Daemon:
         spool = self._spool(job.id)
         claimed = spool.manifest_path(job.source)
         source = self._inbox_path(job.source)
-        # Whenever the inbox copy still exists the claim is (re)done: a crash between its link and
-        # its unlink leaves the same file in both places, and claim() finishes that move.
-        if os.path.lexists(source):
+        # A crash between the claim's link and its unlink leaves the same file in both places, and
+        # claim() finishes that move. A different file under the same name arrived after the claim
+        # was complete: it is a new manifest, left for intake.
+        if os.path.lexists(source) and (not os.path.lexists(claimed) or _same_file(source, claimed)):
             claim(source, claimed)
         if not os.path.lexists(claimed):
             self.journal.update_job(job.id, state="done", outcome="rejected",
@@ -1383,6 +1389,10 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.samestat(os.lstat(a), os.lstat(b))
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:

@@ -494,7 +494,10 @@ class _EveryField:
 
 def _open_text(path: Path):
     # newline="" lets the csv module handle quoted line breaks; utf-8-sig drops a spreadsheet BOM.
-    return path.open(encoding="utf-8-sig", newline="", buffering=1 << 20)  # fewer, larger reads
+    try:
+        return path.open(encoding="utf-8-sig", newline="", buffering=1 << 20)  # fewer, larger reads
+    except OSError as exc:  # unreadable (permissions, a folder): the job is rejected, not the daemon
+        raise ManifestError(path, f"cannot read: {exc.strerror}") from None
 
 
 def _target_field(name: str, renames: Mapping[str, str]) -> str | None:
@@ -585,6 +588,8 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                     yield line_number, line.strip()
     except UnicodeDecodeError:
         raise ManifestError(path, "not valid UTF-8", line=line_number + 1) from None
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read: {exc.strerror}") from None
 
 
 class _SeenIds:

@@ -129,6 +129,21 @@ def test_a_duplicate_killed_right_after_its_claim_is_still_a_duplicate(workspace
     assert len(remote_jobs(workspace)) == 1, "the same content was billed twice"
 
 
+def test_a_new_manifest_under_the_name_of_one_killed_after_its_claim_is_a_job_of_its_own(workspace: Workspace):
+    """Killed right after a claim; a producer then drops another file under the same name. Recovery
+    finishes the first claim without touching the newcomer, which becomes a job of its own."""
+    workspace.drop("job.toml", TRANSLATE)
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -signal.SIGKILL
+    workspace.drop("job.toml", SENTIMENT)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    tasks = sorted(summary["task"] for summary in workspace.delivered().values())
+    assert tasks == ["sentiment", "translate"]
+
+
 def test_a_fifo_killed_right_after_its_claim_is_delivered_rejected_not_opened(workspace: Workspace):
     """Were recovery to forget the verdict it would open the FIFO to build requests and hang for good."""
     os.mkfifo(workspace.inbox / "pipe.toml")
