@@ -739,8 +739,12 @@ class Daemon:
             model = manifest.model or self.settings.model
             self.journal.update_job(job.id, task=manifest.task, model=model)
             info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
+            # The stream ends early on a stop, or once the job no longer waits for it (cancelled meanwhile).
+            def abandoned(job_id: str = job.id) -> bool:
+                return self.stopping.is_set() or job_id not in self.estimating
+
             self.estimating[job.id] = self.pool.submit(
-                self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
+                self.costs.estimate, info, RequestStream(manifest.requests, stopping=abandoned),
                 self._token_counter(model), self.settings)
             return None
         if not future.done():
@@ -816,7 +820,7 @@ class Daemon:
         del self.builders[job.id]
         chunks = self.journal.chunks(job.id)
         if not chunks:
-            self.journal.update_job(job.id, error={"message": "the manifest produced no requests"})
+            self._build_failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
         self.journal.update_job(job.id, state="built")
         log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
@@ -1062,10 +1066,21 @@ class Daemon:
             try:
                 remote, error = fetch.future.result()
             except Exception as failure:
-                if not is_retryable(failure):
-                    raise
-                log.warning("job %s: fetching chunk %d failed (%s); retrying later", chunk.job_id, chunk.idx, failure)
-                continue  # still 'running' in the journal: the next poll fetches it again
+                # Transient (the network, a full disk here): still 'running' in the journal, so the
+                # next poll fetches it again. Anything else fails this chunk's requests, not the daemon.
+                if is_retryable(failure) or isinstance(failure, OSError):
+                    log.warning("job %s: fetching chunk %d failed (%s); retrying later",
+                                chunk.job_id, chunk.idx, failure)
+                    continue
+                log.error("job %s: results of chunk %d cannot be fetched: %s", chunk.job_id, chunk.idx, failure)
+                missing = getattr(failure, "code", None) == 404
+                self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched",
+                                          remote_state="missing" if missing else chunk.remote_state,
+                                          error={"code": "remote_missing" if missing else "results_unavailable",
+                                                 "message": f"the results of {chunk.remote_name} could not be "
+                                                            f"fetched: {_error_dict(failure)['message']}"},
+                                          events=self._progress_events(chunk))
+                continue
             self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
                                       stats=remote.stats, error=error, events=self._progress_events(chunk))
             log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
@@ -1114,6 +1129,7 @@ class Daemon:
         """
         spool = self._spool(job.id)
         usage = None
+        self.estimating.pop(job.id, None)  # a job cancelled while its estimate ran waits for it no more
         if without_results is not None:
             folder = outbox.JobFolder(spool.staging)
             summary = self._summary(job, state=without_results, counts={"total": 0, "succeeded": 0, "failed": 0})

@@ -372,10 +372,18 @@ class Clumsy(Shout):
             raise RuntimeError("organize tripped over its own feet")
 
 
+class Silent(Shout):
+    name = "silent"
+
+    def requests(self, params, items):
+        return iter(())
+
+
 @hookimpl
 def register_tasks(register):
     register(Shout())
     register(Clumsy())
+    register(Silent())
 '''
 
 
@@ -385,9 +393,10 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     workspace.configure(plugins_dir="plugins.d")
     workspace.drop("loud.toml", 'task = "shout"\ntexts = ["hello", "world"]\n')
     workspace.drop("clumsy.toml", 'task = "clumsy"\ntexts = ["a", "b", "c"]\n')
+    workspace.drop("silent.toml", 'task = "silent"\ntexts = ["a"]\n')
     workspace.drop("translate.toml", TRANSLATE)
 
-    result = workspace.batchd("run", "--once")
+    result = workspace.batchd("run", "--once", timeout=120)
 
     delivered = workspace.delivered()
     assert delivered["loud"]["state"] == "succeeded", result.stderr
@@ -397,22 +406,30 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     assert clumsy["counts"]["total"] == 3 and "organize tripped" in clumsy["error"]["message"]
     assert len((workspace.outbox / "clumsy" / "results.jsonl").read_text().splitlines()) == 3
     assert json.loads((workspace.outbox / "clumsy" / "organized.json").read_text()) == {}
+    # A task that builds nothing: rejected with the reason, never rebuilt forever.
+    silent = delivered["silent"]
+    assert silent["state"] == "rejected" and "produced no requests" in silent["error"]["message"]
     assert delivered["translate"]["state"] == "succeeded", "other jobs are unaffected"
     schema = workspace.batchd("schema")
     assert '"shout"' in schema.stdout
 
 
-def test_results_the_service_refuses_to_hand_over_fail_the_chunk_not_the_daemon(workspace: Workspace):
-    workspace.configure(faults=["404@download"], **FILE_MODE)
+@pytest.mark.parametrize(("fault", "code"), [
+    ("404@download", "results_unavailable"),  # the results file is refused for good
+    ("404@get", "remote_missing"),            # listed as finished, then gone when its results are fetched
+])
+def test_results_the_service_refuses_to_hand_over_fail_the_chunk_not_the_daemon(workspace: Workspace, fault: str,
+                                                                                 code: str):
+    workspace.configure(faults=[fault], **FILE_MODE)
     workspace.drop("translate.toml", TRANSLATE)
 
     result = workspace.batchd("run", "--once")
 
-    assert result.returncode == 1  # the job failed: --once says so
+    assert result.returncode == 1, result.stderr  # the job failed: --once says so
     summary = workspace.delivered()["translate"]
     assert summary["state"] == "failed" and summary["counts"] == {"total": 4, "succeeded": 0, "failed": 4}
     errors = [json.loads(line)["error"] for line in (workspace.outbox / "translate" / "results.jsonl").open()]
-    assert all(error["code"] == "results_unavailable" for error in errors)
+    assert all(error["code"] == code for error in errors)
 
 
 def test_the_shipped_examples_all_succeed(workspace: Workspace):
