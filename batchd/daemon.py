@@ -73,6 +73,9 @@ SWITCH_INTERVAL = 0.001
 FAILED_OUTCOMES = ("failed", "rejected")
 #: Exit code of ``batchd run --once`` when nothing failed but jobs are left held (over budget).
 HELD_EXIT_CODE = 3
+#: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
+#: EX_TEMPFAIL: running it again carries on where it stopped.
+INTERRUPTED_EXIT_CODE = 75
 #: Held jobs are checked against the budget again at most this often.
 HELD_REVIEW_SECONDS = 1.0
 
@@ -200,11 +203,15 @@ class RunReport:
 
     outcomes: dict[str, str] = field(default_factory=dict)
     held: list[str] = field(default_factory=list)
+    #: Whether everything in the inbox was delivered (False: a stop came first).
+    finished: bool = False
 
     @property
     def exit_code(self) -> int:
         if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()):
             return 1
+        if not self.finished:
+            return INTERRUPTED_EXIT_CODE
         return HELD_EXIT_CODE if self.held else 0
 
 
@@ -277,9 +284,12 @@ class Daemon:
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
+            # A manifest-named entry of any kind becomes a job (irregular ones are rejected); a
+            # NAME.cancel that is not a regular file is only warned about, so it is not waited for.
             self.once_pending = {p.name for p in s.inbox.iterdir()
-                                 if p.suffix in MANIFEST_SUFFIXES + (CANCEL_SUFFIX, APPROVE_SUFFIX)
-                                 and not is_temp_name(p.name)}
+                                 if not is_temp_name(p.name)
+                                 and (p.suffix in MANIFEST_SUFFIXES
+                                      or p.suffix in (CANCEL_SUFFIX, APPROVE_SUFFIX) and _is_regular_file(p))}
         self.recover()
         pruned = self.journal.prune_events(time.time() - s.notify.keep_days * 86400)
         if pruned:
@@ -403,6 +413,7 @@ class Daemon:
             if self.notifier.enabled:
                 self.notifier.status(self.status_line())
             if self.once and self._once_done():
+                self.report.finished = True
                 break
             self.inbox.wait(self.notifier.max_sleep(self._sleep_seconds()))
 
@@ -739,12 +750,8 @@ class Daemon:
             model = manifest.model or self.settings.model
             self.journal.update_job(job.id, task=manifest.task, model=model)
             info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
-            # The stream ends early on a stop, or once the job no longer waits for it (cancelled meanwhile).
-            def abandoned(job_id: str = job.id) -> bool:
-                return self.stopping.is_set() or job_id not in self.estimating
-
             self.estimating[job.id] = self.pool.submit(
-                self.costs.estimate, info, RequestStream(manifest.requests, stopping=abandoned),
+                self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
                 self._token_counter(model), self.settings)
             return None
         if not future.done():
