@@ -633,8 +633,9 @@ class Daemon:
             self.journal.update_job(job.id, state="done", outcome="rejected",
                                     error={"message": f"{job.source} vanished during its claim"})
             return
-        self.journal.update_job(job.id, state="received",
-                                events=[self._event("accepted", dataclasses.replace(job, state="received"))])
+        # A claim's verdict was committed with it: a duplicate or an irregular entry is no accepted job.
+        events = [] if job.error else [self._event("accepted", dataclasses.replace(job, state="received"))]
+        self.journal.update_job(job.id, state="received", events=events)
 
     def _inbox_path(self, source: str) -> Path:
         """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from batchd.logs import redact, redact_data
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id            TEXT PRIMARY KEY,
@@ -131,6 +133,12 @@ _ADDED_JOB_COLUMNS = {
     "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
     "approved": "INTEGER NOT NULL DEFAULT 0",
 }
+
+def _dumps(value: Any) -> str:
+    """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
+    journal is what ``batchd status``, the outbox and the notification plugins are made from."""
+    return json.dumps(redact_data(value), ensure_ascii=False)
+
 
 #: Job states that still need work from the daemon.
 ACTIVE_STATES = ("claiming", "received", "building", "built", "submitted", "fetched", "publishing")
@@ -265,7 +273,7 @@ class Journal:
                 "INSERT INTO jobs (id, name, source, sha256, state, error, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, source, sha256, state,
-                 json.dumps(error, ensure_ascii=False) if error is not None else None, now, now),
+                 _dumps(error) if error is not None else None, now, now),
             )
 
     def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:
@@ -278,7 +286,9 @@ class Journal:
     def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
-                fields[name] = json.dumps(fields[name], ensure_ascii=False)
+                fields[name] = _dumps(fields[name])
+        if isinstance(fields.get("hold"), str):
+            fields["hold"] = redact(fields["hold"])
         fields["updated_at"] = time.time()
         columns = ", ".join(f"{name} = ?" for name in fields)
         db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
@@ -338,7 +348,7 @@ class Journal:
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
         for name in ("stats", "error"):
             if name in fields and fields[name] is not None:
-                fields[name] = json.dumps(fields[name], ensure_ascii=False)
+                fields[name] = _dumps(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
@@ -376,7 +386,7 @@ class Journal:
         for event in events:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO events (id, job_id, kind, body, created_at) VALUES (?, ?, ?, ?, ?)",
-                (event["id"], event["job_id"], event["kind"], json.dumps(event, ensure_ascii=False), now),
+                (event["id"], event["job_id"], event["kind"], _dumps(event), now),
             ).rowcount
             if not inserted:
                 continue  # the same transition again after a crash: the event exists already

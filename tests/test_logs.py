@@ -79,8 +79,12 @@ def test_the_api_key_never_reaches_logs_outbox_or_config_show(workspace: Workspa
     assert "building with key ***" in run.stderr, "the plugin's log line is there, masked"
     assert "the key *** is not welcome" in run.stderr
 
-    for text in (run.stdout, run.stderr, json_run.stderr, show.stdout, show_json.stdout,
-                 every_file_text(workspace.outbox)):
+    # The journal itself keeps no secret: `status --json`, events and webhooks are made from it.
+    journal = b"".join(path.read_bytes() for path in workspace.state.glob("journal.db*"))  # WAL included
+    assert journal
+    assert "is not welcome" in json_run.stdout
+    for text in (run.stdout, run.stderr, json_run.stdout, json_run.stderr, show.stdout, show_json.stdout,
+                 every_file_text(workspace.outbox), journal.decode(errors="replace")):
         assert FAKE_KEY not in text
     settings = json.loads(show_json.stdout)
     assert settings["secrets"]["GEMINI_API_KEY"] == "set"
