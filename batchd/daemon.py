@@ -76,6 +76,8 @@ HELD_EXIT_CODE = 3
 #: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
 #: EX_TEMPFAIL: running it again carries on where it stopped.
 INTERRUPTED_EXIT_CODE = 75
+#: Result writers at once (see Daemon.writer_pool).
+WRITER_THREADS = 8
 #: Held jobs are checked against the budget again at most this often.
 HELD_REVIEW_SECONDS = 1.0
 
@@ -239,7 +241,9 @@ class Daemon:
         self.fetch_pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                              thread_name_prefix="batchd-fetch")
         self.fetches: dict[tuple[str, int], Fetch] = {}
-        self.writer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchd-write")
+        # A writer waits at each chunk still running, so a few long jobs must not hold every writer
+        # while another job's results are all back: enough threads, each started only when needed.
+        self.writer_pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="batchd-write")
         self.deliveries: dict[str, Delivery] = {}  # job id → its result files being written
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
@@ -1109,7 +1113,10 @@ class Daemon:
         if job.cancel_requested:
             self._cancel_remote(job, self.journal.chunks(job.id))
         chunks = self.journal.chunks(job.id)
-        self._delivery(job, chunks)  # the chunks back so far are joined while the rest run
+        # Once its first chunk is back, a job's results are joined while the rest run (the writer goes
+        # in request order, so before that it would only hold a writer thread).
+        if job.id in self.deliveries or chunks and chunks[0].state in ("fetched", "skipped"):
+            self._delivery(job, chunks)
         if all(c.state in ("fetched", "skipped") for c in chunks):
             self.journal.update_job(job.id, state="fetched", finished_at=time.time())
 
