@@ -10,13 +10,13 @@ path setting is absolute.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from batchd.logs import redact_data, register_secret
@@ -30,8 +30,6 @@ DEFAULT_CONFIG_NAME = "config.toml"
 INLINE_LIMIT_BYTES = 20 * 1024 * 1024
 INLINE_MARGIN_BYTES = 1024 * 1024
 
-# Settings whose names look like this are never shown by ``redacted_dict()``.
-_SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -299,8 +297,13 @@ class Settings(BaseSettings):
         return key
 
     def redacted_dict(self) -> dict[str, Any]:
-        """The settings as JSON-compatible data, safe to print (secrets and secret-looking values masked)."""
-        return redact_data(_redact(self.model_dump(mode="json")))
+        """The settings as JSON-compatible data, safe to print.
+
+        Secrets are masked by type: every ``SecretStr`` setting shows as ``***``, and any registered
+        secret value (the API key, ...) is masked wherever else it appears. Names are not a guide:
+        ``cost.count_tokens`` is not a secret.
+        """
+        return redact_data(to_jsonable_python(_redact(self.model_dump())))
 
     def sources(self) -> dict[str, str]:
         """Where each effective setting (dotted key) came from: default, the config file, BATCHD_*, a flag."""
@@ -468,9 +471,12 @@ def _format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _redact(value: Any, name: str = "") -> Any:
+def _redact(value: Any) -> Any:
+    """``value`` (a python-mode model dump) with every ``SecretStr``, at any depth, replaced by ``***``."""
+    if isinstance(value, SecretStr):
+        return "***" if value.get_secret_value() else ""
     if isinstance(value, dict):
-        return {key: _redact(item, key) for key, item in value.items()}
-    if name and _SECRET_NAME.search(name) and value not in (None, ""):
-        return "***"
+        return {key: _redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(item) for item in value]
     return value

@@ -140,18 +140,24 @@ def test_api_key_precedence_follows_the_sdk(monkeypatch):
     assert settings.gemini_api_key() == "google-key"
 
 
-def test_redacted_dict_masks_secret_looking_values(monkeypatch):
-    monkeypatch.setenv("GOOGLE_API_KEY", "sekrit")
-    dump = load_settings().redacted_dict()
-    assert "sekrit" not in repr(dump)
+def test_redacted_dict_masks_secrets_by_type_and_shows_token_settings(monkeypatch):
+    monkeypatch.setenv("GOOGLE_API_KEY", "sekrit-api-key")
+    monkeypatch.setenv("BATCHD_NOTIFY__WEBHOOK__SECRET", "whsec-not-shown")
+    monkeypatch.setenv("BATCHD_NOTIFY__EMAIL__URLS", '["mailtos://me:pw@example.com"]')
+    monkeypatch.setenv("BATCHD_COST__DEFAULT_OUTPUT_TOKENS", "321")
+    settings = load_settings()
+    settings.gemini_api_key()  # registers the key, as the daemon does
+    dump = settings.redacted_dict()
+    assert "sekrit-api-key" not in repr(dump)
+    assert "whsec-not-shown" not in repr(dump) and "pw@example" not in repr(dump)
     assert dump["provider"] == "gemini"
-
-    from batchd import config
-
-    assert config._redact({"api_key": "abc", "nested": {"token": "t", "n": 1}}) == {
-        "api_key": "***",
-        "nested": {"token": "***", "n": 1},
-    }
+    assert dump["notify"]["webhook"]["secret"] == "***"
+    assert dump["notify"]["email"]["urls"] == ["***"]
+    # Settings whose names merely contain "token" are not secrets: they are shown as they are.
+    assert dump["cost"]["default_output_tokens"] == 321
+    assert dump["cost"]["count_tokens"] == settings.cost.count_tokens
+    assert dump["cost"]["count_tokens_sample"] == settings.cost.count_tokens_sample
+    assert isinstance(dump["inbox"], str), "JSON-compatible: paths are strings"
 
 
 def test_shipped_config_loads(tmp_path):

@@ -89,6 +89,8 @@ def test_the_api_key_never_reaches_logs_outbox_or_config_show(workspace: Workspa
     settings = json.loads(show_json.stdout)
     assert settings["secrets"]["GEMINI_API_KEY"] == "set"
     assert settings["settings"]["provider"] == {"value": "gemini", "source": "config file"}
+    assert settings["settings"]["cost.count_tokens"]["value"] is True, "not a secret, though named *token*"
+    assert settings["settings"]["cost.default_output_tokens"]["value"] != "***"
 
 
 def test_secret_settings_are_registered_generically():
