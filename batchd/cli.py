@@ -90,6 +90,7 @@ def run(ctx: Context, once: bool, **overrides) -> None:
         signal.signal(signum, stop_while_starting)
 
     from batchd.daemon import AlreadyRunning, Daemon
+    from batchd.outbox import CrossDeviceError
     from batchd.plugins import PluginError
 
     settings = ctx.settings(**overrides)
@@ -100,6 +101,9 @@ def run(ctx: Context, once: bool, **overrides) -> None:
         code = daemon.run()
     except (ConfigError, PluginError, AlreadyRunning) as error:
         raise click.ClickException(str(error)) from None
+    except CrossDeviceError as error:
+        raise click.ClickException(f"{error}; keep inbox, outbox and state_dir on one filesystem"
+                                   " (under one folder, say)") from None
     sys.exit(code)
 
 

@@ -147,7 +147,7 @@ def check_same_filesystem(*paths: Path | str) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{p} (device {os.major(d)}:{os.minor(d)})" for p, d in devices.items())
         raise CrossDeviceError(
-            f"these paths must be on one filesystem so that moves between them are atomic renames: {listing}"
+            f"these paths are on different filesystems, but moves between them must be atomic renames: {listing}"
         )
 
 

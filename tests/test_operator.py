@@ -196,6 +196,25 @@ def test_doctor_sees_folders_on_different_filesystems(workspace: Workspace):
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def test_run_refuses_folders_on_different_filesystems_with_a_one_line_error(workspace: Workspace):
+    if Path("/dev/shm").stat().st_dev == workspace.root.stat().st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test folder")
+    shm = Path("/dev/shm") / f"batchd-run-{os.getpid()}"
+    try:
+        workspace.configure(outbox=str(shm / "outbox"))
+        workspace.drop("translate.toml", TRANSLATE)
+        result = workspace.batchd("run", "--once")
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert "are on different filesystems" in line and str(shm / "outbox") in line
+        readme = (REPO / "README.md").read_text()
+        assert "`… are on different filesystems` at start" in readme, "the troubleshooting row quotes the message"
+        assert (workspace.inbox / "translate.toml").exists(), "the manifest stays where it was"
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def test_doctor_reports_inotify_exhaustion_as_a_warning(tmp_path):
     from batchd.doctor import check_inotify
 

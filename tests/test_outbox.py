@@ -168,7 +168,7 @@ def test_check_same_filesystem(tmp_path):
     (tmp_path / "b").mkdir()
     check_same_filesystem(tmp_path / "a", tmp_path / "b")
     if os.stat("/proc").st_dev != os.stat(tmp_path).st_dev:
-        with pytest.raises(CrossDeviceError, match="one filesystem") as info:
+        with pytest.raises(CrossDeviceError, match="are on different filesystems") as info:
             check_same_filesystem(tmp_path, "/proc")
         assert info.value.errno == errno.EXDEV
         assert "/proc" in str(info.value)
