@@ -111,15 +111,30 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @pass_context
 def submit(ctx: Context, manifest: Path) -> None:
-    """Drop MANIFEST into the inbox atomically (validated first)."""
-    from batchd.inbox import drop_file
+    """Drop MANIFEST into the inbox atomically (validated first), with the input file it names.
+
+    The input file (``input = "reviews.csv"``, relative to MANIFEST's folder) is copied into the
+    inbox first, at the same relative path, so the daemon never sees the manifest without it.
+    An identical file already there is reused; a different one is never overwritten.
+    """
+    from batchd.inbox import drop_file, drop_input
     from batchd.manifest import ManifestError, load_manifest
 
     settings = ctx.settings()
     try:
-        load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks())
+        job = load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks())
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
+    for input_path in job.input_files():
+        destination = settings.inbox / input_path.relative_to(manifest.parent.resolve())
+        try:
+            if drop_input(input_path, destination):
+                click.echo(f"copied input {destination}")
+        except FileExistsError:
+            raise click.ClickException(
+                f"{manifest.name} names input {input_path.name!r}, but the inbox already has a different "
+                f"{destination}; rename the input (and the manifest's input = ...) or remove the old one"
+            ) from None
     destination = drop_file(manifest, settings.inbox)
     click.echo(f"submitted {destination}")
 

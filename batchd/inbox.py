@@ -21,6 +21,7 @@ one claimant wins (Maildir's delivery protocol, turned around for a shared drop 
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import logging
 import os
@@ -427,6 +428,30 @@ def drop_file(src: Path, inbox: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     raise AssertionError("unreachable: numbered_paths never ends")
+
+
+def drop_input(src: Path, dest: Path) -> bool:
+    """Deliver a copy of input file ``src`` as exactly ``dest`` (a path in the inbox), the same careful way.
+
+    Returns ``False`` when ``dest`` already holds the same bytes (nothing is written), ``True``
+    once the copy is in place. A different existing file is never replaced: that raises
+    ``FileExistsError``, since another manifest may be reading it.
+    """
+    src, dest = Path(src), Path(dest)
+    if dest.exists() and (os.path.samefile(src, dest) or filecmp.cmp(src, dest, shallow=False)):
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as source:
+        tmp = write_temp(dest, source)
+    try:
+        durable_move(tmp, dest)
+    except FileExistsError:
+        if filecmp.cmp(src, dest, shallow=False):  # the same file arrived meanwhile
+            return False
+        raise FileExistsError(f"{dest} already exists with different content") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def drop_bytes(data: bytes, path: Path) -> Path:

@@ -19,6 +19,38 @@ def test_submit_validates_and_drops_atomically(workspace: Workspace, tmp_path_fa
     assert sorted(p.name for p in workspace.inbox.iterdir()) == ["job-2.toml", "job.toml"]
 
 
+REVIEWS = "id,text\na1,Great value\na2,Terrible support\n"
+
+
+def test_submit_copies_the_named_input_file_so_the_daemon_runs_the_job(workspace: Workspace, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "data").mkdir()
+    (elsewhere / "data" / "reviews.csv").write_text(REVIEWS)
+    (elsewhere / "reviews.toml").write_text('task = "sentiment"\ninput = "data/reviews.csv"\n')
+    result = workspace.batchd("submit", str(elsewhere / "reviews.toml"))
+    assert result.returncode == 0, result.stderr
+    assert (workspace.inbox / "data" / "reviews.csv").read_text() == REVIEWS
+    # The same input again is reused, not refused.
+    assert workspace.batchd("submit", str(elsewhere / "reviews.toml")).returncode == 0
+    run = workspace.batchd("run", "--once")
+    assert run.returncode == 1, run.stderr  # the repeat is rejected
+    delivered = workspace.delivered()
+    assert {name: summary["state"] for name, summary in delivered.items()} == {
+        "reviews": "succeeded", "reviews-2": "rejected"}, "the second is the same content, refused as a repeat"
+
+
+def test_submit_never_overwrites_a_different_input_in_the_inbox(workspace: Workspace, tmp_path_factory):
+    (workspace.inbox / "reviews.csv").write_text("id,text\nz9,Another job's row\n")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "reviews.csv").write_text(REVIEWS)
+    (elsewhere / "reviews.toml").write_text('task = "sentiment"\ninput = "reviews.csv"\n')
+    result = workspace.batchd("submit", str(elsewhere / "reviews.toml"))
+    assert result.returncode == 1
+    assert "reviews.csv" in result.stderr and "different" in result.stderr
+    assert (workspace.inbox / "reviews.csv").read_text() == "id,text\nz9,Another job's row\n"
+    assert sorted(p.name for p in workspace.inbox.iterdir()) == ["reviews.csv"], "no manifest dropped"
+
+
 def test_submit_refuses_an_invalid_manifest(workspace: Workspace, tmp_path_factory):
     source = tmp_path_factory.mktemp("elsewhere") / "bad.toml"
     source.write_text('task = "translate"\ntexts = ["a"]\n')
