@@ -16,6 +16,17 @@ from batchd.config import ConfigError, Settings, load_settings
 from batchd.logs import FORMATS, LEVELS, setup_logging
 
 
+#: Exit status of a configuration or plugin error (sysexits.h EX_CONFIG). The systemd unit
+#: names it in RestartPreventExitStatus: restarting cannot fix a bad config, so it must not loop.
+EXIT_CONFIG = 78
+
+
+class ConfigProblem(click.ClickException):
+    """A config or plugin error, reported like any click error but exiting :data:`EXIT_CONFIG`."""
+
+    exit_code = EXIT_CONFIG
+
+
 class Context:
     """Settings are loaded lazily: ``batchd schema`` and ``batchd emulator`` need none."""
 
@@ -30,7 +41,7 @@ class Context:
         try:
             settings = load_settings(self.config_path, **overrides)
         except ConfigError as error:
-            raise click.ClickException(str(error)) from None
+            raise ConfigProblem(str(error)) from None
         # The flags win; otherwise the config's log_level / log_format apply from here on.
         setup_logging(self.log_level or settings.log_level, self.log_format or settings.log_format)
         return settings
@@ -42,7 +53,7 @@ class Context:
         try:
             return tasks_for(self.settings())
         except PluginError as error:
-            raise click.ClickException(str(error)) from None
+            raise ConfigProblem(str(error)) from None
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -99,7 +110,9 @@ def run(ctx: Context, once: bool, **overrides) -> None:
         if early["stop"]:
             daemon.stopping.set()
         code = daemon.run()
-    except (ConfigError, PluginError, AlreadyRunning) as error:
+    except (ConfigError, PluginError) as error:
+        raise ConfigProblem(str(error)) from None
+    except AlreadyRunning as error:
         raise click.ClickException(str(error)) from None
     except CrossDeviceError as error:
         raise click.ClickException(f"{error}; keep inbox, outbox and state_dir on one filesystem"
@@ -305,7 +318,7 @@ def plugins(ctx: Context, as_json: bool) -> None:
     try:
         described = plugins_for(ctx.settings())
     except PluginError as error:
-        raise click.ClickException(str(error)) from None
+        raise ConfigProblem(str(error)) from None
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(plugin) for plugin in described], indent=2))
         return

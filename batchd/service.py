@@ -230,6 +230,8 @@ EnvironmentFile=-{_quote(str(paths.env_file))}
 WatchdogSec=300
 Restart=on-failure
 RestartSec=5
+# Exit 78 (EX_CONFIG) is a config or plugin error: a restart cannot fix it, so systemd stops.
+RestartPreventExitStatus=78
 # Startup recovery reconciles with the remote job list; a stop finishes the step in hand.
 TimeoutStartSec=300
 TimeoutStopSec=120

@@ -237,3 +237,24 @@ def test_a_service_that_delivered_a_failed_job_still_stops_with_0(workspace: Wor
         assert workspace.delivered()["unknown"]["state"] == "rejected"
     finally:
         assert daemon.stop() == 0
+
+
+def test_config_and_plugin_errors_exit_78_and_the_unit_does_not_restart_on_it(workspace: Workspace):
+    from batchd.cli import EXIT_CONFIG
+
+    assert EXIT_CONFIG == 78  # EX_CONFIG of sysexits.h, what RestartPreventExitStatus names
+    unit = workspace.batchd("service", "install", "--print")
+    assert unit.returncode == 0, unit.stderr
+    assert f"\nRestartPreventExitStatus={EXIT_CONFIG}\n" in unit.stdout
+    assert "\nRestart=on-failure\n" in unit.stdout
+
+    workspace.config.write_text(workspace.config.read_text() + 'no_such_setting = 1\n')
+    bad_config = workspace.batchd("run")
+    assert bad_config.returncode == EXIT_CONFIG, bad_config.stderr
+    assert "no_such_setting" in bad_config.stderr and "Traceback" not in bad_config.stderr
+
+    workspace.configure()
+    workspace.add_plugin("broken", "raise ImportError('not today')\n")
+    bad_plugin = workspace.batchd("run")
+    assert bad_plugin.returncode == EXIT_CONFIG, bad_plugin.stderr
+    assert "not today" in bad_plugin.stderr and "Traceback" not in bad_plugin.stderr
