@@ -233,12 +233,20 @@ def _job_view(journal, job) -> dict:
     }
 
 
-def _read_jobs(settings: Settings, name: str | None) -> list[dict]:
+#: ``batchd status`` without NAME shows unfinished jobs and those finished this recently.
+STATUS_RECENT_SECONDS = 24 * 3600
+
+
+def _read_jobs(settings: Settings, name: str | None, *, finished_within: float | None = None) -> list[dict]:
+    """The jobs named ``name``, else every job; ``finished_within`` (seconds) leaves out jobs finished earlier."""
     journal = _open_journal(settings)
     if journal is None:
         return []
     try:
         selected = journal.find_jobs(name) if name else journal.jobs()
+        if finished_within is not None and not name:
+            since = time.time() - finished_within
+            selected = [job for job in selected if job.finished_at is None or job.finished_at >= since]
         return [_job_view(journal, job) for job in selected]
     finally:
         journal.close()
@@ -253,14 +261,20 @@ def _read_jobs(settings: Settings, name: str | None) -> list[dict]:
 @click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after this many refreshes.")
 @pass_context
 def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
-    """Show jobs (all unfinished and recent ones, or the jobs named NAME) with their progress."""
+    """Show jobs with their progress: the unfinished ones and those finished in the last 24 hours,
+    or the jobs named NAME (`batchd list` shows every job)."""
     settings = ctx.settings()
-    jobs = _read_jobs(settings, name)
+    jobs = _read_jobs(settings, name, finished_within=STATUS_RECENT_SECONDS)
     if name and not jobs:
         raise click.ClickException(f"no job named {name!r}")
     if watch:
         _watch(settings, name, as_json, interval, count)
-    elif as_json:
+    else:
+        _print_jobs(jobs, as_json)
+
+
+def _print_jobs(jobs: list[dict], as_json: bool) -> None:
+    if as_json:
         click.echo(json.dumps(jobs, indent=2))
     else:
         from batchd.views import console, jobs_table
@@ -283,7 +297,7 @@ def _watch(settings: Settings, name: str | None, as_json: bool, interval: float,
         while count is None or refreshes < count:
             if refreshes:
                 time.sleep(interval)
-            jobs = _read_jobs(settings, name)
+            jobs = _read_jobs(settings, name, finished_within=STATUS_RECENT_SECONDS)
             refreshes += 1
             if as_json:
                 click.echo(json.dumps({"time": time.time(), "jobs": jobs}))
@@ -300,10 +314,10 @@ def _watch(settings: Settings, name: str | None, as_json: bool, interval: float,
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-def list_jobs(ctx: click.Context, as_json: bool) -> None:
+@pass_context
+def list_jobs(ctx: Context, as_json: bool) -> None:
     """List every job the journal knows, oldest first."""
-    ctx.invoke(status, name=None, as_json=as_json)
+    _print_jobs(_read_jobs(ctx.settings(), None), as_json)
 
 
 @main.command()

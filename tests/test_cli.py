@@ -75,6 +75,22 @@ def test_status_and_list_after_a_run(workspace: Workspace):
     assert missing.returncode != 0 and "no job named 'nope'" in missing.stderr
 
 
+def test_status_leaves_out_jobs_finished_over_a_day_ago_and_list_keeps_them(workspace: Workspace):
+    import sqlite3
+    import time
+
+    workspace.drop("old.toml", TRANSLATE)
+    workspace.drop("new.toml", TRANSLATE.replace("Hello", "Hi"))
+    assert workspace.batchd("run", "--once").returncode == 0
+    with sqlite3.connect(workspace.state / "journal.db") as db:
+        db.execute("UPDATE jobs SET finished_at = ? WHERE name = 'old'", (time.time() - 25 * 3600,))
+    assert [job["name"] for job in workspace.status()] == ["new"]
+    listed = json.loads(workspace.batchd("list", "--json").stdout)
+    assert sorted(job["name"] for job in listed) == ["new", "old"]
+    named = json.loads(workspace.batchd("status", "old", "--json").stdout)
+    assert [job["name"] for job in named] == ["old"], "a job asked for by name is shown however old"
+
+
 def test_status_before_any_run_says_no_jobs(workspace: Workspace):
     result = workspace.batchd("status")
     assert result.returncode == 0 and "no jobs" in result.stdout
