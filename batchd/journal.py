@@ -25,10 +25,16 @@ as cancelled. Held jobs are not *active*: ``batchd run --once`` does not wait fo
 A chunk is recorded as soon as its requests file is complete, so chunks are
 submitted while later ones are still being built; ``built`` means every chunk
 is known. ``submitted`` covers the time the remote jobs run; every chunk (one
-remote batch) has its own small state machine::
+remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
-    built → submitting → running → finished → fetched
-                       ↘ skipped (cancelled before it was ever sent)
+    built → submitting → running → fetched   (results downloaded, or the job ended without any)
+      │         │           ╰────→ fetched   (remote_state "missing": the remote job disappeared)
+      │         ╰────────────────→ fetched   (remote_state "rejected": the create was refused)
+      ╰→ skipped                             (cancelled before it was ever sent)
+
+``submitting`` is written before the create call; a crash there leaves the chunk
+``submitting`` until reconciliation finds its remote job by display name (then
+``running``) or, after ``submit_grace_seconds``, creates it again.
 
 A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
 rejected.

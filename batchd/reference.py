@@ -1,8 +1,8 @@
 """Generated files: docs/configuration.md (the settings model), docs/manifests.md (the manifest schema)
 and contrib/systemd/batchd.service (the unit template, rendered for example paths).
 
-Both are written from the code, so they cannot drift from it; a test fails when a committed page is
-stale. Regenerate both with::
+All three are written from the code, so they cannot drift from it; a test fails when a committed one
+is stale. Regenerate them with::
 
     python -m batchd.reference
 """

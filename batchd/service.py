@@ -226,7 +226,8 @@ ExecStart={command}
 # GEMINI_API_KEY=... (mode 0600, never in config.toml). "-": the file is optional for the emulator.
 EnvironmentFile=-{_quote(str(paths.env_file))}
 # The main loop pings at half this; a wedged loop is killed and restarted. Generous, because
-# one step of the loop may be a long results download or, in an outage, an HTTP call's retries.
+# in an outage one step of the loop may wait out an HTTP call's retries (results downloads run
+# in their own pool and do not hold the loop).
 WatchdogSec=300
 Restart=on-failure
 RestartSec=5

@@ -248,7 +248,7 @@ class Workspace:
     def create(cls, root: Path, *, python: str = sys.executable, **settings: Any) -> Workspace:
         """Make the folders and write config.toml (:meth:`configure` with ``settings``)."""
         workspace = cls(root, python=python)
-        for folder in (workspace.inbox, workspace.outbox, workspace.plugins):
+        for folder in (workspace.inbox, workspace.outbox, workspace.state, workspace.plugins):
             folder.mkdir(parents=True, exist_ok=True)
         workspace.configure(**settings)
         return workspace
