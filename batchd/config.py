@@ -64,8 +64,6 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 }
 
 #: The kinds of job events, in the order a job meets them (see docs/plugins.md, job_event).
-EVENT_KINDS = ("accepted", "rejected", "held", "submitted", "progress",
-               "succeeded", "partial", "failed", "cancelled")
 EventKind = Literal["accepted", "rejected", "held", "submitted", "progress",
                     "succeeded", "partial", "failed", "cancelled"]
 

@@ -4,10 +4,10 @@ Everything goes through the google-genai SDK over HTTP, exactly as to Google; th
 another ``base_url``. Two SDK clients share the same settings and differ only in retries:
 
 * ``_retrying_client`` has SDK retries on (exponential backoff on 408/429/5xx, timeouts, connect errors). It
-  serves every call that is safe to repeat: get, list, cancel, delete, count_tokens.
+  serves every call that is safe to repeat: get, list, cancel, count_tokens.
 * ``_single_shot_client`` never retries. ``batches.create`` is not idempotent: a retry after an ambiguous
-  5xx or timeout can create a second job, so batchd reconciles by display name instead (see
-  ``jobs_named``). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
+  5xx or timeout can create a second job, so batchd reconciles by display name instead (the
+  daemon matches ``list_jobs`` against the display names of its unconfirmed creates). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
   *whole* transfer: the SDK retries neither chunk uploads nor downloads, and one retry layer instead of
   two keeps the worst-case wait bounded. A repeated upload leaves at most an orphan file (deleted by the
   service after 48 h); a repeated download overwrites a temp file.
@@ -390,7 +390,7 @@ class Provider:
 
     def create_from_file(self, model: str, file_name: str, display_name: str) -> RemoteJob:
         """Create a batch from an uploaded JSONL file. Never retried: on an ambiguous failure reconcile
-        with ``jobs_named(display_name)`` before creating again."""
+        by display name (``list_jobs``) before creating again."""
         return self._create(model, file_name, display_name)
 
     def create_inline(self, model: str, requests: list[dict[str, Any]], display_name: str) -> RemoteJob:
@@ -427,26 +427,9 @@ class Provider:
                 raise ProviderError(f"batches.list returned page token {page_token!r} twice")
             seen_tokens.add(page_token)
 
-    def jobs_named(self, display_name: str) -> list[RemoteJob]:
-        """Jobs with this display name, oldest first: the lookup that makes create idempotent.
-
-        The Gemini API cannot filter list server-side (the SDK rejects ``filter``), so this pages
-        through all jobs.
-        """
-        matches = [job for job in self.list_jobs() if job.display_name == display_name]
-        return sorted(matches, key=lambda job: (job.create_time is None, job.create_time or datetime.min))
-
     def cancel(self, name: str) -> None:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
         self._retrying_client.batches.cancel(name=_checked_batch_name(name))
-
-    def delete(self, name: str) -> None:
-        """Delete a job; one that is already gone counts as deleted (a retried delete sees 404)."""
-        try:
-            self._retrying_client.batches.delete(name=_checked_batch_name(name))
-        except errors.ClientError as exc:
-            if exc.code != 404:
-                raise
 
     def count_tokens(self, model: str, text: str | list[str]) -> int:
         """Tokens of one prompt, or of several counted in one call (each a user turn)."""
@@ -456,20 +439,6 @@ class Provider:
         return response.total_tokens or 0
 
     # -- fetch -------------------------------------------------------------------------------------
-
-    def results(self, job: RemoteJob, download_to: Path) -> Iterator[dict[str, Any]]:
-        """The ``{"key", "response"|"error"}`` records of a finished job.
-
-        File output is downloaded to ``download_to`` first (now, not on first iteration), then streamed
-        line by line. A job without known output (list leaves inline output out) is read again with get.
-        """
-        if job.responses_file is None and job.inlined is None:
-            job = self.get(job.name)
-        if job.responses_file is not None:
-            return read_results_file(self.download(job.responses_file, download_to))
-        if job.inlined is not None:
-            return inline_results(job.inlined)
-        raise ProviderError(f"{job.name} has no output (state {job.raw_state})")
 
     def download(self, file_name: str, destination: Path) -> Path:
         """Download a generated file to ``destination``, atomically and without holding it in memory."""

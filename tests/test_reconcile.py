@@ -70,6 +70,6 @@ def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_
 
     chunk = daemon.journal.chunks("j1")[0]
     assert chunk.state == "running"
-    assert [job.name for job in daemon.provider.jobs_named(DISPLAY_NAME)] == [chunk.remote_name]
+    assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
     daemon.reconcile()  # a second pass finds nothing left to do
-    assert [job.name for job in daemon.provider.jobs_named(DISPLAY_NAME)] == [chunk.remote_name]
+    assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
