@@ -41,7 +41,6 @@ __all__ = [
     "choose_folder",
     "durable_move",
     "fsync_dir",
-    "is_published",
     "numbered_paths",
     "write_temp",
 ]
@@ -226,9 +225,8 @@ def choose_folder(outbox: Path, name: str, taken: Callable[[Path], bool] | None 
 
     Contract: the caller must durably record the returned path (in its journal) *before*
     :meth:`JobFolder.publish`. After a crash between publish and the commit that follows it,
-    the recorded path exists; :func:`is_published` then tells whether it holds this job's
-    output (commit and move on) or something else (choose again). Choosing afresh instead
-    would publish the same job a second time as ``NAME-2``.
+    the recorded path exists and holds this job's output: commit and move on. Choosing afresh
+    instead would publish the same job a second time as ``NAME-2``.
     """
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"not a usable folder name: {name!r}")
@@ -241,20 +239,6 @@ def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Pat
     yield directory / f"{stem}{suffix}"
     for number in itertools.count(2):
         yield directory / f"{stem}-{number}{suffix}"
-
-
-def is_published(dest: Path, job_id: str, *, marker_file: str = "summary.json", key: str = "job_id") -> bool:
-    """Whether ``dest`` is a published folder of job ``job_id``.
-
-    True when ``dest/marker_file`` is a JSON object whose ``key`` equals ``job_id``. Because
-    :meth:`JobFolder.publish` is a single rename, a folder that passes this check is complete.
-    """
-    try:
-        with open(dest / marker_file, encoding="utf-8") as fh:
-            marker = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get(key) == job_id
 
 
 class JobFolder:

@@ -20,7 +20,6 @@ from batchd.outbox import (
     check_same_filesystem,
     choose_folder,
     durable_move,
-    is_published,
     numbered_paths,
     write_temp,
 )
@@ -201,20 +200,12 @@ def test_choose_folder_rejects_unusable_names(tmp_path, bad):
         choose_folder(tmp_path, bad)
 
 
-def test_is_published(tmp_path):
-    dest = tmp_path / "report"
-    assert not is_published(dest, "j1")
-    dest.mkdir()
-    assert not is_published(dest, "j1")
-    (dest / "summary.json").write_text("{not json")
-    assert not is_published(dest, "j1")
-    (dest / "summary.json").write_text(json.dumps({"job_id": "j2"}))
-    assert not is_published(dest, "j1")
-    (dest / "summary.json").write_text(json.dumps({"job_id": "j1"}))
-    assert is_published(dest, "j1")
-
-
 # -- job folders -------------------------------------------------------------------------------
+
+
+def published_job(dest: Path) -> str:
+    """The job id in the summary.json of outbox folder ``dest`` (what fill() writes)."""
+    return json.loads((dest / "summary.json").read_text())["job_id"]
 
 
 @pytest.fixture
@@ -247,7 +238,7 @@ def test_job_folder_publish_makes_the_whole_folder_appear(dirs, tmp_path):
     assert (dest / "notes.txt").read_text() == "line 1\nline 2\n"
     assert (dest / "raw" / "results.jsonl").read_bytes() == b'{"key": "a"}\n'
     assert (dest / "input.csv").read_text() == src.read_text()
-    assert is_published(dest, "j1")
+    assert published_job(dest) == "j1"
     assert not (state / "staging" / "j1").exists()
 
 
@@ -264,7 +255,7 @@ def test_job_folder_crash_before_publish_leaves_the_outbox_untouched(dirs):
     fill(folder)
     dest = folder.publish(out / "report")
     assert names(out) == ["report"]
-    assert is_published(dest, "j1")
+    assert published_job(dest) == "j1"
 
 
 def test_job_folder_staged_before_a_crash_is_published_as_is(dirs):
@@ -272,7 +263,7 @@ def test_job_folder_staged_before_a_crash_is_published_as_is(dirs):
     staging = state / "staging" / "j1"
     fill(JobFolder(staging))  # finished, then killed before publishing
     dest = JobFolder(staging, create=False).publish(out / "report")
-    assert is_published(dest, "j1")
+    assert published_job(dest) == "j1"
     assert (dest / "notes.txt").read_text() == "line 1\nline 2\n"
 
 
