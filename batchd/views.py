@@ -2,16 +2,13 @@
 
 A job row is the dict ``batchd status --json`` prints (see ``batchd.cli._job_view``). Progress counts
 requests: a finished chunk counts all of its requests, a running one what its remote ``batchStats``
-say is done. Cost comes from the row (``cost``) or, for a delivered job, its ``summary.json``, when
-either has one: the actual cost, else the estimate marked ``~``; the column only appears if some job
-has a cost. Held jobs get a line under the table saying why and how to release them.
+say is done. Cost is the row's ``cost`` (``{estimate, actual, currency}``, as in summary.json): the
+actual cost, else the estimate marked ``~``; the column only appears if some job has a cost. Held jobs get a line under the table saying why and how to release them.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Group
@@ -39,14 +36,16 @@ def job_state(job: dict) -> str:
 
 
 def job_cost(job: dict) -> str | None:
-    """The job's cost as shown, if batchd knows one (from the journal row or the delivered summary)."""
+    """The job's cost as shown, if batchd knows one: its actual cost, else its estimate marked ``~``."""
     cost = job.get("cost")
-    if cost is None and job.get("state") == "done" and job.get("outbox"):
-        try:
-            cost = json.loads((Path(job["outbox"]) / "summary.json").read_text()).get("cost")
-        except (OSError, ValueError):
-            cost = None
-    return _cost_text(cost)
+    if not isinstance(cost, dict):
+        return None
+    currency = cost.get("currency") or "USD"
+    if _is_number(cost.get("actual")):
+        return _money(float(cost["actual"]), currency)
+    if _is_number(cost.get("estimate")):
+        return "~" + _money(float(cost["estimate"]), currency)
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -55,24 +54,6 @@ def _is_number(value: Any) -> bool:
 
 def _money(amount: float, currency: str = "USD") -> str:
     return f"${amount:.4f}" if currency == "USD" else f"{amount:.4f} {currency}"
-
-
-def _cost_text(cost: Any) -> str | None:
-    if _is_number(cost):
-        return _money(float(cost))
-    if not isinstance(cost, dict):
-        return None
-    if "actual" in cost or "estimate" in cost:  # the cost plugin's {estimate, actual, currency}
-        currency = cost.get("currency") or "USD"
-        if _is_number(cost.get("actual")):
-            return _money(float(cost["actual"]), currency)
-        if _is_number(cost.get("estimate")):
-            return "~" + _money(float(cost["estimate"]), currency)
-        return None
-    for key in ("total_usd", "usd", "estimated_usd", "total"):
-        if _is_number(cost.get(key)):
-            return _money(float(cost[key]))
-    return None
 
 
 def age(seconds: float) -> str:

@@ -275,23 +275,27 @@ def test_every_read_command_speaks_json(workspace: Workspace):
         json.loads(result.stdout)  # the whole of stdout is one JSON document
 
 
-def test_the_cost_column_appears_when_a_summary_has_a_cost(tmp_path):
+def test_the_cost_column_shows_the_actual_cost_else_the_estimate(tmp_path):
     from rich.console import Console
 
     from batchd.views import jobs_table
 
-    delivered = tmp_path / "translate"
-    delivered.mkdir()
-    (delivered / "summary.json").write_text(json.dumps({"cost": {"total_usd": 0.01234}}))
     job = {"id": "j1", "manifest": "translate.toml", "task": "translate", "state": "done", "outcome": "succeeded",
-           "requests": 4, "done": 4, "cancel_requested": False, "outbox": str(delivered), "created_at": 0.0}
-    running = {**job, "id": "j2", "state": "submitted", "outcome": None, "done": 1, "outbox": None}
+           "requests": 4, "done": 4, "cancel_requested": False, "outbox": None, "created_at": 0.0,
+           "cost": {"estimate": 0.05, "actual": 0.01234, "currency": "USD"}}
+    running = {**job, "id": "j2", "manifest": "other.toml", "state": "submitted", "outcome": None, "done": 1,
+               "cost": {"estimate": 0.5, "actual": None, "currency": "USD"}}
+    euros = {**job, "id": "j3", "manifest": "euros.toml", "cost": {"estimate": 2.0, "actual": None, "currency": "EUR"}}
+    unknown = {**job, "id": "j4", "manifest": "unknown.toml", "cost": None}
 
     def render(jobs):
         console = Console(width=200, record=True)
         console.print(jobs_table(jobs, now=90.0))
         return console.export_text()
 
-    with_cost = render([job, running])
+    with_cost = render([job, running, euros])
     assert "cost" in with_cost and "$0.0123" in with_cost and "1/4" in with_cost and "1m" in with_cost
-    assert "cost" not in render([running]), "no column when no job has a cost"
+    assert "~$0.5000" in with_cost, "no actual cost yet: the estimate, marked"
+    assert "~2.0000 EUR" in with_cost
+    assert "$0.0500" not in with_cost, "the actual cost wins over the estimate"
+    assert "cost" not in render([unknown]), "no column when no job has a cost"
