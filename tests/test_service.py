@@ -157,14 +157,80 @@ def test_ready_comes_after_recovery_then_status_lines_and_stopping_on_sigterm(wo
     assert "READY=1" not in systemd.lines()[systemd.lines().index("STOPPING=1"):]
 
 
+#: A task whose request building blocks, on the daemon's loop, until the test releases it.
+BLOCKING_PLUGIN = """
+import time
+from pathlib import Path
+from pydantic import BaseModel, ConfigDict
+from batchd import hookimpl
+from batchd.task import Task, TaskRequest
+
+HERE = Path(__file__).parent
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class Blocking(Task):
+    name = "blocking"
+    Params = Params
+
+    def inline_items(self, params):
+        return "texts", params.texts
+
+    def requests(self, params, items):
+        for item in items:
+            if item.text == "block" and not (HERE / "released").exists():
+                (HERE / "blocked").touch()
+                while not (HERE / "released").exists():
+                    time.sleep(0.02)
+            yield TaskRequest(key=item.id, prompt=item.text, input={"text": item.text})
+
+    def organize(self, results):
+        for result in results:
+            yield result.key, result.text
+
+
+@hookimpl
+def register_tasks(register):
+    register(Blocking())
+"""
+
+
 def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Workspace, systemd):
-    workspace.configure(**SLOW_LOOP)
-    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="400000")
+    # WATCHDOG_USEC=1 s: a ping every 0.5 s. The loop's own timers are 60 s, so pings that keep
+    # coming prove the idle loop wakes for the watchdog; the bounds are loose (a loaded machine
+    # may be slow) but far below the 60 s the loop would otherwise sleep.
+    # No cost plugin: its estimate reads the requests in a worker thread, before the build does.
+    workspace.configure(**SLOW_LOOP, disabled_plugins=["cost"])
+    workspace.add_plugin("blocking", BLOCKING_PLUGIN)
+    daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="1000000")
     try:
         systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
-        for _ in range(5):  # an idle loop that would sleep 60 s still pings
-            systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=30, what="WATCHDOG=1")
+        started = time.monotonic()
+        for _ in range(6):  # 6 pings: 2.5 s at the configured rate; allow 8 times that
+            systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=20, what="WATCHDOG=1")
+        assert time.monotonic() - started < 20, "pings come at about half the timeout, not at the loop's 60 s"
+
+        # While the loop is blocked (inside a plugin, building requests), nothing pings for it:
+        # not a helper thread, so systemd's watchdog would see the wedge.
+        workspace.drop("blocked.toml", 'task = "blocking"\ntexts = ["fine", "block"]\n')
+        workspace.wait_for(lambda: (workspace.plugins / "blocked").exists(), what="the loop blocked")
+        while systemd.receive(0.05) is not None:
+            pass  # what was sent before the block
+        pings_while_blocked = []
+        for _ in range(30):  # 3 s: 6 ping intervals
+            lines = systemd.receive(0.1)
+            if lines and "WATCHDOG=1" in lines:
+                pings_while_blocked.append(lines)
+        assert pings_while_blocked == [], "a blocked loop must not ping the watchdog"
+        (workspace.plugins / "released").touch()
+        systemd.wait_for(lambda lines: "WATCHDOG=1" in lines, timeout=20, what="WATCHDOG=1 after the block")
+        workspace.wait_for(lambda: "blocked" in workspace.delivered(), what="the blocked job delivered")
     finally:
+        (workspace.plugins / "released").touch()
         assert daemon.stop() == 0
 
 
