@@ -330,12 +330,13 @@ class Provider:
         base_url: str | None = None,
         api_version: str = "v1beta",
         retry: RetryPolicy = RetryPolicy(),
-        timeout_s: float = 120.0,
+        timeout_s: float = 60.0,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """``base_url`` None lets the SDK choose (``GOOGLE_GEMINI_BASE_URL``, else Google).
 
-        ``timeout_s`` bounds each connect/read/write, not a whole transfer. ``headers`` are sent with every
+        ``timeout_s`` bounds each connect/read/write, not a whole transfer; with the retries, one
+        call on the daemon's loop stays well inside the service unit's ``WatchdogSec``. ``headers`` are sent with every
         JSON request (proxies, tracing).
         """
         self._retry = retry

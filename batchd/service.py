@@ -226,15 +226,16 @@ ExecStart={command}
 # GEMINI_API_KEY=... (mode 0600, never in config.toml). "-": the file is optional for the emulator.
 EnvironmentFile=-{_quote(str(paths.env_file))}
 # The main loop pings at half this; a wedged loop is killed and restarted. Generous, because
-# in an outage one step of the loop may wait out an HTTP call's retries (results downloads run
-# in their own pool and do not hold the loop).
-WatchdogSec=300
+# in an outage one step of the loop may wait out an HTTP call's retries: 5 attempts of up to
+# 60 s each plus backoff, about 320 s (results downloads run in their own pool).
+WatchdogSec=600
 Restart=on-failure
 RestartSec=5
 # Exit 78 (EX_CONFIG) is a config or plugin error: a restart cannot fix it, so systemd stops.
 RestartPreventExitStatus=78
-# Startup recovery reconciles with the remote job list; a stop finishes the step in hand.
-TimeoutStartSec=300
+# Startup recovery reconciles with the remote job list (one list call may wait out its retries,
+# as above); a stop finishes the step in hand.
+TimeoutStartSec=600
 TimeoutStopSec=120
 # SIGTERM to batchd only: it stops its embedded emulator itself after recording any create in
 # flight. Whatever is left gets SIGKILL at TimeoutStopSec.
