@@ -160,6 +160,9 @@ class NotifySettings(BaseModel):
     keep_days: float = Field(
         30.0, gt=0, description="Delivered (or given up) events are kept in the journal this long."
     )
+    progress_seconds: float = Field(
+        60.0, ge=0, description="At most one progress event per job this often, as its remote counts move."
+    )
     log: LogNotifySettings = Field(default_factory=LogNotifySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)

@@ -40,7 +40,7 @@ from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
 from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
 from batchd.costs import describe as describe_cost
-from batchd.events import EventDispatcher, make_event
+from batchd.events import EventDispatcher, make_event, progress_counts
 from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.logs import redact_data
@@ -1031,7 +1031,8 @@ class Daemon:
         changed = remote.state != chunk.remote_state or remote.stats != chunk.stats
         if remote.state in ("pending", "running", "unknown"):
             if changed:
-                self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats)
+                self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats,
+                                          events=self._progress_events(chunk, remote.stats))
             return changed
         self.fetch(chunk)
         self.advance_now = True
@@ -1094,19 +1095,29 @@ class Daemon:
                                           events=self._progress_events(chunk))
                 continue
             self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
-                                      stats=remote.stats, error=error, events=self._progress_events(chunk))
+                                      stats=remote.stats, error=error,
+                                      events=self._progress_events(chunk, remote.stats, finished=True))
             log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
                      extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
 
-    def _progress_events(self, finished: Chunk) -> list[dict]:
-        """A ``progress`` event when a chunk finishes and others of its job are still to come."""
-        job = self.journal.job(finished.job_id)
+    def _progress_events(self, moved: Chunk, stats: dict, *, finished: bool = False) -> list[dict]:
+        """A ``progress`` event when the remote counts of ``moved``'s job have changed since the last one.
+
+        At most one per job per ``notify.progress_seconds``, so a long job does not flood the journal
+        and the receivers; none when the chunk that finishes is the job's last (its final event follows).
+        """
+        job = self.journal.job(moved.job_id)
         chunks = self.journal.chunks(job.id)
-        done = [c for c in chunks if c.idx == finished.idx or c.state in ("fetched", "skipped")]
-        if len(done) == len(chunks) and job.state != "building":
-            return []  # the last one: the final event follows
-        counts = {"total": sum(c.request_count for c in chunks), "done": sum(c.request_count for c in done),
-                  "chunks": len(chunks), "chunks_done": len(done)}
+        if finished and job.state != "building" and all(
+                c.idx == moved.idx or c.state in ("fetched", "skipped") for c in chunks):
+            return []
+        last = self.journal.last_event(job.id, "progress")
+        if last is not None and time.time() - last[1] < self.settings.notify.progress_seconds:
+            return []
+        counts = progress_counts(chunks, {moved.idx: stats})
+        before = last[0]["counts"] if last is not None else {"done": 0, "total": counts["total"]}
+        if (counts["done"], counts["total"]) == (before.get("done"), before.get("total")):
+            return []
         return [self._event("progress", job, counts=counts)]
 
     def progress(self, job: Job) -> None:

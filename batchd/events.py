@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
@@ -33,7 +34,7 @@ from batchd.plugins import single_plugin_callers
 
 if TYPE_CHECKING:
     from batchd.config import Settings
-    from batchd.journal import Job, Journal
+    from batchd.journal import Chunk, Job, Journal
 
 log = logging.getLogger("batchd.events")
 
@@ -64,6 +65,23 @@ def make_event(kind: str, job: Job, *, seq: int | None = None, state: str | None
         "reason": reason,
         "error": error,
     }
+
+
+def progress_counts(chunks: Iterable[Chunk], stats: Mapping[int, dict] | None = None) -> dict:
+    """A ``progress`` event's counts over a job's chunks, from the ``batchStats`` the polls recorded.
+
+    ``stats`` overrides the recorded stats of some chunks (by ``idx``): what a poll has just seen,
+    before it is committed. ``total`` is the job's requests (known locally, also for chunks not yet
+    started); ``done`` is ``succeeded + failed``.
+    """
+    stats = stats or {}
+    total = succeeded = failed = 0
+    for chunk in chunks:
+        counted = stats.get(chunk.idx, chunk.stats) or {}
+        total += chunk.request_count
+        succeeded += counted.get("successfulRequestCount", 0)
+        failed += counted.get("failedRequestCount", 0)
+    return {"total": total, "succeeded": succeeded, "failed": failed, "done": succeeded + failed}
 
 
 class _Call:

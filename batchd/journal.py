@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (event_id, plugin)
 );
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
 """
 
 #: Columns added to ``jobs`` after its first release, added to older journals when opened.
@@ -409,6 +410,12 @@ class Journal:
     def event_count(self, job_id: str, kind: str) -> int:
         return self._db.execute("SELECT count(*) FROM events WHERE job_id = ? AND kind = ?",
                                 (job_id, kind)).fetchone()[0]
+
+    def last_event(self, job_id: str, kind: str) -> tuple[dict, float] | None:
+        """The job's latest event of this kind and when it was committed (``time.time()``), if any."""
+        row = self._db.execute("SELECT body, created_at FROM events WHERE job_id = ? AND kind = ?"
+                               " ORDER BY seq DESC LIMIT 1", (job_id, kind)).fetchone()
+        return (json.loads(row["body"]), row["created_at"]) if row else None
 
     def events(self, job_id: str | None = None) -> list[dict]:
         """Events in the order they were committed, each with its deliveries by plugin."""
