@@ -128,9 +128,12 @@ class EventDispatcher:
 
     def __init__(self, pm: pluggy.PluginManager, journal: Journal, settings: Callable[[], Settings]):
         self.callers = single_plugin_callers(pm, "job_event")
+        self.kinds_callers = {plugin: caller for plugin, caller in single_plugin_callers(pm, "job_event_kinds").items()
+                              if plugin in self.callers}
         self.journal = journal
         self.settings = settings
-        journal.event_targets = tuple(self.callers)
+        self._wanted: tuple[tuple, dict[str, frozenset[str] | None]] = ((), {})
+        journal.event_targets = self.targets
         self.in_flight: dict[str, _Call] = {}
         self.hung: dict[str, int] = {plugin: 0 for plugin in self.callers}
         self._hung_lock = threading.Lock()
@@ -140,6 +143,31 @@ class EventDispatcher:
     @property
     def plugins(self) -> tuple[str, ...]:
         return tuple(self.callers)
+
+    def targets(self, event: dict) -> list[str]:
+        """The plugins that want this event (``job_event_kinds``): they get its delivery rows."""
+        wanted = self.wanted_kinds()
+        return [plugin for plugin in self.callers if wanted.get(plugin) is None or event["kind"] in wanted[plugin]]
+
+    def wanted_kinds(self) -> dict[str, frozenset[str] | None]:
+        """Each plugin's ``job_event_kinds`` answer (``None``: every kind), asked again when the settings change."""
+        settings = self.settings()
+        # The daemon reloads [cost] and [notify] in place: they are part of what was asked about.
+        asked_about = (settings, settings.cost, settings.notify)
+        asked, wanted = self._wanted
+        if len(asked) == len(asked_about) and all(a is b for a, b in zip(asked, asked_about)):
+            return wanted
+        wanted = {}
+        for plugin, caller in self.kinds_callers.items():
+            try:
+                kinds = caller(settings=settings)
+            except Exception as error:  # noqa: BLE001 - a plugin's failure must not stop the event
+                log.warning("plugin %s: job_event_kinds failed (%s: %s); it gets every event",
+                            plugin, type(error).__name__, error)
+                kinds = None
+            wanted[plugin] = None if kinds is None else frozenset(kinds)
+        self._wanted = (asked_about, wanted)
+        return wanted
 
     def pump(self) -> None:
         """Record finished calls, time out hung ones, start calls for the deliveries that are due."""

@@ -118,3 +118,17 @@ def job_event(event: dict[str, Any], settings: Settings) -> None:
         (the delivered folder, on final kinds), and ``reason`` (held) or ``error`` where there is one.
     :param settings: the daemon's settings (``settings.notify``).
     """
+
+
+@hookspec(firstresult=True)
+def job_event_kinds(settings: Settings) -> Iterable[str] | None:
+    """Which event kinds this plugin's ``job_event`` wants under ``settings``.
+
+    Asked of each plugin that implements ``job_event``, on its own, when an event is committed
+    (with the settings of that moment): a plugin gets a delivery row, and calls, only for the kinds
+    it names. An empty collection means none (e.g. a notifier with nothing configured); ``None``,
+    or not implementing this hook, means every kind. A plugin that raises here gets every kind.
+
+    :param settings: the daemon's settings, re-read from the config file when it changes.
+    :return: event kinds (see ``job_event``), or ``None`` for all of them.
+    """

@@ -53,7 +53,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from batchd.logs import redact, redact_data
 
@@ -243,7 +243,8 @@ class Journal:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
         #: Plugins that get a delivery row for every new event (those implementing job_event).
-        self.event_targets: tuple[str, ...] = ()
+        #: The plugins an event is to be delivered to (one delivery row each); set by the dispatcher.
+        self.event_targets: Callable[[dict], Iterable[str]] = lambda event: ()
         #: Events committed by this process so far (lets the notifier skip queries when none are new).
         self.events_added = 0
 
@@ -400,7 +401,7 @@ class Journal:
             self.events_added += 1
             db.executemany(
                 "INSERT OR IGNORE INTO deliveries (event_id, plugin, state, next_at) VALUES (?, ?, 'pending', ?)",
-                [(event["id"], plugin, now) for plugin in self.event_targets],
+                [(event["id"], plugin, now) for plugin in self.event_targets(event)],
             )
 
     def add_events(self, events: Iterable[dict]) -> None:

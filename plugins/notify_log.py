@@ -33,6 +33,11 @@ def fields(event) -> dict:
 
 
 @hookimpl
+def job_event_kinds(settings):
+    return settings.notify.log.events or None
+
+
+@hookimpl
 def job_event(event, settings) -> None:
     wanted = settings.notify.log.events
     if wanted and event["kind"] not in wanted:

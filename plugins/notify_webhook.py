@@ -42,7 +42,17 @@ def _where(url: str) -> str:
 
 
 @hookimpl
+def job_event_kinds(settings):
+    """No kinds without a URL, else the ``events`` kinds (``None``: all)."""
+    config = settings.notify.webhook
+    if not config.urls:
+        return ()
+    return config.events or None
+
+
+@hookimpl
 def job_event(event, settings) -> None:
+    # Checked here too: a delivery committed before the config changed may still come.
     config = settings.notify.webhook
     if not config.urls or (config.events and event["kind"] not in config.events):
         return

@@ -154,6 +154,66 @@ def test_hook_job_event_progress_is_throttled_to_one_per_progress_seconds(worksp
     assert kinds[-1] == "succeeded"
 
 
+CHOOSY = '''
+import json, os
+from batchd import hookimpl
+
+@hookimpl
+def job_event_kinds(settings):
+    return ["succeeded"]
+
+@hookimpl
+def job_event(event):
+    with open(os.environ["RECORD_EVENTS_TO"], "a") as out:
+        out.write(json.dumps(event) + "\\n")
+'''
+CONFUSED = '''
+from batchd import hookimpl
+
+@hookimpl
+def job_event_kinds(settings):
+    raise KeyError("no such setting")
+
+@hookimpl
+def job_event(event):
+    pass
+'''
+
+
+def test_hook_job_event_kinds_unconfigured_notifiers_get_no_deliveries(workspace: Workspace):
+    with HttpSink() as sink:
+        workspace.configure(notify={"webhook": {"urls": [sink.url], "events": ["succeeded"]}})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        result = workspace.batchd("run", "--once")
+        posts = sink.accepted()
+
+    assert result.returncode == 0, result.stderr
+    entries = deliveries(workspace)
+    assert len(entries) >= 3
+    # email has no apprise URL: not a row for any event; the webhook only for the kind it sends.
+    assert all("email" not in entry["deliveries"] for entry in entries)
+    assert all("log" in entry["deliveries"] for entry in entries)
+    with_webhook = [entry["event"]["kind"] for entry in entries if "webhook" in entry["deliveries"]]
+    assert with_webhook == ["succeeded"]
+    assert [post.event["kind"] for post in posts] == ["succeeded"]
+
+
+def test_hook_job_event_kinds_of_a_third_party_plugin_and_one_that_raises(workspace: Workspace):
+    record = workspace.root / "events.jsonl"
+    with_plugins(workspace, choosy=CHOOSY, confused=CONFUSED)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", RECORD_EVENTS_TO=str(record))
+
+    assert result.returncode == 0, result.stderr
+    assert [event["kind"] for event in recorded(record)] == ["succeeded"]
+    entries = deliveries(workspace)
+    assert [entry["event"]["kind"] for entry in entries if "choosy" in entry["deliveries"]] == ["succeeded"]
+    assert all(entry["deliveries"]["confused"]["state"] == "sent" for entry in entries), "it gets every kind"
+    assert "plugin confused: job_event_kinds failed (KeyError" in result.stderr
+
+
 def test_hook_job_event_webhook_events_filter_and_unsigned_without_secret():
     with HttpSink() as sink:
         settings = Settings(notify={"webhook": {"urls": [sink.url], "events": ["failed"]}})
@@ -303,7 +363,7 @@ def test_webhook_secret_and_email_urls_come_from_the_environment_and_are_never_s
 
 def test_delivered_events_are_forgotten_after_keep_days_and_pending_ones_never(tmp_path):
     journal = Journal(tmp_path / "journal.db")
-    journal.event_targets = ("webhook",)
+    journal.event_targets = lambda event: ("webhook",)
     try:
         journal.add_events([{"id": f"j:{kind}", "job_id": "j", "kind": kind} for kind in ("accepted", "submitted")])
         journal.delivery_sent("j:accepted", "webhook")
