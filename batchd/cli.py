@@ -152,20 +152,27 @@ def submit(ctx: Context, manifest: Path) -> None:
     click.echo(f"submitted {destination}")
 
 
+def _drop_request(settings: Settings, name: str, verb: str, noun: str) -> None:
+    """Drop an empty ``NAME.<verb>`` into the inbox (atomically, once) for the daemon to act on."""
+    from batchd.inbox import drop_bytes
+
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise click.ClickException(f"{name!r} is not a job name or id (the manifest's name without "
+                                   f"extension, no folders)")
+    try:
+        drop_bytes(b"", settings.inbox / f"{name}.{verb}")
+    except FileExistsError:
+        click.echo(f"{noun} of {name} was already requested")
+        return
+    click.echo(f"{noun} requested for {name}")
+
+
 @main.command()
 @click.argument("name")
 @pass_context
 def cancel(ctx: Context, name: str) -> None:
     """Cancel job NAME (the manifest's name without extension, or a job id)."""
-    from batchd.inbox import drop_bytes
-
-    settings = ctx.settings()
-    try:
-        drop_bytes(b"", settings.inbox / f"{name}.cancel")
-    except FileExistsError:
-        click.echo(f"cancel of {name} was already requested")
-        return
-    click.echo(f"cancel requested for {name}")
+    _drop_request(ctx.settings(), name, "cancel", "cancel")
 
 
 @main.command()
@@ -177,15 +184,7 @@ def approve(ctx: Context, name: str) -> None:
     The same as dropping NAME.approve into the inbox: the daemon records the approval in its
     journal, then removes the file. Approving a job not yet held lets it skip its budget check.
     """
-    from batchd.inbox import drop_bytes
-
-    settings = ctx.settings()
-    try:
-        drop_bytes(b"", settings.inbox / f"{name}.approve")
-    except FileExistsError:
-        click.echo(f"approval of {name} was already requested")
-        return
-    click.echo(f"approval requested for {name}")
+    _drop_request(ctx.settings(), name, "approve", "approval")
 
 
 def _open_journal(settings: Settings):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from batchd.testing import Workspace
 from test_daemon import TRANSLATE
 
@@ -101,6 +103,21 @@ def test_cancel_drops_a_cancel_file_once(workspace: Workspace):
     assert (workspace.inbox / "long.cancel").exists()
     again = workspace.batchd("cancel", "long")
     assert again.returncode == 0 and "already requested" in again.stdout
+
+
+def test_approve_drops_an_approve_file_once(workspace: Workspace):
+    first = workspace.batchd("approve", "long")
+    assert first.returncode == 0 and "approval requested for long" in first.stdout
+    assert (workspace.inbox / "long.approve").read_bytes() == b""
+    again = workspace.batchd("approve", "long")
+    assert again.returncode == 0 and "approval of long was already requested" in again.stdout
+
+
+@pytest.mark.parametrize("verb", ["cancel", "approve"])
+def test_cancel_and_approve_refuse_a_name_with_a_folder(workspace: Workspace, verb: str):
+    result = workspace.batchd(verb, "../elsewhere")
+    assert result.returncode != 0 and "is not a job name or id" in result.stderr
+    assert not list(workspace.root.glob(f"elsewhere.{verb}")) and not list(workspace.inbox.iterdir())
 
 
 def test_schema_describes_every_task(workspace: Workspace):
