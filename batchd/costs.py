@@ -9,7 +9,10 @@ actual cost", with the error logged and kept in the job's ``cost`` record.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("batchd.costs")
 
+#: The built-in cost plugin, whose budgets are ``cost.job_budget`` and ``cost.daily_budget``.
+BUILTIN_BUDGET_MODULE = "batchd_plugins.cost"
 #: The window of ``cost.daily_budget``: a rolling day.
 DAY_SECONDS = 24 * 3600
 
@@ -63,6 +68,82 @@ class RequestStream:
             yield request
 
 
+class EstimateAlongside:
+    """A job's estimate made from the requests its build pass reads, instead of a pass of its own.
+
+    For a job whose budget decision does not need the estimate first (no budget can hold it): the
+    builder's requests go through :meth:`feed` on their way to the chunks, and ``estimate(requests)``
+    (``estimate_cost``) iterates them in its own thread, in batches through a bounded queue, so
+    memory stays flat. An estimator that falls :data:`STALL_SECONDS` behind is given up on (the job
+    then goes without an estimate) rather than holding up the build.
+    """
+
+    BATCH = 1000
+    STALL_SECONDS = 30.0
+    _END = None
+
+    def __init__(self, estimate: Callable[[Iterable[TaskRequest]], dict | None], job_id: str):
+        self.job_id = job_id
+        self.fed_all = False  # the build pass has read every request
+        self.result: dict | None = None
+        self.abandoned = False
+        self._closed = False
+        self._queue: queue.Queue[list | None] = queue.Queue(maxsize=16)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(estimate,), daemon=True,
+                                        name=f"batchd-estimate-{job_id}")
+        self._thread.start()
+
+    def _requests(self) -> Iterator[TaskRequest]:
+        while (batch := self._queue.get()) is not self._END:
+            yield from batch
+
+    def _run(self, estimate: Callable[[Iterable[TaskRequest]], dict | None]) -> None:
+        try:
+            self.result = estimate(self._requests())
+        finally:
+            self._done.set()
+
+    def _put(self, item: list | None) -> None:
+        waited_since = time.monotonic()
+        while not (self._done.is_set() or self.abandoned):
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if time.monotonic() - waited_since >= self.STALL_SECONDS:
+                    log.warning("job %s: the cost estimate fell %g s behind the build; going without it",
+                                self.job_id, self.STALL_SECONDS)
+                    self.abandoned = True
+
+    def feed(self, requests: Iterable[TaskRequest]) -> Iterator[TaskRequest]:
+        """``requests``, unchanged, each also handed to the estimate."""
+        batch: list = []
+        try:
+            for request in requests:
+                batch.append(request)
+                if len(batch) == self.BATCH:
+                    self._put(batch)
+                    batch = []
+                yield request
+            self._put(batch)
+            self.fed_all = True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the estimate's stream (at the end of the build, or when the build stops short)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._put(self._END)
+        if not self.fed_all:
+            self.abandoned = True  # a partial stream: its estimate is not the job's
+
+    def done(self) -> bool:
+        return self._done.is_set() or self.abandoned
+
+
 class CostHooks:
     """Calls the cost hooks of one plugin manager, each failure contained."""
 
@@ -72,12 +153,28 @@ class CostHooks:
         self.hook = pm.hook
         self.budget_checks = single_plugin_callers(pm, "check_budget")
 
+    def budget_may_hold(self, settings: Settings) -> bool:
+        """Whether a ``check_budget`` plugin could hold a job now, so it must be estimated before it is built.
+
+        The built-in ``cost`` plugin holds only with a ``[cost]`` budget set; any other plugin might.
+        """
+        for impl in self.hook.check_budget.get_hookimpls():
+            if getattr(impl.plugin, "__name__", None) != BUILTIN_BUDGET_MODULE:
+                return True
+        return settings.cost.job_budget is not None or settings.cost.daily_budget is not None
+
     @property
     def active(self) -> bool:
         """Whether any plugin estimates costs (when none does, jobs are never held)."""
         return bool(self.hook.estimate_cost.get_hookimpls() or self.hook.check_budget.get_hookimpls())
 
-    def estimate(self, job: JobInfo, requests: RequestStream, count_tokens, settings: Settings) -> dict | None:
+    @property
+    def estimates(self) -> bool:
+        """Whether any plugin estimates costs."""
+        return bool(self.hook.estimate_cost.get_hookimpls())
+
+    def estimate(self, job: JobInfo, requests: Iterable[TaskRequest], count_tokens,
+                 settings: Settings) -> dict | None:
         if not self.hook.estimate_cost.get_hookimpls():
             return None
         try:

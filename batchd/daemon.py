@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from batchd import outbox
 from batchd.config import ConfigError, Settings, load_settings
-from batchd.costs import CostHooks, JobInfo, RequestStream, spend_of, summary_cost
+from batchd.costs import CostHooks, EstimateAlongside, JobInfo, RequestStream, spend_of, summary_cost
 from batchd.costs import describe as describe_cost
 from batchd.events import EventDispatcher, make_event, progress_counts
 from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
@@ -246,6 +246,7 @@ class Daemon:
         self.writer_pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="batchd-write")
         self.deliveries: dict[str, Delivery] = {}  # job id → its result files being written
         self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
+        self.estimating_alongside: dict[str, EstimateAlongside] = {}  # job id → the estimate its build pass feeds
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
         self.once_pending: set[str] = set()
@@ -436,9 +437,11 @@ class Daemon:
         self.event_dispatcher.pump()
 
     def _sleep_seconds(self) -> float:
-        if self.builders or self.advance_now:
+        if self.advance_now or any(not self._waits_for_its_estimate(job_id) for job_id in self.builders):
             self.advance_now = False
             return 0.0
+        if self.estimating_alongside:
+            return 0.05
         if any(self._step_ready(job) for job in self.journal.active_jobs()):
             return 0.0  # the next step needs no one else: take it now, not at the next rescan
         if self.submissions or self.estimating or self.fetches or self._delivery_awaited():
@@ -449,6 +452,10 @@ class Daemon:
             # --once also waits for unparseable manifests to reach their grace period: look each second.
             wait = 1.0 if self.once else self.settings.rescan_seconds
         return min(wait, self.event_dispatcher.seconds_until_due())
+
+    def _waits_for_its_estimate(self, job_id: str) -> bool:
+        alongside = self.estimating_alongside.get(job_id)
+        return alongside is not None and alongside.fed_all
 
     def _step_ready(self, job: Job) -> bool:
         """Whether the job's next step can be taken now (a fetched job's writer may still be at work)."""
@@ -719,10 +726,16 @@ class Daemon:
     def admit(self, job: Job) -> None:
         """Estimate the job's cost, then build it if the budget allows, else hold it.
 
-        The estimate streams the manifest's requests once before any chunk is built: chunks go out
-        while later ones are still being built, so the whole job must be priced first. It runs in
-        the pool (a big job's pass and a countTokens call take a while), so other jobs go on meanwhile.
+        When a budget could hold the job, the estimate streams the manifest's requests once before
+        any chunk is built: chunks go out while later ones are still being built, so the whole job
+        must be priced first. It runs in the pool (a big job's pass and a countTokens call take a
+        while), so other jobs go on meanwhile. When no budget can hold it (none set, or the job is
+        approved), the estimate is made from the build pass instead (:meth:`_start_build`).
         """
+        if job.cost is None and self.costs.estimates and (job.approved or not self.costs.budget_may_hold(self.settings)):
+            self.journal.update_job(job.id, admitted_at=time.time())
+            self.build(self.journal.job(job.id))
+            return
         if job.cost is None and self.costs.active:
             estimate = self._estimate(job)
             if estimate is None:
@@ -829,12 +842,22 @@ class Daemon:
             if chunk.idx:
                 crashpoint("while-building")
             return
+        fields = {}
+        alongside = self.estimating_alongside.get(job.id)
+        if alongside is not None:
+            if not alongside.done():
+                return  # every request is read; the estimate finishes in its thread (a countTokens call)
+            del self.estimating_alongside[job.id]
+            if not alongside.abandoned:
+                fields["cost"] = {"estimate": alongside.result}
+                fields["spend"] = spend_of(fields["cost"])
+                log.info("job %s: estimated %s", job.id, describe_cost(alongside.result), extra={"job": job.id})
         del self.builders[job.id]
         chunks = self.journal.chunks(job.id)
         if not chunks:
             self._build_failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
-        self.journal.update_job(job.id, state="built")
+        self.journal.update_job(job.id, state="built", **fields)
         log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
 
     def _start_build(self, job: Job):
@@ -846,7 +869,17 @@ class Daemon:
             self.journal.update_job(job.id, state="building", task=manifest.task, model=model, chunk_limits=limits)
         # Settings are merged per request by the manifest, so the encoder has no defaults.
         encoder = RequestEncoder(model)
-        builder = self._spool(job.id).build(manifest.requests(), encoder.encode, ChunkLimits(**limits),
+        requests = manifest.requests()
+        if job.cost is None and self.costs.estimates:
+            # Not estimated before admission (no budget could hold it): price the requests as they are built.
+            info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
+            counter, settings = self._token_counter(model), self.settings
+            alongside = EstimateAlongside(
+                lambda stream: self.costs.estimate(info, stream, counter, settings), job.id)
+            self._drop_estimate_alongside(job.id)
+            self.estimating_alongside[job.id] = alongside
+            requests = alongside.feed(requests)
+        builder = self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                             check_stop=self.check_stop)
         self.builders[job.id] = builder
         return builder
@@ -862,8 +895,14 @@ class Daemon:
             raise RuntimeError(f"chunk {chunk.idx} came out different when rebuilt after a restart: "
                                f"task {job.task!r} must build the same requests from the same manifest")
 
+    def _drop_estimate_alongside(self, job_id: str) -> None:
+        alongside = self.estimating_alongside.pop(job_id, None)
+        if alongside is not None:
+            alongside.close()
+
     def _build_failed(self, job: Job, error: dict) -> None:
         self.builders.pop(job.id, None)
+        self._drop_estimate_alongside(job.id)
         if not self.journal.chunks(job.id):
             self.journal.update_job(job.id, state="received", error=error)  # rejected: nothing was sent
             return
@@ -1156,6 +1195,7 @@ class Daemon:
         spool = self._spool(job.id)
         usage = None
         self.estimating.pop(job.id, None)  # a job cancelled while its estimate ran waits for it no more
+        self._drop_estimate_alongside(job.id)
         if without_results is not None:
             folder = outbox.JobFolder(spool.staging)
             summary = self._summary(job, state=without_results, counts={"total": 0, "succeeded": 0, "failed": 0})

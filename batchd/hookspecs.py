@@ -44,14 +44,14 @@ def estimate_cost(
     count_tokens: Callable[[list[str]], int] | None,
     settings: Settings,
 ) -> dict[str, Any] | None:
-    """Estimate what a job will cost, before any of it is built or submitted.
+    """Estimate what a job will cost: before any of it is built when a budget could hold it, else
+    in a thread while it is built (from the requests the build reads).
 
     The first plugin that returns a dict wins. Called once per job (again after a crash that
     came before the estimate was committed).
 
     :param job: the job: ``id``, ``name``, ``manifest``, ``task``, ``model``.
-    :param requests: the job's requests; each iteration streams them from the manifest anew
-        (constant memory), so iterate once.
+    :param requests: the job's requests, streamed in constant memory: iterate once.
     :param count_tokens: the provider's token counter for ``job.model`` (``countTokens``): the
         total tokens of the given prompt texts, one API call per call; ``None`` when the provider
         has none. It may raise (network, quota): fall back to a local estimate.

@@ -175,6 +175,54 @@ def test_a_raised_budget_releases_a_held_job_while_the_daemon_runs(workspace: Wo
 # --- the plugin's rules, in process --------------------------------------------------------------
 
 
+PRICER = '''
+import json, os
+from batchd import hookimpl
+from batchd.journal import Journal, journal_path
+
+@hookimpl
+def estimate_cost(job, requests, settings):
+    count = sum(1 for _ in requests)
+    journal = Journal(journal_path(settings.state_dir), readonly=True)
+    try:
+        state = journal.job(job.id).state  # where the job was when its requests had all been seen
+    finally:
+        journal.close()
+    with open(os.environ["RECORD_ESTIMATES_TO"], "a") as out:
+        out.write(json.dumps({"requests": count, "state": state}) + "\\n")
+    return {"cost": 0.5, "currency": "USD", "requests": count, "method": "test"}
+'''
+GATE = '''
+from batchd import hookimpl
+
+@hookimpl
+def check_budget(estimate):
+    return None if estimate and estimate["cost"] < 1 else "too dear"
+'''
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no-budget", "a-budget-plugin"])
+def test_hook_estimate_cost_runs_alongside_the_build_unless_a_budget_needs_it_first(workspace: Workspace, gate: bool):
+    record = workspace.root / "estimates.jsonl"
+    workspace.add_plugin("pricer", PRICER)
+    if gate:
+        workspace.add_plugin("gate", GATE)
+    # Without the built-in cost plugin, only these decide; four chunks, so building takes a few steps.
+    workspace.configure(disabled_plugins=["cost"], chunk_max_requests=1)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", RECORD_ESTIMATES_TO=str(record))
+
+    assert result.returncode == 0, result.stderr
+    (estimate,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert estimate["requests"] == 4
+    # A budget check needs the estimate before the first chunk is built; without one, it is made
+    # from the build pass (no pass of its own over the manifest).
+    assert estimate["state"] == ("received" if gate else "building")
+    summary = workspace.delivered()["translate"]
+    assert summary["state"] == "succeeded" and summary["cost"]["estimate"] == 0.5
+
+
 def test_prices_by_exact_name_else_longest_prefix_and_config_overrides():
     settings = Settings(cost={"prices": {"gemini-2.5-flash": {"input": 1.0, "output": 2.0}}})
     assert settings.cost.price_for("models/gemini-2.5-flash")[1].input == 1.0
