@@ -1145,13 +1145,14 @@ class Daemon:
         At most one per job per ``notify.progress_seconds``, so a long job does not flood the journal
         and the receivers; none when the chunk that finishes is the job's last (its final event follows).
         """
+        # The throttle first: it is the cheap check, and most polls of a long job stop there.
+        last = self.journal.last_event(moved.job_id, "progress")
+        if last is not None and time.time() - last[1] < self.settings.notify.progress_seconds:
+            return []
         job = self.journal.job(moved.job_id)
         chunks = self.journal.chunks(job.id)
         if finished and job.state != "building" and all(
                 c.idx == moved.idx or c.state in ("fetched", "skipped") for c in chunks):
-            return []
-        last = self.journal.last_event(job.id, "progress")
-        if last is not None and time.time() - last[1] < self.settings.notify.progress_seconds:
             return []
         counts = progress_counts(chunks, {moved.idx: stats})
         before = last[0]["counts"] if last is not None else {"done": 0, "total": counts["total"]}
