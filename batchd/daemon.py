@@ -1131,7 +1131,7 @@ class Daemon:
                                           error={"code": "remote_missing" if missing else "results_unavailable",
                                                  "message": f"the results of {chunk.remote_name} could not be "
                                                             f"fetched: {_error_dict(failure)['message']}"},
-                                          events=self._progress_events(chunk))
+                                          events=self._progress_events(chunk, chunk.stats, finished=True))
                 continue
             self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state=remote.state,
                                       stats=remote.stats, error=error,
