@@ -1,0 +1,124 @@
+"""Throughput benchmark: N small manifests through ``batchd run --once`` on the embedded emulator.
+
+Every manifest is a 2-request job, translate and sentiment alternating, as users drop them by the
+thousand.  The floor is measured in the same run against the same emulator (started as batchd starts
+its embedded one, in its own process, ``job_seconds = 0``): a plain script that, one job after
+another, does the round trips batchd cannot avoid per job with the real SDK: ``batches.create`` with
+the two requests inline and ``batches.get`` until the job is done (the get also brings the inline
+answers back), then writes the answers to a file.  batchd also lists jobs, keeps a journal, spools
+and publishes; the ratio says how much all that costs per job on top.  Printed: jobs/s and wall
+seconds of both, their ratio and the peak RSS of batchd with its child processes.
+
+    python bench/many_jobs.py --jobs 1000
+    python bench/many_jobs.py --jobs 200 --jobs 2000     # per-job cost must stay flat in N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from e2e import TreeMemory
+
+from batchd.emulator.server import EmulatorProcess
+
+CONFIG = """\
+inbox = "inbox"
+outbox = "outbox"
+state_dir = "state"
+provider = "emulator"
+poll_interval = 0.2
+poll_max_interval = 1.0
+settle_seconds = 0
+rescan_seconds = 5
+
+[emulator]
+job_seconds = 0
+"""
+
+MODEL = "gemini-2.5-flash"
+
+
+def manifest(n: int) -> str:
+    texts = f'texts = ["Order {n} arrived on time.", "The box for order {n} was damaged."]\n'
+    if n % 2:
+        return 'task = "sentiment"\n' + texts
+    return 'task = "translate"\n' + texts + 'languages = ["French"]\n'
+
+
+def run_batchd(workspace: Path) -> tuple[float, int, int, int]:
+    """Wall seconds, peak RSS of batchd and of its children (bytes) and exit code of ``batchd run --once``."""
+    env = {**os.environ, "BATCHD_CONFIG": str(workspace / "config.toml")}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "batchd", "--log-level", "WARNING", "run", "--once"],
+                               cwd=workspace, env=env)
+    memory = TreeMemory(process.pid)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    main_rss, children_rss = memory.stop(usage.ru_maxrss * 1024)
+    return elapsed, main_rss, children_rss, os.waitstatus_to_exitcode(status)
+
+
+def floor(workspace: Path, jobs: int) -> float:
+    """Seconds for ``jobs`` create + get round trips with the SDK, one job after another."""
+    from google import genai
+    from google.genai import types
+
+    with EmulatorProcess(workspace / "emulator", job_seconds=0) as emulator:
+        client = genai.Client(api_key="bench", http_options=types.HttpOptions(base_url=emulator.base_url,
+                                                                              api_version="v1beta"))
+        out = workspace / "out"
+        out.mkdir()
+        started = time.perf_counter()
+        for n in range(jobs):
+            requests = [{"contents": [{"parts": [{"text": f"Text {k} of job {n}."}], "role": "user"}],
+                         "metadata": {"key": str(k)}} for k in (1, 2)]
+            job = client.batches.create(model=MODEL, src=requests,
+                                        config=types.CreateBatchJobConfig(display_name=f"floor-{n}"))
+            while not (job := client.batches.get(name=job.name)).done:
+                time.sleep(0.001)
+            answers = [r.response.text if r.response else None for r in job.dest.inlined_responses]
+            (out / f"{n}.json").write_text(json.dumps(answers))
+        return time.perf_counter() - started
+
+
+def measure(jobs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
+        workspace = Path(tmp)
+        floor_seconds = floor(workspace / "floor", jobs)
+
+        for folder in ("inbox", "outbox"):
+            (workspace / folder).mkdir()
+        (workspace / "config.toml").write_text(CONFIG)
+        for n in range(jobs):
+            (workspace / "inbox" / f"m{n:05d}.toml").write_text(manifest(n))
+        seconds, main_rss, children_rss, code = run_batchd(workspace)
+        delivered = [p for p in (workspace / "outbox").iterdir() if p.is_dir()]
+        states = {json.loads((p / "summary.json").read_text())["state"] for p in delivered}
+        assert code == 0 and len(delivered) == jobs and states == {"succeeded"}, (code, len(delivered), states)
+    return {"jobs": jobs, "batchd_s": seconds, "floor_s": floor_seconds, "ratio": seconds / floor_seconds,
+            "peak_rss_mb": (main_rss + children_rss) / 2**20, "batchd_rss_mb": main_rss / 2**20,
+            "children_rss_mb": children_rss / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, action="append", help="manifests dropped (repeatable)")
+    sizes = parser.parse_args().jobs or [1000]
+    print(f"{'jobs':>6} {'batchd s':>9} {'jobs/s':>7} {'floor s':>8} {'jobs/s':>7} {'ratio':>6} "
+          f"{'peak RSS MB':>12} {'(batchd + emulator)':>20}")
+    for jobs in sizes:
+        r = measure(jobs)
+        print(f"{r['jobs']:>6} {r['batchd_s']:>9.2f} {r['jobs'] / r['batchd_s']:>7.1f} {r['floor_s']:>8.2f} "
+              f"{r['jobs'] / r['floor_s']:>7.1f} {r['ratio']:>6.2f} {r['peak_rss_mb']:>12.1f} "
+              f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
