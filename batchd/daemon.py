@@ -436,6 +436,13 @@ class Daemon:
             self.poll()
         self.event_dispatcher.pump()
 
+    def _in_background(self, pool: ThreadPoolExecutor, work: Callable, *args) -> Future:
+        """Run ``work`` in ``pool``; when it ends the loop wakes to take the next step at once, not
+        at its next look (with many small jobs those looks were most of each job's time)."""
+        future = pool.submit(work, *args)
+        future.add_done_callback(lambda _future: self.inbox.wake())
+        return future
+
     def _sleep_seconds(self) -> float:
         if self.advance_now or any(not self._waits_for_its_estimate(job_id) for job_id in self.builders):
             self.advance_now = False
@@ -768,8 +775,8 @@ class Daemon:
             model = manifest.model or self.settings.model
             self.journal.update_job(job.id, task=manifest.task, model=model)
             info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
-            self.estimating[job.id] = self.pool.submit(
-                self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
+            self.estimating[job.id] = self._in_background(
+                self.pool, self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
                 self._token_counter(model), self.settings)
             return None
         if not future.done():
@@ -956,7 +963,7 @@ class Daemon:
             file_name = provider.upload_jsonl(spool.requests_path(chunk.idx), chunk.display_name)
             return provider.create_from_file(model, file_name, chunk.display_name)
 
-        self.submissions[(job.id, chunk.idx)] = Submission(job.id, chunk.idx, self.pool.submit(create))
+        self.submissions[(job.id, chunk.idx)] = Submission(job.id, chunk.idx, self._in_background(self.pool, create))
         log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
                  chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
 
@@ -1106,7 +1113,7 @@ class Daemon:
             crashpoint("after-download")
             return remote, error
 
-        self.fetches[(chunk.job_id, chunk.idx)] = Fetch(chunk, self.fetch_pool.submit(store_results))
+        self.fetches[(chunk.job_id, chunk.idx)] = Fetch(chunk, self._in_background(self.fetch_pool, store_results))
 
     def _collect_fetches(self) -> None:
         """Record the chunks whose results are now in the spool."""
@@ -1227,7 +1234,7 @@ class Daemon:
         delivery = self.deliveries.get(job.id)
         if delivery is None:
             gate = ChunkGate((c.idx for c in chunks), self.stopping)
-            future = self.writer_pool.submit(self._write_results, self._spool(job.id), gate, job.task)
+            future = self._in_background(self.writer_pool, self._write_results, self._spool(job.id), gate, job.task)
             delivery = self.deliveries[job.id] = Delivery(gate, future)
         spool = self._spool(job.id)
         for chunk in chunks:
