@@ -1023,10 +1023,7 @@ class Daemon:
                 self._start_create(job, chunk)
 
     def _chunks_in(self, *states: str) -> list[Chunk]:
-        chunks = []
-        for job in self.journal.jobs(states=("building", "built", "submitted")):
-            chunks.extend(c for c in self.journal.chunks(job.id) if c.state in states)
-        return chunks
+        return self.journal.chunks_in(states, job_states=("building", "built", "submitted"))
 
     def _live_chunks(self) -> list[Chunk]:
         return self._chunks_in(*REMOTE_LIVE_STATES)

@@ -83,6 +83,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
 CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
+-- The loop looks up the active jobs and the live chunks on every tick; finished ones pile up.
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 
 CREATE TABLE IF NOT EXISTS chunks (
     job_id        TEXT NOT NULL REFERENCES jobs(id),
@@ -101,6 +103,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     error         TEXT,                -- JSON: why the chunk has no results (refused, vanished)
     PRIMARY KEY (job_id, idx)
 );
+CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks(state);
 
 -- Every remote job ever seen for a chunk, adopted or not, so cost is counted once per name.
 CREATE TABLE IF NOT EXISTS remote_jobs (
@@ -353,6 +356,17 @@ class Journal:
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         return [_chunk(row) for row in rows]
 
+    def chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...]) -> list[Chunk]:
+        """The chunks in ``states`` of the jobs in ``job_states``, in job order: one query, however
+        many jobs there are."""
+        rows = self._db.execute(
+            "SELECT c.* FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            f" WHERE c.state IN ({', '.join('?' * len(states))}) AND j.state IN ({', '.join('?' * len(job_states))})"
+            " ORDER BY j.created_at, j.id, c.idx",
+            (*states, *job_states),
+        )
+        return [_chunk(row) for row in rows]
+
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
         for name in ("stats", "error"):
             if name in fields and fields[name] is not None:
@@ -431,17 +445,18 @@ class Journal:
         return found
 
     def due_deliveries(self, now: float, *, plugins: Iterable[str]) -> list[tuple[str, dict, int]]:
-        """``(plugin, event, attempts)`` of pending deliveries due by ``now``, oldest event first."""
-        plugins = tuple(plugins)
-        if not plugins:
-            return []
-        rows = self._db.execute(
-            "SELECT d.plugin, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
-            f" WHERE d.state = 'pending' AND d.next_at <= ? AND d.plugin IN ({', '.join('?' * len(plugins))})"
-            " ORDER BY e.seq",
-            (now, *plugins),
-        )
-        return [(row["plugin"], json.loads(row["body"]), row["attempts"]) for row in rows]
+        """``(plugin, event, attempts)`` of the oldest pending delivery due by ``now`` of each plugin
+        (a plugin gets one call at a time, oldest event first: the rest would be read for nothing)."""
+        due = []
+        for plugin in plugins:
+            row = self._db.execute(
+                "SELECT d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.state = 'pending' AND d.next_at <= ? AND d.plugin = ? ORDER BY e.seq LIMIT 1",
+                (now, plugin),
+            ).fetchone()
+            if row is not None:
+                due.append((plugin, json.loads(row["body"]), row["attempts"]))
+        return due
 
     def pending_deliveries(self, *, plugins: Iterable[str]) -> list[dict]:
         """Pending deliveries to these plugins, due or not: what ``--once`` waits for."""

@@ -375,3 +375,25 @@ def test_delivered_events_are_forgotten_after_keep_days_and_pending_ones_never(t
         assert remaining[0]["deliveries"]["webhook"]["state"] == "pending"
     finally:
         journal.close()
+
+
+def test_each_plugin_is_due_its_oldest_pending_event_only(tmp_path):
+    """One call per plugin at a time, oldest first: the journal hands out just that one per plugin
+    (reading every pending event on every tick made a backlog of thousands cost seconds per tick)."""
+    journal = Journal(tmp_path / "journal.db")
+    journal.event_targets = ("webhook", "log")
+    try:
+        journal.add_events([{"id": f"j:{kind}", "job_id": "j", "kind": kind}
+                            for kind in ("accepted", "submitted", "succeeded")])
+        journal.delivery_sent("j:accepted", "webhook")
+        journal.delivery_failed("j:accepted", "log", "down", retry_at=time.time() + 600)
+        due = journal.due_deliveries(time.time(), plugins=("webhook", "log"))
+        assert [(plugin, event["id"], attempts) for plugin, event, attempts in due] == \
+            [("webhook", "j:submitted", 0), ("log", "j:submitted", 0)]  # log's retry of j:accepted waits
+        assert journal.due_deliveries(time.time(), plugins=("log",))[0][0] == "log"
+        journal.delivery_sent("j:submitted", "log")
+        journal.delivery_sent("j:succeeded", "log")
+        assert journal.due_deliveries(time.time() + 601, plugins=("log",))[0][1]["id"] == "j:accepted"
+        assert journal.due_deliveries(time.time(), plugins=("log",)) == []
+    finally:
+        journal.close()
