@@ -381,7 +381,7 @@ def test_each_plugin_is_due_its_oldest_pending_event_only(tmp_path):
     """One call per plugin at a time, oldest first: the journal hands out just that one per plugin
     (reading every pending event on every tick made a backlog of thousands cost seconds per tick)."""
     journal = Journal(tmp_path / "journal.db")
-    journal.event_targets = ("webhook", "log")
+    journal.event_targets = lambda event: ("webhook", "log")
     try:
         journal.add_events([{"id": f"j:{kind}", "job_id": "j", "kind": kind}
                             for kind in ("accepted", "submitted", "succeeded")])
