@@ -288,7 +288,8 @@ class Daemon:
         outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
         self._lock_state_dir()
         self.journal = Journal(journal_path(s.state_dir))
-        self.event_dispatcher = EventDispatcher(self.plugin_manager, self.journal, lambda: self.settings)
+        self.event_dispatcher = EventDispatcher(self.plugin_manager, self.journal, lambda: self.settings,
+                                                wake=self.inbox.wake)
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:

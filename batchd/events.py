@@ -88,8 +88,9 @@ class _Call:
     """One delivery attempt running in its own (daemon) thread."""
 
     def __init__(self, plugin: str, event: dict, caller: pluggy.HookCaller, settings: Settings,
-                 on_late_return: Callable[[str], None]):
+                 on_late_return: Callable[[str], None], on_done: Callable[[], None]):
         self.plugin = plugin
+        self._on_done = on_done
         self.event = event
         self.error: str | None = None
         self.done = threading.Event()
@@ -113,6 +114,8 @@ class _Call:
                 late = self.abandoned
             if late:
                 self._on_late_return(self.plugin)
+            else:
+                self._on_done()  # the loop records it and hands the plugin its next event at once
 
     def abandon(self) -> bool:
         """Give up waiting; False if it finished meanwhile (then its result counts)."""
@@ -126,7 +129,10 @@ class _Call:
 class EventDispatcher:
     """Delivers the journal's pending events to the ``job_event`` plugins (see the module docstring)."""
 
-    def __init__(self, pm: pluggy.PluginManager, journal: Journal, settings: Callable[[], Settings]):
+    def __init__(self, pm: pluggy.PluginManager, journal: Journal, settings: Callable[[], Settings],
+                 wake: Callable[[], None] = lambda: None):
+        """``wake`` is called from a plugin's thread when its call returns: it wakes the daemon's loop."""
+        self.wake = wake
         self.callers = single_plugin_callers(pm, "job_event")
         self.kinds_callers = {plugin: caller for plugin, caller in single_plugin_callers(pm, "job_event_kinds").items()
                               if plugin in self.callers}
@@ -185,7 +191,7 @@ class EventDispatcher:
             if plugin in self.in_flight:
                 continue  # one call per plugin at a time, oldest event first
             self.in_flight[plugin] = _Call(plugin, event, self.callers[plugin], self.settings(),
-                                           self._late_return)
+                                           self._late_return, self.wake)
         upcoming = [d["next_at"] for d in self.journal.pending_deliveries(plugins=self.callers)]
         if not upcoming:
             self._next_check = float("inf")  # until an event is added
@@ -235,7 +241,10 @@ class EventDispatcher:
 
     def seconds_until_due(self) -> float:
         if self.in_flight:
-            return 0.05
+            # A call that returns wakes the loop itself; this only bounds how late a hung one is timed out.
+            timeout = self.settings().notify.timeout_seconds
+            oldest = min(call.started for call in self.in_flight.values())
+            return min(1.0, max(0.0, oldest + timeout - time.monotonic()))
         return max(0.0, self._next_check - time.time())
 
     def close(self, wait_seconds: float = 2.0) -> None:
