@@ -123,7 +123,10 @@ class WebhookSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    urls: list[str] = Field(default_factory=list, description="Endpoints each event is POSTed to.")
+    urls: list[SecretStr] = Field(
+        default_factory=list,
+        description="Endpoints each event is POSTed to (kept secret: chat webhook URLs carry their token).",
+    )
     secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key of the X-Batchd-Signature header; unset: unsigned."
     )

@@ -62,7 +62,7 @@ def job_event(event, settings) -> None:
     if config.secret is not None:
         headers[SIGNATURE_HEADER] = signature(config.secret.get_secret_value().encode("utf-8"), body)
     failures = []
-    for url in config.urls:
+    for url in (url.get_secret_value() for url in config.urls):
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=config.timeout_seconds) as answer:

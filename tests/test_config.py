@@ -144,6 +144,7 @@ def test_redacted_dict_masks_secrets_by_type_and_shows_token_settings(monkeypatc
     monkeypatch.setenv("GOOGLE_API_KEY", "sekrit-api-key")
     monkeypatch.setenv("BATCHD_NOTIFY__WEBHOOK__SECRET", "whsec-not-shown")
     monkeypatch.setenv("BATCHD_NOTIFY__EMAIL__URLS", '["mailtos://me:pw@example.com"]')
+    monkeypatch.setenv("BATCHD_NOTIFY__WEBHOOK__URLS", '["https://hooks.example.com/T0/B0/xoxb-hook-token"]')
     monkeypatch.setenv("BATCHD_COST__DEFAULT_OUTPUT_TOKENS", "321")
     settings = load_settings()
     settings.gemini_api_key()  # registers the key, as the daemon does
@@ -153,6 +154,7 @@ def test_redacted_dict_masks_secrets_by_type_and_shows_token_settings(monkeypatc
     assert dump["provider"] == "gemini"
     assert dump["notify"]["webhook"]["secret"] == "***"
     assert dump["notify"]["email"]["urls"] == ["***"]
+    assert dump["notify"]["webhook"]["urls"] == ["***"] and "xoxb-hook-token" not in repr(dump)
     # Settings whose names merely contain "token" are not secrets: they are shown as they are.
     assert dump["cost"]["default_output_tokens"] == 321
     assert dump["cost"]["count_tokens"] == settings.cost.count_tokens
