@@ -27,23 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from e2e import TreeMemory
+from e2e import CONFIG, TreeMemory  # the same workspace config as the large-job benchmark
 
 from batchd.emulator.server import EmulatorProcess
-
-CONFIG = """\
-inbox = "inbox"
-outbox = "outbox"
-state_dir = "state"
-provider = "emulator"
-poll_interval = 0.2
-poll_max_interval = 1.0
-settle_seconds = 0
-rescan_seconds = 5
-
-[emulator]
-job_seconds = 0
-"""
 
 MODEL = "gemini-2.5-flash"
 
