@@ -1038,6 +1038,7 @@ class Daemon:
     def poll(self) -> None:
         """One round of monitoring: list pages for every running job, a get only for finished ones."""
         running = {c.remote_name: c for c in self._chunks_in("running")}
+        by_display_name = {c.display_name: c for c in running.values()}
         changed = False
         try:
             self.reconcile()
@@ -1048,8 +1049,10 @@ class Daemon:
                     if chunk is not None:
                         seen.add(remote.name)
                         changed |= self._observe(chunk, remote)
+                    elif (owner := by_display_name.get(remote.display_name)) is not None:
+                        self._stray(owner, remote)
                     if len(seen) == len(running):
-                        break  # every job we watch is accounted for: no need for older pages
+                        break  # every job we watch is accounted for: older pages hold no stray of theirs
             crashpoint("while-polling")
             for name in running.keys() - seen:
                 changed |= self._observe(running[name], self._get_or_none(name))
@@ -1058,6 +1061,18 @@ class Daemon:
                 raise
             log.warning("polling failed (%s); retrying later", error)
         self.poll_clock.schedule(changed)
+
+    def _stray(self, chunk: Chunk, remote: RemoteJob) -> None:
+        """A second remote job under a running chunk's display name: a create that reached the service but
+        showed up in the list only after the grace period, when the chunk had been created again.
+        It is recorded (its cost counts) and, unless it has already ended, cancelled."""
+        if any(r["remote_name"] == remote.name for r in self.journal.remote_jobs(chunk.job_id)):
+            return  # recorded, and cancelled if it could be, on an earlier poll
+        log.warning("cancelling duplicate remote job %s for %s", remote.name, chunk.display_name,
+                    extra={"job": chunk.job_id, "chunk": chunk.idx})
+        self.journal.record_remote_job(remote.name, chunk, "duplicate")
+        if not remote.done:
+            self.provider.cancel(remote.name)
 
     def _get_or_none(self, name: str) -> RemoteJob | None:
         try:

@@ -73,3 +73,20 @@ def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
     daemon.reconcile()  # a second pass finds nothing left to do
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
+
+
+def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_and_counted(daemon: Daemon):
+    """The list missed a create for longer than the grace period, so the chunk was created again; when the
+    first one shows up at last, the next poll records it (its cost counts) and cancels it."""
+    adopted = create_remote(daemon)
+    daemon.reconcile()
+    assert daemon.journal.chunks("j1")[0].remote_name == adopted.name
+    late = create_remote(daemon)  # the original create, visible only now
+
+    daemon.poll()
+    daemon.poll()  # a second look neither cancels again nor fails
+
+    roles = {r["remote_name"]: r["role"] for r in daemon.journal.remote_jobs("j1")}
+    assert roles == {adopted.name: "adopted", late.name: "duplicate"}
+    assert daemon.provider.get(late.name).state == "cancelled"
+    assert daemon.provider.get(adopted.name).state != "cancelled"
