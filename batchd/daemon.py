@@ -563,11 +563,8 @@ class Daemon:
                     "code": "file_name_not_utf8", "file": source,
                     "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
                 continue
-            if path.suffix == CANCEL_SUFFIX:
-                self._take_cancel_file(path)
-                continue
-            if path.suffix == APPROVE_SUFFIX:
-                self._take_approve_file(path)
+            if path.suffix in (CANCEL_SUFFIX, APPROVE_SUFFIX):
+                self._take_request_file(path)
                 continue
             try:
                 # Every input row is validated before anything is claimed or sent: a bad row at the end
@@ -669,32 +666,25 @@ class Daemon:
                     return self.settings.inbox / name
         return path
 
-    def _take_cancel_file(self, path: Path) -> None:
-        name = path.stem
-        jobs = [job for job in self.journal.find_jobs(name) if job.state != "done"]
-        waiting = [p for p in (self.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
-        if not jobs and waiting:
-            return  # the manifest is still settling; cancel it once it is a job
-        for job in jobs:
-            self.journal.update_job(job.id, cancel_requested=1)
-            self._held_reviewed_at = float("-inf")  # a held one is delivered as cancelled on this tick
-            log.info("cancel requested for job %s (%s)", job.id, job.source)
-        if not jobs:
-            log.warning("%s: no unfinished job named %r", path.name, name)
-        path.unlink(missing_ok=True)
+    def _take_request_file(self, path: Path) -> None:
+        """``NAME.cancel`` (``batchd cancel``) or ``NAME.approve`` (``batchd approve``): flag NAME's unfinished jobs.
 
-    def _take_approve_file(self, path: Path) -> None:
-        """``batchd approve NAME``: release NAME's held jobs (or let them skip the budget check)."""
+        The flag is committed before the file goes: a crash in between flags twice, harmlessly.
+        """
         name = path.stem
         jobs = [job for job in self.journal.find_jobs(name) if job.state != "done"]
         waiting = [p for p in (self.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
         if not jobs and waiting:
-            return  # the manifest is still settling; approve it once it is a job
+            return  # the manifest is still settling; flag it once it is a job
         for job in jobs:
-            # The flag is committed before the file goes: a crash in between approves twice, harmlessly.
-            self.journal.update_job(job.id, approved=1)
-            self._held_reviewed_at = float("-inf")  # release it on this tick
-            log.info("job %s (%s) approved%s", job.id, job.source, "" if job.state == "held" else " ahead of its budget check")
+            if path.suffix == CANCEL_SUFFIX:
+                self.journal.update_job(job.id, cancel_requested=1)
+                log.info("cancel requested for job %s (%s)", job.id, job.source)
+            else:
+                self.journal.update_job(job.id, approved=1)
+                log.info("job %s (%s) approved%s", job.id, job.source,
+                         "" if job.state == "held" else " ahead of its budget check")
+            self._held_reviewed_at = float("-inf")  # a held job is released or delivered cancelled on this tick
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
         path.unlink(missing_ok=True)
