@@ -118,7 +118,24 @@ class LogNotifySettings(BaseModel):
     events: list[EventKind] = Field(default_factory=list, description="Kinds to log; empty: all.")
 
 
-class WebhookSettings(BaseModel):
+class _SendsToUrls:
+    """What the ``webhook`` and ``email`` sections share: ``urls`` to send to, the ``events`` kinds sent.
+
+    (No annotations here: pydantic would take them for fields of the sections.)
+    """
+
+    def event_kinds(self) -> tuple[str, ...] | list[str] | None:
+        """The ``job_event_kinds`` answer: none without a URL, else the ``events`` kinds (``None``: all)."""
+        if not self.urls:
+            return ()
+        return self.events or None
+
+    def wants(self, kind: str) -> bool:
+        """Checked at delivery too: an event committed before the config changed may still come."""
+        return bool(self.urls) and (not self.events or kind in self.events)
+
+
+class WebhookSettings(_SendsToUrls, BaseModel):
     """``[notify.webhook]``: the ``webhook`` plugin, signed JSON POSTs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -134,7 +151,7 @@ class WebhookSettings(BaseModel):
     timeout_seconds: float = Field(10.0, gt=0, description="HTTP timeout of one POST.")
 
 
-class EmailSettings(BaseModel):
+class EmailSettings(_SendsToUrls, BaseModel):
     """``[notify.email]``: the ``email`` plugin, through apprise (mailto://, slack://, ntfy://, ...)."""
 
     model_config = ConfigDict(extra="forbid")

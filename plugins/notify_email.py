@@ -40,18 +40,13 @@ def body(event) -> str:
 
 @hookimpl
 def job_event_kinds(settings):
-    """No kinds without an apprise URL, else the ``events`` kinds (``None``: all)."""
-    config = settings.notify.email
-    if not config.urls:
-        return ()
-    return config.events or None
+    return settings.notify.email.event_kinds()
 
 
 @hookimpl
 def job_event(event, settings) -> None:
-    # Checked here too: a delivery committed before the config changed may still come.
     config = settings.notify.email
-    if not config.urls or (config.events and event["kind"] not in config.events):
+    if not config.wants(event["kind"]):
         return
     import apprise  # here, not at the top: loading plugins stays fast for every other command
 

@@ -43,18 +43,13 @@ def _where(url: str) -> str:
 
 @hookimpl
 def job_event_kinds(settings):
-    """No kinds without a URL, else the ``events`` kinds (``None``: all)."""
-    config = settings.notify.webhook
-    if not config.urls:
-        return ()
-    return config.events or None
+    return settings.notify.webhook.event_kinds()
 
 
 @hookimpl
 def job_event(event, settings) -> None:
-    # Checked here too: a delivery committed before the config changed may still come.
     config = settings.notify.webhook
-    if not config.urls or (config.events and event["kind"] not in config.events):
+    if not config.wants(event["kind"]):
         return
     body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     headers = {"Content-Type": "application/json", "User-Agent": f"batchd/{__version__}",
