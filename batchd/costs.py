@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("batchd.costs")
 
-#: The built-in cost plugin, whose budgets are ``cost.job_budget`` and ``cost.daily_budget``.
-BUILTIN_BUDGET_MODULE = "batchd_plugins.cost"
 #: The window of ``cost.daily_budget``: a rolling day.
 DAY_SECONDS = 24 * 3600
 
@@ -152,16 +150,25 @@ class CostHooks:
 
         self.hook = pm.hook
         self.budget_checks = single_plugin_callers(pm, "check_budget")
+        self.budget_answers = single_plugin_callers(pm, "budget_applies")
 
     def budget_may_hold(self, settings: Settings) -> bool:
         """Whether a ``check_budget`` plugin could hold a job now, so it must be estimated before it is built.
 
-        The built-in ``cost`` plugin holds only with a ``[cost]`` budget set; any other plugin might.
+        Each ``check_budget`` plugin says so through its own ``budget_applies`` (one without it might).
         """
-        for impl in self.hook.check_budget.get_hookimpls():
-            if getattr(impl.plugin, "__name__", None) != BUILTIN_BUDGET_MODULE:
+        for plugin in self.budget_checks:
+            caller = self.budget_answers.get(plugin)
+            if caller is None:
                 return True
-        return settings.cost.job_budget is not None or settings.cost.daily_budget is not None
+            try:
+                if caller(settings=settings) is not False:
+                    return True
+            except Exception as error:  # a plugin's mistake must not let an over-budget job through
+                log.warning("plugin %s: budget_applies failed (%s: %s); its budget is checked",
+                            plugin, type(error).__name__, error)
+                return True
+        return False
 
     @property
     def active(self) -> bool:

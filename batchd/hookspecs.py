@@ -84,6 +84,20 @@ def check_budget(
 
 
 @hookspec(firstresult=True)
+def budget_applies(settings: Settings) -> bool | None:
+    """Whether this plugin's ``check_budget`` could hold a job under ``settings``.
+
+    Asked of each plugin that implements ``check_budget``, on its own, before a job is built. When
+    no plugin's budget applies, batchd need not estimate a job before building it: it estimates
+    while it builds (one pass over the requests instead of two). Not implementing this hook, or
+    returning ``None`` (or raising), means the budget may apply.
+
+    :param settings: the daemon's settings (``settings.cost``).
+    :return: ``False`` when ``check_budget`` would let every job go now.
+    """
+
+
+@hookspec(firstresult=True)
 def account_cost(job: JobInfo, usage: dict[str, int], settings: Settings) -> dict[str, Any] | None:
     """The actual cost of a finished job, from the ``usageMetadata`` of its results.
 

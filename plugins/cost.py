@@ -111,6 +111,11 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
 
 
 @hookimpl
+def budget_applies(settings) -> bool:
+    return settings.cost.job_budget is not None or settings.cost.daily_budget is not None
+
+
+@hookimpl
 def check_budget(job, estimate, spent_since, settings) -> str | None:
     cost = settings.cost
     if cost.job_budget is None and cost.daily_budget is None:

@@ -223,6 +223,31 @@ def test_hook_estimate_cost_runs_alongside_the_build_unless_a_budget_needs_it_fi
     assert summary["state"] == "succeeded" and summary["cost"]["estimate"] == 0.5
 
 
+GATE_OFF_DUTY = GATE + '''
+
+@hookimpl
+def budget_applies(settings):
+    return False  # this budget is off now: jobs need no estimate before they are built
+'''
+
+
+@pytest.mark.parametrize(("job_budget", "state"), [(None, "building"), (100.0, "received")])
+def test_hook_budget_applies_lets_a_budget_plugin_say_it_cannot_hold_now(workspace: Workspace, job_budget, state):
+    """A third-party budget that says it is off, and the built-in cost plugin (through the same hook):
+    the estimate comes from the build pass unless the built-in plugin has a budget to check."""
+    record = workspace.root / "estimates.jsonl"
+    workspace.add_plugin("pricer", PRICER)
+    workspace.add_plugin("gate", GATE_OFF_DUTY)
+    workspace.configure(chunk_max_requests=1, cost={"job_budget": job_budget} if job_budget else {})
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", RECORD_ESTIMATES_TO=str(record))
+
+    assert result.returncode == 0, result.stderr
+    (estimate,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert estimate["state"] == state
+
+
 def test_prices_by_exact_name_else_longest_prefix_and_config_overrides():
     settings = Settings(cost={"prices": {"gemini-2.5-flash": {"input": 1.0, "output": 2.0}}})
     assert settings.cost.price_for("models/gemini-2.5-flash")[1].input == 1.0
