@@ -193,7 +193,11 @@ def _open_journal(settings: Settings):
     path = journal_path(settings.state_dir)
     if not path.exists():
         return None
-    return Journal(path, readonly=True)
+    journal = Journal(path, readonly=True)
+    if not journal.initialized:  # the daemon has created the file but not yet its tables
+        journal.close()
+        return None
+    return journal
 
 
 def _job_view(journal, job) -> dict:

@@ -241,8 +241,10 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transition survives power loss, not just a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            # One transaction: a reader opening the file meanwhile sees the whole schema or none of it.
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
             self._add_missing_columns()
+            self._db.execute("COMMIT")
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
         #: Plugins that get a delivery row for every new event (those implementing job_event).
@@ -258,6 +260,12 @@ class Journal:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
         # After the columns: an older journal gets admitted_at above first.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
+
+    @property
+    def initialized(self) -> bool:
+        """False while the writer that created the file has not yet committed its schema."""
+        return self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone() is not None
 
     def close(self) -> None:
         self._db.close()

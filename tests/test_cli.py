@@ -98,6 +98,25 @@ def test_status_before_any_run_says_no_jobs(workspace: Workspace):
     assert result.returncode == 0 and "no jobs" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["status", "list"])
+def test_a_journal_whose_schema_is_not_yet_written_reads_as_no_jobs(workspace: Workspace, command: str):
+    """The instant after a starting daemon creates its journal file and before it commits the tables."""
+    import sqlite3
+
+    from batchd.journal import journal_path
+
+    path = journal_path(workspace.state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    try:
+        result = workspace.batchd(command, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == []
+    finally:
+        db.close()
+
+
 def test_cancel_drops_a_cancel_file_once(workspace: Workspace):
     assert workspace.batchd("cancel", "long").returncode == 0
     assert (workspace.inbox / "long.cancel").exists()
