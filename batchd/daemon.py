@@ -80,6 +80,8 @@ INTERRUPTED_EXIT_CODE = 75
 WRITER_THREADS = 8
 #: Held jobs are checked against the budget again at most this often.
 HELD_REVIEW_SECONDS = 1.0
+#: Delivered events older than ``notify.keep_days`` are forgotten at start and then this often.
+PRUNE_EVENTS_SECONDS = 3600.0
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -255,6 +257,7 @@ class Daemon:
         self.once_pending: set[str] = set()
         self._once_jobs_done_at: float | None = None
         self._held_reviewed_at = float("-inf")
+        self._events_pruned_at = float("-inf")
         self._config_mtime = self._config_file_mtime()
         self._lock_file = None
         self.notifier = Notifier()
@@ -300,9 +303,7 @@ class Daemon:
                                  and (p.suffix in MANIFEST_SUFFIXES
                                       or p.suffix in (CANCEL_SUFFIX, APPROVE_SUFFIX) and _is_regular_file(p))}
         self.recover()
-        pruned = self.journal.prune_events(time.time() - s.notify.keep_days * 86400)
-        if pruned:
-            log.info("forgot %d delivered events older than %g days", pruned, s.notify.keep_days)
+        self.prune_events()
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
     def _start_emulator(self) -> None:
@@ -440,6 +441,16 @@ class Daemon:
         if self.poll_clock.due() and self._live_chunks():
             self.poll()
         self.event_dispatcher.pump()
+        if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
+            self.prune_events()
+
+    def prune_events(self) -> None:
+        """Forget delivered events past ``notify.keep_days`` (at start, then hourly: a service runs for months)."""
+        self._events_pruned_at = time.monotonic()
+        keep_days = self.settings.notify.keep_days
+        pruned = self.journal.prune_events(time.time() - keep_days * 86400)
+        if pruned:
+            log.info("forgot %d delivered events older than %g days", pruned, keep_days)
 
     def _in_background(self, pool: ThreadPoolExecutor, work: Callable, *args) -> Future:
         """Run ``work`` in ``pool``; when it ends the loop wakes to take the next step at once, not

@@ -192,11 +192,11 @@ class EventDispatcher:
                 continue  # one call per plugin at a time, oldest event first
             self.in_flight[plugin] = _Call(plugin, event, self.callers[plugin], self.settings(),
                                            self._late_return, self.wake)
-        upcoming = [d["next_at"] for d in self.journal.pending_deliveries(plugins=self.callers)]
-        if not upcoming:
+        upcoming = self.journal.next_delivery_at(plugins=self.callers)
+        if upcoming is None:
             self._next_check = float("inf")  # until an event is added
-        elif all(at > now for at in upcoming):
-            self._next_check = min(upcoming)
+        elif upcoming > now:
+            self._next_check = upcoming
         else:
             self._next_check = 0.0  # due ones wait for their plugin's call in flight: look on every tick
 
@@ -224,8 +224,7 @@ class EventDispatcher:
             self.journal.delivery_sent(event_id, call.plugin)
             return
         notify = self.settings().notify
-        attempts = next((d["attempts"] for d in self.journal.pending_deliveries(plugins=[call.plugin])
-                         if d["event_id"] == event_id), 0) + 1
+        attempts = self.journal.delivery_attempts(event_id, call.plugin) + 1
         if attempts >= notify.max_attempts:
             log.error("plugin %s: giving up on event %s after %d attempts: %s", call.plugin, event_id, attempts, error)
             self.journal.delivery_failed(event_id, call.plugin, error, retry_at=None)
@@ -237,7 +236,7 @@ class EventDispatcher:
 
     def busy(self) -> bool:
         """Whether a delivery is in flight or still pending (what ``run --once`` waits for)."""
-        return bool(self.in_flight) or bool(self.journal.pending_deliveries(plugins=self.callers))
+        return bool(self.in_flight) or self.journal.next_delivery_at(plugins=self.callers) is not None
 
     def seconds_until_due(self) -> float:
         if self.in_flight:

@@ -466,16 +466,24 @@ class Journal:
                 due.append((plugin, json.loads(row["body"]), row["attempts"]))
         return due
 
-    def pending_deliveries(self, *, plugins: Iterable[str]) -> list[dict]:
-        """Pending deliveries to these plugins, due or not: what ``--once`` waits for."""
+    def next_delivery_at(self, *, plugins: Iterable[str]) -> float | None:
+        """When the earliest pending delivery to these plugins is due (None: none pending).
+
+        One aggregate over the pending index: it runs on every pump while a notifier keeps failing,
+        when the pending rows can be many.
+        """
         plugins = tuple(plugins)
         if not plugins:
-            return []
-        rows = self._db.execute(
-            f"SELECT * FROM deliveries WHERE state = 'pending' AND plugin IN ({', '.join('?' * len(plugins))})",
-            plugins,
-        )
-        return [dict(row) for row in rows]
+            return None
+        row = self._db.execute(
+            f"SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
+            f" AND plugin IN ({', '.join('?' * len(plugins))})", plugins).fetchone()
+        return row[0]
+
+    def delivery_attempts(self, event_id: str, plugin: str) -> int:
+        row = self._db.execute("SELECT attempts FROM deliveries WHERE event_id = ? AND plugin = ?",
+                               (event_id, plugin)).fetchone()
+        return row[0] if row else 0
 
     def prune_events(self, before: float) -> int:
         """Forget events older than ``before`` that no plugin is still waiting for; returns how many."""
