@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 
 def _number_to_str(value: Any) -> Any:
@@ -75,6 +75,22 @@ class TextItem(BaseModel):
         if not text.strip():
             raise ValueError("must not be empty")
         return text
+
+
+class TextsParams(BaseModel):
+    """Manifest fields of a task over texts: ``items`` (with ids) or ``texts``, or neither when the
+    manifest names an ``input`` file. A :class:`TextTask`'s ``Params`` subclass it with their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[TextItem] | None = Field(None, min_length=1, description="Texts with ids.")
+    texts: list[str] | None = Field(None, min_length=1, description="Texts; ids are their 1-based positions.")
+
+    @model_validator(mode="after")
+    def _one_item_list(self) -> TextsParams:
+        if self.items is not None and self.texts is not None:
+            raise ValueError("give either items or texts, not both")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +177,17 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} task {self.name!r}>"
+
+
+class TextTask(Task):
+    """A task over texts, with :class:`TextItem` items given inline as ``items`` or ``texts``
+    (its ``Params`` subclass :class:`TextsParams`) or read from the manifest's ``input`` file."""
+
+    Params: ClassVar[type[TextsParams]] = TextsParams
+
+    def inline_items(self, params: TextsParams) -> tuple[str, Sequence[Any]] | None:
+        if params.items is not None:
+            return "items", params.items
+        if params.texts is not None:
+            return "texts", params.texts
+        return None  # then the manifest names an input file: input = "reviews.csv"

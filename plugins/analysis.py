@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
 
 from batchd import hookimpl
-from batchd.task import Task, TaskRequest, TaskResult, TextItem
+from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask
 from batchd_plugins.sentiment import PROMPT as SENTIMENT_PROMPT
 from batchd_plugins.sentiment import Verdict
 from batchd_plugins.template import (
@@ -127,11 +127,7 @@ class CustomAnalysis(BaseModel):
         return prompt
 
 
-class AnalysisParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[TextItem] | None = Field(None, min_length=1, description="Texts with ids.")
-    texts: list[str] | None = Field(None, min_length=1, description="Texts; ids are their 1-based positions.")
+class AnalysisParams(TextsParams):
     context: str | None = Field(
         None, description='What the texts are, to guide the analyses, e.g. "customer feedback".'
     )
@@ -149,8 +145,6 @@ class AnalysisParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_analyses(self) -> AnalysisParams:
-        if self.items is not None and self.texts is not None:
-            raise ValueError("give either items or texts, not both")
         redefined = sorted(self.analysis_types.keys() & BUILTIN_ANALYSES.keys())
         if redefined:
             raise ValueError(f"analysis_types: {', '.join(redefined)} is built in; give your analysis another name")
@@ -177,19 +171,11 @@ class _PlannedAnalysis:
     format: str
 
 
-class Analysis(Task):
+class Analysis(TextTask):
     name = "analysis"
     description = "Analyze each text for sentiment, themes, entities, a summary and custom analyses (JSON results)."
     Params = AnalysisParams
-    Item = TextItem
     default_config = {"temperature": 0.0}  # analyses should be repeatable
-
-    def inline_items(self, params: AnalysisParams) -> tuple[str, list[Any]] | None:
-        if params.items is not None:
-            return "items", params.items
-        if params.texts is not None:
-            return "texts", params.texts
-        return None
 
     def requests(self, params: AnalysisParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
         plan = [_plan(name, params) for name in params.analyses]

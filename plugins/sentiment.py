@@ -9,26 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from batchd import hookimpl
-from batchd.task import Task, TaskRequest, TaskResult, TextItem, error_entry
+from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask, error_entry
 
 
-class SentimentParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[TextItem] | None = Field(None, min_length=1, description="Texts with ids.")
-    texts: list[str] | None = Field(None, min_length=1, description="Texts; ids are their 1-based positions.")
+class SentimentParams(TextsParams):
     context: str | None = Field(
         None, description='What the texts are, to guide the reading, e.g. "reviews of a coffee shop".'
     )
-
-    @model_validator(mode="after")
-    def _one_item_list(self) -> SentimentParams:
-        if self.items is not None and self.texts is not None:
-            raise ValueError("give either items or texts, not both")
-        return self
 
 
 class Verdict(BaseModel):
@@ -56,19 +46,11 @@ Text:
 \"\"\""""
 
 
-class Sentiment(Task):
+class Sentiment(TextTask):
     name = "sentiment"
     description = "Label the sentiment of texts as positive, negative, neutral or mixed, with a score."
     Params = SentimentParams
-    Item = TextItem
     default_config = {"temperature": 0.0}  # the same text should get the same label
-
-    def inline_items(self, params: SentimentParams) -> tuple[str, list[Any]] | None:
-        if params.items is not None:
-            return "items", params.items
-        if params.texts is not None:
-            return "texts", params.texts
-        return None
 
     def requests(self, params: SentimentParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
         context = f" ({params.context})" if params.context else ""

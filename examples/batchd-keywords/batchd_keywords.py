@@ -9,25 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from batchd import hookimpl
-from batchd.task import Task, TaskRequest, TaskResult, TextItem, error_entry
+from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask, error_entry
 
 
-class KeywordsParams(BaseModel):
-    # extra="forbid": a misspelt manifest field is an error naming it, not silently ignored.
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[TextItem] | None = Field(None, min_length=1, description="Texts with ids.")
-    texts: list[str] | None = Field(None, min_length=1, description="Texts; ids are their 1-based positions.")
+class KeywordsParams(TextsParams):
+    # TextsParams brings `items` (texts with ids) or `texts`, and extra="forbid":
+    # a misspelt manifest field is an error naming it, not silently ignored.
     max_keywords: int = Field(5, ge=1, le=20, description="At most this many keywords per text.")
-
-    @model_validator(mode="after")
-    def _one_item_list(self) -> KeywordsParams:
-        if self.items is not None and self.texts is not None:
-            raise ValueError("give either items or texts, not both")
-        return self
 
 
 def keywords_schema(max_keywords: int) -> dict[str, Any]:
@@ -57,19 +48,11 @@ Text:
 \"\"\""""
 
 
-class Keywords(Task):
+class Keywords(TextTask):
     name = "keywords"
     description = "Extract up to max_keywords keywords from each text (structured output)."
     Params = KeywordsParams
-    Item = TextItem
     default_config = {"temperature": 0.0}  # the same text should get the same keywords
-
-    def inline_items(self, params: KeywordsParams) -> tuple[str, list[Any]] | None:
-        if params.items is not None:
-            return "items", params.items
-        if params.texts is not None:
-            return "texts", params.texts
-        return None  # then the manifest must name an input file: input = "articles.csv"
 
     def requests(self, params: KeywordsParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
         # One schema object for the whole job: batchd encodes a shared schema once, not per request.
