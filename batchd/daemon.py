@@ -11,7 +11,8 @@ can be killed anywhere and, started again, carries on from the journal (see
 :mod:`batchd.journal` for the states and the intent-before-effect rule).
 
 ``BATCHD_CRASH_AT=<point>`` makes the process SIGKILL itself at one of the named
-:data:`CRASH_POINTS`; the crash tests use it to prove nothing is lost or billed twice.
+:data:`CRASH_POINTS` (or :data:`CANCEL_CRASH_POINTS`); the crash tests use it to prove nothing is lost
+or billed twice.
 With ``BATCHD_CRASH_SIGNAL=SIGTERM`` it sends itself a stop request there instead, as
 systemd would at that instant.
 """
@@ -48,7 +49,7 @@ from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugins import get_plugin_manager, tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.service import Notifier
-from batchd.spool import ChunkLimits, JobSpool
+from batchd.spool import BuiltChunk, ChunkLimits, JobSpool
 from batchd.task import TaskResult
 
 log = logging.getLogger("batchd")
@@ -61,6 +62,11 @@ CRASH_POINTS = (
     "while-polling",      # remote jobs running, mid poll
     "after-download",     # results fetched into the spool, outbox not yet written
     "after-publish",      # outbox folder published, job not yet marked done
+)
+#: Crash points on the way of a cancel (reliability.md K15); reached only by a job being cancelled.
+CANCEL_CRASH_POINTS = (
+    "after-cancel-request",  # the cancel request committed, its NAME.cancel not yet removed, nothing sent
+    "after-cancel",          # batches.cancel sent for a remote job, not yet recorded (cancel_sent)
 )
 MANIFEST_SUFFIXES = (".toml", ".json")
 CANCEL_SUFFIX = ".cancel"
@@ -137,6 +143,14 @@ class PollClock:
 
     def seconds_left(self) -> float:
         return max(0.0, self.due_at - time.monotonic())
+
+
+@dataclass
+class Build:
+    """A job's chunk generator while the job is being built, and the chunk it yielded last."""
+
+    chunks: Iterator[BuiltChunk]
+    last: BuiltChunk | None = None
 
 
 @dataclass
@@ -250,7 +264,7 @@ class Daemon:
         # start to remove): deleting its files took a tenth of the loop's time per small job.
         self.cleanup_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-cleanup")
         self.deliveries: dict[str, Delivery] = {}  # job id → its result files being written
-        self.builders: dict[str, Iterator] = {}  # job id → its chunk generator, while it is being built
+        self.builders: dict[str, Build] = {}  # job id → its chunk generator, while it is being built
         self.estimating_alongside: dict[str, EstimateAlongside] = {}  # job id → the estimate its build pass feeds
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
@@ -537,6 +551,7 @@ class Daemon:
         for job in self.journal.jobs(states=("claiming",)):
             self._finish_claim(job)
         self._remove_leftover_spools()
+        self._take_cancel_files()
         try:
             self.reconcile()
         except Exception as error:
@@ -545,6 +560,14 @@ class Daemon:
             # The service is down or throttling: the unconfirmed creates stay 'submitting' and every
             # poll reconciles them again, instead of the daemon exiting into a restart loop.
             log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
+
+    def _take_cancel_files(self) -> None:
+        """Take the NAME.cancel files dropped while batchd was down before reconciling, so a job cancelled
+        by then gets no create for a chunk whose create a crash left unconfirmed."""
+        for path in sorted(self.settings.inbox.iterdir()):
+            if (path.suffix == CANCEL_SUFFIX and not is_temp_name(path.name) and _is_utf8(path.name)
+                    and _is_regular_file(path)):
+                self._take_request_file(path)
 
     def _remove_leftover_spools(self) -> None:
         """Spools a crash left behind: of a job already done (killed before its spool was removed), or
@@ -698,6 +721,8 @@ class Daemon:
             self._held_reviewed_at = float("-inf")  # a held job is released or delivered cancelled on this tick
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
+        elif path.suffix == CANCEL_SUFFIX:
+            crashpoint("after-cancel-request")
         path.unlink(missing_ok=True)
 
     # -- per-job state machine ------------------------------------------------------------------
@@ -836,10 +861,15 @@ class Daemon:
         return make_event(kind, job, default_model=self.settings.model, **details)
 
     def build(self, job: Job) -> None:
-        """Build the job's next chunk of requests (one per tick, so finished chunks go out meanwhile)."""
+        """Build the job's next chunk of requests (one per tick, so finished chunks go out meanwhile).
+
+        A job whose cancel was requested builds no further chunk (see :meth:`_stop_building`).
+        """
+        if job.cancel_requested and self._stop_building(job):
+            return
         try:
-            builder = self.builders.get(job.id) or self._start_build(job)
-            chunk = next(builder, None)
+            build = self.builders.get(job.id) or self._start_build(job)
+            chunk = next(build.chunks, None)
         except Stopping:
             raise
         except ManifestError as error:
@@ -851,6 +881,7 @@ class Daemon:
                                                 f"{type(error).__name__}: {error}"})
             return
         if chunk is not None:
+            build.last = chunk
             self._record_chunk(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
@@ -892,10 +923,38 @@ class Daemon:
             self._drop_estimate_alongside(job.id)
             self.estimating_alongside[job.id] = alongside
             requests = alongside.feed(requests)
-        builder = self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
-                                            check_stop=self.check_stop)
-        self.builders[job.id] = builder
-        return builder
+        build = Build(self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
+                                                check_stop=self.check_stop))
+        self.builders[job.id] = build
+        return build
+
+    def _stop_building(self, job: Job) -> bool:
+        """End the build of a job whose cancel was requested, at the chunk boundary it is at.
+
+        The chunks recorded so far are the job (those not yet sent end skipped, never submitted);
+        the requests after them are never built nor sent, and the summary says so. A build a restart
+        cut off rebuilds its recorded chunks first (it returns False until then): the index that joins
+        their results back is written by the build, and a kill may have left it short.
+        """
+        chunks = self.journal.chunks(job.id)
+        build = self.builders.get(job.id)
+        last = build.last if build is not None else None
+        if chunks and (last is None or last.idx < chunks[-1].idx):
+            return False
+        self.builders.pop(job.id, None)
+        if build is not None:
+            build.chunks.close()  # at a chunk boundary: the index holds exactly the recorded chunks
+        self._drop_estimate_alongside(job.id)
+        if not chunks:
+            log.info("job %s (%s): cancelled before any request was built", job.id, job.source)
+            self.deliver(job, without_results="cancelled")
+            return True
+        cut_short = not last.last
+        self.journal.update_job(job.id, state="built", build_stopped=cut_short)
+        log.info("job %s (%s): cancelled while being built; %s", job.id, job.source,
+                 f"building stopped after chunk {last.idx}" if cut_short else "every request was built",
+                 extra={"job": job.id})
+        return True
 
     def _record_chunk(self, job: Job, chunk) -> None:
         recorded = {"idx": chunk.idx, "display_name": self._display_name(job, chunk.idx), "mode": chunk.mode,
@@ -914,7 +973,9 @@ class Daemon:
             alongside.close()
 
     def _build_failed(self, job: Job, error: dict) -> None:
-        self.builders.pop(job.id, None)
+        build = self.builders.pop(job.id, None)
+        if build is not None:
+            build.chunks.close()
         self._drop_estimate_alongside(job.id)
         if not self.journal.chunks(job.id):
             self.journal.update_job(job.id, state="received", error=error)  # rejected: nothing was sent
@@ -952,10 +1013,22 @@ class Daemon:
             self._start_create(job, chunk)
         chunks = self.journal.chunks(job.id)
         if job.state == "built" and all(c.state != "built" for c in chunks):
-            total = sum(c.request_count for c in chunks)
-            event = self._event("submitted", dataclasses.replace(job, state="submitted"),
-                                counts={"total": total, "done": 0, "chunks": len(chunks)})
-            self.journal.update_job(job.id, state="submitted", submitted_at=time.time(), events=[event])
+            sent = any(c.state != "skipped" for c in chunks)  # none: cancelled before any was sent
+            submitted = dataclasses.replace(job, state="submitted")
+            self.journal.update_job(job.id, state="submitted", submitted_at=time.time() if sent else None,
+                                    events=self._submitted_events(submitted, chunks))
+
+    def _submitted_events(self, job: Job, chunks: list[Chunk]) -> list[dict]:
+        """The ``submitted`` event of a job all of whose chunks are sent, once one remote job of it exists.
+
+        Until then (creates in flight or unconfirmed) there is none: it comes with the first
+        adoption (:meth:`_adopt`), and never for a job whose every create was refused or skipped.
+        """
+        if job.state != "submitted" or not any(c.remote_name for c in chunks):
+            return []
+        sent = [c for c in chunks if c.state != "skipped"]
+        return [self._event("submitted", job, counts={"total": sum(c.request_count for c in sent), "done": 0,
+                                                      "chunks": len(sent)})]
 
     def _start_create(self, job: Job, chunk: Chunk) -> None:
         spool = self._spool(job.id)
@@ -987,12 +1060,22 @@ class Daemon:
             crashpoint("after-create")
             self._adopt(chunk, remote)
 
-    def _adopt(self, chunk: Chunk, remote: RemoteJob) -> None:
+    def _adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
+        """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
         self.journal.record_remote_job(remote.name, chunk, "adopted")
+        adopted = dataclasses.replace(chunk, state="running", remote_name=remote.name,
+                                      remote_state=remote.state, stats=remote.stats)
+        job = self.journal.job(chunk.job_id)
+        events = []
+        if job.state == "submitted" and not self.journal.event_count(job.id, "submitted"):
+            # Every chunk was sent before this first create was confirmed: the job's remote work exists now.
+            events = self._submitted_events(job, [adopted if c.idx == chunk.idx else c
+                                                  for c in self.journal.chunks(job.id)])
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="running", remote_name=remote.name,
-                                  remote_state=remote.state, stats=remote.stats)
+                                  remote_state=remote.state, stats=remote.stats, events=events)
         log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name,
                  extra={"job": chunk.job_id, "chunk": chunk.idx, "remote": remote.name})
+        return adopted
 
     def _create_failed(self, chunk: Chunk, error: Exception) -> None:
         if is_retryable(error):
@@ -1015,15 +1098,25 @@ class Daemon:
             if remote.display_name in pending:
                 found.setdefault(remote.display_name, []).append(remote)
         for display_name, chunk in pending.items():
+            job = self.journal.job(chunk.job_id)
             matches = sorted(found.get(display_name, []), key=_creation_order)
             if matches:
-                self._adopt(chunk, matches[0])
+                adopted = self._adopt(chunk, matches[0])
                 for duplicate in matches[1:]:
                     log.warning("cancelling duplicate remote job %s for %s", duplicate.name, display_name)
                     self.journal.record_remote_job(duplicate.name, chunk, "duplicate")
                     self.provider.cancel(duplicate.name)
-            elif time.time() - (chunk.intent_at or 0) >= self.settings.submit_grace_seconds:
-                job = self.journal.job(chunk.job_id)
+                if job.cancel_requested:
+                    self._send_cancel(adopted)  # kept, so whatever results it has are the job's
+            elif time.time() - (chunk.intent_at or 0) < self.settings.submit_grace_seconds:
+                continue  # the create may have reached the service and not be listed yet
+            elif job.cancel_requested:
+                # A cancelled job is never created again; the grace period is what says the create
+                # never reached the service, as it does before a create is sent again.
+                log.info("job %s: chunk %d is cancelled and its create never showed up: never submitted",
+                         chunk.job_id, chunk.idx, extra={"job": chunk.job_id, "chunk": chunk.idx})
+                self.journal.update_chunk(chunk.job_id, chunk.idx, state="skipped")
+            else:
                 log.info("job %s: no remote job for chunk %d; creating it", chunk.job_id, chunk.idx)
                 self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=time.time())
                 self._start_create(job, chunk)
@@ -1201,13 +1294,21 @@ class Daemon:
             if chunk.state == "built":
                 self.journal.update_chunk(job.id, chunk.idx, state="skipped")
             elif chunk.state == "running" and not chunk.cancel_sent:
-                try:
-                    self.provider.cancel(chunk.remote_name)
-                except Exception as error:
-                    log.warning("job %s: cancel of %s failed (%s); retrying", job.id, chunk.remote_name, error)
-                    continue
-                self.journal.update_chunk(job.id, chunk.idx, cancel_sent=1)
-                self.poll_clock.due_at = 0  # look again soon
+                self._send_cancel(chunk)
+
+    def _send_cancel(self, chunk: Chunk) -> None:
+        """``batches.cancel`` for a running chunk of a cancelled job; a failure is retried on the next tick.
+
+        Sent again after a crash before ``cancel_sent`` is committed: cancelling twice is harmless.
+        """
+        try:
+            self.provider.cancel(chunk.remote_name)
+        except Exception as error:
+            log.warning("job %s: cancel of %s failed (%s); retrying", chunk.job_id, chunk.remote_name, error)
+            return
+        crashpoint("after-cancel")
+        self.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
+        self.poll_clock.due_at = 0  # look again soon
 
     # -- delivery: spool → outbox -------------------------------------------------------------
 
@@ -1310,12 +1411,20 @@ class Daemon:
             summary["duplicate_remote_batches_cancelled"] = duplicates
         if organize_error is not None:
             summary["error"] = organize_error
+        warnings = []
+        if job.build_stopped:
+            warnings.append(
+                f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}, so only the "
+                f"first {sum(c.request_count for c in chunks)} requests were built; the manifest's other requests "
+                "were never built nor sent and are not in results.jsonl")
         if counts.get("joined_by_position"):
-            summary["warnings"] = [
+            warnings.append(
                 f"{counts['joined_by_position']} inline answers came back without their key and were matched to "
                 "their requests by position, which the service does not guarantee; they are marked "
                 "\"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
-                "inline_max_requests to use them)"]
+                "inline_max_requests to use them)")
+        if warnings:
+            summary["warnings"] = warnings
         return folder, summary, usage
 
     def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool,

@@ -24,17 +24,22 @@ as cancelled. Held jobs are not *active*: ``batchd run --once`` does not wait fo
 
 A chunk is recorded as soon as its requests file is complete, so chunks are
 submitted while later ones are still being built; ``built`` means every chunk
-is known. ``submitted`` covers the time the remote jobs run; every chunk (one
+is known. A cancel stops a build at the chunk boundary it is at: ``built`` then
+holds the chunks recorded so far, and ``build_stopped`` says requests were left
+unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
 remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
     built → submitting → running → fetched   (results downloaded, or the job ended without any)
       │         │           ╰────→ fetched   (remote_state "missing": the remote job disappeared)
-      │         ╰────────────────→ fetched   (remote_state "rejected": the create was refused)
+      │         ├────────────────→ fetched   (remote_state "rejected": the create was refused)
+      │         ╰→ skipped                   (cancelled, the unconfirmed create never showed up)
       ╰→ skipped                             (cancelled before it was ever sent)
 
 ``submitting`` is written before the create call; a crash there leaves the chunk
 ``submitting`` until reconciliation finds its remote job by display name (then
-``running``) or, after ``submit_grace_seconds``, creates it again.
+``running``) or, after ``submit_grace_seconds``, creates it again; a chunk of a job
+whose cancel was requested is never created again: found, it is adopted and
+cancelled, not found after the grace period, it ends ``skipped``.
 
 A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
 rejected.
@@ -79,7 +84,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     spend         REAL,               -- what the job counts against budgets: actual, else estimate
     admitted_at   REAL,               -- when it passed the budget check (or was approved)
     hold          TEXT,               -- why it is held
-    approved      INTEGER NOT NULL DEFAULT 0   -- `batchd approve`: no budget check
+    approved      INTEGER NOT NULL DEFAULT 0,  -- `batchd approve`: no budget check
+    build_stopped INTEGER NOT NULL DEFAULT 0   -- a cancel stopped its build before its last request
 );
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
 CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
@@ -141,7 +147,7 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
 #: Columns added to ``jobs`` after its first release, added to older journals when opened.
 _ADDED_JOB_COLUMNS = {
     "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
-    "approved": "INTEGER NOT NULL DEFAULT 0",
+    "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
 }
 
 def _dumps(value: Any) -> str:
@@ -179,6 +185,7 @@ class Job:
     admitted_at: float | None = None
     hold: str | None = None
     approved: bool = False
+    build_stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ def _job(row: sqlite3.Row) -> Job:
     data["cost"] = json.loads(data["cost"]) if data.get("cost") else None
     data["cancel_requested"] = bool(data["cancel_requested"])
     data["approved"] = bool(data.get("approved"))
+    data["build_stopped"] = bool(data.get("build_stopped"))
     return Job(**data)
 
 

@@ -46,6 +46,8 @@ class BuiltChunk:
     request_count: int = 0
     byte_size: int = 0
     mode: str = "file"
+    #: Whether it is the job's last chunk (no request follows it).
+    last: bool = False
 
 
 class JobSpool:
@@ -90,6 +92,9 @@ class JobSpool:
         (``{"key", "request"}``, without the newline).  A rebuild after a crash writes the same
         chunks again (the requests of a manifest are deterministic); each chunk file is replaced
         atomically, so a reader of the earlier copy is never disturbed.
+
+        Closed after a chunk it yielded (a cancel stops the build there), it leaves the index
+        durable and holding exactly the requests of the chunks yielded so far.
         """
         current: BuiltChunk | None = None
         out = None
@@ -102,7 +107,13 @@ class JobSpool:
                     current.request_count and current.byte_size + size > limits.max_bytes
                 ):
                     if current is not None:
-                        yield self._finish_chunk(current, out, limits)
+                        try:
+                            yield self._finish_chunk(current, out, limits)
+                        except GeneratorExit:
+                            # The next request is not in the index yet: it ends with this chunk.
+                            index.flush()
+                            os.fsync(index.fileno())
+                            raise
                     current = BuiltChunk(idx=current.idx + 1 if current else 0)
                     out = open(self._partial(current.idx), "w", encoding="utf-8", buffering=IO_BUFFER)
                 out.write(line)
@@ -115,6 +126,7 @@ class JobSpool:
             index.flush()
             os.fsync(index.fileno())
         if current is not None:
+            current.last = True
             yield self._finish_chunk(current, out, limits)
 
     def _partial(self, idx: int) -> Path:

@@ -90,3 +90,44 @@ def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_a
     assert roles == {adopted.name: "adopted", late.name: "duplicate"}
     assert daemon.provider.get(late.name).state == "cancelled"
     assert daemon.provider.get(adopted.name).state != "cancelled"
+
+
+def remote_names(daemon: Daemon) -> list[str]:
+    return [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME]
+
+
+def test_a_cancelled_job_waits_out_the_grace_period_for_an_unconfirmed_create_and_never_creates_it(daemon: Daemon):
+    """Cancel requested, create unconfirmed, no remote job listed: inside the grace period the create
+    may yet show up; after it the chunk ends never submitted. Nothing is created for it either way."""
+    daemon.journal.update_job("j1", cancel_requested=1)
+
+    daemon.reconcile()
+    assert daemon.journal.chunks("j1")[0].state == "submitting", "inside the grace period it may yet show up"
+
+    daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
+    daemon.reconcile()
+
+    assert not daemon.submissions, "a create was sent for a cancelled job"
+    chunk = daemon.journal.chunks("j1")[0]
+    assert (chunk.state, chunk.remote_name) == ("skipped", None)
+    assert remote_names(daemon) == []
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["found-at-once", "shows-up-within-the-grace-period"])
+def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_cancelled(daemon: Daemon, late: bool):
+    """The create did reach the service: its remote job is adopted (its results, if any, are the job's)
+    and cancelled at once, and nothing else is created."""
+    daemon.journal.update_job("j1", cancel_requested=1)
+    if late:
+        daemon.reconcile()
+        assert daemon.journal.chunks("j1")[0].state == "submitting"
+    created = create_remote(daemon)
+
+    daemon.reconcile()
+
+    assert not daemon.submissions
+    chunk = daemon.journal.chunks("j1")[0]
+    assert (chunk.state, chunk.remote_name, chunk.cancel_sent) == ("running", created.name, True)
+    assert daemon.provider.get(created.name).state == "cancelled"
+    assert remote_names(daemon) == [created.name]
+    assert {r["remote_name"]: r["role"] for r in daemon.journal.remote_jobs("j1")} == {created.name: "adopted"}

@@ -1,8 +1,9 @@
-"""Recovery after crashes and stops (reliability.md B8): I6 idempotent recovery, K16 SIGTERM at each
-crash point, and a claim's verdict surviving a kill right after the claim."""
+"""Recovery after crashes and stops (reliability.md B8): I6 idempotent recovery, K15 kill -9 around a
+cancel, K16 SIGTERM at each crash point, and a claim's verdict surviving a kill right after the claim."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,10 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from google.genai import types
 
 from batchd.config import load_settings
-from batchd.daemon import CRASH_POINTS, Daemon
+from batchd.daemon import CANCEL_CRASH_POINTS, CRASH_POINTS, Daemon
 from batchd.journal import journal_path
+from batchd.manifest import load_manifest
 from batchd.testing import Emulator, Workspace
 from invariants import Dropped, assert_invariants
 from test_daemon import SENTIMENT, TRANSLATE, remote_jobs
@@ -111,6 +114,61 @@ def test_sigterm_at_each_crash_point_exits_0_and_a_restart_creates_nothing_extra
     assert all(count == 1 for count in per_chunk.values()), per_chunk
     assert len(per_chunk) == 4, "translate: 4 requests, sentiment: 3, at 2 a chunk"
     assert_invariants(workspace, dropped, jobs)
+
+
+#: Six requests: at one request a chunk, six chunks.
+SIX = """\
+task = "translate"
+texts = ["one", "two", "three", "four", "five", "six"]
+languages = ["French"]
+"""
+
+
+@pytest.mark.parametrize("point", CANCEL_CRASH_POINTS)
+@pytest.mark.parametrize("when", ["running", "building"])
+def test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped(workspace: Workspace, when: str,
+                                                                             point: str):
+    """K15: killed after a cancel request is committed (batches.cancel not yet sent) or after batches.cancel
+    was sent (not yet recorded). The restart carries the cancel through: the job is delivered once, as
+    cancelled, and every remote job of it is cancelled on the service (they would run for 10 minutes).
+
+    ``running``: every chunk is built and running when the cancel comes. ``building``: batchd was
+    stopped right after the second of six chunks was recorded and sent, and the cancel is taken on the
+    restart that is killed; the chunks after those two are never built (results for those two only).
+    """
+    workspace.configure(job_seconds=600, chunk_max_requests=2 if when == "running" else 1)
+    path = workspace.drop("long.toml", TRANSLATE if when == "running" else SIX)
+    dropped = Dropped.of(path)
+    built_keys = [request.key for request in load_manifest(path).requests()]
+    if when == "running":
+        daemon = workspace.start("run", BATCHD_CRASH_AT=point)
+        try:
+            workspace.wait_for(lambda: [b["name"] is not None for job in workspace.status()
+                                        for b in job["remote_batches"]] == [True, True],
+                               what="both remote jobs created")
+            assert workspace.batchd("cancel", "long").returncode == 0
+            assert daemon.wait(120) == -signal.SIGKILL, f"never reached {point}:\n{daemon.output()[-3000:]}"
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+    else:
+        stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
+        assert stopped.wait(120) == 0, stopped.output()[-3000:]
+        assert workspace.batchd("cancel", "long").returncode == 0
+        crashed = workspace.start("run", BATCHD_CRASH_AT=point)
+        assert crashed.wait(120) == -signal.SIGKILL, f"never reached {point}:\n{crashed.output()[-3000:]}"
+        # Only the two chunks recorded before the stop are ever built: their requests are the results.
+        dropped = dataclasses.replace(dropped, keys=frozenset(built_keys[:2]))
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert workspace.delivered()["long"]["state"] == "cancelled"
+    jobs = remote_jobs(workspace)
+    assert len(jobs) == 2 and all(job.state == types.JobState.JOB_STATE_CANCELLED for job in jobs), \
+        [(job.display_name, job.state) for job in jobs]
+    assert_invariants(workspace, [dropped], jobs)
 
 
 def test_a_duplicate_killed_right_after_its_claim_is_still_a_duplicate(workspace: Workspace):

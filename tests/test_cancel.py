@@ -1,0 +1,155 @@
+"""Cancelling a job before all of it is on the service: while it is being built, while a create is
+unconfirmed, or before any remote job exists. Crashes around a cancel are in test_recovery.py (K15)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from google.genai import types
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+from batchd.journal import Chunk, Job, Journal, journal_path
+from batchd.manifest import load_manifest
+from batchd.testing import Workspace
+from test_daemon import remote_jobs
+
+#: Six requests: at one request a chunk, six chunks.
+SIX = """\
+task = "translate"
+texts = ["one", "two", "three", "four", "five", "six"]
+languages = ["French"]
+"""
+
+
+def journal_of(ws: Workspace, name: str) -> tuple[Job, list[Chunk], list[str]]:
+    """The job named ``name``, its chunks and the kinds of its events (progress left out: how many
+    there are depends on where the polls fall)."""
+    journal = Journal(journal_path(ws.state), readonly=True)
+    try:
+        (job,) = journal.find_jobs(name)
+        kinds = [entry["event"]["kind"] for entry in journal.events(job.id)
+                 if entry["event"]["kind"] != "progress"]
+        return job, journal.chunks(job.id), kinds
+    finally:
+        journal.close()
+
+
+def request_keys(path: Path) -> list[str]:
+    return [request.key for request in load_manifest(path).requests()]
+
+
+def result_keys(ws: Workspace, name: str) -> list[str]:
+    return [line["key"] for line in ws.outbox_folder(name).results]
+
+
+def tick_until(daemon: Daemon, done, what: str, timeout: float = 60):
+    """Run the daemon's loop in this process, one tick at a time, until ``done()`` is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        daemon.tick()
+        value = done()
+        if value:
+            return value
+        daemon.inbox.wait(min(daemon._sleep_seconds(), 0.05))
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(workspace: Workspace):
+    """The cancel is taken while chunk 0 is built and not yet sent: no chunk after it is built,
+    chunk 0 ends never submitted, no remote job exists, and no `submitted` event claims otherwise."""
+    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600)
+    manifest = workspace.drop("long.toml", SIX)
+    keys = request_keys(manifest)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        # One tick takes the manifest and builds its first chunk; the next would send it.
+        (job,) = tick_until(daemon, daemon.journal.active_jobs, "the job accepted")
+        assert (job.state, [c.state for c in daemon.journal.chunks(job.id)]) == ("building", ["built"])
+        (workspace.inbox / "long.cancel").write_text("")
+
+        tick_until(daemon, lambda: daemon.journal.job(job.id).state == "done", "the job delivered")
+        chunks = daemon.journal.chunks(job.id)
+        kinds = [entry["event"]["kind"] for entry in daemon.journal.events(job.id)]
+    finally:
+        daemon.close()
+
+    assert [(c.idx, c.state) for c in chunks] == [(0, "skipped")], "a chunk was built after the cancel"
+    assert remote_jobs(workspace) == []
+    assert kinds == ["accepted", "cancelled"]
+    folder = workspace.outbox_folder("long")
+    assert folder.state == "cancelled"
+    assert folder.summary["timings"]["submitted"] is None, "nothing was submitted"
+    assert [line["key"] for line in folder.results] == keys[:1]
+    assert folder.results[0]["error"]["code"] == "cancelled"
+    assert folder.summary["counts"] == {"total": 1, "succeeded": 0, "failed": 1}
+    [warning] = folder.summary["warnings"]
+    assert "chunk 0" in warning and "never built" in warning
+
+
+def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_more(workspace: Workspace):
+    """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
+    the restart builds the recorded chunks again (their index joins the results) and nothing after
+    them; both remote jobs are cancelled and the job is delivered cancelled with those two requests."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600)
+    manifest = workspace.drop("long.toml", SIX)
+    keys = request_keys(manifest)
+    stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
+    assert stopped.wait(120) == 0, stopped.output()[-3000:]
+    assert workspace.batchd("cancel", "long").returncode == 0
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    job, chunks, kinds = journal_of(workspace, "long")
+    # The stop came right after chunk 1 was recorded, and each chunk is sent before the next is built.
+    assert [c.idx for c in chunks] == [0, 1], "chunks were built after the cancel"
+    assert all(c.remote_name and c.cancel_sent for c in chunks)
+    remote = remote_jobs(workspace)
+    assert sorted(r.name for r in remote) == sorted(c.remote_name for c in chunks)
+    assert all(r.state == types.JobState.JOB_STATE_CANCELLED for r in remote)
+    assert kinds == ["accepted", "submitted", "cancelled"]
+    folder = workspace.outbox_folder("long")
+    assert folder.state == "cancelled"
+    assert result_keys(workspace, "long") == keys[:2]
+    assert "never built" in folder.summary["warnings"][0]
+
+
+def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace: Workspace):
+    """Killed after the create intent of chunk 0, before the create; cancelled while down. The restart
+    reads the cancel before it reconciles, so the unconfirmed chunk is never created: once the grace
+    period shows no remote job it ends never submitted."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600)
+    manifest = workspace.drop("long.toml", SIX)
+    keys = request_keys(manifest)
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-intent")
+    assert crashed.wait(120) == -signal.SIGKILL, crashed.output()[-3000:]
+    assert workspace.batchd("cancel", "long").returncode == 0
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    job, chunks, kinds = journal_of(workspace, "long")
+    assert [(c.idx, c.state) for c in chunks] == [(0, "skipped")]
+    assert remote_jobs(workspace) == []
+    assert kinds == ["accepted", "cancelled"]
+    assert workspace.outbox_folder("long").state == "cancelled"
+    assert result_keys(workspace, "long") == keys[:1]
+
+
+def test_a_job_whose_every_create_is_refused_announces_no_submitted_event(workspace: Workspace):
+    """`submitted` says remote jobs exist: a job the service refused outright goes from accepted to failed."""
+    workspace.configure(faults=["400@create"])
+    workspace.drop("refused.toml", SIX)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1, result.stderr
+    _job, chunks, kinds = journal_of(workspace, "refused")
+    assert [c.remote_state for c in chunks] == ["rejected"]
+    assert kinds == ["accepted", "failed"]
+    assert workspace.outbox_folder("refused").summary["timings"]["submitted"] is not None, \
+        "the creates were sent"
