@@ -1413,10 +1413,10 @@ class Daemon:
             summary["error"] = organize_error
         warnings = []
         if job.build_stopped:
+            built = sum(c.request_count for c in chunks)
             warnings.append(
-                f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}, so only the "
-                f"first {sum(c.request_count for c in chunks)} requests were built; the manifest's other requests "
-                "were never built nor sent and are not in results.jsonl")
+                f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}; the "
+                f"manifest's requests after its first {built} were never built nor sent and are not in results.jsonl")
         if counts.get("joined_by_position"):
             warnings.append(
                 f"{counts['joined_by_position']} inline answers came back without their key and were matched to "

@@ -140,7 +140,7 @@ def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace
     assert result_keys(workspace, "long") == keys[:1]
 
 
-def test_a_job_whose_every_create_is_refused_announces_no_submitted_event(workspace: Workspace):
+def test_hook_job_event_announces_no_submitted_for_a_job_whose_every_create_is_refused(workspace: Workspace):
     """`submitted` says remote jobs exist: a job the service refused outright goes from accepted to failed."""
     workspace.configure(faults=["400@create"])
     workspace.drop("refused.toml", SIX)

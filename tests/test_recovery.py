@@ -141,17 +141,8 @@ def test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped(wor
     dropped = Dropped.of(path)
     built_keys = [request.key for request in load_manifest(path).requests()]
     if when == "running":
-        daemon = workspace.start("run", BATCHD_CRASH_AT=point)
-        try:
-            workspace.wait_for(lambda: [b["name"] is not None for job in workspace.status()
-                                        for b in job["remote_batches"]] == [True, True],
-                               what="both remote jobs created")
-            assert workspace.batchd("cancel", "long").returncode == 0
-            assert daemon.wait(120) == -signal.SIGKILL, f"never reached {point}:\n{daemon.output()[-3000:]}"
-        finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
+        killed = cancel_both_running_chunks(workspace, BATCHD_CRASH_AT=point)
+        assert killed.returncode == -signal.SIGKILL, f"never reached {point}:\n{killed.output()[-3000:]}"
     else:
         stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
         assert stopped.wait(120) == 0, stopped.output()[-3000:]
@@ -168,6 +159,40 @@ def test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped(wor
     jobs = remote_jobs(workspace)
     assert len(jobs) == 2 and all(job.state == types.JobState.JOB_STATE_CANCELLED for job in jobs), \
         [(job.display_name, job.state) for job in jobs]
+    assert_invariants(workspace, [dropped], jobs)
+
+
+def cancel_both_running_chunks(ws: Workspace, **env: str):
+    """Run batchd until both chunks of long.toml run, cancel it, and wait for the process to end."""
+    daemon = ws.start("run", **env)
+    try:
+        ws.wait_for(lambda: [b["name"] is not None for job in ws.status() for b in job["remote_batches"]]
+                    == [True, True], what="both remote jobs created")
+        assert ws.batchd("cancel", "long").returncode == 0
+        daemon.wait(120)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    return daemon
+
+
+@pytest.mark.parametrize("point", CANCEL_CRASH_POINTS)
+def test_sigterm_around_a_cancel_exits_0_and_the_restart_finishes_the_cancel(workspace: Workspace, point: str):
+    """K16 at the cancel's crash points: a stop request there ends the process cleanly; the restart
+    delivers the job cancelled with both remote jobs cancelled and nothing created again."""
+    workspace.configure(job_seconds=600, chunk_max_requests=2)
+    dropped = Dropped.of(workspace.drop("long.toml", TRANSLATE))
+    stopped = cancel_both_running_chunks(workspace, BATCHD_CRASH_AT=point, BATCHD_CRASH_SIGNAL="SIGTERM")
+    assert stopped.returncode == 0, stopped.output()[-3000:]
+    assert f"crash point {point}: sending the process SIGTERM" in stopped.output()
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert workspace.delivered()["long"]["state"] == "cancelled"
+    jobs = remote_jobs(workspace)
+    assert len(jobs) == 2 and all(job.state == types.JobState.JOB_STATE_CANCELLED for job in jobs)
     assert_invariants(workspace, [dropped], jobs)
 
 
