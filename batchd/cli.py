@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -100,7 +101,8 @@ def run(ctx: Context, once: bool, **overrides) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_while_starting)
 
-    from batchd.daemon import AlreadyRunning, Daemon
+    from batchd.daemon import AlreadyRunning, Daemon, fatal_storage_message
+    from batchd.fs import EXIT_STORAGE, StorageFailure
     from batchd.outbox import CrossDeviceError
     from batchd.plugins import PluginError
 
@@ -117,6 +119,9 @@ def run(ctx: Context, once: bool, **overrides) -> None:
     except CrossDeviceError as error:
         raise click.ClickException(f"{error}; keep inbox, outbox and state_dir on one filesystem"
                                    " (under one folder, say)") from None
+    except StorageFailure as failure:  # the daemon reports its own; this is one while stopping
+        logging.getLogger("batchd").critical(fatal_storage_message(failure))
+        code = EXIT_STORAGE
     sys.exit(code)
 
 

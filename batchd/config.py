@@ -202,6 +202,13 @@ class Settings(BaseSettings):
     inbox: Path = Field(Path("inbox"), description="Where job manifests are dropped.")
     outbox: Path = Field(Path("outbox"), description="Where organized results are written.")
     state_dir: Path = Field(Path("state"), description="Journal, claimed jobs and downloads.")
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description="Below this many MB free on state_dir's filesystem (which inbox and outbox share) no new"
+                    " manifest is claimed; jobs in flight go on, and the room left keeps journal commits and"
+                    " deliveries going. 0 = no floor.",
+    )
     plugins_dir: Path | None = Field(None, description="Optional folder of one-off *.py task plugins.")
     disabled_plugins: list[str] = Field(
         default_factory=list,

@@ -15,6 +15,11 @@ can be killed anywhere and, started again, carries on from the journal (see
 or billed twice.
 With ``BATCHD_CRASH_SIGNAL=SIGTERM`` it sends itself a stop request there instead, as
 systemd would at that instant.
+
+Storage faults (see :mod:`batchd.fs` for the policy and ``BATCHD_FS_FAULT``): a full disk fails the
+step that writes, leaves its job in the state it had and makes the loop back off its writes
+(:class:`DiskBackoff`) until there is room; below ``min_free_mb`` no new manifest is claimed. A failed
+fsync or journal commit ends the process with :data:`batchd.fs.EXIT_STORAGE`.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from batchd import outbox
+from batchd import fs, outbox
 from batchd.config import ConfigError, Settings, load_settings
 from batchd.costs import CostHooks, EstimateAlongside, JobInfo, RequestStream, spend_of, summary_cost
 from batchd.costs import describe as describe_cost
@@ -88,6 +93,10 @@ WRITER_THREADS = 8
 HELD_REVIEW_SECONDS = 1.0
 #: Delivered events older than ``notify.keep_days`` are forgotten at start and then this often.
 PRUNE_EVENTS_SECONDS = 3600.0
+#: After a write failed for lack of room, writes are tried again after this long, doubling each time
+#: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
+DISK_RETRY_SECONDS = 1.0
+DISK_RETRY_MAX_SECONDS = 60.0
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -151,6 +160,35 @@ class Build:
 
     chunks: Iterator[BuiltChunk]
     last: BuiltChunk | None = None
+
+
+@dataclass
+class DiskBackoff:
+    """When the loop may write again after a full disk: doubling waits, reset once a write goes through."""
+
+    initial: float = DISK_RETRY_SECONDS
+    maximum: float = DISK_RETRY_MAX_SECONDS
+    interval: float = 0.0
+    due_at: float = 0.0
+
+    def waiting(self) -> bool:
+        """Whether writing steps are paused now (the last one found the disk full)."""
+        return bool(self.interval) and time.monotonic() < self.due_at
+
+    def failed(self) -> float:
+        """A write found the disk full: pause, longer than last time. Returns the pause."""
+        self.interval = self.initial if not self.interval else min(self.interval * 2, self.maximum)
+        self.due_at = time.monotonic() + self.interval
+        return self.interval
+
+    def succeeded(self) -> bool:
+        """Writes go through again; returns whether they had been failing."""
+        was_failing = bool(self.interval)
+        self.interval = self.due_at = 0.0
+        return was_failing
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.due_at - time.monotonic())
 
 
 @dataclass
@@ -276,6 +314,13 @@ class Daemon:
         self._lock_file = None
         self.notifier = Notifier()
         self.advance_now = False  # a poll finished a chunk: tick again at once to deliver it
+        self.disk = DiskBackoff()
+        self._once_blocked = False  # --once gave up: manifests left unclaimed below min_free_mb
+        self._disk_full_seen = False  # in this tick
+        #: Why new manifests are not claimed (free space under min_free_mb), or None.
+        self.claiming_paused: str | None = None
+        #: A storage failure a pool thread hit; the loop ends the process with it.
+        self.storage_failure: fs.StorageFailure | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -291,8 +336,14 @@ class Daemon:
             self.start()
             self.notifier.ready(self.status_line())
             self.loop()
+        except fs.StorageFailure as failure:
+            self.storage_failure = failure
+            log.critical(fatal_storage_message(failure))
+            self.notifier.status(f"exiting: {failure}")
         finally:
             self.close()
+        if self.storage_failure is not None:
+            return fs.EXIT_STORAGE
         # A service stopped by SIGTERM exits 0 whatever its jobs did (a failed job is in its
         # summary, not a failure of the service); only --once reports outcomes in its exit code.
         return self.report.exit_code if self.once else 0
@@ -387,10 +438,13 @@ class Daemon:
         self.stopping.set()
         self.writer_pool.shutdown(wait=True, cancel_futures=True)
         self.cleanup_pool.shutdown(wait=True)
+        # After a failed fsync or commit nothing more is written: creates that went out meanwhile are
+        # found again by display name when the restarted daemon reconciles.
         if self.journal is not None:
-            self._collect_submissions()
-            if self.event_dispatcher is not None:
-                self.event_dispatcher.close()
+            if self.storage_failure is None:
+                self._collect_submissions()
+                if self.event_dispatcher is not None:
+                    self.event_dispatcher.close()  # calls still running are redelivered after a restart
             self.journal.close()
         self.inbox.stop()
         if self.emulator is not None:
@@ -414,6 +468,8 @@ class Daemon:
     def check_stop(self) -> None:
         # Long steps call this often on the main thread: a good place to prove the loop is alive.
         self.notifier.watchdog()
+        if self.storage_failure is not None:
+            raise self.storage_failure
         if self.stopping.is_set():
             raise Stopping()
 
@@ -424,7 +480,12 @@ class Daemon:
         line = f"{len(jobs)} job{'s' if len(jobs) != 1 else ''} active, " \
                f"{running} remote batch{'es' if running != 1 else ''} running"
         waiting = len(self.submissions)
-        return line + (f", {waiting} being submitted" if waiting else "")
+        line += f", {waiting} being submitted" if waiting else ""
+        if self.disk.interval:
+            line += f"; disk full: writes paused, next try in {self.disk.seconds_left():.0f} s"
+        if self.claiming_paused:
+            line += f"; not claiming new manifests: {self.claiming_paused}"
+        return line
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -438,25 +499,86 @@ class Daemon:
             if self.notifier.enabled:
                 self.notifier.status(self.status_line())
             if self.once and self._once_done():
-                self.report.finished = True
+                self.report.finished = not self._once_blocked
                 break
             self.inbox.wait(self.notifier.max_sleep(self._sleep_seconds()))
 
     def tick(self) -> None:
+        if self.storage_failure is not None:
+            raise self.storage_failure
         self.inbox.ensure_watching()
         self._reload_settings()
-        self.intake()
+        retrying = bool(self.disk.interval) and not self.disk.waiting()
+        self._disk_full_seen = False
+        if not self.disk.waiting():
+            try:
+                self.intake()
+            except OSError as error:
+                if not fs.is_disk_full(error):
+                    raise
+                self._disk_full(error, "claim", None)
         self._collect_submissions()
         self.review_held()
         self._collect_fetches()
         for job in self.journal.active_jobs():
             self.check_stop()
-            self.advance(job)
+            try:
+                self.advance(job)
+            except OSError as error:
+                if not fs.is_disk_full(error):
+                    raise
+                self._abandon_writes(job)
+                self._disk_full(error, None, job)
         if self.poll_clock.due() and self._live_chunks():
             self.poll()
         self.event_dispatcher.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
+        if retrying and not self._disk_full_seen and self.disk.succeeded():
+            log.info("writes go through again: disk space is back (%s)", self._free_space())
+
+    # -- storage faults -------------------------------------------------------------------------
+
+    def _disk_full(self, error: OSError, step: str | None, job: Job | None) -> None:
+        """A write found no room: log where and what, and pause every writing step for a while."""
+        self._disk_full_seen = True
+        pause = self.disk.failed()
+        where = f"job {job.id} ({job.source}) stays {job.state!r}" if job is not None else \
+            "the manifest stays in the inbox"
+        log.error("disk full: writing %s failed (%s)%s; %s and the step is retried in %.0f s (%s)",
+                  error.filename or "?", fs.describe(error), f" during step {step}" if step else "", where, pause,
+                  self._free_space(), extra={"job": job.id} if job is not None else {})
+
+    def _abandon_writes(self, job: Job) -> None:
+        """Forget what a step cut short by a full disk had begun, so that it starts afresh next time:
+        its chunk generator, and its staging folder unless it was complete (a job being published)."""
+        build = self.builders.pop(job.id, None)
+        if build is not None:
+            build.chunks.close()
+            self._drop_estimate_alongside(job.id)
+        delivery = self.deliveries.get(job.id)
+        if delivery is not None and delivery.future.done():
+            del self.deliveries[job.id]
+        if job.state in ("received", "fetched") and job.id not in self.deliveries:
+            shutil.rmtree(self._spool(job.id).staging, ignore_errors=True)  # the room it took is free again
+
+    def _free_space(self) -> str:
+        free = fs.free_mb(self.settings.state_dir)
+        return "free space unknown" if free is None else f"{free:.1f} MB free on {self.settings.state_dir}'s filesystem"
+
+    def _below_free_space_floor(self) -> bool:
+        """Whether the state dir's filesystem has less than ``min_free_mb`` left; says so when that changes."""
+        floor = self.settings.min_free_mb
+        free = fs.free_mb(self.settings.state_dir) if floor else None
+        low = free is not None and free < floor
+        if low and self.claiming_paused is None:
+            log.warning("only %.1f MB free on %s's filesystem, below min_free_mb = %g: not claiming new "
+                        "manifests until there is more room (jobs already claimed go on)",
+                        free, self.settings.state_dir, floor)
+        elif not low and self.claiming_paused is not None:
+            log.info("%s: claiming new manifests again", self._free_space())
+        self.claiming_paused = f"{free:.1f} MB free, below min_free_mb = {floor:g}" if low else None
+        return low
 
     def prune_events(self) -> None:
         """Forget delivered events past ``notify.keep_days`` (at start, then hourly: a service runs for months)."""
@@ -468,12 +590,29 @@ class Daemon:
 
     def _in_background(self, pool: ThreadPoolExecutor, work: Callable, *args) -> Future:
         """Run ``work`` in ``pool``; when it ends the loop wakes to take the next step at once, not
-        at its next look (with many small jobs those looks were most of each job's time)."""
+        at its next look (with many small jobs those looks were most of each job's time). A storage
+        failure in ``work`` ends the loop at its next step, whichever job it is busy with."""
         future = pool.submit(work, *args)
-        future.add_done_callback(lambda _future: self.inbox.wake())
+        future.add_done_callback(self._background_done)
         return future
 
+    def _background_done(self, future: Future) -> None:
+        if not future.cancelled() and isinstance(future.exception(), fs.StorageFailure):
+            self.storage_failure = self.storage_failure or future.exception()
+        self.inbox.wake()
+
     def _sleep_seconds(self) -> float:
+        if self.storage_failure is not None:
+            return 0.0
+        if self.disk.waiting():
+            # Nothing that writes may go on: wake for the retry, or sooner for creates and polls.
+            self.advance_now = False
+            wait = self.disk.seconds_left()
+            if self.submissions or self.fetches:
+                wait = min(wait, 0.05)
+            if self._live_chunks():
+                wait = min(wait, self.poll_clock.seconds_left())
+            return min(wait, self.event_dispatcher.seconds_until_due())
         if self.advance_now or any(not self._waits_for_its_estimate(job_id) for job_id in self.builders):
             self.advance_now = False
             return 0.0
@@ -496,7 +635,7 @@ class Daemon:
 
     def _step_ready(self, job: Job) -> bool:
         """Whether the job's next step can be taken now (a fetched job's writer may still be at work)."""
-        if job.id in self.estimating:
+        if job.id in self.estimating or self.disk.waiting():
             return False
         if job.state == "fetched":
             delivery = self.deliveries.get(job.id)
@@ -505,7 +644,14 @@ class Daemon:
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
-        if present or self.journal.active_jobs() or self.submissions or self.fetches:
+        busy = self.journal.active_jobs() or self.submissions or self.fetches
+        if present and self.claiming_paused and not busy:
+            # Waiting for someone to free the disk is a service's job; a one-off run says so and stops.
+            log.error("%d manifest(s) left in the inbox unclaimed: %s; free some space and run again",
+                      len(present), self.claiming_paused)
+            self._once_blocked = True
+            return True
+        if present or busy:
             return False
         if self.review_held(force=True):
             return False  # a job the last step made fit (another's actual cost came in) goes now
@@ -583,12 +729,19 @@ class Daemon:
 
     def intake(self) -> None:
         self.inbox.reap_stale_temp_files()
+        # A claim a full disk cut short (its row committed, the move refused) is finished first, so
+        # the file still in the inbox is not taken for a second copy of itself.
+        for job in self.journal.jobs(states=("claiming",)):
+            self._finish_claim(job)
         candidates = self.inbox.scan()
-        for irregular in self.inbox.take_irregular():
+        paused = self._below_free_space_floor()
+        for irregular in self.inbox.take_irregular() if not paused else ():
             self._reject_irregular(irregular)
         for candidate in candidates:
             self.check_stop()
             path = candidate.path
+            if paused and path.suffix not in (CANCEL_SUFFIX, APPROVE_SUFFIX):
+                continue  # a cancel or approval takes no room; a new job does
             if not _is_utf8(path.name):
                 # Journal, outbox folder and remote display name all need a text name: the job is
                 # rejected under a readable rendering of it, the file kept in its folder.
@@ -641,13 +794,20 @@ class Daemon:
                               "message": f"{source} cannot be read: {unreadable.strerror}"}
         job_id = new_job_id()
         spool = self._spool(job_id)
-        spool.root.mkdir(parents=True)
-        for input_path in manifest.input_files() if manifest else []:
-            # Inputs are linked (or copied) into the spool before the claim, so the claimed
-            # job is self-contained; a crash here leaves only a spare copy.
-            copy = spool.inputs / input_path.name
-            _link_or_copy(input_path, copy)
-            digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
+        try:
+            with fs.naming(spool.root):
+                spool.root.mkdir(parents=True)
+                for input_path in manifest.input_files() if manifest else []:
+                    # Inputs are linked (or copied) into the spool before the claim, so the claimed
+                    # job is self-contained; a crash here leaves only a spare copy.
+                    copy = spool.inputs / input_path.name
+                    fs.fault_point("claim", copy)
+                    _link_or_copy(input_path, copy)
+                    digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
+        except OSError as error:
+            if fs.is_disk_full(error):
+                shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
+            raise
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = self.journal.job_with_content(sha256) if sha256 is not None else None
         if error is None and earlier is not None:
@@ -728,6 +888,13 @@ class Daemon:
     # -- per-job state machine ------------------------------------------------------------------
 
     def advance(self, job: Job) -> None:
+        if self.disk.waiting():
+            # The disk was full a moment ago: only the steps that write nothing but the journal go on.
+            if job.state in ("building", "built"):
+                self.submit(job)
+            elif job.state == "submitted":
+                self.progress(job)
+            return
         if job.state == "received":
             if job.error is not None:
                 self.deliver(job, without_results="rejected")
@@ -876,6 +1043,8 @@ class Daemon:
             self._build_failed(job, _manifest_error(error))
             return
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
+            if fs.is_disk_full(error):
+                raise  # no room for the chunk files: the loop backs off and the build starts again
             log.exception("job %s: building requests failed", job.id)
             self._build_failed(job, {"message": f"task {job.task!r} failed to build requests: "
                                                 f"{type(error).__name__}: {error}"})
@@ -1197,8 +1366,8 @@ class Daemon:
 
     def fetch(self, chunk: Chunk) -> None:
         """Start storing a finished chunk's results in the spool, unless that is already under way."""
-        if (chunk.job_id, chunk.idx) in self.fetches:
-            return
+        if (chunk.job_id, chunk.idx) in self.fetches or self.disk.waiting():
+            return  # under way, or no room to store the results: the next poll after the pause fetches them
         spool = self._spool(chunk.job_id)
         provider = self.provider
 
@@ -1238,6 +1407,9 @@ class Daemon:
             except Exception as failure:
                 # Transient (the network, a full disk here): still 'running' in the journal, so the
                 # next poll fetches it again. Anything else fails this chunk's requests, not the daemon.
+                if fs.is_disk_full(failure):
+                    self._disk_full(failure, "results", self.journal.job(chunk.job_id))
+                    continue
                 if is_retryable(failure) or isinstance(failure, OSError):
                     log.warning("job %s: fetching chunk %d failed (%s); retrying later",
                                 chunk.job_id, chunk.idx, failure)
@@ -1284,7 +1456,8 @@ class Daemon:
         chunks = self.journal.chunks(job.id)
         # Once its first chunk is back, a job's results are joined while the rest run (the writer goes
         # in request order, so before that it would only hold a writer thread).
-        if job.id in self.deliveries or chunks and chunks[0].state in ("fetched", "skipped"):
+        if job.id in self.deliveries or chunks and chunks[0].state in ("fetched", "skipped") \
+                and not self.disk.waiting():
             self._delivery(job, chunks)
         if all(c.state in ("fetched", "skipped") for c in chunks):
             self.journal.update_job(job.id, state="fetched", finished_at=time.time())
@@ -1381,6 +1554,8 @@ class Daemon:
         except Stopping:
             raise
         except Exception as error:
+            if fs.is_disk_full(error):
+                raise  # not the task's fault: the folder is written again once there is room
             log.exception("job %s: task %r failed to organize its results", spool.root.name, task)
             organize_error = {"message": f"task {task!r} failed to organize the results: "
                                          f"{type(error).__name__}: {error}; results.jsonl has every result"}
@@ -1510,7 +1685,7 @@ class Daemon:
         if os.path.lexists(claimed) and not _is_regular_file(claimed):
             # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
             # goes into the published folder, so removing the spool loses nothing.
-            outbox.durable_move(claimed, destination / job.source)
+            outbox.durable_move(claimed, destination / job.source, step="publish")
         crashpoint("after-publish")
         self.journal.update_job(job.id, state="done", events=[self._final_event(job, destination)])
         self.cleanup_pool.submit(spool.remove)
@@ -1526,6 +1701,14 @@ class Daemon:
             summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
         return self._event(job.outcome, dataclasses.replace(job, state="done"), counts=summary.get("counts"),
                            outbox=str(destination), error=summary.get("error", job.error))
+
+
+def fatal_storage_message(failure: fs.StorageFailure) -> str:
+    """What batchd says before it exits on a failed fsync or journal commit."""
+    return (f"storage failure: {failure}. Nothing written since can be trusted (the kernel may have dropped "
+            f"the unwritten data), so batchd exits with status {fs.EXIT_STORAGE} and does not mark the step "
+            "done; restarted (the systemd unit does it), it resumes from the last committed state. Check the "
+            "disk (dmesg, free space) if this repeats")
 
 
 def _is_regular_file(path: Path) -> bool:

@@ -43,6 +43,7 @@ def run_checks(load_settings: Callable, *, inotify_dir: Path = INOTIFY_DIR) -> l
     checks = [Check("config", "ok", where)]
     checks.append(check_plugins(settings))
     checks.extend(check_folders(settings))
+    checks.append(check_free_space(settings))
     checks.append(check_inotify(inotify_dir))
     checks.append(check_daemon(settings))
     checks.extend(check_provider(settings))
@@ -93,6 +94,25 @@ def check_folders(settings) -> list[Check]:
         checks.append(Check("same filesystem", "ok", "inbox, outbox and state_dir share one filesystem: "
                                                      "claims and deliveries are atomic renames"))
     return checks
+
+
+def check_free_space(settings) -> Check:
+    """The room left where the state dir is, against the floor below which the daemon claims nothing."""
+    from batchd.fs import free_mb
+
+    where = _existing_ancestor(settings.state_dir)
+    free = free_mb(where)
+    floor = settings.min_free_mb
+    if free is None:
+        return Check("free space", "warn", f"cannot tell how much room is left on {where}'s filesystem")
+    detail = f"{free:,.0f} MB free on {where}'s filesystem (min_free_mb = {floor:g})"
+    if free < floor:
+        return Check("free space", "fail", f"{detail}: the daemon claims no new manifest until there is more",
+                     "free some space on that disk (delivered outbox folders, old logs), or lower min_free_mb")
+    if free < 2 * floor:
+        return Check("free space", "warn", f"{detail}: close to the floor below which no manifest is claimed",
+                     "free some space on that disk before it fills up")
+    return Check("free space", "ok", detail)
 
 
 def _inotify_instances_in_use() -> int | None:

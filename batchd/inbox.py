@@ -396,10 +396,11 @@ def claim(candidate_path: Path, dest: Path) -> bool:
     (a duplicate event, watchdog #93/#1003) finds out. Never overwrites: an existing,
     different ``dest`` raises ``FileExistsError``. Calling it again with the same ``dest``
     after a kill -9 mid-claim completes that claim, so a daemon that derives ``dest``
-    deterministically (from a journal row written first) recovers without a duplicate.
+    deterministically (from a journal row written first) recovers without a duplicate. A full
+    disk raises ``OSError`` (ENOSPC) with the file where it was, to be claimed again later.
     """
     try:
-        durable_move(candidate_path, dest)
+        durable_move(candidate_path, dest, step="claim")
     except FileNotFoundError:
         if os.path.lexists(candidate_path):
             raise  # the source is still there: it is dest's directory that is missing

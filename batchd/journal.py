@@ -51,6 +51,7 @@ plugin (pending → sent, or failed once given up); see :mod:`batchd.events`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -60,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from batchd import fs
 from batchd.logs import redact, redact_data
 
 SCHEMA = """
@@ -250,9 +252,10 @@ class Journal:
             # FULL: a committed transition survives power loss, not just a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
             # One transaction: a reader opening the file meanwhile sees the whole schema or none of it.
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
-            self._add_missing_columns()
-            self._db.execute("COMMIT")
+            with self._storage_failures():
+                self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
+                self._add_missing_columns()
+                self._db.execute("COMMIT")
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
         #: Plugins that get a delivery row for every new event (those implementing job_event).
@@ -280,14 +283,35 @@ class Journal:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One state transition: all of it is committed, or none of it."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One state transition: all of it is committed, or none of it.
+
+        A transition the database file cannot take (disk full, I/O error) raises
+        :class:`batchd.fs.StorageFailure`: the daemon must not go on from a state it did not commit.
+        """
+        with self._storage_failures():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
+                raise
+            try:
+                fs.fault_point("journal", self.path)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _storage_failures(self) -> Iterator[None]:
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            yield
+        except (sqlite3.OperationalError, OSError) as error:
+            if not fs.is_journal_storage_error(error):
+                raise
+            raise fs.StorageFailure("journal", self.path, error) from error
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -15,6 +15,10 @@ never a torn file:
 
 All of this relies on the state dir and the outbox sharing one filesystem;
 :func:`check_same_filesystem` verifies that at startup.
+
+The writers take the daemon's ``step`` (see :mod:`batchd.fs`): with one, a full disk raises an
+``OSError`` naming the file (the step is retried) and a failed fsync raises
+:class:`batchd.fs.StorageFailure` (the daemon exits); temp files are removed either way.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator
+
+from batchd import fs
 
 __all__ = [
     "CrossDeviceError",
@@ -67,11 +73,11 @@ class CrossDeviceError(OSError):
 # -- primitives -------------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path | str) -> None:
+def fsync_dir(path: Path | str, *, step: str | None = None) -> None:
     """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.fsync(fd)
+        fs.fsync(fd, path, step)
     finally:
         os.close(fd)
 
@@ -91,7 +97,7 @@ def _temp_name(final_name: str) -> str:
     return f".{final_name}.{secrets.token_hex(4)}.tmp"
 
 
-def write_temp(path: Path | str, data: bytes | str | BinaryIO) -> Path:
+def write_temp(path: Path | str, data: bytes | str | BinaryIO, *, step: str | None = None) -> Path:
     """Write ``data`` to a new fsynced dotfile temp beside ``path`` and return the temp's path.
 
     ``data`` is bytes, str (encoded as UTF-8) or a binary stream (copied in 1 MiB blocks).
@@ -101,34 +107,35 @@ def write_temp(path: Path | str, data: bytes | str | BinaryIO) -> Path:
     tmp = path.with_name(_temp_name(path.name))
     # os.open rather than tempfile.mkstemp: mkstemp forces mode 0600, and files meant for
     # other users must get the usual umask-derived permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if isinstance(data, (bytes, str)):
-                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            else:
-                shutil.copyfileobj(data, fh, _COPY_BLOCK)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with fs.naming(path):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(data, (bytes, str)):
+                    fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                else:
+                    shutil.copyfileobj(data, fh, _COPY_BLOCK)
+                fh.flush()
+                fs.fsync(fh.fileno(), path, step)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
 
 
-def atomic_write(path: Path | str, data: bytes | str) -> None:
+def atomic_write(path: Path | str, data: bytes | str, *, step: str | None = None) -> None:
     """Replace ``path`` with ``data`` (str is encoded as UTF-8) so readers see old or new, never a mix.
 
     Temp file in the same directory → write → fsync → ``os.replace`` → fsync the directory.
     """
     path = Path(path)
-    tmp = write_temp(path, data)
+    tmp = write_temp(path, data, step=step)
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, step=step)
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
@@ -181,7 +188,7 @@ def _rename_if_absent(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def durable_move(src: Path | str, dst: Path | str) -> None:
+def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -> None:
     """Move ``src`` (file, symlink or directory) to ``dst`` durably, never overwriting.
 
     Raises ``FileNotFoundError`` if ``src`` is gone, ``FileExistsError`` if ``dst`` exists
@@ -192,11 +199,12 @@ def durable_move(src: Path | str, dst: Path | str) -> None:
     """
     src, dst = Path(src), Path(dst)
     src_stat = os.lstat(src)
+    fs.fault_point(step, dst)  # where a full directory refuses the new name
     try:
         # Directories cannot be hard-linked; they are renamed into an absent name.
         linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
         if linked:
-            fsync_dir(dst.parent)
+            fsync_dir(dst.parent, step=step)
             try:
                 os.unlink(src)
             except FileNotFoundError:
@@ -205,13 +213,13 @@ def durable_move(src: Path | str, dst: Path | str) -> None:
                 pass
         else:
             _rename_if_absent(src, dst)
-            fsync_dir(dst.parent)
+            fsync_dir(dst.parent, step=step)
     except OSError as exc:
         if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
             raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
         raise
     if src.parent != dst.parent or linked:
-        fsync_dir(src.parent)
+        fsync_dir(src.parent, step=step)
 
 
 # -- the job folder ---------------------------------------------------------------------------
@@ -249,7 +257,9 @@ class JobFolder:
     ``create=False`` an existing staging folder, finished before a crash, is adopted as it
     is so that it can be published. Files are
     written directly in staging and fsynced when closed; :meth:`publish` renames the folder
-    into the outbox, so readers see the complete folder or none at all.
+    into the outbox, so readers see the complete folder or none at all. Its writes are step
+    ``outbox`` and its publish step ``publish`` (:mod:`batchd.fs`); after a failed write the whole
+    staging folder is written anew.
     """
 
     def __init__(self, staging_dir: Path, *, create: bool = True):
@@ -261,7 +271,8 @@ class JobFolder:
             return
         if self.staging_dir.exists():
             shutil.rmtree(self.staging_dir)
-        self.staging_dir.mkdir(parents=True)
+        with fs.naming(self.staging_dir):
+            self.staging_dir.mkdir(parents=True)
 
     def _member_path(self, name: str) -> Path:
         relative = PurePosixPath(name)
@@ -281,14 +292,15 @@ class JobFolder:
         """
         if mode not in ("w", "wb"):
             raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
-        path = self._member_path(name)
-        # Large buffers: results.jsonl of a big job is hundreds of MB written line by line.
-        fh = open(path, "xb", buffering=_COPY_BLOCK) if mode == "wb" else \
-            open(path, "x", encoding="utf-8", newline="\n", buffering=_COPY_BLOCK)
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        with fs.naming(self.staging_dir / name):
+            path = self._member_path(name)
+            # Large buffers: results.jsonl of a big job is hundreds of MB written line by line.
+            fh = open(path, "xb", buffering=_COPY_BLOCK) if mode == "wb" else \
+                open(path, "x", encoding="utf-8", newline="\n", buffering=_COPY_BLOCK)
+            with fh:
+                yield fh
+                fh.flush()
+                fs.fsync(fh.fileno(), path, "outbox")
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.open(name, "wb") as fh:
@@ -314,8 +326,8 @@ class JobFolder:
         # Files were fsynced as they closed; their directory entries (in staging and any
         # subfolder) must be durable too before the folder becomes visible.
         for directory, _subdirs, _files in os.walk(self.staging_dir, topdown=False):
-            fsync_dir(directory)
-        durable_move(self.staging_dir, dest)
+            fsync_dir(directory, step="publish")
+        durable_move(self.staging_dir, dest, step="publish")
         self.published_to = dest
         return dest
 

@@ -40,6 +40,7 @@ from urllib.parse import urlencode
 from google import genai
 from google.genai import errors, types
 
+from batchd import fs
 from batchd.outbox import fsync_dir
 
 if TYPE_CHECKING:
@@ -452,18 +453,21 @@ class Provider:
         # google-genai 3.3.0 streams into a writable object in 1 MiB chunks when given a destination.
         # Writing a temp file beside the target and renaming it means a reader (or a crash) never sees a
         # partial file; fsyncs make the rename durable before the caller records the download as done.
-        fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+        # Step "results" (batchd.fs): a full disk fails the download (retried by the daemon once there is
+        # room, the remote job untouched); a failed fsync ends the process.
+        with fs.naming(destination):
+            fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as temp_file:
+            with fs.naming(destination), os.fdopen(fd, "wb") as temp_file:
                 self._single_shot_client.files.download(file=file_name, destination=temp_file)
                 temp_file.flush()
-                os.fsync(temp_file.fileno())
+                fs.fsync(temp_file.fileno(), destination, "results")
             os.replace(temp_name, destination)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_name)
             raise
-        fsync_dir(destination.parent)
+        fsync_dir(destination.parent, step="results")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from batchd import fs
 from batchd.outbox import atomic_write, fsync_dir
 from batchd.task import TaskRequest, TaskResult
 
@@ -96,10 +97,19 @@ class JobSpool:
         Closed after a chunk it yielded (a cancel stops the build there), it leaves the index
         durable and holding exactly the requests of the chunks yielded so far.
         """
+        dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
+        try:
+            yield from self._build(requests, encode, limits, check_stop, dumps)
+        except OSError:
+            # A full disk (the build is retried from the start) leaves no partial chunk behind.
+            for partial in self.root.glob(".requests-*.jsonl.part"):
+                partial.unlink(missing_ok=True)
+            raise
+
+    def _build(self, requests, encode, limits: ChunkLimits, check_stop, dumps) -> Iterator[BuiltChunk]:
         current: BuiltChunk | None = None
         out = None
-        dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
-        with open(self.index_path, "w", encoding="utf-8", buffering=IO_BUFFER) as index:
+        with fs.naming(self.root), open(self.index_path, "w", encoding="utf-8", buffering=IO_BUFFER) as index:
             for n, request in enumerate(requests):
                 line = encode(request) + "\n"
                 size = len(line.encode("utf-8")) if not line.isascii() else len(line)
@@ -112,7 +122,7 @@ class JobSpool:
                         except GeneratorExit:
                             # The next request is not in the index yet: it ends with this chunk.
                             index.flush()
-                            os.fsync(index.fileno())
+                            fs.fsync(index.fileno(), self.index_path, "requests")
                             raise
                     current = BuiltChunk(idx=current.idx + 1 if current else 0)
                     out = open(self._partial(current.idx), "w", encoding="utf-8", buffering=IO_BUFFER)
@@ -124,7 +134,7 @@ class JobSpool:
                 if n % 10_000 == 0:
                     check_stop()
             index.flush()
-            os.fsync(index.fileno())
+            fs.fsync(index.fileno(), self.index_path, "requests")
         if current is not None:
             current.last = True
             yield self._finish_chunk(current, out, limits)
@@ -134,11 +144,11 @@ class JobSpool:
         return path.with_name(f".{path.name}.part")
 
     def _finish_chunk(self, chunk: BuiltChunk, out, limits: ChunkLimits) -> BuiltChunk:
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
+        with fs.naming(self._partial(chunk.idx)), out:
+            out.flush()
+            fs.fsync(out.fileno(), self._partial(chunk.idx), "requests")
         os.replace(self._partial(chunk.idx), self.requests_path(chunk.idx))
-        fsync_dir(self.root)
+        fsync_dir(self.root, step="requests")
         if chunk.request_count <= limits.inline_max_requests and chunk.byte_size <= limits.inline_max_bytes:
             chunk.mode = "inline"
         return chunk
@@ -174,7 +184,7 @@ class JobSpool:
             if record.get("key") is None:
                 record = {**record, "key": next(unclaimed, None), "joined_by": "position"}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        atomic_write(self.results_path(idx), "".join(lines))
+        atomic_write(self.results_path(idx), "".join(lines), step="results")
 
     def read_results(self, idx: int) -> Iterator[dict]:
         path = self.results_path(idx)

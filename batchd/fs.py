@@ -1,0 +1,153 @@
+"""Storage faults: which write errors batchd retries, which end the process, and a switch to inject them.
+
+Every write of the daemon's data path goes through :mod:`batchd.outbox`'s primitives, the spool and
+the journal, and each of those names the *step* it belongs to (:data:`STEPS`). What a failure means
+depends on its kind, never on the job (reliability.md B8, "Filesystem faults"):
+
+- **Disk full** (``ENOSPC``, ``EDQUOT``) while writing a claim, a job's spool (its requests, the
+  results it fetched) or its outbox folder is not the job's fault: the step fails, its temp files are
+  removed, the journal keeps the job in the state it had, and the daemon backs off and tries the
+  step again until there is room (:class:`batchd.daemon.DiskBackoff`). Nothing is fetched or created
+  again because of it: results already in the spool stay there.
+- **A failed fsync** (``EIO`` or any error other than disk full) is fatal: :class:`StorageFailure`.
+  Linux may drop the dirty pages of a failed writeback and mark them clean, so a second fsync would
+  "succeed" over lost data (PostgreSQL's fsync-gate, 2018). The step is not marked done; the process
+  exits with :data:`EXIT_STORAGE` and the service manager restarts it; recovery then redoes the step
+  from its committed state, re-reading everything from disk.
+- **A journal commit that fails** because the disk is full or the database cannot be written
+  (``SQLITE_FULL``, ``SQLITE_IOERR``) is fatal too: the commit is the acknowledgement point, and a
+  transaction that may or may not have reached the disk cannot be reasoned about by a process that
+  goes on. The free-space floor (``min_free_mb``) keeps room for the journal by refusing new
+  manifests first.
+
+``BATCHD_FS_FAULT=<step>:<ERRNO>`` (e.g. ``outbox:ENOSPC``, ``results:EIO``) makes the step's writes
+fail as if the disk said so, for the fault tests: ``ENOSPC`` as a full disk, ``EIO`` as a failed
+fsync. With ``BATCHD_FS_FAULT_WHILE=<path>`` the fault lasts only while that file exists, the way a
+filler file holds a real disk full: delete it and there is "space" again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+#: Steps that write, in data-path order (the names BATCHD_FS_FAULT takes).
+STEPS = (
+    "claim",     # a manifest (and its input files) moved into its job's spool
+    "requests",  # a job's chunk files and index written into its spool
+    "results",   # a finished chunk's results downloaded into the spool
+    "outbox",    # the job's outbox folder written in the spool's staging folder
+    "publish",   # the staging folder renamed into the outbox
+    "journal",   # a journal commit
+)
+#: Exit status after a :class:`StorageFailure` (sysexits.h EX_IOERR): the unit restarts the service.
+EXIT_STORAGE = 74
+#: Errors that mean "no room now", retried once there is room again.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# SQLite's primary result codes for a full disk and an I/O error (extended codes keep them in the low byte).
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+
+
+class StorageFailure(BaseException):
+    """A failed fsync or journal commit: the process must end (:data:`EXIT_STORAGE`) and be restarted.
+
+    A BaseException, like SystemExit, so that no handler of a step's ordinary failures (a task
+    plugin's, a download's) takes it for one: it must reach :meth:`batchd.daemon.Daemon.run`.
+    """
+
+    def __init__(self, step: str | None, path: Path | str, error: BaseException):
+        super().__init__(step, str(path), error)
+        self.step = step
+        self.path = str(path)
+        self.error = error
+
+    def __str__(self) -> str:
+        what = {"journal": "committing to the journal"}.get(self.step or "", f"fsync of {self.path}")
+        return f"{what} failed ({describe(self.error)}) during step {self.step or 'unknown'}" + (
+            f" [{self.path}]" if self.step == "journal" else "")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the filesystem has no room (for now)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def describe(error: BaseException) -> str:
+    """``ENOSPC: No space left on device`` for an OSError; SQLite's code name and message for its errors."""
+    if isinstance(error, OSError) and error.errno:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror or os.strerror(error.errno)}"
+    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorname", None):
+        return f"{error.sqlite_errorname}: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def is_journal_storage_error(error: BaseException) -> bool:
+    """Whether a SQLite error means the database file cannot be written (full disk, I/O error)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(error, sqlite3.OperationalError) and code is not None:
+        return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS | {errno.EIO}
+
+
+def fsync(fd: int, path: Path | str, step: str | None = None) -> None:
+    """``os.fsync(fd)`` of ``path``'s file; with a ``step``, a failure is classified (see the module).
+
+    Disk full raises ``OSError`` naming ``path`` (the caller's step is retried); anything else raises
+    :class:`StorageFailure`. Without a step (the emulator, command-line tools), errors pass as they are.
+    """
+    fault_point(step, path)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if step is None:
+            raise
+        if is_disk_full(error):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise StorageFailure(step, path, error) from error
+
+
+#: Errors of writing a file that :func:`naming` names the file in (a buffered write's have no name).
+_WRITE_ERRNOS = DISK_FULL_ERRNOS | {errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+@contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """Give a write error raised inside without a file name (a buffered write's) ``path`` as its name."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno in _WRITE_ERRNOS:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
+def fault_point(step: str | None, path: Path | str) -> None:
+    """Fail here if ``BATCHD_FS_FAULT`` names ``step`` (tests only; see the module docstring)."""
+    spec = os.environ.get("BATCHD_FS_FAULT")
+    if not spec or step is None:
+        return
+    fault_step, _, name = spec.partition(":")
+    if fault_step != step:
+        return
+    holder = os.environ.get("BATCHD_FS_FAULT_WHILE")
+    if holder and not os.path.exists(holder):
+        return
+    code = getattr(errno, name or "ENOSPC")
+    error = OSError(code, os.strerror(code), str(path))
+    if code in DISK_FULL_ERRNOS:
+        raise error
+    raise StorageFailure(step, path, error)
+
+
+def free_mb(path: Path | str) -> float | None:
+    """Megabytes an unprivileged process may still write on ``path``'s filesystem (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize / 1e6
