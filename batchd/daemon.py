@@ -527,6 +527,7 @@ class Daemon:
             except OSError as error:
                 if not fs.is_disk_full(error):
                     raise
+                job = self.journal.job(job.id) or job  # the step may have committed a state before it failed
                 self._abandon_writes(job)
                 self._disk_full(error, None, job)
         if self.poll_clock.due() and self._live_chunks():
@@ -551,7 +552,8 @@ class Daemon:
 
     def _abandon_writes(self, job: Job) -> None:
         """Forget what a step cut short by a full disk had begun, so that it starts afresh next time:
-        its chunk generator, and its staging folder unless it was complete (a job being published)."""
+        its chunk generator, and its staging folder unless it was complete (``job``, as committed,
+        is being published)."""
         build = self.builders.pop(job.id, None)
         if build is not None:
             build.chunks.close()
@@ -1681,6 +1683,12 @@ class Daemon:
                 destination = outbox.choose_folder(self.settings.outbox, job.name)
                 self.journal.update_job(job.id, outbox_dir=str(destination))
             outbox.JobFolder(spool.staging, create=False).publish(destination)
+        elif not destination.exists():
+            # Neither staged nor published (a staging folder lost): deliver it again from the spool
+            # rather than record as delivered a folder nobody can read.
+            log.warning("job %s: its outbox folder is neither staged nor at %s; writing it again", job.id, destination)
+            self.journal.update_job(job.id, state="fetched" if self.journal.chunks(job.id) else "received")
+            return
         claimed = spool.manifest_path(job.source)
         if os.path.lexists(claimed) and not _is_regular_file(claimed):
             # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
