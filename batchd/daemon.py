@@ -1713,10 +1713,10 @@ class Daemon:
 
 def fatal_storage_message(failure: fs.StorageFailure) -> str:
     """What batchd says before it exits on a failed fsync or journal commit."""
-    return (f"storage failure: {failure}. Nothing written since can be trusted (the kernel may have dropped "
-            f"the unwritten data), so batchd exits with status {fs.EXIT_STORAGE} and does not mark the step "
-            "done; restarted (the systemd unit does it), it resumes from the last committed state. Check the "
-            "disk (dmesg, free space) if this repeats")
+    return (f"storage failure: {failure}. What was being written cannot be trusted to be on disk (after a "
+            "failed fsync the kernel may have dropped it), so the step is not marked done and batchd exits "
+            f"with status {fs.EXIT_STORAGE}; restarted (the systemd unit does that), it resumes from the last "
+            "committed state. If this repeats, check the disk: free space (min_free_mb), dmesg")
 
 
 def _is_regular_file(path: Path) -> bool:
