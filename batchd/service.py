@@ -232,6 +232,7 @@ WatchdogSec=600
 Restart=on-failure
 RestartSec=5
 # Exit 78 (EX_CONFIG) is a config or plugin error: a restart cannot fix it, so systemd stops.
+# Exit 74 (EX_IOERR), a failed fsync or journal commit, is restarted: recovery resumes from the journal.
 RestartPreventExitStatus=78
 # Startup recovery reconciles with the remote job list (one list call may wait out its retries,
 # as above); a stop finishes the step in hand.
