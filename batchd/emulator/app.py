@@ -36,7 +36,7 @@ from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
 from batchd.emulator.faults import FaultInjector
 from batchd.emulator.files import Uploads, render_file
-from batchd.emulator.jobs import BatchRunner, needs_processing, render_operation, view_job, write_inline_input
+from batchd.emulator.jobs import BatchRunner, job_faults, needs_processing, render_operation, view_job, write_inline_input
 from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
@@ -277,7 +277,9 @@ class EmulatorApp:
 
     @route("GET", None, r"batches", "list")
     async def list_batches(self, call: Call) -> Response:
-        jobs = sorted(self.store.jobs.values(), key=lambda j: (-j["createTime"], j["id"]))
+        first_page = not call.query("pageToken", "page_token")
+        jobs = await run_in_threadpool(self._listed_jobs, first_page)
+        jobs.sort(key=lambda j: (-j["createTime"], j["id"]))
         page, token = _page(jobs, call, DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE,
                             lambda j: (-j["createTime"], j["id"]))
         # The real service leaves inlined responses out of list answers; clients must get each job.
@@ -285,6 +287,25 @@ class EmulatorApp:
         if token:
             body["nextPageToken"] = token
         return json_response(body)
+
+    def _listed_jobs(self, first_page: bool) -> list[dict]:
+        """The jobs a list shows: all but those a ``list-lag`` fault still hides (list lag of the
+        real service). A list pass (a list without a page token) counts against ``list-lag=N``; the
+        count is stored with the job, so a restarted emulator goes on from it."""
+        now, shown = time.time(), []
+        for job in list(self.store.jobs.values()):
+            faults = job_faults(tuple(job["faults"]))
+            if faults.list_lag_seconds and now < job["createTime"] + faults.list_lag_seconds:
+                continue
+            if faults.list_lag_lists:
+                passes = job.get("listPasses", 0)
+                if first_page and passes <= faults.list_lag_lists:
+                    passes += 1  # this pass; no more writes once the job is shown
+                    self.store.update_job(job["id"], listPasses=passes)
+                if passes <= faults.list_lag_lists:
+                    continue
+            shown.append(job)
+        return shown
 
     @route("POST", None, r"batches/(?P<id>[^/:]+):cancel", "cancel")
     async def cancel_batch(self, call: Call) -> Response:

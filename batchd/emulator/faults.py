@@ -11,6 +11,8 @@
                | "shuffle"                            inline answers come back out of input order
                | "job-failed" | "job-expired"         the job ends FAILED / EXPIRED, no results
                | "stuck-pending"                      the job stays PENDING (until it expires)
+               | "list-lag=" N | "list-lag=" SECONDS "s"  the job is left out of its first N list
+                                                      passes / of lists for SECONDS after its create
     TRIGGER   := ":" RATE        with this probability (seeded, reproducible)
                | "/" N           on every N-th matching request (the N-th, 2N-th, ...)
                | "*" K           on the first K matching requests only
@@ -52,7 +54,8 @@ ROUTE_GROUPS = {
     "models": frozenset({"count-tokens", "generate", "embed"}),
 }
 REQUEST_FAULTS = frozenset({"http", "slow"})
-JOB_FAULTS = frozenset({"fail-requests", "drop-metadata", "shuffle", "job-failed", "job-expired", "stuck-pending"})
+JOB_FAULTS = frozenset({"fail-requests", "drop-metadata", "shuffle", "job-failed", "job-expired", "stuck-pending",
+                        "list-lag"})
 
 HEADER = "x-emulator-fault"
 
@@ -72,6 +75,7 @@ class Fault:
     every: int = 0  # http/slow: fire on every N-th matching request
     first: int = 0  # http/slow: fire on the first K matching requests
     fraction: float = 1.0  # fail-requests/drop-metadata: share of the batch's requests
+    lists: int = 0  # list-lag: list passes (lists without a page token) that leave the job out
     routes: frozenset[str] = field(default=ROUTES)
 
     @property
@@ -98,6 +102,8 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"fault {spec!r}: job faults apply to the job a create makes; they take no @routes")
     if name == "fail-requests" and not has_value:
         raise ValueError(f"fault {spec!r}: fail-requests needs a fraction, e.g. fail-requests=0.1")
+    if name == "list-lag":
+        return _parse_list_lag(spec, value if has_value else "")
     if has_value and name not in ("fail-requests", "drop-metadata"):
         raise ValueError(f"fault {spec!r}: {name} takes no value")
     fraction = _fraction(value, spec) if has_value else 1.0
@@ -139,6 +145,23 @@ def _parse_request_fault(spec: str, kind: str, value: str, routes: frozenset[str
     if seconds < 0:
         raise ValueError(f"fault {spec!r}: seconds must not be negative")
     return Fault(text=spec, kind=kind, seconds=seconds, routes=routes, **trigger)
+
+
+def _parse_list_lag(spec: str, value: str) -> Fault:
+    """``list-lag=N`` (list passes) or ``list-lag=SECONDSs`` (seconds after the create)."""
+    problem = f"fault {spec!r}: list-lag needs a count of lists or seconds, e.g. list-lag=2 or list-lag=1.5s"
+    try:
+        if value.endswith("s"):
+            seconds = float(value[:-1])
+            if seconds < 0:
+                raise ValueError(problem)
+            return Fault(text=spec, kind="list-lag", seconds=seconds)
+        lists = int(value)
+    except ValueError:
+        raise ValueError(problem) from None
+    if lists < 1:
+        raise ValueError(f"fault {spec!r}: list-lag counts must be at least 1")
+    return Fault(text=spec, kind="list-lag", lists=lists)
 
 
 def _parse_routes(text: str, spec: str) -> frozenset[str]:
@@ -256,6 +279,10 @@ class JobFaults:
         self.shuffle = "shuffle" in kinds
         self._fail = kinds.get("fail-requests")
         self._drop = kinds.get("drop-metadata")
+        lag = kinds.get("list-lag")
+        #: List passes that leave the job out, and seconds after its create that lists leave it out.
+        self.list_lag_lists = lag.lists if lag else 0
+        self.list_lag_seconds = lag.seconds if lag else 0.0
 
     @property
     def produces_results(self) -> bool:

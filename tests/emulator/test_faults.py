@@ -221,3 +221,48 @@ def test_spec_parsing():
     assert job.shuffle and job.produces_results
     assert [job.request_fails(i) for i in range(100)] == [job.request_fails(i) for i in range(100)]
     assert not JobFaults(["job-failed"]).produces_results
+
+
+def test_list_lag_leaves_a_job_out_of_its_first_list_passes(fresh_emulator: EmulatorServer):
+    """``list-lag=N``: the real service's list may miss a job that was just created; get sees it at once."""
+    lagging = make_client(fresh_emulator.base_url, fault="list-lag=2")
+    healthy = make_client(fresh_emulator.base_url)
+    hidden = lagging.batches.create(model=MODEL, src=inline_requests(1))
+    shown = healthy.batches.create(model=MODEL, src=inline_requests(1))
+
+    def listed() -> list[str]:
+        return [job.name for job in healthy.batches.list(config={"page_size": 1})]  # every page counts once
+
+    assert listed() == [shown.name]
+    assert healthy.batches.get(name=hidden.name).name == hidden.name
+    assert listed() == [shown.name]
+    assert listed() == [shown.name, hidden.name]
+    assert listed() == [shown.name, hidden.name]
+
+
+def test_list_lag_counts_survive_an_emulator_restart(tmp_path: Path):
+    with EmulatorServer(tmp_path, job_seconds=JOB_SECONDS, api_key=API_KEY) as emulator:
+        client = make_client(emulator.base_url, fault="list-lag=2")
+        hidden = client.batches.create(model=MODEL, src=inline_requests(1))
+        assert list(make_client(emulator.base_url).batches.list()) == []
+    with EmulatorServer(tmp_path, job_seconds=JOB_SECONDS, api_key=API_KEY) as emulator:
+        healthy = make_client(emulator.base_url)
+        assert list(healthy.batches.list()) == []
+        assert [job.name for job in healthy.batches.list()] == [hidden.name]
+
+
+def test_list_lag_in_seconds_hides_a_job_until_then(fresh_emulator: EmulatorServer):
+    client = make_client(fresh_emulator.base_url, fault="list-lag=3600s")
+    client.batches.create(model=MODEL, src=inline_requests(1))
+    assert list(client.batches.list()) == []
+
+
+@pytest.mark.parametrize("spec", ["list-lag", "list-lag=0", "list-lag=x", "list-lag=-1s", "list-lag=2@list"])
+def test_bad_list_lag_specs_are_refused(spec: str):
+    with pytest.raises(ValueError, match="list-lag|job faults"):
+        parse_fault(spec)
+
+
+def test_list_lag_parses_lists_and_seconds():
+    assert JobFaults(["list-lag=3"]).list_lag_lists == 3
+    assert JobFaults(["list-lag=1.5s"]).list_lag_seconds == 1.5
