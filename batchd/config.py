@@ -259,6 +259,13 @@ class Settings(BaseSettings):
         ge=0,
         description="After a crash, wait this long for a submitted job to appear before resubmitting.",
     )
+    stray_watch_seconds: float = Field(
+        50 * 3600.0,
+        gt=0,
+        description="A display name whose create had an unknown outcome is watched in the remote job list"
+                    " this long after its last create (a batch expires after 48 h), and a late remote job"
+                    " under it is recorded and cancelled.",
+    )
 
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
     cost: CostSettings = Field(default_factory=CostSettings)

@@ -97,6 +97,9 @@ PRUNE_EVENTS_SECONDS = 3600.0
 #: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
 DISK_RETRY_SECONDS = 1.0
 DISK_RETRY_MAX_SECONDS = 60.0
+#: How far the service's create times may be behind this machine's clock: the stray watch reads the
+#: newest-first list down to this much before a watched name's first create.
+CLOCK_SKEW_SECONDS = 600.0
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -321,6 +324,9 @@ class Daemon:
         self.claiming_paused: str | None = None
         #: A storage failure a pool thread hit; the loop ends the process with it.
         self.storage_failure: fs.StorageFailure | None = None
+        # The list is read for watched display names at least this often when nothing runs.
+        self._strays_looked_at = float("-inf")
+        self.cancel_backoff: dict[str, tuple[int, float]] = {}  # remote name → (failed cancels, retry at)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -530,7 +536,7 @@ class Daemon:
                 job = self.journal.job(job.id) or job  # the step may have committed a state before it failed
                 self._abandon_writes(job)
                 self._disk_full(error, None, job)
-        if self.poll_clock.due() and self._live_chunks():
+        if self.poll_clock.due() and self._live_chunks() or self._stray_look_due():
             self.poll()
         self.event_dispatcher.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
@@ -629,6 +635,8 @@ class Daemon:
         else:
             # --once also waits for unparseable manifests to reach their grace period: look each second.
             wait = 1.0 if self.once else self.settings.rescan_seconds
+            if self.journal.watched_names():
+                wait = min(wait, max(0.0, self._strays_looked_at + self.settings.poll_max_interval - time.monotonic()))
         return min(wait, self.event_dispatcher.seconds_until_due())
 
     def _waits_for_its_estimate(self, job_id: str) -> bool:
@@ -1253,6 +1261,7 @@ class Daemon:
             # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
             # either finds it by display name or, after the grace period, creates it.
             log.warning("job %s: create of chunk %d failed (%s); will reconcile", chunk.job_id, chunk.idx, error)
+            self._watch(chunk, chunk.intent_at or time.time())
             return
         log.error("job %s: chunk %d was refused: %s", chunk.job_id, chunk.idx, error)
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="rejected",
@@ -1264,6 +1273,10 @@ class Daemon:
                    if (c.job_id, c.idx) not in self.submissions}
         if not pending:
             return
+        for chunk in pending.values():
+            # Its create was sent (or may have been) with no answer recorded: the name is watched for good.
+            if chunk.display_name not in self._watched:
+                self._watch(chunk, chunk.intent_at or time.time())
         found: dict[str, list[RemoteJob]] = {}
         for remote in self.provider.list_jobs():
             if remote.display_name in pending:
@@ -1274,9 +1287,7 @@ class Daemon:
             if matches:
                 adopted = self._adopt(chunk, matches[0])
                 for duplicate in matches[1:]:
-                    log.warning("cancelling duplicate remote job %s for %s", duplicate.name, display_name)
-                    self.journal.record_remote_job(duplicate.name, chunk, "duplicate")
-                    self.provider.cancel(duplicate.name)
+                    self._stray(chunk.job_id, chunk.idx, display_name, duplicate)
                 if job.cancel_requested:
                     self._send_cancel(adopted)  # kept, so whatever results it has are the job's
             elif time.time() - (chunk.intent_at or 0) < self.settings.submit_grace_seconds:
@@ -1289,7 +1300,9 @@ class Daemon:
                 self.journal.update_chunk(chunk.job_id, chunk.idx, state="skipped")
             else:
                 log.info("job %s: no remote job for chunk %d; creating it", chunk.job_id, chunk.idx)
-                self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=time.time())
+                now = time.time()
+                self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=now)
+                self._watch(chunk, now)  # the watch runs from the last create under the name
                 self._start_create(job, chunk)
 
     def _chunks_in(self, *states: str) -> list[Chunk]:
@@ -1301,43 +1314,117 @@ class Daemon:
     # -- monitoring ---------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """One round of monitoring: list pages for every running job, a get only for finished ones."""
+        """One round of monitoring: list pages for every running job, a get only for finished ones.
+
+        The same list pass looks for strays under the watched display names (see :meth:`_stray`);
+        with nothing running it is made for them alone, every ``poll_max_interval``.
+        """
         running = {c.remote_name: c for c in self._chunks_in("running")}
         by_display_name = {c.display_name: c for c in running.values()}
         changed = False
         try:
             self.reconcile()
+            watched = self._watched_now()
+            # Newest first: once every running job is seen, only a watched name's stray can be further
+            # down, and none is older than the first create under its name.
+            oldest = min((w["first_attempt_at"] for w in watched.values()), default=float("inf"))
+            oldest -= CLOCK_SKEW_SECONDS
             seen: set[str] = set()
-            if running:
+            if running or watched:
                 for remote in self.provider.list_jobs():
                     chunk = running.get(remote.name)
                     if chunk is not None:
                         seen.add(remote.name)
                         changed |= self._observe(chunk, remote)
                     elif (owner := by_display_name.get(remote.display_name)) is not None:
-                        self._stray(owner, remote)
-                    if len(seen) == len(running):
-                        break  # every job we watch is accounted for: older pages hold no stray of theirs
+                        self._stray(owner.job_id, owner.idx, owner.display_name, remote)
+                    elif (name := watched.get(remote.display_name)) is not None:
+                        self._stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
+                    if len(seen) == len(running) and (not watched or remote.create_time is not None
+                                                      and remote.create_time.timestamp() < oldest):
+                        break  # every job we watch is accounted for, and older pages hold no stray
+                self._strays_looked_at = time.monotonic()
             crashpoint("while-polling")
             for name in running.keys() - seen:
                 changed |= self._observe(running[name], self._get_or_none(name))
+            self._cancel_strays()
         except Exception as error:
             if not is_retryable(error):
                 raise
             log.warning("polling failed (%s); retrying later", error)
         self.poll_clock.schedule(changed)
 
-    def _stray(self, chunk: Chunk, remote: RemoteJob) -> None:
-        """A second remote job under a running chunk's display name: a create that reached the service but
-        showed up in the list only after the grace period, when the chunk had been created again.
-        It is recorded (its cost counts) and, unless it has already ended, cancelled."""
-        if any(r["remote_name"] == remote.name for r in self.journal.remote_jobs(chunk.job_id)):
-            return  # recorded, and cancelled if it could be, on an earlier poll
-        log.warning("cancelling duplicate remote job %s for %s", remote.name, chunk.display_name,
-                    extra={"job": chunk.job_id, "chunk": chunk.idx})
-        self.journal.record_remote_job(remote.name, chunk, "duplicate")
-        if not remote.done:
-            self.provider.cancel(remote.name)
+    # -- strays: late remote jobs under a name whose create outcome was unknown ----------------
+
+    @property
+    def _watched(self) -> dict[str, dict]:
+        return self.journal.watched_names()
+
+    def _watch(self, chunk: Chunk, attempt_at: float) -> None:
+        self.journal.watch_name(chunk.job_id, chunk.idx, chunk.display_name, attempt_at)
+
+    def _watched_now(self) -> dict[str, dict]:
+        """The watched names to look for strays of: those still in their window (the rest are forgotten),
+        but not those of a chunk still ``submitting``, which reconciliation matches (one is adopted)."""
+        self.journal.forget_watched_names(time.time() - self.settings.stray_watch_seconds)
+        watched = self.journal.watched_names()
+        if watched:
+            unconfirmed = {c.display_name for c in self._chunks_in("submitting")}
+            watched = {name: row for name, row in watched.items() if name not in unconfirmed}
+        return watched
+
+    def _stray_look_due(self) -> bool:
+        """Whether the list is to be read for watched names now, with no poll due for running chunks."""
+        return (time.monotonic() - self._strays_looked_at >= self.settings.poll_max_interval
+                and bool(self.journal.watched_names() or self.journal.remote_jobs_with_outcome("cancelling")))
+
+    def _stray(self, job_id: str, idx: int, display_name: str, remote: RemoteJob) -> None:
+        """A remote job under one of our display names that is not the chunk's own: a create that reached
+        the service but showed up in the list only later (after its chunk was created again, fetched or
+        skipped, or its job delivered), or a duplicate a crash left. It is recorded (its cost counts),
+        then cancelled unless it has ended; one that finished has results no job used, which is logged
+        (an already delivered job's summary.json is never rewritten)."""
+        if self.journal.remote_job(remote.name) is not None:
+            return  # adopted, or recorded as a duplicate on an earlier poll (its cancel retried apart)
+        extra = {"job": job_id, "chunk": idx, "remote": remote.name}
+        if remote.done:
+            log.warning("job %s: remote job %s under %s ended (%s) apart from the chunk's own; its results "
+                        "are not used, its cost counts", job_id, remote.name, display_name, remote.state, extra=extra)
+            self.journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
+                                      outcome="finished")
+            return
+        log.warning("job %s: cancelling duplicate remote job %s for %s", job_id, remote.name, display_name,
+                    extra=extra)
+        self.journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
+                                  outcome="cancelling")
+        if self._cancel(remote.name, job_id):
+            self.journal.set_remote_outcome(remote.name, "cancelled")
+
+    def _cancel_strays(self) -> None:
+        """Retry the cancels of recorded strays the service did not accept yet (each with its backoff)."""
+        for row in self.journal.remote_jobs_with_outcome("cancelling"):
+            if self._cancel(row["remote_name"], row["job_id"]):
+                self.journal.set_remote_outcome(row["remote_name"], "cancelled")
+
+    def _cancel(self, remote_name: str, job_id: str) -> bool:
+        """``batches.cancel``; False if it failed or its backoff has not run out (retried later, waiting
+        twice as long after each failure, up to ``poll_max_interval``). Cancelling twice is harmless."""
+        failures, retry_at = self.cancel_backoff.get(remote_name, (0, 0.0))
+        if time.monotonic() < retry_at:
+            return False
+        try:
+            self.provider.cancel(remote_name)
+        except Exception as error:
+            if getattr(error, "code", None) == 404:
+                log.warning("job %s: remote job %s to cancel no longer exists", job_id, remote_name)
+                self.cancel_backoff.pop(remote_name, None)
+                return True  # gone: nothing is left running to bill
+            wait = min(self.settings.poll_interval * 2 ** failures, self.settings.poll_max_interval)
+            self.cancel_backoff[remote_name] = (failures + 1, time.monotonic() + wait)
+            log.warning("job %s: cancel of %s failed (%s); retrying in %.0f s", job_id, remote_name, error, wait)
+            return False
+        self.cancel_backoff.pop(remote_name, None)
+        return True
 
     def _get_or_none(self, name: str) -> RemoteJob | None:
         try:
@@ -1472,14 +1559,12 @@ class Daemon:
                 self._send_cancel(chunk)
 
     def _send_cancel(self, chunk: Chunk) -> None:
-        """``batches.cancel`` for a running chunk of a cancelled job; a failure is retried on the next tick.
+        """``batches.cancel`` for a running chunk of a cancelled job; a failure is retried on a later tick,
+        with a backoff (see :meth:`_cancel`).
 
         Sent again after a crash before ``cancel_sent`` is committed: cancelling twice is harmless.
         """
-        try:
-            self.provider.cancel(chunk.remote_name)
-        except Exception as error:
-            log.warning("job %s: cancel of %s failed (%s); retrying", chunk.job_id, chunk.remote_name, error)
+        if not self._cancel(chunk.remote_name, chunk.job_id):
             return
         crashpoint("after-cancel")
         self.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
@@ -1583,9 +1668,14 @@ class Daemon:
              "requests": c.request_count, "state": c.remote_state or c.state}
             for c in chunks
         ]
-        duplicates = [r["remote_name"] for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
-        if duplicates:
-            summary["duplicate_remote_batches_cancelled"] = duplicates
+        duplicates = [r for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
+        cancelled = [r["remote_name"] for r in duplicates if r["outcome"] != "finished"]
+        if cancelled:
+            summary["duplicate_remote_batches_cancelled"] = cancelled
+        finished = [r["remote_name"] for r in duplicates if r["outcome"] == "finished"]
+        if finished:
+            # Found only after they had ended: billed, their results unused.
+            summary["duplicate_remote_batches_finished"] = finished
         if organize_error is not None:
             summary["error"] = organize_error
         warnings = []

@@ -39,7 +39,10 @@ remote batch) has its own small state machine (``remote_state`` says how it ende
 ``submitting`` until reconciliation finds its remote job by display name (then
 ``running``) or, after ``submit_grace_seconds``, creates it again; a chunk of a job
 whose cancel was requested is never created again: found, it is adopted and
-cancelled, not found after the grace period, it ends ``skipped``.
+cancelled, not found after the grace period, it ends ``skipped``. A display name whose create
+outcome was ever unknown is kept in ``watched_names`` for as long as a remote job under it could
+live, whatever its chunk and job became: a create that shows up in the list late is a stray,
+recorded in ``remote_jobs`` (a ``duplicate``) before it is cancelled.
 
 A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
 rejected.
@@ -119,7 +122,21 @@ CREATE TABLE IF NOT EXISTS remote_jobs (
     job_id        TEXT NOT NULL,
     chunk_idx     INTEGER NOT NULL,
     display_name  TEXT NOT NULL,
-    role          TEXT NOT NULL        -- adopted | duplicate (cancelled)
+    role          TEXT NOT NULL,       -- adopted | duplicate (cancelled)
+    outcome       TEXT                 -- of a duplicate found by the stray watch: cancelling (cancel not yet
+                                       -- accepted) | cancelled | finished (ended on its own, results unused)
+);
+
+-- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
+-- reached the service may show up in the list late, after its chunk was created again, fetched or
+-- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
+-- created under it would have expired.
+CREATE TABLE IF NOT EXISTS watched_names (
+    display_name     TEXT PRIMARY KEY,
+    job_id           TEXT NOT NULL,
+    chunk_idx        INTEGER NOT NULL,
+    first_attempt_at REAL NOT NULL,    -- the first create under it: no stray of it is older
+    last_attempt_at  REAL NOT NULL     -- the last create under it: the watch runs from here
 );
 
 -- Job events for the notification plugins: committed in the transaction of the transition they
@@ -151,6 +168,8 @@ _ADDED_JOB_COLUMNS = {
     "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
     "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
 }
+#: Columns added to ``remote_jobs`` after its first release.
+_ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
 
 def _dumps(value: Any) -> str:
     """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
@@ -265,10 +284,11 @@ class Journal:
         self.events_added = 0
 
     def _add_missing_columns(self) -> None:
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, declaration in _ADDED_JOB_COLUMNS.items():
-            if column not in present:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+        for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("remote_jobs", _ADDED_REMOTE_JOB_COLUMNS)):
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in added.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         # After the columns: an older journal gets admitted_at above first.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
 
@@ -424,6 +444,47 @@ class Journal:
                 " VALUES (?, ?, ?, ?, ?)",
                 (remote_name, chunk.job_id, chunk.idx, chunk.display_name, role),
             )
+
+    def record_stray(self, remote_name: str, *, job_id: str, chunk_idx: int, display_name: str,
+                     outcome: str) -> None:
+        """A duplicate the stray watch found (``outcome``: cancelling or finished), recorded before any cancel."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO remote_jobs (remote_name, job_id, chunk_idx, display_name, role, outcome)"
+                " VALUES (?, ?, ?, ?, 'duplicate', ?)", (remote_name, job_id, chunk_idx, display_name, outcome))
+
+    def set_remote_outcome(self, remote_name: str, outcome: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE remote_jobs SET outcome = ? WHERE remote_name = ?", (outcome, remote_name))
+
+    def remote_job(self, remote_name: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM remote_jobs WHERE remote_name = ?", (remote_name,)).fetchone()
+        return dict(row) if row else None
+
+    def remote_jobs_with_outcome(self, outcome: str) -> list[dict]:
+        rows = self._db.execute("SELECT * FROM remote_jobs WHERE outcome = ? ORDER BY remote_name", (outcome,))
+        return [dict(row) for row in rows]
+
+    def watch_name(self, job_id: str, chunk_idx: int, display_name: str, attempt_at: float) -> None:
+        """Watch ``display_name`` (a create under it had an unknown outcome) from ``attempt_at`` on."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO watched_names (display_name, job_id, chunk_idx, first_attempt_at, last_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(display_name) DO UPDATE SET"
+                " first_attempt_at = min(first_attempt_at, excluded.first_attempt_at),"
+                " last_attempt_at = max(last_attempt_at, excluded.last_attempt_at)",
+                (display_name, job_id, chunk_idx, attempt_at, attempt_at))
+
+    def watched_names(self) -> dict[str, dict]:
+        """Every watched display name, with its row."""
+        rows = self._db.execute("SELECT * FROM watched_names ORDER BY first_attempt_at")
+        return {row["display_name"]: dict(row) for row in rows}
+
+    def forget_watched_names(self, last_attempt_before: float) -> int:
+        """Stop watching the names whose last create is older than ``last_attempt_before``; returns how many."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM watched_names WHERE last_attempt_at < ?",
+                              (last_attempt_before,)).rowcount
 
     def remote_jobs(self, job_id: str) -> list[dict]:
         rows = self._db.execute(
