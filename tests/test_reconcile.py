@@ -6,14 +6,17 @@ a chunk whose create intent is committed, and the remote jobs the service may or
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import pytest
+from google.genai import types
 
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.provider import RequestEncoder
-from batchd.testing import Workspace
+from batchd.provider import RemoteJob, RequestEncoder
+from batchd.testing import Workspace, make_client, wait_done
 
 MODEL = "gemini-2.5-flash"
 DISPLAY_NAME = "batchd-dup-j1-c0"
@@ -131,3 +134,94 @@ def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_c
     assert daemon.provider.get(created.name).state == "cancelled"
     assert remote_names(daemon) == [created.name]
     assert {r["remote_name"]: r["role"] for r in daemon.journal.remote_jobs("j1")} == {created.name: "adopted"}
+
+
+def lagging_create(daemon: Daemon, lists: int):
+    """A create the service took but its list leaves out of the next ``lists`` list passes."""
+    client = make_client(daemon.emulator.base_url, api_key="batchd-emulator", fault=f"list-lag={lists}")
+    try:
+        return RemoteJob.from_sdk(client.batches.create(
+            model=MODEL, src=[RequestEncoder(MODEL).inline("k", "hi")],
+            config=types.CreateBatchJobConfig(display_name=DISPLAY_NAME)))
+    finally:
+        client.close()
+
+
+def create_again(daemon: Daemon) -> None:
+    """The grace period is over: reconcile creates the chunk again and records it."""
+    daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
+    spool = daemon._spool("j1")
+    spool.root.mkdir(parents=True, exist_ok=True)
+    spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
+    daemon.reconcile()
+    next(iter(daemon.submissions.values())).future.result(timeout=30)
+    daemon._collect_submissions()
+
+
+def test_a_late_stray_older_than_the_running_job_is_not_skipped_by_the_list_pass(daemon: Daemon):
+    """The stray was created before the chunk was created again, so it is further down the newest-first
+    list than every running job: the list pass goes on past them for a watched name."""
+    daemon.journal.add_job("j2", name="other", source="other.toml", state="received")
+    late = lagging_create(daemon, lists=1)  # hidden from the list pass of the reconcile below
+    create_again(daemon)
+    adopted = daemon.journal.chunks("j1")[0].remote_name
+    assert adopted != late.name
+    assert list(daemon.journal.watched_names()) == [DISPLAY_NAME]
+
+    daemon.poll()
+
+    roles = {r["remote_name"]: (r["role"], r["outcome"]) for r in daemon.journal.remote_jobs("j1")}
+    assert roles == {adopted: ("adopted", None), late.name: ("duplicate", "cancelled")}
+    assert daemon.provider.get(late.name).state == "cancelled"
+    assert daemon.provider.get(adopted).state != "cancelled"
+
+
+def test_a_stray_found_after_it_finished_is_recorded_and_not_cancelled(daemon: Daemon):
+    late = lagging_create(daemon, lists=1)
+    create_again(daemon)
+    wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), late.name)
+
+    daemon.poll()
+
+    row = next(r for r in daemon.journal.remote_jobs("j1") if r["remote_name"] == late.name)
+    assert (row["role"], row["outcome"]) == ("duplicate", "finished")
+    assert daemon.provider.get(late.name).state == "succeeded"
+
+
+def test_names_are_watched_only_within_the_window_after_their_last_create(daemon: Daemon):
+    create_again(daemon)
+    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    daemon.settings.stray_watch_seconds = 30  # the last create was just now: still watched
+    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    daemon.journal.watch_name("j1", 0, "batchd-old-j0-c0", time.time() - 60)
+    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    assert list(daemon.journal.watched_names()) == [DISPLAY_NAME], "a name past its window is forgotten"
+
+
+def test_a_failed_cancel_is_retried_only_after_a_growing_backoff(workspace: Workspace):
+    # Refused at once (a 503 the SDK would retry for half a minute first): each cancel is one request.
+    workspace.configure(faults=["403@cancel"])
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        remote = daemon.provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], DISPLAY_NAME)
+        stats = f"{daemon.emulator.base_url}/_emulator/stats"
+
+        def cancels() -> int:
+            with urllib.request.urlopen(stats) as answer:  # not the Gemini API
+                return json.load(answer)["routes"].get("cancel", 0)
+
+        assert not daemon._cancel(remote.name, "j1")
+        sent = cancels()
+        assert sent == 1
+        assert not daemon._cancel(remote.name, "j1"), "within the backoff"
+        assert cancels() == sent, "no request within the backoff"
+        failures, retry_at = daemon.cancel_backoff[remote.name]
+        assert failures == 1
+        daemon.cancel_backoff[remote.name] = (failures, 0.0)  # the backoff has run out
+        assert not daemon._cancel(remote.name, "j1")
+        assert cancels() == 2
+        failures, second_retry_at = daemon.cancel_backoff[remote.name]
+        assert failures == 2 and second_retry_at - time.monotonic() > retry_at - time.monotonic()
+    finally:
+        daemon.close()
