@@ -157,3 +157,25 @@ def test_a_stray_that_shows_up_while_batchd_is_down_is_cancelled_after_the_resta
         assert process.stop() == 0
     assert (run.outbox["translate"].path / "summary.json").read_bytes() == summary
     assert_only_the_stray_cancelled(workspace, google, stray, dropped)
+
+
+def test_a_journal_from_before_the_stray_watch_gains_its_column_and_table(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "journal.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE remote_jobs (remote_name TEXT PRIMARY KEY, job_id TEXT NOT NULL,"
+                " chunk_idx INTEGER NOT NULL, display_name TEXT NOT NULL, role TEXT NOT NULL)")
+    old.execute("INSERT INTO remote_jobs VALUES ('batches/a', 'j1', 0, 'batchd-x-j1-c0', 'duplicate')")
+    old.commit()
+    old.close()
+
+    journal = Journal(path)
+    try:
+        assert journal.remote_job("batches/a")["outcome"] is None  # an old duplicate: cancelled back then
+        journal.watch_name("j1", 0, "batchd-x-j1-c0", 100.0)
+        journal.watch_name("j1", 0, "batchd-x-j1-c0", 200.0)
+        row = journal.watched_names()["batchd-x-j1-c0"]
+        assert (row["first_attempt_at"], row["last_attempt_at"]) == (100.0, 200.0)
+    finally:
+        journal.close()
