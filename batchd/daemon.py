@@ -1321,6 +1321,7 @@ class Daemon:
         """
         running = {c.remote_name: c for c in self._chunks_in("running")}
         by_display_name = {c.display_name: c for c in running.values()}
+        live = bool(running) or bool(self._chunks_in("submitting"))  # else a look for strays alone
         changed = False
         try:
             self.reconcile()
@@ -1344,7 +1345,8 @@ class Daemon:
                                                       and remote.create_time.timestamp() < oldest):
                         break  # every job we watch is accounted for, and older pages hold no stray
                 self._strays_looked_at = time.monotonic()
-            crashpoint("while-polling")
+            if live:
+                crashpoint("while-polling")
             for name in running.keys() - seen:
                 changed |= self._observe(running[name], self._get_or_none(name))
             self._cancel_strays()
@@ -1375,8 +1377,12 @@ class Daemon:
 
     def _stray_look_due(self) -> bool:
         """Whether the list is to be read for watched names now, with no poll due for running chunks."""
-        return (time.monotonic() - self._strays_looked_at >= self.settings.poll_max_interval
-                and bool(self.journal.watched_names() or self.journal.remote_jobs_with_outcome("cancelling")))
+        if time.monotonic() - self._strays_looked_at < self.settings.poll_max_interval:
+            return False
+        if self.journal.watched_names() or self.journal.remote_jobs_with_outcome("cancelling"):
+            return True
+        self._strays_looked_at = time.monotonic()  # nothing to look for: ask again an interval later
+        return False
 
     def _stray(self, job_id: str, idx: int, display_name: str, remote: RemoteJob) -> None:
         """A remote job under one of our display names that is not the chunk's own: a create that reached

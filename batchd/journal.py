@@ -291,6 +291,8 @@ class Journal:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         # After the columns: an older journal gets admitted_at above first.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
+        # The stray cancels still to retry are looked up while the table holds every remote job ever made.
+        self._db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
 
     @property
     def initialized(self) -> bool:
