@@ -1273,9 +1273,10 @@ class Daemon:
                    if (c.job_id, c.idx) not in self.submissions}
         if not pending:
             return
+        watched = self.journal.watched_names()
         for chunk in pending.values():
-            # Its create was sent (or may have been) with no answer recorded: the name is watched for good.
-            if chunk.display_name not in self._watched:
+            # Its create was sent (or may have been) with no answer recorded: the name is watched from now on.
+            if chunk.display_name not in watched:
                 self._watch(chunk, chunk.intent_at or time.time())
         found: dict[str, list[RemoteJob]] = {}
         for remote in self.provider.list_jobs():
@@ -1357,10 +1358,6 @@ class Daemon:
         self.poll_clock.schedule(changed)
 
     # -- strays: late remote jobs under a name whose create outcome was unknown ----------------
-
-    @property
-    def _watched(self) -> dict[str, dict]:
-        return self.journal.watched_names()
 
     def _watch(self, chunk: Chunk, attempt_at: float) -> None:
         self.journal.watch_name(chunk.job_id, chunk.idx, chunk.display_name, attempt_at)
