@@ -602,7 +602,10 @@ class _SeenIds:
     def __init__(self, *, enabled: bool) -> None:
         self._db: sqlite3.Connection | None = None
         if enabled:
-            self._db = sqlite3.connect("")  # "" = private temporary database on disk
+            # "" = private temporary database on disk. check_same_thread=False: it belongs to one
+            # generator, used by one thread at a time, but a generator may be closed (or collected)
+            # on another thread than the one that started it, e.g. a build given up on.
+            self._db = sqlite3.connect("", check_same_thread=False)
             self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID")
 
     def add_many(self, entries: list[tuple[str, str]]) -> tuple[int, str] | None:

@@ -124,6 +124,28 @@ def test_csv_input_with_configured_columns(inbox):
     assert [(item.id, item.text) for item in items] == [("r1", "Love it, really"), ("r2", "Broke in a day")]
 
 
+def test_an_input_stream_can_be_closed_on_another_thread(inbox):
+    """A build given up on is closed by whichever thread lets it go, not the one that read it."""
+    import threading
+
+    write(inbox, "data/reviews.csv", "id,text\nr1,good\nr2,bad\n")
+    path = write(inbox, "r.toml", 'task = "sentiment"\ninput = "data/reviews.csv"\n')
+    stream = iter(load(path).inputs)
+    assert next(stream).id == "r1"
+    errors = []
+
+    def close() -> None:
+        try:
+            stream.close()
+        except Exception as error:  # noqa: BLE001 - the assertion reports it
+            errors.append(error)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join()
+    assert errors == []
+
+
 def test_csv_without_id_column_uses_row_numbers(inbox):
     write(inbox, "in.csv", 'text\n"first"\n\n"second, with a\nline break"\nthird\n')
     path = write(inbox, "r.toml", 'task = "sentiment"\ninput = "in.csv"\n')
