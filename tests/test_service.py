@@ -253,7 +253,10 @@ def test_a_stop_during_a_create_records_the_remote_job_before_exiting_0(workspac
     # The create takes 3 s: the stop arrives while it is in flight. systemd sends SIGTERM to the daemon
     # alone; Ctrl-C in a terminal sends SIGINT to the whole foreground process group, and the embedded
     # emulator must not go down with it before the daemon has recorded the create's answer.
-    workspace.configure(faults=["slow=3@create"], job_seconds=5, **SLOW_LOOP)
+    # No cost plugin: its estimate runs in a thread alongside the build, and the job stays 'building'
+    # until it is in, so a stop landing before it (on a loaded machine) would leave the job unbuilt.
+    # Without it the tick that starts the create also finishes the build: 'submitted' before the status.
+    workspace.configure(faults=["slow=3@create"], job_seconds=5, disabled_plugins=["cost"], **SLOW_LOOP)
     daemon = workspace.start("run", process_group=0, NOTIFY_SOCKET=systemd.address)
     try:
         systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
