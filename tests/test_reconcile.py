@@ -24,6 +24,9 @@ DISPLAY_NAME = "batchd-dup-j1-c0"
 
 @pytest.fixture
 def daemon(workspace: Workspace):
+    # The remote jobs run until the test ends: a duplicate that has already succeeded can no longer
+    # be cancelled, and with the default 0.3 s a loaded machine got there before the cancel.
+    workspace.configure(job_seconds=3600)
     daemon = Daemon(load_settings(workspace.config))
     daemon.start()
     assert daemon.provider  # the embedded emulator serves before the intents below are timed
