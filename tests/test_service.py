@@ -201,18 +201,17 @@ def register_tasks(register):
 
 def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Workspace, systemd):
     # WATCHDOG_USEC=1 s: a ping every 0.5 s. The loop's own timers are 60 s, so pings that keep
-    # coming prove the idle loop wakes for the watchdog; the bounds are loose (a loaded machine
-    # may be slow) but far below the 60 s the loop would otherwise sleep.
+    # coming prove the idle loop wakes for the watchdog; each wait is a bound against a hang (a loaded
+    # machine may be slow), far below the 60 s the loop would otherwise sleep. The rate itself, half
+    # the timeout, is the Notifier's arithmetic (test_the_watchdog_is_only_ours...): no clock here.
     # No cost plugin: its estimate reads the requests in a worker thread, before the build does.
     workspace.configure(**SLOW_LOOP, disabled_plugins=["cost"])
     workspace.add_plugin("blocking", BLOCKING_PLUGIN)
     daemon = workspace.start("run", NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="1000000")
     try:
         systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
-        started = time.monotonic()
-        for _ in range(6):  # 6 pings: 2.5 s at the configured rate; allow 8 times that
+        for _ in range(6):  # each within 20 s, where the loop alone would sleep 60 s
             systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=20, what="WATCHDOG=1")
-        assert time.monotonic() - started < 20, "pings come at about half the timeout, not at the loop's 60 s"
 
         # While the loop is blocked (inside a plugin, building requests), nothing pings for it:
         # not a helper thread, so systemd's watchdog would see the wedge.
