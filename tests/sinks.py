@@ -66,10 +66,31 @@ class HttpSink:
         self.server.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class ReservedPort:
+    """A free port on 127.0.0.1 that stays ours until :meth:`close`, for a server that must bind a known
+    port (or come back on the same one).
+
+    A probe socket closed right away would leave the port free for anyone: another test's
+    emulator, or a client connection, could take it before our server binds it. This socket stays
+    bound, not listening (a connection to the port is refused, as with no server at all), with
+    SO_REUSEADDR, so our server (which sets it too) can bind the port beside it, while the kernel
+    gives the port to no one else.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> ReservedPort:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class SmtpSink:
@@ -79,7 +100,8 @@ class SmtpSink:
         from aiosmtpd.controller import Controller
 
         self.messages: list = []
-        self.port = free_port()
+        self.reserved = ReservedPort()  # asyncio's server sets SO_REUSEADDR: it binds beside it
+        self.port = self.reserved.port
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
     async def handle_DATA(self, server, session, envelope):
@@ -97,3 +119,4 @@ class SmtpSink:
 
     def __exit__(self, *exc_info) -> None:
         self.controller.stop()
+        self.reserved.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from batchd.testing import Daemon, Emulator, Workspace
 from invariants import Dropped, assert_invariants
+from sinks import ReservedPort
 from test_daemon import TRANSLATE, remote_jobs
 
 
@@ -58,22 +59,17 @@ def test_one_manifest_hard_linked_under_two_names_runs_once(workspace: Workspace
     assert os.listdir(workspace.inbox) == []
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_service_unreachable_at_start_up_does_not_stop_recovery_or_the_daemon(workspace: Workspace,
-                                                                                tmp_path: Path):
+                                                                                tmp_path: Path, request):
     """A restart after a crash needs batches.list to reconcile; with the API down the daemon stays up
     (no crash loop under systemd) and reconciles once the service answers again."""
     workspace.configure(chunk_max_requests=2)
-    port = free_port()
+    # The port stays reserved while the service is down: no other test's server (all of them take
+    # the same API key) may answer there, nor take it before the service comes back.
+    port = ReservedPort()
+    request.addfinalizer(port.close)
     runner = Daemon(workspace)
-    with Emulator(tmp_path / "google", port=port) as google:
+    with Emulator(tmp_path / "google", port=port.port) as google:
         workspace.drop("translate.toml", TRANSLATE)
         crashed = runner.start(emulator=google, BATCHD_CRASH_AT="after-create")
         assert crashed.wait(120) == -9
@@ -84,7 +80,7 @@ def test_a_service_unreachable_at_start_up_does_not_stop_recovery_or_the_daemon(
     workspace.wait_for(lambda: "retrying" in process.output() or process.poll() is not None,
                        what="a failed reconcile")
     assert process.poll() is None, f"the daemon gave up while the service was down:\n{process.output()[-3000:]}"
-    with Emulator(tmp_path / "google", port=port) as google:
+    with Emulator(tmp_path / "google", port=port.port) as google:
         folder = workspace.wait_for_delivery("translate")
         assert process.stop() == 0
         jobs = list(google.client().batches.list())
