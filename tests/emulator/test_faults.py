@@ -152,7 +152,9 @@ def test_whole_job_faults(emulator: EmulatorServer, version: str, fault: str, st
 
 
 def test_stuck_pending_until_the_job_expires(tmp_path: Path):
-    with EmulatorServer(tmp_path, job_seconds=0.1, expire_seconds=1.0, faults=["stuck-pending"]) as emulator:
+    # The view is the wall clock against the stored createTime: the look after 0.3 s (3 job_seconds)
+    # must come before the expiry, also on a loaded machine that stalls this process for a while.
+    with EmulatorServer(tmp_path, job_seconds=0.1, expire_seconds=5.0, faults=["stuck-pending"]) as emulator:
         client = make_client(emulator.base_url)
         job = client.batches.create(model=MODEL, src=inline_requests(1))
         time.sleep(0.3)
