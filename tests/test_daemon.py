@@ -15,6 +15,7 @@ from google.genai import types
 
 from batchd.daemon import CRASH_POINTS
 from batchd.emulator.server import EmulatorServer
+from batchd.journal import Journal, journal_path
 from batchd.testing import Workspace
 from conftest import REPO
 
@@ -71,6 +72,20 @@ def remote_jobs(ws: Workspace) -> list[types.BatchJob]:
     with EmulatorServer(ws.state / "emulator") as emulator:
         client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
         return list(client.batches.list(config={"page_size": 50}))
+
+
+def remote_job_recorded(ws: Workspace) -> bool:
+    """Whether the journal holds a chunk's remote job: read in this process, a look takes milliseconds
+    (``batchd status`` starts an interpreter, seconds on a loaded machine, while the remote job runs)."""
+    path = journal_path(ws.state)
+    if not path.exists():
+        return False
+    journal = Journal(path, readonly=True)
+    try:
+        return journal.initialized and any(chunk.remote_name for job in journal.jobs()
+                                           for chunk in journal.chunks(job.id))
+    finally:
+        journal.close()
 
 
 def assert_one_live_job_per_chunk(ws: Workspace) -> None:
@@ -299,11 +314,12 @@ def test_gemini_provider_without_a_key_is_a_clear_error(workspace: Workspace):
 
 @pytest.mark.parametrize("once", [False, True])
 def test_sigterm_mid_job_exits_cleanly_and_a_restart_finishes_it(workspace: Workspace, once: bool):
-    workspace.configure(job_seconds=3)
+    # The stop must land while the remote job runs: it is seen in the journal at once, and it runs
+    # for 10 s, so a loaded machine that stalls this test for a few seconds still stops it mid-way.
+    workspace.configure(job_seconds=10)
     workspace.drop("translate.toml", TRANSLATE)
     daemon = workspace.start("run", *(["--once"] if once else []))
-    workspace.wait_for(lambda: any(b["name"] for job in workspace.status() for b in job["remote_batches"]),
-                       what="remote job created")
+    workspace.wait_for(lambda: remote_job_recorded(workspace), what="remote job created")
     # A service stops with 0; `run --once` says it stopped before delivering everything (EX_TEMPFAIL).
     assert daemon.stop() == (75 if once else 0)
     assert not workspace.delivered()
