@@ -12,6 +12,8 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+from batchd.testing import Emulator
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*is experimental")
 
 from .support import (
@@ -26,7 +28,19 @@ from .support import (
 )
 
 
-def test_inline_batch_goes_pending_running_succeeded(client: genai.Client):
+@pytest.fixture
+def slow_client(tmp_path: Path, version: str):
+    """A client of an emulator of its own whose jobs take 6 s: PENDING for 1.5 s, RUNNING for 4.5 s.
+
+    The state a client sees is the wall clock against the job's createTime; with the shared emulator's
+    0.3 s jobs (PENDING for 75 ms) a loaded machine answered the create with RUNNING already.
+    """
+    with Emulator(tmp_path / "emulator", job_seconds=6) as server:
+        yield server.client(version)
+
+
+def test_inline_batch_goes_pending_running_succeeded(slow_client: genai.Client):
+    client = slow_client
     src = inline_requests(3)
     src[1]["config"] = {"temperature": 0.2, "max_output_tokens": 4, "system_instruction": "Be brief.",
                         "thinking_config": {"thinking_budget": 0}}
