@@ -259,8 +259,11 @@ def test_status_watch_ends_cleanly_on_ctrl_c(workspace: Workspace):
             line = watcher.stdout.readline()
         assert "no jobs" in line, "a first frame was drawn"
         watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(timeout=30) == 0
-        assert "Traceback" not in watcher.stderr.read()
+        # communicate, not wait: it drains both pipes meanwhile, so the watcher's frames (or anything it
+        # writes to stderr) can never block it on a full pipe, and a failure shows what it said.
+        _, errors = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, errors
+        assert "Traceback" not in errors
     finally:
         if watcher.poll() is None:
             watcher.kill()
