@@ -26,7 +26,17 @@ DISPLAY_NAME = "batchd-dup-j1-c0"
 def daemon(workspace: Workspace):
     # The remote jobs run until the test ends: a duplicate that has already succeeded can no longer
     # be cancelled, and with the default 0.3 s a loaded machine got there before the cancel.
-    workspace.configure(job_seconds=3600)
+    yield from daemon_with_one_chunk(workspace, job_seconds=3600)
+
+
+@pytest.fixture
+def quick_daemon(workspace: Workspace):
+    """The same, with remote jobs that finish in half a second (for strays that must have finished)."""
+    yield from daemon_with_one_chunk(workspace, job_seconds=0.5)
+
+
+def daemon_with_one_chunk(workspace: Workspace, *, job_seconds: float):
+    workspace.configure(job_seconds=job_seconds)
     daemon = Daemon(load_settings(workspace.config))
     daemon.start()
     assert daemon.provider  # the embedded emulator serves before the intents below are timed
@@ -179,7 +189,8 @@ def test_a_late_stray_older_than_the_running_job_is_not_skipped_by_the_list_pass
     assert daemon.provider.get(adopted).state != "cancelled"
 
 
-def test_a_stray_found_after_it_finished_is_recorded_and_not_cancelled(daemon: Daemon):
+def test_a_stray_found_after_it_finished_is_recorded_and_not_cancelled(quick_daemon: Daemon):
+    daemon = quick_daemon
     late = lagging_create(daemon, lists=1)
     create_again(daemon)
     wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), late.name)
