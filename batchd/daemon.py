@@ -514,7 +514,6 @@ class Daemon:
             raise self.storage_failure
         self.inbox.ensure_watching()
         self._reload_settings()
-        retrying = bool(self.disk.interval) and not self.disk.waiting()
         self._disk_full_seen = False
         if not self.disk.waiting():
             try:
@@ -541,7 +540,9 @@ class Daemon:
         self.event_dispatcher.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
-        if retrying and not self._disk_full_seen and self.disk.succeeded():
+        # Judged at the tick's end, not its start: a pause that ran out during the tick let its
+        # writes go through, and the tick that follows may be the one a stop never gets to.
+        if not self._disk_full_seen and not self.disk.waiting() and self.disk.succeeded():
             log.info("writes go through again: disk space is back (%s)", self._free_space())
 
     # -- storage faults -------------------------------------------------------------------------
