@@ -64,7 +64,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 }
 
 #: The kinds of job events, in the order a job meets them (see docs/plugins.md, job_event).
-EventKind = Literal["accepted", "rejected", "held", "submitted", "progress",
+EventKind = Literal["accepted", "rejected", "held", "submitted", "progress", "expired",
                     "succeeded", "partial", "failed", "cancelled"]
 
 
@@ -265,6 +265,12 @@ class Settings(BaseSettings):
         description="A display name whose create had an unknown outcome is watched in the remote job list"
                     " this long after its last create (a batch expires after 48 h), and a late remote job"
                     " under it is recorded and cancelled.",
+    )
+    resubmit_expired: int = Field(
+        1,
+        ge=0,
+        description="Times a chunk whose remote batch expired (not finished by the service within 48 h, no"
+                    " results) is submitted again before its requests end as 'expired' errors; 0: never.",
     )
 
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)

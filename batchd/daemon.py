@@ -73,6 +73,11 @@ CANCEL_CRASH_POINTS = (
     "after-cancel-request",  # the cancel request committed, its NAME.cancel not yet removed, nothing sent
     "after-cancel",          # batches.cancel sent for a remote job, not yet recorded (cancel_sent)
 )
+#: Crash points met only when a remote batch expires and its chunk is submitted again.
+RESUBMIT_CRASH_POINTS = (
+    "after-resubmit-intent",  # the resubmission's create intent committed, batches.create not yet sent
+    "after-resubmit-create",  # the resubmission's remote job exists, its name not yet recorded
+)
 MANIFEST_SUFFIXES = (".toml", ".json")
 CANCEL_SUFFIX = ".cancel"
 APPROVE_SUFFIX = ".approve"
@@ -1034,7 +1039,7 @@ class Daemon:
         return count_tokens
 
     def _event(self, kind: str, job: Job, **details) -> dict:
-        if kind == "progress":
+        if kind in ("progress", "expired"):  # kinds a job can meet more than once
             details["seq"] = self.journal.event_count(job.id, kind) + 1
         return make_event(kind, job, default_model=self.settings.model, **details)
 
@@ -1170,10 +1175,10 @@ class Daemon:
         return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
 
     @staticmethod
-    def _display_name(job: Job, idx: int) -> str:
-        # Deterministic and unique per chunk: it is the idempotency key that reconciliation
-        # finds in batches.list after a crash between create and recording its answer.
-        return f"batchd-{job.name[:60]}-{job.id}-c{idx}"
+    def _display_name(job: Job, idx: int, resubmits: int = 0) -> str:
+        # Deterministic and unique per chunk and attempt: it is the idempotency key that
+        # reconciliation finds in batches.list after a crash between create and recording its answer.
+        return f"batchd-{job.name[:60]}-{job.id}-c{idx}" + (f"-r{resubmits}" if resubmits else "")
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -1190,6 +1195,8 @@ class Daemon:
                 return
             self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time())
             crashpoint("after-intent")
+            if chunk.resubmits:
+                crashpoint("after-resubmit-intent")
             self._start_create(job, chunk)
         chunks = self.journal.chunks(job.id)
         if job.state == "built" and all(c.state != "built" for c in chunks):
@@ -1238,6 +1245,8 @@ class Daemon:
                 self._create_failed(chunk, error)
                 continue
             crashpoint("after-create")
+            if chunk.resubmits:
+                crashpoint("after-resubmit-create")
             self._adopt(chunk, remote)
 
     def _adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
@@ -1448,6 +1457,9 @@ class Daemon:
                                              "message": f"remote job {chunk.remote_name} no longer exists"})
             return True
         changed = remote.state != chunk.remote_state or remote.stats != chunk.stats
+        if remote.state == "expired":
+            self._expired(chunk, remote)
+            return True
         if remote.state in ("pending", "running", "unknown"):
             if changed:
                 self.journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats,
@@ -1456,6 +1468,36 @@ class Daemon:
         self.fetch(chunk)
         self.advance_now = True
         return True
+
+    def _expired(self, chunk: Chunk, remote: RemoteJob) -> None:
+        """The service gave up on a chunk's remote job (not finished within 48 h; no results, no bill).
+
+        While ``resubmit_expired`` allows, the chunk goes back to ``built`` under its next display
+        name and is submitted again like any chunk (intent first, reconciled by that name); after
+        the last attempt its requests end as ``expired`` errors. Either way an ``expired`` event
+        tells the notification plugins, committed with the transition.
+        """
+        self.advance_now = True
+        job = self.journal.job(chunk.job_id)
+        allowed = self.settings.resubmit_expired
+        what = f"remote batch {remote.name} (chunk {chunk.idx}, {chunk.request_count} requests) expired: the " \
+               f"service did not finish it within 48 h and returned no results"
+        if chunk.resubmits < allowed and not job.cancel_requested:
+            display_name = self._display_name(job, chunk.idx, chunk.resubmits + 1)
+            reason = f"{what}; submitted again as {display_name} " \
+                     f"(resubmission {chunk.resubmits + 1} of {allowed}, resubmit_expired)"
+            log.warning("job %s: %s", job.id, reason, extra={"job": job.id, "chunk": chunk.idx})
+            self.journal.resubmit_chunk(chunk, display_name, events=[self._event("expired", job, reason=reason)])
+            return
+        tries = chunk.resubmits + 1
+        error = {"code": "expired",
+                 "message": f"{what}; submitted {tries} time{'s' if tries != 1 else ''} in all "
+                            f"(resubmit_expired = {allowed})"}
+        log.error("job %s: %s", job.id, error["message"], extra={"job": job.id, "chunk": chunk.idx})
+        events = [self._event("expired", job, reason=error["message"], error=error)]
+        events += self._progress_events(chunk, remote.stats, finished=True)
+        self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="expired",
+                                  stats=remote.stats, error=error, events=events)
 
     def fetch(self, chunk: Chunk) -> None:
         """Start storing a finished chunk's results in the spool, unless that is already under way."""
@@ -1547,6 +1589,9 @@ class Daemon:
         if job.cancel_requested:
             self._cancel_remote(job, self.journal.chunks(job.id))
         chunks = self.journal.chunks(job.id)
+        if any(c.state == "built" for c in chunks):  # an expired chunk to submit again
+            self.submit(job)
+            chunks = self.journal.chunks(job.id)
         # Once its first chunk is back, a job's results are joined while the rest run (the writer goes
         # in request order, so before that it would only hold a writer thread).
         if job.id in self.deliveries or chunks and chunks[0].state in ("fetched", "skipped") \
@@ -1669,10 +1714,12 @@ class Daemon:
         summary["tokens"] = tokens
         summary["remote_batches"] = [
             {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
-             "requests": c.request_count, "state": c.remote_state or c.state}
+             "requests": c.request_count, "state": c.remote_state or c.state,
+             **({"resubmits": c.resubmits} if c.resubmits else {})}
             for c in chunks
         ]
-        duplicates = [r for r in self.journal.remote_jobs(job.id) if r["role"] == "duplicate"]
+        remote_jobs = self.journal.remote_jobs(job.id)
+        duplicates = [r for r in remote_jobs if r["role"] == "duplicate"]
         cancelled = [r["remote_name"] for r in duplicates if r["outcome"] != "finished"]
         if cancelled:
             summary["duplicate_remote_batches_cancelled"] = cancelled
@@ -1680,6 +1727,9 @@ class Daemon:
         if finished:
             # Found only after they had ended: billed, their results unused.
             summary["duplicate_remote_batches_finished"] = finished
+        expired = [r["remote_name"] for r in remote_jobs if r["role"] == "expired"]
+        if expired:
+            summary["expired_remote_batches"] = expired  # resubmitted: their chunks ran again
         if organize_error is not None:
             summary["error"] = organize_error
         warnings = []
@@ -1694,6 +1744,14 @@ class Daemon:
                 "their requests by position, which the service does not guarantee; they are marked "
                 "\"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
                 "inline_max_requests to use them)")
+        for c in chunks:
+            if (c.error or {}).get("code") == "expired":
+                tries = c.resubmits + 1
+                warnings.append(
+                    f"chunk {c.idx} ({c.request_count} requests) expired {tries} time{'s' if tries != 1 else ''}: "
+                    f"the service did not finish it within 48 h, and resubmit_expired = "
+                    f"{self.settings.resubmit_expired} allows no more resubmissions; its requests are errors "
+                    f"with code \"expired\" in results.jsonl")
         if warnings:
             summary["warnings"] = warnings
         return folder, summary, usage

@@ -30,10 +30,18 @@ unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
 remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
     built → submitting → running → fetched   (results downloaded, or the job ended without any)
-      │         │           ╰────→ fetched   (remote_state "missing": the remote job disappeared)
-      │         ├────────────────→ fetched   (remote_state "rejected": the create was refused)
-      │         ╰→ skipped                   (cancelled, the unconfirmed create never showed up)
+      │ ↑       │           ├────→ fetched   (remote_state "missing": the remote job disappeared)
+      │ │       │           ╰────→ built     (it expired and may be resubmitted: see below)
+      │ │       ├────────────────→ fetched   (remote_state "rejected": the create was refused)
+      │ │       ╰→ skipped                   (cancelled, the unconfirmed create never showed up)
       ╰→ skipped                             (cancelled before it was ever sent)
+
+A remote job the service did not finish within 48 hours ends EXPIRED, without results. While
+``resubmits`` is below the ``resubmit_expired`` setting, the chunk goes back to ``built`` under its
+next display name (``…-c<idx>-r<resubmits>``), in the same transaction that records the expired
+remote job (role ``expired``) and its ``expired`` event; from there it is submitted like any chunk,
+intent first, and reconciled by its new name. After the last resubmission it ends ``fetched``
+with an ``expired`` error.
 
 ``submitting`` is written before the create call; a crash there leaves the chunk
 ``submitting`` until reconciliation finds its remote job by display name (then
@@ -112,6 +120,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     intent_at     REAL,                -- when the create intent was committed
     cancel_sent   INTEGER NOT NULL DEFAULT 0,
     error         TEXT,                -- JSON: why the chunk has no results (refused, vanished)
+    resubmits     INTEGER NOT NULL DEFAULT 0,  -- times it was submitted again after its remote job expired
     PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks(state);
@@ -122,7 +131,7 @@ CREATE TABLE IF NOT EXISTS remote_jobs (
     job_id        TEXT NOT NULL,
     chunk_idx     INTEGER NOT NULL,
     display_name  TEXT NOT NULL,
-    role          TEXT NOT NULL,       -- adopted | duplicate (cancelled)
+    role          TEXT NOT NULL,       -- adopted | duplicate (cancelled) | expired (its chunk was resubmitted)
     outcome       TEXT                 -- of a duplicate found by the stray watch: cancelling (cancel not yet
                                        -- accepted) | cancelled | finished (ended on its own, results unused)
 );
@@ -170,6 +179,8 @@ _ADDED_JOB_COLUMNS = {
 }
 #: Columns added to ``remote_jobs`` after its first release.
 _ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
+#: Columns added to ``chunks`` after its first release.
+_ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0"}
 
 def _dumps(value: Any) -> str:
     """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
@@ -225,6 +236,7 @@ class Chunk:
     intent_at: float | None
     cancel_sent: bool
     error: dict | None
+    resubmits: int = 0
 
 
 def journal_path(state_dir: Path) -> Path:
@@ -284,7 +296,8 @@ class Journal:
         self.events_added = 0
 
     def _add_missing_columns(self) -> None:
-        for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("remote_jobs", _ADDED_REMOTE_JOB_COLUMNS)):
+        for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("chunks", _ADDED_CHUNK_COLUMNS),
+                             ("remote_jobs", _ADDED_REMOTE_JOB_COLUMNS)):
             present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for column, declaration in added.items():
                 if column not in present:
@@ -437,6 +450,22 @@ class Journal:
         with self.transaction() as db:
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
                        (*fields.values(), job_id, idx))
+            self._add_events(db, events)
+
+    def resubmit_chunk(self, chunk: Chunk, display_name: str, *, events: Iterable[dict] = ()) -> None:
+        """An expired chunk back to ``built`` under its next display name, to be submitted again.
+
+        One transaction: its expired remote job stays on record (role ``expired``), and the event
+        announcing the resubmission is committed with it.
+        """
+        with self.transaction() as db:
+            db.execute("UPDATE remote_jobs SET role = 'expired' WHERE remote_name = ?", (chunk.remote_name,))
+            db.execute(
+                "UPDATE chunks SET state = 'built', display_name = ?, resubmits = resubmits + 1, remote_name = NULL,"
+                " remote_state = NULL, stats = NULL, intent_at = NULL, cancel_sent = 0, error = NULL"
+                " WHERE job_id = ? AND idx = ? AND state = 'running'",
+                (display_name, chunk.job_id, chunk.idx),
+            )
             self._add_events(db, events)
 
     def record_remote_job(self, remote_name: str, chunk: Chunk, role: str) -> None:

@@ -34,7 +34,7 @@ from starlette.routing import Route
 from batchd.emulator.answers import Answerer, check_embed_request, check_generate_request
 from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
-from batchd.emulator.faults import FaultInjector
+from batchd.emulator.faults import FaultInjector, job_faults_for
 from batchd.emulator.files import Uploads, render_file
 from batchd.emulator.jobs import BatchRunner, job_faults, needs_processing, render_operation, view_job, write_inline_input
 from batchd.emulator.models import ModelCatalog
@@ -236,7 +236,7 @@ class EmulatorApp:
         job = {
             "id": job_id, "kind": kind, "model": model, "displayName": batch.get("displayName"),
             "createTime": time.time(), "jobSeconds": self.settings.job_seconds, "inputFile": None,
-            "requestCount": 0, "faults": list(job_faults), "succeeded": 0, "failed": 0,
+            "requestCount": 0, "faults": job_faults_for(job_faults, batch.get("displayName")), "succeeded": 0, "failed": 0,
         }
         if file_name:
             file_id = file_name.removeprefix("files/")

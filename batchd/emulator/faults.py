@@ -4,6 +4,7 @@
 ::
 
     SPEC      := FAULT [ "@" ROUTE { "|" ROUTE } ]
+               | JOBFAULT [ "@" GLOB ]                only jobs whose displayName matches GLOB
     FAULT     := [ "http=" ] STATUS [ TRIGGER ]        answer with this HTTP error (429, 500, 503, ...)
                | "slow=" SECONDS [ TRIGGER ]           delay the answer (to outlast a client timeout)
                | "fail-requests=" FRACTION             that share of a batch's requests fail
@@ -21,18 +22,21 @@
                | batches | files | models | upload      (groups)
 
 Examples: ``503``, ``http=429:0.2``, ``503/3@get`` (every third get), ``500*1@create`` (the first
-create only), ``slow=3@download``, ``fail-requests=0.1``, ``shuffle,drop-metadata``.
+create only), ``slow=3@download``, ``fail-requests=0.1``, ``shuffle,drop-metadata``,
+``job-expired@*-c0`` (jobs whose display name ends in ``-c0`` expire; others run normally).
 
 Request faults (``http``, ``slow``) are decided per request. Counters and random sources belong to
 the spec: each ``--fault`` has its own, and a header spec shares one with every request that
 carries the same spec text, so "every third get" counts across requests. Randomness is seeded from
 the spec text, so a test run is reproducible. Job faults (the rest) are recorded with a job when it
-is created (from the server's faults and the create request's header) and decided per request
-index, so a restarted emulator gives the same answers.
+is created (from the server's faults and the create request's header, those with a display-name
+glob only when it matches) and decided per request index, so a restarted emulator gives the same
+answers.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import random
 import re
 import threading
@@ -77,18 +81,25 @@ class Fault:
     fraction: float = 1.0  # fail-requests/drop-metadata: share of the batch's requests
     lists: int = 0  # list-lag: list passes (lists without a page token) that leave the job out
     routes: frozenset[str] = field(default=ROUTES)
+    display_name: str | None = None  # job faults: only jobs whose displayName matches this glob
 
     @property
     def is_job_fault(self) -> bool:
         return self.kind in JOB_FAULTS
 
+    def applies_to_job(self, display_name: str | None) -> bool:
+        """Whether a job fault is recorded with a job of this display name."""
+        return self.display_name is None or fnmatch.fnmatchcase(display_name or "", self.display_name)
+
 
 def parse_fault(text: str) -> Fault:
     """Parse one SPEC; raises ``ValueError`` with a readable message."""
     spec = text.strip()
-    body, _, route_text = spec.partition("@")
-    routes = _parse_routes(route_text, spec) if route_text else ROUTES
+    body, at, route_text = spec.partition("@")
     name, has_value, value = body.partition("=")
+    if name in JOB_FAULTS:
+        return _parse_job_fault(spec, name, has_value, value, route_text if at else None)
+    routes = _parse_routes(route_text, spec) if route_text else ROUTES
     if _BARE_STATUS.match(body):  # "503", "503:0.5", "503/3" are short for "http=503..."
         name, has_value, value = "http", "=", body
     if name in REQUEST_FAULTS:
@@ -96,10 +107,15 @@ def parse_fault(text: str) -> Fault:
             raise ValueError(f"fault {spec!r}: {name} needs a value, e.g. {name}=503" if name == "http"
                              else f"fault {spec!r}: slow needs seconds, e.g. slow=3")
         return _parse_request_fault(spec, name, value, routes)
-    if name not in JOB_FAULTS:
-        raise ValueError(f"unknown fault {spec!r}; known: http=STATUS, slow=SECONDS, {', '.join(sorted(JOB_FAULTS))}")
-    if route_text:
-        raise ValueError(f"fault {spec!r}: job faults apply to the job a create makes; they take no @routes")
+    raise ValueError(f"unknown fault {spec!r}; known: http=STATUS, slow=SECONDS, {', '.join(sorted(JOB_FAULTS))}")
+
+
+def _parse_job_fault(spec: str, name: str, has_value: str, value: str, display_name: str | None) -> Fault:
+    if display_name is not None and not display_name.strip():
+        raise ValueError(f"fault {spec!r}: a job fault's @ takes a display-name glob, e.g. {name}@*-c0")
+    if display_name is not None and display_name.strip() in ROUTES | set(ROUTE_GROUPS):
+        raise ValueError(f"fault {spec!r}: job faults apply to the job a create makes; they take no @routes "
+                         f"(after @ comes a display-name glob, e.g. {name}@*-c0)")
     if name == "fail-requests" and not has_value:
         raise ValueError(f"fault {spec!r}: fail-requests needs a fraction, e.g. fail-requests=0.1")
     if name == "list-lag":
@@ -107,7 +123,13 @@ def parse_fault(text: str) -> Fault:
     if has_value and name not in ("fail-requests", "drop-metadata"):
         raise ValueError(f"fault {spec!r}: {name} takes no value")
     fraction = _fraction(value, spec) if has_value else 1.0
-    return Fault(text=spec, kind=name, fraction=fraction)
+    return Fault(text=spec, kind=name, fraction=fraction,
+                 display_name=display_name.strip() if display_name is not None else None)
+
+
+def job_faults_for(specs: Iterable[str], display_name: str | None) -> list[str]:
+    """The job fault specs recorded with a new job of this display name (the others' globs do not match)."""
+    return [fault.text for fault in parse_faults(list(specs)) if fault.applies_to_job(display_name)]
 
 
 def parse_faults(specs: Iterable[str] | str | None) -> list[Fault]:

@@ -151,6 +151,30 @@ def test_whole_job_faults(emulator: EmulatorServer, version: str, fault: str, st
     assert healthy.batches.get(name=job.name).state == state
 
 
+def test_a_job_fault_with_a_display_name_glob_hits_only_the_jobs_it_names(tmp_path: Path):
+    # The server's fault, as batchd's [emulator] faults sets it: the first attempt of chunk 0 expires,
+    # the job created again under another name runs normally; a restart changes nothing.
+    with EmulatorServer(tmp_path, job_seconds=JOB_SECONDS, faults=["job-expired@*-c0"]) as emulator:
+        client = make_client(emulator.base_url)
+        expired = client.batches.create(model=MODEL, src=inline_requests(2), config={"display_name": "job-c0"})
+        again = client.batches.create(model=MODEL, src=inline_requests(2), config={"display_name": "job-c0-r1"})
+        unnamed = client.batches.create(model=MODEL, src=inline_requests(2))
+        assert wait_done(client, expired.name).state == types.JobState.JOB_STATE_EXPIRED
+        assert wait_done(client, again.name).state == types.JobState.JOB_STATE_SUCCEEDED
+        assert wait_done(client, unnamed.name).state == types.JobState.JOB_STATE_SUCCEEDED
+    with EmulatorServer(tmp_path, job_seconds=JOB_SECONDS) as emulator:
+        client = make_client(emulator.base_url)
+        assert client.batches.get(name=expired.name).state == types.JobState.JOB_STATE_EXPIRED
+        assert client.batches.get(name=again.name).dest.inlined_responses
+    # In a header the same: the glob decides per create.
+    with EmulatorServer(tmp_path / "header", job_seconds=JOB_SECONDS) as emulator:
+        client = make_client(emulator.base_url, fault="job-failed@nightly-*")
+        failed = client.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": "nightly-3"})
+        kept = client.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": "daily-3"})
+        assert wait_done(client, failed.name).state == types.JobState.JOB_STATE_FAILED
+        assert wait_done(client, kept.name).state == types.JobState.JOB_STATE_SUCCEEDED
+
+
 def test_stuck_pending_until_the_job_expires(tmp_path: Path):
     # The view is the wall clock against the stored createTime: the look after 0.3 s (3 job_seconds)
     # must come before the expiry, also on a loaded machine that stalls this process for a while.
@@ -207,7 +231,8 @@ def test_a_bad_fault_header_is_a_400(emulator: EmulatorServer):
 
 
 @pytest.mark.parametrize("spec", ["http", "http=200", "slow", "slow=x", "503@nowhere", "shuffle=1",
-                                  "fail-requests", "fail-requests=2", "job-failed@get", "503/0", "http=503:abc"])
+                                  "fail-requests", "fail-requests=2", "job-failed@get", "job-expired@", "503/0",
+                                  "http=503:abc"])
 def test_bad_specs_are_refused_with_a_reason(spec: str):
     with pytest.raises(ValueError, match="fault"):
         parse_fault(spec)
