@@ -273,6 +273,14 @@ class Settings(BaseSettings):
                     " results) is submitted again before its requests end as 'expired' errors; 0: never.",
     )
 
+    plugin_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A task plugin that keeps control this long in one step (requests() without yielding its next"
+                    " request, organize() without taking a result or yielding an entry) is given up on: its job"
+                    " fails with an error naming the plugin and the step.",
+    )
+
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

@@ -51,10 +51,11 @@ from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
 from batchd.journal import REMOTE_LIVE_STATES, Chunk, Job, Journal, journal_path, new_job_id
 from batchd.logs import redact_data
 from batchd.manifest import Manifest, ManifestError, load_manifest
-from batchd.plugins import get_plugin_manager, tasks_for
+from batchd.plugin_calls import InThread, OnDemand, PluginClock, PluginTimeout, Prefetch
+from batchd.plugins import get_plugin_manager, task_owners, tasks_for
 from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.service import Notifier
-from batchd.spool import BuiltChunk, ChunkLimits, JobSpool
+from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskResult
 
 log = logging.getLogger("batchd")
@@ -160,14 +161,6 @@ class PollClock:
 
     def seconds_left(self) -> float:
         return max(0.0, self.due_at - time.monotonic())
-
-
-@dataclass
-class Build:
-    """A job's chunk generator while the job is being built, and the chunk it yielded last."""
-
-    chunks: Iterator[BuiltChunk]
-    last: BuiltChunk | None = None
 
 
 @dataclass
@@ -289,6 +282,7 @@ class Daemon:
         self._provider: Provider | None = None
         self.emulator = None
         self.tasks = tasks_for(settings)
+        self.task_owners = task_owners(settings)
         self.plugin_manager = get_plugin_manager(settings.plugins_dir, frozenset(settings.disabled_plugins))
         self.costs = CostHooks(self.plugin_manager)
         self.event_dispatcher: EventDispatcher | None = None
@@ -310,7 +304,10 @@ class Daemon:
         # start to remove): deleting its files took a tenth of the loop's time per small job.
         self.cleanup_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-cleanup")
         self.deliveries: dict[str, Delivery] = {}  # job id → its result files being written
-        self.builders: dict[str, Build] = {}  # job id → its chunk generator, while it is being built
+        # job id → its chunks being built in a thread of their own, while it is being built: a task plugin
+        # that hangs in requests() then holds up only its own job (see batchd.plugin_calls).
+        self.builders: dict[str, OnDemand] = {}
+        self.estimate_timeouts: dict[str, list[PluginTimeout]] = {}  # job id → its estimate pass gave up on the task
         self.estimating_alongside: dict[str, EstimateAlongside] = {}  # job id → the estimate its build pass feeds
         self.estimating: dict[str, Future] = {}  # job id → its cost estimate, running in the pool
         self.poll_clock = PollClock(settings.poll_interval, settings.poll_max_interval)
@@ -568,7 +565,7 @@ class Daemon:
         is being published)."""
         build = self.builders.pop(job.id, None)
         if build is not None:
-            build.chunks.close()
+            build.close(wait=True)  # its thread has ended with the error, or rests between chunks
             self._drop_estimate_alongside(job.id)
         delivery = self.deliveries.get(job.id)
         if delivery is not None and delivery.future.done():
@@ -627,14 +624,15 @@ class Daemon:
             if self._live_chunks():
                 wait = min(wait, self.poll_clock.seconds_left())
             return min(wait, self.event_dispatcher.seconds_until_due())
-        if self.advance_now or any(not self._waits_for_its_estimate(job_id) for job_id in self.builders):
+        if self.advance_now or any(feed.ready() and not self._waits_for_its_estimate(job_id)
+                                   for job_id, feed in self.builders.items()):
             self.advance_now = False
             return 0.0
         if self.estimating_alongside:
             return 0.05
         if any(self._step_ready(job) for job in self.journal.active_jobs()):
             return 0.0  # the next step needs no one else: take it now, not at the next rescan
-        if self.submissions or self.estimating or self.fetches or self._delivery_awaited():
+        if self.submissions or self.estimating or self.fetches or self.builders or self._delivery_awaited():
             return 0.05
         if self._live_chunks():
             wait = min(self.poll_clock.seconds_left(), self.settings.rescan_seconds)
@@ -989,16 +987,42 @@ class Daemon:
             model = manifest.model or self.settings.model
             self.journal.update_job(job.id, task=manifest.task, model=model)
             info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
+            timeouts = self.estimate_timeouts[job.id] = []
+            stream = RequestStream(lambda: self._watched_requests(job.id, manifest, timeouts),
+                                   stopping=self.stopping.is_set)
             self.estimating[job.id] = self._in_background(
-                self.pool, self.costs.estimate, info, RequestStream(manifest.requests, stopping=self.stopping.is_set),
-                self._token_counter(model), self.settings)
+                self.pool, self.costs.estimate, info, stream, self._token_counter(model), self.settings)
             return None
         if not future.done():
             return None
         del self.estimating[job.id]
+        timeouts = self.estimate_timeouts.pop(job.id, [])
         if self.stopping.is_set():
             return None  # cut short by the stop: estimated again after the restart
+        if timeouts:
+            # The task hung reading its requests: building it would only hang again. Rejected next tick.
+            log.error("job %s: %s", job.id, timeouts[0], extra={"job": job.id})
+            self.journal.update_job(job.id, error={"message": str(timeouts[0])})
+            return None
         return {"result": future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
+
+    def _plugin_clock(self, task: str, step: str) -> PluginClock:
+        return PluginClock(task, self.task_owners.get(task, "?"), step)
+
+    def _watched_requests(self, job_id: str, manifest: Manifest, timeouts: list[PluginTimeout]):
+        """The manifest's requests, read in a thread of their own with a bounded wait (for the estimate pass)."""
+        clock = self._plugin_clock(manifest.task, "requests()")
+        feed = Prefetch(clock.iterate(manifest.requests()), clock, name=f"batchd-requests-{job_id}", batch=1000)
+        try:
+            yield from feed.iterate(self.settings.plugin_timeout_seconds, self.stopping.is_set)
+        except PluginTimeout as error:
+            timeouts.append(error)
+            raise
+
+    def _raise_if_stopping(self) -> None:
+        """check_stop for threads other than the loop's (which alone pings the service watchdog)."""
+        if self.stopping.is_set():
+            raise Stopping()
 
     def review_held(self, *, force: bool = False) -> bool:
         """Release held jobs that were approved or now fit the budget; deliver cancelled ones.
@@ -1051,12 +1075,23 @@ class Daemon:
         if job.cancel_requested and self._stop_building(job):
             return
         try:
-            build = self.builders.get(job.id) or self._start_build(job)
-            chunk = next(build.chunks, None)
+            feed = self.builders.get(job.id) or self._start_build(job)
+            kind, chunk = feed.take()
+            if kind == "waiting":
+                timeout = self.settings.plugin_timeout_seconds
+                if feed.clock.overdue(timeout):
+                    raise feed.clock.timeout(timeout)
+                return  # the next chunk is still being built; the feed wakes the loop when it is
+            if kind == "error":
+                raise chunk
         except Stopping:
             raise
         except ManifestError as error:
             self._build_failed(job, _manifest_error(error))
+            return
+        except PluginTimeout as error:  # a hung plugin: its thread is left behind, the job fails
+            log.error("job %s: %s", job.id, error, extra={"job": job.id})
+            self._build_failed(job, {"message": str(error)})
             return
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
             if fs.is_disk_full(error):
@@ -1066,7 +1101,6 @@ class Daemon:
                                                 f"{type(error).__name__}: {error}"})
             return
         if chunk is not None:
-            build.last = chunk
             self._record_chunk(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
@@ -1089,8 +1123,9 @@ class Daemon:
         self.journal.update_job(job.id, state="built", **fields)
         log.info("job %s: %d requests in %d chunk(s)", job.id, sum(c.request_count for c in chunks), len(chunks))
 
-    def _start_build(self, job: Job):
-        """The chunk generator of a job; after a crash the same chunks are built again, with the same limits."""
+    def _start_build(self, job: Job) -> OnDemand:
+        """The chunks of a job, built in a thread of their own; after a crash the same chunks are built
+        again, with the same limits. Only the loop's thread records them in the journal."""
         manifest = self._load_claimed(job)
         model = manifest.model or self.settings.model
         limits = job.chunk_limits or dataclasses.asdict(self._limits())
@@ -1098,7 +1133,8 @@ class Daemon:
             self.journal.update_job(job.id, state="building", task=manifest.task, model=model, chunk_limits=limits)
         # Settings are merged per request by the manifest, so the encoder has no defaults.
         encoder = RequestEncoder(model)
-        requests = manifest.requests()
+        clock = self._plugin_clock(manifest.task, "requests()")
+        requests = clock.iterate(manifest.requests())
         if job.cost is None and self.costs.estimates:
             # Not estimated before admission (no budget could hold it): price the requests as they are built.
             info = JobInfo.of(dataclasses.replace(job, task=manifest.task, model=model))
@@ -1108,10 +1144,11 @@ class Daemon:
             self._drop_estimate_alongside(job.id)
             self.estimating_alongside[job.id] = alongside
             requests = alongside.feed(requests)
-        build = Build(self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
-                                                check_stop=self.check_stop))
-        self.builders[job.id] = build
-        return build
+        chunks = self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
+                                           check_stop=self._raise_if_stopping)
+        feed = self.builders[job.id] = OnDemand(chunks, clock, name=f"batchd-build-{job.id}",
+                                                on_ready=self.inbox.wake)
+        return feed
 
     def _stop_building(self, job: Job) -> bool:
         """End the build of a job whose cancel was requested, at the chunk boundary it is at.
@@ -1126,9 +1163,11 @@ class Daemon:
         last = build.last if build is not None else None
         if chunks and (last is None or last.idx < chunks[-1].idx):
             return False
+        if build is not None and not build.resting():
+            return False  # a chunk is being built: it is recorded first, and the build stops after it
         self.builders.pop(job.id, None)
         if build is not None:
-            build.chunks.close()  # at a chunk boundary: the index holds exactly the recorded chunks
+            build.close(wait=True)  # at a chunk boundary: the index holds exactly the recorded chunks
         self._drop_estimate_alongside(job.id)
         if not chunks:
             log.info("job %s (%s): cancelled before any request was built", job.id, job.source)
@@ -1158,9 +1197,9 @@ class Daemon:
             alongside.close()
 
     def _build_failed(self, job: Job, error: dict) -> None:
-        build = self.builders.pop(job.id, None)
-        if build is not None:
-            build.chunks.close()
+        feed = self.builders.pop(job.id, None)
+        if feed is not None:
+            feed.close()
         self._drop_estimate_alongside(job.id)
         if not self.journal.chunks(job.id):
             self.journal.update_job(job.id, state="received", error=error)  # rejected: nothing was sent
@@ -1685,10 +1724,20 @@ class Daemon:
         organize_error = None
         try:
             folder = outbox.JobFolder(spool.staging)
-            counts, tokens, usage = self._write_result_files(folder, spool, gate.error_of,
-                                                             self.tasks[task].organize)
+            # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
+            clock = self._plugin_clock(task, "organize()")
+            writing = InThread(lambda: self._write_result_files(folder, spool, gate.error_of,
+                                                                self.tasks[task].organize, clock),
+                               name=f"batchd-organize-{spool.root.name}")
+            counts, tokens, usage = writing.wait(clock, self.settings.plugin_timeout_seconds,
+                                                 self.stopping.is_set, Stopping)
         except Stopping:
             raise
+        except PluginTimeout as error:
+            log.error("job %s: %s", spool.root.name, error, extra={"job": spool.root.name})
+            organize_error = {"message": f"{error}; results.jsonl has every result"}
+            folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
+            counts, tokens, usage = self._write_result_files(folder, spool, gate.error_of, _organize_nothing)
         except Exception as error:
             if fs.is_disk_full(error):
                 raise  # not the task's fault: the folder is written again once there is room
@@ -1757,8 +1806,11 @@ class Daemon:
         return folder, summary, usage
 
     def _write_result_files(self, folder: outbox.JobFolder, spool: JobSpool,
-                            chunk_error: Callable[[int], dict | None], organize) -> tuple[dict, dict, dict]:
+                            chunk_error: Callable[[int], dict | None], organize,
+                            clock: PluginClock | None = None) -> tuple[dict, dict, dict]:
         """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
+
+        ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
 
         Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
         """
@@ -1794,7 +1846,9 @@ class Daemon:
 
         with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
             organized = outbox.JsonObjectWriter(organized_file)
-            for key, value in organize(results_written()):
+            entries = organize(results_written()) if clock is None else \
+                clock.iterate(organize(clock.handing(results_written())))
+            for key, value in entries:
                 organized.add(key, value)
             organized.close()
         if extra["joined_by_position"]:

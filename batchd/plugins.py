@@ -93,6 +93,11 @@ def tasks_for(settings: Settings) -> dict[str, Task]:
     return get_tasks(settings.plugins_dir, frozenset(settings.disabled_plugins))
 
 
+def task_owners(settings: Settings) -> dict[str, str]:
+    """The plugin that registered each task of the plugins ``settings`` selects, by task name."""
+    return dict(_task_registry(settings.plugins_dir, frozenset(settings.disabled_plugins)).owners)
+
+
 def plugins_for(settings: Settings) -> list[PluginInfo]:
     """The plugins ``settings`` selects, described for ``batchd plugins``."""
     return describe_plugins(settings.plugins_dir, frozenset(settings.disabled_plugins))

@@ -1,0 +1,298 @@
+"""Task plugin code run with a bounded wait: a plugin that hangs fails its job, never the daemon.
+
+A task's ``requests()`` and ``organize()`` are generators that run for as long as a job has
+requests or results, so no single deadline fits them. What is bounded is the time a plugin
+keeps control without handing anything back: ``plugin_timeout_seconds`` from when batchd asks it
+for its next request (or hands it a result, or asks for its next organized entry) until it
+answers. A :class:`PluginClock` is stamped at each of those hand-overs.
+
+Plugin code runs in a daemon thread of its own (:class:`InThread`, :class:`Prefetch`,
+:class:`OnDemand` for a job's chunks), never in
+the loop's thread or in a pool's: a plugin that never returns keeps that thread forever, and
+only a daemon thread neither blocks the loop nor holds up the process's exit (a pool's workers
+are joined at exit). Whoever waits for it waits in short slices, so a stop request is noticed
+at once. An abandoned thread that wakes up later finds its clock marked abandoned at its next
+hand-over and stops there, before it writes anything more.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+_T = TypeVar("_T")
+
+#: How often a waiter looks at the stop flag and the plugin's clock.
+WAIT_SLICE_SECONDS = 0.1
+
+
+class PluginTimeout(Exception):
+    """A task plugin kept control longer than ``plugin_timeout_seconds`` in one step."""
+
+    def __init__(self, task: str, plugin: str, step: str, seconds: float):
+        self.task, self.plugin, self.step, self.seconds = task, plugin, step, seconds
+        super().__init__(
+            f"task {task!r} (plugin {plugin!r}) did not return from {step} within plugin_timeout_seconds = "
+            f"{seconds:g} s; batchd gave up on it (its thread is left behind)")
+
+
+class Abandoned(Exception):
+    """Raised in a plugin's thread that comes back after batchd gave up on it."""
+
+
+class PluginClock:
+    """Since when a plugin has had control (``None``: batchd's own code is running)."""
+
+    def __init__(self, task: str, plugin: str, step: str):
+        self.task, self.plugin, self.step = task, plugin, step
+        self.since: float | None = None
+        self.abandoned = False
+
+    def overdue(self, timeout: float) -> bool:
+        since = self.since
+        return since is not None and time.monotonic() - since >= timeout
+
+    def timeout(self, seconds: float) -> PluginTimeout:
+        """Give up on the plugin: the error to report (its thread stops at its next hand-over)."""
+        self.abandoned = True
+        return PluginTimeout(self.task, self.plugin, self.step, seconds)
+
+    def _check(self) -> None:
+        if self.abandoned:
+            raise Abandoned(f"{self.step} of task {self.task!r} came back after batchd gave up on it")
+
+    def iterate(self, iterable: Iterable[_T]) -> Iterator[_T]:
+        """The plugin's items; the time inside each ``next()`` is the plugin's."""
+        self.since = time.monotonic()
+        iterator = iter(iterable)
+        while True:
+            self.since = time.monotonic()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.since = None
+            self._check()
+            yield item
+
+    def handing(self, iterable: Iterable[_T]) -> Iterator[_T]:
+        """Items handed to the plugin; the time until it asks for the next one is the plugin's."""
+        for item in iterable:
+            self.since = time.monotonic()
+            yield item
+            self.since = None
+            self._check()
+        self.since = time.monotonic()  # the plugin goes on with what it was handed
+
+
+class InThread:
+    """``work()`` in a daemon thread of its own; :meth:`wait` for it with the plugin's clock running."""
+
+    def __init__(self, work: Callable[[], _T], name: str):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._work = work
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._work()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiter
+            self.error = error
+        finally:
+            self.done.set()
+
+    def wait(self, clock: PluginClock, timeout: float, stopping: Callable[[], bool], on_stop: Callable[[], Exception]):
+        """The work's result (or its exception); ``clock.timeout`` raised when the plugin holds on too long,
+        ``on_stop()`` raised when a stop is requested first."""
+        while not self.done.wait(WAIT_SLICE_SECONDS):
+            if stopping():
+                clock.abandoned = True
+                raise on_stop()
+            if clock.overdue(timeout):
+                raise clock.timeout(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+_END = object()
+
+
+class Prefetch:
+    """Iterates ``iterable`` in a daemon thread of its own, a few items ahead of its consumer.
+
+    :meth:`take` never blocks (the loop's thread uses it); iterating blocks in short slices,
+    ending early when ``stopping()`` and raising :class:`PluginTimeout` when ``clock`` is overdue.
+    ``batch`` items at most travel together (or what ``flush_seconds`` gathered), so a long
+    stream of small items does not cost a queue hand-over each. ``on_ready`` is called from the
+    thread when something can be taken (to wake the loop).
+    """
+
+    def __init__(self, iterable: Iterable[Any], clock: PluginClock, *, name: str, ahead: int = 4, batch: int = 1,
+                 flush_seconds: float = 0.1, on_ready: Callable[[], None] = lambda: None):
+        self.clock = clock
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._taken: collections.deque = collections.deque()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._batch, self._flush_seconds, self._on_ready = batch, flush_seconds, on_ready
+        threading.Thread(target=self._run, args=(iterable,), name=name, daemon=True).start()
+
+    def _put(self, item: Any) -> bool:
+        while not (self._closed or self.clock.abandoned):
+            try:
+                self._queue.put(item, timeout=WAIT_SLICE_SECONDS)
+            except queue.Full:
+                continue
+            self._on_ready()
+            return True
+        return False
+
+    def _run(self, iterable: Iterable[Any]) -> None:
+        items: list = []
+        flushed_at = time.monotonic()
+        try:
+            for item in iterable:
+                items.append(item)
+                if len(items) >= self._batch or time.monotonic() - flushed_at >= self._flush_seconds:
+                    if not self._put(items):
+                        return
+                    items, flushed_at = [], time.monotonic()
+            if items and not self._put(items):
+                return
+            self._put((_END, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            self._put((_END, error))
+
+    def close(self) -> None:
+        """Nothing more is wanted: the thread stops at its next item."""
+        self._closed = True
+
+    def _fill(self, block: bool) -> None:
+        if self._taken or self._ended:
+            return
+        try:
+            got = self._queue.get(block, WAIT_SLICE_SECONDS) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(got, tuple):
+            self._ended, self._error = True, got[1]
+        else:
+            self._taken = collections.deque(got)
+
+    def ready(self) -> bool:
+        """Whether :meth:`take` has something: an item, the end or the plugin's error."""
+        self._fill(block=False)
+        return bool(self._taken) or self._ended
+
+    def take(self) -> tuple[str, Any]:
+        """``("item", item)``, ``("end", None)``, ``("error", exception)`` or ``("waiting", None)``."""
+        self._fill(block=False)
+        if self._taken:
+            return "item", self._taken.popleft()
+        if self._ended:
+            return ("error", self._error) if self._error is not None else ("end", None)
+        return "waiting", None
+
+    def iterate(self, timeout: float, stopping: Callable[[], bool]) -> Iterator[Any]:
+        """The items, waiting for each (see the class docstring)."""
+        try:
+            while True:
+                self._fill(block=True)
+                kind, value = self.take()
+                if kind == "item":
+                    yield value
+                elif kind == "end":
+                    return
+                elif kind == "error":
+                    raise value
+                elif stopping():
+                    return
+                elif self.clock.overdue(timeout):
+                    raise self.clock.timeout(timeout)
+        finally:
+            self.close()
+
+
+class OnDemand:
+    """Iterates ``iterable`` in a daemon thread of its own, one item each time the consumer asks.
+
+    For a job's chunks: the generator only moves when the loop asks for the next chunk, so between
+    an item taken and the next ask it rests at a chunk boundary, where :meth:`close` ends it (the
+    build's index then holds exactly the chunks taken). :meth:`take` never blocks; ``on_ready``
+    is called from the thread when an answer is there (to wake the loop).
+    """
+
+    def __init__(self, iterable: Iterable[Any], clock: PluginClock, *, name: str,
+                 on_ready: Callable[[], None] = lambda: None):
+        self.clock = clock
+        #: The item taken last (the loop's view of where the generator rests).
+        self.last: Any = None
+        self._iterator = iter(iterable)
+        self._asked = threading.Event()
+        self._answer: tuple[str, Any] | None = None  # set by the thread, taken by the consumer
+        self._pending = False  # asked, not yet taken (the consumer's side)
+        self._closing = False
+        self._finished = threading.Event()
+        self._on_ready = on_ready
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                while not self._asked.wait(WAIT_SLICE_SECONDS * 10):
+                    pass
+                self._asked.clear()
+                if self._closing:
+                    self._iterator.close()  # resting at a boundary: its cleanup runs here
+                    return
+                try:
+                    self._answer = ("item", next(self._iterator))
+                except StopIteration:
+                    self._answer = ("end", None)
+                except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                    self._answer = ("error", error)
+                self._on_ready()
+                if self._answer[0] != "item":
+                    return
+        finally:
+            self._finished.set()
+
+    def ready(self) -> bool:
+        """Whether :meth:`take` has something to do now: an answer to take, or the next item to ask for."""
+        return self._answer is not None or not self._pending
+
+    def resting(self) -> bool:
+        """Whether the generator rests just after the item taken last (nothing asked since)."""
+        return not self._pending
+
+    def take(self) -> tuple[str, Any]:
+        """``("item", item)``, ``("end", None)``, ``("error", exception)`` or ``("waiting", None)`` (asked,
+        not yet answered: the next item is asked for here when it was not yet)."""
+        answer = self._answer
+        if answer is not None:
+            if answer[0] == "item":
+                self._answer, self._pending = None, False
+                self.last = answer[1]
+            return answer  # the end and an error stay the answer
+        if not self._pending:
+            self._pending = True
+            self._asked.set()
+        return "waiting", None
+
+    def close(self, *, wait: bool = False) -> None:
+        """End the iteration: at once when it rests (``wait``: until its cleanup has run), else the
+        thread stops when its current item is done (a hung plugin's thread is simply left behind)."""
+        self._closing = True
+        self.clock.abandoned = True
+        if not self._pending or self._answer is not None:  # the thread waits to be asked
+            self._asked.set()
+            if wait:
+                self._finished.wait()
