@@ -66,7 +66,6 @@ class PluginClock:
 
     def iterate(self, iterable: Iterable[_T]) -> Iterator[_T]:
         """The plugin's items; the time inside each ``next()`` is the plugin's."""
-        self.since = time.monotonic()
         iterator = iter(iterable)
         while True:
             self.since = time.monotonic()
@@ -247,7 +246,7 @@ class OnDemand:
     def _run(self) -> None:
         try:
             while True:
-                while not self._asked.wait(WAIT_SLICE_SECONDS * 10):
+                while not self._asked.wait(WAIT_SLICE_SECONDS * 10) and not self._closing:
                     pass
                 self._asked.clear()
                 if self._closing:

@@ -161,7 +161,7 @@ def test_ready_comes_after_recovery_then_status_lines_and_stopping_on_sigterm(wo
 BLOCKING_PLUGIN = """
 import time
 from pathlib import Path
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from batchd import hookimpl
 from batchd.task import Task, TaskRequest
 
@@ -171,6 +171,17 @@ HERE = Path(__file__).parent
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str]
+
+    @field_validator("texts")
+    @classmethod
+    def _block(cls, texts):
+        # Validation runs on the loop's thread, as the manifest is taken (requests() and organize()
+        # run in threads of their own, with a bounded wait).
+        if "block" in texts and not (HERE / "released").exists():
+            (HERE / "blocked").touch()
+            while not (HERE / "released").exists():
+                time.sleep(0.02)
+        return texts
 
 
 class Blocking(Task):
@@ -182,10 +193,6 @@ class Blocking(Task):
 
     def requests(self, params, items):
         for item in items:
-            if item.text == "block" and not (HERE / "released").exists():
-                (HERE / "blocked").touch()
-                while not (HERE / "released").exists():
-                    time.sleep(0.02)
             yield TaskRequest(key=item.id, prompt=item.text, input={"text": item.text})
 
     def organize(self, results):
@@ -213,7 +220,7 @@ def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Worksp
         for _ in range(6):  # each within 20 s, where the loop alone would sleep 60 s
             systemd.wait_for(lambda lines: lines == ["WATCHDOG=1"], timeout=20, what="WATCHDOG=1")
 
-        # While the loop is blocked (inside a plugin, building requests), nothing pings for it:
+        # While the loop is blocked (inside a plugin, validating the manifest), nothing pings for it:
         # not a helper thread, so systemd's watchdog would see the wedge.
         workspace.drop("blocked.toml", 'task = "blocking"\ntexts = ["fine", "block"]\n')
         workspace.wait_for(lambda: (workspace.plugins / "blocked").exists(), what="the loop blocked")
