@@ -1,0 +1,105 @@
+"""batchd.plugin_calls: plugin code in threads of its own, waited for with a bound (no daemon here)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from batchd.plugin_calls import InThread, OnDemand, PluginClock, PluginTimeout, Prefetch
+from batchd.testing import Workspace
+
+FOREVER = threading.Event()  # never set: what a hung plugin waits on
+
+
+def hangs_after(n: int):
+    yield from range(n)
+    FOREVER.wait()
+
+
+def test_prefetch_hands_over_every_item_in_order_then_gives_up_on_a_plugin_that_hangs():
+    clock = PluginClock("stuck", "hanging", "requests()")
+    feed = Prefetch(clock.iterate(hangs_after(2500)), clock, name="test-prefetch", batch=1000)
+    seen = []
+    with pytest.raises(PluginTimeout) as raised:
+        for item in feed.iterate(timeout=0.5, stopping=lambda: False):
+            seen.append(item)
+    # Handed over in order, in batches of at most 1000 (or what 0.1 s gathered): the batch the plugin
+    # hung in the middle of never comes, so more than the last 1000 are never missing.
+    assert seen == list(range(len(seen))) and len(seen) > 1500
+    assert (raised.value.task, raised.value.plugin, raised.value.step) == ("stuck", "hanging", "requests()")
+    assert "plugin_timeout_seconds = 0.5 s" in str(raised.value) and clock.abandoned
+
+
+def test_prefetch_ends_early_when_a_stop_is_requested():
+    clock = PluginClock("stuck", "hanging", "requests()")
+    stop = threading.Event()
+    feed = Prefetch(clock.iterate(hangs_after(3)), clock, name="test-prefetch")
+    seen = []
+    for item in feed.iterate(timeout=3600, stopping=stop.is_set):
+        seen.append(item)
+        if len(seen) == 3:
+            stop.set()
+    assert seen == [0, 1, 2]
+
+
+def test_prefetch_passes_the_plugins_own_error_on():
+    def broken():
+        yield 1
+        raise ValueError("bad row")
+
+    clock = PluginClock("t", "p", "requests()")
+    with pytest.raises(ValueError, match="bad row"):
+        list(Prefetch(clock.iterate(broken()), clock, name="test-prefetch").iterate(60, lambda: False))
+
+
+def test_on_demand_moves_only_when_asked_and_closes_at_the_item_taken_last(workspace: Workspace):
+    produced, cleaned_up = [], threading.Event()
+    ready = threading.Event()
+
+    def chunks():
+        try:
+            for n in range(10):
+                produced.append(n)
+                yield n
+        finally:
+            cleaned_up.set()
+
+    clock = PluginClock("t", "p", "requests()")
+    feed = OnDemand(chunks(), clock, name="test-on-demand", on_ready=ready.set)
+    assert feed.take() == ("waiting", None) and not feed.resting()
+    workspace.wait_for(ready.is_set, what="the first item")
+    assert feed.take() == ("item", 0) and feed.last == 0 and feed.resting()
+    assert feed.ready()  # the next item is the consumer's to ask for
+    ready.clear()
+    assert feed.take() == ("waiting", None)
+    workspace.wait_for(ready.is_set, what="the second item")
+    assert feed.take() == ("item", 1)
+    feed.close(wait=True)
+    assert cleaned_up.is_set()
+    assert produced == [0, 1], "nothing was built beyond what was asked for"
+
+
+def test_in_thread_times_out_a_plugin_holding_a_handed_item(workspace: Workspace):
+    clock = PluginClock("brooding", "hanging", "organize()")
+
+    def organize(results):
+        for n, result in enumerate(results):
+            if n == 1:
+                FOREVER.wait()
+            yield result
+
+    written = []
+
+    def work():
+        for entry in clock.iterate(organize(clock.handing(iter(range(5))))):
+            written.append(entry)
+        return len(written)
+
+    with pytest.raises(PluginTimeout, match="organize\\(\\)"):
+        InThread(work, name="test-organize").wait(clock, 0.5, lambda: False, RuntimeError)
+    assert written == [0]
+    # A plugin that returns in time: its result.
+    quick = PluginClock("t", "p", "organize()")
+    assert InThread(lambda: sum(quick.iterate(quick.handing(range(4)))), name="test-quick").wait(
+        quick, 60, lambda: False, RuntimeError) == 6
