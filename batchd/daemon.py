@@ -1147,7 +1147,7 @@ class Daemon:
         chunks = self._spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                            check_stop=self._raise_if_stopping)
         feed = self.builders[job.id] = OnDemand(chunks, clock, name=f"batchd-build-{job.id}",
-                                                on_ready=self.inbox.wake)
+                                                on_ready=self.inbox.wake, source=requests)
         return feed
 
     def _stop_building(self, job: Job) -> bool:

@@ -230,8 +230,12 @@ class OnDemand:
     """
 
     def __init__(self, iterable: Iterable[Any], clock: PluginClock, *, name: str,
-                 on_ready: Callable[[], None] = lambda: None):
+                 on_ready: Callable[[], None] = lambda: None, source: Iterator[Any] | None = None):
+        """``source``: a generator ``iterable`` draws from, closed in the thread when the iteration ends
+        (an error's traceback would otherwise keep it suspended until another thread frees it, and
+        its cleanup, such as closing an SQLite connection, must run in the thread that made it)."""
         self.clock = clock
+        self._source = source
         #: The item taken last (the loop's view of where the generator rests).
         self.last: Any = None
         self._iterator = iter(iterable)
@@ -262,6 +266,12 @@ class OnDemand:
                 if self._answer[0] != "item":
                     return
         finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - already failed or finished; nothing to add
+                    pass
             self._finished.set()
 
     def ready(self) -> bool:
