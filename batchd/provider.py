@@ -9,8 +9,9 @@ another ``base_url``. Two SDK clients share the same settings and differ only in
   5xx or timeout can create a second job, so batchd reconciles by display name instead (the
   daemon matches ``list_jobs`` against the display names of its unconfirmed creates). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
   *whole* transfer: the SDK retries neither chunk uploads nor downloads, and one retry layer instead of
-  two keeps the worst-case wait bounded. A repeated upload leaves at most an orphan file (deleted by the
-  service after 48 h); a repeated download overwrites a temp file.
+  two keeps the worst-case wait bounded. A repeated upload may leave an orphan file (an attempt whose answer was
+  lost); ``Uploaded.attempts`` says so, and the daemon finds such copies by their display name
+  (``list_files``) and deletes them. A repeated download overwrites a temp file.
 
 Two clients rather than per-call ``http_options``: google-genai 3.3.0 does honour per-call
 ``retry_options`` (``BaseApiClient._request``), but a client without ``retry_options`` is the SDK's
@@ -77,6 +78,7 @@ _SHORT_STATES = {
 }
 
 _BATCH_NAME = re.compile(r"batches/[A-Za-z0-9_-]+")
+_FILE_NAME = re.compile(r"files/[a-z0-9-]+")
 
 # google.rpc code for "unrecoverable data loss or corruption": a result line that cannot be read.
 _DATA_LOSS = 15
@@ -161,9 +163,11 @@ class RetryPolicy:
         return backoff + random.uniform(0, self.initial_delay)
 
 
-def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str) -> _Result:
+def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str,
+                  on_attempt: Callable[[int], None] = lambda attempt: None) -> _Result:
     for attempt in range(1, policy.attempts + 1):
         try:
+            on_attempt(attempt)
             return operation()
         except Exception as exc:
             if attempt == policy.attempts or not is_retryable(exc):
@@ -259,6 +263,63 @@ def _checked_batch_name(name: str) -> str:
     if not _BATCH_NAME.fullmatch(name):
         raise ProviderError(f"not a batch job name: {name!r} (expected 'batches/<id>')")
     return name
+
+
+def _checked_file_name(name: str) -> str:
+    if not _FILE_NAME.fullmatch(name):
+        raise ProviderError(f"not a file name: {name!r} (expected 'files/<id>')")
+    return name
+
+
+def is_gone(exc: BaseException) -> bool:
+    """True when the service says a file (or job) does not exist.
+
+    For a file it does not always say 404: Google's Files API answers a file that expired or was deleted
+    with 403 PERMISSION_DENIED "You do not have permission to access the File … or it may not exist"
+    (googleapis/python-genai#1218, google-gemini/deprecated-generative-ai-js#236).
+    """
+    if not isinstance(exc, errors.APIError):
+        return False
+    if exc.code == 404:
+        return True
+    return exc.code == 403 and "may not exist" in (exc.message or "")
+
+
+@dataclass(slots=True)
+class RemoteFile:
+    """A file of the Files API as the service reports it."""
+
+    name: str  # "files/…"
+    display_name: str | None
+    size_bytes: int | None
+    state: str | None  # ACTIVE | PROCESSING | FAILED, as sent
+    source: str | None  # UPLOADED | GENERATED
+    create_time: datetime | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether a batch can be created from it (a JSONL upload is ACTIVE once finalized)."""
+        return self.state in (None, "ACTIVE")
+
+    @classmethod
+    def from_sdk(cls, file: types.File) -> RemoteFile:
+        def enum_value(value: Any) -> str | None:
+            return getattr(value, "value", value) if value is not None else None
+
+        return cls(name=file.name or "", display_name=file.display_name, size_bytes=file.size_bytes,
+                   state=enum_value(file.state), source=enum_value(file.source), create_time=file.create_time)
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """An upload's answer: the file, and how many transfer attempts it took.
+
+    More than one attempt means an earlier one may have reached the service after all (its answer
+    was lost), leaving a copy under the same display name that nobody knows the name of.
+    """
+
+    name: str  # "files/…"
+    attempts: int
 
 
 def _raw_json(client: genai.Client, method: str, path: str) -> dict[str, Any]:
@@ -378,17 +439,62 @@ class Provider:
 
     # -- submit ------------------------------------------------------------------------------------
 
-    def upload_jsonl(self, path: Path, display_name: str) -> str:
-        """Upload a requests JSONL file (resumable, 8 MiB chunks); returns its name ``files/…``."""
+    def upload_jsonl(self, path: Path, display_name: str) -> Uploaded:
+        """Upload a requests JSONL file (resumable, 8 MiB chunks) under ``display_name``.
+
+        The display name is how a copy whose answer was lost (a crash, or a retried attempt) is found
+        again with ``list_files``: give each file a deterministic one.
+        """
+        attempts = 0
+
+        def count(attempt: int) -> None:
+            nonlocal attempts
+            attempts = attempt
 
         def upload() -> types.File:
             config = types.UploadFileConfig(display_name=display_name, mime_type=JSONL_MIME_TYPE)
             return self._single_shot_client.files.upload(file=path, config=config)
 
-        uploaded = _with_retries(upload, self._retry, f"upload of {path}")
+        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count)
         if not uploaded.name:
             raise ProviderError(f"upload of {path}: the service returned no file name")
-        return uploaded.name
+        return Uploaded(uploaded.name, attempts)
+
+    def get_file(self, name: str) -> RemoteFile | None:
+        """A file's metadata; None when the service no longer has it (deleted, or expired after 48 h)."""
+        try:
+            return RemoteFile.from_sdk(self._retrying_client.files.get(name=_checked_file_name(name)))
+        except errors.APIError as error:
+            if is_gone(error):
+                return None
+            raise
+
+    def list_files(self, page_size: int = 100) -> Iterator[RemoteFile]:
+        """Every file of the project, page after page (100 is the service's largest page)."""
+        pager = self._retrying_client.files.list(config=types.ListFilesConfig(page_size=page_size))
+        seen_tokens: set[str] = set()
+        while True:
+            # Page by page rather than iterating the pager: its __next__ raises IndexError on an
+            # empty page that still carries a token.
+            for file in pager.page:
+                yield RemoteFile.from_sdk(file)
+            token = pager.config.get("page_token")
+            if not token:
+                return
+            if token in seen_tokens:  # a server bug must not become an endless loop
+                raise ProviderError(f"files.list returned page token {token!r} twice")
+            seen_tokens.add(token)
+            pager.next_page()
+
+    def delete_file(self, name: str) -> bool:
+        """Delete a file; False when it was already gone (a repeated delete, or it expired)."""
+        try:
+            self._retrying_client.files.delete(name=_checked_file_name(name))
+        except errors.APIError as error:
+            if is_gone(error):
+                return False
+            raise
+        return True
 
     def create_from_file(self, model: str, file_name: str, display_name: str) -> RemoteJob:
         """Create a batch from an uploaded JSONL file. Never retried: on an ambiguous failure reconcile

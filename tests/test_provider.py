@@ -93,7 +93,7 @@ def test_file_job_round_trip_joins_results_by_key(provider: Provider, tmp_path: 
     prompts = {f"r{number:06d}-fr": f"Sentence number {number}." for number in range(25)}
     input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL, TRANSLATE_DEFAULTS), prompts)
 
-    file_name = provider.upload_jsonl(input_path, "round-trip-input")
+    file_name = provider.upload_jsonl(input_path, "round-trip-input").name
     assert file_name.startswith("files/")
     created = provider.create_from_file(MODEL, file_name, "round-trip")
     assert created.name.startswith("batches/")
@@ -177,7 +177,7 @@ def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tm
     # Each answer line is ~450 bytes; 28,000 of them make an output file of ~12 MiB.
     prompts = {f"k{number}": f"{number} " + "word " * 10 for number in range(28000)}
     input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL), prompts)
-    job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input"), "big")
+    job = provider.create_from_file(MODEL, provider.upload_jsonl(input_path, "big-input").name, "big")
     job = wait_until_done(provider, job.name)
     destination = tmp_path / "results.jsonl"
 

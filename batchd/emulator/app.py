@@ -118,6 +118,7 @@ class EmulatorApp:
         self.uploads = Uploads(self.store)
         self.route_counts: Counter[str] = Counter()
         self.creates_by_display_name: Counter[str] = Counter()
+        self.uploads_by_display_name: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self.runner.resume()
         self.asgi = Starlette(routes=[
@@ -182,8 +183,9 @@ class EmulatorApp:
         with self._counts_lock:
             routes = dict(self.route_counts)
             creates = dict(self.creates_by_display_name)
+            uploads = dict(self.uploads_by_display_name)
         stored = Counter(job.get("displayName") or "" for job in list(self.store.jobs.values()))
-        return json_response({"routes": routes, "createsByDisplayName": creates,
+        return json_response({"routes": routes, "createsByDisplayName": creates, "uploadsByDisplayName": uploads,
                               "jobsByDisplayName": dict(stored), "jobs": len(self.store.jobs),
                               "files": len(self.store.files)})
 
@@ -382,6 +384,16 @@ class EmulatorApp:
             raise not_found(f"File files/{call.params['id']} not found.")
         return doc
 
+    def _own_file(self, call: Call) -> dict:
+        """The file ``files.get`` and ``files.delete`` name. As on the real service, one that does not
+        exist (never did, was deleted, or expired) is answered 403, not 404: Google does not tell a
+        missing file from someone else's (googleapis/python-genai#1218)."""
+        doc = self._live_file(call.params["id"])
+        if doc is None:
+            raise ApiError(403, f"You do not have permission to access the File {call.params['id']} "
+                                f"or it may not exist.", "PERMISSION_DENIED")
+        return doc
+
     def _render_file(self, call: Call, doc: dict) -> dict:
         return render_file(doc, call.base_url, call.version, self.settings.expire_seconds)
 
@@ -399,11 +411,13 @@ class EmulatorApp:
         headers = {"X-Goog-Upload-Status": result.status, "X-Goog-Upload-Size-Received": str(result.received)}
         if result.file is None:
             return Response(b"", headers=headers)
+        with self._counts_lock:
+            self.uploads_by_display_name[result.file.get("displayName") or ""] += 1
         return json_response({"file": self._render_file(call, result.file)}, headers=headers)
 
     @route("GET", None, r"files/(?P<id>[^/:]+)", "file-get")
     async def get_file(self, call: Call) -> Response:
-        return json_response(self._render_file(call, self._file(call)))
+        return json_response(self._render_file(call, self._own_file(call)))
 
     @route("GET", None, r"files", "file-list")
     async def list_files(self, call: Call) -> Response:
@@ -418,7 +432,7 @@ class EmulatorApp:
 
     @route("DELETE", None, r"files/(?P<id>[^/:]+)", "file-delete")
     async def delete_file(self, call: Call) -> Response:
-        doc = self._file(call)
+        doc = self._own_file(call)
         await run_in_threadpool(self.store.delete_file, doc["id"])
         return json_response({})
 

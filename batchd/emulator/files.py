@@ -30,6 +30,8 @@ from batchd.outbox import fsync_dir
 
 #: The service's limit for one file (discovery document ``media.upload.maxSize``).
 MAX_FILE_BYTES = 2 * 1024**3
+#: ``File.display_name``: "must be no more than 512 characters in length" (google-genai's File type).
+MAX_DISPLAY_NAME_CHARS = 512
 #: User-chosen file ids: what the real service accepts (lowercase alphanumerics and dashes, <= 40).
 _FILE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
@@ -96,11 +98,14 @@ class Uploads:
         mime_type = headers.get("x-goog-upload-header-content-type") or meta.get("mimeType")
         if not mime_type:
             raise invalid("* File.mime_type: mime type is not specified")
+        display_name = meta.get("displayName")
+        if display_name is not None and (not isinstance(display_name, str) or len(display_name) > MAX_DISPLAY_NAME_CHARS):
+            raise invalid(f"* File.display_name: must be a string of at most {MAX_DISPLAY_NAME_CHARS} characters")
         file_id = self._choose_id(meta.get("name"))
         upload_id = secrets.token_urlsafe(32)
         self.store.upload_part(upload_id).touch()
         self.store.save_upload({
-            "id": upload_id, "fileId": file_id, "displayName": meta.get("displayName"),
+            "id": upload_id, "fileId": file_id, "displayName": display_name,
             "mimeType": mime_type, "declaredSize": declared_size, "createTime": time.time(),
             "faultHeader": fault_header,
         })

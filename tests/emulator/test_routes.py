@@ -153,9 +153,32 @@ def test_files_get_list_delete(client: genai.Client, tmp_path: Path):
     assert client.files.get(name=uploaded.name).display_name == "to-delete"
     assert uploaded.name in [f.name for f in client.files.list(config={"page_size": 2})]
     client.files.delete(name=uploaded.name)
+    # As Google answers a file that was deleted or expired (googleapis/python-genai#1218): 403, "may not exist".
+    for call in (client.files.get, client.files.delete):
+        with pytest.raises(errors.ClientError) as raised:
+            call(name=uploaded.name)
+        assert (raised.value.code, raised.value.status) == (403, "PERMISSION_DENIED")
+        assert "may not exist" in raised.value.message
+    assert uploaded.name not in [f.name for f in client.files.list()]
+
+
+def test_files_list_pages_through_every_file_with_its_display_name(client: genai.Client, tmp_path: Path):
+    """The SDK's pager follows nextPageToken (the service's default page is 10 files, at most 100)."""
+    path = write_jsonl(tmp_path / "f.jsonl", request_lines(1))
+    names = {client.files.upload(file=str(path), config={"mime_type": "jsonl", "display_name": f"page-{n}"}).name:
+             f"page-{n}" for n in range(13)}
+    pager = client.files.list()
+    assert len(pager.page) == 10 and pager.config.get("page_token")
+    listed = {f.name: f.display_name for f in client.files.list(config={"page_size": 4}) if f.name in names}
+    assert listed == names
+
+
+def test_a_display_name_over_512_characters_is_refused(client: genai.Client, tmp_path: Path):
+    path = write_jsonl(tmp_path / "f.jsonl", request_lines(1))
     with pytest.raises(errors.ClientError) as raised:
-        client.files.get(name=uploaded.name)
-    assert raised.value.code == 404
+        client.files.upload(file=str(path), config={"mime_type": "jsonl", "display_name": "x" * 513})
+    assert raised.value.code == 400
+    assert client.files.upload(file=str(path), config={"mime_type": "jsonl", "display_name": "x" * 512}).name
 
 
 def test_upload_with_a_chosen_name(client: genai.Client, tmp_path: Path, version: str):
