@@ -281,6 +281,13 @@ class Settings(BaseSettings):
                     " fails with an error naming the plugin and the step.",
     )
 
+    delete_request_files: bool = Field(
+        True,
+        description="Delete a batch's uploaded requests file from the Files API once the batch has ended and"
+                    " its results are fetched (files count against the 20 GB per-project storage until they"
+                    " expire after 48 h); false leaves them to expire.",
+    )
+
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

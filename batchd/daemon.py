@@ -1,8 +1,9 @@
 """The daemon loop: inbox → journal → task plugin → remote batch jobs → outbox.
 
 One thread owns the journal and makes every decision; small pools only run the
-slow, remote parts: a submission (upload, ``batches.create``) and the download of a
-finished chunk's results, so neither holds up building or polling.  A job's
+slow, remote parts: a submission (upload, ``batches.create``), the download of a
+finished chunk's results and the deletion of its uploaded requests file, so none holds
+up building or polling.  A job's
 results.jsonl and organized.json are written by a writer thread that starts once the
 job is built and joins each chunk as soon as the loop says it is back, so a big job is
 mostly delivered by the time its last chunk returns.  Each step reads
@@ -37,7 +38,7 @@ import stat
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -53,7 +54,7 @@ from batchd.logs import redact_data
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugin_calls import InThread, OnDemand, PluginClock, PluginTimeout, Prefetch
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
-from batchd.provider import Provider, RemoteJob, RequestEncoder, inline_results, is_retryable
+from batchd.provider import Provider, RemoteFile, RemoteJob, RequestEncoder, inline_results, is_retryable
 from batchd.service import Notifier
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskResult
@@ -64,6 +65,7 @@ CRASH_POINTS = (
     "after-claim",        # manifest renamed into the spool, job not yet 'received'
     "while-building",     # a second chunk recorded while the first may already be out
     "after-intent",       # create intent committed, batches.create not yet sent
+    "after-upload",       # a file chunk's requests uploaded, the file's name not yet recorded
     "after-create",       # the remote job exists, its name not yet recorded
     "while-polling",      # remote jobs running, mid poll
     "after-download",     # results fetched into the spool, outbox not yet written
@@ -106,6 +108,12 @@ DISK_RETRY_MAX_SECONDS = 60.0
 #: How far the service's create times may be behind this machine's clock: the stray watch reads the
 #: newest-first list down to this much before a watched name's first create.
 CLOCK_SKEW_SECONDS = 600.0
+
+
+def upload_display_name(chunk_display_name: str) -> str:
+    """The display name of a chunk's requests file on the Files API: derived from the chunk's, so a
+    copy whose name was never recorded (a crash right after the upload) is found again by it."""
+    return f"{chunk_display_name}-requests"
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -194,11 +202,25 @@ class DiskBackoff:
 
 @dataclass
 class Submission:
-    """A create running in the pool; the journal already holds its intent."""
+    """A create running in the pool; the journal already holds its intent.
+
+    A file chunk's submission has two stages: ``upload`` (its requests file is uploaded, or an
+    earlier copy found) and then ``create``; the loop records the file between them.
+    """
 
     job_id: str
     idx: int
     future: Future
+    stage: str = "create"
+
+
+@dataclass(frozen=True)
+class RequestFile:
+    """A file chunk's requests on the Files API, as the upload stage found or made it."""
+
+    name: str
+    reused: bool  # an earlier upload the service still had
+    sole_copy: bool  # no other copy can be out there (False: a retried transfer may have left one)
 
 
 @dataclass
@@ -297,6 +319,9 @@ class Daemon:
         self.fetch_pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_submissions,
                                              thread_name_prefix="batchd-fetch")
         self.fetches: dict[tuple[str, int], Fetch] = {}
+        # Request files of finished chunks being deleted (one round at a time, in the fetch pool).
+        self.upload_cleanup: Future | None = None
+        self._upload_cleanup_due = 0.0
         # A writer waits at each chunk still running, so a few long jobs must not hold every writer
         # while another job's results are all back: enough threads, each started only when needed.
         self.writer_pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="batchd-write")
@@ -442,6 +467,8 @@ class Daemon:
         self.pool.shutdown(wait=True)
         # A download cut short leaves its chunk 'running': the next start fetches it again.
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        if self.journal is not None and self.upload_cleanup is not None and not self.upload_cleanup.cancelled():
+            self._collect_upload_cleanup()  # deletions not recorded would only be repeated (and found gone)
         # Writers waiting for chunks give up; a restart writes the job's staging folder anew.
         self.stopping.set()
         self.writer_pool.shutdown(wait=True, cancel_futures=True)
@@ -466,12 +493,16 @@ class Daemon:
         Every submission starts at once (the pool is as large as the limit), so nothing is queued
         that could be withdrawn: each one may already have reached the service.
         """
-        pending = [submission.future for submission in self.submissions.values()]
-        if pending:
-            log.info("waiting for %d submission(s) in flight before stopping", len(pending))
-        while pending:
+        if self.submissions:
+            log.info("waiting for %d submission(s) in flight before stopping", len(self.submissions))
+        while self.submissions:
             self.notifier.extend_timeout(DRAIN_EXTEND_SECONDS)
-            pending = list(wait(pending, timeout=DRAIN_EXTEND_SECONDS / 3).not_done)
+            wait([s.future for s in self.submissions.values()], timeout=DRAIN_EXTEND_SECONDS / 3,
+                 return_when=FIRST_COMPLETED)
+            if self.journal is None:
+                break
+            # An upload that finished is recorded and its create sent, as it would have been.
+            self._collect_submissions()
 
     def check_stop(self) -> None:
         # Long steps call this often on the main thread: a good place to prove the loop is alive.
@@ -539,6 +570,7 @@ class Daemon:
                 self._disk_full(error, None, job)
         if self.poll_clock.due() and self._live_chunks() or self._stray_look_due():
             self.poll()
+        self.tidy_uploads()
         self.event_dispatcher.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
@@ -658,7 +690,7 @@ class Daemon:
 
     def _once_done(self) -> bool:
         present = {p.name for p in self.settings.inbox.iterdir()} & self.once_pending
-        busy = self.journal.active_jobs() or self.submissions or self.fetches
+        busy = self.journal.active_jobs() or self.submissions or self.fetches or self.upload_cleanup
         if present and self.claiming_paused and not busy:
             # Waiting for someone to free the disk is a service's job; a one-off run says so and stops.
             log.error("%d manifest(s) left in the inbox unclaimed: %s; free some space and run again",
@@ -1232,7 +1264,8 @@ class Daemon:
                 continue
             if len(self.submissions) >= self.settings.max_concurrent_submissions:
                 return
-            self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time())
+            self.journal.update_chunk(job.id, chunk.idx, state="submitting", intent_at=time.time(),
+                                      **_upload_intent(chunk))
             crashpoint("after-intent")
             if chunk.resubmits:
                 crashpoint("after-resubmit-intent")
@@ -1257,20 +1290,62 @@ class Daemon:
                                                       "chunks": len(sent)})]
 
     def _start_create(self, job: Job, chunk: Chunk) -> None:
+        """Send the chunk's create; a file chunk's requests file first (:meth:`_upload_requests`).
+
+        ``chunk`` is as it was before the intent just committed: its ``upload_state`` says what
+        an earlier attempt may have left on the Files API.
+        """
         spool = self._spool(job.id)
         model = job.model or self.settings.model
         provider = self.provider
 
         def create() -> RemoteJob:
-            if chunk.mode == "inline":
-                requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
-                return provider.create_inline(model, requests, chunk.display_name)
-            file_name = provider.upload_jsonl(spool.requests_path(chunk.idx), chunk.display_name)
-            return provider.create_from_file(model, file_name, chunk.display_name)
+            requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
+            return provider.create_inline(model, requests, chunk.display_name)
 
-        self.submissions[(job.id, chunk.idx)] = Submission(job.id, chunk.idx, self._in_background(self.pool, create))
+        if chunk.mode == "inline":
+            submission = Submission(job.id, chunk.idx, self._in_background(self.pool, create))
+        else:
+            submission = Submission(job.id, chunk.idx, self._in_background(self.pool, self._upload_requests, chunk),
+                                    stage="upload")
+        self.submissions[(job.id, chunk.idx)] = submission
         log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
                  chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
+
+    def _upload_requests(self, chunk: Chunk) -> RequestFile:
+        """The chunk's requests file on the Files API (runs in the pool): the one an earlier attempt
+        left, while the service still has it, else a new upload."""
+        provider = self.provider
+        display_name = upload_display_name(chunk.display_name)
+        if chunk.upload_state == "uploading":
+            # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
+            # delete the others (none of them was ever given to a create: names are recorded first).
+            copies = [f for f in provider.list_files() if f.display_name == display_name]
+            kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
+            sole_copy = True
+            for copy in copies:
+                if copy is not kept:
+                    sole_copy &= self._delete_quietly(chunk, copy.name)
+            if kept is not None:
+                return RequestFile(kept.name, reused=True, sole_copy=sole_copy)
+        elif chunk.upload_state == "uploaded" and chunk.uploaded_file:
+            kept = _reusable([f for f in [provider.get_file(chunk.uploaded_file)] if f], chunk.uploaded_file,
+                             chunk.byte_size)
+            if kept is not None:
+                return RequestFile(kept.name, reused=True, sole_copy=True)
+        uploaded = provider.upload_jsonl(self._spool(chunk.job_id).requests_path(chunk.idx), display_name)
+        crashpoint("after-upload")
+        return RequestFile(uploaded.name, reused=False, sole_copy=uploaded.attempts == 1)
+
+    def _delete_quietly(self, chunk: Chunk, name: str) -> bool:
+        """Delete a spare copy of a chunk's requests file; False (and a warning) when that failed."""
+        try:
+            self.provider.delete_file(name)
+        except Exception as error:
+            log.warning("job %s: deleting %s, a spare copy of chunk %d's requests, failed (%s)",
+                        chunk.job_id, name, chunk.idx, error)
+            return False
+        return True
 
     def _collect_submissions(self) -> None:
         for key, submission in list(self.submissions.items()):
@@ -1279,14 +1354,31 @@ class Daemon:
             del self.submissions[key]
             chunk = next(c for c in self.journal.chunks(submission.job_id) if c.idx == submission.idx)
             try:
-                remote = submission.future.result()
+                result = submission.future.result()
             except Exception as error:
                 self._create_failed(chunk, error)
+                continue
+            if submission.stage == "upload":
+                self._create_from_file(chunk, result)
                 continue
             crashpoint("after-create")
             if chunk.resubmits:
                 crashpoint("after-resubmit-create")
-            self._adopt(chunk, remote)
+            self._adopt(chunk, result)
+
+    def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
+        """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
+        chunk is done), then send the create."""
+        self.journal.update_chunk(chunk.job_id, chunk.idx, uploaded_file=requests_file.name,
+                                  upload_state="uploaded" if requests_file.sole_copy else "uploading")
+        log.info("job %s: chunk %d's requests are %s%s", chunk.job_id, chunk.idx, requests_file.name,
+                 " (uploaded before)" if requests_file.reused else "",
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "file": requests_file.name})
+        job = self.journal.job(chunk.job_id)
+        model, provider = job.model or self.settings.model, self.provider
+        future = self._in_background(self.pool, provider.create_from_file, model, requests_file.name,
+                                     chunk.display_name)
+        self.submissions[(chunk.job_id, chunk.idx)] = Submission(chunk.job_id, chunk.idx, future)
 
     def _adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
         """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
@@ -1351,7 +1443,7 @@ class Daemon:
             else:
                 log.info("job %s: no remote job for chunk %d; creating it", chunk.job_id, chunk.idx)
                 now = time.time()
-                self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=now)
+                self.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=now, **_upload_intent(chunk))
                 self._watch(chunk, now)  # the watch runs from the last create under the name
                 self._start_create(job, chunk)
 
@@ -1360,6 +1452,84 @@ class Daemon:
 
     def _live_chunks(self) -> list[Chunk]:
         return self._chunks_in(*REMOTE_LIVE_STATES)
+
+    # -- request files: deleted once their chunk is done ----------------------------------------
+
+    def tidy_uploads(self) -> None:
+        """Start deleting the request files of finished chunks (``fetched`` or ``skipped``; see
+        :mod:`batchd.journal`, ``upload_state``), one round at a time in the background.
+
+        Their results are in the spool, or the job ended without any: nothing will create a batch
+        from them again. A round that failed is tried again after ``poll_max_interval``; a
+        failed delete never fails a job (the file expires after 48 h anyway).
+        """
+        if self.upload_cleanup is not None:
+            if not self.upload_cleanup.done():
+                return
+            self._collect_upload_cleanup()
+        if time.monotonic() < self._upload_cleanup_due:
+            return
+        chunks = self.journal.uploads_to_delete()
+        if not chunks:
+            return
+        if not self.settings.delete_request_files:
+            self.journal.set_upload_states({(c.job_id, c.idx): "kept" for c in chunks})
+            return
+        self.upload_cleanup = self._in_background(self.fetch_pool, self._delete_request_files, chunks)
+
+    def _delete_request_files(self, chunks: list[Chunk]) -> tuple[dict[tuple[str, int], str], bool]:
+        """Delete the chunks' request files (runs in the fetch pool): the recorded one, and for an
+        ``uploading`` chunk every copy the files list shows under its upload display name.
+
+        Returns each chunk's new ``upload_state`` (chunks left out are tried again) and whether to
+        try again later.
+        """
+        provider = self.provider
+        names = {(c.job_id, c.idx): [c.uploaded_file] if c.uploaded_file else [] for c in chunks}
+        searched = {upload_display_name(c.display_name): (c.job_id, c.idx) for c in chunks
+                    if c.upload_state == "uploading"}
+        again = False
+        if searched:
+            try:
+                for remote_file in provider.list_files():
+                    key = searched.get(remote_file.display_name)
+                    if key is not None and remote_file.name not in names[key]:
+                        names[key].append(remote_file.name)
+            except Exception as error:
+                log.warning("listing files to find the request files of %d finished chunk(s) failed (%s); "
+                            "retrying later", len(searched), error)
+                again = True
+                for key in searched.values():
+                    del names[key]
+        outcome: dict[tuple[str, int], str] = {}
+        for (job_id, idx), file_names in names.items():
+            state: str | None = "deleted"
+            for name in file_names:
+                try:
+                    if provider.delete_file(name):
+                        log.info("job %s: deleted %s, the requests of chunk %d", job_id, name, idx,
+                                 extra={"job": job_id, "chunk": idx, "file": name})
+                except Exception as error:
+                    if is_retryable(error):
+                        log.warning("job %s: deleting %s failed (%s); retrying later", job_id, name, error)
+                        state, again = None, True
+                        break
+                    log.error("job %s: the service refused to delete %s (%s); it stays until it expires",
+                              job_id, name, error, extra={"job": job_id, "chunk": idx, "file": name})
+                    state = "kept"
+            if state is not None:
+                outcome[(job_id, idx)] = state
+        return outcome, again
+
+    def _collect_upload_cleanup(self) -> None:
+        future, self.upload_cleanup = self.upload_cleanup, None
+        try:
+            outcome, again = future.result()
+        except Exception:
+            log.exception("deleting request files failed; retrying later")
+            outcome, again = {}, True
+        self.journal.set_upload_states(outcome)
+        self._upload_cleanup_due = time.monotonic() + self.settings.poll_max_interval if again else 0.0
 
     # -- monitoring ---------------------------------------------------------------------------
 
@@ -1987,6 +2157,21 @@ def _manifest_error(error: ManifestError) -> dict:
     details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
                "column": error.column, "reason": error.message}
     return {name: value for name, value in details.items() if value is not None}
+
+
+def _upload_intent(chunk: Chunk) -> dict:
+    """The ``upload_state`` a create intent commits: for a file chunk, an upload may now be made."""
+    return {"upload_state": "uploading"} if chunk.mode == "file" else {}
+
+
+def _reusable(copies: list[RemoteFile], recorded: str | None, size: int) -> RemoteFile | None:
+    """The copy of a chunk's requests file to create a batch from: the recorded one if it is among
+    ``copies``, else the newest; only a complete one (active, of the chunk's size)."""
+    usable = [f for f in copies if f.usable and f.size_bytes in (None, size)]
+    for copy in usable:
+        if copy.name == recorded:
+            return copy
+    return max(usable, key=lambda f: (f.create_time.timestamp() if f.create_time else 0.0, f.name), default=None)
 
 
 def _creation_order(remote: RemoteJob) -> tuple[float, str]:

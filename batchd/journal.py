@@ -52,6 +52,17 @@ outcome was ever unknown is kept in ``watched_names`` for as long as a remote jo
 live, whatever its chunk and job became: a create that shows up in the list late is a stray,
 recorded in ``remote_jobs`` (a ``duplicate``) before it is cancelled.
 
+A file chunk's requests go to the Files API first; ``upload_state`` follows that file::
+
+    (none) → uploading → uploaded → deleted    (or kept: deletion is off, or the service refused it)
+
+``uploading`` is committed with the create intent, before any upload: copies under the chunk's
+upload display name (see ``batchd.daemon.upload_display_name``) may exist that nobody knows the
+name of (a crash before the answer was recorded, or a retried transfer). ``uploaded``: ``uploaded_file``,
+recorded before ``batches.create``, is the only copy. A create made again reuses that file while the
+service still has it. Once the chunk is ``fetched`` (or ``skipped``) its file is due for deletion;
+an ``uploading`` chunk's copies are first looked up by display name.
+
 A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
 rejected.
 
@@ -116,7 +127,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     remote_name   TEXT,
     remote_state  TEXT,
     stats         TEXT,                -- JSON batchStats, for progress
-    uploaded_file TEXT,
+    uploaded_file TEXT,                -- the requests file on the Files API ("files/…"), recorded before create
+    upload_state  TEXT,                -- uploading | uploaded | deleted | kept (see above)
     intent_at     REAL,                -- when the create intent was committed
     cancel_sent   INTEGER NOT NULL DEFAULT 0,
     error         TEXT,                -- JSON: why the chunk has no results (refused, vanished)
@@ -177,10 +189,12 @@ _ADDED_JOB_COLUMNS = {
     "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
     "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
 }
-#: Columns added to ``remote_jobs`` after its first release.
+#: The same for ``chunks`` and ``remote_jobs``.
 _ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
 #: Columns added to ``chunks`` after its first release.
-_ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0", "upload_state": "TEXT"}
+#: ``upload_state`` values of a file the service may still hold.
+UPLOAD_HELD_STATES = ("uploading", "uploaded")
 
 def _dumps(value: Any) -> str:
     """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
@@ -237,6 +251,7 @@ class Chunk:
     cancel_sent: bool
     error: dict | None
     resubmits: int = 0
+    upload_state: str | None = None
 
 
 def journal_path(state_dir: Path) -> Path:
@@ -304,6 +319,9 @@ class Journal:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         # After the columns: an older journal gets admitted_at above first.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
+        # Finished chunks pile up; the few whose request file is still to be deleted are looked up often.
+        self._db.execute("CREATE INDEX IF NOT EXISTS chunks_holding_uploads ON chunks(state)"
+                         " WHERE upload_state IN ('uploading', 'uploaded')")
         # The stray cancels still to retry are looked up while the table holds every remote job ever made.
         self._db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
 
@@ -441,6 +459,21 @@ class Journal:
             (*states, *job_states),
         )
         return [_chunk(row) for row in rows]
+
+    def uploads_to_delete(self) -> list[Chunk]:
+        """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
+        rows = self._db.execute(
+            "SELECT * FROM chunks WHERE upload_state IN ('uploading', 'uploaded') AND state IN ('fetched', 'skipped')"
+            " ORDER BY job_id, idx")
+        return [_chunk(row) for row in rows]
+
+    def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
+        """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
+        if not states:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE chunks SET upload_state = ? WHERE job_id = ? AND idx = ?",
+                           [(state, job_id, idx) for (job_id, idx), state in states.items()])
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
         for name in ("stats", "error"):

@@ -88,6 +88,14 @@ def remote_job_recorded(ws: Workspace) -> bool:
         journal.close()
 
 
+def request_files(ws: Workspace) -> list[str]:
+    """The uploaded (request) files the embedded emulator holds, read through the SDK after the daemon stopped."""
+    with EmulatorServer(ws.state / "emulator") as emulator:
+        client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
+        return [f.display_name for f in client.files.list(config={"page_size": 100})
+                if f.source == types.FileSource.UPLOADED]
+
+
 def assert_one_live_job_per_chunk(ws: Workspace) -> None:
     jobs = remote_jobs(ws)
     live = Counter(job.display_name for job in jobs if job.state != types.JobState.JOB_STATE_CANCELLED)
@@ -227,8 +235,8 @@ def test_cancel_a_running_job(workspace: Workspace):
     assert all(job.state == types.JobState.JOB_STATE_CANCELLED for job in remote_jobs(workspace))
 
 
-@pytest.mark.parametrize("mode", ["inline", "file"])
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point, mode", [(point, mode) for point in CRASH_POINTS for mode in ("inline", "file")
+                                         if (point, mode) != ("after-upload", "inline")])  # inline uploads nothing
 def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: str, mode: str):
     # Two requests a chunk: every job has several remote jobs, so every crash point meets a job
     # with chunks in different states.
@@ -249,6 +257,7 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
     assert delivered["sentiment"]["counts"]["total"] == 3
     assert not list(workspace.inbox.iterdir())
     assert_one_live_job_per_chunk(workspace)
+    assert request_files(workspace) == [], "a request file was left on the Files API"
 
 
 @pytest.mark.parametrize("faults, mode, state", [

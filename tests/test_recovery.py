@@ -55,9 +55,10 @@ def recover_once(settings, emulator: Emulator) -> None:
     daemon = Daemon(settings)
     daemon.start()
     try:
-        for submission in list(daemon.submissions.values()):
-            submission.future.result(timeout=60)
-        daemon._collect_submissions()
+        while daemon.submissions:  # a file chunk's upload, then its create
+            for submission in list(daemon.submissions.values()):
+                submission.future.result(timeout=60)
+            daemon._collect_submissions()
         daemon.recover()  # a second pass within the same process changes nothing either
         assert not daemon.submissions, "a second recovery pass sent a create"
     finally:
@@ -69,7 +70,8 @@ def test_recovery_run_twice_is_idempotent(workspace: Workspace, emulator: Emulat
                                                     point: str):
     """I6: recovering after a crash at ``point`` twice leaves the journal, the files and the service
     as recovering once did, and the second recovery creates nothing."""
-    workspace.configure(provider="gemini", chunk_max_requests=2, submit_grace_seconds=0)
+    # Chunks of two requests go as files, single ones inline: both kinds meet every crash point.
+    workspace.configure(provider="gemini", chunk_max_requests=2, inline_max_requests=1, submit_grace_seconds=0)
     workspace.drop("translate.toml", TRANSLATE)
     workspace.drop("sentiment.toml", SENTIMENT)
     service = {"GEMINI_API_KEY": emulator.api_key, "GOOGLE_GEMINI_BASE_URL": emulator.base_url}
@@ -98,7 +100,7 @@ def test_sigterm_at_each_crash_point_exits_0_and_a_restart_creates_nothing_extra
                                                                                  point: str):
     """K16: a stop request at any of the crash points ends the process cleanly (exit 0); the restart
     delivers everything with exactly one remote job per chunk: no cancelled duplicate, no re-create."""
-    workspace.configure(chunk_max_requests=2)
+    workspace.configure(chunk_max_requests=2, inline_max_requests=1)  # files and inline chunks
     dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE)),
                Dropped.of(workspace.drop("sentiment.toml", SENTIMENT))]
 

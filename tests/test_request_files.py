@@ -1,0 +1,272 @@
+"""The life cycle of the requests files batchd uploads to the Files API for file chunks.
+
+Each is recorded in the journal (``chunks.uploaded_file``) before ``batches.create``, reused when a
+chunk is created again, and deleted once the chunk's batch has ended and its results are fetched.
+Everything goes through the real google-genai SDK to an emulator on 127.0.0.1: the daemon as a real
+process where crashes are the subject, in-process where one branch of the re-create is set up exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from google.genai import types
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon, upload_display_name
+from batchd.journal import journal_path
+from batchd.provider import Provider, RequestEncoder
+from batchd.testing import Emulator, Workspace
+from test_daemon import SENTIMENT, TRANSLATE
+
+#: Every chunk is uploaded as a file; two requests a chunk, so translate has two and sentiment two.
+FILE_CHUNKS = {"provider": "gemini", "inline_max_requests": 0, "chunk_max_requests": 2}
+MODEL = "gemini-2.5-flash"
+
+
+def stats(emulator: Emulator) -> dict:
+    with urllib.request.urlopen(f"{emulator.base_url}/_emulator/stats") as answer:
+        return json.load(answer)
+
+
+def request_files(emulator: Emulator) -> dict[str, str]:
+    """The uploaded files the service holds, name → display name (results files are GENERATED)."""
+    return {f.name: f.display_name for f in emulator.client().files.list(config={"page_size": 100})
+            if f.source == types.FileSource.UPLOADED}
+
+
+def chunk_rows(ws: Workspace) -> list[dict]:
+    db = sqlite3.connect(f"file:{journal_path(ws.state)}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM chunks ORDER BY job_id, idx")]
+    finally:
+        db.close()
+
+
+def drop_jobs(ws: Workspace) -> None:
+    ws.drop("translate.toml", TRANSLATE)
+    ws.drop("sentiment.toml", SENTIMENT)
+
+
+def assert_delivered_once_and_tidy(ws: Workspace, emulator: Emulator) -> None:
+    """Both jobs delivered, succeeded; one upload and one create per chunk; no request file left."""
+    delivered = ws.delivered()
+    assert set(delivered) == {"translate", "sentiment"}, delivered
+    assert all(summary["state"] == "succeeded" for summary in delivered.values()), delivered
+    chunks = chunk_rows(ws)
+    assert len(chunks) == 4 and all(c["mode"] == "file" for c in chunks)
+    counts = stats(emulator)
+    for chunk in chunks:
+        assert counts["createsByDisplayName"].get(chunk["display_name"]) == 1, counts
+        assert counts["uploadsByDisplayName"].get(upload_display_name(chunk["display_name"])) == 1, counts
+        assert chunk["uploaded_file"] and chunk["upload_state"] == "deleted", chunk
+    assert request_files(emulator) == {}
+
+
+def test_a_file_job_leaves_no_request_file_on_the_service(workspace: Workspace, emulator: Emulator, daemon):
+    workspace.configure(**FILE_CHUNKS)
+    drop_jobs(workspace)
+
+    run = daemon.run_once(emulator=emulator)
+
+    assert run.returncode == 0, run.stderr
+    assert_delivered_once_and_tidy(workspace, emulator)
+    # The recorded names are the files the creates used (and the only uploads there were).
+    assert stats(emulator)["routes"]["upload-start"] == 4
+    assert "deleted files/" in run.stderr
+
+
+def test_with_delete_request_files_off_they_are_left_to_expire(workspace: Workspace, emulator: Emulator, daemon):
+    workspace.configure(**FILE_CHUNKS, delete_request_files=False)
+    drop_jobs(workspace)
+
+    run = daemon.run_once(emulator=emulator)
+
+    assert run.returncode == 0, run.stderr
+    chunks = chunk_rows(workspace)
+    assert {c["upload_state"] for c in chunks} == {"kept"}
+    assert set(request_files(emulator)) == {c["uploaded_file"] for c in chunks}
+    assert "file-delete" not in stats(emulator)["routes"]
+
+
+@pytest.mark.parametrize("point", ["after-upload", "after-create"])
+def test_killed_around_a_create_the_restart_uploads_nothing_again_and_leaves_nothing(
+        workspace: Workspace, emulator: Emulator, daemon, point: str):
+    """after-upload: the file is on the service, its name not recorded: the restart finds it by its
+    display name and creates the batch from it. after-create: the name is recorded and the batch
+    exists: reconcile adopts it. Either way: one upload, one create, one delivery, nothing left."""
+    workspace.configure(**FILE_CHUNKS)
+    drop_jobs(workspace)
+    env = daemon._emulator_env(emulator)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point, **env)
+    assert crashed.wait(120) == -signal.SIGKILL, crashed.output()[-3000:]
+    if point == "after-upload":
+        orphans = [c for c in chunk_rows(workspace) if c["upload_state"] == "uploading" and not c["uploaded_file"]]
+        assert orphans, "the killed upload's chunk records no file"
+        assert upload_display_name(orphans[0]["display_name"]) in request_files(emulator).values()
+
+    run = daemon.run_once(emulator=emulator)
+
+    assert run.returncode == 0, run.stderr
+    assert_delivered_once_and_tidy(workspace, emulator)
+
+
+def test_a_create_sent_again_reuses_the_recorded_upload(workspace: Workspace, tmp_path: Path, daemon):
+    """The first create fails with a 503 (nothing created, but batchd cannot know): after the grace
+    period the chunk is created again, from the file it recorded (files.get says it is still there)."""
+    with Emulator(tmp_path / "service", faults=["503*1@create"]) as emulator:
+        workspace.configure(**{**FILE_CHUNKS, "chunk_max_requests": 4})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        run = daemon.run_once(emulator=emulator)
+
+        assert run.returncode == 0, run.stderr
+        counts = stats(emulator)
+        [chunk] = chunk_rows(workspace)
+        assert counts["routes"]["create"] == 2, "the refused create, and the one made again"
+        assert counts["uploadsByDisplayName"] == {upload_display_name(chunk["display_name"]): 1}
+        assert counts["routes"]["file-get"] >= 1
+        assert workspace.delivered()["translate"]["state"] == "succeeded"
+        assert request_files(emulator) == {}
+
+
+def test_a_failing_delete_is_retried_and_never_fails_the_job(workspace: Workspace, tmp_path: Path, daemon):
+    """Two 500s: the SDK's read retries carry the delete through. The job is delivered either way."""
+    with Emulator(tmp_path / "service", faults=["500*2@file-delete"]) as emulator:
+        workspace.configure(**{**FILE_CHUNKS, "chunk_max_requests": 4})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        run = daemon.run_once(emulator=emulator)
+
+        assert run.returncode == 0, run.stderr
+        assert workspace.delivered()["translate"]["state"] == "succeeded"
+        assert stats(emulator)["routes"]["file-delete"] == 3
+        assert request_files(emulator) == {}
+        assert [c["upload_state"] for c in chunk_rows(workspace)] == ["deleted"]
+
+
+def test_a_delete_that_keeps_failing_is_left_for_a_later_round(workspace: Workspace, tmp_path: Path, daemon):
+    """Every retry of the first round fails: the job is still delivered; the next start deletes the file."""
+    with Emulator(tmp_path / "service", faults=["500*5@file-delete"]) as emulator:
+        workspace.configure(**{**FILE_CHUNKS, "chunk_max_requests": 4})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        first = daemon.run_once(emulator=emulator)
+
+        assert first.returncode == 0, first.stderr
+        assert workspace.delivered()["translate"]["state"] == "succeeded"
+        [chunk] = chunk_rows(workspace)
+        assert chunk["upload_state"] == "uploaded"
+        assert set(request_files(emulator)) == {chunk["uploaded_file"]}
+
+        second = daemon.run_once(emulator=emulator)
+
+        assert second.returncode == 0, second.stderr
+        assert request_files(emulator) == {}
+        assert [c["upload_state"] for c in chunk_rows(workspace)] == ["deleted"]
+
+
+# -- the re-create's upload stage, set up exactly (in-process, on the embedded emulator) -------------
+
+
+@pytest.fixture
+def inproc(workspace: Workspace):
+    """A started daemon whose journal holds one file chunk with its create intent committed long ago."""
+    workspace.configure(provider="emulator", inline_max_requests=0, submit_grace_seconds=0)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    journal = daemon.journal
+    journal.add_job("j1", name="again", source="again.toml", state="received")
+    spool = daemon._spool("j1")
+    spool.root.mkdir(parents=True)
+    line = RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n"
+    spool.requests_path(0).write_text(line)
+    journal.add_chunk("j1", {"idx": 0, "display_name": "batchd-again-j1-c0", "mode": "file",
+                             "request_count": 1, "byte_size": len(line)})
+    journal.update_job("j1", state="built", task="translate", model=MODEL)
+    journal.update_chunk("j1", 0, state="submitting", intent_at=time.time() - 60)
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def created_again(daemon: Daemon):
+    """Reconcile (no remote job: the chunk is created again) and run the submission to its end."""
+    daemon.reconcile()
+    assert daemon.submissions
+    while daemon.submissions:
+        for submission in list(daemon.submissions.values()):
+            submission.future.result(timeout=30)
+        daemon._collect_submissions()
+    chunk = daemon.journal.chunks("j1")[0]
+    assert chunk.state == "running"
+    return chunk
+
+
+def upload_copy(daemon: Daemon) -> str:
+    provider: Provider = daemon.provider
+    return provider.upload_jsonl(daemon._spool("j1").requests_path(0), "batchd-again-j1-c0-requests").name
+
+
+def files_named(daemon: Daemon, display_name: str) -> list[str]:
+    return sorted(f.name for f in daemon.provider.list_files() if f.display_name == display_name)
+
+
+def test_a_recorded_upload_the_service_no_longer_has_is_uploaded_again(inproc: Daemon):
+    inproc.journal.update_chunk("j1", 0, uploaded_file="files/expired0000", upload_state="uploaded")
+
+    chunk = created_again(inproc)
+
+    assert chunk.uploaded_file != "files/expired0000" and chunk.upload_state == "uploaded"
+    assert files_named(inproc, "batchd-again-j1-c0-requests") == [chunk.uploaded_file]
+
+
+def test_copies_nobody_recorded_are_found_by_display_name_one_reused_the_rest_deleted(inproc: Daemon):
+    """Killed between upload and record, twice: two copies under the chunk's upload display name."""
+    older, newer = upload_copy(inproc), upload_copy(inproc)
+    inproc.journal.update_chunk("j1", 0, upload_state="uploading")
+
+    chunk = created_again(inproc)
+
+    assert (chunk.uploaded_file, chunk.upload_state) == (newer, "uploaded")
+    assert files_named(inproc, "batchd-again-j1-c0-requests") == [newer]
+    assert inproc.provider.get_file(older) is None
+
+
+def test_finished_chunks_copies_are_all_deleted_by_display_name(inproc: Daemon):
+    """A finished chunk whose transfer was retried: the recorded file and the unrecorded copy both go."""
+    recorded, stray = upload_copy(inproc), upload_copy(inproc)
+    inproc.journal.update_chunk("j1", 0, state="fetched", remote_state="succeeded", uploaded_file=recorded,
+                                upload_state="uploading")
+
+    inproc.tidy_uploads()
+    inproc.upload_cleanup.result(timeout=30)
+    inproc.tidy_uploads()  # collects the round
+
+    assert inproc.journal.chunks("j1")[0].upload_state == "deleted"
+    assert files_named(inproc, "batchd-again-j1-c0-requests") == []
+    assert inproc.journal.uploads_to_delete() == []
+
+
+def test_provider_files_calls_through_the_sdk(emulator: Emulator, tmp_path: Path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
+    with Provider(api_key=emulator.api_key, base_url=emulator.base_url) as provider:
+        uploaded = provider.upload_jsonl(path, "provider-files")
+        assert uploaded.attempts == 1
+        found = provider.get_file(uploaded.name)
+        assert (found.display_name, found.size_bytes, found.usable) == ("provider-files", path.stat().st_size, True)
+        assert [f.name for f in provider.list_files(page_size=1) if f.display_name == "provider-files"] == [uploaded.name]
+        assert provider.delete_file(uploaded.name) is True
+        assert provider.delete_file(uploaded.name) is False, "already gone counts as done"
+        assert provider.get_file(uploaded.name) is None
+
