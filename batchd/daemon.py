@@ -1503,7 +1503,11 @@ class Daemon:
                     del names[key]
         outcome: dict[tuple[str, int], str] = {}
         for (job_id, idx), file_names in names.items():
-            state: str | None = "deleted"
+            if again or self.stopping.is_set():
+                # The service is failing (each delete already had the read retries), or the daemon is
+                # stopping: the rest waits for the next round, so a round stays short.
+                break
+            state = "deleted"
             for name in file_names:
                 try:
                     if provider.delete_file(name):
@@ -1512,12 +1516,12 @@ class Daemon:
                 except Exception as error:
                     if is_retryable(error):
                         log.warning("job %s: deleting %s failed (%s); retrying later", job_id, name, error)
-                        state, again = None, True
+                        again = True
                         break
                     log.error("job %s: the service refused to delete %s (%s); it stays until it expires",
                               job_id, name, error, extra={"job": job_id, "chunk": idx, "file": name})
                     state = "kept"
-            if state is not None:
+            else:
                 outcome[(job_id, idx)] = state
         return outcome, again
 

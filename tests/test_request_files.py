@@ -270,3 +270,28 @@ def test_provider_files_calls_through_the_sdk(emulator: Emulator, tmp_path: Path
         assert provider.delete_file(uploaded.name) is False, "already gone counts as done"
         assert provider.get_file(uploaded.name) is None
 
+
+
+def test_a_journal_from_before_upload_states_gains_the_column(tmp_path: Path):
+    from batchd.journal import SCHEMA, Journal
+
+    path = tmp_path / "journal.db"
+    old_schema = "\n".join(line for line in SCHEMA.splitlines() if not line.split()[:1] == ["upload_state"])
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO jobs (id, name, source, state, created_at, updated_at)"
+                   " VALUES ('old', 'old', 'old.toml', 'done', 1, 1)")
+        db.execute("INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
+                   " VALUES ('old', 0, 'batchd-old-c0', 'file', 1, 10, 'fetched')")
+        assert "upload_state" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+
+    journal = Journal(path)
+    try:
+        assert journal.chunks("old")[0].upload_state is None
+        assert journal.uploads_to_delete() == [], "a file recorded by no one is not looked for"
+        journal.update_chunk("old", 0, uploaded_file="files/abc", upload_state="uploaded")
+        assert [c.uploaded_file for c in journal.uploads_to_delete()] == ["files/abc"]
+        journal.set_upload_states({("old", 0): "deleted"})
+        assert journal.uploads_to_delete() == []
+    finally:
+        journal.close()
