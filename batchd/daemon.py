@@ -1335,7 +1335,10 @@ class Daemon:
                 return RequestFile(kept.name, reused=True, sole_copy=True)
         uploaded = provider.upload_jsonl(self._spool(chunk.job_id).requests_path(chunk.idx), display_name)
         crashpoint("after-upload")
-        return RequestFile(uploaded.name, reused=False, sole_copy=uploaded.attempts == 1)
+        # A copy an earlier, interrupted upload made may show up in the list only later: a chunk that
+        # was 'uploading' before is looked up by display name again once it is done.
+        sole_copy = uploaded.attempts == 1 and chunk.upload_state != "uploading"
+        return RequestFile(uploaded.name, reused=False, sole_copy=sole_copy)
 
     def _delete_quietly(self, chunk: Chunk, name: str) -> bool:
         """Delete a spare copy of a chunk's requests file; False (and a warning) when that failed."""

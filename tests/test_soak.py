@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from google.genai import types
 
 from batchd.testing import Daemon, Emulator, Workspace, write_manifest
 from invariants import Dropped, assert_invariants, assert_nothing_lost
@@ -95,6 +96,10 @@ class Producer:
                 self.drop_one()
 
 
+def request_files(client) -> list[str]:
+    return [f.name for f in client.files.list(config={"page_size": 100}) if f.source == types.FileSource.UPLOADED]
+
+
 def all_delivered(ws: Workspace, count: int) -> bool:
     return len(ws.outbox_folders()) >= count and not any(p.suffix == ".toml" for p in ws.inbox.iterdir())
 
@@ -134,6 +139,10 @@ def test_soak_random_kills_under_faults_lose_nothing_and_bill_nothing_twice(tmp_
             process = runner.start(emulator=google)
             ws.wait_for(lambda: "batchd ready" in process.output(), what="the last daemon up")
             ws.wait_for(lambda: all_delivered(ws, MANIFESTS), timeout=300, what=f"all {MANIFESTS} delivered")
+            # Every request file uploaded for a file chunk is deleted once its chunk is done, whatever
+            # the kills interrupted (uploads, records, creates, deletes); results files stay.
+            service = google.client(retries=8)
+            ws.wait_for(lambda: not request_files(service), timeout=120, what="every request file deleted")
             assert process.stop(timeout=60) == 0, process.output()[-3000:]
         finally:
             runner.stop_all()
