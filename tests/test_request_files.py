@@ -119,6 +119,40 @@ def test_killed_around_a_create_the_restart_uploads_nothing_again_and_leaves_not
     assert_delivered_once_and_tidy(workspace, emulator)
 
 
+@pytest.mark.parametrize("fault, outcome", [
+    ("job-failed", "failed"),    # the batch ends FAILED, no results
+    ("job-expired", "failed"),   # EXPIRED, no results
+    ("http=400@create", "failed"),  # the create is refused: the upload is all there is
+])
+def test_a_batch_that_ends_without_results_has_its_request_file_deleted_too(
+        workspace: Workspace, tmp_path: Path, daemon, fault: str, outcome: str):
+    with Emulator(tmp_path / "service", faults=[fault]) as emulator:
+        workspace.configure(**{**FILE_CHUNKS, "chunk_max_requests": 4})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        run = daemon.run_once(emulator=emulator)
+
+        assert workspace.delivered()["translate"]["state"] == outcome, run.stderr
+        assert stats(emulator)["uploadsByDisplayName"], "the chunk went as a file"
+        assert request_files(emulator) == {}
+        assert [c["upload_state"] for c in chunk_rows(workspace)] == ["deleted"]
+
+
+def test_a_cancelled_job_has_its_request_files_deleted(workspace: Workspace, tmp_path: Path, daemon):
+    with Emulator(tmp_path / "service", faults=["stuck-pending"]) as emulator:
+        workspace.configure(**FILE_CHUNKS)
+        workspace.drop("translate.toml", TRANSLATE)
+        process = daemon.start(emulator=emulator)
+        workspace.wait_for(lambda: len(request_files(emulator)) == 2 and len(chunk_rows(workspace)) == 2
+                           and all(c["state"] == "running" for c in chunk_rows(workspace)),
+                           what="both chunks running")
+        assert workspace.batchd("cancel", "translate").returncode == 0
+        workspace.wait_for(lambda: "translate" in workspace.delivered(), what="cancelled job delivered")
+        workspace.wait_for(lambda: not request_files(emulator), what="request files deleted")
+        assert process.stop() == 0
+        assert workspace.delivered()["translate"]["state"] == "cancelled"
+
+
 def test_a_create_sent_again_reuses_the_recorded_upload(workspace: Workspace, tmp_path: Path, daemon):
     """The first create fails with a 503 (nothing created, but batchd cannot know): after the grace
     period the chunk is created again, from the file it recorded (files.get says it is still there)."""
@@ -255,6 +289,22 @@ def test_finished_chunks_copies_are_all_deleted_by_display_name(inproc: Daemon):
     assert inproc.journal.chunks("j1")[0].upload_state == "deleted"
     assert files_named(inproc, "batchd-again-j1-c0-requests") == []
     assert inproc.journal.uploads_to_delete() == []
+
+
+def test_a_transfer_retried_after_its_answer_was_lost_says_so(tmp_path: Path):
+    """The first upload is finalized but its answer comes too late for the client: the retry makes
+    a second copy, and the attempts tell the caller that a copy it has no name for may exist."""
+    from batchd.provider import RetryPolicy
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
+    with Emulator(tmp_path / "service", faults=["late=3*1@upload-chunk"]) as emulator, \
+            Provider(api_key=emulator.api_key, base_url=emulator.base_url, timeout_s=1,
+                     retry=RetryPolicy(attempts=3, initial_delay=0.01)) as provider:
+        uploaded = provider.upload_jsonl(path, "lost-answer")
+        assert uploaded.attempts == 2
+        copies = [f.name for f in provider.list_files() if f.display_name == "lost-answer"]
+        assert uploaded.name in copies and len(copies) == 2
 
 
 def test_provider_files_calls_through_the_sdk(emulator: Emulator, tmp_path: Path):

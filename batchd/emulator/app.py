@@ -164,7 +164,10 @@ class EmulatorApp:
             if decided.error is not None:
                 raise decided.error
             call = Call(request, version, match.groupdict(), name, decided.job_faults)
-            return await handler(self, call)
+            response = await handler(self, call)
+            if decided.late:
+                await asyncio.sleep(decided.late)  # done, but the answer may reach nobody
+            return response
         except ApiError as error:
             headers = {"X-Goog-Upload-Status": "final"} if name in ("upload-start", "upload-chunk") else None
             return json_response(error.envelope(), headers=headers, status=error.code)

@@ -7,6 +7,8 @@
                | JOBFAULT [ "@" GLOB ]                only jobs whose displayName matches GLOB
     FAULT     := [ "http=" ] STATUS [ TRIGGER ]        answer with this HTTP error (429, 500, 503, ...)
                | "slow=" SECONDS [ TRIGGER ]           delay the answer (to outlast a client timeout)
+               | "late=" SECONDS [ TRIGGER ]           handle the request, then delay its answer: the
+                                                      effect happens, a client that timed out never hears
                | "fail-requests=" FRACTION             that share of a batch's requests fail
                | "drop-metadata" [ "=" FRACTION ]      inline answers lose their metadata (default: all)
                | "shuffle"                            inline answers come back out of input order
@@ -22,8 +24,9 @@
                | batches | files | models | upload      (groups)
 
 Examples: ``503``, ``http=429:0.2``, ``503/3@get`` (every third get), ``500*1@create`` (the first
-create only), ``slow=3@download``, ``fail-requests=0.1``, ``shuffle,drop-metadata``,
-``job-expired@*-c0`` (jobs whose display name ends in ``-c0`` expire; others run normally).
+create only), ``slow=3@download``, ``late=3*1@upload-chunk`` (the first upload lands, its answer too
+late), ``fail-requests=0.1``, ``shuffle,drop-metadata``, ``job-expired@*-c0`` (jobs whose display name
+ends in ``-c0`` expire; others run normally).
 
 Request faults (``http``, ``slow``) are decided per request. Counters and random sources belong to
 the spec: each ``--fault`` has its own, and a header spec shares one with every request that
@@ -57,7 +60,7 @@ ROUTE_GROUPS = {
     "upload": frozenset({"upload-start", "upload-chunk"}),
     "models": frozenset({"count-tokens", "generate", "embed"}),
 }
-REQUEST_FAULTS = frozenset({"http", "slow"})
+REQUEST_FAULTS = frozenset({"http", "slow", "late"})
 JOB_FAULTS = frozenset({"fail-requests", "drop-metadata", "shuffle", "job-failed", "job-expired", "stuck-pending",
                         "list-lag"})
 
@@ -105,9 +108,9 @@ def parse_fault(text: str) -> Fault:
     if name in REQUEST_FAULTS:
         if not has_value:
             raise ValueError(f"fault {spec!r}: {name} needs a value, e.g. {name}=503" if name == "http"
-                             else f"fault {spec!r}: slow needs seconds, e.g. slow=3")
+                             else f"fault {spec!r}: {name} needs seconds, e.g. {name}=3")
         return _parse_request_fault(spec, name, value, routes)
-    raise ValueError(f"unknown fault {spec!r}; known: http=STATUS, slow=SECONDS, {', '.join(sorted(JOB_FAULTS))}")
+    raise ValueError(f"unknown fault {spec!r}; known: http=STATUS, slow=SECONDS, late=SECONDS, {', '.join(sorted(JOB_FAULTS))}")
 
 
 def _parse_job_fault(spec: str, name: str, has_value: str, value: str, display_name: str | None) -> Fault:
@@ -246,6 +249,7 @@ class RequestFaults:
     """What the faults decided for one request."""
 
     delay: float = 0.0
+    late: float = 0.0  # seconds between the handler's answer and sending it
     error: ApiError | None = None
     job_faults: tuple[str, ...] = ()  # specs to record with a job this request creates
 
@@ -279,6 +283,8 @@ class FaultInjector:
                     continue
                 if fault.kind == "slow":
                     decided.delay = max(decided.delay, fault.seconds)
+                elif fault.kind == "late":
+                    decided.late = max(decided.late, fault.seconds)
                 elif decided.error is None:
                     decided.error = injected(fault.status)
         return decided

@@ -119,6 +119,17 @@ def test_slow_answers_outlast_a_client_timeout(emulator: EmulatorServer):
     assert patient.batches.get(name=job.name).name == job.name
 
 
+def test_a_late_answer_comes_after_the_effect(emulator: EmulatorServer):
+    """``late``: the request is handled at once, only its answer waits: a create whose client timed
+    out made its job all the same (the ambiguous failure batchd reconciles by display name)."""
+    impatient = make_client(emulator.base_url, fault="late=2@create", timeout_ms=300)
+    with pytest.raises(Exception) as raised:
+        impatient.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": "late-create"})
+    assert "timeout" in type(raised.value).__name__.lower()
+    healthy = make_client(emulator.base_url)
+    assert [j.display_name for j in healthy.batches.list(config={"page_size": 100})].count("late-create") == 1
+
+
 @pytest.mark.parametrize("source", ["inline", "file"])
 def test_fail_requests(emulator: EmulatorServer, tmp_path: Path, source: str):
     client = make_client(emulator.base_url, fault="fail-requests=0.5")
