@@ -1317,22 +1317,28 @@ class Daemon:
         left, while the service still has it, else a new upload."""
         provider = self.provider
         display_name = upload_display_name(chunk.display_name)
-        if chunk.upload_state == "uploading":
-            # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
-            # delete the others (none of them was ever given to a create: names are recorded first).
-            copies = [f for f in provider.list_files() if f.display_name == display_name]
-            kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
-            sole_copy = True
-            for copy in copies:
-                if copy is not kept:
-                    sole_copy &= self._delete_quietly(chunk, copy.name)
-            if kept is not None:
-                return RequestFile(kept.name, reused=True, sole_copy=sole_copy)
-        elif chunk.upload_state == "uploaded" and chunk.uploaded_file:
-            kept = _reusable([f for f in [provider.get_file(chunk.uploaded_file)] if f], chunk.uploaded_file,
-                             chunk.byte_size)
-            if kept is not None:
-                return RequestFile(kept.name, reused=True, sole_copy=True)
+        try:
+            if chunk.upload_state == "uploading":
+                # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
+                # delete the others (none was ever given to a create: a name is recorded before its create).
+                copies = [f for f in provider.list_files() if f.display_name == display_name]
+                kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
+                spares = [copy for copy in copies if copy is not kept]
+                if self.settings.delete_request_files:
+                    spares = [copy for copy in spares if not self._delete_quietly(chunk, copy.name)]
+                if kept is not None:
+                    return RequestFile(kept.name, reused=True, sole_copy=not spares)
+            elif chunk.upload_state == "uploaded" and chunk.uploaded_file:
+                recorded = provider.get_file(chunk.uploaded_file)
+                kept = _reusable([recorded] if recorded else [], chunk.uploaded_file, chunk.byte_size)
+                if kept is not None:
+                    return RequestFile(kept.name, reused=True, sole_copy=True)
+        except Exception as error:
+            if is_retryable(error):
+                raise  # the chunk stays 'submitting': created again after the grace period
+            # Looking for the earlier upload is an optimisation; a service that refuses it gets a new one.
+            log.warning("job %s: looking for chunk %d's earlier upload failed (%s); uploading it again",
+                        chunk.job_id, chunk.idx, error)
         uploaded = provider.upload_jsonl(self._spool(chunk.job_id).requests_path(chunk.idx), display_name)
         crashpoint("after-upload")
         # A copy an earlier, interrupted upload made may show up in the list only later: a chunk that
@@ -1359,7 +1365,7 @@ class Daemon:
             try:
                 result = submission.future.result()
             except Exception as error:
-                self._create_failed(chunk, error)
+                self._create_failed(chunk, error, submission.stage)
                 continue
             if submission.stage == "upload":
                 self._create_from_file(chunk, result)
@@ -1400,12 +1406,13 @@ class Daemon:
                  extra={"job": chunk.job_id, "chunk": chunk.idx, "remote": remote.name})
         return adopted
 
-    def _create_failed(self, chunk: Chunk, error: Exception) -> None:
+    def _create_failed(self, chunk: Chunk, error: Exception, stage: str = "create") -> None:
         if is_retryable(error):
             # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
             # either finds it by display name or, after the grace period, creates it.
-            log.warning("job %s: create of chunk %d failed (%s); will reconcile", chunk.job_id, chunk.idx, error)
-            self._watch(chunk, chunk.intent_at or time.time())
+            log.warning("job %s: %s of chunk %d failed (%s); will reconcile", chunk.job_id, stage, chunk.idx, error)
+            if stage == "create":  # a failed upload sent no create: nothing under the name to watch for
+                self._watch(chunk, chunk.intent_at or time.time())
             return
         log.error("job %s: chunk %d was refused: %s", chunk.job_id, chunk.idx, error)
         self.journal.update_chunk(chunk.job_id, chunk.idx, state="fetched", remote_state="rejected",
