@@ -1378,12 +1378,20 @@ class Daemon:
     def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
         """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
         chunk is done), then send the create."""
-        self.journal.update_chunk(chunk.job_id, chunk.idx, uploaded_file=requests_file.name,
-                                  upload_state="uploaded" if requests_file.sole_copy else "uploading")
-        log.info("job %s: chunk %d's requests are %s%s", chunk.job_id, chunk.idx, requests_file.name,
-                 " (uploaded before)" if requests_file.reused else "",
-                 extra={"job": chunk.job_id, "chunk": chunk.idx, "file": requests_file.name})
         job = self.journal.job(chunk.job_id)
+        fields = {}
+        if job.cancel_requested:
+            # Cancelled while its requests were being uploaded: the create was never sent, so it never
+            # will be; the upload is deleted as the chunk's of any finished chunk.
+            fields["state"] = "skipped"
+        self.journal.update_chunk(chunk.job_id, chunk.idx, uploaded_file=requests_file.name,
+                                  upload_state="uploaded" if requests_file.sole_copy else "uploading", **fields)
+        log.info("job %s: chunk %d's requests are %s%s%s", chunk.job_id, chunk.idx, requests_file.name,
+                 " (uploaded before)" if requests_file.reused else "",
+                 "; the job is cancelled, so it is never created" if fields else "",
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "file": requests_file.name})
+        if fields:
+            return
         model, provider = job.model or self.settings.model, self.provider
         future = self._in_background(self.pool, provider.create_from_file, model, requests_file.name,
                                      chunk.display_name)

@@ -276,6 +276,25 @@ def test_copies_nobody_recorded_are_found_by_display_name_one_reused_the_rest_de
     assert inproc.provider.get_file(older) is None
 
 
+def test_a_job_cancelled_while_its_requests_upload_is_never_created_and_its_upload_goes(inproc: Daemon):
+    chunk = inproc.journal.chunks("j1")[0]
+    inproc._start_create(inproc.journal.job("j1"), chunk)
+    next(iter(inproc.submissions.values())).future.result(timeout=30)
+    inproc.journal.update_job("j1", cancel_requested=1)
+
+    inproc._collect_submissions()
+
+    chunk = inproc.journal.chunks("j1")[0]
+    assert not inproc.submissions, "no create was sent"
+    assert (chunk.state, chunk.upload_state) == ("skipped", "uploaded") and chunk.uploaded_file
+    assert not [j for j in inproc.provider.list_jobs() if j.display_name == "batchd-again-j1-c0"]
+    inproc.tidy_uploads()
+    inproc.upload_cleanup.result(timeout=30)
+    inproc.tidy_uploads()
+    assert inproc.journal.chunks("j1")[0].upload_state == "deleted"
+    assert inproc.provider.get_file(chunk.uploaded_file) is None
+
+
 def test_finished_chunks_copies_are_all_deleted_by_display_name(inproc: Daemon):
     """A finished chunk whose transfer was retried: the recorded file and the unrecorded copy both go."""
     recorded, stray = upload_copy(inproc), upload_copy(inproc)
