@@ -364,3 +364,39 @@ def test_a_journal_from_before_upload_states_gains_the_column(tmp_path: Path):
         assert journal.uploads_to_delete() == []
     finally:
         journal.close()
+
+
+def test_a_journal_from_before_upload_states_and_the_stray_watch_gains_both(tmp_path: Path):
+    from batchd.journal import SCHEMA, Journal
+
+    path = tmp_path / "journal.db"
+    old_schema = "\n".join(line for line in SCHEMA.splitlines()
+                           if line.split()[:1] not in (["upload_state"], ["outcome"])
+                           and not line.strip().startswith("-- accepted)"))
+    old_schema = old_schema.replace("role          TEXT NOT NULL,", "role          TEXT NOT NULL")
+    start = old_schema.index("CREATE TABLE IF NOT EXISTS watched_names")
+    old_schema = old_schema[:start] + old_schema[old_schema.index(");", start) + 2:]
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO jobs (id, name, source, state, created_at, updated_at)"
+                   " VALUES ('old', 'old', 'old.toml', 'done', 1, 1)")
+        db.execute("INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
+                   " VALUES ('old', 0, 'batchd-old-c0', 'file', 1, 10, 'fetched')")
+        db.execute("INSERT INTO remote_jobs VALUES ('batches/a', 'old', 0, 'batchd-old-c0', 'adopted')")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "watched_names" not in tables
+        assert "upload_state" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+        assert "outcome" not in {row[1] for row in db.execute("PRAGMA table_info(remote_jobs)")}
+
+    journal = Journal(path)
+    try:
+        assert journal.chunks("old")[0].upload_state is None
+        assert journal.remote_job("batches/a")["outcome"] is None
+        journal.update_chunk("old", 0, uploaded_file="files/abc", upload_state="uploaded")
+        assert [c.uploaded_file for c in journal.uploads_to_delete()] == ["files/abc"]
+        journal.watch_name("old", 0, "batchd-old-c0", 100.0)
+        assert list(journal.watched_names()) == ["batchd-old-c0"]
+        journal.set_remote_outcome("batches/a", "cancelled")
+        assert journal.remote_jobs_with_outcome("cancelled")[0]["remote_name"] == "batches/a"
+    finally:
+        journal.close()
