@@ -1321,7 +1321,11 @@ class Daemon:
             if chunk.upload_state == "uploading":
                 # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
                 # delete the others (none was ever given to a create: a name is recorded before its create).
-                copies = [f for f in provider.list_files() if f.display_name == display_name]
+                # A resubmitted chunk's earlier attempts uploaded the same bytes under their own names.
+                searched = _upload_display_names(chunk)
+                copies = [f for f in provider.list_files() if f.display_name in searched]
+                if chunk.uploaded_file and all(f.name != chunk.uploaded_file for f in copies):
+                    copies += [f for f in [provider.get_file(chunk.uploaded_file)] if f]
                 kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
                 spares = [copy for copy in copies if copy is not kept]
                 if self.settings.delete_request_files:
@@ -1504,8 +1508,8 @@ class Daemon:
         """
         provider = self.provider
         names = {(c.job_id, c.idx): [c.uploaded_file] if c.uploaded_file else [] for c in chunks}
-        searched = {upload_display_name(c.display_name): (c.job_id, c.idx) for c in chunks
-                    if c.upload_state == "uploading"}
+        searched = {name: (c.job_id, c.idx) for c in chunks if c.upload_state == "uploading"
+                    for name in _upload_display_names(c)}
         again = False
         if searched:
             try:
@@ -1517,7 +1521,7 @@ class Daemon:
                 log.warning("listing files to find the request files of %d finished chunk(s) failed (%s); "
                             "retrying later", len(searched), error)
                 again = True
-                for key in searched.values():
+                for key in set(searched.values()):
                     del names[key]
         outcome: dict[tuple[str, int], str] = {}
         for (job_id, idx), file_names in names.items():
@@ -2184,6 +2188,13 @@ def _manifest_error(error: ManifestError) -> dict:
 def _upload_intent(chunk: Chunk) -> dict:
     """The ``upload_state`` a create intent commits: for a file chunk, an upload may now be made."""
     return {"upload_state": "uploading"} if chunk.mode == "file" else {}
+
+
+def _upload_display_names(chunk: Chunk) -> set[str]:
+    """The upload display names of every attempt at a chunk: an expired chunk is submitted again under
+    its next display name (``-r<n>``), and each attempt may have uploaded its requests under its own."""
+    base = chunk.display_name.removesuffix(f"-r{chunk.resubmits}") if chunk.resubmits else chunk.display_name
+    return {upload_display_name(base + (f"-r{n}" if n else "")) for n in range(chunk.resubmits + 1)}
 
 
 def _reusable(copies: list[RemoteFile], recorded: str | None, size: int) -> RemoteFile | None:

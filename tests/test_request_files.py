@@ -138,6 +138,31 @@ def test_a_batch_that_ends_without_results_has_its_request_file_deleted_too(
         assert [c["upload_state"] for c in chunk_rows(workspace)] == ["deleted"]
 
 
+def test_an_expired_file_chunk_is_resubmitted_from_its_upload_and_leaves_no_request_file(
+        workspace: Workspace, tmp_path: Path, daemon):
+    """The first remote job expires (``job-expired@*-c0``); the chunk is created again as ``-c0-r1``
+    from the requests file its first attempt uploaded (the same bytes, still on the service), and
+    that one file is deleted once the chunk is done."""
+    with Emulator(tmp_path / "service", faults=["job-expired@*-c0"]) as emulator:
+        workspace.configure(**{**FILE_CHUNKS, "chunk_max_requests": 4})
+        workspace.drop("translate.toml", TRANSLATE)
+
+        run = daemon.run_once(emulator=emulator)
+
+        assert run.returncode == 0, run.stderr
+        summary = workspace.delivered()["translate"]
+        assert summary["state"] == "succeeded" and summary["counts"]["succeeded"] == 4, summary
+        [chunk] = chunk_rows(workspace)
+        assert chunk["display_name"].endswith("-c0-r1") and chunk["resubmits"] == 1, chunk
+        assert chunk["mode"] == "file" and chunk["upload_state"] == "deleted", chunk
+        first_attempt = chunk["display_name"].removesuffix("-r1")
+        counts = stats(emulator)
+        assert counts["createsByDisplayName"] == {first_attempt: 1, chunk["display_name"]: 1}, counts
+        assert counts["uploadsByDisplayName"] == {upload_display_name(first_attempt): 1}, counts
+        assert "(uploaded before)" in run.stderr
+        assert request_files(emulator) == {}
+
+
 def test_a_cancelled_job_has_its_request_files_deleted(workspace: Workspace, tmp_path: Path, daemon):
     with Emulator(tmp_path / "service", faults=["stuck-pending"]) as emulator:
         workspace.configure(**FILE_CHUNKS)
@@ -274,6 +299,21 @@ def test_copies_nobody_recorded_are_found_by_display_name_one_reused_the_rest_de
     assert (chunk.uploaded_file, chunk.upload_state) == (newer, "uploaded")
     assert files_named(inproc, "batchd-again-j1-c0-requests") == [newer]
     assert inproc.provider.get_file(older) is None
+
+
+def test_killed_after_a_resubmission_intent_the_earlier_attempts_upload_is_reused(inproc: Daemon):
+    """An expired chunk's resubmission intent was committed (``uploading``, next display name) and the
+    daemon was killed: its first attempt's file, under that attempt's upload display name, is reused
+    rather than left behind while a second copy is uploaded under the new name."""
+    first = upload_copy(inproc)
+    inproc.journal.update_chunk("j1", 0, display_name="batchd-again-j1-c0-r1", resubmits=1,
+                                uploaded_file=first, upload_state="uploading")
+
+    chunk = created_again(inproc)
+
+    assert (chunk.uploaded_file, chunk.upload_state) == (first, "uploaded")
+    assert files_named(inproc, "batchd-again-j1-c0-r1-requests") == []
+    assert files_named(inproc, "batchd-again-j1-c0-requests") == [first]
 
 
 def test_a_job_cancelled_while_its_requests_upload_is_never_created_and_its_upload_goes(inproc: Daemon):
