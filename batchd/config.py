@@ -225,7 +225,11 @@ class Settings(BaseSettings):
     # Polling and file watching
     poll_interval: float = Field(5.0, gt=0, description="First wait (s) between job status polls.")
     poll_max_interval: float = Field(60.0, gt=0, description="Polling backs off up to this many seconds.")
-    settle_seconds: float = Field(1.0, ge=0, description="A new file must stay unchanged this long.")
+    settle_seconds: float = Field(
+        1.0, ge=0, description="A file written in place must stay unchanged this long before it is read. One"
+                               " renamed into the inbox (as `batchd submit` does) is read at once where inotify"
+                               " reports the rename (Linux, watch_backend 'auto' or 'inotify'); with 'polling'"
+                               " or 'none' every file waits.")
     incomplete_grace_seconds: float = Field(
         30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long."
     )
@@ -243,7 +247,13 @@ class Settings(BaseSettings):
     )
 
     # Submission and sizing
-    max_concurrent_submissions: int = Field(4, ge=1, description="Uploads/creates in flight at once.")
+    max_concurrent_submissions: int = Field(
+        4, ge=1, description="Uploads/creates in flight at once; as many result downloads run beside them.")
+    max_concurrent_builds: int = Field(
+        4, ge=1, description="Jobs whose requests are built (or read for a cost estimate) at once; the others"
+                             " wait their turn in the journal, oldest first.")
+    max_concurrent_writes: int = Field(
+        8, ge=1, description="Jobs whose result files are written at once.")
     chunk_max_requests: int = Field(50_000, ge=1, description="Requests per remote batch job at most.")
     chunk_max_bytes: int = Field(
         200 * 1024 * 1024, ge=1, description="Size of one batch's JSONL input at most."

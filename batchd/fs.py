@@ -7,7 +7,7 @@ depends on its kind, never on the job (reliability.md B8, "Filesystem faults"):
 - **Disk full** (``ENOSPC``, ``EDQUOT``) while writing a claim, a job's spool (its requests, the
   results it fetched) or its outbox folder is not the job's fault: the step fails, its temp files are
   removed, the journal keeps the job in the state it had, and the daemon backs off and tries the
-  step again until there is room (:class:`batchd.daemon.DiskBackoff`). Nothing is fetched or created
+  step again until there is room (:class:`batchd.backoff.Backoff`, ``Context.disk``). Nothing is fetched or created
   again because of it: results already in the spool stay there.
 - **A failed fsync** (``EIO`` or any error other than disk full) is fatal: :class:`StorageFailure`.
   Linux may drop the dirty pages of a failed writeback and mark them clean, so a second fsync would

@@ -9,11 +9,17 @@ the rename, the ``batches.create`` or the publish, so that on restart the
 daemon can always tell whether the effect happened and finish it, never redo
 it blindly.
 
-Job states, in order::
+The states and every move between them are defined in :mod:`batchd.states`; the journal refuses any
+other (a test checks these diagrams against those tables). Job states, from left to right::
 
-    claiming → received → building → built → submitted → fetched → publishing → done
-                 ↓   ↑
-                 held
+    claiming   → received | done
+    received   → held | building | publishing
+    held       → received
+    building   → built | received | publishing
+    built      → submitted
+    submitted  → fetched
+    fetched    → publishing
+    publishing → done | fetched | received
 
 Before it is built, a ``received`` job gets a cost estimate (committed in ``cost``) and a budget
 decision: within budget, ``admitted_at`` is committed and it is built; over budget it goes to
@@ -29,12 +35,15 @@ holds the chunks recorded so far, and ``build_stopped`` says requests were left
 unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
 remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
-    built → submitting → running → fetched   (results downloaded, or the job ended without any)
-      │ ↑       │           ├────→ fetched   (remote_state "missing": the remote job disappeared)
-      │ │       │           ╰────→ built     (it expired and may be resubmitted: see below)
-      │ │       ├────────────────→ fetched   (remote_state "rejected": the create was refused)
-      │ │       ╰→ skipped                   (cancelled, the unconfirmed create never showed up)
-      ╰→ skipped                             (cancelled before it was ever sent)
+    built      → submitting | skipped
+    submitting → running | fetched | skipped
+    running    → fetched | built
+
+``built → skipped``: cancelled before it was ever sent. ``submitting → fetched``: the create was
+refused (``remote_state`` "rejected"); ``submitting → skipped``: cancelled, and the unconfirmed
+create never showed up. ``running → fetched``: results downloaded, or the remote job ended without
+any (``remote_state`` "missing" when it disappeared). ``running → built``: it expired and is
+submitted again (below).
 
 A remote job the service did not finish within 48 hours ends EXPIRED, without results. While
 ``resubmits`` is below the ``resubmit_expired`` setting, the chunk goes back to ``built`` under its
@@ -57,7 +66,7 @@ A file chunk's requests go to the Files API first; ``upload_state`` follows that
     (none) → uploading → uploaded → deleted    (or kept: deletion is off, or the service refused it)
 
 ``uploading`` is committed with the create intent, before any upload: copies under the chunk's
-upload display name (see ``batchd.daemon.upload_display_name``) may exist that nobody knows the
+upload display name (see ``batchd.daemon.naming.upload_display_name``) may exist that nobody knows the
 name of (a crash before the answer was recorded, or a retried transfer). ``uploaded``: ``uploaded_file``,
 recorded before ``batches.create``, is the only copy. A create made again reuses that file while the
 service still has it. Once the chunk is ``fetched`` (or ``skipped``) its file is due for deletion;
@@ -85,6 +94,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from batchd import fs
 from batchd.logs import redact, redact_data
+from batchd.states import ACTIVE_JOB_STATES, check_chunk_move, check_job_move
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -193,19 +203,12 @@ _ADDED_JOB_COLUMNS = {
 _ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
 #: Columns added to ``chunks`` after its first release.
 _ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0", "upload_state": "TEXT"}
-#: ``upload_state`` values of a file the service may still hold.
-UPLOAD_HELD_STATES = ("uploading", "uploaded")
 
 def _dumps(value: Any) -> str:
     """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
     journal is what ``batchd status``, the outbox and the notification plugins are made from."""
     return json.dumps(redact_data(value), ensure_ascii=False)
 
-
-#: Job states that still need work from the daemon.
-ACTIVE_STATES = ("claiming", "received", "building", "built", "submitted", "fetched", "publishing")
-#: Chunk states in which a remote job exists (or may exist) and is not yet known to be finished.
-REMOTE_LIVE_STATES = ("submitting", "running")
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,9 @@ class Journal:
         self.event_targets: Callable[[dict], Iterable[str]] = lambda event: ()
         #: Events committed by this process so far (lets the notifier skip queries when none are new).
         self.events_added = 0
+        #: Called with a job's id after every commit that changed the job or one of its chunks: the
+        #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
+        self.on_change: Callable[[str], None] = lambda job_id: None
 
     def _add_missing_columns(self) -> None:
         for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("chunks", _ADDED_CHUNK_COLUMNS),
@@ -385,9 +391,14 @@ class Journal:
         with self.transaction() as db:
             self._update_job(db, job_id, **fields)
             self._add_events(db, events)
+        self.on_change(job_id)
 
     @staticmethod
     def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        if "state" in fields:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                check_job_move(row[0], fields["state"])
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
                 fields[name] = _dumps(fields[name])
@@ -415,7 +426,24 @@ class Journal:
         return [_job(row) for row in self._db.execute(query + " ORDER BY created_at, id", args)]
 
     def active_jobs(self) -> list[Job]:
-        return self.jobs(states=ACTIVE_STATES)
+        return self.jobs(states=ACTIVE_JOB_STATES)
+
+    def jobs_by_id(self, job_ids: Iterable[str]) -> list[Job]:
+        """The active ones of these jobs, oldest first (the loop's turn order)."""
+        ids = list(job_ids)
+        found: list[Job] = []
+        for start in range(0, len(ids), 500):  # SQLite caps the number of parameters
+            part = ids[start:start + 500]
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})"
+                f" AND state IN ({', '.join('?' * len(ACTIVE_JOB_STATES))})", (*part, *ACTIVE_JOB_STATES))
+            found.extend(_job(row) for row in rows)
+        return sorted(found, key=lambda job: (job.created_at, job.id))
+
+    def count_jobs(self, states: Iterable[str]) -> int:
+        states = tuple(states)
+        return self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({', '.join('?' * len(states))})",
+                                states).fetchone()[0]
 
     def job_with_content(self, sha256: str) -> Job | None:
         """An earlier job with the same manifest and inputs (not a rejected one)."""
@@ -443,11 +471,33 @@ class Journal:
                 (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
                  chunk["byte_size"]),
             ).rowcount
+        self.on_change(job_id)
         return bool(inserted)
 
     def chunks(self, job_id: str) -> list[Chunk]:
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         return [_chunk(row) for row in rows]
+
+    def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
+        """The job's first ``limit`` chunks waiting to be submitted: a job of many chunks is not read
+        whole on every visit while only a few of them can go out."""
+        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND state = 'built' ORDER BY idx LIMIT ?",
+                                (job_id, limit))
+        return [_chunk(row) for row in rows]
+
+    def chunk(self, job_id: str, idx: int) -> Chunk | None:
+        row = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+        return _chunk(row) if row else None
+
+    def chunk_totals(self, job_id: str) -> dict[str, int]:
+        """How many chunks the job has, in each state (``chunks``: all, ``requests``: their requests)."""
+        totals = {"chunks": 0, "requests": 0}
+        for state, chunks, requests in self._db.execute(
+                "SELECT state, count(*), sum(request_count) FROM chunks WHERE job_id = ? GROUP BY state", (job_id,)):
+            totals[state] = chunks
+            totals["chunks"] += chunks
+            totals["requests"] += requests
+        return totals
 
     def chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...]) -> list[Chunk]:
         """The chunks in ``states`` of the jobs in ``job_states``, in job order: one query, however
@@ -481,9 +531,14 @@ class Journal:
                 fields[name] = _dumps(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
         with self.transaction() as db:
+            if "state" in fields:
+                row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+                if row is not None:
+                    check_chunk_move(row[0], fields["state"])
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
                        (*fields.values(), job_id, idx))
             self._add_events(db, events)
+        self.on_change(job_id)
 
     def resubmit_chunk(self, chunk: Chunk, display_name: str, *, events: Iterable[dict] = ()) -> None:
         """An expired chunk back to ``built`` under its next display name, to be submitted again.
@@ -500,6 +555,7 @@ class Journal:
                 (display_name, chunk.job_id, chunk.idx),
             )
             self._add_events(db, events)
+        self.on_change(chunk.job_id)
 
     def record_remote_job(self, remote_name: str, chunk: Chunk, role: str) -> None:
         with self.transaction() as db:

@@ -61,7 +61,7 @@ def watchdog_seconds(environ: os._Environ | dict | None = None, pid: int | None 
     return usec / 1_000_000
 
 
-class Notifier:
+class ServiceManager:
     """What the daemon tells its service manager; every method is cheap and safe to call often.
 
     ``watchdog()`` is called from the daemon's main loop (and from inside its long steps, which

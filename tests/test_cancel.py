@@ -49,11 +49,11 @@ def tick_until(daemon: Daemon, done, what: str, timeout: float = 60):
     """Run the daemon's loop in this process, one tick at a time, until ``done()`` is true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        daemon.tick()
+        daemon.loop.tick()
         value = done()
         if value:
             return value
-        daemon.inbox.wait(min(daemon._sleep_seconds(), 0.05))
+        daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
     raise AssertionError(f"timed out waiting for {what}")
 
 

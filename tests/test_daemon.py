@@ -13,7 +13,7 @@ import pytest
 from google import genai
 from google.genai import types
 
-from batchd.daemon import CRASH_POINTS
+from batchd.daemon.crashpoints import ON_EVERY_JOB as CRASH_POINTS
 from batchd.emulator.server import EmulatorServer
 from batchd.journal import Journal, journal_path
 from batchd.testing import Workspace

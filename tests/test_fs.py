@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from batchd import fs, outbox
-from batchd.daemon import DiskBackoff
+from batchd.backoff import Backoff
 from batchd.journal import Journal
 
 
@@ -77,7 +77,7 @@ def test_sqlite_full_and_ioerr_are_journal_storage_errors_others_are_not():
 
 
 def test_disk_backoff_doubles_up_to_its_maximum_and_resets_on_success():
-    backoff = DiskBackoff(initial=1.0, maximum=4.0)
+    backoff = Backoff(initial=1.0, maximum=4.0)
     assert not backoff.waiting()
     assert [backoff.failed() for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
     assert backoff.waiting()

@@ -59,7 +59,7 @@ def create_remote(daemon: Daemon):
 def test_duplicates_left_by_a_crash_keep_the_oldest_and_cancel_the_rest(daemon: Daemon):
     first, second = create_remote(daemon), create_remote(daemon)
 
-    daemon.reconcile()
+    daemon.steps.submit.reconcile()
 
     chunk = daemon.journal.chunks("j1")[0]
     assert (chunk.state, chunk.remote_name) == ("running", first.name)
@@ -70,24 +70,24 @@ def test_duplicates_left_by_a_crash_keep_the_oldest_and_cancel_the_rest(daemon: 
 
 
 def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_once(daemon: Daemon):
-    daemon.reconcile()
-    assert not daemon.submissions, "inside the grace period nothing is created"
+    daemon.steps.submit.reconcile()
+    assert not daemon.steps.submit.submissions.running, "inside the grace period nothing is created"
     assert daemon.journal.chunks("j1")[0].state == "submitting"
 
     daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
     # The spool's request file is what a create sends; this job was never built on disk.
-    spool = daemon._spool("j1")
+    spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True)
     spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
-    daemon.reconcile()
-    assert len(daemon.submissions) == 1
-    next(iter(daemon.submissions.values())).future.result(timeout=30)
-    daemon._collect_submissions()
+    daemon.steps.submit.reconcile()
+    assert len(daemon.steps.submit.submissions.running) == 1
+    next(iter(daemon.steps.submit.submissions.running.values())).future.result(timeout=30)
+    daemon.steps.submit.collect()
 
     chunk = daemon.journal.chunks("j1")[0]
     assert chunk.state == "running"
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
-    daemon.reconcile()  # a second pass finds nothing left to do
+    daemon.steps.submit.reconcile()  # a second pass finds nothing left to do
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
 
 
@@ -95,12 +95,12 @@ def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_a
     """The list missed a create for longer than the grace period, so the chunk was created again; when the
     first one shows up at last, the next poll records it (its cost counts) and cancels it."""
     adopted = create_remote(daemon)
-    daemon.reconcile()
+    daemon.steps.submit.reconcile()
     assert daemon.journal.chunks("j1")[0].remote_name == adopted.name
     late = create_remote(daemon)  # the original create, visible only now
 
-    daemon.poll()
-    daemon.poll()  # a second look neither cancels again nor fails
+    daemon.steps.monitor.poll()
+    daemon.steps.monitor.poll()  # a second look neither cancels again nor fails
 
     roles = {r["remote_name"]: r["role"] for r in daemon.journal.remote_jobs("j1")}
     assert roles == {adopted.name: "adopted", late.name: "duplicate"}
@@ -117,13 +117,13 @@ def test_a_cancelled_job_waits_out_the_grace_period_for_an_unconfirmed_create_an
     may yet show up; after it the chunk ends never submitted. Nothing is created for it either way."""
     daemon.journal.update_job("j1", cancel_requested=1)
 
-    daemon.reconcile()
+    daemon.steps.submit.reconcile()
     assert daemon.journal.chunks("j1")[0].state == "submitting", "inside the grace period it may yet show up"
 
     daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
-    daemon.reconcile()
+    daemon.steps.submit.reconcile()
 
-    assert not daemon.submissions, "a create was sent for a cancelled job"
+    assert not daemon.steps.submit.submissions.running, "a create was sent for a cancelled job"
     chunk = daemon.journal.chunks("j1")[0]
     assert (chunk.state, chunk.remote_name) == ("skipped", None)
     assert remote_names(daemon) == []
@@ -135,13 +135,13 @@ def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_c
     and cancelled at once, and nothing else is created."""
     daemon.journal.update_job("j1", cancel_requested=1)
     if late:
-        daemon.reconcile()
+        daemon.steps.submit.reconcile()
         assert daemon.journal.chunks("j1")[0].state == "submitting"
     created = create_remote(daemon)
 
-    daemon.reconcile()
+    daemon.steps.submit.reconcile()
 
-    assert not daemon.submissions
+    assert not daemon.steps.submit.submissions.running
     chunk = daemon.journal.chunks("j1")[0]
     assert (chunk.state, chunk.remote_name, chunk.cancel_sent) == ("running", created.name, True)
     assert daemon.provider.get(created.name).state == "cancelled"
@@ -163,12 +163,12 @@ def lagging_create(daemon: Daemon, lists: int):
 def create_again(daemon: Daemon) -> None:
     """The grace period is over: reconcile creates the chunk again and records it."""
     daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
-    spool = daemon._spool("j1")
+    spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True, exist_ok=True)
     spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
-    daemon.reconcile()
-    next(iter(daemon.submissions.values())).future.result(timeout=30)
-    daemon._collect_submissions()
+    daemon.steps.submit.reconcile()
+    next(iter(daemon.steps.submit.submissions.running.values())).future.result(timeout=30)
+    daemon.steps.submit.collect()
 
 
 def test_a_late_stray_older_than_the_running_job_is_not_skipped_by_the_list_pass(daemon: Daemon):
@@ -181,7 +181,7 @@ def test_a_late_stray_older_than_the_running_job_is_not_skipped_by_the_list_pass
     assert adopted != late.name
     assert list(daemon.journal.watched_names()) == [DISPLAY_NAME]
 
-    daemon.poll()
+    daemon.steps.monitor.poll()
 
     roles = {r["remote_name"]: (r["role"], r["outcome"]) for r in daemon.journal.remote_jobs("j1")}
     assert roles == {adopted: ("adopted", None), late.name: ("duplicate", "cancelled")}
@@ -195,7 +195,7 @@ def test_a_stray_found_after_it_finished_is_recorded_and_not_cancelled(quick_dae
     create_again(daemon)
     wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), late.name)
 
-    daemon.poll()
+    daemon.steps.monitor.poll()
 
     row = next(r for r in daemon.journal.remote_jobs("j1") if r["remote_name"] == late.name)
     assert (row["role"], row["outcome"]) == ("duplicate", "finished")
@@ -204,11 +204,11 @@ def test_a_stray_found_after_it_finished_is_recorded_and_not_cancelled(quick_dae
 
 def test_names_are_watched_only_within_the_window_after_their_last_create(daemon: Daemon):
     create_again(daemon)
-    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    assert list(daemon.steps.monitor.watched_now()) == [DISPLAY_NAME]
     daemon.settings.stray_watch_seconds = 30  # the last create was just now: still watched
-    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    assert list(daemon.steps.monitor.watched_now()) == [DISPLAY_NAME]
     daemon.journal.watch_name("j1", 0, "batchd-old-j0-c0", time.time() - 60)
-    assert list(daemon._watched_now()) == [DISPLAY_NAME]
+    assert list(daemon.steps.monitor.watched_now()) == [DISPLAY_NAME]
     assert list(daemon.journal.watched_names()) == [DISPLAY_NAME], "a name past its window is forgotten"
 
 
@@ -225,17 +225,18 @@ def test_a_failed_cancel_is_retried_only_after_a_growing_backoff(workspace: Work
             with urllib.request.urlopen(stats) as answer:  # not the Gemini API
                 return json.load(answer)["routes"].get("cancel", 0)
 
-        assert not daemon._cancel(remote.name, "j1")
+        assert not daemon.steps.monitor.cancel(remote.name, "j1")
         sent = cancels()
         assert sent == 1
-        assert not daemon._cancel(remote.name, "j1"), "within the backoff"
+        assert not daemon.steps.monitor.cancel(remote.name, "j1"), "within the backoff"
         assert cancels() == sent, "no request within the backoff"
-        failures, retry_at = daemon.cancel_backoff[remote.name]
+        backoff = daemon.steps.monitor.cancel_backoff[remote.name]
+        failures, retry_at = backoff.failures, backoff.due_at
         assert failures == 1
-        daemon.cancel_backoff[remote.name] = (failures, 0.0)  # the backoff has run out
-        assert not daemon._cancel(remote.name, "j1")
+        backoff.now()  # the backoff has run out
+        assert not daemon.steps.monitor.cancel(remote.name, "j1")
         assert cancels() == 2
-        failures, second_retry_at = daemon.cancel_backoff[remote.name]
+        failures, second_retry_at = backoff.failures, backoff.due_at
         assert failures == 2 and second_retry_at - time.monotonic() > retry_at - time.monotonic()
     finally:
         daemon.close()

@@ -17,7 +17,9 @@ import pytest
 from google.genai import types
 
 from batchd.config import load_settings
-from batchd.daemon import CANCEL_CRASH_POINTS, CRASH_POINTS, Daemon
+from batchd.daemon import Daemon
+from batchd.daemon.crashpoints import ON_CANCEL as CANCEL_CRASH_POINTS
+from batchd.daemon.crashpoints import ON_EVERY_JOB as CRASH_POINTS
 from batchd.journal import journal_path
 from batchd.manifest import load_manifest
 from batchd.testing import Emulator, Workspace
@@ -55,12 +57,12 @@ def recover_once(settings, emulator: Emulator) -> None:
     daemon = Daemon(settings)
     daemon.start()
     try:
-        while daemon.submissions:  # a file chunk's upload, then its create
-            for submission in list(daemon.submissions.values()):
+        while daemon.steps.submit.submissions.running:  # a file chunk's upload, then its create
+            for submission in list(daemon.steps.submit.submissions.running.values()):
                 submission.future.result(timeout=60)
-            daemon._collect_submissions()
+            daemon.steps.submit.collect()
         daemon.recover()  # a second pass within the same process changes nothing either
-        assert not daemon.submissions, "a second recovery pass sent a create"
+        assert not daemon.steps.submit.submissions.running, "a second recovery pass sent a create"
     finally:
         daemon.close()
 

@@ -19,7 +19,8 @@ import pytest
 from google.genai import types
 
 from batchd.config import load_settings
-from batchd.daemon import Daemon, upload_display_name
+from batchd.daemon import Daemon
+from batchd.daemon.naming import upload_display_name
 from batchd.journal import journal_path
 from batchd.provider import Provider, RequestEncoder
 from batchd.testing import Emulator, Workspace
@@ -244,7 +245,7 @@ def inproc(workspace: Workspace):
     daemon.start()
     journal = daemon.journal
     journal.add_job("j1", name="again", source="again.toml", state="received")
-    spool = daemon._spool("j1")
+    spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True)
     line = RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n"
     spool.requests_path(0).write_text(line)
@@ -260,12 +261,12 @@ def inproc(workspace: Workspace):
 
 def created_again(daemon: Daemon):
     """Reconcile (no remote job: the chunk is created again) and run the submission to its end."""
-    daemon.reconcile()
-    assert daemon.submissions
-    while daemon.submissions:
-        for submission in list(daemon.submissions.values()):
+    daemon.steps.submit.reconcile()
+    assert daemon.steps.submit.submissions.running
+    while daemon.steps.submit.submissions.running:
+        for submission in list(daemon.steps.submit.submissions.running.values()):
             submission.future.result(timeout=30)
-        daemon._collect_submissions()
+        daemon.steps.submit.collect()
     chunk = daemon.journal.chunks("j1")[0]
     assert chunk.state == "running"
     return chunk
@@ -273,7 +274,7 @@ def created_again(daemon: Daemon):
 
 def upload_copy(daemon: Daemon) -> str:
     provider: Provider = daemon.provider
-    return provider.upload_jsonl(daemon._spool("j1").requests_path(0), "batchd-again-j1-c0-requests").name
+    return provider.upload_jsonl(daemon.ctx.spool("j1").requests_path(0), "batchd-again-j1-c0-requests").name
 
 
 def files_named(daemon: Daemon, display_name: str) -> list[str]:

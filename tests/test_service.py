@@ -117,7 +117,7 @@ def test_the_watchdog_is_only_ours_when_watchdog_pid_is_unset_or_ours():
     assert service.watchdog_seconds({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
     assert service.watchdog_seconds({"WATCHDOG_USEC": "0"}) is None
     assert service.watchdog_seconds({}) is None
-    notifier = service.Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "4000000"})
+    notifier = service.ServiceManager({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "4000000"})
     assert notifier.ping_interval == 2.0, "pings at half the timeout"
     assert notifier.max_sleep(30.0) <= 2.0, "the loop wakes in time for its next ping"
 
@@ -210,7 +210,7 @@ def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Worksp
     # WATCHDOG_USEC=1 s: a ping every 0.5 s. The loop's own timers are 60 s, so pings that keep
     # coming prove the idle loop wakes for the watchdog; each wait is a bound against a hang (a loaded
     # machine may be slow), far below the 60 s the loop would otherwise sleep. The rate itself, half
-    # the timeout, is the Notifier's arithmetic (test_the_watchdog_is_only_ours...): no clock here.
+    # the timeout, is the ServiceManager's arithmetic (test_the_watchdog_is_only_ours...): no clock here.
     # No cost plugin: its estimate reads the requests in a worker thread, before the build does.
     workspace.configure(**SLOW_LOOP, disabled_plugins=["cost"])
     workspace.add_plugin("blocking", BLOCKING_PLUGIN)

@@ -6,7 +6,8 @@ import json
 import queue
 import threading
 
-from batchd.daemon import ChunkGate, Stopping
+from batchd.daemon.context import Stopping
+from batchd.daemon.deliver import ChunkGate
 from batchd.provider import RequestEncoder
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskRequest

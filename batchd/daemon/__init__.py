@@ -1,0 +1,298 @@
+"""The daemon: inbox → journal → task plugin → remote batch jobs → outbox.
+
+One module per step of the data path, each owning its state and its bounded pool:
+
+=========================  ==========================================================================
+:mod:`.intake`             inbox → ``claiming`` → ``received``; ``NAME.cancel`` / ``NAME.approve``
+:mod:`.admit`              cost estimate and budget: → admitted, or ``held``
+:mod:`.build`              requests → chunk files: ``building`` → ``built``
+:mod:`.submit`             uploads and creates, reconciliation by display name: chunks → ``running``
+:mod:`.monitor`            polls, strays, remote cancels, expiry
+:mod:`.fetch`              results → the spool: chunks → ``fetched``
+:mod:`.deliver`            result files, summary, publish: ``fetched`` → ``publishing`` → ``done``
+:mod:`.uploads`            request files deleted once their chunk is done
+:mod:`.cancel`             what a cancel request does, state by state
+:mod:`.schedule`           the loop: job state → step, and when to sleep
+=========================  ==========================================================================
+
+This module is the lifecycle around them: the state dir's lock, signals, the service (or the
+embedded emulator, reached over HTTP exactly like Google), start, recovery and a clean stop.
+The loop's thread alone writes the journal (docs/design.md has the invariants and crash points).
+
+Storage faults (see :mod:`batchd.fs`): a full disk fails the step that writes, leaves its job in
+the state it had and pauses writes (with a backoff) until there is room; below ``min_free_mb`` no
+new manifest is claimed. A failed fsync or journal commit ends the process with
+:data:`batchd.fs.EXIT_STORAGE`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from batchd import fs, outbox
+from batchd.config import Settings
+from batchd.costs import CostHooks
+from batchd.daemon.context import Context
+from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
+from batchd.daemon.schedule import Loop, Steps
+from batchd.events import EventDispatcher
+from batchd.inbox import Inbox
+from batchd.journal import Journal, journal_path
+from batchd.plugins import get_plugin_manager, task_owners, tasks_for
+from batchd.provider import Provider, is_retryable
+from batchd.service import ServiceManager
+from batchd.states import ACTIVE_JOB_STATES, ChunkState
+
+log = logging.getLogger("batchd")
+
+#: Seconds a thread may hold the GIL while another waits (see Daemon.run).
+SWITCH_INTERVAL = 0.001
+
+__all__ = ["AlreadyRunning", "Daemon", "fatal_storage_message", "lock_holder"]
+
+
+def lock_path(state_dir: Path) -> Path:
+    """The file whose flock makes a state dir one daemon's."""
+    return state_dir / "batchd.lock"
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid of the daemon running on ``state_dir`` (0: running, pid unknown), or None if none is."""
+    try:
+        with open(lock_path(state_dir)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else 0  # held, pid not written yet
+            return None
+    except FileNotFoundError:
+        return None
+
+
+class AlreadyRunning(Exception):
+    """Another batchd holds the state dir's lock: two daemons on one journal would both claim and submit."""
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, once: bool = False):
+        self.settings = settings
+        self.once = once
+        self.stopping = threading.Event()
+        self.emulator = None
+        self._provider: Provider | None = None
+        self._provider_lock = threading.Lock()
+        self._lock_file = None
+        self.service_manager = ServiceManager()
+        self.plugin_manager = get_plugin_manager(settings.plugins_dir, frozenset(settings.disabled_plugins))
+        self.inbox = Inbox(settings.inbox, settle_seconds=settings.settle_seconds,
+                           rescan_seconds=settings.rescan_seconds, backend=settings.watch_backend,
+                           temp_max_age=settings.temp_max_age_seconds,
+                           suffixes=MANIFEST_SUFFIXES + CONTROL_SUFFIXES)
+        self.ctx = Context(settings, once=once, stopping=self.stopping, tasks=tasks_for(settings),
+                           task_owners=task_owners(settings), costs=CostHooks(self.plugin_manager),
+                           provider=lambda: self.provider, wake=self.inbox.wake)
+        self.ctx.alive = self.service_manager.watchdog
+        self.steps = Steps(self.ctx, self.inbox)
+        self.events: EventDispatcher | None = None
+        self.loop: Loop | None = None
+
+    @property
+    def journal(self) -> Journal | None:
+        return self.ctx.journal
+
+    @property
+    def report(self):
+        return self.ctx.report
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        # The loop's thread computes flat out while it builds chunks, and the transfer and writer
+        # threads come back from I/O thousands of times per job; each return waits for the GIL up
+        # to one switch interval (5 ms by default), which made uploads several times slower.
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        _return_big_buffers_to_the_os()
+        try:
+            self.service_manager.status("starting: recovering and reconciling with the remote job list")
+            self.start()
+            self.service_manager.ready(self.status_line())
+            self.loop.run()
+        except fs.StorageFailure as failure:
+            self.ctx.storage_failure = failure
+            log.critical(fatal_storage_message(failure))
+            self.service_manager.status(f"exiting: {failure}")
+        finally:
+            self.close()
+        if self.ctx.storage_failure is not None:
+            return fs.EXIT_STORAGE
+        # A service stopped by SIGTERM exits 0 whatever its jobs did (a failed job is in its
+        # summary, not a failure of the service); only --once reports outcomes in its exit code.
+        return self.report.exit_code if self.once else 0
+
+    def start(self) -> None:
+        s = self.settings
+        for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        # Claims and publishes are renames: they are only atomic within one filesystem.
+        outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
+        self._lock_state_dir()
+        journal = self.ctx.journal = Journal(journal_path(s.state_dir))
+        self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
+        self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
+        journal.on_change = self.loop.mark
+        self.loop.status_line = self.status_line
+        self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
+        self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
+        if self.once:
+            self.loop.once_pending = once_candidates(s.inbox)
+        self.recover()
+        self.loop.prune_events()
+        self.loop.sweep()
+        log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
+
+    def recover(self) -> None:
+        """Finish what a crash interrupted; runs before the first new manifest is taken."""
+        self.steps.intake.recover()
+        self.steps.intake.take_cancel_files()
+        try:
+            self.steps.submit.reconcile()
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            # The service is down or throttling: the unconfirmed creates stay 'submitting' and every
+            # poll reconciles them again, instead of the daemon exiting into a restart loop.
+            log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
+
+    def _start_emulator(self) -> None:
+        s = self.settings
+        if s.provider == "emulator":
+            from batchd.emulator.server import EmulatorProcess
+
+            self.emulator = EmulatorProcess(
+                s.emulator.state_dir or s.state_dir / "emulator",
+                job_seconds=s.emulator.job_seconds,
+                faults=list(s.emulator.faults),
+            ).spawn()
+        else:
+            self._provider = Provider.from_settings(s)  # now, so a missing key is reported at start
+
+    @property
+    def provider(self) -> Provider:
+        """The service's client; with the embedded emulator, ready once the emulator serves."""
+        if self._provider is None:
+            with self._provider_lock:  # asked for by the loop and by worker threads (a token count)
+                if self._provider is None:
+                    # The embedded emulator is reached over HTTP exactly like Google: the provider
+                    # only ever sees a base URL and a key.
+                    self.emulator.wait_ready()
+                    self._provider = Provider(api_key="batchd-emulator", base_url=self.emulator.base_url,
+                                              api_version=self.settings.api_version)
+        return self._provider
+
+    def _lock_state_dir(self) -> None:
+        path = lock_path(self.settings.state_dir)
+        self._lock_file = open(path, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(self.settings.state_dir)
+            self._lock_file.close()
+            self._lock_file = None
+            raise AlreadyRunning(
+                f"another batchd{f' (pid {holder})' if holder else ''} is already running on state dir "
+                f"{self.settings.state_dir} (lock {path}); stop it first, or give this one its own state_dir"
+            ) from None
+        # The holder's pid, for this message and `batchd doctor`; the lock itself is the flock.
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, _frame):
+            log.info("received %s: stopping after the current step", signal.Signals(signum).name)
+            self.stopping.set()
+            self.service_manager.stopping()
+            # The loop may be asleep until its next rescan. Waking it takes the inbox's event lock,
+            # which the interrupted main thread may hold, so another thread does it.
+            threading.Thread(target=self.inbox.wake, name="batchd-wake", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def close(self) -> None:
+        steps, ctx = self.steps, self.ctx
+        # Let creates already sent finish and record them, so no remote job is left unrecorded.
+        if ctx.journal is not None:
+            steps.submit.drain(self.service_manager)
+        steps.submit.close()
+        steps.fetch.close()
+        steps.uploads.close()
+        # Writers waiting for chunks give up; a restart writes the job's staging folder anew.
+        self.stopping.set()
+        steps.deliver.close()
+        steps.admit.close()
+        steps.build.close()
+        # After a failed fsync or commit nothing more is written: creates that went out meanwhile are
+        # found again by display name when the restarted daemon reconciles.
+        if ctx.journal is not None:
+            if ctx.storage_failure is None:
+                steps.submit.collect()
+                if self.events is not None:
+                    self.events.close()  # calls still running are redelivered after a restart
+            ctx.journal.close()
+        self.inbox.stop()
+        if self.emulator is not None:
+            self.emulator.stop()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: e.g. "3 jobs active, 2 remote batches running"."""
+        jobs = self.journal.count_jobs(ACTIVE_JOB_STATES)
+        running = len(self.steps.monitor.chunks_in(ChunkState.RUNNING))
+        line = f"{jobs} job{'s' if jobs != 1 else ''} active, " \
+               f"{running} remote batch{'es' if running != 1 else ''} running"
+        waiting = len(self.steps.submit.submissions)
+        line += f", {waiting} being submitted" if waiting else ""
+        if self.ctx.disk.interval:
+            line += f"; disk full: writes paused, next try in {self.ctx.disk.seconds_left():.0f} s"
+        if self.steps.intake.claiming_paused:
+            line += f"; not claiming new manifests: {self.steps.intake.claiming_paused}"
+        return line
+
+
+def fatal_storage_message(failure: fs.StorageFailure) -> str:
+    """What batchd says before it exits on a failed fsync or journal commit."""
+    return (f"storage failure: {failure}. What was being written cannot be trusted to be on disk (after a "
+            "failed fsync the kernel may have dropped it), so the step is not marked done and batchd exits "
+            f"with status {fs.EXIT_STORAGE}; restarted (the systemd unit does that), it resumes from the last "
+            "committed state. If this repeats, check the disk: free space (min_free_mb), dmesg")
+
+
+def _return_big_buffers_to_the_os() -> None:
+    """Make glibc give every large buffer back to the OS when it is freed.
+
+    The SDK uploads in 8 MiB pieces and downloads in 1 MiB ones, from pool threads. glibc's
+    sliding mmap threshold moves such blocks, once one is freed, into the per-thread heaps,
+    which rarely shrink: the daemon's RSS then grew with every chunk of a big job. A fixed
+    threshold keeps them mmapped (each costs a few page faults, nothing next to its transfer).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: nothing to tune
+    M_MMAP_THRESHOLD = -3
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024)

@@ -1,0 +1,209 @@
+"""Admit: a ``received`` job gets its cost estimate and a budget decision → admitted, or ``held``.
+
+When a budget could hold the job, its requests are read once for the estimate before any chunk is
+built (chunks go out while later ones are still being built, so the whole job must be priced first);
+those passes run in a bounded pool, a job waiting its turn in the journal. When no budget can hold it
+(none set, or the job approved), it is admitted at once and priced from its build pass instead
+(see :mod:`batchd.daemon.build`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from batchd.costs import JobInfo, RequestStream, spend_of
+from batchd.costs import describe as describe_cost
+from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
+from batchd.journal import Job
+from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.plugin_calls import PluginTimeout, Prefetch
+from batchd.provider import Provider
+from batchd.states import JobState
+
+log = logging.getLogger("batchd")
+
+#: Held jobs are checked against the budget again at most this often.
+HELD_REVIEW_SECONDS = 1.0
+#: Prompts of fewer characters than this are not worth a countTokens round trip of their own once a
+#: ratio of characters to tokens is known for the model (from a larger count, of any job).
+SMALL_COUNT_CHARS = 20_000
+#: How long a model's measured characters-per-token ratio is trusted for small jobs.
+RATIO_TRUSTED_SECONDS = 3600.0
+
+
+def load_claimed(ctx: Context, job: Job) -> Manifest:
+    """The manifest of a claimed job, from its spool (inputs were validated at the claim)."""
+    spool = ctx.spool(job.id)
+    return load_manifest(spool.manifest_path(job.source), input_dir=spool.inputs, tasks=ctx.tasks,
+                         check_inputs=False)
+
+
+class TokenCounter:
+    """countTokens for cost estimates, shared by every job: a small job's prompts are priced with the
+    characters-per-token ratio a larger count of the same model measured, instead of a round trip each
+    (a burst of small manifests otherwise makes one countTokens call per job)."""
+
+    def __init__(self, provider: callable):
+        self._provider = provider
+        self._ratios: dict[str, tuple[float, float]] = {}  # model → (chars per token, measured at)
+        self._lock = threading.Lock()
+
+    def for_model(self, model: str):
+        def count_tokens(texts: list[str]) -> int:
+            texts = list(texts)
+            chars = sum(len(text) for text in texts)
+            with self._lock:
+                ratio = self._ratios.get(model)
+            if ratio is not None and chars < SMALL_COUNT_CHARS and time.monotonic() - ratio[1] < RATIO_TRUSTED_SECONDS:
+                return max(1, round(chars / ratio[0]))
+            counted = self._provider().count_tokens(model, texts)
+            if counted and chars >= 1000:  # a ratio from a few words is mostly noise
+                with self._lock:
+                    self._ratios[model] = (chars / counted, time.monotonic())
+            return counted
+        return count_tokens
+
+
+class Admit:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.estimates = ctx.workers("estimate", ctx.settings.max_concurrent_builds)
+        self.turns = Turns()
+        self.tokens = TokenCounter(lambda: ctx.provider)
+        self._finished: dict[str, Work] = {}  # job id → its estimate pass, ended, not yet taken
+        self._timeouts: dict[str, list[PluginTimeout]] = {}  # job id → its estimate pass gave up on the task
+        self._dropped: set[str] = set()  # jobs delivered while their estimate ran: its answer is not wanted
+        self._held_reviewed_at = float("-inf")
+
+    def step(self, job: Job) -> None:
+        """A ``received`` job not yet admitted: estimate, then admit or hold."""
+        ctx = self.ctx
+        if job.cost is None and ctx.costs.estimates and (job.approved or not ctx.costs.budget_may_hold(ctx.settings)):
+            ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
+            return
+        if job.cost is None and ctx.costs.active:
+            estimate = self._estimate(job)
+            if estimate is None:
+                return  # still running or waiting its turn, or the manifest turned out unusable
+            cost = {"estimate": estimate["result"]}
+            ctx.journal.update_job(job.id, cost=cost, spend=spend_of(cost))
+            log.info("job %s: estimated %s", job.id, describe_cost(cost["estimate"]), extra={"job": job.id})
+            job = ctx.journal.job(job.id)
+        reasons = [] if job.approved else self._budget_reasons(job)
+        if reasons:
+            reason = "; ".join(reasons)
+            held = replace(job, state=JobState.HELD, hold=reason)
+            ctx.journal.update_job(job.id, state=JobState.HELD, hold=reason,
+                                   events=[ctx.event("held", held, reason=reason)])
+            log.warning("job %s (%s) held: %s; release it with `batchd approve %s` or a higher budget",
+                        job.id, job.source, reason, job.name)
+            return
+        ctx.journal.update_job(job.id, admitted_at=time.time())
+
+    def collect(self) -> None:
+        """Take the estimate passes that ended; hand their threads to the jobs waiting longest."""
+        for work in self.estimates.finished():
+            if work.key in self._dropped:
+                self._dropped.discard(work.key)
+                self._timeouts.pop(work.key, None)
+            else:
+                self._finished[work.key] = work
+        self.turns.call(self.estimates.size - len(self.estimates), self.ctx.mark)
+
+    def busy(self) -> bool:
+        return bool(len(self.estimates))
+
+    def forget(self, job_id: str) -> None:
+        """The job is delivered (cancelled, rejected) while it waited for or ran its estimate."""
+        self.turns.forget(job_id)
+        self._finished.pop(job_id, None)
+        self._timeouts.pop(job_id, None)
+        if job_id in self.estimates:
+            self._dropped.add(job_id)
+
+    def _estimate(self, job: Job) -> dict | None:
+        """Start the job's estimate, or take it: ``{"result": estimate}`` once it is there."""
+        ctx = self.ctx
+        work = self._finished.pop(job.id, None)
+        if work is not None:
+            timeouts = self._timeouts.pop(job.id, [])
+            if ctx.stopping.is_set():
+                return None  # cut short by the stop: estimated again after the restart
+            if timeouts:
+                # The task hung reading its requests: building it would only hang again. Rejected next tick.
+                log.error("job %s: %s", job.id, timeouts[0], extra={"job": job.id})
+                ctx.journal.update_job(job.id, error={"message": str(timeouts[0])})
+                return None
+            return {"result": work.future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
+        if job.id in self.estimates:
+            return None
+        if self.estimates.full():
+            self.turns.wait(job)
+            return None
+        try:
+            manifest = load_claimed(ctx, job)
+        except ManifestError as error:
+            ctx.journal.update_job(job.id, error=manifest_error(error))
+            return None
+        model = manifest.model or ctx.settings.model
+        ctx.journal.update_job(job.id, task=manifest.task, model=model)
+        info = JobInfo.of(replace(job, task=manifest.task, model=model))
+        timeouts = self._timeouts[job.id] = []
+        stream = RequestStream(lambda: self._watched_requests(job.id, manifest, timeouts),
+                               stopping=ctx.stopping.is_set)
+        self.estimates.start(job.id, ctx.costs.estimate, info, stream, self.tokens.for_model(model), ctx.settings)
+        return None
+
+    def _watched_requests(self, job_id: str, manifest: Manifest, timeouts: list[PluginTimeout]):
+        """The manifest's requests, read in a thread of their own with a bounded wait (for the estimate pass)."""
+        ctx = self.ctx
+        clock = ctx.plugin_clock(manifest.task, "requests()")
+        feed = Prefetch(clock.iterate(manifest.requests()), clock, name=f"batchd-requests-{job_id}", batch=1000)
+        try:
+            yield from feed.iterate(ctx.settings.plugin_timeout_seconds, ctx.stopping.is_set)
+        except PluginTimeout as error:
+            timeouts.append(error)
+            raise
+
+    # -- held jobs ----------------------------------------------------------------------------------
+
+    def review_now(self) -> None:
+        """Review the held jobs on this tick (one was approved or cancelled)."""
+        self._held_reviewed_at = float("-inf")
+
+    def review_held(self, *, force: bool = False) -> bool:
+        """Release held jobs that were approved or now fit the budget; deliver cancelled ones.
+
+        Budgets are checked at most every :data:`HELD_REVIEW_SECONDS` unless ``force``d.
+        Returns whether any job left ``held``.
+        """
+        ctx = self.ctx
+        now = time.monotonic()
+        if not force and now - self._held_reviewed_at < HELD_REVIEW_SECONDS:
+            return False
+        self._held_reviewed_at = now
+        released = False
+        for job in ctx.journal.jobs(states=(JobState.HELD,)):
+            if job.cancel_requested:
+                ctx.journal.update_job(job.id, state=JobState.RECEIVED)  # delivered as cancelled next
+                released = True
+                continue
+            if not job.approved and self._budget_reasons(job):
+                continue
+            why = "approved" if job.approved else "now within budget"
+            ctx.journal.update_job(job.id, state=JobState.RECEIVED, admitted_at=time.time(), hold=None)
+            log.info("job %s (%s) released: %s", job.id, job.source, why)
+            released = True
+        return released
+
+    def _budget_reasons(self, job: Job) -> list[str]:
+        ctx = self.ctx
+        estimate = (job.cost or {}).get("estimate")
+        return ctx.costs.budget_reasons(
+            JobInfo.of(job, ctx.settings.model), estimate,
+            lambda since: ctx.journal.spent_since(since, excluding=job.id), ctx.settings)
+
+    def close(self) -> None:
+        self.estimates.shutdown(cancel=True)

@@ -1,0 +1,232 @@
+"""Build: an admitted job's requests → chunk files in its spool, ``building`` → ``built``.
+
+A task plugin's ``requests()`` runs in a thread of its own per job being built (a plugin that hangs
+then holds up only its own job, see :mod:`batchd.plugin_calls`), at most ``max_concurrent_builds``
+jobs at once; the others wait their turn in the journal, oldest first. The loop records one chunk
+per visit, so chunks already built are submitted while the next is written. A job not estimated
+before admission (no budget could hold it) is priced from this pass (:class:`EstimateAlongside`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+from batchd import fs
+from batchd.costs import EstimateAlongside, JobInfo, spend_of
+from batchd.costs import describe as describe_cost
+from batchd.daemon.admit import load_claimed
+from batchd.daemon.context import Context, Stopping, Turns, manifest_error, replace
+from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.naming import chunk_display_name
+from batchd.journal import Job
+from batchd.manifest import ManifestError
+from batchd.plugin_calls import OnDemand, PluginTimeout
+from batchd.provider import RequestEncoder
+from batchd.spool import ChunkLimits
+from batchd.states import JobState
+
+log = logging.getLogger("batchd")
+
+
+class Stopped(Enum):
+    """How a cancelled job's build ended (see :meth:`Build.stop`)."""
+
+    NOT_YET = "not yet"            # a chunk is being built: it is recorded first
+    AFTER_CHUNKS = "after chunks"  # the chunks recorded so far are the job
+    NOTHING_BUILT = "nothing built"
+
+
+@dataclass
+class Builder:
+    """A job being built: its chunks from a thread of their own, and the estimate its pass feeds."""
+
+    chunks: OnDemand
+    estimate: EstimateAlongside | None = None
+
+    def close(self, *, wait: bool = False) -> None:
+        self.chunks.close(wait=wait)
+        if self.estimate is not None:
+            self.estimate.close()
+
+
+class Build:
+    def __init__(self, ctx: Context, admit_tokens):
+        self.ctx = ctx
+        self.builders: dict[str, Builder] = {}
+        self.slots = ctx.settings.max_concurrent_builds
+        self.turns = Turns()
+        self._tokens = admit_tokens
+
+    def step(self, job: Job) -> None:
+        """Record the job's next chunk, if it is built (one per visit: finished chunks go out meanwhile)."""
+        ctx = self.ctx
+        try:
+            builder = self.builders.get(job.id)
+            if builder is None:
+                if len(self.builders) >= self.slots:
+                    self.turns.wait(job)
+                    return
+                builder = self._start(job)
+            kind, chunk = builder.chunks.take()
+            if kind == "waiting":
+                timeout = ctx.settings.plugin_timeout_seconds
+                if builder.chunks.clock.overdue(timeout):
+                    raise builder.chunks.clock.timeout(timeout)
+                return  # the next chunk is still being built; the feed marks the job when it is
+            if kind == "error":
+                raise chunk
+        except Stopping:
+            raise
+        except ManifestError as error:
+            self._failed(job, manifest_error(error))
+            return
+        except PluginTimeout as error:  # a hung plugin: its thread is left behind, the job fails
+            log.error("job %s: %s", job.id, error, extra={"job": job.id})
+            self._failed(job, {"message": str(error)})
+            return
+        except Exception as error:  # a task plugin's failure rejects its job, never the daemon
+            if fs.is_disk_full(error):
+                raise  # no room for the chunk files: the loop backs off and the build starts again
+            log.exception("job %s: building requests failed", job.id)
+            self._failed(job, {"message": f"task {job.task!r} failed to build requests: "
+                                          f"{type(error).__name__}: {error}"})
+            return
+        if chunk is not None:
+            self._record(job, chunk)
+            if chunk.idx:
+                crashpoint("while-building")
+            return
+        fields = {}
+        if builder.estimate is not None:
+            if not builder.estimate.done():
+                return  # every request is read; the estimate finishes in its thread (a countTokens call)
+            if not builder.estimate.abandoned:
+                fields["cost"] = {"estimate": builder.estimate.result}
+                fields["spend"] = spend_of(fields["cost"])
+                log.info("job %s: estimated %s", job.id, describe_cost(builder.estimate.result), extra={"job": job.id})
+        self._release(job.id)
+        counts = ctx.journal.chunk_totals(job.id)
+        if not counts["chunks"]:
+            self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
+            return
+        ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
+        log.info("job %s: %d requests in %d chunk(s)", job.id, counts["requests"], counts["chunks"])
+
+    def waiting_for_estimate(self, job_id: str) -> bool:
+        builder = self.builders.get(job_id)
+        return builder is not None and builder.estimate is not None and not builder.estimate.done()
+
+    def _start(self, job: Job) -> Builder:
+        """The chunks of a job, built in a thread of their own; after a crash the same chunks are built
+        again, with the same limits. Only the loop's thread records them in the journal."""
+        ctx = self.ctx
+        manifest = load_claimed(ctx, job)
+        model = manifest.model or ctx.settings.model
+        limits = job.chunk_limits or dataclasses.asdict(self._limits())
+        if job.state != JobState.BUILDING:
+            ctx.journal.update_job(job.id, state=JobState.BUILDING, task=manifest.task, model=model,
+                                   chunk_limits=limits)
+        # Settings are merged per request by the manifest, so the encoder has no defaults.
+        encoder = RequestEncoder(model)
+        clock = ctx.plugin_clock(manifest.task, "requests()")
+        requests = clock.iterate(manifest.requests())
+        estimate = None
+        if job.cost is None and ctx.costs.estimates:
+            # Not estimated before admission (no budget could hold it): price the requests as they are built.
+            info = JobInfo.of(replace(job, task=manifest.task, model=model))
+            counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
+            estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings), job.id)
+            requests = estimate.feed(requests)
+        chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
+                                         check_stop=ctx.raise_if_stopping)
+        job_id = job.id
+
+        def chunk_ready() -> None:
+            ctx.mark(job_id)
+            ctx.wake()
+
+        builder = self.builders[job.id] = Builder(
+            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=chunk_ready, source=requests), estimate)
+        return builder
+
+    def stop(self, job: Job) -> Stopped:
+        """End the build of a job whose cancel was requested, at the chunk boundary it is at.
+
+        The chunks recorded so far are the job (those not yet sent end skipped, never submitted);
+        the requests after them are never built nor sent, and the summary says so. A build a restart
+        cut off rebuilds its recorded chunks first (NOT_YET until then): the index that joins
+        their results back is written by the build, and a kill may have left it short.
+        """
+        ctx = self.ctx
+        chunks = ctx.journal.chunks(job.id)
+        builder = self.builders.get(job.id)
+        last = builder.chunks.last if builder is not None else None
+        if chunks and (last is None or last.idx < chunks[-1].idx):
+            return Stopped.NOT_YET
+        if builder is not None and not builder.chunks.resting():
+            return Stopped.NOT_YET  # a chunk is being built: it is recorded first, and the build stops after it
+        self._release(job.id, wait=True)  # at a chunk boundary: the index holds exactly the recorded chunks
+        if not chunks:
+            log.info("job %s (%s): cancelled before any request was built", job.id, job.source)
+            return Stopped.NOTHING_BUILT
+        cut_short = not last.last
+        ctx.journal.update_job(job.id, state=JobState.BUILT, build_stopped=cut_short)
+        log.info("job %s (%s): cancelled while being built; %s", job.id, job.source,
+                 f"building stopped after chunk {last.idx}" if cut_short else "every request was built",
+                 extra={"job": job.id})
+        return Stopped.AFTER_CHUNKS
+
+    def abandon(self, job_id: str) -> None:
+        """A full disk cut the build short: it starts afresh once there is room."""
+        self._release(job_id, wait=True)  # its thread has ended with the error, or rests between chunks
+
+    def forget(self, job_id: str) -> None:
+        """The job is delivered without being built (cancelled, rejected)."""
+        self.turns.forget(job_id)
+        self._release(job_id)
+
+    def _release(self, job_id: str, *, wait: bool = False) -> None:
+        builder = self.builders.pop(job_id, None)
+        if builder is not None:
+            builder.close(wait=wait)
+            self.turns.call(self.slots - len(self.builders), self.ctx.mark)
+
+    def _record(self, job: Job, chunk) -> None:
+        ctx = self.ctx
+        recorded = {"idx": chunk.idx, "display_name": chunk_display_name(job, chunk.idx), "mode": chunk.mode,
+                    "request_count": chunk.request_count, "byte_size": chunk.byte_size}
+        if ctx.journal.add_chunk(job.id, recorded):
+            return
+        # Recorded before a crash, and perhaps submitted already: the rebuild must agree with it.
+        before = next(c for c in ctx.journal.chunks(job.id) if c.idx == chunk.idx)
+        if (before.request_count, before.byte_size) != (chunk.request_count, chunk.byte_size):
+            raise RuntimeError(f"chunk {chunk.idx} came out different when rebuilt after a restart: "
+                               f"task {job.task!r} must build the same requests from the same manifest")
+
+    def _failed(self, job: Job, error: dict) -> None:
+        ctx = self.ctx
+        self._release(job.id)
+        if not ctx.journal.chunk_totals(job.id)["chunks"]:
+            ctx.journal.update_job(job.id, state=JobState.RECEIVED, error=error)  # rejected: nothing was sent
+            return
+        # Chunks already out may be running: their results are kept, the requests that were never
+        # sent show up as errors, and the summary says why the job stopped short.
+        log.error("job %s: building stopped part way: %s", job.id, error["message"])
+        ctx.journal.update_job(job.id, state=JobState.BUILT, error=error)
+
+    def _limits(self) -> ChunkLimits:
+        s = self.ctx.settings
+        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
+
+    def ready(self) -> bool:
+        """Whether a builder has a chunk (or its end) to take now."""
+        return any(b.chunks.ready() and not (b.estimate is not None and b.estimate.fed_all and not b.estimate.done())
+                   for b in self.builders.values())
+
+    def close(self) -> None:
+        for builder in self.builders.values():
+            builder.close()
+        self.builders.clear()

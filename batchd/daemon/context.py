@@ -1,0 +1,258 @@
+"""What every step of the daemon shares: settings, the journal, the service, the loop's wake-up.
+
+Steps run on the loop's thread and may write the journal. The slow parts of a step (a transfer, a
+plugin's generator, a results file) run in :class:`Workers`: bounded pools whose work functions are
+given plain values (a provider, a spool, a chunk), never the journal or the context, so only the
+loop's thread can commit anything. Their outcomes come back to the step's ``collect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, Hashable, TypeVar
+
+from batchd import fs
+from batchd.backoff import Backoff
+from batchd.config import Settings
+from batchd.costs import CostHooks
+from batchd.events import make_event
+from batchd.journal import Job, Journal
+from batchd.manifest import ManifestError
+from batchd.plugin_calls import PluginClock
+from batchd.provider import Provider
+from batchd.spool import JobSpool
+
+log = logging.getLogger("batchd")
+
+#: Job outcomes that make ``batchd run --once`` exit non-zero.
+FAILED_OUTCOMES = ("failed", "rejected")
+#: Exit code of ``batchd run --once`` when nothing failed but jobs are left held (over budget).
+HELD_EXIT_CODE = 3
+#: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
+#: EX_TEMPFAIL: running it again carries on where it stopped.
+INTERRUPTED_EXIT_CODE = 75
+#: After a write failed for lack of room, writes are tried again after this long, doubling each time
+#: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
+DISK_RETRY_SECONDS = 1.0
+DISK_RETRY_MAX_SECONDS = 60.0
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Stopping(Exception):
+    """Raised inside long steps when a stop was requested; the step's state stays committed as before."""
+
+
+@dataclass
+class RunReport:
+    """What one ``run`` delivered, for the exit code of ``--once``."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    #: The manifest names of the jobs delivered (``run --once`` stops waiting for them).
+    sources: set[str] = field(default_factory=set)
+    held: list[str] = field(default_factory=list)
+    #: Whether everything in the inbox was delivered (False: a stop came first).
+    finished: bool = False
+
+    def delivered(self, job: Job) -> None:
+        self.outcomes[job.id] = job.outcome
+        self.sources.add(job.source)
+
+    @property
+    def exit_code(self) -> int:
+        if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()):
+            return 1
+        if not self.finished:
+            return INTERRUPTED_EXIT_CODE
+        return HELD_EXIT_CODE if self.held else 0
+
+
+@dataclass
+class Work(Generic[K]):
+    """One piece of work running in a :class:`Workers` pool; ``about`` is what the step needs to record it."""
+
+    key: K
+    future: Future
+    about: Any = None
+
+
+class Workers(Generic[K]):
+    """A fixed number of threads doing one kind of slow work, each piece keyed by what it works on.
+
+    A step starts work only while the pool has a free thread (:meth:`full`), so nothing waits in a
+    queue that a stop would have to withdraw: a job waits its turn in the journal instead. When a
+    piece ends, ``on_done(key)`` wakes the loop, whose step then takes the outcome (:meth:`finished`).
+    """
+
+    def __init__(self, name: str, size: int, on_done: Callable[[K, Future], None]):
+        self.name, self.size = name, size
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"batchd-{name}")
+        self._on_done = on_done
+        self.running: dict[K, Work[K]] = {}
+
+    def __contains__(self, key: K) -> bool:
+        return key in self.running
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def full(self) -> bool:
+        return len(self.running) >= self.size
+
+    def start(self, key: K, work: Callable[..., Any], *args: Any, about: Any = None) -> Work[K]:
+        future = self._pool.submit(work, *args)
+        piece = self.running[key] = Work(key, future, about)
+        future.add_done_callback(lambda done: self._on_done(key, done))
+        return piece
+
+    def finished(self) -> list[Work[K]]:
+        """The pieces that ended since the last call, taken off the running set (loop thread only)."""
+        done = [piece for piece in self.running.values() if piece.future.done()]
+        for piece in done:
+            del self.running[piece.key]
+        return done
+
+    def futures(self) -> list[Future]:
+        return [piece.future for piece in self.running.values()]
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class Context:
+    """The daemon's shared services, handed to every step."""
+
+    def __init__(self, settings: Settings, *, once: bool, stopping: threading.Event,
+                 tasks: dict, task_owners: dict[str, str], costs: CostHooks,
+                 provider: Callable[[], Provider], wake: Callable[[], None]):
+        self.settings = settings
+        self.once = once
+        self.stopping = stopping
+        self.tasks = tasks
+        self.task_owners = task_owners
+        self.costs = costs
+        self._provider = provider
+        self.wake = wake
+        self.journal: Journal | None = None  # opened by Daemon.start, after the state dir's lock is held
+        self.report = RunReport()
+        #: Writes that found the disk full pause every writing step (see batchd.fs).
+        self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)
+        #: A storage failure a worker hit; the loop ends the process with it.
+        self.storage_failure: fs.StorageFailure | None = None
+        #: Called (from any thread) with a job id whose next step can be taken: set by the scheduler.
+        self.mark: Callable[[str], None] = lambda job_id: None
+        #: Pings the service manager's watchdog: set by the daemon.
+        self.alive: Callable[[], None] = lambda: None
+
+    @property
+    def provider(self) -> Provider:
+        return self._provider()
+
+    def workers(self, name: str, size: int, *, keyed_by_job: bool = True) -> Workers:
+        """A bounded pool whose finished work wakes the loop and, when its keys are job ids (or start
+        with one), marks that job for the loop's next tick."""
+        def done(key: Any, future: Future) -> None:
+            if not future.cancelled() and isinstance(future.exception(), fs.StorageFailure):
+                self.storage_failure = self.storage_failure or future.exception()
+            if keyed_by_job:
+                self.mark(key[0] if isinstance(key, tuple) else key)
+            self.wake()
+        return Workers(name, size, done)
+
+    def spool(self, job_id: str) -> JobSpool:
+        return JobSpool(self.settings.state_dir / "jobs" / job_id)
+
+    def event(self, kind: str, job: Job, **details: Any) -> dict:
+        if kind in ("progress", "expired"):  # kinds a job can meet more than once
+            details["seq"] = self.journal.event_count(job.id, kind) + 1
+        return make_event(kind, job, default_model=self.settings.model, **details)
+
+    def plugin_clock(self, task: str, step: str) -> PluginClock:
+        return PluginClock(task, self.task_owners.get(task, "?"), step)
+
+    def model_of(self, job: Job) -> str:
+        return job.model or self.settings.model
+
+    def check_stop(self) -> None:
+        """Called often by long steps on the loop's thread: a stop or a storage failure ends the step."""
+        self.alive()
+        if self.storage_failure is not None:
+            raise self.storage_failure
+        if self.stopping.is_set():
+            raise Stopping()
+
+    def raise_if_stopping(self) -> None:
+        """check_stop for threads other than the loop's (which alone pings the service watchdog)."""
+        if self.stopping.is_set():
+            raise Stopping()
+
+    def writes_paused(self) -> bool:
+        """Whether a full disk pauses every step that writes more than the journal."""
+        return self.disk.waiting()
+
+
+# -- small helpers the steps share ------------------------------------------------------------------
+
+
+def replace(job: Job, **fields: Any) -> Job:
+    return dataclasses.replace(job, **fields)
+
+
+def error_dict(error: Exception) -> dict:
+    return {"code": getattr(error, "code", None) or type(error).__name__,
+            "message": getattr(error, "message", None) or str(error)}
+
+
+def manifest_error(error: ManifestError) -> dict:
+    """A rejection as summary.json shows it: the file, the field and the line, where known."""
+    details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
+               "column": error.column, "reason": error.message}
+    return {name: value for name, value in details.items() if value is not None}
+
+
+def is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+class Turns:
+    """Jobs waiting for a free thread of a bounded pool, served oldest first.
+
+    A job that finds the pool full is noted here and left in its journal state; each time threads
+    free up, as many of the oldest waiting jobs are marked for the loop's next tick.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[float, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def wait(self, job: Job) -> None:
+        self._waiting[job.id] = (job.created_at, job.id)
+
+    def forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    def call(self, free: int, mark: Callable[[str], None]) -> None:
+        if free <= 0 or not self._waiting:
+            return
+        for job_id in sorted(self._waiting, key=self._waiting.__getitem__)[:free]:
+            del self._waiting[job_id]
+            mark(job_id)

@@ -1,0 +1,408 @@
+"""Deliver: a job's results → its outbox folder (``fetched → publishing → done``).
+
+A job's results.jsonl and organized.json are written by a writer thread that starts once the job's
+first chunk is back and joins each chunk as soon as the loop says it is back (:class:`ChunkGate`), so
+a big job is mostly written by the time its last chunk returns. At most ``max_concurrent_writes``
+jobs are written at once; the others wait their turn in the journal. The folder is written in the
+job's spool (staging), its outbox name committed (``publishing``), and only then renamed into the
+outbox, so it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from batchd import fs, outbox
+from batchd.costs import JobInfo, spend_of, summary_cost
+from batchd.daemon.context import Context, Stopping, Turns, Work, is_regular_file, iso, replace
+from batchd.daemon.crashpoints import crashpoint
+from batchd.journal import Chunk, Job
+from batchd.logs import redact_data
+from batchd.plugin_calls import InThread, PluginClock, PluginTimeout
+from batchd.spool import JobSpool
+from batchd.states import CHUNK_DONE_STATES, ChunkState, JobState
+from batchd.task import TaskResult
+
+log = logging.getLogger("batchd")
+
+
+class ChunkGate:
+    """Which chunks of a job have their results in the spool, told by the loop to the job's writer.
+
+    The writer joins chunks in order and waits at each one until the loop opens it (with the
+    error every request of the chunk gets when the chunk produced no results, else None).
+    Index entries of a chunk that was never recorded (a build that stopped part way) have
+    nothing to wait for.
+    """
+
+    def __init__(self, recorded: Iterable[int], stopping: threading.Event):
+        self._waiting = set(recorded)
+        self._opened: dict[int, dict | None] = {}
+        self._changed = threading.Condition()
+        self._stopping = stopping
+
+    def open(self, idx: int, error: dict | None) -> None:
+        with self._changed:
+            if idx in self._waiting:
+                self._waiting.discard(idx)
+                self._opened[idx] = error
+                self._changed.notify_all()
+
+    def pending(self) -> bool:
+        """Whether some recorded chunk is not back yet."""
+        with self._changed:
+            return bool(self._waiting)
+
+    def error_of(self, idx: int) -> dict | None:
+        """The chunk's error once it is back (None: join its results), waiting until then."""
+        with self._changed:
+            while idx in self._waiting:
+                if self._stopping.is_set():
+                    raise Stopping()
+                self._changed.wait(0.5)
+            return self._opened.get(idx)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a job's writer hands back: its staged folder and what went into it."""
+
+    folder: outbox.JobFolder
+    counts: dict
+    tokens: dict
+    usage: dict
+    organize_error: dict | None
+
+
+class Deliver:
+    def __init__(self, ctx: Context, *, forget: Callable[[str], None]):
+        self.ctx = ctx
+        # A writer waits at each chunk still running, so a few long jobs must not hold every writer
+        # while another job's results are all back: enough threads, each started only when needed.
+        self.writers = ctx.workers("write", ctx.settings.max_concurrent_writes)
+        self.gates: dict[str, ChunkGate] = {}  # job id → what its writer is told
+        self._written: dict[str, Work] = {}  # job id → its writer, ended, not yet published
+        self.turns = Turns()
+        # A done job's spool is removed off the loop's thread (a kill first leaves it for the next
+        # start to remove): deleting its files took a tenth of the loop's time per small job.
+        self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-cleanup")
+        self._forget = forget  # other steps drop what they hold for a job delivered without results
+
+    def collect(self) -> None:
+        for work in self.writers.finished():
+            self._written[work.key] = work
+        self.turns.call(self.writers.size - len(self.writers), self.ctx.mark)
+
+    def busy(self) -> bool:
+        """Whether a job whose chunks are all back waits for its writer."""
+        return any(not self.gates[key].pending() for key in self.writers.running)
+
+    def join(self, job: Job, chunks: list[Chunk]) -> bool:
+        """Start the job's writer (when a thread is free) and open the chunks that are back; False while
+        it waits its turn."""
+        ctx = self.ctx
+        gate = self.gates.get(job.id)
+        if gate is None:
+            if self.writers.full():
+                self.turns.wait(job)
+                return False
+            gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)
+            self.writers.start(job.id, write_results, ctx.spool(job.id), gate, ctx.tasks,
+                               ctx.plugin_clock(job.task, "organize()"), ctx.settings.plugin_timeout_seconds,
+                               ctx.stopping)
+        spool = ctx.spool(job.id)
+        for chunk in chunks:
+            if chunk.state in CHUNK_DONE_STATES:
+                gate.open(chunk.idx, _chunk_error(chunk, spool))
+        return True
+
+    def step(self, job: Job) -> None:
+        """A ``fetched`` job: once its writer is done, summarize and publish."""
+        ctx = self.ctx
+        if job.id not in self._written:
+            self.join(job, ctx.journal.chunks(job.id))
+            return
+        work = self._written.pop(job.id)
+        del self.gates[job.id]
+        written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
+        summary = self._results_summary(job, written)
+        self._stage(job, written.folder, summary, written.usage)
+
+    def without_results(self, job: Job, state: str) -> None:
+        """Deliver a job that never ran: ``rejected`` or ``cancelled``."""
+        self._forget(job.id)
+        folder = outbox.JobFolder(self.ctx.spool(job.id).staging)
+        summary = self._summary(job, state=state, counts={"total": 0, "succeeded": 0, "failed": 0})
+        self._stage(job, folder, summary, None)
+
+    def _stage(self, job: Job, folder: outbox.JobFolder, summary: dict, usage: dict | None) -> None:
+        """Finish the folder in the spool, commit its outbox name (``publishing``), then publish it."""
+        ctx = self.ctx
+        spool = ctx.spool(job.id)
+        if job.error is not None:
+            summary["error"] = job.error
+        cost = dict(job.cost or {})
+        if usage is not None and ctx.costs.active:
+            cost["actual"] = ctx.costs.account(JobInfo.of(job, ctx.settings.model), usage, ctx.settings)
+        if cost:
+            summary["cost"] = summary_cost(cost)
+        manifest = spool.manifest_path(job.source)
+        if is_regular_file(manifest):
+            folder.copy_in(job.source, manifest)  # anything else is moved in whole by publish()
+        folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
+        destination = outbox.choose_folder(ctx.settings.outbox, job.name)
+        ctx.journal.update_job(job.id, state=JobState.PUBLISHING, outbox_dir=str(destination),
+                               outcome=summary["state"], cost=cost or None, spend=spend_of(cost))
+        self.publish(ctx.journal.job(job.id))
+
+    def publish(self, job: Job) -> None:
+        """A ``publishing`` job: rename its staged folder into the outbox, then it is ``done``."""
+        ctx = self.ctx
+        spool = ctx.spool(job.id)
+        destination = Path(job.outbox_dir)
+        if spool.staging.exists():
+            if destination.exists():
+                # Taken by someone else since we chose it: pick again, intent first.
+                destination = outbox.choose_folder(ctx.settings.outbox, job.name)
+                ctx.journal.update_job(job.id, outbox_dir=str(destination))
+            outbox.JobFolder(spool.staging, create=False).publish(destination)
+        elif not destination.exists():
+            # Neither staged nor published (a staging folder lost): deliver it again from the spool
+            # rather than record as delivered a folder nobody can read.
+            log.warning("job %s: its outbox folder is neither staged nor at %s; writing it again", job.id, destination)
+            ctx.journal.update_job(job.id, state=JobState.FETCHED if ctx.journal.chunk_totals(job.id)["chunks"]
+                                   else JobState.RECEIVED)
+            return
+        claimed = spool.manifest_path(job.source)
+        if os.path.lexists(claimed) and not is_regular_file(claimed):
+            # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
+            # goes into the published folder, so removing the spool loses nothing.
+            outbox.durable_move(claimed, destination / job.source, step="publish")
+        crashpoint("after-publish")
+        ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
+        self._cleanup.submit(spool.remove)
+        ctx.report.delivered(job)
+        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
+                 extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+
+    def abandon(self, job: Job) -> None:
+        """A full disk cut the job's writing short: its staging folder is written anew once there is room
+        (unless it was complete: ``job``, as committed, is being published)."""
+        if job.id in self._written:
+            del self._written[job.id]
+            self.gates.pop(job.id, None)
+        if job.state in (JobState.RECEIVED, JobState.FETCHED) and job.id not in self.gates:
+            shutil.rmtree(self.ctx.spool(job.id).staging, ignore_errors=True)  # the room it took is free again
+
+    def _final_event(self, job: Job, destination: Path) -> dict:
+        try:
+            summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
+        return self.ctx.event(job.outcome, replace(job, state=JobState.DONE), counts=summary.get("counts"),
+                              outbox=str(destination), error=summary.get("error", job.error))
+
+    def _results_summary(self, job: Job, written: Written) -> dict:
+        ctx = self.ctx
+        counts = written.counts
+        chunks = ctx.journal.chunks(job.id)
+        if job.cancel_requested:
+            state = "cancelled"
+        elif counts["failed"] == 0:
+            state = "succeeded"
+        elif counts["succeeded"] == 0:
+            state = "failed"
+        else:
+            state = "partial"
+        summary = self._summary(job, state=state, counts=counts)
+        summary["tokens"] = written.tokens
+        summary["remote_batches"] = [
+            {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
+             "requests": c.request_count, "state": c.remote_state or c.state,
+             **({"resubmits": c.resubmits} if c.resubmits else {})}
+            for c in chunks
+        ]
+        remote_jobs = ctx.journal.remote_jobs(job.id)
+        duplicates = [r for r in remote_jobs if r["role"] == "duplicate"]
+        cancelled = [r["remote_name"] for r in duplicates if r["outcome"] != "finished"]
+        if cancelled:
+            summary["duplicate_remote_batches_cancelled"] = cancelled
+        finished = [r["remote_name"] for r in duplicates if r["outcome"] == "finished"]
+        if finished:
+            # Found only after they had ended: billed, their results unused.
+            summary["duplicate_remote_batches_finished"] = finished
+        expired = [r["remote_name"] for r in remote_jobs if r["role"] == "expired"]
+        if expired:
+            summary["expired_remote_batches"] = expired  # resubmitted: their chunks ran again
+        if written.organize_error is not None:
+            summary["error"] = written.organize_error
+        warnings = []
+        if job.build_stopped:
+            built = sum(c.request_count for c in chunks)
+            warnings.append(
+                f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}; the "
+                f"manifest's requests after its first {built} were never built nor sent and are not in results.jsonl")
+        if counts.get("joined_by_position"):
+            warnings.append(
+                f"{counts['joined_by_position']} inline answers came back without their key and were matched to "
+                "their requests by position, which the service does not guarantee; they are marked "
+                "\"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
+                "inline_max_requests to use them)")
+        for c in chunks:
+            if (c.error or {}).get("code") == "expired":
+                tries = c.resubmits + 1
+                warnings.append(
+                    f"chunk {c.idx} ({c.request_count} requests) expired {tries} time{'s' if tries != 1 else ''}: "
+                    f"the service did not finish it within 48 h, and resubmit_expired = "
+                    f"{ctx.settings.resubmit_expired} allows no more resubmissions; its requests are errors "
+                    f"with code \"expired\" in results.jsonl")
+        if warnings:
+            summary["warnings"] = warnings
+        return summary
+
+    def _summary(self, job: Job, *, state: str, counts: dict) -> dict:
+        now = time.time()
+        settings = self.ctx.settings
+        return {
+            "job": job.id,
+            "name": job.name,
+            "manifest": job.source,
+            "task": job.task,
+            "model": job.model,
+            "provider": settings.provider,
+            "emulated": settings.provider == "emulator",
+            "state": state,
+            "counts": counts,
+            "timings": {
+                "received": iso(job.created_at),
+                "submitted": iso(job.submitted_at),
+                "finished": iso(job.finished_at),
+                "delivered": iso(now),
+                "seconds": round(now - job.created_at, 3),
+            },
+        }
+
+    def close(self) -> None:
+        # Writers waiting for chunks give up (the stop is set); a restart writes the job's staging folder anew.
+        self.writers.shutdown(cancel=True)
+        self._cleanup.shutdown(wait=True)
+
+
+# -- the writer: runs in the pool, given its spool and gate, never the journal ------------------------
+
+
+def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,
+                  stopping: threading.Event) -> Written:
+    """results.jsonl and organized.json in a fresh staging folder.
+
+    A task plugin whose ``organize`` raises (or hangs past ``plugin_timeout_seconds``) costs the job
+    its organized.json, never its results: the files are written again with every result and an
+    empty organized.json, and the summary says why.
+    """
+    job_id = spool.root.name
+    organize_error = None
+    try:
+        folder = outbox.JobFolder(spool.staging)
+        organize = tasks[clock.task].organize
+        # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
+        writing = InThread(lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock),
+                           name=f"batchd-organize-{job_id}")
+        counts, tokens, usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
+    except Stopping:
+        raise
+    except PluginTimeout as error:
+        log.error("job %s: %s", job_id, error, extra={"job": job_id})
+        organize_error = {"message": f"{error}; results.jsonl has every result"}
+        folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
+        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping)
+    except Exception as error:
+        if fs.is_disk_full(error):
+            raise  # not the task's fault: the folder is written again once there is room
+        log.exception("job %s: task %r failed to organize its results", job_id, clock.task)
+        organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
+                                     f"{type(error).__name__}: {error}; results.jsonl has every result"}
+        folder = outbox.JobFolder(spool.staging)
+        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping)
+    return Written(folder, counts, tokens, usage, organize_error)
+
+
+def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: Callable[[int], dict | None],
+                       organize, stopping: threading.Event,
+                       clock: PluginClock | None = None) -> tuple[dict, dict, dict]:
+    """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
+
+    ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
+
+    Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
+    """
+    counts = {"total": 0, "succeeded": 0, "failed": 0}
+    tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
+    extra = {"cached": 0, "with_usage": 0, "joined_by_position": 0}
+    dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
+
+    def results_written():
+        for n, result in enumerate(spool.joined(chunk_error)):
+            if n % 10_000 == 0 and stopping.is_set():
+                raise Stopping()
+            counts["total"] += 1
+            counts["succeeded" if result.status == "ok" else "failed"] += 1
+            if result.usage:
+                usage = result.usage
+                tokens["prompt"] += usage.get("promptTokenCount", 0)
+                tokens["output"] += usage.get("candidatesTokenCount", 0)
+                tokens["total"] += usage.get("totalTokenCount", 0)
+                if "thoughtsTokenCount" in usage:
+                    tokens["thoughts"] += usage["thoughtsTokenCount"]
+                if "cachedContentTokenCount" in usage:
+                    extra["cached"] += usage["cachedContentTokenCount"]
+                extra["with_usage"] += 1
+            line = {"key": result.key, "input": result.input, "status": result.status, "text": result.text,
+                    "data": result.data, "error": result.error, "usage": result.usage}
+            if result.joined_by != "key":
+                line["joined_by"] = result.joined_by
+                extra["joined_by_position"] += 1
+            lines.write(dumps(line) + "\n")
+            yield result
+
+    with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
+        organized = outbox.JsonObjectWriter(organized_file)
+        entries = organize(results_written()) if clock is None else \
+            clock.iterate(organize(clock.handing(results_written())))
+        for key, value in entries:
+            organized.add(key, value)
+        organized.close()
+    if extra["joined_by_position"]:
+        # A summary-only count: the service's answers are in `counts`, this is about trusting them.
+        counts["joined_by_position"] = extra["joined_by_position"]
+    usage = {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
+             "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
+             "total_tokens": tokens["total"], "requests": extra["with_usage"]}
+    return counts, tokens, usage
+
+
+def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:
+    """Consume the results (so results.jsonl is written) and organize none of them."""
+    for _ in results:
+        pass
+    yield from ()
+
+
+def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:
+    """The error every request of a chunk gets when the chunk itself produced no results."""
+    if chunk.state == ChunkState.SKIPPED:
+        return {"code": "cancelled", "message": "cancelled before it was submitted"}
+    if chunk.error is not None:
+        return chunk.error
+    if not spool.results_path(chunk.idx).exists():
+        return {"code": chunk.remote_state or "no_results",
+                "message": f"remote batch {chunk.remote_name} ended {chunk.remote_state} with no results"}
+    return None  # requests the service left out of the results show up as "missing"

@@ -1,0 +1,106 @@
+"""Fetch: a finished remote batch's results → the job's spool (``running → fetched``).
+
+Downloads run in a pool of ``max_concurrent_submissions`` threads (transfers like uploads); the
+chunk stays ``running`` in the journal until its results are stored, so a download cut short by a
+crash or a stop is simply made again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from batchd import fs
+from batchd.daemon.context import Context, error_dict
+from batchd.daemon.crashpoints import crashpoint
+from batchd.journal import Chunk
+from batchd.provider import Provider, RemoteJob, inline_results, is_retryable
+from batchd.spool import JobSpool
+from batchd.states import ChunkState
+
+log = logging.getLogger("batchd")
+
+
+class Fetch:
+    def __init__(self, ctx: Context, *, progress_events: Callable, disk_full: Callable):
+        self.ctx = ctx
+        self.fetches = ctx.workers("fetch", ctx.settings.max_concurrent_submissions)
+        self._progress_events = progress_events
+        self._disk_full = disk_full
+        #: Finished chunks waiting for a free download thread, in the order they were seen.
+        self._queued: dict[tuple[str, int], Chunk] = {}
+
+    def start(self, chunk: Chunk) -> None:
+        """Store a finished chunk's results in the spool, unless that is already under way or queued."""
+        key = (chunk.job_id, chunk.idx)
+        if key in self.fetches or self.ctx.writes_paused():
+            return  # under way, or no room to store the results: the next poll after the pause fetches them
+        if self.fetches.full():
+            self._queued[key] = chunk
+            return
+        self._queued.pop(key, None)
+        self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), about=chunk)
+
+    def busy(self) -> bool:
+        return bool(len(self.fetches) or self._queued)
+
+    def collect(self) -> None:
+        """Record the chunks whose results are now in the spool; start the queued downloads."""
+        journal = self.ctx.journal
+        for work in self.fetches.finished():
+            chunk = work.about
+            try:
+                remote, error = work.future.result()
+            except Exception as failure:
+                # Transient (the network, a full disk here): still 'running' in the journal, so the
+                # next poll fetches it again. Anything else fails this chunk's requests, not the daemon.
+                if fs.is_disk_full(failure):
+                    self._disk_full(failure, "results", journal.job(chunk.job_id))
+                    continue
+                if is_retryable(failure) or isinstance(failure, OSError):
+                    log.warning("job %s: fetching chunk %d failed (%s); retrying later",
+                                chunk.job_id, chunk.idx, failure)
+                    continue
+                log.error("job %s: results of chunk %d cannot be fetched: %s", chunk.job_id, chunk.idx, failure)
+                missing = getattr(failure, "code", None) == 404
+                journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED,
+                                     remote_state="missing" if missing else chunk.remote_state,
+                                     error={"code": "remote_missing" if missing else "results_unavailable",
+                                            "message": f"the results of {chunk.remote_name} could not be "
+                                                       f"fetched: {error_dict(failure)['message']}"},
+                                     events=self._progress_events(chunk, chunk.stats, finished=True))
+                continue
+            journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state=remote.state,
+                                 stats=remote.stats, error=error,
+                                 events=self._progress_events(chunk, remote.stats, finished=True))
+            log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
+                     extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
+        for chunk in list(self._queued.values())[:self.fetches.size - len(self.fetches)]:
+            self.start(chunk)
+
+    def close(self) -> None:
+        # A download cut short leaves its chunk 'running': the next start fetches it again.
+        self._queued.clear()
+        self.fetches.shutdown(cancel=True)
+
+
+def store_results(provider: Provider, chunk: Chunk, spool: JobSpool) -> tuple[RemoteJob, dict | None]:
+    """One get (list leaves inline output out), then the results themselves (runs in the pool)."""
+    remote = provider.get(chunk.remote_name)
+    error = None
+    if remote.responses_file:
+        try:
+            provider.download(remote.responses_file, spool.results_path(chunk.idx))
+        except Exception as failure:
+            if is_retryable(failure):
+                raise  # the next poll tries again
+            # A results file the service refuses for good must not stop every other job:
+            # the chunk's requests are delivered as errors that say why.
+            log.error("job %s: results of chunk %d cannot be downloaded: %s", chunk.job_id, chunk.idx, failure)
+            error = {"code": "results_unavailable",
+                     "message": f"{remote.responses_file} could not be downloaded: "
+                                f"{error_dict(failure)['message']}"}
+    elif remote.inlined is not None:
+        spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
+    crashpoint("after-download")
+    return remote, error

@@ -1,0 +1,283 @@
+"""Intake: inbox → ``claiming`` → ``received``; ``NAME.cancel`` and ``NAME.approve`` control files.
+
+A manifest becomes a job in two commits around one rename: the job's row (with its verdict: a
+duplicate, an irregular entry, a file that does not parse is rejected *in* its claim) is committed
+first, then the file is renamed into the job's spool, then the job is ``received``. A crash between
+them is finished by :meth:`Intake.finish_claim` at the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Callable
+
+from batchd import fs
+from batchd.daemon.context import Context, is_regular_file, manifest_error, replace
+from batchd.daemon.crashpoints import crashpoint
+from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
+from batchd.journal import Job, new_job_id
+from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.states import JobState
+
+log = logging.getLogger("batchd")
+
+MANIFEST_SUFFIXES = (".toml", ".json")
+CANCEL_SUFFIX = ".cancel"
+APPROVE_SUFFIX = ".approve"
+CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
+
+
+class Intake:
+    def __init__(self, ctx: Context, inbox: Inbox, *, on_flag: Callable[[], None]):
+        self.ctx = ctx
+        self.inbox = inbox
+        #: Called when a job was approved or cancelled by a control file (a held job is reviewed at once).
+        self._on_flag = on_flag
+        #: Why new manifests are not claimed (free space under min_free_mb), or None.
+        self.claiming_paused: str | None = None
+
+    # -- at start -------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish the claims a crash cut short, and remove spools no job needs."""
+        for job in self.ctx.journal.jobs(states=(JobState.CLAIMING,)):
+            self.finish_claim(job)
+        for folder in (self.ctx.settings.state_dir / "jobs").iterdir():
+            # A spool of a job already done (killed before its spool was removed), or of no job at all
+            # (killed in accept() before the job's row: it holds only copies of the inputs).
+            job = self.ctx.journal.job(folder.name)
+            if job is None or job.state == JobState.DONE:
+                log.info("removing the leftover spool %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def take_cancel_files(self) -> None:
+        """Take the NAME.cancel files dropped while batchd was down, before reconciling: a job cancelled
+        by then gets no create for a chunk whose create a crash left unconfirmed."""
+        for path in sorted(self.ctx.settings.inbox.iterdir()):
+            if (path.suffix == CANCEL_SUFFIX and not is_temp_name(path.name) and _is_utf8(path.name)
+                    and is_regular_file(path)):
+                self.take_control_file(path)
+
+    # -- each tick --------------------------------------------------------------------------------
+
+    def take(self) -> None:
+        """Claim what settled in the inbox, oldest first."""
+        ctx = self.ctx
+        self.inbox.reap_stale_temp_files()
+        # A claim a full disk cut short (its row committed, the move refused) is finished first, so
+        # the file still in the inbox is not taken for a second copy of itself.
+        for job in ctx.journal.jobs(states=(JobState.CLAIMING,)):
+            self.finish_claim(job)
+        candidates = self.inbox.scan()
+        paused = self._below_free_space_floor()
+        for irregular in self.inbox.take_irregular() if not paused else ():
+            self._reject_irregular(irregular)
+        for candidate in candidates:
+            ctx.check_stop()
+            path = candidate.path
+            if paused and path.suffix not in CONTROL_SUFFIXES:
+                continue  # a cancel or approval takes no room; a new job does
+            if not _is_utf8(path.name):
+                # Journal, outbox folder and remote display name all need a text name: the job is
+                # rejected under a readable rendering of it, the file kept in its folder.
+                source = readable_name(path.name)
+                self._accept(path, None, source=source, error={
+                    "code": "file_name_not_utf8", "file": source,
+                    "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
+                continue
+            if path.suffix in CONTROL_SUFFIXES:
+                self.take_control_file(path)
+                continue
+            try:
+                # Every input row is validated before anything is claimed or sent: a bad row at the end
+                # of a big file rejects the job up front instead of after some of it was billed.
+                manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks)
+            except ManifestError as error:
+                # A file that does not parse may still be being written: reject it only once
+                # it has stayed unchanged long enough.
+                if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
+                    continue
+                self._accept(path, None, error=manifest_error(error))
+                continue
+            self._accept(path, manifest)
+
+    def _reject_irregular(self, irregular: Irregular) -> None:
+        """A symlink, folder or FIFO with a manifest's name: rejected, and the entry itself (never what
+        a symlink points to) moved into the rejected job's outbox folder, as a manifest would be."""
+        if irregular.path.suffix not in MANIFEST_SUFFIXES:
+            return  # a NAME.cancel that is no file: the warning the inbox logged is all it gets
+        name = readable_name(irregular.path.name)
+        self._accept(irregular.path, None, source=name, error={
+            "code": "not_a_regular_file", "file": name, "kind": irregular.kind,
+            "message": f"{name} is a {irregular.kind}, not a regular file; batchd reads only "
+                       f"regular files (`batchd submit FILE` copies one in). It is kept in this folder as it was"})
+
+    def _accept(self, path: Path, manifest: Manifest | None, *, error: dict | None = None,
+                source: str | None = None) -> None:
+        """Claim ``path`` as a new job. ``source``: the file name the job is known by (default ``path.name``)."""
+        ctx = self.ctx
+        source = source or path.name
+        try:
+            # Only a regular file is read: a FIFO would block, a symlink could point anywhere.
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+            digest = hashlib.sha256(path.read_bytes()) if regular else None
+        except FileNotFoundError:
+            return  # gone since the scan: nothing was claimed, nothing to record
+        except OSError as unreadable:
+            # Unreadable (permissions): rejected and moved aside, or it would fail every tick and restart.
+            digest, manifest = None, None
+            error = error or {"code": "unreadable", "file": source,
+                              "message": f"{source} cannot be read: {unreadable.strerror}"}
+        job_id = new_job_id()
+        spool = ctx.spool(job_id)
+        try:
+            with fs.naming(spool.root):
+                spool.root.mkdir(parents=True)
+                for input_path in manifest.input_files() if manifest else []:
+                    # Inputs are linked (or copied) into the spool before the claim, so the claimed
+                    # job is self-contained; a crash here leaves only a spare copy.
+                    copy = spool.inputs / input_path.name
+                    fs.fault_point("claim", copy)
+                    _link_or_copy(input_path, copy)
+                    digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
+        except OSError as failure:
+            if fs.is_disk_full(failure):
+                shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
+            raise
+        sha256 = digest.hexdigest() if digest is not None else None
+        earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None
+        if error is None and earlier is not None:
+            error = {"message": f"{source} has the same content as job {earlier.id} "
+                                f"({earlier.source}); it was not run again",
+                     "duplicate_of": earlier.id}
+        # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
+        # and must not run a duplicate, a symlink or a FIFO it never re-examines.
+        ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error)
+        if not claim(path, spool.manifest_path(source)):
+            log.warning("%s vanished before it could be claimed", source)
+            ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
+                                   error={"message": f"{source} was removed before batchd could claim it"})
+            return
+        crashpoint("after-claim")
+        fields: dict = {"state": JobState.RECEIVED}
+        if manifest is not None:
+            fields.update(task=manifest.task, model=manifest.model or ctx.settings.model)
+        events = []
+        if error is None:
+            events.append(ctx.event("accepted", replace(ctx.journal.job(job_id), **fields)))
+        ctx.journal.update_job(job_id, events=events, **fields)
+        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if error else "",
+                 extra={"job": job_id, "manifest": source})
+
+    def finish_claim(self, job: Job) -> None:
+        ctx = self.ctx
+        claimed = ctx.spool(job.id).manifest_path(job.source)
+        source = self._inbox_path(job.source)
+        # A crash between the claim's link and its unlink leaves the same file in both places, and
+        # claim() finishes that move. A different file under the same name arrived after the claim
+        # was complete: it is a new manifest, left for intake.
+        if os.path.lexists(source) and (not os.path.lexists(claimed) or _same_file(source, claimed)):
+            claim(source, claimed)
+        if not os.path.lexists(claimed):
+            ctx.journal.update_job(job.id, state=JobState.DONE, outcome="rejected",
+                                   error={"message": f"{job.source} vanished during its claim"})
+            return
+        # A claim's verdict was committed with it: a duplicate or an irregular entry is no accepted job.
+        events = [] if job.error else [ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
+        ctx.journal.update_job(job.id, state=JobState.RECEIVED, events=events)
+
+    def _inbox_path(self, source: str) -> Path:
+        """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""
+        inbox = self.ctx.settings.inbox
+        path = inbox / source
+        if not os.path.lexists(path):
+            for name in os.listdir(inbox):
+                if name != source and readable_name(name) == source:
+                    return inbox / name
+        return path
+
+    def take_control_file(self, path: Path) -> None:
+        """``NAME.cancel`` (``batchd cancel``) or ``NAME.approve`` (``batchd approve``): flag NAME's unfinished jobs.
+
+        The flag is committed before the file goes: a crash in between flags twice, harmlessly.
+        """
+        ctx = self.ctx
+        name = path.stem
+        jobs = [job for job in ctx.journal.find_jobs(name) if job.state != JobState.DONE]
+        waiting = [p for p in (ctx.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
+        if not jobs and waiting:
+            return  # the manifest is still settling; flag it once it is a job
+        for job in jobs:
+            if path.suffix == CANCEL_SUFFIX:
+                ctx.journal.update_job(job.id, cancel_requested=1)
+                log.info("cancel requested for job %s (%s)", job.id, job.source)
+            else:
+                ctx.journal.update_job(job.id, approved=1)
+                log.info("job %s (%s) approved%s", job.id, job.source,
+                         "" if job.state == JobState.HELD else " ahead of its budget check")
+            self._on_flag()  # a held job is released, or delivered cancelled, on this tick
+        if not jobs:
+            log.warning("%s: no unfinished job named %r", path.name, name)
+        elif path.suffix == CANCEL_SUFFIX:
+            crashpoint("after-cancel-request")
+        path.unlink(missing_ok=True)
+
+    def _below_free_space_floor(self) -> bool:
+        """Whether the state dir's filesystem has less than ``min_free_mb`` left; says so when that changes."""
+        settings = self.ctx.settings
+        floor = settings.min_free_mb
+        free = fs.free_mb(settings.state_dir) if floor else None
+        low = free is not None and free < floor
+        if low and self.claiming_paused is None:
+            log.warning("only %.1f MB free on %s's filesystem, below min_free_mb = %g: not claiming new "
+                        "manifests until there is more room (jobs already claimed go on)",
+                        free, settings.state_dir, floor)
+        elif not low and self.claiming_paused is not None:
+            log.info("%s: claiming new manifests again", free_space(settings.state_dir))
+        self.claiming_paused = f"{free:.1f} MB free, below min_free_mb = {floor:g}" if low else None
+        return low
+
+
+def free_space(state_dir: Path) -> str:
+    free = fs.free_mb(state_dir)
+    return "free space unknown" if free is None else f"{free:.1f} MB free on {state_dir}'s filesystem"
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name from the OS decoded as UTF-8 (undecodable bytes arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def readable_name(name: str) -> str:
+    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def once_candidates(inbox: Path) -> set[str]:
+    """The inbox entries ``run --once`` waits for: a manifest-named entry of any kind becomes a job
+    (irregular ones are rejected); a NAME.cancel that is not a regular file is only warned about."""
+    return {p.name for p in inbox.iterdir()
+            if not is_temp_name(p.name)
+            and (p.suffix in MANIFEST_SUFFIXES or p.suffix in CONTROL_SUFFIXES and is_regular_file(p))}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.samestat(os.lstat(a), os.lstat(b))
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

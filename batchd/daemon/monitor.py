@@ -1,0 +1,279 @@
+"""Monitor: remote batches running → finished (``running → fetched``, or ``built`` again when expired).
+
+One list pass per poll covers every running chunk (a get only for those the list did not show); the
+same pass looks for *strays*: remote batches under a display name whose create outcome was once
+unknown that are not the chunk's own (a create that reached the service but was listed late, or a
+duplicate a crash left). Each is recorded before it is cancelled. Polls back off while nothing
+changes (``poll_interval`` doubling up to ``poll_max_interval``); with nothing running the list is
+read for the watched names alone, every ``poll_max_interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from batchd.backoff import Backoff
+from batchd.daemon.context import Context
+from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.naming import chunk_display_name
+from batchd.events import progress_counts
+from batchd.journal import Chunk
+from batchd.provider import RemoteJob, is_retryable
+from batchd.states import CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
+
+log = logging.getLogger("batchd")
+
+#: How far the service's create times may be behind this machine's clock: the stray watch reads the
+#: newest-first list down to this much before a watched name's first create.
+CLOCK_SKEW_SECONDS = 600.0
+_JOBS_WITH_REMOTE_WORK = (JobState.BUILDING, JobState.BUILT, JobState.SUBMITTED)
+
+
+class Monitor:
+    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[[Chunk], None]):
+        self.ctx = ctx
+        settings = ctx.settings
+        self.poll_clock = Backoff(settings.poll_interval, settings.poll_max_interval)
+        self._reconcile = reconcile
+        self._fetch = fetch
+        self._strays_looked_at = float("-inf")
+        #: remote name → the backoff of its failed cancels
+        self.cancel_backoff: dict[str, Backoff] = {}
+
+    def chunks_in(self, *states: str) -> list[Chunk]:
+        return self.ctx.journal.chunks_in(states, job_states=_JOBS_WITH_REMOTE_WORK)
+
+    def live_chunks(self) -> list[Chunk]:
+        return self.chunks_in(*REMOTE_LIVE_CHUNK_STATES)
+
+    def due(self) -> bool:
+        return self.poll_clock.due() and bool(self.live_chunks()) or self._stray_look_due()
+
+    def seconds_until_due(self) -> float:
+        """When the next poll (or look for strays) is due; inf when nothing is to be watched."""
+        if self.live_chunks():
+            return self.poll_clock.seconds_left()
+        if self.ctx.journal.watched_names():
+            return max(0.0, self._strays_looked_at + self.ctx.settings.poll_max_interval - time.monotonic())
+        return float("inf")
+
+    def poll(self) -> None:
+        """One round of monitoring: list pages for every running job, a get only for finished ones.
+
+        The same list pass looks for strays under the watched display names (see :meth:`_stray`);
+        with nothing running it is made for them alone, every ``poll_max_interval``.
+        """
+        ctx = self.ctx
+        running = {c.remote_name: c for c in self.chunks_in(ChunkState.RUNNING)}
+        by_display_name = {c.display_name: c for c in running.values()}
+        live = bool(running) or bool(self.chunks_in(ChunkState.SUBMITTING))  # else a look for strays alone
+        changed = False
+        try:
+            self._reconcile()
+            watched = self.watched_now()
+            # Newest first: once every running job is seen, only a watched name's stray can be further
+            # down, and none is older than the first create under its name.
+            oldest = min((w["first_attempt_at"] for w in watched.values()), default=float("inf"))
+            oldest -= CLOCK_SKEW_SECONDS
+            seen: set[str] = set()
+            if running or watched:
+                for remote in ctx.provider.list_jobs():
+                    chunk = running.get(remote.name)
+                    if chunk is not None:
+                        seen.add(remote.name)
+                        changed |= self._observe(chunk, remote)
+                    elif (owner := by_display_name.get(remote.display_name)) is not None:
+                        self._stray(owner.job_id, owner.idx, owner.display_name, remote)
+                    elif (name := watched.get(remote.display_name)) is not None:
+                        self._stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
+                    if len(seen) == len(running) and (not watched or remote.create_time is not None
+                                                      and remote.create_time.timestamp() < oldest):
+                        break  # every job we watch is accounted for, and older pages hold no stray
+                self._strays_looked_at = time.monotonic()
+            if live:
+                crashpoint("while-polling")
+            for name in running.keys() - seen:
+                changed |= self._observe(running[name], self._get_or_none(name))
+            self._cancel_strays()
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            log.warning("polling failed (%s); retrying later", error)
+        self.poll_clock.next_after(changed)
+
+    # -- strays: late remote jobs under a name whose create outcome was unknown ----------------
+
+    def watch(self, chunk: Chunk, attempt_at: float) -> None:
+        self.ctx.journal.watch_name(chunk.job_id, chunk.idx, chunk.display_name, attempt_at)
+
+    def watched_now(self) -> dict[str, dict]:
+        """The watched names to look for strays of: those still in their window (the rest are forgotten),
+        but not those of a chunk still ``submitting``, which reconciliation matches (one is adopted)."""
+        journal = self.ctx.journal
+        journal.forget_watched_names(time.time() - self.ctx.settings.stray_watch_seconds)
+        watched = journal.watched_names()
+        if watched:
+            unconfirmed = {c.display_name for c in self.chunks_in(ChunkState.SUBMITTING)}
+            watched = {name: row for name, row in watched.items() if name not in unconfirmed}
+        return watched
+
+    def _stray_look_due(self) -> bool:
+        """Whether the list is to be read for watched names now, with no poll due for running chunks."""
+        journal = self.ctx.journal
+        if time.monotonic() - self._strays_looked_at < self.ctx.settings.poll_max_interval:
+            return False
+        if journal.watched_names() or journal.remote_jobs_with_outcome("cancelling"):
+            return True
+        self._strays_looked_at = time.monotonic()  # nothing to look for: ask again an interval later
+        return False
+
+    def stray(self, job_id: str, idx: int, display_name: str, remote: RemoteJob) -> None:
+        """A remote job under one of our display names that is not the chunk's own: a create that reached
+        the service but showed up in the list only later (after its chunk was created again, fetched or
+        skipped, or its job delivered), or a duplicate a crash left. It is recorded (its cost counts),
+        then cancelled unless it has ended; one that finished has results no job used, which is logged
+        (an already delivered job's summary.json is never rewritten)."""
+        journal = self.ctx.journal
+        if journal.remote_job(remote.name) is not None:
+            return  # adopted, or recorded as a duplicate on an earlier poll (its cancel retried apart)
+        extra = {"job": job_id, "chunk": idx, "remote": remote.name}
+        if remote.done:
+            log.warning("job %s: remote job %s under %s ended (%s) apart from the chunk's own; its results "
+                        "are not used, its cost counts", job_id, remote.name, display_name, remote.state, extra=extra)
+            journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
+                                 outcome="finished")
+            return
+        log.warning("job %s: cancelling duplicate remote job %s for %s", job_id, remote.name, display_name,
+                    extra=extra)
+        journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
+                             outcome="cancelling")
+        if self.cancel(remote.name, job_id):
+            journal.set_remote_outcome(remote.name, "cancelled")
+
+    _stray = stray
+
+    def _cancel_strays(self) -> None:
+        """Retry the cancels of recorded strays the service did not accept yet (each with its backoff)."""
+        journal = self.ctx.journal
+        for row in journal.remote_jobs_with_outcome("cancelling"):
+            if self.cancel(row["remote_name"], row["job_id"]):
+                journal.set_remote_outcome(row["remote_name"], "cancelled")
+
+    def cancel(self, remote_name: str, job_id: str) -> bool:
+        """``batches.cancel``; False if it failed or its backoff has not run out (retried later, waiting
+        twice as long after each failure, up to ``poll_max_interval``). Cancelling twice is harmless."""
+        settings = self.ctx.settings
+        backoff = self.cancel_backoff.get(remote_name)
+        if backoff is not None and not backoff.due():
+            return False
+        try:
+            self.ctx.provider.cancel(remote_name)
+        except Exception as error:
+            if getattr(error, "code", None) == 404:
+                log.warning("job %s: remote job %s to cancel no longer exists", job_id, remote_name)
+                self.cancel_backoff.pop(remote_name, None)
+                return True  # gone: nothing is left running to bill
+            backoff = self.cancel_backoff.setdefault(
+                remote_name, Backoff(settings.poll_interval, settings.poll_max_interval))
+            wait = backoff.failed()
+            log.warning("job %s: cancel of %s failed (%s); retrying in %.0f s", job_id, remote_name, error, wait)
+            return False
+        self.cancel_backoff.pop(remote_name, None)
+        return True
+
+    def send_cancel(self, chunk: Chunk) -> None:
+        """``batches.cancel`` for a running chunk of a cancelled job; a failure is retried on a later visit,
+        with a backoff (see :meth:`cancel`).
+
+        Sent again after a crash before ``cancel_sent`` is committed: cancelling twice is harmless.
+        """
+        if not self.cancel(chunk.remote_name, chunk.job_id):
+            return
+        crashpoint("after-cancel")
+        self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
+        self.poll_clock.now()  # look again soon
+
+    def _get_or_none(self, name: str) -> RemoteJob | None:
+        try:
+            return self.ctx.provider.get(name)
+        except Exception as error:
+            if getattr(error, "code", None) == 404:
+                return None
+            raise
+
+    # -- what the service says about one chunk ------------------------------------------------------
+
+    def _observe(self, chunk: Chunk, remote: RemoteJob | None) -> bool:
+        """Record what the service says about one chunk; fetch its results once it has finished."""
+        journal = self.ctx.journal
+        if remote is None:
+            log.error("job %s: remote job %s has disappeared", chunk.job_id, chunk.remote_name)
+            journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="missing",
+                                 error={"code": "remote_missing",
+                                        "message": f"remote job {chunk.remote_name} no longer exists"})
+            return True
+        changed = remote.state != chunk.remote_state or remote.stats != chunk.stats
+        if remote.state == "expired":
+            self._expired(chunk, remote)
+            return True
+        if remote.state in ("pending", "running", "unknown"):
+            if changed:
+                journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats,
+                                     events=self.progress_events(chunk, remote.stats))
+            return changed
+        self._fetch(chunk)
+        return True
+
+    def _expired(self, chunk: Chunk, remote: RemoteJob) -> None:
+        """The service gave up on a chunk's remote job (not finished within 48 h; no results, no bill).
+
+        While ``resubmit_expired`` allows, the chunk goes back to ``built`` under its next display
+        name and is submitted again like any chunk (intent first, reconciled by that name); after
+        the last attempt its requests end as ``expired`` errors. Either way an ``expired`` event
+        tells the notification plugins, committed with the transition.
+        """
+        ctx = self.ctx
+        job = ctx.journal.job(chunk.job_id)
+        allowed = ctx.settings.resubmit_expired
+        what = f"remote batch {remote.name} (chunk {chunk.idx}, {chunk.request_count} requests) expired: the " \
+               f"service did not finish it within 48 h and returned no results"
+        if chunk.resubmits < allowed and not job.cancel_requested:
+            display_name = chunk_display_name(job, chunk.idx, chunk.resubmits + 1)
+            reason = f"{what}; submitted again as {display_name} " \
+                     f"(resubmission {chunk.resubmits + 1} of {allowed}, resubmit_expired)"
+            log.warning("job %s: %s", job.id, reason, extra={"job": job.id, "chunk": chunk.idx})
+            ctx.journal.resubmit_chunk(chunk, display_name, events=[ctx.event("expired", job, reason=reason)])
+            return
+        tries = chunk.resubmits + 1
+        error = {"code": "expired",
+                 "message": f"{what}; submitted {tries} time{'s' if tries != 1 else ''} in all "
+                            f"(resubmit_expired = {allowed})"}
+        log.error("job %s: %s", job.id, error["message"], extra={"job": job.id, "chunk": chunk.idx})
+        events = [ctx.event("expired", job, reason=error["message"], error=error)]
+        events += self.progress_events(chunk, remote.stats, finished=True)
+        ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="expired",
+                                 stats=remote.stats, error=error, events=events)
+
+    def progress_events(self, moved: Chunk, stats: dict, *, finished: bool = False) -> list[dict]:
+        """A ``progress`` event when the remote counts of ``moved``'s job have changed since the last one.
+
+        At most one per job per ``notify.progress_seconds``, so a long job does not flood the journal
+        and the receivers; none when the chunk that finishes is the job's last (its final event follows).
+        """
+        ctx = self.ctx
+        # The throttle first: it is the cheap check, and most polls of a long job stop there.
+        last = ctx.journal.last_event(moved.job_id, "progress")
+        if last is not None and time.time() - last[1] < ctx.settings.notify.progress_seconds:
+            return []
+        job = ctx.journal.job(moved.job_id)
+        chunks = ctx.journal.chunks(job.id)
+        if finished and job.state != JobState.BUILDING and all(
+                c.idx == moved.idx or c.state in CHUNK_DONE_STATES for c in chunks):
+            return []
+        counts = progress_counts(chunks, {moved.idx: stats})
+        before = last[0]["counts"] if last is not None else {"done": 0, "total": counts["total"]}
+        if (counts["done"], counts["total"]) == (before.get("done"), before.get("total")):
+            return []
+        return [ctx.event("progress", job, counts=counts)]

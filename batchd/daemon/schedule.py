@@ -1,0 +1,332 @@
+"""The loop: which job takes which step, and when the loop sleeps.
+
+One thread runs the loop and alone writes the journal. A tick first collects what the worker pools
+finished (the only place their outcomes reach the journal), then claims what the inbox holds, then
+visits the jobs that can move, oldest first, each through the step its state calls for
+(:attr:`Loop.steps`), then polls the service when due, tidies uploaded request files and hands
+events to the notification plugins.
+
+A job is visited when something about it changed: the journal reports every committed change of a
+job or its chunks (``Journal.on_change``), and workers mark the job whose work ended. Jobs waiting
+for a free worker are marked when one frees up (:class:`batchd.daemon.context.Turns`). So a tick
+costs what moved, not what is waiting, however many jobs are in the journal; a slow sweep over
+every active job backs that up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from batchd import fs
+from batchd.config import ConfigError, load_settings
+from batchd.daemon.admit import Admit
+from batchd.daemon.build import Build
+from batchd.daemon.cancel import Cancel
+from batchd.daemon.context import Context, Stopping
+from batchd.daemon.deliver import Deliver
+from batchd.daemon.fetch import Fetch
+from batchd.daemon.intake import Intake, free_space
+from batchd.daemon.monitor import Monitor
+from batchd.daemon.submit import Submit
+from batchd.daemon.uploads import Uploads
+from batchd.events import EventDispatcher
+from batchd.inbox import Inbox
+from batchd.journal import Job
+from batchd.states import ACTIVE_JOB_STATES, CHUNK_DONE_STATES, ChunkState, JobState
+
+log = logging.getLogger("batchd")
+
+#: Delivered events older than ``notify.keep_days`` are forgotten at start and then this often.
+PRUNE_EVENTS_SECONDS = 3600.0
+#: Jobs being built are looked at least this often, to give up on a task plugin that hangs.
+BUILD_CHECK_SECONDS = 1.0
+
+
+class Steps:
+    """The daemon's steps, in the order of the data path, wired to each other."""
+
+    def __init__(self, ctx: Context, inbox: Inbox):
+        self.admit = Admit(ctx)
+        self.intake = Intake(ctx, inbox, on_flag=self.admit.review_now)
+        self.build = Build(ctx, self.admit.tokens)
+        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c: self.fetch.start(c))
+        self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
+                             cancel_adopted=self.monitor.send_cancel)
+        self.fetch = Fetch(ctx, progress_events=self.monitor.progress_events, disk_full=self._disk_full_cb)
+        self.uploads = Uploads(ctx)
+        self.deliver = Deliver(ctx, forget=self._forget)
+        self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
+        self.on_disk_full: Callable = lambda error, step, job: None
+
+    def _disk_full_cb(self, error, step, job) -> None:
+        self.on_disk_full(error, step, job)
+
+    def _forget(self, job_id: str) -> None:
+        """A job delivered without results: the steps before delivery drop what they hold for it."""
+        self.admit.forget(job_id)
+        self.build.forget(job_id)
+
+    def collect(self) -> None:
+        """Take what the workers finished, in the order of the path."""
+        self.admit.collect()
+        self.submit.collect()
+        self.fetch.collect()
+        self.deliver.collect()
+
+
+class Loop:
+    def __init__(self, ctx: Context, inbox: Inbox, steps: Steps, events: EventDispatcher, service_manager):
+        self.ctx = ctx
+        self.inbox = inbox
+        self.s = steps
+        self.events = events
+        self.service_manager = service_manager
+        #: One line for ``systemctl status`` (set by the daemon).
+        self.status_line: Callable[[], str] = lambda: ""
+        steps.on_disk_full = self.disk_full
+        self._ready: set[str] = set()
+        self._ready_lock = threading.Lock()
+        self._swept_at = float("-inf")
+        self._events_pruned_at = float("-inf")
+        self._disk_full_seen = False
+        self._config_mtime = _mtime(ctx.settings.config_file)
+        #: ``run --once``: the inbox entries it waits for, and whether it gave up on some.
+        self.once_pending: set[str] = set()
+        self._once_jobs_done_at: float | None = None
+        self._once_blocked = False
+        ctx.mark = self.mark
+        #: Job state → its step. Cancel requests are applied first (batchd.daemon.cancel).
+        self.steps: dict[str, Callable[[Job], None]] = {
+            JobState.CLAIMING: steps.intake.finish_claim,
+            JobState.RECEIVED: self._received,
+            JobState.BUILDING: self._building,
+            JobState.BUILT: steps.submit.step,
+            JobState.SUBMITTED: self._submitted,
+            JobState.FETCHED: steps.deliver.step,
+            JobState.PUBLISHING: steps.deliver.publish,
+        }
+
+    def mark(self, job_id: str) -> None:
+        """The job can take a step (called from any thread)."""
+        with self._ready_lock:
+            self._ready.add(job_id)
+
+    def _take_ready(self) -> set[str]:
+        with self._ready_lock:
+            ready, self._ready = self._ready, set()
+        return ready
+
+    def run(self) -> None:
+        ctx = self.ctx
+        while not ctx.stopping.is_set():
+            try:
+                self.tick()
+            except Stopping:
+                break
+            self.service_manager.watchdog()
+            if self.service_manager.enabled:
+                self.service_manager.status(self.status_line())
+            if ctx.once and self._once_done():
+                ctx.report.finished = not self._once_blocked
+                break
+            self.inbox.wait(self.service_manager.max_sleep(self.sleep_seconds()))
+
+    def sweep(self) -> None:
+        """Visit every active job on the next tick (at start, after a disk pause, and now and then)."""
+        self._swept_at = time.monotonic()
+        for job in self.ctx.journal.jobs(states=ACTIVE_JOB_STATES):
+            self.mark(job.id)
+
+    def tick(self) -> None:
+        ctx, s = self.ctx, self.s
+        if ctx.storage_failure is not None:
+            raise ctx.storage_failure
+        self.inbox.ensure_watching()
+        self._reload_settings()
+        self._disk_full_seen = False
+        s.collect()
+        if not ctx.writes_paused():
+            try:
+                s.intake.take()
+            except OSError as error:
+                if not fs.is_disk_full(error):
+                    raise
+                self.disk_full(error, "claim", None)
+        s.admit.review_held()
+        if time.monotonic() - self._swept_at >= ctx.settings.rescan_seconds:
+            self.sweep()
+        for job_id in s.build.builders:
+            self.mark(job_id)  # a build in progress is looked at: its plugin may hang
+        for job in ctx.journal.jobs_by_id(self._take_ready()):
+            ctx.check_stop()
+            try:
+                self.advance(job)
+            except OSError as error:
+                if not fs.is_disk_full(error):
+                    raise
+                job = ctx.journal.job(job.id) or job  # the step may have committed a state before it failed
+                s.build.abandon(job.id)
+                s.deliver.abandon(job)
+                self.disk_full(error, None, job)
+        if s.monitor.due():
+            s.monitor.poll()
+        s.uploads.tidy()
+        self.events.pump()
+        if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
+            self.prune_events()
+        # Judged at the tick's end, not its start: a pause that ran out during the tick let its
+        # writes go through, and the tick that follows may be the one a stop never gets to.
+        if not self._disk_full_seen and not ctx.disk.waiting() and ctx.disk.succeeded():
+            log.info("writes go through again: disk space is back (%s)", free_space(ctx.settings.state_dir))
+            self.sweep()
+
+    def advance(self, job: Job) -> None:
+        """Take the job's next step."""
+        ctx, s = self.ctx, self.s
+        if ctx.writes_paused():
+            # The disk was full a moment ago: only the steps that write nothing but the journal go on.
+            if job.state in (JobState.BUILT, JobState.SUBMITTED):
+                if job.cancel_requested:
+                    s.cancel.apply(job)
+                self.steps[job.state](job)
+            elif job.state == JobState.BUILDING:
+                s.submit.step(job)
+            return
+        if job.cancel_requested and s.cancel.apply(job):
+            return
+        self.steps[job.state](job)
+
+    # -- the steps that take more than one module -----------------------------------------------------
+
+    def _received(self, job: Job) -> None:
+        s = self.s
+        if job.error is not None:
+            s.deliver.without_results(job, "rejected")
+        elif job.admitted_at is None:
+            s.admit.step(job)
+        else:
+            s.build.step(job)
+
+    def _building(self, job: Job) -> None:
+        # Chunks already built go out while the next one is built, so the service works on chunk n
+        # while chunk n+1 is written.
+        self.s.build.step(job)
+        job = self.ctx.journal.job(job.id)
+        if job.state in (JobState.BUILDING, JobState.BUILT):
+            self.s.submit.step(job)
+
+    def _submitted(self, job: Job) -> None:
+        """Remote batches run: an expired chunk is sent again; once the first chunk is back, the job's
+        results are written while the rest run; once every chunk is back, the job is ``fetched``."""
+        ctx, s = self.ctx, self.s
+        chunks = ctx.journal.chunks(job.id)
+        if any(c.state == ChunkState.BUILT for c in chunks):
+            s.submit.step(job)
+            chunks = ctx.journal.chunks(job.id)
+        # The writer goes in request order, so before the first chunk is back it would only hold a thread.
+        if job.id in s.deliver.gates or chunks and chunks[0].state in CHUNK_DONE_STATES \
+                and not ctx.writes_paused():
+            s.deliver.join(job, chunks)
+        if all(c.state in CHUNK_DONE_STATES for c in chunks):
+            ctx.journal.update_job(job.id, state=JobState.FETCHED, finished_at=time.time())
+
+    # -- storage faults -----------------------------------------------------------------------------
+
+    def disk_full(self, error: OSError, step: str | None, job: Job | None) -> None:
+        """A write found no room: log where and what, and pause every writing step for a while."""
+        ctx = self.ctx
+        self._disk_full_seen = True
+        pause = ctx.disk.failed()
+        where = f"job {job.id} ({job.source}) stays {job.state!r}" if job is not None else \
+            "the manifest stays in the inbox"
+        log.error("disk full: writing %s failed (%s)%s; %s and the step is retried in %.0f s (%s)",
+                  error.filename or "?", fs.describe(error), f" during step {step}" if step else "", where, pause,
+                  free_space(ctx.settings.state_dir), extra={"job": job.id} if job is not None else {})
+
+    # -- sleeping -------------------------------------------------------------------------------------
+
+    def sleep_seconds(self) -> float:
+        ctx, s = self.ctx, self.s
+        if ctx.storage_failure is not None:
+            return 0.0
+        with self._ready_lock:
+            if self._ready:
+                return 0.0
+        # --once also waits for unparseable manifests to reach their grace period: look each second.
+        wait = 1.0 if ctx.once else ctx.settings.rescan_seconds
+        wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
+        if s.build.builders:
+            wait = min(wait, BUILD_CHECK_SECONDS)
+            for job_id in s.build.builders:
+                if s.build.waiting_for_estimate(job_id):
+                    wait = min(wait, 0.05)  # its estimate ends in a thread that tells nobody (a countTokens call)
+        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due())
+        if ctx.disk.interval:
+            wait = min(wait, ctx.disk.seconds_left())
+        return max(0.0, wait)
+
+    # -- run --once -----------------------------------------------------------------------------------
+
+    def _once_done(self) -> bool:
+        ctx, s = self.ctx, self.s
+        present = {p.name for p in ctx.settings.inbox.iterdir()} & (self.once_pending - ctx.report.sources)
+        busy = ctx.journal.count_jobs(ACTIVE_JOB_STATES) or s.submit.busy() or s.fetch.busy() or s.uploads.busy()
+        if present and s.intake.claiming_paused and not busy:
+            # Waiting for someone to free the disk is a service's job; a one-off run says so and stops.
+            log.error("%d manifest(s) left in the inbox unclaimed: %s; free some space and run again",
+                      len(present), s.intake.claiming_paused)
+            self._once_blocked = True
+            return True
+        if present or busy:
+            return False
+        if s.admit.review_held(force=True):
+            return False  # a job the last step made fit (another's actual cost came in) goes now
+        # Jobs are done; give undelivered events a bounded time (the next run retries the rest).
+        now = time.monotonic()
+        if self._once_jobs_done_at is None:
+            self._once_jobs_done_at = now
+        if self.events.busy() and now - self._once_jobs_done_at < ctx.settings.notify.once_drain_seconds:
+            return False
+        held = ctx.journal.jobs(states=(JobState.HELD,))
+        ctx.report.held = [job.id for job in held]
+        for job in held:
+            log.warning("job %s (%s) is held: %s; release it with `batchd approve %s`",
+                        job.id, job.source, job.hold, job.name)
+        return True
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    def prune_events(self) -> None:
+        """Forget delivered events past ``notify.keep_days`` (at start, then hourly: a service runs for months)."""
+        ctx = self.ctx
+        self._events_pruned_at = time.monotonic()
+        keep_days = ctx.settings.notify.keep_days
+        pruned = ctx.journal.prune_events(time.time() - keep_days * 86400)
+        if pruned:
+            log.info("forgot %d delivered events older than %g days", pruned, keep_days)
+
+    def _reload_settings(self) -> None:
+        """Take the config file's [cost] and [notify] tables anew when it changes (a raised budget)."""
+        settings = self.ctx.settings
+        mtime = _mtime(settings.config_file)
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            fresh = load_settings(settings.config_file)
+        except ConfigError as error:
+            log.error("config file changed but cannot be used (%s); keeping the settings in force", error)
+            return
+        if (fresh.cost, fresh.notify) != (settings.cost, settings.notify):
+            settings.cost, settings.notify = fresh.cost, fresh.notify
+            log.info("config file changed: [cost] and [notify] reloaded (other settings need a restart)")
+
+
+def _mtime(path) -> float | None:
+    try:
+        return path.stat().st_mtime if path else None
+    except OSError:
+        return None

@@ -1,0 +1,322 @@
+"""Submit: built chunks → remote batches (``built → submitting → running``); reconciliation by display name.
+
+Each create is an intent first: the chunk is ``submitting`` (with its ``intent_at`` and, for a file
+chunk, ``upload_state = uploading``) before anything is sent. A file chunk's requests are uploaded,
+the file's name recorded, and only then is the batch created from it. The transfers run in a pool of
+``max_concurrent_submissions`` threads; a job whose chunks find it full waits its turn in the journal,
+and jobs take turns chunk by chunk, so one job of many chunks does not hold back the small ones.
+
+A create whose answer was lost leaves its chunk ``submitting``: :meth:`Submit.reconcile` finds the
+remote batch by display name (it is adopted), or after ``submit_grace_seconds`` creates it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from batchd.daemon.context import Context, Turns, error_dict, replace
+from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.naming import upload_display_name, upload_display_names
+from batchd.journal import Chunk, Job
+from batchd.provider import Provider, RemoteFile, RemoteJob, RequestEncoder, is_retryable
+from batchd.spool import JobSpool
+from batchd.states import ChunkState, JobState, UploadState
+
+log = logging.getLogger("batchd")
+
+#: While stopping with uploads in flight, systemd's stop timeout is extended by this much at a time.
+DRAIN_EXTEND_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RequestFile:
+    """A file chunk's requests on the Files API, as the upload stage found or made it."""
+
+    name: str
+    reused: bool  # an earlier upload the service still had
+    sole_copy: bool  # no other copy can be out there (False: a retried transfer may have left one)
+
+
+class Submit:
+    def __init__(self, ctx: Context, watch: Callable[[Chunk, float], None], stray: Callable, cancel_adopted: Callable):
+        self.ctx = ctx
+        #: (job id, idx) → the upload or create in flight; ``about`` is the stage, "upload" or "create".
+        self.submissions = ctx.workers("submit", ctx.settings.max_concurrent_submissions)
+        self.turns = Turns()
+        self._watch = watch  # a display name whose create outcome is unknown is watched for strays
+        self._stray = stray
+        self._cancel_adopted = cancel_adopted
+
+    def step(self, job: Job) -> None:
+        """Send the job's built chunks while the pool has room; a ``built`` job whose every chunk is sent
+        becomes ``submitted``."""
+        ctx = self.ctx
+        free = self.submissions.size - len(self.submissions)
+        self.turns.forget(job.id)
+        share = min(free, 1) if len(self.turns) else free  # others waiting: one chunk per turn
+        chunks = ctx.journal.built_chunks(job.id, share + 1)  # one more: to know whether some must wait
+        for chunk in chunks[:share]:
+            ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
+                                     **_upload_intent(chunk))
+            crashpoint("after-intent")
+            if chunk.resubmits:
+                crashpoint("after-resubmit-intent")
+            self._start(job, chunk)
+        if len(chunks) > share:
+            self.turns.wait(job)  # more to send once the pool has room
+        elif job.state == JobState.BUILT:
+            totals = ctx.journal.chunk_totals(job.id)
+            sent = totals["chunks"] > totals.get(ChunkState.SKIPPED, 0)  # none: cancelled before any was sent
+            submitted = replace(job, state=JobState.SUBMITTED)
+            ctx.journal.update_job(job.id, state=JobState.SUBMITTED, submitted_at=time.time() if sent else None,
+                                   events=self._submitted_events(submitted, ctx.journal.chunks(job.id)))
+
+    def _submitted_events(self, job: Job, chunks: list[Chunk]) -> list[dict]:
+        """The ``submitted`` event of a job all of whose chunks are sent, once one remote job of it exists.
+
+        Until then (creates in flight or unconfirmed) there is none: it comes with the first
+        adoption (:meth:`adopt`), and never for a job whose every create was refused or skipped.
+        """
+        if job.state != JobState.SUBMITTED or not any(c.remote_name for c in chunks):
+            return []
+        sent = [c for c in chunks if c.state != ChunkState.SKIPPED]
+        return [self.ctx.event("submitted", job, counts={"total": sum(c.request_count for c in sent), "done": 0,
+                                                         "chunks": len(sent)})]
+
+    def _start(self, job: Job, chunk: Chunk) -> None:
+        """Send the chunk's create; a file chunk's requests file first (:func:`upload_requests`).
+
+        ``chunk`` is as it was before the intent just committed: its ``upload_state`` says what
+        an earlier attempt may have left on the Files API.
+        """
+        ctx = self.ctx
+        key = (job.id, chunk.idx)
+        if chunk.mode == "inline":
+            self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
+                                   about="create")
+        else:
+            self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
+                                   ctx.settings.delete_request_files, about="upload")
+        log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
+                 chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
+
+    def collect(self) -> None:
+        """Record the uploads and creates that ended; hand the pool to the jobs waiting longest."""
+        journal = self.ctx.journal
+        for work in self.submissions.finished():
+            job_id, idx = work.key
+            chunk = journal.chunk(job_id, idx)
+            try:
+                result = work.future.result()
+            except Exception as error:
+                self._failed(chunk, error, work.about)
+                continue
+            if work.about == "upload":
+                self._create_from_file(chunk, result)
+                continue
+            crashpoint("after-create")
+            if chunk.resubmits:
+                crashpoint("after-resubmit-create")
+            self.adopt(chunk, result)
+        self.turns.call(self.submissions.size - len(self.submissions), self.ctx.mark)
+
+    def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
+        """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
+        chunk is done), then send the create."""
+        ctx = self.ctx
+        job = ctx.journal.job(chunk.job_id)
+        fields = {}
+        if job.cancel_requested:
+            # Cancelled while its requests were being uploaded: the create was never sent, so it never
+            # will be; the upload is deleted as the chunk's of any finished chunk.
+            fields["state"] = ChunkState.SKIPPED
+        ctx.journal.update_chunk(chunk.job_id, chunk.idx, uploaded_file=requests_file.name,
+                                 upload_state=UploadState.UPLOADED if requests_file.sole_copy else UploadState.UPLOADING,
+                                 **fields)
+        log.info("job %s: chunk %d's requests are %s%s%s", chunk.job_id, chunk.idx, requests_file.name,
+                 " (uploaded before)" if requests_file.reused else "",
+                 "; the job is cancelled, so it is never created" if fields else "",
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "file": requests_file.name})
+        if fields:
+            return
+        provider = ctx.provider
+        self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
+                               requests_file.name, chunk.display_name, about="create")
+
+    def adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
+        """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
+        ctx = self.ctx
+        ctx.journal.record_remote_job(remote.name, chunk, "adopted")
+        adopted = replace(chunk, state=ChunkState.RUNNING, remote_name=remote.name,
+                          remote_state=remote.state, stats=remote.stats)
+        job = ctx.journal.job(chunk.job_id)
+        events = []
+        if job.state == JobState.SUBMITTED and not ctx.journal.event_count(job.id, "submitted"):
+            # Every chunk was sent before this first create was confirmed: the job's remote work exists now.
+            events = self._submitted_events(job, [adopted if c.idx == chunk.idx else c
+                                                  for c in ctx.journal.chunks(job.id)])
+        ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.RUNNING, remote_name=remote.name,
+                                 remote_state=remote.state, stats=remote.stats, events=events)
+        log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name,
+                 extra={"job": chunk.job_id, "chunk": chunk.idx, "remote": remote.name})
+        return adopted
+
+    def _failed(self, chunk: Chunk, error: Exception, stage: str) -> None:
+        if is_retryable(error):
+            # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
+            # either finds it by display name or, after the grace period, creates it.
+            log.warning("job %s: %s of chunk %d failed (%s); will reconcile", chunk.job_id, stage, chunk.idx, error)
+            if stage == "create":  # a failed upload sent no create: nothing under the name to watch for
+                self._watch(chunk, chunk.intent_at or time.time())
+            return
+        log.error("job %s: chunk %d was refused: %s", chunk.job_id, chunk.idx, error)
+        self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
+                                      error=error_dict(error))
+
+    def reconcile(self) -> None:
+        """Match chunks whose create is unconfirmed against the remote job list, by display name."""
+        ctx = self.ctx
+        pending = {c.display_name: c for c in unconfirmed_chunks(ctx) if (c.job_id, c.idx) not in self.submissions}
+        if not pending:
+            return
+        watched = ctx.journal.watched_names()
+        for chunk in pending.values():
+            # Its create was sent (or may have been) with no answer recorded: the name is watched from now on.
+            if chunk.display_name not in watched:
+                self._watch(chunk, chunk.intent_at or time.time())
+        found: dict[str, list[RemoteJob]] = {}
+        for remote in ctx.provider.list_jobs():
+            if remote.display_name in pending:
+                found.setdefault(remote.display_name, []).append(remote)
+        for display_name, chunk in pending.items():
+            job = ctx.journal.job(chunk.job_id)
+            matches = sorted(found.get(display_name, []), key=_creation_order)
+            if matches:
+                adopted = self.adopt(chunk, matches[0])
+                for duplicate in matches[1:]:
+                    self._stray(chunk.job_id, chunk.idx, display_name, duplicate)
+                if job.cancel_requested:
+                    self._cancel_adopted(adopted)  # kept, so whatever results it has are the job's
+            elif time.time() - (chunk.intent_at or 0) < ctx.settings.submit_grace_seconds:
+                continue  # the create may have reached the service and not be listed yet
+            elif job.cancel_requested:
+                # A cancelled job is never created again; the grace period is what says the create
+                # never reached the service, as it does before a create is sent again.
+                log.info("job %s: chunk %d is cancelled and its create never showed up: never submitted",
+                         chunk.job_id, chunk.idx, extra={"job": chunk.job_id, "chunk": chunk.idx})
+                ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.SKIPPED)
+            else:
+                log.info("job %s: no remote job for chunk %d; creating it", chunk.job_id, chunk.idx)
+                now = time.time()
+                ctx.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=now, **_upload_intent(chunk))
+                self._watch(chunk, now)  # the watch runs from the last create under the name
+                self._start(job, chunk)
+
+    def busy(self) -> bool:
+        return bool(len(self.submissions))
+
+    def drain(self, service_manager) -> None:
+        """Wait for the uploads and creates in flight, recording each; under systemd, ask for stop time
+        while they run. Nothing is queued that could be withdrawn: each one may already have reached
+        the service, and an upload that finished is recorded and its create sent, as it would have been."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        if self.submissions.running:
+            log.info("waiting for %d submission(s) in flight before stopping", len(self.submissions))
+        while self.submissions.running:
+            service_manager.extend_timeout(DRAIN_EXTEND_SECONDS)
+            wait(self.submissions.futures(), timeout=DRAIN_EXTEND_SECONDS / 3, return_when=FIRST_COMPLETED)
+            if self.ctx.journal is None:
+                break
+            self.collect()
+
+    def close(self) -> None:
+        self.submissions.shutdown()
+
+
+def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
+    """Chunks whose create intent is committed and whose remote batch is not recorded."""
+    return ctx.journal.chunks_in((ChunkState.SUBMITTING,), job_states=_JOBS_WITH_REMOTE_WORK)
+
+
+_JOBS_WITH_REMOTE_WORK = (JobState.BUILDING, JobState.BUILT, JobState.SUBMITTED)
+
+
+# -- work run in the pool: given what it needs, never the journal ---------------------------------------
+
+
+def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk) -> RemoteJob:
+    requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
+    return provider.create_inline(model, requests, chunk.display_name)
+
+
+def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool) -> RequestFile:
+    """The chunk's requests file on the Files API: the one an earlier attempt left, while the service
+    still has it, else a new upload."""
+    display_name = upload_display_name(chunk.display_name)
+    try:
+        if chunk.upload_state == UploadState.UPLOADING:
+            # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
+            # delete the others (none was ever given to a create: a name is recorded before its create).
+            # A resubmitted chunk's earlier attempts uploaded the same bytes under their own names.
+            searched = upload_display_names(chunk)
+            copies = [f for f in provider.list_files() if f.display_name in searched]
+            if chunk.uploaded_file and all(f.name != chunk.uploaded_file for f in copies):
+                copies += [f for f in [provider.get_file(chunk.uploaded_file)] if f]
+            kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
+            spares = [copy for copy in copies if copy is not kept]
+            if delete_spares:
+                spares = [copy for copy in spares if not _delete_quietly(provider, chunk, copy.name)]
+            if kept is not None:
+                return RequestFile(kept.name, reused=True, sole_copy=not spares)
+        elif chunk.upload_state == UploadState.UPLOADED and chunk.uploaded_file:
+            recorded = provider.get_file(chunk.uploaded_file)
+            kept = _reusable([recorded] if recorded else [], chunk.uploaded_file, chunk.byte_size)
+            if kept is not None:
+                return RequestFile(kept.name, reused=True, sole_copy=True)
+    except Exception as error:
+        if is_retryable(error):
+            raise  # the chunk stays 'submitting': created again after the grace period
+        # Looking for the earlier upload is an optimisation; a service that refuses it gets a new one.
+        log.warning("job %s: looking for chunk %d's earlier upload failed (%s); uploading it again",
+                    chunk.job_id, chunk.idx, error)
+    uploaded = provider.upload_jsonl(spool.requests_path(chunk.idx), display_name)
+    crashpoint("after-upload")
+    # A copy an earlier, interrupted upload made may show up in the list only later: a chunk that
+    # was 'uploading' before is looked up by display name again once it is done.
+    sole_copy = uploaded.attempts == 1 and chunk.upload_state != UploadState.UPLOADING
+    return RequestFile(uploaded.name, reused=False, sole_copy=sole_copy)
+
+
+def _delete_quietly(provider: Provider, chunk: Chunk, name: str) -> bool:
+    """Delete a spare copy of a chunk's requests file; False (and a warning) when that failed."""
+    try:
+        provider.delete_file(name)
+    except Exception as error:
+        log.warning("job %s: deleting %s, a spare copy of chunk %d's requests, failed (%s)",
+                    chunk.job_id, name, chunk.idx, error)
+        return False
+    return True
+
+
+def _upload_intent(chunk: Chunk) -> dict:
+    """The ``upload_state`` a create intent commits: for a file chunk, an upload may now be made."""
+    return {"upload_state": UploadState.UPLOADING} if chunk.mode == "file" else {}
+
+
+def _reusable(copies: list[RemoteFile], recorded: str | None, size: int) -> RemoteFile | None:
+    """The copy of a chunk's requests file to create a batch from: the recorded one if it is among
+    ``copies``, else the newest; only a complete one (active, of the chunk's size)."""
+    usable = [f for f in copies if f.usable and f.size_bytes in (None, size)]
+    for copy in usable:
+        if copy.name == recorded:
+            return copy
+    return max(usable, key=lambda f: (f.create_time.timestamp() if f.create_time else 0.0, f.name), default=None)
+
+
+def _creation_order(remote: RemoteJob) -> tuple[float, str]:
+    """Oldest first (the one to keep when a crash left duplicates); unknown times last."""
+    return (remote.create_time.timestamp() if remote.create_time else float("inf"), remote.name)

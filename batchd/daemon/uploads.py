@@ -1,0 +1,114 @@
+"""Request files: a finished chunk's uploaded requests are deleted from the Files API.
+
+Once a chunk is ``fetched`` (or ``skipped``) nothing will create a batch from its requests file
+again (see :mod:`batchd.journal`, ``upload_state``). Deletions run one round at a time in a thread
+of their own; a round that failed is tried again after ``poll_max_interval``; a failed delete never
+fails a job (the file expires after 48 h anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from batchd.backoff import Backoff
+from batchd.daemon.context import Context
+from batchd.daemon.naming import upload_display_names
+from batchd.journal import Chunk
+from batchd.provider import Provider, is_retryable
+from batchd.states import UploadState
+
+log = logging.getLogger("batchd")
+
+ROUND = "cleanup"
+
+
+class Uploads:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.rounds = ctx.workers("delete", 1, keyed_by_job=False)
+        self.retry = Backoff(ctx.settings.poll_max_interval, ctx.settings.poll_max_interval)
+
+    def tidy(self) -> None:
+        """Start deleting the request files of finished chunks, unless a round is under way or failed lately."""
+        ctx = self.ctx
+        self.collect()
+        if len(self.rounds) or not self.retry.due():
+            return
+        chunks = ctx.journal.uploads_to_delete()
+        if not chunks:
+            return
+        if not ctx.settings.delete_request_files:
+            ctx.journal.set_upload_states({(c.job_id, c.idx): UploadState.KEPT for c in chunks})
+            return
+        self.rounds.start(ROUND, delete_request_files, ctx.provider, chunks, ctx.stopping)
+
+    def collect(self) -> None:
+        for work in self.rounds.finished():
+            try:
+                outcome, again = work.future.result()
+            except Exception:
+                log.exception("deleting request files failed; retrying later")
+                outcome, again = {}, True
+            self.ctx.journal.set_upload_states(outcome)
+            if again:
+                self.retry.failed()
+            else:
+                self.retry.succeeded()
+
+    def busy(self) -> bool:
+        return bool(len(self.rounds))
+
+    def close(self) -> None:
+        self.rounds.shutdown()
+        if self.ctx.journal is not None and self.ctx.storage_failure is None:
+            self.collect()  # deletions not recorded would only be repeated (and found gone)
+
+
+def delete_request_files(provider: Provider, chunks: list[Chunk],
+                         stopping: threading.Event) -> tuple[dict[tuple[str, int], str], bool]:
+    """Delete the chunks' request files (runs in the pool): the recorded one, and for an ``uploading``
+    chunk every copy the files list shows under its upload display names.
+
+    Returns each chunk's new ``upload_state`` (chunks left out are tried again) and whether to
+    try again later.
+    """
+    names = {(c.job_id, c.idx): [c.uploaded_file] if c.uploaded_file else [] for c in chunks}
+    searched = {name: (c.job_id, c.idx) for c in chunks if c.upload_state == UploadState.UPLOADING
+                for name in upload_display_names(c)}
+    again = False
+    if searched:
+        try:
+            for remote_file in provider.list_files():
+                key = searched.get(remote_file.display_name)
+                if key is not None and remote_file.name not in names[key]:
+                    names[key].append(remote_file.name)
+        except Exception as error:
+            log.warning("listing files to find the request files of %d finished chunk(s) failed (%s); "
+                        "retrying later", len(searched), error)
+            again = True
+            for key in set(searched.values()):
+                del names[key]
+    outcome: dict[tuple[str, int], str] = {}
+    for (job_id, idx), file_names in names.items():
+        if again or stopping.is_set():
+            # The service is failing (each delete already had the read retries), or the daemon is
+            # stopping: the rest waits for the next round, so a round stays short.
+            break
+        state = UploadState.DELETED
+        for name in file_names:
+            try:
+                if provider.delete_file(name):
+                    log.info("job %s: deleted %s, the requests of chunk %d", job_id, name, idx,
+                             extra={"job": job_id, "chunk": idx, "file": name})
+            except Exception as error:
+                if is_retryable(error):
+                    log.warning("job %s: deleting %s failed (%s); retrying later", job_id, name, error)
+                    again = True
+                    break
+                log.error("job %s: the service refused to delete %s (%s); it stays until it expires",
+                          job_id, name, error, extra={"job": job_id, "chunk": idx, "file": name})
+                state = UploadState.KEPT
+        else:
+            outcome[(job_id, idx)] = state
+    return outcome, again
