@@ -57,7 +57,7 @@ class StorageFailure(BaseException):
     """A failed fsync or journal commit: the process must end (:data:`EXIT_STORAGE`) and be restarted.
 
     A BaseException, like SystemExit, so that no handler of a step's ordinary failures (a task
-    plugin's, a download's) takes it for one: it must reach :meth:`batchd.daemon.Daemon.run`.
+    plugin's, a download's) takes it for one: it must reach the loop (``Context.storage_failure``, see batchd/daemon/context.py).
     """
 
     def __init__(self, step: str | None, path: Path | str, error: BaseException):

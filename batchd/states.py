@@ -89,9 +89,9 @@ class IllegalMove(RuntimeError):
 
 def check_job_move(before: str, after: str) -> None:
     if before != after and (before, after) not in JOB_MOVES:
-        raise IllegalMove(f"job state {before!r} → {after!r} is not a transition batchd allows")
+        raise IllegalMove(f"job state {str(before)!r} → {str(after)!r} is not a transition batchd allows")
 
 
 def check_chunk_move(before: str, after: str) -> None:
     if before != after and (before, after) not in CHUNK_MOVES:
-        raise IllegalMove(f"chunk state {before!r} → {after!r} is not a transition batchd allows")
+        raise IllegalMove(f"chunk state {str(before)!r} → {str(after)!r} is not a transition batchd allows")

@@ -15,7 +15,7 @@ Fixtures:
 - ``workspace`` — a :class:`Workspace`: a temporary folder with ``config.toml`` (fast timings,
   ``provider = "emulator"``), ``inbox/``, ``outbox/``, ``state/`` and ``plugins/`` (the
   ``plugins_dir``), with helpers to drop manifests and read outbox folders.
-- ``daemon`` — a :class:`Daemon` on that workspace: ``run_once()`` runs ``batchd run --once`` as a
+- ``daemon`` — a :class:`DaemonRunner` on that workspace: ``run_once()`` runs ``batchd run --once`` as a
   real process; ``start()`` runs ``batchd run`` until stopped (or until the test ends).
 
 Helpers for testing a task without a daemon: :func:`answered` and :func:`failed` build the
@@ -50,7 +50,7 @@ __all__ = [
     "EMULATOR_API_KEY",
     "EMULATOR_JOB_SECONDS",
     "FAST_CONFIG",
-    "Daemon",
+    "DaemonRunner",
     "DaemonProcess",
     "DaemonRun",
     "Emulator",
@@ -380,7 +380,7 @@ class DaemonRun:
         return f"<DaemonRun exit {self.returncode}, delivered {sorted(self.outbox)}>"
 
 
-class Daemon:
+class DaemonRunner:
     """``batchd run`` on a :class:`Workspace`, as a real process."""
 
     def __init__(self, workspace: Workspace) -> None:
@@ -441,9 +441,9 @@ def workspace(tmp_path: Path) -> Workspace:
 
 
 @pytest.fixture
-def daemon(workspace: Workspace) -> Iterator[Daemon]:
+def daemon(workspace: Workspace) -> Iterator[DaemonRunner]:
     """``batchd run`` on the ``workspace`` as a real process: ``run_once()`` or ``start()``."""
-    runner = Daemon(workspace)
+    runner = DaemonRunner(workspace)
     try:
         yield runner
     finally:

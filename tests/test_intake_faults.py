@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.testing import Daemon, Workspace
+from batchd.testing import DaemonRunner, Workspace
 from invariants import Dropped, assert_invariants
 from test_daemon import TRANSLATE, remote_jobs
 
@@ -24,7 +24,7 @@ def backdate(path: Path, seconds: float) -> None:
 
 @pytest.mark.timeout(900)
 def test_with_file_system_events_disabled_the_rescan_alone_takes_every_manifest(workspace: Workspace,
-                                                                                 daemon: Daemon):
+                                                                                 daemon: DaemonRunner):
     """As on an inotify queue overflow or an NFS mount: no event ever arrives (watch_backend = "none")."""
     workspace.configure(watch_backend="none", rescan_seconds=0.5, settle_seconds=0.05, chunk_max_requests=1000)
     process = daemon.start()
@@ -121,7 +121,7 @@ def test_an_empty_manifest_is_rejected_as_empty(workspace: Workspace):
 
 
 def test_stale_producer_temp_files_are_reaped_and_fresh_ones_and_other_dotfiles_kept(workspace: Workspace,
-                                                                                    daemon: Daemon):
+                                                                                    daemon: DaemonRunner):
     """K1: a producer killed before its rename leaves its temp file for good; Maildir reaps after 36 h."""
     workspace.configure(temp_max_age_seconds=3600)
     stale = [workspace.inbox / ".job.toml.tmp", workspace.inbox / "upload.toml.part", workspace.inbox / "x.TMP"]

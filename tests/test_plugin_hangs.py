@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from batchd.testing import Daemon, Workspace
+from batchd.testing import DaemonRunner, Workspace
 
 HANGING_PLUGINS = '''
 import threading
@@ -81,7 +81,7 @@ def configure(ws: Workspace, timeout: float, **settings) -> None:
 
 
 @pytest.mark.parametrize("budget", [False, True], ids=["estimate-alongside", "estimate-first"])
-def test_a_plugin_hanging_in_requests_fails_its_job_and_the_others_go_on(hanging: Workspace, daemon: Daemon,
+def test_a_plugin_hanging_in_requests_fails_its_job_and_the_others_go_on(hanging: Workspace, daemon: DaemonRunner,
                                                                          budget: bool):
     # With a budget the job's requests are read once for its estimate before it is built: both passes hang.
     configure(hanging, 1.0, **({"cost": {"job_budget": 100.0}} if budget else {}))
@@ -100,7 +100,7 @@ def test_a_plugin_hanging_in_requests_fails_its_job_and_the_others_go_on(hanging
 
 
 def test_a_plugin_hanging_in_organize_costs_its_job_the_organized_output_not_the_results(hanging: Workspace,
-                                                                                        daemon: Daemon):
+                                                                                        daemon: DaemonRunner):
     configure(hanging, 1.0)
     hanging.drop_manifest("brooding", {"task": "brooding", "texts": ["one", "two", "three"]})
     hanging.drop_manifest("translate", TRANSLATE)
@@ -118,7 +118,7 @@ def test_a_plugin_hanging_in_organize_costs_its_job_the_organized_output_not_the
 
 
 @pytest.mark.parametrize("task", ["stuck", "brooding"])
-def test_sigterm_stops_the_daemon_while_a_plugin_hangs(hanging: Workspace, daemon: Daemon, task: str):
+def test_sigterm_stops_the_daemon_while_a_plugin_hangs(hanging: Workspace, daemon: DaemonRunner, task: str):
     configure(hanging, 3600.0)  # the wait never ends on its own here
     running = daemon.start()
     hanging.drop_manifest("translate", TRANSLATE)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchd import hookspecs
-from batchd.testing import Daemon, Emulator, Workspace
+from batchd.testing import DaemonRunner, Emulator, Workspace
 from conftest import REPO
 
 DOCS = REPO / "docs" / "plugins.md"
@@ -93,7 +93,7 @@ def test_tutorial_code_is_the_example_plugin():
         assert any(block in source for source in sources), f"this tutorial block is not in the example:\n{block}"
 
 
-def test_hook_register_tasks_documented_example_runs(workspace: Workspace, daemon: Daemon):
+def test_hook_register_tasks_documented_example_runs(workspace: Workspace, daemon: DaemonRunner):
     [example] = python_blocks(documented_hooks()["register_tasks"])[:1]
     workspace.add_plugin("shout", example)
     workspace.drop_manifest("loud", {"task": "shout", "texts": ["hello there"]})
@@ -106,7 +106,7 @@ def test_hook_register_tasks_documented_example_runs(workspace: Workspace, daemo
     assert key == "1" and text.isupper() and "HELLO THERE" in text
 
 
-def test_hook_register_tasks_from_a_plugins_dir_file_with_postponed_annotations(workspace: Workspace, daemon: Daemon):
+def test_hook_register_tasks_from_a_plugins_dir_file_with_postponed_annotations(workspace: Workspace, daemon: DaemonRunner):
     # The example module as a one-off plugin: its pydantic models use `from __future__ import
     # annotations`, which only resolve when the module is in sys.modules like an imported one.
     workspace.add_plugin("keywords_one_off", EXAMPLE_MODULE.read_text())
@@ -123,7 +123,7 @@ def test_hook_register_tasks_from_a_plugins_dir_file_with_postponed_annotations(
 # --- batchd.testing -----------------------------------------------------------------------------------
 
 
-def test_daemon_fixture_runs_until_stopped(workspace: Workspace, daemon: Daemon):
+def test_daemon_fixture_runs_until_stopped(workspace: Workspace, daemon: DaemonRunner):
     running = daemon.start()
     workspace.drop_manifest("one", {"task": "translate", "texts": ["Hi"], "languages": ["French"]})
     delivered = workspace.wait_for_delivery("one")
@@ -134,14 +134,14 @@ def test_daemon_fixture_runs_until_stopped(workspace: Workspace, daemon: Daemon)
 
 
 def test_daemon_fixture_stops_what_a_test_left_running(workspace: Workspace):
-    runner = Daemon(workspace)
+    runner = DaemonRunner(workspace)
     running = runner.start()
     workspace.wait_for(lambda: (workspace.state / "journal.db").exists(), what="daemon up")
     runner.stop_all()
     assert running.returncode == 0
 
 
-def test_daemon_fixture_can_use_the_tests_emulator(workspace: Workspace, daemon: Daemon, emulator: Emulator):
+def test_daemon_fixture_can_use_the_tests_emulator(workspace: Workspace, daemon: DaemonRunner, emulator: Emulator):
     workspace.drop_manifest("one", {"task": "translate", "texts": ["Hi", "Bye"], "languages": ["French"]})
 
     run = daemon.run_once(emulator=emulator)
@@ -154,7 +154,7 @@ def test_daemon_fixture_can_use_the_tests_emulator(workspace: Workspace, daemon:
     assert job.state.name == "JOB_STATE_SUCCEEDED"
 
 
-def test_manifests_can_be_dropped_as_json(workspace: Workspace, daemon: Daemon):
+def test_manifests_can_be_dropped_as_json(workspace: Workspace, daemon: DaemonRunner):
     workspace.drop_manifest("job.json", {"task": "translate", "texts": ["Hi"], "languages": ["German"]})
     run = daemon.run_once()
     assert run.returncode == 0, run.stderr

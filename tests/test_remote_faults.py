@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from batchd.testing import Daemon, Emulator, Workspace
+from batchd.testing import DaemonRunner, Emulator, Workspace
 from invariants import Dropped, assert_invariants
 from sinks import ReservedPort
 from test_daemon import TRANSLATE, remote_jobs
@@ -15,7 +15,7 @@ from test_daemon import TRANSLATE, remote_jobs
 def test_a_remote_job_that_disappears_fails_its_requests_and_is_never_recreated(workspace: Workspace,
                                                                                tmp_path: Path):
     with Emulator(tmp_path / "google", job_seconds=60) as google:
-        runner = Daemon(workspace)
+        runner = DaemonRunner(workspace)
         process = runner.start(emulator=google)
         try:
             workspace.drop("translate.toml", TRANSLATE)
@@ -31,7 +31,7 @@ def test_a_remote_job_that_disappears_fails_its_requests_and_is_never_recreated(
 
 
 def test_a_job_the_service_fails_is_delivered_failed_with_every_request_an_error(workspace: Workspace,
-                                                                                daemon: Daemon):
+                                                                                daemon: DaemonRunner):
     workspace.configure(faults=["job-failed"])
     dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
 
@@ -44,7 +44,7 @@ def test_a_job_the_service_fails_is_delivered_failed_with_every_request_an_error
     assert_invariants(workspace, dropped, remote_jobs(workspace))
 
 
-def test_one_manifest_hard_linked_under_two_names_runs_once(workspace: Workspace, daemon: Daemon):
+def test_one_manifest_hard_linked_under_two_names_runs_once(workspace: Workspace, daemon: DaemonRunner):
     first = workspace.drop("first.toml", TRANSLATE)
     os.link(first, workspace.inbox / "second.toml")
 
@@ -68,7 +68,7 @@ def test_a_service_unreachable_at_start_up_does_not_stop_recovery_or_the_daemon(
     # the same API key) may answer there, nor take it before the service comes back.
     port = ReservedPort()
     request.addfinalizer(port.close)
-    runner = Daemon(workspace)
+    runner = DaemonRunner(workspace)
     with Emulator(tmp_path / "google", port=port.port) as google:
         workspace.drop("translate.toml", TRANSLATE)
         crashed = runner.start(emulator=google, BATCHD_CRASH_AT="after-create")

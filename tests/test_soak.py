@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from google.genai import types
 
-from batchd.testing import Daemon, Emulator, Workspace, write_manifest
+from batchd.testing import DaemonRunner, Emulator, Workspace, write_manifest
 from invariants import Dropped, assert_invariants, assert_nothing_lost
 
 MANIFESTS = int(os.environ.get("BATCHD_SOAK_MANIFESTS", "36"))
@@ -108,7 +108,7 @@ def all_delivered(ws: Workspace, count: int) -> bool:
 def test_soak_random_kills_under_faults_lose_nothing_and_bill_nothing_twice(tmp_path: Path):
     rng = random.Random(SEED)
     ws = Workspace.create(tmp_path / "ws", provider="gemini", **SOAK_CONFIG)
-    runner = Daemon(ws)
+    runner = DaemonRunner(ws)
     producer = Producer(ws, rng, MANIFESTS)
     stops = {"SIGKILL": 0, "SIGTERM": 0}
     # The service runs in this process, so it outlives every daemon it serves.

@@ -17,7 +17,7 @@ import pytest
 from google.genai import types
 
 from batchd.journal import Journal, journal_path
-from batchd.testing import Daemon, Emulator, Workspace
+from batchd.testing import DaemonRunner, Emulator, Workspace
 from invariants import Dropped, assert_invariants
 from test_daemon import TRANSLATE
 
@@ -82,7 +82,7 @@ def assert_only_the_stray_cancelled(ws: Workspace, google: Emulator, stray: type
     assert report["duplicates_cancelled"] == 1
 
 
-def test_a_stray_that_shows_up_after_its_chunk_was_fetched_is_cancelled(workspace: Workspace, daemon: Daemon,
+def test_a_stray_that_shows_up_after_its_chunk_was_fetched_is_cancelled(workspace: Workspace, daemon: DaemonRunner,
                                                                          google: Emulator):
     dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
     process = daemon.start(emulator=google)
@@ -99,7 +99,7 @@ def test_a_stray_that_shows_up_after_its_chunk_was_fetched_is_cancelled(workspac
 
 
 def test_a_stray_that_shows_up_after_its_job_was_delivered_is_cancelled_and_the_summary_kept(
-        workspace: Workspace, daemon: Daemon, google: Emulator):
+        workspace: Workspace, daemon: DaemonRunner, google: Emulator):
     dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
     process = daemon.start(emulator=google)
     try:
@@ -115,7 +115,7 @@ def test_a_stray_that_shows_up_after_its_job_was_delivered_is_cancelled_and_the_
     assert_only_the_stray_cancelled(workspace, google, stray, dropped)
 
 
-def test_a_stray_of_a_cancelled_jobs_skipped_chunk_is_cancelled(workspace: Workspace, daemon: Daemon,
+def test_a_stray_of_a_cancelled_jobs_skipped_chunk_is_cancelled(workspace: Workspace, daemon: DaemonRunner,
                                                                  tmp_path: Path):
     """Killed after the create intent, cancelled while down: the restart waits out the grace period and
     marks the chunk never submitted. The create did reach the service, and shows up after all that."""
@@ -142,7 +142,7 @@ def test_a_stray_of_a_cancelled_jobs_skipped_chunk_is_cancelled(workspace: Works
 
 
 def test_a_stray_that_shows_up_while_batchd_is_down_is_cancelled_after_the_restart(
-        workspace: Workspace, daemon: Daemon, google: Emulator):
+        workspace: Workspace, daemon: DaemonRunner, google: Emulator):
     """The watch is in the journal: a daemon started after the job was delivered still looks."""
     dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
     run = daemon.run_once(emulator=google)

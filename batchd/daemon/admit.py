@@ -139,7 +139,7 @@ class Admit:
             return {"result": work.future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
         if job.id in self.estimates:
             return None
-        if self.estimates.full():
+        if not self.turns.first(job.id, self.estimates.size - len(self.estimates)):
             self.turns.wait(job)
             return None
         try:

@@ -66,7 +66,7 @@ class Build:
         try:
             builder = self.builders.get(job.id)
             if builder is None:
-                if len(self.builders) >= self.slots:
+                if not self.turns.first(job.id, self.slots - len(self.builders)):
                     self.turns.wait(job)
                     return
                 builder = self._start(job)

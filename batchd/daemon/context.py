@@ -9,6 +9,7 @@ loop's thread can commit anything. Their outcomes come back to the step's ``coll
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import stat
@@ -232,27 +233,41 @@ def iso(timestamp: float | None) -> str | None:
 
 
 class Turns:
-    """Jobs waiting for a free thread of a bounded pool, served oldest first.
+    """The line of jobs waiting for a free thread of a bounded pool: a job waits in its journal state,
+    not in a queue of futures.
 
-    A job that finds the pool full is noted here and left in its journal state; each time threads
-    free up, as many of the oldest waiting jobs are marked for the loop's next tick.
+    A job that finds no free thread joins the line (:meth:`wait`). When threads free up, the jobs at
+    the head of the line are marked for the loop's next tick (:meth:`call`); a job visited for any
+    other reason may take a thread only if it is among the first in line for the free ones
+    (:meth:`first`), so a job that changes often cannot jump the line. Jobs are visited oldest first,
+    so they join the line oldest first; a job that needs a thread many times (a chunk at a time)
+    joins it again at the back after each turn.
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[str, tuple[float, str]] = {}
+        self._line: dict[str, None] = {}  # insertion-ordered: the head of the line first
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._line)
 
     def wait(self, job: Job) -> None:
-        self._waiting[job.id] = (job.created_at, job.id)
+        self._line.setdefault(job.id, None)
 
     def forget(self, job_id: str) -> None:
-        self._waiting.pop(job_id, None)
+        self._line.pop(job_id, None)
+
+    def first(self, job_id: str, free: int) -> bool:
+        """Whether the job may take one of ``free`` threads now (taking it out of the line if so)."""
+        if free <= 0:
+            return False
+        if job_id not in self._line:
+            return len(self._line) < free
+        if job_id in itertools.islice(self._line, free):
+            del self._line[job_id]
+            return True
+        return False
 
     def call(self, free: int, mark: Callable[[str], None]) -> None:
-        if free <= 0 or not self._waiting:
-            return
-        for job_id in sorted(self._waiting, key=self._waiting.__getitem__)[:free]:
-            del self._waiting[job_id]
+        """Mark the jobs at the head of the line for as many threads as are free."""
+        for job_id in itertools.islice(self._line, max(0, free)):
             mark(job_id)

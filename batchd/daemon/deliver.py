@@ -112,7 +112,7 @@ class Deliver:
         ctx = self.ctx
         gate = self.gates.get(job.id)
         if gate is None:
-            if self.writers.full():
+            if not self.turns.first(job.id, self.writers.size - len(self.writers)):
                 self.turns.wait(job)
                 return False
             gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)

@@ -205,10 +205,13 @@ class Loop:
         s = self.s
         if job.error is not None:
             s.deliver.without_results(job, "rejected")
-        elif job.admitted_at is None:
+            return
+        if job.admitted_at is None:
             s.admit.step(job)
-        else:
-            s.build.step(job)
+            job = self.ctx.journal.job(job.id)
+            if job.state != JobState.RECEIVED or job.admitted_at is None:
+                return  # held, or its estimate still runs
+        s.build.step(job)
 
     def _building(self, job: Job) -> None:
         # Chunks already built go out while the next one is built, so the service works on chunk n

@@ -55,9 +55,12 @@ class Submit:
         becomes ``submitted``."""
         ctx = self.ctx
         free = self.submissions.size - len(self.submissions)
-        self.turns.forget(job.id)
-        share = min(free, 1) if len(self.turns) else free  # others waiting: one chunk per turn
-        chunks = ctx.journal.built_chunks(job.id, share + 1)  # one more: to know whether some must wait
+        # One more than can go: to know whether some must wait. A cancelled job sends nothing more (its
+        # unsent chunks are skipped by batchd.daemon.cancel).
+        chunks = [] if job.cancel_requested else ctx.journal.built_chunks(job.id, free + 1)
+        share = 0
+        if chunks and self.turns.first(job.id, free):
+            share = 1 if len(self.turns) else free  # others in line: one chunk per turn
         for chunk in chunks[:share]:
             ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
                                      **_upload_intent(chunk))
@@ -65,10 +68,14 @@ class Submit:
             if chunk.resubmits:
                 crashpoint("after-resubmit-intent")
             self._start(job, chunk)
+        if not chunks:
+            self.turns.forget(job.id)
         if len(chunks) > share:
             self.turns.wait(job)  # more to send once the pool has room
         elif job.state == JobState.BUILT:
             totals = ctx.journal.chunk_totals(job.id)
+            if totals.get(ChunkState.BUILT):
+                return  # a cancelled job's unsent chunks are skipped first
             sent = totals["chunks"] > totals.get(ChunkState.SKIPPED, 0)  # none: cancelled before any was sent
             submitted = replace(job, state=JobState.SUBMITTED)
             ctx.journal.update_job(job.id, state=JobState.SUBMITTED, submitted_at=time.time() if sent else None,

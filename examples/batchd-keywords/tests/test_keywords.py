@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchd.manifest import ManifestError, load_manifest
-from batchd.testing import Daemon, Emulator, Workspace, answered, failed, write_manifest
+from batchd.testing import DaemonRunner, Emulator, Workspace, answered, failed, write_manifest
 from batchd_keywords import Keywords
 
 MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "articles.toml"
@@ -54,7 +54,7 @@ def test_the_plugin_is_installed(workspace: Workspace):
     assert plugin["hooks"] == ["register_tasks"] and plugin["tasks"] == ["keywords"]
 
 
-def test_the_daemon_delivers_keywords(workspace: Workspace, daemon: Daemon):
+def test_the_daemon_delivers_keywords(workspace: Workspace, daemon: DaemonRunner):
     workspace.drop_manifest("articles.toml", MANIFEST.read_text())
 
     run = daemon.run_once()
@@ -68,7 +68,7 @@ def test_the_daemon_delivers_keywords(workspace: Workspace, daemon: Daemon):
     assert all(line["status"] == "ok" and line["data"]["keywords"] for line in articles.results)
 
 
-def test_a_bad_manifest_is_rejected_naming_the_field(workspace: Workspace, daemon: Daemon):
+def test_a_bad_manifest_is_rejected_naming_the_field(workspace: Workspace, daemon: DaemonRunner):
     workspace.drop_manifest("bad", {"task": "keywords", "texts": ["x"], "max_keywords": 0})
 
     run = daemon.run_once()
@@ -90,7 +90,7 @@ def test_the_emulator_accepts_the_schema_and_answers_it(emulator: Emulator, tmp_
     assert key == "1" and keywords and all(isinstance(keyword, str) for keyword in keywords)
 
 
-def test_the_daemon_on_a_test_emulator(workspace: Workspace, daemon: Daemon, emulator: Emulator):
+def test_the_daemon_on_a_test_emulator(workspace: Workspace, daemon: DaemonRunner, emulator: Emulator):
     # The daemon talks to the test's emulator as it would to Google, so the test sees the remote job.
     workspace.drop_manifest("articles.toml", MANIFEST.read_text())
 

@@ -1,0 +1,101 @@
+"""Bounded work: a burst of manifests runs on a fixed number of threads, jobs wait their turn in the
+journal oldest first, and one job of many chunks does not hold back the small ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+from batchd.daemon.admit import TokenCounter
+from batchd.journal import Journal, journal_path
+from batchd.states import JobState
+from batchd.testing import Workspace
+
+
+def small(n: int) -> str:
+    return f'task = "sentiment"\ntexts = ["Order {n} arrived.", "Order {n} was late."]\n'
+
+
+def run_in_process(daemon: Daemon, done, timeout: float = 120) -> int:
+    """Tick the daemon's loop in this process until ``done()``; returns the most threads seen."""
+    most = 0
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        daemon.loop.tick()
+        most = max(most, threading.active_count())
+        daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
+    return most
+
+
+def test_a_burst_of_jobs_runs_on_a_fixed_number_of_threads(workspace: Workspace):
+    """60 jobs, pools of 2: the threads stay within what the pools allow (before, every admitted job
+    started a build thread and an estimate of its own), and every job is delivered."""
+    workspace.configure(settle_seconds=0, max_concurrent_builds=2, max_concurrent_submissions=2,
+                        max_concurrent_writes=2, job_seconds=0)
+    for n in range(60):
+        workspace.drop(f"job{n:02}.toml", small(n))
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    before = threading.active_count()
+    daemon.start()
+    try:
+        most = run_in_process(daemon, lambda: len(workspace.outbox_folders()) == 60)
+    finally:
+        daemon.close()
+    # builds 2 (+2 estimates, each reading in one more thread) + submit 2 + fetch 2 + write 2 (+2 organize)
+    # + delete 1 + cleanup 1, the watcher, the notification workers and the emulator's pipe reader.
+    assert most - before <= 30, most - before
+    assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
+
+
+def test_jobs_take_their_turn_oldest_first_and_a_big_job_does_not_starve_small_ones(workspace: Workspace):
+    """A job of 30 one-request chunks arrives first, then 6 small jobs: with 2 submission threads and
+    creates that take a while, the small jobs each get a turn before the big job has sent all its
+    chunks (before, the oldest job took every thread that freed up)."""
+    workspace.configure(settle_seconds=0, max_concurrent_builds=8, max_concurrent_submissions=2,
+                        chunk_max_requests=1, job_seconds=0, faults=["slow=0.3@create"])
+    texts = ", ".join(f'"text {n}"' for n in range(30))
+    workspace.drop("big.toml", f'task = "sentiment"\ntexts = [{texts}]\n')
+    time.sleep(0.01)  # the big job's mtime is older: it is claimed first
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        run_in_process(daemon, lambda: daemon.journal.count_jobs([JobState.BUILT, JobState.SUBMITTED]) >= 1)
+        for n in range(6):
+            workspace.drop(f"small{n}.toml", small(n))
+        run_in_process(daemon, lambda: len(workspace.outbox_folders()) == 7)
+    finally:
+        daemon.close()
+    journal = Journal(journal_path(workspace.state), readonly=True)
+    try:
+        (big,) = journal.find_jobs("big")
+        intents = sorted(c.intent_at for c in journal.chunks(big.id))
+        smalls = [journal.find_jobs(f"small{n}")[0] for n in range(6)]
+        first_small_intents = [journal.chunks(job.id)[0].intent_at for job in smalls]
+    finally:
+        journal.close()
+    assert max(first_small_intents) < intents[-1], "the small jobs waited for every chunk of the big one"
+
+
+class CountingProvider:
+    """Stands for batchd's provider in a unit test of the counter's arithmetic (no service involved)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def count_tokens(self, model: str, texts: list[str]) -> int:
+        self.calls += 1
+        return sum(len(text) for text in texts) // 4
+
+
+def test_small_jobs_are_counted_with_a_ratio_a_larger_count_measured():
+    provider = CountingProvider()
+    counter = TokenCounter(lambda: provider).for_model("gemini-2.5-flash")
+    assert counter(["a few words"]) == 2 and provider.calls == 1, "no ratio yet: the service counts"
+    assert counter(["x" * 4000]) == 1000 and provider.calls == 2, "a large sample is always counted"
+    assert counter(["y" * 400]) == 100 and provider.calls == 2, "a small one is priced with its ratio"
+    other = TokenCounter(lambda: provider).for_model("gemini-2.5-pro")
+    other(["z" * 40])
+    assert provider.calls == 3, "a ratio is per model"

@@ -1,0 +1,70 @@
+"""The state tables in batchd/states.py are the one truth: the journal's diagrams match them and the
+journal refuses any other move."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import batchd.journal
+from batchd.journal import Journal
+from batchd.states import CHUNK_MOVES, JOB_MOVES, ChunkState, IllegalMove, JobState
+
+
+def diagram_moves(block_title: str) -> set[tuple[str, str]]:
+    """The moves drawn in the journal's docstring diagram that follows ``block_title``."""
+    doc = batchd.journal.__doc__
+    block = doc[doc.index(block_title):].split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    moves = set()
+    for line in block.splitlines():
+        found = re.fullmatch(r"\s+(\w+)\s+→ (.+)", line)
+        assert found, f"not a diagram line: {line!r}"
+        moves |= {(found[1], target.strip()) for target in found[2].split("|")}
+    return moves
+
+
+def test_the_job_diagram_is_the_table():
+    assert diagram_moves("Job states, from left to right") == {(a.value, b.value) for a, b in JOB_MOVES}
+
+
+def test_the_chunk_diagram_is_the_table():
+    assert diagram_moves("has its own small state machine") == {(a.value, b.value) for a, b in CHUNK_MOVES}
+
+
+def test_every_state_is_reachable_and_every_job_can_end():
+    reached = {JobState.CLAIMING}
+    while True:
+        more = {b for a, b in JOB_MOVES if a in reached} - reached
+        if not more:
+            break
+        reached |= more
+    assert reached == set(JobState)
+    assert not [state for state in JobState if state != JobState.DONE and not any(a == state for a, _ in JOB_MOVES)]
+
+
+def test_the_journal_refuses_a_move_not_in_the_table(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    journal.add_job("j1", name="a", source="a.toml")
+    journal.update_job("j1", state=JobState.RECEIVED)
+    with pytest.raises(IllegalMove, match="'received' → 'fetched'"):
+        journal.update_job("j1", state=JobState.FETCHED)
+    assert journal.job("j1").state == JobState.RECEIVED, "the refused move left nothing behind"
+    journal.update_job("j1", state=JobState.BUILDING)
+    journal.add_chunk("j1", {"idx": 0, "display_name": "d0", "mode": "inline", "request_count": 1, "byte_size": 9})
+    with pytest.raises(IllegalMove):
+        journal.update_chunk("j1", 0, state=ChunkState.RUNNING)
+    journal.update_chunk("j1", 0, state=ChunkState.SUBMITTING)
+    journal.update_chunk("j1", 0, state=ChunkState.RUNNING)
+    assert journal.chunk("j1", 0).state == ChunkState.RUNNING
+
+
+def test_the_journal_reports_every_change_of_a_job(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    changed: list[str] = []
+    journal.on_change = changed.append
+    journal.add_job("j1", name="a", source="a.toml")
+    journal.update_job("j1", state=JobState.RECEIVED)
+    journal.add_chunk("j1", {"idx": 0, "display_name": "d0", "mode": "inline", "request_count": 1, "byte_size": 9})
+    journal.update_chunk("j1", 0, state=ChunkState.SUBMITTING)
+    assert changed == ["j1", "j1", "j1"]
