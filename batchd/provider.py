@@ -26,10 +26,8 @@ import importlib
 import json
 import logging
 import os
-import random
 import re
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
+import tenacity
 from google import genai
 from google.genai import errors, types
 
@@ -157,25 +156,28 @@ class RetryPolicy:
             http_status_codes=list(RETRYABLE_STATUS_CODES),
         )
 
-    def delay(self, failed_attempts: int) -> float:
-        """Seconds to wait after ``failed_attempts`` failures: exponential with jitter, like the SDK."""
-        backoff = min(self.max_delay, self.initial_delay * 2 ** (failed_attempts - 1))
-        return backoff + random.uniform(0, self.initial_delay)
+    def retrying(self, what: str) -> tenacity.Retrying:
+        """A blocking retry of a whole operation: exponential with jitter, like the SDK's, on the
+        errors :func:`is_retryable` accepts; the last error is raised as it was."""
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential(multiplier=self.initial_delay, max=self.max_delay)
+            + tenacity.wait_random(0, self.initial_delay),
+            retry=tenacity.retry_if_exception(is_retryable),
+            before_sleep=lambda state: log.warning(
+                "%s failed (%s); attempt %d of %d in %.1f s", what, state.outcome.exception(),
+                state.attempt_number + 1, self.attempts, state.next_action.sleep),
+            reraise=True,
+        )
 
 
 def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str,
                   on_attempt: Callable[[int], None] = lambda attempt: None) -> _Result:
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            on_attempt(attempt)
-            return operation()
-        except Exception as exc:
-            if attempt == policy.attempts or not is_retryable(exc):
-                raise
-            delay = policy.delay(attempt)
-            log.warning("%s failed (%s); attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    for attempt in policy.retrying(what):
+        with attempt:
+            on_attempt(attempt.retry_state.attempt_number)
+            result = operation()
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,10 +77,6 @@ JOB_STATES_WITH_REMOTE_WORK = (JobState.BUILDING, JobState.BUILT, JobState.SUBMI
 REMOTE_LIVE_CHUNK_STATES = (ChunkState.SUBMITTING, ChunkState.RUNNING)
 #: Chunk states that are final for this attempt: its results (or their absence) are settled.
 CHUNK_DONE_STATES = (ChunkState.FETCHED, ChunkState.SKIPPED)
-#: Upload states of a file the service may still hold.
-UPLOAD_HELD_STATES = (UploadState.UPLOADING, UploadState.UPLOADED)
-#: A done job's outcomes.
-OUTCOMES = ("succeeded", "partial", "failed", "cancelled", "rejected")
 
 
 class IllegalMove(RuntimeError):

@@ -110,10 +110,7 @@ class Admit:
                 self._timeouts.pop(work.key, None)
             else:
                 self._finished[work.key] = work
-        self.turns.call(self.estimates.size - len(self.estimates), self.ctx.mark)
-
-    def busy(self) -> bool:
-        return bool(len(self.estimates))
+        self.turns.call(self.estimates.free(), self.ctx.mark)
 
     def forget(self, job_id: str) -> None:
         """The job is delivered (cancelled, rejected) while it waited for or ran its estimate."""
@@ -139,7 +136,7 @@ class Admit:
             return {"result": work.future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
         if job.id in self.estimates:
             return None
-        if not self.turns.first(job.id, self.estimates.size - len(self.estimates)):
+        if not self.turns.first(job.id, self.estimates.free()):
             self.turns.wait(job)
             return None
         try:

@@ -221,11 +221,6 @@ class Build:
         s = self.ctx.settings
         return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
 
-    def ready(self) -> bool:
-        """Whether a builder has a chunk (or its end) to take now."""
-        return any(b.chunks.ready() and not (b.estimate is not None and b.estimate.fed_all and not b.estimate.done())
-                   for b in self.builders.values())
-
     def close(self) -> None:
         for builder in self.builders.values():
             builder.close()

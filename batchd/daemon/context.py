@@ -105,8 +105,8 @@ class Workers(Generic[K]):
     def __len__(self) -> int:
         return len(self.running)
 
-    def full(self) -> bool:
-        return len(self.running) >= self.size
+    def free(self) -> int:
+        return self.size - len(self.running)
 
     def start(self, key: K, work: Callable[..., Any], *args: Any, about: Any = None) -> Work[K]:
         future = self._pool.submit(work, *args)

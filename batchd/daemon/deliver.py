@@ -100,11 +100,7 @@ class Deliver:
     def collect(self) -> None:
         for work in self.writers.finished():
             self._written[work.key] = work
-        self.turns.call(self.writers.size - len(self.writers), self.ctx.mark)
-
-    def busy(self) -> bool:
-        """Whether a job whose chunks are all back waits for its writer."""
-        return any(not self.gates[key].pending() for key in self.writers.running)
+        self.turns.call(self.writers.free(), self.ctx.mark)
 
     def join(self, job: Job, chunks: list[Chunk]) -> bool:
         """Start the job's writer (when a thread is free) and open the chunks that are back; False while
@@ -112,7 +108,7 @@ class Deliver:
         ctx = self.ctx
         gate = self.gates.get(job.id)
         if gate is None:
-            if not self.turns.first(job.id, self.writers.size - len(self.writers)):
+            if not self.turns.first(job.id, self.writers.free()):
                 self.turns.wait(job)
                 return False
             gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)

@@ -35,7 +35,7 @@ class Fetch:
         key = (chunk.job_id, chunk.idx)
         if key in self.fetches or self.ctx.writes_paused():
             return  # under way, or no room to store the results: the next poll after the pause fetches them
-        if self.fetches.full():
+        if not self.fetches.free():
             self._queued[key] = chunk
             return
         self._queued.pop(key, None)
@@ -75,7 +75,7 @@ class Fetch:
                                  events=self._progress_events(chunk, remote.stats, finished=True))
             log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
                      extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
-        for chunk in list(self._queued.values())[:self.fetches.size - len(self.fetches)]:
+        for chunk in list(self._queued.values())[:self.fetches.free()]:
             self.start(chunk)
 
     def close(self) -> None:

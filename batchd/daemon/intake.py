@@ -30,6 +30,9 @@ MANIFEST_SUFFIXES = (".toml", ".json")
 CANCEL_SUFFIX = ".cancel"
 APPROVE_SUFFIX = ".approve"
 CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
+#: Manifests claimed in one tick at most: a burst of thousands is claimed over many ticks, so the jobs
+#: already claimed move on meanwhile (each claim parses a manifest and commits twice).
+CLAIMS_PER_TICK = 50
 
 
 class Intake:
@@ -40,6 +43,8 @@ class Intake:
         self._on_flag = on_flag
         #: Why new manifests are not claimed (free space under min_free_mb), or None.
         self.claiming_paused: str | None = None
+        #: Whether the last tick left settled manifests for the next one (CLAIMS_PER_TICK).
+        self.backlog = False
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -77,8 +82,13 @@ class Intake:
         paused = self._below_free_space_floor()
         for irregular in self.inbox.take_irregular() if not paused else ():
             self._reject_irregular(irregular)
+        self.backlog = False
+        claimed = 0
         for candidate in candidates:
             ctx.check_stop()
+            if claimed >= CLAIMS_PER_TICK:
+                self.backlog = True  # the rest next tick, after the jobs already claimed have moved
+                break
             path = candidate.path
             if paused and path.suffix not in CONTROL_SUFFIXES:
                 continue  # a cancel or approval takes no room; a new job does
@@ -89,6 +99,7 @@ class Intake:
                 self._accept(path, None, source=source, error={
                     "code": "file_name_not_utf8", "file": source,
                     "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
+                claimed += 1
                 continue
             if path.suffix in CONTROL_SUFFIXES:
                 self.take_control_file(path)
@@ -103,8 +114,10 @@ class Intake:
                 if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
                     continue
                 self._accept(path, None, error=manifest_error(error))
+                claimed += 1
                 continue
             self._accept(path, manifest)
+            claimed += 1
 
     def _reject_irregular(self, irregular: Irregular) -> None:
         """A symlink, folder or FIFO with a manifest's name: rejected, and the entry itself (never what

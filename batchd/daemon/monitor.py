@@ -21,14 +21,13 @@ from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
 from batchd.provider import RemoteJob, is_retryable
-from batchd.states import CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
+from batchd.states import JOB_STATES_WITH_REMOTE_WORK, CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
 
 #: How far the service's create times may be behind this machine's clock: the stray watch reads the
 #: newest-first list down to this much before a watched name's first create.
 CLOCK_SKEW_SECONDS = 600.0
-_JOBS_WITH_REMOTE_WORK = (JobState.BUILDING, JobState.BUILT, JobState.SUBMITTED)
 
 
 class Monitor:
@@ -43,7 +42,7 @@ class Monitor:
         self.cancel_backoff: dict[str, Backoff] = {}
 
     def chunks_in(self, *states: str) -> list[Chunk]:
-        return self.ctx.journal.chunks_in(states, job_states=_JOBS_WITH_REMOTE_WORK)
+        return self.ctx.journal.chunks_in(states, job_states=JOB_STATES_WITH_REMOTE_WORK)
 
     def live_chunks(self) -> list[Chunk]:
         return self.chunks_in(*REMOTE_LIVE_CHUNK_STATES)

@@ -256,7 +256,7 @@ class Loop:
         if ctx.storage_failure is not None:
             return 0.0
         with self._ready_lock:
-            if self._ready:
+            if self._ready or s.intake.backlog and not s.intake.claiming_paused:
                 return 0.0
         # --once also waits for unparseable manifests to reach their grace period: look each second.
         wait = 1.0 if ctx.once else ctx.settings.rescan_seconds

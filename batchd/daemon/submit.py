@@ -23,7 +23,7 @@ from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.journal import Chunk, Job
 from batchd.provider import Provider, RemoteFile, RemoteJob, RequestEncoder, is_retryable
 from batchd.spool import JobSpool
-from batchd.states import ChunkState, JobState, UploadState
+from batchd.states import JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
 log = logging.getLogger("batchd")
 
@@ -54,7 +54,7 @@ class Submit:
         """Send the job's built chunks while the pool has room; a ``built`` job whose every chunk is sent
         becomes ``submitted``."""
         ctx = self.ctx
-        free = self.submissions.size - len(self.submissions)
+        free = self.submissions.free()
         # One more than can go: to know whether some must wait. A cancelled job sends nothing more (its
         # unsent chunks are skipped by batchd.daemon.cancel).
         chunks = [] if job.cancel_requested else ctx.journal.built_chunks(job.id, free + 1)
@@ -128,7 +128,7 @@ class Submit:
             if chunk.resubmits:
                 crashpoint("after-resubmit-create")
             self.adopt(chunk, result)
-        self.turns.call(self.submissions.size - len(self.submissions), self.ctx.mark)
+        self.turns.call(self.submissions.free(), self.ctx.mark)
 
     def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
         """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
@@ -246,10 +246,9 @@ class Submit:
 
 def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
     """Chunks whose create intent is committed and whose remote batch is not recorded."""
-    return ctx.journal.chunks_in((ChunkState.SUBMITTING,), job_states=_JOBS_WITH_REMOTE_WORK)
+    return ctx.journal.chunks_in((ChunkState.SUBMITTING,), job_states=JOB_STATES_WITH_REMOTE_WORK)
 
 
-_JOBS_WITH_REMOTE_WORK = (JobState.BUILDING, JobState.BUILT, JobState.SUBMITTED)
 
 
 # -- work run in the pool: given what it needs, never the journal ---------------------------------------
