@@ -510,6 +510,13 @@ class Journal:
         )
         return [_chunk(row) for row in rows]
 
+    def count_chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...], limit: int = -1) -> int:
+        """How many chunks :meth:`chunks_in` would return (at most ``limit``: 1 asks whether there is any)."""
+        return self._db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            f" WHERE c.state IN ({', '.join('?' * len(states))}) AND j.state IN ({', '.join('?' * len(job_states))})"
+            " LIMIT ?)", (*states, *job_states, limit)).fetchone()[0]
+
     def uploads_to_delete(self) -> list[Chunk]:
         """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
         rows = self._db.execute(

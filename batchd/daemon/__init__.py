@@ -48,7 +48,7 @@ from batchd.journal import Journal, journal_path
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
 from batchd.provider import Provider, is_retryable
 from batchd.service import ServiceManager
-from batchd.states import ACTIVE_JOB_STATES, ChunkState
+from batchd.states import ACTIVE_JOB_STATES
 
 log = logging.getLogger("batchd")
 
@@ -261,7 +261,7 @@ class Daemon:
     def status_line(self) -> str:
         """One line for ``systemctl status``: e.g. "3 jobs active, 2 remote batches running"."""
         jobs = self.journal.count_jobs(ACTIVE_JOB_STATES)
-        running = len(self.steps.monitor.chunks_in(ChunkState.RUNNING))
+        running = self.steps.monitor.running_count()
         line = f"{jobs} job{'s' if jobs != 1 else ''} active, " \
                f"{running} remote batch{'es' if running != 1 else ''} running"
         waiting = len(self.steps.submit.submissions)

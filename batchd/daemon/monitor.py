@@ -44,15 +44,20 @@ class Monitor:
     def chunks_in(self, *states: str) -> list[Chunk]:
         return self.ctx.journal.chunks_in(states, job_states=JOB_STATES_WITH_REMOTE_WORK)
 
-    def live_chunks(self) -> list[Chunk]:
-        return self.chunks_in(*REMOTE_LIVE_CHUNK_STATES)
+    def anything_live(self) -> bool:
+        """Whether a remote batch runs, or may (one query, however many there are)."""
+        return bool(self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
+                                                     limit=1))
+
+    def running_count(self) -> int:
+        return self.ctx.journal.count_chunks_in((ChunkState.RUNNING,), job_states=JOB_STATES_WITH_REMOTE_WORK)
 
     def due(self) -> bool:
-        return self.poll_clock.due() and bool(self.live_chunks()) or self._stray_look_due()
+        return self.poll_clock.due() and self.anything_live() or self._stray_look_due()
 
     def seconds_until_due(self) -> float:
         """When the next poll (or look for strays) is due; inf when nothing is to be watched."""
-        if self.live_chunks():
+        if self.anything_live():
             return self.poll_clock.seconds_left()
         if self.ctx.journal.watched_names():
             return max(0.0, self._strays_looked_at + self.ctx.settings.poll_max_interval - time.monotonic())
@@ -67,7 +72,7 @@ class Monitor:
         ctx = self.ctx
         running = {c.remote_name: c for c in self.chunks_in(ChunkState.RUNNING)}
         by_display_name = {c.display_name: c for c in running.values()}
-        live = bool(running) or bool(self.chunks_in(ChunkState.SUBMITTING))  # else a look for strays alone
+        live = self.anything_live()  # else a look for strays alone
         changed = False
         try:
             self._reconcile()
