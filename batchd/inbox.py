@@ -14,29 +14,43 @@ a periodic timer, as Postfix's pickup does:
             ...                     # parse, then claim(candidate.path, spool_path)
         inbox.wait(timeout)
 
-A file is a candidate only once it has *settled* (size and mtime unchanged for a while),
-and it is taken with :func:`claim`, a no-overwrite move into the state dir that exactly
-one claimant wins (Maildir's delivery protocol, turned around for a shared drop folder).
+A file written in place is a candidate only once it has *settled* (size and mtime unchanged
+for a while). A file renamed into the inbox is one at once: a rename is how a careful
+producer says "complete" (Maildir's tmp → new), so only inotify's report of the rename is
+needed, not a second of watching the file stand still. Every candidate is taken with
+:func:`claim`, a no-overwrite move into the state dir that exactly one claimant wins
+(Maildir's delivery protocol, turned around for a shared drop folder).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import filecmp
 import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from batchd.outbox import durable_move, numbered_paths, write_temp
+from batchd.outbox import durable_move, fsync_dir, numbered_paths, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +118,26 @@ class _Observation:
     unchanged_since: float  # time.monotonic() when this size/mtime was first seen
 
 
+#: What tells one state of a file from another: st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns.
+#: ctime as well, because a write that keeps size and mtime (a restored mtime, or one within the
+#: filesystem's timestamp tick) still moves it.
+_Identity = tuple[int, int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _MovedIn:
+    """A file renamed into the inbox, as the watcher's stat() found it just after the rename."""
+
+    identity: _Identity
+    #: Order of recording. A scan forgets a record whose name it did not list only if the record
+    #: is older than the listing: a file renamed in while the listing ran may be missing from it.
+    seq: int
+
+
 def _kind_of(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
@@ -118,24 +152,62 @@ def _kind_of(mode: int) -> str:
     return "other"
 
 
-class _WakeOnEvent(FileSystemEventHandler):
-    """Turns every event in the inbox into a wake-up hint, and nothing else.
+#: Events after which a file's content may differ from what was renamed in. Opened, closed
+#: without writing and attribute changes are absent: readers (batchd itself) cause them.
+#: Closed-after-writing counts although a close writes nothing: a write through mmap(2)
+#: raises no modify event, only that close.
+_CONTENT_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_DELETED})
 
-    watchdog dispatches with no try/except, so an exception here would kill the observer
-    thread for good (watchdog #427); hence the catch-all around the one thing it does.
+
+def _entry_name(path: str | bytes) -> str | None:
+    # The one watch is of the inbox alone, not recursive, so every file event names an entry of
+    # the inbox; an empty path is the far side of a move from or to outside it.
+    return os.path.basename(os.fsdecode(path)) if path else None
+
+
+class _EventHints(FileSystemEventHandler):
+    """Turns every event in the inbox into a wake-up hint; with ``track_moves``, also tells the
+    inbox which files were renamed into it (:meth:`Inbox._note_moved_in`) and which changed since.
+
+    Events stay hints: the scan, on the daemon's thread, decides from its own stat(). watchdog
+    dispatches with no try/except, so an exception here would kill the observer thread for good
+    (watchdog #427); hence the catch-all, which still sets the hint.
     """
 
-    def __init__(self, wake: threading.Event):
+    def __init__(self, inbox: Inbox, wake: threading.Event, *, track_moves: bool):
         super().__init__()
+        self._inbox = inbox
         self._wake = wake
+        self._track_moves = track_moves
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        # Overriding dispatch covers created, moved (into the inbox it arrives as created or
-        # moved-with-dest_path), modified and closed alike: which one does not matter to a scan.
         try:
-            self._wake.set()
+            try:
+                if self._track_moves and not event.is_directory:
+                    self._note(event)
+            finally:
+                # After the note, so that the scan this hint wakes finds the move recorded.
+                self._wake.set()
         except BaseException:  # noqa: BLE001 - see class docstring
             log.exception("inbox event handler failed")
+
+    def _note(self, event: FileSystemEvent) -> None:
+        if event.event_type == EVENT_TYPE_MOVED:
+            source, dest = _entry_name(event.src_path), _entry_name(event.dest_path)
+            if source is not None:
+                self._inbox._forget_move(source)
+            if dest is None:
+                return
+            if source is None or not self._inbox._is_manifest_name(source):
+                # From outside the inbox, or from a name scans never read (a producer's temp
+                # name): the producer renamed a finished file in.
+                self._inbox._note_moved_in(dest, os.fsdecode(event.dest_path))
+            else:
+                # From one manifest name to another: that file may have been written in place
+                # and still be, so it settles like one.
+                self._inbox._forget_move(dest)
+        elif event.event_type in _CONTENT_EVENTS:
+            self._inbox._forget_move(_entry_name(event.src_path))
 
 
 class Inbox:
@@ -150,7 +222,18 @@ class Inbox:
     names ending in one of ``suffixes`` (case-insensitive) are considered. ``temp_max_age``:
     the age (seconds, by mtime) after which :meth:`reap_stale_temp_files` removes a producer's
     leftover temp file; None never removes one.
+
+    A file renamed into the inbox needs no settling: it is a candidate as soon as a scan finds it
+    as the watcher saw it just after the rename (same inode, size, mtime and ctime) with no write
+    reported since. That takes inotify's move events, so only the inotify observer (``"auto"``
+    on Linux, or ``"inotify"``) provides it; with ``"polling"`` (which cannot tell a rename from
+    a new file reliably), ``"none"``, or other platforms' observers every file settles.
     """
+
+    #: Renamed-in files remembered at once, at most. Anyone can drop files, so the memory is
+    #: bounded; arrivals beyond it settle like files written in place. A scan forgets the names
+    #: that have left the inbox, so only more than this many waiting at once reaches it.
+    max_recorded_moves: int = 100_000
 
     def __init__(
         self,
@@ -180,6 +263,10 @@ class Inbox:
         self._irregular_unreported: list[Irregular] = []
         self._next_rescan = 0.0  # monotonic; 0 means "scan now"
         self._next_settle_check: float | None = None
+        # Written by the watcher's thread, read and pruned by scan() on the caller's.
+        self._moves_lock = threading.Lock()
+        self._moved_in: dict[str, _MovedIn] = {}
+        self._move_seq = 0
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -200,26 +287,33 @@ class Inbox:
     def _start_observer(self) -> BaseObserver:
         if self.backend != "polling":
             try:
-                return self._schedule_and_start(self._native_observer())
+                return self._schedule_and_start(*self._native_observer())
             except OSError as exc:
                 # inotify's watch and instance limits (ENOSPC/EMFILE, watchdog #673, #846)
                 # surface here; polling keeps batchd working instead of crash-looping.
                 log.warning("cannot watch %s natively (%s); falling back to polling every %.1fs",
                             self.path, exc, self.poll_seconds)
-        return self._schedule_and_start(PollingObserver(timeout=self.poll_seconds))
+        # Polling finds a rename only by pairing inodes across two snapshots, and a move from
+        # outside not at all: its move events are not trusted, every file settles.
+        return self._schedule_and_start(PollingObserver(timeout=self.poll_seconds), track_moves=False)
 
-    def _native_observer(self) -> BaseObserver:
-        if self.backend == "inotify":
-            from watchdog.observers.inotify import InotifyObserver
-
-            return InotifyObserver()
+    def _native_observer(self) -> tuple[BaseObserver, bool]:
+        """The platform's observer, and whether its move events mark renamed-in files."""
         from watchdog.observers import Observer
 
-        return Observer()
+        if self.backend == "inotify" or Observer.__name__ == "InotifyObserver":
+            from watchdog.observers.inotify import InotifyObserver
 
-    def _schedule_and_start(self, observer: BaseObserver) -> BaseObserver:
+            # Full events: a file moved in from outside the inbox is reported as moved (with an
+            # empty src_path) instead of as created, which is what tells it from a new file.
+            return InotifyObserver(generate_full_events=True), True
+        # FSEvents, kqueue and Windows report moves each their own way: not relied on.
+        return Observer(), False
+
+    def _schedule_and_start(self, observer: BaseObserver, track_moves: bool) -> BaseObserver:
         try:
-            observer.schedule(_WakeOnEvent(self._hint), str(self.path), recursive=False)
+            handler = _EventHints(self, self._hint, track_moves=track_moves)
+            observer.schedule(handler, str(self.path), recursive=False)
             observer.start()  # the inotify watch itself is added here
         except BaseException:
             _stop_observer(observer)
@@ -241,6 +335,8 @@ class Inbox:
         log.warning("the watcher of %s stopped; restarting it", self.path)
         self._observer = None
         _stop_observer(observer)
+        # A write to a renamed-in file may have gone unreported while no one watched.
+        self._forget_all_moves()
         self._observer = self._start_observer()
         self._hint.set()
         return True
@@ -249,6 +345,7 @@ class Inbox:
         observer, self._observer = self._observer, None
         if observer is not None:
             _stop_observer(observer)
+        self._forget_all_moves()  # nothing reports writes to them any more
 
     def __enter__(self) -> Inbox:
         self.start()
@@ -279,10 +376,11 @@ class Inbox:
     # -- scanning ---------------------------------------------------------------------------
 
     def scan(self) -> list[Candidate]:
-        """List the inbox and return its settled manifest candidates, oldest mtime first.
+        """List the inbox and return its manifest candidates, oldest mtime first.
 
-        Entries with a manifest's name that are not regular files are logged once and kept
-        for :meth:`take_irregular`.
+        A candidate is a regular file that has settled, or that was renamed in and is still as
+        the watcher saw it then. Entries with a manifest's name that are not regular files are
+        logged once and kept for :meth:`take_irregular`.
         """
         now = time.monotonic()
         wall_now_ns = time.time_ns()
@@ -291,10 +389,14 @@ class Inbox:
         irregular_present: set[str] = set()
         settled: list[Candidate] = []
         next_settle_check: float | None = None
+        with self._moves_lock:
+            moved_in = dict(self._moved_in)
+            moves_before_listing = self._move_seq
+        changed_since_move: set[str] = set()
 
         with os.scandir(self.path) as entries:
             for entry in entries:
-                if is_temp_name(entry.name) or not entry.name.lower().endswith(self.suffixes):
+                if not self._is_manifest_name(entry.name):
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -309,8 +411,16 @@ class Inbox:
                 if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                     seen = _Observation(st.st_size, st.st_mtime_ns, now)
                 observations[entry.name] = seen
-
                 unchanged_for = now - seen.unchanged_since
+
+                move = moved_in.get(entry.name)
+                if move is not None:
+                    if move.identity == _identity(st):
+                        settled.append(Candidate(Path(entry.path), st.st_size, st.st_mtime_ns, unchanged_for))
+                        continue
+                    # Written to, or replaced, since it was renamed in: from now on it settles.
+                    changed_since_move.add(entry.name)
+
                 mtime_age_ns = wall_now_ns - st.st_mtime_ns
                 # The mtime is only ever compared with the wall clock. An mtime ahead of our
                 # clock (a skewed NFS server) tells nothing, so then the monotonic rule decides.
@@ -326,6 +436,12 @@ class Inbox:
 
         self._observations = observations
         self._irregular_seen &= irregular_present  # forget what left, report it again if it returns
+        with self._moves_lock:
+            self._moved_in = {
+                name: move for name, move in self._moved_in.items()
+                if move.seq > moves_before_listing
+                or (name in observations and name not in changed_since_move)
+            }
         self._next_settle_check = next_settle_check
         self._next_rescan = now + self.rescan_seconds
         settled.sort(key=lambda candidate: (candidate.mtime_ns, candidate.path.name))
@@ -338,6 +454,40 @@ class Inbox:
         irregular = Irregular(self.path / name, _kind_of(mode))
         log.warning("ignoring %s in the inbox: it is a %s, not a regular file", irregular.path, irregular.kind)
         self._irregular_unreported.append(irregular)
+
+    def _is_manifest_name(self, name: str) -> bool:
+        return not is_temp_name(name) and name.lower().endswith(self.suffixes)
+
+    def _note_moved_in(self, name: str, path: str) -> None:
+        """On the watcher's thread: ``name`` was just renamed into the inbox, so was complete then.
+
+        Its identity is taken now, as close to the rename as can be, for scan() to compare with
+        its own stat(): any later write, or another file under the name, no longer matches.
+        """
+        if not self._is_manifest_name(name):
+            return
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            st = None  # already gone (claimed, renamed on): nothing to remember
+        with self._moves_lock:
+            if st is None or not stat.S_ISREG(st.st_mode) or (
+                    name not in self._moved_in and len(self._moved_in) >= self.max_recorded_moves):
+                self._moved_in.pop(name, None)
+                return
+            self._move_seq += 1
+            self._moved_in[name] = _MovedIn(_identity(st), self._move_seq)
+
+    def _forget_move(self, name: str | None) -> None:
+        """On the watcher's thread: ``name`` was written to, created, removed or renamed away."""
+        if name is None:
+            return
+        with self._moves_lock:
+            self._moved_in.pop(name, None)
+
+    def _forget_all_moves(self) -> None:
+        with self._moves_lock:
+            self._moved_in.clear()
 
     def reap_stale_temp_files(self) -> list[Path]:
         """Remove producers' temp files (``*.tmp``, ``*.part``, dotfiles included) older than ``temp_max_age``.
@@ -408,13 +558,65 @@ def claim(candidate_path: Path, dest: Path) -> bool:
     return True
 
 
+#: renameat2(2)'s flag to fail with EEXIST rather than replace the target, and "relative to the
+#: current directory" for its directory arguments.
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+#: Errors meaning this kernel, libc, sandbox or filesystem has no renameat2 with that flag.
+_NO_RENAMEAT2 = frozenset({errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _load_renameat2():
+    if sys.platform != "linux":
+        return None
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.4
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    return renameat2
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename_no_replace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (then ``FileExistsError``), atomically.
+
+    Returns False, having done nothing, where the system offers no such rename.
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_RENAMEAT2:
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Give the finished temp file ``tmp`` its final name ``dest`` beside it, never replacing a file.
+
+    A rename where the system can rename without replacing: the daemon's watcher sees it as a
+    move in and takes the file without waiting for it to settle. Elsewhere link + unlink
+    (:func:`durable_move`), which the daemon finds complete once it has settled.
+    """
+    if _rename_no_replace(tmp, dest):
+        fsync_dir(dest.parent)  # tmp is beside dest: one directory holds both changes
+    else:
+        durable_move(tmp, dest)
+
+
 def drop_file(src: Path, inbox: Path) -> Path:
     """Deliver a copy of ``src`` into ``inbox`` as a careful producer should, and return its path.
 
     The producer side of Maildir's protocol: the copy is written and fsynced under a dotfile
-    temp name that scans ignore, then linked to its final name, so it is never seen half
-    written. An existing file is never replaced: if ``NAME.toml`` is still waiting, the copy
-    becomes ``NAME-2.toml`` (then ``-3``, …).
+    temp name that scans ignore, then renamed (or linked) to its final name, so it is never
+    seen half written. An existing file is never replaced: if ``NAME.toml`` is still waiting,
+    the copy becomes ``NAME-2.toml`` (then ``-3``, …).
     """
     src, inbox = Path(src), Path(inbox)
     with open(src, "rb") as source:
@@ -422,7 +624,7 @@ def drop_file(src: Path, inbox: Path) -> Path:
     try:
         for dest in numbered_paths(inbox, src.stem, src.suffix):
             try:
-                durable_move(tmp, dest)
+                _move_into_place(tmp, dest)
             except FileExistsError:
                 continue
             return dest
@@ -445,7 +647,7 @@ def drop_input(src: Path, dest: Path) -> bool:
     with open(src, "rb") as source:
         tmp = write_temp(dest, source)
     try:
-        durable_move(tmp, dest)
+        _move_into_place(tmp, dest)
     except FileExistsError:
         if filecmp.cmp(src, dest, shallow=False):  # the same file arrived meanwhile
             return False
@@ -463,7 +665,7 @@ def drop_bytes(data: bytes, path: Path) -> Path:
     path = Path(path)
     tmp = write_temp(path, data)
     try:
-        durable_move(tmp, path)
+        _move_into_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -403,3 +404,225 @@ def test_reaper_is_off_without_a_max_age(inbox_dir):
     backdate(inbox_dir / "old.tmp", 10**6)
     assert Inbox(inbox_dir).reap_stale_temp_files() == []
     assert (inbox_dir / "old.tmp").exists()
+
+
+# -- renamed in: no settling ----------------------------------------------------------------------
+
+#: Long enough that a file returned by a scan within scan_until's limit cannot have settled.
+NEVER_SETTLES = 60.0
+#: Well inside NEVER_SETTLES, and ample for an inotify event on a loaded machine.
+EVENT_LIMIT = 30.0
+
+
+@pytest.fixture
+def watched(inbox_dir):
+    """An inbox watched as shipped (backend "auto": inotify here); a file not renamed in takes a minute to settle."""
+    inbox = Inbox(inbox_dir, settle_seconds=NEVER_SETTLES, rescan_seconds=3600)
+    inbox.start()
+    assert inbox.observer_name == "InotifyObserver"
+    inbox.scan()
+    yield inbox
+    inbox.stop()
+
+
+def rename_in(tmp_path: Path, inbox_dir: Path, name: str, text: str = "x = 1\n") -> Path:
+    """Write ``name`` outside the inbox and rename it in, as a producer on the same filesystem does."""
+    outside = tmp_path / "producer" / name
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_text(text)
+    return outside.rename(inbox_dir / name)
+
+
+def test_a_file_renamed_in_from_outside_is_a_candidate_without_settling(watched, inbox_dir, tmp_path):
+    manifest = rename_in(tmp_path, inbox_dir, "job.toml")
+    [candidate] = scan_until(watched, bool, limit=EVENT_LIMIT)
+    assert candidate.path == manifest
+    assert (candidate.size, candidate.mtime_ns) == (manifest.stat().st_size, manifest.stat().st_mtime_ns)
+
+
+def test_a_rename_from_a_temp_name_in_the_inbox_is_an_arrival(watched, inbox_dir, tmp_path):
+    # The Maildir way, and what `batchd submit` and `batchd cancel` do.
+    (inbox_dir / ".job.toml.tmp").write_text("x = 1\n")
+    os.rename(inbox_dir / ".job.toml.tmp", inbox_dir / "job.toml")
+    assert names(scan_until(watched, bool, limit=EVENT_LIMIT)) == ["job.toml"]
+
+    source = tmp_path / "other.toml"
+    source.write_text("x = 2\n")
+    assert drop_file(source, inbox_dir) == inbox_dir / "other.toml"
+    drop_bytes(b"", inbox_dir / "job.cancel")
+    found = scan_until(watched, lambda found: len(found) == 3, limit=EVENT_LIMIT)
+    assert names(found) == ["job.cancel", "job.toml", "other.toml"]
+
+
+def test_a_file_written_in_place_still_settles(watched, inbox_dir, tmp_path):
+    with open(inbox_dir / "in-place.toml", "w") as fh:
+        fh.write("x = 1\n")
+    # Renamed from one manifest name to another: it may have been written in place, and still be.
+    (inbox_dir / "before.json").write_text("{}")
+    os.rename(inbox_dir / "before.json", inbox_dir / "after.json")
+    # Its events come after theirs, so once it is a candidate theirs have all been handled.
+    rename_in(tmp_path, inbox_dir, "sentinel.toml")
+    found = scan_until(watched, lambda found: "sentinel.toml" in names(found), limit=EVENT_LIMIT)
+    assert names(found) == ["sentinel.toml"]
+    assert names(watched.scan()) == ["sentinel.toml"]
+
+
+def test_a_file_renamed_in_then_written_to_settles_again(watched, inbox_dir, tmp_path):
+    manifest = rename_in(tmp_path, inbox_dir, "job.toml")
+    scan_until(watched, bool, limit=EVENT_LIMIT)
+    with open(manifest, "a") as fh:  # a producer that renamed too early
+        fh.write("y = 2\n")
+    rename_in(tmp_path, inbox_dir, "sentinel.toml")
+    found = scan_until(watched, lambda found: "sentinel.toml" in names(found), limit=EVENT_LIMIT)
+    assert names(found) == ["sentinel.toml"]
+    assert names(watched.scan()) == ["sentinel.toml"]
+
+
+def test_a_renamed_in_file_changed_without_any_event_settles_again(inbox_dir, tmp_path):
+    # The scan compares the file with what the watcher saw after the rename, so a write whose
+    # event was lost (an inotify queue overflow) or not yet handled still counts.
+    from watchdog.events import FileModifiedEvent, FileMovedEvent
+
+    from batchd.inbox import _EventHints
+
+    inbox = Inbox(inbox_dir, settle_seconds=NEVER_SETTLES, rescan_seconds=3600, backend="none")
+    hints = _EventHints(inbox, threading.Event(), track_moves=True)
+    arrived = [rename_in(tmp_path, inbox_dir, f"{name}.toml") for name in ("a", "b", "c", "d")]
+    for path in arrived:
+        hints.dispatch(FileMovedEvent("", str(path)))  # from outside, as inotify's full events say
+    assert names(inbox.scan()) == ["a.toml", "b.toml", "c.toml", "d.toml"]
+
+    appended, touched, reported, removed = arrived
+    with open(appended, "a") as fh:
+        fh.write("y = 2\n")
+    later = touched.stat().st_mtime_ns + 10**9
+    os.utime(touched, ns=(later, later))
+    hints.dispatch(FileModifiedEvent(str(reported)))  # reported written to, even if nothing shows
+    removed.unlink()
+    assert inbox.scan() == []
+    assert inbox._moved_in == {}  # and nothing is kept about them
+
+
+def test_a_move_recorded_while_a_scan_lists_the_inbox_outlives_that_scan(inbox_dir, tmp_path, monkeypatch):
+    # A file renamed in after the listing passed its place is missing from that listing; the
+    # scan must not forget its record as gone.
+    from watchdog.events import FileMovedEvent
+
+    from batchd.inbox import _EventHints
+
+    inbox = Inbox(inbox_dir, settle_seconds=NEVER_SETTLES, rescan_seconds=3600, backend="none")
+    hints = _EventHints(inbox, threading.Event(), track_moves=True)
+    real_scandir = os.scandir
+
+    class ListingThenArrival:
+        def __init__(self, path):
+            with real_scandir(path) as entries:
+                self.listed = list(entries)
+
+        def __enter__(self):
+            return self.entries()
+
+        def __exit__(self, *exc_info):
+            return False
+
+        def entries(self):
+            yield from self.listed
+            late = rename_in(tmp_path, inbox_dir, "late.toml")
+            hints.dispatch(FileMovedEvent("", str(late)))
+
+    monkeypatch.setattr(os, "scandir", ListingThenArrival)
+    assert inbox.scan() == []
+    monkeypatch.undo()
+    assert names(inbox.scan()) == ["late.toml"]
+
+
+def test_moves_reported_by_the_polling_observer_are_not_trusted(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=NEVER_SETTLES, rescan_seconds=3600, backend="polling",
+                  poll_seconds=0.05)
+    seen = EventLog()
+    with inbox:
+        inbox._observer.schedule(seen, str(inbox_dir))
+        (inbox_dir / ".job.toml.tmp").write_text("x = 1\n")
+        seen.wait_for(lambda event: event.event_type == "created" and event.src_path.endswith(".tmp"))
+        os.rename(inbox_dir / ".job.toml.tmp", inbox_dir / "job.toml")
+        seen.wait_for(lambda event: event.event_type == "moved" and event.dest_path.endswith("job.toml"))
+        # One observer hands each event to every handler before the next event: once the marker
+        # is seen, the inbox has had the move.
+        (inbox_dir / "marker.txt").write_text("")
+        seen.wait_for(lambda event: event.src_path.endswith("marker.txt"))
+        assert inbox.scan() == []
+
+
+def test_recorded_moves_are_capped_under_a_flood(watched, inbox_dir, tmp_path):
+    watched.max_recorded_moves = 100
+    seen = EventLog()
+    watched._observer.schedule(seen, str(inbox_dir))
+    flood = 2000
+    producer = tmp_path / "producer"
+    producer.mkdir()
+    for n in range(flood):
+        (producer / f"m{n:04d}.toml").write_text("x = 1\n")
+    for n in range(flood):
+        os.rename(producer / f"m{n:04d}.toml", inbox_dir / f"m{n:04d}.toml")
+
+    # The first 100 renamed in are candidates at once; the rest wait to settle.
+    found = scan_until(watched, lambda found: len(found) >= 100, limit=EVENT_LIMIT)
+    assert names(found) == [f"m{n:04d}.toml" for n in range(100)]
+    (inbox_dir / "marker.txt").write_text("")  # once it is seen, the inbox has had every move
+    seen.wait_for(lambda event: event.src_path.endswith("marker.txt"), limit=60)
+    assert len(watched._moved_in) == 100
+    assert len(watched.scan()) == 100
+
+    # What left the inbox is forgotten, so arrivals are recorded again.
+    for n in range(100):
+        (inbox_dir / f"m{n:04d}.toml").unlink()
+    assert watched.scan() == []
+    rename_in(tmp_path, inbox_dir, "late.toml")
+    assert names(scan_until(watched, bool, limit=EVENT_LIMIT)) == ["late.toml"]
+    assert len(watched._moved_in) == 1
+
+
+def test_a_restarted_watcher_forgets_recorded_moves(watched, inbox_dir, tmp_path):
+    # Writes made while no one watched went unreported.
+    rename_in(tmp_path, inbox_dir, "job.toml")
+    scan_until(watched, bool, limit=EVENT_LIMIT)
+    watched._observer.stop()
+    watched._observer.join()
+    assert watched.ensure_watching() is True
+    assert watched.scan() == []
+
+
+@pytest.mark.parametrize("renameat2", ["available", "missing"])
+def test_drop_functions_never_replace_a_file_with_or_without_renameat2(inbox_dir, tmp_path, monkeypatch,
+                                                                        renameat2):
+    if renameat2 == "missing":
+        monkeypatch.setattr("batchd.inbox._renameat2", None)  # falls back to link + unlink
+    source = tmp_path / "job.toml"
+    source.write_text("x = 1\n")
+    (inbox_dir / "job.toml").write_text("waiting")
+    assert drop_file(source, inbox_dir) == inbox_dir / "job-2.toml"
+    (inbox_dir / "job.cancel").write_text("")
+    with pytest.raises(FileExistsError):
+        drop_bytes(b"again", inbox_dir / "job.cancel")
+    assert sorted(os.listdir(inbox_dir)) == ["job-2.toml", "job.cancel", "job.toml"]
+    assert (inbox_dir / "job.toml").read_text() == "waiting"
+    assert (inbox_dir / "job-2.toml").read_text() == "x = 1\n"
+
+
+class EventLog(FileSystemEventHandler):
+    """Every event an observer hands over, for a test to wait on."""
+
+    def __init__(self):
+        super().__init__()
+        self._events = []
+        self._changed = threading.Condition()
+
+    def dispatch(self, event):
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate, limit: float = EVENT_LIMIT) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: any(predicate(event) for event in self._events), limit):
+                pytest.fail(f"no such event within {limit}s; saw {self._events}")
