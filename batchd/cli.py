@@ -103,7 +103,7 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 
     from batchd.daemon import AlreadyRunning, Daemon, fatal_storage_message
     from batchd.fs import EXIT_STORAGE, StorageFailure
-    from batchd.outbox import CrossDeviceError
+    from batchd.durable import CrossDeviceError
     from batchd.plugins import PluginError
 
     settings = ctx.settings(**overrides)

@@ -50,7 +50,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from batchd.outbox import durable_move, fsync_dir, numbered_paths, write_temp
+from batchd.durable import durable_move, fsync_dir, numbered_paths, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +524,7 @@ class Inbox:
     def take_irregular(self) -> list[Irregular]:
         """Irregular entries found since the last call, each reported once while it stays.
 
-        The daemon may quarantine them (:func:`batchd.outbox.durable_move` moves a symlink,
+        The daemon may quarantine them (:func:`batchd.durable.durable_move` moves a symlink,
         FIFO or directory itself, never what it points to) or leave them be.
         """
         found, self._irregular_unreported = self._irregular_unreported, []

@@ -1,228 +1,22 @@
-"""Crash-safe filesystem primitives and the writer of a job's outbox folder.
-
-Everything batchd puts on disk for someone else to read goes through here, so that a
-``kill -9`` or a power cut at any instant leaves either the old state or the new one,
-never a torn file:
-
-- a file is written under a dotfile temp name in its own directory, fsynced, then renamed
-  over its final name, and the directory is fsynced ("atomic is not durable": a rename only
-  survives power loss once its parent directory is synced);
-- a job's outbox folder is built whole in a staging directory on the same filesystem and
-  appears in the outbox with one directory rename (:class:`JobFolder`);
-- moves never overwrite: ``os.rename`` silently replaces an existing target on POSIX, so a
-  file is moved with ``link`` + ``unlink`` as Maildir does, and a folder is renamed only
-  into a name checked to be absent under the daemon's single-writer lock.
-
-All of this relies on the state dir and the outbox sharing one filesystem;
-:func:`check_same_filesystem` verifies that at startup.
-
-The writers take the daemon's ``step`` (see :mod:`batchd.fs`): with one, a full disk raises an
-``OSError`` naming the file (the step is retried) and a failed fsync raises
-:class:`batchd.fs.StorageFailure` (the daemon exits); temp files are removed either way.
+"""A job's outbox folder: written whole in a staging directory on the outbox's filesystem, then made
+to appear in the outbox with one directory rename (:class:`JobFolder`), so a reader sees the complete
+folder or none at all. The crash-safe primitives it is built on are :mod:`batchd.durable`.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
-import secrets
 import shutil
-import stat
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator
 
 from batchd import fs
+from batchd.durable import COPY_BLOCK, durable_move, fsync_dir, json_text, numbered_paths
 
-__all__ = [
-    "CrossDeviceError",
-    "DuplicateKeyError",
-    "JobFolder",
-    "JsonObjectWriter",
-    "atomic_write",
-    "atomic_write_json",
-    "check_same_filesystem",
-    "choose_folder",
-    "durable_move",
-    "fsync_dir",
-    "numbered_paths",
-    "write_temp",
-]
-
-_COPY_BLOCK = 1 << 20
-
-#: ``os.link`` errors that mean "this filesystem or this file cannot be hard-linked", after
-#: which a move falls back to check-then-rename. EPERM is also what Linux returns under
-#: ``fs.protected_hardlinks`` for a file another user owns that we cannot write, which a
-#: shared inbox can easily contain; renaming it only needs write access to the directories.
-_LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
-
-
-class CrossDeviceError(OSError):
-    """Paths that batchd renames between are on different filesystems (EXDEV)."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.EXDEV, message)
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-# -- primitives -------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path | str, *, step: str | None = None) -> None:
-    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fs.fsync(fd, path, step)
-    finally:
-        os.close(fd)
-
-
-def _json_text(obj: Any) -> str:
-    """The one JSON style of every file batchd writes.
-
-    ``allow_nan=False`` because NaN/Infinity are not JSON: strict readers of the outbox would
-    reject the file, so fail while writing instead.
-    """
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def _temp_name(final_name: str) -> str:
-    # A dotfile ending in .tmp: inbox scanning and outbox readers skip both patterns, and the
-    # random part keeps a leftover from a crashed writer from colliding with the next one.
-    return f".{final_name}.{secrets.token_hex(4)}.tmp"
-
-
-def write_temp(path: Path | str, data: bytes | str | BinaryIO, *, step: str | None = None) -> Path:
-    """Write ``data`` to a new fsynced dotfile temp beside ``path`` and return the temp's path.
-
-    ``data`` is bytes, str (encoded as UTF-8) or a binary stream (copied in 1 MiB blocks).
-    The caller renames the temp into place, or deletes it.
-    """
-    path = Path(path)
-    tmp = path.with_name(_temp_name(path.name))
-    # os.open rather than tempfile.mkstemp: mkstemp forces mode 0600, and files meant for
-    # other users must get the usual umask-derived permissions.
-    try:
-        with fs.naming(path):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as fh:
-                if isinstance(data, (bytes, str)):
-                    fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-                else:
-                    shutil.copyfileobj(data, fh, _COPY_BLOCK)
-                fh.flush()
-                fs.fsync(fh.fileno(), path, step)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def atomic_write(path: Path | str, data: bytes | str, *, step: str | None = None) -> None:
-    """Replace ``path`` with ``data`` (str is encoded as UTF-8) so readers see old or new, never a mix.
-
-    Temp file in the same directory → write → fsync → ``os.replace`` → fsync the directory.
-    """
-    path = Path(path)
-    tmp = write_temp(path, data, step=step)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent, step=step)
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    """:func:`atomic_write` of ``obj`` as indented UTF-8 JSON with a trailing newline."""
-    atomic_write(path, _json_text(obj))
-
-
-def check_same_filesystem(*paths: Path | str) -> None:
-    """Raise :class:`CrossDeviceError` unless all ``paths`` (which must exist) share one filesystem.
-
-    Claims, publishes and quarantines are renames; across filesystems a rename fails with
-    EXDEV, and a copy fallback would not be atomic, so the daemon checks this at startup.
-    """
-    devices = {Path(p): os.stat(p).st_dev for p in paths}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{p} (device {os.major(d)}:{os.minor(d)})" for p, d in devices.items())
-        raise CrossDeviceError(
-            f"these paths are on different filesystems, but moves between them must be atomic renames: {listing}"
-        )
-
-
-def _same_file(st: os.stat_result, path: Path) -> bool:
-    try:
-        return os.path.samestat(st, os.lstat(path))
-    except FileNotFoundError:
-        return False
-
-
-def _link_no_replace(src: Path, dst: Path, src_stat: os.stat_result) -> bool:
-    """Give ``src``'s file the extra name ``dst``; False if the filesystem cannot hard-link it."""
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except FileExistsError:
-        if not _same_file(src_stat, dst):
-            raise
-        # dst is already src's other name: an earlier move was killed between link and
-        # unlink. Finishing that move is the only correct outcome, so carry on.
-    except OSError as exc:
-        if exc.errno not in _LINK_UNSUPPORTED:
-            raise
-        return False
-    return True
-
-
-def _rename_if_absent(src: Path, dst: Path) -> None:
-    # Check-then-rename is race-free only because the daemon holds the spool's single-writer
-    # lock; for a directory it is also needed because rename(2) silently replaces an empty one.
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(dst))
-    os.rename(src, dst)
-
-
-def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -> None:
-    """Move ``src`` (file, symlink or directory) to ``dst`` durably, never overwriting.
-
-    Raises ``FileNotFoundError`` if ``src`` is gone, ``FileExistsError`` if ``dst`` exists
-    (unless it is the same file left by an interrupted move, which is then completed), and
-    :class:`CrossDeviceError` if the two are on different filesystems. Both parent
-    directories are fsynced; for a linked file the new name is made durable before the old
-    one is removed, so at no instant is the file in neither place.
-    """
-    src, dst = Path(src), Path(dst)
-    src_stat = os.lstat(src)
-    fs.fault_point(step, dst)  # where a full directory refuses the new name
-    try:
-        # Directories cannot be hard-linked; they are renamed into an absent name.
-        linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
-        if linked:
-            fsync_dir(dst.parent, step=step)
-            try:
-                os.unlink(src)
-            except FileNotFoundError:
-                # Someone else removed the old name meanwhile; the file is at dst, which is
-                # all this move promises (and the single-writer lock makes this rare).
-                pass
-        else:
-            _rename_if_absent(src, dst)
-            fsync_dir(dst.parent, step=step)
-    except OSError as exc:
-        if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
-            raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
-        raise
-    if src.parent != dst.parent or linked:
-        fsync_dir(src.parent, step=step)
-
-
-# -- the job folder ---------------------------------------------------------------------------
+__all__ = ["DuplicateKeyError", "JobFolder", "JsonObjectWriter", "choose_folder"]
 
 
 def choose_folder(outbox: Path, name: str, taken: Callable[[Path], bool] | None = None) -> Path:
@@ -240,13 +34,6 @@ def choose_folder(outbox: Path, name: str, taken: Callable[[Path], bool] | None 
         raise ValueError(f"not a usable folder name: {name!r}")
     is_taken = taken if taken is not None else os.path.lexists
     return next(path for path in numbered_paths(outbox, name) if not is_taken(path))
-
-
-def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:
-    """``directory/STEM+SUFFIX``, then ``STEM-2+SUFFIX``, ``STEM-3+SUFFIX``, … without end."""
-    yield directory / f"{stem}{suffix}"
-    for number in itertools.count(2):
-        yield directory / f"{stem}-{number}{suffix}"
 
 
 class JobFolder:
@@ -295,8 +82,8 @@ class JobFolder:
         with fs.naming(self.staging_dir / name):
             path = self._member_path(name)
             # Large buffers: results.jsonl of a big job is hundreds of MB written line by line.
-            fh = open(path, "xb", buffering=_COPY_BLOCK) if mode == "wb" else \
-                open(path, "x", encoding="utf-8", newline="\n", buffering=_COPY_BLOCK)
+            fh = open(path, "xb", buffering=COPY_BLOCK) if mode == "wb" else \
+                open(path, "x", encoding="utf-8", newline="\n", buffering=COPY_BLOCK)
             with fh:
                 yield fh
                 fh.flush()
@@ -308,12 +95,12 @@ class JobFolder:
 
     def write_json(self, name: str, obj: Any) -> None:
         with self.open(name) as fh:
-            fh.write(_json_text(obj))
+            fh.write(json_text(obj))
 
     def copy_in(self, name: str, src_path: Path) -> None:
         """Copy ``src_path`` into the folder as ``name`` (a copy, so the source may be archived later)."""
         with open(src_path, "rb") as src, self.open(name, "wb") as dst:
-            shutil.copyfileobj(src, dst, _COPY_BLOCK)
+            shutil.copyfileobj(src, dst, COPY_BLOCK)
 
     def publish(self, dest: Path) -> Path:
         """Rename the finished folder to ``dest`` (which must not exist) and return ``dest``.

@@ -41,7 +41,7 @@ from google import genai
 from google.genai import errors, types
 
 from batchd import fs
-from batchd.outbox import fsync_dir
+from batchd.durable import fsync_dir
 
 if TYPE_CHECKING:
     from batchd.task import TaskRequest

@@ -264,7 +264,7 @@ def _quote(value: str) -> str:
 
 def install_unit(text: str, target_dir: Path) -> Path:
     """Write the unit into ``target_dir`` atomically; return its path."""
-    from batchd.outbox import atomic_write
+    from batchd.durable import atomic_write
 
     target_dir.mkdir(parents=True, exist_ok=True)
     path = target_dir / UNIT_NAME
@@ -297,7 +297,7 @@ def init_workdir(folder: Path, *, force: bool = False) -> list[Path]:
     An existing config.toml is kept unless ``force``; existing folders and batchd.env are left
     as they are. Returns what was created or replaced.
     """
-    from batchd.outbox import atomic_write
+    from batchd.durable import atomic_write
 
     folder = folder.expanduser().resolve()
     config = folder / "config.toml"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from batchd import fs
-from batchd.outbox import atomic_write, fsync_dir
+from batchd.durable import atomic_write, fsync_dir
 from batchd.task import TaskRequest, TaskResult
 
 #: Buffer size of the spool's files: a few large reads and writes instead of thousands of 8 KiB

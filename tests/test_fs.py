@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from batchd import fs, outbox
+from batchd import durable, fs, outbox
 from batchd.backoff import Backoff
 from batchd.journal import Journal
 
@@ -16,7 +16,7 @@ def test_a_full_disk_during_an_atomic_write_names_the_file_and_leaves_no_temp(tm
     monkeypatch.setenv("BATCHD_FS_FAULT", "outbox:ENOSPC")
     target = tmp_path / "summary.json"
     with pytest.raises(OSError) as raised:
-        outbox.atomic_write(target, "{}", step="outbox")
+        durable.atomic_write(target, "{}", step="outbox")
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
     assert fs.is_disk_full(raised.value)
     assert list(tmp_path.iterdir()) == []
@@ -36,7 +36,7 @@ def test_a_failed_fsync_is_a_storage_failure_that_no_except_exception_catches(tm
 
 def test_without_a_step_nothing_is_injected_and_errors_pass_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv("BATCHD_FS_FAULT", "outbox:EIO")
-    outbox.atomic_write(tmp_path / "x", "written")  # the emulator and the CLI use no step
+    durable.atomic_write(tmp_path / "x", "written")  # the emulator and the CLI use no step
     assert (tmp_path / "x").read_text() == "written"
 
 

@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 
 from batchd import outbox
-from batchd.outbox import (
+from batchd.durable import (
     CrossDeviceError,
-    JobFolder,
-    JsonObjectWriter,
     atomic_write,
     atomic_write_json,
     check_same_filesystem,
-    choose_folder,
     durable_move,
     numbered_paths,
     write_temp,
 )
+from batchd.outbox import JobFolder, JsonObjectWriter, choose_folder
 
 
 def names(directory: Path) -> list[str]:

@@ -36,7 +36,7 @@ import sys
 import threading
 from pathlib import Path
 
-from batchd import fs, outbox
+from batchd import durable, fs
 from batchd.config import Settings
 from batchd.costs import CostHooks
 from batchd.daemon.context import Context
@@ -143,7 +143,7 @@ class Daemon:
         for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
             folder.mkdir(parents=True, exist_ok=True)
         # Claims and publishes are renames: they are only atomic within one filesystem.
-        outbox.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
+        durable.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
         self._lock_state_dir()
         journal = self.ctx.journal = Journal(journal_path(s.state_dir))
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from batchd import fs, outbox
+from batchd import durable, fs, outbox
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, Stopping, Turns, Work, is_regular_file, iso, replace
 from batchd.daemon.crashpoints import crashpoint
@@ -182,7 +182,7 @@ class Deliver:
         if os.path.lexists(claimed) and not is_regular_file(claimed):
             # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
             # goes into the published folder, so removing the spool loses nothing.
-            outbox.durable_move(claimed, destination / job.source, step="publish")
+            durable.durable_move(claimed, destination / job.source, step="publish")
         crashpoint("after-publish")
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
         self._cleanup.submit(spool.remove)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.store import Doc, Store
 from batchd.emulator.wire import new_id, rfc3339
-from batchd.outbox import fsync_dir
+from batchd.durable import fsync_dir
 
 #: The service's limit for one file (discovery document ``media.upload.maxSize``).
 MAX_FILE_BYTES = 2 * 1024**3

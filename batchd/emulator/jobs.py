@@ -30,7 +30,7 @@ from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
 from batchd.emulator.store import Doc, Store, atomic_write_json
 from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
-from batchd.outbox import atomic_write, fsync_dir
+from batchd.durable import atomic_write, fsync_dir
 
 log = logging.getLogger("batchd.emulator")
 

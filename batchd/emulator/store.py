@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchd.outbox import atomic_write, fsync_dir
+from batchd.durable import atomic_write, fsync_dir
 
 Doc = dict[str, Any]
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
-    """A compact JSON document, replaced all-or-nothing (see :func:`batchd.outbox.atomic_write`)."""
+    """A compact JSON document, replaced all-or-nothing (see :func:`batchd.durable.atomic_write`)."""
     atomic_write(path, json.dumps(value, separators=(",", ":")))
 
 
