@@ -8,8 +8,10 @@ the two requests inline and ``batches.get`` until the job is done (the get also 
 answers back), then writes the answers to a file.  batchd also lists jobs, keeps a journal, spools
 and publishes; the ratio says how much all that costs per job on top.  batchd's seconds run until
 its last job is published; ``exit s`` until it has also delivered the jobs' events to the
-notification plugins and exited.  Printed: jobs/s and wall seconds of both, their ratio and the
-peak RSS of batchd with its child processes.
+notification plugins and exited.  A second floor makes the same SDK calls from a
+ThreadPoolExecutor(4) (a plain script that overlaps jobs, as batchd does with its 4 submissions in
+flight).  Printed: jobs/s and wall seconds of batchd and both floors, the ratio of batchd to each
+floor and the peak RSS of batchd with its child processes.
 
     python bench/many_jobs.py --jobs 1000
     python bench/many_jobs.py --jobs 200 --jobs 2000     # per-job cost must stay flat in N
@@ -27,18 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from e2e import CONFIG, TreeMemory  # the same workspace config as the large-job benchmark
+from common import CONFIG, TreeMemory, loadavg, sdk_floor  # the same workspace config as the large-job benchmark
+from common import small_manifest as manifest
 
-from batchd.emulator.server import EmulatorProcess
-
-MODEL = "gemini-2.5-flash"
-
-
-def manifest(n: int) -> str:
-    texts = f'texts = ["Order {n} arrived on time.", "The box for order {n} was damaged."]\n'
-    if n % 2:
-        return 'task = "sentiment"\n' + texts
-    return 'task = "translate"\n' + texts + 'languages = ["French"]\n'
+FLOOR_THREADS = 4
 
 
 def run_batchd(workspace: Path, jobs: int) -> tuple[float, float, int, int, int]:
@@ -69,33 +63,17 @@ def run_batchd(workspace: Path, jobs: int) -> tuple[float, float, int, int, int]
     return (published_at or [elapsed])[0], elapsed, main_rss, children_rss, os.waitstatus_to_exitcode(status)
 
 
-def floor(workspace: Path, jobs: int) -> float:
-    """Seconds for ``jobs`` create + get round trips with the SDK, one job after another."""
-    from google import genai
-    from google.genai import types
-
-    with EmulatorProcess(workspace / "emulator", job_seconds=0) as emulator:
-        client = genai.Client(api_key="bench", http_options=types.HttpOptions(base_url=emulator.base_url,
-                                                                              api_version="v1beta"))
-        out = workspace / "out"
-        out.mkdir()
-        started = time.perf_counter()
-        for n in range(jobs):
-            requests = [{"contents": [{"parts": [{"text": f"Text {k} of job {n}."}], "role": "user"}],
-                         "metadata": {"key": str(k)}} for k in (1, 2)]
-            job = client.batches.create(model=MODEL, src=requests,
-                                        config=types.CreateBatchJobConfig(display_name=f"floor-{n}"))
-            while not (job := client.batches.get(name=job.name)).done:
-                time.sleep(0.001)
-            answers = [r.response.text if r.response else None for r in job.dest.inlined_responses]
-            (out / f"{n}.json").write_text(json.dumps(answers))
-        return time.perf_counter() - started
+def floor(workspace: Path, jobs: int, threads: int = 1) -> float:
+    """Seconds for ``jobs`` create + get round trips with the SDK, one job after another (``threads = 1``)
+    or from a ThreadPoolExecutor(``threads``) (see common.sdk_floor)."""
+    return sdk_floor(workspace, jobs, threads=threads)[0]
 
 
 def measure(jobs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
         workspace = Path(tmp)
         floor_seconds = floor(workspace / "floor", jobs)
+        floor4_seconds = floor(workspace / "floor4", jobs, threads=FLOOR_THREADS)
 
         for folder in ("inbox", "outbox"):
             (workspace / folder).mkdir()
@@ -107,6 +85,7 @@ def measure(jobs: int) -> dict:
         states = {json.loads((p / "summary.json").read_text())["state"] for p in delivered}
         assert code == 0 and len(delivered) == jobs and states == {"succeeded"}, (code, len(delivered), states)
     return {"jobs": jobs, "batchd_s": seconds, "exit_s": exit_seconds, "floor_s": floor_seconds, "ratio": seconds / floor_seconds,
+            "floor4_s": floor4_seconds, "ratio4": seconds / floor4_seconds,
             "peak_rss_mb": (main_rss + children_rss) / 2**20, "batchd_rss_mb": main_rss / 2**20,
             "children_rss_mb": children_rss / 2**20}
 
@@ -115,13 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, action="append", help="manifests dropped (repeatable)")
     sizes = parser.parse_args().jobs or [1000]
+    print(f"# load average {loadavg()} at the start")
     print(f"{'jobs':>6} {'batchd s':>9} {'jobs/s':>7} {'exit s':>7} {'floor s':>8} {'jobs/s':>7} {'ratio':>6} "
-          f"{'peak RSS MB':>12} {'(batchd + emulator)':>20}")
+          f"{'floor4 s':>9} {'jobs/s':>7} {'ratio4':>7} {'peak RSS MB':>12} {'(batchd + emulator)':>20} {'load':>15}")
     for jobs in sizes:
         r = measure(jobs)
-        print(f"{r['jobs']:>6} {r['batchd_s']:>9.2f} {r['jobs'] / r['batchd_s']:>7.1f} {r['exit_s']:>7.2f} {r['floor_s']:>8.2f} "
-              f"{r['jobs'] / r['floor_s']:>7.1f} {r['ratio']:>6.2f} {r['peak_rss_mb']:>12.1f} "
-              f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f}", flush=True)
+        print(f"{r['jobs']:>6} {r['batchd_s']:>9.2f} {r['jobs'] / r['batchd_s']:>7.1f} {r['exit_s']:>7.2f} "
+              f"{r['floor_s']:>8.2f} {r['jobs'] / r['floor_s']:>7.1f} {r['ratio']:>6.2f} "
+              f"{r['floor4_s']:>9.2f} {r['jobs'] / r['floor4_s']:>7.1f} {r['ratio4']:>7.2f} {r['peak_rss_mb']:>12.1f} "
+              f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f} {loadavg():>15}", flush=True)
 
 
 if __name__ == "__main__":
