@@ -1,22 +1,31 @@
-"""Job events and their delivery to the notification plugins (the ``job_event`` hook).
+"""Job events and their delivery to the notification plugins (the ``job_event`` and
+``job_event_batch`` hooks).
 
 An event is committed in the journal in the same transaction as the state transition it announces
 (:meth:`batchd.journal.Journal.update_job` ``events=``), together with one *pending* delivery row
-per plugin implementing ``job_event`` (an outbox table). The :class:`EventDispatcher`, driven by the
-daemon's loop, hands each pending delivery to its plugin:
+per notification plugin that wants it (an outbox table). The :class:`EventDispatcher`, driven by
+the daemon's loop, hands the pending deliveries to the plugins:
 
-* each plugin on its own, in its own thread: pluggy stops a hook call at the first exception, and
-  a plugin that hangs must not hold up the others or the daemon;
-* one call in flight per plugin, the oldest due event first; a call still running after
-  ``notify.timeout_seconds`` counts as a failed attempt (its thread is abandoned, and a plugin with
-  :data:`MAX_ABANDONED_CALLS` hung calls gets no more until one of them returns);
-* a call that returns marks the delivery ``sent``; one that raises or times out is retried with
-  exponential backoff (``notify.retry_initial_seconds`` doubling up to ``notify.retry_max_seconds``)
-  and given up, with a logged error, after ``notify.max_attempts`` attempts.
+* each plugin has a worker of its own, a thread that calls it for the events handed to it, oldest
+  first, one call at a time (one event per ``job_event`` call, up to :data:`BATCH_MAX` per
+  ``job_event_batch`` call): pluggy stops a hook call at the first exception, and a plugin that is
+  slow or hangs must not hold up the others or the daemon;
+* the loop hands a worker a page of due deliveries at a time and tops it up before it runs dry, so
+  a plugin gets its events one after another however busy the loop is; a worker holds at most
+  :data:`HANDED_MAX` events (memory and each journal read stay bounded however many are pending);
+* a call still running after ``notify.timeout_seconds`` counts as a failed attempt of each of its
+  events: its worker is abandoned (its thread left to end on its own), the events it had not
+  started go to a new worker, and a plugin with :data:`MAX_ABANDONED_CALLS` hung calls gets no more
+  until one of them returns;
+* a call that returns marks its events ``sent`` (but those a batch call says it could not deliver);
+  one that raises or times out is retried with exponential backoff per event
+  (``notify.retry_initial_seconds`` doubling up to ``notify.retry_max_seconds``) and given up, with
+  a logged error, after ``notify.max_attempts`` attempts.
 
-The journal is only written from the daemon's thread. A delivery made just before a crash, and
-not yet marked, is made again after the restart with the same event id: delivery is at least
-once, and receivers deduplicate by ``id``.
+The journal is only read and written from the daemon's thread: workers hand their outcomes back,
+and each pump records all of them in one transaction. A delivery made before a crash (or before
+:meth:`EventDispatcher.close` gave up waiting for it) and not yet recorded is made again after the
+restart with the same event id: delivery is at least once, and receivers deduplicate by ``id``.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Callable
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import pluggy
 
@@ -33,13 +43,23 @@ from batchd.costs import summary_cost
 from batchd.plugins import single_plugin_callers
 
 if TYPE_CHECKING:
-    from batchd.config import Settings
+    from batchd.config import NotifySettings, Settings
     from batchd.journal import Chunk, Job, Journal
+
+    #: Calls a plugin with some events and settings; one error message (or None: delivered) per event.
+    Deliver = Callable[[Sequence[dict], Settings], list[str | None]]
 
 log = logging.getLogger("batchd.events")
 
 #: Hung calls a plugin may have before it is not called again until one of them returns.
 MAX_ABANDONED_CALLS = 2
+#: Events a plugin's worker holds at most: handed to it and not yet recorded.
+HANDED_MAX = 200
+#: A worker holding this many or fewer is handed more (and wakes the loop for them), so that it
+#: need not wait for the loop while events are due.
+REFILL_AT = 100
+#: Events per ``job_event_batch`` call at most.
+BATCH_MAX = 100
 #: Kinds that end a job; their events carry the outbox folder.
 FINAL_KINDS = ("succeeded", "partial", "failed", "cancelled", "rejected")
 
@@ -84,76 +104,177 @@ def progress_counts(chunks: Iterable[Chunk], stats: Mapping[int, dict] | None = 
     return {"total": total, "succeeded": succeeded, "failed": failed, "done": succeeded + failed}
 
 
-class _Call:
-    """One delivery attempt running in its own (daemon) thread."""
+class Delivery(NamedTuple):
+    """A pending delivery handed to a plugin's worker."""
 
-    def __init__(self, plugin: str, event: dict, caller: pluggy.HookCaller, settings: Settings,
-                 on_late_return: Callable[[str], None], on_done: Callable[[], None]):
+    event: dict
+    attempts: int  # failed attempts before this one
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _call_each(caller: pluggy.HookCaller) -> Deliver:
+    """Deliver through ``job_event``, one call per event."""
+
+    def deliver(events: Sequence[dict], settings: Settings) -> list[str | None]:
+        errors: list[str | None] = []
+        for event in events:
+            try:
+                caller(event=event, settings=settings)
+                errors.append(None)
+            except BaseException as error:  # noqa: BLE001 - whatever a plugin raises is its failure
+                errors.append(_describe(error))
+        return errors
+
+    return deliver
+
+
+def _call_batch(caller: pluggy.HookCaller) -> Deliver:
+    """Deliver through ``job_event_batch``: one call for all the events; it names those it could not deliver."""
+
+    def deliver(events: Sequence[dict], settings: Settings) -> list[str | None]:
+        try:
+            answers = caller(events=list(events), settings=settings)
+        except BaseException as error:  # noqa: BLE001 - whatever a plugin raises is its failure
+            return [_describe(error)] * len(events)
+        undelivered = answers[0] if answers else {}
+        if not isinstance(undelivered, Mapping):
+            mistake = f"job_event_batch returned a {type(undelivered).__name__}, not a mapping of event ids"
+            return [mistake] * len(events)
+        return [None if event["id"] not in undelivered else str(undelivered[event["id"]]) for event in events]
+
+    return deliver
+
+
+class _Worker:
+    """One plugin's deliveries: a daemon thread that calls the plugin for the events handed to it,
+    in order, one call at a time.
+
+    The loop's thread hands it deliveries (:meth:`hand`) and takes back their outcomes
+    (:meth:`take`); the worker never touches the journal. It wakes the loop when it is running low
+    on events or has done all it was handed, not after every call: the loop records outcomes in
+    pages, and its ticks stay for the jobs.
+    """
+
+    def __init__(self, plugin: str, deliver: Deliver, batch_max: int, wake: Callable[[], None]):
         self.plugin = plugin
-        self._on_done = on_done
-        self.event = event
-        self.error: str | None = None
-        self.done = threading.Event()
-        self.abandoned = False
-        self.started = time.monotonic()
-        self._on_late_return = on_late_return
-        self._lock = threading.Lock()
+        self._deliver = deliver
+        self._batch_max = batch_max
+        self._wake = wake
+        self._lock = threading.Condition()
+        self._queue: deque[Delivery] = deque()  # handed, not yet started
+        self._settings: Settings | None = None  # those of the latest hand
+        self._calling: list[Delivery] = []
+        self._call_started = 0.0  # time.monotonic()
+        self._finished: list[tuple[Delivery, str | None]] = []  # outcomes the loop has not taken yet
+        self._asked_for_more = False  # woke the loop for more; not again before it hands some
+        self._stopping = False
+        self._abandoned = False
+        #: An abandoned worker whose hung call has returned at last (its result is not used).
+        self.returned_late = False
         # A daemon thread: a plugin that never returns must not keep the process alive at exit.
-        self.thread = threading.Thread(target=self._run, args=(caller, settings), daemon=True,
-                                       name=f"batchd-notify-{plugin}")
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"batchd-notify-{plugin}")
         self.thread.start()
 
-    def _run(self, caller: pluggy.HookCaller, settings: Settings) -> None:
-        try:
-            caller(event=self.event, settings=settings)
-        except BaseException as error:  # noqa: BLE001 - whatever a plugin raises is its failure
-            self.error = f"{type(error).__name__}: {error}"
-        finally:
-            with self._lock:
-                self.done.set()
-                late = self.abandoned
-            if late:
-                self._on_late_return(self.plugin)
-            else:
-                self._on_done()  # the loop records it and hands the plugin its next event at once
+    # -- the loop's side ---------------------------------------------------------------------
 
-    def abandon(self) -> bool:
-        """Give up waiting; False if it finished meanwhile (then its result counts)."""
+    def hand(self, deliveries: Iterable[Delivery], settings: Settings) -> None:
         with self._lock:
-            if self.done.is_set():
-                return False
-            self.abandoned = True
-            return True
+            self._queue.extend(deliveries)
+            self._settings = settings
+            self._asked_for_more = False
+            self._lock.notify()
+
+    def held(self) -> list[str]:
+        """The ids of the events handed to it whose outcome is not yet taken."""
+        with self._lock:
+            return ([delivery.event["id"] for delivery in (*self._queue, *self._calling)]
+                    + [delivery.event["id"] for delivery, _error in self._finished])
+
+    def call_deadline(self, timeout: float) -> float | None:
+        """When the call running now times out (``time.monotonic()``); None when none is running."""
+        with self._lock:
+            return self._call_started + timeout if self._calling else None
+
+    def take(self, timeout: float | None) -> tuple[list[tuple[Delivery, str | None]], list[Delivery]]:
+        """The outcomes since the last take, and the deliveries of a call running for ``timeout``
+        seconds or longer: then the worker is abandoned, and the deliveries it had not started are
+        dropped (pending in the journal, they go to the next worker)."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+            if timeout is None or not self._calling or time.monotonic() - self._call_started < timeout:
+                return finished, []
+            timed_out, self._calling = self._calling, []
+            self._queue.clear()
+            self._abandoned = True
+            return finished, timed_out
+
+    def stop(self) -> None:
+        """End the thread once its call in flight returns; the deliveries not started stay pending."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+
+    # -- the worker's thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self._batch_max, len(self._queue)))]
+                self._calling, self._call_started, settings = batch, time.monotonic(), self._settings
+            errors = self._deliver([delivery.event for delivery in batch], settings)
+            with self._lock:
+                if self._abandoned:
+                    self.returned_late = True
+                    break
+                self._finished.extend(zip(batch, errors))
+                self._calling = []
+                wake = not self._queue or (len(self._queue) <= REFILL_AT and not self._asked_for_more)
+                self._asked_for_more = self._asked_for_more or wake
+            if wake:
+                self._wake()
+        self._wake()  # its plugin may have been waiting for one of its hung calls to return
 
 
 class EventDispatcher:
-    """Delivers the journal's pending events to the ``job_event`` plugins (see the module docstring)."""
+    """Delivers the journal's pending events to the notification plugins (see the module docstring)."""
 
     def __init__(self, pm: pluggy.PluginManager, journal: Journal, settings: Callable[[], Settings],
                  wake: Callable[[], None] = lambda: None):
-        """``wake`` is called from a plugin's thread when its call returns: it wakes the daemon's loop."""
+        """``wake`` is called from the plugins' workers when their outcomes are to be recorded or
+        they need more events: it wakes the daemon's loop."""
         self.wake = wake
-        self.callers = single_plugin_callers(pm, "job_event")
+        self.delivers: dict[str, tuple[Deliver, int]] = {
+            plugin: (_call_each(caller), 1) for plugin, caller in single_plugin_callers(pm, "job_event").items()}
+        # A plugin implementing both hooks gets batches.
+        self.delivers.update({plugin: (_call_batch(caller), BATCH_MAX)
+                              for plugin, caller in single_plugin_callers(pm, "job_event_batch").items()})
         self.kinds_callers = {plugin: caller for plugin, caller in single_plugin_callers(pm, "job_event_kinds").items()
-                              if plugin in self.callers}
+                              if plugin in self.delivers}
         self.journal = journal
         self.settings = settings
         self._wanted: tuple[tuple, dict[str, frozenset[str] | None]] = ((), {})
         journal.event_targets = self.targets
-        self.in_flight: dict[str, _Call] = {}
-        self.hung: dict[str, int] = {plugin: 0 for plugin in self.callers}
-        self._hung_lock = threading.Lock()
+        self.workers: dict[str, _Worker] = {}
+        #: Abandoned workers whose hung call has not returned, by plugin.
+        self.hung: dict[str, list[_Worker]] = {plugin: [] for plugin in self.delivers}
         self._next_check = 0.0  # no pending delivery is due before this (time.time())
         self._events_seen = -1
 
     @property
     def plugins(self) -> tuple[str, ...]:
-        return tuple(self.callers)
+        return tuple(self.delivers)
 
     def targets(self, event: dict) -> list[str]:
         """The plugins that want this event (``job_event_kinds``): they get its delivery rows."""
         wanted = self.wanted_kinds()
-        return [plugin for plugin in self.callers if wanted.get(plugin) is None or event["kind"] in wanted[plugin]]
+        return [plugin for plugin in self.delivers if wanted.get(plugin) is None or event["kind"] in wanted[plugin]]
 
     def wanted_kinds(self) -> dict[str, frozenset[str] | None]:
         """Each plugin's ``job_event_kinds`` answer (``None``: every kind), asked again when the settings change."""
@@ -176,82 +297,109 @@ class EventDispatcher:
         return wanted
 
     def pump(self) -> None:
-        """Record finished calls, time out hung ones, start calls for the deliveries that are due."""
-        if not self.callers:
+        """Record what the workers delivered (one transaction), time out hung calls, and top up
+        each worker with the deliveries that are due."""
+        if not self.delivers:
             return
-        self._collect()
+        self._collect(self.settings().notify.timeout_seconds)
+        released = self._forget_returned_calls()
         now = time.time()
-        if now < self._next_check and self.journal.events_added == self._events_seen:
+        if not released and now < self._next_check and self.journal.events_added == self._events_seen:
             return
         self._events_seen = self.journal.events_added
-        with self._hung_lock:
-            blocked = {plugin for plugin, count in self.hung.items() if count >= MAX_ABANDONED_CALLS}
-        free = [plugin for plugin in self.callers if plugin not in self.in_flight and plugin not in blocked]
-        for plugin, event, _attempts in self.journal.due_deliveries(now, plugins=free):
-            if plugin in self.in_flight:
-                continue  # one call per plugin at a time, oldest event first
-            self.in_flight[plugin] = _Call(plugin, event, self.callers[plugin], self.settings(),
-                                           self._late_return, self.wake)
-        upcoming = self.journal.next_delivery_at(plugins=self.callers)
+        settings = self.settings()
+        free = [plugin for plugin in self.delivers if len(self.hung[plugin]) < MAX_ABANDONED_CALLS]
+        for plugin in free:
+            worker = self.workers.get(plugin)
+            held = worker.held() if worker is not None else []
+            if len(held) > REFILL_AT:
+                continue  # it wakes the loop for more once it has delivered some
+            due = self.journal.due_deliveries(now, plugins=(plugin,), limit=HANDED_MAX - len(held), excluding=held)
+            if not due:
+                continue
+            if worker is None:
+                deliver, batch_max = self.delivers[plugin]
+                worker = self.workers[plugin] = _Worker(plugin, deliver, batch_max, self.wake)
+            worker.hand([Delivery(event, attempts) for _plugin, event, attempts in due], settings)
+        upcoming = self.journal.next_delivery_at(plugins=free)
         if upcoming is None:
             self._next_check = float("inf")  # until an event is added
         elif upcoming > now:
             self._next_check = upcoming
         else:
-            self._next_check = 0.0  # due ones wait for their plugin's call in flight: look on every tick
+            self._next_check = 0.0  # due ones are held by their workers, or wait for room in them: look on every tick
 
-    def _collect(self) -> None:
-        timeout = self.settings().notify.timeout_seconds
-        for plugin, call in list(self.in_flight.items()):
-            if call.done.is_set():
-                self._record(call, call.error)
-            elif time.monotonic() - call.started >= timeout and call.abandon():
-                with self._hung_lock:
-                    self.hung[plugin] += 1
-                self._record(call, f"timed out after {timeout:g} s")
-            else:
-                continue
-            del self.in_flight[plugin]
+    def _collect(self, timeout: float | None) -> None:
+        """Take the workers' outcomes (and time out calls running for ``timeout`` s or longer) and
+        record them in one transaction."""
+        notify = self.settings().notify
+        now = time.time()
+        sent: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, str, float | None]] = []
+        for plugin, worker in list(self.workers.items()):
+            finished, timed_out = worker.take(timeout)
+            for delivery, error in finished:
+                if error is None:
+                    sent.append((delivery.event["id"], plugin))
+                else:
+                    failed.append(self._failure(plugin, delivery, error, notify, now))
+            if timed_out:
+                del self.workers[plugin]
+                self.hung[plugin].append(worker)
+                failed.extend(self._failure(plugin, delivery, f"timed out after {timeout:g} s", notify, now)
+                              for delivery in timed_out)
+        if sent or failed:
+            self.journal.record_deliveries(sent=sent, failed=failed)
             self._next_check = 0.0
 
-    def _late_return(self, plugin: str) -> None:
-        with self._hung_lock:
-            self.hung[plugin] -= 1
-
-    def _record(self, call: _Call, error: str | None) -> None:
-        event_id = call.event["id"]
-        if error is None:
-            self.journal.delivery_sent(event_id, call.plugin)
-            return
-        notify = self.settings().notify
-        attempts = self.journal.delivery_attempts(event_id, call.plugin) + 1
+    @staticmethod
+    def _failure(plugin: str, delivery: Delivery, error: str, notify: NotifySettings,
+                 now: float) -> tuple[str, str, str, float | None]:
+        """A failed attempt as :meth:`batchd.journal.Journal.record_deliveries` takes it: retried
+        after its backoff, or given up after the last attempt."""
+        event_id = delivery.event["id"]
+        attempts = delivery.attempts + 1
         if attempts >= notify.max_attempts:
-            log.error("plugin %s: giving up on event %s after %d attempts: %s", call.plugin, event_id, attempts, error)
-            self.journal.delivery_failed(event_id, call.plugin, error, retry_at=None)
-            return
+            log.error("plugin %s: giving up on event %s after %d attempts: %s", plugin, event_id, attempts, error)
+            return event_id, plugin, error, None
         delay = min(notify.retry_initial_seconds * 2 ** (attempts - 1), notify.retry_max_seconds)
         log.warning("plugin %s: event %s not delivered (attempt %d of %d: %s); retrying in %.1f s",
-                    call.plugin, event_id, attempts, notify.max_attempts, error, delay)
-        self.journal.delivery_failed(event_id, call.plugin, error, retry_at=time.time() + delay)
+                    plugin, event_id, attempts, notify.max_attempts, error, delay)
+        return event_id, plugin, error, now + delay
+
+    def _forget_returned_calls(self) -> bool:
+        """Drop the abandoned workers whose hung call has returned; whether there were any."""
+        released = False
+        for plugin, workers in self.hung.items():
+            hung = [worker for worker in workers if not worker.returned_late]
+            released = released or len(hung) < len(workers)
+            self.hung[plugin] = hung
+        return released
 
     def busy(self) -> bool:
         """Whether a delivery is in flight or still pending (what ``run --once`` waits for)."""
-        return bool(self.in_flight) or self.journal.next_delivery_at(plugins=self.callers) is not None
+        return (any(worker.held() for worker in self.workers.values())
+                or self.journal.next_delivery_at(plugins=self.delivers) is not None)
 
     def seconds_until_due(self) -> float:
-        if self.in_flight:
-            # A call that returns wakes the loop itself; this only bounds how late a hung one is timed out.
-            timeout = self.settings().notify.timeout_seconds
-            oldest = min(call.started for call in self.in_flight.values())
-            return min(1.0, max(0.0, oldest + timeout - time.monotonic()))
-        return max(0.0, self._next_check - time.time())
+        wait = self._next_check - time.time()
+        if not any(worker.held() for worker in self.workers.values()):
+            return max(0.0, wait)
+        # Workers wake the loop when they need more events or are done (what is due now waits for
+        # them); this bounds how late the outcomes in between are recorded and a hung call is timed out.
+        timeout = self.settings().notify.timeout_seconds
+        deadlines = [deadline for worker in self.workers.values()
+                     if (deadline := worker.call_deadline(timeout)) is not None]
+        bound = min(1.0, max(0.0, min(deadlines, default=float("inf")) - time.monotonic()))
+        return min(wait, bound) if wait > 0 else bound
 
     def close(self, wait_seconds: float = 2.0) -> None:
-        """Record the calls that end within ``wait_seconds``; the others are redelivered after a restart."""
+        """Record the calls that end within ``wait_seconds``; the others, and the deliveries not yet
+        started, stay pending and are delivered after a restart."""
         deadline = time.monotonic() + wait_seconds
-        for call in list(self.in_flight.values()):
-            call.done.wait(max(0.0, deadline - time.monotonic()))
-        for plugin, call in list(self.in_flight.items()):
-            if call.done.is_set():
-                self._record(call, call.error)
-                del self.in_flight[plugin]
+        for worker in self.workers.values():
+            worker.stop()
+        for worker in self.workers.values():
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        self._collect(timeout=None)
+        self.workers.clear()

@@ -9,7 +9,7 @@ Every hook is documented, with an example, in docs/plugins.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -119,11 +119,13 @@ def account_cost(job: JobInfo, usage: dict[str, int], settings: Settings) -> dic
 def job_event(event: dict[str, Any], settings: Settings) -> None:
     """Deliver one job event (email, chat, webhook, log, ...).
 
-    Each plugin is called on its own, in a thread, with a timeout (``notify.timeout_seconds``):
-    raising or hanging changes no job state and does not stop the other plugins. A call that
-    returns counts as delivered and is recorded in the journal; one that raises or times out is
-    retried with backoff, across restarts, up to ``notify.max_attempts`` times. Delivery is at
-    least once: deduplicate by ``event["id"]``.
+    Each plugin is called from a worker thread of its own, one event per call, oldest due first,
+    with a timeout (``notify.timeout_seconds``): raising or hanging changes no job state and does
+    not stop or delay the other plugins. A call that returns counts as delivered and is recorded in
+    the journal; one that raises or times out is retried with backoff, across restarts, up to
+    ``notify.max_attempts`` times. Delivery is at least once: deduplicate by ``event["id"]``. Its
+    worker keeps calling it as long as events are due: a plugin may keep a connection open between
+    calls of the same thread.
 
     :param event: JSON-ready: ``id`` (stable across retries and restarts), ``kind`` (accepted,
         rejected, held, submitted, progress, succeeded, partial, failed, cancelled), ``time``
@@ -134,14 +136,33 @@ def job_event(event: dict[str, Any], settings: Settings) -> None:
     """
 
 
+@hookspec
+def job_event_batch(events: list[dict[str, Any]], settings: Settings) -> Mapping[str, str] | None:
+    """Deliver several job events in one call, for a plugin that can send many at once more cheaply
+    than one by one (a bulk API, one chat message for many events).
+
+    Called instead of ``job_event`` for a plugin that implements it, as ``job_event`` is (a worker
+    thread of its own, one call at a time, retries, at least once), with up to 100 due events of the
+    plugin, oldest first (``batchd.events.BATCH_MAX``). The timeout (``notify.timeout_seconds``) is per call: a call that hangs is
+    a failed attempt of each of its events.
+
+    :param events: the events, each as ``job_event`` gets it.
+    :param settings: the daemon's settings (``settings.notify``).
+    :return: ``None`` (or an empty mapping) when every event was delivered; else
+        ``{event id: why}`` of those that were not: they are retried with backoff, the others count
+        as delivered. Raising counts as a failed attempt of every event.
+    """
+
+
 @hookspec(firstresult=True)
 def job_event_kinds(settings: Settings) -> Iterable[str] | None:
-    """Which event kinds this plugin's ``job_event`` wants under ``settings``.
+    """Which event kinds this plugin's ``job_event`` (or ``job_event_batch``) wants under ``settings``.
 
-    Asked of each plugin that implements ``job_event``, on its own, when an event is committed
-    (with the settings of that moment): a plugin gets a delivery row, and calls, only for the kinds
-    it names. An empty collection means none (e.g. a notifier with nothing configured); ``None``,
-    or not implementing this hook, means every kind. A plugin that raises here gets every kind.
+    Asked of each plugin that implements ``job_event`` or ``job_event_batch``, on its own, when an
+    event is committed (with the settings of that moment): a plugin gets a delivery row, and calls,
+    only for the kinds it names. An empty collection means none (e.g. a notifier with nothing
+    configured); ``None``, or not implementing this hook, means every kind. A plugin that raises
+    here gets every kind.
 
     :param settings: the daemon's settings, re-read from the config file when it changes.
     :return: event kinds (see ``job_event``), or ``None`` for all of them.

@@ -90,7 +90,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from batchd import fs
 from batchd.logs import redact, redact_data
@@ -191,6 +191,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (event_id, plugin)
 );
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
+-- Each plugin's pending deliveries in rowid order, which is their events' order (a delivery row is
+-- inserted with its event): a page of the oldest due ones is read without sorting every pending row.
+CREATE INDEX IF NOT EXISTS deliveries_pending_by_plugin ON deliveries(plugin) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
 """
 
@@ -672,18 +675,23 @@ class Journal:
             found.append({"event": json.loads(row["body"]), "deliveries": deliveries})
         return found
 
-    def due_deliveries(self, now: float, *, plugins: Iterable[str]) -> list[tuple[str, dict, int]]:
-        """``(plugin, event, attempts)`` of the oldest pending delivery due by ``now`` of each plugin
-        (a plugin gets one call at a time, oldest event first: the rest would be read for nothing)."""
+    def due_deliveries(self, now: float, *, plugins: Iterable[str], limit: int = 1,
+                       excluding: Collection[str] = ()) -> list[tuple[str, dict, int]]:
+        """``(plugin, event, attempts)`` of the oldest ``limit`` pending deliveries due by ``now`` of
+        each plugin, oldest event first: a bounded page, however many are pending.
+
+        ``excluding``: event ids to leave out (those handed to a plugin and not yet recorded).
+        """
         due = []
         for plugin in plugins:
-            row = self._db.execute(
-                "SELECT d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
-                " WHERE d.state = 'pending' AND d.next_at <= ? AND d.plugin = ? ORDER BY e.seq LIMIT 1",
-                (now, plugin),
-            ).fetchone()
-            if row is not None:
-                due.append((plugin, json.loads(row["body"]), row["attempts"]))
+            # The planner would rather range over deliveries_pending (every plugin's due rows) and sort them.
+            rows = self._db.execute(
+                "SELECT d.attempts, e.body FROM deliveries d INDEXED BY deliveries_pending_by_plugin"
+                " JOIN events e ON e.id = d.event_id WHERE d.plugin = ? AND d.state = 'pending' AND d.next_at <= ?"
+                f" AND d.event_id NOT IN ({', '.join('?' * len(excluding))}) ORDER BY d.rowid LIMIT ?",
+                (plugin, now, *excluding, limit),
+            )
+            due.extend((plugin, json.loads(row["body"]), row["attempts"]) for row in rows)
         return due
 
     def next_delivery_at(self, *, plugins: Iterable[str]) -> float | None:
@@ -715,15 +723,23 @@ class Journal:
                               (before,)).rowcount
 
     def delivery_sent(self, event_id: str, plugin: str) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL"
-                       " WHERE event_id = ? AND plugin = ?", (time.time(), event_id, plugin))
+        self.record_deliveries(sent=[(event_id, plugin)])
 
     def delivery_failed(self, event_id: str, plugin: str, error: str, *, retry_at: float | None) -> None:
         """Record a failed attempt: retried from ``retry_at``, or given up for good when it is None."""
+        self.record_deliveries(failed=[(event_id, plugin, error, retry_at)])
+
+    def record_deliveries(self, *, sent: Iterable[tuple[str, str]] = (),
+                          failed: Iterable[tuple[str, str, str, float | None]] = ()) -> None:
+        """Record delivery attempts in one transaction: ``sent`` as ``(event id, plugin)``, ``failed`` as
+        ``(event id, plugin, error, retry_at)`` (see :meth:`delivery_failed`)."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
+                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL"
+                " WHERE event_id = ? AND plugin = ?", [(now, event_id, plugin) for event_id, plugin in sent])
+            db.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, state = ?, next_at = ?"
                 " WHERE event_id = ? AND plugin = ?",
-                (error, "failed" if retry_at is None else "pending", retry_at or time.time(), event_id, plugin),
-            )
+                [(error, "failed" if retry_at is None else "pending", retry_at or now, event_id, plugin)
+                 for event_id, plugin, error, retry_at in failed])

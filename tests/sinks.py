@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -14,6 +15,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int  # what the sink answered
+    target: str  # the request line's target: absolute-form when it came through a proxy
+    connection: int  # which of the sink's connections carried it (the client's port)
 
     @property
     def event(self) -> dict:
@@ -22,7 +25,10 @@ class Received:
 
 @dataclass
 class HttpSink:
-    """Records every POST; answers ``statuses`` in turn, then ``status`` (200 unless changed)."""
+    """Records every POST; answers ``statuses`` in turn, then ``status`` (200 unless changed).
+
+    It speaks HTTP/1.1 and keeps connections open between requests, as web servers do.
+    """
 
     status: int = 200
     statuses: list[int] = field(default_factory=list)
@@ -32,11 +38,23 @@ class HttpSink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with sink.lock:
+                    sink.open_connections.add(self.connection)
+
+            def finish(self):
+                with sink.lock:
+                    sink.open_connections.discard(self.connection)
+                super().finish()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with sink.lock:
                     status = sink.statuses.pop(0) if sink.statuses else sink.status
-                    sink.received.append(Received(dict(self.headers), body, status))
+                    sink.received.append(Received(dict(self.headers), body, status, self.path, self.client_address[1]))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -45,6 +63,7 @@ class HttpSink:
                 pass
 
         self.lock = threading.Lock()
+        self.open_connections: set[socket.socket] = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -57,12 +76,20 @@ class HttpSink:
         with self.lock:
             return [r for r in self.received if 200 <= r.status < 300]
 
+    def drop_connections(self) -> None:
+        """Close every open connection, as a server does with idle ones."""
+        with self.lock:
+            for connection in self.open_connections:
+                with contextlib.suppress(OSError):  # the client closed it meanwhile
+                    connection.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> HttpSink:
         self.thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.server.shutdown()
+        self.drop_connections()  # their threads wait for a next request that is not coming
         self.server.server_close()
 
 

@@ -7,13 +7,19 @@ import hmac
 import json
 import signal
 import sqlite3
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+import pluggy
 import pytest
 
+from batchd import hookimpl, hookspecs
 from batchd.config import Settings
+from batchd.events import BATCH_MAX, HANDED_MAX, EventDispatcher
 from batchd.journal import Journal, journal_path
 from batchd_plugins import notify_webhook
 from batchd.testing import Workspace
@@ -378,7 +384,7 @@ def test_delivered_events_are_forgotten_after_keep_days_and_pending_ones_never(t
 
 
 def test_each_plugin_is_due_its_oldest_pending_event_only(tmp_path):
-    """One call per plugin at a time, oldest first: the journal hands out just that one per plugin
+    """Due deliveries come a bounded page at a time per plugin, oldest first, here a page of one
     (reading every pending event on every tick made a backlog of thousands cost seconds per tick)."""
     journal = Journal(tmp_path / "journal.db")
     journal.event_targets = lambda event: ("webhook", "log")
@@ -397,3 +403,293 @@ def test_each_plugin_is_due_its_oldest_pending_event_only(tmp_path):
         assert journal.due_deliveries(time.time(), plugins=("log",)) == []
     finally:
         journal.close()
+
+
+# --- The dispatcher on its own: a journal, plugins in this process, the loop driven by the test ------
+
+
+class Recorder:
+    """A notifier that keeps the events it is called with; from the ``hold_at``-th call on, each
+    call waits for ``gate`` (``holding`` is set once one does)."""
+
+    def __init__(self, hold_at: int | None = None):
+        self.events: list[dict] = []
+        self.hold_at = hold_at
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+
+    @hookimpl
+    def job_event(self, event):
+        if self.hold_at is not None and len(self.events) + 1 >= self.hold_at:
+            self.holding.set()
+            self.gate.wait()
+        self.events.append(event)
+
+
+class CountingJournal(Journal):
+    """A journal that notes how many rows each of its transactions changed."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.commits: list[int] = []
+
+    @contextmanager
+    def transaction(self):
+        with super().transaction() as db:
+            before = db.total_changes
+            yield db
+            self.commits.append(db.total_changes - before)
+
+
+def plugin_manager(**plugins: object) -> pluggy.PluginManager:
+    """batchd's hooks with these plugins (modules or objects with hook implementations), by name."""
+    pm = pluggy.PluginManager("batchd")
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in plugins.items():
+        pm.register(plugin, name=name)
+    return pm
+
+
+def some_events(count: int) -> list[dict]:
+    return [{"id": f"job{n // 10}:progress:{n}", "job_id": f"job{n // 10}", "kind": "progress"} for n in range(count)]
+
+
+def add_events(journal: Journal, events: list[dict]) -> None:
+    for start in range(0, len(events), 500):  # as the daemon commits them: a few at a time
+        journal.add_events(events[start:start + 500])
+
+
+def pending(journal: Journal, plugin: str) -> bool:
+    return journal.next_delivery_at(plugins=[plugin]) is not None
+
+
+def pump_until(dispatcher: EventDispatcher, wake: threading.Event, done: Callable[[], bool]) -> int:
+    """Drive the dispatcher as the daemon's loop does (pump, then sleep until woken or due) until
+    ``done()``; returns how many pumps that took."""
+    pumps = 0
+    give_up = time.monotonic() + 240  # a guard against a dispatcher that never gets there, not a time limit
+    while not done():
+        assert time.monotonic() < give_up, "the deliveries never got done"
+        dispatcher.pump()
+        pumps += 1
+        wake.wait(min(1.0, dispatcher.seconds_until_due()))
+        wake.clear()
+    return pumps
+
+
+def notify_threads(besides: list[threading.Thread] = ()) -> list[threading.Thread]:
+    """The dispatchers' worker threads alive now, but ``besides`` (those of earlier tests)."""
+    return [thread for thread in threading.enumerate()
+            if thread.name.startswith("batchd-notify-") and thread not in besides]
+
+
+def test_a_hanging_plugin_holds_up_no_other_plugin_which_gets_its_events_a_page_a_pump(tmp_path):
+    hanging = Recorder(hold_at=1)
+    journal = Journal(tmp_path / "journal.db")
+    wake = threading.Event()
+    earlier_threads = notify_threads()
+    with HttpSink() as sink:
+        settings = Settings(notify={"timeout_seconds": 3600, "webhook": {"urls": [sink.url], "secret": SECRET}})
+        dispatcher = EventDispatcher(plugin_manager(webhook=notify_webhook, hanging=hanging), journal,
+                                     lambda: settings, wake=wake.set)
+        events = some_events(600)
+        add_events(journal, events)
+        try:
+            pumps = pump_until(dispatcher, wake, lambda: not pending(journal, "webhook"))
+            workers = notify_threads(besides=earlier_threads)
+            rows = [entry["deliveries"] for entry in journal.events()]
+        finally:
+            hanging.gate.set()
+            dispatcher.close()
+        posts = sink.accepted()
+
+    assert [post.event["id"] for post in posts] == [event["id"] for event in events], "each once, oldest first"
+    assert pumps < len(events) / 5, "each pump hands a plugin many events, not one"
+    assert len(workers) == 2, "one worker thread per plugin, however many events"
+    assert hanging.holding.is_set()
+    assert all(row["webhook"]["state"] == "sent" and row["webhook"]["attempts"] == 1 for row in rows)
+    assert all(row["hanging"]["state"] == "pending" and row["hanging"]["attempts"] == 0 for row in rows)
+    journal.close()
+
+
+class Stuck:
+    """A notifier whose call with the event ``stuck_on`` does not return until ``gate`` opens."""
+
+    def __init__(self, stuck_on: str):
+        self.stuck_on = stuck_on
+        self.gate = threading.Event()
+        self.events: list[dict] = []
+
+    @hookimpl
+    def job_event(self, event):
+        if event["id"] == self.stuck_on:
+            self.gate.wait()
+        self.events.append(event)
+
+
+def test_a_call_that_hangs_times_out_and_the_plugins_next_events_go_on_from_another_thread(tmp_path):
+    events = some_events(300)
+    stuck = Stuck(stuck_on=events[0]["id"])
+    journal = Journal(tmp_path / "journal.db")
+    wake = threading.Event()
+    earlier_threads = notify_threads()
+    settings = Settings(notify={"timeout_seconds": 0.3, "retry_initial_seconds": 3600, "retry_max_seconds": 3600})
+    dispatcher = EventDispatcher(plugin_manager(stuck=stuck), journal, lambda: settings, wake=wake.set)
+    add_events(journal, events)
+    try:
+        pump_until(dispatcher, wake, lambda: len(stuck.events) == len(events) - 1)
+        threads = notify_threads(besides=earlier_threads)
+        delivered = [event["id"] for event in stuck.events]
+    finally:
+        dispatcher.close()
+        stuck.gate.set()
+    rows = {entry["event"]["id"]: entry["deliveries"]["stuck"] for entry in journal.events()}
+
+    assert delivered == [event["id"] for event in events[1:]], "each once, in order, but the one that hangs"
+    assert len(threads) == 2, "the hung call's thread, and the one that took over"
+    hung = rows.pop(events[0]["id"])
+    assert (hung["state"], hung["attempts"], hung["last_error"]) == ("pending", 1, "timed out after 0.3 s")
+    assert hung["next_at"] > time.time() + 3000, "retried after its backoff"
+    assert all(row["state"] == "sent" and row["attempts"] == 1 for row in rows.values())
+    journal.close()
+
+
+def test_delivered_events_are_recorded_in_few_transactions_of_a_bounded_size(tmp_path):
+    recorder = Recorder()
+    journal = CountingJournal(tmp_path / "journal.db")
+    wake = threading.Event()
+    settings = Settings()
+    dispatcher = EventDispatcher(plugin_manager(recorder=recorder), journal, lambda: settings, wake=wake.set)
+    add_events(journal, some_events(1000))
+    journal.commits.clear()
+
+    pump_until(dispatcher, wake, lambda: not pending(journal, "recorder"))
+    dispatcher.close()
+
+    assert len(recorder.events) == 1000
+    assert sum(journal.commits) == 1000, "every delivery recorded once"
+    assert len(journal.commits) <= 1000 / 10, "not a transaction per event"
+    assert max(journal.commits) <= HANDED_MAX, "no transaction covers more than a page"
+    journal.close()
+
+
+def test_deliveries_in_flight_when_the_dispatcher_closes_stay_pending_and_are_made_after_the_restart(tmp_path):
+    before = Recorder(hold_at=4)
+    journal = Journal(tmp_path / "journal.db")
+    wake = threading.Event()
+    earlier_threads = notify_threads()
+    settings = Settings()
+    dispatcher = EventDispatcher(plugin_manager(recorder=before), journal, lambda: settings, wake=wake.set)
+    events = some_events(10)
+    add_events(journal, events)
+
+    pump_until(dispatcher, wake, before.holding.is_set)
+    [worker] = notify_threads(besides=earlier_threads)
+    dispatcher.close(wait_seconds=0.1)  # the daemon stops (or dies) while the 4th call runs
+    states = [(entry["deliveries"]["recorder"]["state"], entry["deliveries"]["recorder"]["attempts"])
+              for entry in journal.events()]
+    before.gate.set()  # that call ends after all, unrecorded: like a delivery just before a crash
+    worker.join(30)
+
+    assert states == [("sent", 1)] * 3 + [("pending", 0)] * 7
+    assert [event["id"] for event in before.events] == [event["id"] for event in events[:4]], \
+        "a closed dispatcher starts no more calls"
+    after = Recorder()
+    dispatcher = EventDispatcher(plugin_manager(recorder=after), journal, lambda: settings, wake=wake.set)
+    pump_until(dispatcher, wake, lambda: not pending(journal, "recorder"))
+    dispatcher.close()
+    assert [event["id"] for event in after.events] == [event["id"] for event in events[3:]], \
+        "the unrecorded one again, with its id, and the rest"
+    journal.close()
+
+
+class Digest:
+    """A notifier that takes events in batches (one message for many); it cannot deliver ``refuse`` the first time."""
+
+    def __init__(self, refuse: str):
+        self.batches: list[list[str]] = []
+        self.refuse = refuse
+        self.single_calls = 0
+
+    @hookimpl
+    def job_event_batch(self, events):
+        self.batches.append([event["id"] for event in events])
+        if self.refuse in self.batches[-1] and len(self.batches) == 1:
+            return {self.refuse: "no room for it in this message"}
+        return None
+
+    @hookimpl
+    def job_event(self, event):
+        self.single_calls += 1
+
+
+def test_hook_job_event_batch_gets_the_due_events_in_order_in_bounded_batches(tmp_path):
+    events = some_events(450)
+    digest = Digest(refuse=events[7]["id"])
+    journal = Journal(tmp_path / "journal.db")
+    wake = threading.Event()
+    settings = Settings(notify=FAST_RETRIES)
+    dispatcher = EventDispatcher(plugin_manager(digest=digest), journal, lambda: settings, wake=wake.set)
+    add_events(journal, events)
+
+    pump_until(dispatcher, wake, lambda: not pending(journal, "digest"))
+    dispatcher.close()
+
+    assert digest.single_calls == 0, "a plugin with both hooks gets batches"
+    assert all(1 <= len(batch) <= BATCH_MAX for batch in digest.batches)
+    assert len(digest.batches) < len(events) / 10
+    delivered = [event_id for batch in digest.batches for event_id in batch]
+    assert list(dict.fromkeys(delivered)) == [event["id"] for event in events], "oldest first"
+    assert Counter(delivered) == {event["id"]: 2 if event is events[7] else 1 for event in events}, \
+        "the one it could not deliver again, the others once"
+    rows = {entry["event"]["id"]: entry["deliveries"]["digest"] for entry in journal.events()}
+    assert all(row["state"] == "sent" for row in rows.values())
+    assert rows[events[7]["id"]]["attempts"] == 2 and rows[events[8]["id"]]["attempts"] == 1
+    journal.close()
+
+
+def test_due_deliveries_come_in_pages_without_those_handed_out_and_are_recorded_together(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    journal.event_targets = lambda event: ("webhook",)
+    try:
+        add_events(journal, some_events(5))
+        ids = [event["id"] for event in some_events(5)]
+        page = journal.due_deliveries(time.time(), plugins=("webhook",), limit=3, excluding=ids[:1])
+        assert [event["id"] for _plugin, event, _attempts in page] == ids[1:4]
+        journal.record_deliveries(sent=[(ids[1], "webhook"), (ids[2], "webhook")],
+                                  failed=[(ids[3], "webhook", "down", time.time() + 600),
+                                          (ids[4], "webhook", "gone", None)])
+        rows = {entry["event"]["id"]: entry["deliveries"]["webhook"] for entry in journal.events()}
+        assert [rows[event_id]["state"] for event_id in ids] == ["pending", "sent", "sent", "pending", "failed"]
+        assert rows[ids[3]]["last_error"] == "down" and rows[ids[3]]["attempts"] == 1
+        due = journal.due_deliveries(time.time(), plugins=("webhook",), limit=9)
+        assert [event["id"] for _plugin, event, _attempts in due] == ids[:1], "the retry is not due yet"
+    finally:
+        journal.close()
+
+
+def test_hook_job_event_webhook_keeps_its_connection_open_and_opens_another_when_the_receiver_drops_it():
+    with HttpSink() as sink:
+        settings = Settings(notify={"webhook": {"urls": [sink.url]}})
+        for n in range(3):
+            notify_webhook.job_event(event={"id": f"j:progress:{n}", "kind": "progress"}, settings=settings)
+        sink.drop_connections()  # as a server closes an idle connection
+        notify_webhook.job_event(event={"id": "j:succeeded", "kind": "succeeded"}, settings=settings)
+        posts = sink.received
+
+    assert [post.event["id"] for post in posts] == ["j:progress:0", "j:progress:1", "j:progress:2", "j:succeeded"]
+    assert len({post.connection for post in posts[:3]}) == 1
+    assert posts[3].connection != posts[0].connection and posts[3].status == 200
+
+
+def test_hook_job_event_webhook_goes_through_the_proxy_of_the_environment(monkeypatch):
+    with HttpSink() as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server.server_address[1]}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        settings = Settings(notify={"webhook": {"urls": ["http://hooks.example.invalid/batchd"], "secret": SECRET}})
+        notify_webhook.job_event(event={"id": "j:failed", "kind": "failed"}, settings=settings)
+        (post,) = proxy.received
+
+    assert post.target == "http://hooks.example.invalid/batchd"
+    assert_signed(post)
