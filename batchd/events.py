@@ -60,8 +60,6 @@ HANDED_MAX = 200
 REFILL_AT = 100
 #: Events per ``job_event_batch`` call at most.
 BATCH_MAX = 100
-#: Kinds that end a job; their events carry the outbox folder.
-FINAL_KINDS = ("succeeded", "partial", "failed", "cancelled", "rejected")
 
 
 def make_event(kind: str, job: Job, *, seq: int | None = None, state: str | None = None,

@@ -109,3 +109,15 @@ def test_the_snake_case_fast_path_check():
     assert has_snake_case_keys(b'{"generation_config": {}}')
     assert not has_snake_case_keys(json.dumps({"contents": [{"parts": [{"text": 'say "a_b": 1'}]}]}).encode())
     assert not has_snake_case_keys(b'{"generationConfig": {"maxOutputTokens": 1}}')
+
+
+def test_connections_are_served_without_nagle(emulator: EmulatorServer):
+    """asyncio turns Nagle off only on sockets that say they are TCP: with it on, each answer on a
+    kept-alive connection waited for the client's delayed ACK (40 ms), as no real server makes one wait."""
+    import socket
+
+    listening = emulator._socket
+    assert listening.proto == socket.IPPROTO_TCP
+    with socket.create_connection(("127.0.0.1", emulator.port)) as client:
+        client.sendall(b"GET /v1beta/batches HTTP/1.1\r\nHost: x\r\nx-goog-api-key: k\r\n\r\n")
+        assert client.recv(12).startswith(b"HTTP/1.1")
