@@ -41,7 +41,7 @@ def daemon_with_one_chunk(workspace: Workspace, *, job_seconds: float):
     daemon.start()
     assert daemon.provider  # the embedded emulator serves before the intents below are timed
     journal = daemon.journal
-    journal.add_job("j1", name="dup", source="dup.toml", state="received")
+    journal.add_job("j1", name="dup", source="dup.toml", state="building")
     journal.add_chunk("j1", {"idx": 0, "display_name": DISPLAY_NAME, "mode": "inline",
                              "request_count": 1, "byte_size": 100})
     journal.update_job("j1", state="built", task="translate", model=MODEL)

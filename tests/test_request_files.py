@@ -244,7 +244,7 @@ def inproc(workspace: Workspace):
     daemon = Daemon(load_settings(workspace.config))
     daemon.start()
     journal = daemon.journal
-    journal.add_job("j1", name="again", source="again.toml", state="received")
+    journal.add_job("j1", name="again", source="again.toml", state="building")
     spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True)
     line = RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n"
@@ -319,19 +319,19 @@ def test_killed_after_a_resubmission_intent_the_earlier_attempts_upload_is_reuse
 
 def test_a_job_cancelled_while_its_requests_upload_is_never_created_and_its_upload_goes(inproc: Daemon):
     chunk = inproc.journal.chunks("j1")[0]
-    inproc._start_create(inproc.journal.job("j1"), chunk)
-    next(iter(inproc.submissions.values())).future.result(timeout=30)
+    inproc.steps.submit.start(inproc.journal.job("j1"), chunk)
+    next(iter(inproc.steps.submit.submissions.running.values())).future.result(timeout=30)
     inproc.journal.update_job("j1", cancel_requested=1)
 
-    inproc._collect_submissions()
+    inproc.steps.submit.collect()
 
     chunk = inproc.journal.chunks("j1")[0]
-    assert not inproc.submissions, "no create was sent"
+    assert not inproc.steps.submit.submissions.running, "no create was sent"
     assert (chunk.state, chunk.upload_state) == ("skipped", "uploaded") and chunk.uploaded_file
     assert not [j for j in inproc.provider.list_jobs() if j.display_name == "batchd-again-j1-c0"]
-    inproc.tidy_uploads()
-    inproc.upload_cleanup.result(timeout=30)
-    inproc.tidy_uploads()
+    inproc.steps.uploads.tidy()
+    inproc.steps.uploads.rounds.futures()[0].result(timeout=30)
+    inproc.steps.uploads.tidy()
     assert inproc.journal.chunks("j1")[0].upload_state == "deleted"
     assert inproc.provider.get_file(chunk.uploaded_file) is None
 
@@ -342,9 +342,9 @@ def test_finished_chunks_copies_are_all_deleted_by_display_name(inproc: Daemon):
     inproc.journal.update_chunk("j1", 0, state="fetched", remote_state="succeeded", uploaded_file=recorded,
                                 upload_state="uploading")
 
-    inproc.tidy_uploads()
-    inproc.upload_cleanup.result(timeout=30)
-    inproc.tidy_uploads()  # collects the round
+    inproc.steps.uploads.tidy()
+    inproc.steps.uploads.rounds.futures()[0].result(timeout=30)
+    inproc.steps.uploads.tidy()  # collects the round
 
     assert inproc.journal.chunks("j1")[0].upload_state == "deleted"
     assert files_named(inproc, "batchd-again-j1-c0-requests") == []

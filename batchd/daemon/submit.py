@@ -67,7 +67,7 @@ class Submit:
             crashpoint("after-intent")
             if chunk.resubmits:
                 crashpoint("after-resubmit-intent")
-            self._start(job, chunk)
+            self.start(job, chunk)
         if not chunks:
             self.turns.forget(job.id)
         if len(chunks) > share:
@@ -93,7 +93,7 @@ class Submit:
         return [self.ctx.event("submitted", job, counts={"total": sum(c.request_count for c in sent), "done": 0,
                                                          "chunks": len(sent)})]
 
-    def _start(self, job: Job, chunk: Chunk) -> None:
+    def start(self, job: Job, chunk: Chunk) -> None:
         """Send the chunk's create; a file chunk's requests file first (:func:`upload_requests`).
 
         ``chunk`` is as it was before the intent just committed: its ``upload_state`` says what
@@ -220,7 +220,7 @@ class Submit:
                 now = time.time()
                 ctx.journal.update_chunk(chunk.job_id, chunk.idx, intent_at=now, **_upload_intent(chunk))
                 self._watch(chunk, now)  # the watch runs from the last create under the name
-                self._start(job, chunk)
+                self.start(job, chunk)
 
     def busy(self) -> bool:
         return bool(len(self.submissions))
