@@ -112,7 +112,10 @@ def test_killed_around_a_create_the_restart_uploads_nothing_again_and_leaves_not
     if point == "after-upload":
         orphans = [c for c in chunk_rows(workspace) if c["upload_state"] == "uploading" and not c["uploaded_file"]]
         assert orphans, "the killed upload's chunk records no file"
-        assert upload_display_name(orphans[0]["display_name"]) in request_files(emulator).values()
+        # Other chunks' uploads may have been under way too (and not reached the service): the one
+        # whose upload finished, the kill's, is on the service under its display name, recorded nowhere.
+        on_service = set(request_files(emulator).values())
+        assert any(upload_display_name(c["display_name"]) in on_service for c in orphans)
 
     run = daemon.run_once(emulator=emulator)
 
