@@ -460,8 +460,8 @@ def test_results_the_service_refuses_to_hand_over_fail_the_chunk_not_the_daemon(
 
 
 def test_the_shipped_examples_all_succeed(workspace: Workspace):
-    """README's main job: every example manifest in the repository's inbox/, one per task."""
-    shipped = REPO / "inbox"
+    """README's main job: every example manifest in the repository's examples/inbox/, one per task."""
+    shipped = REPO / "examples" / "inbox"
     for path in shipped.iterdir():
         (workspace.inbox / path.name).write_bytes(path.read_bytes())
     manifests = {path.stem for path in shipped.iterdir() if path.suffix in (".toml", ".json")}

@@ -11,7 +11,7 @@ import pytest
 from batchd.manifest import ManifestError, load_manifest, manifest_json_schema
 from batchd.plugins import get_tasks
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "inbox"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "inbox"
 
 
 @pytest.fixture

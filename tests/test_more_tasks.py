@@ -323,7 +323,7 @@ def test_template_rows_from_an_input_file(tmp_path, name, content):
     ],
 )
 def test_inbox_examples_load(name, request_count):
-    manifest = load_manifest(REPO / "inbox" / name, root=REPO / "inbox", tasks=TASKS)
+    manifest = load_manifest(REPO / "examples" / "inbox" / name, root=REPO / "examples" / "inbox", tasks=TASKS)
     requests = list(manifest.requests())
     assert len(requests) == request_count
     assert len({r.key for r in requests}) == request_count
