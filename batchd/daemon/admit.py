@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from batchd.costs import JobInfo, RequestStream, spend_of
 from batchd.costs import describe as describe_cost
@@ -45,7 +46,7 @@ class TokenCounter:
     characters-per-token ratio a larger count of the same model measured, instead of a round trip each
     (a burst of small manifests otherwise makes one countTokens call per job)."""
 
-    def __init__(self, provider: callable):
+    def __init__(self, provider: Callable[[], Provider]):
         self._provider = provider
         self._ratios: dict[str, tuple[float, float]] = {}  # model → (chars per token, measured at)
         self._lock = threading.Lock()

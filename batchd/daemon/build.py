@@ -17,7 +17,7 @@ from enum import Enum
 from batchd import fs
 from batchd.costs import EstimateAlongside, JobInfo, spend_of
 from batchd.costs import describe as describe_cost
-from batchd.daemon.admit import load_claimed
+from batchd.daemon.admit import TokenCounter, load_claimed
 from batchd.daemon.context import Context, Stopping, Turns, manifest_error, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
@@ -53,12 +53,12 @@ class Builder:
 
 
 class Build:
-    def __init__(self, ctx: Context, admit_tokens):
+    def __init__(self, ctx: Context, tokens: TokenCounter):
         self.ctx = ctx
         self.builders: dict[str, Builder] = {}
         self.slots = ctx.settings.max_concurrent_builds
         self.turns = Turns()
-        self._tokens = admit_tokens
+        self._tokens = tokens  # shared with the estimates made before admission
 
     def step(self, job: Job) -> None:
         """Record the job's next chunk, if it is built (one per visit: finished chunks go out meanwhile)."""

@@ -66,7 +66,7 @@ class Monitor:
     def poll(self) -> None:
         """One round of monitoring: list pages for every running job, a get only for finished ones.
 
-        The same list pass looks for strays under the watched display names (see :meth:`_stray`);
+        The same list pass looks for strays under the watched display names (see :meth:`stray`);
         with nothing running it is made for them alone, every ``poll_max_interval``.
         """
         ctx = self.ctx
@@ -89,9 +89,9 @@ class Monitor:
                         seen.add(remote.name)
                         changed |= self._observe(chunk, remote)
                     elif (owner := by_display_name.get(remote.display_name)) is not None:
-                        self._stray(owner.job_id, owner.idx, owner.display_name, remote)
+                        self.stray(owner.job_id, owner.idx, owner.display_name, remote)
                     elif (name := watched.get(remote.display_name)) is not None:
-                        self._stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
+                        self.stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
                     if len(seen) == len(running) and (not watched or remote.create_time is not None
                                                       and remote.create_time.timestamp() < oldest):
                         break  # every job we watch is accounted for, and older pages hold no stray
@@ -155,8 +155,6 @@ class Monitor:
                              outcome="cancelling")
         if self.cancel(remote.name, job_id):
             journal.set_remote_outcome(remote.name, "cancelled")
-
-    _stray = stray
 
     def _cancel_strays(self) -> None:
         """Retry the cancels of recorded strays the service did not accept yet (each with its backoff)."""
