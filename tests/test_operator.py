@@ -249,9 +249,12 @@ def test_status_watch_ends_cleanly_on_ctrl_c(workspace: Workspace):
     import signal
     import time
 
+    # Ctrl-C as a terminal delivers it: a test run started in the background of a non-interactive shell
+    # has SIGINT ignored, a disposition children inherit, and Python then never raises KeyboardInterrupt.
     watcher = subprocess.Popen([sys.executable, "-m", "batchd", "status", "--watch", "--interval", "0.1"],
                                cwd=workspace.root, env=workspace.env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 30
         line = watcher.stdout.readline()
