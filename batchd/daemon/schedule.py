@@ -55,14 +55,13 @@ class Steps:
         self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c: self.fetch.start(c))
         self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
                              cancel_adopted=self.monitor.send_cancel)
-        self.fetch = Fetch(ctx, progress_events=self.monitor.progress_events, disk_full=self._disk_full_cb)
+        # The loop owns the disk-full pause; it plugs itself in as on_disk_full.
+        self.fetch = Fetch(ctx, progress_events=self.monitor.progress_events,
+                           disk_full=lambda error, step, job: self.on_disk_full(error, step, job))
         self.uploads = Uploads(ctx)
         self.deliver = Deliver(ctx, forget=self._forget)
         self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
         self.on_disk_full: Callable = lambda error, step, job: None
-
-    def _disk_full_cb(self, error, step, job) -> None:
-        self.on_disk_full(error, step, job)
 
     def _forget(self, job_id: str) -> None:
         """A job delivered without results: the steps before delivery drop what they hold for it."""
@@ -90,6 +89,7 @@ class Loop:
         self._ready: set[str] = set()
         self._ready_lock = threading.Lock()
         self._swept_at = float("-inf")
+        self._builds_checked_at = float("-inf")
         self._events_pruned_at = float("-inf")
         self._disk_full_seen = False
         self._config_mtime = _mtime(ctx.settings.config_file)
@@ -158,8 +158,14 @@ class Loop:
         s.admit.review_held()
         if time.monotonic() - self._swept_at >= ctx.settings.rescan_seconds:
             self.sweep()
+        now = time.monotonic()
         for job_id in s.build.builders:
-            self.mark(job_id)  # a build in progress is looked at: its plugin may hang
+            # A build is looked at now and then (its plugin may hang), and often while its estimate,
+            # which tells nobody when it ends, is finishing; else the build marks its job itself.
+            if now - self._builds_checked_at >= BUILD_CHECK_SECONDS or s.build.waiting_for_estimate(job_id):
+                self.mark(job_id)
+        if now - self._builds_checked_at >= BUILD_CHECK_SECONDS:
+            self._builds_checked_at = now
         for job in ctx.journal.jobs_by_id(self._take_ready()):
             ctx.check_stop()
             try:
