@@ -249,7 +249,8 @@ class _RecordingHandler(BaseHTTPRequestHandler):
     bodies: list[dict[str, Any]]
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append({**body, "_path": self.path})
         answer = json.dumps({"name": "batches/recorded", "metadata": {"state": "BATCH_STATE_PENDING"}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -301,8 +302,13 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
     with Provider(api_key=API_KEY, base_url=base_url) as provider:
         provider.create_inline(MODEL, [encoder.inline("key-1", prompt, overrides)], "from-settings")
         provider.create_inline(MODEL, [RequestEncoder.inline_from_line(json.loads(line))], "from-line")
+        provider.create_from_lines(MODEL, [json.loads(line)], "from-lines")
 
     assert "\n" not in line
+    # The daemon's inline creates skip the SDK's conversion: the body must be the one the SDK sends.
+    assert bodies[2]["batch"].pop("displayName") == "from-lines"
+    assert bodies[1]["batch"].pop("displayName") == "from-line"
+    assert bodies[2] == bodies[1]
     assert json.loads(line)["request"] == encoder.wire_request(prompt, overrides)
     for body in bodies:
         [sent] = body["batch"]["inputConfig"]["requests"]["requests"]

@@ -21,7 +21,7 @@ from batchd.daemon.context import Context, Turns, error_dict, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.journal import Chunk, Job
-from batchd.provider import Provider, RemoteFile, RemoteJob, RequestEncoder, is_retryable
+from batchd.provider import Provider, RemoteFile, RemoteJob, is_retryable
 from batchd.spool import JobSpool
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
@@ -255,8 +255,7 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 
 
 def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk) -> RemoteJob:
-    requests = [RequestEncoder.inline_from_line(line) for line in spool.read_requests(chunk.idx)]
-    return provider.create_inline(model, requests, chunk.display_name)
+    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name)
 
 
 def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool) -> RequestFile:
