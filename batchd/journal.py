@@ -86,6 +86,7 @@ import contextlib
 import json
 import secrets
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,6 +319,10 @@ class Journal:
         #: Called with a job's id after every commit that changed the job or one of its chunks: the
         #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
         self.on_change: Callable[[str], None] = lambda job_id: None
+        #: Effects waiting for the open transaction or group to commit (see :meth:`after_commit`).
+        self._effects: list[Callable[[], Any]] = []
+        self._group_thread: int | None = None
+        self._transaction_thread: int | None = None
 
     def _add_missing_columns(self) -> None:
         for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("chunks", _ADDED_CHUNK_COLUMNS),
@@ -347,24 +352,119 @@ class Journal:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One state transition: all of it is committed, or none of it.
 
-        A transition the database file cannot take (disk full, I/O error) raises
+        Inside :meth:`group` the transition is a savepoint of the group's transaction, committed with
+        the group. A transition the database file cannot take (disk full, I/O error) raises
         :class:`batchd.fs.StorageFailure`: the daemon must not go on from a state it did not commit.
         """
+        if self._grouped():
+            with self._storage_failures():
+                if not self._db.in_transaction:
+                    self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("SAVEPOINT transition")
+                try:
+                    yield self._db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                        self._db.execute("ROLLBACK TO transition")
+                        self._db.execute("RELEASE transition")
+                    raise
+                self._db.execute("RELEASE transition")
+            return
         with self._storage_failures():
             self._db.execute("BEGIN IMMEDIATE")
+            self._transaction_thread = threading.get_ident()
             try:
-                yield self._db
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                try:
+                    yield self._db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._commit()
+            finally:
+                self._transaction_thread = None
+        self._run_effects()
+
+    # -- group commit: many transitions, one fsync -------------------------------------------------
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Commit every transition made inside in one transaction, at the end (or at :meth:`flush`).
+
+        Each commit costs an fsync; the loop makes dozens of transitions a tick, each of which may
+        stand alone. Intent before effect still holds because an effect that must follow a
+        transition is handed to :meth:`after_commit`, which runs it once the group has committed;
+        an effect the loop performs itself calls :meth:`flush` first. Only the thread that opened
+        the group may write meanwhile. A step that raises inside keeps what it committed before:
+        the transitions that completed are committed and their effects run, then the error goes on.
+        """
+        if self._group_thread is not None:
+            raise RuntimeError("journal groups do not nest")
+        self._group_thread = threading.get_ident()
+        try:
+            yield
+        except fs.StorageFailure:
+            # The database cannot take the group (SQLite may have rolled it back already): none of it
+            # happened, nor will its effects; the daemon stops on this error.
+            self._effects.clear()
+            with contextlib.suppress(sqlite3.Error):
+                if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                raise
-            try:
-                fs.fault_point("journal", self.path)
-                self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise
+            raise
+        except BaseException:
+            self.flush()
+            raise
+        else:
+            self.flush()
+        finally:
+            self._group_thread = None
+
+    def flush(self) -> None:
+        """Commit the open group's transitions now and run the effects waiting for them (a no-op
+        outside a group, or when called from another thread, such as a worker at a crash point)."""
+        if self._group_thread != threading.get_ident():
+            return
+        if self._db.in_transaction:
+            with self._storage_failures():
+                try:
+                    self._commit()
+                except BaseException:
+                    self._effects.clear()
+                    raise
+        self._run_effects()
+
+    def after_commit(self, effect: Callable[[], Any]) -> None:
+        """Run ``effect`` once the transitions made so far are committed: at once when none is pending."""
+        if self._grouped() or self._transaction_thread == threading.get_ident():
+            self._effects.append(effect)
+        else:
+            effect()
+
+    def _grouped(self) -> bool:
+        return self._group_thread is not None and self._group_thread == threading.get_ident()
+
+    def _commit(self) -> None:
+        try:
+            fs.fault_point("journal", self.path)
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _run_effects(self) -> None:
+        """Run the waiting effects in the order they were asked for; one that fails does not keep the
+        others from running (each was promised by a committed transition), its error is raised after."""
+        failure = None
+        while self._effects:
+            effects, self._effects = self._effects, []
+            for effect in effects:
+                try:
+                    effect()
+                except BaseException as error:
+                    failure = failure or error
+        if failure is not None:
+            raise failure
 
     @contextmanager
     def _storage_failures(self) -> Iterator[None]:
@@ -378,15 +478,16 @@ class Journal:
     # -- jobs -------------------------------------------------------------------------------
 
     def add_job(self, job_id: str, *, name: str, source: str, state: str = "claiming",
-                sha256: str | None = None, error: dict | None = None) -> None:
+                sha256: str | None = None, error: dict | None = None, task: str | None = None,
+                model: str | None = None) -> None:
         """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, source, sha256, state, error, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, source, sha256, state,
-                 _dumps(error) if error is not None else None, now, now),
+                 _dumps(error) if error is not None else None, task, model, now, now),
             )
 
     def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:

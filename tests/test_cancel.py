@@ -66,9 +66,14 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
     daemon = Daemon(load_settings(workspace.config))
     daemon.start()
     try:
-        # One tick takes the manifest and starts building its first chunk (in the build's thread); the
-        # tick that records it would send it, unless a cancel has come first.
+        # The first ticks take the manifest and start building its first chunk (in the build's thread,
+        # once 'building' is committed); the tick that records it would send it, unless a cancel has
+        # come first.
+        builders = daemon.steps.build.builders
         (job,) = tick_until(daemon, daemon.journal.active_jobs, "the job accepted")
+        tick_until(daemon, lambda: job.id in builders and not builders[job.id].chunks.resting(),
+                   "its first chunk asked for")
+        job = daemon.journal.job(job.id)
         assert (job.state, [c.state for c in daemon.journal.chunks(job.id)]) == ("building", [])
         (workspace.inbox / "long.cancel").write_text("")
 

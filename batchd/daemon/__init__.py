@@ -39,6 +39,7 @@ from pathlib import Path
 from batchd import durable, fs
 from batchd.config import Settings
 from batchd.costs import CostHooks
+from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
 from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
 from batchd.daemon.schedule import Loop, Steps
@@ -149,6 +150,7 @@ class Daemon:
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
         journal.on_change = self.loop.mark
+        crashpoints.commit_pending = journal.flush
         self.loop.status_line = self.status_line
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed

@@ -70,6 +70,8 @@ class Build:
                     self.turns.wait(job)
                     return
                 builder = self._start(job)
+                if job.state != JobState.BUILDING:
+                    return  # its requests are asked for once 'building' is committed: the next visit
             kind, chunk = builder.chunks.take()
             if kind == "waiting":
                 timeout = ctx.settings.plugin_timeout_seconds

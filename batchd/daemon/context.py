@@ -91,12 +91,17 @@ class Workers(Generic[K]):
     A step starts work only while the pool has a free thread (:meth:`full`), so nothing waits in a
     queue that a stop would have to withdraw: a job waits its turn in the journal instead. When a
     piece ends, ``on_done(key)`` wakes the loop, whose step then takes the outcome (:meth:`finished`).
+
+    Work is an effect: it is handed to the pool through ``after_commit`` (the journal's), so it
+    starts only once the transition that announced it is committed. It counts as running at once.
     """
 
-    def __init__(self, name: str, size: int, on_done: Callable[[K, Future], None]):
+    def __init__(self, name: str, size: int, on_done: Callable[[K, Future], None],
+                 after_commit: Callable[[Callable[[], Any]], None] = lambda effect: effect()):
         self.name, self.size = name, size
         self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"batchd-{name}")
         self._on_done = on_done
+        self._after_commit = after_commit
         self.running: dict[K, Work[K]] = {}
 
     def __contains__(self, key: K) -> bool:
@@ -109,9 +114,21 @@ class Workers(Generic[K]):
         return self.size - len(self.running)
 
     def start(self, key: K, work: Callable[..., Any], *args: Any, about: Any = None) -> Work[K]:
-        future = self._pool.submit(work, *args)
+        future: Future = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # withdrawn by a stop before it began
+            try:
+                result = work(*args)
+            except BaseException as error:  # noqa: BLE001 - the step takes it from the future
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
         piece = self.running[key] = Work(key, future, about)
         future.add_done_callback(lambda done: self._on_done(key, done))
+        self._after_commit(lambda: self._pool.submit(run))
         return piece
 
     def finished(self) -> list[Work[K]]:
@@ -125,6 +142,9 @@ class Workers(Generic[K]):
         return [piece.future for piece in self.running.values()]
 
     def shutdown(self, *, cancel: bool = False) -> None:
+        if cancel:
+            for piece in self.running.values():
+                piece.future.cancel()  # one not begun never begins; one running is waited for
         self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
@@ -166,7 +186,7 @@ class Context:
             if keyed_by_job:
                 self.mark(key[0] if isinstance(key, tuple) else key)
             self.wake()
-        return Workers(name, size, done)
+        return Workers(name, size, done, after_commit=lambda effect: self.journal.after_commit(effect))
 
     def spool(self, job_id: str) -> JobSpool:
         return JobSpool(self.settings.state_dir / "jobs" / job_id)

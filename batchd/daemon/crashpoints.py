@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Callable
 
 log = logging.getLogger("batchd")
 
@@ -38,12 +39,18 @@ ON_RESUBMIT = {
 }
 CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT}
 
+#: Commits the transitions the loop has grouped so far (``Journal.flush``, set by the daemon): a crash
+#: point means "everything before this point is committed", as it was when each transition committed
+#: on its own.
+commit_pending: Callable[[], None] = lambda: None
+
 
 def crashpoint(name: str) -> None:
     """Die here, as abruptly as a power cut would, if the crash tests asked for it."""
     if name not in CRASH_POINTS:
         raise KeyError(f"unknown crash point {name!r}: add it to batchd.daemon.crashpoints")
     if os.environ.get("BATCHD_CRASH_AT") == name:
+        commit_pending()
         signum = signal.Signals[os.environ.get("BATCHD_CRASH_SIGNAL", "SIGKILL")]
         log.warning("crash point %s: sending the process %s", name, signum.name)
         os.kill(os.getpid(), signum)

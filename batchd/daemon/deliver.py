@@ -141,7 +141,7 @@ class Deliver:
         self._stage(job, folder, summary, None)
 
     def _stage(self, job: Job, folder: outbox.JobFolder, summary: dict, usage: dict | None) -> None:
-        """Finish the folder in the spool, commit its outbox name (``publishing``), then publish it."""
+        """Finish the folder in the spool and commit its outbox name (``publishing``); the next visit publishes it."""
         ctx = self.ctx
         spool = ctx.spool(job.id)
         if job.error is not None:
@@ -156,9 +156,9 @@ class Deliver:
             folder.copy_in(job.source, manifest)  # anything else is moved in whole by publish()
         folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
         destination = outbox.choose_folder(ctx.settings.outbox, job.name)
+        # The folder's name is the intent; the job is published on its next visit, once that is committed.
         ctx.journal.update_job(job.id, state=JobState.PUBLISHING, outbox_dir=str(destination),
                                outcome=summary["state"], cost=cost or None, spend=spend_of(cost))
-        self.publish(ctx.journal.job(job.id))
 
     def publish(self, job: Job) -> None:
         """A ``publishing`` job: rename its staged folder into the outbox, then it is ``done``."""
@@ -170,6 +170,7 @@ class Deliver:
                 # Taken by someone else since we chose it: pick again, intent first.
                 destination = outbox.choose_folder(ctx.settings.outbox, job.name)
                 ctx.journal.update_job(job.id, outbox_dir=str(destination))
+                ctx.journal.flush()
             outbox.JobFolder(spool.staging, create=False).publish(destination)
         elif not destination.exists():
             # Neither staged nor published (a staging folder lost): deliver it again from the spool
@@ -185,7 +186,7 @@ class Deliver:
             durable.durable_move(claimed, destination / job.source, step="publish")
         crashpoint("after-publish")
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
-        self._cleanup.submit(spool.remove)
+        ctx.journal.after_commit(lambda: self._cleanup.submit(spool.remove))  # once 'done' is committed
         ctx.report.delivered(job)
         log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
                  extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})

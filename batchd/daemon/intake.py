@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,15 @@ CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
 #: Manifests claimed in one tick at most: a burst of thousands is claimed over many ticks, so the jobs
 #: already claimed move on meanwhile (each claim parses a manifest and commits twice).
 CLAIMS_PER_TICK = 50
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim whose intent (the job's row, ``claiming``) is recorded: ``path`` is still to be moved."""
+
+    job_id: str
+    path: Path
+    source: str
 
 
 class Intake:
@@ -80,9 +90,20 @@ class Intake:
             self.finish_claim(job)
         candidates = self.inbox.scan()
         paused = self._below_free_space_floor()
-        for irregular in self.inbox.take_irregular() if not paused else ():
-            self._reject_irregular(irregular)
         self.backlog = False
+        intents: list[Claim] = []
+        # The claims' intents commit together, then the files move. A stop or a full disk part way
+        # leaves the claims intended so far 'claiming': the next tick, or the next start, finishes them.
+        self._intend_claims(candidates, paused, intents)
+        if intents:
+            ctx.journal.flush()
+            for intent in intents:
+                self._claim(intent)
+
+    def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> None:
+        ctx = self.ctx
+        for irregular in self.inbox.take_irregular() if not paused else ():
+            self._reject_irregular(irregular, intents)
         claimed = 0
         for candidate in candidates:
             ctx.check_stop()
@@ -96,7 +117,7 @@ class Intake:
                 # Journal, outbox folder and remote display name all need a text name: the job is
                 # rejected under a readable rendering of it, the file kept in its folder.
                 source = readable_name(path.name)
-                self._accept(path, None, source=source, error={
+                self._accept(path, None, intents, source=source, error={
                     "code": "file_name_not_utf8", "file": source,
                     "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
                 claimed += 1
@@ -113,26 +134,27 @@ class Intake:
                 # it has stayed unchanged long enough.
                 if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
                     continue
-                self._accept(path, None, error=manifest_error(error))
+                self._accept(path, None, intents, error=manifest_error(error))
                 claimed += 1
                 continue
-            self._accept(path, manifest)
+            self._accept(path, manifest, intents)
             claimed += 1
 
-    def _reject_irregular(self, irregular: Irregular) -> None:
+    def _reject_irregular(self, irregular: Irregular, intents: list[Claim]) -> None:
         """A symlink, folder or FIFO with a manifest's name: rejected, and the entry itself (never what
         a symlink points to) moved into the rejected job's outbox folder, as a manifest would be."""
         if irregular.path.suffix not in MANIFEST_SUFFIXES:
             return  # a NAME.cancel that is no file: the warning the inbox logged is all it gets
         name = readable_name(irregular.path.name)
-        self._accept(irregular.path, None, source=name, error={
+        self._accept(irregular.path, None, intents, source=name, error={
             "code": "not_a_regular_file", "file": name, "kind": irregular.kind,
             "message": f"{name} is a {irregular.kind}, not a regular file; batchd reads only "
                        f"regular files (`batchd submit FILE` copies one in). It is kept in this folder as it was"})
 
-    def _accept(self, path: Path, manifest: Manifest | None, *, error: dict | None = None,
+    def _accept(self, path: Path, manifest: Manifest | None, intents: list[Claim], *, error: dict | None = None,
                 source: str | None = None) -> None:
-        """Claim ``path`` as a new job. ``source``: the file name the job is known by (default ``path.name``)."""
+        """Record the intent to claim ``path`` as a new job (added to ``intents``; :meth:`_claim` moves the
+        file once it is committed). ``source``: the file name the job is known by (default ``path.name``)."""
         ctx = self.ctx
         source = source or path.name
         try:
@@ -170,21 +192,25 @@ class Intake:
                      "duplicate_of": earlier.id}
         # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
-        ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error)
-        if not claim(path, spool.manifest_path(source)):
+        task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model} if manifest else {}
+        ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
+                            **task_and_model)
+        intents.append(Claim(job_id, path, source))
+
+    def _claim(self, intent: Claim) -> None:
+        """Move a manifest whose claim is committed into its job's spool; the job is then ``received``."""
+        ctx = self.ctx
+        job_id, source = intent.job_id, intent.source
+        if not claim(intent.path, ctx.spool(job_id).manifest_path(source)):
             log.warning("%s vanished before it could be claimed", source)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})
             return
         crashpoint("after-claim")
-        fields: dict = {"state": JobState.RECEIVED}
-        if manifest is not None:
-            fields.update(task=manifest.task, model=manifest.model or ctx.settings.model)
-        events = []
-        if error is None:
-            events.append(ctx.event("accepted", replace(ctx.journal.job(job_id), **fields)))
-        ctx.journal.update_job(job_id, events=events, **fields)
-        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if error else "",
+        job = ctx.journal.job(job_id)
+        events = [] if job.error else [ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
+        ctx.journal.update_job(job_id, state=JobState.RECEIVED, events=events)
+        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if job.error else "",
                  extra={"job": job_id, "manifest": source})
 
     def finish_claim(self, job: Job) -> None:
@@ -238,7 +264,7 @@ class Intake:
             log.warning("%s: no unfinished job named %r", path.name, name)
         elif path.suffix == CANCEL_SUFFIX:
             crashpoint("after-cancel-request")
-        path.unlink(missing_ok=True)
+        ctx.journal.after_commit(lambda: path.unlink(missing_ok=True))
 
     def _below_free_space_floor(self) -> bool:
         """Whether the state dir's filesystem has less than ``min_free_mb`` left; says so when that changes."""

@@ -170,6 +170,7 @@ class Monitor:
         backoff = self.cancel_backoff.get(remote_name)
         if backoff is not None and not backoff.due():
             return False
+        self.ctx.journal.flush()  # what this cancel follows from (a stray recorded, a cancel request) first
         try:
             self.ctx.provider.cancel(remote_name)
         except Exception as error:
@@ -270,8 +271,10 @@ class Monitor:
         if last is not None and time.time() - last[1] < ctx.settings.notify.progress_seconds:
             return []
         job = ctx.journal.job(moved.job_id)
+        if job.state != JobState.SUBMITTED:
+            return []  # its chunks still going out: the `submitted` event comes first, and tells what they did
         chunks = ctx.journal.chunks(job.id)
-        if finished and job.state != JobState.BUILDING and all(
+        if finished and all(
                 c.idx == moved.idx or c.state in CHUNK_DONE_STATES for c in chunks):
             return []
         counts = progress_counts(chunks, {moved.idx: stats})

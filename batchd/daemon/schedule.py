@@ -141,12 +141,27 @@ class Loop:
             self.mark(job.id)
 
     def tick(self) -> None:
-        ctx, s = self.ctx, self.s
+        ctx = self.ctx
         if ctx.storage_failure is not None:
             raise ctx.storage_failure
         self.inbox.ensure_watching()
         self._reload_settings()
         self._disk_full_seen = False
+        # A tick's transitions commit together (one fsync), each effect once what announced it is
+        # committed (batchd.journal.Journal.group); the events are handed out after that commit.
+        with ctx.journal.group():
+            self._steps()
+        self.events.pump()
+        if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
+            self.prune_events()
+        # Judged at the tick's end, not its start: a pause that ran out during the tick let its
+        # writes go through, and the tick that follows may be the one a stop never gets to.
+        if not self._disk_full_seen and not ctx.disk.waiting() and ctx.disk.succeeded():
+            log.info("writes go through again: disk space is back (%s)", free_space(ctx.settings.state_dir))
+            self.sweep()
+
+    def _steps(self) -> None:
+        ctx, s = self.ctx, self.s
         s.collect()
         if not ctx.writes_paused():
             try:
@@ -180,14 +195,6 @@ class Loop:
         if s.monitor.due():
             s.monitor.poll()
         s.uploads.tidy()
-        self.events.pump()
-        if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
-            self.prune_events()
-        # Judged at the tick's end, not its start: a pause that ran out during the tick let its
-        # writes go through, and the tick that follows may be the one a stop never gets to.
-        if not self._disk_full_seen and not ctx.disk.waiting() and ctx.disk.succeeded():
-            log.info("writes go through again: disk space is back (%s)", free_space(ctx.settings.state_dir))
-            self.sweep()
 
     def advance(self, job: Job) -> None:
         """Take the job's next step."""

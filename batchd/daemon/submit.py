@@ -20,10 +20,11 @@ from typing import Callable
 from batchd.daemon.context import Context, Turns, error_dict, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import upload_display_name, upload_display_names
+from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
 from batchd.provider import Provider, RemoteFile, RemoteJob, is_retryable
 from batchd.spool import JobSpool
-from batchd.states import JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
+from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
 log = logging.getLogger("batchd")
 
@@ -90,8 +91,14 @@ class Submit:
         if job.state != JobState.SUBMITTED or not any(c.remote_name for c in chunks):
             return []
         sent = [c for c in chunks if c.state != ChunkState.SKIPPED]
-        return [self.ctx.event("submitted", job, counts={"total": sum(c.request_count for c in sent), "done": 0,
-                                                         "chunks": len(sent)})]
+        events = [self.ctx.event("submitted", job, counts={"total": sum(c.request_count for c in sent), "done": 0,
+                                                           "chunks": len(sent)})]
+        # Chunks that went out and finished while later ones were built announced no progress (a job
+        # announces progress once it is submitted): what they did is told now, unless the job is done.
+        counts = progress_counts(sent)
+        if counts["done"] and not all(c.state in CHUNK_DONE_STATES for c in sent):
+            events.append(self.ctx.event("progress", job, counts=counts))
+        return events
 
     def start(self, job: Job, chunk: Chunk) -> None:
         """Send the chunk's create; a file chunk's requests file first (:func:`upload_requests`).
