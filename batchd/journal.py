@@ -370,6 +370,8 @@ class Journal:
                     raise
                 self._db.execute("RELEASE transition")
             return
+        if self._group_thread is not None:
+            raise RuntimeError("the journal is written only by the thread whose group is open (the loop's)")
         with self._storage_failures():
             self._db.execute("BEGIN IMMEDIATE")
             self._transaction_thread = threading.get_ident()

@@ -1,0 +1,130 @@
+"""Group commit (batchd.journal.Journal.group): a tick's transitions commit together, and no effect
+runs before the transition that announced it is committed (docs/design.md, "One commit per tick")."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from batchd import fs
+from batchd.journal import Journal
+
+
+@pytest.fixture()
+def journal(tmp_path: Path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    yield journal
+    journal.close()
+
+
+def committed_states(path: Path) -> dict[str, str]:
+    """Job states as another process sees them: only what is committed."""
+    reader = Journal(path, readonly=True)
+    try:
+        return {job.id: job.state for job in reader.jobs()}
+    finally:
+        reader.close()
+
+
+def add(journal: Journal, job_id: str) -> None:
+    journal.add_job(job_id, name=job_id, source=f"{job_id}.toml")
+
+
+def test_a_groups_transitions_commit_at_its_end_and_its_effects_run_after_in_order(journal: Journal):
+    seen: list[tuple[str, dict]] = []
+
+    def effect(name: str):
+        return lambda: seen.append((name, committed_states(journal.path)))
+
+    with journal.group():
+        add(journal, "a")
+        journal.after_commit(effect("start a"))
+        add(journal, "b")
+        journal.update_job("a", state="received")
+        journal.after_commit(effect("start b"))
+        assert committed_states(journal.path) == {}, "nothing is committed before the group ends"
+        assert journal.job("a").state == "received", "the loop reads its own transitions meanwhile"
+        assert seen == []
+
+    both = {"a": "received", "b": "claiming"}
+    assert seen == [("start a", both), ("start b", both)]
+
+
+def test_a_failed_transition_in_a_group_is_undone_alone(journal: Journal):
+    with journal.group():
+        add(journal, "a")
+        with pytest.raises(Exception):
+            journal.update_job("a", state="published")  # not a state: refused
+        with pytest.raises(Exception):
+            add(journal, "a")  # the same id twice
+        add(journal, "b")
+    assert committed_states(journal.path) == {"a": "claiming", "b": "claiming"}
+
+
+def test_flush_commits_mid_group_and_runs_what_waited(journal: Journal):
+    ran = []
+    with journal.group():
+        add(journal, "a")
+        journal.after_commit(lambda: ran.append(committed_states(journal.path)))
+        journal.flush()
+        assert ran == [{"a": "claiming"}]
+        add(journal, "b")
+        assert committed_states(journal.path) == {"a": "claiming"}
+    assert committed_states(journal.path) == {"a": "claiming", "b": "claiming"}
+
+
+def test_after_commit_outside_a_group_runs_at_once_or_after_the_open_transaction(journal: Journal):
+    ran = []
+    journal.after_commit(lambda: ran.append("now"))
+    assert ran == ["now"]
+    with journal.transaction() as db:
+        db.execute("INSERT INTO jobs (id, name, source, state, created_at, updated_at)"
+                   " VALUES ('a', 'a', 'a.toml', 'claiming', 0, 0)")
+        journal.after_commit(lambda: ran.append(committed_states(journal.path)))
+        assert ran == ["now"]
+    assert ran == ["now", {"a": "claiming"}]
+
+
+def test_an_error_in_a_group_keeps_what_completed_and_runs_its_effects(journal: Journal):
+    ran = []
+    with pytest.raises(KeyError):
+        with journal.group():
+            add(journal, "a")
+            journal.after_commit(lambda: ran.append("effect"))
+            raise KeyError("a step failed after its transition")
+    assert committed_states(journal.path) == {"a": "claiming"}
+    assert ran == ["effect"]
+
+
+def test_a_group_the_database_refuses_commits_nothing_and_drops_its_effects(journal: Journal, monkeypatch):
+    ran = []
+    monkeypatch.setenv("BATCHD_FS_FAULT", "journal:EIO")  # the commit fails as on a dying disk
+    with pytest.raises(fs.StorageFailure):
+        with journal.group():
+            add(journal, "a")
+            journal.after_commit(lambda: ran.append("effect"))
+    monkeypatch.delenv("BATCHD_FS_FAULT")
+    assert committed_states(journal.path) == {}
+    assert ran == []
+    add(journal, "b")  # the journal is usable again
+    assert committed_states(journal.path) == {"b": "claiming"}
+
+
+def test_only_the_groups_thread_may_write_while_it_is_open(journal: Journal):
+    errors = []
+
+    def write_from_a_worker():
+        try:
+            add(journal, "w")
+        except RuntimeError as error:
+            errors.append(error)
+
+    with journal.group():
+        add(journal, "a")
+        worker = threading.Thread(target=write_from_a_worker)
+        worker.start()
+        worker.join()
+    assert len(errors) == 1 and "only by the thread" in str(errors[0])
+    assert committed_states(journal.path) == {"a": "claiming"}
