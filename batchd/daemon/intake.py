@@ -208,10 +208,15 @@ class Intake:
             return
         crashpoint("after-claim")
         job = ctx.journal.job(job_id)
-        events = [] if job.error else [ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
-        ctx.journal.update_job(job_id, state=JobState.RECEIVED, events=events)
+        self._received(job)
         log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if job.error else "",
                  extra={"job": job_id, "manifest": source})
+
+    def _received(self, job: Job) -> None:
+        """The claim is complete: the job is ``received``. Its verdict was committed with the claim's
+        intent: a duplicate or an irregular entry is no accepted job."""
+        events = [] if job.error else [self.ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
+        self.ctx.journal.update_job(job.id, state=JobState.RECEIVED, events=events)
 
     def finish_claim(self, job: Job) -> None:
         ctx = self.ctx
@@ -226,9 +231,7 @@ class Intake:
             ctx.journal.update_job(job.id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{job.source} vanished during its claim"})
             return
-        # A claim's verdict was committed with it: a duplicate or an irregular entry is no accepted job.
-        events = [] if job.error else [ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
-        ctx.journal.update_job(job.id, state=JobState.RECEIVED, events=events)
+        self._received(job)
 
     def _inbox_path(self, source: str) -> Path:
         """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""
