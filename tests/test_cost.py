@@ -146,7 +146,10 @@ def test_hook_check_budget_in_one_run_a_held_job_goes_once_the_others_actual_cos
     assert workspace.batchd("run", "--once").returncode == 0
     probe = workspace.delivered()["probe"]["cost"]
     assert probe["actual"] * 4 < probe["estimate"]
-    workspace.configure(cost={"default_output_tokens": 1000, "daily_budget": probe["actual"] + 1.5 * probe["estimate"]})
+    # Each remote job runs 2 s: both estimates are in before either job's actual cost is known, however
+    # loaded the machine (a first job done before the second's estimate would leave nothing to hold).
+    workspace.configure(cost={"default_output_tokens": 1000, "daily_budget": probe["actual"] + 1.5 * probe["estimate"]},
+                        job_seconds=2)
     workspace.drop("a.toml", TRANSLATE)
     workspace.drop("b.toml", TRANSLATE_OTHER)
 
