@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import re
 import sqlite3
+import sys
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,12 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MANIFEST_SUFFIXES = (".toml", ".json")
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+
+#: Limits on what anyone can drop into the inbox: a manifest or an input line past them is rejected
+#: with an error saying which, never a crash. Manifests are a few lines; inputs stream.
+MAX_NESTING = 64  # arrays and tables inside each other, in a manifest or one JSONL line
+MAX_MANIFEST_BYTES = 4 * 2**20  # items past a few thousand belong in an input file, which streams
+MAX_ERROR_CHARS = 2000  # an error message is cut here, the full length said
 
 
 class ManifestError(Exception):
@@ -56,8 +64,8 @@ class ManifestError(Exception):
         column: int | None = None,
     ) -> None:
         self.path = path
-        self.message = message
-        self.field = field
+        self.message = _capped(message)
+        self.field = _capped(field) if field is not None else None
         self.line = line
         self.column = column
         super().__init__(str(self))
@@ -273,9 +281,13 @@ def _read_document(path: Path) -> dict[str, Any]:
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ManifestError(path, f"unsupported manifest type (use {' or '.join(MANIFEST_SUFFIXES)})")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise ManifestError(path, f"cannot read: {exc.strerror}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, f"larger than {MAX_MANIFEST_BYTES // 2**20} MB: list many items in an input "
+                                  f"file (input = \"items.jsonl\"), which is read as a stream")
     try:
         text = data.decode("utf-8-sig")  # tolerate a BOM left by Windows editors
     except UnicodeDecodeError as exc:
@@ -284,16 +296,91 @@ def _read_document(path: Path) -> dict[str, Any]:
         raise ManifestError(path, "the file is empty")
     if path.suffix.lower() == ".toml":
         try:
-            return tomllib.loads(text)
+            document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise _toml_error(path, exc, text) from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(path, f"invalid JSON: {exc.msg}", line=exc.lineno, column=exc.colno) from None
-    if not isinstance(document, dict):
-        raise ManifestError(path, "a JSON manifest must be an object")
+        except (RecursionError, ValueError) as exc:
+            raise _parse_limit_error(path, exc) from None
+    else:
+        document = _json_value(path, text)
+        if not isinstance(document, dict):
+            raise ManifestError(path, "a JSON manifest must be an object")
+    _check_values(path, document)
     return document
+
+
+def _json_value(path: Path, text: str, *, line: int | None = None) -> Any:
+    """``text`` parsed as JSON, with a key given twice refused (JSON parsers disagree on which wins)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(path, f"invalid JSON: {exc.msg}", line=line or exc.lineno,
+                            column=exc.colno) from None
+    except _DuplicateKey as exc:
+        raise ManifestError(path, f"the key {exc.args[0]!r} is given twice", line=line) from None
+    except (RecursionError, ValueError) as exc:
+        raise _parse_limit_error(path, exc, line=line) from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
+def _parse_limit_error(path: Path, exc: BaseException, *, line: int | None = None) -> ManifestError:
+    if isinstance(exc, RecursionError):
+        return ManifestError(path, f"nested too deeply (at most {MAX_NESTING} levels)", line=line)
+    if "digits" in str(exc):  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        return ManifestError(path, f"a number has more than {sys.get_int_max_str_digits()} digits", line=line)
+    return ManifestError(path, f"cannot be parsed: {exc}", line=line)
+
+
+def _check_values(path: Path, document: Any, *, line: int | None = None) -> None:
+    """Refuse what parses but cannot be carried on: nesting past :data:`MAX_NESTING`, and text that is not
+    valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can spell, cannot be written as UTF-8)."""
+    stack: list[tuple[Any, str, int]] = [(document, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ManifestError(path, f"nested too deeply (at most {MAX_NESTING} levels)", field=where or None,
+                                line=line)
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                raise ManifestError(path, "text that is not valid Unicode (a lone surrogate)", field=where or None,
+                                    line=line)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ManifestError(path, f"{value} is not a number batchd can use (give a finite number)",
+                                    field=where or None, line=line)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_unicode(key):
+                    raise ManifestError(path, "a key that is not valid Unicode (a lone surrogate)",
+                                        field=where or None, line=line)
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{n}]", depth + 1) for n, item in enumerate(value))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _capped(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}… ({len(text):,} characters in all)"
 
 
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
@@ -362,7 +449,15 @@ def _field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
 
 def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path) -> Path:
     """The input file ``reference`` names, checked to exist inside ``root``."""
-    candidate = (base / Path(reference).expanduser()).resolve()
+    if "\0" in reference:
+        raise ManifestError(manifest_path, "the input file name contains a NUL character", field="input")
+    try:
+        # Relative to the manifest's folder, never to a home directory (``~user`` is a plain name here).
+        candidate = (base / reference).resolve()
+        found = candidate.is_file()
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ManifestError(manifest_path, f"the input file cannot be looked up: {reason}", field="input") from None
     if not candidate.is_relative_to(root.resolve()):
         raise ManifestError(manifest_path, f"{reference!r} is outside the inbox ({root})", field="input")
     if candidate.suffix.lower() not in INPUT_SUFFIXES:
@@ -370,7 +465,7 @@ def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path)
             manifest_path, f"unsupported input type {candidate.suffix!r} (use {', '.join(INPUT_SUFFIXES)})",
             field="input",
         )
-    if not candidate.is_file():
+    if not found:
         raise ManifestError(manifest_path, f"input file not found: {candidate}", field="input")
     return candidate
 
@@ -559,10 +654,8 @@ def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fi
 
 def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterable[str]) -> Iterator[_Record]:
     for line_number, line in _numbered_lines(path):
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(path, f"invalid JSON: {exc.msg}", line=line_number, column=exc.colno) from None
+        value = _json_value(path, line, line=line_number)
+        _check_values(path, value, line=line_number)
         if isinstance(value, str):
             values = {"text": value}
         elif isinstance(value, dict):

@@ -144,3 +144,92 @@ def test_stale_producer_temp_files_are_reaped_and_fresh_ones_and_other_dotfiles_
     assert (workspace.inbox / "old-dir.tmp").is_dir()
     assert all(path.name in process.output() for path in stale), "each removal is logged"
     assert set(workspace.delivered()) == {"after"}, "no temp file was ever taken as a manifest"
+
+
+#: Manifests (and an input file) that once raised out of intake, exited 1 and stayed in the inbox, so
+#: that under Restart=on-failure nothing else was ever processed; each must be rejected, naming why.
+HOSTILE = {
+    "deep.toml": ('task = "sentiment"\ntexts = ["a"]\nx = ' + "[" * 10_000 + "]" * 10_000 + "\n", "nested too deeply"),
+    "deep.json": ('{"task": "sentiment", "texts": ["a"], "x": ' + "[" * 10_000 + "]" * 10_000 + "}",
+                  "nested too deeply"),
+    "bigint.toml": ('task = "sentiment"\ntexts = ["a"]\nx = ' + "9" * 5_000 + "\n", "digits"),
+    "bigint.json": ('{"task": "sentiment", "texts": ["a"], "x": ' + "9" * 5_000 + "}", "digits"),
+    "nul.toml": ('task = "sentiment"\ninput = "a\\u0000.csv"\n', "NUL"),
+    "long.toml": ('task = "sentiment"\ninput = "' + "a" * 300 + '.csv"\n', "cannot be looked up"),
+    "tilde.toml": ('task = "sentiment"\ninput = "~nosuchuser/x.csv"\n', "not found"),
+    "surrogate.json": ('{"task": "sentiment", "items": [{"id": "\\ud800", "text": "x"}]}', "items[0].id"),
+    "twice.json": ('{"task": "sentiment", "task": "translate", "texts": ["a"]}', "given twice"),
+    "nan.toml": ('task = "sentiment"\ntexts = ["a"]\ntemperature = nan\n', "finite number"),
+    "deepline.toml": ('task = "sentiment"\ninput = "deep.jsonl"\n', "line 1"),
+    "huge-task.toml": ('task = "' + "x" * 100_000 + '"\ntexts = ["a"]\n', "characters in all"),
+}
+
+
+def test_manifests_that_once_crashed_intake_are_rejected_naming_why_and_the_others_still_run(workspace: Workspace):
+    (workspace.inbox / "deep.jsonl").write_text('{"id": "1", "text": ' + "[" * 10_000 + "]" * 10_000 + "}\n")
+    for name, (text, _) in HOSTILE.items():
+        workspace.drop(name, text)
+    workspace.drop("good.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr  # rejected jobs, and no crash
+    assert "Traceback" not in result.stderr
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    for name, (_, reason) in HOSTILE.items():
+        summary = delivered[Path(name).stem]
+        assert summary["state"] == "rejected", name
+        assert reason in summary["error"]["message"], (name, summary["error"])
+        assert len(summary["error"]["message"]) < 2_500, name  # capped, however large the input
+    assert sorted(p.name for p in workspace.inbox.iterdir() if p.suffix in (".toml", ".json")) == []
+
+
+FAULTY_READER = '''
+from pydantic import BaseModel, ConfigDict
+
+from batchd import hookimpl
+from batchd.task import Task, TaskRequest
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class Faulty(Task):
+    """Its manifest check raises what no reader expects (a plugin's bug)."""
+
+    name = "faulty"
+    Params = Params
+
+    def inline_items(self, params):
+        raise KeyError("a bug in the plugin")
+
+    def requests(self, params, items):
+        yield from ()
+
+    def organize(self, results):
+        yield from ()
+
+
+@hookimpl
+def register_tasks(register):
+    register(Faulty())
+'''
+
+
+def test_an_unexpected_error_reading_a_manifest_rejects_it_once_and_the_daemon_goes_on(workspace: Workspace):
+    workspace.add_plugin("faulty", FAULTY_READER)
+    workspace.configure(incomplete_grace_seconds=0)
+    workspace.drop("faulty.toml", 'task = "faulty"\ntexts = ["a"]\n')
+    workspace.drop("good.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    assert delivered["faulty"]["state"] == "rejected"
+    assert "KeyError" in delivered["faulty"]["error"]["message"]
+    assert result.stderr.count("reading the manifest failed unexpectedly") == 1  # logged once, with its traceback

@@ -129,11 +129,20 @@ class Intake:
                 # Every input row is validated before anything is claimed or sent: a bad row at the end
                 # of a big file rejects the job up front instead of after some of it was billed.
                 manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks)
-            except ManifestError as error:
+            except Exception as error:  # noqa: BLE001 - whatever was dropped, the daemon goes on
+                if fs.is_disk_full(error):
+                    raise  # no room to check it: it is taken once there is (the loop backs off)
                 # A file that does not parse may still be being written: reject it only once
                 # it has stayed unchanged long enough.
                 if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
                     continue
+                if not isinstance(error, ManifestError):
+                    # A reader's bug or an input nobody foresaw: the file is rejected with the error
+                    # named, instead of failing every tick (and every restart) on the same file.
+                    log.error("%s: reading the manifest failed unexpectedly", readable_name(path.name),
+                              exc_info=error)
+                    error = ManifestError(path, f"batchd could not read this manifest "
+                                                f"({type(error).__name__}: {error})")
                 self._accept(path, None, intents, error=manifest_error(error))
                 claimed += 1
                 continue
