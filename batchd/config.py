@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import to_jsonable_python
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from batchd.logs import redact_data, register_secret
 
@@ -325,7 +326,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest priority first. No .env or secrets-dir sources: a daemon's environment
         # comes from its service manager, and one config file is enough to reason about.
-        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+        return init_settings, _EnvironmentSource(settings_cls), _ConfigFileSource(settings_cls)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -392,6 +393,19 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         return _config_file_values.get()
 
 
+class _EnvironmentSource(EnvSettingsSource):
+    """``BATCHD_*`` variables, where a list may also be given as a comma list
+    (``BATCHD_DISABLED_PLUGINS=variations,sentiment``) as well as JSON (``["variations"]``)."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if not isinstance(value, str) or value.lstrip().startswith(("[", "{")):
+                raise  # meant as JSON: its error is the one to see
+            return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Settings:
     """Load settings with the layering described in the module docstring.
 
@@ -410,6 +424,9 @@ def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Sett
     except ValidationError as exc:
         origin = f" (config file {config_file})" if config_file else ""
         raise ConfigError(f"invalid settings{origin}:\n{_format_errors(exc)}") from None
+    except SettingsError as exc:  # an environment variable that is neither JSON nor a comma list
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(f"invalid settings: {exc}{cause}") from None
     finally:
         _config_file_values.reset(token)
     settings._config_file = config_file

@@ -102,6 +102,8 @@ def configuration_reference() -> str:
              "command-line flags (`batchd config show` prints the effective values and where each came from). "
              "Keys with a dot live in a table: `emulator.job_seconds` is `job_seconds` under `[emulator]`. "
              "Relative paths in the file resolve against the file's folder. Unknown keys are an error. "
+             "A list in an environment variable is JSON or a comma list "
+             "(`BATCHD_DISABLED_PLUGINS=variations,sentiment`). "
              "Secrets (the API key) are never read from the file: `GEMINI_API_KEY` or `GOOGLE_API_KEY`.\n\n",
              "| key | type | default | environment | meaning |\n|---|---|---|---|---|\n"]
     for row in _rows(Settings):

@@ -49,6 +49,28 @@ def test_layers_defaults_file_env_cli(tmp_path, monkeypatch):
     assert settings.rescan_seconds == 4.0  # command line beats environment
 
 
+@pytest.mark.parametrize("value", ["variations", "variations, sentiment", '["variations", "sentiment"]'])
+def test_a_list_setting_from_the_environment_is_a_comma_list_or_json(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHD_DISABLED_PLUGINS", value)
+    expected = ["variations"] if value == "variations" else ["variations", "sentiment"]
+    assert load_settings().disabled_plugins == expected
+
+
+def test_a_nested_list_setting_from_the_environment_may_be_a_comma_list(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHD_NOTIFY__WEBHOOK__URLS", "http://127.0.0.1:9/a, http://127.0.0.1:9/b")
+    urls = load_settings().notify.webhook.urls
+    assert [url.get_secret_value() for url in urls] == ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+
+
+def test_broken_json_in_the_environment_is_a_config_error_naming_the_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHD_DISABLED_PLUGINS", "[oops")
+    with pytest.raises(ConfigError, match="disabled_plugins"):
+        load_settings()
+
+
 def test_nested_table_layers_merge(tmp_path, monkeypatch):
     config = write_config(tmp_path, "[emulator]\njob_seconds = 0.5\n")
     monkeypatch.setenv("BATCHD_EMULATOR__FAULTS", '["a-fault"]')
