@@ -111,6 +111,51 @@ class Irregular:
     kind: str  # "symlink" | "directory" | "fifo" | "socket" | "device" | "other"
 
 
+class UnsafeEntry(Exception):
+    """An inbox entry that cannot be read as what it was taken for: ``kind`` says what it turned out to be."""
+
+    def __init__(self, path: Path, kind: str, message: str):
+        super().__init__(message)
+        self.path, self.kind = path, kind
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An inbox file as read: its bytes (at most ``limit`` + 1 of them) and the file they came from."""
+
+    content: bytes
+    device: int
+    inode: int
+
+
+def read_entry(path: Path, limit: int) -> Entry:
+    """Read an inbox file through a descriptor opened without following a symlink, and check that
+    descriptor (not the name, which anyone may point elsewhere meanwhile): a regular file with one
+    link. What is checked is what is read. At most ``limit`` + 1 bytes are read (the caller tells a
+    file over its limit by its length). Raises :class:`UnsafeEntry`, or ``OSError`` (gone, unreadable)."""
+    try:
+        # O_NONBLOCK: a FIFO put here opens at once (and is refused below) instead of blocking the loop.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafeEntry(path, "symlink", "a symlink: batchd never follows one") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeEntry(path, entry_kind(st.st_mode), f"a {entry_kind(st.st_mode)}, not a regular file")
+        if st.st_nlink != 1:
+            raise UnsafeEntry(path, "hard link", f"a file with {st.st_nlink} hard links: another name could "
+                                                 f"change it after it is checked; drop a copy instead")
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return Entry(b"".join(chunks), st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class _Observation:
     size: int
@@ -138,7 +183,8 @@ class _MovedIn:
     seq: int
 
 
-def _kind_of(mode: int) -> str:
+def entry_kind(mode: int) -> str:
+    """What an entry is, by its mode: "symlink", "directory", "fifo", "socket", "device" or "other"."""
     if stat.S_ISLNK(mode):
         return "symlink"
     if stat.S_ISDIR(mode):
@@ -451,7 +497,7 @@ class Inbox:
         if name in self._irregular_seen:
             return
         self._irregular_seen.add(name)
-        irregular = Irregular(self.path / name, _kind_of(mode))
+        irregular = Irregular(self.path / name, entry_kind(mode))
         log.warning("ignoring %s in the inbox: it is a %s, not a regular file", irregular.path, irregular.kind)
         self._irregular_unreported.append(irregular)
 

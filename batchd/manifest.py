@@ -164,6 +164,7 @@ def load_manifest(
     input_dir: Path | None = None,
     tasks: Mapping[str, Task] | None = None,
     check_inputs: bool = True,
+    content: bytes | None = None,
 ) -> Manifest:
     """Read and validate a manifest.
 
@@ -174,12 +175,14 @@ def load_manifest(
     :param tasks: task registry; defaults to the installed plugins' tasks.
     :param check_inputs: also read every input item now, so bad rows, duplicate ids and empty
         inputs are reported here. Pass ``False`` to defer that to the first pass over ``inputs``.
+    :param content: the file's bytes, already read (through a checked descriptor: see
+        :func:`batchd.inbox.read_entry`); ``path`` then only names it.
     :raises ManifestError:
     """
     path = Path(path)
     if tasks is None:
         tasks = _registered_tasks()
-    document = _read_document(path)
+    document = _read_document(path, content)
     task = _select_task(path, document, tasks)
     common_values = {key: value for key, value in document.items() if key in COMMON_FIELDS}
     task_values = {key: value for key, value in document.items() if key not in COMMON_FIELDS}
@@ -277,14 +280,15 @@ def _registered_tasks() -> Mapping[str, Task]:
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
-def _read_document(path: Path) -> dict[str, Any]:
+def _read_document(path: Path, data: bytes | None = None) -> dict[str, Any]:
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ManifestError(path, f"unsupported manifest type (use {' or '.join(MANIFEST_SUFFIXES)})")
-    try:
-        with path.open("rb") as file:
-            data = file.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise ManifestError(path, f"cannot read: {exc.strerror}") from None
+    if data is None:
+        try:
+            with path.open("rb") as file:
+                data = file.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ManifestError(path, f"cannot read: {exc.strerror}") from None
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(path, f"larger than {MAX_MANIFEST_BYTES // 2**20} MB: list many items in an input "
                                   f"file (input = \"items.jsonl\"), which is read as a stream")

@@ -626,3 +626,27 @@ class EventLog(FileSystemEventHandler):
         with self._changed:
             if not self._changed.wait_for(lambda: any(predicate(event) for event in self._events), limit):
                 pytest.fail(f"no such event within {limit}s; saw {self._events}")
+
+
+# -- read_entry: open, then check the descriptor -------------------------------------------------------
+
+
+def test_read_entry_reads_a_regular_file_and_names_what_else_it_finds(tmp_path: Path):
+    from batchd.inbox import UnsafeEntry, read_entry
+
+    regular = tmp_path / "a.toml"
+    regular.write_bytes(b"x" * 10)
+    entry = read_entry(regular, limit=100)
+    assert entry.content == b"x" * 10 and entry.inode == os.stat(regular).st_ino
+    assert read_entry(regular, limit=4).content == b"xxxxx", "at most limit + 1 bytes: the caller sees it is over"
+
+    (tmp_path / "link.toml").symlink_to(regular)
+    (tmp_path / "hard.toml").hardlink_to(tmp_path / "a.toml")
+    os.mkfifo(tmp_path / "pipe.toml")  # opened without blocking, then refused
+    (tmp_path / "folder.toml").mkdir()
+    kinds = {}
+    for name in ("link.toml", "hard.toml", "pipe.toml", "folder.toml"):
+        with pytest.raises(UnsafeEntry) as refused:
+            read_entry(tmp_path / name, limit=100)
+        kinds[name] = refused.value.kind
+    assert kinds == {"link.toml": "symlink", "hard.toml": "hard link", "pipe.toml": "fifo", "folder.toml": "directory"}

@@ -233,3 +233,74 @@ def test_an_unexpected_error_reading_a_manifest_rejects_it_once_and_the_daemon_g
     assert delivered["faulty"]["state"] == "rejected"
     assert "KeyError" in delivered["faulty"]["error"]["message"]
     assert result.stderr.count("reading the manifest failed unexpectedly") == 1  # logged once, with its traceback
+
+
+def test_a_hard_link_into_the_inbox_is_rejected_and_moved_whole_never_copied(workspace: Workspace, tmp_path):
+    """A hard link names a file its dropper may not be able to read: batchd neither runs it nor copies its
+    bytes into a new file of its own; the entry itself goes to the rejected folder, as a symlink would."""
+    outside = tmp_path / "not-theirs.toml"
+    outside.write_text(TRANSLATE)
+    (workspace.inbox / "linked.toml").hardlink_to(outside)
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    rejected = workspace.delivered()["linked"]
+    assert rejected["state"] == "rejected" and rejected["error"]["kind"] == "hard link"
+    assert "hard links" in rejected["error"]["message"]
+    kept = workspace.outbox / "linked" / "linked.toml"
+    assert os.stat(kept).st_ino == os.stat(outside).st_ino, "moved whole, not copied"
+    assert remote_jobs(workspace) == []
+
+
+def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace: Workspace, tmp_path, monkeypatch):
+    """The race of an attacker at the worst instant: the file is checked and read, then its name is
+    pointed outside the inbox before the claim moves it. What was read is not what was moved, so the
+    job is rejected, and nothing outside the inbox is read or sent."""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon, intake
+
+    outside = tmp_path / "outside.toml"
+    outside.write_text(TRANSLATE.replace("Hello", "A secret"))
+    workspace.configure(settle_seconds=0)
+    workspace.drop("swapped.toml", TRANSLATE)
+    read_entry = intake.read_entry
+
+    def read_then_swap(path, limit):
+        entry = read_entry(path, limit)
+        os.replace(_symlink_beside(path, outside), path)
+        return entry
+
+    monkeypatch.setattr(intake, "read_entry", read_then_swap)
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        daemon.loop.run()
+    finally:
+        daemon.close()
+
+    rejected = workspace.delivered()["swapped"]
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "replaced_while_claimed"
+    assert os.path.islink(workspace.outbox / "swapped" / "swapped.toml"), "the symlink is kept, not followed"
+    assert remote_jobs(workspace) == []
+
+
+def _symlink_beside(path: Path, target: Path) -> Path:
+    link = path.with_name(".swap-" + path.name)
+    link.symlink_to(target)
+    return link
+
+
+def test_an_input_file_that_is_a_hard_link_is_never_read(workspace: Workspace, tmp_path):
+    outside = tmp_path / "rows.csv"
+    outside.write_text("id,text\n1,a secret row\n")
+    (workspace.inbox / "rows.csv").hardlink_to(outside)
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    rejected = workspace.delivered()["reads"]
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input"
+    assert "hard link" in rejected["error"]["message"]
+    assert remote_jobs(workspace) == []

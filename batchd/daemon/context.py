@@ -246,6 +246,16 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+def is_own_file(path: Path) -> bool:
+    """A regular file with no other name: its bytes may be copied into the outbox. Anything else (a
+    symlink, a FIFO, a hard link to a file its dropper may not read) is moved there whole, unread."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from batchd import durable, fs, outbox
 from batchd.costs import JobInfo, spend_of, summary_cost
-from batchd.daemon.context import Context, Stopping, Turns, Work, is_regular_file, iso, replace
+from batchd.daemon.context import Context, Stopping, Turns, Work, is_own_file, iso, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.journal import Chunk, Job
 from batchd.logs import redact_data
@@ -152,7 +152,7 @@ class Deliver:
         if cost:
             summary["cost"] = summary_cost(cost)
         manifest = spool.manifest_path(job.source)
-        if is_regular_file(manifest):
+        if is_own_file(manifest):
             folder.copy_in(job.source, manifest)  # anything else is moved in whole by publish()
         folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
         destination = outbox.choose_folder(ctx.settings.outbox, job.name)
@@ -180,9 +180,9 @@ class Deliver:
                                    else JobState.RECEIVED)
             return
         claimed = spool.manifest_path(job.source)
-        if os.path.lexists(claimed) and not is_regular_file(claimed):
-            # Not a file to copy (a symlink, folder or FIFO that was rejected): the entry itself
-            # goes into the published folder, so removing the spool loses nothing.
+        if os.path.lexists(claimed) and not is_own_file(claimed):
+            # Not a file to copy (a symlink, folder, FIFO or hard link that was rejected): the entry
+            # itself goes into the published folder, so removing the spool loses nothing.
             durable.durable_move(claimed, destination / job.source, step="publish")
         crashpoint("after-publish")
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])

@@ -20,9 +20,10 @@ from typing import Callable
 from batchd import fs
 from batchd.daemon.context import Context, is_regular_file, manifest_error, replace
 from batchd.daemon.crashpoints import crashpoint
-from batchd.inbox import Inbox, Irregular, claim, is_temp_name, sha256_file
+from batchd.inbox import (Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name, read_entry,
+                          sha256_file)
 from batchd.journal import Job, new_job_id
-from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, load_manifest
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
@@ -43,6 +44,8 @@ class Claim:
     job_id: str
     path: Path
     source: str
+    #: (st_dev, st_ino) of the file whose bytes were checked; None for an entry rejected unread.
+    checked: tuple[int, int] | None = None
 
 
 class Intake:
@@ -126,9 +129,26 @@ class Intake:
                 self.take_control_file(path)
                 continue
             try:
+                # Open, then check: what is validated is the bytes read through a descriptor that
+                # was checked (regular, one link, no symlink followed), never the name again.
+                entry = read_entry(path, MAX_MANIFEST_BYTES)
+            except FileNotFoundError:
+                continue  # gone since the scan
+            except UnsafeEntry as unsafe:  # swapped for something else since the scan
+                self._reject_irregular(Irregular(path, unsafe.kind), intents, reason=str(unsafe))
+                claimed += 1
+                continue
+            except OSError as unreadable:
+                # Unreadable (permissions): rejected and moved aside, or it would fail every tick and restart.
+                self._accept(path, None, intents, error={
+                    "code": "unreadable", "file": path.name,
+                    "message": f"{path.name} cannot be read: {unreadable.strerror or unreadable}"})
+                claimed += 1
+                continue
+            try:
                 # Every input row is validated before anything is claimed or sent: a bad row at the end
                 # of a big file rejects the job up front instead of after some of it was billed.
-                manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks)
+                manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks, content=entry.content)
             except Exception as error:  # noqa: BLE001 - whatever was dropped, the daemon goes on
                 if fs.is_disk_full(error):
                     raise  # no room to check it: it is taken once there is (the loop backs off)
@@ -143,40 +163,33 @@ class Intake:
                               exc_info=error)
                     error = ManifestError(path, f"batchd could not read this manifest "
                                                 f"({type(error).__name__}: {error})")
-                self._accept(path, None, intents, error=manifest_error(error))
+                self._accept(path, None, intents, entry=entry, error=manifest_error(error))
                 claimed += 1
                 continue
-            self._accept(path, manifest, intents)
+            self._accept(path, manifest, intents, entry=entry)
             claimed += 1
 
-    def _reject_irregular(self, irregular: Irregular, intents: list[Claim]) -> None:
-        """A symlink, folder or FIFO with a manifest's name: rejected, and the entry itself (never what
-        a symlink points to) moved into the rejected job's outbox folder, as a manifest would be."""
+    def _reject_irregular(self, irregular: Irregular, intents: list[Claim], *, reason: str | None = None) -> None:
+        """A symlink, folder, FIFO or hard-linked file with a manifest's name: rejected, and the entry
+        itself (never what a symlink points to) moved into the rejected job's outbox folder, as a
+        manifest would be."""
         if irregular.path.suffix not in MANIFEST_SUFFIXES:
             return  # a NAME.cancel that is no file: the warning the inbox logged is all it gets
         name = readable_name(irregular.path.name)
+        what = reason or f"a {irregular.kind}, not a regular file"
         self._accept(irregular.path, None, intents, source=name, error={
             "code": "not_a_regular_file", "file": name, "kind": irregular.kind,
-            "message": f"{name} is a {irregular.kind}, not a regular file; batchd reads only "
-                       f"regular files (`batchd submit FILE` copies one in). It is kept in this folder as it was"})
+            "message": f"{name} is {what}; batchd reads only regular files with one link "
+                       f"(`batchd submit FILE` copies one in). It is kept in this folder as it was"})
 
-    def _accept(self, path: Path, manifest: Manifest | None, intents: list[Claim], *, error: dict | None = None,
-                source: str | None = None) -> None:
+    def _accept(self, path: Path, manifest: Manifest | None, intents: list[Claim], *, entry: Entry | None = None,
+                error: dict | None = None, source: str | None = None) -> None:
         """Record the intent to claim ``path`` as a new job (added to ``intents``; :meth:`_claim` moves the
-        file once it is committed). ``source``: the file name the job is known by (default ``path.name``)."""
+        file once it is committed). ``entry``: the file as read and checked (None for an entry that is
+        rejected unread). ``source``: the file name the job is known by (default ``path.name``)."""
         ctx = self.ctx
         source = source or path.name
-        try:
-            # Only a regular file is read: a FIFO would block, a symlink could point anywhere.
-            regular = stat.S_ISREG(os.lstat(path).st_mode)
-            digest = hashlib.sha256(path.read_bytes()) if regular else None
-        except FileNotFoundError:
-            return  # gone since the scan: nothing was claimed, nothing to record
-        except OSError as unreadable:
-            # Unreadable (permissions): rejected and moved aside, or it would fail every tick and restart.
-            digest, manifest = None, None
-            error = error or {"code": "unreadable", "file": source,
-                              "message": f"{source} cannot be read: {unreadable.strerror}"}
+        digest = hashlib.sha256(entry.content) if entry is not None else None
         job_id = new_job_id()
         spool = ctx.spool(job_id)
         try:
@@ -187,8 +200,14 @@ class Intake:
                     # job is self-contained; a crash here leaves only a spare copy.
                     copy = spool.inputs / input_path.name
                     fs.fault_point("claim", copy)
-                    _link_or_copy(input_path, copy)
+                    _take_input(input_path, copy)
                     digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
+        except UnsafeEntry as unsafe:
+            # Changed into a symlink, a hard link or something else since it was validated: never read.
+            error = {"code": "unsafe_input", "file": source, "kind": unsafe.kind,
+                     "message": f"{source}: its input file {readable_name(unsafe.path.name)} is {unsafe}; "
+                                f"batchd reads only regular files with one link"}
+            shutil.rmtree(spool.inputs, ignore_errors=True)
         except OSError as failure:
             if fs.is_disk_full(failure):
                 shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
@@ -204,19 +223,30 @@ class Intake:
         task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model} if manifest else {}
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
                             **task_and_model)
-        intents.append(Claim(job_id, path, source))
+        intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
 
     def _claim(self, intent: Claim) -> None:
         """Move a manifest whose claim is committed into its job's spool; the job is then ``received``."""
         ctx = self.ctx
         job_id, source = intent.job_id, intent.source
-        if not claim(intent.path, ctx.spool(job_id).manifest_path(source)):
+        claimed = ctx.spool(job_id).manifest_path(source)
+        if not claim(intent.path, claimed):
             log.warning("%s vanished before it could be claimed", source)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})
             return
         crashpoint("after-claim")
         job = ctx.journal.job(job_id)
+        if intent.checked is not None and job.error is None:
+            st = os.lstat(claimed)
+            if (st.st_dev, st.st_ino) != intent.checked or st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                # Replaced (or linked) between the read and the move: what was moved is not what was checked.
+                log.warning("%s was replaced while it was being claimed; rejected", source)
+                error = {"code": "replaced_while_claimed", "file": source,
+                         "message": f"{source} was replaced or linked to while batchd was claiming it; "
+                                    f"it is kept in this folder unread: drop it again"}
+                ctx.journal.update_job(job_id, error=error)
+                job = replace(job, error=error)
         self._received(job)
         log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if job.error else "",
                  extra={"job": job_id, "manifest": source})
@@ -325,10 +355,19 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.samestat(os.lstat(a), os.lstat(b))
 
 
-def _link_or_copy(source: Path, destination: Path) -> None:
+def _take_input(source: Path, destination: Path) -> None:
+    """Link (or copy) an input file into the spool, never through a symlink, and only a file with no other
+    name than its inbox one: a hard link could name a file its dropper may not read (raises UnsafeEntry)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.unlink(missing_ok=True)
     try:
-        os.link(source, destination)
+        os.link(source, destination, follow_symlinks=False)
+        expected_links = 2
     except OSError:
-        shutil.copy2(source, destination)
+        shutil.copy2(source, destination, follow_symlinks=False)
+        expected_links = 1
+    st = os.lstat(destination)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeEntry(source, entry_kind(st.st_mode), f"a {entry_kind(st.st_mode)}, not a regular file")
+    if st.st_nlink != expected_links:
+        raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink - expected_links + 1} hard links")
