@@ -302,6 +302,7 @@ class Inbox:
         self.poll_seconds = poll_seconds
         self.temp_max_age = temp_max_age
         self._next_reap = 0.0  # monotonic
+        self._missing_reported = False
         self._hint = threading.Event()
         self._observer: BaseObserver | None = None
         self._observations: dict[str, _Observation] = {}
@@ -365,6 +366,30 @@ class Inbox:
             _stop_observer(observer)
             raise
         return observer
+
+    def ensure_present(self) -> bool:
+        """Whether the inbox folder is there. One deleted while batchd runs (by an operator, a cleanup
+        job) is created again, so producers can keep dropping; one that cannot be is waited for, said
+        once. The watcher of a folder that was replaced is restarted on the new one."""
+        if self.path.is_dir():
+            return True
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if not self._missing_reported:
+                log.error("the inbox %s is gone and cannot be created again (%s); nothing is claimed until "
+                          "it is back", self.path, error.strerror or error)
+                self._missing_reported = True
+            return False
+        self._missing_reported = False
+        log.warning("the inbox %s was gone; created it again", self.path)
+        if self._observer is not None:
+            observer, self._observer = self._observer, None
+            _stop_observer(observer)
+            self._forget_all_moves()
+            self._observer = self._start_observer()
+        self._hint.set()
+        return True
 
     def ensure_watching(self) -> bool:
         """Restart the observer if its thread (or its emitter) died; True if it had to.

@@ -304,3 +304,21 @@ def test_an_input_file_that_is_a_hard_link_is_never_read(workspace: Workspace, t
     assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input"
     assert "hard link" in rejected["error"]["message"]
     assert remote_jobs(workspace) == []
+
+
+def test_an_inbox_deleted_while_batchd_runs_is_created_again_and_served(workspace: Workspace, daemon: DaemonRunner):
+    import shutil
+
+    workspace.configure(settle_seconds=0, rescan_seconds=0.5)
+    process = daemon.start()
+    workspace.drop("before.toml", TRANSLATE)
+    workspace.wait_for_delivery("before")
+
+    shutil.rmtree(workspace.inbox)
+    workspace.wait_for(workspace.inbox.is_dir, timeout=30, what="the inbox created again")
+    workspace.drop("after.toml", TRANSLATE.replace("Hello", "Hi again"))
+    workspace.wait_for_delivery("after")
+
+    assert process.stop() == 0, process.output()[-3000:]
+    assert "created it again" in process.output()
+    assert "Traceback" not in process.output()

@@ -86,12 +86,15 @@ class Intake:
     def take(self) -> None:
         """Claim what settled in the inbox, oldest first."""
         ctx = self.ctx
-        self.inbox.reap_stale_temp_files()
         # A claim a full disk cut short (its row committed, the move refused) is finished first, so
         # the file still in the inbox is not taken for a second copy of itself.
         for job in ctx.journal.jobs(states=(JobState.CLAIMING,)):
             self.finish_claim(job)
-        candidates = self.inbox.scan()
+        try:
+            self.inbox.reap_stale_temp_files()
+            candidates = self.inbox.scan()
+        except FileNotFoundError:
+            return  # the inbox went away this instant: the next tick creates it again
         paused = self._below_free_space_floor()
         self.backlog = False
         intents: list[Claim] = []

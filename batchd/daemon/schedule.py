@@ -144,13 +144,15 @@ class Loop:
         ctx = self.ctx
         if ctx.storage_failure is not None:
             raise ctx.storage_failure
-        self.inbox.ensure_watching()
+        inbox_present = self.inbox.ensure_present()
+        if inbox_present:
+            self.inbox.ensure_watching()
         self._reload_settings()
         self._disk_full_seen = False
         # A tick's transitions commit together (one fsync), each effect once what announced it is
         # committed (batchd.journal.Journal.group); the events are handed out after that commit.
         with ctx.journal.group():
-            self._steps()
+            self._steps(inbox_present)
         self.events.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
@@ -160,10 +162,10 @@ class Loop:
             log.info("writes go through again: disk space is back (%s)", free_space(ctx.settings.state_dir))
             self.sweep()
 
-    def _steps(self) -> None:
+    def _steps(self, inbox_present: bool) -> None:
         ctx, s = self.ctx, self.s
         s.collect()
-        if not ctx.writes_paused():
+        if inbox_present and not ctx.writes_paused():
             try:
                 s.intake.take()
             except OSError as error:
@@ -288,7 +290,11 @@ class Loop:
 
     def _once_done(self) -> bool:
         ctx, s = self.ctx, self.s
-        present = {p.name for p in ctx.settings.inbox.iterdir()} & (self.once_pending - ctx.report.sources)
+        try:
+            listed = {p.name for p in ctx.settings.inbox.iterdir()}
+        except FileNotFoundError:
+            listed = set()  # the inbox is gone: nothing in it is waited for
+        present = listed & (self.once_pending - ctx.report.sources)
         busy = ctx.journal.count_jobs(ACTIVE_JOB_STATES) or s.submit.busy() or s.fetch.busy() or s.uploads.busy()
         if present and s.intake.claiming_paused and not busy:
             # Waiting for someone to free the disk is a service's job; a one-off run says so and stops.
