@@ -322,3 +322,17 @@ def test_an_inbox_deleted_while_batchd_runs_is_created_again_and_served(workspac
     assert process.stop() == 0, process.output()[-3000:]
     assert "created it again" in process.output()
     assert "Traceback" not in process.output()
+
+
+def test_upper_case_suffixes_are_manifests_to_run_once_and_to_reject_alike(workspace: Workspace):
+    """`run --once` waits for UP.TOML as `run` takes it; a folder named X.TOML is rejected, not left forever."""
+    workspace.drop("UP.TOML", TRANSLATE)
+    (workspace.inbox / "FOLDER.JSON").mkdir()
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr  # the folder is rejected
+    delivered = workspace.delivered()
+    assert delivered["UP"]["state"] == "succeeded"
+    assert delivered["FOLDER"]["state"] == "rejected" and delivered["FOLDER"]["error"]["kind"] == "directory"
+    assert os.listdir(workspace.inbox) == []

@@ -77,7 +77,7 @@ class Intake:
         """Take the NAME.cancel files dropped while batchd was down, before reconciling: a job cancelled
         by then gets no create for a chunk whose create a crash left unconfirmed."""
         for path in sorted(self.ctx.settings.inbox.iterdir()):
-            if (path.suffix == CANCEL_SUFFIX and not is_temp_name(path.name) and _is_utf8(path.name)
+            if (path.suffix.lower() == CANCEL_SUFFIX and not is_temp_name(path.name) and _is_utf8(path.name)
                     and is_regular_file(path)):
                 self.take_control_file(path)
 
@@ -117,7 +117,7 @@ class Intake:
                 self.backlog = True  # the rest next tick, after the jobs already claimed have moved
                 break
             path = candidate.path
-            if paused and path.suffix not in CONTROL_SUFFIXES:
+            if paused and path.suffix.lower() not in CONTROL_SUFFIXES:
                 continue  # a cancel or approval takes no room; a new job does
             if not _is_utf8(path.name):
                 # Journal, outbox folder and remote display name all need a text name: the job is
@@ -128,7 +128,7 @@ class Intake:
                     "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
                 claimed += 1
                 continue
-            if path.suffix in CONTROL_SUFFIXES:
+            if path.suffix.lower() in CONTROL_SUFFIXES:
                 self.take_control_file(path)
                 continue
             try:
@@ -176,7 +176,7 @@ class Intake:
         """A symlink, folder, FIFO or hard-linked file with a manifest's name: rejected, and the entry
         itself (never what a symlink points to) moved into the rejected job's outbox folder, as a
         manifest would be."""
-        if irregular.path.suffix not in MANIFEST_SUFFIXES:
+        if irregular.path.suffix.lower() not in MANIFEST_SUFFIXES:
             return  # a NAME.cancel that is no file: the warning the inbox logged is all it gets
         name = readable_name(irregular.path.name)
         what = reason or f"a {irregular.kind}, not a regular file"
@@ -297,7 +297,7 @@ class Intake:
         if not jobs and waiting:
             return  # the manifest is still settling; flag it once it is a job
         for job in jobs:
-            if path.suffix == CANCEL_SUFFIX:
+            if path.suffix.lower() == CANCEL_SUFFIX:
                 ctx.journal.update_job(job.id, cancel_requested=1)
                 log.info("cancel requested for job %s (%s)", job.id, job.source)
             else:
@@ -307,7 +307,7 @@ class Intake:
             self._on_flag()  # a held job is released, or delivered cancelled, on this tick
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
-        elif path.suffix == CANCEL_SUFFIX:
+        elif path.suffix.lower() == CANCEL_SUFFIX:
             crashpoint("after-cancel-request")
         ctx.journal.after_commit(lambda: path.unlink(missing_ok=True))
 
@@ -351,7 +351,7 @@ def once_candidates(inbox: Path) -> set[str]:
     (irregular ones are rejected); a NAME.cancel that is not a regular file is only warned about."""
     return {p.name for p in inbox.iterdir()
             if not is_temp_name(p.name)
-            and (p.suffix in MANIFEST_SUFFIXES or p.suffix in CONTROL_SUFFIXES and is_regular_file(p))}
+            and (p.suffix.lower() in MANIFEST_SUFFIXES or p.suffix.lower() in CONTROL_SUFFIXES and is_regular_file(p))}
 
 
 def _same_file(a: Path, b: Path) -> bool:
