@@ -36,12 +36,13 @@ unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
 remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
     built      → submitting | skipped
-    submitting → running | fetched | skipped
+    submitting → running | fetched | skipped | built
     running    → fetched | built
 
 ``built → skipped``: cancelled before it was ever sent. ``submitting → fetched``: the create was
 refused (``remote_state`` "rejected"); ``submitting → skipped``: cancelled, and the unconfirmed
-create never showed up. ``running → fetched``: results downloaded, or the remote job ended without
+create never showed up; ``submitting → built``: the service refused the API key (nothing was
+created), the chunk is sent again once a key is accepted. ``running → fetched``: results downloaded, or the remote job ended without
 any (``remote_state`` "missing" when it disappeared). ``running → built``: it expired and is
 submitted again (below).
 

@@ -86,3 +86,27 @@ def test_a_service_unreachable_at_start_up_does_not_stop_recovery_or_the_daemon(
         jobs = list(google.client().batches.list())
     assert folder.state == "succeeded"
     assert_invariants(workspace, [Dropped.of_text("translate.toml", TRANSLATE)], jobs)
+
+
+def test_a_refused_api_key_pauses_submission_and_the_job_goes_once_the_key_is_fixed(workspace: Workspace,
+                                                                                   tmp_path: Path):
+    """A revoked or mistyped key is the operator's to fix: the job waits (never delivered as failed),
+    the daemon stays up and says why, and after a restart with the right key it runs, once."""
+    workspace.configure(settle_seconds=0, poll_interval=0.2, poll_max_interval=1.0)
+    with Emulator(tmp_path / "google") as google:
+        wrong = workspace.start("run", BATCHD_PROVIDER="gemini", GEMINI_API_KEY="not-the-key",
+                                GOOGLE_GEMINI_BASE_URL=google.base_url)
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: "refuses the API key" in wrong.output(), timeout=60, what="the refusal logged")
+        assert wrong.poll() is None, "the daemon stays up"
+        assert workspace.delivered() == {}, "the job waits; it is not delivered as failed"
+        assert wrong.stop() == 0
+        assert "Traceback" not in wrong.output()
+
+        right = DaemonRunner(workspace).start(emulator=google)
+        workspace.wait_for_delivery("translate")
+        assert right.stop() == 0
+        summary = workspace.delivered()["translate"]
+        assert summary["state"] == "succeeded"
+        created = list(google.client().batches.list(config={"page_size": 50}))
+        assert len(created) == len(summary["remote_batches"]) == 1, "nothing was created twice"

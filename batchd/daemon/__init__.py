@@ -47,7 +47,7 @@ from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Journal, journal_path
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
-from batchd.provider import Provider, is_retryable
+from batchd.provider import Provider, is_auth_error, is_retryable
 from batchd.service import ServiceManager
 from batchd.states import ACTIVE_JOB_STATES
 
@@ -168,10 +168,11 @@ class Daemon:
         try:
             self.steps.submit.reconcile()
         except Exception as error:
-            if not is_retryable(error):
+            if not (is_retryable(error) or is_auth_error(error)):
                 raise
-            # The service is down or throttling: the unconfirmed creates stay 'submitting' and every
-            # poll reconciles them again, instead of the daemon exiting into a restart loop.
+            # The service is down, throttling or refusing the key: the unconfirmed creates stay
+            # 'submitting' and every poll reconciles them again, instead of the daemon exiting into
+            # a restart loop.
             log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
 
     def _start_emulator(self) -> None:

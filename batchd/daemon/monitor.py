@@ -20,7 +20,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
-from batchd.provider import RemoteJob, is_retryable
+from batchd.provider import RemoteJob, is_auth_error, is_retryable
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
@@ -102,8 +102,9 @@ class Monitor:
                 changed |= self._observe(running[name], self._get_or_none(name))
             self._cancel_strays()
         except Exception as error:
-            if not is_retryable(error):
+            if not (is_retryable(error) or is_auth_error(error)):
                 raise
+            # A key revoked while jobs run: they keep running remotely; the poll goes on asking.
             log.warning("polling failed (%s); retrying later", error)
         self.poll_clock.next_after(changed)
 

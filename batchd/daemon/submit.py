@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from batchd.backoff import Backoff
 from batchd.daemon.context import Context, Turns, error_dict, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
-from batchd.provider import Provider, RemoteFile, RemoteJob, is_retryable
+from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
@@ -46,6 +47,9 @@ class Submit:
         self.ctx = ctx
         #: (job id, idx) → the upload or create in flight; ``about`` is the stage, "upload" or "create".
         self.submissions = ctx.workers("submit", ctx.settings.max_concurrent_submissions)
+        #: Paused while the service refuses the API key (``refusal`` says how it answered).
+        self.credentials = Backoff(ctx.settings.poll_interval, max(ctx.settings.poll_max_interval, 60.0))
+        self.refusal: str | None = None
         self.turns = Turns()
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
@@ -55,7 +59,7 @@ class Submit:
         """Send the job's built chunks while the pool has room; a ``built`` job whose every chunk is sent
         becomes ``submitted``."""
         ctx = self.ctx
-        free = self.submissions.free()
+        free = self.free()
         # One more than can go: to know whether some must wait. A cancelled job sends nothing more (its
         # unsent chunks are skipped by batchd.daemon.cancel).
         chunks = [] if job.cancel_requested else ctx.journal.built_chunks(job.id, free + 1)
@@ -134,8 +138,16 @@ class Submit:
             crashpoint("after-create")
             if chunk.resubmits:
                 crashpoint("after-resubmit-create")
+            if self.refusal is not None:
+                log.info("the service accepts the API key again: submissions go on")
+                self.refusal = None
+            self.credentials.succeeded()
             self.adopt(chunk, result)
-        self.turns.call(self.submissions.free(), self.ctx.mark)
+        self.turns.call(self.free(), self.ctx.mark)
+
+    def free(self) -> int:
+        """Threads free for uploads and creates: none while the service refuses the API key."""
+        return 0 if self.credentials.waiting() else self.submissions.free()
 
     def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
         """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
@@ -179,6 +191,16 @@ class Submit:
         return adopted
 
     def _failed(self, chunk: Chunk, error: Exception, stage: str) -> None:
+        if is_auth_error(error):
+            # Refused at the door (a revoked or mistyped key): nothing was created or uploaded. The
+            # chunk waits 'built' and every submission pauses; failing jobs for a key an operator
+            # is about to fix would lose them.
+            self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.BUILT)
+            wait = self.credentials.failed()
+            self.refusal = f"the service refuses the API key ({error_dict(error)['message']})"
+            log.error("job %s: %s of chunk %d: %s; submissions paused, tried again in %.0f s (fix the key and "
+                      "restart, or wait)", chunk.job_id, stage, chunk.idx, self.refusal, wait)
+            return
         if is_retryable(error):
             # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
             # either finds it by display name or, after the grace period, creates it.
