@@ -185,7 +185,8 @@ def check_emulator(settings) -> Check:
         try:
             emulator.start()
             with Provider(api_key="batchd-doctor", base_url=emulator.base_url, api_version=settings.api_version,
-                          retry=RetryPolicy(attempts=1), timeout_s=REACH_TIMEOUT_SECONDS) as provider:
+                          retry=RetryPolicy(attempts=3, initial_delay=0.5, max_delay=2.0),
+                      timeout_s=REACH_TIMEOUT_SECONDS) as provider:
                 next(provider.list_jobs(page_size=1), None)
         except Exception as error:  # noqa: BLE001 - any failure is the finding
             return Check("provider emulator", "fail", f"the embedded emulator did not start or answer: {error}",
@@ -209,13 +210,15 @@ def check_api_key(settings) -> Check:
 
 
 def check_gemini_reachable(settings) -> Check:
-    """One cheap batches.list call (a page of one), single try, bounded by a timeout."""
+    """One cheap batches.list call (a page of one), bounded by a timeout; a transient answer (503, 429, a
+    dropped connection) is tried twice more within a few seconds, as the daemon would, before it fails."""
     from batchd.provider import Provider, RetryPolicy, is_auth_error
 
     base = os.environ.get("GOOGLE_GEMINI_BASE_URL") or "https://generativelanguage.googleapis.com"
     try:
         with Provider(api_key=settings.gemini_api_key(), api_version=settings.api_version,
-                      retry=RetryPolicy(attempts=1), timeout_s=REACH_TIMEOUT_SECONDS) as provider:
+                      retry=RetryPolicy(attempts=3, initial_delay=0.5, max_delay=2.0),
+                      timeout_s=REACH_TIMEOUT_SECONDS) as provider:
             next(provider.list_jobs(page_size=1), None)
     except Exception as error:  # noqa: BLE001 - any failure is the finding
         if is_auth_error(error):

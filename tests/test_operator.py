@@ -178,6 +178,10 @@ def test_doctor_checks_the_gemini_key_and_reachability(workspace: Workspace, tmp
         assert code == 1
         assert checks["provider gemini"]["status"] == "fail" and "aistudio" in checks["provider gemini"]["fix"]
         base_url = google.base_url
+    # One transient answer is not a verdict: the daemon would try again, and so does doctor.
+    with EmulatorServer(tmp_path / "flaky", api_key="the-right-key", faults=["503*1@list"]) as flaky:
+        code, checks = doctor(workspace, GEMINI_API_KEY="the-right-key", GOOGLE_GEMINI_BASE_URL=flaky.base_url)
+        assert code == 0 and checks["provider gemini"]["status"] == "ok", checks
     # Nothing listens there any more.
     code, checks = doctor(workspace, GEMINI_API_KEY="the-right-key", GOOGLE_GEMINI_BASE_URL=base_url)
     assert code == 1 and "did not answer" in checks["provider gemini"]["detail"]

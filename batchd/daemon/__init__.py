@@ -273,6 +273,8 @@ class Daemon:
             line += f"; disk full: writes paused, next try in {self.ctx.disk.seconds_left():.0f} s"
         if self.steps.intake.claiming_paused:
             line += f"; not claiming new manifests: {self.steps.intake.claiming_paused}"
+        if self.steps.submit.refusal is not None:
+            line += f"; submissions paused: {self.steps.submit.refusal}"
         return line
 
 
