@@ -1,0 +1,123 @@
+"""Generated hostile manifests (hypothesis): whatever bytes are dropped, reading a manifest either
+succeeds or raises ManifestError with a bounded message; it never raises anything else (which
+would stop intake) and never reads a file outside the folder it is confined to."""
+
+from __future__ import annotations
+
+import json
+import string
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchd.manifest import MAX_ERROR_CHARS, ManifestError, load_manifest
+from batchd.plugins import get_tasks
+
+TASKS = get_tasks(None, frozenset())
+FIELDS = ["task", "texts", "items", "input", "model", "temperature", "languages", "variations", "prompt",
+          "id_column", "text_column", "max_output_tokens", "system_instruction", "x"]
+#: Error text adds the path and field around the capped message.
+MESSAGE_BOUND = MAX_ERROR_CHARS * 2 + 500
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=50),
+    st.sampled_from(["sentiment", "translate", "variations", "../../etc/passwd", "/etc/passwd",
+                     "~root/x.csv", "a\x00b.csv", "x" * 300 + ".csv", "in.csv", "\ud800"]),
+)
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4)),
+                      max_leaves=20)
+documents = st.dictionaries(st.sampled_from(FIELDS), values, max_size=6)
+
+
+def _write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+#: Files opened while a manifest is read (an audit hook cannot be removed, so it records only while on).
+_opened: list[str] | None = None
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], (str, bytes, Path)):
+        _opened.append(str(args[0]))
+
+
+sys.addaudithook(_record_open)
+
+
+def _outside(path: str, root: Path) -> bool:
+    """Whether ``path`` (as opened) is outside ``root``, not counting Python's own files."""
+    if path.startswith((sys.prefix, sys.base_prefix)) or path.endswith((".py", ".pyc", ".so")):
+        return False
+    return not Path(path).resolve().is_relative_to(root.resolve())
+
+
+def _assert_bounded_outcome(path: Path, root: Path) -> None:
+    global _opened
+    _opened = []
+    try:
+        load_manifest(path, root=root, tasks=TASKS)
+    except ManifestError as error:
+        assert len(str(error)) < MESSAGE_BOUND, len(str(error))
+    finally:
+        opened, _opened = _opened, None
+    assert not [name for name in opened if _outside(name, root)], opened
+
+
+@pytest.fixture(scope="module")
+def inbox(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inbox")
+    (folder / "in.csv").write_text("id,text\n1,hello\n")
+    return folder
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=documents)
+def test_generated_json_manifests_are_read_or_rejected_never_crash(inbox: Path, document):
+    text = json.dumps(document, allow_nan=True, ensure_ascii=True)  # ASCII escapes: lone surrogates too
+    _assert_bounded_outcome(_write(inbox, "fuzz.json", text.encode()), inbox)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2000) | st.text(alphabet=string.printable + "[]{}=\"'\\\x00é\u2028", max_size=2000)
+       .map(lambda text: text.encode("utf-8", "surrogatepass")))
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_generated_bytes_are_read_or_rejected_never_crash(inbox: Path, data: bytes, suffix: str):
+    _assert_bounded_outcome(_write(inbox, "fuzz" + suffix, data), inbox)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(values, max_size=5))
+def test_generated_jsonl_inputs_are_read_or_rejected_never_crash(inbox: Path, lines):
+    body = "\n".join(json.dumps(line, allow_nan=True) for line in lines) + "\n"
+    _write(inbox, "fuzz.jsonl", body.encode())
+    _assert_bounded_outcome(_write(inbox, "fuzz.toml", b'task = "sentiment"\ninput = "fuzz.jsonl"\n'), inbox)
+
+
+@pytest.mark.parametrize("depth", [100, 1000, sys.getrecursionlimit() + 10, 50_000])
+def test_nesting_at_any_depth_is_rejected_not_a_crash(inbox: Path, depth: int):
+    for suffix, text in ((".json", '{"task": "sentiment", "x": ' + "[" * depth + "]" * depth + "}"),
+                         (".toml", 'task = "sentiment"\nx = ' + "[" * depth + "]" * depth + "\n")):
+        with pytest.raises(ManifestError, match="nested too deeply"):
+            load_manifest(_write(inbox, "deep" + suffix, text.encode()), root=inbox, tasks=TASKS)
+
+
+def test_the_audit_hook_sees_what_a_manifest_reads(inbox: Path, tmp_path: Path):
+    """The check above could fail: a read outside the inbox would be seen (here, a manifest read from
+    outside it is)."""
+    global _opened
+    outside = _write(tmp_path, "outside.toml", b'task = "sentiment"\ninput = "in.csv"\n')
+    _opened = []
+    try:
+        load_manifest(outside, root=inbox, base_dir=inbox, tasks=TASKS)
+    finally:
+        opened, _opened = _opened, None
+    assert [name for name in opened if _outside(name, inbox)] == [str(outside)]
+    assert str(inbox / "in.csv") in opened
