@@ -44,6 +44,7 @@ INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
 #: with an error saying which, never a crash. Manifests are a few lines; inputs stream.
 MAX_NESTING = 64  # arrays and tables inside each other, in a manifest or one JSONL line
 MAX_MANIFEST_BYTES = 4 * 2**20  # items past a few thousand belong in an input file, which streams
+MAX_LIST_ITEMS = 10_000  # in any one list of a manifest (texts, items): checked before they are validated
 MAX_ERROR_CHARS = 2000  # an error message is cut here, the full length said
 
 
@@ -370,6 +371,10 @@ def _check_values(path: Path, document: Any, *, line: int | None = None) -> None
                                         field=where or None, line=line)
                 stack.append((item, f"{where}.{key}" if where else key, depth + 1))
         elif isinstance(value, list):
+            if len(value) > MAX_LIST_ITEMS:
+                raise ManifestError(path, f"{len(value):,} entries, more than {MAX_LIST_ITEMS:,}: list them in an "
+                                          f"input file (input = \"items.jsonl\"), which is read as a stream",
+                                    field=where or None, line=line)
             stack.extend((item, f"{where}[{n}]", depth + 1) for n, item in enumerate(value))
 
 

@@ -121,3 +121,14 @@ def test_the_audit_hook_sees_what_a_manifest_reads(inbox: Path, tmp_path: Path):
         opened, _opened = _opened, None
     assert [name for name in opened if _outside(name, inbox)] == [str(outside)]
     assert str(inbox / "in.csv") in opened
+
+
+def test_a_list_too_long_to_list_inline_is_rejected_before_it_is_validated(inbox: Path):
+    texts = ", ".join('"a"' for _ in range(10_001))
+    path = _write(inbox, "many.toml", f'task = "sentiment"\ntexts = [{texts}]\n'.encode())
+    with pytest.raises(ManifestError, match=r"texts: 10,001 entries, more than 10,000: list them in an input file"):
+        load_manifest(path, root=inbox, tasks=TASKS)
+    texts = ", ".join('"a"' for _ in range(10_000))
+    ok = load_manifest(_write(inbox, "enough.toml", f'task = "sentiment"\ntexts = [{texts}]\n'.encode()),
+                       root=inbox, tasks=TASKS)
+    assert sum(1 for _ in ok.requests()) == 10_000
