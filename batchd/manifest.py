@@ -357,7 +357,7 @@ def _check_values(path: Path, document: Any, *, line: int | None = None) -> None
             raise ManifestError(path, f"nested too deeply (at most {MAX_NESTING} levels)", field=where or None,
                                 line=line)
         if isinstance(value, str):
-            if not _is_unicode(value):
+            if not is_valid_text(value):
                 raise ManifestError(path, "text that is not valid Unicode (a lone surrogate)", field=where or None,
                                     line=line)
         elif isinstance(value, float):
@@ -366,7 +366,7 @@ def _check_values(path: Path, document: Any, *, line: int | None = None) -> None
                                     field=where or None, line=line)
         elif isinstance(value, dict):
             for key, item in value.items():
-                if not _is_unicode(key):
+                if not is_valid_text(key):
                     raise ManifestError(path, "a key that is not valid Unicode (a lone surrogate)",
                                         field=where or None, line=line)
                 stack.append((item, f"{where}.{key}" if where else key, depth + 1))
@@ -378,7 +378,9 @@ def _check_values(path: Path, document: Any, *, line: int | None = None) -> None
             stack.extend((item, f"{where}[{n}]", depth + 1) for n, item in enumerate(value))
 
 
-def _is_unicode(text: str) -> bool:
+def is_valid_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: no lone surrogate (which a JSON ``\\ud800`` escape, or a
+    file name whose bytes are not UTF-8, decodes to)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -23,7 +23,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.inbox import (Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name, read_entry,
                           sha256_file)
 from batchd.journal import Job, new_job_id
-from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, load_manifest
+from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, is_valid_text, load_manifest
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
@@ -77,7 +77,7 @@ class Intake:
         """Take the NAME.cancel files dropped while batchd was down, before reconciling: a job cancelled
         by then gets no create for a chunk whose create a crash left unconfirmed."""
         for path in sorted(self.ctx.settings.inbox.iterdir()):
-            if (path.suffix.lower() == CANCEL_SUFFIX and not is_temp_name(path.name) and _is_utf8(path.name)
+            if (path.suffix.lower() == CANCEL_SUFFIX and not is_temp_name(path.name) and is_valid_text(path.name)
                     and is_regular_file(path)):
                 self.take_control_file(path)
 
@@ -119,7 +119,7 @@ class Intake:
             path = candidate.path
             if paused and path.suffix.lower() not in CONTROL_SUFFIXES:
                 continue  # a cancel or approval takes no room; a new job does
-            if not _is_utf8(path.name):
+            if not is_valid_text(path.name):
                 # Journal, outbox folder and remote display name all need a text name: the job is
                 # rejected under a readable rendering of it, the file kept in its folder.
                 source = readable_name(path.name)
@@ -330,15 +330,6 @@ class Intake:
 def free_space(state_dir: Path) -> str:
     free = fs.free_mb(state_dir)
     return "free space unknown" if free is None else f"{free:.1f} MB free on {state_dir}'s filesystem"
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether a file name from the OS decoded as UTF-8 (undecodable bytes arrive as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def readable_name(name: str) -> str:
