@@ -3,8 +3,9 @@
 One thread runs the loop and alone writes the journal. A tick first collects what the worker pools
 finished (the only place their outcomes reach the journal), then claims what the inbox holds, then
 visits the jobs that can move, oldest first, each through the step its state calls for
-(:attr:`Loop.steps`), then polls the service when due, tidies uploaded request files and hands
-events to the notification plugins.
+(:attr:`Loop.steps`), then polls the service when due and tidies uploaded request files; it commits
+all of that as one transaction (docs/design.md, "One commit per tick") and then hands events to the
+notification plugins.
 
 A job is visited when something about it changed: the journal reports every committed change of a
 job or its chunks (``Journal.on_change``), and workers mark the job whose work ended. Jobs waiting
