@@ -336,3 +336,31 @@ def test_upper_case_suffixes_are_manifests_to_run_once_and_to_reject_alike(works
     assert delivered["UP"]["state"] == "succeeded"
     assert delivered["FOLDER"]["state"] == "rejected" and delivered["FOLDER"]["error"]["kind"] == "directory"
     assert os.listdir(workspace.inbox) == []
+
+
+def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspace):
+    """A producer that kept the file open for writing can change it after batchd checked and claimed it:
+    the build reads the claimed file again, finds other bytes than those checked, and rejects the job
+    instead of running what was never validated."""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon
+
+    workspace.configure(settle_seconds=0)
+    workspace.drop("changing.toml", TRANSLATE)
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        with daemon.journal.group():
+            daemon.steps.intake.take()  # claimed, not yet built: the bytes checked are on record
+        (job,) = daemon.journal.active_jobs()
+        claimed = daemon.steps.build.ctx.spool(job.id).manifest_path(job.source)
+        with open(claimed, "r+") as still_open:  # the producer's descriptor, from before the claim
+            still_open.write(TRANSLATE.replace("Hello", "Other"))
+        daemon.loop.run()
+    finally:
+        daemon.close()
+
+    rejected = workspace.delivered()["changing"]
+    assert rejected["state"] == "rejected"
+    assert "changed after batchd checked it" in rejected["error"]["message"]
+    assert remote_jobs(workspace) == []

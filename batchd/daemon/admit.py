@@ -9,6 +9,7 @@ those passes run in a bounded pool, a job waiting its turn in the journal. When 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -17,8 +18,9 @@ from typing import Callable
 from batchd.costs import JobInfo, RequestStream, spend_of
 from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
+from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
-from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, load_manifest
 from batchd.plugin_calls import PluginTimeout, Prefetch
 from batchd.provider import Provider
 from batchd.states import JobState
@@ -35,10 +37,19 @@ RATIO_TRUSTED_SECONDS = 3600.0
 
 
 def load_claimed(ctx: Context, job: Job) -> Manifest:
-    """The manifest of a claimed job, from its spool (inputs were validated at the claim)."""
+    """The manifest of a claimed job, from its spool (inputs were validated at the claim): the bytes
+    checked at the claim, or an error. A producer that kept the file open for writing could change it
+    after the check; what runs is only ever what was checked."""
     spool = ctx.spool(job.id)
-    return load_manifest(spool.manifest_path(job.source), input_dir=spool.inputs, tasks=ctx.tasks,
-                         check_inputs=False)
+    path = spool.manifest_path(job.source)
+    try:
+        content = read_entry(path, MAX_MANIFEST_BYTES).content
+    except (OSError, UnsafeEntry) as error:
+        raise ManifestError(path, f"the claimed manifest cannot be read: {error}") from None
+    if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
+        raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
+                                  "writing?); drop it again once it is complete")
+    return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content)
 
 
 class TokenCounter:

@@ -225,6 +225,7 @@ class Intake:
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
         task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model} if manifest else {}
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
+                            manifest_sha256=hashlib.sha256(entry.content).hexdigest() if entry else None,
                             **task_and_model)
         intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
 
