@@ -1,8 +1,10 @@
 """The journal: every job's state machine, in SQLite, committed before every effect.
 
-Each transition is one ``BEGIN IMMEDIATE … COMMIT`` on a WAL database with
-``synchronous=FULL``, so a commit is the acknowledgement point and survives a
-power loss, not only ``kill -9``.  The rule that keeps the daemon crash-safe is
+Each transition is all-or-nothing on a WAL database with ``synchronous=FULL``, so a
+commit is the acknowledgement point and survives a power loss, not only ``kill -9``.
+Alone it is one ``BEGIN IMMEDIATE … COMMIT``; inside :meth:`Journal.group` (the
+daemon's loop, one per tick) it is a savepoint and the tick commits once, with every
+effect waiting for that commit (:meth:`Journal.after_commit`).  The rule that keeps the daemon crash-safe is
 *intent before effect*: the row that says what is about to happen (a claim's
 destination, a remote job's display name, an outbox folder) is committed before
 the rename, the ``batches.create`` or the publish, so that on restart the

@@ -192,7 +192,9 @@ class Intake:
         rejected unread). ``source``: the file name the job is known by (default ``path.name``)."""
         ctx = self.ctx
         source = source or path.name
-        digest = hashlib.sha256(entry.content) if entry is not None else None
+        manifest_sha256 = hashlib.sha256(entry.content).hexdigest() if entry is not None else None
+        # The job's content hash (duplicate detection) covers the manifest and its input files.
+        digest = hashlib.sha256(manifest_sha256.encode()) if manifest_sha256 is not None else None
         job_id = new_job_id()
         spool = ctx.spool(job_id)
         try:
@@ -225,7 +227,7 @@ class Intake:
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
         task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model} if manifest else {}
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
-                            manifest_sha256=hashlib.sha256(entry.content).hexdigest() if entry else None,
+                            manifest_sha256=manifest_sha256,
                             **task_and_model)
         intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
 
