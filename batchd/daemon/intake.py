@@ -192,9 +192,10 @@ class Intake:
         rejected unread). ``source``: the file name the job is known by (default ``path.name``)."""
         ctx = self.ctx
         source = source or path.name
-        manifest_sha256 = hashlib.sha256(entry.content).hexdigest() if entry is not None else None
-        # The job's content hash (duplicate detection) covers the manifest and its input files.
-        digest = hashlib.sha256(manifest_sha256.encode()) if manifest_sha256 is not None else None
+        # One hash of the manifest's bytes: alone, what later reads must match; with its input files
+        # added below, the job's content (duplicate detection).
+        digest = hashlib.sha256(entry.content) if entry is not None else None
+        manifest_sha256 = digest.hexdigest() if digest is not None else None
         job_id = new_job_id()
         spool = ctx.spool(job_id)
         try:
