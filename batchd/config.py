@@ -37,6 +37,19 @@ class ConfigError(Exception):
     """The configuration is unusable; the message says which file/key/variable and why."""
 
 
+class RetrySettings(BaseModel):
+    """``[retry]``: how a call to the Gemini API that failed for a passing reason (429, 5xx, a dropped
+    connection) is tried again: by the SDK for single calls, by batchd for whole uploads and downloads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Bounded: a cancel is sent from the daemon's loop, which the service watchdog expects back.
+    attempts: int = Field(5, ge=1, le=10, description="Tries of one call, the first included (at most 10).")
+    initial_seconds: float = Field(
+        1.0, gt=0, description="Wait before the second try; it doubles (plus up to this much jitter) each time.")
+    max_seconds: float = Field(60.0, gt=0, le=60, description="Longest wait between two tries (at most 60).")
+
+
 class EmulatorSettings(BaseModel):
     """The ``[emulator]`` table: the embedded emulator started by ``provider = "emulator"``."""
 
@@ -299,6 +312,7 @@ class Settings(BaseSettings):
                     " expire after 48 h); false leaves them to expire.",
     )
 
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

@@ -430,7 +430,7 @@ class Provider:
 
     @classmethod
     def from_settings(cls, settings: Any, *, base_url: str | None = None, api_key: str | None = None) -> Provider:
-        """Build from batchd settings (``provider``, ``api_version``, ``gemini_api_key()``).
+        """Build from batchd settings (``provider``, ``api_version``, ``retry``, ``gemini_api_key()``).
 
         ``api_key`` None asks ``settings.gemini_api_key()``, which raises a clear error when none is set.
         """
@@ -441,6 +441,8 @@ class Provider:
             api_key=api_key if api_key is not None else settings.gemini_api_key(),
             base_url=base_url,
             api_version=settings.api_version,
+            retry=RetryPolicy(attempts=settings.retry.attempts, initial_delay=settings.retry.initial_seconds,
+                              max_delay=settings.retry.max_seconds),
         )
 
     def close(self) -> None:

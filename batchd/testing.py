@@ -82,6 +82,8 @@ FAST_CONFIG: dict[str, Any] = {
     "incomplete_grace_seconds": 1.5,
     "rescan_seconds": 0.5,
     "submit_grace_seconds": 0.3,
+    # The emulator's injected 429s and 503s are retried at once instead of after seconds.
+    "retry": {"initial_seconds": 0.02, "max_seconds": 0.2},
 }
 
 _T = TypeVar("_T")

@@ -22,6 +22,7 @@ def backdate(path: Path, seconds: float) -> None:
     os.utime(path, ns=(old, old), follow_symlinks=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_with_file_system_events_disabled_the_rescan_alone_takes_every_manifest(workspace: Workspace,
                                                                                  daemon: DaemonRunner):

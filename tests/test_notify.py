@@ -127,8 +127,9 @@ def test_hook_job_event_webhook_posts_signed_events(workspace: Workspace):
 
 
 def test_hook_job_event_progress_of_a_one_chunk_job_follows_the_remote_counts(workspace: Workspace):
-    # One chunk running for a few seconds: polls see its batchStats move while it runs.
-    workspace.configure(job_seconds=2, notify={"progress_seconds": 0})
+    # One chunk running for a few seconds: polls see its batchStats move while it runs. The counts move
+    # between 1/4 and all of job_seconds; 5 s leaves a loaded machine time for several polls in between.
+    workspace.configure(job_seconds=5, notify={"progress_seconds": 0})
     workspace.drop("translate.toml", TRANSLATE)
 
     result = workspace.batchd("run", "--once")

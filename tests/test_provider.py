@@ -16,6 +16,7 @@ import pytest
 from google import genai
 from google.genai import errors
 
+from batchd.config import RetrySettings
 from batchd.emulator.server import EmulatorServer
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
@@ -220,9 +221,24 @@ def test_wrong_api_key_is_a_clear_permanent_error(emulator: EmulatorServer) -> N
 
 
 def test_from_settings(emulator: EmulatorServer) -> None:
-    settings = SimpleNamespace(provider="emulator", api_version="v1beta", gemini_api_key=lambda: API_KEY)
+    settings = SimpleNamespace(provider="emulator", api_version="v1beta", gemini_api_key=lambda: API_KEY,
+                               retry=RetrySettings(initial_seconds=0.01, max_seconds=0.05))
     with Provider.from_settings(settings, base_url=emulator.base_url) as provider:
         assert provider.count_tokens(MODEL, "hello") > 0
+
+
+@pytest.mark.parametrize("attempts, outcome", [(3, "answered"), (2, "503")])
+def test_from_settings_takes_the_retry_settings(tmp_path: Path, attempts: int, outcome: str) -> None:
+    """[retry] reaches the SDK: two 503s in a row are outlived by three tries, not by two."""
+    settings = SimpleNamespace(provider="emulator", api_version="v1beta", gemini_api_key=lambda: API_KEY,
+                               retry=RetrySettings(attempts=attempts, initial_seconds=0.01, max_seconds=0.05))
+    with Emulator(tmp_path / "service", faults=["503*2@count-tokens"]) as service, \
+            Provider.from_settings(settings, base_url=service.base_url) as provider:
+        if outcome == "answered":
+            assert provider.count_tokens(MODEL, "hello") > 0
+        else:
+            with pytest.raises(Exception, match="503"):
+                provider.count_tokens(MODEL, "hello")
 
 
 def test_from_settings_refuses_an_emulator_without_url(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,7 @@ def all_delivered(ws: Workspace, count: int) -> bool:
     return len(ws.outbox_folders()) >= count and not any(p.suffix == ".toml" for p in ws.inbox.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_soak_random_kills_under_faults_lose_nothing_and_bill_nothing_twice(tmp_path: Path):
     rng = random.Random(SEED)

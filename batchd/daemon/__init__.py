@@ -197,8 +197,8 @@ class Daemon:
                     # The embedded emulator is reached over HTTP exactly like Google: the provider
                     # only ever sees a base URL and a key.
                     self.emulator.wait_ready()
-                    self._provider = Provider(api_key="batchd-emulator", base_url=self.emulator.base_url,
-                                              api_version=self.settings.api_version)
+                    self._provider = Provider.from_settings(self.settings, base_url=self.emulator.base_url,
+                                                            api_key="batchd-emulator")
         return self._provider
 
     def _lock_state_dir(self) -> None:
