@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -60,7 +61,23 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """batchd's commands, with ``batchd emulator`` imported only when it is used: it brings uvicorn and
+    Starlette, which no other command needs (the daemon starts its embedded emulator as a child process)."""
+
+    _LAZY = {"emulator": ("batchd.emulator.cli", "emulator_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._LAZY and name not in self.commands:
+            module, attribute = self._LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchd")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="BATCHD_CONFIG", help="Config file (default: ./config.toml if present).")
@@ -369,13 +386,6 @@ def schema(ctx: Context) -> None:
     click.echo(json.dumps(manifest_json_schema(ctx.tasks()), indent=2))
 
 
-def _add_emulator_command() -> None:
-    from batchd.emulator.cli import emulator_command
-
-    main.add_command(emulator_command, "emulator")
-
-
-_add_emulator_command()
 
 
 # -- setting up and looking after an installation --------------------------------------------------

@@ -176,7 +176,7 @@ def check_provider(settings) -> list[Check]:
 
 def check_emulator(settings) -> Check:
     """The embedded emulator starts and answers a list call through the SDK (in a throw-away folder)."""
-    from batchd.emulator.server import EmulatorProcess
+    from batchd.emulator.process import EmulatorProcess
     from batchd.provider import Provider, RetryPolicy
 
     with tempfile.TemporaryDirectory(prefix="batchd-doctor-") as folder:

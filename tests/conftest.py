@@ -18,6 +18,39 @@ pytest_plugins = ["batchd.testing"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: Crash and fault matrices: the default run takes a few combinations of each (every crash point is
+#: still killed at least once), CI's slow step every combination. Test name -> the ids kept.
+MATRIX_DEFAULTS = {
+    "test_kill_9_at_any_step_delivers_exactly_once": {
+        "after-claim-inline", "while-building-file", "after-intent-inline", "after-upload-file",
+        "after-create-inline", "while-polling-file", "after-download-inline", "after-publish-file"},
+    "test_sigterm_at_each_crash_point_exits_0_and_a_restart_creates_nothing_extra": {"after-intent", "after-create"},
+    "test_recovery_run_twice_is_idempotent": {"after-create", "after-download"},
+    "test_a_failed_fsync_or_commit_exits_74_and_a_restart_delivers_once": {"journal-EIO", "publish-EIO"},
+    "test_a_full_disk_at_each_step_is_retried_and_delivered_once_there_is_room": {"requests"},
+    "test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped": {"running-after-cancel"},
+    "test_sigterm_around_a_cancel_exits_0_and_the_restart_finishes_the_cancel": {"after-cancel"},
+    "test_sigterm_mid_job_exits_cleanly_and_a_restart_finishes_it": {"False"},
+    "test_kill_9_while_resubmitting_leaves_one_live_remote_job_and_delivers_once": {"after-resubmit-create-file"},
+    "test_a_stop_during_a_create_records_the_remote_job_before_exiting_0": {"sigterm"},
+    "test_killed_around_a_create_the_restart_uploads_nothing_again_and_leaves_nothing": {"after-create"},
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seen: dict[str, set[str]] = {}
+    for item in items:
+        name = getattr(item, "originalname", "")
+        if name in MATRIX_DEFAULTS:
+            seen.setdefault(name, set()).add(item.callspec.id)
+            if item.callspec.id not in MATRIX_DEFAULTS[name]:
+                item.add_marker(pytest.mark.slow)
+    for name, ids in seen.items():  # a renamed parameter must not quietly move a whole matrix to the slow step
+        if len(ids) > len(MATRIX_DEFAULTS[name]) and (missing := MATRIX_DEFAULTS[name] - ids):
+            raise pytest.UsageError(f"MATRIX_DEFAULTS keeps {sorted(missing)} of {name}, which has no such case")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Most tests start batchd (and its emulator) as new processes. Where PYTHONDONTWRITEBYTECODE is set,
     # as on many CI machines, each of them would compile batchd's sources again (a quarter of a second

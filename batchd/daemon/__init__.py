@@ -178,7 +178,7 @@ class Daemon:
     def _start_emulator(self) -> None:
         s = self.settings
         if s.provider == "emulator":
-            from batchd.emulator.server import EmulatorProcess
+            from batchd.emulator.process import EmulatorProcess
 
             self.emulator = EmulatorProcess(
                 s.emulator.state_dir or s.state_dir / "emulator",

@@ -125,7 +125,7 @@ class Intake:
                 source = readable_name(path.name)
                 self._accept(path, None, intents, source=source, error={
                     "code": "file_name_not_utf8", "file": source,
-                    "message": f"the file name {source!r} is not valid UTF-8: rename it and drop it again"})
+                    "message": f"the file name '{source}' is not valid UTF-8: rename it and drop it again"})
                 claimed += 1
                 continue
             if path.suffix.lower() in CONTROL_SUFFIXES:
