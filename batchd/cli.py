@@ -157,9 +157,9 @@ def submit(ctx: Context, manifest: Path) -> None:
 
     settings = ctx.settings()
     try:
-        job = load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks())
+        job = load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks(), limits=settings.limits)
     except ManifestError as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(str(error.capped(settings.limits.error_chars))) from None
     for input_path in job.input_files():
         destination = settings.inbox / input_path.relative_to(manifest.parent.resolve())
         try:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from pydantic_settings.exceptions import SettingsError
 
 from batchd.logs import redact_data, register_secret
+from batchd.manifest import ManifestLimits
 
 CONFIG_ENV_VAR = "BATCHD_CONFIG"
 #: Environment variables that hold secrets batchd reads (the SDK's API key variables).
@@ -312,6 +313,7 @@ class Settings(BaseSettings):
                     " expire after 48 h); false leaves them to expire.",
     )
 
+    limits: ManifestLimits = Field(default_factory=ManifestLimits)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
     cost: CostSettings = Field(default_factory=CostSettings)

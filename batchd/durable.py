@@ -104,8 +104,9 @@ def write_temp(path: Path | str, data: bytes | str | BinaryIO, *, step: str | No
                     shutil.copyfileobj(data, fh, COPY_BLOCK)
                 fh.flush()
                 fs.fsync(fh.fileno(), path, step)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        fs.unwritable_is_fatal(step, path, error)
         raise
     return tmp
 
@@ -186,8 +187,8 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -
     """
     src, dst = Path(src), Path(dst)
     src_stat = os.lstat(src)
-    fs.fault_point(step, dst)  # where a full directory refuses the new name
     try:
+        fs.fault_point(step, dst)  # where a full directory refuses the new name
         # Directories cannot be hard-linked; they are renamed into an absent name.
         linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
         if linked:
@@ -204,6 +205,7 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -
     except OSError as exc:
         if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
             raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
+        fs.unwritable_is_fatal(step, dst, exc)
         raise
     if src.parent != dst.parent or linked:
         fsync_dir(src.parent, step=step)

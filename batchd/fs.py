@@ -14,15 +14,18 @@ depends on its kind, never on the job (reliability.md B8, "Filesystem faults"):
   "succeed" over lost data (PostgreSQL's fsync-gate, 2018). The step is not marked done; the process
   exits with :data:`EXIT_STORAGE` and the service manager restarts it; recovery then redoes the step
   from its committed state, re-reading everything from disk.
+- **A read-only filesystem** (``EROFS``: mounted so, or remounted read-only by the kernel after disk
+  errors) is fatal the same way, at start-up too: batchd says so in one line and exits; restarted by
+  the service manager, it goes on once it can write again.
 - **A journal commit that fails** because the disk is full or the database cannot be written
-  (``SQLITE_FULL``, ``SQLITE_IOERR``) is fatal too: the commit is the acknowledgement point, and a
+  (``SQLITE_FULL``, ``SQLITE_IOERR``, ``SQLITE_READONLY``) is fatal too: the commit is the acknowledgement point, and a
   transaction that may or may not have reached the disk cannot be reasoned about by a process that
   goes on. The free-space floor (``min_free_mb``) keeps room for the journal by refusing new
   manifests first.
 
 ``BATCHD_FS_FAULT=<step>:<ERRNO>`` (e.g. ``outbox:ENOSPC``, ``results:EIO``) makes the step's writes
-fail as if the disk said so, for the fault tests: ``ENOSPC`` as a full disk, ``EIO`` as a failed
-fsync. With ``BATCHD_FS_FAULT_WHILE=<path>`` the fault lasts only while that file exists, the way a
+fail as if the disk said so, for the fault tests: ``ENOSPC`` as a full disk, ``EROFS`` as a read-only
+filesystem, ``EIO`` as a failed fsync. With ``BATCHD_FS_FAULT_WHILE=<path>`` the fault lasts only while that file exists, the way a
 filler file holds a real disk full: delete it and there is "space" again.
 """
 
@@ -51,6 +54,10 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # SQLite's primary result codes for a full disk and an I/O error (extended codes keep them in the low byte).
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
+_SQLITE_READONLY = 8
+_SQLITE_CANTOPEN = 14
+#: Errors that mean nothing can be written here at all: retrying the step cannot help.
+UNWRITABLE_ERRNOS = frozenset({errno.EROFS})
 
 
 class StorageFailure(BaseException):
@@ -67,9 +74,26 @@ class StorageFailure(BaseException):
         self.error = error
 
     def __str__(self) -> str:
-        what = {"journal": "committing to the journal"}.get(self.step or "", f"fsync of {self.path}")
+        what = {"journal": "committing to the journal"}.get(self.step or "", f"writing {self.path}")
         return f"{what} failed ({describe(self.error)}) during step {self.step or 'unknown'}" + (
             f" [{self.path}]" if self.step == "journal" else "")
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the filesystem refused every write (``EROFS``, ``SQLITE_READONLY``)."""
+        return is_unwritable(self.error) or getattr(self.error, "sqlite_errorcode", 0) & 0xFF == _SQLITE_READONLY
+
+
+def is_unwritable(error: BaseException) -> bool:
+    """Whether ``error`` says nothing can be written there (a read-only filesystem)."""
+    return isinstance(error, OSError) and error.errno in UNWRITABLE_ERRNOS
+
+
+def unwritable_is_fatal(step: str | None, path: Path | str, error: BaseException) -> None:
+    """Raise :class:`StorageFailure` for ``error`` if it says the filesystem is read-only and the write
+    belongs to a daemon ``step`` (its ordinary failure handling, a job's or a plugin's, must not take it)."""
+    if step is not None and is_unwritable(error):
+        raise StorageFailure(step, path, error) from error
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -87,11 +111,11 @@ def describe(error: BaseException) -> str:
 
 
 def is_journal_storage_error(error: BaseException) -> bool:
-    """Whether a SQLite error means the database file cannot be written (full disk, I/O error)."""
+    """Whether a SQLite error means the database file cannot be written (full disk, I/O error, read-only)."""
     code = getattr(error, "sqlite_errorcode", None)
     if isinstance(error, sqlite3.OperationalError) and code is not None:
-        return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
-    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS | {errno.EIO}
+        return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN)
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS | UNWRITABLE_ERRNOS | {errno.EIO}
 
 
 def fsync(fd: int, path: Path | str, step: str | None = None) -> None:
@@ -100,8 +124,8 @@ def fsync(fd: int, path: Path | str, step: str | None = None) -> None:
     Disk full raises ``OSError`` naming ``path`` (the caller's step is retried); anything else raises
     :class:`StorageFailure`. Without a step (the emulator, command-line tools), errors pass as they are.
     """
-    fault_point(step, path)
     try:
+        fault_point(step, path)
         os.fsync(fd)
     except OSError as error:
         if step is None:
@@ -139,8 +163,8 @@ def fault_point(step: str | None, path: Path | str) -> None:
         return
     code = getattr(errno, name or "ENOSPC")
     error = OSError(code, os.strerror(code), str(path))
-    if code in DISK_FULL_ERRNOS:
-        raise error
+    if code in DISK_FULL_ERRNOS | UNWRITABLE_ERRNOS:
+        raise error  # as the OS raises it: the caller classifies it
     raise StorageFailure(step, path, error)
 
 

@@ -21,12 +21,11 @@ import json
 import math
 import re
 import sqlite3
-import sys
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
@@ -40,12 +39,32 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 MANIFEST_SUFFIXES = (".toml", ".json")
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
 
-#: Limits on what anyone can drop into the inbox: a manifest or an input line past them is rejected
-#: with an error saying which, never a crash. Manifests are a few lines; inputs stream.
-MAX_NESTING = 64  # arrays and tables inside each other, in a manifest or one JSONL line
-MAX_MANIFEST_BYTES = 4 * 2**20  # items past a few thousand belong in an input file, which streams
-MAX_LIST_ITEMS = 10_000  # in any one list of a manifest (texts, items): checked before they are validated
-MAX_ERROR_CHARS = 2000  # an error message is cut here, the full length said
+
+
+class ManifestLimits(BaseModel):
+    """``[limits]``: what one manifest, and one line of its input file, may hold.
+
+    Anyone can drop a file into the inbox: past a limit it is rejected with an error saying which,
+    checked before anything large is built in memory, never a crash. The defaults fit real jobs:
+    manifests are a few lines, and items past a few thousand belong in an input file, which streams.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest_bytes: int = Field(4 * 2**20, ge=1024, description="Size of a manifest file, in bytes.")
+    nesting: int = Field(
+        64, ge=4, le=500, description="Arrays and tables inside each other, in a manifest or one JSONL line.")
+    list_items: int = Field(
+        10_000, ge=1, description="Entries of one list in a manifest (texts, items), and columns of a CSV header.")
+    line_chars: int = Field(
+        16_000_000, ge=1024, description="One line of a JSONL or TXT input file, and one CSV field, in characters.")
+    integer_digits: int = Field(32, ge=1, le=4300, description="Digits of a whole number in a manifest or JSONL line.")
+    error_chars: int = Field(
+        2000, ge=100, description="A rejection's message is cut here, with the full length said.")
+
+
+#: The limits :func:`load_manifest` applies unless it is given others (batchd's come from ``[limits]``).
+DEFAULT_LIMITS = ManifestLimits()
 
 
 class ManifestError(Exception):
@@ -65,11 +84,19 @@ class ManifestError(Exception):
         column: int | None = None,
     ) -> None:
         self.path = path
-        self.message = _capped(message)
-        self.field = _capped(field) if field is not None else None
+        self.message = message
+        self.field = field
         self.line = line
         self.column = column
         super().__init__(str(self))
+
+    def capped(self, chars: int) -> ManifestError:
+        """This error with its message and field cut at ``chars`` characters each (the full length said)."""
+        if len(self.message) <= chars and len(self.field or "") <= chars:
+            return self
+        return ManifestError(self.path, _capped(self.message, chars),
+                             field=_capped(self.field, chars) if self.field is not None else None,
+                             line=self.line, column=self.column)
 
     def __str__(self) -> str:
         where = str(self.path)
@@ -111,6 +138,8 @@ class Manifest:
     params: BaseModel
     #: The resolved input file, or ``None`` when items are inline.
     input_path: Path | None
+    #: What its input file's lines may hold.
+    limits: ManifestLimits = DEFAULT_LIMITS
 
     @property
     def task(self) -> str:
@@ -166,6 +195,7 @@ def load_manifest(
     tasks: Mapping[str, Task] | None = None,
     check_inputs: bool = True,
     content: bytes | None = None,
+    limits: ManifestLimits = DEFAULT_LIMITS,
 ) -> Manifest:
     """Read and validate a manifest.
 
@@ -178,12 +208,13 @@ def load_manifest(
         inputs are reported here. Pass ``False`` to defer that to the first pass over ``inputs``.
     :param content: the file's bytes, already read (through a checked descriptor: see
         :func:`batchd.inbox.read_entry`); ``path`` then only names it.
-    :raises ManifestError:
+    :param limits: what the manifest and its input lines may hold.
+    :raises ManifestError: its message not yet cut (see :meth:`ManifestError.capped`).
     """
     path = Path(path)
     if tasks is None:
         tasks = _registered_tasks()
-    document = _read_document(path, content)
+    document = _read_document(path, content, limits)
     task = _select_task(path, document, tasks)
     common_values = {key: value for key, value in document.items() if key in COMMON_FIELDS}
     task_values = {key: value for key, value in document.items() if key not in COMMON_FIELDS}
@@ -202,7 +233,8 @@ def load_manifest(
         else:
             base = Path(base_dir) if base_dir is not None else path.parent
             input_path = _confined_input(path, common.input, base, Path(root) if root is not None else base)
-    manifest = Manifest(path=path, task_plugin=task, common=common, params=params, input_path=input_path)
+    manifest = Manifest(path=path, task_plugin=task, common=common, params=params, input_path=input_path,
+                        limits=limits)
     if check_inputs:
         manifest.check_inputs()
     return manifest
@@ -244,7 +276,8 @@ class Inputs:
             field, entries = task.inline_items(manifest.params) or ("", ())
             records, ids_are_positions = _inline_records(manifest.path, field, entries), False
         else:
-            records, ids_are_positions = _file_records(manifest.input_path, manifest.common, task.Item)
+            records, ids_are_positions = _file_records(manifest.input_path, manifest.common, task.Item,
+                                                       manifest.limits)
         count = 0
         with _SeenIds(enabled=not ids_are_positions) as seen:
             # Validated and checked for duplicates a batch at a time (one pydantic call, one SQLite
@@ -281,18 +314,18 @@ def _registered_tasks() -> Mapping[str, Task]:
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
-def _read_document(path: Path, data: bytes | None = None) -> dict[str, Any]:
+def _read_document(path: Path, data: bytes | None, limits: ManifestLimits) -> dict[str, Any]:
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ManifestError(path, f"unsupported manifest type (use {' or '.join(MANIFEST_SUFFIXES)})")
     if data is None:
         try:
             with path.open("rb") as file:
-                data = file.read(MAX_MANIFEST_BYTES + 1)
+                data = file.read(limits.manifest_bytes + 1)
         except OSError as exc:
             raise ManifestError(path, f"cannot read: {exc.strerror}") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(path, f"larger than {MAX_MANIFEST_BYTES // 2**20} MB: list many items in an input "
-                                  f"file (input = \"items.jsonl\"), which is read as a stream")
+    if len(data) > limits.manifest_bytes:
+        raise ManifestError(path, f"larger than {limits.manifest_bytes:,} bytes ([limits] manifest_bytes): list "
+                                  f"many items in an input file (input = \"items.jsonl\"), which is read as a stream")
     try:
         text = data.decode("utf-8-sig")  # tolerate a BOM left by Windows editors
     except UnicodeDecodeError as exc:
@@ -305,16 +338,16 @@ def _read_document(path: Path, data: bytes | None = None) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise _toml_error(path, exc, text) from None
         except (RecursionError, ValueError) as exc:
-            raise _parse_limit_error(path, exc) from None
+            raise _parse_limit_error(path, exc, limits) from None
     else:
-        document = _json_value(path, text)
+        document = _json_value(path, text, limits)
         if not isinstance(document, dict):
             raise ManifestError(path, "a JSON manifest must be an object")
-    _check_values(path, document)
+    _check_values(path, document, limits)
     return document
 
 
-def _json_value(path: Path, text: str, *, line: int | None = None) -> Any:
+def _json_value(path: Path, text: str, limits: ManifestLimits, *, line: int | None = None) -> Any:
     """``text`` parsed as JSON, with a key given twice refused (JSON parsers disagree on which wins)."""
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
@@ -324,7 +357,7 @@ def _json_value(path: Path, text: str, *, line: int | None = None) -> Any:
     except _DuplicateKey as exc:
         raise ManifestError(path, f"the key {exc.args[0]!r} is given twice", line=line) from None
     except (RecursionError, ValueError) as exc:
-        raise _parse_limit_error(path, exc, line=line) from None
+        raise _parse_limit_error(path, exc, limits, line=line) from None
 
 
 class _DuplicateKey(Exception):
@@ -339,27 +372,34 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-def _parse_limit_error(path: Path, exc: BaseException, *, line: int | None = None) -> ManifestError:
+def _parse_limit_error(path: Path, exc: BaseException, limits: ManifestLimits, *,
+                       line: int | None = None) -> ManifestError:
     if isinstance(exc, RecursionError):
-        return ManifestError(path, f"nested too deeply (at most {MAX_NESTING} levels)", line=line)
+        return ManifestError(path, f"nested too deeply (at most {limits.nesting} levels)", line=line)
     if "digits" in str(exc):  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
-        return ManifestError(path, f"a number has more than {sys.get_int_max_str_digits()} digits", line=line)
+        return ManifestError(path, f"a number has more than {limits.integer_digits} digits", line=line)
     return ManifestError(path, f"cannot be parsed: {exc}", line=line)
 
 
-def _check_values(path: Path, document: Any, *, line: int | None = None) -> None:
-    """Refuse what parses but cannot be carried on: nesting past :data:`MAX_NESTING`, and text that is not
-    valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can spell, cannot be written as UTF-8)."""
+def _check_values(path: Path, document: Any, limits: ManifestLimits, *, line: int | None = None) -> None:
+    """Refuse what parses but cannot be carried on: past a limit (nesting, list length, digits), a number
+    that is not finite, and text that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800``
+    escapes can spell, cannot be written as UTF-8)."""
+    largest = 10**limits.integer_digits
     stack: list[tuple[Any, str, int]] = [(document, "", 0)]
     while stack:
         value, where, depth = stack.pop()
-        if depth > MAX_NESTING:
-            raise ManifestError(path, f"nested too deeply (at most {MAX_NESTING} levels)", field=where or None,
+        if depth > limits.nesting:
+            raise ManifestError(path, f"nested too deeply (at most {limits.nesting} levels)", field=where or None,
                                 line=line)
         if isinstance(value, str):
             if not is_valid_text(value):
                 raise ManifestError(path, "text that is not valid Unicode (a lone surrogate)", field=where or None,
                                     line=line)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -largest < value < largest:
+                raise ManifestError(path, f"a number of more than {limits.integer_digits} digits",
+                                    field=where or None, line=line)
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise ManifestError(path, f"{value} is not a number batchd can use (give a finite number)",
@@ -371,8 +411,8 @@ def _check_values(path: Path, document: Any, *, line: int | None = None) -> None
                                         field=where or None, line=line)
                 stack.append((item, f"{where}.{key}" if where else key, depth + 1))
         elif isinstance(value, list):
-            if len(value) > MAX_LIST_ITEMS:
-                raise ManifestError(path, f"{len(value):,} entries, more than {MAX_LIST_ITEMS:,}: list them in an "
+            if len(value) > limits.list_items:
+                raise ManifestError(path, f"{len(value):,} entries, more than {limits.list_items:,}: list them in an "
                                           f"input file (input = \"items.jsonl\"), which is read as a stream",
                                     field=where or None, line=line)
             stack.extend((item, f"{where}[{n}]", depth + 1) for n, item in enumerate(value))
@@ -388,10 +428,10 @@ def is_valid_text(text: str) -> bool:
     return True
 
 
-def _capped(text: str) -> str:
-    if len(text) <= MAX_ERROR_CHARS:
+def _capped(text: str, chars: int) -> str:
+    if len(text) <= chars:
         return text
-    return f"{text[:MAX_ERROR_CHARS]}… ({len(text):,} characters in all)"
+    return f"{text[:chars]}… ({len(text):,} characters in all)"
 
 
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
@@ -576,19 +616,21 @@ def _inline_records(path: Path, field: str, entries: Sequence[Any]) -> Iterator[
         yield _Record(position=index + 1, values=values, path=path, field_prefix=f"{field}[{index}]")
 
 
-def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel]) -> tuple[Iterator[_Record], bool]:
+def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel],
+                  limits: ManifestLimits) -> tuple[Iterator[_Record], bool]:
     """The records of an input file, and whether their ids are all positions (hence unique)."""
     suffix = path.suffix.lower()
     renames = {common.id_column: "id", common.text_column: "text"}
     # An Item model that allows extra fields (a template's {column}s) takes every column.
     known_fields = _EveryField() if item_model.model_config.get("extra") == "allow" else item_model.model_fields.keys()
     if suffix in (".csv", ".tsv"):
-        header = _csv_header(path, "\t" if suffix == ".tsv" else ",")
+        delimiter = "\t" if suffix == ".tsv" else ","
+        header = _csv_header(path, delimiter, limits)
         columns = _csv_columns(path, header, renames, common, item_model)
-        return _csv_records(path, "\t" if suffix == ".tsv" else ",", columns, known_fields), "id" not in columns
+        return _csv_records(path, delimiter, columns, known_fields, limits), "id" not in columns
     if suffix == ".jsonl":
-        return _jsonl_records(path, renames, known_fields), False
-    return _txt_records(path), True
+        return _jsonl_records(path, renames, known_fields, limits), False
+    return _txt_records(path, limits), True
 
 
 class _EveryField:
@@ -617,12 +659,21 @@ def _target_field(name: str, renames: Mapping[str, str]) -> str | None:
     return None if name in renames.values() else name
 
 
-def _csv_header(path: Path, delimiter: str) -> list[str]:
+def _csv_reader(path: Path, file: TextIO, delimiter: str, limits: ManifestLimits):
+    csv.field_size_limit(limits.line_chars)  # the csv module's own limit (process-wide) is 131,072
+    return csv.reader(_bounded_lines(path, file, limits.line_chars), delimiter=delimiter)
+
+
+def _csv_header(path: Path, delimiter: str, limits: ManifestLimits) -> list[str]:
     with _open_text(path) as f:
         try:
-            return next(csv.reader(f, delimiter=delimiter), [])
+            header = next(_csv_reader(path, f, delimiter, limits), [])
         except (csv.Error, UnicodeDecodeError) as exc:
             raise ManifestError(path, f"cannot read the header: {exc}", line=1) from None
+    if len(header) > limits.list_items:
+        raise ManifestError(path, f"{len(header):,} columns, more than {limits.list_items:,} ([limits] list_items)",
+                            line=1)
+    return header
 
 
 def _csv_columns(
@@ -641,10 +692,11 @@ def _csv_columns(
     return columns
 
 
-def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fields: Iterable[str]) -> Iterator[_Record]:
+def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fields: Iterable[str],
+                 limits: ManifestLimits) -> Iterator[_Record]:
     wanted = [(index, name) for index, name in enumerate(columns) if name in known_fields]
     with _open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        reader = _csv_reader(path, f, delimiter, limits)
         try:
             next(reader, None)  # the header
             position = 0
@@ -663,10 +715,11 @@ def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fi
             raise ManifestError(path, f"unreadable CSV: {exc}", line=reader.line_num) from None
 
 
-def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterable[str]) -> Iterator[_Record]:
-    for line_number, line in _numbered_lines(path):
-        value = _json_value(path, line, line=line_number)
-        _check_values(path, value, line=line_number)
+def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterable[str],
+                   limits: ManifestLimits) -> Iterator[_Record]:
+    for line_number, line in _numbered_lines(path, limits):
+        value = _json_value(path, line, limits, line=line_number)
+        _check_values(path, value, limits, line=line_number)
         if isinstance(value, str):
             values = {"text": value}
         elif isinstance(value, dict):
@@ -677,17 +730,27 @@ def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterabl
         yield _Record(position=line_number, values=values, path=path, line=line_number)
 
 
-def _txt_records(path: Path) -> Iterator[_Record]:
-    for line_number, line in _numbered_lines(path):
+def _txt_records(path: Path, limits: ManifestLimits) -> Iterator[_Record]:
+    for line_number, line in _numbered_lines(path, limits):
         yield _Record(position=line_number, values={"text": line}, path=path, line=line_number)
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _bounded_lines(path: Path, file: TextIO, limit: int) -> Iterator[str]:
+    """``file``'s lines, refusing one longer than ``limit`` characters before more of it is read."""
+    number = 0
+    while line := file.readline(limit + 1):
+        number += 1
+        if len(line) > limit and not line.endswith("\n"):
+            raise ManifestError(path, f"a line longer than {limit:,} characters ([limits] line_chars)", line=number)
+        yield line
+
+
+def _numbered_lines(path: Path, limits: ManifestLimits) -> Iterator[tuple[int, str]]:
     """Non-blank lines, stripped, with their 1-based line numbers."""
     line_number = 0
     try:
         with path.open(encoding="utf-8-sig") as f:
-            for line_number, line in enumerate(f, start=1):
+            for line_number, line in enumerate(_bounded_lines(path, f, limits.line_chars), start=1):
                 if line.strip():
                     yield line_number, line.strip()
     except UnicodeDecodeError:

@@ -92,12 +92,14 @@ def test_a_full_disk_at_each_step_is_retried_and_delivered_once_there_is_room(
     assert_delivered_once(workspace, emulator, dropped)
 
 
-@pytest.mark.parametrize("step,error", [(step, "EIO") for step in STEPS] + [("journal", "ENOSPC")])
+@pytest.mark.parametrize("step,error", [(step, "EIO") for step in STEPS] + [("journal", "ENOSPC")]
+                         + [(step, "EROFS") for step in STEPS])
 def test_a_failed_fsync_or_commit_exits_74_and_a_restart_delivers_once(
         workspace: Workspace, emulator: Emulator, step: str, error: str):
-    """EIO at ``step``'s fsync (or a journal commit refused for a full disk): the step is not marked
-    done, the daemon says why and exits 74 (EX_IOERR) for the service manager to restart it; the
-    restart resumes from the journal and delivers each manifest once, one create per chunk."""
+    """EIO at ``step``'s fsync, a journal commit refused for a full disk, or a filesystem turned
+    read-only under ``step``'s writes: the step is not marked done, the daemon says why and exits 74
+    (EX_IOERR) for the service manager to restart it, never with a job failed for it; the restart
+    resumes from the journal and delivers each manifest once, one create per chunk."""
     workspace.configure(chunk_max_requests=2)
     dropped = drop_both(workspace)
     failed = workspace.start("run", BATCHD_FS_FAULT=f"{step}:{error}", **service(emulator))
@@ -112,6 +114,8 @@ def test_a_failed_fsync_or_commit_exits_74_and_a_restart_delivers_once(
     assert "storage failure:" in output and f"{error}: {os.strerror(getattr(errno, error))}" in output, output[-3000:]
     assert f"during step {step}" in output
     assert "Traceback" not in output, output[-3000:]
+    if error == "EROFS":
+        assert "batchd cannot write there: make the filesystem writable" in output
     if step != "journal":
         assert not workspace.outbox_folders() or step == "publish", "delivered although a step failed"
 
@@ -266,3 +270,25 @@ def delivered_on_a_full_disk(workspace: Workspace, emulator: Emulator, dropped: 
     creates = creates_by_display_name(emulator)
     assert len(creates) == CHUNKS and all(count == 1 for count in creates.values()), (creates, exits)
     assert Counter(folder.state for folder in workspace.outbox_folders().values()) == {"succeeded": 2}
+
+
+def test_a_read_only_state_dir_at_start_is_one_clear_line_and_exit_74(small_disk: Path, tmp_path: Path):
+    """A filesystem mounted read-only (or remounted so by the kernel after disk errors): batchd says
+    what to do and exits 74, every time the service manager restarts it, without a traceback; once
+    the filesystem is writable again the manifest waiting in the inbox is delivered."""
+    workspace = workspace_on(small_disk, tmp_path / "ws", min_free_mb=0)
+    workspace.drop("translate.toml", TRANSLATE)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True, timeout=30)
+    try:
+        for _ in range(2):
+            refused = workspace.batchd("run", "--once")
+            assert refused.returncode == EXIT_STORAGE, refused.stderr[-3000:]
+            assert "Read-only file system" in refused.stderr and "make the filesystem writable" in refused.stderr
+            assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) <= 3, refused.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True, timeout=30)
+
+    delivered = workspace.batchd("run", "--once")
+
+    assert delivered.returncode == 0, delivered.stderr[-3000:]
+    assert workspace.outbox_folder("translate").state == "succeeded"

@@ -5,6 +5,7 @@ would stop intake) and never reads a file outside the folder it is confined to."
 from __future__ import annotations
 
 import json
+import re
 import string
 import sys
 from pathlib import Path
@@ -13,14 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchd.manifest import MAX_ERROR_CHARS, ManifestError, load_manifest
+from batchd.manifest import DEFAULT_LIMITS, ManifestError, ManifestLimits, load_manifest
 from batchd.plugins import get_tasks
 
 TASKS = get_tasks(None, frozenset())
 FIELDS = ["task", "texts", "items", "input", "model", "temperature", "languages", "variations", "prompt",
           "id_column", "text_column", "max_output_tokens", "system_instruction", "x"]
 #: Error text adds the path and field around the capped message.
-MESSAGE_BOUND = MAX_ERROR_CHARS * 2 + 500
+MESSAGE_BOUND = DEFAULT_LIMITS.error_chars * 2 + 500
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
@@ -65,7 +66,7 @@ def _assert_bounded_outcome(path: Path, root: Path) -> None:
     try:
         load_manifest(path, root=root, tasks=TASKS)
     except ManifestError as error:
-        assert len(str(error)) < MESSAGE_BOUND, len(str(error))
+        assert len(str(error.capped(DEFAULT_LIMITS.error_chars))) < MESSAGE_BOUND, len(str(error))
     finally:
         opened, _opened = _opened, None
     assert not [name for name in opened if _outside(name, root)], opened
@@ -132,3 +133,48 @@ def test_a_list_too_long_to_list_inline_is_rejected_before_it_is_validated(inbox
     ok = load_manifest(_write(inbox, "enough.toml", f'task = "sentiment"\ntexts = [{texts}]\n'.encode()),
                        root=inbox, tasks=TASKS)
     assert sum(1 for _ in ok.requests()) == 10_000
+
+
+@pytest.mark.parametrize("limits, name, text, message", [
+    ({"manifest_bytes": 1024}, "big.toml", 'task = "sentiment"\ntexts = ["' + "a" * 2000 + '"]\n',
+     "larger than 1,024 bytes ([limits] manifest_bytes)"),
+    ({"nesting": 4}, "deep.json", '{"task": "sentiment", "texts": ["a"], "x": [[[[[1]]]]]}', "nested too deeply (at most 4"),
+    ({"list_items": 3}, "long.toml", 'task = "sentiment"\ntexts = ["a", "b", "c", "d"]\n', "4 entries, more than 3"),
+    ({"integer_digits": 5}, "number.toml", 'task = "sentiment"\ntexts = ["a"]\nmax_output_tokens = 123456\n',
+     "more than 5 digits"),
+])
+def test_every_limit_is_a_setting(inbox: Path, limits: dict, name: str, text: str, message: str):
+    path = _write(inbox, name, text.encode())
+    try:
+        load_manifest(path, root=inbox, tasks=TASKS, check_inputs=False)
+    except ManifestError as error:
+        assert message.split(" (")[0] not in str(error), "within the default limits"
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        load_manifest(path, root=inbox, tasks=TASKS, limits=ManifestLimits(**limits))
+
+
+@pytest.mark.parametrize("suffix, body, message", [
+    (".jsonl", '{"text": "short"}\n{"text": "' + "x" * 3000 + '"}\n', "line 2: a line longer than 2,048 characters"),
+    (".txt", "short\n" + "x" * 3000 + "\n", "line 2: a line longer than 2,048 characters"),
+    (".csv", "id,text\n1,short\n2," + "x" * 3000 + "\n", "line 3: a line longer than 2,048 characters"),
+    (".csv", 'id,text\n1,short\n2,"' + ("x" * 1000 + "\n") * 3 + '"\n', "field larger than field limit (2048)"),
+    (".csv", ",".join(f"c{n}" for n in range(300)) + ",text\n", "301 columns, more than 200"),
+])
+def test_input_lines_are_bounded_before_they_are_read_whole(inbox: Path, suffix: str, body: str, message: str):
+    (inbox / f"lines{suffix}").write_text(body)
+    path = _write(inbox, "lines.toml", f'task = "sentiment"\ninput = "lines{suffix}"\n'.encode())
+    limits = ManifestLimits(line_chars=2048, list_items=200)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        load_manifest(path, root=inbox, tasks=TASKS, limits=limits)
+
+
+def test_a_long_error_is_capped_with_its_length_said(inbox: Path):
+    path = _write(inbox, "wide.toml", b'task = "sentiment"\ninput = "wide.csv"\n')
+    (inbox / "wide.csv").write_text(",".join(f"column{n}" for n in range(5000)) + "\n")  # no "text" column
+    with pytest.raises(ManifestError) as raised:
+        load_manifest(path, root=inbox, tasks=TASKS)
+    full = raised.value
+    cut = full.capped(500)
+    assert len(full.message) > 40_000 and len(cut.message) < 600
+    assert cut.message.endswith(f"… ({len(full.message):,} characters in all)")
+    assert cut.message.startswith("missing column(s) 'text'") and cut.line == 1

@@ -365,3 +365,21 @@ def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspa
     assert rejected["state"] == "rejected"
     assert "changed after batchd checked it" in rejected["error"]["message"]
     assert remote_jobs(workspace) == []
+
+
+def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace):
+    workspace.configure(limits={"list_items": 2, "error_chars": 100})
+    workspace.drop("two.toml", 'task = "sentiment"\ntexts = ["Fine.", "Bad."]\n')
+    workspace.drop("three.toml", 'task = "sentiment"\ntexts = ["a", "b", "c"]\n')
+    workspace.drop("unknown.toml", 'task = "sentiment"\ntexts = ["a"]\nx = 1\n')
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1, result.stderr  # jobs were rejected
+    delivered = workspace.delivered()
+    assert delivered["two"]["state"] == "succeeded"
+    assert delivered["three"]["state"] == "rejected"
+    assert "texts: 3 entries, more than 2" in delivered["three"]["error"]["message"]
+    error = delivered["unknown"]["error"]
+    assert error["field"] == "x" and error["reason"].startswith("unknown field (task 'sentiment' takes")
+    assert len(error["reason"]) < 150 and error["reason"].endswith("characters in all)")

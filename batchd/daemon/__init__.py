@@ -141,11 +141,17 @@ class Daemon:
 
     def start(self) -> None:
         s = self.settings
-        for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
+                folder.mkdir(parents=True, exist_ok=True)
+            self._lock_state_dir()
+        except PermissionError as error:
+            raise fs.StorageFailure("start", error.filename or s.state_dir, error) from error
+        except OSError as error:
+            fs.unwritable_is_fatal("start", error.filename or s.state_dir, error)
+            raise
         # Claims and publishes are renames: they are only atomic within one filesystem.
         durable.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
-        self._lock_state_dir()
         journal = self.ctx.journal = Journal(journal_path(s.state_dir))
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
@@ -279,7 +285,12 @@ class Daemon:
 
 
 def fatal_storage_message(failure: fs.StorageFailure) -> str:
-    """What batchd says before it exits on a failed fsync or journal commit."""
+    """What batchd says before it exits on a failed fsync or journal commit, or a filesystem it cannot write."""
+    if failure.read_only or isinstance(failure.error, PermissionError):
+        return (f"storage failure: {failure}. batchd cannot write there: make the filesystem writable (mounted "
+                "read-only, or remounted so by the kernel after disk errors: see dmesg) or give batchd's user "
+                f"the folder; batchd exits with status {fs.EXIT_STORAGE} and, restarted (the systemd unit does "
+                "that), resumes from the last committed state")
     return (f"storage failure: {failure}. What was being written cannot be trusted to be on disk (after a "
             "failed fsync the kernel may have dropped it), so the step is not marked done and batchd exits "
             f"with status {fs.EXIT_STORAGE}; restarted (the systemd unit does that), it resumes from the last "

@@ -20,7 +20,7 @@ from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
-from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, load_manifest
+from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.plugin_calls import PluginTimeout, Prefetch
 from batchd.provider import Provider
 from batchd.states import JobState
@@ -43,13 +43,14 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
     spool = ctx.spool(job.id)
     path = spool.manifest_path(job.source)
     try:
-        content = read_entry(path, MAX_MANIFEST_BYTES).content
+        content = read_entry(path, ctx.settings.limits.manifest_bytes).content
     except (OSError, UnsafeEntry) as error:
         raise ManifestError(path, f"the claimed manifest cannot be read: {error}") from None
     if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
         raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
                                   "writing?); drop it again once it is complete")
-    return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content)
+    return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content,
+                         limits=ctx.settings.limits)
 
 
 class TokenCounter:
@@ -154,7 +155,7 @@ class Admit:
         try:
             manifest = load_claimed(ctx, job)
         except ManifestError as error:
-            ctx.journal.update_job(job.id, error=manifest_error(error))
+            ctx.journal.update_job(job.id, error=manifest_error(error, ctx.settings.limits.error_chars))
             return None
         model = manifest.model or ctx.settings.model
         ctx.journal.update_job(job.id, task=manifest.task, model=model)

@@ -83,7 +83,7 @@ class Build:
         except Stopping:
             raise
         except ManifestError as error:
-            self._failed(job, manifest_error(error))
+            self._failed(job, manifest_error(error, self.ctx.settings.limits.error_chars))
             return
         except PluginTimeout as error:  # a hung plugin: its thread is left behind, the job fails
             log.error("job %s: %s", job.id, error, extra={"job": job.id})
@@ -92,6 +92,7 @@ class Build:
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
             if fs.is_disk_full(error):
                 raise  # no room for the chunk files: the loop backs off and the build starts again
+            fs.unwritable_is_fatal("requests", getattr(error, "filename", None) or "", error)
             log.exception("job %s: building requests failed", job.id)
             self._failed(job, {"message": f"task {job.task!r} failed to build requests: "
                                           f"{type(error).__name__}: {error}"})

@@ -232,8 +232,10 @@ def error_dict(error: Exception) -> dict:
             "message": getattr(error, "message", None) or str(error)}
 
 
-def manifest_error(error: ManifestError) -> dict:
-    """A rejection as summary.json shows it: the file, the field and the line, where known."""
+def manifest_error(error: ManifestError, max_chars: int) -> dict:
+    """A rejection as summary.json shows it: the file, the field and the line, where known; message and
+    field cut at ``max_chars`` each (``[limits] error_chars``)."""
+    error = error.capped(max_chars)
     details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
                "column": error.column, "reason": error.message}
     return {name: value for name, value in details.items() if value is not None}

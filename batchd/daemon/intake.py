@@ -23,7 +23,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.inbox import (Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name, read_entry,
                           sha256_file)
 from batchd.journal import Job, new_job_id
-from batchd.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, is_valid_text, load_manifest
+from batchd.manifest import Manifest, ManifestError, is_valid_text, load_manifest
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
@@ -134,7 +134,7 @@ class Intake:
             try:
                 # Open, then check: what is validated is the bytes read through a descriptor that
                 # was checked (regular, one link, no symlink followed), never the name again.
-                entry = read_entry(path, MAX_MANIFEST_BYTES)
+                entry = read_entry(path, ctx.settings.limits.manifest_bytes)
             except FileNotFoundError:
                 continue  # gone since the scan
             except UnsafeEntry as unsafe:  # swapped for something else since the scan
@@ -151,7 +151,8 @@ class Intake:
             try:
                 # Every input row is validated before anything is claimed or sent: a bad row at the end
                 # of a big file rejects the job up front instead of after some of it was billed.
-                manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks, content=entry.content)
+                manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks, content=entry.content,
+                                         limits=ctx.settings.limits)
             except Exception as error:  # noqa: BLE001 - whatever was dropped, the daemon goes on
                 if fs.is_disk_full(error):
                     raise  # no room to check it: it is taken once there is (the loop backs off)
@@ -166,7 +167,8 @@ class Intake:
                               exc_info=error)
                     error = ManifestError(path, f"batchd could not read this manifest "
                                                 f"({type(error).__name__}: {error})")
-                self._accept(path, None, intents, entry=entry, error=manifest_error(error))
+                self._accept(path, None, intents, entry=entry,
+                             error=manifest_error(error, ctx.settings.limits.error_chars))
                 claimed += 1
                 continue
             self._accept(path, manifest, intents, entry=entry)
@@ -217,6 +219,7 @@ class Intake:
         except OSError as failure:
             if fs.is_disk_full(failure):
                 shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
+            fs.unwritable_is_fatal("claim", failure.filename or spool.root, failure)
             raise
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None
