@@ -35,6 +35,7 @@ MATRIX_DEFAULTS = {
     "test_kill_9_while_resubmitting_leaves_one_live_remote_job_and_delivers_once": {"after-resubmit-create-file"},
     "test_a_stop_during_a_create_records_the_remote_job_before_exiting_0": {"sigterm"},
     "test_killed_around_a_create_the_restart_uploads_nothing_again_and_leaves_nothing": {"after-create"},
+    "test_inline_batch_goes_pending_running_succeeded": {"v1beta"},
 }
 
 

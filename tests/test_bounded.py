@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.admit import TokenCounter
@@ -50,6 +52,7 @@ def test_a_burst_of_jobs_runs_on_a_fixed_number_of_threads(workspace: Workspace)
     assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
 
 
+@pytest.mark.slow
 def test_jobs_take_their_turn_oldest_first_and_a_big_job_does_not_starve_small_ones(workspace: Workspace):
     """A job of 30 one-request chunks arrives first, then 6 small jobs: with 2 submission threads and
     creates that take a while, the small jobs each get a turn before the big job has sent all its

@@ -112,6 +112,7 @@ def test_hook_check_budget_holds_a_job_over_the_per_job_budget_until_approved(wo
     assert not list(workspace.inbox.iterdir()), "the approve and cancel files were consumed"
 
 
+@pytest.mark.slow
 def test_hook_check_budget_rolling_day_counts_the_jobs_of_the_last_24_hours(workspace: Workspace):
     workspace.drop("first.toml", TRANSLATE)
     assert workspace.batchd("run", "--once").returncode == 0
@@ -138,6 +139,7 @@ def test_hook_check_budget_rolling_day_counts_the_jobs_of_the_last_24_hours(work
     assert workspace.delivered()["second"]["state"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_hook_check_budget_in_one_run_a_held_job_goes_once_the_others_actual_cost_is_known(workspace: Workspace):
     # Two jobs whose estimates do not fit the day together; the first's actual cost (far below its
     # estimate: emulated answers are short) makes room for the second in the same run.

@@ -197,6 +197,7 @@ def test_claimed_manifest_finds_inputs_in_its_job_folder(inbox, tmp_path):
     assert len(list(reloaded.requests())) == 2
 
 
+@pytest.mark.slow
 def test_big_csv_is_streamed(inbox):
     rows = 100_000
     text = "A review long enough to make the file much bigger than the memory allowed to read it. " * 4

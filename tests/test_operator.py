@@ -163,6 +163,7 @@ def test_doctor_fails_a_broken_config_with_a_fix(workspace: Workspace):
     assert text.returncode == 1 and "fix:" in text.stdout
 
 
+@pytest.mark.slow
 def test_doctor_checks_the_gemini_key_and_reachability(workspace: Workspace, tmp_path):
     workspace.configure(provider="gemini")
     code, checks = doctor(workspace)

@@ -22,9 +22,9 @@ def test_the_configuration_reference_lists_every_setting_with_its_environment_va
 
     page = reference.configuration_reference()
     for name, field in Settings.model_fields.items():
-        if name not in ("retry", "emulator", "cost", "notify"):  # tables: their keys are listed as table.key
+        if name not in ("limits", "retry", "emulator", "cost", "notify"):  # tables: their keys are listed as table.key
             assert f"| `{name}` |" in page and f"`BATCHD_{name.upper()}`" in page
-    assert "| `retry.attempts` |" in page and "| `cost.daily_budget` |" in page and "`BATCHD_NOTIFY__WEBHOOK__SECRET`" in page
+    assert "| `limits.nesting` |" in page and "| `retry.attempts` |" in page and "| `cost.daily_budget` |" in page and "`BATCHD_NOTIFY__WEBHOOK__SECRET`" in page
     for name in EmulatorSettings.model_fields:
         assert f"| `emulator.{name}` |" in page and f"`BATCHD_EMULATOR__{name.upper()}`" in page
     assert "| `poll_interval` | number (> 0) | `5.0` |" in page

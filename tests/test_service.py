@@ -206,6 +206,7 @@ def register_tasks(register):
 """
 
 
+@pytest.mark.slow
 def test_watchdog_pings_come_from_the_loop_at_half_the_timeout(workspace: Workspace, systemd):
     # WATCHDOG_USEC=1 s: a ping every 0.5 s. The loop's own timers are 60 s, so pings that keep
     # coming prove the idle loop wakes for the watchdog; each wait is a bound against a hang (a loaded
