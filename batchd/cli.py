@@ -296,6 +296,16 @@ def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval:
         _watch(settings, name, as_json, interval, count)
     else:
         _print_jobs(jobs, as_json)
+        _print_notices(settings)
+
+
+def _print_notices(settings: Settings) -> None:
+    """What the running daemon is waiting on (a refused key, a full disk), on stderr: the table or JSON on
+    stdout stays the same for scripts."""
+    from batchd.statedir import lock_holder, read_notices
+
+    for notice in read_notices(settings.state_dir):
+        click.echo(f"batchd (pid {lock_holder(settings.state_dir)}): {notice}", err=True)
 
 
 def _print_jobs(jobs: list[dict], as_json: bool) -> None:

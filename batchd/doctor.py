@@ -157,7 +157,7 @@ def check_inotify(inotify_dir: Path = INOTIFY_DIR) -> Check:
 
 
 def check_daemon(settings) -> Check:
-    from batchd.daemon import lock_holder
+    from batchd.statedir import lock_holder
 
     pid = lock_holder(settings.state_dir)
     if pid is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from datetime import datetime
 from collections import Counter
 from pathlib import Path
 
@@ -292,3 +293,32 @@ def test_a_read_only_state_dir_at_start_is_one_clear_line_and_exit_74(small_disk
 
     assert delivered.returncode == 0, delivered.stderr[-3000:]
     assert workspace.outbox_folder("translate").state == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_job_that_finds_no_room_waits_longer_each_time_while_other_writes_go_through(
+        workspace: Workspace, emulator: Emulator):
+    """The outbox folder of a job cannot be written (too big for the room left) while the daemon's
+    other work goes on: the job is retried after 1, 2, 4 … s, each failure one log line, instead of
+    every second or two forever; once there is room it is delivered."""
+    workspace.configure(chunk_max_requests=2)
+    dropped = [Dropped.of(workspace.drop("translate.toml", TRANSLATE))]
+    filler = workspace.root / "filler"
+    filler.write_text("the outbox has no room while this file exists")
+    daemon = workspace.start("run", BATCHD_FS_FAULT="outbox:ENOSPC", BATCHD_FS_FAULT_WHILE=str(filler),
+                             **service(emulator))
+    try:
+        workspace.wait_for(lambda: len(disk_full_lines(daemon.output())) >= 4, 120, "four disk-full retries")
+        stamps = [datetime.fromisoformat(line.split()[0].removeprefix("ts=").replace("Z", "+00:00"))
+                  for line in disk_full_lines(daemon.output())[:4]]
+        gaps = [(later - earlier).total_seconds() for earlier, later in zip(stamps, stamps[1:])]
+        assert gaps[2] > 3.0 and gaps[2] > gaps[0] * 2, f"the waits grow: {gaps}"
+        filler.unlink()
+        workspace.wait_for(lambda: workspace.outbox_folders(), 120, "the job delivered")
+        assert daemon.stop() == 0, daemon.output()[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert workspace.outbox_folder("translate").state == "succeeded"
+    assert_invariants(workspace, dropped, list(emulator.client().batches.list(config={"page_size": 50})))

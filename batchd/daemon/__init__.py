@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import logging
+import json
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
 from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
 from batchd.daemon.schedule import Loop, Steps
+from batchd.statedir import lock_holder, lock_path, notices_path
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Journal, journal_path
@@ -57,25 +59,6 @@ log = logging.getLogger("batchd")
 SWITCH_INTERVAL = 0.001
 
 __all__ = ["AlreadyRunning", "Daemon", "fatal_storage_message", "lock_holder"]
-
-
-def lock_path(state_dir: Path) -> Path:
-    """The file whose flock makes a state dir one daemon's."""
-    return state_dir / "batchd.lock"
-
-
-def lock_holder(state_dir: Path) -> int | None:
-    """The pid of the daemon running on ``state_dir`` (0: running, pid unknown), or None if none is."""
-    try:
-        with open(lock_path(state_dir)) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = f.read().strip()
-                return int(text) if text.isdigit() else 0  # held, pid not written yet
-            return None
-    except FileNotFoundError:
-        return None
 
 
 class AlreadyRunning(Exception):
@@ -158,6 +141,8 @@ class Daemon:
         journal.on_change = self.loop.mark
         crashpoints.commit_pending = journal.flush
         self.loop.status_line = self.status_line
+        self.loop.notices = self.notices
+        self.loop.publish_notices = self.publish_notices
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
@@ -275,13 +260,29 @@ class Daemon:
                f"{running} remote batch{'es' if running != 1 else ''} running"
         waiting = len(self.steps.submit.submissions)
         line += f", {waiting} being submitted" if waiting else ""
+        return "; ".join([line, *self.notices()])
+
+    def notices(self) -> list[str]:
+        """What the daemon waits on that its operator must know: each a reason and, where it helps, a fix."""
+        notices = []
         if self.ctx.disk.interval:
-            line += f"; disk full: writes paused, next try in {self.ctx.disk.seconds_left():.0f} s"
+            notices.append(f"disk full on {self.settings.state_dir}'s filesystem: writes paused and tried again "
+                           "with a growing wait (up to a minute) until there is room")
         if self.steps.intake.claiming_paused:
-            line += f"; not claiming new manifests: {self.steps.intake.claiming_paused}"
+            notices.append(f"not claiming new manifests: {self.steps.intake.claiming_paused}")
         if self.steps.submit.refusal is not None:
-            line += f"; submissions paused: {self.steps.submit.refusal}"
-        return line
+            notices.append(f"submissions paused: {self.steps.submit.refusal}; jobs wait in the journal until the "
+                           "key is fixed (GEMINI_API_KEY / GOOGLE_API_KEY, then restart batchd)")
+        return notices
+
+    def publish_notices(self, notices: list[str]) -> None:
+        """Write the notices for ``batchd status`` (on change only; not part of the journal: a crash may leave
+        them behind, and :func:`read_notices` ignores them once no daemon holds the state dir)."""
+        try:
+            durable.atomic_write(notices_path(self.settings.state_dir),
+                                 json.dumps({"pid": os.getpid(), "notices": notices}))
+        except OSError as error:  # a full disk: the log says the same
+            log.debug("cannot write %s: %s", notices_path(self.settings.state_dir), error)
 
 
 def fatal_storage_message(failure: fs.StorageFailure) -> str:

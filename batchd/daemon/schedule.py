@@ -19,14 +19,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from batchd import fs
+from batchd.backoff import Backoff
 from batchd.config import ConfigError, load_settings
 from batchd.daemon.admit import Admit
 from batchd.daemon.build import Build
 from batchd.daemon.cancel import Cancel
-from batchd.daemon.context import Context, Stopping
+from batchd.daemon.context import DISK_RETRY_MAX_SECONDS, DISK_RETRY_SECONDS, Context, Stopping
 from batchd.daemon.deliver import Deliver
 from batchd.daemon.fetch import Fetch
 from batchd.daemon.intake import Intake, free_space
@@ -86,6 +88,10 @@ class Loop:
         self.service_manager = service_manager
         #: One line for ``systemctl status`` (set by the daemon).
         self.status_line: Callable[[], str] = lambda: ""
+        #: Hands what the daemon waits on (the daemon's notices) to ``batchd status``; called on change.
+        self.publish_notices: Callable[[list[str]], None] = lambda notices: None
+        self.notices: Callable[[], list[str]] = lambda: []
+        self._published_notices: list[str] | None = None
         steps.on_disk_full = self.disk_full
         self._ready: set[str] = set()
         self._ready_lock = threading.Lock()
@@ -93,6 +99,10 @@ class Loop:
         self._builds_checked_at = float("-inf")
         self._events_pruned_at = float("-inf")
         self._disk_full_seen = False
+        #: Jobs whose own write found no room: each waits out its own backoff, which only its own progress
+        #: resets (the shared pause of every writer is reset by any write that goes through, so a job too
+        #: big for the room left would otherwise try, and log, every second or two forever).
+        self._disk_waits: dict[str, _DiskWait] = {}
         self._config_mtime = _mtime(ctx.settings.config_file)
         #: ``run --once``: the inbox entries it waits for, and whether it gave up on some.
         self.once_pending: set[str] = set()
@@ -130,6 +140,10 @@ class Loop:
             self.service_manager.watchdog()
             if self.service_manager.enabled:
                 self.service_manager.status(self.status_line())
+            notices = self.notices()
+            if notices != self._published_notices:
+                self._published_notices = notices
+                self.publish_notices(notices)
             if ctx.once and self._once_done():
                 ctx.report.finished = not self._once_blocked
                 break
@@ -138,8 +152,12 @@ class Loop:
     def sweep(self) -> None:
         """Visit every active job on the next tick (at start, after a disk pause, and now and then)."""
         self._swept_at = time.monotonic()
+        active = set()
         for job in self.ctx.journal.jobs(states=ACTIVE_JOB_STATES):
+            active.add(job.id)
             self.mark(job.id)
+        for job_id in self._disk_waits.keys() - active:  # finished or cancelled meanwhile
+            del self._disk_waits[job_id]
 
     def tick(self) -> None:
         ctx = self.ctx
@@ -185,8 +203,17 @@ class Loop:
                 self.mark(job_id)
         if now - self._builds_checked_at >= BUILD_CHECK_SECONDS:
             self._builds_checked_at = now
+        for job_id, wait in self._disk_waits.items():
+            if not wait.retried and wait.backoff.due():
+                wait.retried = True
+                self.mark(job_id)
         for job in ctx.journal.jobs_by_id(self._take_ready()):
             ctx.check_stop()
+            wait = self._disk_waits.get(job.id)
+            if wait is not None and wait.state != job.state:
+                del self._disk_waits[job.id]  # it moved on: its write went through
+            elif wait is not None and wait.backoff.waiting():
+                continue  # marked again once its own wait is over
             try:
                 self.advance(job)
             except OSError as error:
@@ -261,6 +288,13 @@ class Loop:
         ctx = self.ctx
         self._disk_full_seen = True
         pause = ctx.disk.failed()
+        if job is not None:
+            wait = self._disk_waits.get(job.id)
+            if wait is None or wait.state != job.state:
+                wait = self._disk_waits[job.id] = _DiskWait(job.state, Backoff(DISK_RETRY_SECONDS,
+                                                                               DISK_RETRY_MAX_SECONDS))
+            wait.retried = False
+            pause = max(pause, wait.backoff.failed())
         where = f"job {job.id} ({job.source}) stays {job.state!r}" if job is not None else \
             "the manifest stays in the inbox"
         log.error("disk full: writing %s failed (%s)%s; %s and the step is retried in %.0f s (%s)",
@@ -287,6 +321,9 @@ class Loop:
         wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due())
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
+        for job_wait in self._disk_waits.values():
+            if not job_wait.retried:
+                wait = min(wait, job_wait.backoff.seconds_left())
         return max(0.0, wait)
 
     # -- run --once -----------------------------------------------------------------------------------
@@ -355,3 +392,12 @@ def _mtime(path) -> float | None:
         return path.stat().st_mtime if path else None
     except OSError:
         return None
+
+
+@dataclass
+class _DiskWait:
+    """A job whose write, in ``state``, found no room: when to try its step again."""
+
+    state: str
+    backoff: Backoff
+    retried: bool = False  # marked for its retry; a new failure starts the next wait

@@ -1,0 +1,46 @@
+"""What a state dir holds beside the journal: the lock that makes it one daemon's (with that daemon's
+pid) and what the daemon is waiting on, for ``batchd status`` and ``batchd doctor``.
+
+Kept out of :mod:`batchd.daemon` so that reading them imports neither the SDK nor the steps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from pathlib import Path
+
+
+def lock_path(state_dir: Path) -> Path:
+    """The file whose flock makes a state dir one daemon's."""
+    return state_dir / "batchd.lock"
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid of the daemon running on ``state_dir`` (0: running, pid unknown), or None if none is."""
+    try:
+        with open(lock_path(state_dir)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else 0  # held, pid not written yet
+            return None
+    except FileNotFoundError:
+        return None
+
+
+def notices_path(state_dir: Path) -> Path:
+    """What the running daemon is waiting on, for ``batchd status`` (see ``Daemon.notices``)."""
+    return state_dir / "notices.json"
+
+
+def read_notices(state_dir: Path) -> list[str]:
+    """The running daemon's notices; none when no daemon holds the state dir (a killed one's are stale)."""
+    if lock_holder(state_dir) is None:
+        return []
+    try:
+        notices = json.loads(notices_path(state_dir).read_text())["notices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [str(notice) for notice in notices] if isinstance(notices, list) else []
