@@ -286,6 +286,44 @@ def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace
     assert remote_jobs(workspace) == []
 
 
+def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(workspace: Workspace, tmp_path,
+                                                                               monkeypatch):
+    """The manifest and its input (in a folder of the inbox) are checked; then the folder is swapped for a
+    symlink to a look-alike elsewhere before the input is taken. The input is reached from the inbox one
+    folder at a time without following a symlink, so the job is rejected and the other file never read."""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon, intake
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "rows.csv").write_text("id,text\n1,a secret row\n")
+    data = workspace.inbox / "data"
+    data.mkdir()
+    (data / "rows.csv").write_text("id,text\n1,an ordinary row\n")
+    workspace.configure(settle_seconds=0)
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "data/rows.csv"\n')
+    load_manifest = intake.load_manifest
+
+    def load_then_swap(*args, **kwargs):
+        manifest = load_manifest(*args, **kwargs)
+        os.rename(data, workspace.inbox / ".data-moved")
+        data.symlink_to(elsewhere)
+        return manifest
+
+    monkeypatch.setattr(intake, "load_manifest", load_then_swap)
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        daemon.loop.run()
+    finally:
+        daemon.close()
+
+    rejected = workspace.delivered()["reads"]
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input", rejected
+    assert "reached through 'data'" in rejected["error"]["message"]
+    assert remote_jobs(workspace) == []
+
+
 def _symlink_beside(path: Path, target: Path) -> Path:
     link = path.with_name(".swap-" + path.name)
     link.symlink_to(target)

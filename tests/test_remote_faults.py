@@ -115,3 +115,17 @@ def test_a_refused_api_key_pauses_submission_and_the_job_goes_once_the_key_is_fi
         assert summary["state"] == "succeeded"
         created = list(google.client().batches.list(config={"page_size": 50}))
         assert len(created) == len(summary["remote_batches"]) == 1, "nothing was created twice"
+
+
+def test_a_key_refused_while_results_are_downloaded_is_waited_out_not_a_failed_job(workspace: Workspace):
+    """The key is revoked (403) after the batch ran: its results are fetched again later, and the job is
+    delivered succeeded once the service takes the key again, never failed for it."""
+    workspace.configure(inline_max_requests=0, faults=["403*2@download"])  # file chunks: results are downloaded
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert workspace.delivered()["translate"]["state"] == "succeeded"
+    assert "fetching chunk 0 failed" in result.stderr and "retrying later" in result.stderr
+

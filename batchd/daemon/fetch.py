@@ -14,7 +14,7 @@ from batchd import fs
 from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.journal import Chunk
-from batchd.provider import Provider, RemoteJob, inline_results, is_retryable
+from batchd.provider import Provider, RemoteJob, inline_results, is_auth_error, is_retryable
 from batchd.spool import JobSpool
 from batchd.states import ChunkState
 
@@ -52,13 +52,14 @@ class Fetch:
             try:
                 remote, error = work.future.result()
             except Exception as failure:
-                # Transient (the network, a full disk here): still 'running' in the journal, so the
-                # next poll fetches it again. Anything else fails this chunk's requests, not the daemon.
+                # Transient (the network, a full disk here, a key refused: the operator's to fix, not the
+                # job's): still 'running' in the journal, so the next poll fetches it again. Anything else
+                # fails this chunk's requests, not the daemon.
                 if fs.is_disk_full(failure):
                     self._disk_full(failure, "results", journal.job(chunk.job_id))
                     continue
                 fs.unwritable_is_fatal("results", getattr(failure, "filename", None) or "", failure)
-                if is_retryable(failure) or isinstance(failure, OSError):
+                if is_retryable(failure) or is_auth_error(failure) or isinstance(failure, OSError):
                     log.warning("job %s: fetching chunk %d failed (%s); retrying later",
                                 chunk.job_id, chunk.idx, failure)
                     continue
@@ -93,8 +94,8 @@ def store_results(provider: Provider, chunk: Chunk, spool: JobSpool) -> tuple[Re
         try:
             provider.download(remote.responses_file, spool.results_path(chunk.idx))
         except Exception as failure:
-            if is_retryable(failure):
-                raise  # the next poll tries again
+            if is_retryable(failure) or is_auth_error(failure):
+                raise  # the next poll tries again (a refused key is the operator's to fix, not the job's)
             # A results file the service refuses for good must not stop every other job:
             # the chunk's requests are delivered as errors that say why.
             log.error("job %s: results of chunk %d cannot be downloaded: %s", chunk.job_id, chunk.idx, failure)

@@ -8,6 +8,7 @@ them is finished by :meth:`Intake.finish_claim` at the next start.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -208,7 +209,7 @@ class Intake:
                     # job is self-contained; a crash here leaves only a spare copy.
                     copy = spool.inputs / input_path.name
                     fs.fault_point("claim", copy)
-                    _take_input(input_path, copy)
+                    _take_input(input_path, copy, ctx.settings.inbox)
                     digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
         except UnsafeEntry as unsafe:
             # Changed into a symlink, a hard link or something else since it was validated: never read.
@@ -356,19 +357,57 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.samestat(os.lstat(a), os.lstat(b))
 
 
-def _take_input(source: Path, destination: Path) -> None:
+def _take_input(source: Path, destination: Path, inbox: Path) -> None:
     """Link (or copy) an input file into the spool, never through a symlink, and only a file with no other
-    name than its inbox one: a hard link could name a file its dropper may not read (raises UnsafeEntry)."""
+    name than its inbox one: a hard link could name a file its dropper may not read (raises UnsafeEntry).
+
+    ``source`` is reached from ``inbox`` one folder at a time without following a symlink (a folder on its
+    path swapped for a link to elsewhere since the manifest was checked is refused, not followed)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.unlink(missing_ok=True)
+    folder = _open_folder_beneath(inbox, source)
     try:
-        os.link(source, destination, follow_symlinks=False)
-        expected_links = 2
-    except OSError:
-        shutil.copy2(source, destination, follow_symlinks=False)
-        expected_links = 1
+        try:
+            os.link(source.name, destination, src_dir_fd=folder, follow_symlinks=False)
+            expected_links = 2
+        except OSError:  # a filesystem without hard links: a copy, read through a checked descriptor
+            with open(os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder), "rb") as src:
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise UnsafeEntry(source, entry_kind(st.st_mode),
+                                      f"a {entry_kind(st.st_mode)}, not a regular file") from None
+                with open(destination, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+            expected_links = 1
+    finally:
+        os.close(folder)
     st = os.lstat(destination)
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeEntry(source, entry_kind(st.st_mode), f"a {entry_kind(st.st_mode)}, not a regular file")
     if st.st_nlink != expected_links:
         raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink - expected_links + 1} hard links")
+
+
+def _open_folder_beneath(inbox: Path, source: Path) -> int:
+    """A descriptor of ``source``'s folder, opened from ``inbox`` one component at a time with
+    ``O_NOFOLLOW``: what was checked to be inside the inbox is what is reached (raises UnsafeEntry)."""
+    try:
+        parts = source.parent.relative_to(inbox.resolve()).parts
+    except ValueError:
+        raise UnsafeEntry(source, "outside", "outside the inbox") from None
+    folder = os.open(inbox.resolve(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+            except OSError as error:
+                if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeEntry(source, "symlink", f"reached through {part!r}, which is no longer a "
+                                                         "folder of the inbox (a symlink?)") from None
+                raise
+            os.close(folder)
+            folder = inner
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
