@@ -132,10 +132,10 @@ def render_operation(job: Doc, view: JobView, inline_responses: list | None) -> 
             output = {"inlinedResponses": {"inlinedResponses": inline_responses}}
     if output is not None:
         metadata["output"] = output
-    metadata["createTime"] = rfc3339(job["createTime"])
-    metadata["updateTime"] = rfc3339(view.update_time)
+    metadata["createTime"] = rfc3339(job["createTime"], nanoseconds=True)
+    metadata["updateTime"] = rfc3339(view.update_time, nanoseconds=True)
     if view.end_time is not None:
-        metadata["endTime"] = rfc3339(view.end_time)
+        metadata["endTime"] = rfc3339(view.end_time, nanoseconds=True)
     metadata["batchStats"] = int64_counts(
         requestCount=total,
         successfulRequestCount=view.succeeded,

@@ -9,6 +9,9 @@ from batchd.emulator.errors import not_found
 #: Current Gemini model ids (``--model`` replaces the list). Embedding models are the ones whose id
 #: contains "embedding": they serve embeddings only, every other model serves generation only.
 DEFAULT_MODELS: tuple[str, ...] = (
+    "gemini-3.5-flash",
+    "gemini-3.1-pro-preview",
+    "gemini-3-pro-image-preview",
     "gemini-3-pro-preview",
     "gemini-3-flash-preview",
     "gemini-2.5-pro",

@@ -31,7 +31,9 @@ Rules of the emulated answers (documented in docs/emulator.md):
 * **stopSequences.** The text is cut before the first occurrence of any stop sequence
   (``finishReason: STOP``).
 * **candidateCount** (1..8) gives that many different candidates, ``index`` 0..n-1;
-  ``candidatesTokenCount`` is their sum. Thinking is not emulated (no ``thoughtsTokenCount``).
+  ``candidatesTokenCount`` is their sum. ``promptTokensDetails`` splits ``promptTokenCount`` by
+  modality (TEXT; IMAGE, AUDIO, VIDEO, DOCUMENT by a part's MIME type). Thinking is not emulated (no
+  ``thoughtsTokenCount``).
 * **JSON mode** (``responseMimeType: application/json``): with ``responseSchema`` (OpenAPI subset,
   upper- or lower-case types, ``nullable``, ``propertyOrdering``) or ``responseJsonSchema`` (JSON
   Schema) the text is compact JSON valid against the schema; without a schema it is
@@ -56,6 +58,7 @@ import re._constants as _re_constants  # sre internals: stable since 3.11, used 
 import re._parser as _re_parser
 import struct
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -229,6 +232,19 @@ def _iter_parts(content: Any) -> list:
             return [parts]
         return parts
     return []
+
+
+def _modality(part: object) -> str:
+    """The ``promptTokensDetails`` modality a non-text part counts under: by its MIME type (inline or file
+    data), else TEXT (a function call or response is text to the model)."""
+    if isinstance(part, dict):
+        data = part.get("inlineData") or part.get("inline_data") or part.get("fileData") or part.get("file_data")
+        mime = str(_get(data, "mimeType", "mime_type") or "") if isinstance(data, dict) else ""
+        for prefix, modality in (("image/", "IMAGE"), ("audio/", "AUDIO"), ("video/", "VIDEO"),
+                                 ("application/pdf", "DOCUMENT")):
+            if mime.startswith(prefix):
+                return modality
+    return "TEXT"
 
 
 def _part_hash_bytes(part: Any) -> bytes:
@@ -815,7 +831,7 @@ class EmulatedResponder:
         if config is None:
             config = request.get("generation_config") or {}
         digest_input = self._model_digest(model).copy()
-        prompt_tokens = 0
+        by_modality: Counter[str] = Counter({"TEXT": 0})
         last_text = ""
         system = request.get("systemInstruction")
         if system is None:
@@ -824,11 +840,11 @@ class EmulatedResponder:
             for part in _iter_parts(system):
                 text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
-                    prompt_tokens += (len(text) + 3) // 4
+                    by_modality["TEXT"] += (len(text) + 3) // 4
                     digest_input.update(b"\x1es")
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
                 else:
-                    prompt_tokens += NON_TEXT_PART_TOKENS
+                    by_modality[_modality(part)] += NON_TEXT_PART_TOKENS
                     digest_input.update(_part_hash_bytes(part))
         for content in _as_contents(request.get("contents")):
             from_user = not (isinstance(content, dict) and content.get("role") == "model")
@@ -836,14 +852,15 @@ class EmulatedResponder:
             for part in _iter_parts(content):
                 text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
-                    prompt_tokens += (len(text) + 3) // 4
+                    by_modality["TEXT"] += (len(text) + 3) // 4
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
                     digest_input.update(_SEP)
                     if from_user and text:
                         last_text = text
                 else:
-                    prompt_tokens += NON_TEXT_PART_TOKENS
+                    by_modality[_modality(part)] += NON_TEXT_PART_TOKENS
                     digest_input.update(_part_hash_bytes(part))
+        prompt_tokens = sum(by_modality.values())
         # Sampling settings pick a different (still deterministic) answer, so that e.g. the
         # same prompt with another `seed` or temperature varies, as with a real model. Sorted,
         # so that key order (or camel vs snake case) does not matter.
@@ -892,6 +909,8 @@ class EmulatedResponder:
                 "promptTokenCount": prompt_tokens,
                 "candidatesTokenCount": output_tokens,
                 "totalTokenCount": prompt_tokens + output_tokens,
+                "promptTokensDetails": [{"modality": modality, "tokenCount": tokens}
+                                        for modality, tokens in by_modality.items() if tokens or modality == "TEXT"],
             },
             "modelVersion": name,
             "responseId": "emu-" + digest[:10].hex(),

@@ -66,9 +66,13 @@ def to_camel_case(value: Any, field: str | None = None) -> Any:
     return value
 
 
-def rfc3339(timestamp: float) -> str:
-    """Google's timestamp format: UTC with a ``Z`` suffix (microseconds; Google sends nanoseconds)."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def rfc3339(timestamp: float, *, nanoseconds: bool = False) -> str:
+    """Google's timestamp format: UTC with a ``Z`` suffix; 6 fractional digits (as File resources carry)
+    or, with ``nanoseconds``, 9 (as batch operations carry: ``2025-12-10T18:27:01.407650525Z``)."""
+    text = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if nanoseconds:  # a float holds no more than microseconds: the rest is what a clock's nanoseconds read
+        text += f"{int(timestamp * 1e9) % 1000:03d}"
+    return text + "Z"
 
 
 def new_id(length: int) -> str:

@@ -727,3 +727,18 @@ def test_random_schemas_validate(responder):
                   "$defs": {"Shared": shared}}
         data = json.loads(generate_json(responder, schema, prompt=f"case {i}")[1])
         validator_for(schema).validate(data)
+
+
+def test_prompt_tokens_are_detailed_by_modality(responder):
+    """usageMetadata.promptTokensDetails, as in every real capture: the prompt's tokens by modality."""
+    body = {"contents": [{"role": "user", "parts": [
+        {"text": "What is in this picture and this file?"},
+        {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
+        {"fileData": {"mimeType": "application/pdf", "fileUri": "files/abc123"}},
+    ]}]}
+    usage = responder.generate(body, MODEL)["usageMetadata"]
+    details = {entry["modality"]: entry["tokenCount"] for entry in usage["promptTokensDetails"]}
+    assert details == {"TEXT": 10, "IMAGE": 258, "DOCUMENT": 258}
+    assert sum(details.values()) == usage["promptTokenCount"]
+    text_only = responder.generate(request("Hello there"), MODEL)["usageMetadata"]
+    assert text_only["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": text_only["promptTokenCount"]}]

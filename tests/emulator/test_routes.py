@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,29 @@ def test_every_route_async(client: genai.Client, tmp_path: Path, emulator, versi
         assert (await aio.models.generate_content(model=MODEL, contents="hi")).text.startswith("[emulated")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("model", ["gemini-3.5-flash", "gemini-3.1-pro-preview", "gemini-3-pro-image-preview"])
+def test_the_models_of_the_current_batch_guide_are_served(client: genai.Client, model: str):
+    job = client.batches.create(model=model, src=inline_requests(1, prefix=model), config={"display_name": model})
+    assert job.model == f"models/{model}"
+    assert client.models.generate_content(model=model, contents="Hello").text.startswith(f"[emulated {model}]")
+
+
+def test_timestamps_carry_nanoseconds_on_batches_and_microseconds_on_files(emulator, client: genai.Client,
+                                                                            tmp_path: Path):
+    """As Google writes them: ``2025-12-10T18:27:01.407650525Z`` in a batch operation,
+    ``2025-09-10T13:37:39.328452Z`` in a File; the SDK reads both."""
+    job = client.batches.create(model=MODEL, src=inline_requests(1, prefix="stamps"), config={"display_name": "stamps"})
+    uploaded = client.files.upload(file=write_jsonl(tmp_path / "stamps.jsonl", request_lines(1)),
+                                   config={"mime_type": "application/jsonl"})
+    operation = _raw_get(emulator, job.name)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", operation["metadata"]["createTime"])
+    assert re.fullmatch(r".*T\d\d:\d\d:\d\d\.\d{6}Z", _raw_get(emulator, uploaded.name)["createTime"])
+    assert client.batches.get(name=job.name).create_time == job.create_time is not None
+
+
+def _raw_get(emulator, name: str) -> dict:
+    request = urllib.request.Request(f"{emulator.base_url}/v1beta/{name}", headers={"x-goog-api-key": emulator.api_key})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
