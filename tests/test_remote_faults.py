@@ -100,13 +100,13 @@ def test_a_refused_api_key_pauses_submission_and_the_job_goes_once_the_key_is_fi
         workspace.wait_for(lambda: "refuses the API key" in wrong.output(), timeout=60, what="the refusal logged")
         assert wrong.poll() is None, "the daemon stays up"
         assert workspace.delivered() == {}, "the job waits; it is not delivered as failed"
-        status = workspace.wait_for(lambda: (result := workspace.batchd("status")).stderr and result,
-                                    timeout=30, what="the pause shown by batchd status")
+        status = workspace.wait_for(lambda: "submissions paused" in (result := workspace.batchd("status")).stderr
+                                    and result, timeout=30, what="the pause shown by batchd status")
         assert f"batchd (pid {wrong.pid}): submissions paused: the service refuses the API key" in status.stderr
         assert "translate" in status.stdout
         assert wrong.stop() == 0
         assert "Traceback" not in wrong.output()
-        assert workspace.batchd("status").stderr == "", "a stopped daemon's notices are not shown"
+        assert "paused" not in workspace.batchd("status").stderr, "a stopped daemon's notices are not shown"
 
         right = DaemonRunner(workspace).start(emulator=google)
         workspace.wait_for_delivery("translate")
