@@ -36,7 +36,8 @@ from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
 from batchd.emulator.faults import FaultInjector, job_faults_for
 from batchd.emulator.files import Uploads, render_file
-from batchd.emulator.jobs import BatchRunner, job_faults, needs_processing, render_operation, view_job, write_inline_input
+from batchd.emulator.jobs import (BatchRunner, JobView, job_faults, needs_processing, render_operation, view_job,
+                                  write_inline_input)
 from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
@@ -255,12 +256,15 @@ class EmulatorApp:
             write_inline_input(self.store, job_id, items)
         else:
             raise invalid("* BatchGenerateContentRequest.batch.input_config: input_config is not specified")
+        # The job exists from now, once its input is checked (a large body or file takes a while): its
+        # clock starts here, and the create answers PENDING, as Google's does, however long that took.
+        job["createTime"] = time.time()
         self.store.save_job(job)
         with self._counts_lock:
             self.creates_by_display_name[job["displayName"] or ""] += 1
         if needs_processing(job):
             self.runner.submit(job)
-        return self._operation(job)
+        return render_operation(job, JobView("PENDING", job["createTime"], None, 0, 0), None)
 
     def _operation(self, job: dict, *, with_inline: bool = True) -> dict:
         view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
@@ -473,8 +477,9 @@ def _checked_inline_requests(items: Any, kind: str) -> list[dict]:
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise invalid(f"* InlinedRequest.requests[{index}].metadata: must be an object")
-            # google-genai parses answers' metadata as dict[str, str]; other values would crash it.
-            entry["metadata"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+            # A google.protobuf.Struct: it comes back as it was sent, numbers, booleans and nested objects
+            # included, as Google's does (google-genai's own types only send and read strings).
+            entry["metadata"] = metadata
         checked.append(entry)
     return checked
 

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -267,3 +268,33 @@ def _raw_get(emulator, name: str) -> dict:
     request = urllib.request.Request(f"{emulator.base_url}/v1beta/{name}", headers={"x-goog-api-key": emulator.api_key})
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.loads(answer.read())
+
+
+def test_a_create_answers_pending_however_short_the_job(tmp_path: Path):
+    """Google's create always answers BATCH_STATE_PENDING; the job's clock starts once it exists, so
+    not even a zero-second job (or a body that took long to read and check) answers RUNNING."""
+    with Emulator(tmp_path / "service", job_seconds=0) as service:
+        job = service.client().batches.create(model=MODEL, src=inline_requests(3, prefix="quick"),
+                                              config={"display_name": "quick"})
+        assert job.state == types.JobState.JOB_STATE_PENDING
+        assert wait_done(service.client(), job.name).state == types.JobState.JOB_STATE_SUCCEEDED
+
+
+def test_inline_metadata_is_a_struct_and_comes_back_as_sent(emulator):
+    """Any JSON in an inlined request's metadata (a google.protobuf.Struct) comes back as sent, as from
+    Google: numbers, booleans, nested objects (google-genai's own types send only strings)."""
+    metadata = {"key": "struct-1", "n": 1, "flag": True, "obj": {"a": "b"}, "list": [1, "x"]}
+    body = {"batch": {"displayName": "struct-metadata", "inputConfig": {"requests": {"requests": [
+        {"request": {"contents": [{"parts": [{"text": "Hello"}]}]}, "metadata": metadata}]}}}}
+    request = urllib.request.Request(f"{emulator.base_url}/v1beta/models/{MODEL}:batchGenerateContent",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"x-goog-api-key": emulator.api_key, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        name = json.loads(answer.read())["name"]
+    # Polled over REST: google-genai itself cannot read such an answer (its InlinedResponse takes strings).
+    deadline = time.monotonic() + 30
+    while (operation := _raw_get(emulator, name))["metadata"]["state"] != "BATCH_STATE_SUCCEEDED":
+        assert time.monotonic() < deadline, operation["metadata"]["state"]
+        time.sleep(0.05)
+    [response] = operation["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
+    assert response["metadata"] == metadata
