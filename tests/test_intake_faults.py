@@ -258,8 +258,7 @@ def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace
     """The race of an attacker at the worst instant: the file is checked and read, then its name is
     pointed outside the inbox before the claim moves it. What was read is not what was moved, so the
     job is rejected, and nothing outside the inbox is read or sent."""
-    from batchd.config import load_settings
-    from batchd.daemon import Daemon, intake
+    from batchd.daemon import intake
 
     outside = tmp_path / "outside.toml"
     outside.write_text(TRANSLATE.replace("Hello", "A secret"))
@@ -273,12 +272,7 @@ def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace
         return entry
 
     monkeypatch.setattr(intake, "read_entry", read_then_swap)
-    daemon = Daemon(load_settings(workspace.config), once=True)
-    daemon.start()
-    try:
-        daemon.loop.run()
-    finally:
-        daemon.close()
+    run_once_in_process(workspace)
 
     rejected = workspace.delivered()["swapped"]
     assert rejected["state"] == "rejected" and rejected["error"]["code"] == "replaced_while_claimed"
@@ -291,8 +285,7 @@ def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(w
     """The manifest and its input (in a folder of the inbox) are checked; then the folder is swapped for a
     symlink to a look-alike elsewhere before the input is taken. The input is reached from the inbox one
     folder at a time without following a symlink, so the job is rejected and the other file never read."""
-    from batchd.config import load_settings
-    from batchd.daemon import Daemon, intake
+    from batchd.daemon import intake
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -311,17 +304,25 @@ def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(w
         return manifest
 
     monkeypatch.setattr(intake, "load_manifest", load_then_swap)
+    run_once_in_process(workspace)
+
+    rejected = workspace.delivered()["reads"]
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input", rejected
+    assert "reached through 'data'" in rejected["error"]["message"]
+    assert remote_jobs(workspace) == []
+
+
+def run_once_in_process(workspace: Workspace) -> None:
+    """``batchd run --once`` in this process, so that a test can patch a step's module to race it."""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon
+
     daemon = Daemon(load_settings(workspace.config), once=True)
     daemon.start()
     try:
         daemon.loop.run()
     finally:
         daemon.close()
-
-    rejected = workspace.delivered()["reads"]
-    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input", rejected
-    assert "reached through 'data'" in rejected["error"]["message"]
-    assert remote_jobs(workspace) == []
 
 
 def _symlink_beside(path: Path, target: Path) -> Path:
