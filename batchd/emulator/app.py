@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from batchd.emulator.answers import Answerer, check_embed_request, check_generate_request
-from batchd.emulator.errors import ApiError, invalid, not_found
+from batchd.emulator.errors import ApiError, invalid, invalid_api_key, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
 from batchd.emulator.faults import FaultInjector, job_faults_for
 from batchd.emulator.files import Uploads, render_file
@@ -180,7 +180,7 @@ class EmulatorApp:
                                 "Please use API Key or other form of API consumer identity to call this API.",
                            "PERMISSION_DENIED")
         if self.settings.api_key is not None and key != self.settings.api_key:
-            raise invalid("API key not valid. Please pass a valid API key.")
+            raise invalid_api_key()
 
     async def stats(self, request: Request) -> Response:
         """Not part of the Gemini API: counters for tests (``GET /_emulator/stats``)."""

@@ -306,3 +306,22 @@ def test_bad_list_lag_specs_are_refused(spec: str):
 def test_list_lag_parses_lists_and_seconds():
     assert JobFaults(["list-lag=3"]).list_lag_lists == 3
     assert JobFaults(["list-lag=1.5s"]).list_lag_seconds == 1.5
+
+
+def test_errors_carry_googles_details_where_google_sends_them(emulator, tmp_path: Path):
+    """A key the service does not know: 400 with an ErrorInfo of reason API_KEY_INVALID; a 429: which
+    quota (QuotaFailure), where to read (Help) and when to retry (RetryInfo). google-genai keeps them."""
+    wrong = make_client(emulator.base_url, api_key="not-the-key")
+    with pytest.raises(errors.ClientError) as refused:
+        wrong.batches.list()
+    assert refused.value.code == 400
+    [info, localized] = refused.value.details["error"]["details"]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo" and info["reason"] == "API_KEY_INVALID"
+    assert localized["message"] == "API key not valid. Please pass a valid API key."
+
+    throttled = make_client(emulator.base_url, api_key=emulator.api_key, fault="429", retries=1)
+    with pytest.raises(errors.ClientError) as exhausted:
+        throttled.batches.list()
+    assert exhausted.value.code == 429 and exhausted.value.status == "RESOURCE_EXHAUSTED"
+    kinds = {detail["@type"].rsplit(".", 1)[-1]: detail for detail in exhausted.value.details["error"]["details"]}
+    assert set(kinds) == {"QuotaFailure", "Help", "RetryInfo"} and kinds["RetryInfo"]["retryDelay"] == "2s"
