@@ -302,10 +302,11 @@ def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval:
 def _print_notices(settings: Settings) -> None:
     """What the running daemon is waiting on (a refused key, a full disk), on stderr: the table or JSON on
     stdout stays the same for scripts."""
-    from batchd.statedir import lock_holder, read_notices
+    from batchd.statedir import read_notices
 
-    for notice in read_notices(settings.state_dir):
-        click.echo(f"batchd (pid {lock_holder(settings.state_dir)}): {notice}", err=True)
+    pid, notices = read_notices(settings.state_dir)
+    for notice in notices:
+        click.echo(f"batchd (pid {pid}): {notice}", err=True)
 
 
 def _print_jobs(jobs: list[dict], as_json: bool) -> None:

@@ -106,7 +106,7 @@ def write_temp(path: Path | str, data: bytes | str | BinaryIO, *, step: str | No
                 fs.fsync(fh.fileno(), path, step)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        fs.unwritable_is_fatal(step, path, error)
+        fs.unwritable_is_fatal(step, error, path)
         raise
     return tmp
 
@@ -205,7 +205,7 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -
     except OSError as exc:
         if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
             raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
-        fs.unwritable_is_fatal(step, dst, exc)
+        fs.unwritable_is_fatal(step, exc, dst)
         raise
     if src.parent != dst.parent or linked:
         fsync_dir(src.parent, step=step)

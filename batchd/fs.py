@@ -89,11 +89,12 @@ def is_unwritable(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in UNWRITABLE_ERRNOS
 
 
-def unwritable_is_fatal(step: str | None, path: Path | str, error: BaseException) -> None:
+def unwritable_is_fatal(step: str | None, error: BaseException, path: Path | str | None = None) -> None:
     """Raise :class:`StorageFailure` for ``error`` if it says the filesystem is read-only and the write
-    belongs to a daemon ``step`` (its ordinary failure handling, a job's or a plugin's, must not take it)."""
+    belongs to a daemon ``step`` (its ordinary failure handling, a job's or a plugin's, must not take it).
+    ``path`` defaults to the file the error names."""
     if step is not None and is_unwritable(error):
-        raise StorageFailure(step, path, error) from error
+        raise StorageFailure(step, path or getattr(error, "filename", None) or "", error) from error
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -35,12 +35,14 @@ def notices_path(state_dir: Path) -> Path:
     return state_dir / "notices.json"
 
 
-def read_notices(state_dir: Path) -> list[str]:
-    """The running daemon's notices; none when no daemon holds the state dir (a killed one's are stale)."""
-    if lock_holder(state_dir) is None:
-        return []
+def read_notices(state_dir: Path) -> tuple[int | None, list[str]]:
+    """The running daemon's pid and notices; none when no daemon holds the state dir (a killed one's
+    notices are stale)."""
+    pid = lock_holder(state_dir)
+    if pid is None:
+        return None, []
     try:
         notices = json.loads(notices_path(state_dir).read_text())["notices"]
     except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [str(notice) for notice in notices] if isinstance(notices, list) else []
+        return pid, []
+    return pid, [str(notice) for notice in notices] if isinstance(notices, list) else []

@@ -24,6 +24,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchd.inbox import is_temp_name
+from batchd.manifest import MANIFEST_SUFFIXES
+
 #: A rejection message longer than this fails the check (the manifest error is capped at 2,000
 #: characters; file name and field are added around it, each capped too).
 MESSAGE_BOUND = 6000
@@ -48,10 +51,9 @@ class Entry:
 
 
 def is_manifest_name(name: bytes) -> bool:
-    lowered = name.lower()
-    temp = name.startswith(b".") or lowered.endswith((b".tmp", b".part", b"~", b".swp")) or (
-        len(name) > 1 and name.startswith(b"#") and name.endswith(b"#"))
-    return lowered.endswith((b".toml", b".json")) and not temp
+    """Whether batchd takes an entry of this name for a manifest (its suffix, any case; not a temp name)."""
+    text = os.fsdecode(name)
+    return text.lower().endswith(MANIFEST_SUFFIXES) and not is_temp_name(text)
 
 
 class Generator:

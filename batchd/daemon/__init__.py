@@ -131,7 +131,7 @@ class Daemon:
         except PermissionError as error:
             raise fs.StorageFailure("start", error.filename or s.state_dir, error) from error
         except OSError as error:
-            fs.unwritable_is_fatal("start", error.filename or s.state_dir, error)
+            fs.unwritable_is_fatal("start", error, error.filename or s.state_dir)
             raise
         # Claims and publishes are renames: they are only atomic within one filesystem.
         durable.check_same_filesystem(s.inbox, s.outbox, s.state_dir)

@@ -92,7 +92,7 @@ class Build:
         except Exception as error:  # a task plugin's failure rejects its job, never the daemon
             if fs.is_disk_full(error):
                 raise  # no room for the chunk files: the loop backs off and the build starts again
-            fs.unwritable_is_fatal("requests", getattr(error, "filename", None) or "", error)
+            fs.unwritable_is_fatal("requests", error)
             log.exception("job %s: building requests failed", job.id)
             self._failed(job, {"message": f"task {job.task!r} failed to build requests: "
                                           f"{type(error).__name__}: {error}"})

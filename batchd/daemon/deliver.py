@@ -324,7 +324,7 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
-        fs.unwritable_is_fatal("outbox", getattr(error, "filename", None) or "", error)
+        fs.unwritable_is_fatal("outbox", error)
         log.exception("job %s: task %r failed to organize its results", job_id, clock.task)
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}

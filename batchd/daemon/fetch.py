@@ -58,7 +58,7 @@ class Fetch:
                 if fs.is_disk_full(failure):
                     self._disk_full(failure, "results", journal.job(chunk.job_id))
                     continue
-                fs.unwritable_is_fatal("results", getattr(failure, "filename", None) or "", failure)
+                fs.unwritable_is_fatal("results", failure)
                 if is_retryable(failure) or is_auth_error(failure) or isinstance(failure, OSError):
                     log.warning("job %s: fetching chunk %d failed (%s); retrying later",
                                 chunk.job_id, chunk.idx, failure)

@@ -220,7 +220,7 @@ class Intake:
         except OSError as failure:
             if fs.is_disk_full(failure):
                 shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
-            fs.unwritable_is_fatal("claim", failure.filename or spool.root, failure)
+            fs.unwritable_is_fatal("claim", failure, failure.filename or spool.root)
             raise
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None

@@ -188,7 +188,7 @@ class Loop:
             try:
                 s.intake.take()
             except OSError as error:
-                fs.unwritable_is_fatal("claim", error.filename or "", error)
+                fs.unwritable_is_fatal("claim", error)
                 if not fs.is_disk_full(error):
                     raise
                 self.disk_full(error, "claim", None)
@@ -217,7 +217,7 @@ class Loop:
             try:
                 self.advance(job)
             except OSError as error:
-                fs.unwritable_is_fatal(job.state, error.filename or "", error)
+                fs.unwritable_is_fatal(job.state, error)
                 if not fs.is_disk_full(error):
                     raise
                 job = ctx.journal.job(job.id) or job  # the step may have committed a state before it failed
