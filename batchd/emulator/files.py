@@ -4,8 +4,9 @@ An upload is a session (``start``) followed by chunks POSTed to the session URL 
 gave (``X-Goog-Upload-URL``, which names this emulator and carries an unguessable id: the id is the
 only authorisation a chunk has, as google-genai sends chunks without the API key). Chunks are
 written at their ``X-Goog-Upload-Offset`` straight from the socket to ``uploads/<id>.part``; nothing
-holds a whole chunk, let alone the file, in memory. The last chunk (``upload, finalize``) is fsynced,
-moved into ``blobs/`` and recorded as a File before its answer is sent.
+holds a whole chunk, let alone the file, in memory. The last chunk (``upload, finalize``) is moved
+into ``blobs/`` and recorded as a File before its answer is sent (durable against a kill of the
+process, as all the emulator's state: see store.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from starlette.requests import Request
 from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.store import Doc, Store
 from batchd.emulator.wire import new_id, rfc3339
-from batchd.durable import fsync_dir
 
 #: The service's limit for one file (discovery document ``media.upload.maxSize``).
 MAX_FILE_BYTES = 2 * 1024**3
@@ -173,11 +173,8 @@ class Uploads:
             with open(part, "rb") as data:
                 while block := data.read(1 << 20):
                     session.sha256.update(block)
-        with open(part, "rb") as data:
-            os.fsync(data.fileno())
         file_id = upload["fileId"]
         os.replace(part, self.store.blob(file_id))
-        fsync_dir(self.store.blobs_dir)
         doc = {
             "id": file_id, "displayName": upload.get("displayName"), "mimeType": upload["mimeType"],
             "sizeBytes": size, "createTime": time.time(), "sha256": session.sha256.hexdigest(), "source": "UPLOADED",

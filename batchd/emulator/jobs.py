@@ -28,9 +28,8 @@ from functools import lru_cache
 from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
-from batchd.emulator.store import Doc, Store, atomic_write_json
+from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
 from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
-from batchd.durable import atomic_write, fsync_dir
 
 log = logging.getLogger("batchd.emulator")
 
@@ -283,10 +282,7 @@ class BatchRunner:
                     out.write(encoded)
             out.writelines(window[i] for i in answer_line.faults.order(len(window)))
             self._check(job_id, done, failed)
-            out.flush()
-            os.fsync(out.fileno())
         os.replace(partial, target)
-        fsync_dir(target.parent)
         self.store.save_file(generated_file_doc(file_id, target.stat().st_size, job))
         return done - failed, failed
 
@@ -340,4 +336,4 @@ def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:
 
 def write_inline_input(store: Store, job_id: str, items: list) -> None:
     """An inline job's requests go to disk before the job record, so a stored job always has them."""
-    atomic_write(store.job_input(job_id), json.dumps(items, separators=(",", ":")))
+    replace_file(store.job_input(job_id), json.dumps(items, separators=(",", ":")))
