@@ -25,12 +25,13 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from batchd import fs
 
 __all__ = [
     "CrossDeviceError",
+    "DirSync",
     "atomic_write",
     "atomic_write_json",
     "check_same_filesystem",
@@ -176,14 +177,20 @@ def _rename_if_absent(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -> None:
+#: How a directory's entries are made durable: ``(directory, step=...)``. :func:`fsync_dir` does it
+#: at once; the daemon's journal defers it to just before its next commit (``Journal.sync_before_commit``).
+DirSync = Callable[..., None]
+
+
+def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, sync: DirSync = fsync_dir) -> None:
     """Move ``src`` (file, symlink or directory) to ``dst`` durably, never overwriting.
 
     Raises ``FileNotFoundError`` if ``src`` is gone, ``FileExistsError`` if ``dst`` exists
     (unless it is the same file left by an interrupted move, which is then completed), and
     :class:`CrossDeviceError` if the two are on different filesystems. Both parent
-    directories are fsynced; for a linked file the new name is made durable before the old
-    one is removed, so at no instant is the file in neither place.
+    directories are synced (by ``sync``: at once unless the caller defers it to the commit
+    that records the move); for a linked file the new name is made durable at once, before the
+    old one is removed, so at no instant is the file in neither place.
     """
     src, dst = Path(src), Path(dst)
     src_stat = os.lstat(src)
@@ -200,15 +207,16 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None) -
                 # all this move promises (and the single-writer lock makes this rare).
                 pass
         else:
+            # One atomic rename: its two directory entries are synced together, later if deferred.
             _rename_if_absent(src, dst)
-            fsync_dir(dst.parent, step=step)
+            sync(dst.parent, step=step)
     except OSError as exc:
         if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
             raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
         fs.unwritable_is_fatal(step, exc, dst)
         raise
     if src.parent != dst.parent or linked:
-        fsync_dir(src.parent, step=step)
+        sync(src.parent, step=step)
 
 
 def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:

@@ -50,7 +50,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from batchd.durable import durable_move, fsync_dir, numbered_paths, write_temp
+from batchd.durable import DirSync, durable_move, fsync_dir, numbered_paths, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +610,7 @@ def _stop_observer(observer: BaseObserver) -> None:
         observer.join(timeout=5)
 
 
-def claim(candidate_path: Path, dest: Path) -> bool:
+def claim(candidate_path: Path, dest: Path, *, sync: DirSync = fsync_dir) -> bool:
     """Take ``candidate_path`` out of the inbox by moving it to ``dest`` (in the state dir).
 
     Returns False if the file is already gone, which is how the loser of a double claim
@@ -619,9 +619,10 @@ def claim(candidate_path: Path, dest: Path) -> bool:
     after a kill -9 mid-claim completes that claim, so a daemon that derives ``dest``
     deterministically (from a journal row written first) recovers without a duplicate. A full
     disk raises ``OSError`` (ENOSPC) with the file where it was, to be claimed again later.
+    ``sync``: see :func:`batchd.durable.durable_move` (the daemon syncs the inbox once a tick).
     """
     try:
-        durable_move(candidate_path, dest, step="claim")
+        durable_move(candidate_path, dest, step="claim", sync=sync)
     except FileNotFoundError:
         if os.path.lexists(candidate_path):
             raise  # the source is still there: it is dest's directory that is missing

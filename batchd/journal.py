@@ -97,6 +97,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 from batchd import fs
+from batchd.durable import fsync_dir
 from batchd.logs import redact, redact_data
 from batchd.states import ACTIVE_JOB_STATES, check_chunk_move, check_job_move
 
@@ -326,6 +327,9 @@ class Journal:
         self.on_change: Callable[[str], None] = lambda job_id: None
         #: Effects waiting for the open transaction or group to commit (see :meth:`after_commit`).
         self._effects: list[Callable[[], Any]] = []
+        #: Directories whose entries must be durable before the open group commits (see
+        #: :meth:`sync_before_commit`), with the step each is synced for.
+        self._dirs_to_sync: dict[Path, str | None] = {}
         self._group_thread: int | None = None
         self._transaction_thread: int | None = None
 
@@ -414,6 +418,7 @@ class Journal:
             # The database cannot take the group (SQLite may have rolled it back already): none of it
             # happened, nor will its effects; the daemon stops on this error.
             self._effects.clear()
+            self._dirs_to_sync.clear()
             with contextlib.suppress(sqlite3.Error):
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -431,6 +436,7 @@ class Journal:
         outside a group, or when called from another thread, such as a worker at a crash point)."""
         if self._group_thread != threading.get_ident():
             return
+        self._sync_dirs()
         if self._db.in_transaction:
             with self._storage_failures():
                 try:
@@ -446,6 +452,22 @@ class Journal:
             self._effects.append(effect)
         else:
             effect()
+
+    def sync_before_commit(self, directory: Path, *, step: str | None = None) -> None:
+        """Make the entries of ``directory`` (a file moved in or out) durable before the transitions
+        made so far commit: in a group, once for every move of the tick into or out of it (a burst
+        claimed from the inbox, or published to the outbox, costs one fsync of it, not one a job);
+        outside one, at once. ``step`` classifies a failure as for :func:`batchd.durable.fsync_dir`."""
+        if self._grouped():
+            self._dirs_to_sync.setdefault(Path(directory), step)
+        else:
+            fsync_dir(directory, step=step)
+
+    def _sync_dirs(self) -> None:
+        while self._dirs_to_sync:
+            directory, step = next(iter(self._dirs_to_sync.items()))
+            fsync_dir(directory, step=step)  # a failure leaves it (and the rest) for the next flush
+            del self._dirs_to_sync[directory]
 
     def _grouped(self) -> bool:
         return self._group_thread is not None and self._group_thread == threading.get_ident()

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator
 
 from batchd import fs
-from batchd.durable import COPY_BLOCK, durable_move, fsync_dir, json_text, numbered_paths
+from batchd.durable import COPY_BLOCK, DirSync, durable_move, fsync_dir, json_text, numbered_paths
 
 __all__ = ["DuplicateKeyError", "JobFolder", "JsonObjectWriter", "choose_folder"]
 
@@ -102,10 +102,11 @@ class JobFolder:
         with open(src_path, "rb") as src, self.open(name, "wb") as dst:
             shutil.copyfileobj(src, dst, COPY_BLOCK)
 
-    def publish(self, dest: Path) -> Path:
+    def publish(self, dest: Path, *, sync: DirSync = fsync_dir) -> Path:
         """Rename the finished folder to ``dest`` (which must not exist) and return ``dest``.
 
         ``dest`` comes from :func:`choose_folder` and must already be recorded by the caller.
+        ``sync`` makes the rename durable (see :func:`batchd.durable.durable_move`).
         """
         dest = Path(dest)
         if self.published_to is not None:
@@ -114,7 +115,7 @@ class JobFolder:
         # subfolder) must be durable too before the folder becomes visible.
         for directory, _subdirs, _files in os.walk(self.staging_dir, topdown=False):
             fsync_dir(directory, step="publish")
-        durable_move(self.staging_dir, dest, step="publish")
+        durable_move(self.staging_dir, dest, step="publish", sync=sync)
         self.published_to = dest
         return dest
 

@@ -128,3 +128,67 @@ def test_only_the_groups_thread_may_write_while_it_is_open(journal: Journal):
         worker.join()
     assert len(errors) == 1 and "only by the thread" in str(errors[0])
     assert committed_states(journal.path) == {"a": "claiming"}
+
+
+def test_a_directory_synced_for_the_group_is_synced_once_before_its_commit(journal: Journal, tmp_path: Path,
+                                                                            monkeypatch):
+    """A burst of moves into one folder (claims from the inbox, folders published to the outbox)
+    costs one fsync of it a tick, and that fsync precedes the commit that records the moves."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    synced: list[tuple[str, dict]] = []
+    real_fsync = fs.os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        name = Path(f"/proc/self/fd/{fd}").readlink()
+        if name in (inbox, outbox):
+            synced.append((name.name, committed_states(journal.path)))
+        real_fsync(fd)
+
+    add(journal, "a")
+    add(journal, "b")
+    monkeypatch.setattr(fs.os, "fsync", watching_fsync)
+    with journal.group():
+        for job_id in ("a", "b"):
+            journal.update_job(job_id, state="received")
+            journal.sync_before_commit(inbox, step="claim")
+            journal.sync_before_commit(outbox, step="publish")
+        assert synced == []  # deferred to the commit
+    assert [name for name, _ in synced] == ["inbox", "outbox"]
+    assert all(states == {"a": "claiming", "b": "claiming"} for _, states in synced)  # before the commit
+    assert committed_states(journal.path) == {"a": "received", "b": "received"}
+    journal.sync_before_commit(inbox, step="claim")  # outside a group: at once
+    assert [name for name, _ in synced] == ["inbox", "outbox", "inbox"]
+
+
+def test_a_directory_that_cannot_be_synced_keeps_the_groups_transitions_uncommitted(journal: Journal, tmp_path: Path,
+                                                                                     monkeypatch):
+    """If the moves cannot be made durable, the transitions recording them must not commit."""
+    add(journal, "a")
+    monkeypatch.setenv("BATCHD_FS_FAULT", "claim:EIO")
+    with pytest.raises(fs.StorageFailure):
+        with journal.group():
+            journal.update_job("a", state="received")
+            journal.sync_before_commit(tmp_path, step="claim")
+    assert committed_states(journal.path) == {"a": "claiming"}
+
+
+def test_a_full_disk_at_the_deferred_sync_leaves_the_group_to_commit_with_the_next_one(journal: Journal,
+                                                                                      tmp_path: Path, monkeypatch):
+    """Disk full is a pause, not a failure: the tick's transitions stay uncommitted and their effects
+    unrun, and the next group syncs the folder, commits them and runs the effects."""
+    add(journal, "a")
+    ran: list[str] = []
+    monkeypatch.setenv("BATCHD_FS_FAULT", "claim:ENOSPC")
+    with pytest.raises(OSError) as raised:
+        with journal.group():
+            journal.update_job("a", state="received")
+            journal.sync_before_commit(tmp_path, step="claim")
+            journal.after_commit(lambda: ran.append("effect"))
+    assert fs.is_disk_full(raised.value)
+    assert committed_states(journal.path) == {"a": "claiming"} and ran == []
+    monkeypatch.delenv("BATCHD_FS_FAULT")
+    with journal.group():
+        pass
+    assert committed_states(journal.path) == {"a": "received"} and ran == ["effect"]

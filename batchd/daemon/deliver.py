@@ -171,7 +171,8 @@ class Deliver:
                 destination = outbox.choose_folder(ctx.settings.outbox, job.name)
                 ctx.journal.update_job(job.id, outbox_dir=str(destination))
                 ctx.journal.flush()
-            outbox.JobFolder(spool.staging, create=False).publish(destination)
+            # The outbox's fsync waits for the tick's commit ('done'): one for every job published this tick.
+            outbox.JobFolder(spool.staging, create=False).publish(destination, sync=ctx.journal.sync_before_commit)
         elif not destination.exists():
             # Neither staged nor published (a staging folder lost): deliver it again from the spool
             # rather than record as delivered a folder nobody can read.

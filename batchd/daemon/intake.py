@@ -241,7 +241,8 @@ class Intake:
         ctx = self.ctx
         job_id, source = intent.job_id, intent.source
         claimed = ctx.spool(job_id).manifest_path(source)
-        if not claim(intent.path, claimed):
+        # The inbox's fsync waits for the tick's commit: one for the whole burst claimed this tick.
+        if not claim(intent.path, claimed, sync=ctx.journal.sync_before_commit):
             log.warning("%s vanished before it could be claimed", source)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})

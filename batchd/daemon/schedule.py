@@ -170,8 +170,16 @@ class Loop:
         self._disk_full_seen = False
         # A tick's transitions commit together (one fsync), each effect once what announced it is
         # committed (batchd.journal.Journal.group); the events are handed out after that commit.
-        with ctx.journal.group():
-            self._steps(inbox_present)
+        try:
+            with ctx.journal.group():
+                self._steps(inbox_present)
+        except OSError as error:
+            # A folder the tick moved files into or out of could not be synced before the commit
+            # (Journal.sync_before_commit): nothing of the tick is committed or done yet; the next
+            # tick's commit tries again, once the pause is over.
+            if not fs.is_disk_full(error):
+                raise
+            self.disk_full(error, "commit", None)
         self.events.pump()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
@@ -295,8 +303,12 @@ class Loop:
                                                                                DISK_RETRY_MAX_SECONDS))
             wait.retried = False
             pause = max(pause, wait.backoff.failed())
-        where = f"job {job.id} ({job.source}) stays {job.state!r}" if job is not None else \
-            "the manifest stays in the inbox"
+        if job is not None:
+            where = f"job {job.id} ({job.source}) stays {job.state!r}"
+        elif step == "commit":
+            where = "the tick's transitions stay uncommitted"
+        else:
+            where = "the manifest stays in the inbox"
         log.error("disk full: writing %s failed (%s)%s; %s and the step is retried in %.0f s (%s)",
                   error.filename or "?", fs.describe(error), f" during step {step}" if step else "", where, pause,
                   free_space(ctx.settings.state_dir), extra={"job": job.id} if job is not None else {})
