@@ -2,20 +2,32 @@
 
 The content of an answer comes from the pluggable responder (``responder.py``); this module checks
 a request the way the real service does first, so online calls get a 400 and a bad line inside a
-batch gets a per-request error instead of reaching the responder.
+batch gets a per-request error instead of reaching the responder: its shape (``shapes.py``: unknown
+names, mistyped values), then what Google checks beyond the shape (empty contents, roles, response
+MIME types).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from batchd.emulator import shapes
 from batchd.emulator.errors import invalid
 from batchd.emulator.responder import Responder
 
+ROLES = ("user", "model")
+#: What ``response_mime_type`` may be, in the words of Google's error.
+RESPONSE_MIME_TYPES = ("text/plain", "application/json", "application/xml", "application/yaml", "text/x.enum")
 
-def check_generate_request(request: Any, where: str = "GenerateContentRequest") -> None:
+
+def check_generate_request(request: Any, where: str = "GenerateContentRequest", *, path: str = "",
+                           shape: bool = True) -> None:
+    """Raise the 400 Google answers ``request`` with, if any. ``path``: where the request sits in the
+    body (for field paths); ``shape``: False when the whole body's shape was checked already."""
     if not isinstance(request, dict):
         raise invalid(f"* {where}: a GenerateContentRequest must be a JSON object.")
+    if shape:
+        shapes.check(request, shapes.generate_content_request(), path)
     contents = request.get("contents")
     if not contents:
         raise invalid(f"* {where}.contents: contents is not specified")
@@ -24,11 +36,22 @@ def check_generate_request(request: Any, where: str = "GenerateContentRequest") 
     for index, content in enumerate(contents):
         if not isinstance(content, dict) or not content.get("parts"):
             raise invalid(f"* {where}.contents[{index}].parts: contents.parts must not be empty.")
+        if content.get("role") not in (None, "", *ROLES):
+            raise invalid(f"Please use a valid role: {', '.join(ROLES)}.")
+    generation_config = request.get("generationConfig") or {}
+    mime_type = generation_config.get("responseMimeType") if isinstance(generation_config, dict) else None
+    if mime_type not in (None, "", *RESPONSE_MIME_TYPES):
+        allowed = ", ".join(f"`{name}`" for name in RESPONSE_MIME_TYPES[:-1])
+        raise invalid(f"* {where}.generation_config.response_mime_type: allowed mimetypes are {allowed} and "
+                      f"`{RESPONSE_MIME_TYPES[-1]}`.")
 
 
-def check_embed_request(request: Any, where: str = "EmbedContentRequest") -> None:
+def check_embed_request(request: Any, where: str = "EmbedContentRequest", *, path: str = "",
+                        shape: bool = True) -> None:
     if not isinstance(request, dict):
         raise invalid(f"* {where}: an EmbedContentRequest must be a JSON object.")
+    if shape:
+        shapes.check(request, shapes.embed_content_request(), path)
     content = request.get("content")
     if not isinstance(content, dict) or not content.get("parts"):
         raise invalid(f"* {where}.content: content is not specified")
@@ -40,12 +63,12 @@ class Answerer:
     def __init__(self, responder: Responder) -> None:
         self.responder = responder
 
-    def generate(self, request: Any, model: str) -> dict:
-        check_generate_request(request)
+    def generate(self, request: Any, model: str, path: str = "") -> dict:
+        check_generate_request(request, path=path)
         return self.responder.generate(request, model)
 
-    def embed(self, request: Any, model: str) -> dict:
-        check_embed_request(request)
+    def embed(self, request: Any, model: str, path: str = "") -> dict:
+        check_embed_request(request, path=path)
         return self.responder.embed(request, model)
 
     def answer(self, kind: str, request: Any, model: str) -> dict:

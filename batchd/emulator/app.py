@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from batchd.emulator import shapes
 from batchd.emulator.answers import Answerer, check_embed_request, check_generate_request
 from batchd.emulator.errors import ApiError, invalid, invalid_api_key, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
@@ -230,6 +231,8 @@ class EmulatorApp:
         batch = body.get("batch")
         if not isinstance(batch, dict):
             raise invalid("* BatchGenerateContentRequest.batch: batch is not specified")
+        # Every name and value in the body, inline requests included, before anything is stored.
+        await run_in_threadpool(shapes.check, body, shapes.batch_create_request(kind))
         operation = await run_in_threadpool(self._store_new_job, batch, kind, model, call.job_faults)
         return json_response(operation)
 
@@ -340,8 +343,9 @@ class EmulatorApp:
     async def count_tokens(self, call: Call) -> Response:
         body = await self.read_json(call)
         self.catalog.resolve(call.params["model"], "countTokens", call.version)
+        shapes.check(body, shapes.count_tokens_request())
         request = body.get("generateContentRequest") or body
-        check_generate_request(request, "CountTokensRequest")
+        check_generate_request(request, "CountTokensRequest", shape=False)
         total = await run_in_threadpool(self.responder.count_tokens, request["contents"])
         return json_response({"totalTokens": total})
 
@@ -369,7 +373,7 @@ class EmulatorApp:
         if not isinstance(requests, list) or not requests:
             raise invalid("* BatchEmbedContentsRequest.requests: requests must not be empty")
         for index, request in enumerate(requests):
-            check_embed_request(request, f"BatchEmbedContentsRequest.requests[{index}]")
+            check_embed_request(request, f"BatchEmbedContentsRequest.requests[{index}]", path=f"requests[{index}]")
 
         def embed_all() -> list:
             return [self.answerer.embed(request, model)["embedding"] for request in requests]
@@ -468,10 +472,11 @@ def _checked_inline_requests(items: Any, kind: str) -> list[dict]:
         if not isinstance(item, dict):
             raise invalid(f"* {where}: an inlined request must be a JSON object")
         request = item.get("request")
+        # The body's shape is checked already (BatchGenerateContentRequest), this is what Google checks beyond it.
         if kind == "embed":
-            check_embed_request(request, where)
+            check_embed_request(request, where, shape=False)
         else:
-            check_generate_request(request, where)
+            check_generate_request(request, where, shape=False)
         entry: dict = {"request": request}
         metadata = item.get("metadata")
         if metadata is not None:

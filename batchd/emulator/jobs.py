@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
+from batchd.emulator import shapes
 from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
@@ -313,12 +314,13 @@ class _LineAnswerer:
                 item = to_camel_case(item)
             if "request" in item:
                 key = item.get("key", key)
-                request = item["request"]
+                shapes.check(item, shapes.batch_request_line())
+                request, path = item["request"], "request"
             else:
-                request = item
+                request, path = item, ""
             if self.faults.request_fails(index):
                 raise FAILED_REQUEST
-            line = {"key": key, "response": self.answer(request, self.model)}
+            line = {"key": key, "response": self.answer(request, self.model, path)}
             ok = True
         except ApiError as error:
             line = {"key": key, "error": error.status_object()}
