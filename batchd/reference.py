@@ -1,7 +1,8 @@
-"""Generated files: docs/configuration.md (the settings model), docs/manifests.md (the manifest schema)
-and contrib/systemd/batchd.service (the unit template, rendered for example paths).
+"""Generated files: docs/configuration.md (the settings model), docs/manifests.md (the manifest schema),
+contrib/systemd/batchd.service (the unit template, rendered for example paths) and
+batchd/emulator/shapes.json (the request messages the emulator checks, read from google-genai's types).
 
-All three are written from the code, so they cannot drift from it; a test fails when a committed one
+All four are written from the code, so they cannot drift from it; a test fails when a committed one
 is stale. Regenerate them with::
 
     python -m batchd.reference
@@ -178,14 +179,16 @@ def manifests_reference(tasks: dict | None = None) -> str:
 
 
 UNIT_EXAMPLE = Path("contrib/systemd/batchd.service")
+EMULATOR_SHAPES = Path("batchd/emulator/shapes.json")
 
 
 def pages() -> dict[Path, str]:
     """Every generated file, by its path in the repository."""
+    from batchd.emulator import shapes
     from batchd.service import example_unit
 
     return {CONFIGURATION_PAGE: configuration_reference(), MANIFESTS_PAGE: manifests_reference(),
-            UNIT_EXAMPLE: example_unit()}
+            UNIT_EXAMPLE: example_unit(), EMULATOR_SHAPES: shapes.dump(shapes.read_sdk_types())}
 
 
 def main() -> None:

@@ -11,13 +11,18 @@ Field paths use the protocol buffer names (snake_case), ``[i]`` for list items a
 for the i-th entry of a map (``properties[3].value``). Either spelling of a name is accepted in a
 body (``generationConfig`` or ``generation_config``), as Google's parser does.
 
-The messages are not written out here: they are read from google-genai's own types (pydantic
+The messages are not written by hand: they are read from google-genai's own types (pydantic
 models whose fields are the API's, in snake_case), so the emulator knows every field the SDK can
 send. The SDK's types serve the Gemini API and Vertex AI alike; a field only Vertex AI knows is
 accepted here too (the emulator errs on the side of accepting, never refusing what Google takes).
 Where a request's wire form is not one SDK type (a GenerateContentRequest is the SDK's
 ``GenerateContentConfig`` split between the request and its ``generation_config``), the split is
 spelled out below, with the SDK's names.
+
+Importing google-genai's types takes about a second and 25 MB, which every emulator start (one
+per daemon test) would pay; so the messages are read from the SDK once, by ``python -m
+batchd.reference``, into ``shapes.json`` beside this module, which the emulator loads (a test fails
+when the file no longer matches the installed SDK).
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ import types as pytypes
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import pydantic
-from google.genai import types
+from pathlib import Path
 
 from batchd.emulator.errors import ApiError
 
+if TYPE_CHECKING:
+    import pydantic
+
+#: The messages, as read from google-genai's types by :func:`read_sdk_types` (see the module).
+SHAPES_FILE = Path(__file__).with_name("shapes.json")
 TYPE_URL = "type.googleapis.com/google.ai.generativelanguage.v1beta."
 #: At most this many problems are reported for one body (Google lists many; a flood helps nobody).
 MAX_VIOLATIONS = 20
@@ -104,46 +113,6 @@ def _camel(name: str) -> str:
 
 # -- shapes from google-genai's types -----------------------------------------------------------------
 
-_messages: dict[type, Message] = {}
-
-
-def message_of(model: type[pydantic.BaseModel], *, name: str | None = None, drop: frozenset[str] = frozenset(),
-               extra: dict[str, Shape] | None = None) -> Message:
-    """The message an SDK type stands for: its fields, less ``drop`` (the SDK's own, never sent), plus ``extra``."""
-    if not drop and not extra and model in _messages:
-        return _messages[model]
-    message = Message(name or model.__name__)
-    if not drop and not extra:
-        _messages[model] = message  # before the fields: a Schema's items are a Schema
-    for field_name, info in model.model_fields.items():
-        if field_name not in drop:
-            message.add(field_name, _shape(info.annotation))
-    for field_name, shape in (extra or {}).items():
-        message.add(field_name, shape)
-    return message
-
-
-def _shape(annotation: Any) -> Shape:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, pytypes.UnionType):
-        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return _shape(options[0]) if len(options) == 1 else Anything()
-    if origin is list:
-        return Repeated(_shape(typing.get_args(annotation)[0]))
-    if origin is dict:
-        value = typing.get_args(annotation)[1]
-        return Struct() if value is Any else Map(_shape(value))
-    if isinstance(annotation, type):
-        if issubclass(annotation, pydantic.BaseModel):
-            return message_of(annotation)
-        if issubclass(annotation, enum.Enum):
-            return Enum(annotation.__name__, frozenset(str(member.value).upper() for member in annotation))
-        for python_type, scalar in ((bool, BOOL), (int, INT), (float, FLOAT), (str, STRING), (bytes, BYTES)):
-            if issubclass(annotation, python_type):
-                return scalar
-    return Anything()
-
-
 #: GenerateContentConfig fields that are the SDK's own and never reach the wire.
 _SDK_ONLY = frozenset({"http_options", "should_return_http_response", "automatic_function_calling",
                        "automatic_continuation"})
@@ -153,72 +122,158 @@ _REQUEST_LEVEL = frozenset({"system_instruction", "tools", "tool_config", "safet
                             "labels", "service_tier", "store", "model_armor_config"})
 
 
-@lru_cache(maxsize=None)
-def generate_content_request() -> Message:
+class _SdkReader:
+    """Turns google-genai's pydantic types into messages, one per type, shared where types nest."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, Message] = {}
+
+    def message(self, model: type[pydantic.BaseModel], *, name: str | None = None,
+                extra: dict[str, Shape] | None = None) -> Message:
+        name = name or model.__name__
+        if name in self.messages:
+            return self.messages[name]
+        message = self.messages[name] = Message(name)  # before the fields: a Schema's items are a Schema
+        for field_name, info in model.model_fields.items():
+            message.add(field_name, self.shape(info.annotation))
+        for field_name, shape in (extra or {}).items():
+            message.add(field_name, shape)
+        return message
+
+    def new(self, name: str, fields: dict[str, Shape]) -> Message:
+        message = self.messages[name] = Message(name)
+        for field_name, shape in fields.items():
+            message.add(field_name, shape)
+        return message
+
+    def shape(self, annotation: Any) -> Shape:
+        import pydantic
+
+        origin = typing.get_origin(annotation)
+        if origin in (Union, pytypes.UnionType):
+            options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            return self.shape(options[0]) if len(options) == 1 else Anything()
+        if origin is list:
+            return Repeated(self.shape(typing.get_args(annotation)[0]))
+        if origin is dict:
+            value = typing.get_args(annotation)[1]
+            return Struct() if value is Any else Map(self.shape(value))
+        if isinstance(annotation, type):
+            if issubclass(annotation, pydantic.BaseModel):
+                return self.message(annotation)
+            if issubclass(annotation, enum.Enum):
+                return Enum(annotation.__name__, frozenset(str(member.value).upper() for member in annotation))
+            for python_type, scalar in ((bool, BOOL), (int, INT), (float, FLOAT), (str, STRING), (bytes, BYTES)):
+                if issubclass(annotation, python_type):
+                    return scalar
+        return Anything()
+
+
+def read_sdk_types() -> dict[str, Message]:
+    """Every request message the emulator checks, read from the installed google-genai's types."""
+    from google.genai import types
+
+    sdk = _SdkReader()
     config = types.GenerateContentConfig.model_fields
-    generation_config = message_of(
-        types.GenerationConfig, name="GenerationConfig",
-        extra={name: _shape(info.annotation) for name, info in config.items()
+    generation_config = sdk.message(
+        types.GenerationConfig,
+        extra={name: sdk.shape(info.annotation) for name, info in config.items()
                if name not in _SDK_ONLY | _REQUEST_LEVEL and name not in types.GenerationConfig.model_fields})
-    fields: dict[str, Shape] = {"model": STRING, "contents": Repeated(message_of(types.Content)),
-                                "generation_config": generation_config}
-    fields.update({name: _shape(config[name].annotation) for name in sorted(_REQUEST_LEVEL) if name in config})
-    request = Message("GenerateContentRequest")
-    for name, shape in fields.items():
-        request.add(name, shape)
-    return request
+    content = sdk.message(types.Content)
+    generate = sdk.new("GenerateContentRequest", {
+        "model": STRING, "contents": Repeated(content), "generation_config": generation_config,
+        **{name: sdk.shape(config[name].annotation) for name in sorted(_REQUEST_LEVEL) if name in config}})
+    embed = sdk.new("EmbedContentRequest", {
+        "model": STRING, "content": content,
+        **{name: sdk.shape(info.annotation) for name, info in types.EmbedContentConfig.model_fields.items()
+           if name not in _SDK_ONLY}})
+    sdk.new("CountTokensRequest", {"contents": Repeated(content), "generate_content_request": generate})
+    # A line of a batch's JSONL input file, less its request (checked on its own, as the batch's
+    # kind says); a line that is a bare request is checked as a request.
+    sdk.new("BatchRequestLine", {"key": STRING, "request": Anything(), "metadata": Struct()})
+    webhook_config = sdk.message(types.WebhookConfig)
+    for kind, request in (("Generate", generate), ("Embed", embed)):
+        inlined = sdk.new(f"Inlined{kind}Request", {"request": request, "metadata": Struct()})
+        requests = sdk.new(f"Inlined{kind}Requests", {"requests": Repeated(inlined)})
+        input_config = sdk.new(f"{kind}InputConfig", {"file_name": STRING, "requests": requests})
+        batch = sdk.new(f"{kind}ContentBatch", {
+            "model": STRING, "name": STRING, "display_name": STRING, "input_config": input_config,
+            "priority": INT, "webhook_config": webhook_config})
+        sdk.new(f"Batch{kind}ContentRequest", {"batch": batch})
+    return sdk.messages
+
+
+# -- shapes.json --------------------------------------------------------------------------------------
+
+def dump(messages: dict[str, Message]) -> str:
+    """``messages`` as the text of shapes.json: each message's fields as JSON, in a stable order."""
+    def encode(shape: Shape) -> Any:
+        if isinstance(shape, Scalar):
+            return shape.name
+        if isinstance(shape, Enum):
+            return {"enum": shape.name, "values": sorted(shape.values)}
+        if isinstance(shape, Struct):
+            return "google.protobuf.Struct"
+        if isinstance(shape, Anything):
+            return "google.protobuf.Value"
+        if isinstance(shape, Repeated):
+            return {"repeated": encode(shape.item)}
+        if isinstance(shape, Map):
+            return {"map": encode(shape.value)}
+        return {"message": shape.name}
+
+    document = {name: {field_name: encode(shape) for field_name, shape in sorted(message.fields.items())}
+                for name, message in sorted(messages.items())}
+    return json.dumps(document, indent=1, sort_keys=True) + "\n"
+
+
+def load(text: str) -> dict[str, Message]:
+    document = json.loads(text)
+    messages = {name: Message(name) for name in document}
+    scalars = {scalar.name: scalar for scalar in (STRING, BOOL, INT, FLOAT, BYTES)}
+    scalars.update({"google.protobuf.Struct": Struct(), "google.protobuf.Value": Anything()})
+
+    def decode(encoded: Any) -> Shape:
+        if isinstance(encoded, str):
+            return scalars[encoded]
+        if "enum" in encoded:
+            return Enum(encoded["enum"], frozenset(encoded["values"]))
+        if "repeated" in encoded:
+            return Repeated(decode(encoded["repeated"]))
+        if "map" in encoded:
+            return Map(decode(encoded["map"]))
+        return messages[encoded["message"]]
+
+    for name, fields in document.items():
+        for field_name, encoded in fields.items():
+            messages[name].add(field_name, decode(encoded))
+    return messages
 
 
 @lru_cache(maxsize=None)
-def count_tokens_request() -> Message:
-    request = Message("CountTokensRequest")
-    request.add("contents", Repeated(message_of(types.Content)))
-    request.add("generate_content_request", generate_content_request())
-    return request
+def messages() -> dict[str, Message]:
+    return load(SHAPES_FILE.read_text(encoding="utf-8"))
 
 
-@lru_cache(maxsize=None)
-def batch_request_line() -> Message:
-    """A line of a batch's JSONL input file, ``{"key", "request"}``, less its request (checked on its
-    own, as a GenerateContentRequest or an EmbedContentRequest). A line that is a bare request is
-    checked as a request."""
-    line = Message("BatchRequestLine")
-    line.add("key", STRING)
-    line.add("request", Anything())
-    line.add("metadata", Struct())
-    return line
+def generate_content_request() -> Message:
+    return messages()["GenerateContentRequest"]
 
 
-@lru_cache(maxsize=None)
 def embed_content_request() -> Message:
-    config = types.EmbedContentConfig.model_fields
-    request = Message("EmbedContentRequest")
-    request.add("model", STRING)
-    request.add("content", message_of(types.Content))
-    for name, info in config.items():
-        if name not in _SDK_ONLY:
-            request.add(name, _shape(info.annotation))
-    return request
+    return messages()["EmbedContentRequest"]
 
 
-@lru_cache(maxsize=None)
+def count_tokens_request() -> Message:
+    return messages()["CountTokensRequest"]
+
+
+def batch_request_line() -> Message:
+    return messages()["BatchRequestLine"]
+
+
 def batch_create_request(kind: str) -> Message:
     """The body of ``batchGenerateContent`` (``kind`` "generate") or ``asyncBatchEmbedContent`` ("embed")."""
-    inlined = Message("InlinedRequest" if kind == "generate" else "InlinedEmbedContentRequest")
-    inlined.add("request", generate_content_request() if kind == "generate" else embed_content_request())
-    inlined.add("metadata", Struct())
-    requests = Message("InlinedRequests")
-    requests.add("requests", Repeated(inlined))
-    input_config = Message("InputConfig")
-    input_config.add("file_name", STRING)
-    input_config.add("requests", requests)
-    batch = Message("GenerateContentBatch" if kind == "generate" else "EmbedContentBatch")
-    for name, shape in (("model", STRING), ("name", STRING), ("display_name", STRING), ("input_config", input_config),
-                        ("priority", INT), ("webhook_config", message_of(types.WebhookConfig))):
-        batch.add(name, shape)
-    body = Message("BatchGenerateContentRequest" if kind == "generate" else "AsyncBatchEmbedContentRequest")
-    body.add("batch", batch)
-    return body
+    return messages()["BatchGenerateContentRequest" if kind == "generate" else "BatchEmbedContentRequest"]
 
 
 # -- checking -----------------------------------------------------------------------------------------
