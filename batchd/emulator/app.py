@@ -51,6 +51,7 @@ MAX_INLINE_BYTES = 20 * 1024 * 1024
 
 DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE = 50, 1000
 DEFAULT_FILE_PAGE_SIZE, MAX_FILE_PAGE_SIZE = 10, 100
+DEFAULT_MODEL_PAGE_SIZE, MAX_MODEL_PAGE_SIZE = 50, 1000
 
 _VERSIONED_PATH = re.compile(r"^(?:/[^/]+)*?/(?:(?P<area>upload|download)/)?(?P<version>v1[a-z0-9]*)/(?P<rest>.+)$")
 
@@ -60,6 +61,8 @@ class EmulatorSettings:
     job_seconds: float = 2.0
     expire_seconds: float = 48 * 3600
     api_key: str | None = None
+    #: Accept exactly the model list, not also Google's current families by pattern (models.py).
+    strict_models: bool = False
 
 
 @dataclass
@@ -112,7 +115,7 @@ class EmulatorApp:
                  faults: list[str] | tuple[str, ...], responder: Responder) -> None:
         self.settings = settings
         self.store = Store(state_dir)
-        self.catalog = ModelCatalog(models)
+        self.catalog = ModelCatalog(models, strict=settings.strict_models)
         self.faults = FaultInjector(faults)
         self.answerer = Answerer(responder)
         self.responder = responder
@@ -338,6 +341,19 @@ class EmulatorApp:
         return json_response({})
 
     # -- models (online) --------------------------------------------------------------------------
+
+    @route("GET", None, r"models", "model-list")
+    async def list_models(self, call: Call) -> Response:
+        models = self.catalog.listed()
+        page, token = _page(models, call, DEFAULT_MODEL_PAGE_SIZE, MAX_MODEL_PAGE_SIZE, lambda m: (0.0, m["name"]))
+        body: dict = {"models": page}
+        if token:
+            body["nextPageToken"] = token
+        return json_response(body)
+
+    @route("GET", None, r"models/(?P<model>[^/:]+)", "model-get")
+    async def get_model(self, call: Call) -> Response:
+        return json_response(self.catalog.get(call.params["model"], call.version))
 
     @route("POST", None, r"(?P<model>models/[^/:]+):countTokens", "count-tokens")
     async def count_tokens(self, call: Call) -> Response:

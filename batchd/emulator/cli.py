@@ -44,7 +44,10 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
               help="Jobs not finished after this long become EXPIRED; files are kept this long.")
 @click.option("--api-key", help="Accept only this x-goog-api-key (default: any non-empty key).")
 @click.option("--model", "models", multiple=True,
-              help=f"A known model id (repeatable; replaces the default list: {', '.join(DEFAULT_MODELS)}).")
+              help=f"A known model id (repeatable; replaces the default list: {', '.join(DEFAULT_MODELS)}; "
+                   "only the listed ids are then accepted).")
+@click.option("--strict-models", is_flag=True,
+              help="Accept only the listed models, not also any id of Google's current model families.")
 @click.option("--fault", "faults", multiple=True, callback=_check_fault,
               help="Inject a fault, e.g. 503, http=429:0.2, slow=3@get, fail-requests=0.1 (repeatable; "
                    "see docs/emulator.md).")
@@ -54,7 +57,7 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
 @click.option("--exit-with-parent", is_flag=True, hidden=True,
               help="Shut down when standard input closes (the embedded emulator of `batchd run`).")
 def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: float, expire_seconds: float,
-                     api_key: str | None, models: tuple[str, ...], faults: tuple[str, ...],
+                     api_key: str | None, models: tuple[str, ...], strict_models: bool, faults: tuple[str, ...],
                      responder_spec: str | None, access_log: bool, exit_with_parent: bool) -> None:
     """Serve a local Gemini Batch API emulator until SIGINT/SIGTERM.
 
@@ -67,5 +70,5 @@ def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: 
     if exit_with_parent:
         _exit_when_stdin_closes()
     serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
-          api_key=api_key, models=list(models) or None, faults=list(faults), responder=responder,
+          api_key=api_key, models=list(models) or None, strict_models=strict_models, faults=list(faults), responder=responder,
           access_log=access_log)

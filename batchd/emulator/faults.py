@@ -52,13 +52,13 @@ from batchd.emulator.errors import STATUS_NAMES, ApiError, injected, invalid
 ROUTES = frozenset({
     "create", "get", "list", "cancel", "delete",
     "upload-start", "upload-chunk", "file-get", "file-list", "file-delete", "download",
-    "count-tokens", "generate", "embed",
+    "count-tokens", "generate", "embed", "model-get", "model-list",
 })
 ROUTE_GROUPS = {
     "batches": frozenset({"create", "get", "list", "cancel", "delete"}),
     "files": frozenset({"upload-start", "upload-chunk", "file-get", "file-list", "file-delete", "download"}),
     "upload": frozenset({"upload-start", "upload-chunk"}),
-    "models": frozenset({"count-tokens", "generate", "embed"}),
+    "models": frozenset({"count-tokens", "generate", "embed", "model-get", "model-list"}),
 }
 REQUEST_FAULTS = frozenset({"http", "slow", "late"})
 JOB_FAULTS = frozenset({"fail-requests", "drop-metadata", "shuffle", "job-failed", "job-expired", "stuck-pending",

@@ -55,6 +55,7 @@ class EmulatorServer:
         expire_seconds: float = 48 * 3600,
         api_key: str | None = None,
         models: Sequence[str] | None = None,
+        strict_models: bool = False,
         faults: Sequence[str] = (),
         responder: Responder | None = None,
         access_log: bool = False,
@@ -63,7 +64,8 @@ class EmulatorServer:
         self.state_dir = Path(state_dir if state_dir is not None else self._temporary.name)
         self.host = host
         self._requested_port = port
-        self._settings = EmulatorSettings(job_seconds=job_seconds, expire_seconds=expire_seconds, api_key=api_key)
+        self._settings = EmulatorSettings(job_seconds=job_seconds, expire_seconds=expire_seconds, api_key=api_key,
+                                          strict_models=strict_models)
         self._models = list(models) if models else None
         self._faults = list(faults)  # parsed now by EmulatorApp, so a bad spec fails at start
         self._responder = responder or EmulatedResponder()

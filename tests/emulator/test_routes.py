@@ -15,6 +15,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+from batchd.emulator import EmulatorServer
 from batchd.testing import Emulator
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is experimental")
@@ -249,6 +250,35 @@ def test_the_models_of_the_current_batch_guide_are_served(client: genai.Client, 
     job = client.batches.create(model=model, src=inline_requests(1, prefix=model), config={"display_name": model})
     assert job.model == f"models/{model}"
     assert client.models.generate_content(model=model, contents="Hello").text.startswith(f"[emulated {model}]")
+
+
+def test_models_get_and_list_answer_model_resources(client: genai.Client):
+    listed = {model.name: model for model in client.models.list(config={"page_size": 5})}  # the SDK pages on
+    assert {"models/gemini-2.5-flash", "models/gemini-3.5-flash", "models/gemini-embedding-001"} <= set(listed)
+    flash = client.models.get(model="gemini-2.5-flash")
+    assert flash.name == "models/gemini-2.5-flash" and flash.input_token_limit == 1048576
+    assert "batchGenerateContent" in flash.supported_actions and flash.thinking is True
+    embedding = client.models.get(model="gemini-embedding-001")
+    assert "asyncBatchEmbedContent" in embedding.supported_actions and embedding.output_token_limit == 1
+    with pytest.raises(errors.ClientError) as raised:
+        client.models.get(model="gpt-4o")
+    assert raised.value.code == 404
+
+
+def test_a_new_model_of_a_current_family_is_accepted_unless_models_are_strict(emulator, tmp_path: Path):
+    """Google adds models every few weeks: an id of a current family works here as it would there."""
+    client = make_client(emulator.base_url)
+    assert client.models.generate_content(model="gemini-3.7-flash-preview-01-2027", contents="hi").text
+    assert client.models.get(model="gemini-4-pro").name == "models/gemini-4-pro"
+    for not_a_family in ("gemini-ultra-9", "gemini-3.7-flashy", "claude-3"):
+        with pytest.raises(errors.ClientError):
+            client.models.generate_content(model=not_a_family, contents="hi")
+    with EmulatorServer(tmp_path / "strict", strict_models=True) as strict:
+        strict_client = make_client(strict.base_url)
+        assert strict_client.models.generate_content(model="gemini-2.5-flash", contents="hi").text
+        with pytest.raises(errors.ClientError) as raised:
+            strict_client.models.generate_content(model="gemini-3.7-flash-preview-01-2027", contents="hi")
+        assert raised.value.code == 404
 
 
 def test_timestamps_carry_nanoseconds_on_batches_and_microseconds_on_files(emulator, client: genai.Client,
