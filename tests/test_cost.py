@@ -50,7 +50,10 @@ def test_hook_estimate_cost_counts_tokens_and_account_cost_prices_the_usage(work
     assert estimate["input_tokens"] == tokens["prompt"] > 0
     assert estimate["output_tokens"] == 4 * 256  # default_output_tokens per request
     assert cost["estimate"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"], 4 * 256))
-    assert cost["actual"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"], tokens["output"]))
+    # Thinking tokens are billed at the output price (gemini-2.5-flash thinks by default).
+    assert tokens["thoughts"] > 0
+    assert cost["actual"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"],
+                                                       tokens["output"] + tokens["thoughts"]))
     assert cost["actual_details"]["requests"] == 4
     (job,) = workspace.status()
     assert job["cost"]["actual"] == cost["actual"]

@@ -62,6 +62,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from batchd.emulator.models import thinks
+
 __all__ = [
     "Responder",
     "EmulatedResponder",
@@ -885,6 +887,9 @@ class EmulatedResponder:
         stops = _get(config, "stopSequences", "stop_sequences")
         count = _as_int(_get(config, "candidateCount", "candidate_count")) or 1
 
+        thoughts = _thought_tokens(name, _get(config, "thinkingConfig", "thinking_config"), prompt_tokens)
+        include_thoughts = thoughts and _get(_get(config, "thinkingConfig", "thinking_config") or {},
+                                             "includeThoughts", "include_thoughts")
         candidates = []
         output_tokens = 0
         for index in range(max(1, min(count, 8))):
@@ -898,20 +903,26 @@ class EmulatedResponder:
                 text, finish = self._apply_stops(text, finish, stops)
             tokens = (len(text) + 3) // 4
             output_tokens += tokens
+            parts = [{"text": text}]
+            if include_thoughts:  # a summary of the thinking comes first, marked as a thought
+                parts.insert(0, {"text": f"[emulated {name} thought summary] Considered the request.", "thought": True})
             candidates.append({
-                "content": {"role": "model", "parts": [{"text": text}]},
+                "content": {"role": "model", "parts": parts},
                 "finishReason": finish,
                 "index": index,
             })
+        usage = {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": output_tokens,
+            "totalTokenCount": prompt_tokens + output_tokens + thoughts,
+            "promptTokensDetails": [{"modality": modality, "tokenCount": tokens}
+                                    for modality, tokens in by_modality.items() if tokens or modality == "TEXT"],
+        }
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
         return {
             "candidates": candidates,
-            "usageMetadata": {
-                "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": output_tokens,
-                "totalTokenCount": prompt_tokens + output_tokens,
-                "promptTokensDetails": [{"modality": modality, "tokenCount": tokens}
-                                        for modality, tokens in by_modality.items() if tokens or modality == "TEXT"],
-            },
+            "usageMetadata": usage,
             "modelVersion": name,
             "responseId": "emu-" + digest[:10].hex(),
         }
@@ -1020,6 +1031,25 @@ class EmulatedResponder:
         if cut < len(text):
             return text[:cut], "STOP"
         return text, finish
+
+
+#: Thinking tokens relative to a dynamic budget's, by ``thinkingLevel`` (Gemini 3).
+_THINKING_LEVELS = {"MINIMAL": 0.0, "LOW": 0.5, "MEDIUM": 1.0, "HIGH": 2.0}
+
+
+def _thought_tokens(model_id: str, thinking_config: Any, prompt_tokens: int) -> int:
+    """How many tokens a thinking model spends thinking, deterministically: 32 plus half the prompt
+    (scaled by ``thinkingLevel``), never more than a positive ``thinkingBudget``; 0 with a budget of
+    0 or for a model that does not think (``models.thinks``) unless it is given a thinking config."""
+    config = thinking_config if isinstance(thinking_config, dict) else {}
+    if not config and not thinks(model_id):
+        return 0
+    budget = _as_int(_get(config, "thinkingBudget", "thinking_budget"))
+    if budget == 0:
+        return 0
+    level = _get(config, "thinkingLevel", "thinking_level")
+    tokens = int((32 + prompt_tokens // 2) * _THINKING_LEVELS.get(str(level).upper(), 1.0))
+    return min(tokens, budget) if budget is not None and budget > 0 else tokens
 
 
 def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:

@@ -59,7 +59,10 @@ def test_response_shape(responder):
     assert candidate["finishReason"] == "STOP"
     assert candidate["index"] == 0
     usage = response["usageMetadata"]
-    assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"]
+    # gemini-2.5-flash thinks by default: its thinking tokens are billed and counted in the total.
+    assert usage["thoughtsTokenCount"] > 0
+    assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"] + \
+        usage["thoughtsTokenCount"]
     assert response["modelVersion"] == MODEL
     assert response["responseId"].startswith("emu-")
     json.dumps(response)  # plain JSON types only
@@ -742,3 +745,40 @@ def test_prompt_tokens_are_detailed_by_modality(responder):
     assert sum(details.values()) == usage["promptTokenCount"]
     text_only = responder.generate(request("Hello there"), MODEL)["usageMetadata"]
     assert text_only["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": text_only["promptTokenCount"]}]
+
+
+@pytest.mark.parametrize("model, config, thoughts", [
+    ("gemini-2.5-flash", None, "some"),                                    # thinks by default (dynamic)
+    ("gemini-2.5-flash", {"thinkingBudget": 0}, "none"),                   # turned off
+    ("gemini-2.5-flash", {"thinkingBudget": 5}, 5),                        # capped by the budget
+    ("gemini-2.5-flash", {"thinkingBudget": -1}, "some"),                  # dynamic
+    ("gemini-3-pro-preview", {"thinkingLevel": "high"}, "more"),           # Gemini 3's levels
+    ("gemini-3-pro-preview", {"thinkingLevel": "minimal"}, "none"),
+    ("gemini-2.0-flash", None, "none"),                                    # does not think
+    ("gemini-2.5-flash-lite", None, "none"),
+])
+def test_thinking_models_report_thought_tokens(responder, model, config, thoughts):
+    body = request("Plan a three-day trip to Lisbon with a budget.")
+    if config is not None:
+        body["generationConfig"] = {"thinkingConfig": config}
+    usage = responder.generate(body, model)["usageMetadata"]
+    dynamic = responder.generate(request("Plan a three-day trip to Lisbon with a budget."),
+                                 "gemini-2.5-flash")["usageMetadata"]["thoughtsTokenCount"]
+    spent = usage.get("thoughtsTokenCount", 0)
+    assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"] + spent
+    if thoughts == "none":
+        assert "thoughtsTokenCount" not in usage
+    elif thoughts == "some":
+        assert spent == dynamic > 0
+    elif thoughts == "more":
+        assert spent == 2 * dynamic
+    else:
+        assert spent == thoughts
+
+
+def test_include_thoughts_puts_a_thought_summary_first(responder):
+    body = request("Why is the sky blue?")
+    body["generationConfig"] = {"thinkingConfig": {"includeThoughts": True}}
+    parts = responder.generate(body, MODEL)["candidates"][0]["content"]["parts"]
+    assert parts[0]["thought"] is True and "thought summary" in parts[0]["text"]
+    assert "thought" not in parts[1] and parts[1]["text"].startswith(f"[emulated {MODEL}]")
