@@ -9,10 +9,12 @@ MIME types).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from batchd.emulator import shapes
-from batchd.emulator.errors import invalid
+from batchd.emulator.errors import ApiError, invalid
+from batchd.emulator.files import referenced_file_id
 from batchd.emulator.responder import Responder
 
 ROLES = ("user", "model")
@@ -57,14 +59,31 @@ def check_embed_request(request: Any, where: str = "EmbedContentRequest", *, pat
         raise invalid(f"* {where}.content: content is not specified")
 
 
-class Answerer:
-    """Validates one request of a kind ("generate" or "embed") and asks the responder for the answer."""
+def check_file_references(request: dict, file_exists: Callable[[str], bool]) -> None:
+    """A part whose ``fileData.fileUri`` names a File that does not exist (never did, was deleted,
+    or expired) is refused as ``files.get`` of it is: 403, as Google does not tell a missing file
+    from someone else's."""
+    for content in [*(request.get("contents") or []), request.get("systemInstruction")]:
+        for part in (content or {}).get("parts") or [] if isinstance(content, dict) else []:
+            file_data = part.get("fileData") if isinstance(part, dict) else None
+            uri = file_data.get("fileUri") if isinstance(file_data, dict) else None
+            file_id = referenced_file_id(uri) if isinstance(uri, str) else None
+            if file_id is not None and not file_exists(file_id):
+                raise ApiError(403, f"You do not have permission to access the File {file_id} or it may not exist.",
+                               "PERMISSION_DENIED")
 
-    def __init__(self, responder: Responder) -> None:
+
+class Answerer:
+    """Validates one request of a kind ("generate" or "embed") and asks the responder for the answer.
+    ``file_exists(id)``: whether a File is there to be referenced (by default, every one is)."""
+
+    def __init__(self, responder: Responder, file_exists: Callable[[str], bool] = lambda file_id: True) -> None:
         self.responder = responder
+        self.file_exists = file_exists
 
     def generate(self, request: Any, model: str, path: str = "") -> dict:
         check_generate_request(request, path=path)
+        check_file_references(request, self.file_exists)
         return self.responder.generate(request, model)
 
     def embed(self, request: Any, model: str, path: str = "") -> dict:

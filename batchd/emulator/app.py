@@ -117,7 +117,7 @@ class EmulatorApp:
         self.store = Store(state_dir)
         self.catalog = ModelCatalog(models, strict=settings.strict_models)
         self.faults = FaultInjector(faults)
-        self.answerer = Answerer(responder)
+        self.answerer = Answerer(responder, file_exists=lambda file_id: self._live_file(file_id) is not None)
         self.responder = responder
         self.runner = BatchRunner(self.store, self.answerer)
         self.uploads = Uploads(self.store)
@@ -369,14 +369,12 @@ class EmulatorApp:
     async def generate_content(self, call: Call) -> Response:
         body = await self.read_json(call)
         model = self.catalog.resolve(call.params["model"], "generateContent", call.version)
-        check_generate_request(body)
         return json_response(await run_in_threadpool(self.answerer.generate, body, model))
 
     @route("POST", None, r"(?P<model>models/[^/:]+):embedContent", "embed")
     async def embed_content(self, call: Call) -> Response:
         body = await self.read_json(call)
         model = self.catalog.resolve(call.params["model"], "embedContent", call.version)
-        check_embed_request(body)
         answer = await run_in_threadpool(self.answerer.embed, body, model)
         return json_response({"embedding": answer["embedding"]})
 

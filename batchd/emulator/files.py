@@ -52,12 +52,26 @@ def render_file(doc: Doc, base_url: str, api_version: str, expire_seconds: float
     if doc.get("sha256"):
         # The service sends base64 of the hex digest (sic).
         file["sha256Hash"] = base64.b64encode(doc["sha256"].encode()).decode()
-    file["uri"] = f"{base_url}/{api_version}/files/{doc['id']}"
-    if doc["source"] == "GENERATED":
+    # Google's form, whatever the emulator's address: the SDKs turn it back into ``files/<id>``
+    # (files.get(name=file.uri), files.download(file=...)) and requests reference files by it.
+    file["uri"] = f"{GOOGLE_API_ROOT}/{api_version}/files/{doc['id']}"
+    if doc["source"] == "GENERATED":  # the one URL clients fetch as it is: it names the emulator
         file["downloadUri"] = f"{base_url}/download/{api_version}/files/{doc['id']}:download?alt=media"
     file["state"] = "ACTIVE"
     file["source"] = doc["source"]
     return file
+
+
+GOOGLE_API_ROOT = "https://generativelanguage.googleapis.com"
+#: A File referenced in a request's ``fileData.fileUri``: Google's URI, one naming the emulator's
+#: address (as the emulator wrote them before), or the bare resource name.
+_FILE_URI = re.compile(r"(?:https?://[^/]+/v1[a-z0-9]*/)?files/(?P<id>[a-z0-9-]{1,40})")
+
+
+def referenced_file_id(uri: str) -> str | None:
+    """The id of the File a ``fileData.fileUri`` names, or None for any other URI (a web page, gs://)."""
+    match = _FILE_URI.fullmatch(uri)
+    return match["id"] if match else None
 
 
 @dataclass

@@ -328,3 +328,36 @@ def test_inline_metadata_is_a_struct_and_comes_back_as_sent(emulator):
         time.sleep(0.05)
     [response] = operation["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
     assert response["metadata"] == metadata
+
+
+def test_a_files_uri_is_googles_and_requests_may_reference_it_in_either_form(emulator, client: genai.Client,
+                                                                             tmp_path: Path):
+    """File.uri is https://generativelanguage.googleapis.com/<v>/files/<id>, which the SDKs map back to
+    the file's name; fileData.fileUri may give that URI, the emulator's own address or files/<id>; a
+    reference to a file that is not there is refused as files.get of it is (403)."""
+    uploaded = client.files.upload(file=write_jsonl(tmp_path / "doc.jsonl", request_lines(1)),
+                                   config={"mime_type": "application/jsonl"})
+    file_id = uploaded.name.removeprefix("files/")
+    assert re.fullmatch(rf"https://generativelanguage\.googleapis\.com/v1(beta)?/files/{file_id}", uploaded.uri)
+    assert client.files.get(name=uploaded.uri).name == uploaded.name  # the SDK maps the URI to the name
+    for uri in (uploaded.uri, f"{emulator.base_url}/v1beta/files/{file_id}", uploaded.name):
+        part = types.Part.from_uri(file_uri=uri, mime_type="application/jsonl")
+        answer = client.models.generate_content(model=MODEL, contents=[part, "Summarise this file."])
+        assert answer.text.startswith("[emulated")
+    missing = types.Part.from_uri(file_uri="https://generativelanguage.googleapis.com/v1beta/files/nosuchfile1",
+                                  mime_type="application/pdf")
+    with pytest.raises(errors.ClientError) as raised:
+        client.models.generate_content(model=MODEL, contents=[missing, "Summarise this file."])
+    assert (raised.value.code, raised.value.status) == (403, "PERMISSION_DENIED")
+    web = types.Part.from_uri(file_uri="https://example.com/report.pdf", mime_type="application/pdf")
+    assert client.models.generate_content(model=MODEL, contents=[web, "Summarise."]).text  # not a File: not checked
+    # Inside a batch, the missing file fails its request only.
+    job = wait_done(client, client.batches.create(model=MODEL, src=[
+        {"contents": [{"parts": [{"file_data": {"file_uri": uploaded.uri, "mime_type": "application/jsonl"}},
+                                 {"text": "ok"}]}]},
+        {"contents": [{"parts": [{"file_data": {"file_uri": "files/nosuchfile2", "mime_type": "application/pdf"}},
+                                 {"text": "gone"}]}]},
+    ], config={"display_name": "file-refs"}).name)
+    first, second = job.dest.inlined_responses
+    assert first.response is not None and first.error is None
+    assert second.error is not None and second.error.code == 403
