@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.parser
+import email.policy
 import json
 import logging
 import re
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -42,7 +46,7 @@ from batchd.emulator.jobs import (BatchRunner, JobView, job_faults, needs_proces
 from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
-from batchd.emulator.wire import has_snake_case_keys, new_id, to_camel_case
+from batchd.emulator.wire import double_quoted, has_snake_case_keys, new_id, to_camel_case
 
 log = logging.getLogger("batchd.emulator")
 
@@ -52,6 +56,9 @@ MAX_INLINE_BYTES = 20 * 1024 * 1024
 DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE = 50, 1000
 DEFAULT_FILE_PAGE_SIZE, MAX_FILE_PAGE_SIZE = 10, 100
 DEFAULT_MODEL_PAGE_SIZE, MAX_MODEL_PAGE_SIZE = 50, 1000
+#: Answer headers a browser page may read: the resumable upload protocol's.
+CORS_EXPOSED_HEADERS = ("X-Goog-Upload-URL", "X-Goog-Upload-Status", "X-Goog-Upload-Size-Received",
+                        "X-Goog-Upload-Chunk-Granularity")
 
 _VERSIONED_PATH = re.compile(r"^(?:/[^/]+)*?/(?:(?P<area>upload|download)/)?(?P<version>v1[a-z0-9]*)/(?P<rest>.+)$")
 
@@ -129,6 +136,11 @@ class EmulatorApp:
         self.asgi = Starlette(routes=[
             Route("/_emulator/stats", self.stats, methods=["GET"]),
             Route("/{path:path}", self.dispatch, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        ], middleware=[
+            # Browsers reach Google's API from any page (the browser build of the JS SDK): preflights
+            # are answered, and answers let the page read them and the upload headers it needs.
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
+                       expose_headers=list(CORS_EXPOSED_HEADERS), max_age=3600),
         ])
 
     def close(self) -> None:
@@ -201,19 +213,32 @@ class EmulatorApp:
 
     async def read_json(self, call: Call) -> dict:
         """The request body as camelCase JSON; refuses bodies over 20 MB without reading them whole."""
+        return self.parse_json(await self._read_body(call))
+
+    @staticmethod
+    async def _read_body(call: Call) -> bytes:
         chunks, size = [], 0
         async for chunk in call.request.stream():
             size += len(chunk)
             if size > MAX_INLINE_BYTES:
                 raise invalid(f"Request payload size exceeds the limit: {MAX_INLINE_BYTES} bytes.")
             chunks.append(chunk)
-        raw = b"".join(chunks)
+        return b"".join(chunks)
+
+    @staticmethod
+    def parse_json(raw: bytes) -> dict:
+        """A JSON object, as Google's proto-JSON parser reads one: single-quoted strings included (its
+        own curl samples send them); renamed to camelCase."""
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw)
         except ValueError as error:
-            raise invalid(f"Invalid JSON payload received. {error}") from None
+            try:
+                body = json.loads(double_quoted(raw.decode("utf-8")))
+            except ValueError:
+                raise invalid(f"Invalid JSON payload received. {error}") from None
+            raw = b"_"  # renamed below, whatever it holds
         if not isinstance(body, dict):
             raise invalid("Invalid JSON payload received. Expected an object.")
         return to_camel_case(body) if has_snake_case_keys(raw) else body
@@ -424,6 +449,20 @@ class EmulatorApp:
 
     @route("POST", "upload", r"files", "upload-start")
     async def upload_start(self, call: Call) -> Response:
+        """``files.upload``: a resumable upload's start (what google-genai sends), or a whole upload in
+        one request, as Google also takes: simple (the raw bytes, typed by Content-Type) or multipart
+        (``multipart/related``: the File's JSON, then the bytes)."""
+        headers = call.request.headers
+        protocol = (headers.get("x-goog-upload-protocol") or call.query("uploadType", "upload_type")
+                    or "resumable").lower()
+        if protocol in ("raw", "media"):
+            meta = {"mimeType": headers.get("content-type", "").partition(";")[0].strip()}
+            return self._uploaded(call, await self.uploads.whole(meta, headers, call.request.stream()))
+        if protocol == "multipart":
+            meta, data = await self._multipart(call)
+            return self._uploaded(call, await self.uploads.whole(meta, headers, _once(data)))
+        if protocol != "resumable":
+            raise invalid(f"Unknown upload protocol {protocol!r}: use resumable, multipart or raw.")
         body = await self.read_json(call)
         upload_id = await run_in_threadpool(self.uploads.start, body, call.request.headers,
                                             call.request.headers.get(FAULT_HEADER))
@@ -436,9 +475,33 @@ class EmulatorApp:
         headers = {"X-Goog-Upload-Status": result.status, "X-Goog-Upload-Size-Received": str(result.received)}
         if result.file is None:
             return Response(b"", headers=headers)
+        return self._uploaded(call, result.file, headers)
+
+    def _uploaded(self, call: Call, file: dict, headers: dict[str, str] | None = None) -> Response:
         with self._counts_lock:
-            self.uploads_by_display_name[result.file.get("displayName") or ""] += 1
-        return json_response({"file": self._render_file(call, result.file)}, headers=headers)
+            self.uploads_by_display_name[file.get("displayName") or ""] += 1
+        return json_response({"file": self._render_file(call, file)},
+                             headers=headers or {"X-Goog-Upload-Status": "final"})
+
+    async def _multipart(self, call: Call) -> tuple[dict, bytes]:
+        """The File's fields and bytes of a ``multipart/related`` upload (read whole: at most 20 MB,
+        as a JSON body; larger files go resumable or raw, which stream)."""
+        content_type = call.request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/"):
+            raise invalid("A multipart upload needs Content-Type: multipart/related; boundary=...")
+        raw = await self._read_body(call)
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+        parts = list(message.iter_parts()) if message.is_multipart() else []
+        if len(parts) != 2:
+            raise invalid("A multipart upload has two parts: the File's JSON metadata, then the file's bytes.")
+        try:
+            body = self.parse_json(parts[0].get_payload(decode=True) or b"{}")
+        except ApiError:
+            raise invalid("The first part of a multipart upload must be the File's JSON metadata.") from None
+        meta = dict(body.get("file") or {})
+        meta.setdefault("mimeType", parts[1].get_content_type())
+        return meta, parts[1].get_payload(decode=True) or b""
 
     @route("GET", None, r"files/(?P<id>[^/:]+)", "file-get")
     async def get_file(self, call: Call) -> Response:
@@ -501,6 +564,10 @@ def _checked_inline_requests(items: Any, kind: str) -> list[dict]:
             entry["metadata"] = metadata
         checked.append(entry)
     return checked
+
+
+async def _once(data: bytes):
+    yield data
 
 
 def _count_lines(path: Path) -> int:

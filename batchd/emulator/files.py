@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,21 +152,39 @@ class Uploads:
             offset = int(offset_header) if offset_header and offset_header.isdigit() else received
             if offset > received:
                 raise invalid(f"Upload offset {offset} is past the {received} bytes received so far.")
-            received = await self._write(upload_id, session, part, offset, request)
+            received = await self._write(upload_id, session, part, offset, request.stream())
             if "finalize" not in commands:
                 return ChunkResult("active", received)
             file = await run_in_threadpool(self._finalize, upload, session, part, received)
             self._sessions.pop(upload_id, None)
             return ChunkResult("final", received, file)
 
-    async def _write(self, upload_id: str, session: _Session, part: Any, offset: int, request: Request) -> int:
+    async def whole(self, meta: Doc, headers: Any, chunks: AsyncIterator[bytes]) -> Doc:
+        """A simple (raw) or multipart upload: one request opens the session, brings every byte and
+        finalizes it. ``meta``: the File's fields (``mimeType``, ``displayName``, ``name``)."""
+        upload_id = await run_in_threadpool(self.start, {"file": meta}, headers)
+        upload = self.store.uploads[upload_id]
+        session = self._sessions.setdefault(upload_id, _Session())
+        try:
+            async with session.lock:
+                part = self.store.upload_part(upload_id)
+                size = await self._write(upload_id, session, part, 0, chunks)
+                return await run_in_threadpool(self._finalize, upload, session, part, size)
+        except BaseException:
+            self.store.delete_upload(upload_id)  # nobody can resume it: it had no session URL
+            raise
+        finally:
+            self._sessions.pop(upload_id, None)
+
+    async def _write(self, upload_id: str, session: _Session, part: Any, offset: int,
+                     chunks: AsyncIterator[bytes]) -> int:
         position = offset
         with open(part, "r+b") as out:
             out.truncate(offset)  # a resent chunk replaces what it covered before
             out.seek(offset)
             if offset != session.hashed:
                 session.hashed = -1  # not contiguous any more: hash the whole file at finalize
-            async for data in request.stream():
+            async for data in chunks:
                 position += len(data)
                 if position > self.max_file_bytes:
                     self.store.delete_upload(upload_id)

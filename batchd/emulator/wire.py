@@ -13,6 +13,7 @@ property names inside a schema's ``properties``, and everything inside a JSON Sc
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import string
@@ -83,3 +84,37 @@ def new_id(length: int) -> str:
 def int64_counts(**counts: int) -> dict[str, str]:
     """proto3 JSON for int64 counters: decimal strings, zero-valued fields omitted."""
     return {name: str(count) for name, count in counts.items() if count}
+
+
+def double_quoted(text: str) -> str:
+    """``text`` with its single-quoted JSON strings rewritten as double-quoted ones (``{'a': 'it\'s'}``
+    → ``{"a": "it's"}``), as Google's proto-JSON parser accepts them. Double-quoted strings are kept as
+    they are; the result is for ``json.loads``, which still judges everything else."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == '"':  # a double-quoted string is copied whole, escapes included
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif char == "'":
+            j, value = i + 1, []
+            while j < n and text[j] != "'":
+                if text[j] == "\\" and j + 1 < n:
+                    # \' is a quote; every other escape means what it means in JSON
+                    width = 6 if text[j + 1] == "u" else 2
+                    escape = text[j:j + width]
+                    value.append("'" if escape == "\\'" else json.loads(f'"{escape}"'))
+                    j += width
+                else:
+                    value.append(text[j])
+                    j += 1
+            out.append(json.dumps("".join(value), ensure_ascii=False))
+            i = j + 1
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)

@@ -21,6 +21,7 @@ from batchd.testing import Emulator
 pytestmark = pytest.mark.filterwarnings("ignore:.*is experimental")
 
 from .support import (
+    API_KEY,
     EMBED_MODEL,
     MODEL,
     inline_requests,
@@ -361,3 +362,73 @@ def test_a_files_uri_is_googles_and_requests_may_reference_it_in_either_form(emu
     first, second = job.dest.inlined_responses
     assert first.response is not None and first.error is None
     assert second.error is not None and second.error.code == 403
+
+
+def _post(emulator, path: str, **kwargs):
+    import httpx2 as httpx
+
+    headers = {"x-goog-api-key": API_KEY, **kwargs.pop("headers", {})}
+    return httpx.post(emulator.base_url + path, headers=headers, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["raw header", "uploadType=media", "multipart"])
+def test_a_file_may_be_uploaded_whole_in_one_request(emulator, client: genai.Client, how: str):
+    """Besides the resumable protocol the SDK speaks, Google takes a simple upload (the raw bytes) and a
+    multipart/related one (the File's JSON, then the bytes); the file then serves a batch as any other."""
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in request_lines(2, prefix=f"whole-{how[:3]}"))
+    if how == "multipart":
+        boundary = "batchd-boundary-42"
+        body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                f'{{"file": {{"display_name": "whole-multipart"}}}}\r\n'
+                f"--{boundary}\r\nContent-Type: application/jsonl\r\n\r\n").encode() + data + \
+            f"\r\n--{boundary}--\r\n".encode()
+        response = _post(emulator, "/upload/v1beta/files", content=body, headers={
+            "X-Goog-Upload-Protocol": "multipart", "Content-Type": f"multipart/related; boundary={boundary}"})
+    elif how == "raw header":
+        response = _post(emulator, "/upload/v1beta/files", content=data,
+                         headers={"X-Goog-Upload-Protocol": "raw", "Content-Type": "application/jsonl"})
+    else:
+        response = _post(emulator, "/upload/v1beta/files?uploadType=media", content=data,
+                         headers={"Content-Type": "application/jsonl"})
+    assert response.status_code == 200, response.text
+    file = response.json()["file"]
+    assert file["sizeBytes"] == str(len(data)) and file["mimeType"] == "application/jsonl"
+    assert file.get("displayName") == ("whole-multipart" if how == "multipart" else None)
+    job = wait_done(client, client.batches.create(model=MODEL, src=file["name"]).name)
+    assert len(output_lines(client, job)) == 2
+
+
+def test_a_malformed_multipart_upload_is_a_clear_400(emulator):
+    response = _post(emulator, "/upload/v1beta/files", content=b"--x\r\n\r\nonly one part\r\n--x--\r\n",
+                     headers={"X-Goog-Upload-Protocol": "multipart", "Content-Type": "multipart/related; boundary=x"})
+    assert response.status_code == 400 and "two parts" in response.json()["error"]["message"]
+
+
+def test_single_quoted_bodies_are_read_as_googles_parser_reads_them(emulator):
+    body = "{'contents': [{'parts': [{'text': 'It\\'s \"quoted\" in caf\\u00e9'}]}], \"generationConfig\": {'temperature': 0.1}}"
+    response = _post(emulator, f"/v1beta/models/{MODEL}:generateContent", content=body.encode(),
+                     headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["candidates"][0]["content"]["parts"][0]["text"].startswith("[emulated")
+    broken = _post(emulator, f"/v1beta/models/{MODEL}:generateContent", content=b"{'contents': [",
+                   headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_browsers_may_call_it_from_any_page(emulator):
+    """CORS, as Google's API answers it: the preflight is allowed and a page can read the answer and
+    the upload protocol's headers (the browser build of the JS SDK needs both)."""
+    import httpx2 as httpx
+
+    origin = "http://localhost:5173"
+    preflight = httpx.options(emulator.base_url + f"/v1beta/models/{MODEL}:generateContent", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-goog-api-key"}, timeout=30)
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", origin)
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "x-goog-api-key" in preflight.headers["access-control-allow-headers"].lower()
+    start = _post(emulator, "/upload/v1beta/files", json={"file": {"mime_type": "application/jsonl"}}, headers={
+        "Origin": origin, "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"})
+    assert start.headers["access-control-allow-origin"] in ("*", origin)
+    assert "x-goog-upload-url" in start.headers["access-control-expose-headers"].lower()
