@@ -70,6 +70,12 @@ class EmulatorSettings:
     api_key: str | None = None
     #: Accept exactly the model list, not also Google's current families by pattern (models.py).
     strict_models: bool = False
+    #: Seconds from a cancel request to CANCELLED (None: a tenth of job_seconds, at most 5 s).
+    cancel_seconds: float | None = None
+
+    @property
+    def cancel_delay(self) -> float:
+        return self.cancel_seconds if self.cancel_seconds is not None else min(5.0, self.job_seconds / 10)
 
 
 @dataclass
@@ -351,9 +357,9 @@ class EmulatorApp:
     async def cancel_batch(self, call: Call) -> Response:
         job = self._job(call)
         view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
-        if not view.terminal:  # cancelling a finished job changes nothing
-            self.runner.abandon(job["id"])
-            await run_in_threadpool(self.store.update_job, job["id"], cancelTime=time.time(),
+        if not view.terminal and job.get("cancelTime") is None:  # cancelling a finished job changes nothing
+            # Asynchronous, as Google's: the job is CANCELLED once the cancel takes effect, a moment later.
+            await run_in_threadpool(self.store.update_job, job["id"], cancelTime=time.time() + self.settings.cancel_delay,
                                     succeeded=view.succeeded, failed=view.failed)
         return json_response({})
 

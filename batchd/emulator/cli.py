@@ -42,6 +42,8 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
               help="How long a batch job takes from PENDING to SUCCEEDED.")
 @click.option("--expire-seconds", default=48 * 3600.0, show_default=True, type=click.FloatRange(min=0),
               help="Jobs not finished after this long become EXPIRED; files are kept this long.")
+@click.option("--cancel-seconds", type=click.FloatRange(min=0), default=None,
+              help="How long a cancel takes to make a job CANCELLED (default: a tenth of --job-seconds, at most 5).")
 @click.option("--api-key", help="Accept only this x-goog-api-key (default: any non-empty key).")
 @click.option("--model", "models", multiple=True,
               help=f"A known model id (repeatable; replaces the default list: {', '.join(DEFAULT_MODELS)}; "
@@ -57,7 +59,8 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
 @click.option("--exit-with-parent", is_flag=True, hidden=True,
               help="Shut down when standard input closes (the embedded emulator of `batchd run`).")
 def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: float, expire_seconds: float,
-                     api_key: str | None, models: tuple[str, ...], strict_models: bool, faults: tuple[str, ...],
+                     cancel_seconds: float | None, api_key: str | None, models: tuple[str, ...],
+                     strict_models: bool, faults: tuple[str, ...],
                      responder_spec: str | None, access_log: bool, exit_with_parent: bool) -> None:
     """Serve a local Gemini Batch API emulator until SIGINT/SIGTERM.
 
@@ -70,5 +73,6 @@ def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: 
     if exit_with_parent:
         _exit_when_stdin_closes()
     serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
-          api_key=api_key, models=list(models) or None, strict_models=strict_models, faults=list(faults), responder=responder,
+          cancel_seconds=cancel_seconds, api_key=api_key, models=list(models) or None, strict_models=strict_models,
+          faults=list(faults), responder=responder,
           access_log=access_log)

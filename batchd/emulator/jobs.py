@@ -82,9 +82,6 @@ def view_job(job: Doc, now: float, progress: tuple[int, int], expire_seconds: fl
     expires = created + expire_seconds
     faults = job_faults(tuple(job["faults"]))
 
-    if job.get("cancelTime") is not None:
-        cancelled = job["cancelTime"]
-        return JobView("CANCELLED", cancelled, cancelled, job.get("succeeded", 0), job.get("failed", 0))
     if faults.stuck_pending:
         finish, final_state = None, None
     elif faults.job_failed or faults.job_expired:
@@ -94,6 +91,11 @@ def view_job(job: Doc, now: float, progress: tuple[int, int], expire_seconds: fl
     else:
         finish, final_state = None, None
 
+    # Cancel is asynchronous, as Google's: the job goes on until its cancelTime, and one that ends
+    # before then ends as it would have (a client must expect SUCCEEDED after asking to cancel).
+    cancelled = job.get("cancelTime")
+    if cancelled is not None and now >= cancelled and (finish is None or finish > cancelled):
+        return JobView("CANCELLED", cancelled, cancelled, job.get("succeeded", 0), job.get("failed", 0))
     if now >= expires and (finish is None or finish > expires):
         return JobView("EXPIRED", expires, expires, 0, 0)
     if finish is not None and now >= finish:
@@ -226,6 +228,9 @@ class BatchRunner:
         self._progress[job_id] = (done, failed)
         if job_id in self._abandoned or self._stopping.is_set():
             raise _Abandoned
+        cancelled = (self.store.jobs.get(job_id) or {}).get("cancelTime")
+        if cancelled is not None and time.time() >= cancelled:
+            raise _Abandoned  # its cancel took effect
 
     def _run_inline(self, job: Doc) -> tuple[int, int]:
         job_id, kind, model = job["id"], job["kind"], job["model"]

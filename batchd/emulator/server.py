@@ -56,6 +56,7 @@ class EmulatorServer:
         api_key: str | None = None,
         models: Sequence[str] | None = None,
         strict_models: bool = False,
+        cancel_seconds: float | None = None,
         faults: Sequence[str] = (),
         responder: Responder | None = None,
         access_log: bool = False,
@@ -65,7 +66,7 @@ class EmulatorServer:
         self.host = host
         self._requested_port = port
         self._settings = EmulatorSettings(job_seconds=job_seconds, expire_seconds=expire_seconds, api_key=api_key,
-                                          strict_models=strict_models)
+                                          strict_models=strict_models, cancel_seconds=cancel_seconds)
         self._models = list(models) if models else None
         self._faults = list(faults)  # parsed now by EmulatorApp, so a bad spec fails at start
         self._responder = responder or EmulatedResponder()

@@ -135,7 +135,7 @@ def test_list_pages_cancel_and_delete(client: genai.Client, emulator, version: s
     assert len(listed) == len(set(listed))
 
     client.batches.cancel(name=names[0])
-    assert client.batches.get(name=names[0]).state == types.JobState.JOB_STATE_CANCELLED
+    assert wait_done(client, names[0]).state == types.JobState.JOB_STATE_CANCELLED  # asynchronous
 
     deleted = client.batches.delete(name=names[1])
     assert deleted is not None
@@ -237,7 +237,9 @@ def test_every_route_async(client: genai.Client, tmp_path: Path, emulator, versi
         stuck = make_client(emulator.base_url, version, fault="stuck-pending").aio
         to_cancel = await stuck.batches.create(model=MODEL, src=inline_requests(1))
         await aio.batches.cancel(name=to_cancel.name)
-        assert (await aio.batches.get(name=to_cancel.name)).state == types.JobState.JOB_STATE_CANCELLED
+        while not (cancelled := await aio.batches.get(name=to_cancel.name)).done:
+            await asyncio.sleep(0.05)
+        assert cancelled.state == types.JobState.JOB_STATE_CANCELLED
         await aio.batches.delete(name=to_cancel.name)
         await aio.files.delete(name=uploaded.name)
         assert (await aio.models.count_tokens(model=MODEL, contents="abcd")).total_tokens == 1
@@ -432,3 +434,21 @@ def test_browsers_may_call_it_from_any_page(emulator):
         "Origin": origin, "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"})
     assert start.headers["access-control-allow-origin"] in ("*", origin)
     assert "x-goog-upload-url" in start.headers["access-control-expose-headers"].lower()
+
+
+def test_cancel_is_asynchronous_and_a_job_that_ends_first_ends_as_it_would_have(tmp_path: Path):
+    """As Google's: cancel answers at once, the job is CANCELLED a moment later, and a job that ends
+    before the cancel takes effect ends SUCCEEDED (a client must expect that after asking to cancel)."""
+    with EmulatorServer(tmp_path / "slow-cancel", job_seconds=30, cancel_seconds=1.5) as emulator:
+        client = make_client(emulator.base_url)
+        running = client.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": "to-cancel"})
+        client.batches.cancel(name=running.name)
+        assert client.batches.get(name=running.name).state == types.JobState.JOB_STATE_PENDING  # not yet
+        client.batches.cancel(name=running.name)  # asking again changes nothing
+        assert wait_done(client, running.name).state == types.JobState.JOB_STATE_CANCELLED
+    with EmulatorServer(tmp_path / "race", job_seconds=0.2, cancel_seconds=5) as emulator:
+        client = make_client(emulator.base_url)
+        racing = client.batches.create(model=MODEL, src=inline_requests(1), config={"display_name": "race"})
+        client.batches.cancel(name=racing.name)
+        ended = wait_done(client, racing.name)
+        assert ended.state == types.JobState.JOB_STATE_SUCCEEDED and ended.dest.inlined_responses
