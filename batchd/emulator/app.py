@@ -46,6 +46,7 @@ from batchd.emulator.jobs import (BatchRunner, JobView, job_faults, needs_proces
 from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
+from batchd.emulator.webhooks import JWKS_PATH, WebhookService, check_webhook_config
 from batchd.emulator.wire import double_quoted, has_snake_case_keys, new_id, to_camel_case
 
 log = logging.getLogger("batchd.emulator")
@@ -72,6 +73,10 @@ class EmulatorSettings:
     strict_models: bool = False
     #: Seconds from a cancel request to CANCELLED (None: a tenth of job_seconds, at most 5 s).
     cancel_seconds: float | None = None
+
+    #: Webhook deliveries: seconds before the first retry (doubling after), and tries in all.
+    webhook_retry_seconds: float = 1.0
+    webhook_attempts: int = 8
 
     @property
     def cancel_delay(self) -> float:
@@ -139,8 +144,13 @@ class EmulatorApp:
         self.uploads_by_display_name: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self.runner.resume()
+        self.webhooks = WebhookService(
+            self.store, view=lambda job, now: view_job(job, now, self.runner.progress(job["id"]), settings.expire_seconds),
+            retry_seconds=settings.webhook_retry_seconds, attempts=settings.webhook_attempts)
+        self.webhooks.start()
         self.asgi = Starlette(routes=[
             Route("/_emulator/stats", self.stats, methods=["GET"]),
+            Route(JWKS_PATH, self.jwks, methods=["GET"]),
             Route("/{path:path}", self.dispatch, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ], middleware=[
             # Browsers reach Google's API from any page (the browser build of the JS SDK): preflights
@@ -150,6 +160,7 @@ class EmulatorApp:
         ])
 
     def close(self) -> None:
+        self.webhooks.stop()
         self.runner.stop()
         self.store.close()
 
@@ -217,9 +228,10 @@ class EmulatorApp:
 
     # -- request bodies ---------------------------------------------------------------------------
 
-    async def read_json(self, call: Call) -> dict:
-        """The request body as camelCase JSON; refuses bodies over 20 MB without reading them whole."""
-        return self.parse_json(await self._read_body(call))
+    async def read_json(self, call: Call, *, camel: bool = True) -> dict:
+        """The request body as camelCase JSON (as it came with ``camel=False``: the WebhookService
+        speaks snake_case); refuses bodies over 20 MB without reading them whole."""
+        return self.parse_json(await self._read_body(call), camel=camel)
 
     @staticmethod
     async def _read_body(call: Call) -> bytes:
@@ -232,7 +244,7 @@ class EmulatorApp:
         return b"".join(chunks)
 
     @staticmethod
-    def parse_json(raw: bytes) -> dict:
+    def parse_json(raw: bytes, *, camel: bool = True) -> dict:
         """A JSON object, as Google's proto-JSON parser reads one: single-quoted strings included (its
         own curl samples send them); renamed to camelCase."""
         if not raw.strip():
@@ -247,7 +259,7 @@ class EmulatorApp:
             raw = b"_"  # renamed below, whatever it holds
         if not isinstance(body, dict):
             raise invalid("Invalid JSON payload received. Expected an object.")
-        return to_camel_case(body) if has_snake_case_keys(raw) else body
+        return to_camel_case(body) if camel and has_snake_case_keys(raw) else body
 
     # -- batches ----------------------------------------------------------------------------------
 
@@ -276,6 +288,7 @@ class EmulatorApp:
         file_name = input_config.get("fileName")
         inline = (input_config.get("requests") or {}).get("requests")
         job_id = new_id(36)
+        check_webhook_config(batch.get("webhookConfig"))
         job = {
             "id": job_id, "kind": kind, "model": model, "displayName": batch.get("displayName"),
             "createTime": time.time(), "jobSeconds": self.settings.job_seconds, "inputFile": None,
@@ -296,7 +309,12 @@ class EmulatorApp:
         # The job exists from now, once its input is checked (a large body or file takes a while): its
         # clock starts here, and the create answers PENDING, as Google's does, however long that took.
         job["createTime"] = time.time()
+        if batch.get("webhookConfig"):
+            job["webhookConfig"] = batch["webhookConfig"]
+        job.update(self.webhooks.job_created(job) or {})
         self.store.save_job(job)
+        if job.get("webhookWatch"):
+            self.webhooks.watch(job_id)
         with self._counts_lock:
             self.creates_by_display_name[job["displayName"] or ""] += 1
         if needs_processing(job):
@@ -370,6 +388,49 @@ class EmulatorApp:
         self.runner.abandon(job["id"])
         await run_in_threadpool(self.store.delete_job, job["id"])
         return json_response({})
+
+    # -- webhooks ---------------------------------------------------------------------------------
+
+    @route("POST", None, r"webhooks", "webhooks")
+    async def create_webhook(self, call: Call) -> Response:
+        body = await self.read_json(call, camel=False)
+        return json_response(await run_in_threadpool(self.webhooks.create, body))
+
+    @route("GET", None, r"webhooks", "webhooks")
+    async def list_webhooks(self, call: Call) -> Response:
+        webhooks = self.webhooks.list()
+        page, token = _page(webhooks, call, DEFAULT_MODEL_PAGE_SIZE, MAX_MODEL_PAGE_SIZE, lambda w: (0.0, w["id"]))
+        return json_response({"webhooks": page, **({"next_page_token": token} if token else {})})
+
+    @route("GET", None, r"webhooks/(?P<id>[^/:]+)", "webhooks")
+    async def get_webhook(self, call: Call) -> Response:
+        return json_response(self.webhooks.get(call.params["id"]))
+
+    @route("PATCH", None, r"webhooks/(?P<id>[^/:]+)", "webhooks")
+    async def update_webhook(self, call: Call) -> Response:
+        body = await self.read_json(call, camel=False)
+        mask = call.query("updateMask", "update_mask")
+        return json_response(await run_in_threadpool(self.webhooks.update, call.params["id"], body, mask))
+
+    @route("DELETE", None, r"webhooks/(?P<id>[^/:]+)", "webhooks")
+    async def delete_webhook(self, call: Call) -> Response:
+        await run_in_threadpool(self.webhooks.delete, call.params["id"])
+        return json_response({})
+
+    @route("POST", None, r"webhooks/(?P<id>[^/:]+):ping", "webhooks")
+    async def ping_webhook(self, call: Call) -> Response:
+        await run_in_threadpool(self.webhooks.ping, call.params["id"])
+        return json_response({})
+
+    @route("POST", None, r"webhooks/(?P<id>[^/:]+):rotateSigningSecret", "webhooks")
+    async def rotate_webhook_secret(self, call: Call) -> Response:
+        body = await self.read_json(call, camel=False)
+        secret = await run_in_threadpool(self.webhooks.rotate, call.params["id"], body.get("revocation_behavior"))
+        return json_response({"secret": secret})
+
+    async def jwks(self, request: Request) -> Response:
+        """The keys that sign per-job webhook deliveries (public, like Google's)."""
+        return json_response(self.webhooks.signer.jwks())
 
     # -- models (online) --------------------------------------------------------------------------
 

@@ -16,11 +16,15 @@
                | "stuck-pending"                      the job stays PENDING (until it expires)
                | "list-lag=" N | "list-lag=" SECONDS "s"  the job is left out of its first N list
                                                       passes / of lists for SECONDS after its create
+               | "webhook-lost"                       the job's webhook events are never delivered
+               | "webhook-duplicate"                  each of its webhook events is delivered twice
+               | "webhook-late=" SECONDS              its webhook events leave SECONDS late
     TRIGGER   := ":" RATE        with this probability (seeded, reproducible)
                | "/" N           on every N-th matching request (the N-th, 2N-th, ...)
                | "*" K           on the first K matching requests only
     ROUTE     := create | get | list | cancel | delete | upload-start | upload-chunk | file-get
-               | file-list | file-delete | download | count-tokens | generate | embed
+               | file-list | file-delete | download | count-tokens | generate | embed | model-get
+               | model-list | webhooks
                | batches | files | models | upload      (groups)
 
 Examples: ``503``, ``http=429:0.2``, ``503/3@get`` (every third get), ``500*1@create`` (the first
@@ -52,7 +56,7 @@ from batchd.emulator.errors import STATUS_NAMES, ApiError, injected, invalid
 ROUTES = frozenset({
     "create", "get", "list", "cancel", "delete",
     "upload-start", "upload-chunk", "file-get", "file-list", "file-delete", "download",
-    "count-tokens", "generate", "embed", "model-get", "model-list",
+    "count-tokens", "generate", "embed", "model-get", "model-list", "webhooks",
 })
 ROUTE_GROUPS = {
     "batches": frozenset({"create", "get", "list", "cancel", "delete"}),
@@ -62,7 +66,7 @@ ROUTE_GROUPS = {
 }
 REQUEST_FAULTS = frozenset({"http", "slow", "late"})
 JOB_FAULTS = frozenset({"fail-requests", "drop-metadata", "shuffle", "job-failed", "job-expired", "stuck-pending",
-                        "list-lag"})
+                        "list-lag", "webhook-lost", "webhook-duplicate", "webhook-late"})
 
 HEADER = "x-emulator-fault"
 
@@ -123,6 +127,15 @@ def _parse_job_fault(spec: str, name: str, has_value: str, value: str, display_n
         raise ValueError(f"fault {spec!r}: fail-requests needs a fraction, e.g. fail-requests=0.1")
     if name == "list-lag":
         return _parse_list_lag(spec, value if has_value else "")
+    if name == "webhook-late":
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not has_value or not seconds >= 0:
+            raise ValueError(f"fault {spec!r}: webhook-late needs seconds, e.g. webhook-late=3")
+        return Fault(text=spec, kind=name, seconds=seconds,
+                     display_name=display_name.strip() if display_name is not None else None)
     if has_value and name not in ("fail-requests", "drop-metadata"):
         raise ValueError(f"fault {spec!r}: {name} takes no value")
     fraction = _fraction(value, spec) if has_value else 1.0
@@ -311,6 +324,11 @@ class JobFaults:
         #: List passes that leave the job out, and seconds after its create that lists leave it out.
         self.list_lag_lists = lag.lists if lag else 0
         self.list_lag_seconds = lag.seconds if lag else 0.0
+        self.webhook_lost = "webhook-lost" in kinds
+        self.webhook_duplicate = "webhook-duplicate" in kinds
+        late = kinds.get("webhook-late")
+        #: Seconds the job's webhook events wait before their first delivery attempt.
+        self.webhook_late_seconds = late.seconds if late else 0.0
 
     @property
     def produces_results(self) -> bool:

@@ -57,6 +57,8 @@ class EmulatorServer:
         models: Sequence[str] | None = None,
         strict_models: bool = False,
         cancel_seconds: float | None = None,
+        webhook_retry_seconds: float = 1.0,
+        webhook_attempts: int = 8,
         faults: Sequence[str] = (),
         responder: Responder | None = None,
         access_log: bool = False,
@@ -66,7 +68,9 @@ class EmulatorServer:
         self.host = host
         self._requested_port = port
         self._settings = EmulatorSettings(job_seconds=job_seconds, expire_seconds=expire_seconds, api_key=api_key,
-                                          strict_models=strict_models, cancel_seconds=cancel_seconds)
+                                          strict_models=strict_models, cancel_seconds=cancel_seconds,
+                                          webhook_retry_seconds=webhook_retry_seconds,
+                                          webhook_attempts=webhook_attempts)
         self._models = list(models) if models else None
         self._faults = list(faults)  # parsed now by EmulatorApp, so a bad spec fails at start
         self._responder = responder or EmulatedResponder()

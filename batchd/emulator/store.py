@@ -9,6 +9,9 @@ Layout of a state directory::
     blobs/<id>                 its bytes (uploaded, or a job's generated output ``batch-<job id>``)
     uploads/<id>.json          an open resumable upload session
     uploads/<id>.part          the bytes received so far
+    webhooks/<id>.json         a static webhook, with its signing secrets
+    deliveries/<id>.json       a webhook event not yet acknowledged by its receiver
+    webhook-signing-key.pem    the key that signs per-job webhooks' JWTs (published as a JWKS)
 
 The daemon using the emulator is tested by SIGKILLing its process, emulator thread included, at
 arbitrary points. So every document is replaced atomically (write a temporary file, rename it over
@@ -81,7 +84,9 @@ class Store:
         self.files_dir = root / "files"
         self.blobs_dir = root / "blobs"
         self.uploads_dir = root / "uploads"
-        for folder in (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir):
+        self.webhooks_dir = root / "webhooks"
+        self.deliveries_dir = root / "deliveries"
+        for folder in self._folders():
             folder.mkdir(parents=True, exist_ok=True)
         self._owner = _lock_state_dir(root)
         # One lock serializes document updates, so a read-modify-write (cancel racing a finishing
@@ -91,6 +96,9 @@ class Store:
         self.jobs: dict[str, Doc] = self._load(self.batches_dir, skip_suffixes=(".input.json", ".output.json"))
         self.files: dict[str, Doc] = self._load(self.files_dir)
         self.uploads: dict[str, Doc] = self._load(self.uploads_dir)
+        self.webhooks: dict[str, Doc] = self._load(self.webhooks_dir)
+        #: Webhook deliveries not yet acknowledged (each retried until it is, or gives up).
+        self.deliveries: dict[str, Doc] = self._load(self.deliveries_dir)
         for part in self.uploads_dir.glob("*.part"):
             if part.name.removesuffix(".part") not in self.uploads:  # session doc never written
                 part.unlink(missing_ok=True)
@@ -162,11 +170,37 @@ class Store:
             (self.uploads_dir / f"{upload_id}.json").unlink(missing_ok=True)
             self.upload_part(upload_id).unlink(missing_ok=True)
 
+    # -- webhooks and their deliveries ------------------------------------------------------------
+
+    def save_webhook(self, webhook: Doc) -> None:
+        with self._lock:
+            atomic_write_json(self.webhooks_dir / f"{webhook['id']}.json", webhook)
+            self.webhooks[webhook["id"]] = webhook
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        with self._lock:
+            self.webhooks.pop(webhook_id, None)
+            (self.webhooks_dir / f"{webhook_id}.json").unlink(missing_ok=True)
+
+    def save_delivery(self, delivery: Doc) -> None:
+        with self._lock:
+            atomic_write_json(self.deliveries_dir / f"{delivery['id']}.json", delivery)
+            self.deliveries[delivery["id"]] = delivery
+
+    def delete_delivery(self, delivery_id: str) -> None:
+        with self._lock:
+            self.deliveries.pop(delivery_id, None)
+            (self.deliveries_dir / f"{delivery_id}.json").unlink(missing_ok=True)
+
     # -- start-up ---------------------------------------------------------------------------------
+
+    def _folders(self) -> tuple[Path, ...]:
+        return (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir, self.webhooks_dir,
+                self.deliveries_dir)
 
     def _remove_leftovers(self) -> None:
         """Temporary files and unfinished outputs of a killed process are never valid state."""
-        for folder in (self.batches_dir, self.files_dir, self.blobs_dir, self.uploads_dir):
+        for folder in self._folders():
             for path in folder.glob(".*.tmp"):
                 path.unlink(missing_ok=True)
         for path in self.blobs_dir.glob("*.part"):
