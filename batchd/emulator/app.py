@@ -531,6 +531,7 @@ class EmulatorApp:
         if protocol != "resumable":
             raise invalid(f"Unknown upload protocol {protocol!r}: use resumable, multipart or raw.")
         body = await self.read_json(call)
+        shapes.check(body, shapes.create_file_request())
         upload_id = await run_in_threadpool(self.uploads.start, body, call.request.headers,
                                             call.request.headers.get(FAULT_HEADER))
         url = f"{call.base_url}/upload/{call.version}/files?upload_id={upload_id}&upload_protocol=resumable"
@@ -566,6 +567,7 @@ class EmulatorApp:
             body = self.parse_json(parts[0].get_payload(decode=True) or b"{}")
         except ApiError:
             raise invalid("The first part of a multipart upload must be the File's JSON metadata.") from None
+        shapes.check(body, shapes.create_file_request())
         meta = dict(body.get("file") or {})
         meta.setdefault("mimeType", parts[1].get_content_type())
         return meta, parts[1].get_payload(decode=True) or b""

@@ -191,6 +191,7 @@ def read_sdk_types() -> dict[str, Message]:
     # A line of a batch's JSONL input file, less its request (checked on its own, as the batch's
     # kind says); a line that is a bare request is checked as a request.
     sdk.new("BatchRequestLine", {"key": STRING, "request": Anything(), "metadata": Struct()})
+    sdk.new("CreateFileRequest", {"file": sdk.message(types.File)})
     webhook_config = sdk.message(types.WebhookConfig)
     for kind, request in (("Generate", generate), ("Embed", embed)):
         inlined = sdk.new(f"Inlined{kind}Request", {"request": request, "metadata": Struct()})
@@ -269,6 +270,11 @@ def count_tokens_request() -> Message:
 
 def batch_request_line() -> Message:
     return messages()["BatchRequestLine"]
+
+
+def create_file_request() -> Message:
+    """The JSON of an upload's start (resumable) or first part (multipart): ``{"file": File}``."""
+    return messages()["CreateFileRequest"]
 
 
 def batch_create_request(kind: str) -> Message:

@@ -162,3 +162,12 @@ def test_everything_the_sdk_sends_is_accepted(client: genai.Client):
                                            config=types.EmbedContentConfig(task_type="RETRIEVAL_DOCUMENT",
                                                                            output_dimensionality=8))
     assert [len(e.values) for e in embedded.embeddings] == [8, 8]
+
+
+def test_an_upload_whose_file_metadata_google_would_not_parse_is_refused(emulator: EmulatorServer):
+    response = httpx.post(emulator.base_url + "/upload/v1beta/files", json={"file": {"displayNme": "typo",
+                                                                                     "mimeType": "text/plain"}},
+                          headers={"x-goog-api-key": API_KEY, "X-Goog-Upload-Protocol": "resumable",
+                                   "X-Goog-Upload-Command": "start"}, timeout=30)
+    error = refusal(response)
+    assert error["message"] == "Invalid JSON payload received. Unknown name \"displayNme\" at 'file': Cannot find field."
