@@ -293,6 +293,9 @@ class BatchRunner:
         return done - failed, failed
 
 
+#: The names a JSONL input line may have besides its request's (shapes.batch_request_line).
+_LINE_KEYS = frozenset({"key", "request", "metadata"})
+
 #: One encoder for every output line (json.dumps with options builds a new one per call).
 _encode_line = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
@@ -319,7 +322,8 @@ class _LineAnswerer:
                 item = to_camel_case(item)
             if "request" in item:
                 key = item.get("key", key)
-                shapes.check(item, shapes.batch_request_line())
+                if not (item.keys() <= _LINE_KEYS and isinstance(key, str)):  # else nothing to check
+                    shapes.check(item, shapes.batch_request_line())
                 request, path = item["request"], "request"
             else:
                 request, path = item, ""

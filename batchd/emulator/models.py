@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 from batchd.emulator.errors import not_found
 
@@ -70,6 +71,7 @@ def model_resource(model_id: str) -> dict:
             "topP": 0.95, "topK": 64, "thinking": thinks(model_id)}
 
 
+@lru_cache(maxsize=256)
 def thinks(model_id: str) -> bool:
     """Whether the model thinks by default (Gemini 2.5 and later, not their image or lite variants)."""
     match = re.match(r"gemini-(\d+)(?:\.(\d+))?-", model_id)

@@ -57,10 +57,13 @@ class Scalar:
     """A protocol buffer scalar; ``name`` is how Google's errors call it (``TYPE_FLOAT``)."""
 
     name: str
+    #: The Python types it takes without a closer look (any other value is judged by _fits).
+    at_once: tuple[type, ...] = ()
 
 
-STRING, BOOL, INT, FLOAT, BYTES = (Scalar("TYPE_STRING"), Scalar("TYPE_BOOL"), Scalar("TYPE_INT32"),
-                                   Scalar("TYPE_FLOAT"), Scalar("TYPE_BYTES"))
+STRING, BOOL, INT, FLOAT, BYTES = (Scalar("TYPE_STRING", (str,)), Scalar("TYPE_BOOL", (bool,)),
+                                   Scalar("TYPE_INT32", (int,)), Scalar("TYPE_FLOAT", (int, float)),
+                                   Scalar("TYPE_BYTES"))
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,12 @@ class Message:
     name: str
     #: By protocol buffer (snake_case) name; filled after creation, as messages nest in themselves.
     fields: dict[str, Shape] = field(default_factory=dict)
-    #: Either spelling of a field's name → its snake_case name.
-    names: dict[str, str] = field(default_factory=dict)
+    #: Either spelling of a field's name → its snake_case name and shape (one lookup per key checked).
+    names: dict[str, tuple[str, Shape]] = field(default_factory=dict)
 
     def add(self, name: str, shape: Shape) -> None:
         self.fields[name] = shape
-        self.names[name] = name
-        self.names[_camel(name)] = name
+        self.names[name] = self.names[_camel(name)] = (name, shape)
 
 
 Shape = Union[Scalar, Enum, Struct, Anything, Repeated, Map, Message]
@@ -326,15 +328,19 @@ def _check_message(value: Any, message: Message, path: str, out: Violations) -> 
         out.add(path, f"Invalid value at '{path}' ({TYPE_URL}{message.name}), {_quoted(value)}")
         return
     for key, item in value.items():
-        if out.full:
+        if len(out.found) >= MAX_VIOLATIONS:
             return
-        name = message.names.get(key)
-        if name is None:
+        found = message.names.get(key)
+        if found is None:
             where = f" at '{path}'" if path else ""
             out.add(path, f'Invalid JSON payload received. Unknown name "{key}"{where}: Cannot find field.')
             continue
-        if item is not None:  # null is "not set" in proto3 JSON
-            _check_value(item, message.fields[name], f"{path}.{name}" if path else name, out)
+        name, shape = found
+        if item is None:  # null is "not set" in proto3 JSON
+            continue
+        if type(shape) is Scalar and type(item) in shape.at_once:  # the usual case: a string where one belongs
+            continue
+        _check_value(item, shape, f"{path}.{name}" if path else name, out)
 
 
 def _check_value(value: Any, shape: Shape, path: str, out: Violations) -> None:
