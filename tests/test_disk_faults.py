@@ -227,6 +227,7 @@ def test_on_a_real_full_disk_the_free_space_floor_stops_claims_until_there_is_ro
     assert all(count == 1 for count in creates_by_display_name(emulator).values())
 
 
+@pytest.mark.slow  # an edge case; the slow step runs it
 def test_on_a_real_full_disk_jobs_in_flight_are_delivered_once_space_frees(small_disk: Path, tmp_path: Path):
     """The disk fills up completely while the remote batches run. Whatever step meets it (storing
     results, writing the outbox, a journal commit), no job fails, none is half delivered, and the

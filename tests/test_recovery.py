@@ -200,6 +200,7 @@ def test_sigterm_around_a_cancel_exits_0_and_the_restart_finishes_the_cancel(wor
     assert_invariants(workspace, [dropped], jobs)
 
 
+@pytest.mark.slow  # an edge of recovery; the slow step runs it
 def test_a_duplicate_killed_right_after_its_claim_is_still_a_duplicate(workspace: Workspace):
     """The verdict of a claim is committed with it: recovery finishes the claim, never re-runs the content."""
     workspace.drop("one.toml", TRANSLATE)
@@ -216,6 +217,7 @@ def test_a_duplicate_killed_right_after_its_claim_is_still_a_duplicate(workspace
     assert len(remote_jobs(workspace)) == 1, "the same content was billed twice"
 
 
+@pytest.mark.slow  # an edge of recovery; the slow step runs it
 def test_a_new_manifest_under_the_name_of_one_killed_after_its_claim_is_a_job_of_its_own(workspace: Workspace):
     """Killed right after a claim; a producer then drops another file under the same name. Recovery
     finishes the first claim without touching the newcomer, which becomes a job of its own."""
@@ -245,6 +247,7 @@ def test_a_fifo_killed_right_after_its_claim_is_delivered_rejected_not_opened(wo
     assert Path(workspace.state / "jobs").exists() and not list((workspace.state / "jobs").iterdir())
 
 
+@pytest.mark.slow  # an edge of recovery; the slow step runs it
 def test_spools_a_crash_left_behind_are_removed_at_start(workspace: Workspace):
     """Killed between a job's 'done' commit and removing its spool, or between making a spool and
     recording its job: recovery removes those spools, and only those."""

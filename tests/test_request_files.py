@@ -216,6 +216,7 @@ def test_a_failing_delete_is_retried_and_never_fails_the_job(workspace: Workspac
         assert [c["upload_state"] for c in chunk_rows(workspace)] == ["deleted"]
 
 
+@pytest.mark.slow  # an edge case; the slow step runs it
 def test_a_delete_that_keeps_failing_is_left_for_a_later_round(workspace: Workspace, tmp_path: Path, daemon):
     """Every retry of the first round fails: the job is still delivered; the next start deletes the file."""
     with Emulator(tmp_path / "service", faults=["500*5@file-delete"]) as emulator:
