@@ -22,11 +22,13 @@ in how per-call options are merged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
 import os
 import re
+import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -398,6 +400,19 @@ def inline_results(items: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any
 # The provider
 
 
+@functools.lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """The trust google-genai would set up on its own: ``SSL_CERT_FILE``/``SSL_CERT_DIR`` when set, else
+    the operating system's store (httpx2's default), made once per process."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE"), capath=os.environ.get("SSL_CERT_DIR"))
+    try:
+        import httpx2
+    except ImportError:  # an SDK build on plain httpx
+        return ssl.create_default_context()
+    return httpx2.create_ssl_context()
+
+
 class Provider:
     """Submit, reconcile, poll, fetch and cancel Gemini batch jobs."""
 
@@ -418,7 +433,11 @@ class Provider:
         JSON request (proxies, tracing).
         """
         self._retry = retry
-        options: dict[str, Any] = {"api_version": api_version, "timeout": int(timeout_s * 1000)}
+        # One TLS context for both clients and all their transports: left to itself, the SDK loads the
+        # CA bundle three times a client (sync, async, websocket), a quarter of a second per daemon start.
+        tls = tls_context()
+        options: dict[str, Any] = {"api_version": api_version, "timeout": int(timeout_s * 1000),
+                                   "client_args": {"verify": tls}, "async_client_args": {"verify": tls, "ssl": tls}}
         if base_url:
             options["base_url"] = base_url
         if headers:

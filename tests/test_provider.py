@@ -31,6 +31,7 @@ from batchd.provider import (
     is_retryable,
     read_results_file,
     short_state,
+    tls_context,
 )
 
 MODEL = "gemini-2.5-flash"
@@ -430,3 +431,12 @@ def test_bad_batch_names_are_refused_before_any_request(provider: Provider) -> N
         provider.get("batches/../files/x")
     with pytest.raises(ProviderError):
         provider.cancel("abc")
+
+
+def test_both_clients_share_one_tls_context_made_once_per_process():
+    """Left alone, google-genai loads the CA bundle three times a client; batchd makes one context."""
+    first = Provider(api_key="k", base_url="http://127.0.0.1:9")
+    second = Provider(api_key="k", base_url="http://127.0.0.1:9")
+    contexts = {id(client._api_client._http_options.client_args["verify"])
+                for provider in (first, second) for client in (provider._retrying_client, provider._single_shot_client)}
+    assert contexts == {id(tls_context())}
