@@ -481,8 +481,8 @@ class EmulatorApp:
         for index, request in enumerate(requests):
             check_embed_request(request, f"BatchEmbedContentsRequest.requests[{index}]", path=f"requests[{index}]")
 
-        def embed_all() -> list:
-            return [self.answerer.embed(request, model)["embedding"] for request in requests]
+        def embed_all() -> list:  # every request was checked above: the responder answers them
+            return [self.responder.embed(request, model)["embedding"] for request in requests]
 
         return json_response({"embeddings": await run_in_threadpool(embed_all)})
 

@@ -314,12 +314,6 @@ def check(body: Any, message: Message, path: str = "") -> None:
         raise violations.error()
 
 
-def violations_of(body: Any, message: Message, path: str = "") -> Violations:
-    violations = Violations()
-    _check_message(body, message, path, violations)
-    return violations
-
-
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -328,7 +322,7 @@ def _check_message(value: Any, message: Message, path: str, out: Violations) -> 
         out.add(path, f"Invalid value at '{path}' ({TYPE_URL}{message.name}), {_quoted(value)}")
         return
     for key, item in value.items():
-        if len(out.found) >= MAX_VIOLATIONS:
+        if out.full:
             return
         found = message.names.get(key)
         if found is None:

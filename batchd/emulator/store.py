@@ -144,53 +144,42 @@ class Store:
             for path in (self.batches_dir / f"{job_id}.json", self.job_input(job_id), self.job_output(job_id)):
                 path.unlink(missing_ok=True)
 
-    # -- files ------------------------------------------------------------------------------------
+    # -- files, upload sessions, webhooks and deliveries: one document each ----------------------
+
+    def _put(self, folder: Path, docs: dict[str, Doc], doc: Doc) -> None:
+        with self._lock:
+            atomic_write_json(folder / f"{doc['id']}.json", doc)
+            docs[doc["id"]] = doc
+
+    def _drop(self, folder: Path, docs: dict[str, Doc], doc_id: str, *also: Path) -> None:
+        with self._lock:
+            docs.pop(doc_id, None)
+            for path in (folder / f"{doc_id}.json", *also):
+                path.unlink(missing_ok=True)
 
     def save_file(self, file: Doc) -> None:
-        with self._lock:
-            atomic_write_json(self.files_dir / f"{file['id']}.json", file)
-            self.files[file["id"]] = file
+        self._put(self.files_dir, self.files, file)
 
     def delete_file(self, file_id: str) -> None:
-        with self._lock:
-            self.files.pop(file_id, None)
-            (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
-            self.blob(file_id).unlink(missing_ok=True)
-
-    # -- upload sessions --------------------------------------------------------------------------
+        self._drop(self.files_dir, self.files, file_id, self.blob(file_id))
 
     def save_upload(self, upload: Doc) -> None:
-        with self._lock:
-            atomic_write_json(self.uploads_dir / f"{upload['id']}.json", upload)
-            self.uploads[upload["id"]] = upload
+        self._put(self.uploads_dir, self.uploads, upload)
 
     def delete_upload(self, upload_id: str) -> None:
-        with self._lock:
-            self.uploads.pop(upload_id, None)
-            (self.uploads_dir / f"{upload_id}.json").unlink(missing_ok=True)
-            self.upload_part(upload_id).unlink(missing_ok=True)
-
-    # -- webhooks and their deliveries ------------------------------------------------------------
+        self._drop(self.uploads_dir, self.uploads, upload_id, self.upload_part(upload_id))
 
     def save_webhook(self, webhook: Doc) -> None:
-        with self._lock:
-            atomic_write_json(self.webhooks_dir / f"{webhook['id']}.json", webhook)
-            self.webhooks[webhook["id"]] = webhook
+        self._put(self.webhooks_dir, self.webhooks, webhook)
 
     def delete_webhook(self, webhook_id: str) -> None:
-        with self._lock:
-            self.webhooks.pop(webhook_id, None)
-            (self.webhooks_dir / f"{webhook_id}.json").unlink(missing_ok=True)
+        self._drop(self.webhooks_dir, self.webhooks, webhook_id)
 
     def save_delivery(self, delivery: Doc) -> None:
-        with self._lock:
-            atomic_write_json(self.deliveries_dir / f"{delivery['id']}.json", delivery)
-            self.deliveries[delivery["id"]] = delivery
+        self._put(self.deliveries_dir, self.deliveries, delivery)
 
     def delete_delivery(self, delivery_id: str) -> None:
-        with self._lock:
-            self.deliveries.pop(delivery_id, None)
-            (self.deliveries_dir / f"{delivery_id}.json").unlink(missing_ok=True)
+        self._drop(self.deliveries_dir, self.deliveries, delivery_id)
 
     # -- start-up ---------------------------------------------------------------------------------
 
