@@ -295,14 +295,27 @@ class EventDispatcher:
         return wanted
 
     def pump(self) -> None:
-        """Record what the workers delivered (one transaction), time out hung calls, and top up
-        each worker with the deliveries that are due."""
+        """:meth:`record`, then :meth:`hand_out` (the daemon's loop calls them apart, around its commit)."""
+        self.record()
+        self.hand_out()
+
+    def record(self) -> None:
+        """Record what the workers delivered and time out hung calls. Called inside the loop's journal
+        group, the records commit with the tick's transitions: a delivery recorded later than it was
+        made is at worst made again after a crash, as any delivery cut short by one."""
         if not self.delivers:
             return
         self._collect(self.settings().notify.timeout_seconds)
-        released = self._forget_returned_calls()
+        if self._forget_returned_calls():
+            self._next_check = 0.0  # a hung call returned: its plugin may take deliveries again
+
+    def hand_out(self) -> None:
+        """Top up each worker with the deliveries that are due (committed events only: call it outside
+        a journal group, or after its commit)."""
+        if not self.delivers:
+            return
         now = time.time()
-        if not released and now < self._next_check and self.journal.events_added == self._events_seen:
+        if now < self._next_check and self.journal.events_added == self._events_seen:
             return
         self._events_seen = self.journal.events_added
         settings = self.settings()

@@ -567,6 +567,8 @@ class _Record:
 
 #: Records validated together: big enough to amortize the per-call costs, small enough for memory.
 _BATCH = 256
+#: Item ids kept in a dict for the duplicate check before they move to a temporary database (_SeenIds).
+SEEN_IN_MEMORY = 1_000
 
 
 def _batches(records: Iterable[_Record], size: int) -> Iterator[tuple[list[_Record], ManifestError | None]]:
@@ -762,22 +764,28 @@ def _numbered_lines(path: Path, limits: ManifestLimits) -> Iterator[tuple[int, s
 class _SeenIds:
     """Ids met so far, for duplicate detection without holding millions of ids in memory.
 
-    A temporary SQLite database keeps its pages in a small cache and spills to a temp file,
-    so a million-row input costs a few MB at most.
+    The first :data:`SEEN_IN_MEMORY` ids are kept in a dict (most manifests hold a few items, and a
+    temporary database costs a connection and four statements); past that they move to a temporary
+    SQLite database, which keeps its pages in a small cache and spills to a temp file, so a
+    million-row input costs a few MB at most.
     """
 
     def __init__(self, *, enabled: bool) -> None:
+        self._enabled = enabled
+        self._memory: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
-        if enabled:
-            # "" = private temporary database on disk. check_same_thread=False: it belongs to one
-            # generator, used by one thread at a time, but a generator may be closed (or collected)
-            # on another thread than the one that started it, e.g. a build given up on.
-            self._db = sqlite3.connect("", check_same_thread=False)
-            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID")
 
     def add_many(self, entries: list[tuple[str, str]]) -> tuple[int, str] | None:
         """Record ``(item_id, location)`` pairs; for the first duplicate, its index and where it was first seen."""
-        if self._db is None or not entries:
+        if not self._enabled or not entries:
+            return None
+        if self._db is None and len(self._memory) + len(entries) > SEEN_IN_MEMORY:
+            self._spill()
+        if self._db is None:
+            for index, (item_id, location) in enumerate(entries):
+                if item_id in self._memory:
+                    return index, self._memory[item_id]
+                self._memory[item_id] = location
             return None
         changes = self._db.total_changes
         self._db.execute("SAVEPOINT batch")
@@ -796,12 +804,28 @@ class _SeenIds:
 
     def add(self, item_id: str, location: str) -> str | None:
         """Record ``item_id``; return where it was first seen if it is a duplicate."""
+        if not self._enabled:
+            return None
+        if self._db is None and len(self._memory) >= SEEN_IN_MEMORY:
+            self._spill()
         if self._db is None:
+            if item_id in self._memory:
+                return self._memory[item_id]
+            self._memory[item_id] = location
             return None
         inserted = self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (item_id, location)).rowcount
         if inserted:
             return None
         return self._db.execute("SELECT location FROM seen WHERE id = ?", (item_id,)).fetchone()[0]
+
+    def _spill(self) -> None:
+        # "" = private temporary database on disk. check_same_thread=False: it belongs to one
+        # generator, used by one thread at a time, but a generator may be closed (or collected)
+        # on another thread than the one that started it, e.g. a build given up on.
+        self._db = sqlite3.connect("", check_same_thread=False)
+        self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID")
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", self._memory.items())
+        self._memory = {}
 
     def __enter__(self) -> _SeenIds:
         return self

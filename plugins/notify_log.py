@@ -34,6 +34,8 @@ def fields(event) -> dict:
 
 @hookimpl
 def job_event_kinds(settings):
+    if not log.isEnabledFor(logging.INFO):
+        return ()  # batchd logs at WARNING or above: a line per event would be dropped, so none is queued
     return settings.notify.log.events or None
 
 
@@ -43,3 +45,11 @@ def job_event(event, settings) -> None:
     if wanted and event["kind"] not in wanted:
         return
     log.info("job %s %s", event["job"], event["kind"], extra=fields(event))
+
+
+@hookimpl
+def job_event_batch(events, settings) -> None:
+    # Lines are cheap; one call for many events spares the dispatcher a round trip (and a wake of the
+    # daemon's loop) per event.
+    for event in events:
+        job_event(event, settings)

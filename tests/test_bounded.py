@@ -10,7 +10,7 @@ import pytest
 
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.daemon.admit import TokenCounter
+from batchd.daemon.admit import RATIO_MIN_CHARS, TokenCounter
 from batchd.journal import Journal, journal_path
 from batchd.states import JobState
 from batchd.testing import Workspace
@@ -102,3 +102,15 @@ def test_small_jobs_are_counted_with_a_ratio_a_larger_count_measured():
     other = TokenCounter(lambda: provider).for_model("gemini-2.5-pro")
     other(["z" * 40])
     assert provider.calls == 3, "a ratio is per model"
+
+
+def test_a_burst_of_small_jobs_counts_only_until_their_counts_make_a_ratio():
+    # Each job is far below RATIO_MIN_CHARS: the first ones are counted, and together they measure
+    # the ratio the rest are priced with (a burst of thousands must not make a countTokens call each).
+    provider = CountingProvider()
+    counter = TokenCounter(lambda: provider).for_model("gemini-2.5-flash")
+    prompts = [["order %03d arrived late and the box was damaged" % n, "x" * 150] for n in range(200)]
+    tokens = [counter(prompt) for prompt in prompts]
+    per_job = sum(len(text) for text in prompts[0])
+    assert provider.calls == -(-RATIO_MIN_CHARS // per_job), "counted until the counts cover RATIO_MIN_CHARS"
+    assert tokens[-1] == round(per_job / 4), "the rest priced with the measured ratio"

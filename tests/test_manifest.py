@@ -8,6 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from batchd import manifest as manifest_module
 from batchd.manifest import ManifestError, load_manifest, manifest_json_schema
 from batchd.plugins import get_tasks
 
@@ -396,6 +397,20 @@ def test_a_duplicate_anywhere_in_a_big_file_is_found_after_the_items_before_it(i
     seen, error = _items_then_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "dup.csv"\n'))
     assert seen == ids[:again]
     assert (error.line, error.field) == (again + 2, "id")
+    assert f"duplicate id {ids[first]!r} (first used at line {first + 2})" in error.message
+
+
+@pytest.mark.parametrize("first, again", [(3, 900), (150, 151), (50, 99), (99, 100)])
+def test_a_duplicate_is_found_when_the_ids_seen_move_from_memory_to_a_temporary_database(
+        inbox, monkeypatch, first, again):
+    # The first SEEN_IN_MEMORY ids are held in a dict, the rest in SQLite: a duplicate on either side
+    # of the move, or across it, names where its id was first used.
+    monkeypatch.setattr(manifest_module, "SEEN_IN_MEMORY", 100)
+    ids = [f"r{n}" for n in range(1000)]
+    ids[again] = ids[first]
+    _csv_rows(inbox, "dup.csv", ids)
+    seen, error = _items_then_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "dup.csv"\n'))
+    assert seen == ids[:again]
     assert f"duplicate id {ids[first]!r} (first used at line {first + 2})" in error.message
 
 

@@ -206,6 +206,20 @@ def test_hook_job_event_kinds_unconfigured_notifiers_get_no_deliveries(workspace
     assert [post.event["kind"] for post in posts] == ["succeeded"]
 
 
+def test_hook_job_event_kinds_the_log_plugin_queues_nothing_its_log_level_would_drop(workspace: Workspace):
+    # Its lines are INFO records: under --log-level WARNING none would be written, so no event is
+    # queued for it (a burst would otherwise cost a delivery row and a worker's call per event).
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("--log-level", "WARNING", "run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    entries = deliveries(workspace)
+    assert [entry["event"]["kind"] for entry in entries][-1] == "succeeded"
+    assert all("log" not in entry["deliveries"] for entry in entries)
+    assert "batchd.notify" not in result.stderr
+
+
 def test_hook_job_event_kinds_of_a_third_party_plugin_and_one_that_raises(workspace: Workspace):
     record = workspace.root / "events.jsonl"
     with_plugins(workspace, choosy=CHOOSY, confused=CONFUSED)

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from batchd.costs import JobInfo, RequestStream, spend_of
@@ -34,6 +35,8 @@ HELD_REVIEW_SECONDS = 1.0
 SMALL_COUNT_CHARS = 20_000
 #: How long a model's measured characters-per-token ratio is trusted for small jobs.
 RATIO_TRUSTED_SECONDS = 3600.0
+#: Characters a ratio's counts must cover in all before small jobs are priced with it.
+RATIO_MIN_CHARS = 1000
 
 
 def load_claimed(ctx: Context, job: Job) -> Manifest:
@@ -55,28 +58,53 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
 
 class TokenCounter:
     """countTokens for cost estimates, shared by every job: a small job's prompts are priced with the
-    characters-per-token ratio a larger count of the same model measured, instead of a round trip each
-    (a burst of small manifests otherwise makes one countTokens call per job)."""
+    characters-per-token ratio this model's counts measured, instead of a round trip each (a burst of
+    small manifests otherwise makes one countTokens call per job). The ratio is trusted once counts
+    of :data:`RATIO_MIN_CHARS` characters in all stand behind it (one long prompt, or the first few
+    small jobs), for :data:`RATIO_TRUSTED_SECONDS`; then it is measured anew."""
 
     def __init__(self, provider: Callable[[], Provider]):
         self._provider = provider
-        self._ratios: dict[str, tuple[float, float]] = {}  # model → (chars per token, measured at)
+        self._measured: dict[str, _Ratio] = {}
         self._lock = threading.Lock()
 
     def for_model(self, model: str):
         def count_tokens(texts: list[str]) -> int:
             texts = list(texts)
             chars = sum(len(text) for text in texts)
+            now = time.monotonic()
             with self._lock:
-                ratio = self._ratios.get(model)
-            if ratio is not None and chars < SMALL_COUNT_CHARS and time.monotonic() - ratio[1] < RATIO_TRUSTED_SECONDS:
-                return max(1, round(chars / ratio[0]))
+                ratio = self._measured.get(model)
+                if ratio is not None and now - ratio.started_at >= RATIO_TRUSTED_SECONDS:
+                    del self._measured[model]  # stale: measured anew
+                    ratio = None
+            if ratio is not None and ratio.trusted() and chars < SMALL_COUNT_CHARS:
+                return max(1, round(chars / ratio.chars_per_token()))
             counted = self._provider().count_tokens(model, texts)
-            if counted and chars >= 1000:  # a ratio from a few words is mostly noise
+            if counted:
                 with self._lock:
-                    self._ratios[model] = (chars / counted, time.monotonic())
+                    self._measured.setdefault(model, _Ratio(started_at=now)).add(chars, counted)
             return counted
         return count_tokens
+
+
+@dataclass
+class _Ratio:
+    """Characters and tokens counted for one model since ``started_at``."""
+
+    started_at: float
+    chars: int = 0
+    tokens: int = 0
+
+    def add(self, chars: int, tokens: int) -> None:
+        self.chars += chars
+        self.tokens += tokens
+
+    def trusted(self) -> bool:
+        return self.chars >= RATIO_MIN_CHARS  # a ratio from a few words is mostly noise
+
+    def chars_per_token(self) -> float:
+        return self.chars / self.tokens
 
 
 class Admit:

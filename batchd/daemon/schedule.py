@@ -173,6 +173,7 @@ class Loop:
         try:
             with ctx.journal.group():
                 self._steps(inbox_present)
+                self.events.record()  # what the notification workers delivered commits with the tick
         except OSError as error:
             # A folder the tick moved files into or out of could not be synced before the commit
             # (Journal.sync_before_commit): nothing of the tick is committed or done yet; the next
@@ -180,7 +181,7 @@ class Loop:
             if not fs.is_disk_full(error):
                 raise
             self.disk_full(error, "commit", None)
-        self.events.pump()
+        self.events.hand_out()
         if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
             self.prune_events()
         # Judged at the tick's end, not its start: a pause that ran out during the tick let its
@@ -342,19 +343,20 @@ class Loop:
 
     def _once_done(self) -> bool:
         ctx, s = self.ctx, self.s
+        if ctx.journal.count_jobs(ACTIVE_JOB_STATES) or s.submit.busy() or s.fetch.busy() or s.uploads.busy():
+            return False  # (the inbox is listed only then: a burst would list it on every tick)
         try:
             listed = {p.name for p in ctx.settings.inbox.iterdir()}
         except FileNotFoundError:
             listed = set()  # the inbox is gone: nothing in it is waited for
         present = listed & (self.once_pending - ctx.report.sources)
-        busy = ctx.journal.count_jobs(ACTIVE_JOB_STATES) or s.submit.busy() or s.fetch.busy() or s.uploads.busy()
-        if present and s.intake.claiming_paused and not busy:
+        if present and s.intake.claiming_paused:
             # Waiting for someone to free the disk is a service's job; a one-off run says so and stops.
             log.error("%d manifest(s) left in the inbox unclaimed: %s; free some space and run again",
                       len(present), s.intake.claiming_paused)
             self._once_blocked = True
             return True
-        if present or busy:
+        if present:
             return False
         if s.admit.review_held(force=True):
             return False  # a job the last step made fit (another's actual cost came in) goes now
