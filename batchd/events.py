@@ -263,7 +263,7 @@ class EventDispatcher:
         #: Abandoned workers whose hung call has not returned, by plugin.
         self.hung: dict[str, list[_Worker]] = {plugin: [] for plugin in self.delivers}
         self._next_check = 0.0  # no pending delivery is due before this (time.time())
-        self._events_seen = -1
+        self._deliveries_seen = -1
 
     @property
     def plugins(self) -> tuple[str, ...]:
@@ -315,9 +315,9 @@ class EventDispatcher:
         if not self.delivers:
             return
         now = time.time()
-        if now < self._next_check and self.journal.events_added == self._events_seen:
+        if now < self._next_check and self.journal.deliveries_added == self._deliveries_seen:
             return
-        self._events_seen = self.journal.events_added
+        self._deliveries_seen = self.journal.deliveries_added
         settings = self.settings()
         free = [plugin for plugin in self.delivers if len(self.hung[plugin]) < MAX_ABANDONED_CALLS]
         for plugin in free:

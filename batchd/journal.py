@@ -99,7 +99,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator
 from batchd import fs
 from batchd.durable import fsync_dir
 from batchd.logs import redact, redact_data
-from batchd.states import ACTIVE_JOB_STATES, check_chunk_move, check_job_move
+from batchd.states import ACTIVE_JOB_STATES, CHUNK_SOURCES, JOB_SOURCES, check_chunk_move, check_job_move
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -317,11 +317,11 @@ class Journal:
                 self._db.execute("COMMIT")
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
-        #: Plugins that get a delivery row for every new event (those implementing job_event).
         #: The plugins an event is to be delivered to (one delivery row each); set by the dispatcher.
         self.event_targets: Callable[[dict], Iterable[str]] = lambda event: ()
-        #: Events committed by this process so far (lets the notifier skip queries when none are new).
-        self.events_added = 0
+        #: Delivery rows added by this process so far (lets the dispatcher skip its queries when none
+        #: are new: events no plugin wants add none).
+        self.deliveries_added = 0
         #: Called with a job's id after every commit that changed the job or one of its chunks: the
         #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
         self.on_change: Callable[[str], None] = lambda job_id: None
@@ -528,10 +528,6 @@ class Journal:
 
     @staticmethod
     def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
-        if "state" in fields:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None:
-                check_job_move(row[0], fields["state"])
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
                 fields[name] = _dumps(fields[name])
@@ -539,7 +535,18 @@ class Journal:
             fields["hold"] = redact(fields["hold"])
         fields["updated_at"] = time.time()
         columns = ", ".join(f"{name} = ?" for name in fields)
-        db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+        if "state" not in fields:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+            return
+        # The move is checked by the UPDATE itself (one statement, not a read and a write); when it
+        # changed nothing, the row is read to tell a missing job from a move the tables forbid.
+        sources = JOB_SOURCES.get(fields["state"], (fields["state"],))
+        updated = db.execute(f"UPDATE jobs SET {columns} WHERE id = ? AND state IN ({', '.join('?' * len(sources))})",
+                             (*fields.values(), job_id, *sources)).rowcount
+        if not updated:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                check_job_move(row[0], fields["state"])
 
     def job(self, job_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -671,12 +678,17 @@ class Journal:
                 fields[name] = _dumps(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
         with self.transaction() as db:
-            if "state" in fields:
-                row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
-                if row is not None:
-                    check_chunk_move(row[0], fields["state"])
-            db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
-                       (*fields.values(), job_id, idx))
+            if "state" not in fields:
+                db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
+            else:  # checked as a job's move is (see _update_job)
+                sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
+                updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
+                                     f" AND state IN ({', '.join('?' * len(sources))})",
+                                     (*fields.values(), job_id, idx, *sources)).rowcount
+                if not updated:
+                    row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+                    if row is not None:
+                        check_chunk_move(row[0], fields["state"])
             self._add_events(db, events)
         self.on_change(job_id)
 
@@ -773,11 +785,13 @@ class Journal:
             ).rowcount
             if not inserted:
                 continue  # the same transition again after a crash: the event exists already
-            self.events_added += 1
-            db.executemany(
-                "INSERT OR IGNORE INTO deliveries (event_id, plugin, state, next_at) VALUES (?, ?, 'pending', ?)",
-                [(event["id"], plugin, now) for plugin in self.event_targets(event)],
-            )
+            targets = list(self.event_targets(event))
+            if targets:
+                self.deliveries_added += len(targets)
+                db.executemany(
+                    "INSERT OR IGNORE INTO deliveries (event_id, plugin, state, next_at) VALUES (?, ?, 'pending', ?)",
+                    [(event["id"], plugin, now) for plugin in targets],
+                )
 
     def add_events(self, events: Iterable[dict]) -> None:
         with self.transaction() as db:

@@ -80,6 +80,20 @@ REMOTE_LIVE_CHUNK_STATES = (ChunkState.SUBMITTING, ChunkState.RUNNING)
 CHUNK_DONE_STATES = (ChunkState.FETCHED, ChunkState.SKIPPED)
 
 
+def _sources(moves: frozenset[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """For each state, the states a row may be in to take it (itself included: a field update)."""
+    sources: dict[str, set[str]] = {}
+    for before, after in moves:
+        sources.setdefault(after, {after}).add(before)
+    return {state: tuple(sorted(found)) for state, found in sources.items()}
+
+
+#: State → the job states allowed to move to it (the journal's UPDATE checks the move in its WHERE).
+JOB_SOURCES = _sources(JOB_MOVES)
+#: State → the chunk states allowed to move to it.
+CHUNK_SOURCES = _sources(CHUNK_MOVES)
+
+
 class IllegalMove(RuntimeError):
     """A step tried a transition missing from the tables above: a bug, never bad input."""
 
