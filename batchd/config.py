@@ -68,12 +68,12 @@ class EmulatorSettings(BaseModel):
 #: prices include thinking tokens. Prompts above 200k tokens cost more on the Pro models; that tier
 #: is not modelled. ``[cost.prices]`` in config.toml overrides or extends this table.
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "gemini-3-pro-preview": {"input": 2.00, "output": 12.00},
-    "gemini-3-flash-preview": {"input": 0.50, "output": 3.00},
-    "gemini-2.5-pro": {"input": 1.25, "output": 10.00},
-    "gemini-2.5-flash": {"input": 0.30, "output": 2.50},
-    "gemini-2.5-flash-lite": {"input": 0.10, "output": 0.40},
-    "gemini-2.0-flash": {"input": 0.10, "output": 0.40},
+    "gemini-3-pro-preview": {"input": 2.00, "output": 12.00, "cached_input": 0.20},
+    "gemini-3-flash-preview": {"input": 0.50, "output": 3.00, "cached_input": 0.05},
+    "gemini-2.5-pro": {"input": 1.25, "output": 10.00, "cached_input": 0.125},
+    "gemini-2.5-flash": {"input": 0.30, "output": 2.50, "cached_input": 0.03},
+    "gemini-2.5-flash-lite": {"input": 0.10, "output": 0.40, "cached_input": 0.01},
+    "gemini-2.0-flash": {"input": 0.10, "output": 0.40, "cached_input": 0.025},
     "gemini-2.0-flash-lite": {"input": 0.075, "output": 0.30},
     "gemini-embedding-001": {"input": 0.15, "output": 0.0},
 }
@@ -90,6 +90,9 @@ class ModelPrice(BaseModel):
 
     input: float = Field(ge=0, description="Per million prompt tokens.")
     output: float = Field(ge=0, description="Per million output tokens (thinking tokens included).")
+    cached_input: float | None = Field(
+        None, ge=0, description="Per million prompt tokens served from a context cache (billed as for"
+                                " interactive traffic, without the batch discount); unset: as other prompt tokens.")
 
 
 class CostSettings(BaseModel):

@@ -181,12 +181,12 @@ class CostHooks:
         return bool(self.hook.estimate_cost.get_hookimpls())
 
     def estimate(self, job: JobInfo, requests: Iterable[TaskRequest], count_tokens,
-                 settings: Settings) -> dict | None:
+                 settings: Settings, observed_output: dict | None = None) -> dict | None:
         if not self.hook.estimate_cost.get_hookimpls():
             return None
         try:
             estimate = self.hook.estimate_cost(job=job, requests=requests, count_tokens=count_tokens,
-                                               settings=settings)
+                                               settings=settings, observed_output=observed_output)
         except Exception as error:
             log.exception("job %s: estimate_cost failed", job.id)
             estimate = {"cost": None, "error": f"{type(error).__name__}: {error}"}
@@ -216,13 +216,18 @@ class CostHooks:
 
 
 def summary_cost(cost: dict | None) -> dict | None:
-    """The ``cost`` block of summary.json and of events: estimate, actual and currency, plus details."""
+    """The ``cost`` block of summary.json and of events: estimate, actual and currency; the standard
+    (interactive) price of the same tokens and the saving, of the actual cost once known, else of the
+    estimate; plus details."""
     if not cost:
         return None
     estimate, actual = cost.get("estimate") or {}, cost.get("actual") or {}
+    priced = actual if actual.get("cost") is not None else estimate
     return {
         "estimate": estimate.get("cost"),
         "actual": actual.get("cost"),
+        "standard": priced.get("standard_cost"),
+        "saving": priced.get("saving"),
         "currency": actual.get("currency") or estimate.get("currency"),
         "estimate_details": estimate or None,
         "actual_details": actual or None,

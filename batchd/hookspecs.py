@@ -43,6 +43,7 @@ def estimate_cost(
     requests: Iterable[TaskRequest],
     count_tokens: Callable[[list[str]], int] | None,
     settings: Settings,
+    observed_output: dict[str, int] | None,
 ) -> dict[str, Any] | None:
     """Estimate what a job will cost: before any of it is built when a budget could hold it, else
     in a thread while it is built (from the requests the build reads).
@@ -56,9 +57,13 @@ def estimate_cost(
         total tokens of the given prompt texts, one API call per call; ``None`` when the provider
         has none. It may raise (network, quota): fall back to a local estimate.
     :param settings: the daemon's settings (``settings.cost``).
+    :param observed_output: what earlier delivered jobs of the same task and model came back with:
+        ``{"requests": n, "output_tokens": m}`` (answer and thinking tokens, summed; older jobs
+        count less over time), or ``None`` before the first one.
     :return: ``{"cost": float | None, "currency": str, "input_tokens": int,
         "output_tokens": int, "requests": int, "method": str}`` and any other JSON fields;
-        ``cost`` is ``None`` when the model has no price.
+        ``cost`` is ``None`` when the model has no price. The built-in plugin adds
+        ``standard_cost`` (the same tokens at the interactive price) and ``saving``.
     """
 
 
@@ -108,7 +113,8 @@ def account_cost(job: JobInfo, usage: dict[str, int], settings: Settings) -> dic
         (candidates), ``thoughts_tokens``, ``cached_tokens``, ``total_tokens`` and ``requests``
         (results that carried usage).
     :param settings: the daemon's settings.
-    :return: ``{"cost": float | None, "currency": str, ...}``.
+    :return: ``{"cost": float | None, "currency": str, ...}``; the built-in plugin adds
+        ``standard_cost`` (the same tokens at the interactive price) and ``saving``.
     """
 
 

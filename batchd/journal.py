@@ -200,7 +200,22 @@ CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
 -- inserted with its event): a page of the oldest due ones is read without sorting every pending row.
 CREATE INDEX IF NOT EXISTS deliveries_pending_by_plugin ON deliveries(plugin) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
+
+-- What each task and model answered per request (answer and thoughts, in tokens), summed over
+-- delivered jobs: cost estimates price a job's output by it (plugins/cost.py).
+CREATE TABLE IF NOT EXISTS output_observed (
+    task          TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    requests      INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (task, model)
+);
 """
+
+#: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
+#: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
+OBSERVED_REQUESTS_MAX = 100_000
 
 #: Columns added to ``jobs`` after its first release, added to older journals when opened.
 _ADDED_JOB_COLUMNS = {
@@ -773,6 +788,28 @@ class Journal:
             (since, excluding or ""),
         ).fetchone()
         return float(row[0])
+
+    def observe_output(self, task: str, model: str, requests: int, output_tokens: int) -> None:
+        """Add a delivered job's answers to what its task and model produce per request."""
+        if requests <= 0:
+            return
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO output_observed (task, model, requests, output_tokens, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (task, model) DO UPDATE SET requests = requests + excluded.requests,"
+                " output_tokens = output_tokens + excluded.output_tokens, updated_at = excluded.updated_at",
+                (task, model, requests, output_tokens, time.time()))
+            db.execute("UPDATE output_observed SET requests = requests / 2, output_tokens = output_tokens / 2"
+                       " WHERE task = ? AND model = ? AND requests > ?", (task, model, OBSERVED_REQUESTS_MAX))
+
+    def observed_output(self, task: str | None, model: str | None) -> dict | None:
+        """``{"requests": n, "output_tokens": m}`` earlier jobs of this task and model came back with, or None."""
+        try:
+            row = self._db.execute("SELECT requests, output_tokens FROM output_observed WHERE task = ? AND model = ?",
+                                   (task or "", model or "")).fetchone()
+        except sqlite3.OperationalError:
+            return None  # a journal opened read-only, from a batchd that did not keep it yet
+        return {"requests": row[0], "output_tokens": row[1]} if row else None
 
     # -- events -----------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 A job row is the dict ``batchd status --json`` prints (see ``batchd.cli._job_view``). Progress counts
 requests: a finished chunk counts all of its requests, a running one what its remote ``batchStats``
-say is done. Cost is the row's ``cost`` (``{estimate, actual, currency}``, as in summary.json): the
-actual cost, else the estimate marked ``~``; the column only appears if some job has a cost. Held jobs get a line under the table saying why and how to release them.
+say is done. Cost is the row's ``cost`` (``{estimate, actual, standard, saving, currency}``, as in
+summary.json): the actual cost, else the estimate marked ``~``, and beside it what the batch price
+saves against the interactive one; the columns only appear if some job has a cost. Held jobs get a
+line under the table saying why and how to release them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ def job_cost(job: dict) -> str | None:
     return None
 
 
+def job_saving(job: dict) -> str | None:
+    """What the batch price saves against the interactive one (``~`` while it is the estimate's)."""
+    cost = job.get("cost")
+    if not isinstance(cost, dict) or not _is_number(cost.get("saving")):
+        return None
+    saving = _money(float(cost["saving"]), cost.get("currency") or "USD")
+    return saving if _is_number(cost.get("actual")) else "~" + saving
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -72,8 +83,10 @@ def jobs_table(jobs: list[dict], *, now: float | None = None):
     table = Table(show_edge=False)
     for column in ("job", "manifest", "task", "state", "progress", "done/total"):
         table.add_column(column, justify="right" if column == "done/total" else "left")
-    if any(cost is not None for cost in costs):
+    priced = any(cost is not None for cost in costs)
+    if priced:
         table.add_column("cost", justify="right")
+        table.add_column("saved", justify="right")
     table.add_column("age", justify="right")
     for job, cost in zip(jobs, costs):
         state = job_state(job)
@@ -82,8 +95,8 @@ def jobs_table(jobs: list[dict], *, now: float | None = None):
                           complete_style="green" if job["state"] == "done" else "cyan")
         row = [job["id"], job["manifest"], job["task"] or "-", Text(state, style=_STATE_STYLE.get(state, "")),
                bar if total else Text("-"), f"{job['done']}/{total}" if total else "-"]
-        if len(table.columns) == 8:
-            row.append(cost or "-")
+        if priced:
+            row.extend((cost or "-", job_saving(job) or "-"))
         row.append(age(now - job["created_at"]))
         table.add_row(*row)
     held = [Text(f"{job['id']} ({job['manifest']}) is held: {job['hold']}; "

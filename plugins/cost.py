@@ -4,6 +4,9 @@ Price table: ``cost.prices`` over :data:`batchd.config.DEFAULT_PRICES` (standard
 tokens), times ``1 - cost.batch_discount`` (Batch API: half price). A model is priced by its exact
 name, else by the longest table name it starts with (``gemini-2.5-flash-preview-09-2025`` costs
 what ``gemini-2.5-flash`` costs, ``gemini-2.5-flash-lite-…`` what ``gemini-2.5-flash-lite`` costs).
+Prompt tokens served from a context cache cost the table's ``cached_input`` price, batch or not
+(Google prices cache hits as for interactive traffic). Every price comes with the *standard* price
+of the same tokens (what the interactive API would have charged) and the *saving*.
 
 Estimate (one pass over the job's requests, constant memory):
 
@@ -14,13 +17,13 @@ Estimate (one pass over the job's requests, constant memory):
   larger than the sample is counted exactly.
   Otherwise, or when the call fails, the local rule: 4 characters a token (Google's rule of thumb).
   Structured-output schemas are not counted.
-* output tokens: per request its ``max_output_tokens``, else ``cost.default_output_tokens``, times
-  its ``candidate_count``.
-  The output of thinking models (thinking tokens are billed as output) is what this guess misses
-  most; the actual cost tells.
+* output tokens: what earlier jobs of the same task and model produced per request (answer and
+  thoughts, kept in the journal; at most a request's ``max_output_tokens``), once at least
+  :data:`MIN_OBSERVED_REQUESTS` requests of theirs came back; before that, a request's
+  ``max_output_tokens``, else ``cost.default_output_tokens``. Times its ``candidate_count``.
 
-Actual: the ``usageMetadata`` totals of the results (prompt at the input price; candidates and
-thoughts at the output price).
+Actual: the ``usageMetadata`` totals of the results (prompt at the input price, its cached part at
+the cached price; candidates and thoughts at the output price).
 
 Budgets: ``cost.job_budget`` holds a job whose estimate exceeds it; ``cost.daily_budget`` holds a
 job whose estimate, added to what jobs let through in the last 24 hours count (their actual cost
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from batchd import hookimpl
@@ -41,30 +45,74 @@ from batchd.costs import DAY_SECONDS
 CHARS_PER_TOKEN = 4.0
 #: The sample sent to countTokens is cut to this many characters (long documents): one modest request.
 MAX_SAMPLE_CHARS = 2_000_000
+#: Earlier requests of a task and model needed before their output replaces the rule in estimates.
+MIN_OBSERVED_REQUESTS = 20
 
 
-def _rate(settings, model: str | None) -> tuple[str, float, float] | None:
-    """(priced as, input and output price per token after the batch discount), or None."""
+@dataclass(frozen=True)
+class Rates:
+    """One model's prices per token: batch (after ``cost.batch_discount``) and standard (interactive)."""
+
+    priced_as: str
+    input: float
+    output: float
+    cached_input: float | None  # context-cache hits: the interactive price, batch or not; None: as input
+    discount: float
+
+    def batch(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        cached_tokens = cached_tokens if self.cached_input is not None else 0
+        discounted = ((input_tokens - cached_tokens) * self.input + output_tokens * self.output) * (1 - self.discount)
+        return _round(discounted + cached_tokens * (self.cached_input or 0.0))
+
+    def standard(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        cached_tokens = cached_tokens if self.cached_input is not None else 0
+        return _round((input_tokens - cached_tokens) * self.input + cached_tokens * (self.cached_input or 0.0)
+                      + output_tokens * self.output)
+
+
+def _rates(settings, model: str | None) -> Rates | None:
     found = settings.cost.price_for(model or settings.model)
     if found is None:
         return None
     name, price = found
-    factor = (1 - settings.cost.batch_discount) / 1_000_000
-    return name, price.input * factor, price.output * factor
+    per_token = 1 / 1_000_000
+    cached = None if price.cached_input is None else price.cached_input * per_token
+    return Rates(name, price.input * per_token, price.output * per_token, cached, settings.cost.batch_discount)
+
+
+def _priced(record: dict, rates: Rates | None, model: str | None, cached_tokens: int = 0) -> dict:
+    """``record`` (tokens counted) with its batch cost, its standard (interactive) price and the saving."""
+    if rates is None:
+        record["error"] = f"no price for model {model!r}: add it under [cost.prices] in config.toml"
+        return record
+    tokens = (record["input_tokens"], record["output_tokens"], cached_tokens)
+    record["cost"] = rates.batch(*tokens)
+    record["standard_cost"] = rates.standard(*tokens)
+    record["saving"] = _round(record["standard_cost"] - record["cost"])
+    record["priced_as"] = rates.priced_as
+    return record
 
 
 def _round(amount: float) -> float:
     return round(amount, 8)
 
 
+def _output_guess(observed: dict | None) -> float | None:
+    """Output tokens (thoughts included) per request that earlier jobs of this task and model produced."""
+    if not observed or observed.get("requests", 0) < MIN_OBSERVED_REQUESTS:
+        return None
+    return observed["output_tokens"] / observed["requests"]
+
+
 @hookimpl
-def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
+def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dict[str, Any]:
     cost = settings.cost
     sample_size = cost.count_tokens_sample
     sample: list[str] = []
     sampler = random.Random(job.id)
     chars = sample_chars = 0
-    output_tokens = 0
+    output_tokens = 0.0
+    observed = _output_guess(observed_output)
     count = 0
     for request in requests:
         text = request.prompt
@@ -72,7 +120,9 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
         if system:
             text = f"{system}\n{text}"
         chars += len(text)
-        per_answer = request.config.get("max_output_tokens") or cost.default_output_tokens
+        cap = request.config.get("max_output_tokens")
+        per_answer = (min(observed, cap) if cap else observed) if observed is not None else \
+            cap or cost.default_output_tokens
         output_tokens += per_answer * (request.config.get("candidate_count") or 1)
         # Reservoir sampling: every request is equally likely to be counted, in one pass.
         if count < sample_size:
@@ -98,16 +148,15 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
             elif sample_chars:
                 input_tokens = round(chars * counted / sample_chars)
                 method = f"countTokens: {len(sample)} of {count} prompts, scaled by characters"
+    if observed is not None:
+        output_method = (f"observed: {observed:.1f} tokens a request, as {observed_output['requests']} earlier"
+                         f" requests of this task and model produced")
+    else:
+        output_method = "max_output_tokens, else cost.default_output_tokens, a request"
     estimate = {"cost": None, "currency": cost.currency, "input_tokens": input_tokens,
-                "output_tokens": output_tokens, "requests": count, "method": method}
-    rate = _rate(settings, job.model)
-    if rate is None:
-        estimate["error"] = f"no price for model {job.model!r}: add it under [cost.prices] in config.toml"
-        return estimate
-    priced_as, input_rate, output_rate = rate
-    estimate["cost"] = _round(input_tokens * input_rate + output_tokens * output_rate)
-    estimate["priced_as"] = priced_as
-    return estimate
+                "output_tokens": round(output_tokens), "requests": count, "method": method,
+                "output_method": output_method}
+    return _priced(estimate, _rates(settings, job.model), job.model)
 
 
 @hookimpl
@@ -138,13 +187,9 @@ def check_budget(job, estimate, spent_since, settings) -> str | None:
 @hookimpl
 def account_cost(job, usage, settings) -> dict[str, Any]:
     output_tokens = usage.get("output_tokens", 0) + usage.get("thoughts_tokens", 0)
+    cached_tokens = usage.get("cached_tokens", 0)
     actual = {"cost": None, "currency": settings.cost.currency, "input_tokens": usage.get("prompt_tokens", 0),
               "output_tokens": output_tokens, "requests": usage.get("requests", 0)}
-    rate = _rate(settings, job.model)
-    if rate is None:
-        actual["error"] = f"no price for model {job.model!r}"
-        return actual
-    priced_as, input_rate, output_rate = rate
-    actual["cost"] = _round(actual["input_tokens"] * input_rate + output_tokens * output_rate)
-    actual["priced_as"] = priced_as
-    return actual
+    if cached_tokens:
+        actual["cached_tokens"] = cached_tokens
+    return _priced(actual, _rates(settings, job.model), job.model, cached_tokens)

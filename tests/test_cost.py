@@ -11,6 +11,7 @@ import pytest
 from batchd.config import DEFAULT_PRICES, Settings
 from batchd.costs import JobInfo
 from batchd.journal import Journal, journal_path
+from batchd.task import TaskRequest
 from batchd_plugins import cost as cost_plugin
 from batchd.testing import Workspace
 from conftest import REPO
@@ -55,8 +56,14 @@ def test_hook_estimate_cost_counts_tokens_and_account_cost_prices_the_usage(work
     assert cost["actual"] == pytest.approx(batch_price("gemini-2.5-flash", tokens["prompt"],
                                                        tokens["output"] + tokens["thoughts"]))
     assert cost["actual_details"]["requests"] == 4
+    # The same tokens at the interactive price, and what the batch price saved (half of it).
+    assert cost["standard"] == pytest.approx(2 * cost["actual"])
+    assert cost["saving"] == pytest.approx(cost["actual"])
+    assert cost["estimate_details"]["saving"] == pytest.approx(cost["estimate"])
     (job,) = workspace.status()
-    assert job["cost"]["actual"] == cost["actual"]
+    assert job["cost"]["actual"] == cost["actual"] and job["cost"]["saving"] == cost["saving"]
+    table = workspace.batchd("status").stdout
+    assert "saved" in table and f"${cost['saving']:.4f}" in table
 
 
 def test_hook_estimate_cost_samples_a_big_job_and_falls_back_to_the_local_rule(workspace: Workspace):
@@ -187,6 +194,7 @@ PRICER = '''
 import json, os
 from batchd import hookimpl
 from batchd.journal import Journal, journal_path
+from batchd.task import TaskRequest
 
 @hookimpl
 def estimate_cost(job, requests, settings):
@@ -266,7 +274,8 @@ def test_prices_by_exact_name_else_longest_prefix_and_config_overrides():
 
 def test_hook_check_budget_holds_an_unpriced_job_only_when_a_budget_is_set():
     job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="gemini-flash-latest")
-    estimate = cost_plugin.estimate_cost(job=job, requests=[], count_tokens=None, settings=Settings())
+    estimate = cost_plugin.estimate_cost(job=job, requests=[], count_tokens=None, settings=Settings(),
+                                         observed_output=None)
     assert estimate["cost"] is None and "no price" in estimate["error"]
     assert cost_plugin.check_budget(job=job, estimate=estimate, spent_since=lambda _: 0.0,
                                     settings=Settings()) is None
@@ -282,6 +291,70 @@ def test_hook_account_cost_bills_thinking_tokens_as_output():
     assert actual["output_tokens"] == 1_000_000
     assert actual["cost"] == pytest.approx((1.25 + 10.00) * 0.5)
     assert json.dumps(actual)  # JSON-ready, as summary.json needs
+
+
+def test_hook_account_cost_prices_cached_prompt_tokens_at_the_cached_price_without_the_batch_discount():
+    # Context-cache hits are billed as for interactive traffic: the batch discount applies to the rest.
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="gemini-2.5-flash")
+    usage = {"prompt_tokens": 1_000_000, "cached_tokens": 400_000, "output_tokens": 1_000_000,
+             "thoughts_tokens": 0, "requests": 10}
+    actual = cost_plugin.account_cost(job=job, usage=usage, settings=Settings())
+    assert actual["cached_tokens"] == 400_000
+    assert actual["cost"] == pytest.approx(0.6 * 0.30 * 0.5 + 0.4 * 0.03 + 2.50 * 0.5)
+    assert actual["standard_cost"] == pytest.approx(0.6 * 0.30 + 0.4 * 0.03 + 2.50)
+    assert actual["saving"] == pytest.approx(actual["standard_cost"] - actual["cost"])
+    unlisted = Settings(cost={"prices": {"my-model": {"input": 1.0, "output": 2.0}}})
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="my-model")
+    actual = cost_plugin.account_cost(job=job, usage=usage, settings=unlisted)
+    assert actual["cost"] == pytest.approx((1.0 + 2.0) * 0.5), "no cached price: cached tokens cost as others"
+
+
+def test_hook_estimate_cost_prices_output_by_what_the_task_and_model_produced_before():
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="sentiment", model="gemini-2.5-flash")
+    requests = [TaskRequest(f"k{n}", "short text", {}, {"max_output_tokens": 100} if n % 2 else {})
+                for n in range(10)]
+
+    def estimate(observed):
+        return cost_plugin.estimate_cost(job=job, requests=requests, count_tokens=None, settings=Settings(),
+                                         observed_output=observed)
+
+    assert estimate(None)["output_tokens"] == 5 * 256 + 5 * 100, "the rule: max_output_tokens, else the default"
+    too_few = {"requests": cost_plugin.MIN_OBSERVED_REQUESTS - 1, "output_tokens": 1_000_000}
+    assert estimate(too_few)["output_tokens"] == 5 * 256 + 5 * 100, "a few answers are not a measure yet"
+    calibrated = estimate({"requests": 400, "output_tokens": 400 * 150})
+    assert calibrated["output_tokens"] == 5 * 150 + 5 * 100, "150 a request, at most a request's cap"
+    assert "150.0 tokens a request, as 400 earlier requests" in calibrated["output_method"]
+
+
+def test_an_estimate_learns_the_output_of_earlier_jobs_of_its_task_and_model(workspace: Workspace):
+    # Sentiment answers are a few tokens, far below default_output_tokens: the second job is priced by
+    # what the first actually produced, kept in the journal.
+    texts = ", ".join(f'"review {n}: the parcel came late and the box was torn"' for n in range(25))
+    workspace.drop("first.toml", f'task = "sentiment"\ntexts = [{texts}]\n')
+    assert workspace.batchd("run", "--once").returncode == 0
+    first = workspace.delivered()["first"]
+    workspace.drop("second.toml", f'task = "sentiment"\ntexts = [{texts}]\nmodel = "gemini-2.5-flash"\n')
+    assert workspace.batchd("run", "--once").returncode == 0
+    second = workspace.delivered()["second"]
+
+    produced = first["tokens"]["output"] + first["tokens"]["thoughts"]
+    assert first["cost"]["estimate_details"]["output_tokens"] == 25 * 256, "nothing observed yet: the rule"
+    assert second["cost"]["estimate_details"]["output_tokens"] == pytest.approx(produced, abs=1)
+    assert "earlier requests of this task and model" in second["cost"]["estimate_details"]["output_method"]
+
+
+def test_every_job_is_priced_before_any_of_its_chunks_is_submitted(workspace: Workspace):
+    # No budget: the estimate is made by the build pass, and the job waits for it before its first create.
+    workspace.configure(chunk_max_requests=1)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    estimated = next(n for n, line in enumerate(lines) if "estimated" in line)
+    submitting = [n for n, line in enumerate(lines) if "submitting chunk" in line]
+    assert submitting and estimated < min(submitting), "\n".join(lines)
 
 
 def test_a_journal_from_before_costs_and_events_gains_their_columns(tmp_path):
@@ -324,3 +397,27 @@ def test_hook_estimate_cost_and_account_cost_documented_examples_win_over_the_bu
     assert summary["cost"]["estimate"] == pytest.approx(0.0004)
     assert summary["cost"]["estimate_details"]["method"] == "flat 0.0001 EUR a request"
     assert summary["cost"]["actual"] == pytest.approx(summary["tokens"]["total"] * 2e-7)
+
+
+def test_cli_estimate_prices_a_manifest_with_its_saving_and_submits_nothing(workspace: Workspace):
+    draft = workspace.root / "draft.toml"
+    draft.write_text(TRANSLATE)
+
+    result = workspace.batchd("estimate", str(draft))
+
+    assert result.returncode == 0, result.stderr
+    assert "4 requests to gemini-2.5-flash" in result.stdout
+    assert "countTokens: all 4 prompts" in result.stdout, "counted by a throw-away emulator"
+    assert "standard price" in result.stdout and "saving" in result.stdout
+    priced = json.loads(workspace.batchd("estimate", "--local", "--json", str(draft)).stdout)
+    assert priced["method"].startswith("local") and priced["requests"] == 4
+    assert priced["standard_cost"] == pytest.approx(2 * priced["cost"])
+    assert priced["saving"] == pytest.approx(priced["cost"])
+    assert not list(workspace.inbox.iterdir()) and workspace.status() == [], "nothing dropped, nothing run"
+
+    draft.write_text(TRANSLATE + 'model = "gemini-unheard-of"\n')
+    unpriced = workspace.batchd("estimate", "--local", str(draft))
+    assert unpriced.returncode == 1 and "no price for model 'gemini-unheard-of'" in unpriced.stderr
+    draft.write_text('task = "translate"\n')
+    invalid = workspace.batchd("estimate", "--local", str(draft))
+    assert invalid.returncode == 1 and "draft.toml" in invalid.stderr

@@ -191,7 +191,8 @@ class Admit:
         timeouts = self._timeouts[job.id] = []
         stream = RequestStream(lambda: self._watched_requests(job.id, manifest, timeouts),
                                stopping=ctx.stopping.is_set)
-        self.estimates.start(job.id, ctx.costs.estimate, info, stream, self.tokens.for_model(model), ctx.settings)
+        self.estimates.start(job.id, ctx.costs.estimate, info, stream, self.tokens.for_model(model), ctx.settings,
+                             ctx.journal.observed_output(manifest.task, model))
         return None
 
     def _watched_requests(self, job_id: str, manifest: Manifest, timeouts: list[PluginTimeout]):

@@ -118,6 +118,12 @@ class Build:
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
         log.info("job %s: %d requests in %d chunk(s)", job.id, counts["requests"], counts["chunks"])
 
+    def priced_alongside(self, job_id: str) -> bool:
+        """Whether the job's estimate is made by its build pass: then none of it is submitted before the
+        build ends and the estimate is committed with ``built`` (a job is priced before it is sent)."""
+        builder = self.builders.get(job_id)
+        return builder is not None and builder.estimate is not None
+
     def waiting_for_estimate(self, job_id: str) -> bool:
         builder = self.builders.get(job_id)
         return builder is not None and builder.estimate is not None and not builder.estimate.done()
@@ -141,7 +147,9 @@ class Build:
             # Not estimated before admission (no budget could hold it): price the requests as they are built.
             info = JobInfo.of(replace(job, task=manifest.task, model=model))
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
-            estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings), job.id)
+            observed = ctx.journal.observed_output(manifest.task, model)
+            estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),
+                                         job.id)
             requests = estimate.feed(requests)
         chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                          check_stop=ctx.raise_if_stopping)

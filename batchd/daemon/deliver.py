@@ -149,6 +149,10 @@ class Deliver:
         cost = dict(job.cost or {})
         if usage is not None and ctx.costs.active:
             cost["actual"] = ctx.costs.account(JobInfo.of(job, ctx.settings.model), usage, ctx.settings)
+        if usage is not None and job.task:
+            # What later estimates of this task and model price their output by (commits with 'publishing').
+            ctx.journal.observe_output(job.task, job.model or ctx.settings.model, usage["requests"],
+                                       usage["output_tokens"] + usage["thoughts_tokens"])
         if cost:
             summary["cost"] = summary_cost(cost)
         manifest = spool.manifest_path(job.source)

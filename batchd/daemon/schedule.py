@@ -246,7 +246,7 @@ class Loop:
                 if job.cancel_requested:
                     s.cancel.apply(job)
                 self.steps[job.state](job)
-            elif job.state == JobState.BUILDING:
+            elif job.state == JobState.BUILDING and not s.build.priced_alongside(job.id):
                 s.submit.step(job)
             return
         if job.cancel_requested and s.cancel.apply(job):
@@ -269,10 +269,11 @@ class Loop:
 
     def _building(self, job: Job) -> None:
         # Chunks already built go out while the next one is built, so the service works on chunk n
-        # while chunk n+1 is written.
+        # while chunk n+1 is written; unless the build pass is what prices the job, which must be
+        # priced before any of it is sent.
         self.s.build.step(job)
         job = self.ctx.journal.job(job.id)
-        if job.state in (JobState.BUILDING, JobState.BUILT):
+        if job.state == JobState.BUILT or job.state == JobState.BUILDING and not self.s.build.priced_alongside(job.id):
             self.s.submit.step(job)
 
     def _submitted(self, job: Job) -> None:
