@@ -123,6 +123,7 @@ def remote_names(daemon: Daemon) -> list[str]:
 def test_a_cancelled_job_waits_out_the_grace_period_for_an_unconfirmed_create_and_never_creates_it(daemon: Daemon):
     """Cancel requested, create unconfirmed, no remote job listed: inside the grace period the create
     may yet show up; after it the chunk ends never submitted. Nothing is created for it either way."""
+    daemon.settings.submit_grace_seconds = 30.0  # "inside" must hold on a loaded machine too (not 0.3 s)
     daemon.journal.update_job("j1", cancel_requested=1)
 
     daemon.steps.submit.reconcile()
