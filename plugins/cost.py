@@ -15,9 +15,10 @@ Estimate (one pass over the job's requests, constant memory):
   Otherwise, or when the call fails, the local rule: 4 characters a token (Google's rule of thumb).
   Structured-output schemas are not counted.
 * output tokens: per request its ``max_output_tokens``, else ``cost.default_output_tokens``, times
-  its ``candidate_count``.
-  The output of thinking models (thinking tokens are billed as output) is what this guess misses
-  most; the actual cost tells.
+  its ``candidate_count``, plus its ``thinking_budget`` when that caps the thinking (thinking tokens
+  are billed as output; a full budget is the most a request can spend on them).
+  The thinking of models left to decide (no budget, or -1) is what this guess misses most; the
+  actual cost tells.
 
 Actual: the ``usageMetadata`` totals of the results (prompt at the input price; candidates and
 thoughts at the output price).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from batchd import hookimpl
@@ -51,6 +53,13 @@ def _rate(settings, model: str | None) -> tuple[str, float, float] | None:
     name, price = found
     factor = (1 - settings.cost.batch_discount) / 1_000_000
     return name, price.input * factor, price.output * factor
+
+
+def _thinking_cap(config: Mapping[str, Any]) -> int:
+    """The thinking tokens a request's config caps its thinking at; 0 when it is off or has no cap."""
+    thinking = config.get("thinking_config")
+    budget = thinking.get("thinking_budget") if isinstance(thinking, Mapping) else None
+    return budget if isinstance(budget, int) and budget > 0 else 0
 
 
 def _round(amount: float) -> float:
@@ -73,7 +82,7 @@ def estimate_cost(job, requests, count_tokens, settings) -> dict[str, Any]:
             text = f"{system}\n{text}"
         chars += len(text)
         per_answer = request.config.get("max_output_tokens") or cost.default_output_tokens
-        output_tokens += per_answer * (request.config.get("candidate_count") or 1)
+        output_tokens += per_answer * (request.config.get("candidate_count") or 1) + _thinking_cap(request.config)
         # Reservoir sampling: every request is equally likely to be counted, in one pass.
         if count < sample_size:
             sample.append(text)
