@@ -16,7 +16,8 @@ Estimate (one pass over the job's requests, constant memory):
   Structured-output schemas are not counted.
 * output tokens: per request its ``max_output_tokens``, else ``cost.default_output_tokens``, times
   its ``candidate_count``, plus its ``thinking_budget`` when that caps the thinking (thinking tokens
-  are billed as output; a full budget is the most a request can spend on them).
+  are billed as output; a full budget is the most a request can spend on them). The service counts
+  thinking within ``max_output_tokens`` too, so with both set this errs high, as a budget guard should.
   The thinking of models left to decide (no budget, or -1) is what this guess misses most; the
   actual cost tells.
 
