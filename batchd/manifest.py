@@ -169,21 +169,52 @@ class Manifest:
     def requests(self) -> Iterator[TaskRequest]:
         """The task's requests, each with its complete generation config.
 
-        Precedence: the task's per-request config > the manifest's settings > the task's defaults.
+        Precedence: the task's per-request config > the item's own ``config`` > the manifest's
+        settings > the task's defaults. Each setting is taken whole from the first that sets it:
+        ``thinking_config`` (the manifest's thinking_budget, thinking_level and include_thoughts)
+        and the ``safety_settings`` list too, so a per-request thinking_config replaces the manifest's.
         """
         base_config = {**self.task_plugin.default_config, **self.generation_config()}
-        task_config, config = None, base_config
-        for request in self.task_plugin.requests(self.params, self.inputs):
-            if request.config is not task_config:
-                # Tasks usually give every request the same config object: then they share one
-                # merged config too, which lets the encoder reuse its encoding by identity.
-                task_config, config = request.config, {**base_config, **request.config}
+        items = _ItemConfigs(base_config)
+        task_config, item_config, config = None, base_config, base_config
+        for request in self.task_plugin.requests(self.params, items.following(self.inputs)):
+            if request.config is not task_config or items.config is not item_config:
+                # Tasks usually give every request the same config object, and items seldom have
+                # their own: then requests share one merged config too, which lets the encoder
+                # reuse its encoding by identity.
+                task_config, item_config = request.config, items.config
+                config = {**item_config, **task_config}
             # Built directly rather than with dataclasses.replace(): this runs once per row.
             yield TaskRequest(request.key, request.prompt, request.input, config)
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
         """The entries of ``organized.json`` for results given in request order."""
         return self.task_plugin.organize(results)
+
+
+class _ItemConfigs:
+    """The config of the item a task took last, which its next requests get.
+
+    A task yields an item's requests before it takes the next item (streaming asks no more of
+    it), so an item's own settings apply to the requests that follow it: nothing is kept per item.
+    """
+
+    def __init__(self, base_config: dict[str, Any]) -> None:
+        self._base_config = base_config
+        self._settings: GenerationSettings | None = None
+        #: The base config with the current item's settings over it.
+        self.config = base_config
+
+    def following(self, items: Iterable[BaseModel]) -> Iterator[BaseModel]:
+        """``items``, keeping :attr:`config` that of the one handed out last."""
+        for item in items:
+            settings = getattr(item, "config", None)
+            if not isinstance(settings, GenerationSettings):  # an Item without ItemConfig (or its own `config`)
+                settings = None
+            if settings != self._settings:  # consecutive items with equal settings share one config
+                self._settings = settings
+                self.config = self._base_config if settings is None else {**self._base_config, **settings.as_config()}
+            yield item
 
 
 def load_manifest(
