@@ -218,8 +218,8 @@ class Manifest:
             yield TaskRequest(request.key, request.prompt, request.input, config)
         if wanted:
             listed = ", ".join(repr(key) for key in itertools.islice(wanted, 3))
-            raise ManifestError(self.retry_keys_path, f"{len(wanted):,} listed key(s) the task produces no request "
-                                                      f"for (from this manifest and its input): {listed}"
+            raise ManifestError(self.retry_keys_path, f"the task makes no request of {len(wanted):,} listed key(s) "
+                                                      f"from this manifest and input: {listed}"
                                                       f"{', …' if len(wanted) > 3 else ''}", field="retry_of.keys")
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:

@@ -26,7 +26,7 @@ import tomli_w
 from batchd.config import Settings
 from batchd.inbox import drop_bytes, drop_input, sha256_file
 from batchd.journal import Job, Journal
-from batchd.manifest import MANIFEST_SUFFIXES, ManifestError, load_manifest
+from batchd.manifest import MANIFEST_SUFFIXES, Manifest, ManifestError, load_manifest
 from batchd.states import JobState
 from batchd.task import Task
 
@@ -128,7 +128,7 @@ def _manifest_copy(settings: Settings, job: Job, folder: Path) -> bytes:
     return content
 
 
-def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes):
+def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes) -> Manifest:
     """The job's manifest, read as if it were in the inbox again: the retry's input files are found there, and
     must be the very files the job read (the keys of its requests come from them)."""
     try:

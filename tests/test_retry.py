@@ -172,7 +172,7 @@ def test_a_retry_of_a_job_with_an_input_file_reads_the_same_file(workspace: Work
 
 
 BAD_KEYS = {
-    "unknown": ('"1"\n"no-such-key"\n', "1 listed key(s) the task produces no request for"),
+    "unknown": ('"1"\n"no-such-key"\n', "the task makes no request of 1 listed key(s)"),
     "not-json": ("1\n", "each line of a keys file must be one JSON string"),
     "empty": ("\n", "lists no key"),
     "huge": ('"1"\n' * 400, "larger than 1,024 bytes"),
@@ -221,7 +221,8 @@ def test_requests_are_filtered_by_the_keys_file_for_every_built_in_task(tmp_path
     assert manifest.input_files() == [tmp_path / "keys.jsonl"]
     # A key with a line break, written as a JSON string, is one key.
     write(tmp_path, "keys.jsonl", json.dumps("a\nb") + "\n")
-    write(tmp_path, "items.jsonl", json.dumps({"id": "a\nb", "text": "x"}) + "\n" + json.dumps({"id": "c", "text": "y"}))
+    write(tmp_path, "items.jsonl", "".join(json.dumps(item) + "\n" for item in ({"id": "a\nb", "text": "x"},
+                                                                               {"id": "c", "text": "y"})))
     manifest = load_manifest(write(tmp_path, "s.toml", 'task = "sentiment"\ninput = "items.jsonl"\n'
                                                        'retry_of = {job = "j", keys = "keys.jsonl"}\n'))
     assert [request.key for request in manifest.requests()] == ["a\nb"]
@@ -232,7 +233,7 @@ def test_keys_the_task_never_produces_are_named_in_a_bounded_error(tmp_path: Pat
     manifest = load_manifest(write(tmp_path, "t.toml", TRANSLATE + 'retry_of = {job = "j", keys = "keys.jsonl"}\n'))
     with pytest.raises(ManifestError) as raised:
         list(manifest.requests())
-    assert "1,000 listed key(s)" in str(raised.value) and ", …" in str(raised.value)
+    assert "no request of 1,000 listed key(s)" in str(raised.value) and ", …" in str(raised.value)
     assert len(str(raised.value)) < 400
 
 
