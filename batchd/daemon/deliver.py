@@ -311,6 +311,7 @@ class Deliver:
             "emulated": settings.provider == "emulator",
             "state": state,
             "counts": counts,
+            **({"retry_of": {**job.retry_of, "requests": counts["total"]}} if job.retry_of else {}),
             "timings": {
                 "received": iso(job.created_at),
                 "submitted": iso(job.submitted_at),
