@@ -267,8 +267,11 @@ def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None
     candidate = candidates[0]
     parts = (candidate.get("content") or {}).get("parts") or []
     text = "".join(part.get("text", "") for part in parts if not part.get("thought"))
+    # Thought summaries (include_thoughts) are kept apart: the answer's text must parse as it is.
+    thoughts = "".join(part.get("text", "") for part in parts if part.get("thought")) or None
     if not wants_json:
-        return TaskResult(key=key, input=inputs, status="ok", text=text, data=None, error=None, usage=usage)
+        return TaskResult(key=key, input=inputs, status="ok", text=text, data=None, error=None, usage=usage,
+                          thoughts=thoughts)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -276,5 +279,6 @@ def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None
         return TaskResult(key=key, input=inputs, status="error", text=text, data=None,
                           error={"code": "invalid_json",
                                  "message": f"structured output is not valid JSON ({exc.msg}; finishReason {finish})"},
-                          usage=usage)
-    return TaskResult(key=key, input=inputs, status="ok", text=text, data=data, error=None, usage=usage)
+                          usage=usage, thoughts=thoughts)
+    return TaskResult(key=key, input=inputs, status="ok", text=text, data=data, error=None, usage=usage,
+                      thoughts=thoughts)

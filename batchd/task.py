@@ -217,6 +217,8 @@ class TaskResult:
     #: How the answer was matched to its request: ``"key"``, or ``"position"`` when the service
     #: returned an inline answer without its key (see the outbox's results.jsonl).
     joined_by: Literal["key", "position"] = "key"
+    #: The model's summary of its thinking, when the request asked for it (``include_thoughts``).
+    thoughts: str | None = None
 
     def failure(self) -> str | None:
         """Why this result has no usable text, or ``None`` when it has some."""

@@ -245,6 +245,9 @@ safety_settings = [
     lines = {line["key"]: line for line in map(json.loads, (workspace.outbox / "reviews" / "results.jsonl").open())}
     assert lines["capped"]["usage"]["thoughtsTokenCount"] == 16
     assert "thoughtsTokenCount" not in lines["off"]["usage"]
+    # include_thoughts: the thought summary is kept apart from the answer, which still parses.
+    assert lines["capped"]["thoughts"] and lines["capped"]["thoughts"] not in lines["capped"]["text"]
+    assert lines["capped"]["data"]["label"] and "thoughts" not in lines["off"], "budget 0: no thinking, no summary"
     organized = json.loads((workspace.outbox / "reviews" / "organized.json").read_text())
     assert all("label" in verdict for verdict in organized.values()), organized  # the thought summary is no answer
 

@@ -417,6 +417,8 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
                 extra["with_usage"] += 1
             line = {"key": result.key, "input": result.input, "status": result.status, "text": result.text,
                     "data": result.data, "error": result.error, "usage": result.usage}
+            if result.thoughts is not None:
+                line["thoughts"] = result.thoughts
             if result.joined_by != "key":
                 line["joined_by"] = result.joined_by
                 extra["joined_by_position"] += 1
