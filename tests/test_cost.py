@@ -64,6 +64,9 @@ def test_hook_estimate_cost_counts_tokens_and_account_cost_prices_the_usage(work
     assert job["cost"]["actual"] == cost["actual"] and job["cost"]["saving"] == cost["saving"]
     table = workspace.batchd("status").stdout
     assert "saved" in table and f"${cost['saving']:.4f}" in table
+    # run --once closes with what it delivered, what that cost and where it is.
+    assert (f"run --once: 1 job(s) delivered (1 succeeded), costing {cost['actual']:.6f} USD; "
+            f"results in {workspace.outbox}") in result.stderr
 
 
 def test_hook_estimate_cost_samples_a_big_job_and_falls_back_to_the_local_rule(workspace: Workspace):

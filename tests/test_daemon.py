@@ -325,8 +325,10 @@ def test_emulator_faults_end_in_correct_outboxes(workspace: Workspace, faults: l
         # Joined by key even when the service shuffles and drops metadata: each answer is about its input.
         for line in translate:
             assert line["input"]["text"].split()[0] in line["text"], line
+        assert result.returncode == 0, result.stderr
     else:
         assert any(s["counts"]["failed"] for s in delivered.values())
+        assert result.returncode == 4, result.stderr  # run --once says some requests failed
     if faults == ["drop-metadata"]:
         # Matched by position, and the outbox says so: per result and in the summary.
         for name, total in (("translate", 4), ("sentiment", 3)):

@@ -120,7 +120,10 @@ class Daemon:
             return fs.EXIT_STORAGE
         # A service stopped by SIGTERM exits 0 whatever its jobs did (a failed job is in its
         # summary, not a failure of the service); only --once reports outcomes in its exit code.
-        return self.report.exit_code if self.once else 0
+        if not self.once:
+            return 0
+        log.info("%s", self.report.summary(self.settings.outbox))
+        return self.report.exit_code
 
     def start(self) -> None:
         s = self.settings

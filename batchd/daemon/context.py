@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 from batchd import fs
 from batchd.backoff import Backoff
 from batchd.config import Settings
-from batchd.costs import CostHooks
+from batchd.costs import CostHooks, spend_of
 from batchd.events import make_event
 from batchd.journal import Job, Journal
 from batchd.manifest import ManifestError
@@ -37,6 +38,9 @@ log = logging.getLogger("batchd")
 FAILED_OUTCOMES = ("failed", "rejected")
 #: Exit code of ``batchd run --once`` when nothing failed but jobs are left held (over budget).
 HELD_EXIT_CODE = 3
+#: Exit code of ``batchd run --once`` when every job was delivered, none failed or is held, but some
+#: are ``partial`` (some of their requests failed: ``batchd retry NAME`` sends those again).
+PARTIAL_EXIT_CODE = 4
 #: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
 #: EX_TEMPFAIL: running it again carries on where it stopped.
 INTERRUPTED_EXIT_CODE = 75
@@ -62,10 +66,17 @@ class RunReport:
     held: list[str] = field(default_factory=list)
     #: Whether everything in the inbox was delivered (False: a stop came first).
     finished: bool = False
+    #: What the delivered jobs cost (actual, else estimated), by currency.
+    spent: dict[str, float] = field(default_factory=dict)
 
     def delivered(self, job: Job) -> None:
         self.outcomes[job.id] = job.outcome
         self.sources.add(job.source)
+        amount = spend_of(job.cost)
+        if amount is not None:
+            currency = next((part.get("currency") for part in (job.cost or {}).values()
+                             if isinstance(part, dict) and part.get("currency")), "USD")
+            self.spent[currency] = self.spent.get(currency, 0.0) + amount
 
     @property
     def exit_code(self) -> int:
@@ -73,7 +84,20 @@ class RunReport:
             return 1
         if not self.finished:
             return INTERRUPTED_EXIT_CODE
-        return HELD_EXIT_CODE if self.held else 0
+        if self.held:
+            return HELD_EXIT_CODE
+        return PARTIAL_EXIT_CODE if "partial" in self.outcomes.values() else 0
+
+    def summary(self, outbox: Path) -> str:
+        """The closing line of ``run --once``: what it delivered, what that cost, and where it is."""
+        counts = Counter(self.outcomes.values())
+        if not counts:
+            return "run --once: nothing to do (no manifest in the inbox)"
+        outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        cost = "; ".join(f"{amount:.6f} {currency}" for currency, amount in sorted(self.spent.items()))
+        held = f"; {len(self.held)} held over budget (batchd approve NAME)" if self.held else ""
+        return (f"run --once: {len(self.outcomes)} job(s) delivered ({outcomes}){held}"
+                f"{f', costing {cost}' if cost else ''}; results in {outbox}")
 
 
 @dataclass
