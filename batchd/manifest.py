@@ -553,11 +553,22 @@ def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path)
 def _combined_model(task: Task) -> type[BaseModel]:
     """A model of one task's whole manifest (for the JSON Schema only)."""
     title = "".join(part.capitalize() for part in task.name.split("_")) + "Manifest"
+    fields: dict[str, Any] = {
+        "task": (Literal[task.name], Field(description="The task plugin that handles this manifest.")),
+    }
+    if task.default_model:
+        fields["model"] = (str | None, Field(None, min_length=1,
+                                             description=f"Model name; defaults to {task.default_model}."))
+    if task.kind == "embed":
+        # Embeddings take no generation settings (refused at load): the schema leaves them out.
+        common = {name: (info.annotation, info) for name, info in CommonFields.model_fields.items()
+                  if name not in GenerationSettings.model_fields}
+        return create_model(title, __base__=task.Params, __doc__=task.description or None, **{**common, **fields})
     return create_model(
         title,
         __base__=(task.Params, CommonFields),  # common fields first in the schema
         __doc__=task.description or None,
-        task=(Literal[task.name], Field(description="The task plugin that handles this manifest.")),
+        **fields,
     )
 
 
