@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,10 +17,11 @@ import pytest
 from batchd.emulator.responder import EmulatedResponder
 from batchd.manifest import ManifestError, load_manifest
 from batchd.npy import NpyRowWriter
-from batchd.provider import EmbedRequestEncoder, Provider, inline_embeddings_source
+from batchd.provider import EmbedRequestEncoder, Provider, RemoteJob, inline_embeddings_source
 from batchd.spool import to_embed_result
 from batchd.task import TaskRequest
 from batchd.testing import EMULATOR_API_KEY, DaemonRunner, Workspace
+from test_daemon import assert_one_live_job_per_chunk, request_files
 
 # batchd calls the experimental batches.create_embeddings knowingly (batchd.provider silences it in the daemon).
 pytestmark = pytest.mark.filterwarnings("ignore::google.genai._common.ExperimentalWarning")
@@ -264,3 +266,34 @@ def test_an_embed_manifest_naming_a_generation_model_is_rejected_and_the_daemon_
     assert rejected["state"] == "rejected"
     assert "is a generation model and cannot embed" in rejected["error"]["message"]
     assert np.load(workspace.outbox / "corpus" / "embeddings.npy").shape == (1, 4)
+
+
+@pytest.mark.parametrize("point", ["after-intent", "after-upload", "after-create"])
+def test_killed_around_an_embedding_create_the_restart_delivers_once_and_creates_nothing_twice(
+        workspace: Workspace, point: str):
+    # One inline chunk and one file chunk: every kill point meets both kinds of create.
+    workspace.configure(chunk_max_requests=2, inline_max_requests=1)
+    texts = ["one", "two", "three"]
+    workspace.drop("corpus.toml", f'task = "embed"\noutput_dimensionality = 8\ntexts = {json.dumps(texts)}\n')
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point)
+    assert crashed.wait(120) == -signal.SIGKILL, f"the daemon did not reach crash point {point}"
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    summary = workspace.delivered()["corpus"]
+    assert summary["state"] == "succeeded" and summary["counts"]["total"] == 3
+    assert [b["mode"] for b in summary["remote_batches"]] == ["file", "inline"]
+    embeddings = np.load(workspace.outbox / "corpus" / "embeddings.npy")
+    assert np.array_equal(embeddings, np.array([emulated_vector(t, dimensions=8) for t in texts], dtype=np.float32))
+    assert_one_live_job_per_chunk(workspace)
+    assert request_files(workspace) == [], "a request file was left on the Files API"
+
+
+def test_inline_embeddings_are_read_under_either_output_name():
+    """google-genai reads inline embedding results under inlinedResponses or inlinedEmbedContentResponses."""
+    answers = [{"response": {"embedding": {"values": [1.0]}}}]
+    for name in ("inlinedResponses", "inlinedEmbedContentResponses"):
+        operation = {"name": "batches/b", "metadata": {"state": "BATCH_STATE_SUCCEEDED",
+                                                       "output": {name: {"inlinedResponses": answers}}}}
+        assert RemoteJob.from_operation(operation).inlined == answers
