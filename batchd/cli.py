@@ -303,6 +303,46 @@ def approve(ctx: Context, name: str) -> None:
     _drop_request(ctx.settings(), name, "approve", "approval")
 
 
+@main.command("retry")
+@click.argument("name")
+@click.option("--failed", is_flag=True, help="Send again the requests that failed (any error but \"expired\").")
+@click.option("--expired", is_flag=True, help="Send again the requests whose remote batch expired.")
+@pass_context
+def retry_command(ctx: Context, name: str, failed: bool, expired: bool) -> None:
+    """Send again what failed or expired of job NAME (the manifest's name without extension, or a job id).
+
+    Takes the latest finished job of that name and drops NAME.retry-N (its manifest, plus retry_of)
+    and NAME.retry-N.keys.jsonl (the keys of the requests to send) into the inbox: the daemon runs it
+    as a new job with only those requests, delivered to outbox/NAME.retry-N. Neither flag means both.
+    An input file the job read must still be in the inbox, unchanged.
+
+    Exit status: 0 when the retry was dropped, or there was nothing to retry; 1 when it could not be
+    made (no such job, not finished, its outbox folder or input file gone), with the reason.
+    """
+    from batchd.retry import RetryError, finished_job, retry
+
+    settings = ctx.settings()
+    if not failed and not expired:
+        failed = expired = True
+    journal = _open_journal(settings)
+    if journal is None:
+        raise click.ClickException(f"no job named {name!r}")
+    try:
+        job = finished_job(journal, name)
+        made = retry(settings, journal, ctx.tasks(), job, failed=failed, expired=expired)
+    except RetryError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        journal.close()
+    chosen = " or ".join(kind for kind, wanted in (("failed", failed), ("expired", expired)) if wanted)
+    if made.manifest is None:
+        click.echo(f"job {job.id} ({job.source}, {job.outcome}): nothing to retry (no {chosen} request)")
+        return
+    click.echo(f"retrying {made.failed + made.expired} request(s) of job {job.id} ({job.source}): "
+               f"{made.failed} failed, {made.expired} expired")
+    click.echo(f"submitted {made.manifest} with keys {made.keys}")
+
+
 def _open_journal(settings: Settings):
     from batchd.journal import Journal, journal_path
 
@@ -343,6 +383,7 @@ def _job_view(journal, job) -> dict:
         "cost": summary_cost(job.cost),
         "outbox": job.outbox_dir,
         "error": job.error,
+        "retry_of": job.retry_of,
         "created_at": job.created_at,
         "remote_batches": [
             {"chunk": c.idx, "name": c.remote_name, "state": c.remote_state or c.state,

@@ -223,6 +223,7 @@ _ADDED_JOB_COLUMNS = {
     "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
     "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
     "manifest_sha256": "TEXT",  # the manifest's bytes as checked at the claim (later reads must match)
+    "retry_of": "TEXT",  # JSON {"job", "name"}: the job a retry manifest (`batchd retry`) sends requests of again
     "kind": "TEXT NOT NULL DEFAULT 'generate'",
 }
 #: The same for ``chunks`` and ``remote_jobs``.
@@ -262,6 +263,7 @@ class Job:
     approved: bool = False
     build_stopped: bool = False
     manifest_sha256: str | None = None
+    retry_of: dict | None = None
     kind: str = "generate"
 
 
@@ -300,6 +302,7 @@ def _job(row: sqlite3.Row) -> Job:
     data["error"] = json.loads(data["error"]) if data["error"] else None
     data["chunk_limits"] = json.loads(data["chunk_limits"]) if data["chunk_limits"] else None
     data["cost"] = json.loads(data["cost"]) if data.get("cost") else None
+    data["retry_of"] = json.loads(data["retry_of"]) if data.get("retry_of") else None
     data["cancel_requested"] = bool(data["cancel_requested"])
     data["approved"] = bool(data.get("approved"))
     data["build_stopped"] = bool(data.get("build_stopped"))
@@ -526,15 +529,17 @@ class Journal:
 
     def add_job(self, job_id: str, *, name: str, source: str, state: str = "claiming",
                 sha256: str | None = None, error: dict | None = None, task: str | None = None,
-                model: str | None = None, manifest_sha256: str | None = None, kind: str = "generate") -> None:
+                model: str | None = None, manifest_sha256: str | None = None,
+                retry_of: dict | None = None, kind: str = "generate") -> None:
         """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, kind, manifest_sha256,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " retry_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, source, sha256, state,
-                 _dumps(error) if error is not None else None, task, model, kind, manifest_sha256, now, now),
+                 _dumps(error) if error is not None else None, task, model, kind, manifest_sha256,
+                 _dumps(retry_of) if retry_of is not None else None, now, now),
             )
 
     def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:

@@ -16,11 +16,15 @@ Loading in place and after a claim::
 from __future__ import annotations
 
 import csv
+import errno
 import functools
+import itertools
 import json
 import math
+import os
 import re
 import sqlite3
+import stat
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +65,10 @@ class ManifestLimits(BaseModel):
     integer_digits: int = Field(32, ge=1, le=4300, description="Digits of a whole number in a manifest or JSONL line.")
     error_chars: int = Field(
         2000, ge=100, description="A rejection's message is cut here, with the full length said.")
+    retry_keys_bytes: int = Field(
+        64 * 2**20, ge=1024,
+        description="Size of a retry's keys file (`batchd retry`), in bytes: its keys are held in memory while "
+                    "the retry's requests are built.")
 
 
 #: The limits :func:`load_manifest` applies unless it is given others (batchd's come from ``[limits]``).
@@ -108,6 +116,19 @@ class ManifestError(Exception):
         return f"{where}: {field}{self.message}"
 
 
+class RetryOf(BaseModel):
+    """``retry_of``: what makes a manifest a retry (``batchd retry``), sending again some requests of a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(min_length=1, max_length=200, description="Id of the job whose requests are sent again.")
+    keys: str = Field(
+        min_length=1,
+        description="File next to the manifest (.jsonl) listing the keys of the requests to send, one JSON string a "
+                    "line; the task's other requests are left out.",
+    )
+
+
 class CommonFields(GenerationSettings):
     """Manifest fields shared by every task (plus the generation settings)."""
 
@@ -122,6 +143,8 @@ class CommonFields(GenerationSettings):
     )
     id_column: str = Field("id", min_length=1, description="CSV column / JSONL key holding item ids.")
     text_column: str = Field("text", min_length=1, description="CSV column / JSONL key holding item text.")
+    retry_of: RetryOf | None = Field(
+        None, description="Written by `batchd retry`: the job retried, and the keys of the requests to send again.")
 
 
 #: Names task plugins may not use for their own manifest fields, in declaration order.
@@ -140,6 +163,8 @@ class Manifest:
     input_path: Path | None
     #: What its input file's lines may hold.
     limits: ManifestLimits = DEFAULT_LIMITS
+    #: The resolved keys file of a retry (``retry_of.keys``), or ``None``.
+    retry_keys_path: Path | None = None
 
     @property
     def task(self) -> str:
@@ -165,31 +190,78 @@ class Manifest:
         return Inputs(self)
 
     def input_files(self) -> list[Path]:
-        """Files the manifest reads its items from (absolute paths); empty for inline items."""
-        return [self.input_path] if self.input_path else []
+        """Files the manifest reads (absolute paths): its input file, a retry's keys file; empty for inline items."""
+        return [path for path in (self.input_path, self.retry_keys_path) if path is not None]
 
     def check_inputs(self) -> int:
-        """Read every item once (validation, duplicate ids, emptiness) and return the count."""
+        """Read every item once (validation, duplicate ids, emptiness) and a retry's keys; return the item count."""
+        if self.retry_keys_path is not None:
+            read_retry_keys(self.retry_keys_path, self.limits)
         return sum(1 for _ in self.inputs)
 
     def requests(self) -> Iterator[TaskRequest]:
         """The task's requests, each with its complete generation config.
 
-        Precedence: the task's per-request config > the manifest's settings > the task's defaults.
+        Precedence: the task's per-request config > the item's own ``config`` > the manifest's
+        settings > the task's defaults. Each setting is taken whole from the first that sets it:
+        ``thinking_config`` (the manifest's thinking_budget, thinking_level and include_thoughts)
+        and the ``safety_settings`` list too, so a per-request thinking_config replaces the manifest's.
+        A retry yields only the requests its keys file lists, and raises :class:`ManifestError` at
+        the end if the task produced some listed key not at all.
         """
         base_config = {**self.task_plugin.default_config, **self.generation_config()}
-        task_config, config = None, base_config
-        for request in self.task_plugin.requests(self.params, self.inputs):
-            if request.config is not task_config:
-                # Tasks usually give every request the same config object: then they share one
-                # merged config too, which lets the encoder reuse its encoding by identity.
-                task_config, config = request.config, {**base_config, **request.config}
+        items = _ItemConfigs(base_config)
+        task_config, item_config, config = None, base_config, base_config
+        # Keys are stable across runs of the same manifest and inputs (results are joined by them),
+        # so filtering the task's requests retries exactly the listed ones, for any task.
+        wanted = read_retry_keys(self.retry_keys_path, self.limits) if self.retry_keys_path is not None else None
+        for request in self.task_plugin.requests(self.params, items.following(self.inputs)):
+            if wanted is not None:
+                if request.key not in wanted:
+                    continue
+                wanted.discard(request.key)
+            if request.config is not task_config or items.config is not item_config:
+                # Tasks usually give every request the same config object, and items seldom have
+                # their own: then requests share one merged config too, which lets the encoder
+                # reuse its encoding by identity.
+                task_config, item_config = request.config, items.config
+                config = {**item_config, **task_config}
             # Built directly rather than with dataclasses.replace(): this runs once per row.
             yield TaskRequest(request.key, request.prompt, request.input, config)
+        if wanted:
+            listed = ", ".join(repr(key) for key in itertools.islice(wanted, 3))
+            raise ManifestError(self.retry_keys_path, f"the task makes no request of {len(wanted):,} listed key(s) "
+                                                      f"from this manifest and input: {listed}"
+                                                      f"{', …' if len(wanted) > 3 else ''}", field="retry_of.keys")
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
         """The entries of ``organized.json`` for results given in request order."""
         return self.task_plugin.organize(results)
+
+
+class _ItemConfigs:
+    """The config of the item a task took last, which its next requests get.
+
+    A task yields an item's requests before it takes the next item (streaming asks no more of
+    it), so an item's own settings apply to the requests that follow it: nothing is kept per item.
+    """
+
+    def __init__(self, base_config: dict[str, Any]) -> None:
+        self._base_config = base_config
+        self._settings: GenerationSettings | None = None
+        #: The base config with the current item's settings over it.
+        self.config = base_config
+
+    def following(self, items: Iterable[BaseModel]) -> Iterator[BaseModel]:
+        """``items``, keeping :attr:`config` that of the one handed out last."""
+        for item in items:
+            settings = getattr(item, "config", None)
+            if not isinstance(settings, GenerationSettings):  # an Item without ItemConfig (or its own `config`)
+                settings = None
+            if settings != self._settings:  # consecutive items with equal settings share one config
+                self._settings = settings
+                self.config = self._base_config if settings is None else {**self._base_config, **settings.as_config()}
+            yield item
 
 
 def load_manifest(
@@ -240,8 +312,20 @@ def load_manifest(
         else:
             base = Path(base_dir) if base_dir is not None else path.parent
             input_path = _confined_input(path, common.input, base, Path(root) if root is not None else base)
+    retry_keys_path = None
+    if common.retry_of is not None:
+        keys = common.retry_of.keys
+        if input_dir is not None:
+            retry_keys_path = _confined_input(path, Path(keys).name, input_dir, input_dir, **_KEYS_FILE)
+        else:
+            base = Path(base_dir) if base_dir is not None else path.parent
+            retry_keys_path = _confined_input(path, keys, base, Path(root) if root is not None else base, **_KEYS_FILE)
+        if input_path is not None and retry_keys_path.name == input_path.name:
+            # A claimed job keeps both in one folder, by file name.
+            raise ManifestError(path, "the keys file and the input file need different file names",
+                                field="retry_of.keys")
     manifest = Manifest(path=path, task_plugin=task, common=common, params=params, input_path=input_path,
-                        limits=limits)
+                        limits=limits, retry_keys_path=retry_keys_path)
     if check_inputs:
         manifest.check_inputs()
     return manifest
@@ -527,27 +611,73 @@ def _field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return path
 
 
-def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path) -> Path:
-    """The input file ``reference`` names, checked to exist inside ``root``."""
+#: How :func:`_confined_input` checks a retry's keys file.
+_KEYS_FILE = {"field": "retry_of.keys", "what": "keys file", "suffixes": (".jsonl",)}
+
+
+def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path, *, field: str = "input",
+                    what: str = "input file", suffixes: tuple[str, ...] = INPUT_SUFFIXES) -> Path:
+    """The input file ``reference`` names (or another file the manifest reads), checked to exist inside ``root``."""
     if "\0" in reference:
-        raise ManifestError(manifest_path, "the input file name contains a NUL character", field="input")
+        raise ManifestError(manifest_path, f"the {what} name contains a NUL character", field=field)
     try:
         # Relative to the manifest's folder, never to a home directory (``~user`` is a plain name here).
         candidate = (base / reference).resolve()
         found = candidate.is_file()
     except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ManifestError(manifest_path, f"the input file cannot be looked up: {reason}", field="input") from None
+        raise ManifestError(manifest_path, f"the {what} cannot be looked up: {reason}", field=field) from None
     if not candidate.is_relative_to(root.resolve()):
-        raise ManifestError(manifest_path, f"{reference!r} is outside the inbox ({root})", field="input")
-    if candidate.suffix.lower() not in INPUT_SUFFIXES:
+        raise ManifestError(manifest_path, f"{reference!r} is outside the inbox ({root})", field=field)
+    if candidate.suffix.lower() not in suffixes:
+        kind = what.split()[0]
         raise ManifestError(
-            manifest_path, f"unsupported input type {candidate.suffix!r} (use {', '.join(INPUT_SUFFIXES)})",
-            field="input",
+            manifest_path, f"unsupported {kind} type {candidate.suffix!r} (use {', '.join(suffixes)})", field=field,
         )
     if not found:
-        raise ManifestError(manifest_path, f"input file not found: {candidate}", field="input")
+        raise ManifestError(manifest_path, f"{what} not found: {candidate}", field=field)
     return candidate
+
+
+def read_retry_keys(path: Path, limits: ManifestLimits = DEFAULT_LIMITS) -> set[str]:
+    """The keys a retry's keys file lists: one JSON string a line (any key, even one with a line break).
+
+    The file is opened without following a symlink and checked through that descriptor (a regular
+    file no larger than ``retry_keys_bytes``); what was checked is what is read.
+    """
+    try:
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of blocking.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = "a symlink: batchd never follows one" if exc.errno == errno.ELOOP else exc.strerror
+        raise ManifestError(path, f"cannot read the keys file: {reason}", field="retry_of.keys") from None
+    with open(fd, "rb", buffering=1 << 20) as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(path, "the keys file is not a regular file", field="retry_of.keys")
+        if st.st_size > limits.retry_keys_bytes:
+            raise ManifestError(path, f"the keys file is larger than {limits.retry_keys_bytes:,} bytes ([limits] "
+                                      f"retry_keys_bytes)", field="retry_of.keys")
+        keys: set[str] = set()
+        left = limits.retry_keys_bytes  # a file that grows after the check is still read no further
+        for number, line in enumerate(iter(lambda: file.readline(left + 1), b""), start=1):
+            left -= len(line)
+            if left < 0:
+                raise ManifestError(path, f"the keys file is larger than {limits.retry_keys_bytes:,} bytes "
+                                          f"([limits] retry_keys_bytes)", field="retry_of.keys")
+            if not line.strip():
+                continue
+            try:
+                key = json.loads(line)
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                key = None
+            if not isinstance(key, str) or not is_valid_text(key):
+                raise ManifestError(path, "each line of a keys file must be one JSON string (a request key)",
+                                    field="retry_of.keys", line=number)
+            keys.add(key)
+    if not keys:
+        raise ManifestError(path, "the keys file lists no key", field="retry_of.keys")
+    return keys
 
 
 def _combined_model(task: Task) -> type[BaseModel]:

@@ -102,19 +102,23 @@ class JobFolder:
         with open(src_path, "rb") as src, self.open(name, "wb") as dst:
             shutil.copyfileobj(src, dst, COPY_BLOCK)
 
-    def publish(self, dest: Path, *, sync: DirSync = fsync_dir) -> Path:
+    def sync(self) -> None:
+        """Make the folder's entries durable (in it and any subfolder; files were fsynced as they closed)."""
+        for directory, _subdirs, _files in os.walk(self.staging_dir, topdown=False):
+            fsync_dir(directory, step="publish")
+
+    def publish(self, dest: Path, *, sync: DirSync = fsync_dir, synced: bool = False) -> Path:
         """Rename the finished folder to ``dest`` (which must not exist) and return ``dest``.
 
         ``dest`` comes from :func:`choose_folder` and must already be recorded by the caller.
-        ``sync`` makes the rename durable (see :func:`batchd.durable.durable_move`).
+        ``sync`` makes the rename durable (see :func:`batchd.durable.durable_move`); ``synced``: the
+        folder's own entries were made durable (:meth:`sync`) since its last file was written.
         """
         dest = Path(dest)
         if self.published_to is not None:
             raise RuntimeError(f"{self.staging_dir} was already published to {self.published_to}")
-        # Files were fsynced as they closed; their directory entries (in staging and any
-        # subfolder) must be durable too before the folder becomes visible.
-        for directory, _subdirs, _files in os.walk(self.staging_dir, topdown=False):
-            fsync_dir(directory, step="publish")
+        if not synced:
+            self.sync()
         durable_move(self.staging_dir, dest, step="publish", sync=sync)
         self.published_to = dest
         return dest

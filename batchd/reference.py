@@ -1,8 +1,9 @@
 """Generated files: docs/configuration.md (the settings model), docs/manifests.md (the manifest schema),
-contrib/systemd/batchd.service (the unit template, rendered for example paths) and
-batchd/emulator/shapes.json (the request messages the emulator checks, read from google-genai's types).
+contrib/systemd/batchd.service (the unit template, rendered for example paths),
+batchd/emulator/shapes.json (the request messages the emulator checks, read from google-genai's types)
+and batchd/sdk_enums.json (the google-genai enum values a manifest may name).
 
-All four are written from the code, so they cannot drift from it; a test fails when a committed one
+All five are written from the code, so they cannot drift from it; a test fails when a committed one
 is stale. Regenerate them with::
 
     python -m batchd.reference
@@ -180,15 +181,18 @@ def manifests_reference(tasks: dict | None = None) -> str:
 
 UNIT_EXAMPLE = Path("contrib/systemd/batchd.service")
 EMULATOR_SHAPES = Path("batchd/emulator/shapes.json")
+SDK_ENUMS = Path("batchd/sdk_enums.json")
 
 
 def pages() -> dict[Path, str]:
     """Every generated file, by its path in the repository."""
+    from batchd import sdk_enums
     from batchd.emulator import shapes
     from batchd.service import example_unit
 
     return {CONFIGURATION_PAGE: configuration_reference(), MANIFESTS_PAGE: manifests_reference(),
-            UNIT_EXAMPLE: example_unit(), EMULATOR_SHAPES: shapes.dump(shapes.read_sdk_types())}
+            UNIT_EXAMPLE: example_unit(), EMULATOR_SHAPES: shapes.dump(shapes.read_sdk_types()),
+            SDK_ENUMS: sdk_enums.dump(sdk_enums.read_sdk_enums())}
 
 
 def main() -> None:

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
+
+from batchd import sdk_enums
 
 
 def _number_to_str(value: Any) -> Any:
@@ -31,12 +34,53 @@ ItemId = Annotated[
 ]
 
 
+#: The largest thinking budget a Gemini model takes (2.5 Pro: 32,768 tokens; 2.5 Flash: 24,576).
+MAX_THINKING_BUDGET = 32_768
+
+
+def _sdk_enum(name: str, prefix: str = "") -> Any:
+    """A value of google-genai's enum ``name``, as its wire value: given in any case and, with a
+    ``prefix``, with or without it (``"low"`` is ``"MEDIA_RESOLUTION_LOW"``)."""
+    values = sdk_enums.values(name)
+
+    def wire_value(value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if not value.startswith(prefix):
+                value = prefix + value
+        return value
+
+    # The schema (editors, docs/manifests.md) offers the short lower-case forms beside the wire values.
+    short_forms = [value.removeprefix(prefix).lower() for value in values]
+    return Annotated[Literal[values], BeforeValidator(wire_value),
+                     WithJsonSchema({"type": "string", "enum": [*values, *short_forms]})]
+
+
+ThinkingLevel = _sdk_enum("ThinkingLevel")
+MediaResolution = _sdk_enum("MediaResolution", prefix="MEDIA_RESOLUTION_")
+Modality = _sdk_enum("Modality")
+HarmCategory = _sdk_enum("HarmCategory", prefix="HARM_CATEGORY_")
+HarmBlockThreshold = _sdk_enum("HarmBlockThreshold")
+
+#: The settings that make up the request's one ``thinking_config``.
+THINKING_FIELDS = ("thinking_budget", "thinking_level", "include_thoughts")
+
+
+class SafetySetting(BaseModel):
+    """One ``[[safety_settings]]`` entry: from which probability of harm of a category answers are blocked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: HarmCategory = Field(description='Harm category, e.g. "HARM_CATEGORY_HATE_SPEECH" or "hate_speech".')
+    threshold: HarmBlockThreshold = Field(description='e.g. "BLOCK_ONLY_HIGH", "BLOCK_NONE" or "OFF" (any case).')
+
+
 class GenerationSettings(BaseModel):
     """Generation settings, named as in google-genai's ``GenerateContentConfig``.
 
-    A manifest may set these for all its requests; a task may set them per request in
-    :attr:`TaskRequest.config` (which also admits ``response_mime_type`` and
-    ``response_json_schema``).
+    A manifest may set these for all its requests, an input item for its own (its ``config``
+    table); a task may set them per request in :attr:`TaskRequest.config` (which also admits
+    ``response_mime_type`` and ``response_json_schema``). Enum values are google-genai's, in any case.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -50,11 +94,56 @@ class GenerationSettings(BaseModel):
     seed: int | None = Field(None, description="Seed for more repeatable sampling.")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens already used.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often used.")
+    thinking_budget: int | None = Field(
+        None, ge=-1, le=MAX_THINKING_BUDGET,
+        description=f"Thinking tokens (Gemini 2.5): -1 the model decides, 0 no thinking, N (up to "
+                    f"{MAX_THINKING_BUDGET:,}) at most N. Not with thinking_level.")
+    thinking_level: ThinkingLevel | None = Field(
+        None, description="How much to think (Gemini 3), in any case. Not with thinking_budget.")
+    include_thoughts: bool | None = Field(None, description="Answers start with a summary of the thinking.")
+    media_resolution: MediaResolution | None = Field(
+        None, description='Resolution images and video are read at; "low", "medium", "high" for short.')
+    response_modalities: list[Modality] | None = Field(
+        None, min_length=1, description="What answers may hold, in any case.")
+    safety_settings: list[SafetySetting] | None = Field(
+        None, min_length=1, description="Block thresholds, at most one entry per harm category.")
+
+    @field_validator("thinking_level")
+    @classmethod
+    def _not_with_a_budget(cls, level: str | None, info: ValidationInfo) -> str | None:
+        if level is not None and info.data.get("thinking_budget") is not None:
+            raise ValueError("give thinking_budget or thinking_level, not both: Google refuses a request with "
+                             "both (thinking_level is for Gemini 3 models, thinking_budget for Gemini 2.5)")
+        return level
+
+    @field_validator("safety_settings")
+    @classmethod
+    def _one_entry_per_category(cls, settings: list[SafetySetting] | None) -> list[SafetySetting] | None:
+        seen: set[str] = set()
+        for setting in settings or ():
+            if setting.category in seen:
+                raise ValueError(f"{setting.category} is given more than once")
+            seen.add(setting.category)
+        return settings
 
     def as_config(self) -> dict[str, Any]:
-        """The generation settings that are set, as a request config dict."""
+        """The generation settings that are set, as a request config dict: SDK names, with the
+        thinking fields in one ``thinking_config`` (which google-genai sends as is)."""
         # `include` keeps subclasses' own fields (such as a manifest's `task`) out.
-        return self.model_dump(include=set(GenerationSettings.model_fields), exclude_none=True)
+        config = self.model_dump(include=set(GenerationSettings.model_fields), exclude_none=True)
+        thinking = {name: config.pop(name) for name in THINKING_FIELDS if name in config}
+        if thinking:
+            config["thinking_config"] = thinking
+        return config
+
+
+#: An item's own generation settings, over the manifest's; an ``Item`` model with this ``config``
+#: field lets its items carry them (see :meth:`batchd.manifest.Manifest.requests`).
+ItemConfig = Annotated[
+    GenerationSettings | None,
+    Field(description="This item's own generation settings, over the manifest's: a table of the same fields "
+                      "(an object in a JSONL line)."),
+]
 
 
 class TextItem(BaseModel):
@@ -68,6 +157,7 @@ class TextItem(BaseModel):
 
     id: ItemId | None = Field(None, description="Stable id; defaults to the item's 1-based position.")
     text: str = Field(description="The text.")
+    config: ItemConfig = None
 
     @field_validator("text")
     @classmethod
@@ -104,7 +194,7 @@ class TaskRequest:
     #: Fields echoed into ``results.jsonl`` so each result says what it answers.
     input: dict[str, Any]
     #: Generation settings for this request (snake_case SDK names, see GenerationSettings);
-    #: they win over the manifest's, which win over ``Task.default_config``. Read-only once
+    #: they win over the item's own ``config``, then the manifest's, then ``Task.default_config``. Read-only once
     #: handed over: a task may give every request the same dict (batchd then merges and
     #: encodes it once), but must not change a dict it has already yielded.
     config: dict[str, Any] = field(default_factory=dict)
@@ -160,7 +250,8 @@ class Task:
     description: ClassVar[str] = ""
     #: The task's own manifest fields. Must use ``extra="forbid"`` so typos are reported.
     Params: ClassVar[type[BaseModel]]
-    #: One input item, from an inline list or a row of an input file. Must have an ``id`` field.
+    #: One input item, from an inline list or a row of an input file. Must have an ``id`` field; a
+    #: ``config: ItemConfig`` field lets items carry their own generation settings.
     Item: ClassVar[type[BaseModel]] = TextItem
     #: Generation settings the task works best with; the manifest's settings override them.
     default_config: ClassVar[Mapping[str, Any]] = MappingProxyType({})
@@ -184,7 +275,11 @@ class Task:
         return None
 
     def requests(self, params: BaseModel, items: Iterable[BaseModel]) -> Iterator[TaskRequest]:
-        """Yield the requests for these validated ``Item`` instances (each has a string id)."""
+        """Yield the requests for these validated ``Item`` instances (each has a string id).
+
+        Yield an item's requests before taking the next item: an item's own ``config`` applies to
+        the requests yielded after it is taken.
+        """
         raise NotImplementedError
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:

@@ -19,8 +19,11 @@ Estimate (one pass over the job's requests, constant memory):
   Structured-output schemas are not counted.
 * output tokens: what earlier jobs of the same task and model produced per request (answer and
   thoughts, kept in the journal; at most a request's ``max_output_tokens``), once at least
-  :data:`MIN_OBSERVED_REQUESTS` requests of theirs came back; before that, a request's
-  ``max_output_tokens``, else ``cost.default_output_tokens``. Times its ``candidate_count``.
+  :data:`MIN_OBSERVED_REQUESTS` requests of theirs came back. Before that, a request's
+  ``max_output_tokens``, else ``cost.default_output_tokens``, plus its ``thinking_budget`` when that
+  caps the thinking (thinking tokens are billed as output; a full budget is the most a request can
+  spend on them; the service counts thinking within ``max_output_tokens`` too, so with both set
+  this errs high, as a budget guard should). Times its ``candidate_count``.
   Embeddings (``job.kind`` "embed") have none: their texts (and titles) are all they are billed for.
 
 Actual: the ``usageMetadata`` totals of the results (prompt at the input price, its cached part at
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +98,13 @@ def _priced(record: dict, rates: Rates | None, model: str | None, cached_tokens:
     return record
 
 
+def _thinking_cap(config: Mapping[str, Any]) -> int:
+    """The thinking tokens a request's config caps its thinking at; 0 when it is off or has no cap."""
+    thinking = config.get("thinking_config")
+    budget = thinking.get("thinking_budget") if isinstance(thinking, Mapping) else None
+    return budget if isinstance(budget, int) and budget > 0 else 0
+
+
 def _round(amount: float) -> float:
     return round(amount, 8)
 
@@ -123,11 +134,13 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
         if preamble:
             text = f"{preamble}\n{text}"
         chars += len(text)
-        if not embeds:
+        if not embeds:  # embeddings have no output tokens
             cap = request.config.get("max_output_tokens")
-            per_answer = (min(observed, cap) if cap else observed) if observed is not None else \
-                cap or cost.default_output_tokens
-            output_tokens += per_answer * (request.config.get("candidate_count") or 1)
+            candidates = request.config.get("candidate_count") or 1
+            if observed is not None:  # answers and thoughts, as this task and model produced them
+                output_tokens += (min(observed, cap) if cap else observed) * candidates
+            else:
+                output_tokens += (cap or cost.default_output_tokens) * candidates + _thinking_cap(request.config)
         # Reservoir sampling: every request is equally likely to be counted, in one pass.
         if count < sample_size:
             sample.append(text)

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from batchd import hookimpl
-from batchd.task import ItemId, Task, TaskRequest, TaskResult, error_entry
+from batchd.task import ItemConfig, ItemId, Task, TaskRequest, TaskResult, error_entry
 
 #: A JSON Schema the answers must follow (Gemini's ``response_json_schema``).
 JsonSchema = dict[str, Any]
@@ -115,10 +115,11 @@ class TemplateRow(BaseModel):
     __pydantic_extra__: dict[str, CellValue]
 
     id: ItemId | None = Field(None, description="Stable id; defaults to the row's 1-based position.")
+    config: ItemConfig = None
 
     def values(self) -> dict[str, Any]:
         """The values the template may use: every column, ``id`` included."""
-        return self.model_dump()
+        return self.model_dump(exclude={"config"})
 
 
 class TemplateParams(BaseModel):

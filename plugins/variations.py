@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchd import hookimpl
-from batchd.task import ItemId, Task, TaskRequest, TaskResult, error_entry
+from batchd.task import ItemConfig, ItemId, Task, TaskRequest, TaskResult, error_entry
 
 
 class Variation(BaseModel):
@@ -26,6 +26,7 @@ class Variation(BaseModel):
     style: str = Field("standard", min_length=1, description='e.g. "tweet", "press release", "bullet list".')
     temperature: float | None = Field(None, ge=0, le=2, description="Overrides the manifest's temperature.")
     max_output_tokens: int | None = Field(None, ge=1, description="Overrides the manifest's max_output_tokens.")
+    config: ItemConfig = None
 
 
 class VariationsParams(BaseModel):

@@ -99,8 +99,10 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
 def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_more(workspace: Workspace):
     """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
     the restart builds the recorded chunks again (their index joins the results) and nothing after
-    them; both remote jobs are cancelled and the job is delivered cancelled with those two requests."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600)
+    them; both remote jobs are cancelled and the job is delivered cancelled with those two requests.
+    Without a cost plugin, so that chunks go out while later ones are built (a priced job waits for
+    its whole build pass)."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
@@ -127,8 +129,9 @@ def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_mor
 def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace: Workspace):
     """Killed after the create intent of chunk 0, before the create; cancelled while down. The restart
     reads the cancel before it reconciles, so the unconfirmed chunk is never created: once the grace
-    period shows no remote job it ends never submitted."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600)
+    period shows no remote job it ends never submitted. Without a cost plugin, so that chunk 0 goes
+    out before the rest is built (a priced job waits for its whole build pass)."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     crashed = workspace.start("run", BATCHD_CRASH_AT="after-intent")

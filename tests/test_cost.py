@@ -357,6 +357,22 @@ def test_every_job_is_priced_before_any_of_its_chunks_is_submitted(workspace: Wo
     assert submitting and estimated < min(submitting), "\n".join(lines)
 
 
+def test_hook_estimate_cost_adds_a_capped_thinking_budget_to_the_output():
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="translate", model="gemini-2.5-flash")
+    settings = Settings(cost={"default_output_tokens": 100})
+
+    def output_tokens(thinking_config):
+        config = {"thinking_config": thinking_config} if thinking_config is not None else {}
+        requests = [TaskRequest(key=str(n), prompt="p", input={}, config=config) for n in range(3)]
+        return cost_plugin.estimate_cost(job=job, requests=requests, count_tokens=None,
+                                         settings=settings, observed_output=None)["output_tokens"]
+
+    assert output_tokens({"thinking_budget": 1024, "include_thoughts": True}) == 3 * (100 + 1024)
+    # no thinking, or thinking the model sizes itself: nothing to add
+    assert output_tokens({"thinking_budget": 0}) == output_tokens({"thinking_budget": -1}) == 300
+    assert output_tokens({"thinking_level": "LOW"}) == output_tokens(None) == 300
+
+
 def test_a_journal_from_before_costs_and_events_gains_their_columns(tmp_path):
     from batchd.journal import SCHEMA, _ADDED_JOB_COLUMNS
 

@@ -217,6 +217,38 @@ def test_inputs_from_a_csv_file(workspace: Workspace):
     assert organized.keys() == {"a1", "a2"}
 
 
+@pytest.mark.parametrize("mode", [{}, FILE_MODE], ids=["inline", "file"])
+def test_thinking_budget_and_safety_settings_reach_the_service_per_manifest_and_per_line(workspace: Workspace,
+                                                                                        mode: dict):
+    # The emulator refuses a request body google-genai's types do not allow, and thinks (its
+    # gemini-2.5-flash does by default) 32 tokens and more a request, at most the budget.
+    workspace.configure(**mode)
+    (workspace.inbox / "reviews.jsonl").write_text(
+        '{"id": "capped", "text": "Great value for the price."}\n'
+        '{"id": "off", "text": "Terrible support.", "config": {"thinking_budget": 0}}\n')
+    workspace.drop("reviews.toml", """\
+task = "sentiment"
+input = "reviews.jsonl"
+thinking_budget = 16
+include_thoughts = true
+safety_settings = [
+    {category = "hate_speech", threshold = "block_none"},
+    {category = "HARM_CATEGORY_HARASSMENT", threshold = "BLOCK_ONLY_HIGH"},
+]
+""")
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    summary = workspace.delivered()["reviews"]
+    assert summary["state"] == "succeeded" and summary["tokens"]["thoughts"] == 16
+    lines = {line["key"]: line for line in map(json.loads, (workspace.outbox / "reviews" / "results.jsonl").open())}
+    assert lines["capped"]["usage"]["thoughtsTokenCount"] == 16
+    assert "thoughtsTokenCount" not in lines["off"]["usage"]
+    organized = json.loads((workspace.outbox / "reviews" / "organized.json").read_text())
+    assert all("label" in verdict for verdict in organized.values()), organized  # the thought summary is no answer
+
+
 def test_cancel_a_running_job(workspace: Workspace):
     workspace.configure(job_seconds=60)
     daemon = workspace.start("run")

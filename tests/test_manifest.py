@@ -115,6 +115,140 @@ def test_shipped_examples_load(tmp_path):
     assert [item.id for item in reviews.inputs][:2] == ["r-1001", "r-1002"]
 
 
+# --- Generation settings: thinking, media resolution, modalities, safety -----------------------
+
+
+def test_thinking_media_modalities_and_safety_settings_in_any_case_become_the_wire_values(inbox):
+    path = write(inbox, "s.toml", """
+task = "sentiment"
+texts = ["Fine."]
+thinking_budget = 2048
+include_thoughts = true
+media_resolution = "low"
+response_modalities = ["text", "Image"]
+safety_settings = [
+    {category = "hate_speech", threshold = "block_none"},
+    {category = "HARM_CATEGORY_DANGEROUS_CONTENT", threshold = "Block_Only_High"},
+]
+""")
+    manifest = load(path)
+    assert manifest.generation_config() == {
+        "thinking_config": {"thinking_budget": 2048, "include_thoughts": True},
+        "media_resolution": "MEDIA_RESOLUTION_LOW",
+        "response_modalities": ["TEXT", "IMAGE"],
+        "safety_settings": [{"category": "HARM_CATEGORY_HATE_SPEECH", "threshold": "BLOCK_NONE"},
+                            {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "threshold": "BLOCK_ONLY_HIGH"}],
+    }
+    [request] = manifest.requests()
+    assert request.config["thinking_config"] == {"thinking_budget": 2048, "include_thoughts": True}
+    assert request.config["response_mime_type"] == "application/json"  # the task's own settings stay
+
+
+def test_the_enum_values_are_google_genais():
+    from google.genai import types
+
+    from batchd.task import GenerationSettings
+
+    levels = [level.value for level in types.ThinkingLevel if level.value != "THINKING_LEVEL_UNSPECIFIED"]
+    for level in levels:
+        assert GenerationSettings(thinking_level=level.lower()).thinking_level == level
+    assert GenerationSettings(thinking_level="high").as_config() == {"thinking_config": {"thinking_level": "HIGH"}}
+
+
+@pytest.mark.parametrize(("settings", "field", "message"), [
+    ('thinking_budget = 1024\nthinking_level = "low"', "thinking_level",
+     "give thinking_budget or thinking_level, not both: Google refuses"),
+    ("thinking_budget = 40000", "thinking_budget", "less than or equal to 32768"),
+    ("thinking_budget = -2", "thinking_budget", "greater than or equal to -1"),
+    ('thinking_level = "maximal"', "thinking_level", "'MINIMAL', 'LOW', 'MEDIUM', 'HIGH'"),
+    ('media_resolution = "ultra"', "media_resolution", "'MEDIA_RESOLUTION_LOW', 'MEDIA_RESOLUTION_MEDIUM'"),
+    ('response_modalities = ["text", "smell"]', "response_modalities[1]", "'TEXT', 'IMAGE', 'AUDIO'"),
+    ("response_modalities = []", "response_modalities", "at least 1 item"),
+    ('safety_settings = [{category = "rudeness", threshold = "block_none"}]', "safety_settings[0].category",
+     "'HARM_CATEGORY_HARASSMENT', 'HARM_CATEGORY_HATE_SPEECH'"),
+    ('safety_settings = [{category = "hate_speech", threshold = "never"}]', "safety_settings[0].threshold",
+     "'BLOCK_ONLY_HIGH', 'BLOCK_NONE' or 'OFF'"),
+    ('safety_settings = [{category = "hate_speech"}]', "safety_settings[0].threshold", "required field is missing"),
+    ('safety_settings = [{category = "hate_speech", threshold = "off", method = "SEVERITY"}]',
+     "safety_settings[0].method", "unknown field"),
+    ('safety_settings = [{category = "hate_speech", threshold = "off"}, '
+     '{category = "HARM_CATEGORY_HATE_SPEECH", threshold = "block_none"}]', "safety_settings",
+     "HARM_CATEGORY_HATE_SPEECH is given more than once"),
+])
+def test_bad_generation_settings_are_named_with_the_allowed_values(inbox, settings, field, message):
+    error = manifest_error(write(inbox, "s.toml", f'task = "sentiment"\ntexts = ["Fine."]\n{settings}\n'))
+    assert error.field == field and message in error.message, str(error)
+
+
+def test_an_items_config_is_over_the_manifests_for_its_own_requests(inbox):
+    # precedence: the task's per-request config > the item's config > the manifest's > the task's defaults
+    write(inbox, "in.jsonl", "\n".join([
+        '{"id": "a", "text": "x"}',
+        '{"id": "b", "text": "x", "config": {"temperature": 1.5, "thinking_level": "low"}}',
+        '{"id": "c", "text": "x", "config": {"temperature": 1.5, "thinking_level": "low"}}',
+        '{"id": "d", "text": "x"}',
+    ]) + "\n")
+    manifest = load(write(inbox, "s.toml", 'task = "sentiment"\ninput = "in.jsonl"\ntemperature = 0.5\n'
+                                           "thinking_budget = 64\ninclude_thoughts = true\n"))
+    a, b, c, d = manifest.requests()
+    assert a.config["temperature"] == d.config["temperature"] == 0.5
+    assert a.config["thinking_config"] == {"thinking_budget": 64, "include_thoughts": True}
+    # the item's thinking fields replace the manifest's thinking_config whole: a level is no budget
+    assert b.config["temperature"] == 1.5 and b.config["thinking_config"] == {"thinking_level": "LOW"}
+    assert b.config["response_mime_type"] == "application/json"
+    assert b.config is c.config  # items with equal settings share one config, encoded once
+    assert d.config == a.config
+
+
+def test_inline_items_variations_and_template_rows_take_a_config_table(inbox):
+    sentiment = load(write(inbox, "s.toml", 'task = "sentiment"\n'
+                                            'items = [{text = "x", config = {thinking_budget = 0}}, {text = "y"}]\n'))
+    first, second = sentiment.requests()
+    assert first.config["thinking_config"] == {"thinking_budget": 0} and "thinking_config" not in second.config
+    variations = load(write(inbox, "v.toml", """
+task = "variations"
+base_content = "Our water bottle keeps drinks cold."
+[[variations]]
+temperature = 0.9
+config = {temperature = 0.1, media_resolution = "high"}
+"""))
+    [variation] = variations.requests()
+    # the variation's own temperature is the task's per-request setting: it wins over the config table
+    assert variation.config["temperature"] == 0.9 and variation.config["media_resolution"] == "MEDIA_RESOLUTION_HIGH"
+    template = load(write(inbox, "t.toml", 'task = "template"\ntemplate = "About {name}"\n'
+                                           'rows = [{name = "tea", config = {seed = 7}}]\n'))
+    [row] = template.requests()
+    assert row.prompt == "About tea" and row.config == {"seed": 7}
+
+
+def test_a_bad_item_config_names_the_file_line_and_field(inbox):
+    write(inbox, "in.jsonl", '{"text": "x"}\n{"text": "y", "config": {"thinking_budget": 8, "thinking_level": "high"}}\n')
+    error = manifest_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "in.jsonl"\n'))
+    assert (error.path, error.line, error.field) == (inbox / "in.jsonl", 2, "config.thinking_level")
+    assert "not both" in error.message
+    error = manifest_error(write(inbox, "s2.toml", 'task = "sentiment"\n'
+                                                   'items = [{text = "x"}, {text = "y", config = {temprature = 1}}]\n'))
+    assert (error.field, error.message) == ("items[1].config.temprature", "unknown field")
+
+
+def test_item_configs_are_streamed_not_kept(inbox):
+    configs = ('{"temperature": 0.1}', '{"thinking_budget": 8, "safety_settings": '
+               '[{"category": "hate_speech", "threshold": "off"}]}')
+    with (inbox / "big.jsonl").open("w") as out:
+        for n in range(20_000):
+            out.write(f'{{"id": "r{n}", "text": "item {n}", "config": {configs[n % 2]}}}\n')
+    manifest = load(write(inbox, "s.toml", 'task = "sentiment"\ninput = "big.jsonl"\n'), check_inputs=False)
+
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in manifest.requests())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 20_000
+    assert peak < 2_000_000, f"peak {peak} bytes"
+
+
 # --- Input files -------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from google import genai
 from google.genai import errors
 
 from batchd.config import RetrySettings
+from batchd.task import GenerationSettings
 from batchd.emulator.server import EmulatorServer
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
@@ -307,6 +308,12 @@ def recorder(recording_server: tuple[str, list[dict[str, Any]]]) -> tuple[str, l
         {"system_instruction": None, "thinking_config": {"thinking_budget": 0}},
         {"response_mime_type": "application/json", "response_json_schema": VERDICT_SCHEMA},
         {"safety_settings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]},
+        # A manifest's settings, as Manifest.requests hands them over.
+        GenerationSettings(thinking_budget=1024, include_thoughts=True, media_resolution="low",
+                           response_modalities=["text", "Image"],
+                           safety_settings=[{"category": "hate_speech", "threshold": "block_only_high"},
+                                            {"category": "dangerous_content", "threshold": "off"}]).as_config(),
+        GenerationSettings(thinking_level="minimal", include_thoughts=False).as_config(),
     ],
 )
 def test_jsonl_line_is_the_request_the_sdk_sends_inline(
@@ -333,6 +340,18 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
 
 
 # -- units --------------------------------------------------------------------------------------------
+
+
+def test_manifest_settings_are_the_wire_names_and_enum_values() -> None:
+    settings = GenerationSettings(thinking_budget=-1, include_thoughts=True, media_resolution="Medium",
+                                  response_modalities=["text"],
+                                  safety_settings=[{"category": "hate_speech", "threshold": "block_none"}])
+    request = RequestEncoder(MODEL).wire_request("p", settings.as_config())
+    assert request["safetySettings"] == [{"category": "HARM_CATEGORY_HATE_SPEECH", "threshold": "BLOCK_NONE"}]
+    # thinkingConfig's own fields keep the SDK's names, as google-genai sends them (Google takes either)
+    assert request["generationConfig"] == {"thinkingConfig": {"thinking_budget": -1, "include_thoughts": True},
+                                           "mediaResolution": "MEDIA_RESOLUTION_MEDIUM",
+                                           "responseModalities": ["TEXT"]}
 
 
 def test_request_encoder_rejects_unknown_settings() -> None:

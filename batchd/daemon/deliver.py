@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -97,6 +97,10 @@ class Deliver:
         # A done job's spool is removed off the loop's thread (a kill first leaves it for the next
         # start to remove): deleting its files took a tenth of the loop's time per small job.
         self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-cleanup")
+        # The summary and manifest copy are written, and the folder synced, off the loop's thread too:
+        # three fsyncs a job that held up every other job's step.
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-stage")
+        self._staging: dict[str, tuple[Future, _Staged]] = {}  # job id → its folder being finished
         self._forget = forget  # other steps drop what they hold for a job delivered without results
 
     def collect(self) -> None:
@@ -124,8 +128,16 @@ class Deliver:
         return True
 
     def step(self, job: Job) -> None:
-        """A ``fetched`` job: once its writer is done, summarize and publish."""
+        """A ``fetched`` job: once its writer is done, summarize; once its folder is finished, name it."""
         ctx = self.ctx
+        if job.id in self._staging:
+            future, staged = self._staging[job.id]
+            if not future.done():
+                return  # the stager marks the job when it is
+            del self._staging[job.id]
+            future.result()  # a full disk's error goes to the loop, which backs off
+            self._name_folder(job, staged)
+            return
         if job.id not in self._written:
             self.join(job, ctx.journal.chunks(job.id))
             return
@@ -133,38 +145,50 @@ class Deliver:
         del self.gates[job.id]
         written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
         summary = self._results_summary(job, written)
-        self._stage(job, written.folder, summary, written.usage)
+        staged = self._summarized(job, summary, written.usage)
+        finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary))
+        self._staging[job.id] = (finishing, staged)
+        job_id = job.id
+        finishing.add_done_callback(lambda _: (ctx.mark(job_id), ctx.wake()))
 
     def without_results(self, job: Job, state: str) -> None:
-        """Deliver a job that never ran: ``rejected`` or ``cancelled``."""
+        """Deliver a job that never ran: ``rejected`` or ``cancelled`` (its folder is finished at once)."""
         self._forget(job.id)
         folder = outbox.JobFolder(self.ctx.spool(job.id).staging)
         summary = self._summary(job, state=state, counts={"total": 0, "succeeded": 0, "failed": 0})
-        self._stage(job, folder, summary, None)
+        staged = self._summarized(job, summary, None)
+        finish_folder(folder, *self._manifest_copy(job), redact_data(summary))
+        self._name_folder(job, staged)
 
-    def _stage(self, job: Job, folder: outbox.JobFolder, summary: dict, usage: dict | None) -> None:
-        """Finish the folder in the spool and commit its outbox name (``publishing``); the next visit publishes it."""
+    def _summarized(self, job: Job, summary: dict, usage: dict | None) -> _Staged:
+        """Complete ``summary`` with the job's error and costs (the actual one accounted now)."""
         ctx = self.ctx
-        spool = ctx.spool(job.id)
         if job.error is not None:
             summary["error"] = job.error
         cost = dict(job.cost or {})
         if usage is not None and ctx.costs.active:
             cost["actual"] = ctx.costs.account(JobInfo.of(job, ctx.settings.model), usage, ctx.settings)
-        if usage is not None and job.task:
-            # What later estimates of this task and model price their output by (commits with 'publishing').
-            ctx.journal.observe_output(job.task, job.model or ctx.settings.model, usage["requests"],
-                                       usage["output_tokens"] + usage["thoughts_tokens"])
         if cost:
             summary["cost"] = summary_cost(cost)
-        manifest = spool.manifest_path(job.source)
-        if is_own_file(manifest):
-            folder.copy_in(job.source, manifest)  # anything else is moved in whole by publish()
-        folder.write_json("summary.json", redact_data(summary))  # an error text may quote a secret
+        return _Staged(summary["state"], cost, usage)
+
+    def _manifest_copy(self, job: Job) -> tuple[str, Path | None]:
+        """The claimed manifest to copy into the folder, if it is a file of its own (else publish moves
+        the entry in whole)."""
+        manifest = self.ctx.spool(job.id).manifest_path(job.source)
+        return job.source, manifest if is_own_file(manifest) else None
+
+    def _name_folder(self, job: Job, staged: _Staged) -> None:
+        """Commit the finished folder's outbox name (``publishing``); the next visit publishes it."""
+        ctx = self.ctx
+        if staged.usage is not None and job.task:
+            # What later estimates of this task and model price their output by (commits with 'publishing').
+            ctx.journal.observe_output(job.task, job.model or ctx.settings.model, staged.usage["requests"],
+                                       staged.usage["output_tokens"] + staged.usage["thoughts_tokens"])
         destination = outbox.choose_folder(ctx.settings.outbox, job.name)
         # The folder's name is the intent; the job is published on its next visit, once that is committed.
         ctx.journal.update_job(job.id, state=JobState.PUBLISHING, outbox_dir=str(destination),
-                               outcome=summary["state"], cost=cost or None, spend=spend_of(cost))
+                               outcome=staged.state, cost=staged.cost or None, spend=spend_of(staged.cost))
 
     def publish(self, job: Job) -> None:
         """A ``publishing`` job: rename its staged folder into the outbox, then it is ``done``."""
@@ -178,7 +202,9 @@ class Deliver:
                 ctx.journal.update_job(job.id, outbox_dir=str(destination))
                 ctx.journal.flush()
             # The outbox's fsync waits for the tick's commit ('done'): one for every job published this tick.
-            outbox.JobFolder(spool.staging, create=False).publish(destination, sync=ctx.journal.sync_before_commit)
+            # Its entries were synced when it was finished (finish_folder), before 'publishing' committed.
+            outbox.JobFolder(spool.staging, create=False).publish(destination, sync=ctx.journal.sync_before_commit,
+                                                                  synced=True)
         elif not destination.exists():
             # Neither staged nor published (a staging folder lost): deliver it again from the spool
             # rather than record as delivered a folder nobody can read.
@@ -204,6 +230,7 @@ class Deliver:
         if job.id in self._written:
             del self._written[job.id]
             self.gates.pop(job.id, None)
+        self._staging.pop(job.id, None)
         if job.state in (JobState.RECEIVED, JobState.FETCHED) and job.id not in self.gates:
             shutil.rmtree(self.ctx.spool(job.id).staging, ignore_errors=True)  # the room it took is free again
 
@@ -288,6 +315,7 @@ class Deliver:
             "emulated": settings.provider == "emulator",
             "state": state,
             "counts": counts,
+            **({"retry_of": {**job.retry_of, "requests": counts["total"]}} if job.retry_of else {}),
             "timings": {
                 "received": iso(job.created_at),
                 "submitted": iso(job.submitted_at),
@@ -300,10 +328,29 @@ class Deliver:
     def close(self) -> None:
         # Writers waiting for chunks give up (the stop is set); a restart writes the job's staging folder anew.
         self.writers.shutdown(cancel=True)
+        self._stager.shutdown(wait=True)  # a folder being finished is finished (a restart writes it anew)
         self._cleanup.shutdown(wait=True)
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """What a finished folder's ``publishing`` transition records."""
+
+    state: str
+    cost: dict
+    usage: dict | None
+
+
 # -- the writer: runs in the pool, given its spool and gate, never the journal ------------------------
+
+
+def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict) -> None:
+    """Add the manifest's copy and summary.json to a staged folder and make its entries durable, so it
+    may be renamed into the outbox once its name is committed."""
+    if manifest is not None:
+        folder.copy_in(manifest_name, manifest)
+    folder.write_json("summary.json", summary)  # redacted by the caller: an error text may quote a secret
+    folder.sync()
 
 
 def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,

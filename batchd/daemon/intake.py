@@ -233,9 +233,17 @@ class Intake:
         task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model,
                           "kind": manifest.kind} if manifest else {}
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
-                            manifest_sha256=manifest_sha256,
+                            manifest_sha256=manifest_sha256, retry_of=self._retry_of(manifest),
                             **task_and_model)
         intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
+
+    def _retry_of(self, manifest: Manifest | None) -> dict | None:
+        """What a retry manifest retries: the job's id, and its name when the journal knows the job."""
+        retry_of = manifest.common.retry_of if manifest is not None else None
+        if retry_of is None:
+            return None
+        parent = self.ctx.journal.job(retry_of.job)
+        return {"job": retry_of.job, "name": parent.name if parent is not None else None}
 
     def _claim(self, intent: Claim) -> None:
         """Move a manifest whose claim is committed into its job's spool; the job is then ``received``."""
