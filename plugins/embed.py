@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batchd import hookimpl
-from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask, error_entry
+from batchd.task import ItemId, TaskRequest, TaskResult, TextsParams, TextTask, error_entry
 
 # The Gemini API's TaskType values (https://ai.google.dev/api/embeddings#tasktype). google-genai 3.x
 # types EmbedContentConfig.task_type as a plain string, with no enum to take them from, so a typo
@@ -26,7 +26,25 @@ TaskType = Literal["RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY
 MAX_DIMENSIONALITY = 3072
 
 
+class EmbedItem(BaseModel):
+    """A text to embed, with an optional id. Unlike a TextItem it takes no ``config`` table: an
+    embedding has no generation settings, so one given is an unknown field, reported at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ItemId | None = Field(None, description="Stable id; defaults to the item's 1-based position.")
+    text: str = Field(description="The text to embed.")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be empty")
+        return text
+
+
 class EmbedParams(TextsParams):
+    items: list[EmbedItem] | None = Field(None, min_length=1, description="Texts with ids.")
     task_type: TaskType | None = Field(
         None, description="What the embeddings are for, e.g. RETRIEVAL_DOCUMENT or SEMANTIC_SIMILARITY; "
                           "the model's default when not set.")
@@ -49,10 +67,11 @@ class Embed(TextTask):
     name = "embed"
     description = "Embed texts with a Gemini embedding model into embeddings.npy (float32 rows) with a row index."
     Params = EmbedParams
+    Item = EmbedItem
     kind = "embed"
     default_model = "gemini-embedding-001"
 
-    def requests(self, params: EmbedParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
+    def requests(self, params: EmbedParams, items: Iterable[EmbedItem]) -> Iterator[TaskRequest]:
         # One dict for every request: an inline batch of embeddings has a single config.
         config = params.model_dump(include={"task_type", "output_dimensionality", "title"}, exclude_none=True)
         for item in items:

@@ -87,6 +87,7 @@ def test_an_embedding_model_named_by_the_manifest_is_kept(tmp_path):
     ('model = "gemini-2.5-flash"\n', "model", "'gemini-2.5-flash' is a generation model and cannot embed"),
     ('temperature = 0.5\n', "temperature", "embeddings, which take no generation settings (remove temperature)"),
     ('dimensions = 8\n', "dimensions", "unknown field (task 'embed' takes: items, texts, task_type"),
+    ('[[items]]\ntext = "b"\nconfig = { temperature = 0.5 }\n', "items[0].config", "unknown field"),
 ])
 def test_bad_embed_manifests_are_refused_naming_the_field(tmp_path, text, field, message):
     with pytest.raises(ManifestError) as refused:
