@@ -204,7 +204,8 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     if not costs.estimates:
         raise click.ClickException("no cost plugin is enabled (disabled_plugins?): nothing can price the job")
     model = job.model or settings.model
-    info = JobInfo(id=manifest.stem, name=manifest.stem, manifest=manifest.name, task=job.task, model=model)
+    info = JobInfo(id=manifest.stem, name=manifest.stem, manifest=manifest.name, task=job.task, model=model,
+                   kind=job.kind)
     journal = _open_journal(settings)
     observed = journal.observed_output(job.task, model) if journal is not None else None
     if journal is not None:

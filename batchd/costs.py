@@ -38,10 +38,13 @@ class JobInfo:
     manifest: str
     task: str | None
     model: str | None
+    #: ``"generate"`` or ``"embed"`` (its task's :attr:`~batchd.task.Task.kind`): embeddings have no output tokens.
+    kind: str = "generate"
 
     @classmethod
     def of(cls, job: Job, default_model: str | None = None) -> JobInfo:
-        return cls(id=job.id, name=job.name, manifest=job.source, task=job.task, model=job.model or default_model)
+        return cls(id=job.id, name=job.name, manifest=job.source, task=job.task, model=job.model or default_model,
+                   kind=job.kind)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,7 +51,8 @@ def estimate_cost(
     The first plugin that returns a dict wins. Called once per job (again after a crash that
     came before the estimate was committed).
 
-    :param job: the job: ``id``, ``name``, ``manifest``, ``task``, ``model``.
+    :param job: the job: ``id``, ``name``, ``manifest``, ``task``, ``model``, ``kind`` ("generate",
+        or "embed": embeddings have no output tokens).
     :param requests: the job's requests, streamed in constant memory: iterate once.
     :param count_tokens: the provider's token counter for ``job.model`` (``countTokens``): the
         total tokens of the given prompt texts, one API call per call; ``None`` when the provider

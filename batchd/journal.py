@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     outcome       TEXT,
     task          TEXT,
     model         TEXT,
+    kind          TEXT NOT NULL DEFAULT 'generate',  -- its task's kind: generate | embed (how chunks are sent and read)
     error         TEXT,               -- JSON: why a job was rejected or failed
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     outbox_dir    TEXT,               -- chosen and committed before publishing
@@ -223,6 +224,7 @@ _ADDED_JOB_COLUMNS = {
     "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
     "manifest_sha256": "TEXT",  # the manifest's bytes as checked at the claim (later reads must match)
     "retry_of": "TEXT",  # JSON {"job", "name"}: the job a retry manifest (`batchd retry`) sends requests of again
+    "kind": "TEXT NOT NULL DEFAULT 'generate'",
 }
 #: The same for ``chunks`` and ``remote_jobs``.
 _ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
@@ -262,6 +264,7 @@ class Job:
     build_stopped: bool = False
     manifest_sha256: str | None = None
     retry_of: dict | None = None
+    kind: str = "generate"
 
 
 @dataclass(frozen=True)
@@ -527,15 +530,15 @@ class Journal:
     def add_job(self, job_id: str, *, name: str, source: str, state: str = "claiming",
                 sha256: str | None = None, error: dict | None = None, task: str | None = None,
                 model: str | None = None, manifest_sha256: str | None = None,
-                retry_of: dict | None = None) -> None:
+                retry_of: dict | None = None, kind: str = "generate") -> None:
         """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, manifest_sha256, retry_of,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, kind, manifest_sha256,"
+                " retry_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, source, sha256, state,
-                 _dumps(error) if error is not None else None, task, model, manifest_sha256,
+                 _dumps(error) if error is not None else None, task, model, kind, manifest_sha256,
                  _dumps(retry_of) if retry_of is not None else None, now, now),
             )
 

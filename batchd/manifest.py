@@ -172,7 +172,13 @@ class Manifest:
 
     @property
     def model(self) -> str | None:
-        return self.common.model
+        """The manifest's model, else its task's ``default_model`` (None: the daemon's ``model``)."""
+        return self.common.model or self.task_plugin.default_model
+
+    @property
+    def kind(self) -> str:
+        """``"generate"`` or ``"embed"``: what its requests are (see :attr:`batchd.task.Task.kind`)."""
+        return self.task_plugin.kind
 
     def generation_config(self) -> dict[str, Any]:
         """The generation settings the manifest sets (for all its requests)."""
@@ -292,6 +298,7 @@ def load_manifest(
     task_values = {key: value for key, value in document.items() if key not in COMMON_FIELDS}
     common = _validate(CommonFields, common_values, path)
     params = _validate(task.Params, task_values, path, task=task)
+    _check_kind(path, task, common)
 
     inline = task.inline_items(params)
     if common.input and inline is not None:
@@ -539,6 +546,28 @@ def _select_task(path: Path, document: Mapping[str, Any], tasks: Mapping[str, Ta
     return tasks[name]
 
 
+def is_embedding_model(model: str) -> bool:
+    """Whether a model name is an embedding model's (gemini-embedding-001, text-embedding-004, …):
+    those only embed, every other Gemini model only generates."""
+    return "embedding" in model.removeprefix("models/")
+
+
+def _check_kind(path: Path, task: Task, common: CommonFields) -> None:
+    """An embed task takes an embedding model and no generation settings; a generation task the reverse."""
+    if task.kind == "embed":
+        settings = sorted(common.as_config())
+        if settings:
+            raise ManifestError(path, f"task {task.name!r} makes embeddings, which take no generation settings "
+                                      f"(remove {', '.join(settings)})", field=settings[0])
+        if common.model and not is_embedding_model(common.model):
+            raise ManifestError(path, f"{common.model!r} is a generation model and cannot embed: task "
+                                      f"{task.name!r} needs an embedding model, such as gemini-embedding-001",
+                                field="model")
+    elif common.model and is_embedding_model(common.model):
+        raise ManifestError(path, f"{common.model!r} is an embedding model and cannot generate text for task "
+                                  f"{task.name!r}", field="model")
+
+
 def _validate(model: type[ModelT], values: Mapping[str, Any], path: Path, *, task: Task | None = None) -> ModelT:
     try:
         return model.model_validate(values)
@@ -654,11 +683,22 @@ def read_retry_keys(path: Path, limits: ManifestLimits = DEFAULT_LIMITS) -> set[
 def _combined_model(task: Task) -> type[BaseModel]:
     """A model of one task's whole manifest (for the JSON Schema only)."""
     title = "".join(part.capitalize() for part in task.name.split("_")) + "Manifest"
+    fields: dict[str, Any] = {
+        "task": (Literal[task.name], Field(description="The task plugin that handles this manifest.")),
+    }
+    if task.default_model:
+        fields["model"] = (str | None, Field(None, min_length=1,
+                                             description=f"Model name; defaults to {task.default_model}."))
+    if task.kind == "embed":
+        # Embeddings take no generation settings (refused at load): the schema leaves them out.
+        common = {name: (info.annotation, info) for name, info in CommonFields.model_fields.items()
+                  if name not in GenerationSettings.model_fields}
+        return create_model(title, __base__=task.Params, __doc__=task.description or None, **{**common, **fields})
     return create_model(
         title,
         __base__=(task.Params, CommonFields),  # common fields first in the schema
         __doc__=task.description or None,
-        task=(Literal[task.name], Field(description="The task plugin that handles this manifest.")),
+        **fields,
     )
 
 

@@ -260,6 +260,8 @@ def _task_problem(task: object) -> str | None:
         return 'Params must set extra="forbid" so misspelt manifest fields are reported'
     if "id" not in task.Item.model_fields:
         return "Item must have an 'id' field"
+    if task.kind not in ("generate", "embed"):
+        return f'kind must be "generate" or "embed", not {task.kind!r}'
     clashes = sorted(set(COMMON_FIELDS) & task.Params.model_fields.keys())
     if clashes:
         return f"Params fields {clashes} clash with common manifest fields"

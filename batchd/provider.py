@@ -30,6 +30,7 @@ import os
 import re
 import ssl
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from urllib.parse import urlencode
 import tenacity
 from google import genai
 from google.genai import errors, types
+from google.genai._common import ExperimentalWarning
 
 from batchd import fs
 from batchd.durable import fsync_dir
@@ -85,6 +87,11 @@ _FILE_NAME = re.compile(r"files/[a-z0-9-]+")
 _DATA_LOSS = 15
 
 _Result = TypeVar("_Result")
+
+# batches.create_embeddings warns on every call that it is experimental: batchd uses it knowingly (it is
+# the SDK's only door to asyncBatchEmbedContent), and a warning per chunk would only clutter the log.
+warnings.filterwarnings("ignore", message=r"batches\.create_embeddings\(\) is experimental",
+                        category=ExperimentalWarning)
 
 
 class ProviderError(RuntimeError):
@@ -240,7 +247,9 @@ class RemoteJob:
             raw_state=raw_state,
             stats={field: _count(raw_stats.get(field, 0)) for field in STAT_FIELDS},
             responses_file=output.get("responsesFile"),
-            inlined=(output.get("inlinedResponses") or {}).get("inlinedResponses"),
+            # Embedding batches may answer under inlinedEmbedContentResponses (google-genai reads both).
+            inlined=(output.get("inlinedResponses") or output.get("inlinedEmbedContentResponses")
+                     or {}).get("inlinedResponses"),
             create_time=_timestamp(metadata.get("createTime")),
             model=metadata.get("model"),
             error=operation.get("error"),
@@ -533,9 +542,14 @@ class Provider:
             raise
         return True
 
-    def create_from_file(self, model: str, file_name: str, display_name: str) -> RemoteJob:
+    def create_from_file(self, model: str, file_name: str, display_name: str, kind: str = "generate") -> RemoteJob:
         """Create a batch from an uploaded JSONL file. Never retried: on an ambiguous failure reconcile
-        by display name (``list_jobs``) before creating again."""
+        by display name (``list_jobs``) before creating again.
+
+        ``kind`` "embed": the file holds EmbedContentRequest lines, created with ``create_embeddings``.
+        """
+        if kind == "embed":
+            return self._create_embeddings(model, types.EmbeddingsBatchJobSource(file_name=file_name), display_name)
         return self._create(model, file_name, display_name)
 
     def create_inline(self, model: str, requests: list[dict[str, Any]], display_name: str) -> RemoteJob:
@@ -543,16 +557,30 @@ class Provider:
         the total at 20 MB and the SDK costs ~0.5 ms per request, so use files for anything large."""
         return self._create(model, requests, display_name)
 
-    def create_from_lines(self, model: str, lines: Iterable[Mapping[str, Any]], display_name: str) -> RemoteJob:
+    def create_from_lines(self, model: str, lines: Iterable[Mapping[str, Any]], display_name: str,
+                          kind: str = "generate") -> RemoteJob:
         """Create a batch with its requests inline, given as the lines of a requests file (what the spool
         holds): sent as :meth:`create_inline` sends them, without the SDK's per-request conversion.
-        Never retried, like every create."""
+        Never retried, like every create.
+
+        ``kind`` "embed": EmbedContentRequest lines, sent through ``create_embeddings`` as the texts and
+        their one config (:func:`inline_embeddings_source`); the SDK sends no keys with them, so their
+        results come back without keys and are joined by position.
+        """
+        if kind == "embed":
+            return self._create_embeddings(model, inline_embeddings_source(lines), display_name)
         path, body = inline_batch_request(model, lines, display_name)
         return RemoteJob.from_operation(_raw_json(self._single_shot_client, "post", path, body))
 
     def _create(self, model: str, source: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
         job = self._single_shot_client.batches.create(
             model=model, src=source, config=types.CreateBatchJobConfig(display_name=display_name)
+        )
+        return RemoteJob.from_sdk(job)
+
+    def _create_embeddings(self, model: str, source: types.EmbeddingsBatchJobSource, display_name: str) -> RemoteJob:
+        job = self._single_shot_client.batches.create_embeddings(
+            model=model, src=source, config=types.CreateEmbeddingsBatchJobConfig(display_name=display_name)
         )
         return RemoteJob.from_sdk(job)
 
@@ -802,3 +830,56 @@ class RequestEncoder:
         if config:
             inlined["config"] = config
         return inlined
+
+
+# EmbedContentConfig settings in the SDK's snake_case -> their EmbedContentRequest field on the wire, as
+# the SDK's converter (batches._EmbedContentConfig_to_mldev) renames them for every inline request.
+_EMBED_CONFIG_FIELDS = {"task_type": "taskType", "title": "title", "output_dimensionality": "outputDimensionality"}
+_SETTING_BY_EMBED_FIELD = {wire_name: name for name, wire_name in _EMBED_CONFIG_FIELDS.items()}
+
+#: Every embedding setting EmbedRequestEncoder accepts.
+EMBED_SETTINGS = frozenset(_EMBED_CONFIG_FIELDS)
+
+
+def embed_wire_request(text: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The camelCase REST EmbedContentRequest for one text: what ``create_embeddings`` sends inline for
+    it, and what an input-file line holds (``{"key", "request": …}``). None means "not set"."""
+    unknown = settings.keys() - EMBED_SETTINGS
+    if unknown:
+        raise ValueError(f"unsupported embedding settings {sorted(unknown)}; supported: {sorted(EMBED_SETTINGS)}")
+    request: dict[str, Any] = {"content": _user_content(text)}
+    for name, wire_name in _EMBED_CONFIG_FIELDS.items():
+        if settings.get(name) is not None:
+            request[wire_name] = settings[name]
+    return request
+
+
+class EmbedRequestEncoder:
+    """Turns an embed task's requests into batch input-file lines, ``{"key": …, "request":
+    EmbedContentRequest}``. Requests do not name the model: the batch does."""
+
+    def __init__(self) -> None:
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def encode(self, request: TaskRequest) -> str:
+        return self._dumps({"key": request.key, "request": embed_wire_request(request.prompt, request.config)})
+
+
+def inline_embeddings_source(lines: Iterable[Mapping[str, Any]]) -> types.EmbeddingsBatchJobSource:
+    """The ``src`` of ``create_embeddings`` for input-file lines of EmbedContentRequests: their contents
+    and the one config the SDK copies into each request (so lines with different settings cannot go
+    inline together; an embed task gives every request of a job the same)."""
+    contents: list[dict[str, Any]] = []
+    config: dict[str, Any] | None = None
+    for line in lines:
+        request = line["request"]
+        settings = {_SETTING_BY_EMBED_FIELD[field]: value for field, value in request.items()
+                    if field in _SETTING_BY_EMBED_FIELD}
+        if config is None:
+            config = settings
+        elif settings != config:
+            raise ValueError(f"request {line.get('key')!r}: inline embedding requests must share their settings "
+                             f"(the SDK sends one config for all): {settings} differs from {config}")
+        contents.append(request["content"])
+    return types.EmbeddingsBatchJobSource(inlined_requests=types.EmbedContentBatch(contents=contents,
+                                                                                   config=config or None))

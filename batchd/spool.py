@@ -201,8 +201,9 @@ class JobSpool:
                     yield {"key": None, "error": {"code": "bad_result_line",
                                                   "message": f"results line {number}: {exc}"}}
 
-    def joined(self, chunk_error: Callable[[int], dict | None]) -> Iterator[TaskResult]:
-        """Every request's result, in request order, joined by key.
+    def joined(self, chunk_error: Callable[[int], dict | None], kind: str = "generate") -> Iterator[TaskResult]:
+        """Every request's result, in request order, joined by key; ``kind`` "embed" reads
+        EmbedContentResponses (:func:`to_embed_result`).
 
         ``chunk_error(idx)`` is asked once per chunk, in order, before its results are read:
         it returns the error each request of a chunk that produced no results gets (failed,
@@ -217,7 +218,8 @@ class JobSpool:
                                      error=error, usage=None)
                 continue
             for (key, _chunk, wants_json, inputs), record in join_chunk(entries, self.read_results(idx)):
-                result = to_task_result(key, inputs, wants_json, record)
+                result = to_embed_result(key, inputs, record) if kind == "embed" else \
+                    to_task_result(key, inputs, wants_json, record)
                 if record is not None and "joined_by" in record:
                     result.joined_by = record["joined_by"]
                 yield result
@@ -247,8 +249,8 @@ def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tup
         yield entry, record
 
 
-def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None) -> TaskResult:
-    """Turn one service result line into what the outbox and the task plugin see."""
+def _failed_result(key: str, inputs: dict, record: dict | None) -> TaskResult | None:
+    """The error result of a missing or failed record, else None."""
     if record is None:
         return TaskResult(key=key, input=inputs, status="error", text=None, data=None,
                           error={"code": "missing", "message": "the service returned no result for this request"},
@@ -257,6 +259,38 @@ def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None
         error = record["error"]
         return TaskResult(key=key, input=inputs, status="error", text=None, data=None,
                           error={"code": error.get("code"), "message": error.get("message")}, usage=None)
+    return None
+
+
+def to_embed_result(key: str, inputs: dict, record: dict | None) -> TaskResult:
+    """Turn one EmbedContentResponse line (``{"embedding": {"values": […]}, "tokenCount": "N"}``) into a result.
+
+    Its ``usage`` is written as a generation's (``promptTokenCount``, ``totalTokenCount`` from
+    ``tokenCount``), so token totals and the actual cost count embeddings as input tokens.
+    """
+    failed = _failed_result(key, inputs, record)
+    if failed is not None:
+        return failed
+    response = record.get("response") or {}
+    values = (response.get("embedding") or {}).get("values") if isinstance(response, dict) else None
+    if not isinstance(values, list) or not values or not all(type(v) in (float, int) for v in values):
+        return TaskResult(key=key, input=inputs, status="error",
+                          error={"code": "no_embedding", "message": "the response holds no embedding values"})
+    usage = None
+    try:
+        tokens = int(response["tokenCount"])  # int64, a string on the wire
+    except (KeyError, TypeError, ValueError):
+        pass
+    else:
+        usage = {"promptTokenCount": tokens, "totalTokenCount": tokens}
+    return TaskResult(key=key, input=inputs, status="ok", embedding=values, usage=usage)
+
+
+def to_task_result(key: str, inputs: dict, wants_json: bool, record: dict | None) -> TaskResult:
+    """Turn one service result line into what the outbox and the task plugin see."""
+    failed = _failed_result(key, inputs, record)
+    if failed is not None:
+        return failed
     response = record.get("response") or {}
     usage = response.get("usageMetadata")
     candidates = response.get("candidates") or []

@@ -212,6 +212,10 @@ class TaskResult:
     data: Any | None = None
     #: ``{"code": int, "message": str}`` for a failed request.
     error: dict[str, Any] | None = None
+    #: An embedding request's vector (an ``embed`` task's result; see :attr:`Task.kind`).
+    embedding: list[float] | None = None
+    #: That vector's row in the outbox's ``embeddings.npy``, set by batchd before ``organize()`` sees it.
+    embedding_row: int | None = None
     #: The response's usageMetadata.
     usage: dict[str, Any] | None = None
     #: How the answer was matched to its request: ``"key"``, or ``"position"`` when the service
@@ -224,6 +228,8 @@ class TaskResult:
         """Why this result has no usable text, or ``None`` when it has some."""
         if self.status != "ok":
             return (self.error or {}).get("message") or "request failed"
+        if self.embedding is not None:
+            return None
         if not self.text or not self.text.strip():
             return "empty response"
         return None
@@ -251,6 +257,16 @@ class Task:
     Item: ClassVar[type[BaseModel]] = TextItem
     #: Generation settings the task works best with; the manifest's settings override them.
     default_config: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: What its requests are: ``"generate"`` (GenerateContentRequests, answered with text) or
+    #: ``"embed"`` (EmbedContentRequests sent with ``batches.create_embeddings``, answered with vectors
+    #: that batchd writes to the outbox's ``embeddings.npy``). An embed task's ``TaskRequest.config``
+    #: holds EmbedContentConfig settings (``task_type``, ``output_dimensionality``, ``title``), the same
+    #: for every request of a job (an inline batch of embeddings has one config), and the manifest's
+    #: generation settings are refused.
+    kind: ClassVar[Literal["generate", "embed"]] = "generate"
+    #: The model its jobs use when the manifest names none, instead of the daemon's ``model`` setting
+    #: (an embed task needs an embedding model).
+    default_model: ClassVar[str | None] = None
 
     def inline_items(self, params: BaseModel) -> tuple[str, Sequence[Any]] | None:
         """The manifest field holding inline items and its list, or ``None`` if it has none.

@@ -24,6 +24,7 @@ Estimate (one pass over the job's requests, constant memory):
   caps the thinking (thinking tokens are billed as output; a full budget is the most a request can
   spend on them; the service counts thinking within ``max_output_tokens`` too, so with both set
   this errs high, as a budget guard should). Times its ``candidate_count``.
+  Embeddings (``job.kind`` "embed") have none: their texts (and titles) are all they are billed for.
 
 Actual: the ``usageMetadata`` totals of the results (prompt at the input price, its cached part at
 the cached price; candidates and thoughts at the output price).
@@ -124,19 +125,22 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
     chars = sample_chars = 0
     output_tokens = 0.0
     observed = _output_guess(observed_output)
+    embeds = job.kind == "embed"
     count = 0
     for request in requests:
         text = request.prompt
-        system = request.config.get("system_instruction")
-        if system:
-            text = f"{system}\n{text}"
+        # An embedding's title is embedded with its text; a system instruction is sent with a prompt.
+        preamble = request.config.get("title" if embeds else "system_instruction")
+        if preamble:
+            text = f"{preamble}\n{text}"
         chars += len(text)
-        cap = request.config.get("max_output_tokens")
-        candidates = request.config.get("candidate_count") or 1
-        if observed is not None:  # answers and thoughts, as this task and model produced them
-            output_tokens += (min(observed, cap) if cap else observed) * candidates
-        else:
-            output_tokens += (cap or cost.default_output_tokens) * candidates + _thinking_cap(request.config)
+        if not embeds:  # embeddings have no output tokens
+            cap = request.config.get("max_output_tokens")
+            candidates = request.config.get("candidate_count") or 1
+            if observed is not None:  # answers and thoughts, as this task and model produced them
+                output_tokens += (min(observed, cap) if cap else observed) * candidates
+            else:
+                output_tokens += (cap or cost.default_output_tokens) * candidates + _thinking_cap(request.config)
         # Reservoir sampling: every request is equally likely to be counted, in one pass.
         if count < sample_size:
             sample.append(text)
@@ -161,7 +165,9 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
             elif sample_chars:
                 input_tokens = round(chars * counted / sample_chars)
                 method = f"countTokens: {len(sample)} of {count} prompts, scaled by characters"
-    if observed is not None:
+    if embeds:
+        output_method = "none: embeddings have no output tokens"
+    elif observed is not None:
         output_method = (f"observed: {observed:.1f} tokens a request, as {observed_output['requests']} earlier"
                          f" requests of this task and model produced")
     else:

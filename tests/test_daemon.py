@@ -509,5 +509,5 @@ def test_the_shipped_examples_all_succeed(workspace: Workspace):
     delivered = workspace.delivered()
     assert set(delivered) == manifests
     assert {s["task"] for s in delivered.values()} >= {"translate", "sentiment", "variations", "analysis",
-                                                        "documents", "template"}
+                                                        "documents", "template", "embed"}
     assert all(s["state"] == "succeeded" for s in delivered.values()), delivered

@@ -105,8 +105,8 @@ max_output_tokens = 200
 
 def test_shipped_examples_load(tmp_path):
     names = sorted(path.name for path in EXAMPLES.glob("*.toml"))
-    assert names == ["analysis.toml", "documents.toml", "reviews.toml", "sentiment.toml", "template.toml",
-                     "translate.toml", "variations.toml"]
+    assert names == ["analysis.toml", "documents.toml", "embed.toml", "reviews.toml", "sentiment.toml",
+                     "template.toml", "translate.toml", "variations.toml"]
     for name in names:
         manifest = load_manifest(EXAMPLES / name, root=EXAMPLES)
         assert len(list(manifest.requests())) >= 3

@@ -186,8 +186,8 @@ class Admit:
             ctx.journal.update_job(job.id, error=manifest_error(error, ctx.settings.limits.error_chars))
             return None
         model = manifest.model or ctx.settings.model
-        ctx.journal.update_job(job.id, task=manifest.task, model=model)
-        info = JobInfo.of(replace(job, task=manifest.task, model=model))
+        ctx.journal.update_job(job.id, task=manifest.task, model=model, kind=manifest.kind)
+        info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
         timeouts = self._timeouts[job.id] = []
         stream = RequestStream(lambda: self._watched_requests(job.id, manifest, timeouts),
                                stopping=ctx.stopping.is_set)

@@ -24,7 +24,7 @@ from batchd.daemon.naming import chunk_display_name
 from batchd.journal import Job
 from batchd.manifest import ManifestError
 from batchd.plugin_calls import OnDemand, PluginTimeout
-from batchd.provider import RequestEncoder
+from batchd.provider import EmbedRequestEncoder, RequestEncoder
 from batchd.spool import ChunkLimits
 from batchd.states import JobState
 
@@ -137,15 +137,15 @@ class Build:
         limits = job.chunk_limits or dataclasses.asdict(self._limits())
         if job.state != JobState.BUILDING:
             ctx.journal.update_job(job.id, state=JobState.BUILDING, task=manifest.task, model=model,
-                                   chunk_limits=limits)
+                                   kind=manifest.kind, chunk_limits=limits)
         # Settings are merged per request by the manifest, so the encoder has no defaults.
-        encoder = RequestEncoder(model)
+        encoder = EmbedRequestEncoder() if manifest.kind == "embed" else RequestEncoder(model)
         clock = ctx.plugin_clock(manifest.task, "requests()")
         requests = clock.iterate(manifest.requests())
         estimate = None
         if job.cost is None and ctx.costs.estimates:
             # Not estimated before admission (no budget could hold it): price the requests as they are built.
-            info = JobInfo.of(replace(job, task=manifest.task, model=model))
+            info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
             observed = ctx.journal.observed_output(manifest.task, model)
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),

@@ -10,6 +10,7 @@ outbox, so it appears complete or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from batchd.daemon.context import Context, Stopping, Turns, Work, is_own_file, i
 from batchd.daemon.crashpoints import crashpoint
 from batchd.journal import Chunk, Job
 from batchd.logs import redact_data
+from batchd.npy import NpyRowWriter
 from batchd.plugin_calls import InThread, PluginClock, PluginTimeout
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, ChunkState, JobState
@@ -118,7 +120,7 @@ class Deliver:
             gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)
             self.writers.start(job.id, write_results, ctx.spool(job.id), gate, ctx.tasks,
                                ctx.plugin_clock(job.task, "organize()"), ctx.settings.plugin_timeout_seconds,
-                               ctx.stopping)
+                               ctx.stopping, job.kind)
         spool = ctx.spool(job.id)
         for chunk in chunks:
             if chunk.state in CHUNK_DONE_STATES:
@@ -281,10 +283,12 @@ class Deliver:
                 f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}; the "
                 f"manifest's requests after its first {built} were never built nor sent and are not in results.jsonl")
         if counts.get("joined_by_position"):
+            without_key = ("inline embeddings carry no key (google-genai sends none with them), so "
+                           f"{counts['joined_by_position']} were" if job.kind == "embed" else
+                           f"{counts['joined_by_position']} inline answers came back without their key and were")
             warnings.append(
-                f"{counts['joined_by_position']} inline answers came back without their key and were matched to "
-                "their requests by position, which the service does not guarantee; they are marked "
-                "\"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
+                f"{without_key} matched to their requests by position, which the service does not guarantee; they "
+                "are marked \"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
                 "inline_max_requests to use them)")
         for c in chunks:
             if (c.error or {}).get("code") == "expired":
@@ -350,8 +354,8 @@ def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path |
 
 
 def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,
-                  stopping: threading.Event) -> Written:
-    """results.jsonl and organized.json in a fresh staging folder.
+                  stopping: threading.Event, kind: str = "generate") -> Written:
+    """results.jsonl and organized.json (and an embed job's embeddings) in a fresh staging folder.
 
     A task plugin whose ``organize`` raises (or hangs past ``plugin_timeout_seconds``) costs the job
     its organized.json, never its results: the files are written again with every result and an
@@ -363,8 +367,9 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         folder = outbox.JobFolder(spool.staging)
         organize = tasks[clock.task].organize
         # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
-        writing = InThread(lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock),
-                           name=f"batchd-organize-{job_id}")
+        writing = InThread(
+            lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock, kind),
+            name=f"batchd-organize-{job_id}")
         counts, tokens, usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
         raise
@@ -372,7 +377,8 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         log.error("job %s: %s", job_id, error, extra={"job": job_id})
         organize_error = {"message": f"{error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
-        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping)
+        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping,
+                                                   kind=kind)
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
@@ -381,16 +387,20 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)
-        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping)
+        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping,
+                                                   kind=kind)
     return Written(folder, counts, tokens, usage, organize_error)
 
 
 def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: Callable[[int], dict | None],
                        organize, stopping: threading.Event,
-                       clock: PluginClock | None = None) -> tuple[dict, dict, dict]:
+                       clock: PluginClock | None = None, kind: str = "generate") -> tuple[dict, dict, dict]:
     """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
     ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
+    An embed job's vectors go to embeddings.npy as they are joined (float32, one row per successful
+    request, in request order) and each row's key to embeddings_index.jsonl; its results.jsonl lines
+    carry ``embedding_row`` instead of the vector, so they stay small.
 
     Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
     """
@@ -400,9 +410,11 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
     def results_written():
-        for n, result in enumerate(spool.joined(chunk_error)):
+        for n, result in enumerate(spool.joined(chunk_error, kind)):
             if n % 10_000 == 0 and stopping.is_set():
                 raise Stopping()
+            if embeddings is not None:
+                _add_embedding(result, embeddings, embeddings_index, dumps)
             counts["total"] += 1
             counts["succeeded" if result.status == "ok" else "failed"] += 1
             if result.usage:
@@ -419,13 +431,24 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
                     "data": result.data, "error": result.error, "usage": result.usage}
             if result.thoughts is not None:
                 line["thoughts"] = result.thoughts
+            if embeddings is not None:
+                line["embedding_row"] = result.embedding_row
             if result.joined_by != "key":
                 line["joined_by"] = result.joined_by
                 extra["joined_by_position"] += 1
             lines.write(dumps(line) + "\n")
             yield result
 
-    with folder.open("results.jsonl") as lines, folder.open("organized.json") as organized_file:
+    with contextlib.ExitStack() as files:
+        lines = files.enter_context(folder.open("results.jsonl"))
+        organized_file = files.enter_context(folder.open("organized.json"))
+        embeddings = embeddings_index = None
+        if kind == "embed":
+            # Closed (its header given the final shape) before the file is fsynced, hence the order.
+            npy_file = files.enter_context(folder.open("embeddings.npy", "wb"))
+            embeddings = NpyRowWriter(npy_file)
+            files.callback(embeddings.close)
+            embeddings_index = files.enter_context(folder.open("embeddings_index.jsonl"))
         organized = outbox.JsonObjectWriter(organized_file)
         entries = organize(results_written()) if clock is None else \
             clock.iterate(organize(clock.handing(results_written())))
@@ -439,6 +462,20 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
              "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
              "total_tokens": tokens["total"], "requests": extra["with_usage"]}
     return counts, tokens, usage
+
+
+def _add_embedding(result: TaskResult, embeddings: NpyRowWriter, index, dumps) -> None:
+    """Give a successful embedding its row in embeddings.npy (and the index); one of another length
+    than the rows before it becomes an error, since the array's rows must all be alike."""
+    if result.status != "ok":
+        return
+    try:
+        result.embedding_row = embeddings.add(result.embedding)
+    except ValueError as error:
+        result.status, result.embedding = "error", None
+        result.error = {"code": "embedding_size", "message": f"embedding not stored: {error}"}
+        return
+    index.write(dumps({"row": result.embedding_row, "key": result.key}) + "\n")
 
 
 def _organize_nothing(results: Iterator[TaskResult]) -> Iterator[tuple[str, Any]]:

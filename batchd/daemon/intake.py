@@ -230,7 +230,8 @@ class Intake:
                      "duplicate_of": earlier.id}
         # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
-        task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model} if manifest else {}
+        task_and_model = {"task": manifest.task, "model": manifest.model or ctx.settings.model,
+                          "kind": manifest.kind} if manifest else {}
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
                             manifest_sha256=manifest_sha256, retry_of=self._retry_of(manifest),
                             **task_and_model)

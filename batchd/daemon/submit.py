@@ -114,7 +114,7 @@ class Submit:
         key = (job.id, chunk.idx)
         if chunk.mode == "inline":
             self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
-                                   about="create")
+                                   job.kind, about="create")
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
                                    ctx.settings.delete_request_files, about="upload")
@@ -170,7 +170,7 @@ class Submit:
             return
         provider = ctx.provider
         self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
-                               requests_file.name, chunk.display_name, about="create")
+                               requests_file.name, chunk.display_name, job.kind, about="create")
 
     def adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
         """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
@@ -283,8 +283,8 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 # -- work run in the pool: given what it needs, never the journal ---------------------------------------
 
 
-def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk) -> RemoteJob:
-    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name)
+def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str) -> RemoteJob:
+    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name, kind)
 
 
 def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool) -> RequestFile:

@@ -112,7 +112,9 @@ class ModelCatalog:
             return model
         model_id = model.removeprefix("models/")
         embedding_method = method in ("asyncBatchEmbedContent", "embedContent", "batchEmbedContents")
-        if not self.knows(model_id) or is_embedding_model(model_id) != embedding_method:
+        # countTokens serves both kinds of model (each lists it among its supportedGenerationMethods).
+        serves = method == "countTokens" or is_embedding_model(model_id) == embedding_method
+        if not self.knows(model_id) or not serves:
             raise not_found(
                 f"models/{model_id} is not found for API version {api_version}, or is not supported for "
                 f"{method}. Call ListModels to see the list of available models and their supported methods."
