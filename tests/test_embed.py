@@ -269,7 +269,9 @@ def test_an_embed_manifest_naming_a_generation_model_is_rejected_and_the_daemon_
     assert np.load(workspace.outbox / "corpus" / "embeddings.npy").shape == (1, 4)
 
 
-@pytest.mark.parametrize("point", ["after-intent", "after-upload", "after-create"])
+# One crash point in the default run, the others in the slow step (as the kill -9 matrices).
+@pytest.mark.parametrize("point", [pytest.param("after-intent", marks=pytest.mark.slow),
+                                   pytest.param("after-upload", marks=pytest.mark.slow), "after-create"])
 def test_killed_around_an_embedding_create_the_restart_delivers_once_and_creates_nothing_twice(
         workspace: Workspace, point: str):
     # One inline chunk and one file chunk: every kill point meets both kinds of create.

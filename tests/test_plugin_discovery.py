@@ -11,7 +11,7 @@ from batchd.plugins import get_tasks
 from batchd.testing import Workspace
 from test_plugins import SUMMARIZE_PLUGIN as ONE_OFF_PLUGIN
 
-BUILTIN_TASKS = {"analysis", "documents", "sentiment", "template", "translate", "variations"}
+BUILTIN_TASKS = {"analysis", "documents", "embed", "sentiment", "template", "translate", "variations"}
 BUILTIN_PLUGINS = BUILTIN_TASKS | {"cost", "log", "webhook", "email"}
 
 
