@@ -231,6 +231,7 @@ def test_a_bad_item_config_names_the_file_line_and_field(inbox):
     assert (error.field, error.message) == ("items[1].config.temprature", "unknown field")
 
 
+@pytest.mark.slow  # 20,000 lines under tracemalloc
 def test_item_configs_are_streamed_not_kept(inbox):
     configs = ('{"temperature": 0.1}', '{"thinking_budget": 8, "safety_settings": '
                '[{"category": "hate_speech", "threshold": "off"}]}')

@@ -103,6 +103,7 @@ def merge_with_jq(ws: Workspace, results_path: Path, retry_path: Path) -> Path:
     return merged
 
 
+@pytest.mark.slow  # minutes of the default run are counted: two daemon runs and two retries
 def test_expired_and_failed_requests_are_retried_apart(workspace: Workspace):
     # Three chunks of two requests: the first expires (no resubmission), the others lose some requests.
     workspace.configure(faults=["job-expired@*-c0*", "fail-requests=0.5"], chunk_max_requests=2, resubmit_expired=0)
@@ -145,6 +146,7 @@ def test_an_unknown_or_unfinished_job_is_a_clear_error(workspace: Workspace):
     assert "was rejected" in retry(workspace, "broken", code=1).stderr
 
 
+@pytest.mark.slow  # minutes of the default run are counted: two daemon runs and two retries
 def test_a_retry_of_a_job_with_an_input_file_reads_the_same_file(workspace: Workspace):
     workspace.configure(faults=["fail-requests=0.5"])
     rows = "".join(f"r{n},review number {n}\n" for n in range(8))
