@@ -83,8 +83,11 @@ class EstimateAlongside:
     STALL_SECONDS = 30.0
     _END = None
 
-    def __init__(self, estimate: Callable[[Iterable[TaskRequest]], dict | None], job_id: str):
+    def __init__(self, estimate: Callable[[Iterable[TaskRequest]], dict | None], job_id: str,
+                 on_done: Callable[[], None] = lambda: None):
+        """``on_done`` is called from the estimate's thread when it ends (the job can then be sent)."""
         self.job_id = job_id
+        self._on_done = on_done
         self.fed_all = False  # the build pass has read every request
         self.result: dict | None = None
         self.abandoned = False
@@ -104,6 +107,7 @@ class EstimateAlongside:
             self.result = estimate(self._requests())
         finally:
             self._done.set()
+            self._on_done()
 
     def _put(self, item: list | None) -> None:
         waited_since = time.monotonic()

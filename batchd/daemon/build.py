@@ -124,10 +124,6 @@ class Build:
         builder = self.builders.get(job_id)
         return builder is not None and builder.estimate is not None
 
-    def waiting_for_estimate(self, job_id: str) -> bool:
-        builder = self.builders.get(job_id)
-        return builder is not None and builder.estimate is not None and not builder.estimate.done()
-
     def _start(self, job: Job) -> Builder:
         """The chunks of a job, built in a thread of their own; after a crash the same chunks are built
         again, with the same limits. Only the loop's thread records them in the journal."""
@@ -142,6 +138,12 @@ class Build:
         encoder = EmbedRequestEncoder() if manifest.kind == "embed" else RequestEncoder(model)
         clock = ctx.plugin_clock(manifest.task, "requests()")
         requests = clock.iterate(manifest.requests())
+        job_id = job.id
+
+        def look_again() -> None:  # a chunk is built, or the estimate is done: the loop takes it at once
+            ctx.mark(job_id)
+            ctx.wake()
+
         estimate = None
         if job.cost is None and ctx.costs.estimates:
             # Not estimated before admission (no budget could hold it): price the requests as they are built.
@@ -149,18 +151,12 @@ class Build:
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
             observed = ctx.journal.observed_output(manifest.task, model)
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),
-                                         job.id)
+                                         job.id, on_done=look_again)
             requests = estimate.feed(requests)
         chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                          check_stop=ctx.raise_if_stopping)
-        job_id = job.id
-
-        def chunk_ready() -> None:
-            ctx.mark(job_id)
-            ctx.wake()
-
         builder = self.builders[job.id] = Builder(
-            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=chunk_ready, source=requests), estimate)
+            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate)
         return builder
 
     def stop(self, job: Job) -> Stopped:

@@ -205,13 +205,12 @@ class Loop:
         if time.monotonic() - self._swept_at >= ctx.settings.rescan_seconds:
             self.sweep()
         now = time.monotonic()
-        for job_id in s.build.builders:
-            # A build is looked at now and then (its plugin may hang), and often while its estimate,
-            # which tells nobody when it ends, is finishing; else the build marks its job itself.
-            if now - self._builds_checked_at >= BUILD_CHECK_SECONDS or s.build.waiting_for_estimate(job_id):
-                self.mark(job_id)
         if now - self._builds_checked_at >= BUILD_CHECK_SECONDS:
+            # A build is looked at now and then (its plugin may hang); else the build marks its job
+            # itself when a chunk or its estimate is done.
             self._builds_checked_at = now
+            for job_id in s.build.builders:
+                self.mark(job_id)
         for job_id, wait in self._disk_waits.items():
             if not wait.retried and wait.backoff.due():
                 wait.retried = True
@@ -329,9 +328,6 @@ class Loop:
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
         if s.build.builders:
             wait = min(wait, BUILD_CHECK_SECONDS)
-            for job_id in s.build.builders:
-                if s.build.waiting_for_estimate(job_id):
-                    wait = min(wait, 0.05)  # its estimate ends in a thread that tells nobody (a countTokens call)
         wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due())
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
