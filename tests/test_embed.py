@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from batchd.spool import to_embed_result
 from batchd.task import TaskRequest
 from batchd.testing import EMULATOR_API_KEY, DaemonRunner, Workspace
 from test_daemon import assert_one_live_job_per_chunk, request_files
+from test_provider import recorder, recording_server  # noqa: F401 (fixtures: google-genai's request bodies)
 
 # batchd calls the experimental batches.create_embeddings knowingly (batchd.provider silences it in the daemon).
 pytestmark = pytest.mark.filterwarnings("ignore::google.genai._common.ExperimentalWarning")
@@ -102,38 +100,6 @@ def test_a_generation_task_refuses_an_embedding_model(tmp_path):
 
 
 # -- the wire: what google-genai sends -------------------------------------------------------------------
-
-
-class _RecordingHandler(BaseHTTPRequestHandler):
-    """Records request bodies and answers every POST with a minimal batch Operation."""
-
-    bodies: list[dict[str, Any]]
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.bodies.append({**body, "_path": self.path})
-        answer = json.dumps({"name": "batches/recorded", "metadata": {"state": "BATCH_STATE_PENDING"}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture()
-def recorder() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    bodies: list[dict[str, Any]] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_RecordingHandler,), {"bodies": bodies}))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_inline_and_file_embedding_creates_send_what_the_sdk_sends(recorder):
