@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema,
+                      field_validator, model_validator)
 
 from batchd import sdk_enums
 
@@ -146,6 +146,16 @@ ItemConfig = Annotated[
 ]
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+#: An item's text: any string but a blank one (for an ``Item`` of your own, as :data:`ItemId` is).
+ItemText = Annotated[str, AfterValidator(_not_blank)]
+
+
 class TextItem(BaseModel):
     """An input item that is a piece of text, optionally with an id.
 
@@ -156,15 +166,8 @@ class TextItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: ItemId | None = Field(None, description="Stable id; defaults to the item's 1-based position.")
-    text: str = Field(description="The text.")
+    text: ItemText = Field(description="The text.")
     config: ItemConfig = None
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("must not be empty")
-        return text
 
 
 class TextsParams(BaseModel):

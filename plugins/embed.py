@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batchd import hookimpl
-from batchd.task import ItemId, TaskRequest, TaskResult, TextsParams, TextTask, error_entry
+from batchd.task import ItemId, ItemText, TaskRequest, TaskResult, TextsParams, TextTask, error_entry
 
 # The Gemini API's TaskType values (https://ai.google.dev/api/embeddings#tasktype). google-genai 3.x
 # types EmbedContentConfig.task_type as a plain string, with no enum to take them from, so a typo
@@ -33,14 +33,7 @@ class EmbedItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: ItemId | None = Field(None, description="Stable id; defaults to the item's 1-based position.")
-    text: str = Field(description="The text to embed.")
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("must not be empty")
-        return text
+    text: ItemText = Field(description="The text to embed.")
 
 
 class EmbedParams(TextsParams):

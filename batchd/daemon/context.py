@@ -24,7 +24,7 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 from batchd import fs
 from batchd.backoff import Backoff
 from batchd.config import Settings
-from batchd.costs import CostHooks, spend_of
+from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
 from batchd.manifest import ManifestError
@@ -74,8 +74,7 @@ class RunReport:
         self.sources.add(job.source)
         amount = spend_of(job.cost)
         if amount is not None:
-            currency = next((part.get("currency") for part in (job.cost or {}).values()
-                             if isinstance(part, dict) and part.get("currency")), "USD")
+            currency = summary_cost(job.cost)["currency"] or "USD"
             self.spent[currency] = self.spent.get(currency, 0.0) + amount
 
     @property
