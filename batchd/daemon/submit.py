@@ -51,6 +51,7 @@ class Submit:
         self.credentials = Backoff(ctx.settings.poll_interval, max(ctx.settings.poll_max_interval, 60.0))
         self.refusal: str | None = None
         self.turns = Turns()
+        self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
         self._cancel_adopted = cancel_adopted
@@ -66,16 +67,25 @@ class Submit:
         share = 0
         if chunks and self.turns.first(job.id, free):
             share = 1 if len(self.turns) else free  # others in line: one chunk per turn
+        started, upload_waits = 0, False
         for chunk in chunks[:share]:
+            if chunk.mode == "file" and not self.upload_slots():
+                upload_waits = True  # each upload holds a part of its file in memory: they are bounded apart
+                break
             ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
                                      **_upload_intent(chunk))
             crashpoint("after-intent")
             if chunk.resubmits:
                 crashpoint("after-resubmit-intent")
             self.start(job, chunk)
+            started += 1
         if not chunks:
             self.turns.forget(job.id)
-        if len(chunks) > share:
+        if not upload_waits:
+            self.upload_turns.forget(job.id)
+        if upload_waits:
+            self.upload_turns.wait(job)  # called when an upload ends, not on every free thread
+        elif len(chunks) > started:
             self.turns.wait(job)  # more to send once the pool has room
         elif job.state == JobState.BUILT:
             totals = ctx.journal.chunk_totals(job.id)
@@ -143,11 +153,17 @@ class Submit:
                 self.refusal = None
             self.credentials.succeeded()
             self.adopt(chunk, result)
+        self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
     def free(self) -> int:
         """Threads free for uploads and creates: none while the service refuses the API key."""
         return 0 if self.credentials.waiting() else self.submissions.free()
+
+    def upload_slots(self) -> int:
+        """Uploads that may start now: ``max_concurrent_uploads`` less those in flight, within :meth:`free`."""
+        uploading = sum(1 for work in self.submissions.running.values() if work.about == "upload")
+        return max(0, min(self.free(), self.ctx.settings.max_concurrent_uploads - uploading))
 
     def _create_from_file(self, chunk: Chunk, requests_file: RequestFile) -> None:
         """Record the chunk's requests file (so a create made again reuses it, and it is deleted once the
