@@ -23,6 +23,10 @@ texts = ["one", "two", "three", "four", "five", "six"]
 languages = ["French"]
 """
 
+#: A budget that could hold a job: it is then estimated before it is built (every row read), so its
+#: chunks go out while later ones are built. Any other job's chunks wait for its whole build pass.
+SENT_WHILE_BUILDING = {"cost": {"job_budget": 1000.0}}
+
 
 def journal_of(ws: Workspace, name: str) -> tuple[Job, list[Chunk], list[str]]:
     """The job named ``name``, its chunks and the kinds of its events (progress left out: how many
@@ -59,8 +63,9 @@ def tick_until(daemon: Daemon, done, what: str, timeout: float = 60):
 
 def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(workspace: Workspace):
     """The cancel is taken while chunk 0 is built and not yet sent: no chunk after it is built,
-    chunk 0 ends never submitted, no remote job exists, and no `submitted` event claims otherwise."""
-    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600)
+    chunk 0 ends never submitted, no remote job exists, and no `submitted` event claims otherwise.
+    With a budget, so that chunk 0 would go out as soon as it is recorded."""
+    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     daemon = Daemon(load_settings(workspace.config))
@@ -100,9 +105,8 @@ def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_mor
     """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
     the restart builds the recorded chunks again (their index joins the results) and nothing after
     them; both remote jobs are cancelled and the job is delivered cancelled with those two requests.
-    Without a cost plugin, so that chunks go out while later ones are built (a priced job waits for
-    its whole build pass)."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
+    With a budget, so that chunks go out while later ones are built."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
@@ -129,9 +133,9 @@ def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_mor
 def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace: Workspace):
     """Killed after the create intent of chunk 0, before the create; cancelled while down. The restart
     reads the cancel before it reconciles, so the unconfirmed chunk is never created: once the grace
-    period shows no remote job it ends never submitted. Without a cost plugin, so that chunk 0 goes
-    out before the rest is built (a priced job waits for its whole build pass)."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
+    period shows no remote job it ends never submitted. With a budget, so that chunk 0 goes out
+    before the rest is built."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     crashed = workspace.start("run", BATCHD_CRASH_AT="after-intent")

@@ -163,6 +163,27 @@ def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Wor
     assert (workspace.outbox / "broken" / "broken.toml").exists(), "the rejected manifest is kept"
 
 
+@pytest.mark.parametrize("budget", [None, 1000.0], ids=["read-by-its-build", "read-by-its-estimate"])
+def test_a_bad_row_at_the_end_of_a_big_input_rejects_the_job_with_nothing_sent(workspace: Workspace, budget):
+    """Rows are checked in a worker, not at the claim; still nothing of a job is sent before its last row
+    was read: the build holds its chunks (no budget) or the estimate pass read them all (a budget)."""
+    workspace.configure(chunk_max_requests=5, inline_max_requests=0, cost={"job_budget": budget} if budget else {})
+    rows = [f"r{n},Review number {n} of the batch." for n in range(39)] + ["r7,a duplicate id at the very end"]
+    (workspace.inbox / "reviews.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+    workspace.drop("late.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1, result.stderr
+    rejected = workspace.delivered()["late"]
+    assert rejected["state"] == "rejected"
+    assert "duplicate id 'r7'" in rejected["error"]["message"] and rejected["error"]["line"] == 41
+    assert remote_jobs(workspace) == [], "a batch was created"
+    with EmulatorServer(workspace.state / "emulator") as emulator:
+        client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
+        assert list(client.files.list()) == [], "requests were uploaded"
+
+
 def test_a_manifest_with_a_bad_field_is_rejected_naming_the_field(workspace: Workspace):
     workspace.drop("bad.toml", 'task = "translate"\ntexts = ["a"]\nlanguages = "French"\n')
     workspace.batchd("run", "--once")

@@ -245,7 +245,7 @@ class Loop:
                 if job.cancel_requested:
                     s.cancel.apply(job)
                 self.steps[job.state](job)
-            elif job.state == JobState.BUILDING and not s.build.priced_alongside(job.id):
+            elif job.state == JobState.BUILDING and s.build.sends_while_building(job.id):
                 s.submit.step(job)
             return
         if job.cancel_requested and s.cancel.apply(job):
@@ -268,11 +268,11 @@ class Loop:
 
     def _building(self, job: Job) -> None:
         # Chunks already built go out while the next one is built, so the service works on chunk n
-        # while chunk n+1 is written; unless the build pass is what prices the job, which must be
-        # priced before any of it is sent.
+        # while chunk n+1 is written; unless this pass is the first to read the job's rows (then its
+        # chunks are held until the last row is read and priced: batchd.daemon.build).
         self.s.build.step(job)
         job = self.ctx.journal.job(job.id)
-        if job.state == JobState.BUILT or job.state == JobState.BUILDING and not self.s.build.priced_alongside(job.id):
+        if job.state == JobState.BUILT or job.state == JobState.BUILDING and self.s.build.sends_while_building(job.id):
             self.s.submit.step(job)
 
     def _submitted(self, job: Job) -> None:
