@@ -101,6 +101,35 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
     assert "chunk 0" in warning and "never built" in warning
 
 
+def test_a_build_holding_its_chunks_asks_for_the_next_at_once_and_a_cancel_sends_nothing(workspace: Workspace):
+    """No budget: the build pass is the first to read the rows, so it holds its chunks (none recorded,
+    none sent) and asks for the next one as soon as it took one (nothing recorded brings the loop
+    back otherwise). A cancel stops it at a chunk boundary: nothing was sent, nothing is."""
+    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600)
+    workspace.drop("long.toml", SIX)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        builders = daemon.steps.build.builders
+        (job,) = tick_until(daemon, daemon.journal.active_jobs, "the job accepted")
+        builder = tick_until(daemon, lambda: job.id in builders and len(builders[job.id].held or ()) >= 2
+                             and builders[job.id], "two chunks held")
+        assert not builder.chunks.resting(), "the next chunk was not asked for"
+        assert daemon.journal.chunks(job.id) == [], "a held chunk was recorded"
+        (workspace.inbox / "long.cancel").write_text("")
+
+        tick_until(daemon, lambda: daemon.journal.job(job.id).state == "done", "the job delivered")
+        chunks = daemon.journal.chunks(job.id)
+        kinds = [entry["event"]["kind"] for entry in daemon.journal.events(job.id)]
+    finally:
+        daemon.close()
+
+    assert chunks == [] and remote_jobs(workspace) == []
+    assert kinds == ["accepted", "cancelled"]
+    folder = workspace.outbox_folder("long")
+    assert folder.state == "cancelled" and folder.summary["timings"]["submitted"] is None
+
+
 def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_more(workspace: Workspace):
     """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
     the restart builds the recorded chunks again (their index joins the results) and nothing after

@@ -108,6 +108,10 @@ class Build:
         if chunk is not None:
             if builder.held is not None:
                 builder.held.append(chunk)
+                if not job.cancel_requested:
+                    # Nothing is recorded that would bring the loop back: the next chunk is asked for now
+                    # (a cancel instead finds the build resting at this boundary).
+                    builder.chunks.take()
                 return
             self._record(job, chunk)
             if chunk.idx:
