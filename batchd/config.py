@@ -80,7 +80,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 
 #: The kinds of job events, in the order a job meets them (see docs/plugins.md, job_event).
 EventKind = Literal["accepted", "rejected", "held", "submitted", "progress", "expired",
-                    "succeeded", "partial", "failed", "cancelled"]
+                    "succeeded", "partial", "plugin_failed", "failed", "cancelled"]
 
 
 class ModelPrice(BaseModel):
@@ -178,7 +178,7 @@ class EmailSettings(_SendsToUrls, BaseModel):
         default_factory=list, description="Apprise URLs; they hold credentials, so they are never shown."
     )
     events: list[EventKind] = Field(
-        default_factory=lambda: ["held", "succeeded", "partial", "failed", "cancelled", "rejected"],
+        default_factory=lambda: ["held", "succeeded", "partial", "plugin_failed", "failed", "cancelled", "rejected"],
         description="Kinds to send; empty: all.",
     )
 

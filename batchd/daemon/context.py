@@ -41,6 +41,10 @@ HELD_EXIT_CODE = 3
 #: Exit code of ``batchd run --once`` when every job was delivered, none failed or is held, but some
 #: are ``partial`` (some of their requests failed: ``batchd retry NAME`` sends those again).
 PARTIAL_EXIT_CODE = 4
+#: Exit code of ``batchd run --once`` when every job was delivered, none failed or is held, but a task
+#: plugin failed to organize the results of some (outcome ``plugin_failed``: results.jsonl is complete,
+#: organized.json is empty, summary.json's ``error`` names the plugin's error).
+PLUGIN_FAILED_EXIT_CODE = 5
 #: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
 #: EX_TEMPFAIL: running it again carries on where it stopped.
 INTERRUPTED_EXIT_CODE = 75
@@ -85,6 +89,8 @@ class RunReport:
             return INTERRUPTED_EXIT_CODE
         if self.held:
             return HELD_EXIT_CODE
+        if "plugin_failed" in self.outcomes.values():
+            return PLUGIN_FAILED_EXIT_CODE
         return PARTIAL_EXIT_CODE if "partial" in self.outcomes.values() else 0
 
     def summary(self, outbox: Path) -> str:
