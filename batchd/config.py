@@ -300,6 +300,13 @@ class Settings(BaseSettings):
         description="Times a chunk whose remote batch expired (not finished by the service within 48 h, no"
                     " results) is submitted again before its requests end as 'expired' errors; 0: never.",
     )
+    check_models: bool = Field(
+        True,
+        description="Check a manifest's model against the provider's model list (models.list, cached an hour"
+                    " in state_dir/models.json; models.get for an id it does not list) at `batchd submit` and"
+                    " before a job is priced: an unknown model is rejected before anything is sent, with the"
+                    " close names it may mean. false: not checked (a create refuses it).",
+    )
 
     plugin_timeout_seconds: float = Field(
         300.0,

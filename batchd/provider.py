@@ -611,6 +611,33 @@ class Provider:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
         self._retrying_client.batches.cancel(name=_checked_batch_name(name))
 
+    # -- models ------------------------------------------------------------------------------------
+
+    def list_models(self, max_pages: int = 20) -> list[str]:
+        """The ids of the models the service lists (``models.list``, base models), without ``models/``.
+
+        Sent once, without retries: the caller checks models from this list at its own pace and
+        lets a job through when the service cannot say (a 429 must not hold the loop for retries).
+        """
+        pager = self._single_shot_client.models.list(config=types.ListModelsConfig(page_size=1000, query_base=True))
+        names: list[str] = []
+        for _ in range(max_pages):
+            names += [model.name.removeprefix("models/") for model in pager.page if model.name]
+            if not pager.config.get("page_token"):
+                break
+            pager.next_page()
+        return names
+
+    def model_exists(self, model: str) -> bool:
+        """Whether ``models.get`` knows ``model`` (the service lists only some of the ids it takes)."""
+        try:
+            self._single_shot_client.models.get(model=model)
+        except errors.APIError as error:
+            if error.code == 404:
+                return False
+            raise
+        return True
+
     def count_tokens(self, model: str, text: str | list[str]) -> int:
         """Tokens of one prompt, or of several counted in one call (each a user turn)."""
         texts = [text] if isinstance(text, str) else text

@@ -468,6 +468,7 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     workspace.drop("clumsy.toml", 'task = "clumsy"\ntexts = ["a", "b", "c"]\n')
     workspace.drop("silent.toml", 'task = "silent"\ntexts = ["a"]\n')
     workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("typo.toml", TRANSLATE.replace("Hello", "Typo") + 'model = "gemini-2.5-flsh"\n')
 
     result = workspace.batchd("run", "--once", timeout=120)
 
@@ -485,6 +486,13 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     silent = delivered["silent"]
     assert silent["state"] == "rejected" and "produced no requests" in silent["error"]["message"]
     assert delivered["translate"]["state"] == "succeeded", "other jobs are unaffected"
+    # A model the provider does not serve: rejected before anything is priced or sent, naming close ones.
+    typo = delivered["typo"]
+    assert typo["state"] == "rejected" and typo["error"]["code"] == "unknown_model", typo
+    assert "'gemini-2.5-flsh' is not a model the emulator serves" in typo["error"]["message"]
+    assert "did you mean 'gemini-2.5-flash'" in typo["error"]["message"]
+    assert "cost" not in typo and "prices" not in typo["error"]["message"]
+    assert json.loads((workspace.state / "models.json").read_text())["source"] == "the emulator"
     schema = workspace.batchd("schema")
     assert '"shout"' in schema.stdout
 

@@ -459,3 +459,45 @@ def test_both_clients_share_one_tls_context_made_once_per_process():
     contexts = {id(client._api_client._http_options.client_args["verify"])
                 for provider in (first, second) for client in (provider._retrying_client, provider._single_shot_client)}
     assert contexts == {id(tls_context())}
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def test_model_check_reads_the_model_list_once_and_names_close_models(provider: Provider, tmp_path: Path) -> None:
+    from batchd.model_check import ModelCheck
+
+    asked: list[str] = []
+
+    class Counting:
+        def list_models(self):
+            asked.append("list")
+            return provider.list_models()
+
+        def model_exists(self, model):
+            asked.append(f"get {model}")
+            return provider.model_exists(model)
+
+    cache = tmp_path / "models.json"
+    check = ModelCheck(lambda: Counting(), "the emulator", cache)
+    assert check.problem("gemini-2.5-flash") is None
+    assert check.problem("models/gemini-embedding-001") is None
+    # An id of a current family the service takes without listing it: models.get says so, once.
+    assert check.problem("gemini-3.7-flash-preview-01-2027") is None
+    assert check.problem("gemini-3.7-flash-preview-01-2027") is None
+    problem = check.problem("gemini-2.5-flsh")
+    assert problem is not None and "'gemini-2.5-flsh' is not a model the emulator serves" in problem
+    assert "did you mean 'gemini-2.5-flash'" in problem and "prices" not in problem
+    assert asked == ["list", "get gemini-3.7-flash-preview-01-2027", "get gemini-2.5-flsh"]
+    # The list is kept in the state dir: a check made elsewhere (batchd submit) asks the service nothing.
+    assert "gemini-2.5-flash" in json.loads(cache.read_text())["models"]
+
+    def unreachable():
+        raise AssertionError("the cached list should have answered")
+
+    assert ModelCheck(unreachable, "the emulator", cache).problem("gemini-2.5-pro") is None
+    # Cached for another service, it is not used; a service that cannot answer leaves the model unchecked.
+    def down():
+        raise ConnectionError("no route to host")
+
+    assert ModelCheck(down, "the Gemini API (v1beta)", cache).problem("gemini-2.5-flsh") is None
