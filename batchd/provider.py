@@ -128,6 +128,25 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT_TRANSPORT_ERRORS)
 
 
+def quota_delay(exc: BaseException) -> float | None:
+    """For a 429 RESOURCE_EXHAUSTED, the seconds the service asks the client to wait (its ``RetryInfo``'s
+    ``retryDelay``; 0.0 when it names none); None for any other error.
+
+    A 429 refuses the request at the door (a quota is checked before anything is done): a create
+    answered so created nothing.
+    """
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    body = exc.details if isinstance(exc.details, dict) else {}
+    for detail in (body.get("error") or {}).get("details") or ():
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            try:
+                return max(0.0, float(str(detail.get("retryDelay", "0s")).removesuffix("s")))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 def is_auth_error(exc: BaseException) -> bool:
     """True when the service rejected the credentials.
 
@@ -156,13 +175,13 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts counts the first try, so it must be at least 1")
 
-    def sdk_options(self) -> types.HttpRetryOptions:
+    def sdk_options(self, status_codes: tuple[int, ...] = RETRYABLE_STATUS_CODES) -> types.HttpRetryOptions:
         return types.HttpRetryOptions(
             attempts=self.attempts,
             initial_delay=self.initial_delay,
             max_delay=self.max_delay,
             jitter=self.initial_delay,  # the SDK's default of 1 s would dominate small test delays
-            http_status_codes=list(RETRYABLE_STATUS_CODES),
+            http_status_codes=list(status_codes),
         )
 
     def retrying(self, what: str) -> tenacity.Retrying:
@@ -335,7 +354,8 @@ class Uploaded:
     attempts: int
 
 
-def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None,
+              http_options: types.HttpOptions | None = None) -> dict[str, Any]:
     """Call ``path`` through the SDK's private API client and return the JSON body unparsed by the SDK.
 
     Why: google-genai 3.3.0's ``BatchJob`` drops ``metadata.batchStats`` (python-genai#1323) and the
@@ -347,7 +367,7 @@ def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any]
     calls. ``_api_client`` is private: this is the only place batchd touches it, and
     tests/test_provider.py::test_sdk_private_request_api_is_unchanged fails loudly if the SDK changes it.
     """
-    response = client._api_client.request(method, path, body or {})
+    response = client._api_client.request(method, path, body or {}, http_options)
     return json.loads(response.body) if response.body else {}
 
 
@@ -455,6 +475,10 @@ class Provider:
             api_key=api_key, http_options=types.HttpOptions(**options, retry_options=retry.sdk_options())
         )
         self._single_shot_client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
+        # Polls retry what the SDK retries but a 429: the daemon waits out a quota itself, as long as the
+        # service asks and visibly (batchd status), instead of the loop sitting in the SDK's backoff.
+        self._poll_options = types.HttpOptions(retry_options=retry.sdk_options(
+            tuple(code for code in RETRYABLE_STATUS_CODES if code != 429)))
 
     @classmethod
     def from_settings(cls, settings: Any, *, base_url: str | None = None, api_key: str | None = None) -> Provider:
@@ -587,7 +611,8 @@ class Provider:
     # -- reconcile and poll ------------------------------------------------------------------------
 
     def get(self, name: str) -> RemoteJob:
-        return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name)))
+        return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name),
+                                                  http_options=self._poll_options))
 
     def list_jobs(self, page_size: int = 100) -> Iterator[RemoteJob]:
         """All jobs of the project, page after page. On the real service inline output is left out."""
@@ -597,7 +622,7 @@ class Provider:
             query: dict[str, Any] = {"pageSize": page_size}
             if page_token:
                 query["pageToken"] = page_token
-            page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}")
+            page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}", http_options=self._poll_options)
             for operation in page.get("operations") or ():
                 yield RemoteJob.from_operation(operation)
             page_token = page.get("nextPageToken") or ""

@@ -6,6 +6,7 @@ import inspect
 import json
 import threading
 import tracemalloc
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -166,7 +167,8 @@ def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
         assert [job for job in provider.list_jobs() if job.display_name == "create-503"] == []
 
 
-@pytest.mark.parametrize("status", [503, 429])
+# A 429 on a poll is the daemon's to wait out (test_a_429_on_a_poll_is_left_to_the_daemon_...).
+@pytest.mark.parametrize("status", [503, 500])
 def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status: int) -> None:
     created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], f"read-retry-{status}")
     with Provider(
@@ -501,3 +503,39 @@ def test_model_check_reads_the_model_list_once_and_names_close_models(provider: 
         raise ConnectionError("no route to host")
 
     assert ModelCheck(down, "the Gemini API (v1beta)", cache).problem("gemini-2.5-flsh") is None
+
+
+def test_a_429_on_a_poll_is_left_to_the_daemon_with_the_wait_the_service_asks(emulator: Emulator) -> None:
+    """Polls are not retried on 429 inside the SDK (the daemon waits out a quota, visibly); other
+    retryable errors still are; the 429's RetryInfo says how long to wait."""
+    from batchd.provider import quota_delay
+
+    def routes() -> dict:
+        with urllib.request.urlopen(f"{emulator.base_url}/_emulator/stats") as answer:
+            return json.load(answer)["routes"]
+
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
+                  headers={"X-Emulator-Fault": "429*2@list"}) as throttled:
+        before = routes().get("list", 0)
+        with pytest.raises(errors.APIError) as refused:
+            list(throttled.list_jobs())
+        assert routes()["list"] == before + 1, "a 429 on a poll is not retried by the SDK"
+        assert quota_delay(refused.value) == 2.0  # the emulator's RetryInfo, as Google sends one
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
+                  headers={"X-Emulator-Fault": "503*2@list"}) as flaky:
+        list(flaky.list_jobs())  # 503s are still retried
+    assert quota_delay(errors.ServerError(503, {"error": {"code": 503, "message": "m"}})) is None
+
+
+def test_a_quota_wait_counts_down_in_batchd_status() -> None:
+    from batchd.daemon.context import QuotaWait
+    from batchd.statedir import render_notice
+
+    quota = QuotaWait(0.1)
+    assert quota.refused("create", 40.0, "429 RESOURCE_EXHAUSTED on create") == 40.0
+    assert quota.refused("create", 40.0, "429 RESOURCE_EXHAUSTED on create") is None, "the same wait, lengthened"
+    assert quota.waiting("create") and not quota.waiting("poll")
+    [notice] = quota.notices()
+    assert render_notice(notice, now=notice["until"] - 40) == \
+        "waiting: quota (429 RESOURCE_EXHAUSTED on create), retry in 40 s"
+    assert quota.went_through("create") and quota.notices() == [] and quota.seconds_left("create") == float("inf")
