@@ -97,7 +97,8 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None, lo
 @main.command()
 @click.option("--once", is_flag=True,
               help="Take what is in the inbox, wait until it is delivered, exit: 1 if a job failed or was"
-                   " rejected, 3 if jobs are left held over budget.")
+                   " rejected, 3 if jobs are left held over budget, 5 if a task plugin failed to organize"
+                   " results (plugin_failed), 4 if jobs are partial.")
 @click.option("--inbox", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--outbox", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
