@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -32,6 +33,10 @@ RETRY_SECONDS = 60.0
 MAX_ANSWERS = 256
 #: Ids kept of a model list (Google lists about fifty).
 MAX_LISTED = 10_000
+
+
+#: What a model id looks like (it goes into the URL path of every create).
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 def models_cache_path(state_dir: Path) -> Path:
@@ -58,6 +63,9 @@ class ModelCheck:
         name = model.removeprefix("models/")
         if name.startswith("tunedModels/"):
             return None  # a tuned model of the project's own: models.get may not see it, creates do
+        if not _MODEL_ID.fullmatch(name):
+            shown = name if len(name) <= 100 else name[:100] + "…"
+            return f"{shown!r} is not a model id (letters, digits, '.', '-' and '_'; such as 'gemini-2.5-flash')"
         listed = self._list()
         if listed is not None and name in listed:
             return None

@@ -539,3 +539,15 @@ def test_a_quota_wait_counts_down_in_batchd_status() -> None:
     assert render_notice(notice, now=notice["until"] - 40) == \
         "waiting: quota (429 RESOURCE_EXHAUSTED on create), retry in 40 s"
     assert quota.went_through("create") and quota.notices() == [] and quota.seconds_left("create") == float("inf")
+
+
+def test_model_check_refuses_what_is_no_model_id_without_asking() -> None:
+    from batchd.model_check import ModelCheck
+
+    def never():
+        raise AssertionError("nothing is sent for a name that is no model id")
+
+    check = ModelCheck(never, "the emulator")
+    for hostile in ("../../x", "gemini 2.5", "x" * 5000, "$(id)"):
+        problem = check.problem(hostile)
+        assert problem is not None and "is not a model id" in problem and len(problem) < 300
