@@ -184,14 +184,14 @@ class RetryPolicy:
             http_status_codes=list(status_codes),
         )
 
-    def retrying(self, what: str) -> tenacity.Retrying:
+    def retrying(self, what: str, retry_on: Callable[[BaseException], bool] | None = None) -> tenacity.Retrying:
         """A blocking retry of a whole operation: exponential with jitter, like the SDK's, on the
-        errors :func:`is_retryable` accepts; the last error is raised as it was."""
+        errors ``retry_on`` accepts (:func:`is_retryable`); the last error is raised as it was."""
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential(multiplier=self.initial_delay, max=self.max_delay)
             + tenacity.wait_random(0, self.initial_delay),
-            retry=tenacity.retry_if_exception(is_retryable),
+            retry=tenacity.retry_if_exception(retry_on or is_retryable),
             before_sleep=lambda state: log.warning(
                 "%s failed (%s); attempt %d of %d in %.1f s", what, state.outcome.exception(),
                 state.attempt_number + 1, self.attempts, state.next_action.sleep),
@@ -200,8 +200,9 @@ class RetryPolicy:
 
 
 def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str,
-                  on_attempt: Callable[[int], None] = lambda attempt: None) -> _Result:
-    for attempt in policy.retrying(what):
+                  on_attempt: Callable[[int], None] = lambda attempt: None,
+                  retry_on: Callable[[BaseException], bool] | None = None) -> _Result:
+    for attempt in policy.retrying(what, retry_on):
         with attempt:
             on_attempt(attempt.retry_state.attempt_number)
             result = operation()
@@ -525,7 +526,9 @@ class Provider:
             config = types.UploadFileConfig(display_name=display_name, mime_type=JSONL_MIME_TYPE)
             return self._single_shot_client.files.upload(file=path, config=config)
 
-        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count)
+        # A 429 is not retried here: the daemon waits out the quota, once for every submission, and says so.
+        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count,
+                                 retry_on=lambda error: is_retryable(error) and quota_delay(error) is None)
         if not uploaded.name:
             raise ProviderError(f"upload of {path}: the service returned no file name")
         return Uploaded(uploaded.name, attempts)
