@@ -272,7 +272,7 @@ class Deliver:
         expired = [r["remote_name"] for r in remote_jobs if r["role"] == "expired"]
         if expired:
             summary["expired_remote_batches"] = expired  # resubmitted: their chunks ran again
-        error = outcome_error(job, state, counts, written)
+        error = outcome_error(job, state, counts, written, ctx.settings.limits.error_chars)
         if error is not None:
             summary["error"] = error
         if counts.get("joined_by_position"):
@@ -362,8 +362,9 @@ def position_message(job: Job, joined: int) -> str:
             "(file batches always carry keys: send the job again with inline_max_requests = 0)")
 
 
-def outcome_error(job: Job, state: str, counts: dict, written: Written) -> dict | None:
-    """summary.json's ``error`` for a job that ran and did not succeed: each reason, in one message."""
+def outcome_error(job: Job, state: str, counts: dict, written: Written, max_chars: int = 2000) -> dict | None:
+    """summary.json's ``error`` for a job that ran and did not succeed: a ``code`` (the state's own reason)
+    and each reason in one message, cut at ``max_chars``."""
     reasons: list[tuple[str, str]] = []
     if written.organize_error is not None:
         reasons.append((PLUGIN_FAILED, written.organize_error["message"]))
@@ -383,7 +384,12 @@ def outcome_error(job: Job, state: str, counts: dict, written: Written) -> dict 
         reasons.append(("joined_by_position", position_message(job, counts["joined_by_position"])))
     if not reasons or state == "succeeded":
         return None
-    return {"code": reasons[0][0], "message": "; ".join(message for _, message in reasons)}
+    codes = [code for code, _ in reasons]
+    primary = {PLUGIN_FAILED: PLUGIN_FAILED, "cancelled": "cancelled", "failed": "requests_failed"}.get(state)
+    message = "; ".join(message for _, message in reasons)
+    if len(message) > max_chars:
+        message = message[: max_chars - 1] + "…"
+    return {"code": primary if primary in codes else codes[0], "message": message}
 
 
 @dataclass(frozen=True)
