@@ -75,8 +75,8 @@ recorded before ``batches.create``, is the only copy. A create made again reuses
 service still has it. Once the chunk is ``fetched`` (or ``skipped``) its file is due for deletion;
 an ``uploading`` chunk's copies are first looked up by display name.
 
-A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
-rejected.
+A ``done`` job has an ``outcome``: succeeded, partial, plugin_failed, failed,
+cancelled or rejected.
 
 Job events for the notification plugins are rows of ``events``, inserted in the
 transaction of the transition they announce, each with a ``deliveries`` row per

@@ -92,7 +92,7 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
     assert remote_jobs(workspace) == []
     assert kinds == ["accepted", "cancelled"]
     folder = workspace.outbox_folder("long")
-    assert folder.state == "cancelled"
+    assert folder.state == "cancelled" and folder.summary["error"]["code"] == "cancelled"
     assert folder.summary["timings"]["submitted"] is None, "nothing was submitted"
     assert [line["key"] for line in folder.results] == keys[:1]
     assert folder.results[0]["error"]["code"] == "cancelled"

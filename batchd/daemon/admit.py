@@ -22,6 +22,7 @@ from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
 from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.model_check import ModelCheck, model_source, models_cache_path
 from batchd.plugin_calls import PluginTimeout, Prefetch
 from batchd.provider import Provider
 from batchd.states import JobState
@@ -113,6 +114,9 @@ class Admit:
         self.estimates = ctx.workers("estimate", ctx.settings.max_concurrent_builds)
         self.turns = Turns()
         self.tokens = TokenCounter(lambda: ctx.provider)
+        #: Whether the provider serves a job's model, asked before anything of the job is priced or sent.
+        self.models = ModelCheck(lambda: ctx.provider, model_source(ctx.settings),
+                                 models_cache_path(ctx.settings.state_dir)) if ctx.settings.check_models else None
         self._finished: dict[str, Work] = {}  # job id → its estimate pass, ended, not yet taken
         #: job id → what stopped its estimate pass reading the requests (a bad row, a hung or failing task)
         self._unreadable: dict[str, list[Exception]] = {}
@@ -122,6 +126,8 @@ class Admit:
     def step(self, job: Job) -> None:
         """A ``received`` job not yet admitted: estimate, then admit or hold."""
         ctx = self.ctx
+        if self._unknown_model(job):
+            return  # rejected on its next visit
         if job.cost is None and ctx.costs.estimates and (job.approved or not ctx.costs.budget_may_hold(ctx.settings)):
             ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
             return
@@ -143,6 +149,20 @@ class Admit:
                         job.id, job.source, reason, job.name)
             return
         ctx.journal.update_job(job.id, admitted_at=time.time())
+
+    def _unknown_model(self, job: Job) -> bool:
+        """Reject the job (its error committed; delivered ``rejected`` next) when the provider does not
+        serve its model."""
+        if self.models is None or job.cost is not None:
+            return False  # checked before it was priced
+        model = self.ctx.model_of(job)
+        problem = self.models.problem(model)
+        if problem is None:
+            return False
+        log.error("job %s (%s): %s", job.id, job.source, problem, extra={"job": job.id})
+        self.ctx.journal.update_job(job.id, error={"code": "unknown_model", "file": job.source, "field": "model",
+                                                   "message": f"{job.source}: {problem}"})
+        return True
 
     def collect(self) -> None:
         """Take the estimate passes that ended; hand their threads to the jobs waiting longest."""

@@ -147,7 +147,7 @@ class Build:
         ctx = self.ctx
         manifest = load_claimed(ctx, job)
         model = manifest.model or ctx.settings.model
-        limits = job.chunk_limits or dataclasses.asdict(self._limits())
+        limits = job.chunk_limits or dataclasses.asdict(self._limits(manifest.kind))
         if job.state != JobState.BUILDING:
             ctx.journal.update_job(job.id, state=JobState.BUILDING, task=manifest.task, model=model,
                                    kind=manifest.kind, chunk_limits=limits)
@@ -246,9 +246,14 @@ class Build:
         log.error("job %s: building stopped part way: %s", job.id, error["message"])
         ctx.journal.update_job(job.id, state=JobState.BUILT, error=error)
 
-    def _limits(self) -> ChunkLimits:
+    def _limits(self, kind: str = "generate") -> ChunkLimits:
         s = self.ctx.settings
-        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
+        inline_max = s.inline_max_requests
+        if kind == "embed":
+            # google-genai sends inline embeddings without keys, so their answers could only be matched by
+            # position: an embed chunk goes inline only when it holds one request (a match that is certain).
+            inline_max = min(inline_max, 1)
+        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, inline_max, s.inline_max_bytes)
 
     def close(self) -> None:
         for builder in self.builders.values():

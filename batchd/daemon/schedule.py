@@ -89,9 +89,9 @@ class Loop:
         #: One line for ``systemctl status`` (set by the daemon).
         self.status_line: Callable[[], str] = lambda: ""
         #: Hands what the daemon waits on (the daemon's notices) to ``batchd status``; called on change.
-        self.publish_notices: Callable[[list[str]], None] = lambda notices: None
-        self.notices: Callable[[], list[str]] = lambda: []
-        self._published_notices: list[str] | None = None
+        self.publish_notices: Callable[[list], None] = lambda notices: None
+        self.notices: Callable[[], list] = lambda: []
+        self._published_notices: list | None = None
         steps.on_disk_full = self.disk_full
         self._ready: set[str] = set()
         self._ready_lock = threading.Lock()
@@ -328,7 +328,7 @@ class Loop:
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
         if s.build.builders:
             wait = min(wait, BUILD_CHECK_SECONDS)
-        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due())
+        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free())
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
         for job_wait in self._disk_waits.values():
