@@ -78,3 +78,53 @@ def test_a_folder_job_uploads_each_file_once_and_a_second_job_reuses_them(ws: Wo
     assert result.returncode == 0, result.stderr
     assert all(r["status"] == "ok" for r in ws.outbox_folder("again").results)
     assert len(media_uploads(ws)) == 2  # nothing new uploaded
+
+
+def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace):
+    docs = ws.inbox / "docs"
+    docs.mkdir()
+    (docs / "good.pdf").write_bytes(pdf("good"))
+    (docs / "small.png").write_bytes(png(1))
+    (docs / "notes.exe").write_bytes(b"MZ" + b"\0" * 100)
+    (docs / "fake.pdf").write_bytes(png(2) + b"\0" * 2000)  # a PNG calling itself a PDF
+    os.symlink("/etc/passwd", docs / "link.pdf")
+    os.mkfifo(docs / "pipe.pdf")
+    (ws.inbox / "papers.csv").write_text(
+        "id,path,title\n1,docs/good.pdf,Good\n2,docs/small.png,Small\n3,docs/notes.exe,Exe\n4,docs/fake.pdf,Fake\n"
+        "5,docs/link.pdf,Link\n6,docs/pipe.pdf,Pipe\n7,docs/missing.pdf,Missing\n8,../outside.pdf,Outside\n")
+    ws.drop("papers.toml", 'task = "template"\ninput = "papers.csv"\nfile_column = "path"\n'
+                           'template = "Describe the paper {title}."\n')
+    result = ws.batchd("run", "--once", timeout=60)
+    results = {r["input"]["id"]: r for r in ws.outbox_folder("papers").results}
+    assert [results[key]["status"] for key in "12"] == ["ok", "ok"]
+    errors = {key: results[key]["error"]["message"] for key in "345678"}
+    assert all(results[key]["error"]["code"] == "bad_file" for key in "345678")
+    assert "unsupported file type '.exe'" in errors["3"]
+    assert "image/png, not the application/pdf" in errors["4"]
+    assert "symlink" in errors["5"]
+    assert "FIFO" in errors["6"]
+    assert "no such file" in errors["7"]
+    assert "no '..'" in errors["8"]
+    assert ws.outbox_folder("papers").summary["state"] == "partial", result.stderr
+    assert len(media_uploads(ws)) == 1
+
+
+def test_too_large_and_empty_files_are_refused_before_upload(tmp_path: Path):
+    (tmp_path / "big.pdf").write_bytes(pdf("big", 5000))
+    (tmp_path / "empty.png").write_bytes(b"")
+    resolver = MediaResolver(tmp_path, tmp_path / "store", inline_max_bytes=100, max_bytes=4000)
+    with pytest.raises(MediaError, match="bytes, larger than the 4,000 bytes"):
+        resolver.resolve("big.pdf")
+    with pytest.raises(MediaError, match="empty"):
+        resolver.resolve("empty.png")
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+
+def test_mime_types_by_extension_and_by_content():
+    assert mime_type_of("x.PDF", b"%PDF-1.7") == "application/pdf"
+    assert mime_type_of("scan", b"\x89PNG\r\n\x1a\n") == "image/png"
+    assert mime_type_of("clip.webp", b"RIFF\0\0\0\0WEBPVP8 ") == "image/webp"
+    assert mime_type_of("talk.mp3", b"ID3\x03") == "audio/mp3"
+    assert mime_type_of("notes.txt", b"hello") == "text/plain"
+    with pytest.raises(MediaError, match="unsupported"):
+        mime_type_of("blob.bin", b"\0\1\2")
