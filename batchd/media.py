@@ -55,7 +55,11 @@ MIME_BY_SUFFIX = {
     ".txt": "text/plain", ".md": "text/md", ".csv": "text/csv", ".html": "text/html", ".htm": "text/html",
     ".xml": "text/xml", ".rtf": "text/rtf", ".css": "text/css", ".js": "text/javascript", ".py": "text/x-python",
 }
-SUPPORTED_MIME_TYPES = frozenset(MIME_BY_SUFFIX.values())
+#: The MIME types a request part may carry: the ones batchd picks, and other names Google accepts for them.
+SUPPORTED_MIME_TYPES = frozenset(MIME_BY_SUFFIX.values()) | {
+    "audio/mpeg", "audio/x-wav", "text/markdown", "application/json", "application/x-javascript",
+    "text/x-typescript", "application/x-typescript", "application/rtf", "application/x-python-code",
+}
 
 #: Leading bytes of the binary formats, for files whose extension is missing or unknown.
 _MAGIC = (

@@ -128,3 +128,56 @@ def test_mime_types_by_extension_and_by_content():
     assert mime_type_of("notes.txt", b"hello") == "text/plain"
     with pytest.raises(MediaError, match="unsupported"):
         mime_type_of("blob.bin", b"\0\1\2")
+
+
+def test_the_emulator_answers_file_parts_deterministically_and_refuses_unsupported_types(emulator, tmp_path: Path):
+    from google.genai import errors, types
+
+    client = emulator.client()
+    paths = []
+    for text in ("one", "two"):
+        path = tmp_path / f"{text}.pdf"
+        path.write_bytes(pdf(text))
+        paths.append(path)
+    files = [client.files.upload(file=path, config={"mime_type": "application/pdf"}) for path in paths]
+
+    def answer(file) -> str:
+        parts = [types.Part.from_uri(file_uri=file.uri, mime_type="application/pdf"), types.Part(text="Summarize.")]
+        return client.models.generate_content(model="gemini-2.5-flash", contents=[types.Content(
+            role="user", parts=parts)]).text
+
+    assert answer(files[0]) == answer(files[0])
+    assert answer(files[0]) != answer(files[1])
+    inline = types.Part.from_bytes(data=b"MZ\0\0", mime_type="application/x-msdownload")
+    with pytest.raises(errors.ClientError, match="Unsupported MIME type"):
+        client.models.generate_content(model="gemini-2.5-flash", contents=[types.Content(
+            role="user", parts=[inline, types.Part(text="What is this?")])])
+    client.files.delete(name=files[1].name)
+    with pytest.raises(errors.ClientError, match="permission"):
+        answer(files[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after-media-intent", "after-media-upload"])
+def test_a_kill_around_an_upload_uploads_nothing_twice_and_the_files_are_deleted_once_done(ws: Workspace, point):
+    make_scans(ws.inbox / "scans")
+    ws.drop("scans.toml", 'task = "documents"\ninput = "scans/"\nprompt = "Summarize {document}."\n')
+    killed = ws.batchd("run", "--once", BATCHD_CRASH_AT=point)
+    assert killed.returncode == -9, killed.stderr
+    rows = media_rows(ws)
+    assert rows and any(row["state"] == "uploading" for row in rows)
+
+    result = ws.batchd("run", "--once")
+    assert result.returncode == 0, result.stderr
+    assert all(r["status"] == "ok" for r in ws.outbox_folder("scans").results)
+    uploads = media_uploads(ws)
+    assert len(uploads) == len(set(uploads)) == 2, uploads  # one upload per file, the killed one's reused
+
+    ws.configure(media_inline_max_bytes=INLINE, media_keep_seconds=0)
+    process = ws.start("run")
+    try:
+        ws.wait_for(lambda: all(row["state"] == "deleted" for row in media_rows(ws)), timeout=30,
+                    what="the uploaded files deleted")
+    finally:
+        assert process.stop() == 0
+    assert media_uploads(ws) == []

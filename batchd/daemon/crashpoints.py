@@ -39,6 +39,7 @@ ON_RESUBMIT = {
 }
 #: Met only by a job whose requests upload files (a folder input, file_column: see batchd.media).
 ON_MEDIA = {
+    "after-media-intent": "a file's upload intent committed (state 'uploading'), nothing sent",
     "after-media-upload": "a file of the requests uploaded, its name not yet recorded (state 'uploading')",
 }
 CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA}

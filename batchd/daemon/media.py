@@ -66,6 +66,7 @@ class MediaUploads:
         for row in starts[:self.pool.free()]:
             sha256 = row["sha256"]
             self.ctx.journal.set_media({sha256: {"state": "uploading", "intent_at": now, "error": None}})
+            crashpoint("after-media-intent")
             self.in_flight.add(sha256)
             self.pool.start((job.id, f"media:{sha256}"), upload_media, self.ctx.provider, spool.root / "media" / sha256,
                             sha256, row["mime_type"], row["size"], about=ABOUT)
