@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import errno
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -203,6 +204,28 @@ class Manifest:
     def input_files(self) -> list[Path]:
         """Files the manifest reads (absolute paths): its input file, a retry's keys file; empty for inline items."""
         return [path for path in (self.input_path, self.retry_keys_path) if path is not None]
+
+    def folder_fingerprint(self) -> str:
+        """A hash of a folder input's entries (names, sizes, modification times; no file is read), so a
+        manifest dropped again after its folder changed is not taken for a duplicate. Empty otherwise."""
+        if self.input_folder is None or self.media_dir is None:
+            return ""
+        from batchd.media import _open_beneath
+
+        digest = hashlib.sha256()
+        try:
+            fd = _open_beneath(self.media_dir, tuple(self.input_folder.split("/")))
+        except MediaError:
+            return ""
+        try:
+            for name in sorted(os.listdir(fd)):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                digest.update(os.fsencode(name) + f"\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
 
     def check_inputs(self) -> int:
         """Read every item once (validation, duplicate ids, emptiness) and a retry's keys; return the item count."""

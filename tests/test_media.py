@@ -4,7 +4,7 @@ inline, bad ones failing their item only."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import sqlite3
 import struct
@@ -13,12 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from batchd.manifest import load_manifest
 from batchd.media import MediaError, MediaResolver, mime_type_of
 from batchd.testing import Workspace
 from test_daemon import request_files
 
-#: Files up to this size go inline in these tests; the PDFs are made larger so they are uploaded.
-INLINE = 1024
+#: Files up to this size go inline in these tests: the PDFs (the example's too) are larger, so they are uploaded.
+INLINE = 600
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "media"
+
+
+def make_example_scans(folder: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_scans", EXAMPLE / "make_scans.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make(folder)
 
 
 def pdf(text: str, size: int = 3000) -> bytes:
@@ -61,15 +70,17 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace.create(tmp_path, media_inline_max_bytes=INLINE)
 
 
-def test_a_folder_job_uploads_each_file_once_and_a_second_job_reuses_them(ws: Workspace):
-    make_scans(ws.inbox / "scans")
-    ws.drop("scans.toml", 'task = "documents"\ninput = "scans/"\nprompt = "Summarize {document}."\n')
+def test_the_example_folder_job_uploads_each_file_once_and_a_second_job_reuses_them(ws: Workspace):
+    """examples/media: its folder made by its script, its manifest as shipped."""
+    make_example_scans(ws.inbox / "scans")
+    (ws.inbox / "scans.toml").write_bytes((EXAMPLE / "scans.toml").read_bytes())
     result = ws.batchd("run", "--once")
     assert result.returncode == 0, result.stderr
     folder = ws.outbox_folder("scans")
     results = {r["input"]["id"]: r for r in folder.results}
-    assert sorted(results) == ["a.pdf", "b.pdf", "c.png"]
+    assert sorted(results) == ["invoice.pdf", "letter.pdf", "photo.png"]
     assert all(r["status"] == "ok" for r in results.values()), results
+    assert folder.summary["state"] == "succeeded"
     assert len(media_uploads(ws)) == 2  # the two PDFs; the PNG went inline
     assert all(row["state"] == "active" for row in media_rows(ws))
 
@@ -78,6 +89,17 @@ def test_a_folder_job_uploads_each_file_once_and_a_second_job_reuses_them(ws: Wo
     assert result.returncode == 0, result.stderr
     assert all(r["status"] == "ok" for r in ws.outbox_folder("again").results)
     assert len(media_uploads(ws)) == 2  # nothing new uploaded
+
+
+def test_a_folder_input_is_told_apart_by_its_listing(tmp_path: Path):
+    make_scans(tmp_path / "scans")
+    path = tmp_path / "m.toml"
+    path.write_text('task = "documents"\ninput = "scans/"\nprompt = "Summarize {document}."\n')
+    before = load_manifest(path, root=tmp_path).folder_fingerprint()
+    assert before and before == load_manifest(path, root=tmp_path).folder_fingerprint()
+    (tmp_path / "scans" / "d.pdf").write_bytes(pdf("fourth"))
+    assert load_manifest(path, root=tmp_path).folder_fingerprint() != before
+    assert [item.id for item in load_manifest(path, root=tmp_path).inputs] == ["a.pdf", "b.pdf", "c.png", "d.pdf"]
 
 
 def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace):
