@@ -389,6 +389,9 @@ def load_manifest(
             # A claimed job keeps both in one folder, by file name.
             raise ManifestError(path, "the keys file and the input file need different file names",
                                 field="retry_of.keys")
+    if task.kind == "embed" and (input_folder is not None or common.file_column):
+        raise ManifestError(path, f"task {task.name!r} makes embeddings of texts: it takes no files (a folder "
+                                  f"input or file_column)", field="file_column" if common.file_column else "input")
     if common.file_column and input_path is None and input_folder is None:
         raise ManifestError(path, "file_column names a column of the input file: give input = \"...\"",
                             field="file_column")

@@ -37,6 +37,10 @@ class MediaUploads:
         self.in_flight: set[str] = set()
         #: Content hash → when a failed upload may be tried again.
         self._retry_at: dict[str, float] = {}
+        #: Content hash → the jobs waiting for it (marked when its upload, or its deletion, ends).
+        self._waiting: dict[str, set[str]] = {}
+        #: Jobs with an upload to start that found the pool full.
+        self._for_thread: set[str] = set()
 
     def ready(self, job: Job, chunk: Chunk) -> tuple[dict[str, str] | None, dict | None]:
         """Whether the chunk's files are on the Files API: ``(uris, None)`` when they are (content hash →
@@ -58,12 +62,16 @@ class MediaUploads:
                 return None, {"code": "file_refused", "message": f"a file of these requests could not be uploaded: "
                                                                  f"{error}"}
             if sha256 in self.in_flight or row["state"] == "deleting" or self._retry_at.get(sha256, 0) > now:
+                self._waiting.setdefault(sha256, set()).add(job.id)
                 continue
             starts.append(row)
         if len(uris) == len(rows):
             return uris, None
         spool = self.ctx.spool(job.id)
-        for row in starts[:self.pool.free()]:
+        free = self.pool.free()
+        if len(starts) > free:  # no thread free: the job is visited again when one is
+            self._for_thread.add(job.id)
+        for row in starts[:free]:
             sha256 = row["sha256"]
             self.ctx.journal.set_media({sha256: {"state": "uploading", "intent_at": now, "error": None}})
             crashpoint("after-media-intent")
@@ -74,10 +82,30 @@ class MediaUploads:
                      row["mime_type"], row["size"], sha256[:12], extra={"job": job.id, "chunk": chunk.idx})
         return None, None
 
+    def wake(self, hashes) -> None:
+        """Mark the jobs waiting for these files (their upload or deletion ended, or a thread is free)."""
+        for sha256 in hashes:
+            for job_id in self._waiting.pop(sha256, ()):
+                self.ctx.mark(job_id)
+
+    def due(self) -> None:
+        """Mark the jobs waiting for a failed upload whose retry is due, and, when the pool has room, those
+        waiting for a thread (each tick, with the submit pool's outcomes)."""
+        now = time.time()
+        due = [sha256 for sha256, at in self._retry_at.items() if at <= now]
+        for sha256 in due:
+            del self._retry_at[sha256]
+        self.wake(due)
+        if self.pool.free() and self._for_thread:
+            for job_id in self._for_thread:
+                self.ctx.mark(job_id)
+            self._for_thread.clear()
+
     def collect(self, work) -> None:
         """Record a media upload that ended (the loop's thread)."""
         sha256 = work.key[1].removeprefix("media:")
         self.in_flight.discard(sha256)
+        self.wake([sha256])
         try:
             remote, reused = work.future.result()
         except Exception as error:

@@ -163,6 +163,7 @@ class Submit:
                 self.refusal = None
             self.credentials.succeeded()
             self.adopt(chunk, result)
+        self.media.due()
         self.turns.call(self.free(), self.ctx.mark)
 
     def free(self) -> int:

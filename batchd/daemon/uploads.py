@@ -33,6 +33,8 @@ class Uploads:
         self.retry = Backoff(ctx.settings.poll_max_interval, ctx.settings.poll_max_interval)
         #: The content hashes being uploaded now (never deleted meanwhile); set by the daemon.
         self.in_flight = lambda: set()
+        #: Called with the hashes a deletion round took (the jobs waiting for them are visited); set by the daemon.
+        self.on_media_deleted = lambda hashes: None
 
     def tidy(self) -> None:
         """Start deleting the request files of finished chunks, unless a round is under way or failed lately."""
@@ -70,6 +72,7 @@ class Uploads:
                     log.exception("deleting uploaded files failed; retrying later")
                     outcome, again = {}, True
                 self.ctx.journal.set_media(outcome)
+                self.on_media_deleted(work.about)
                 (self.retry.failed if again else self.retry.succeeded)()
                 continue
             try:
