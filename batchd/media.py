@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchd import fs
+
 #: The Files API's limit for one file (2 GB).
 MAX_FILE_BYTES = 2 * 1024**3
 #: Default of ``media_inline_max_bytes``: files up to this size go inline (base64) in the request.
@@ -186,10 +188,22 @@ class MediaResolver:
             fd = _open_beneath(self.root, parts)
         except MediaError as error:
             raise MediaError(f"{shown}: {error}") from None
+        try:
+            return self._read(fd, parts[-1], mime_type, shown)
+        except OSError as error:
+            if error.filename is not None and str(error.filename).startswith(str(self.store)):
+                raise  # writing the job's spool (a full disk): the build is tried again, as for its chunks
+            raise MediaError(f"{shown}: cannot be read: {error.strerror or error}") from None
+
+    def _read(self, fd: int, name: str, mime_type: str | None, shown: str) -> MediaRef:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise MediaError(f"{shown}: not a regular file ({_kind(st.st_mode)})")
         with open(fd, "rb", buffering=0) as file:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MediaError(f"{shown}: not a regular file ({_kind(st.st_mode)})")
+            if st.st_nlink != 1:
+                # A hard link may name a file its dropper cannot read: batchd would send it to the service.
+                raise MediaError(f"{shown}: a file with {st.st_nlink} hard links; batchd reads only files with one")
             if st.st_size > self.max_bytes:
                 raise MediaError(f"{shown}: {st.st_size:,} bytes, larger than the {self.max_bytes:,} bytes a file "
                                  f"may have (the Files API's limit)")
@@ -197,7 +211,7 @@ class MediaResolver:
                 raise MediaError(f"{shown}: the file is empty")
             head = file.read(_SNIFF_BYTES)
             try:
-                mime = mime_type or mime_type_of(parts[-1], head)
+                mime = mime_type or mime_type_of(name, head)
             except MediaError as error:
                 raise MediaError(f"{shown}: {error}") from None
             if mime not in SUPPORTED_MIME_TYPES:
@@ -217,16 +231,22 @@ class MediaResolver:
         digest = hashlib.sha256(head)
         size = len(head)
         try:
-            with open(temporary, "xb") as out:
+            with fs.naming(temporary), open(temporary, "xb") as out:
                 out.write(head)
-                while block := file.read(1 << 20):
+                while True:
+                    try:
+                        block = file.read(1 << 20)
+                    except OSError as error:  # the source, not the spool
+                        raise MediaError(f"{shown}: cannot be read: {error.strerror or error}") from None
+                    if not block:
+                        break
                     size += len(block)
                     if size > self.max_bytes:
                         raise MediaError(f"{shown}: grew past {self.max_bytes:,} bytes while it was read")
                     digest.update(block)
                     out.write(block)
                 out.flush()
-                os.fsync(out.fileno())
+                fs.fsync(out.fileno(), temporary, "requests")
             sha256 = digest.hexdigest()
             os.replace(temporary, self.store / sha256)
         finally:

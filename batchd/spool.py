@@ -171,6 +171,16 @@ class JobSpool:
             for line in lines:
                 yield json.loads(line)
 
+    def first_unsent_error(self) -> dict | None:
+        """The error of the first request never sent (a file it cannot send), if any."""
+        try:
+            for entry in self.read_index():
+                if len(entry) > 4:
+                    return entry[4]
+        except FileNotFoundError:
+            pass
+        return None
+
     def read_index(self) -> Iterator[list]:
         """Index entries ``[key, chunk, wants_json, input]``, in request order."""
         with open(self.index_path, encoding="utf-8", buffering=IO_BUFFER) as lines:

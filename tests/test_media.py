@@ -5,6 +5,7 @@ inline, bad ones failing their item only."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sqlite3
 import struct
@@ -203,3 +204,74 @@ def test_a_kill_around_an_upload_uploads_nothing_twice_and_the_files_are_deleted
     finally:
         assert process.stop() == 0
     assert media_uploads(ws) == []
+
+
+def test_a_hostile_folder_fails_its_bad_files_one_by_one(tmp_path: Path):
+    """Symlinks, FIFOs, hard links, folders, non-UTF-8 names, dotfiles: each bad entry is its item's error."""
+    scans = tmp_path / "scans"
+    make_scans(scans)
+    (scans / ".hidden.pdf").write_bytes(pdf("hidden"))
+    os.symlink(scans / "a.pdf", scans / "link.pdf")
+    os.mkfifo(scans / "pipe.pdf")
+    (scans / "sub").mkdir()
+    (tmp_path / "elsewhere.pdf").write_bytes(pdf("elsewhere"))
+    os.link(tmp_path / "elsewhere.pdf", scans / "hardlink.pdf")
+    (scans / os.fsdecode(b"caf\xe9.pdf")).write_bytes(pdf("latin-1 name"))
+    path = tmp_path / "m.toml"
+    path.write_text('task = "documents"\ninput = "scans/"\nprompt = "Summarize {document}."\n')
+    manifest = load_manifest(path, root=tmp_path)
+    resolver = MediaResolver(tmp_path, tmp_path / "spool" / "media", inline_max_bytes=INLINE)
+    requests = {request.key: request for request in manifest.requests(resolver)}
+    assert sorted(requests) == sorted(["a.pdf", "b.pdf", "c.png", "caf\\xe9.pdf", "hardlink.pdf", "link.pdf",
+                                       "pipe.pdf", "sub"])
+    errors = {key: request.error["message"] for key, request in requests.items() if request.error}
+    assert sorted(errors) == ["hardlink.pdf", "link.pdf", "pipe.pdf", "sub"]
+    assert "2 hard links" in errors["hardlink.pdf"] and "symlink" in errors["link.pdf"]
+    assert "FIFO" in errors["pipe.pdf"] and "a folder" in errors["sub"]
+    uploaded = requests["caf\\xe9.pdf"].files[0]
+    assert uploaded.inline_data is None and uploaded.mime_type == "application/pdf"
+    assert (tmp_path / "spool" / "media" / uploaded.sha256).read_bytes() == pdf("latin-1 name")
+    assert requests["c.png"].files[0].inline_data is not None  # small: inline
+    assert requests["a.pdf"].files and not requests["a.pdf"].error
+
+
+def test_each_request_of_an_item_carries_its_file_and_a_task_may_add_its_own(tmp_path: Path):
+    from batchd.provider import RequestEncoder
+
+    make_scans(tmp_path / "scans")
+    (tmp_path / "items.jsonl").write_text('{"id": "x", "text": "Quarterly report", "scan": "scans/a.pdf"}\n'
+                                          '{"id": "y", "scan": "scans/c.png"}\n')
+    path = tmp_path / "m.toml"
+    path.write_text('task = "analysis"\ninput = "items.jsonl"\nfile_column = "scan"\n'
+                    'analyses = ["summary", "themes"]\n')
+    resolver = MediaResolver(tmp_path, tmp_path / "store", inline_max_bytes=INLINE)
+    requests = list(load_manifest(path, root=tmp_path).requests(resolver))
+    assert [(r.key, len(r.files)) for r in requests] == [("x:summary", 1), ("x:themes", 1), ("y:summary", 1),
+                                                         ("y:themes", 1)]
+    assert requests[0].files == requests[1].files != requests[2].files
+    line = json.loads(RequestEncoder("gemini-2.5-flash").encode(requests[0]))
+    parts = line["request"]["contents"][0]["parts"]
+    assert parts[0] == {"fileData": {"mimeType": "application/pdf", "fileUri": f"batchd-media:{requests[0].files[0].sha256}"}}
+    assert "Quarterly report" in parts[1]["text"]
+    assert "scans/c.png" in json.loads(RequestEncoder("m").encode(requests[2]))["request"]["contents"][0]["parts"][1]["text"]
+
+
+def test_a_plugin_task_sends_files_of_its_own_through_task_request_files(tmp_path: Path):
+    from batchd.task import FilePart, TaskRequest, TextTask
+
+    class Rubric(TextTask):
+        name = "rubric"
+
+        def requests(self, params, items):
+            for item in items:
+                yield TaskRequest(key=item.id, prompt=f"Grade: {item.text}", input={"id": item.id},
+                                  files=(FilePart("scans/b.pdf"), FilePart("scans/missing.pdf"))
+                                  if item.id == "2" else (FilePart("scans/b.pdf"),))
+
+    make_scans(tmp_path / "scans")
+    path = tmp_path / "m.toml"
+    path.write_text('task = "rubric"\ntexts = ["first answer", "second answer"]\n')
+    resolver = MediaResolver(tmp_path, tmp_path / "store", inline_max_bytes=INLINE)
+    first, second = load_manifest(path, root=tmp_path, tasks={"rubric": Rubric()}).requests(resolver)
+    assert [ref.mime_type for ref in first.files] == ["application/pdf"] and first.error is None
+    assert second.files == () and second.error["code"] == "bad_file" and "missing.pdf" in second.error["message"]

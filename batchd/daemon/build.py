@@ -114,6 +114,10 @@ class Build:
         self._release(job.id)
         counts = ctx.journal.chunk_totals(job.id)
         if not counts["chunks"]:
+            unsent = ctx.spool(job.id).first_unsent_error()
+            if unsent is not None:  # every request had a file it cannot send
+                self._failed(job, {"message": f"no request can be sent: {unsent['message']}", "code": unsent["code"]})
+                return
             self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
