@@ -112,22 +112,27 @@ def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace
     (docs / "fake.pdf").write_bytes(png(2) + b"\0" * 2000)  # a PNG calling itself a PDF
     os.symlink("/etc/passwd", docs / "link.pdf")
     os.mkfifo(docs / "pipe.pdf")
+    with open(docs / "huge.pdf", "wb") as huge:  # sparse: 2 GB + 1 byte that take no room
+        huge.write(b"%PDF-1.4\n")
+        huge.truncate(2 * 1024**3 + 1)
     (ws.inbox / "papers.csv").write_text(
         "id,path,title\n1,docs/good.pdf,Good\n2,docs/small.png,Small\n3,docs/notes.exe,Exe\n4,docs/fake.pdf,Fake\n"
-        "5,docs/link.pdf,Link\n6,docs/pipe.pdf,Pipe\n7,docs/missing.pdf,Missing\n8,../outside.pdf,Outside\n")
+        "5,docs/link.pdf,Link\n6,docs/pipe.pdf,Pipe\n7,docs/missing.pdf,Missing\n8,../outside.pdf,Outside\n"
+        "9,docs/huge.pdf,Huge\n")
     ws.drop("papers.toml", 'task = "template"\ninput = "papers.csv"\nfile_column = "path"\n'
                            'template = "Describe the paper {title}."\n')
     result = ws.batchd("run", "--once", timeout=60)
     results = {r["input"]["id"]: r for r in ws.outbox_folder("papers").results}
     assert [results[key]["status"] for key in "12"] == ["ok", "ok"]
-    errors = {key: results[key]["error"]["message"] for key in "345678"}
-    assert all(results[key]["error"]["code"] == "bad_file" for key in "345678")
+    errors = {key: results[key]["error"]["message"] for key in "3456789"}
+    assert all(results[key]["error"]["code"] == "bad_file" for key in "3456789")
     assert "unsupported file type '.exe'" in errors["3"]
     assert "image/png, not the application/pdf" in errors["4"]
     assert "symlink" in errors["5"]
     assert "FIFO" in errors["6"]
     assert "no such file" in errors["7"]
     assert "no '..'" in errors["8"]
+    assert "2,147,483,649 bytes, larger than the 2,147,483,648 bytes" in errors["9"]
     assert ws.outbox_folder("papers").summary["state"] == "partial", result.stderr
     assert len(media_uploads(ws)) == 1
 
