@@ -815,9 +815,9 @@ def _combined_model(task: Task) -> type[BaseModel]:
         fields["model"] = (str | None, Field(None, min_length=1,
                                              description=f"Model name; defaults to {task.default_model}."))
     if task.kind == "embed":
-        # Embeddings take no generation settings (refused at load): the schema leaves them out.
+        # Embeddings take no generation settings nor files (refused at load): the schema leaves them out.
         common = {name: (info.annotation, info) for name, info in CommonFields.model_fields.items()
-                  if name not in GenerationSettings.model_fields}
+                  if name not in GenerationSettings.model_fields and name != "file_column"}
         return create_model(title, __base__=task.Params, __doc__=task.description or None, **{**common, **fields})
     return create_model(
         title,
