@@ -22,6 +22,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.journal import Chunk, Job
 from batchd.media import REUSE_MIN_SECONDS, display_name
 from batchd.provider import Provider, RemoteFile, is_retryable
+from batchd.states import MediaState
 
 log = logging.getLogger("batchd")
 
@@ -54,14 +55,14 @@ class MediaUploads:
         starts = []
         for row in rows:
             sha256 = row["sha256"]
-            if row["state"] == "active" and (row["expires_at"] or float("inf")) > now + REUSE_MIN_SECONDS:
+            if row["state"] == MediaState.ACTIVE and (row["expires_at"] or float("inf")) > now + REUSE_MIN_SECONDS:
                 uris[sha256] = row["uri"]
                 continue
-            if row["state"] == "failed":
+            if row["state"] == MediaState.FAILED:
                 error = row["error"]
                 return None, {"code": "file_refused", "message": f"a file of these requests could not be uploaded: "
                                                                  f"{error}"}
-            if sha256 in self.in_flight or row["state"] == "deleting" or self._retry_at.get(sha256, 0) > now:
+            if sha256 in self.in_flight or row["state"] == MediaState.DELETING or self._retry_at.get(sha256, 0) > now:
                 self._waiting.setdefault(sha256, set()).add(job.id)
                 continue
             starts.append(row)
@@ -73,7 +74,7 @@ class MediaUploads:
             self._for_thread.add(job.id)
         for row in starts[:free]:
             sha256 = row["sha256"]
-            self.ctx.journal.set_media({sha256: {"state": "uploading", "intent_at": now, "error": None}})
+            self.ctx.journal.set_media({sha256: {"state": MediaState.UPLOADING, "intent_at": now, "error": None}})
             crashpoint("after-media-intent")
             self.in_flight.add(sha256)
             self.pool.start((job.id, f"media:{sha256}"), upload_media, self.ctx.provider, spool.root / "media" / sha256,
@@ -115,11 +116,11 @@ class MediaUploads:
                 log.warning("uploading file %s failed (%s); trying again in %.0f s", sha256[:12], error, wait)
                 return
             log.error("the service refused file %s: %s", sha256[:12], error)
-            self.ctx.journal.set_media({sha256: {"state": "failed", "error": error_dict(error)["message"]}})
+            self.ctx.journal.set_media({sha256: {"state": MediaState.FAILED, "error": error_dict(error)["message"]}})
             return
         self._retry_at.pop(sha256, None)
         expires = remote.expiration_time.timestamp() if remote.expiration_time else None
-        self.ctx.journal.set_media({sha256: {"state": "active", "remote_name": remote.name, "uri": remote.uri,
+        self.ctx.journal.set_media({sha256: {"state": MediaState.ACTIVE, "remote_name": remote.name, "uri": remote.uri,
                                              "expires_at": expires}})
         log.info("file %s is %s%s", sha256[:12], remote.name, " (uploaded before)" if reused else "",
                  extra={"file": remote.name})
@@ -184,5 +185,5 @@ def delete_media(provider: Provider, rows: list[dict], stopping) -> tuple[dict[s
                 again = True
                 break
         else:
-            outcome[sha256] = {"state": "deleted", "remote_name": None, "uri": None, "expires_at": None}
+            outcome[sha256] = {"state": MediaState.DELETED, "remote_name": None, "uri": None, "expires_at": None}
     return outcome, again

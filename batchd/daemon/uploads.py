@@ -18,7 +18,7 @@ from batchd.daemon.media import delete_media
 from batchd.daemon.naming import upload_display_names
 from batchd.journal import Chunk
 from batchd.provider import Provider, is_retryable
-from batchd.states import UploadState
+from batchd.states import MediaState, UploadState
 
 log = logging.getLogger("batchd")
 
@@ -60,7 +60,7 @@ class Uploads:
         if not rows:
             return
         # Intent first: a chunk needing one of them meanwhile waits for the round, then uploads it again.
-        ctx.journal.set_media({row["sha256"]: {"state": "deleting"} for row in rows})
+        ctx.journal.set_media({row["sha256"]: {"state": MediaState.DELETING} for row in rows})
         self.rounds.start(MEDIA_ROUND, delete_media, ctx.provider, rows, ctx.stopping, about=[r["sha256"] for r in rows])
 
     def collect(self) -> None:
