@@ -78,7 +78,7 @@ class MediaUploads:
             crashpoint("after-media-intent")
             self.in_flight.add(sha256)
             self.pool.start((job.id, f"media:{sha256}"), upload_media, self.ctx.provider, spool.root / "media" / sha256,
-                            sha256, row["mime_type"], row["size"], about=ABOUT)
+                            sha256, row["mime_type"], row["size"], row["state"] != MediaState.NEW, about=ABOUT)
             log.info("job %s: uploading a file of chunk %d (%s, %d bytes, sha256 %s)", job.id, chunk.idx,
                      row["mime_type"], row["size"], sha256[:12], extra={"job": job.id, "chunk": chunk.idx})
         return None, None
@@ -126,13 +126,16 @@ class MediaUploads:
                  extra={"file": remote.name})
 
 
-def upload_media(provider: Provider, path, sha256: str, mime_type: str, size: int) -> tuple[RemoteFile, bool]:
+def upload_media(provider: Provider, path, sha256: str, mime_type: str, size: int,
+                 look_up: bool = True) -> tuple[RemoteFile, bool]:
     """The File holding content ``sha256`` (runs in the pool): one the service still keeps under its
     display name with time to live, else a new upload. Spare copies (a retried transfer, an upload
-    whose answer a crash lost while another was found) are deleted."""
+    whose answer a crash lost while another was found) are deleted. ``look_up`` False: the journal
+    never intended an upload of it (``new``), so there is nothing to look for (a listing per file
+    would make a job of n new files list the project's files n times)."""
     name = display_name(sha256)
     soon = time.time() + REUSE_MIN_SECONDS
-    copies = [f for f in provider.list_files() if f.display_name == name]
+    copies = [f for f in provider.list_files() if f.display_name == name] if look_up else []
     usable = [f for f in copies if f.usable and f.uri and f.size_bytes in (None, size)
               and (f.expiration_time is None or f.expiration_time.timestamp() > soon)]
     if usable:
