@@ -85,10 +85,14 @@ def test_the_example_folder_job_uploads_each_file_once_and_a_second_job_reuses_t
     assert len(media_uploads(ws)) == 2  # the two PDFs; the PNG went inline
     assert all(row["state"] == "active" for row in media_rows(ws))
 
+    # Again as requests files, one request a chunk: each chunk's file names the Files' URIs.
+    ws.configure(media_inline_max_bytes=INLINE, inline_max_requests=0, chunk_max_requests=1)
     ws.drop("again.toml", 'task = "documents"\ninput = "scans/"\nprompt = "List the topics of {document}."\n')
     result = ws.batchd("run", "--once")
     assert result.returncode == 0, result.stderr
-    assert all(r["status"] == "ok" for r in ws.outbox_folder("again").results)
+    again = ws.outbox_folder("again")
+    assert all(r["status"] == "ok" for r in again.results)
+    assert [batch["mode"] for batch in again.summary["remote_batches"]] == ["file"] * 3
     assert len(media_uploads(ws)) == 2  # nothing new uploaded
 
 
