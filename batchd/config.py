@@ -326,6 +326,19 @@ class Settings(BaseSettings):
                     " expire after 48 h); false leaves them to expire.",
     )
 
+    media_inline_max_bytes: int = Field(
+        64 * 1024, ge=0, le=4 * 2**20,
+        description="A request's file (a folder input, file_column, a task's files) up to this size goes in the"
+                    " request itself, base64 (inlineData): cheaper than an upload, a listing and a delete. Larger"
+                    " ones are uploaded once through the Files API and referenced (fileData). 0: upload every file.",
+    )
+    media_keep_seconds: float = Field(
+        3600.0, ge=0,
+        description="An uploaded file no chunk needs any more is deleted from the Files API after this long, so"
+                    " a job of the same files soon after reuses it instead of uploading it again (the service"
+                    " keeps a file 48 h at most).",
+    )
+
     limits: ManifestLimits = Field(default_factory=ManifestLimits)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)

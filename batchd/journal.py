@@ -202,6 +202,31 @@ CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_pending_by_plugin ON deliveries(plugin) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
 
+-- Files sent with requests (batchd/media.py), one row per content hash, shared by every job that
+-- sends it: 'uploading' is committed before an upload (copies under its display name may then exist
+-- whose name is unknown: they are looked up by it), 'active' records the File; 'deleting' is committed
+-- before a deletion round.   new → uploading → active → deleting → deleted (→ uploading again);
+-- failed: the service refused the upload (the chunks needing it fail).
+CREATE TABLE IF NOT EXISTS media (
+    sha256        TEXT PRIMARY KEY,
+    mime_type     TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    remote_name   TEXT,               -- "files/…"
+    uri           TEXT,               -- what fileData.fileUri names
+    expires_at    REAL,
+    intent_at     REAL,
+    last_used     REAL,               -- when a chunk needing it was last sent
+    error         TEXT
+);
+CREATE TABLE IF NOT EXISTS chunk_media (
+    job_id        TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    sha256        TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx, sha256)
+);
+CREATE INDEX IF NOT EXISTS chunk_media_by_sha ON chunk_media(sha256);
+
 -- What each task and model answered per request (answer and thoughts, in tokens), summed over
 -- delivered jobs: cost estimates price a job's output by it (plugins/cost.py).
 CREATE TABLE IF NOT EXISTS output_observed (
@@ -667,6 +692,12 @@ class Journal:
                 (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
                  chunk["byte_size"]),
             ).rowcount
+            media = chunk.get("media") or {}
+            if inserted and media:
+                db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, 'new')",
+                               [(sha256, mime, size) for sha256, (mime, size) in media.items()])
+                db.executemany("INSERT OR IGNORE INTO chunk_media (job_id, idx, sha256) VALUES (?, ?, ?)",
+                               [(job_id, chunk["idx"], sha256) for sha256 in media])
         self.on_change(job_id)
         return bool(inserted)
 
@@ -718,6 +749,42 @@ class Journal:
         return self._cached(("uploads_to_delete",), lambda: [_chunk(row) for row in self._db.execute(
             "SELECT * FROM chunks WHERE upload_state IN ('uploading', 'uploaded') AND state IN ('fetched', 'skipped')"
             " ORDER BY job_id, idx")])
+
+    # -- media (files sent with requests) ----------------------------------------------------------
+
+    def chunk_media(self, job_id: str, idx: int) -> list[dict]:
+        """The media rows of the files a chunk's requests upload."""
+        rows = self._db.execute("SELECT m.* FROM media m JOIN chunk_media cm ON cm.sha256 = m.sha256"
+                                " WHERE cm.job_id = ? AND cm.idx = ? ORDER BY m.sha256", (job_id, idx))
+        return [dict(row) for row in rows]
+
+    def media(self, sha256: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM media WHERE sha256 = ?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def all_media(self) -> list[dict]:
+        return [dict(row) for row in self._db.execute("SELECT * FROM media ORDER BY sha256")]
+
+    def set_media(self, states: dict[str, dict[str, Any]]) -> None:
+        """Update media rows, content hash → fields, in one transaction."""
+        if not states:
+            return
+        with self.transaction() as db:
+            for sha256, fields in states.items():
+                if "error" in fields and fields["error"] is not None:
+                    fields = {**fields, "error": _dumps(fields["error"])}
+                columns = ", ".join(f"{name} = ?" for name in fields)
+                db.execute(f"UPDATE media SET {columns} WHERE sha256 = ?", (*fields.values(), sha256))
+
+    def media_to_delete(self, unused_since: float) -> list[dict]:
+        """Uploaded (or perhaps uploaded) files no chunk still to be sent or running needs, unused since
+        ``unused_since``, and those a deletion round cut short left ``deleting``."""
+        rows = self._db.execute(
+            "SELECT * FROM media m WHERE (m.state = 'deleting' OR (m.state IN ('active', 'uploading')"
+            " AND COALESCE(m.last_used, 0) <= ?)) AND NOT EXISTS (SELECT 1 FROM chunk_media cm JOIN chunks c"
+            " ON c.job_id = cm.job_id AND c.idx = cm.idx WHERE cm.sha256 = m.sha256"
+            " AND c.state NOT IN ('fetched', 'skipped')) ORDER BY m.sha256", (unused_since,))
+        return [dict(row) for row in rows]
 
     def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import errno
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO, TypeVar, Unio
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from batchd.task import GenerationSettings, Task, TaskRequest, TaskResult
+from batchd.media import MediaError, MediaResolver, describe_name
+from batchd.task import FilePart, GenerationSettings, Task, TaskRequest, TaskResult
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -139,10 +141,16 @@ class CommonFields(GenerationSettings):
     input: str | None = Field(
         None,
         min_length=1,
-        description="Input file next to the manifest (.csv, .tsv, .jsonl or .txt) instead of inline items.",
+        description="Input file next to the manifest (.csv, .tsv, .jsonl or .txt) instead of inline items; or a "
+                    "folder of the inbox (PDFs, images, audio, video, text): one item per file, its id and text the "
+                    "file's name, the file sent with the item's requests.",
     )
     id_column: str = Field("id", min_length=1, description="CSV column / JSONL key holding item ids.")
     text_column: str = Field("text", min_length=1, description="CSV column / JSONL key holding item text.")
+    file_column: str | None = Field(
+        None, min_length=1,
+        description="CSV column / JSONL key holding a file's path (relative to the manifest's folder, inside the "
+                    "inbox), sent with the item's requests; an item without a text gets the path as its text.")
     retry_of: RetryOf | None = Field(
         None, description="Written by `batchd retry`: the job retried, and the keys of the requests to send again.")
 
@@ -165,6 +173,10 @@ class Manifest:
     limits: ManifestLimits = DEFAULT_LIMITS
     #: The resolved keys file of a retry (``retry_of.keys``), or ``None``.
     retry_keys_path: Path | None = None
+    #: The folder file paths are relative to (the inbox), or None when unknown (then no file is read).
+    media_dir: Path | None = None
+    #: A folder input: its path relative to ``media_dir`` (``input_path`` is then None).
+    input_folder: str | None = None
 
     @property
     def task(self) -> str:
@@ -193,13 +205,35 @@ class Manifest:
         """Files the manifest reads (absolute paths): its input file, a retry's keys file; empty for inline items."""
         return [path for path in (self.input_path, self.retry_keys_path) if path is not None]
 
+    def folder_fingerprint(self) -> str:
+        """A hash of a folder input's entries (names, sizes, modification times; no file is read), so a
+        manifest dropped again after its folder changed is not taken for a duplicate. Empty otherwise."""
+        if self.input_folder is None or self.media_dir is None:
+            return ""
+        from batchd.media import _open_beneath
+
+        digest = hashlib.sha256()
+        try:
+            fd = _open_beneath(self.media_dir, tuple(self.input_folder.split("/")))
+        except MediaError:
+            return ""
+        try:
+            for name in sorted(os.listdir(fd)):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                digest.update(os.fsencode(name) + f"\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
+
     def check_inputs(self) -> int:
         """Read every item once (validation, duplicate ids, emptiness) and a retry's keys; return the item count."""
         if self.retry_keys_path is not None:
             read_retry_keys(self.retry_keys_path, self.limits)
         return sum(1 for _ in self.inputs)
 
-    def requests(self) -> Iterator[TaskRequest]:
+    def requests(self, media: MediaResolver | None = None) -> Iterator[TaskRequest]:
         """The task's requests, each with its complete generation config.
 
         Precedence: the task's per-request config > the item's own ``config`` > the manifest's
@@ -208,6 +242,11 @@ class Manifest:
         and the ``safety_settings`` list too, so a per-request thinking_config replaces the manifest's.
         A retry yields only the requests its keys file lists, and raises :class:`ManifestError` at
         the end if the task produced some listed key not at all.
+
+        Files: an item's own file (a folder input, ``file_column``) goes with each of its requests,
+        after the task's own :attr:`TaskRequest.files`. With ``media`` they are resolved into parts
+        (:class:`batchd.media.MediaRef`); a file that cannot be sent gives its request an ``error``
+        instead. Without it (a cost estimate) requests carry no files.
         """
         base_config = {**self.task_plugin.default_config, **self.generation_config()}
         items = _ItemConfigs(base_config)
@@ -215,7 +254,8 @@ class Manifest:
         # Keys are stable across runs of the same manifest and inputs (results are joined by them),
         # so filtering the task's requests retries exactly the listed ones, for any task.
         wanted = read_retry_keys(self.retry_keys_path, self.limits) if self.retry_keys_path is not None else None
-        for request in self.task_plugin.requests(self.params, items.following(self.inputs)):
+        inputs = self.inputs
+        for request in self.task_plugin.requests(self.params, items.following(inputs)):
             if wanted is not None:
                 if request.key not in wanted:
                     continue
@@ -226,8 +266,11 @@ class Manifest:
                 # reuse its encoding by identity.
                 task_config, item_config = request.config, items.config
                 config = {**item_config, **task_config}
+            files, error = (), None
+            if media is not None and (request.files or inputs.file is not None):
+                files, error = _resolved_files(request, inputs.file, media)
             # Built directly rather than with dataclasses.replace(): this runs once per row.
-            yield TaskRequest(request.key, request.prompt, request.input, config)
+            yield TaskRequest(request.key, request.prompt, request.input, config, files, error)
         if wanted:
             listed = ", ".join(repr(key) for key in itertools.islice(wanted, 3))
             raise ManifestError(self.retry_keys_path, f"the task makes no request of {len(wanted):,} listed key(s) "
@@ -237,6 +280,18 @@ class Manifest:
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
         """The entries of ``organized.json`` for results given in request order."""
         return self.task_plugin.organize(results)
+
+
+def _resolved_files(request: TaskRequest, item_file: str | None,
+                    media: MediaResolver) -> tuple[tuple, dict | None]:
+    """A request's files as parts, or no files and the error that keeps it from being sent."""
+    parts = [*request.files]
+    if item_file is not None and all(part.path != item_file for part in parts):
+        parts.append(FilePart(item_file))
+    try:
+        return tuple(media.resolve(part.path, part.mime_type) for part in parts), None
+    except MediaError as error:
+        return (), {"code": "bad_file", "message": str(error)}
 
 
 class _ItemConfigs:
@@ -274,6 +329,7 @@ def load_manifest(
     check_inputs: bool = True,
     content: bytes | None = None,
     limits: ManifestLimits = DEFAULT_LIMITS,
+    media_dir: Path | None = None,
 ) -> Manifest:
     """Read and validate a manifest.
 
@@ -287,6 +343,8 @@ def load_manifest(
     :param content: the file's bytes, already read (through a checked descriptor: see
         :func:`batchd.inbox.read_entry`); ``path`` then only names it.
     :param limits: what the manifest and its input lines may hold.
+    :param media_dir: the folder file paths (a folder input, ``file_column``) are relative to: the
+        inbox. Defaults to ``root`` (or ``base_dir``) when the manifest is read in place.
     :raises ManifestError: its message not yet cut (see :meth:`ManifestError.capped`).
     """
     path = Path(path)
@@ -306,7 +364,14 @@ def load_manifest(
     if not common.input and inline is None:
         raise ManifestError(path, "no items: list them inline or name an input file (input = \"...\")")
     input_path = None
-    if common.input:
+    if media_dir is None and input_dir is None:
+        media_dir = Path(root) if root is not None else Path(base_dir) if base_dir is not None else path.parent
+    input_folder = _input_folder(path, common.input, media_dir) if common.input else None
+    if input_folder is not None:
+        if common.file_column:
+            raise ManifestError(path, "a folder input gives each item its file: file_column is for a CSV or JSONL "
+                                      "input", field="file_column")
+    elif common.input:
         if input_dir is not None:
             input_path = _confined_input(path, Path(common.input).name, input_dir, input_dir)
         else:
@@ -324,8 +389,15 @@ def load_manifest(
             # A claimed job keeps both in one folder, by file name.
             raise ManifestError(path, "the keys file and the input file need different file names",
                                 field="retry_of.keys")
+    if task.kind == "embed" and (input_folder is not None or common.file_column):
+        raise ManifestError(path, f"task {task.name!r} makes embeddings of texts: it takes no files (a folder "
+                                  f"input or file_column)", field="file_column" if common.file_column else "input")
+    if common.file_column and input_path is None and input_folder is None:
+        raise ManifestError(path, "file_column names a column of the input file: give input = \"...\"",
+                            field="file_column")
     manifest = Manifest(path=path, task_plugin=task, common=common, params=params, input_path=input_path,
-                        limits=limits, retry_keys_path=retry_keys_path)
+                        limits=limits, retry_keys_path=retry_keys_path, media_dir=media_dir,
+                        input_folder=input_folder)
     if check_inputs:
         manifest.check_inputs()
     return manifest
@@ -359,11 +431,15 @@ class Inputs:
 
     def __init__(self, manifest: Manifest) -> None:
         self._manifest = manifest
+        #: The file of the item yielded last (a folder input, ``file_column``), relative to the inbox.
+        self.file: str | None = None
 
     def __iter__(self) -> Iterator[BaseModel]:
         manifest = self._manifest
         task = manifest.task_plugin
-        if manifest.input_path is None:
+        if manifest.input_folder is not None:
+            records, ids_are_positions = _folder_records(manifest), False
+        elif manifest.input_path is None:
             field, entries = task.inline_items(manifest.params) or ("", ())
             records, ids_are_positions = _inline_records(manifest.path, field, entries), False
         else:
@@ -379,17 +455,22 @@ class Inputs:
                 duplicate = seen.add_many([(item.id, record.location()) for item, record in zip(items, batch)])
                 if duplicate is not None:
                     index, first_use = duplicate
-                    yield from items[:index]
+                    yield from self._with_files(items[:index], batch)
                     raise batch[index].error(f"duplicate id {items[index].id!r} (first used at {first_use})",
                                              field="id")
                 count += len(items)
-                yield from items
+                yield from self._with_files(items, batch)
                 if failure is not None:
                     raise failure
                 if unreadable is not None:
                     raise unreadable
         if count == 0:
             raise ManifestError(manifest.input_path or manifest.path, "no input items")
+
+    def _with_files(self, items: list[BaseModel], batch: list[_Record]) -> Iterator[BaseModel]:
+        for item, record in zip(items, batch):
+            self.file = record.file
+            yield item
 
 
 # --- Reading and validating the manifest document ----------------------------------------------
@@ -615,6 +696,50 @@ def _field_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
 _KEYS_FILE = {"field": "retry_of.keys", "what": "keys file", "suffixes": (".jsonl",)}
 
 
+def _input_folder(manifest_path: Path, reference: str, media_dir: Path | None) -> str | None:
+    """The folder an ``input`` names, relative to the inbox, or None when it names a file."""
+    if media_dir is None or "\0" in reference:
+        return None
+    parts = Path(reference).parts
+    if not reference.endswith("/") and not os.path.isdir(media_dir / reference):
+        return None
+    if Path(reference).is_absolute() or ".." in parts or not parts:
+        raise ManifestError(manifest_path, f"{reference!r}: give a folder inside the inbox, relative to the manifest "
+                                           f"(no '..')", field="input")
+    if os.path.islink(media_dir / Path(*parts)) or not os.path.isdir(media_dir / Path(*parts)):
+        raise ManifestError(manifest_path, f"input folder not found (or a symlink, which batchd never follows): "
+                                           f"{media_dir / reference}", field="input")
+    return "/".join(parts)
+
+
+def _folder_records(manifest: Manifest) -> Iterator[_Record]:
+    """One record per file of a folder input, by name (names starting with "." are left out): id and
+    text the file's name, ``file`` its path. The folder is reached without following a symlink; what
+    its entries are (a symlink, a FIFO, a huge file) is checked when each is read, failing its item only."""
+    from batchd.media import _open_beneath
+
+    where = manifest.media_dir / manifest.input_folder
+    try:
+        fd = _open_beneath(manifest.media_dir, tuple(manifest.input_folder.split("/")))
+    except MediaError as error:
+        raise ManifestError(manifest.path, f"the input folder {where}: {error}", field="input") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise ManifestError(manifest.path, f"the input {where} is not a folder", field="input")
+        names = sorted(os.fsencode(name) for name in os.listdir(fd))
+    finally:
+        os.close(fd)
+    position = 0
+    for raw in names:
+        if raw.startswith(b"."):
+            continue
+        name = os.fsdecode(raw)
+        shown = describe_name(name)
+        position += 1
+        yield _Record(position=position, values={"id": shown, "text": shown}, path=where, line=None,
+                      field_prefix=f"input[{shown!r}]", file=f"{manifest.input_folder}/{name}")
+
+
 def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path, *, field: str = "input",
                     what: str = "input file", suffixes: tuple[str, ...] = INPUT_SUFFIXES) -> Path:
     """The input file ``reference`` names (or another file the manifest reads), checked to exist inside ``root``."""
@@ -690,9 +815,9 @@ def _combined_model(task: Task) -> type[BaseModel]:
         fields["model"] = (str | None, Field(None, min_length=1,
                                              description=f"Model name; defaults to {task.default_model}."))
     if task.kind == "embed":
-        # Embeddings take no generation settings (refused at load): the schema leaves them out.
+        # Embeddings take no generation settings nor files (refused at load): the schema leaves them out.
         common = {name: (info.annotation, info) for name, info in CommonFields.model_fields.items()
-                  if name not in GenerationSettings.model_fields}
+                  if name not in GenerationSettings.model_fields and name != "file_column"}
         return create_model(title, __base__=task.Params, __doc__=task.description or None, **{**common, **fields})
     return create_model(
         title,
@@ -714,6 +839,7 @@ class _Record:
     path: Path
     field_prefix: str = ""  # e.g. "items[2]" for inline items
     line: int | None = None  # for items read from files
+    file: str | None = None  # the item's file, relative to the inbox (a folder input, file_column)
 
     def values_with_id(self) -> dict[str, Any]:
         """The values to validate: an item without an id gets its position."""
@@ -789,12 +915,42 @@ def _inline_records(path: Path, field: str, entries: Sequence[Any]) -> Iterator[
 
 
 def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel],
-                  limits: ManifestLimits) -> tuple[Iterator[_Record], bool]:
+                  limits: ManifestLimits, file_base: str | None = None) -> tuple[Iterator[_Record], bool]:
     """The records of an input file, and whether their ids are all positions (hence unique)."""
+    records, positions = _plain_file_records(path, common, item_model, limits)
+    if not common.file_column:
+        return records, positions
+    return _with_file_column(records, path, common.file_column, file_base, "text" in item_model.model_fields), positions
+
+
+def _with_file_column(records: Iterable[_Record], path: Path, column: str, file_base: str | None,
+                      text_from_file: bool) -> Iterator[_Record]:
+    """Records with their ``file`` taken from ``column`` (a path relative to the manifest's folder)."""
+    for record in records:
+        values = dict(record.values)
+        file = values.pop(_FILE_FIELD, None)
+        if not isinstance(file, str) or not file.strip():
+            raise record.error(f"no file path in column {column!r}", field=column)
+        if text_from_file and values.get("text") in (None, ""):
+            values["text"] = file
+        yield _Record(record.position, values, record.path, record.field_prefix, record.line,
+                      file=file if file_base is None else f"{file_base}/{file}")
+
+
+#: The record field a ``file_column`` feeds (no item field has this name).
+_FILE_FIELD = "\0file"
+
+
+def _plain_file_records(path: Path, common: CommonFields, item_model: type[BaseModel],
+                        limits: ManifestLimits) -> tuple[Iterator[_Record], bool]:
     suffix = path.suffix.lower()
     renames = {common.id_column: "id", common.text_column: "text"}
+    if common.file_column:
+        renames[common.file_column] = _FILE_FIELD
     # An Item model that allows extra fields (a template's {column}s) takes every column.
     known_fields = _EveryField() if item_model.model_config.get("extra") == "allow" else item_model.model_fields.keys()
+    if common.file_column:
+        known_fields = _WithFileField(known_fields)
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
         header = _csv_header(path, delimiter, limits)
@@ -803,6 +959,16 @@ def _file_records(path: Path, common: CommonFields, item_model: type[BaseModel],
     if suffix == ".jsonl":
         return _jsonl_records(path, renames, known_fields, limits), False
     return _txt_records(path, limits), True
+
+
+class _WithFileField:
+    """A field-name set plus the ``file_column``'s field."""
+
+    def __init__(self, fields) -> None:
+        self._fields = fields
+
+    def __contains__(self, name: object) -> bool:
+        return name == _FILE_FIELD or name in self._fields
 
 
 class _EveryField:
@@ -855,6 +1021,8 @@ def _csv_columns(
     columns = [_target_field(name.strip(), renames) for name in header]
     source_name = {target: source for source, target in renames.items()}
     required = [name for name, field in item_model.model_fields.items() if field.is_required()]
+    if common.file_column:  # the path is the text of an item without one
+        required = [name for name in required if name != "text"] + [_FILE_FIELD]
     if "id_column" in common.model_fields_set:  # an id column asked for by name must exist
         required.append("id")
     missing = [source_name.get(name, name) for name in required if name not in columns]

@@ -328,6 +328,8 @@ class RemoteFile:
     state: str | None  # ACTIVE | PROCESSING | FAILED, as sent
     source: str | None  # UPLOADED | GENERATED
     create_time: datetime | None = None
+    uri: str | None = None  # what a request's fileData.fileUri names
+    expiration_time: datetime | None = None
 
     @property
     def usable(self) -> bool:
@@ -340,7 +342,8 @@ class RemoteFile:
             return getattr(value, "value", value) if value is not None else None
 
         return cls(name=file.name or "", display_name=file.display_name, size_bytes=file.size_bytes,
-                   state=enum_value(file.state), source=enum_value(file.source), create_time=file.create_time)
+                   state=enum_value(file.state), source=enum_value(file.source), create_time=file.create_time,
+                   uri=file.uri, expiration_time=file.expiration_time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +535,24 @@ class Provider:
         if not uploaded.name:
             raise ProviderError(f"upload of {path}: the service returned no file name")
         return Uploaded(uploaded.name, attempts)
+
+    def upload_file(self, path: Path, display_name: str, mime_type: str) -> tuple[RemoteFile, int]:
+        """Upload a media file (streamed from disk, resumable) under ``display_name``; the File as the
+        service answered and the number of transfer attempts (more than one: a copy may have been left)."""
+        attempts = 0
+
+        def count(attempt: int) -> None:
+            nonlocal attempts
+            attempts = attempt
+
+        def upload() -> types.File:
+            config = types.UploadFileConfig(display_name=display_name, mime_type=mime_type)
+            return self._single_shot_client.files.upload(file=path, config=config)
+
+        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count)
+        if not uploaded.name or not uploaded.uri:
+            raise ProviderError(f"upload of {path}: the service returned no file name or URI")
+        return RemoteFile.from_sdk(uploaded), attempts
 
     def get_file(self, name: str) -> RemoteFile | None:
         """A file's metadata; None when the service no longer has it (deleted, or expired after 48 h)."""
@@ -823,7 +844,14 @@ class RequestEncoder:
         return {"contents": [_user_content(prompt)], **_wire_fields(self.settings(overrides))}
 
     def encode(self, request: TaskRequest) -> str:
-        """``jsonl_line`` for a task's request."""
+        """``jsonl_line`` for a task's request; its files (resolved :class:`batchd.media.MediaRef`) are
+        parts before the prompt's text."""
+        if request.files:
+            parts = [ref.part() for ref in request.files]
+            tail = self._override_tail(request.config) if request.config else self._default_tail
+            parts_json = json.dumps([*parts, {"text": request.prompt}], ensure_ascii=False, separators=(",", ":"))
+            return (f'{{"key":{_json_string(request.key)},"request":{{"contents":[{{"parts":{parts_json},'
+                    f'"role":"user"}}]{tail}}}}}')
         return self.jsonl_line(request.key, request.prompt, request.config)
 
     def jsonl_line(self, key: str, prompt: str, overrides: Mapping[str, Any] | None = None) -> str:

@@ -5,6 +5,8 @@ Layout of ``state_dir/jobs/<job id>/``::
     <NAME>.toml | <NAME>.json      the claimed manifest
     inputs/                        copies of the input files it names
     index.jsonl                    one line per request, in request order: [key, chunk, wants_json, input]
+                                   (plus [..., error] for a request never sent: a file it cannot send)
+    media/<sha256>                 copies of the files its requests upload (see batchd.media)
     requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
     results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"})
     outbox/                        the job's outbox folder while it is being written
@@ -20,7 +22,7 @@ import itertools
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -49,6 +51,8 @@ class BuiltChunk:
     mode: str = "file"
     #: Whether it is the job's last chunk (no request follows it).
     last: bool = False
+    #: Content hash → (MIME type, size) of the files its requests reference as uploads.
+    media: dict = field(default_factory=dict)
 
 
 class JobSpool:
@@ -111,6 +115,12 @@ class JobSpool:
         out = None
         with fs.naming(self.root), open(self.index_path, "w", encoding="utf-8", buffering=IO_BUFFER) as index:
             for n, request in enumerate(requests):
+                if request.error is not None:
+                    # Never sent (a file it cannot send): its result is the error, in request order. It
+                    # belongs to the chunk being written, or to the first one when none is yet.
+                    index.write(dumps([request.key, current.idx if current else 0, False, request.input,
+                                       request.error]) + "\n")
+                    continue
                 line = encode(request) + "\n"
                 size = len(line.encode("utf-8")) if not line.isascii() else len(line)
                 if current is None or current.request_count >= limits.max_requests or (
@@ -127,6 +137,9 @@ class JobSpool:
                     current = BuiltChunk(idx=current.idx + 1 if current else 0)
                     out = open(self._partial(current.idx), "w", encoding="utf-8", buffering=IO_BUFFER)
                 out.write(line)
+                for ref in request.files:
+                    if ref.inline_data is None:
+                        current.media[ref.sha256] = (ref.mime_type, ref.size)
                 current.request_count += 1
                 current.byte_size += size
                 wants_json = request.config.get("response_mime_type") == "application/json"
@@ -157,6 +170,16 @@ class JobSpool:
         with open(self.requests_path(idx), encoding="utf-8", buffering=IO_BUFFER) as lines:
             for line in lines:
                 yield json.loads(line)
+
+    def first_unsent_error(self) -> dict | None:
+        """The error of the first request never sent (a file it cannot send), if any."""
+        try:
+            for entry in self.read_index():
+                if len(entry) > 4:
+                    return entry[4]
+        except FileNotFoundError:
+            pass
+        return None
 
     def read_index(self) -> Iterator[list]:
         """Index entries ``[key, chunk, wants_json, input]``, in request order."""
@@ -220,11 +243,14 @@ class JobSpool:
         for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
             error = chunk_error(idx)
             if error is not None:
-                for key, _chunk, _json, inputs in entries:
+                for key, _chunk, _json, inputs, *own in entries:
                     yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
-                                     error=error, usage=None)
+                                     error=own[0] if own else error, usage=None)
                 continue
-            for (key, _chunk, wants_json, inputs), record in join_chunk(entries, self.read_results(idx)):
+            for (key, _chunk, wants_json, inputs, *own), record in join_chunk(entries, self.read_results(idx)):
+                if own:  # never sent
+                    yield TaskResult(key=key, input=inputs, status="error", error=own[0])
+                    continue
                 result = to_embed_result(key, inputs, record) if kind == "embed" else \
                     to_task_result(key, inputs, wants_json, record)
                 if record is not None and "joined_by" in record:
@@ -243,6 +269,9 @@ def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tup
     records = iter(records)
     exhausted = False
     for entry in entries:
+        if len(entry) > 4:  # a request never sent has no record
+            yield entry, None
+            continue
         key = entry[0]
         record = parked.pop(key, None)
         while record is None and not exhausted:

@@ -39,6 +39,18 @@ class UploadState(StrEnum):
     KEPT = "kept"              # deletion is off, or the service refused it
 
 
+class MediaState(StrEnum):
+    """A file sent with requests, on the Files API (``media.state``, one row per content hash; see
+    batchd/daemon/media.py)."""
+
+    NEW = "new"              # recorded with a chunk that needs it; never uploaded
+    UPLOADING = "uploading"  # intent: copies may exist under its display name whose names nobody recorded
+    ACTIVE = "active"        # ``remote_name``/``uri`` recorded
+    DELETING = "deleting"    # intent: a deletion round may be removing it
+    DELETED = "deleted"
+    FAILED = "failed"        # the service refused the upload; the chunks needing it fail
+
+
 #: Every allowed job transition.
 JOB_MOVES: frozenset[tuple[JobState, JobState]] = frozenset({
     (JobState.CLAIMING, JobState.RECEIVED),

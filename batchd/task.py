@@ -187,6 +187,18 @@ class TextsParams(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class FilePart:
+    """A file sent to the model with a request (a PDF, an image, audio, video, text): see
+    :attr:`TaskRequest.files` and docs/plugins.md, "Files"."""
+
+    #: The file's path relative to the inbox (the manifest's folder), as a manifest would give it:
+    #: batchd opens it without following a symlink and refuses a path leading out of the inbox.
+    path: str
+    #: Its MIME type; None: by its extension, else by its first bytes.
+    mime_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRequest:
     """One model request built by a task."""
 
@@ -201,6 +213,13 @@ class TaskRequest:
     #: handed over: a task may give every request the same dict (batchd then merges and
     #: encodes it once), but must not change a dict it has already yielded.
     config: dict[str, Any] = field(default_factory=dict)
+    #: Files sent before the prompt text, as ``inlineData`` (small) or ``fileData`` (uploaded once
+    #: through the Files API) parts. An item's own file (a folder input, ``file_column``) is added by
+    #: batchd to each of its requests: a task lists here only files of its own choosing.
+    files: tuple[FilePart, ...] = ()
+    #: Set by batchd, never by a task: why this request cannot be sent (a file that is missing, too
+    #: large, of a type the model does not read). It is not sent; its result is this error.
+    error: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
         raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
                                   "writing?); drop it again once it is complete")
     return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content,
-                         limits=ctx.settings.limits)
+                         limits=ctx.settings.limits, media_dir=ctx.settings.inbox)
 
 
 class TokenCounter:

@@ -28,6 +28,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.journal import Job
 from batchd.manifest import ManifestError
+from batchd.media import MediaResolver
 from batchd.plugin_calls import OnDemand, PluginTimeout
 from batchd.provider import EmbedRequestEncoder, RequestEncoder
 from batchd.spool import ChunkLimits
@@ -130,6 +131,10 @@ class Build:
         self._release(job.id)
         counts = ctx.journal.chunk_totals(job.id)
         if not counts["chunks"]:
+            unsent = ctx.spool(job.id).first_unsent_error()
+            if unsent is not None:  # every request had a file it cannot send
+                self._failed(job, {"message": f"no request can be sent: {unsent['message']}", "code": unsent["code"]})
+                return
             self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
@@ -154,7 +159,10 @@ class Build:
         # Settings are merged per request by the manifest, so the encoder has no defaults.
         encoder = EmbedRequestEncoder() if manifest.kind == "embed" else RequestEncoder(model)
         clock = ctx.plugin_clock(manifest.task, "requests()")
-        requests = clock.iterate(manifest.requests())
+        # Files are read, checked and kept (by hash, in the spool) in the build's thread: see batchd.media.
+        media = MediaResolver(ctx.settings.inbox, ctx.spool(job.id).root / "media",
+                              inline_max_bytes=ctx.settings.media_inline_max_bytes)
+        requests = clock.iterate(manifest.requests(media))
         job_id = job.id
 
         def look_again() -> None:  # a chunk is built, or the estimate is done: the loop takes it at once
@@ -226,7 +234,7 @@ class Build:
     def _record(self, job: Job, chunk) -> None:
         ctx = self.ctx
         recorded = {"idx": chunk.idx, "display_name": chunk_display_name(job, chunk.idx), "mode": chunk.mode,
-                    "request_count": chunk.request_count, "byte_size": chunk.byte_size}
+                    "request_count": chunk.request_count, "byte_size": chunk.byte_size, "media": chunk.media}
         if ctx.journal.add_chunk(job.id, recorded):
             return
         # Recorded before a crash, and perhaps submitted already: the rebuild must agree with it.

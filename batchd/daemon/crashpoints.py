@@ -37,7 +37,12 @@ ON_RESUBMIT = {
     "after-resubmit-intent": "the resubmission's create intent committed, batches.create not yet sent",
     "after-resubmit-create": "the resubmission's remote job exists, its name not yet recorded",
 }
-CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT}
+#: Met only by a job whose requests upload files (a folder input, file_column: see batchd.media).
+ON_MEDIA = {
+    "after-media-intent": "a file's upload intent committed (state 'uploading'), nothing sent",
+    "after-media-upload": "a file of the requests uploaded, its name not yet recorded (state 'uploading')",
+}
+CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA}
 
 #: Commits the transitions the loop has grouped so far (``Journal.flush``, set by the daemon): a crash
 #: point means "everything before this point is committed", as it was when each transition committed

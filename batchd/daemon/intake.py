@@ -212,6 +212,9 @@ class Intake:
                     fs.fault_point("claim", copy)
                     _take_input(input_path, copy, ctx.settings.inbox)
                     digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
+                if manifest is not None and manifest.input_folder is not None:
+                    # A folder input's files are read when the job is built: its listing tells jobs apart.
+                    digest.update(b"\0folder\0" + manifest.folder_fingerprint().encode())
         except UnsafeEntry as unsafe:
             # Changed into a symlink, a hard link or something else since it was validated: never read.
             error = {"code": "unsafe_input", "file": source, "kind": unsafe.kind,

@@ -62,6 +62,8 @@ class Steps:
         self.fetch = Fetch(ctx, progress_events=self.monitor.progress_events,
                            disk_full=lambda error, step, job: self.on_disk_full(error, step, job))
         self.uploads = Uploads(ctx)
+        self.uploads.in_flight = lambda: self.submit.media.in_flight
+        self.uploads.on_media_deleted = self.submit.media.wake
         self.deliver = Deliver(ctx, forget=self._forget)
         self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
         self.on_disk_full: Callable = lambda error, step, job: None

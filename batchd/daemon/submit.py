@@ -20,9 +20,12 @@ from typing import Callable
 from batchd.backoff import Backoff
 from batchd.daemon.context import Context, Turns, error_dict, replace
 from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.media import ABOUT as MEDIA_UPLOAD
+from batchd.daemon.media import MediaUploads
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
+from batchd.media import resolve_request
 from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
@@ -55,6 +58,8 @@ class Submit:
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
         self._cancel_adopted = cancel_adopted
+        #: The files chunks' requests reference, uploaded before their chunk is created (same pool).
+        self.media = MediaUploads(ctx, self.submissions)
 
     def step(self, job: Job) -> None:
         """Send the job's built chunks while the pool has room; a ``built`` job whose every chunk is sent
@@ -67,25 +72,34 @@ class Submit:
         share = 0
         if chunks and self.turns.first(job.id, free):
             share = 1 if len(self.turns) else free  # others in line: one chunk per turn
-        started, upload_waits = 0, False
+        upload_waits = False
         for chunk in chunks[:share]:
             if chunk.mode == "file" and not self.upload_slots():
                 upload_waits = True  # each upload holds a part of its file in memory: they are bounded apart
                 break
+            uris, refused = self.media.ready(job, chunk)
+            if refused is not None:  # a file the service refused: the chunk's requests can never be sent
+                ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time())
+                ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
+                                         error=refused)
+                continue
+            if uris is None:
+                continue  # its files are being uploaded: the job is visited again when an upload ends
+            if uris:
+                ctx.journal.set_media({sha256: {"last_used": time.time()} for sha256 in uris})
             ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
                                      **_upload_intent(chunk))
             crashpoint("after-intent")
             if chunk.resubmits:
                 crashpoint("after-resubmit-intent")
             self.start(job, chunk)
-            started += 1
         if not chunks:
             self.turns.forget(job.id)
         if not upload_waits:
             self.upload_turns.forget(job.id)
         if upload_waits:
             self.upload_turns.wait(job)  # called when an upload ends, not on every free thread
-        elif len(chunks) > started:
+        elif len(chunks) > share:
             self.turns.wait(job)  # more to send once the pool has room
         elif job.state == JobState.BUILT:
             totals = ctx.journal.chunk_totals(job.id)
@@ -122,12 +136,14 @@ class Submit:
         """
         ctx = self.ctx
         key = (job.id, chunk.idx)
+        # The URIs of the files its requests reference (active: a chunk still to be sent keeps them).
+        uris = {row["sha256"]: row["uri"] for row in ctx.journal.chunk_media(job.id, chunk.idx) if row["uri"]}
         if chunk.mode == "inline":
             self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
-                                   job.kind, about="create")
+                                   job.kind, uris, about="create")
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
-                                   ctx.settings.delete_request_files, about="upload")
+                                   ctx.settings.delete_request_files, uris, about="upload")
         log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
                  chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
 
@@ -135,6 +151,9 @@ class Submit:
         """Record the uploads and creates that ended; hand the pool to the jobs waiting longest."""
         journal = self.ctx.journal
         for work in self.submissions.finished():
+            if work.about == MEDIA_UPLOAD:
+                self.media.collect(work)
+                continue
             job_id, idx = work.key
             chunk = journal.chunk(job_id, idx)
             try:
@@ -155,6 +174,7 @@ class Submit:
             if self.ctx.quota.went_through("create"):
                 log.info("the service takes creates again: the quota wait is over")
             self.adopt(chunk, result)
+        self.media.due()
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
@@ -320,14 +340,38 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 # -- work run in the pool: given what it needs, never the journal ---------------------------------------
 
 
-def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str) -> RemoteJob:
-    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name, kind)
+def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str,
+                  uris: dict[str, str] | None = None) -> RemoteJob:
+    lines = spool.read_requests(chunk.idx)
+    if uris:
+        lines = ({**line, "request": resolve_request(line["request"], uris)} for line in lines)
+    return provider.create_from_lines(model, lines, chunk.display_name, kind)
 
 
-def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool) -> RequestFile:
+def _sent_requests(spool: JobSpool, chunk: Chunk, uris: dict[str, str]) -> tuple:
+    """The requests file to upload and its size: the built one, or for requests with uploaded files a
+    copy naming the Files' URIs instead of their placeholders (``requests-NNNN.sent.jsonl``)."""
+    if not uris:
+        return spool.requests_path(chunk.idx), chunk.byte_size
+    import json
+    import os
+
+    path = spool.requests_path(chunk.idx).with_suffix(".sent.jsonl")
+    partial = path.with_name(f".{path.name}.part")
+    with open(partial, "w", encoding="utf-8", buffering=1 << 20) as out:
+        for line in spool.read_requests(chunk.idx):
+            line["request"] = resolve_request(line["request"], uris)
+            out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+    os.replace(partial, path)
+    return path, path.stat().st_size
+
+
+def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool,
+                    uris: dict[str, str] | None = None) -> RequestFile:
     """The chunk's requests file on the Files API: the one an earlier attempt left, while the service
     still has it, else a new upload."""
     display_name = upload_display_name(chunk.display_name)
+    requests_path, byte_size = _sent_requests(spool, chunk, uris or {})
     try:
         if chunk.upload_state == UploadState.UPLOADING:
             # An earlier attempt may have uploaded copies whose names were never recorded: keep one,
@@ -337,7 +381,7 @@ def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_sp
             copies = [f for f in provider.list_files() if f.display_name in searched]
             if chunk.uploaded_file and all(f.name != chunk.uploaded_file for f in copies):
                 copies += [f for f in [provider.get_file(chunk.uploaded_file)] if f]
-            kept = _reusable(copies, chunk.uploaded_file, chunk.byte_size)
+            kept = _reusable(copies, chunk.uploaded_file, byte_size)
             spares = [copy for copy in copies if copy is not kept]
             if delete_spares:
                 spares = [copy for copy in spares if not _delete_quietly(provider, chunk, copy.name)]
@@ -345,7 +389,7 @@ def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_sp
                 return RequestFile(kept.name, reused=True, sole_copy=not spares)
         elif chunk.upload_state == UploadState.UPLOADED and chunk.uploaded_file:
             recorded = provider.get_file(chunk.uploaded_file)
-            kept = _reusable([recorded] if recorded else [], chunk.uploaded_file, chunk.byte_size)
+            kept = _reusable([recorded] if recorded else [], chunk.uploaded_file, byte_size)
             if kept is not None:
                 return RequestFile(kept.name, reused=True, sole_copy=True)
     except Exception as error:
@@ -354,7 +398,7 @@ def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_sp
         # Looking for the earlier upload is an optimisation; a service that refuses it gets a new one.
         log.warning("job %s: looking for chunk %d's earlier upload failed (%s); uploading it again",
                     chunk.job_id, chunk.idx, error)
-    uploaded = provider.upload_jsonl(spool.requests_path(chunk.idx), display_name)
+    uploaded = provider.upload_jsonl(requests_path, display_name)
     crashpoint("after-upload")
     # A copy an earlier, interrupted upload made may show up in the list only later: a chunk that
     # was 'uploading' before is looked up by display name again once it is done.

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from batchd.backoff import Backoff
 from batchd.daemon.context import Context
+from batchd.daemon.media import delete_media
 from batchd.daemon.naming import upload_display_names
 from batchd.journal import Chunk
 from batchd.provider import Provider, is_retryable
-from batchd.states import UploadState
+from batchd.states import MediaState, UploadState
 
 log = logging.getLogger("batchd")
 
 ROUND = "cleanup"
+MEDIA_ROUND = "media-cleanup"
 
 
 class Uploads:
@@ -28,6 +31,10 @@ class Uploads:
         self.ctx = ctx
         self.rounds = ctx.workers("delete", 1, keyed_by_job=False)
         self.retry = Backoff(ctx.settings.poll_max_interval, ctx.settings.poll_max_interval)
+        #: The content hashes being uploaded now (never deleted meanwhile); set by the daemon.
+        self.in_flight = lambda: set()
+        #: Called with the hashes a deletion round took (the jobs waiting for them are visited); set by the daemon.
+        self.on_media_deleted = lambda hashes: None
 
     def tidy(self) -> None:
         """Start deleting the request files of finished chunks, unless a round is under way or failed lately."""
@@ -37,14 +44,37 @@ class Uploads:
             return
         chunks = ctx.journal.uploads_to_delete()
         if not chunks:
+            self._tidy_media()
             return
         if not ctx.settings.delete_request_files:
             ctx.journal.set_upload_states({(c.job_id, c.idx): UploadState.KEPT for c in chunks})
             return
         self.rounds.start(ROUND, delete_request_files, ctx.provider, chunks, ctx.stopping)
 
+    def _tidy_media(self) -> None:
+        """Start deleting the uploaded files (of requests' media) no chunk needs any more."""
+        ctx = self.ctx
+        in_flight = self.in_flight()
+        rows = [row for row in ctx.journal.media_to_delete(time.time() - ctx.settings.media_keep_seconds)
+                if row["sha256"] not in in_flight]
+        if not rows:
+            return
+        # Intent first: a chunk needing one of them meanwhile waits for the round, then uploads it again.
+        ctx.journal.set_media({row["sha256"]: {"state": MediaState.DELETING} for row in rows})
+        self.rounds.start(MEDIA_ROUND, delete_media, ctx.provider, rows, ctx.stopping, about=[r["sha256"] for r in rows])
+
     def collect(self) -> None:
         for work in self.rounds.finished():
+            if work.key == MEDIA_ROUND:
+                try:
+                    outcome, again = work.future.result()
+                except Exception:
+                    log.exception("deleting uploaded files failed; retrying later")
+                    outcome, again = {}, True
+                self.ctx.journal.set_media(outcome)
+                self.on_media_deleted(work.about)
+                (self.retry.failed if again else self.retry.succeeded)()
+                continue
             try:
                 outcome, again = work.future.result()
             except Exception:

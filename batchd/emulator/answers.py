@@ -16,6 +16,7 @@ from batchd.emulator import shapes
 from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.files import referenced_file_id
 from batchd.emulator.responder import Responder
+from batchd.media import SUPPORTED_MIME_TYPES
 
 ROLES = ("user", "model")
 #: What ``response_mime_type`` may be, in the words of Google's error.
@@ -59,6 +60,31 @@ def check_embed_request(request: Any, where: str = "EmbedContentRequest", *, pat
         raise invalid(f"* {where}.content: content is not specified")
 
 
+def check_media_parts(request: dict, where: str = "GenerateContentRequest") -> None:
+    """Refuse a part of a MIME type the models do not read, as Google does (400 "Unsupported MIME
+    type"); an ``inlineData`` part must name its type, and hold at most 20 MB (a request's limit)."""
+    for content in request.get("contents") or []:
+        for part in (content or {}).get("parts") or [] if isinstance(content, dict) else []:
+            if not isinstance(part, dict):
+                continue
+            for name in ("inlineData", "inline_data", "fileData", "file_data"):
+                blob = part.get(name)
+                if not isinstance(blob, dict):
+                    continue
+                mime = blob.get("mimeType", blob.get("mime_type"))
+                if mime in (None, "") and name.startswith("inline"):
+                    raise invalid(f"* {where}.contents.parts.inline_data.mime_type: mime type is not specified")
+                if mime not in (None, "") and mime not in SUPPORTED_MIME_TYPES:
+                    raise invalid(f"Unsupported MIME type: {mime}")
+                data = blob.get("data")
+                if name.startswith("inline") and isinstance(data, str) and len(data) > INLINE_DATA_MAX_CHARS:
+                    raise invalid(f"* {where}: request payload size exceeds the limit: 20971520 bytes.")
+
+
+#: base64 characters of 20 MB, the most a request can carry inline.
+INLINE_DATA_MAX_CHARS = 20 * 1024 * 1024 * 4 // 3
+
+
 def check_file_references(request: dict, file_exists: Callable[[str], bool]) -> None:
     """A part whose ``fileData.fileUri`` names a File that does not exist (never did, was deleted,
     or expired) is refused as ``files.get`` of it is: 403, as Google does not tell a missing file
@@ -83,6 +109,7 @@ class Answerer:
 
     def generate(self, request: Any, model: str, path: str = "") -> dict:
         check_generate_request(request, path=path)
+        check_media_parts(request)
         check_file_references(request, self.file_exists)
         return self.responder.generate(request, model)
 
