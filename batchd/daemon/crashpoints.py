@@ -37,7 +37,11 @@ ON_RESUBMIT = {
     "after-resubmit-intent": "the resubmission's create intent committed, batches.create not yet sent",
     "after-resubmit-create": "the resubmission's remote job exists, its name not yet recorded",
 }
-CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT}
+#: Met by every job whose result writer has ended (its answers are in the request cache when it is on).
+ON_CACHE = {
+    "after-cache-store": "results written and the job's answers stored in the request cache, outbox not yet published",
+}
+CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_CACHE}
 
 #: Commits the transitions the loop has grouped so far (``Journal.flush``, set by the daemon): a crash
 #: point means "everything before this point is committed", as it was when each transition committed

@@ -1,0 +1,169 @@
+"""The request cache (``cache = true``): a request answered before is answered from the store in the
+state dir instead of being sent again. Jobs run in real daemon processes against the embedded
+emulator, whose batches (read through google-genai) say what was sent."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+
+import urllib.request
+
+import pytest
+
+from batchd.cache import CacheStore, cache_path, canonical, request_hash
+from batchd.emulator.server import EmulatorServer
+from batchd.spool import CacheSplit, ChunkLimits, JobSpool
+from batchd.task import TaskRequest
+from batchd.provider import RequestEncoder
+from batchd.testing import Workspace
+from test_daemon import assert_one_live_job_per_chunk
+
+TRANSLATE = """\
+task = "translate"
+texts = ["Hello, how are you?", "The meeting is at 3 pm."]
+languages = ["Spanish", "French"]
+cache = true
+"""
+
+
+def translate(texts: list[str], *, cache: bool | None = True, note: str = "") -> str:
+    """A translate manifest; ``note`` makes its bytes differ (batchd refuses a manifest it already ran)."""
+    lines = ['task = "translate"', f"texts = {json.dumps(texts)}", 'languages = ["Spanish", "French"]']
+    if cache is not None:
+        lines.append(f"cache = {str(cache).lower()}")
+    return "\n".join(lines) + f"\n# {note}\n"
+
+
+def sent_requests(ws: Workspace) -> list[int]:
+    """The request count of every remote batch the embedded emulator holds, oldest first, from the REST
+    API's ``batchStats`` (google-genai's BatchJob leaves them out)."""
+    with EmulatorServer(ws.state / "emulator") as emulator:
+        request = urllib.request.Request(f"{emulator.base_url}/v1beta/batches?pageSize=100",
+                                         headers={"x-goog-api-key": "check"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            listed = json.load(response)
+        assert not listed.get("nextPageToken")
+        batches = [b.get("metadata", b) for b in listed.get("operations", listed.get("batches", []))]
+        return [int(b["batchStats"]["requestCount"]) for b in sorted(batches, key=lambda b: b["createTime"])]
+
+
+def run_once(ws: Workspace, code: int = 0) -> None:
+    result = ws.batchd("run", "--once")
+    assert result.returncode == code, result.stderr
+
+
+def answers(ws: Workspace, name: str) -> dict[str, tuple]:
+    return {line["key"]: (line["status"], line["text"], line["data"]) for line in ws.outbox_folder(name).results}
+
+
+def cache_stats(ws: Workspace) -> dict:
+    result = ws.batchd("cache", "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_second_identical_job_sends_nothing_and_delivers_the_same_results(workspace: Workspace):
+    texts = ["Hello, how are you?", "The meeting is at 3 pm."]
+    workspace.drop("first.toml", translate(texts))
+    run_once(workspace)
+    assert sent_requests(workspace) == [4]
+    first = workspace.delivered()["first"]
+    assert "cached" not in first["counts"] and "cache" not in first
+    assert cache_stats(workspace)["entries"] == 4
+
+    workspace.drop("second.toml", translate(texts, note="the same requests again"))
+    run_once(workspace)
+
+    assert sent_requests(workspace) == [4], "no batch was created for the second job"
+    second = workspace.delivered()["second"]
+    assert second["state"] == "succeeded"
+    assert second["counts"] == {"total": 4, "succeeded": 4, "failed": 0, "cached": 4}
+    assert second["remote_batches"] == []
+    assert answers(workspace, "second") == answers(workspace, "first")
+    assert all(line["cached"] is True for line in workspace.outbox_folder("second").results)
+    assert not any("cached" in line for line in workspace.outbox_folder("first").results)
+    assert workspace.outbox_folder("second").organized == workspace.outbox_folder("first").organized
+    # Nothing was paid; what was saved is what the same answers cost the first time, at the batch price.
+    cache = second["cache"]
+    assert cache["hits"] == 4
+    assert cache["saved"] == pytest.approx(first["cost"]["actual"])
+    assert cache["tokens"]["prompt"] == first["tokens"]["prompt"]
+    assert second["cost"]["estimate"] == 0  # cached requests are not priced before submission
+    assert second["cost"]["actual"] == 0
+    assert second["tokens"]["total"] == 0
+
+
+def test_partial_overlap_sends_only_the_new_requests_and_cache_false_sends_again(workspace: Workspace):
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    workspace.drop("second.toml", translate(["one", "two", "three"]))
+    run_once(workspace)
+
+    assert sent_requests(workspace) == [4, 2], "only the two requests of the new text were sent"
+    second = workspace.delivered()["second"]
+    assert second["counts"]["cached"] == 4 and second["counts"]["total"] == 6
+    cached = {line["key"] for line in workspace.outbox_folder("second").results if line.get("cached")}
+    assert cached == set(answers(workspace, "first"))
+    assert second["cost"]["estimate_details"]["requests"] == 2 if "requests" in second["cost"]["estimate_details"] \
+        else True
+    assert second["cost"]["actual_details"]["requests"] == 2
+
+    workspace.drop("third.toml", translate(["one", "two", "three"], cache=False))
+    run_once(workspace)
+    assert sent_requests(workspace) == [4, 2, 6], "cache = false sends every request"
+    assert "cached" not in workspace.delivered()["third"]["counts"]
+
+
+def test_the_global_setting_turns_the_cache_on_and_a_manifest_turns_it_off(workspace: Workspace):
+    workspace.configure(cache=True)
+    workspace.drop("first.toml", translate(["one"], cache=None))
+    run_once(workspace)
+    workspace.drop("second.toml", translate(["one"], cache=None, note="again"))
+    workspace.drop("third.toml", translate(["one"], cache=False, note="not from the cache"))
+    run_once(workspace)
+    delivered = workspace.delivered()
+    assert delivered["second"]["counts"].get("cached") == 2
+    assert "cached" not in delivered["third"]["counts"]
+    assert sorted(sent_requests(workspace)) == [2, 2]
+
+
+def test_the_store_is_bounded_and_the_oldest_answers_are_evicted(workspace: Workspace):
+    workspace.configure(cache_max_entries=3)
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    stats = cache_stats(workspace)
+    assert stats["entries"] == 3 and stats["max_entries"] == 3
+
+    workspace.drop("second.toml", translate(["one", "two"], note="again"))
+    run_once(workspace)
+    assert sent_requests(workspace) == [4, 1], "the evicted answer is asked again, the three kept are not"
+    assert workspace.delivered()["second"]["counts"]["cached"] == 3
+    assert cache_stats(workspace)["entries"] == 3
+
+
+def test_cache_prune_removes_old_or_all_answers_and_stats_says_what_is_left(workspace: Workspace):
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    stats = cache_stats(workspace)
+    assert stats["entries"] == 4 and stats["bytes"] > 0 and stats["by_model"] == {"gemini-2.5-flash": 4}
+    assert "answers   4 of at most 100,000" in workspace.batchd("cache", "stats").stdout
+
+    kept = workspace.batchd("cache", "prune", "--older-than", "1")
+    assert kept.returncode == 0 and "removed 0 answer(s); 4 left" in kept.stdout
+    with sqlite3.connect(cache_path(workspace.state)) as db:  # two answers made three days old
+        db.execute("UPDATE answers SET stored_at = stored_at - 3 * 86400 WHERE hash IN "
+                   "(SELECT hash FROM answers ORDER BY hash LIMIT 2)")
+    old = workspace.batchd("cache", "prune", "--older-than", "2")
+    assert old.returncode == 0 and "removed 2 answer(s); 2 left" in old.stdout
+    workspace.configure(cache_max_entries=1)
+    bounded = workspace.batchd("cache", "prune")
+    assert "removed 1 answer(s); 1 left" in bounded.stdout
+    everything = workspace.batchd("cache", "prune", "--all")
+    assert everything.returncode == 0 and "removed 1 answer(s); 0 left" in everything.stdout
+    assert workspace.batchd("cache", "prune", "--all", "--older-than", "1").returncode == 2
+
+    workspace.drop("second.toml", translate(["one", "two"], note="again"))
+    run_once(workspace)
+    assert sent_requests(workspace) == [4, 4], "a pruned cache answers nothing"
