@@ -87,6 +87,24 @@ def request_hash(kind: str, model: str, request: Any) -> str:
     return hashlib.sha256(canonical(kind, model, request).encode("utf-8")).hexdigest()
 
 
+def uncached(requests: Iterator, path: Path, kind: str, model: str, encode) -> Iterator:
+    """``requests`` without those the store answers now (what an estimate made before the build prices).
+
+    The build decides again, for good (:class:`batchd.spool.CacheSplit`): an answer stored or evicted
+    in between makes the estimate a request off, never the job.
+    """
+    store = CacheStore.reader(path)
+    if store is None:
+        yield from requests
+        return
+    try:
+        for request in requests:
+            if store.get(request_hash(kind, model, json.loads(encode(request))["request"])) is None:
+                yield request
+    finally:
+        store.close()
+
+
 @dataclass(frozen=True)
 class CacheLimits:
     """Where the store is and how big it may grow: a plain value handed to worker threads."""

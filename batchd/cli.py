@@ -186,8 +186,9 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     Prompt tokens are counted with the provider's countTokens (a sample of the prompts; with
     ``provider = "emulator"`` a throw-away emulator answers), unless --local or ``cost.count_tokens =
     false``. Output is priced by what earlier jobs of the same task and model produced (from this
-    state dir's journal), else by max_output_tokens or ``cost.default_output_tokens``. Exits 1 when
-    the manifest is invalid or its model has no price.
+    state dir's journal), else by max_output_tokens or ``cost.default_output_tokens``. With the request
+    cache on (``cache``), requests it answers now are left out. Exits 1 when the manifest is invalid or
+    its model has no price.
     """
     from batchd.costs import CostHooks, JobInfo, RequestStream
     from batchd.manifest import ManifestError, load_manifest
@@ -210,8 +211,18 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     observed = journal.observed_output(job.task, model) if journal is not None else None
     if journal is not None:
         journal.close()
+    requests = job.requests
+    if job.common.cache if job.common.cache is not None else settings.cache:
+        from batchd.cache import cache_path, uncached
+        from batchd.provider import EmbedRequestEncoder, RequestEncoder
+
+        # What the request cache of this state dir answers now is not sent, so not priced.
+        encode = (EmbedRequestEncoder() if job.kind == "embed" else RequestEncoder(model)).encode
+
+        def requests():
+            return uncached(job.requests(), cache_path(settings.state_dir), job.kind, model, encode)
     with _token_counter(settings, model, local) as count_tokens:
-        result = costs.estimate(info, RequestStream(job.requests), count_tokens, settings, observed)
+        result = costs.estimate(info, RequestStream(requests), count_tokens, settings, observed)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -167,3 +167,108 @@ def test_cache_prune_removes_old_or_all_answers_and_stats_says_what_is_left(work
     workspace.drop("second.toml", translate(["one", "two"], note="again"))
     run_once(workspace)
     assert sent_requests(workspace) == [4, 4], "a pruned cache answers nothing"
+
+
+# -- crashes ------------------------------------------------------------------------------------------
+
+
+def test_kill_9_between_storing_the_answers_and_publishing_delivers_once_and_bills_once(workspace: Workspace):
+    workspace.drop("first.toml", translate(["one", "two"]))
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-cache-store")
+    assert crashed.wait(120) == -signal.SIGKILL, "the daemon did not reach after-cache-store"
+    assert cache_stats(workspace)["entries"] == 4, "the answers were stored before the crash"
+    assert not workspace.delivered()
+
+    run_once(workspace)
+
+    assert workspace.delivered()["first"]["counts"] == {"total": 4, "succeeded": 4, "failed": 0}
+    assert sent_requests(workspace) == [4]
+    assert cache_stats(workspace)["entries"] == 4
+    assert_one_live_job_per_chunk(workspace)
+
+
+def test_kill_9_mid_build_keeps_what_the_job_took_from_the_cache_even_when_it_is_pruned(workspace: Workspace):
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    # One request a chunk: the new text's two requests make two chunks, the first recorded (perhaps sent)
+    # when the daemon dies; the four others were answered from the cache.
+    workspace.configure(chunk_max_requests=1)
+    workspace.drop("second.toml", translate(["three", "one", "two"]))
+    crashed = workspace.start("run", BATCHD_CRASH_AT="while-building")
+    assert crashed.wait(120) == -signal.SIGKILL, "the daemon did not reach while-building"
+    # The store loses every answer before the restart: the job's build pass made its choice already.
+    assert workspace.batchd("cache", "prune", "--all").returncode == 0
+
+    run_once(workspace)
+
+    second = workspace.delivered()["second"]
+    assert second["state"] == "succeeded"
+    assert second["counts"] == {"total": 6, "succeeded": 6, "failed": 0, "cached": 4}
+    assert sorted(sent_requests(workspace)) == [1, 1, 4], "the rebuild sent nothing more"
+    assert_one_live_job_per_chunk(workspace)
+    # Keys are positions: the same answers come back under the keys of this job.
+    cached = [line["text"] for line in workspace.outbox_folder("second").results if line.get("cached")]
+    assert sorted(cached) == sorted(text for _, text, _ in answers(workspace, "first").values())
+
+
+# -- the canonical form and the split, without a daemon -------------------------------------------------
+
+
+def test_the_canonical_form_sorts_keys_drops_the_models_prefix_and_keeps_unicode():
+    a = canonical("generate", "models/gemini-2.5-flash", {"contents": [{"parts": [{"text": "é"}]}],
+                                                           "generationConfig": {"temperature": 0, "topK": 3}})
+    b = canonical("generate", "gemini-2.5-flash", {"generationConfig": {"topK": 3, "temperature": 0},
+                                                    "contents": [{"parts": [{"text": "é"}]}]})
+    assert a == b == ('{"kind":"generate","model":"gemini-2.5-flash","request":{"contents":[{"parts":[{"text":"é"}]}],'
+                      '"generationConfig":{"temperature":0,"topK":3}}}')
+    assert request_hash("generate", "gemini-2.5-flash", {"x": 1}) != request_hash("generate", "gemini-2.5-pro", {"x": 1})
+    assert request_hash("generate", "m", {"x": 1}) != request_hash("embed", "m", {"x": 1})
+
+
+def _requests(texts, config=None):
+    return [TaskRequest(f"k{n}", text, {"id": str(n)}, config or {}) for n, text in enumerate(texts)]
+
+
+def _store_answers(path, encoder, requests):
+    with CacheStore(path) as store:
+        for request in requests:
+            digest = request_hash("generate", "gemini-2.5-flash", json.loads(encoder.encode(request))["request"])
+            store.put(digest, "generate", "gemini-2.5-flash", {"candidates": [{"content": {"parts": [
+                {"text": f"cached {request.prompt}"}]}}]})
+
+
+def test_a_rebuild_takes_the_decisions_made_before_the_crash_from_the_spool_not_the_store(tmp_path):
+    store = tmp_path / "cache.sqlite3"
+    encoder = RequestEncoder("gemini-2.5-flash")
+    requests = _requests(["a", "b", "new 1", "c", "new 2", "new 3", "d"])
+    _store_answers(store, encoder, [r for r in requests if not r.prompt.startswith("new")])
+    spool = JobSpool(tmp_path / "job")
+    spool.root.mkdir()
+    limits = ChunkLimits(max_requests=1, max_bytes=1 << 20, inline_max_requests=10, inline_max_bytes=1 << 20)
+
+    split = CacheSplit(spool, store, "generate", "gemini-2.5-flash", encoder.encode)
+    chunks = spool.build(split.tag(iter(requests)), encoder.encode, limits, cache=split)
+    first = next(chunks)  # chunk 0 ("new 1") is recorded; the daemon dies here (the generator is dropped)
+    assert (first.idx, first.request_count, split.hits) == (0, 1, 3)  # "c" was looked up before "new 2" ended it
+    del chunks
+    with open(spool.cached_path, "a") as torn:  # what a kill can leave after the last mark: never used
+        torn.write(json.dumps({"n": 4, "key": "k4", "response": {}}) + "\n" + '{"n": 5, "ke')
+
+    # Meanwhile the store lost "c" and "d" and learned "new 3".
+    with CacheStore(store) as s:
+        s.prune(everything=True)
+    _store_answers(store, encoder, [requests[5]])
+
+    again = CacheSplit(spool, store, "generate", "gemini-2.5-flash", encoder.encode)
+    rebuilt = list(spool.build(again.tag(iter(requests)), encoder.encode, limits, cache=again))
+    # a, b and c were decided before chunk 0 went out ("c" came before the mark of chunk 1): still hits.
+    # "new 2" is sent, "new 3" is answered from the store now, "d" is gone from it: sent.
+    assert [c.request_count for c in rebuilt] == [1, 1, 1]
+    assert again.hits == 4
+    assert [json.loads(line)["key"] for c in rebuilt for line in spool.requests_path(c.idx).read_text().splitlines()] \
+        == ["k2", "k4", "k6"]
+    entries = list(spool.read_index())
+    assert [e[1] for e in entries] == [-1, -1, 0, -1, 1, -1, 2]
+    cached = list(spool.read_cached())
+    assert [r["key"] for r in cached] == ["k0", "k1", "k3", "k5"]
+    assert cached[2]["response"]["candidates"][0]["content"]["parts"][0]["text"] == "cached c"
