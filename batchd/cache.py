@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger("batchd")
 
 #: The store's file name in the state dir.
 CACHE_FILE = "cache.sqlite3"
@@ -135,6 +138,7 @@ class CacheStore:
             self._db.executescript(_SCHEMA)
         self._db.execute("PRAGMA busy_timeout=30000")
         self._pending = 0
+        self._warned = False
 
     @classmethod
     def reader(cls, path: Path) -> CacheStore | None:
@@ -143,7 +147,8 @@ class CacheStore:
             return None
         try:
             return cls(path, readonly=True)
-        except sqlite3.Error:
+        except sqlite3.Error as error:
+            log.warning("request cache %s cannot be opened (%s): requests are sent", path, error)
             return None
 
     def close(self) -> None:
@@ -159,12 +164,17 @@ class CacheStore:
     # -- reading --------------------------------------------------------------------------------
 
     def get(self, digest: str) -> dict | None:
-        """The stored response for a request hash, or None."""
+        """The stored response for a request hash, or None: also when the store cannot be read (locked past
+        its timeout, damaged, not made yet), since a miss only means the request is sent."""
         try:
             row = self._db.execute("SELECT response FROM answers WHERE hash = ?", (digest,)).fetchone()
-        except sqlite3.OperationalError:  # a store made read-only before its tables existed
+            return json.loads(row[0]) if row is not None else None
+        except (sqlite3.Error, ValueError) as error:
+            if not self._warned:
+                self._warned = True
+                log.warning("request cache %s cannot be read (%s: %s): requests are sent", self.path,
+                            type(error).__name__, error)
             return None
-        return json.loads(row[0]) if row is not None else None
 
     def stats(self) -> dict[str, Any]:
         entries, size = self._db.execute("SELECT entries, bytes FROM totals WHERE id = 0").fetchone()

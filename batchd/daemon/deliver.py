@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -398,40 +399,77 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
 
 
 class _Keeper:
-    """Stores a writer's answers in the request cache; opened on the first answer to keep."""
+    """Stores a writer's answers in the request cache; opened on the first answer to keep.
+
+    The cache is best effort: a store that fails (locked past its timeout, a full disk, a damaged
+    file) costs only the answers not kept, with a warning, never the job's delivery.
+    """
 
     def __init__(self, limits: CacheLimits, kind: str, model: str):
         self.limits, self.kind, self.model = limits, kind, model
         self.store: CacheStore | None = None
+        self.failed = False
 
     def __call__(self, digest: str, response: dict) -> None:
-        if self.store is None:
-            self.store = CacheStore(self.limits.path)
-        self.store.put(digest, self.kind, self.model, response)
+        if self.failed:
+            return
+        try:
+            if self.store is None:
+                self.store = CacheStore(self.limits.path)
+            self.store.put(digest, self.kind, self.model, response)
+        except sqlite3.Error as error:
+            self._failure(error)
+
+    def commit(self) -> None:
+        """Commit what is pending (before the writer waits for a chunk: no transaction is held meanwhile)."""
+        if self.store is not None and not self.failed:
+            try:
+                self.store.commit()
+            except sqlite3.Error as error:
+                self._failure(error)
 
     def finish(self) -> None:
-        if self.store is not None:
+        if self.store is None or self.failed:
+            return
+        try:
             removed = self.store.evict(self.limits.max_entries, self.limits.max_bytes)
-            if removed:
-                log.info("request cache: %d oldest answer(s) evicted to stay within cache_max_entries/cache_max_mb",
-                         removed)
+        except sqlite3.Error as error:
+            self._failure(error)
+            return
+        if removed:
+            log.info("request cache: %d oldest answer(s) evicted to stay within cache_max_entries/cache_max_mb",
+                     removed)
+
+    def _failure(self, error: sqlite3.Error) -> None:
+        self.failed = True
+        log.warning("request cache %s: storing answers failed (%s: %s); this job's answers are not kept",
+                    self.limits.path, type(error).__name__, error)
+        self.close()
 
     def close(self) -> None:
         if self.store is not None:
-            self.store.close()
+            try:
+                self.store.close()
+            except sqlite3.Error:
+                pass  # rolled back with the connection: those answers are not kept
             self.store = None
 
 
 def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,
-                   stopping: threading.Event, kind: str, keep) -> Written:
+                   stopping: threading.Event, kind: str, keep: _Keeper | None) -> Written:
     job_id = spool.root.name
     organize_error = None
+    error_of = gate.error_of
+    if keep is not None:
+        def error_of(idx: int) -> dict | None:
+            keep.commit()  # a chunk may take hours to come back: no store transaction is held while waiting
+            return gate.error_of(idx)
     try:
         folder = outbox.JobFolder(spool.staging)
         organize = tasks[clock.task].organize
         # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
         writing = InThread(
-            lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock, kind, keep),
+            lambda: write_result_files(folder, spool, error_of, organize, stopping, clock, kind, keep),
             name=f"batchd-organize-{job_id}")
         counts, tokens, usage, cache_usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
@@ -440,7 +478,7 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         log.error("job %s: %s", job_id, error, extra={"job": job_id})
         organize_error = {"message": f"{error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
-        counts, tokens, usage, cache_usage = write_result_files(folder, spool, gate.error_of, _organize_nothing,
+        counts, tokens, usage, cache_usage = write_result_files(folder, spool, error_of, _organize_nothing,
                                                                 stopping, kind=kind, keep=keep)
     except Exception as error:
         if fs.is_disk_full(error):
@@ -450,7 +488,7 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)
-        counts, tokens, usage, cache_usage = write_result_files(folder, spool, gate.error_of, _organize_nothing,
+        counts, tokens, usage, cache_usage = write_result_files(folder, spool, error_of, _organize_nothing,
                                                                 stopping, kind=kind, keep=keep)
     return Written(folder, counts, tokens, usage, organize_error, cache_usage)
 
