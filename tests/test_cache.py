@@ -272,3 +272,36 @@ def test_a_rebuild_takes_the_decisions_made_before_the_crash_from_the_spool_not_
     cached = list(spool.read_cached())
     assert [r["key"] for r in cached] == ["k0", "k1", "k3", "k5"]
     assert cached[2]["response"]["candidates"][0]["content"]["parts"][0]["text"] == "cached c"
+
+
+def test_eviction_by_size_removes_the_oldest_answers_first(tmp_path):
+    with CacheStore(tmp_path / "cache.sqlite3") as store:
+        for n in range(10):
+            store.put(f"h{n}", "generate", "models/m", {"text": "x" * 100})
+        store.commit()
+        stats = store.stats()
+        assert stats["entries"] == 10 and stats["by_model"] == {"m": 10}
+        one = stats["bytes"] // 10
+        assert store.evict(100, 5 * one) == 5
+        assert store.stats()["bytes"] == 5 * one
+        assert store.get("h4") is None and store.get("h5") == {"text": "x" * 100}
+        store.put("h5", "generate", "m", {"text": "another answer"})  # a hash keeps its first answer
+        store.commit()
+        assert store.get("h5") == {"text": "x" * 100} and store.stats()["entries"] == 5
+        assert store.evict(2, 10**9) == 3 and store.stats()["entries"] == 2
+
+
+def test_embeddings_from_file_batches_are_cached_and_written_to_the_same_array(workspace: Workspace):
+    import numpy as np
+
+    workspace.configure(inline_max_requests=0)  # file batches carry keys; inline embeddings are joined by position
+    embed = 'task = "embed"\noutput_dimensionality = 8\ntexts = ["alpha", "beta"]\ncache = true\n'
+    workspace.drop("first.toml", embed)
+    run_once(workspace)
+    workspace.drop("second.toml", embed + "# again\n")
+    run_once(workspace)
+    assert sent_requests(workspace) == [2]
+    second = workspace.delivered()["second"]
+    assert second["counts"]["cached"] == 2 and second["remote_batches"] == []
+    arrays = [np.load(workspace.outbox / name / "embeddings.npy") for name in ("first", "second")]
+    assert arrays[0].shape == (2, 8) and (arrays[0] == arrays[1]).all()
