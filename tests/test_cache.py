@@ -116,6 +116,7 @@ def test_partial_overlap_sends_only_the_new_requests_and_cache_false_sends_again
     assert "cached" not in workspace.delivered()["third"]["counts"]
 
 
+@pytest.mark.slow  # the default run has the manifest's cache = true and false
 def test_the_global_setting_turns_the_cache_on_and_a_manifest_turns_it_off(workspace: Workspace):
     workspace.configure(cache=True)
     workspace.drop("first.toml", translate(["one"], cache=None))
@@ -129,6 +130,7 @@ def test_the_global_setting_turns_the_cache_on_and_a_manifest_turns_it_off(works
     assert sorted(sent_requests(workspace)) == [2, 2]
 
 
+@pytest.mark.slow  # test_eviction_by_size_removes_the_oldest_answers_first is the quick one
 def test_the_store_is_bounded_and_the_oldest_answers_are_evicted(workspace: Workspace):
     workspace.configure(cache_max_entries=3)
     workspace.drop("first.toml", translate(["one", "two"]))
@@ -187,6 +189,7 @@ def test_kill_9_between_storing_the_answers_and_publishing_delivers_once_and_bil
     assert_one_live_job_per_chunk(workspace)
 
 
+@pytest.mark.slow  # three runs of the daemon
 def test_kill_9_mid_build_keeps_what_the_job_took_from_the_cache_even_when_it_is_pruned(workspace: Workspace):
     workspace.drop("first.toml", translate(["one", "two"]))
     run_once(workspace)
@@ -291,6 +294,7 @@ def test_eviction_by_size_removes_the_oldest_answers_first(tmp_path):
         assert store.evict(2, 10**9) == 3 and store.stats()["entries"] == 2
 
 
+@pytest.mark.slow
 def test_embeddings_from_file_batches_are_cached_and_written_to_the_same_array(workspace: Workspace):
     import numpy as np
 
