@@ -102,7 +102,7 @@ def uncached(requests: Iterator, path: Path, kind: str, model: str, encode) -> I
         return
     try:
         for request in requests:
-            if store.get(request_hash(kind, model, json.loads(encode(request))["request"])) is None:
+            if store.get_text(request_hash(kind, model, json.loads(encode(request))["request"])) is None:
                 yield request
     finally:
         store.close()
@@ -164,12 +164,17 @@ class CacheStore:
     # -- reading --------------------------------------------------------------------------------
 
     def get(self, digest: str) -> dict | None:
-        """The stored response for a request hash, or None: also when the store cannot be read (locked past
-        its timeout, damaged, not made yet), since a miss only means the request is sent."""
+        """The stored response for a request hash, or None."""
+        text = self.get_text(digest)
+        return json.loads(text) if text is not None else None
+
+    def get_text(self, digest: str) -> str | None:
+        """The stored response's JSON text for a request hash, or None: also when the store cannot be read
+        (locked past its timeout, damaged, not made yet), since a miss only means the request is sent."""
         try:
             row = self._db.execute("SELECT response FROM answers WHERE hash = ?", (digest,)).fetchone()
-            return json.loads(row[0]) if row is not None else None
-        except (sqlite3.Error, ValueError) as error:
+            return row[0] if row is not None else None
+        except sqlite3.Error as error:
             if not self._warned:
                 self._warned = True
                 log.warning("request cache %s cannot be read (%s: %s): requests are sent", self.path,

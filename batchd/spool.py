@@ -392,11 +392,11 @@ class CacheSplit:
                     if store is None:
                         store = CacheStore.reader(self.store_path) or False
                     if store:
-                        response = store.get(digest)
+                        response = store.get_text(digest)  # JSON text, written as it is stored
                 if response is None:
                     yield CacheMiss(request, line, digest)
                     continue
-                self._out.write(dumps({"n": n, "key": request.key, "response": response}) + "\n")
+                self._out.write(f'{{"n":{n},"key":{dumps(request.key)},"response":{response}}}\n')
                 self.hits += 1
                 yield CacheHit(request.key, request.input, wants_json)
             self.boundary(count)  # the end: every decision is final before the last chunk is yielded

@@ -167,8 +167,8 @@ def measure(rows: int, cache: bool = False) -> dict:
         workspace = Path(tmp)
         for folder in ("inbox", "outbox"):
             (workspace / folder).mkdir()
-        (workspace / "config.toml").write_text(CONFIG + (f"cache = true\ncache_max_entries = {rows}\n"
-                                                         f"cache_max_mb = 100000\n" if cache else ""))
+        (workspace / "config.toml").write_text((f"cache = true\ncache_max_entries = {rows}\ncache_max_mb = 100000\n"
+                                                if cache else "") + CONFIG)
         write_csv(workspace / "inbox" / "reviews.csv", rows)
 
         floor_dir = workspace / "floor"
