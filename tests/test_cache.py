@@ -106,8 +106,7 @@ def test_partial_overlap_sends_only_the_new_requests_and_cache_false_sends_again
     assert second["counts"]["cached"] == 4 and second["counts"]["total"] == 6
     cached = {line["key"] for line in workspace.outbox_folder("second").results if line.get("cached")}
     assert cached == set(answers(workspace, "first"))
-    assert second["cost"]["estimate_details"]["requests"] == 2 if "requests" in second["cost"]["estimate_details"] \
-        else True
+    assert second["cost"]["estimate_details"]["requests"] == 2  # priced alongside the build: the misses only
     assert second["cost"]["actual_details"]["requests"] == 2
 
     workspace.drop("third.toml", translate(["one", "two", "three"], cache=False))
@@ -128,6 +127,23 @@ def test_the_global_setting_turns_the_cache_on_and_a_manifest_turns_it_off(works
     assert delivered["second"]["counts"].get("cached") == 2
     assert "cached" not in delivered["third"]["counts"]
     assert sorted(sent_requests(workspace)) == [2, 2]
+
+
+@pytest.mark.slow  # the estimate alongside the build is checked in the default run
+def test_an_estimate_before_the_build_leaves_out_what_the_cache_answers(workspace: Workspace):
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    workspace.configure(cost={"job_budget": 100.0})  # a budget could hold a job: it is priced before it is built
+    partial = workspace.root / "partial.toml"
+    partial.write_text(translate(["one", "two", "three"]))
+    estimate = workspace.batchd("estimate", "--local", "--json", str(partial))
+    assert estimate.returncode == 0, estimate.stderr
+    assert json.loads(estimate.stdout)["requests"] == 2
+    workspace.drop("second.toml", partial.read_text())
+    run_once(workspace)
+    second = workspace.delivered()["second"]
+    assert second["cost"]["estimate_details"]["requests"] == 2
+    assert second["counts"]["cached"] == 4 and sent_requests(workspace) == [4, 2]
 
 
 @pytest.mark.slow  # test_eviction_by_size_removes_the_oldest_answers_first is the quick one
