@@ -114,3 +114,30 @@ def test_a_burst_of_small_jobs_counts_only_until_their_counts_make_a_ratio():
     per_job = sum(len(text) for text in prompts[0])
     assert provider.calls == -(-RATIO_MIN_CHARS // per_job), "counted until the counts cover RATIO_MIN_CHARS"
     assert tokens[-1] == round(per_job / 4), "the rest priced with the measured ratio"
+
+
+def test_uploads_are_bounded_apart_from_creates(workspace: Workspace):
+    """Each upload holds an 8 MiB part of its requests file in memory: with 4 submission threads and
+    ``max_concurrent_uploads = 1``, a job of six file chunks uploads one at a time (its chunks wait in
+    the journal, not in a queue) and is delivered whole."""
+    workspace.configure(settle_seconds=0, max_concurrent_submissions=4, max_concurrent_uploads=1,
+                        chunk_max_requests=2, inline_max_requests=0, job_seconds=0)
+    texts = ", ".join(f'"Order {n} arrived."' for n in range(12))
+    workspace.drop("many.toml", f'task = "sentiment"\ntexts = [{texts}]\n')
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    submit = daemon.steps.submit
+    most_uploads = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not workspace.outbox_folders():
+            assert time.monotonic() < deadline, "timed out"
+            daemon.loop.tick()
+            running = list(submit.submissions.running.values())
+            most_uploads = max(most_uploads, sum(work.about == "upload" for work in running))
+            daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
+    finally:
+        daemon.close()
+    assert most_uploads == 1
+    folder = workspace.outbox_folder("many")
+    assert folder.summary["state"] == "succeeded" and len(folder.summary["remote_batches"]) == 6

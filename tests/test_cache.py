@@ -210,8 +210,9 @@ def test_kill_9_mid_build_keeps_what_the_job_took_from_the_cache_even_when_it_is
     workspace.drop("first.toml", translate(["one", "two"]))
     run_once(workspace)
     # One request a chunk: the new text's two requests make two chunks, the first recorded (perhaps sent)
-    # when the daemon dies; the four others were answered from the cache.
-    workspace.configure(chunk_max_requests=1)
+    # when the daemon dies; the four others were answered from the cache. A budget has the job priced
+    # before it is built, so its chunks are recorded (and sent) as they are built, not held to the end.
+    workspace.configure(chunk_max_requests=1, cost={"job_budget": 100.0})
     workspace.drop("second.toml", translate(["three", "one", "two"]))
     crashed = workspace.start("run", BATCHD_CRASH_AT="while-building")
     assert crashed.wait(120) == -signal.SIGKILL, "the daemon did not reach while-building"
