@@ -194,8 +194,9 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     Prompt tokens are counted with the provider's countTokens (a sample of the prompts; with
     ``provider = "emulator"`` a throw-away emulator answers), unless --local or ``cost.count_tokens =
     false``. Output is priced by what earlier jobs of the same task and model produced (from this
-    state dir's journal), else by max_output_tokens or ``cost.default_output_tokens``. Exits 1 when
-    the manifest is invalid or its model has no price.
+    state dir's journal), else by max_output_tokens or ``cost.default_output_tokens``. With the request
+    cache on (``cache``), requests it answers now are left out. Exits 1 when the manifest is invalid or
+    its model has no price.
     """
     from batchd.costs import CostHooks, JobInfo, RequestStream
     from batchd.manifest import ManifestError, load_manifest
@@ -218,8 +219,18 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     observed = journal.observed_output(job.task, model) if journal is not None else None
     if journal is not None:
         journal.close()
+    requests = job.requests
+    if job.common.cache if job.common.cache is not None else settings.cache:
+        from batchd.cache import cache_path, uncached
+        from batchd.provider import EmbedRequestEncoder, RequestEncoder
+
+        # What the request cache of this state dir answers now is not sent, so not priced.
+        encode = (EmbedRequestEncoder() if job.kind == "embed" else RequestEncoder(model)).encode
+
+        def requests():
+            return uncached(job.requests(), cache_path(settings.state_dir), job.kind, model, encode)
     with _token_counter(settings, model, local) as count_tokens:
-        result = costs.estimate(info, RequestStream(job.requests), count_tokens, settings, observed)
+        result = costs.estimate(info, RequestStream(requests), count_tokens, settings, observed)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -579,6 +590,72 @@ def schema(ctx: Context) -> None:
     click.echo(json.dumps(manifest_json_schema(ctx.tasks()), indent=2))
 
 
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """The request cache: answers reused by jobs with cache = true (state_dir/cache.sqlite3)."""
+
+
+def _cache_store(settings: Settings):
+    from batchd.cache import CacheStore, cache_path
+
+    return CacheStore(cache_path(settings.state_dir))
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@cache_group.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def cache_stats(ctx: Context, as_json: bool) -> None:
+    """What the request cache holds: answers, their size, the oldest and newest, per model; and its bounds."""
+    settings = ctx.settings()
+    with _cache_store(settings) as store:
+        stats = store.stats()
+    stats["max_entries"] = settings.cache_max_entries
+    stats["max_bytes"] = int(settings.cache_max_mb * 1024 * 1024)
+    stats["enabled"] = settings.cache
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"request cache {stats['path']} ({'on' if settings.cache else 'off'} by default; "
+               f"a manifest's cache overrides)")
+    click.echo(f"  answers   {stats['entries']:,} of at most {stats['max_entries']:,}")
+    click.echo(f"  size      {stats['bytes']:,} bytes of at most {stats['max_bytes']:,} "
+               f"({stats['file_bytes']:,} on disk)")
+    click.echo(f"  oldest    {_age(stats['oldest'])}")
+    click.echo(f"  newest    {_age(stats['newest'])}")
+    for model, count in stats["by_model"].items():
+        click.echo(f"  {model:<24}{count:,}")
+
+
+@cache_group.command("prune")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Remove the answers stored more than DAYS days ago.")
+@click.option("--all", "everything", is_flag=True, help="Remove every answer.")
+@pass_context
+def cache_prune(ctx: Context, older_than: float | None, everything: bool) -> None:
+    """Remove answers from the request cache: --all, those --older-than DAYS, or (neither) the oldest beyond
+    cache_max_entries / cache_max_mb. Safe while the daemon runs: jobs being built keep what they took."""
+    if everything and older_than is not None:
+        raise click.UsageError("give --all or --older-than, not both")
+    settings = ctx.settings()
+    with _cache_store(settings) as store:
+        if everything or older_than is not None:
+            removed = store.prune(older_than_days=older_than, everything=everything)
+        else:
+            removed = store.evict(settings.cache_max_entries, int(settings.cache_max_mb * 1024 * 1024))
+        left = store.stats()["entries"]
+        if removed:
+            store.vacuum()
+    click.echo(f"removed {removed:,} answer(s); {left:,} left")
 
 
 # -- setting up and looking after an installation --------------------------------------------------

@@ -338,6 +338,16 @@ class Settings(BaseSettings):
                     " a job of the same files soon after reuses it instead of uploading it again (the service"
                     " keeps a file 48 h at most).",
     )
+    cache: bool = Field(
+        False,
+        description="Answer a request identical to one answered successfully before (same model, contents, settings"
+                    " and schema: its canonical request JSON) from the request cache in the state dir instead of"
+                    " sending it, and keep every job's successful answers there; a manifest's `cache` overrides.")
+    cache_max_entries: int = Field(
+        100_000, ge=0, description="Answers the request cache keeps at most; the oldest stored are evicted.")
+    cache_max_mb: float = Field(
+        512.0, ge=0, description="Size of the answers the request cache keeps at most (MiB); the oldest stored are"
+                                 " evicted.")
 
     limits: ManifestLimits = Field(default_factory=ManifestLimits)
     retry: RetrySettings = Field(default_factory=RetrySettings)

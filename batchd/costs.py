@@ -122,11 +122,18 @@ class EstimateAlongside:
                     self.abandoned = True
 
     def feed(self, requests: Iterable[TaskRequest]) -> Iterator[TaskRequest]:
-        """``requests``, unchanged, each also handed to the estimate."""
+        """``requests``, unchanged, each also handed to the estimate; from a request-cache split
+        (:class:`batchd.spool.CacheSplit`), only those to be sent are."""
+        from batchd.spool import CacheHit, CacheMiss
+
         batch: list = []
         try:
             for request in requests:
-                batch.append(request)
+                kind = type(request)
+                if kind is CacheHit:
+                    yield request  # answered from the cache: never sent, never paid
+                    continue
+                batch.append(request.request if kind is CacheMiss else request)
                 if len(batch) == self.BATCH:
                     self._put(batch)
                     batch = []

@@ -153,6 +153,10 @@ class CommonFields(GenerationSettings):
                     "inbox), sent with the item's requests; an item without a text gets the path as its text.")
     retry_of: RetryOf | None = Field(
         None, description="Written by `batchd retry`: the job retried, and the keys of the requests to send again.")
+    cache: bool | None = Field(
+        None, description="Answer each request identical to one answered before (same model, contents, settings and "
+                          "schema) from the request cache instead of sending it, and keep this job's answers there; "
+                          "defaults to the `cache` setting.")
 
 
 #: Names task plugins may not use for their own manifest fields, in declaration order.

@@ -5,8 +5,12 @@ Layout of ``state_dir/jobs/<job id>/``::
     <NAME>.toml | <NAME>.json      the claimed manifest
     inputs/                        copies of the input files it names
     index.jsonl                    one line per request, in request order: [key, chunk, wants_json, input]
-                                   (plus [..., error] for a request never sent: a file it cannot send)
+                                   (a fifth element: for a request never sent, its error, an object (a
+                                   file it cannot send); with the request cache on, the request's hash,
+                                   a string, by which its answer is stored; chunk -1: answered from the cache)
     media/<sha256>                 copies of the files its requests upload (see batchd.media)
+    cached.jsonl                   the answers taken from the request cache while it was built, in request
+                                   order ({"n", "key", "response"}), and {"upto": n} marks (see CacheSplit)
     requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
     results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"})
     outbox/                        the job's outbox folder while it is being written
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from batchd import fs
+from batchd.cache import CacheStore, request_hash
 from batchd.durable import atomic_write, fsync_dir
 from batchd.task import TaskRequest, TaskResult
 
@@ -74,6 +79,11 @@ class JobSpool:
     def staging(self) -> Path:
         return self.root / "outbox"
 
+    @property
+    def cached_path(self) -> Path:
+        """The answers this job took from the request cache (:class:`CacheSplit`)."""
+        return self.root / "cached.jsonl"
+
     def requests_path(self, idx: int) -> Path:
         return self.root / f"requests-{idx:04d}.jsonl"
 
@@ -89,7 +99,8 @@ class JobSpool:
     # -- build ----------------------------------------------------------------------------------
 
     def build(self, requests: Iterable[TaskRequest], encode: Callable[[TaskRequest], str],
-              limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None) -> Iterator[BuiltChunk]:
+              limits: ChunkLimits, *, check_stop: Callable[[], None] = lambda: None,
+              cache: CacheSplit | None = None) -> Iterator[BuiltChunk]:
         """Write the job's requests into chunk files split by count and bytes, plus the index.
 
         Yields each chunk as soon as its file is complete and durable, so it can be submitted
@@ -100,33 +111,49 @@ class JobSpool:
 
         Closed after a chunk it yielded (a cancel stops the build there), it leaves the index
         durable and holding exactly the requests of the chunks yielded so far.
+
+        With ``cache``, ``requests`` is ``cache.tag(...)``'s stream: a :class:`CacheHit` gets an index
+        entry of chunk -1 and no request line; each chunk boundary is made final in the cache's file
+        before the chunk is yielded.
         """
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
         try:
-            yield from self._build(requests, encode, limits, check_stop, dumps)
+            yield from self._build(requests, encode, limits, check_stop, dumps, cache)
         except OSError:
             # A full disk (the build is retried from the start) leaves no partial chunk behind.
             for partial in self.root.glob(".requests-*.jsonl.part"):
                 partial.unlink(missing_ok=True)
             raise
 
-    def _build(self, requests, encode, limits: ChunkLimits, check_stop, dumps) -> Iterator[BuiltChunk]:
+    def _build(self, requests, encode, limits: ChunkLimits, check_stop, dumps,
+               cache: CacheSplit | None = None) -> Iterator[BuiltChunk]:
         current: BuiltChunk | None = None
         out = None
         with fs.naming(self.root), open(self.index_path, "w", encoding="utf-8", buffering=IO_BUFFER) as index:
             for n, request in enumerate(requests):
+                digest = None
+                if cache is not None:
+                    if type(request) is CacheHit:
+                        index.write(dumps([request.key, CACHED_CHUNK, request.wants_json, request.input]) + "\n")
+                        if n % 10_000 == 0:
+                            check_stop()
+                        continue
+                    request, line, digest = request.request, request.line + "\n", request.digest
                 if request.error is not None:
                     # Never sent (a file it cannot send): its result is the error, in request order. It
                     # belongs to the chunk being written, or to the first one when none is yet.
                     index.write(dumps([request.key, current.idx if current else 0, False, request.input,
                                        request.error]) + "\n")
                     continue
-                line = encode(request) + "\n"
+                if cache is None:
+                    line = encode(request) + "\n"
                 size = len(line.encode("utf-8")) if not line.isascii() else len(line)
                 if current is None or current.request_count >= limits.max_requests or (
                     current.request_count and current.byte_size + size > limits.max_bytes
                 ):
                     if current is not None:
+                        if cache is not None:
+                            cache.boundary(n)  # every decision before this request is final
                         try:
                             yield self._finish_chunk(current, out, limits)
                         except GeneratorExit:
@@ -143,7 +170,10 @@ class JobSpool:
                 current.request_count += 1
                 current.byte_size += size
                 wants_json = request.config.get("response_mime_type") == "application/json"
-                index.write(dumps([request.key, current.idx, wants_json, request.input]) + "\n")
+                entry = [request.key, current.idx, wants_json, request.input]
+                if digest is not None:
+                    entry.append(digest)
+                index.write(dumps(entry) + "\n")
                 if n % 10_000 == 0:
                     check_stop()
             index.flush()
@@ -231,7 +261,22 @@ class JobSpool:
                     yield {"key": None, "error": {"code": "bad_result_line",
                                                   "message": f"results line {number}: {exc}"}}
 
-    def joined(self, chunk_error: Callable[[int], dict | None], kind: str = "generate") -> Iterator[TaskResult]:
+    def read_cached(self) -> Iterator[dict]:
+        """The answers taken from the request cache, ``{"n", "key", "response"}``, in request order."""
+        path = self.cached_path
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8", buffering=IO_BUFFER) as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return  # a torn last line: past the last final mark, never in the index
+                if "key" in record:
+                    yield record
+
+    def joined(self, chunk_error: Callable[[int], dict | None], kind: str = "generate", *,
+               keep: Callable[[str, dict], None] | None = None) -> Iterator[TaskResult]:
         """Every request's result, in request order, joined by key; ``kind`` "embed" reads
         EmbedContentResponses (:func:`to_embed_result`).
 
@@ -239,23 +284,173 @@ class JobSpool:
         it returns the error each request of a chunk that produced no results gets (failed,
         expired, cancelled before running, rejected at create), else None.  It may block
         until the chunk is back, so results are joined while later chunks still run.
+
+        Requests answered from the request cache (chunk -1) are read from ``cached.jsonl`` and
+        marked ``cached``. ``keep(hash, response)`` is called for every successful answer the
+        service gave to a request whose index entry carries a hash (the cache is on for the job),
+        except one joined by position: that is what enters the request cache.
         """
+        cached = self.read_cached()
         for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
+            if idx == CACHED_CHUNK:
+                for (key, _chunk, wants_json, inputs, *_), record in join_chunk(entries, cached):
+                    result = to_embed_result(key, inputs, record) if kind == "embed" else \
+                        to_task_result(key, inputs, wants_json, record)
+                    result.cached = True
+                    yield result
+                continue
             error = chunk_error(idx)
             if error is not None:
-                for key, _chunk, _json, inputs, *own in entries:
+                for key, _chunk, _json, inputs, *extra in entries:
+                    never_sent = extra[0] if extra and isinstance(extra[0], dict) else None
                     yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
-                                     error=own[0] if own else error, usage=None)
+                                     error=never_sent or error, usage=None)
                 continue
-            for (key, _chunk, wants_json, inputs, *own), record in join_chunk(entries, self.read_results(idx)):
-                if own:  # never sent
-                    yield TaskResult(key=key, input=inputs, status="error", error=own[0])
+            for (key, _chunk, wants_json, inputs, *extra), record in join_chunk(entries, self.read_results(idx)):
+                if extra and isinstance(extra[0], dict):  # never sent: its error
+                    yield TaskResult(key=key, input=inputs, status="error", error=extra[0])
                     continue
+                digest = extra
                 result = to_embed_result(key, inputs, record) if kind == "embed" else \
                     to_task_result(key, inputs, wants_json, record)
                 if record is not None and "joined_by" in record:
                     result.joined_by = record["joined_by"]
+                elif keep is not None and digest and result.status == "ok":
+                    keep(digest[0], record["response"])
                 yield result
+
+
+#: The chunk of an index entry answered from the request cache.
+CACHED_CHUNK = -1
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """A request answered from the request cache: only its index entry is written."""
+
+    key: str
+    input: dict
+    wants_json: bool
+
+
+@dataclass(slots=True)
+class CacheMiss:
+    """A request to send, already encoded (its line) and hashed (None: the cache is off for the job)."""
+
+    request: TaskRequest
+    line: str
+    digest: str | None
+
+
+class CacheSplit:
+    """Which of a job's requests are answered from the request cache, decided once for good.
+
+    :meth:`tag` encodes each request, hashes its canonical form (:mod:`batchd.cache`) and looks the
+    hash up in the store; a hit's answer is appended to the spool's ``cached.jsonl``
+    (``{"n": position, "key", "response"}``). Before each chunk is yielded to the loop (and at the
+    end) the build writes ``{"upto": n}`` there and fsyncs it: the decisions of the requests before
+    position n are final. A rebuild after a crash first cuts the file after its last mark and takes
+    the decisions before it from the file, not from the store: chunks already recorded, perhaps
+    sent, come out the same whatever the store became since (pruned, evicted, or holding answers
+    another job stored meanwhile), and an answer taken from the store before is never lost. Only
+    the requests after the mark are looked up again. Nothing is held per request.
+
+    ``store`` is None when the job's cache is off (a job whose setting changed since its first
+    build pass still keeps the decisions made then).
+    """
+
+    def __init__(self, spool: JobSpool, store: Path | None, kind: str, model: str,
+                 encode: Callable[[TaskRequest], str]):
+        self.path = spool.cached_path
+        self.store_path = store
+        self.kind, self.model = kind, model
+        self.encode = encode
+        #: Requests answered from the cache so far (read by the loop once the build has ended).
+        self.hits = 0
+        self._out = None
+
+    def _resume(self) -> int:
+        """Cut the file after its last mark; the position that mark makes final (0: none)."""
+        if not self.path.exists():
+            return 0
+        upto, keep = 0, 0
+        with open(self.path, "rb") as lines:
+            offset = 0
+            for line in lines:
+                offset += len(line)
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break
+                if "upto" in record:
+                    upto, keep = record["upto"], offset
+        with open(self.path, "r+b") as file:
+            file.truncate(keep)
+            fs.fsync(file.fileno(), self.path, "requests")
+        return upto
+
+    def tag(self, requests: Iterable[TaskRequest]) -> Iterator[CacheHit | CacheMiss]:
+        frozen = self._resume()
+        earlier = iter(())
+        if frozen:
+            earlier = itertools.takewhile(lambda r: r["n"] < frozen, JobSpool(self.path.parent).read_cached())
+        before = next(earlier, None)
+        store = None
+        self._out = open(self.path, "a", encoding="utf-8", buffering=IO_BUFFER)
+        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        try:
+            count = 0
+            for n, request in enumerate(requests):
+                count = n + 1
+                if request.error is not None:  # a file it cannot send: never sent, nor answered from the cache
+                    yield CacheMiss(request, "", None)
+                    continue
+                line = self.encode(request)
+                wants_json = request.config.get("response_mime_type") == "application/json"
+                digest = None
+                if self.store_path is not None:
+                    digest = request_hash(self.kind, self.model, json.loads(line)["request"])
+                if n < frozen:
+                    if before is not None and before["n"] == n:
+                        if before["key"] != request.key:
+                            raise RuntimeError(
+                                f"request {n} came out with key {request.key!r} when rebuilt after a restart, "
+                                f"{before['key']!r} before: the task must build the same requests from the same "
+                                "manifest")
+                        self.hits += 1
+                        before = next(earlier, None)
+                        yield CacheHit(request.key, request.input, wants_json)
+                    else:
+                        yield CacheMiss(request, line, digest)
+                    continue
+                response = None
+                if digest is not None:
+                    if store is None:
+                        store = CacheStore.reader(self.store_path) or False
+                    if store:
+                        response = store.get_text(digest)  # JSON text, written as it is stored
+                if response is None:
+                    yield CacheMiss(request, line, digest)
+                    continue
+                self._out.write(f'{{"n":{n},"key":{dumps(request.key)},"response":{response}}}\n')
+                self.hits += 1
+                yield CacheHit(request.key, request.input, wants_json)
+            self.boundary(count)  # the end: every decision is final before the last chunk is yielded
+        finally:
+            if store:
+                store.close()
+            self._out.close()
+
+    def boundary(self, n: int) -> None:
+        """Make the decisions before request ``n`` final: write the mark and fsync."""
+        out = self._out
+        if out is None or out.closed:
+            return
+        out.write(json.dumps({"upto": n}) + "\n")
+        out.flush()
+        fs.fsync(out.fileno(), self.path, "requests")
 
 
 def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tuple[list, dict | None]]:

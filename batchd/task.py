@@ -245,6 +245,8 @@ class TaskResult:
     joined_by: Literal["key", "position"] = "key"
     #: The model's summary of its thinking, when the request asked for it (``include_thoughts``).
     thoughts: str | None = None
+    #: Whether the answer came from the request cache (``cache = true``) instead of the service.
+    cached: bool = False
 
     def failure(self) -> str | None:
         """Why this result has no usable text, or ``None`` when it has some."""

@@ -9,6 +9,7 @@ emulator runs in one), also split into the two.
 
     python bench/e2e.py --requests 100000
     python bench/e2e.py --requests 10000 --requests 1000000     # memory must stay flat in N
+    python bench/e2e.py --requests 100000 --cache   # cache = true, then the same job again from the cache
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def floor(workspace: Path) -> None:
         organized.write("}\n")
 
 
-def measure(rows: int) -> dict:
+def measure(rows: int, cache: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
         workspace = Path(tmp)
         for folder in ("inbox", "outbox"):
             (workspace / folder).mkdir()
-        (workspace / "config.toml").write_text(CONFIG)
+        (workspace / "config.toml").write_text((f"cache = true\ncache_max_entries = {rows}\ncache_max_mb = 100000\n"
+                                                if cache else "") + CONFIG)
         write_csv(workspace / "inbox" / "reviews.csv", rows)
 
         floor_dir = workspace / "floor"
@@ -181,21 +183,36 @@ def measure(rows: int) -> dict:
         seconds, main_rss, children_rss, code = run_batchd(workspace)
         summary = json.loads((workspace / "outbox" / "reviews" / "summary.json").read_text())
         assert code == 0 and summary["counts"]["total"] == rows, (code, summary)
-    return {"requests": rows, "batchd_s": seconds, "floor_s": floor_seconds,
-            "ratio": seconds / floor_seconds, "peak_rss_mb": (main_rss + children_rss) / 2**20,
-            "batchd_rss_mb": main_rss / 2**20, "children_rss_mb": children_rss / 2**20}
+        again = None
+        if cache:  # the same requests again (other bytes: an identical manifest is refused as a duplicate)
+            (workspace / "inbox" / "again.toml").write_text('task = "sentiment"\ninput = "reviews.csv"\n# again\n')
+            again = run_batchd(workspace)
+            summary = json.loads((workspace / "outbox" / "again" / "summary.json").read_text())
+            assert again[3] == 0 and summary["counts"].get("cached") == rows, (again, summary)
+    result = {"requests": rows, "batchd_s": seconds, "floor_s": floor_seconds,
+              "ratio": seconds / floor_seconds, "peak_rss_mb": (main_rss + children_rss) / 2**20,
+              "batchd_rss_mb": main_rss / 2**20, "children_rss_mb": children_rss / 2**20}
+    if again is not None:
+        result["cached_s"], result["cached_rss_mb"] = again[0], (again[1] + again[2]) / 2**20
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, action="append", help="rows in the job (repeatable)")
-    sizes = parser.parse_args().requests or [100_000]
+    parser.add_argument("--cache", action="store_true",
+                        help="cache = true, then run the same job again, answered whole from the request cache")
+    args = parser.parse_args()
+    sizes = args.requests or [100_000]
     print(f"{'requests':>10} {'batchd s':>9} {'floor s':>8} {'ratio':>6} {'peak RSS MB':>12} "
           f"{'(batchd + emulator)':>20}")
     for rows in sizes:
-        r = measure(rows)
+        r = measure(rows, args.cache)
         print(f"{r['requests']:>10} {r['batchd_s']:>9.2f} {r['floor_s']:>8.2f} {r['ratio']:>6.2f} "
               f"{r['peak_rss_mb']:>12.1f} {r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f}", flush=True)
+        if "cached_s" in r:
+            print(f"{'':>10} again, from the request cache: {r['cached_s']:.2f} s, peak RSS {r['cached_rss_mb']:.1f} MB",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from batchd.cache import cache_path, uncached
 from batchd.costs import JobInfo, RequestStream, spend_of
+from batchd.provider import EmbedRequestEncoder, RequestEncoder
 from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.inbox import UnsafeEntry, read_entry
@@ -222,8 +224,14 @@ class Admit:
         ctx = self.ctx
         clock = ctx.plugin_clock(manifest.task, "requests()")
         feed = Prefetch(clock.iterate(manifest.requests()), clock, name=f"batchd-requests-{job_id}", batch=1000)
+        requests = feed.iterate(ctx.settings.plugin_timeout_seconds, ctx.stopping.is_set)
+        if manifest.common.cache if manifest.common.cache is not None else ctx.settings.cache:
+            # Requests the request cache answers are never sent, so never priced.
+            model = manifest.model or ctx.settings.model
+            encoder = EmbedRequestEncoder() if manifest.kind == "embed" else RequestEncoder(model)
+            requests = uncached(requests, cache_path(ctx.settings.state_dir), manifest.kind, model, encoder.encode)
         try:
-            yield from feed.iterate(ctx.settings.plugin_timeout_seconds, ctx.stopping.is_set)
+            yield from requests
         except Exception as error:
             unreadable.append(error)
             raise

@@ -31,7 +31,8 @@ from batchd.manifest import ManifestError
 from batchd.media import MediaResolver
 from batchd.plugin_calls import OnDemand, PluginTimeout
 from batchd.provider import EmbedRequestEncoder, RequestEncoder
-from batchd.spool import ChunkLimits
+from batchd.cache import cache_path
+from batchd.spool import CacheSplit, ChunkLimits
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
@@ -47,10 +48,12 @@ class Stopped(Enum):
 
 @dataclass
 class Builder:
-    """A job being built: its chunks from a thread of their own, and the estimate its pass feeds."""
+    """A job being built: its chunks from a thread of their own, the estimate its pass feeds, and which
+    of its requests the request cache answers."""
 
     chunks: OnDemand
     estimate: EstimateAlongside | None = None
+    cache: CacheSplit | None = None
     #: Built chunks not yet recorded, for a build that holds them until its pass has read every row
     #: (None: each is recorded as it comes, and may be sent at once).
     held: list | None = None
@@ -126,19 +129,22 @@ class Build:
                 fields["cost"] = {"estimate": builder.estimate.result}
                 fields["spend"] = spend_of(fields["cost"])
                 log.info("job %s: estimated %s", job.id, describe_cost(builder.estimate.result), extra={"job": job.id})
+        hits = builder.cache.hits if builder.cache is not None else 0
         for chunk in builder.held or ():
             self._record(job, chunk)
         self._release(job.id)
         counts = ctx.journal.chunk_totals(job.id)
-        if not counts["chunks"]:
+        if not counts["chunks"] and not hits:
             unsent = ctx.spool(job.id).first_unsent_error()
             if unsent is not None:  # every request had a file it cannot send
                 self._failed(job, {"message": f"no request can be sent: {unsent['message']}", "code": unsent["code"]})
                 return
             self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
+        # A job the cache answers whole has no chunk: it goes on to be delivered, sending nothing.
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
-        log.info("job %s: %d requests in %d chunk(s)", job.id, counts["requests"], counts["chunks"])
+        log.info("job %s: %d requests in %d chunk(s)%s", job.id, counts["requests"], counts["chunks"],
+                 f", {hits} answered from the request cache" if hits else "")
 
     def sends_while_building(self, job_id: str) -> bool:
         """Whether the job's chunks may go out while later ones are built: its rows were all read (and
@@ -164,6 +170,14 @@ class Build:
                               inline_max_bytes=ctx.settings.media_inline_max_bytes)
         requests = clock.iterate(manifest.requests(media))
         job_id = job.id
+        spool = ctx.spool(job.id)
+        cache = None
+        use_cache = manifest.common.cache if manifest.common.cache is not None else ctx.settings.cache
+        if use_cache or spool.cached_path.exists():
+            # Decisions a first pass made are kept even if the setting changed since (CacheSplit).
+            cache = CacheSplit(spool, cache_path(ctx.settings.state_dir) if use_cache else None, manifest.kind,
+                               model, encoder.encode)
+            requests = cache.tag(requests)
 
         def look_again() -> None:  # a chunk is built, or the estimate is done: the loop takes it at once
             ctx.mark(job_id)
@@ -182,11 +196,11 @@ class Build:
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),
                                          job.id, on_done=look_again)
             requests = estimate.feed(requests)
-        chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
-                                         check_stop=ctx.raise_if_stopping)
+        chunks = spool.build(requests, encoder.encode, ChunkLimits(**limits), check_stop=ctx.raise_if_stopping,
+                             cache=cache)
         builder = self.builders[job.id] = Builder(
             OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate,
-            held=[] if first_read else None)
+            cache, held=[] if first_read else None)
         return builder
 
     def stop(self, job: Job) -> Stopped:

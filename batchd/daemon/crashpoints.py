@@ -42,7 +42,11 @@ ON_MEDIA = {
     "after-media-intent": "a file's upload intent committed (state 'uploading'), nothing sent",
     "after-media-upload": "a file of the requests uploaded, its name not yet recorded (state 'uploading')",
 }
-CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA}
+#: Met by every job whose result writer has ended (its answers are in the request cache when it is on).
+ON_CACHE = {
+    "after-cache-store": "results written and the job's answers stored in the request cache, outbox not yet published",
+}
+CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA, **ON_CACHE}
 
 #: Commits the transitions the loop has grouped so far (``Journal.flush``, set by the daemon): a crash
 #: point means "everything before this point is committed", as it was when each transition committed

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from batchd import durable, fs, outbox
+from batchd.cache import CacheLimits, CacheStore
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, Stopping, Turns, Work, is_own_file, iso, replace
 from batchd.daemon.crashpoints import crashpoint
@@ -85,6 +87,8 @@ class Written:
     organize_error: dict | None
     #: The failed requests by error code: ``{code: {"count": n, "message": the first one's}}``.
     errors: dict
+    #: The usage of the answers taken from the request cache (priced as the batch would have been).
+    cache_usage: dict | None = None
 
 
 class Deliver:
@@ -122,7 +126,7 @@ class Deliver:
             gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)
             self.writers.start(job.id, write_results, ctx.spool(job.id), gate, ctx.tasks,
                                ctx.plugin_clock(job.task, "organize()"), ctx.settings.plugin_timeout_seconds,
-                               ctx.stopping, job.kind)
+                               ctx.stopping, job.kind, CacheLimits.of(ctx.settings), job.model or ctx.settings.model)
         spool = ctx.spool(job.id)
         for chunk in chunks:
             if chunk.state in CHUNK_DONE_STATES:
@@ -146,8 +150,11 @@ class Deliver:
         work = self._written.pop(job.id)
         del self.gates[job.id]
         written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
+        crashpoint("after-cache-store")
         summary = self._results_summary(job, written)
         staged = self._summarized(job, summary, written.usage)
+        if written.counts.get("cached"):
+            summary["cache"] = self._cache_summary(job, written)
         finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary))
         self._staging[job.id] = (finishing, staged)
         job_id = job.id
@@ -176,6 +183,21 @@ class Deliver:
         if cost:
             summary["cost"] = summary_cost(cost)
         return _Staged(summary["state"], cost, usage)
+
+    def _cache_summary(self, job: Job, written: Written) -> dict:
+        """summary.json's ``cache``: the requests answered from the request cache, their tokens and what
+        they would have cost in this batch (``saved``), which ``cost.actual`` leaves out."""
+        ctx = self.ctx
+        usage = written.cache_usage or {}
+        block = {"hits": written.counts["cached"], "tokens": {
+            "prompt": usage.get("prompt_tokens", 0), "output": usage.get("output_tokens", 0),
+            "thoughts": usage.get("thoughts_tokens", 0), "total": usage.get("total_tokens", 0)}}
+        if ctx.costs.active:
+            priced = ctx.costs.account(JobInfo.of(job, ctx.settings.model), usage, ctx.settings) or {}
+            block["saved"] = priced.get("cost")
+            block["saved_standard"] = priced.get("standard_cost")
+            block["currency"] = priced.get("currency")
+        return block
 
     def _manifest_copy(self, job: Job) -> tuple[str, Path | None]:
         """The claimed manifest to copy into the folder, if it is a file of its own (else publish moves
@@ -414,31 +436,110 @@ def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path |
 
 
 def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,
-                  stopping: threading.Event, kind: str = "generate") -> Written:
+                  stopping: threading.Event, kind: str = "generate", cache: CacheLimits | None = None,
+                  model: str = "") -> Written:
     """results.jsonl and organized.json (and an embed job's embeddings) in a fresh staging folder.
 
     A task plugin whose ``organize`` raises (or hangs past ``plugin_timeout_seconds``) costs the job
     its organized.json, never its results: the files are written again with every result and an
     empty organized.json, and the summary says why.
+
+    With ``cache``, the successful answers of a job whose cache is on (its index entries carry their
+    request's hash) are stored in the request cache as they are joined, and the store is brought back
+    within its bounds at the end. Storing is idempotent (a hash keeps its first answer), so a writer
+    run again after a crash stores nothing twice; the job's own answers come from its spool, never
+    from the store.
     """
+    keeper = _Keeper(cache, kind, model) if cache is not None else None
+    with contextlib.closing(keeper) if keeper is not None else contextlib.nullcontext():
+        written = _write_results(spool, gate, tasks, clock, timeout, stopping, kind, keeper)
+        if keeper is not None:
+            keeper.finish()
+    return written
+
+
+class _Keeper:
+    """Stores a writer's answers in the request cache; opened on the first answer to keep.
+
+    The cache is best effort: a store that fails (locked past its timeout, a full disk, a damaged
+    file) costs only the answers not kept, with a warning, never the job's delivery.
+    """
+
+    def __init__(self, limits: CacheLimits, kind: str, model: str):
+        self.limits, self.kind, self.model = limits, kind, model
+        self.store: CacheStore | None = None
+        self.failed = False
+
+    def __call__(self, digest: str, response: dict) -> None:
+        if self.failed:
+            return
+        try:
+            if self.store is None:
+                self.store = CacheStore(self.limits.path)
+            self.store.put(digest, self.kind, self.model, response)
+        except sqlite3.Error as error:
+            self._failure(error)
+
+    def commit(self) -> None:
+        """Commit what is pending (before the writer waits for a chunk: no transaction is held meanwhile)."""
+        if self.store is not None and not self.failed:
+            try:
+                self.store.commit()
+            except sqlite3.Error as error:
+                self._failure(error)
+
+    def finish(self) -> None:
+        if self.store is None or self.failed:
+            return
+        try:
+            removed = self.store.evict(self.limits.max_entries, self.limits.max_bytes)
+        except sqlite3.Error as error:
+            self._failure(error)
+            return
+        if removed:
+            log.info("request cache: %d oldest answer(s) evicted to stay within cache_max_entries/cache_max_mb",
+                     removed)
+
+    def _failure(self, error: sqlite3.Error) -> None:
+        self.failed = True
+        log.warning("request cache %s: storing answers failed (%s: %s); this job's answers are not kept",
+                    self.limits.path, type(error).__name__, error)
+        self.close()
+
+    def close(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.close()
+            except sqlite3.Error:
+                pass  # rolled back with the connection: those answers are not kept
+            self.store = None
+
+
+def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginClock, timeout: float,
+                   stopping: threading.Event, kind: str, keep: _Keeper | None) -> Written:
     job_id = spool.root.name
     organize_error = None
+    error_of = gate.error_of
+    if keep is not None:
+        def error_of(idx: int) -> dict | None:
+            keep.commit()  # a chunk may take hours to come back: no store transaction is held while waiting
+            return gate.error_of(idx)
     try:
         folder = outbox.JobFolder(spool.staging)
         organize = tasks[clock.task].organize
         # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
         writing = InThread(
-            lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock, kind),
+            lambda: write_result_files(folder, spool, error_of, organize, stopping, clock, kind, keep),
             name=f"batchd-organize-{job_id}")
-        counts, tokens, usage, errors = writing.wait(clock, timeout, stopping.is_set, Stopping)
+        counts, tokens, usage, errors, cache_usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
         raise
     except PluginTimeout as error:
         log.error("job %s: %s", job_id, error, extra={"job": job_id})
         organize_error = {"message": f"{error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
-        counts, tokens, usage, errors = write_result_files(folder, spool, gate.error_of, _organize_nothing,
-                                                           stopping, kind=kind)
+        counts, tokens, usage, errors, cache_usage = write_result_files(
+            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep)
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
@@ -447,14 +548,15 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)
-        counts, tokens, usage, errors = write_result_files(folder, spool, gate.error_of, _organize_nothing,
-                                                           stopping, kind=kind)
-    return Written(folder, counts, tokens, usage, organize_error, errors)
+        counts, tokens, usage, errors, cache_usage = write_result_files(
+            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep)
+    return Written(folder, counts, tokens, usage, organize_error, errors, cache_usage)
 
 
 def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: Callable[[int], dict | None],
                        organize, stopping: threading.Event,
-                       clock: PluginClock | None = None, kind: str = "generate") -> tuple[dict, dict, dict, dict]:
+                       clock: PluginClock | None = None, kind: str = "generate",
+                       keep: Callable[[str, dict], None] | None = None) -> tuple[dict, dict, dict, dict, dict]:
     """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
     ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
@@ -462,35 +564,45 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     request, in request order) and each row's key to embeddings_index.jsonl; its results.jsonl lines
     carry ``embedding_row`` instead of the vector, so they stay small.
 
-    Returns the counts, the token totals of summary.json, the usage totals of ``account_cost`` and
-    the failed requests by error code (at most :data:`ERROR_CODES_KEPT` codes, the rest as "other").
+    Answers from the request cache are marked ``"cached": true`` in results.jsonl, counted in
+    ``counts["cached"]``, and their usage is kept apart (they were not billed this time).
+    ``keep(hash, response)`` is handed the answers that enter the request cache (:meth:`JobSpool.joined`).
+
+    Returns the counts, the token totals of summary.json, the usage totals of ``account_cost``, the
+    failed requests by error code (at most :data:`ERROR_CODES_KEPT` codes, the rest as "other") and
+    the usage totals of the answers from the request cache.
     """
     counts = {"total": 0, "succeeded": 0, "failed": 0}
     tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
     extra = {"cached": 0, "with_usage": 0, "joined_by_position": 0}
+    cache_tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
+    cache_extra = {"cached": 0, "with_usage": 0, "hits": 0}
     errors: dict[str, dict] = {}
     dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
     def results_written():
-        for n, result in enumerate(spool.joined(chunk_error, kind)):
+        for n, result in enumerate(spool.joined(chunk_error, kind, keep=keep)):
             if n % 10_000 == 0 and stopping.is_set():
                 raise Stopping()
             if embeddings is not None:
                 _add_embedding(result, embeddings, embeddings_index, dumps)
             counts["total"] += 1
             counts["succeeded" if result.status == "ok" else "failed"] += 1
+            if result.cached:
+                cache_extra["hits"] += 1
             if result.status != "ok":
                 _tally_error(errors, result.error)
             if result.usage:
                 usage = result.usage
-                tokens["prompt"] += usage.get("promptTokenCount", 0)
-                tokens["output"] += usage.get("candidatesTokenCount", 0)
-                tokens["total"] += usage.get("totalTokenCount", 0)
+                counted, more = (cache_tokens, cache_extra) if result.cached else (tokens, extra)
+                counted["prompt"] += usage.get("promptTokenCount", 0)
+                counted["output"] += usage.get("candidatesTokenCount", 0)
+                counted["total"] += usage.get("totalTokenCount", 0)
                 if "thoughtsTokenCount" in usage:
-                    tokens["thoughts"] += usage["thoughtsTokenCount"]
+                    counted["thoughts"] += usage["thoughtsTokenCount"]
                 if "cachedContentTokenCount" in usage:
-                    extra["cached"] += usage["cachedContentTokenCount"]
-                extra["with_usage"] += 1
+                    more["cached"] += usage["cachedContentTokenCount"]
+                more["with_usage"] += 1
             line = {"key": result.key, "input": result.input, "status": result.status, "text": result.text,
                     "data": result.data, "error": result.error, "usage": result.usage}
             if result.thoughts is not None:
@@ -500,6 +612,8 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
             if result.joined_by != "key":
                 line["joined_by"] = result.joined_by
                 extra["joined_by_position"] += 1
+            if result.cached:
+                line["cached"] = True
             lines.write(dumps(line) + "\n")
             yield result
 
@@ -522,10 +636,15 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     if extra["joined_by_position"]:
         # A summary-only count: the service's answers are in `counts`, this is about trusting them.
         counts["joined_by_position"] = extra["joined_by_position"]
-    usage = {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
-             "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
-             "total_tokens": tokens["total"], "requests": extra["with_usage"]}
-    return counts, tokens, usage, errors
+    if cache_extra["hits"]:
+        counts["cached"] = cache_extra["hits"]  # answered from the request cache (in succeeded), not sent
+
+    def usage_of(tokens: dict, extra: dict) -> dict:
+        return {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
+                "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
+                "total_tokens": tokens["total"], "requests": extra["with_usage"]}
+
+    return counts, tokens, usage_of(tokens, extra), errors, usage_of(cache_tokens, cache_extra)
 
 
 #: How many distinct error codes of failed requests the summary's error names.
