@@ -205,7 +205,7 @@ class JobSpool:
         """The error of the first request never sent (a file it cannot send), if any."""
         try:
             for entry in self.read_index():
-                if len(entry) > 4:
+                if len(entry) > 4 and isinstance(entry[4], dict):
                     return entry[4]
         except FileNotFoundError:
             pass
@@ -464,7 +464,7 @@ def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tup
     records = iter(records)
     exhausted = False
     for entry in entries:
-        if len(entry) > 4:  # a request never sent has no record
+        if len(entry) > 4 and isinstance(entry[4], dict):  # a request never sent (its error) has no record
             yield entry, None
             continue
         key = entry[0]
