@@ -108,6 +108,8 @@ def test_a_folder_input_is_told_apart_by_its_listing(tmp_path: Path):
 
 
 def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace):
+    """With the request cache on: a bad file's request is never sent nor cached; the good ones are,
+    and a second job of the same rows takes them from the cache."""
     docs = ws.inbox / "docs"
     docs.mkdir()
     (docs / "good.pdf").write_bytes(pdf("good"))
@@ -123,8 +125,9 @@ def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace
         "id,path,title\n1,docs/good.pdf,Good\n2,docs/small.png,Small\n3,docs/notes.exe,Exe\n4,docs/fake.pdf,Fake\n"
         "5,docs/link.pdf,Link\n6,docs/pipe.pdf,Pipe\n7,docs/missing.pdf,Missing\n8,../outside.pdf,Outside\n"
         "9,docs/huge.pdf,Huge\n")
-    ws.drop("papers.toml", 'task = "template"\ninput = "papers.csv"\nfile_column = "path"\n'
-                           'template = "Describe the paper {title}."\n')
+    manifest = ('task = "template"\ninput = "papers.csv"\nfile_column = "path"\ncache = true\n'
+                'template = "Describe the paper {title}."\n')
+    ws.drop("papers.toml", manifest)
     result = ws.batchd("run", "--once", timeout=60)
     results = {r["input"]["id"]: r for r in ws.outbox_folder("papers").results}
     assert [results[key]["status"] for key in "12"] == ["ok", "ok"]
@@ -139,6 +142,12 @@ def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace
     assert "2,147,483,649 bytes, larger than the 2,147,483,648 bytes" in errors["9"]
     assert ws.outbox_folder("papers").summary["state"] == "partial", result.stderr
     assert len(media_uploads(ws)) == 1
+
+    ws.drop("again.toml", manifest + "# the same rows again\n")
+    ws.batchd("run", "--once", timeout=60)
+    again = {r["input"]["id"]: r for r in ws.outbox_folder("again").results}
+    assert [again[key].get("cached") for key in "12"] == [True, True]
+    assert [again[key]["error"]["code"] for key in "3456789"] == ["bad_file"] * 7
 
 
 def test_too_large_and_empty_files_are_refused_before_upload(tmp_path: Path):
