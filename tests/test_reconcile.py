@@ -144,6 +144,7 @@ def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_c
     and cancelled at once, and nothing else is created."""
     daemon.journal.update_job("j1", cancel_requested=1)
     if late:
+        daemon.settings.submit_grace_seconds = 30.0  # "within" must hold on a loaded machine too
         daemon.steps.submit.reconcile()
         assert daemon.journal.chunks("j1")[0].state == "submitting"
     created = create_remote(daemon)
