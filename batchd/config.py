@@ -252,7 +252,8 @@ class Settings(BaseSettings):
                                " reports the rename (Linux, watch_backend 'auto' or 'inotify'); with 'polling'"
                                " or 'none' every file waits.")
     incomplete_grace_seconds: float = Field(
-        30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long."
+        30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long (it may still be"
+                                " being written). `run --once` rejects it at once: what it takes is complete."
     )
     rescan_seconds: float = Field(30.0, gt=0, description="Full inbox rescan period (backs up the watcher).")
     watch_backend: Literal["auto", "inotify", "polling", "none"] = Field(

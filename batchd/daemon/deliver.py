@@ -221,8 +221,10 @@ class Deliver:
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
         ctx.journal.after_commit(lambda: self._cleanup.submit(spool.remove))  # once 'done' is committed
         ctx.report.delivered(job)
-        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
-                 extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+        ctx.log_event(job.outcome, logging.INFO if job.outcome in ("succeeded", "cancelled") else logging.WARNING,
+                      "job %s (%s): %s → %s%s", job.id, job.source, job.outcome, destination,
+                      f": {job.error['message']}" if isinstance(job.error, dict) and job.error.get("message") else "",
+                      extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
 
     def abandon(self, job: Job) -> None:
         """A full disk cut the job's writing short: its staging folder is written anew once there is room

@@ -158,8 +158,9 @@ class Intake:
                 if fs.is_disk_full(error):
                     raise  # no room to check it: it is taken once there is (the loop backs off)
                 # A file that does not parse may still be being written: reject it only once
-                # it has stayed unchanged long enough.
-                if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
+                # it has stayed unchanged long enough. Under ``run --once`` a candidate is complete
+                # (it has settled, or was renamed in, and --once takes what the inbox holds): at once.
+                if not ctx.once and candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
                     continue
                 if not isinstance(error, ManifestError):
                     # A reader's bug or an input nobody foresaw: the file is rejected with the error
@@ -269,8 +270,12 @@ class Intake:
                 ctx.journal.update_job(job_id, error=error)
                 job = replace(job, error=error)
         self._received(job)
-        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if job.error else "",
-                 extra={"job": job_id, "manifest": source})
+        if job.error:  # its ``rejected`` event comes when its outbox folder is published
+            ctx.log_event("rejected", logging.WARNING, "rejected %s (job %s): %s", source, job_id,
+                          job.error.get("message"), extra={"job": job_id, "manifest": source})
+        else:
+            ctx.log_event("accepted", logging.INFO, "accepted %s as job %s", source, job_id,
+                          extra={"job": job_id, "manifest": source})
 
     def _received(self, job: Job) -> None:
         """The claim is complete: the job is ``received``. Its verdict was committed with the claim's
