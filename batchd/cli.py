@@ -207,13 +207,18 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True,
+              help="Run it even if a job with the same content ran before (the copy dropped gets force = true).")
 @pass_context
-def submit(ctx: Context, manifest: Path) -> None:
+def submit(ctx: Context, manifest: Path, force: bool) -> None:
     """Drop MANIFEST into the inbox atomically (validated first), with the input file it names.
 
     The input file (``input = "reviews.csv"``, relative to MANIFEST's folder) is copied into the
     inbox first, at the same relative path, so the daemon never sees the manifest without it.
     An identical file already there is reused; a different one is never overwritten.
+
+    A manifest whose content (its bytes and its input file's) a job already ran is rejected as a
+    duplicate; --force drops a copy with ``force = true`` added, which the daemon runs again.
     """
     from batchd.inbox import drop_file, drop_input
     from batchd.manifest import ManifestError, load_manifest
@@ -234,8 +239,23 @@ def submit(ctx: Context, manifest: Path) -> None:
                 f"{manifest.name} names input {input_path.name!r}, but the inbox already has a different "
                 f"{destination}; rename the input (and the manifest's input = ...) or remove the old one"
             ) from None
-    destination = drop_file(manifest, settings.inbox)
-    click.echo(f"submitted {destination}")
+    content = _forced(manifest, job) if force else None
+    destination = drop_file(manifest, settings.inbox, content=content)
+    click.echo(f"submitted {destination}{' (force = true: run even if the same content ran before)' if force else ''}")
+
+
+def _forced(manifest: Path, job) -> bytes | None:
+    """MANIFEST's bytes with ``force = true`` set (None: it sets it already)."""
+    if job.common.force:
+        return None
+    raw = manifest.read_bytes()
+    if "force" in job.common.model_fields_set:
+        raise click.ClickException(f"{manifest.name} sets force = false: remove it to submit with --force")
+    if manifest.suffix.lower() == ".json":
+        document = json.loads(raw)
+        return (json.dumps({"force": True, **document}, indent=2, ensure_ascii=False) + "\n").encode()
+    # TOML: a key before the first table is a top-level key, whatever follows.
+    return b"force = true  # batchd submit --force: run even if the same content ran before\n" + raw
 
 
 @main.command()

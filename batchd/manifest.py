@@ -145,6 +145,10 @@ class CommonFields(GenerationSettings):
     text_column: str = Field("text", min_length=1, description="CSV column / JSONL key holding item text.")
     retry_of: RetryOf | None = Field(
         None, description="Written by `batchd retry`: the job retried, and the keys of the requests to send again.")
+    force: bool = Field(
+        False, description="Run this manifest even when a job with the same content (the manifest's bytes and its"
+                           " input file's) ran before; without it such a repeat is rejected as a duplicate, so"
+                           " nothing is paid for twice by mistake. `batchd submit --force FILE` sets it.")
 
 
 #: Names task plugins may not use for their own manifest fields, in declaration order.

@@ -192,3 +192,27 @@ def test_without_a_config_file_status_fails_and_says_where_it_looked(workspace: 
                                capture_output=True, text=True, timeout=60)
     assert "no config file" in submitted.stderr and "using the built-in defaults" in submitted.stderr
     assert "provider emulator" in submitted.stderr
+
+
+def test_submit_force_runs_the_same_content_again(workspace: Workspace, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "t.toml").write_text(TRANSLATE)
+    (elsewhere / "j.json").write_text(json.dumps({"task": "translate", "texts": ["a"], "languages": ["French"]}))
+    for name in ("t.toml", "j.json"):
+        assert workspace.batchd("submit", str(elsewhere / name)).returncode == 0
+    assert workspace.batchd("run", "--once").returncode == 0
+    # The same content again: refused as a repeat (saying how to run it anyway), unless forced.
+    assert workspace.batchd("submit", str(elsewhere / "t.toml")).returncode == 0
+    forced = [workspace.batchd("submit", "--force", str(elsewhere / name)) for name in ("t.toml", "j.json")]
+    assert all(result.returncode == 0 and "force = true" in result.stdout for result in forced), forced
+    assert json.loads((workspace.inbox / "j.json").read_text())["force"] is True
+    assert (workspace.inbox / "t-2.toml").read_text().startswith("force = true")
+    assert workspace.batchd("run", "--once").returncode == 1
+    states = {name: summary["state"] for name, summary in workspace.delivered().items()}
+    assert states == {"t": "succeeded", "j": "succeeded", "t-2": "rejected", "t-2-2": "succeeded",
+                      "j-2": "succeeded"}, states
+    rejected = workspace.delivered()["t-2"]
+    assert rejected["error"]["code"] == "duplicate" and "--force" in rejected["error"]["message"]
+    (elsewhere / "off.toml").write_text("force = false\n" + TRANSLATE)
+    refused = workspace.batchd("submit", "--force", str(elsewhere / "off.toml"))
+    assert refused.returncode == 1 and "force = false" in refused.stderr

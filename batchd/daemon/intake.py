@@ -225,9 +225,11 @@ class Intake:
             raise
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None
-        if error is None and earlier is not None:
-            error = {"message": f"{source} has the same content as job {earlier.id} "
-                                f"({earlier.source}); it was not run again",
+        if error is None and earlier is not None and not (manifest is not None and manifest.common.force):
+            error = {"code": "duplicate",
+                     "message": f"{source} has the same content as job {earlier.id} "
+                                f"({earlier.source}); it was not run again (to run it again: `batchd submit "
+                                f"--force FILE`, or force = true in the manifest)",
                      "duplicate_of": earlier.id}
         # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
