@@ -27,13 +27,14 @@ import sqlite3
 import stat
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from batchd.task import GenerationSettings, Task, TaskRequest, TaskResult
+from batchd.task import _warnings as _task_warnings
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -169,6 +170,8 @@ class Manifest:
     limits: ManifestLimits = DEFAULT_LIMITS
     #: The resolved keys file of a retry (``retry_of.keys``), or ``None``.
     retry_keys_path: Path | None = None
+    #: What the task said with :func:`batchd.task.warn` during the last complete pass of :meth:`requests`.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def task(self) -> str:
@@ -219,6 +222,9 @@ class Manifest:
         # Keys are stable across runs of the same manifest and inputs (results are joined by them),
         # so filtering the task's requests retries exactly the listed ones, for any task.
         wanted = read_retry_keys(self.retry_keys_path, self.limits) if self.retry_keys_path is not None else None
+        # The task's warn() calls land in this pass's list (the plugin's generator runs in this thread).
+        collected: list[str] = []
+        _task_warnings.set(collected)
         for request in self.task_plugin.requests(self.params, items.following(self.inputs)):
             if wanted is not None:
                 if request.key not in wanted:
@@ -232,6 +238,7 @@ class Manifest:
                 config = {**item_config, **task_config}
             # Built directly rather than with dataclasses.replace(): this runs once per row.
             yield TaskRequest(request.key, request.prompt, request.input, config)
+        self.warnings[:] = collected
         if wanted:
             listed = ", ".join(repr(key) for key in itertools.islice(wanted, 3))
             raise ManifestError(self.retry_keys_path, f"the task makes no request of {len(wanted):,} listed key(s) "

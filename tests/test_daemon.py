@@ -511,3 +511,28 @@ def test_the_shipped_examples_all_succeed(workspace: Workspace):
     assert {s["task"] for s in delivered.values()} >= {"translate", "sentiment", "variations", "analysis",
                                                         "documents", "template", "embed"}
     assert all(s["state"] == "succeeded" for s in delivered.values()), delivered
+
+
+def test_repeats_dropped_are_warned_and_every_result_line_carries_its_source_text(workspace: Workspace):
+    workspace.configure(log_format="json")
+    workspace.drop("rep.toml", 'task = "translate"\ntexts = ["Hi", "Bye", "Hi"]\nlanguages = ["French"]\n')
+    workspace.drop("docs.toml", 'task = "documents"\nprompt = "Sum up: {document}"\n'
+                                'documents = ["First doc.", "Second doc."]\n')
+    workspace.drop("analysis.toml", 'task = "analysis"\ntexts = ["Great phone."]\nanalyses = ["summary"]\n')
+    workspace.drop("tpl.toml", 'task = "template"\ntemplate = "Blurb for {name}"\n'
+                               'rows = [{id = "p1", name = "Lamp"}]\n')
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    folders = workspace.outbox_folders()
+    (warning,) = folders["rep"].summary["warnings"]
+    assert warning.startswith("1 repeated text(s) dropped") and "'3 (Hi)'" in warning
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [line["msg"] for line in logged if line["level"] == "warning"] == [
+        f"job {folders['rep'].summary['job']} (rep.toml): {warning}"]
+    assert "warnings" not in folders["docs"].summary
+    assert [line["input"]["text"] for line in folders["docs"].results] == ["First doc.", "Second doc."]
+    assert [line["input"]["text"] for line in folders["analysis"].results] == ["Great phone."]
+    assert [line["input"]["row"] for line in folders["tpl"].results] == [{"name": "Lamp"}]
+    assert all("text" in line["input"] for line in folders["rep"].results)

@@ -45,6 +45,8 @@ class Builder:
 
     chunks: OnDemand
     estimate: EstimateAlongside | None = None
+    #: What the task said through batchd.task.warn() (complete once every request is read).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def close(self, *, wait: bool = False) -> None:
         self.chunks.close(wait=wait)
@@ -115,6 +117,11 @@ class Build:
         if not counts["chunks"]:
             self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
+        # Kept in the spool (written before 'built' commits; a build started again writes it anew) for
+        # summary.json's warnings, and said now.
+        ctx.spool(job.id).write_warnings(builder.warnings, step="requests")
+        for warning in builder.warnings:
+            log.warning("job %s (%s): %s", job.id, job.source, warning, extra={"job": job.id})
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
         log.info("job %s: %d requests in %d chunk(s)", job.id, counts["requests"], counts["chunks"])
 
@@ -156,7 +163,8 @@ class Build:
         chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                          check_stop=ctx.raise_if_stopping)
         builder = self.builders[job.id] = Builder(
-            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate)
+            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate,
+            manifest.warnings)
         return builder
 
     def stop(self, job: Job) -> Stopped:

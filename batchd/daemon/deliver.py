@@ -278,7 +278,7 @@ class Deliver:
             summary["expired_remote_batches"] = expired  # resubmitted: their chunks ran again
         if written.organize_error is not None:
             summary["error"] = written.organize_error
-        warnings = []
+        warnings = ctx.spool(job.id).read_warnings()  # the task's own (batchd.task.warn), said at build time
         if job.build_stopped:
             built = sum(c.request_count for c in chunks)
             warnings.append(
