@@ -229,11 +229,14 @@ def submit(ctx: Context, manifest: Path, force: bool) -> None:
     except ManifestError as error:
         raise click.ClickException(str(error.capped(settings.limits.error_chars))) from None
     _existing_inbox(settings)
+    reused = []
     for input_path in job.input_files():
         destination = settings.inbox / input_path.relative_to(manifest.parent.resolve())
         try:
             if drop_input(input_path, destination):
                 click.echo(f"copied input {destination}")
+            else:
+                reused.append((input_path, destination))
         except FileExistsError:
             raise click.ClickException(
                 f"{manifest.name} names input {input_path.name!r}, but the inbox already has a different "
@@ -241,6 +244,12 @@ def submit(ctx: Context, manifest: Path, force: bool) -> None:
             ) from None
     content = _forced(manifest, job) if force else None
     destination = drop_file(manifest, settings.inbox, content=content)
+    for input_path, kept in reused:
+        # The daemon may have claimed the job that last named this input meanwhile, which takes it
+        # along: put it back while the manifest waits (one that does not parse waits out
+        # incomplete_grace_seconds before it is rejected).
+        if not kept.exists() and destination.exists():
+            drop_input(input_path, kept)
     click.echo(f"submitted {destination}{' (force = true: run even if the same content ran before)' if force else ''}")
 
 

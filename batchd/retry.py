@@ -79,6 +79,7 @@ def retry(settings: Settings, journal: Journal, tasks: Mapping[str, Task], job: 
         raise RetryError(f"job {job.id} ({job.source}) has no results.jsonl in its outbox folder {folder} "
                          f"(moved or removed?)")
     content = _manifest_copy(settings, job, folder)
+    _restore_inputs(settings, tasks, job, content, folder)
     manifest = _load_manifest(settings, tasks, job, content)
     with tempfile.TemporaryDirectory(prefix="batchd-retry-") as scratch:
         keys = Path(scratch) / "keys.jsonl"
@@ -126,6 +127,24 @@ def _manifest_copy(settings: Settings, job: Job, folder: Path) -> bytes:
     if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
         raise RetryError(f"{path} is not the manifest job {job.id} ran (changed since): restore it")
     return content
+
+
+def _restore_inputs(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes, folder: Path) -> None:
+    """Input files go with their job into its outbox folder: copy the ones the job read back into the
+    inbox, at the same paths, as ``batchd submit`` does (an identical file there is reused, a different
+    one is never overwritten). A job delivered before inputs moved with it left them in the inbox."""
+    try:
+        manifest = load_manifest(folder / job.source, root=folder, tasks=tasks, check_inputs=False, content=content,
+                                 limits=settings.limits)
+    except ManifestError:
+        return  # not in the folder: they are looked for in the inbox, as they were left there
+    for path in manifest.input_files():
+        destination = settings.inbox / path.relative_to(folder.resolve())
+        try:
+            drop_input(path, destination)
+        except FileExistsError:
+            raise RetryError(f"job {job.id} read {path.name}, kept in its outbox folder {folder}, but the inbox "
+                             f"already has a different {destination}: move that one away and retry again") from None
 
 
 def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes) -> Manifest:

@@ -26,6 +26,7 @@ from batchd import durable, fs, outbox
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, Stopping, Turns, Work, is_own_file, iso, replace
 from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.intake import read_inputs_record
 from batchd.journal import Chunk, Job
 from batchd.logs import redact_data
 from batchd.npy import NpyRowWriter
@@ -146,7 +147,8 @@ class Deliver:
         written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
         summary = self._results_summary(job, written)
         staged = self._summarized(job, summary, written.usage)
-        finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary))
+        finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary),
+                                        self._inputs(job))
         self._staging[job.id] = (finishing, staged)
         job_id = job.id
         finishing.add_done_callback(lambda _: (ctx.mark(job_id), ctx.wake()))
@@ -157,7 +159,7 @@ class Deliver:
         folder = outbox.JobFolder(self.ctx.spool(job.id).staging)
         summary = self._summary(job, state=state, counts={"total": 0, "succeeded": 0, "failed": 0})
         staged = self._summarized(job, summary, None)
-        finish_folder(folder, *self._manifest_copy(job), redact_data(summary))
+        finish_folder(folder, *self._manifest_copy(job), redact_data(summary), self._inputs(job))
         self._name_folder(job, staged)
 
     def _summarized(self, job: Job, summary: dict, usage: dict | None) -> _Staged:
@@ -177,6 +179,12 @@ class Deliver:
         the entry in whole)."""
         manifest = self.ctx.spool(job.id).manifest_path(job.source)
         return job.source, manifest if is_own_file(manifest) else None
+
+    def _inputs(self, job: Job) -> list[tuple[str, Path]]:
+        """The input files the job took, to go into its folder beside the manifest's copy, each at its
+        path in the inbox (``data/reviews.csv``), so that the folder holds what the job read."""
+        inputs = self.ctx.spool(job.id).inputs
+        return [(entry["path"], inputs / entry["name"]) for entry in read_inputs_record(inputs) if entry.get("placed")]
 
     def _name_folder(self, job: Job, staged: _Staged) -> None:
         """Commit the finished folder's outbox name (``publishing``); the next visit publishes it."""
@@ -346,11 +354,15 @@ class _Staged:
 # -- the writer: runs in the pool, given its spool and gate, never the journal ------------------------
 
 
-def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict) -> None:
-    """Add the manifest's copy and summary.json to a staged folder and make its entries durable, so it
-    may be renamed into the outbox once its name is committed."""
+def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict,
+                  inputs: list[tuple[str, Path]] = ()) -> None:
+    """Add the manifest's copy, the job's input files (linked from its spool: the spool goes once the
+    job is done) and summary.json to a staged folder and make its entries durable, so it may be
+    renamed into the outbox once its name is committed."""
     if manifest is not None:
         folder.copy_in(manifest_name, manifest)
+    for name, path in inputs:
+        folder.link_in(name, path)
     folder.write_json("summary.json", summary)  # redacted by the caller: an error text may quote a secret
     folder.sync()
 
