@@ -84,6 +84,9 @@ def test_a_retry_sends_exactly_the_failed_requests_and_names_the_job_it_retries(
     assert {line["key"] for line in results(workspace, "sentiment.retry-2")} == failed_again
     assert set(workspace.outbox_folder("sentiment.retry-2").organized) == failed_again
     assert "nothing to retry" in retry(workspace, "sentiment.retry-2").stdout
+    # Each keys file went with its retry into its outbox folder: nothing is left in the inbox.
+    assert (workspace.outbox / "sentiment.retry-2" / "sentiment.retry-2.keys.jsonl").exists()
+    assert not list(workspace.inbox.iterdir())
 
     if shutil.which("jq"):  # the merged view the README shows
         merged = workspace.outbox / "sentiment" / "results.jsonl"
