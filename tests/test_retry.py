@@ -165,7 +165,7 @@ def test_a_retry_of_a_job_with_an_input_file_reads_the_same_file(workspace: Work
     workspace.configure()
     kept.rename(workspace.root / "reviews.csv")
     gone = retry(workspace, "reviews", code=1).stderr
-    assert "reviews.csv" in gone and "needs the same file" in gone
+    assert "reviews.csv" in gone and "needs the same input file" in gone and "outbox folder" in gone
     (workspace.root / "reviews.csv").rename(kept)
     workspace.drop("reviews.csv", "id,text\nr0,another review\n")
     assert "already has a different" in retry(workspace, "reviews", code=1).stderr
