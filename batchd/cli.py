@@ -37,8 +37,11 @@ class Context:
         self.config_path = config_path
         self.log_level = log_level
         self.log_format = log_format
+        self._warned = False
 
-    def settings(self, **overrides) -> Settings:
+    def settings(self, *, warn_without_config: bool = True, **overrides) -> Settings:
+        """The settings; without a config file, a warning says where batchd looked and that it uses the
+        defaults (commands that fail without one say it in their error instead)."""
         from batchd.logs import setup_logging
 
         try:
@@ -47,6 +50,9 @@ class Context:
             raise ConfigProblem(str(error)) from None
         # The flags win; otherwise the config's log_level / log_format apply from here on.
         setup_logging(self.log_level or settings.log_level, self.log_format or settings.log_format)
+        if settings.config_file is None and warn_without_config and not self._warned:
+            self._warned = True
+            logging.getLogger("batchd").warning("%s", no_config_file(settings))
         return settings
 
     def tasks(self) -> dict:
@@ -62,6 +68,20 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
+def config_looked_for() -> str:
+    """Where batchd looked for a config file, when it found none."""
+    from batchd.config import CONFIG_ENV_VAR, DEFAULT_CONFIG_NAME
+
+    return f"none given (--config PATH or {CONFIG_ENV_VAR}) and no {Path.cwd() / DEFAULT_CONFIG_NAME}"
+
+
+def no_config_file(settings: Settings) -> str:
+    """What batchd says when it found no config file: where it looked, and the defaults it uses instead."""
+    return (f"no config file: {config_looked_for()}; using the built-in defaults: inbox {settings.inbox}, outbox "
+            f"{settings.outbox}, state_dir {settings.state_dir}, provider {settings.provider} "
+            f"(`batchd init DIR` makes a working folder with a config.toml)")
+
+
 class _Commands(click.Group):
     """batchd's commands, with ``batchd emulator`` imported only when it is used: it brings uvicorn and
     Starlette, which no other command needs (the daemon starts its embedded emulator as a child process)."""
@@ -71,11 +91,53 @@ class _Commands(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self._LAZY])
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, globals_first(args))
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self._LAZY and name not in self.commands:
             module, attribute = self._LAZY[name]
             self.add_command(getattr(importlib.import_module(module), attribute), name)
         return super().get_command(ctx, name)
+
+
+#: batchd's global options (each takes a value): accepted before the command and after it.
+GLOBAL_OPTIONS = ("--config", "--log-level", "--log-format")
+
+
+def globals_first(args: list[str]) -> list[str]:
+    """``args`` with the global options given after the command (``batchd run --config F``, at any
+    depth: ``batchd config show --config F``) moved before it, where click parses them. A global
+    option given twice takes its last value, as click does; nothing after ``--`` is moved."""
+    args = list(args)
+    start = 0
+    while start < len(args):  # the command is the first word that is neither an option nor its value
+        word = args[start]
+        if word == "--":
+            return args
+        if word in GLOBAL_OPTIONS:
+            start += 2
+        elif word.startswith("-"):
+            start += 1
+        else:
+            break
+    moved: list[str] = []
+    kept: list[str] = []
+    rest = args[start + 1:]
+    index = 0
+    while index < len(rest):
+        word = rest[index]
+        if word == "--":
+            kept += rest[index:]
+            break
+        if word.partition("=")[0] in GLOBAL_OPTIONS and (word.partition("=")[1] or index + 1 < len(rest)):
+            taken = 1 if "=" in word else 2
+            moved += rest[index:index + taken]
+            index += taken
+            continue
+        kept.append(word)
+        index += 1
+    return args[:start] + moved + args[start:start + 1] + kept
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,14 +210,19 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--no-model-check", is_flag=True,
               help="Do not check the manifest's model against the provider's model list.")
+@click.option("--force", is_flag=True,
+              help="Run it even if a job with the same content ran before (the copy dropped gets force = true).")
 @pass_context
-def submit(ctx: Context, manifest: Path, no_model_check: bool) -> None:
+def submit(ctx: Context, manifest: Path, no_model_check: bool, force: bool) -> None:
     """Drop MANIFEST into the inbox atomically (validated first), with the input file it names.
 
     The input file (``input = "reviews.csv"``, relative to MANIFEST's folder) is copied into the
     inbox first, at the same relative path, so the daemon never sees the manifest without it.
     An identical file already there is reused; a different one is never overwritten. The model
     must be one the provider serves (``check_models``; its list is cached in the state dir).
+
+    A manifest whose content (its bytes and its input file's) a job already ran is rejected as a
+    duplicate; --force drops a copy with ``force = true`` added, which the daemon runs again.
     """
     from batchd.inbox import drop_file, drop_input
     from batchd.manifest import ManifestError, load_manifest
@@ -165,22 +232,47 @@ def submit(ctx: Context, manifest: Path, no_model_check: bool) -> None:
         job = load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks(), limits=settings.limits)
     except ManifestError as error:
         raise click.ClickException(str(error.capped(settings.limits.error_chars))) from None
+    _existing_inbox(settings)
     if settings.check_models and not no_model_check:
         problem = _model_problem(settings, job.model or settings.model)
         if problem is not None:
             raise click.ClickException(f"{manifest.name}: {problem} (nothing was dropped into the inbox)")
+    reused = []
     for input_path in job.input_files():
         destination = settings.inbox / input_path.relative_to(manifest.parent.resolve())
         try:
             if drop_input(input_path, destination):
                 click.echo(f"copied input {destination}")
+            else:
+                reused.append((input_path, destination))
         except FileExistsError:
             raise click.ClickException(
                 f"{manifest.name} names input {input_path.name!r}, but the inbox already has a different "
                 f"{destination}; rename the input (and the manifest's input = ...) or remove the old one"
             ) from None
-    destination = drop_file(manifest, settings.inbox)
-    click.echo(f"submitted {destination}")
+    content = _forced(manifest, job) if force else None
+    destination = drop_file(manifest, settings.inbox, content=content)
+    for input_path, kept in reused:
+        # The daemon may have claimed the job that last named this input meanwhile, which takes it
+        # along: put it back while the manifest waits (one that does not parse waits out
+        # incomplete_grace_seconds before it is rejected).
+        if not kept.exists() and destination.exists():
+            drop_input(input_path, kept)
+    click.echo(f"submitted {destination}{' (force = true: run even if the same content ran before)' if force else ''}")
+
+
+def _forced(manifest: Path, job) -> bytes | None:
+    """MANIFEST's bytes with ``force = true`` set (None: it sets it already)."""
+    if job.common.force:
+        return None
+    raw = manifest.read_bytes()
+    if "force" in job.common.model_fields_set:
+        raise click.ClickException(f"{manifest.name} sets force = false: remove it to submit with --force")
+    if manifest.suffix.lower() == ".json":
+        document = json.loads(raw)
+        return (json.dumps({"force": True, **document}, indent=2, ensure_ascii=False) + "\n").encode()
+    # TOML: a key before the first table is a top-level key, whatever follows.
+    return b"force = true  # batchd submit --force: run even if the same content ran before\n" + raw
 
 
 @main.command()
@@ -326,6 +418,16 @@ def _token_counter(settings: Settings, model: str, local: bool):
             emulator.stop()
 
 
+def _existing_inbox(settings: Settings) -> Path:
+    """The inbox to drop into; a clear error when there is none (run from another folder, say)."""
+    if not settings.inbox.is_dir():
+        where = (f"config file {settings.config_file}" if settings.config_file is not None
+                 else f"no config file: {config_looked_for()}")
+        raise click.ClickException(f"no inbox at {settings.inbox} ({where}); give the config with --config PATH "
+                                   f"or BATCHD_CONFIG, or start `batchd run` there first")
+    return settings.inbox
+
+
 def _drop_request(settings: Settings, name: str, verb: str, noun: str) -> None:
     """Drop an empty ``NAME.<verb>`` into the inbox (atomically, once) for the daemon to act on."""
     from batchd.inbox import drop_bytes
@@ -334,7 +436,7 @@ def _drop_request(settings: Settings, name: str, verb: str, noun: str) -> None:
         raise click.ClickException(f"{name!r} is not a job name or id (the manifest's name without "
                                    f"extension, no folders)")
     try:
-        drop_bytes(b"", settings.inbox / f"{name}.{verb}")
+        drop_bytes(b"", _existing_inbox(settings) / f"{name}.{verb}")
     except FileExistsError:
         click.echo(f"{noun} of {name} was already requested")
         return
@@ -459,6 +561,12 @@ def _read_jobs(settings: Settings, name: str | None, *, finished_within: float |
     """The jobs named ``name``, else every job; ``finished_within`` (seconds) leaves out jobs finished earlier."""
     journal = _open_journal(settings)
     if journal is None:
+        if not settings.state_dir.is_dir():
+            # Not "no jobs": this is no batchd's folder (run from elsewhere, or a config not found).
+            where = (f"config file {settings.config_file}" if settings.config_file is not None
+                     else f"no config file: {config_looked_for()}")
+            raise click.ClickException(f"no batchd state at {settings.state_dir} ({where}): batchd has not run "
+                                       f"with these settings; give the config with --config PATH or BATCHD_CONFIG")
         return []
     try:
         selected = journal.find_jobs(name) if name else journal.jobs()
@@ -481,7 +589,7 @@ def _read_jobs(settings: Settings, name: str | None, *, finished_within: float |
 def status(ctx: Context, name: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Show jobs with their progress: the unfinished ones and those finished in the last 24 hours,
     or the jobs named NAME (`batchd list` shows every job)."""
-    settings = ctx.settings()
+    settings = ctx.settings(warn_without_config=False)
     jobs = _read_jobs(settings, name, finished_within=STATUS_RECENT_SECONDS)
     if name and not jobs:
         raise click.ClickException(f"no job named {name!r}")
@@ -546,7 +654,7 @@ def _watch(settings: Settings, name: str | None, as_json: bool, interval: float,
 @pass_context
 def list_jobs(ctx: Context, as_json: bool) -> None:
     """List every job the journal knows, oldest first."""
-    _print_jobs(_read_jobs(ctx.settings(), None), as_json)
+    _print_jobs(_read_jobs(ctx.settings(warn_without_config=False), None), as_json)
 
 
 @main.command()

@@ -235,7 +235,10 @@ class Settings(BaseSettings):
 
     # Backend
     provider: Literal["emulator", "gemini"] = Field(
-        "gemini", description="'gemini' calls the Gemini API; 'emulator' starts the embedded emulator."
+        "emulator",
+        description="'emulator' (the default) starts the embedded Gemini Batch API emulator on a free loopback"
+                    " port: nothing leaves the machine, nothing is billed. 'gemini' calls the Gemini API, with the"
+                    " key from GEMINI_API_KEY or GOOGLE_API_KEY.",
     )
     model: str = Field("gemini-2.5-flash", min_length=1, description="Model used when a manifest names none.")
     api_version: str = Field("v1beta", min_length=1, description="Gemini API version.")
@@ -249,7 +252,8 @@ class Settings(BaseSettings):
                                " reports the rename (Linux, watch_backend 'auto' or 'inotify'); with 'polling'"
                                " or 'none' every file waits.")
     incomplete_grace_seconds: float = Field(
-        30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long."
+        30.0, ge=0, description="An unparseable manifest is rejected once unchanged this long (it may still be"
+                                " being written). `run --once` rejects it at once: what it takes is complete."
     )
     rescan_seconds: float = Field(30.0, gt=0, description="Full inbox rescan period (backs up the watcher).")
     watch_backend: Literal["auto", "inotify", "polling", "none"] = Field(

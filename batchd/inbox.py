@@ -682,17 +682,20 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         durable_move(tmp, dest)
 
 
-def drop_file(src: Path, inbox: Path) -> Path:
+def drop_file(src: Path, inbox: Path, *, content: bytes | None = None) -> Path:
     """Deliver a copy of ``src`` into ``inbox`` as a careful producer should, and return its path.
 
     The producer side of Maildir's protocol: the copy is written and fsynced under a dotfile
     temp name that scans ignore, then renamed (or linked) to its final name, so it is never
     seen half written. An existing file is never replaced: if ``NAME.toml`` is still waiting,
-    the copy becomes ``NAME-2.toml`` (then ``-3``, …).
+    the copy becomes ``NAME-2.toml`` (then ``-3``, …). ``content``: the bytes to drop instead of ``src``'s.
     """
     src, inbox = Path(src), Path(inbox)
-    with open(src, "rb") as source:
-        tmp = write_temp(inbox / src.name, source)
+    if content is not None:
+        tmp = write_temp(inbox / src.name, content)
+    else:
+        with open(src, "rb") as source:
+            tmp = write_temp(inbox / src.name, source)
     try:
         for dest in numbered_paths(inbox, src.stem, src.suffix):
             try:

@@ -28,7 +28,7 @@ import sqlite3
 import stat
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO, TypeVar, Union
 
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from batchd.media import MediaError, MediaResolver, describe_name
 from batchd.task import FilePart, GenerationSettings, Task, TaskRequest, TaskResult
+from batchd.task import _warnings as _task_warnings
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -157,6 +158,10 @@ class CommonFields(GenerationSettings):
         None, description="Answer each request identical to one answered before (same model, contents, settings and "
                           "schema) from the request cache instead of sending it, and keep this job's answers there; "
                           "defaults to the `cache` setting.")
+    force: bool = Field(
+        False, description="Run this manifest even when a job with the same content (the manifest's bytes and its"
+                           " input file's) ran before; without it such a repeat is rejected as a duplicate, so"
+                           " nothing is paid for twice by mistake. `batchd submit --force FILE` sets it.")
 
 
 #: Names task plugins may not use for their own manifest fields, in declaration order.
@@ -181,6 +186,8 @@ class Manifest:
     media_dir: Path | None = None
     #: A folder input: its path relative to ``media_dir`` (``input_path`` is then None).
     input_folder: str | None = None
+    #: What the task said with :func:`batchd.task.warn` during the last complete pass of :meth:`requests`.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def task(self) -> str:
@@ -259,6 +266,9 @@ class Manifest:
         # so filtering the task's requests retries exactly the listed ones, for any task.
         wanted = read_retry_keys(self.retry_keys_path, self.limits) if self.retry_keys_path is not None else None
         inputs = self.inputs
+        # The task's warn() calls land in this pass's list (the plugin's generator runs in this thread).
+        collected: list[str] = []
+        _task_warnings.set(collected)
         for request in self.task_plugin.requests(self.params, items.following(inputs)):
             if wanted is not None:
                 if request.key not in wanted:
@@ -275,6 +285,7 @@ class Manifest:
                 files, error = _resolved_files(request, inputs.file, media)
             # Built directly rather than with dataclasses.replace(): this runs once per row.
             yield TaskRequest(request.key, request.prompt, request.input, config, files, error)
+        self.warnings[:] = collected
         if wanted:
             listed = ", ".join(repr(key) for key in itertools.islice(wanted, 3))
             raise ManifestError(self.retry_keys_path, f"the task makes no request of {len(wanted):,} listed key(s) "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -101,6 +102,18 @@ class JobFolder:
         """Copy ``src_path`` into the folder as ``name`` (a copy, so the source may be archived later)."""
         with open(src_path, "rb") as src, self.open(name, "wb") as dst:
             shutil.copyfileobj(src, dst, COPY_BLOCK)
+
+    def link_in(self, name: str, src_path: Path) -> None:
+        """Put ``src_path`` into the folder as ``name``: a hard link where the filesystem has them, else a copy."""
+        with fs.naming(self.staging_dir / name):
+            path = self._member_path(name)
+            try:
+                os.link(src_path, path, follow_symlinks=False)
+                return
+            except OSError as error:
+                if error.errno in (errno.EEXIST, errno.ENOENT) or fs.is_disk_full(error):
+                    raise
+        self.copy_in(name, src_path)
 
     def sync(self) -> None:
         """Make the folder's entries durable (in it and any subfolder; files were fsynced as they closed)."""

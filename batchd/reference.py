@@ -106,7 +106,14 @@ def configuration_reference() -> str:
              "Relative paths in the file resolve against the file's folder. Unknown keys are an error. "
              "A list in an environment variable is JSON or a comma list "
              "(`BATCHD_DISABLED_PLUGINS=variations,sentiment`). "
-             "Secrets (the API key) are never read from the file: `GEMINI_API_KEY` or `GOOGLE_API_KEY`.\n\n",
+             "Secrets (the API key) are never read from the file: `GEMINI_API_KEY` or `GOOGLE_API_KEY`. "
+             "The config file is `--config PATH`, else `BATCHD_CONFIG`, else `./config.toml`; with none, "
+             "batchd says where it looked and runs on these defaults.\n\n"
+             "The provider is the embedded emulator by default (`provider = \"emulator\"`, as in the shipped "
+             "`config.toml`): `batchd run` starts it on a free loopback port, offline and unbilled. "
+             "Google's Gemini API is a config change: `provider = \"gemini\"` and `GEMINI_API_KEY`, with "
+             "`poll_interval` about 5 and `poll_max_interval` about 60 (the shipped config polls the emulator "
+             "faster).\n\n",
              "| key | type | default | environment | meaning |\n|---|---|---|---|---|\n"]
     for row in _rows(Settings):
         lines.append("| " + " | ".join(row) + " |\n")

@@ -79,7 +79,8 @@ def retry(settings: Settings, journal: Journal, tasks: Mapping[str, Task], job: 
         raise RetryError(f"job {job.id} ({job.source}) has no results.jsonl in its outbox folder {folder} "
                          f"(moved or removed?)")
     content = _manifest_copy(settings, job, folder)
-    manifest = _load_manifest(settings, tasks, job, content)
+    manifest = _load_manifest(settings, tasks, job, content, folder)
+    _restore_input(settings, job, manifest, folder)
     with tempfile.TemporaryDirectory(prefix="batchd-retry-") as scratch:
         keys = Path(scratch) / "keys.jsonl"
         counts = _select_keys(results, keys, failed=failed, expired=expired)
@@ -128,17 +129,39 @@ def _manifest_copy(settings: Settings, job: Job, folder: Path) -> bytes:
     return content
 
 
-def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes) -> Manifest:
-    """The job's manifest, read as if it were in the inbox again: the retry's input files are found there, and
-    must be the very files the job read (the keys of its requests come from them)."""
+def _restore_input(settings: Settings, job: Job, manifest: Manifest, folder: Path) -> None:
+    """Input files go with their job into its outbox folder: copy the one the job read back into the
+    inbox, at the same path, for the retry to read, as ``batchd submit`` does (an identical file there is
+    reused, a different one is never overwritten). A retry's old keys file stays in the folder."""
+    path = manifest.input_path
+    if path is None or not path.is_relative_to(folder.resolve()):
+        return  # inline items, or a job delivered before inputs went with it: its input is in the inbox
+    destination = settings.inbox / path.relative_to(folder.resolve())
     try:
-        manifest = load_manifest(settings.inbox / job.source, root=settings.inbox, tasks=tasks, check_inputs=False,
-                                 content=content, limits=settings.limits)
+        drop_input(path, destination)
+    except FileExistsError:
+        raise RetryError(f"job {job.id} read {path.name}, kept in its outbox folder {folder}, but the inbox "
+                         f"already has a different {destination}: move that one away and retry again") from None
+
+
+def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, content: bytes, folder: Path) -> Manifest:
+    """The job's manifest, read with the files it read, which must be the very files the job read (the keys
+    of its requests come from them): from its outbox folder, where they went with the job, else (a job
+    delivered before inputs went with their job) from the inbox."""
+    try:
+        manifest = load_manifest(folder / job.source, root=folder, tasks=tasks, check_inputs=False, content=content,
+                                 limits=settings.limits)
+    except ManifestError:
+        manifest = None
+    try:
+        if manifest is None:
+            manifest = load_manifest(settings.inbox / job.source, root=settings.inbox, tasks=tasks,
+                                     check_inputs=False, content=content, limits=settings.limits)
     except ManifestError as error:
         error = error.capped(settings.limits.error_chars)
         if error.field in ("input", "retry_of.keys"):
-            raise RetryError(f"job {job.id} read {error.field} from the inbox, and the retry needs the same file "
-                             f"there: {error.message}") from None
+            raise RetryError(f"the retry needs the same {error.field} file job {job.id} read, in its outbox folder "
+                             f"{folder} (where it went with the job) or in the inbox: {error.message}") from None
         raise RetryError(f"job {job.id}'s manifest no longer loads: {error}") from None
     # The job's content hash covers the manifest and its input files, as the claim made it.
     digest = hashlib.sha256(content)
@@ -146,7 +169,7 @@ def _load_manifest(settings: Settings, tasks: Mapping[str, Task], job: Job, cont
         digest.update(b"\0" + path.name.encode() + b"\0" + sha256_file(path).encode())
     if job.sha256 is not None and digest.hexdigest() != job.sha256:
         files = ", ".join(str(path) for path in manifest.input_files())
-        raise RetryError(f"{files} in the inbox differ from what job {job.id} read (changed since?): the keys of "
+        raise RetryError(f"{files} differ from what job {job.id} read (changed since?): the keys of "
                          f"its requests would not match; put back the files it read and retry again")
     return manifest
 

@@ -93,6 +93,24 @@ class JobSpool:
     def manifest_path(self, source: str) -> Path:
         return self.root / source
 
+    @property
+    def warnings_path(self) -> Path:
+        return self.root / "warnings.json"
+
+    def write_warnings(self, warnings: list[str], *, step: str | None = None) -> None:
+        """What the task said about the job while its requests were built (none: no file)."""
+        if warnings:
+            atomic_write(self.warnings_path, json.dumps(warnings, ensure_ascii=False), step=step)
+        else:
+            self.warnings_path.unlink(missing_ok=True)
+
+    def read_warnings(self) -> list[str]:
+        try:
+            warnings = json.loads(self.warnings_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        return [str(warning) for warning in warnings] if isinstance(warnings, list) else []
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -17,6 +17,37 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from batchd import sdk_enums
 
+import contextvars
+
+#: Where :func:`warn` puts a job's warnings while batchd reads its requests (None: nowhere).
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("batchd_task_warnings", default=None)
+
+#: A job keeps this many warnings from its task at most (each cut at WARNING_CHARS).
+MAX_WARNINGS = 20
+WARNING_CHARS = 1000
+
+
+def warn(message: str) -> None:
+    """Say something about a job that its owner should read, from a task's ``requests()``: what was
+    dropped or changed (a repeated text translated once, ...). batchd logs it as a WARNING line and
+    lists it in the job's ``summary.json`` ``warnings``. Say how many and which (a few examples)."""
+    collected = _warnings.get()
+    if collected is not None and len(collected) < MAX_WARNINGS:
+        text = str(message)
+        collected.append(text if len(text) <= WARNING_CHARS else text[:WARNING_CHARS] + "…")
+
+
+def examples(values: Iterable[Any], total: int, shown: int = 5, chars: int = 60) -> str:
+    """``'a', 'b', 'c' and 4 more``: a few of ``values`` (each cut at ``chars``) for a warning."""
+    listed = []
+    for value in values:
+        if len(listed) == shown:
+            break
+        text = str(value)
+        listed.append(repr(text if len(text) <= chars else text[:chars] + "…"))
+    more = total - len(listed)
+    return ", ".join(listed) + (f" and {more:,} more" if more > 0 else "")
+
 
 def _number_to_str(value: Any) -> Any:
     # TOML and JSON users write `id = 7`; ids are strings everywhere else (keys, JSON objects).

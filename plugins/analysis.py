@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, TypeAdapter, field_validator,
+                      model_validator)
 
 from batchd import hookimpl
-from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask
+from batchd.task import TaskRequest, TaskResult, TextItem, TextsParams, TextTask, examples, warn
 from batchd_plugins.sentiment import PROMPT as SENTIMENT_PROMPT
 from batchd_plugins.sentiment import Verdict
 from batchd_plugins.template import (
@@ -128,6 +129,7 @@ class CustomAnalysis(BaseModel):
 
 
 class AnalysisParams(TextsParams):
+    _repeated: list[str] = PrivateAttr(default_factory=list)  # analyses named more than once
     context: str | None = Field(
         None, description='What the texts are, to guide the analyses, e.g. "customer feedback".'
     )
@@ -154,6 +156,7 @@ class AnalysisParams(TextsParams):
         unknown = [name for name in self.analyses if name not in known]
         if unknown:
             raise ValueError(f"analyses: unknown {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+        self._repeated = [name for name in dict.fromkeys(self.analyses) if self.analyses.count(name) > 1]
         self.analyses = list(dict.fromkeys(self.analyses))  # drop repeats: keys must be unique
         return self
 
@@ -178,13 +181,16 @@ class Analysis(TextTask):
     default_config = {"temperature": 0.0}  # analyses should be repeatable
 
     def requests(self, params: AnalysisParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
+        if params._repeated:
+            warn(f"analyses: {examples(params._repeated, len(params._repeated))} given more than once; each is run "
+                 f"once per text")
         plan = [_plan(name, params) for name in params.analyses]
         for item in items:
             for analysis in plan:
                 yield TaskRequest(
                     key=f"{item.id}:{analysis.name}",
                     prompt=analysis.prompt.format_map({TEXT_FIELD: item.text}),
-                    input={"id": item.id, "analysis": analysis.name, "format": analysis.format},
+                    input={"id": item.id, "text": item.text, "analysis": analysis.name, "format": analysis.format},
                     config=analysis.config,
                 )
 

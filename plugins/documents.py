@@ -69,8 +69,8 @@ class Documents(Task):
             yield TaskRequest(
                 key=document.id,
                 prompt=params.prompt.format_map({DOCUMENT_FIELD: document.text}),
-                # Only the id is echoed: documents can be long, and results.jsonl would repeat them.
-                input={"id": document.id, "format": JSON_FORMAT if structured else TEXT_FORMAT},
+                # The document itself too: a line of results.jsonl says what it answers.
+                input={"id": document.id, "text": document.text, "format": JSON_FORMAT if structured else TEXT_FORMAT},
                 config=config,
             )
 

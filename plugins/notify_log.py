@@ -9,14 +9,20 @@ record's fields, so it lands wherever batchd's log goes (stderr, journald) in it
 
 and with ``log_format = "json"`` one JSON object per line. ``job`` is the job id and ``job_name`` the
 manifest's stem, as on batchd's other lines; the cost is shown as its estimate, actual and currency,
-without the details. ``[notify.log] events`` limits the kinds (empty: all).
+without the details. ``[notify.log] events`` limits the kinds (empty: all). ``held``, ``expired``,
+``partial``, ``failed`` and ``rejected`` lines are warnings, and say why (the event's reason or error).
+
+This is the one line of each event: where this plugin logs an event, the daemon's own line saying
+the same (``accepted …``, ``… held: …``, ``… succeeded → outbox``) is logged at DEBUG only.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 from batchd import hookimpl
+from batchd.config import EventKind
 
 log = logging.getLogger("batchd.notify")
 
@@ -32,11 +38,30 @@ def fields(event) -> dict:
     return named
 
 
+#: Kinds that need a look: their lines are warnings (``journalctl -p warning`` shows them).
+WARNING_KINDS = frozenset({"held", "expired", "partial", "failed", "rejected"})
+
+
+def level_of(kind: str) -> int:
+    return logging.WARNING if kind in WARNING_KINDS else logging.INFO
+
+
+def message(event) -> str:
+    """``job NAME KIND``, and why for an event that has a reason or an error."""
+    error = event.get("error")
+    why = event.get("reason") or (error.get("message") if isinstance(error, dict) else error)
+    return f"job {event['job']} {event['kind']}" + (f": {why}" if why else "")
+
+
 @hookimpl
 def job_event_kinds(settings):
-    if not log.isEnabledFor(logging.INFO):
-        return ()  # batchd logs at WARNING or above: a line per event would be dropped, so none is queued
-    return settings.notify.log.events or None
+    # Only the kinds whose line batchd's log level lets through: a line that would be dropped is not
+    # queued (under --log-level WARNING, the warnings alone; the daemon's own lines stand in for none).
+    wanted = settings.notify.log.events or list(get_args(EventKind))
+    kinds = [kind for kind in wanted if log.isEnabledFor(level_of(kind))]
+    if not settings.notify.log.events and len(kinds) == len(wanted):
+        return None
+    return kinds
 
 
 @hookimpl
@@ -44,7 +69,7 @@ def job_event(event, settings) -> None:
     wanted = settings.notify.log.events
     if wanted and event["kind"] not in wanted:
         return
-    log.info("job %s %s", event["job"], event["kind"], extra=fields(event))
+    log.log(level_of(event["kind"]), "%s", message(event), extra=fields(event))
 
 
 @hookimpl

@@ -173,10 +173,13 @@ class Template(Task):
                     f"row {row.id!r} has no value for template field(s) {_quoted(missing)} "
                     "(empty cells count as missing)"
                 )
+            values = row.values()
             yield TaskRequest(
                 key=row.id,
-                prompt=params.template.format_map(row.values()),
-                input={"id": row.id, "format": output_format},
+                prompt=params.template.format_map(values),
+                # The row's columns too: a line of results.jsonl says what it answers.
+                input={"id": row.id, "row": {name: value for name, value in values.items() if name != ROW_ID},
+                       "format": output_format},
                 config=config,
             )
 

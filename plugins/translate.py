@@ -5,6 +5,7 @@ organized.json: ``{original text: {language: translation}}``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import Annotated, Any
@@ -12,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from batchd import hookimpl
-from batchd.task import Task, TaskRequest, TaskResult, TextItem, error_entry
+from batchd.task import Task, TaskRequest, TaskResult, TextItem, error_entry, examples, warn
 
 Language = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -49,10 +50,18 @@ class Translate(Task):
     def requests(self, params: TranslateParams, items: Iterable[TextItem]) -> Iterator[TaskRequest]:
         source = f"from {params.source_language} " if params.source_language else ""
         languages = list(dict.fromkeys(params.languages))  # drop repeats, keep order
+        if len(languages) < len(params.languages):
+            repeated = [language for language, count in Counter(params.languages).items() if count > 1]
+            warn(f"languages: {examples(repeated, len(repeated))} given more than once; each is translated into once")
         # organized.json is keyed by the original text, so a repeated text is translated once.
         translated: set[str] = set()
+        dropped: list[str] = []  # ids of the repeats (the first few only are named)
+        repeats = 0
         for item in items:
             if item.text in translated:
+                repeats += 1
+                if len(dropped) < 5:
+                    dropped.append(f"{item.id} ({item.text})")
                 continue
             translated.add(item.text)
             for language in languages:
@@ -61,6 +70,9 @@ class Translate(Task):
                     prompt=PROMPT.format(direction=f"{source}into {language}", text=item.text),
                     input={"text": item.text, "language": language},
                 )
+        if repeats:
+            warn(f"{repeats:,} repeated text(s) dropped: each text is translated once (organized.json is keyed by "
+                 f"the text), so these items have no request of their own: {examples(dropped, repeats, chars=80)}")
 
     def organize(self, results: Iterable[TaskResult]) -> Iterator[tuple[str, Any]]:
         # Results arrive in request order, so each text's languages are adjacent.

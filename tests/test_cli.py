@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -169,3 +170,61 @@ def test_an_unknown_config_key_is_named(workspace: Workspace):
 def test_emulator_command_is_wired(workspace: Workspace):
     result = workspace.batchd("emulator", "--help")
     assert result.returncode == 0 and "--job-seconds" in result.stdout
+
+
+def test_global_options_are_taken_after_the_command_too(workspace: Workspace):
+    """`batchd run --config F`, `batchd status --config F --log-level DEBUG`: the global options anywhere."""
+    from batchd.cli import globals_first
+
+    assert globals_first(["status", "--config", "c.toml", "--log-level", "DEBUG", "--json"]) == [
+        "--config", "c.toml", "--log-level", "DEBUG", "status", "--json"]
+    assert globals_first(["--log-format", "json", "config", "show", "--config=c.toml"]) == [
+        "--log-format", "json", "--config=c.toml", "config", "show"]
+    assert globals_first(["submit", "--", "--config"]) == ["submit", "--", "--config"]
+    env = {"BATCHD_CONFIG": ""}
+    result = workspace.batchd("status", "--config", str(workspace.config), "--log-level", "DEBUG", "--json", **env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+    shown = workspace.batchd("config", "show", "--json", "--config", str(workspace.config), **env)
+    assert json.loads(shown.stdout)["config_file"] == str(workspace.config)
+
+
+def test_without_a_config_file_status_fails_and_says_where_it_looked(workspace: Workspace, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    env = workspace.env(BATCHD_CONFIG="")
+    result = subprocess.run([workspace.python, "-m", "batchd", "status"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "no jobs" not in result.stdout
+    assert f"no batchd state at {elsewhere / 'state'}" in result.stderr
+    assert str(elsewhere / "config.toml") in result.stderr and "--config" in result.stderr
+    listed = subprocess.run([workspace.python, "-m", "batchd", "list"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 1 and "no batchd state" in listed.stderr
+    submitted = subprocess.run([workspace.python, "-m", "batchd", "cancel", "x"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert "no config file" in submitted.stderr and "using the built-in defaults" in submitted.stderr
+    assert "provider emulator" in submitted.stderr
+
+
+def test_submit_force_runs_the_same_content_again(workspace: Workspace, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "t.toml").write_text(TRANSLATE)
+    (elsewhere / "j.json").write_text(json.dumps({"task": "translate", "texts": ["a"], "languages": ["French"]}))
+    for name in ("t.toml", "j.json"):
+        assert workspace.batchd("submit", str(elsewhere / name)).returncode == 0
+    assert workspace.batchd("run", "--once").returncode == 0
+    # The same content again: refused as a repeat (saying how to run it anyway), unless forced.
+    assert workspace.batchd("submit", str(elsewhere / "t.toml")).returncode == 0
+    forced = [workspace.batchd("submit", "--force", str(elsewhere / name)) for name in ("t.toml", "j.json")]
+    assert all(result.returncode == 0 and "force = true" in result.stdout for result in forced), forced
+    assert json.loads((workspace.inbox / "j.json").read_text())["force"] is True
+    assert (workspace.inbox / "t-2.toml").read_text().startswith("force = true")
+    assert workspace.batchd("run", "--once").returncode == 1
+    states = {name: summary["state"] for name, summary in workspace.delivered().items()}
+    assert states == {"t": "succeeded", "j": "succeeded", "t-2": "rejected", "t-2-2": "succeeded",
+                      "j-2": "succeeded"}, states
+    rejected = workspace.delivered()["t-2"]
+    assert rejected["error"]["code"] == "duplicate" and "--force" in rejected["error"]["message"]
+    (elsewhere / "off.toml").write_text("force = false\n" + TRANSLATE)
+    refused = workspace.batchd("submit", "--force", str(elsewhere / "off.toml"))
+    assert refused.returncode == 1 and "force = false" in refused.stderr

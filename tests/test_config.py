@@ -30,7 +30,7 @@ def write_config(folder: Path, text: str, name: str = "config.toml") -> Path:
 def test_defaults_without_a_config_file(tmp_path):
     settings = load_settings()
     assert settings.config_file is None
-    assert settings.provider == "gemini"
+    assert settings.provider == "emulator", "the embedded emulator is the default, as in the shipped config"
     assert settings.model == "gemini-2.5-flash"
     assert settings.api_version == "v1beta"
     assert settings.inbox == tmp_path / "inbox"
@@ -173,7 +173,7 @@ def test_redacted_dict_masks_secrets_by_type_and_shows_token_settings(monkeypatc
     dump = settings.redacted_dict()
     assert "sekrit-api-key" not in repr(dump)
     assert "whsec-not-shown" not in repr(dump) and "pw@example" not in repr(dump)
-    assert dump["provider"] == "gemini"
+    assert dump["provider"] == "emulator"
     assert dump["notify"]["webhook"]["secret"] == "***"
     assert dump["notify"]["email"]["urls"] == ["***"]
     assert dump["notify"]["webhook"]["urls"] == ["***"] and "xoxb-hook-token" not in repr(dump)
@@ -187,5 +187,6 @@ def test_redacted_dict_masks_secrets_by_type_and_shows_token_settings(monkeypatc
 def test_shipped_config_loads(tmp_path):
     settings = load_settings(REPO_CONFIG)
     assert settings.provider == "emulator"
+    assert load_settings().provider == settings.provider, "one default: the built-in one is the shipped config's"
     assert settings.inbox == REPO_CONFIG.parent / "inbox"
     assert settings.state_dir == REPO_CONFIG.parent / "state"

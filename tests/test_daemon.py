@@ -42,6 +42,10 @@ id = "r3"
 text = "It is fine."
 """
 
+#: SENTIMENT's items as an input file.
+SENTIMENT_ITEMS = "".join(json.dumps({"id": f"r{n}", "text": text}) + "\n" for n, text in enumerate(
+    ["I love this product, it works perfectly.", "Broken after two days. Very disappointed.", "It is fine."], 1))
+
 VARIATIONS = """\
 task = "variations"
 base_content = "Our new water bottle keeps drinks cold for 24 hours."
@@ -298,8 +302,10 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
     # Two requests a chunk: every job has several remote jobs, so every crash point meets a job
     # with chunks in different states.
     workspace.configure(chunk_max_requests=2, **FILE_MODE if mode == "file" else {})
+    # The sentiment job reads an input file, which leaves the inbox with it whatever the crash point.
+    workspace.drop("items.jsonl", SENTIMENT_ITEMS)
+    workspace.drop("sentiment.toml", 'task = "sentiment"\ninput = "items.jsonl"\n')
     workspace.drop("translate.toml", TRANSLATE)
-    workspace.drop("sentiment.toml", SENTIMENT)
 
     crashed = workspace.start("run", BATCHD_CRASH_AT=point)
     assert crashed.wait(120) == -signal.SIGKILL, f"the daemon did not reach crash point {point}"
@@ -313,6 +319,7 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
     assert delivered["translate"]["counts"]["total"] == 4
     assert delivered["sentiment"]["counts"]["total"] == 3
     assert not list(workspace.inbox.iterdir())
+    assert (workspace.outbox / "sentiment" / "items.jsonl").read_text() == SENTIMENT_ITEMS
     assert_one_live_job_per_chunk(workspace)
     assert request_files(workspace) == [], "a request file was left on the Files API"
 
@@ -551,3 +558,58 @@ def test_the_shipped_examples_all_succeed(workspace: Workspace):
     assert {s["task"] for s in delivered.values()} >= {"translate", "sentiment", "variations", "analysis",
                                                         "documents", "template", "embed"}
     assert all(s["state"] == "succeeded" for s in delivered.values()), delivered
+
+
+def test_repeats_dropped_are_warned_and_every_result_line_carries_its_source_text(workspace: Workspace):
+    workspace.configure(log_format="json")
+    workspace.drop("rep.toml", 'task = "translate"\ntexts = ["Hi", "Bye", "Hi"]\nlanguages = ["French"]\n')
+    workspace.drop("docs.toml", 'task = "documents"\nprompt = "Sum up: {document}"\n'
+                                'documents = ["First doc.", "Second doc."]\n')
+    workspace.drop("analysis.toml", 'task = "analysis"\ntexts = ["Great phone."]\nanalyses = ["summary"]\n')
+    workspace.drop("tpl.toml", 'task = "template"\ntemplate = "Blurb for {name}"\n'
+                               'rows = [{id = "p1", name = "Lamp"}]\n')
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    folders = workspace.outbox_folders()
+    (warning,) = folders["rep"].summary["warnings"]
+    assert warning.startswith("1 repeated text(s) dropped") and "'3 (Hi)'" in warning
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [line["msg"] for line in logged if line["level"] == "warning"] == [
+        f"job {folders['rep'].summary['job']} (rep.toml): {warning}"]
+    assert "warnings" not in folders["docs"].summary
+    assert [line["input"]["text"] for line in folders["docs"].results] == ["First doc.", "Second doc."]
+    assert [line["input"]["text"] for line in folders["analysis"].results] == ["Great phone."]
+    assert [line["input"]["row"] for line in folders["tpl"].results] == [{"name": "Lamp"}]
+    assert all("text" in line["input"] for line in folders["rep"].results)
+
+
+def test_an_input_file_goes_with_its_last_job_and_a_kill_after_the_claim_loses_nothing(workspace: Workspace):
+    """Two manifests name one input file: the first claimed copies it (the other still needs it), the
+    last takes it out of the inbox. Killed between a claim and the input's removal, the restart
+    finishes the move; each outbox folder holds the file its job read, the inbox is left empty."""
+    rows = "id,text\na1,Great value\na2,Terrible support\n"
+    (workspace.inbox / "data").mkdir()
+    workspace.drop("data/reviews.csv", rows)
+    workspace.drop("one.toml", 'task = "sentiment"\ninput = "data/reviews.csv"\n')
+    workspace.drop("two.toml", 'task = "sentiment"\ninput = "data/reviews.csv"\ntemperature = 0.5\n')
+    workspace.drop("results.jsonl", '{"id": "x", "text": "An input named as an outbox file"}\n')
+    workspace.drop("odd.toml", 'task = "sentiment"\ninput = "results.jsonl"\n')
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -signal.SIGKILL
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    delivered = workspace.delivered()
+    assert {name: summary["state"] for name, summary in delivered.items()} == {
+        "one": "succeeded", "two": "succeeded", "odd": "succeeded"}
+    for name in ("one", "two"):
+        assert (workspace.outbox / name / "data" / "reviews.csv").read_text() == rows
+        assert [line["input"]["text"] for line in workspace.outbox_folder(name).results] == [
+            "Great value", "Terrible support"]
+    # An input whose path is a file batchd writes in the outbox folder stays where it was.
+    assert sorted(str(path.relative_to(workspace.inbox)) for path in workspace.inbox.rglob("*")) == [
+        "data", "results.jsonl"]
+    assert len(remote_jobs(workspace)) == 3

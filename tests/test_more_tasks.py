@@ -65,7 +65,7 @@ def test_analysis_defaults_to_the_four_builtins(tmp_path):
         "1:sentiment", "1:themes", "1:entities", "1:summary",
         "2:sentiment", "2:themes", "2:entities", "2:summary",
     ]
-    assert requests[1].input == {"id": "1", "analysis": "themes", "format": "json"}
+    assert requests[1].input == {"id": "1", "text": "Great phone, from Acme.", "analysis": "themes", "format": "json"}
     for request in requests:
         assert JSON_CONFIG_KEYS <= request.config.keys() and request.config["temperature"] == 0.0
         assert request.config["response_mime_type"] == "application/json"
@@ -176,7 +176,7 @@ def test_documents_inline_texts_and_tables(tmp_path):
     first, memo = manifest.requests()
     assert (first.key, memo.key) == ("1", "memo")
     assert first.prompt == "Summarize in 2 sentences ({no field}): First doc."
-    assert memo.input == {"id": "memo", "format": "text"} and memo.config == {}
+    assert memo.input == {"id": "memo", "text": "Second doc.", "format": "text"} and memo.config == {}
     organized = dict(manifest.organize([answered(first, text=" A summary.\n"), failed(memo)]))
     assert organized == {"1": "A summary.", "memo": {"error": "quota exhausted"}}
 
@@ -246,7 +246,7 @@ def test_template_inline_rows(tmp_path):
     assert (p1.key, second.key) == ("p1", "2")
     assert p1.prompt == "Blurb for Lamp in a calm tone (row p1)."
     assert second.prompt == "Blurb for Mug in a fun tone (row 2)."
-    assert p1.input == {"id": "p1", "format": "text"} and p1.config == {}
+    assert p1.input == {"id": "p1", "row": {"name": "Lamp", "tone": "calm"}, "format": "text"} and p1.config == {}
     organized = dict(manifest.organize([answered(p1, text="Soft light.\n"), answered(second, text="  ")]))
     assert organized == {"p1": "Soft light.", "2": {"error": "empty response"}}
 
@@ -327,3 +327,17 @@ def test_inbox_examples_load(name, request_count):
     requests = list(manifest.requests())
     assert len(requests) == request_count
     assert len({r.key for r in requests}) == request_count
+
+
+def test_repeats_a_task_drops_are_warned_about(tmp_path: Path):
+    from batchd_plugins.translate import Translate
+
+    path = tmp_path / "job.toml"
+    path.write_text('task = "translate"\ntexts = ["Hi", "Bye", "Hi", "Hi"]\nlanguages = ["French", "French"]\n')
+    manifest = load_manifest(path, tasks={"translate": Translate()})
+    assert [request.key for request in manifest.requests()] == ["1:French", "2:French"]
+    assert manifest.warnings[0] == "languages: 'French' given more than once; each is translated into once"
+    assert manifest.warnings[1].startswith("2 repeated text(s) dropped") and "'3 (Hi)', '4 (Hi)'" in manifest.warnings[1]
+    analysis = manifest_for(tmp_path, 'task = "analysis"\ntexts = ["a"]\nanalyses = ["themes", "summary", "themes"]\n')
+    assert [request.key for request in analysis.requests()] == ["1:themes", "1:summary"]
+    assert analysis.warnings == ["analyses: 'themes' given more than once; each is run once per text"]

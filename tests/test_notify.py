@@ -708,3 +708,28 @@ def test_hook_job_event_webhook_goes_through_the_proxy_of_the_environment(monkey
 
     assert post.target == "http://hooks.example.invalid/batchd"
     assert_signed(post)
+
+
+def test_one_log_line_per_event_and_run_once_rejects_a_bad_manifest_at_once_saying_why(workspace: Workspace):
+    # The grace for half-written manifests is long; --once takes complete files and must not wait it out.
+    workspace.configure(log_format="json", incomplete_grace_seconds=60)
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("bad.toml", 'task = "translate"\ntexts = [1]\nlanguages = ["French"]\n')
+
+    started = time.monotonic()
+    result = workspace.batchd("run", "--once")
+
+    assert time.monotonic() - started < 30, "the bad manifest waited for incomplete_grace_seconds"
+    assert result.returncode == 1, result.stderr
+    assert workspace.delivered()["bad"]["state"] == "rejected"
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    shown = [record for record in records if record["level"] != "debug"]
+    events = [record for record in shown if record["logger"] == "batchd.notify"]
+    assert Counter(record["kind"] for record in events if record["kind"] != "progress") == Counter(
+        {"accepted": 1, "submitted": 1, "succeeded": 1, "rejected": 1})
+    # The daemon's own lines saying the same are DEBUG: one line per event.
+    daemon = [record["msg"] for record in shown if record["logger"] == "batchd"]
+    assert not [msg for msg in daemon if msg.startswith(("accepted ", "rejected ")) or " → " in msg], daemon
+    (rejected,) = [record for record in events if record["kind"] == "rejected"]
+    assert rejected["level"] == "warning" and "texts[0]" in rejected["msg"] and "bad.toml" in rejected["msg"]
+    assert rejected["error"]["message"] in rejected["msg"]

@@ -84,6 +84,9 @@ def test_a_retry_sends_exactly_the_failed_requests_and_names_the_job_it_retries(
     assert {line["key"] for line in results(workspace, "sentiment.retry-2")} == failed_again
     assert set(workspace.outbox_folder("sentiment.retry-2").organized) == failed_again
     assert "nothing to retry" in retry(workspace, "sentiment.retry-2").stdout
+    # Each keys file went with its retry into its outbox folder: nothing is left in the inbox.
+    assert (workspace.outbox / "sentiment.retry-2" / "sentiment.retry-2.keys.jsonl").exists()
+    assert not list(workspace.inbox.iterdir())
 
     if shutil.which("jq"):  # the merged view the README shows
         merged = workspace.outbox / "sentiment" / "results.jsonl"
@@ -156,21 +159,27 @@ def test_a_retry_of_a_job_with_an_input_file_reads_the_same_file(workspace: Work
     failed = error_keys(workspace, "reviews", expired=False)
     assert failed
 
+    # The input went with its job into its outbox folder; the retry puts it back into the inbox.
+    kept = workspace.outbox / "reviews" / "reviews.csv"
+    assert kept.read_text() == "id,text\n" + rows and not (workspace.inbox / "reviews.csv").exists()
     workspace.configure()
-    (workspace.inbox / "reviews.csv").rename(workspace.root / "reviews.csv")
+    kept.rename(workspace.root / "reviews.csv")
     gone = retry(workspace, "reviews", code=1).stderr
-    assert "reviews.csv" in gone and "needs the same file" in gone
-    (workspace.root / "reviews.csv").write_text("id,text\nr0,another review\n")
-    (workspace.root / "reviews.csv").rename(workspace.inbox / "reviews.csv")
-    assert "differ from what job" in retry(workspace, "reviews", code=1).stderr
-    workspace.drop("reviews.csv", "id,text\n" + rows)
+    assert "reviews.csv" in gone and "needs the same input file" in gone and "outbox folder" in gone
+    (workspace.root / "reviews.csv").rename(kept)
+    workspace.drop("reviews.csv", "id,text\nr0,another review\n")
+    assert "already has a different" in retry(workspace, "reviews", code=1).stderr
+    (workspace.inbox / "reviews.csv").unlink()
     assert not list(workspace.inbox.glob("reviews.retry-*"))
 
     retry(workspace, "reviews")
+    assert (workspace.inbox / "reviews.csv").read_text() == "id,text\n" + rows
     run_once(workspace)
 
     assert {line["key"] for line in results(workspace, "reviews.retry-1")} == failed
     assert workspace.delivered()["reviews.retry-1"]["state"] == "succeeded"
+    assert (workspace.outbox / "reviews.retry-1" / "reviews.csv").read_text() == "id,text\n" + rows
+    assert not list(workspace.inbox.iterdir()), "the input and the keys file went with the retry"
 
 
 BAD_KEYS = {

@@ -147,8 +147,9 @@ class Admit:
             held = replace(job, state=JobState.HELD, hold=reason)
             ctx.journal.update_job(job.id, state=JobState.HELD, hold=reason,
                                    events=[ctx.event("held", held, reason=reason)])
-            log.warning("job %s (%s) held: %s; release it with `batchd approve %s` or a higher budget",
-                        job.id, job.source, reason, job.name)
+            ctx.log_event("held", logging.WARNING,
+                          "job %s (%s) held: %s; release it with `batchd approve %s` or a higher budget",
+                          job.id, job.source, reason, job.name)
             return
         ctx.journal.update_job(job.id, admitted_at=time.time())
 

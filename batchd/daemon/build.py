@@ -57,6 +57,8 @@ class Builder:
     #: Built chunks not yet recorded, for a build that holds them until its pass has read every row
     #: (None: each is recorded as it comes, and may be sent at once).
     held: list | None = None
+    #: What the task said through batchd.task.warn() (complete once every request is read).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def close(self, *, wait: bool = False) -> None:
         self.chunks.close(wait=wait)
@@ -141,6 +143,11 @@ class Build:
                 return
             self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
             return
+        # Kept in the spool (written before 'built' commits; a build started again writes it anew) for
+        # summary.json's warnings, and said now.
+        ctx.spool(job.id).write_warnings(builder.warnings, step="requests")
+        for warning in builder.warnings:
+            log.warning("job %s (%s): %s", job.id, job.source, warning, extra={"job": job.id})
         # A job the cache answers whole has no chunk: it goes on to be delivered, sending nothing.
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
         log.info("job %s: %d requests in %d chunk(s)%s", job.id, counts["requests"], counts["chunks"],
@@ -200,7 +207,7 @@ class Build:
                              cache=cache)
         builder = self.builders[job.id] = Builder(
             OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate,
-            cache, held=[] if first_read else None)
+            cache, held=[] if first_read else None, warnings=manifest.warnings)
         return builder
 
     def stop(self, job: Job) -> Stopped:

@@ -279,6 +279,14 @@ class Context:
             details["seq"] = self.journal.event_count(job.id, kind) + 1
         return make_event(kind, job, default_model=self.settings.model, **details)
 
+    def log_event(self, kind: str, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        """Log a line of the daemon's that says what an event of ``kind`` says: at DEBUG when the ``log``
+        notification plugin writes that event's own line, so each event is one line at INFO and above
+        (the plugin's, with the event's fields), and the daemon's line where no plugin logs the kind."""
+        if "log" in self.journal.event_targets({"kind": kind}):
+            level = logging.DEBUG
+        log.log(level, message, *args, **kwargs)
+
     def plugin_clock(self, task: str, step: str) -> PluginClock:
         return PluginClock(task, self.task_owners.get(task, "?"), step)
 

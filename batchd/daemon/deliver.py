@@ -28,6 +28,7 @@ from batchd.cache import CacheLimits, CacheStore
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, Stopping, Turns, Work, is_own_file, iso, replace
 from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.intake import read_inputs_record
 from batchd.journal import Chunk, Job
 from batchd.logs import redact_data
 from batchd.npy import NpyRowWriter
@@ -155,7 +156,8 @@ class Deliver:
         staged = self._summarized(job, summary, written.usage)
         if written.counts.get("cached"):
             summary["cache"] = self._cache_summary(job, written)
-        finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary))
+        finishing = self._stager.submit(finish_folder, written.folder, *self._manifest_copy(job), redact_data(summary),
+                                        self._inputs(job))
         self._staging[job.id] = (finishing, staged)
         job_id = job.id
         finishing.add_done_callback(lambda _: (ctx.mark(job_id), ctx.wake()))
@@ -169,7 +171,7 @@ class Deliver:
             summary["error"] = {"code": "cancelled", "message": f"cancelled on request (batchd cancel {job.name}, "
                                                                 f"or {job.name}.cancel) before any of it was sent"}
         staged = self._summarized(job, summary, None)
-        finish_folder(folder, *self._manifest_copy(job), redact_data(summary))
+        finish_folder(folder, *self._manifest_copy(job), redact_data(summary), self._inputs(job))
         self._name_folder(job, staged)
 
     def _summarized(self, job: Job, summary: dict, usage: dict | None) -> _Staged:
@@ -204,6 +206,12 @@ class Deliver:
         the entry in whole)."""
         manifest = self.ctx.spool(job.id).manifest_path(job.source)
         return job.source, manifest if is_own_file(manifest) else None
+
+    def _inputs(self, job: Job) -> list[tuple[str, Path]]:
+        """The input files the job took, to go into its folder beside the manifest's copy, each at its
+        path in the inbox (``data/reviews.csv``), so that the folder holds what the job read."""
+        inputs = self.ctx.spool(job.id).inputs
+        return [(entry["path"], inputs / entry["name"]) for entry in read_inputs_record(inputs) if entry.get("placed")]
 
     def _name_folder(self, job: Job, staged: _Staged) -> None:
         """Commit the finished folder's outbox name (``publishing``); the next visit publishes it."""
@@ -248,8 +256,10 @@ class Deliver:
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
         ctx.journal.after_commit(lambda: self._cleanup.submit(spool.remove))  # once 'done' is committed
         ctx.report.delivered(job)
-        log.info("job %s (%s): %s → %s", job.id, job.source, job.outcome, destination,
-                 extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+        ctx.log_event(job.outcome, logging.INFO if job.outcome in ("succeeded", "cancelled") else logging.WARNING,
+                      "job %s (%s): %s → %s%s", job.id, job.source, job.outcome, destination,
+                      f": {job.error['message']}" if isinstance(job.error, dict) and job.error.get("message") else "",
+                      extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
 
     def abandon(self, job: Job) -> None:
         """A full disk cut the job's writing short: its staging folder is written anew once there is room
@@ -303,7 +313,7 @@ class Deliver:
                         "\"joined_by\": \"position\" in results.jsonl) or send the job again with "
                         "inline_max_requests = 0", job.id, job.source, counts["joined_by_position"], state,
                         extra={"job": job.id, "outcome": state})
-        warnings = []
+        warnings = ctx.spool(job.id).read_warnings()  # the task's own (batchd.task.warn), said at build time
         if job.build_stopped:
             built = sum(c.request_count for c in chunks)
             warnings.append(
@@ -426,11 +436,15 @@ class _Staged:
 # -- the writer: runs in the pool, given its spool and gate, never the journal ------------------------
 
 
-def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict) -> None:
-    """Add the manifest's copy and summary.json to a staged folder and make its entries durable, so it
-    may be renamed into the outbox once its name is committed."""
+def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict,
+                  inputs: list[tuple[str, Path]] = ()) -> None:
+    """Add the manifest's copy, the job's input files (linked from its spool: the spool goes once the
+    job is done) and summary.json to a staged folder and make its entries durable, so it may be
+    renamed into the outbox once its name is committed."""
     if manifest is not None:
         folder.copy_in(manifest_name, manifest)
+    for name, path in inputs:
+        folder.link_in(name, path)
     folder.write_json("summary.json", summary)  # redacted by the caller: an error text may quote a secret
     folder.sync()
 

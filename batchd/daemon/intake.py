@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Callable
 from batchd import fs
 from batchd.daemon.context import Context, is_regular_file, manifest_error, replace
 from batchd.daemon.crashpoints import crashpoint
+from batchd.durable import atomic_write
 from batchd.inbox import (Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name, read_entry,
                           sha256_file)
 from batchd.journal import Job, new_job_id
@@ -30,6 +32,14 @@ from batchd.states import JobState
 log = logging.getLogger("batchd")
 
 MANIFEST_SUFFIXES = (".toml", ".json")
+#: Files batchd writes into a job's outbox folder: an input file of the same path stays in the inbox.
+OUTBOX_FILES = frozenset({"results.jsonl", "organized.json", "summary.json", "embeddings.npy",
+                          "embeddings_index.jsonl"})
+#: In a job's spool ``inputs/``: which input files it took, from where, and whether they left the inbox.
+INPUTS_RECORD = ".batchd-inputs.json"
+#: Manifests waiting in the inbox read (their first bytes) per tick to see which input files they name.
+PENDING_READ_FILES = 1000
+PENDING_READ_BYTES = 64 * 1024
 CANCEL_SUFFIX = ".cancel"
 APPROVE_SUFFIX = ".approve"
 CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
@@ -59,6 +69,8 @@ class Intake:
         self.claiming_paused: str | None = None
         #: Whether the last tick left settled manifests for the next one (CLAIMS_PER_TICK).
         self.backlog = False
+        #: The text of the manifests waiting in the inbox, read at most once a tick (see _named_elsewhere).
+        self._pending: dict | None = None
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -98,6 +110,7 @@ class Intake:
             return  # the inbox went away this instant: the next tick creates it again
         paused = self._below_free_space_floor()
         self.backlog = False
+        self._pending = None  # the waiting manifests' text, read again this tick if an input needs it
         intents: list[Claim] = []
         # The claims' intents commit together, then the files move. A stop or a full disk part way
         # leaves the claims intended so far 'claiming': the next tick, or the next start, finishes them.
@@ -159,8 +172,9 @@ class Intake:
                 if fs.is_disk_full(error):
                     raise  # no room to check it: it is taken once there is (the loop backs off)
                 # A file that does not parse may still be being written: reject it only once
-                # it has stayed unchanged long enough.
-                if candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
+                # it has stayed unchanged long enough. Under ``run --once`` a candidate is complete
+                # (it has settled, or was renamed in, and --once takes what the inbox holds): at once.
+                if not ctx.once and candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
                     continue
                 if not isinstance(error, ManifestError):
                     # A reader's bug or an input nobody foresaw: the file is rejected with the error
@@ -205,16 +219,26 @@ class Intake:
         try:
             with fs.naming(spool.root):
                 spool.root.mkdir(parents=True)
+                taken = []
                 for input_path in manifest.input_files() if manifest else []:
                     # Inputs are linked (or copied) into the spool before the claim, so the claimed
-                    # job is self-contained; a crash here leaves only a spare copy.
+                    # job is self-contained; a crash here leaves only a spare copy. One that goes with
+                    # the job (linked here, its inbox name removed once the claim is committed) is
+                    # one no other manifest waiting in the inbox names; one that stays is copied.
                     copy = spool.inputs / input_path.name
                     fs.fault_point("claim", copy)
-                    _take_input(input_path, copy, ctx.settings.inbox)
+                    relative = input_path.relative_to(ctx.settings.inbox.resolve()).as_posix()
+                    placed = relative not in OUTBOX_FILES and relative != source
+                    moved = placed and not self._named_elsewhere(input_path.name, path, intents)
+                    _take_input(input_path, copy, ctx.settings.inbox, link=moved)
+                    taken.append({"path": relative, "name": input_path.name, "moved": moved, "placed": placed})
                     digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
                 if manifest is not None and manifest.input_folder is not None:
                     # A folder input's files are read when the job is built: its listing tells jobs apart.
                     digest.update(b"\0folder\0" + manifest.folder_fingerprint().encode())
+                if taken:
+                    # Durable before the claim's intent: recovery finishes the claim from it.
+                    atomic_write(spool.inputs / INPUTS_RECORD, json.dumps(taken, ensure_ascii=False), step="claim")
         except UnsafeEntry as unsafe:
             # Changed into a symlink, a hard link or something else since it was validated: never read.
             error = {"code": "unsafe_input", "file": source, "kind": unsafe.kind,
@@ -228,9 +252,11 @@ class Intake:
             raise
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None
-        if error is None and earlier is not None:
-            error = {"message": f"{source} has the same content as job {earlier.id} "
-                                f"({earlier.source}); it was not run again",
+        if error is None and earlier is not None and not (manifest is not None and manifest.common.force):
+            error = {"code": "duplicate",
+                     "message": f"{source} has the same content as job {earlier.id} "
+                                f"({earlier.source}); it was not run again (to run it again: `batchd submit "
+                                f"--force FILE`, or force = true in the manifest)",
                      "duplicate_of": earlier.id}
         # The verdict is part of the claim's intent: recovery finishes a claim cut short by a crash
         # and must not run a duplicate, a symlink or a FIFO it never re-examines.
@@ -240,6 +266,35 @@ class Intake:
                             manifest_sha256=manifest_sha256, retry_of=self._retry_of(manifest),
                             **task_and_model)
         intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
+
+    def _named_elsewhere(self, name: str, manifest: Path, intents: list[Claim]) -> bool:
+        """Whether a manifest waiting in the inbox, other than ``manifest`` and those claimed this tick,
+        may name input file ``name`` (its text holds the name; one too big or too many to read counts
+        as naming it: an input is kept rather than taken from a job that needs it)."""
+        if self._pending is None:
+            self._pending = _pending_manifests(self.ctx.settings.inbox)
+        if self._pending is _TOO_MANY:
+            return True
+        besides = {manifest.name, *(intent.path.name for intent in intents)}
+        needle = name.encode()
+        return any(text is None or needle in text for entry, text in self._pending.items() if entry not in besides)
+
+    def _release_inputs(self, job_id: str) -> None:
+        """The claim is committed: the input files that go with the job leave the inbox (the spool holds
+        them; delivery puts them into the job's outbox folder). An inbox name that is no longer the
+        file taken (replaced since) is left alone."""
+        ctx = self.ctx
+        spool = ctx.spool(job_id)
+        for entry in read_inputs_record(spool.inputs):
+            if not entry.get("moved"):
+                continue
+            left = ctx.settings.inbox / entry["path"]
+            try:
+                if _same_file(left, spool.inputs / entry["name"]):
+                    os.unlink(left)
+                    ctx.journal.sync_before_commit(left.parent, step="claim")
+            except FileNotFoundError:
+                pass  # gone already: removed before a crash, or by its owner
 
     def _retry_of(self, manifest: Manifest | None) -> dict | None:
         """What a retry manifest retries: the job's id, and its name when the journal knows the job."""
@@ -261,6 +316,7 @@ class Intake:
                                    error={"message": f"{source} was removed before batchd could claim it"})
             return
         crashpoint("after-claim")
+        self._release_inputs(job_id)
         job = ctx.journal.job(job_id)
         if intent.checked is not None and job.error is None:
             st = os.lstat(claimed)
@@ -273,8 +329,12 @@ class Intake:
                 ctx.journal.update_job(job_id, error=error)
                 job = replace(job, error=error)
         self._received(job)
-        log.info("accepted %s as job %s%s", source, job_id, " (rejected)" if job.error else "",
-                 extra={"job": job_id, "manifest": source})
+        if job.error:  # its ``rejected`` event comes when its outbox folder is published
+            ctx.log_event("rejected", logging.WARNING, "rejected %s (job %s): %s", source, job_id,
+                          job.error.get("message"), extra={"job": job_id, "manifest": source})
+        else:
+            ctx.log_event("accepted", logging.INFO, "accepted %s as job %s", source, job_id,
+                          extra={"job": job_id, "manifest": source})
 
     def _received(self, job: Job) -> None:
         """The claim is complete: the job is ``received``. Its verdict was committed with the claim's
@@ -295,6 +355,7 @@ class Intake:
             ctx.journal.update_job(job.id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{job.source} vanished during its claim"})
             return
+        self._release_inputs(job.id)
         self._received(job)
 
     def _inbox_path(self, source: str) -> Path:
@@ -371,9 +432,10 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.samestat(os.lstat(a), os.lstat(b))
 
 
-def _take_input(source: Path, destination: Path, inbox: Path) -> None:
-    """Link (or copy) an input file into the spool, never through a symlink, and only a file with no other
-    name than its inbox one: a hard link could name a file its dropper may not read (raises UnsafeEntry).
+def _take_input(source: Path, destination: Path, inbox: Path, *, link: bool = True) -> None:
+    """Link (``link``, where the filesystem can) or copy an input file into the spool, never through a
+    symlink, and only a file with no other name than its inbox one: a hard link could name a file its
+    dropper may not read (raises UnsafeEntry).
 
     ``source`` is reached from ``inbox`` one folder at a time without following a symlink (a folder on its
     path swapped for a link to elsewhere since the manifest was checked is refused, not followed)."""
@@ -382,14 +444,18 @@ def _take_input(source: Path, destination: Path, inbox: Path) -> None:
     folder = _open_folder_beneath(inbox, source)
     try:
         try:
+            if not link:
+                raise OSError("a copy is wanted")
             os.link(source.name, destination, src_dir_fd=folder, follow_symlinks=False)
             expected_links = 2
-        except OSError:  # a filesystem without hard links: a copy, read through a checked descriptor
+        except OSError:  # a copy (or a filesystem without hard links), read through a checked descriptor
             with open(os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder), "rb") as src:
                 st = os.fstat(src.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     raise UnsafeEntry(source, entry_kind(st.st_mode),
                                       f"a {entry_kind(st.st_mode)}, not a regular file") from None
+                if st.st_nlink != 1:
+                    raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink} hard links")
                 with open(destination, "xb") as dst:
                     shutil.copyfileobj(src, dst)
             expected_links = 1
@@ -400,6 +466,45 @@ def _take_input(source: Path, destination: Path, inbox: Path) -> None:
         raise UnsafeEntry(source, entry_kind(st.st_mode), f"a {entry_kind(st.st_mode)}, not a regular file")
     if st.st_nlink != expected_links:
         raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink - expected_links + 1} hard links")
+
+
+_TOO_MANY = {}  # _pending_manifests: more waiting manifests than are read
+
+
+def _pending_manifests(inbox: Path) -> dict[str, bytes | None]:
+    """The first bytes of each manifest waiting in ``inbox`` (under a temp name too: one being
+    written), by file name; None for one larger than :data:`PENDING_READ_BYTES`, and
+    :data:`_TOO_MANY` past :data:`PENDING_READ_FILES` of them. Only regular files are read."""
+    found: dict[str, bytes | None] = {}
+    try:
+        names = os.listdir(inbox)
+    except OSError:
+        return _TOO_MANY
+    for name in names:
+        lowered = name.lower()
+        if not (lowered.endswith(MANIFEST_SUFFIXES) or any(f"{suffix}." in lowered for suffix in MANIFEST_SUFFIXES)):
+            continue
+        if len(found) >= PENDING_READ_FILES:
+            return _TOO_MANY
+        try:
+            fd = os.open(inbox / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        with open(fd, "rb") as file:
+            st = os.fstat(file.fileno())
+            if stat.S_ISREG(st.st_mode):
+                text = file.read(PENDING_READ_BYTES + 1)
+                found[name] = text if len(text) <= PENDING_READ_BYTES else None
+    return found
+
+
+def read_inputs_record(inputs: Path) -> list[dict]:
+    """The input files a job took (see :data:`INPUTS_RECORD`); none for a job without one."""
+    try:
+        record = json.loads((inputs / INPUTS_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    return [entry for entry in record if isinstance(entry, dict)] if isinstance(record, list) else []
 
 
 def _open_folder_beneath(inbox: Path, source: Path) -> int:

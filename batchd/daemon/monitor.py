@@ -264,14 +264,16 @@ class Monitor:
             display_name = chunk_display_name(job, chunk.idx, chunk.resubmits + 1)
             reason = f"{what}; submitted again as {display_name} " \
                      f"(resubmission {chunk.resubmits + 1} of {allowed}, resubmit_expired)"
-            log.warning("job %s: %s", job.id, reason, extra={"job": job.id, "chunk": chunk.idx})
+            ctx.log_event("expired", logging.WARNING, "job %s: %s", job.id, reason,
+                          extra={"job": job.id, "chunk": chunk.idx})
             ctx.journal.resubmit_chunk(chunk, display_name, events=[ctx.event("expired", job, reason=reason)])
             return
         tries = chunk.resubmits + 1
         error = {"code": "expired",
                  "message": f"{what}; submitted {tries} time{'s' if tries != 1 else ''} in all "
                             f"(resubmit_expired = {allowed})"}
-        log.error("job %s: %s", job.id, error["message"], extra={"job": job.id, "chunk": chunk.idx})
+        ctx.log_event("expired", logging.ERROR, "job %s: %s", job.id, error["message"],
+                      extra={"job": job.id, "chunk": chunk.idx})
         events = [ctx.event("expired", job, reason=error["message"], error=error)]
         events += self.progress_events(chunk, remote.stats, finished=True)
         ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="expired",

@@ -325,7 +325,7 @@ class Loop:
         with self._ready_lock:
             if self._ready or s.intake.backlog and not s.intake.claiming_paused:
                 return 0.0
-        # --once also waits for unparseable manifests to reach their grace period: look each second.
+        # --once also waits for manifests written in place to settle: look each second.
         wait = 1.0 if ctx.once else ctx.settings.rescan_seconds
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
         if s.build.builders:
