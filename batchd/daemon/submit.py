@@ -23,7 +23,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
-from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable
+from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, webhook_config
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
@@ -124,7 +124,7 @@ class Submit:
         key = (job.id, chunk.idx)
         if chunk.mode == "inline":
             self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
-                                   job.kind, about="create")
+                                   job.kind, self._webhook(job, chunk), about="create")
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
                                    ctx.settings.delete_request_files, about="upload")
@@ -186,7 +186,15 @@ class Submit:
             return
         provider = ctx.provider
         self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
-                               requests_file.name, chunk.display_name, job.kind, about="create")
+                               requests_file.name, chunk.display_name, job.kind, self._webhook(job, chunk),
+                               about="create")
+
+    def _webhook(self, job: Job, chunk: Chunk) -> dict | None:
+        """The create's per-job webhook (``webhook_public_url``), naming the job and chunk; none for embed
+        batches (google-genai's create_embeddings has no webhook_config: they are polled)."""
+        if job.kind == "embed":
+            return None
+        return webhook_config(self.ctx.settings.webhook_public_url, job.id, chunk.idx)
 
     def adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
         """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
@@ -299,8 +307,9 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 # -- work run in the pool: given what it needs, never the journal ---------------------------------------
 
 
-def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str) -> RemoteJob:
-    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name, kind)
+def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str,
+                  webhook: dict | None = None) -> RemoteJob:
+    return provider.create_from_lines(model, spool.read_requests(chunk.idx), chunk.display_name, kind, webhook)
 
 
 def upload_requests(provider: Provider, chunk: Chunk, spool: JobSpool, delete_spares: bool) -> RequestFile:
