@@ -136,6 +136,7 @@ class WebServer:
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="batchd-http",
                                         daemon=True)
         self._thread.start()
+        self._pool.submit(self._warm)
         shown = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
         log.info("serving HTTP at http://%s:%d (dashboard /, /metrics, /healthz, /readyz, /webhooks/gemini)",
                  shown, self.address[1])
@@ -147,6 +148,17 @@ class WebServer:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.reader.close()
+
+    def _warm(self) -> None:
+        """Import the verifiers and fetch the JWKS now, so the first delivery is not the one that waits."""
+        try:
+            import jwt  # noqa: F401
+            import standardwebhooks  # noqa: F401
+
+            if self.settings.webhook_public_url:
+                self.verifier.prefetch()
+        except Exception as error:  # noqa: BLE001 - fetched again at the first delivery
+            log.debug("webhook keys not fetched ahead: %s", error)
 
     @property
     def verifier(self) -> Verifier:

@@ -122,6 +122,10 @@ class Verifier:
         if not hmac.compare_digest(str(claims.get("body_sha256", "")), digest):
             raise Refused("the JWT is for another body")
 
+    def prefetch(self) -> None:
+        if self._jwks_url:
+            self._jwks().get_jwk_set()
+
     def _jwks(self) -> Any:
         import jwt
 
