@@ -164,14 +164,17 @@ def test_the_same_webhook_id_twice_is_answered_200_and_taken_once(pushed):
     body = _event()
     headers = _signed(secret, body, msg_id="msg_twice_" + secrets.token_hex(4))
     assert _post(url, body, headers).status == 200
-    wait_until(lambda: metric(scrape(url), "batchd_webhook_deliveries_total", result="taken") == metric(
-        before, "batchd_webhook_deliveries_total", result="taken") + 1, what="the delivery taken")
+    taken = wait_until(lambda: (s := scrape(url)) and metric(s, "batchd_queue_depth", queue="inbound") == 0 and metric(
+        s, "batchd_webhook_deliveries_total", result="taken") > metric(
+        before, "batchd_webhook_deliveries_total", result="taken") and s, what="the delivery taken")
     again = _post(url, body, _signed(secret, body, msg_id=headers["webhook-id"]))
     assert again.status == 200 and again.json()["status"] == "duplicate"
     time.sleep(0.3)
     after = scrape(url)
     assert metric(after, "batchd_webhook_deliveries_total", result="taken") == metric(
-        before, "batchd_webhook_deliveries_total", result="taken") + 1
+        taken, "batchd_webhook_deliveries_total", result="taken")
+    assert metric(after, "batchd_webhook_deliveries_total", result="duplicate") == metric(
+        taken, "batchd_webhook_deliveries_total", result="duplicate") + 1
 
 
 @pytest.mark.slow  # two CLI processes, each importing google-genai's webhooks client (seconds)
