@@ -192,10 +192,26 @@ def shown_job(journal: Any, job: Any, now: float) -> dict:
         100 if job.state == "done" else 0)
     view["age"] = _age(now - job.created_at)
     view["shown_state"] = job_state(view)
-    chunk_errors = [error_text(c.error) for c in journal.chunks(job.id) if c.error]
-    view["error_text"] = error_text(job.error) or "; ".join(chunk_errors[:3])
+    view["error_text"] = error_text(job.error) or job_errors(journal, job)
     view["verbs"] = verbs_for(view)
     return view
+
+
+def job_errors(journal: Any, job: Any) -> str:
+    """What went wrong with a job that has no error of its own: its chunks' errors, remote batches that ended
+    without results, and for a failed or partial job how many of its requests failed."""
+    found = []
+    for c in journal.chunks(job.id):
+        if c.error:
+            found.append(error_text(c.error))
+        elif c.remote_state in ("failed", "expired", "missing", "rejected"):
+            found.append(f"remote batch {c.remote_name} (chunk {c.idx}) ended {c.remote_state} with no results")
+    if not found and job.outcome in ("failed", "partial"):
+        last = journal.last_event(job.id, job.outcome)
+        counts = (last[0].get("counts") if last else None) or {}
+        if counts.get("failed"):
+            found.append(f"{counts['failed']} of {counts.get('total', '?')} requests failed (results.jsonl)")
+    return "; ".join(found[:3])
 
 
 def recent_jobs(journal: Any, now: float) -> list[dict]:

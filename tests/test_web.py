@@ -113,6 +113,8 @@ def test_buttons_post_with_the_token_through_the_cancel_path(served):
     _translate(workspace, "stopme", n=2)
     wait_until(lambda: any(j["name"] == "stopme" and j["state"] == "submitted"
                            for j in request(url + "/api/jobs").json()["jobs"]), what="stopme submitted")
+    page = request(url + "/").text
+    assert '<button data-verb="cancel" data-job="stopme">' in page and 'id="token"' in page
     assert request(url + "/api/jobs/stopme/cancel", method="POST",
                    headers={"Authorization": "Bearer wrong"}).status == 401
     answer = request(url + "/api/jobs/stopme/cancel", method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
