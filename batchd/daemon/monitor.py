@@ -31,7 +31,7 @@ CLOCK_SKEW_SECONDS = 600.0
 
 
 class Monitor:
-    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[[Chunk], None]):
+    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[..., None]):
         self.ctx = ctx
         settings = ctx.settings
         self.poll_clock = Backoff(settings.poll_interval, settings.poll_max_interval)
@@ -114,7 +114,7 @@ class Monitor:
             if live:
                 crashpoint("while-polling")
             for name in running.keys() - seen:
-                changed |= self._observe(running[name], self._get_or_none(name))
+                changed |= self._observe(running[name], self._get_or_none(name), got=True)
             self._cancel_strays()
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
@@ -139,7 +139,7 @@ class Monitor:
         if job is None or job.state not in JOB_STATES_WITH_REMOTE_WORK:
             return True
         try:
-            self._observe(chunk, self._get_or_none(remote_name))
+            self._observe(chunk, self._get_or_none(remote_name), got=True)
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
                 raise
@@ -249,8 +249,9 @@ class Monitor:
 
     # -- what the service says about one chunk ------------------------------------------------------
 
-    def _observe(self, chunk: Chunk, remote: RemoteJob | None) -> bool:
-        """Record what the service says about one chunk; fetch its results once it has finished."""
+    def _observe(self, chunk: Chunk, remote: RemoteJob | None, *, got: bool = False) -> bool:
+        """Record what the service says about one chunk; fetch its results once it has finished (``got``: the
+        remote came from a ``get``, inline output and all, and the fetch uses it instead of asking again)."""
         journal = self.ctx.journal
         if remote is None:
             log.error("job %s: remote job %s has disappeared", chunk.job_id, chunk.remote_name)
@@ -267,7 +268,7 @@ class Monitor:
                 journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats,
                                      events=self.progress_events(chunk, remote.stats))
             return changed
-        self._fetch(chunk)
+        self._fetch(chunk, remote if got else None)
         return True
 
     def _expired(self, chunk: Chunk, remote: RemoteJob) -> None:

@@ -56,7 +56,7 @@ class Steps:
         self.admit = Admit(ctx)
         self.intake = Intake(ctx, inbox, on_flag=self.admit.review_now)
         self.build = Build(ctx, self.admit.tokens)
-        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c: self.fetch.start(c))
+        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c, remote=None: self.fetch.start(c, remote))
         self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
                              cancel_adopted=self.monitor.send_cancel)
         # The loop owns the disk-full pause; it plugs itself in as on_disk_full.
