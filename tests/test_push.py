@@ -28,16 +28,16 @@ JOB_SECONDS = 1.0
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):
     root = tmp_path_factory.mktemp("push")
-    emulator = Emulator(root / "emulator", job_seconds=JOB_SECONDS, faults=["webhook-duplicate@batchd-dup-*"]).start()
+    emulator = Emulator(root / "emulator", job_seconds=JOB_SECONDS, faults=["webhook-duplicate@batchd-dup-*", "webhook-lost@batchd-lost-*"]).start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     hook = f"{url}/webhooks/gemini"
     workspace = Workspace.create(root / "ws", job_seconds=JOB_SECONDS, http=f"127.0.0.1:{port}",
                                  webhook_public_url=hook, poll_interval=600, poll_max_interval=600)
     env = {"BATCHD_PROVIDER": "gemini", "GEMINI_API_KEY": emulator.api_key, "GOOGLE_GEMINI_BASE_URL": emulator.base_url}
-    registered = workspace.batchd("webhooks", "register", hook, **env)
-    assert registered.returncode == 0, registered.stderr
-    secret = registered.stdout.strip().splitlines()[-1]
+    # The static webhook as `batchd webhooks register` makes it (that command is tested below, in the slow step).
+    secret = emulator.client().webhooks.create(name="batchd", uri=hook, subscribed_events=[
+        "batch.succeeded", "batch.failed", "batch.cancelled", "batch.expired"]).new_signing_secret
     assert secret.startswith("whsec_")
     process = workspace.start("run", BATCHD_WEBHOOK_SECRET=secret, **env)
     try:
@@ -177,12 +177,46 @@ def test_the_same_webhook_id_twice_is_answered_200_and_taken_once(pushed):
         taken, "batchd_webhook_deliveries_total", result="duplicate") + 1
 
 
-@pytest.mark.slow  # two CLI processes, each importing google-genai's webhooks client (seconds)
-def test_webhooks_register_and_list_through_the_sdk(pushed):
-    listed = pushed["workspace"].batchd("webhooks", "list", "--json", **pushed["env"])
+@pytest.mark.slow  # three CLI processes, each importing google-genai's webhooks client (seconds)
+def test_batchd_webhooks_register_list_and_delete_through_the_sdk(pushed):
+    workspace, env = pushed["workspace"], pushed["env"]
+    uri = pushed["hook"] + "?second"
+    registered = workspace.batchd("webhooks", "register", uri, **env)
+    assert registered.returncode == 0, registered.stderr
+    secret = registered.stdout.strip().splitlines()[-1]
+    assert secret.startswith("whsec_") and "shown once" in registered.stdout
+    listed = workspace.batchd("webhooks", "list", "--json", **env)
     assert listed.returncode == 0, listed.stderr
-    [webhook] = json.loads(listed.stdout)
-    assert webhook["uri"] == pushed["hook"] and "batch.succeeded" in webhook["subscribed_events"]
-    assert pushed["secret"] not in listed.stdout
-    deleted = pushed["workspace"].batchd("webhooks", "delete", webhook["id"], **pushed["env"])
+    [webhook] = [w for w in json.loads(listed.stdout) if w["uri"] == uri]
+    assert "batch.succeeded" in webhook["subscribed_events"] and webhook["state"] == "enabled"
+    assert secret not in listed.stdout
+    deleted = workspace.batchd("webhooks", "delete", webhook["id"], **env)
     assert deleted.returncode == 0 and webhook["id"] in deleted.stdout
+    assert uri not in workspace.batchd("webhooks", "list", **env).stdout
+
+
+@pytest.mark.slow  # a daemon of its own, and a poll interval to wait out
+def test_with_webhooks_healthy_polls_stretch_and_still_deliver_a_batch_whose_webhook_was_lost(pushed, tmp_path):
+    emulator, env = pushed["emulator"], pushed["env"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    workspace = Workspace.create(tmp_path, job_seconds=JOB_SECONDS, http=f"127.0.0.1:{port}",
+                                 webhook_public_url=f"{url}/webhooks/gemini", poll_interval=0.2,
+                                 poll_max_interval=0.4, webhook_poll_interval=3.0)
+    process = workspace.start("run", BATCHD_WEBHOOK_SECRET=pushed["secret"], **env)
+    try:
+        wait_until(lambda: _ready(url), what="the daemon ready")
+        workspace.drop_manifest("first.toml", {"task": "translate", "texts": ["hello"], "languages": ["French"]})
+        _delivered_at(workspace, "first")
+        assert metric(scrape(url), "batchd_webhooks_healthy") == 1
+        before = scrape(url)
+        workspace.drop_manifest("lost.toml", {"task": "translate", "texts": ["unheard"], "languages": ["French"]})
+        started = time.time()
+        summary, delivered_at = _delivered_at(workspace, "lost", timeout=30)
+        assert summary["state"] == "succeeded"  # found by the poll: its webhook never came
+        lists = metric(scrape(url), "batchd_remote_calls_total", method="batches.list") - metric(
+            before, "batchd_remote_calls_total", method="batches.list")
+        # Polls 3 s apart, not 0.2-0.4 s: at most one list pass per 3 s (plus the one in progress).
+        assert lists <= (delivered_at - started) / 3.0 + 2, lists
+    finally:
+        process.stop()
