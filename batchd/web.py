@@ -136,7 +136,6 @@ class WebServer:
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="batchd-http",
                                         daemon=True)
         self._thread.start()
-        self._pool.submit(self._warm)
         shown = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
         log.info("serving HTTP at http://%s:%d (dashboard /, /metrics, /healthz, /readyz, /webhooks/gemini)",
                  shown, self.address[1])
@@ -149,8 +148,12 @@ class WebServer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.reader.close()
 
+    def warm(self) -> None:
+        """Import the verifiers and fetch the JWKS in the background (once the provider's address is known),
+        so the first delivery is not the one that waits."""
+        self._pool.submit(self._warm)
+
     def _warm(self) -> None:
-        """Import the verifiers and fetch the JWKS now, so the first delivery is not the one that waits."""
         try:
             import jwt  # noqa: F401
             import standardwebhooks  # noqa: F401
@@ -231,7 +234,8 @@ class WebServer:
             counts["refused"] += 1
             return _json({"error": f"body over {MAX_BODY_BYTES} bytes"}, 413)
         try:
-            verified = await self._run(self.verifier.verify, body, dict(request.headers))
+            headers = dict(request.headers)
+            verified = await self._run(lambda: self.verifier.verify(body, headers))
         except Refused as refused:
             counts["refused"] += 1
             log.warning("webhook delivery refused: %s", refused)

@@ -153,6 +153,8 @@ class Daemon:
         if s.http:
             self._start_web()
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
+        if self.web is not None:
+            self.web.warm()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
             self.loop.once_pending = once_candidates(s.inbox)
@@ -202,7 +204,9 @@ class Daemon:
             raise ConfigError(str(error)) from None
 
     def _provider_base_url(self) -> str | None:
-        if self.emulator is not None:
+        if self.settings.provider == "emulator":
+            if self.emulator is None:
+                raise RuntimeError("the embedded emulator has not started yet")
             return self.emulator.wait_ready().base_url
         return os.environ.get("GOOGLE_GEMINI_BASE_URL")
 
