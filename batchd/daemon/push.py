@@ -31,6 +31,8 @@ log = logging.getLogger("batchd")
 INBOUND_MAX = 1000
 #: A delivery for a remote batch not yet recorded (its create's answer not collected yet) is kept this long.
 EARLY_SECONDS = 120.0
+#: Items taken in one tick at most (each delivery may cost a get on the loop's thread); the rest next tick.
+TAKE_PER_TICK = 100
 #: Taken webhook ids are remembered this long (Google retries a delivery for less).
 KEEP_WEBHOOK_IDS_SECONDS = 7 * 86400.0
 #: Deliveries the loop remembers not to have matched (bounded: a flood of unknown names is dropped).
@@ -73,13 +75,14 @@ class Inbound:
         self._wake()
         return True
 
-    def take(self) -> list[Any]:
+    def take(self, limit: int) -> list[Any]:
         items = []
-        while True:
+        while len(items) < limit:
             try:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
-                return items
+                break
+        return items
 
     def __len__(self) -> int:
         return self._queue.qsize()
@@ -106,7 +109,7 @@ class Push:
         for name, seen_at in list(self._early.items()):
             if now - seen_at > EARLY_SECONDS or self._pushed(name):
                 del self._early[name]
-        for item in self.inbound.take():
+        for item in self.inbound.take(TAKE_PER_TICK):
             if isinstance(item, Action):
                 try:
                     item.done.set_result(self._act(item))
