@@ -778,6 +778,10 @@ class Journal:
                                 " received_at) VALUES (?, ?, ?, ?)", (webhook_id, remote_name, event_type, time.time()))
             return cursor.rowcount == 1
 
+    def last_webhook_at(self) -> float | None:
+        """When the latest webhook delivery was taken (wall clock), if any."""
+        return self._db.execute("SELECT max(received_at) FROM webhook_deliveries").fetchone()[0]
+
     def forget_webhooks(self, before: float) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (before,)).rowcount

@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from batchd import durable, fs
@@ -150,6 +151,9 @@ class Daemon:
         self.loop.status_line = self.status_line
         self.loop.notices = self.notices
         self.loop.publish_notices = self.publish_notices
+        last_webhook = journal.last_webhook_at()
+        if last_webhook is not None:  # webhooks worked before this start: polls stay stretched while they may
+            self.steps.monitor.push_seen_at = time.monotonic() - max(0.0, time.time() - last_webhook)
         if s.http:
             self._start_web()
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
