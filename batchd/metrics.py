@@ -88,7 +88,7 @@ class DaemonCollector(Collector):
             failed.add_metric([method, kind], count)
         yield failed
 
-        lag = GaugeMetricFamily("batchd_poll_age_seconds", "Seconds since the last poll of the remote batches")
+        lag = GaugeMetricFamily("batchd_poll_lag_seconds", "Seconds since the last poll of the remote batches")
         lag.add_metric([], max(0.0, time.monotonic() - live.get("polled_at", time.monotonic())))
         yield lag
         interval = GaugeMetricFamily("batchd_running_remote_batches", "Remote batches running")

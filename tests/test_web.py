@@ -70,7 +70,7 @@ def test_metrics_move_as_a_job_runs(served):
     assert metric(after, "batchd_running_remote_batches") == 0
     assert metric(after, "batchd_notification_backlog") >= 0
     assert ("batchd_queue_depth", (("queue", "submit"),)) in after
-    assert metric(after, "batchd_poll_age_seconds") >= 0
+    assert metric(after, "batchd_poll_lag_seconds") >= 0
 
 
 def test_bad_requests_get_bounded_errors_and_the_daemon_carries_on(served):
