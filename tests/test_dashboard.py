@@ -22,9 +22,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
 if not HAVE_CHROMIUM and os.environ.get("BATCHD_REQUIRE_BROWSER"):
     raise RuntimeError(f"BATCHD_REQUIRE_BROWSER is set but there is no chromium at {CHROMIUM}")
-pytestmark = [pytest.mark.skipif(not HAVE_CHROMIUM, reason="Debian's chromium is not installed (apt-get install "
-                                                          "chromium); the browser tests need it, CI installs it"),
-              pytest.mark.xdist_group("dashboard")]  # one daemon and one browser for the module
+pytestmark = pytest.mark.skipif(not HAVE_CHROMIUM, reason="Debian's chromium is not installed (apt-get install "
+                                                         "chromium); the browser tests need it, CI installs it")
 
 JOB_SECONDS = 5.0
 REQUESTS = 40

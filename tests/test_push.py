@@ -22,9 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from batchd.testing import Emulator, Workspace
 from webtools import free_port, metric, request, scrape, wait_until
 
-#: One daemon serves the module: its tests run on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("push")
-
 JOB_SECONDS = 1.0
 
 

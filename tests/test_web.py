@@ -12,9 +12,6 @@ from batchd.config import Settings, parse_address
 from batchd.testing import Workspace
 from webtools import base_url, metric, request, scrape, wait_until
 
-#: One daemon serves the module: its tests run on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("web")
-
 TOKEN = "dashboard-token-8d1f0c"
 SECRET = "whsec_c2VjcmV0LW5vdC10by1iZS1zaG93bi0xMjM0NTY3OA=="
 JOB_SECONDS = 2.5
