@@ -11,6 +11,7 @@ in the tab's sessionStorage, never in a page the server renders).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -239,9 +240,9 @@ def event_rows(journal: Any, job_id: str) -> list[dict]:
     rows = []
     for entry in journal.events(job_id)[-100:]:
         event = entry["event"]
-        details = {k: v for k, v in event.items() if k in ("counts", "reason", "outcome", "error", "hold")}
+        details = {k: v for k, v in event.items() if k in ("counts", "reason", "error") and v is not None}
         rows.append({"time": event.get("time") or "", "kind": event.get("kind"),
-                     "details": error_text(details, 300) if details else ""})
+                     "details": error_text(json.dumps(details, default=str), 300) if details else ""})
     return rows
 
 
@@ -282,7 +283,7 @@ def cost_chart(rows: list[tuple[str, str, float]], currency: str) -> dict:
     totals = {day: sum(a for d, _, a in rows if d == day) for day in days}
     peak = max(totals.values()) or 1.0
     step = (width - left - 10) / max(1, len(days))
-    bar = max(4.0, step * 0.7)
+    bar = min(40.0, max(4.0, step * 0.7))
     plot = height - bottom - top
     colour = {model: _PALETTE[i % len(_PALETTE)] for i, model in enumerate(models)}
     parts = [f'<svg id="cost-svg" xmlns="http://www.w3.org/2000/svg" width="{width}" '
