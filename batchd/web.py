@@ -37,7 +37,7 @@ from typing import Any, Callable
 from batchd import dashboard
 from batchd.config import Settings, parse_address
 from batchd.daemon.push import Action, Delivery, Inbound
-from batchd.journal import Journal, _job, journal_path
+from batchd.journal import Journal, journal_path
 from batchd.webhooks import MAX_BODY_BYTES, Refused, Verifier, job_of, remote_name_of
 
 log = logging.getLogger("batchd")
