@@ -97,7 +97,8 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None, lo
 @main.command()
 @click.option("--once", is_flag=True,
               help="Take what is in the inbox, wait until it is delivered, exit: 1 if a job failed or was"
-                   " rejected, 3 if jobs are left held over budget.")
+                   " rejected, 3 if jobs are left held over budget, 5 if a task plugin failed to organize"
+                   " results (plugin_failed), 4 if jobs are partial.")
 @click.option("--inbox", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--outbox", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
@@ -148,13 +149,16 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--no-model-check", is_flag=True,
+              help="Do not check the manifest's model against the provider's model list.")
 @pass_context
-def submit(ctx: Context, manifest: Path) -> None:
+def submit(ctx: Context, manifest: Path, no_model_check: bool) -> None:
     """Drop MANIFEST into the inbox atomically (validated first), with the input file it names.
 
     The input file (``input = "reviews.csv"``, relative to MANIFEST's folder) is copied into the
     inbox first, at the same relative path, so the daemon never sees the manifest without it.
-    An identical file already there is reused; a different one is never overwritten.
+    An identical file already there is reused; a different one is never overwritten. The model
+    must be one the provider serves (``check_models``; its list is cached in the state dir).
     """
     from batchd.inbox import drop_file, drop_input
     from batchd.manifest import ManifestError, load_manifest
@@ -164,6 +168,10 @@ def submit(ctx: Context, manifest: Path) -> None:
         job = load_manifest(manifest, root=manifest.parent, tasks=ctx.tasks(), limits=settings.limits)
     except ManifestError as error:
         raise click.ClickException(str(error.capped(settings.limits.error_chars))) from None
+    if settings.check_models and not no_model_check:
+        problem = _model_problem(settings, job.model or settings.model)
+        if problem is not None:
+            raise click.ClickException(f"{manifest.name}: {problem} (nothing was dropped into the inbox)")
     for input_path in job.input_files():
         destination = settings.inbox / input_path.relative_to(manifest.parent.resolve())
         try:
@@ -238,6 +246,45 @@ def _print_estimate(manifest: Path, model: str, result: dict) -> None:
         lines += [f"  standard price {result['standard_cost']:>14.6f} {currency}  (the interactive API)",
                   f"  saving         {result['saving']:>14.6f} {currency}"]
     click.echo("\n".join(lines))
+
+
+def _model_problem(settings: Settings, model: str) -> str | None:
+    """Why the provider cannot run ``model`` (None: it can, or nobody could say): from the model list
+    the daemon cached in the state dir when it is fresh, else from the provider (a throw-away emulator
+    for ``provider = "emulator"``, started only if the cache does not answer)."""
+    from batchd.model_check import ModelCheck, model_source, models_cache_path
+
+    with contextlib.ExitStack() as stack:
+        opened = []
+
+        def provider():
+            if not opened:
+                opened.append(stack.enter_context(_provider_for_cli(settings)))
+            return opened[0]
+
+        cache = models_cache_path(settings.state_dir)
+        return ModelCheck(provider, model_source(settings), cache if settings.state_dir.is_dir() else None) \
+            .problem(model)
+
+
+@contextlib.contextmanager
+def _provider_for_cli(settings: Settings):
+    """The configured provider; with ``provider = "emulator"``, one of its own on a throw-away emulator."""
+    import tempfile
+
+    from batchd.provider import Provider
+
+    if settings.provider != "emulator":
+        with Provider.from_settings(settings) as provider:  # a missing key: the check says it cannot ask
+            yield provider
+        return
+    from batchd.emulator.server import EmulatorServer
+
+    # In this process: it only answers models.list and models.get, over HTTP through the SDK as the daemon's.
+    logging.getLogger("batchd.emulator").setLevel(logging.WARNING)  # its start-up line is no news here
+    with tempfile.TemporaryDirectory(prefix="batchd-models-") as folder, EmulatorServer(folder) as emulator, \
+            Provider.from_settings(settings, base_url=emulator.base_url, api_key="batchd-emulator") as provider:
+        yield provider
 
 
 @contextlib.contextmanager

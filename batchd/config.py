@@ -100,7 +100,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 
 #: The kinds of job events, in the order a job meets them (see docs/plugins.md, job_event).
 EventKind = Literal["accepted", "rejected", "held", "submitted", "progress", "expired",
-                    "succeeded", "partial", "failed", "cancelled"]
+                    "succeeded", "partial", "plugin_failed", "failed", "cancelled"]
 
 
 class ModelPrice(BaseModel):
@@ -198,7 +198,7 @@ class EmailSettings(_SendsToUrls, BaseModel):
         default_factory=list, description="Apprise URLs; they hold credentials, so they are never shown."
     )
     events: list[EventKind] = Field(
-        default_factory=lambda: ["held", "succeeded", "partial", "failed", "cancelled", "rejected"],
+        default_factory=lambda: ["held", "succeeded", "partial", "plugin_failed", "failed", "cancelled", "rejected"],
         description="Kinds to send; empty: all.",
     )
 
@@ -322,6 +322,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Times a chunk whose remote batch expired (not finished by the service within 48 h, no"
                     " results) is submitted again before its requests end as 'expired' errors; 0: never.",
+    )
+    check_models: bool = Field(
+        True,
+        description="Check a manifest's model against the provider's model list (models.list, cached an hour"
+                    " in state_dir/models.json; models.get for an id it does not list) at `batchd submit` and"
+                    " before a job is priced: an unknown model is rejected before anything is sent, with the"
+                    " close names it may mean. false: not checked (a create refuses it).",
     )
 
     plugin_timeout_seconds: float = Field(

@@ -135,7 +135,7 @@ def job_event(event: dict[str, Any], settings: Settings) -> None:
     calls of the same thread.
 
     :param event: JSON-ready: ``id`` (stable across retries and restarts), ``kind`` (accepted,
-        rejected, held, submitted, progress, succeeded, partial, failed, cancelled), ``time``
+        rejected, held, submitted, progress, succeeded, partial, plugin_failed, failed, cancelled), ``time``
         (ISO 8601 UTC), ``job_id``, ``job`` (the manifest's name), ``manifest``, ``task``,
         ``model``, ``state``, ``counts``, ``cost`` (estimate, actual, currency), ``outbox``
         (the delivered folder, on final kinds), and ``reason`` (held) or ``error`` where there is one.

@@ -75,8 +75,8 @@ recorded before ``batches.create``, is the only copy. A create made again reuses
 service still has it. Once the chunk is ``fetched`` (or ``skipped``) its file is due for deletion;
 an ``uploading`` chunk's copies are first looked up by display name.
 
-A ``done`` job has an ``outcome``: succeeded, partial, failed, cancelled or
-rejected.
+A ``done`` job has an ``outcome``: succeeded, partial, plugin_failed, failed,
+cancelled or rejected.
 
 Job events for the notification plugins are rows of ``events``, inserted in the
 transaction of the transition they announce, each with a ``deliveries`` row per
@@ -362,6 +362,10 @@ class Journal:
         self._dirs_to_sync: dict[Path, str | None] = {}
         self._group_thread: int | None = None
         self._transaction_thread: int | None = None
+        #: Reads the loop makes on every tick, kept while nothing was written (see :meth:`_unchanged_since`).
+        self._readonly = readonly
+        self._rollbacks = 0
+        self._reads: dict[tuple, tuple[tuple[int, int], Any]] = {}
 
     def _add_missing_columns(self) -> None:
         for table, added in (("jobs", _ADDED_JOB_COLUMNS), ("chunks", _ADDED_CHUNK_COLUMNS),
@@ -405,6 +409,7 @@ class Journal:
                 try:
                     yield self._db
                 except BaseException:
+                    self._rollbacks += 1
                     with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                         self._db.execute("ROLLBACK TO transition")
                         self._db.execute("RELEASE transition")
@@ -420,6 +425,7 @@ class Journal:
                 try:
                     yield self._db
                 except BaseException:
+                    self._rollbacks += 1
                     with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                         self._db.execute("ROLLBACK")
                     raise
@@ -451,6 +457,7 @@ class Journal:
             # happened, nor will its effects; the daemon stops on this error.
             self._effects.clear()
             self._dirs_to_sync.clear()
+            self._rollbacks += 1
             with contextlib.suppress(sqlite3.Error):
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -509,9 +516,30 @@ class Journal:
             fs.fault_point("journal", self.path)
             self._db.execute("COMMIT")
         except BaseException:
+            self._rollbacks += 1
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise
+
+    def _cached(self, key: tuple, read: Callable[[], Any]) -> Any:
+        """``read()``, or what it returned last time if this connection changed no row since.
+
+        For the few queries the loop makes on every tick: each costs the loop a wait for the GIL, and
+        most ticks change nothing they count. Sound because one daemon alone writes its journal (the
+        state dir's lock) and every write goes through this connection: ``total_changes`` moves with
+        each row written, and a rollback (which undoes rows without moving it) is counted apart. A
+        read-only journal (another process writes it) never keeps a read. Callers must not change what
+        they are given.
+        """
+        if self._readonly:
+            return read()
+        written = (self._db.total_changes, self._rollbacks)
+        kept = self._reads.get(key)
+        if kept is not None and kept[0] == written:
+            return kept[1]
+        value = read()
+        self._reads[key] = (written, value)
+        return value
 
     def _run_effects(self) -> None:
         """Run the waiting effects in the order they were asked for; one that fails does not keep the
@@ -587,6 +615,11 @@ class Journal:
         return _job(row) if row else None
 
     def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
+        if states and name is None:
+            return self._cached(("jobs", tuple(states)), lambda: self._jobs(states=states))
+        return self._jobs(states=states, name=name)
+
+    def _jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", []
         clauses = []
         if states:
@@ -616,8 +649,8 @@ class Journal:
 
     def count_jobs(self, states: Iterable[str]) -> int:
         states = tuple(states)
-        return self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({', '.join('?' * len(states))})",
-                                states).fetchone()[0]
+        return self._cached(("count_jobs", states), lambda: self._db.execute(
+            f"SELECT count(*) FROM jobs WHERE state IN ({', '.join('?' * len(states))})", states).fetchone()[0])
 
     def job_with_content(self, sha256: str) -> Job | None:
         """An earlier job with the same manifest and inputs (not a rejected one)."""
@@ -686,17 +719,16 @@ class Journal:
 
     def count_chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...], limit: int = -1) -> int:
         """How many chunks :meth:`chunks_in` would return (at most ``limit``: 1 asks whether there is any)."""
-        return self._db.execute(
+        return self._cached(("count_chunks_in", states, job_states, limit), lambda: self._db.execute(
             "SELECT count(*) FROM (SELECT 1 FROM chunks c JOIN jobs j ON j.id = c.job_id"
             f" WHERE c.state IN ({', '.join('?' * len(states))}) AND j.state IN ({', '.join('?' * len(job_states))})"
-            " LIMIT ?)", (*states, *job_states, limit)).fetchone()[0]
+            " LIMIT ?)", (*states, *job_states, limit)).fetchone()[0])
 
     def uploads_to_delete(self) -> list[Chunk]:
         """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
-        rows = self._db.execute(
+        return self._cached(("uploads_to_delete",), lambda: [_chunk(row) for row in self._db.execute(
             "SELECT * FROM chunks WHERE upload_state IN ('uploading', 'uploaded') AND state IN ('fetched', 'skipped')"
-            " ORDER BY job_id, idx")
-        return [_chunk(row) for row in rows]
+            " ORDER BY job_id, idx")])
 
     def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
@@ -806,8 +838,8 @@ class Journal:
 
     def watched_names(self) -> dict[str, dict]:
         """Every watched display name, with its row."""
-        rows = self._db.execute("SELECT * FROM watched_names ORDER BY first_attempt_at")
-        return {row["display_name"]: dict(row) for row in rows}
+        return self._cached(("watched_names",), lambda: {row["display_name"]: dict(row) for row in self._db.execute(
+            "SELECT * FROM watched_names ORDER BY first_attempt_at")})
 
     def forget_watched_names(self, last_attempt_before: float) -> int:
         """Stop watching the names whose last create is older than ``last_attempt_before``; returns how many."""

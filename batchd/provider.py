@@ -129,6 +129,25 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT_TRANSPORT_ERRORS)
 
 
+def quota_delay(exc: BaseException) -> float | None:
+    """For a 429 RESOURCE_EXHAUSTED, the seconds the service asks the client to wait (its ``RetryInfo``'s
+    ``retryDelay``; 0.0 when it names none); None for any other error.
+
+    A 429 refuses the request at the door (a quota is checked before anything is done): a create
+    answered so created nothing.
+    """
+    if not isinstance(exc, errors.APIError) or exc.code != 429:
+        return None
+    body = exc.details if isinstance(exc.details, dict) else {}
+    for detail in (body.get("error") or {}).get("details") or ():
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            try:
+                return max(0.0, float(str(detail.get("retryDelay", "0s")).removesuffix("s")))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 def is_auth_error(exc: BaseException) -> bool:
     """True when the service rejected the credentials.
 
@@ -157,23 +176,23 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts counts the first try, so it must be at least 1")
 
-    def sdk_options(self) -> types.HttpRetryOptions:
+    def sdk_options(self, status_codes: tuple[int, ...] = RETRYABLE_STATUS_CODES) -> types.HttpRetryOptions:
         return types.HttpRetryOptions(
             attempts=self.attempts,
             initial_delay=self.initial_delay,
             max_delay=self.max_delay,
             jitter=self.initial_delay,  # the SDK's default of 1 s would dominate small test delays
-            http_status_codes=list(RETRYABLE_STATUS_CODES),
+            http_status_codes=list(status_codes),
         )
 
-    def retrying(self, what: str) -> tenacity.Retrying:
+    def retrying(self, what: str, retry_on: Callable[[BaseException], bool] | None = None) -> tenacity.Retrying:
         """A blocking retry of a whole operation: exponential with jitter, like the SDK's, on the
-        errors :func:`is_retryable` accepts; the last error is raised as it was."""
+        errors ``retry_on`` accepts (:func:`is_retryable`); the last error is raised as it was."""
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential(multiplier=self.initial_delay, max=self.max_delay)
             + tenacity.wait_random(0, self.initial_delay),
-            retry=tenacity.retry_if_exception(is_retryable),
+            retry=tenacity.retry_if_exception(retry_on or is_retryable),
             before_sleep=lambda state: log.warning(
                 "%s failed (%s); attempt %d of %d in %.1f s", what, state.outcome.exception(),
                 state.attempt_number + 1, self.attempts, state.next_action.sleep),
@@ -182,8 +201,9 @@ class RetryPolicy:
 
 
 def _with_retries(operation: Callable[[], _Result], policy: RetryPolicy, what: str,
-                  on_attempt: Callable[[int], None] = lambda attempt: None) -> _Result:
-    for attempt in policy.retrying(what):
+                  on_attempt: Callable[[int], None] = lambda attempt: None,
+                  retry_on: Callable[[BaseException], bool] | None = None) -> _Result:
+    for attempt in policy.retrying(what, retry_on):
         with attempt:
             on_attempt(attempt.retry_state.attempt_number)
             result = operation()
@@ -390,7 +410,8 @@ def webhook_config(uri: str | None, job_id: str, chunk_idx: int) -> dict[str, An
     return {"uris": [uri], "user_metadata": {"batchd_job": job_id, "batchd_chunk": str(chunk_idx)}}
 
 
-def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None,
+              http_options: types.HttpOptions | None = None) -> dict[str, Any]:
     """Call ``path`` through the SDK's private API client and return the JSON body unparsed by the SDK.
 
     Why: google-genai 3.3.0's ``BatchJob`` drops ``metadata.batchStats`` (python-genai#1323) and the
@@ -402,7 +423,7 @@ def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any]
     calls. ``_api_client`` is private: this is the only place batchd touches it, and
     tests/test_provider.py::test_sdk_private_request_api_is_unchanged fails loudly if the SDK changes it.
     """
-    response = client._api_client.request(method, path, body or {})
+    response = client._api_client.request(method, path, body or {}, http_options)
     return json.loads(response.body) if response.body else {}
 
 
@@ -510,6 +531,10 @@ class Provider:
             api_key=api_key, http_options=types.HttpOptions(**options, retry_options=retry.sdk_options())
         )
         self._single_shot_client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
+        # Polls retry what the SDK retries but a 429: the daemon waits out a quota itself, as long as the
+        # service asks and visibly (batchd status), instead of the loop sitting in the SDK's backoff.
+        self._poll_options = types.HttpOptions(retry_options=retry.sdk_options(
+            tuple(code for code in RETRYABLE_STATUS_CODES if code != 429)))
 
     @classmethod
     def from_settings(cls, settings: Any, *, base_url: str | None = None, api_key: str | None = None) -> Provider:
@@ -557,7 +582,9 @@ class Provider:
             config = types.UploadFileConfig(display_name=display_name, mime_type=JSONL_MIME_TYPE)
             return self._single_shot_client.files.upload(file=path, config=config)
 
-        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count)
+        # A 429 is not retried here: the daemon waits out the quota, once for every submission, and says so.
+        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count,
+                                 retry_on=lambda error: is_retryable(error) and quota_delay(error) is None)
         if not uploaded.name:
             raise ProviderError(f"upload of {path}: the service returned no file name")
         return Uploaded(uploaded.name, attempts)
@@ -655,7 +682,8 @@ class Provider:
 
     @_counted("batches.get")
     def get(self, name: str) -> RemoteJob:
-        return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name)))
+        return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name),
+                                                  http_options=self._poll_options))
 
     def list_jobs(self, page_size: int = 100) -> Iterator[RemoteJob]:
         """All jobs of the project, page after page. On the real service inline output is left out."""
@@ -667,7 +695,8 @@ class Provider:
                 query["pageToken"] = page_token
             REMOTE_CALLS.count("batches.list")
             try:
-                page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}")
+                page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}",
+                                 http_options=self._poll_options)
             except Exception as error:
                 REMOTE_CALLS.failed("batches.list", error)
                 raise
@@ -684,6 +713,35 @@ class Provider:
     def cancel(self, name: str) -> None:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
         self._retrying_client.batches.cancel(name=_checked_batch_name(name))
+
+    # -- models ------------------------------------------------------------------------------------
+
+    @_counted("models.list")
+    def list_models(self, max_pages: int = 20) -> list[str]:
+        """The ids of the models the service lists (``models.list``, base models), without ``models/``.
+
+        Sent once, without retries: the caller checks models from this list at its own pace and
+        lets a job through when the service cannot say (a 429 must not hold the loop for retries).
+        """
+        pager = self._single_shot_client.models.list(config=types.ListModelsConfig(page_size=1000, query_base=True))
+        names: list[str] = []
+        for _ in range(max_pages):
+            names += [model.name.removeprefix("models/") for model in pager.page if model.name]
+            if not pager.config.get("page_token"):
+                break
+            pager.next_page()
+        return names
+
+    @_counted("models.get")
+    def model_exists(self, model: str) -> bool:
+        """Whether ``models.get`` knows ``model`` (the service lists only some of the ids it takes)."""
+        try:
+            self._single_shot_client.models.get(model=model)
+        except errors.APIError as error:
+            if error.code == 404:
+                return False
+            raise
+        return True
 
     @_counted("models.count_tokens")
     def count_tokens(self, model: str, text: str | list[str]) -> int:

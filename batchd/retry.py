@@ -31,7 +31,7 @@ from batchd.states import JobState
 from batchd.task import Task
 
 #: Outcomes of jobs that ran, hence have results to retry (a rejected or cancelled job is submitted again instead).
-RAN_OUTCOMES = ("succeeded", "partial", "failed")
+RAN_OUTCOMES = ("succeeded", "partial", "plugin_failed", "failed")
 #: The error code of the requests of a remote batch the service did not finish within 48 hours.
 EXPIRED = "expired"
 #: A retry's job name: the retried job's name, ``.retry-`` and a number.

@@ -172,17 +172,24 @@ class JobSpool:
         A record whose ``metadata.key`` the service dropped (key None) is matched to a request
         whose key no other record carries, in request order, and marked ``joined_by: position``:
         right when the service keeps input order (it usually does), a guess when it also shuffles
-        (python-genai#1909), so the outbox says which results were matched that way. File
-        results always carry their key.
+        (python-genai#1909), so the outbox says which results were matched that way (and the job is
+        ``partial``). The one answer without a key for the one request left is no guess, and is not
+        marked. File results always carry their key.
         """
         keys = [line["key"] for line in self.read_requests(idx)]  # an inline chunk is small
         records = list(records)
         returned = {record.get("key") for record in records}
-        unclaimed = iter([key for key in keys if key not in returned])
+        unclaimed = [key for key in keys if key not in returned]
+        keyless = sum(1 for record in records if record.get("key") is None)
+        # One answer without its key for one request without an answer: the match is certain, not a guess.
+        certain = keyless == 1 and len(unclaimed) == 1
+        unclaimed = iter(unclaimed)
         lines = []
         for record in records:
             if record.get("key") is None:
-                record = {**record, "key": next(unclaimed, None), "joined_by": "position"}
+                record = {**record, "key": next(unclaimed, None)}
+                if not certain:
+                    record["joined_by"] = "position"
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         atomic_write(self.results_path(idx), "".join(lines), step="results")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import time
 from pathlib import Path
 
 
@@ -35,6 +36,18 @@ def notices_path(state_dir: Path) -> Path:
     return state_dir / "notices.json"
 
 
+def render_notice(notice: str | dict, now: float | None = None) -> str:
+    """A notice as a line: a wait with an end (``{"text", "until"}``) says how long it has left."""
+    if not isinstance(notice, dict):
+        return str(notice)
+    text = str(notice.get("text", ""))
+    until = notice.get("until")
+    if isinstance(until, (int, float)):
+        left = max(0, round(until - (time.time() if now is None else now)))
+        text += f", retry in {left} s" if left else ", retrying now"
+    return text
+
+
 def read_notices(state_dir: Path) -> tuple[int | None, list[str]]:
     """The running daemon's pid and notices; none when no daemon holds the state dir (a killed one's
     notices are stale)."""
@@ -45,4 +58,4 @@ def read_notices(state_dir: Path) -> tuple[int | None, list[str]]:
         notices = json.loads(notices_path(state_dir).read_text())["notices"]
     except (OSError, ValueError, KeyError, TypeError):
         return pid, []
-    return pid, [str(notice) for notice in notices] if isinstance(notices, list) else []
+    return pid, [render_notice(notice) for notice in notices] if isinstance(notices, list) else []

@@ -65,7 +65,7 @@ CHUNK_MOVES: frozenset[tuple[ChunkState, ChunkState]] = frozenset({
     (ChunkState.SUBMITTING, ChunkState.RUNNING),   # the create's answer, or found by its display name
     (ChunkState.SUBMITTING, ChunkState.FETCHED),   # the create was refused (remote_state "rejected")
     (ChunkState.SUBMITTING, ChunkState.SKIPPED),   # cancelled; its create never showed up
-    (ChunkState.SUBMITTING, ChunkState.BUILT),     # the service refused the API key: nothing was created
+    (ChunkState.SUBMITTING, ChunkState.BUILT),     # the service refused the API key or its quota (429): nothing was created
     (ChunkState.RUNNING, ChunkState.FETCHED),      # results stored, or the remote batch ended without
     (ChunkState.RUNNING, ChunkState.BUILT),        # expired: submitted again under its next display name
 })

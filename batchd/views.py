@@ -18,7 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-_STATE_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "rejected": "red",
+_STATE_STYLE = {"succeeded": "green", "partial": "yellow", "plugin_failed": "red", "failed": "red", "rejected": "red",
                 "cancelled": "magenta", "submitted": "cyan", "held": "yellow"}
 
 

@@ -24,7 +24,7 @@ from batchd.manifest import load_manifest
 from batchd.testing import Workspace
 
 #: summary.json states a delivered job may end in.
-OUTCOMES = {"succeeded", "partial", "failed", "cancelled", "rejected"}
+OUTCOMES = {"succeeded", "partial", "plugin_failed", "failed", "cancelled", "rejected"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,8 @@ def assert_invariants(ws: Workspace, dropped: Iterable[Dropped], remote_jobs: It
     for folder in folders:
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["state"] in OUTCOMES, (folder, summary["state"])
+        # A job that did not succeed says why.
+        assert summary["state"] == "succeeded" or summary.get("error", {}).get("message"), (folder, summary)
         copies = _manifest_copies(folder, names)
         assert len(copies) == 1, f"{folder} holds {len(copies)} of the dropped manifests"
         delivered[_sha256(copies[0])].append(folder)

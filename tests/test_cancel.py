@@ -23,6 +23,10 @@ texts = ["one", "two", "three", "four", "five", "six"]
 languages = ["French"]
 """
 
+#: A budget that could hold a job: it is then estimated before it is built (every row read), so its
+#: chunks go out while later ones are built. Any other job's chunks wait for its whole build pass.
+SENT_WHILE_BUILDING = {"cost": {"job_budget": 1000.0}}
+
 
 def journal_of(ws: Workspace, name: str) -> tuple[Job, list[Chunk], list[str]]:
     """The job named ``name``, its chunks and the kinds of its events (progress left out: how many
@@ -59,8 +63,9 @@ def tick_until(daemon: Daemon, done, what: str, timeout: float = 60):
 
 def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(workspace: Workspace):
     """The cancel is taken while chunk 0 is built and not yet sent: no chunk after it is built,
-    chunk 0 ends never submitted, no remote job exists, and no `submitted` event claims otherwise."""
-    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600)
+    chunk 0 ends never submitted, no remote job exists, and no `submitted` event claims otherwise.
+    With a budget, so that chunk 0 would go out as soon as it is recorded."""
+    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     daemon = Daemon(load_settings(workspace.config))
@@ -87,7 +92,7 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
     assert remote_jobs(workspace) == []
     assert kinds == ["accepted", "cancelled"]
     folder = workspace.outbox_folder("long")
-    assert folder.state == "cancelled"
+    assert folder.state == "cancelled" and folder.summary["error"]["code"] == "cancelled"
     assert folder.summary["timings"]["submitted"] is None, "nothing was submitted"
     assert [line["key"] for line in folder.results] == keys[:1]
     assert folder.results[0]["error"]["code"] == "cancelled"
@@ -96,13 +101,41 @@ def test_a_cancel_between_two_chunks_builds_no_further_chunk_and_sends_nothing(w
     assert "chunk 0" in warning and "never built" in warning
 
 
+def test_a_build_holding_its_chunks_asks_for_the_next_at_once_and_a_cancel_sends_nothing(workspace: Workspace):
+    """No budget: the build pass is the first to read the rows, so it holds its chunks (none recorded,
+    none sent) and asks for the next one as soon as it took one (nothing recorded brings the loop
+    back otherwise). A cancel stops it at a chunk boundary: nothing was sent, nothing is."""
+    workspace.configure(chunk_max_requests=1, settle_seconds=0, job_seconds=600)
+    workspace.drop("long.toml", SIX)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        builders = daemon.steps.build.builders
+        (job,) = tick_until(daemon, daemon.journal.active_jobs, "the job accepted")
+        builder = tick_until(daemon, lambda: job.id in builders and len(builders[job.id].held or ()) >= 2
+                             and builders[job.id], "two chunks held")
+        assert not builder.chunks.resting(), "the next chunk was not asked for"
+        assert daemon.journal.chunks(job.id) == [], "a held chunk was recorded"
+        (workspace.inbox / "long.cancel").write_text("")
+
+        tick_until(daemon, lambda: daemon.journal.job(job.id).state == "done", "the job delivered")
+        chunks = daemon.journal.chunks(job.id)
+        kinds = [entry["event"]["kind"] for entry in daemon.journal.events(job.id)]
+    finally:
+        daemon.close()
+
+    assert chunks == [] and remote_jobs(workspace) == []
+    assert kinds == ["accepted", "cancelled"]
+    folder = workspace.outbox_folder("long")
+    assert folder.state == "cancelled" and folder.summary["timings"]["submitted"] is None
+
+
 def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_more(workspace: Workspace):
     """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
     the restart builds the recorded chunks again (their index joins the results) and nothing after
     them; both remote jobs are cancelled and the job is delivered cancelled with those two requests.
-    Without a cost plugin, so that chunks go out while later ones are built (a priced job waits for
-    its whole build pass)."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
+    With a budget, so that chunks go out while later ones are built."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     stopped = workspace.start("run", BATCHD_CRASH_AT="while-building", BATCHD_CRASH_SIGNAL="SIGTERM")
@@ -129,9 +162,9 @@ def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_mor
 def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace: Workspace):
     """Killed after the create intent of chunk 0, before the create; cancelled while down. The restart
     reads the cancel before it reconciles, so the unconfirmed chunk is never created: once the grace
-    period shows no remote job it ends never submitted. Without a cost plugin, so that chunk 0 goes
-    out before the rest is built (a priced job waits for its whole build pass)."""
-    workspace.configure(chunk_max_requests=1, job_seconds=600, disabled_plugins=["cost"])
+    period shows no remote job it ends never submitted. With a budget, so that chunk 0 goes out
+    before the rest is built."""
+    workspace.configure(chunk_max_requests=1, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
     crashed = workspace.start("run", BATCHD_CRASH_AT="after-intent")

@@ -62,6 +62,18 @@ def test_submit_refuses_an_invalid_manifest(workspace: Workspace, tmp_path_facto
     assert not list(workspace.inbox.iterdir())
 
 
+def test_submit_refuses_a_model_the_provider_does_not_serve(workspace: Workspace, tmp_path_factory):
+    source = tmp_path_factory.mktemp("elsewhere") / "typo.toml"
+    source.write_text(TRANSLATE + 'model = "gemini-2.5-flsh"\n')
+    result = workspace.batchd("submit", str(source))
+    assert result.returncode == 1
+    assert "'gemini-2.5-flsh' is not a model the emulator serves" in result.stderr, result.stderr
+    assert "did you mean 'gemini-2.5-flash'" in result.stderr and "cost.prices" not in result.stderr
+    assert not list(workspace.inbox.iterdir())
+    # Unchecked when asked (the daemon checks it again before anything is sent).
+    assert workspace.batchd("submit", "--no-model-check", str(source)).returncode == 0
+
+
 def test_status_and_list_after_a_run(workspace: Workspace):
     workspace.drop("translate.toml", TRANSLATE)
     assert workspace.batchd("run", "--once").returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -163,6 +164,27 @@ def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Wor
     assert (workspace.outbox / "broken" / "broken.toml").exists(), "the rejected manifest is kept"
 
 
+@pytest.mark.parametrize("budget", [None, 1000.0], ids=["read-by-its-build", "read-by-its-estimate"])
+def test_a_bad_row_at_the_end_of_a_big_input_rejects_the_job_with_nothing_sent(workspace: Workspace, budget):
+    """Rows are checked in a worker, not at the claim; still nothing of a job is sent before its last row
+    was read: the build holds its chunks (no budget) or the estimate pass read them all (a budget)."""
+    workspace.configure(chunk_max_requests=5, inline_max_requests=0, cost={"job_budget": budget} if budget else {})
+    rows = [f"r{n},Review number {n} of the batch." for n in range(39)] + ["r7,a duplicate id at the very end"]
+    (workspace.inbox / "reviews.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+    workspace.drop("late.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1, result.stderr
+    rejected = workspace.delivered()["late"]
+    assert rejected["state"] == "rejected"
+    assert "duplicate id 'r7'" in rejected["error"]["message"] and rejected["error"]["line"] == 41
+    assert remote_jobs(workspace) == [], "a batch was created"
+    with EmulatorServer(workspace.state / "emulator") as emulator:
+        client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
+        assert list(client.files.list()) == [], "requests were uploaded"
+
+
 def test_a_manifest_with_a_bad_field_is_rejected_naming_the_field(workspace: Workspace):
     workspace.drop("bad.toml", 'task = "translate"\ntexts = ["a"]\nlanguages = "French"\n')
     workspace.batchd("run", "--once")
@@ -299,7 +321,8 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
     (["http=503:0.3", "http=429:0.2"], "inline", "succeeded"),
     (["http=503:0.3", "http=429:0.2"], "file", "succeeded"),
     (["shuffle"], "inline", "succeeded"),
-    (["drop-metadata"], "inline", "succeeded"),
+    # Answers without their keys are matched by position, which is a guess: never a silent success.
+    (["drop-metadata"], "inline", "partial"),
     # Inline answers both shuffled and stripped of their keys cannot be joined by anyone;
     # file results always carry their key, so that is what large or order-sensitive jobs use.
     (["shuffle", "drop-metadata"], "file", "succeeded"),
@@ -327,15 +350,22 @@ def test_emulator_faults_end_in_correct_outboxes(workspace: Workspace, faults: l
             assert line["input"]["text"].split()[0] in line["text"], line
         assert result.returncode == 0, result.stderr
     else:
-        assert any(s["counts"]["failed"] for s in delivered.values())
-        assert result.returncode == 4, result.stderr  # run --once says some requests failed
+        assert all(s["state"] == "partial" for s in delivered.values()), delivered
+        assert result.returncode == 4, result.stderr  # run --once says some answers are not to be trusted
     if faults == ["drop-metadata"]:
-        # Matched by position, and the outbox says so: per result and in the summary.
+        # Matched by position, and the outbox says so: per result, in the summary and its error, and the log.
         for name, total in (("translate", 4), ("sentiment", 3)):
             lines = [json.loads(l) for l in (workspace.outbox / name / "results.jsonl").read_text().splitlines()]
             assert all(line["joined_by"] == "position" for line in lines)
-            assert delivered[name]["counts"]["joined_by_position"] == total
+            assert delivered[name]["counts"] == {"total": total, "succeeded": total, "failed": 0,
+                                                 "joined_by_position": total}
             assert "by position" in delivered[name]["warnings"][0]
+            assert delivered[name]["error"]["code"] == "joined_by_position"
+            assert "inline_max_requests = 0" in delivered[name]["error"]["message"]
+        assert re.search(r"level=warning .*matched to their requests by position.*delivered as partial", result.stderr)
+    elif state == "partial":
+        assert all(s["error"]["code"] == "requests_failed" for s in delivered.values())
+        assert all("× 500: Emulated failure" in s["error"]["message"] for s in delivered.values()), delivered
     else:
         assert all("warnings" not in s and "joined_by_position" not in s["counts"] for s in delivered.values())
     assert_one_live_job_per_chunk(workspace)
@@ -459,6 +489,7 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     workspace.drop("clumsy.toml", 'task = "clumsy"\ntexts = ["a", "b", "c"]\n')
     workspace.drop("silent.toml", 'task = "silent"\ntexts = ["a"]\n')
     workspace.drop("translate.toml", TRANSLATE)
+    workspace.drop("typo.toml", TRANSLATE.replace("Hello", "Typo") + 'model = "gemini-2.5-flsh"\n')
 
     result = workspace.batchd("run", "--once", timeout=120)
 
@@ -467,6 +498,8 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     loud = json.loads((workspace.outbox / "loud" / "organized.json").read_text())
     assert loud.keys() == {"1", "2"} and "[EMULATED" in loud["1"]
     clumsy = delivered["clumsy"]
+    # Not a success with an empty organized.json: an outcome of its own, its error naming the plugin's.
+    assert clumsy["state"] == "plugin_failed" and clumsy["error"]["code"] == "plugin_failed"
     assert clumsy["counts"]["total"] == 3 and "organize tripped" in clumsy["error"]["message"]
     assert len((workspace.outbox / "clumsy" / "results.jsonl").read_text().splitlines()) == 3
     assert json.loads((workspace.outbox / "clumsy" / "organized.json").read_text()) == {}
@@ -474,6 +507,13 @@ def test_tasks_from_plugins_dir_and_a_plugin_failure_costs_only_its_organized_ou
     silent = delivered["silent"]
     assert silent["state"] == "rejected" and "produced no requests" in silent["error"]["message"]
     assert delivered["translate"]["state"] == "succeeded", "other jobs are unaffected"
+    # A model the provider does not serve: rejected before anything is priced or sent, naming close ones.
+    typo = delivered["typo"]
+    assert typo["state"] == "rejected" and typo["error"]["code"] == "unknown_model", typo
+    assert "'gemini-2.5-flsh' is not a model the emulator serves" in typo["error"]["message"]
+    assert "did you mean 'gemini-2.5-flash'" in typo["error"]["message"]
+    assert "cost" not in typo and "prices" not in typo["error"]["message"]
+    assert json.loads((workspace.state / "models.json").read_text())["source"] == "the emulator"
     schema = workspace.batchd("schema")
     assert '"shout"' in schema.stdout
 

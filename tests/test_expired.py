@@ -102,6 +102,7 @@ def test_every_request_expiring_fails_the_job(workspace: Workspace):
     assert result.returncode == 1, result.stderr
     summary = workspace.delivered()["translate"]
     assert summary["state"] == "failed" and "expired" in summary["warnings"][0]
+    assert summary["error"]["code"] == "requests_failed" and "all 4 requests failed (expired" in summary["error"]["message"]
     assert all(line["error"]["code"] == "expired" for line in results(workspace, "translate"))
     assert len(remote_jobs(workspace)) == 2
 

@@ -192,3 +192,28 @@ def test_a_full_disk_at_the_deferred_sync_leaves_the_group_to_commit_with_the_ne
     with journal.group():
         pass
     assert committed_states(journal.path) == {"a": "received"} and ran == ["effect"]
+
+
+def test_the_loops_per_tick_reads_are_kept_only_while_nothing_is_written(journal: Journal):
+    """count_jobs and the other per-tick reads are answered from memory while this connection wrote no
+    row; a write, a rolled-back write and another process's journal are always read afresh."""
+    assert journal.count_jobs(["received"]) == 0
+    journal.add_job("j1", name="one", source="one.toml", state="received")
+    assert journal.count_jobs(["received"]) == 1, "a write makes the next read fresh"
+    assert [job.id for job in journal.jobs(states=("received",))] == ["j1"]
+
+    with pytest.raises(RuntimeError), journal.transaction() as db:
+        db.execute("UPDATE jobs SET state = 'done' WHERE id = 'j1'")
+        assert journal.count_jobs(["received"]) == 0, "the transition sees its own write"
+        raise RuntimeError("undone")
+    assert journal.count_jobs(["received"]) == 1, "the rollback undid the write: read again"
+
+    reader = Journal(journal.path, readonly=True)
+    try:
+        assert reader.count_jobs(["received"]) == 1
+        with journal.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'done' WHERE id = 'j1'")
+        assert reader.count_jobs(["received"]) == 0, "another process's writes are always seen"
+    finally:
+        reader.close()
+    assert journal.count_jobs(["received"]) == 0 and journal.jobs(states=("received",)) == []

@@ -389,3 +389,30 @@ def test_json_object_writer_context_leaves_interrupted_output_unparseable():
             raise RuntimeError("plugin failed")
     with pytest.raises(json.JSONDecodeError):
         json.loads(fh.getvalue())
+
+
+def test_a_job_succeeds_only_with_every_answer_surely_its_own_and_organized_else_its_summary_says_why():
+    from types import SimpleNamespace
+
+    from batchd.daemon.deliver import Written, outcome_error, outcome_of
+
+    job = SimpleNamespace(cancel_requested=False, name="n", kind="generate")
+
+    def outcome(counts, organize_error=None, errors=None, cancelled=False):
+        ran = SimpleNamespace(**{**vars(job), "cancel_requested": cancelled})
+        written = Written(None, counts, {}, {}, organize_error, errors or {})
+        state = outcome_of(ran, counts, organize_error)
+        return state, outcome_error(ran, state, counts, written)
+
+    assert outcome({"total": 2, "succeeded": 2, "failed": 0}) == ("succeeded", None)
+    state, error = outcome({"total": 2, "succeeded": 2, "failed": 0, "joined_by_position": 2})
+    assert (state, error["code"]) == ("partial", "joined_by_position") and "by position" in error["message"]
+    state, error = outcome({"total": 3, "succeeded": 2, "failed": 1}, errors={"INTERNAL": {"count": 1, "message": "m"}})
+    assert (state, error["code"]) == ("partial", "requests_failed") and "1 of the 3 requests failed: 1 × INTERNAL: m" \
+        in error["message"]
+    state, error = outcome({"total": 2, "succeeded": 2, "failed": 0}, organize_error={"message": "boom"})
+    assert (state, error) == ("plugin_failed", {"code": "plugin_failed", "message": "boom"})
+    state, error = outcome({"total": 2, "succeeded": 0, "failed": 2}, errors={"expired": {"count": 2, "message": ""}})
+    assert (state, error["code"]) == ("failed", "requests_failed") and "(expired" in error["message"]
+    state, error = outcome({"total": 2, "succeeded": 1, "failed": 1}, cancelled=True)
+    assert (state, error["code"]) == ("cancelled", "cancelled")

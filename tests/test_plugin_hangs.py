@@ -107,8 +107,9 @@ def test_a_plugin_hanging_in_organize_costs_its_job_the_organized_output_not_the
 
     run = daemon.run_once()
 
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 5, run.stderr  # run --once: a task plugin failed (not a partial job)
     brooding = run.outbox["brooding"]
+    assert brooding.state == "plugin_failed"
     message = brooding.summary["error"]["message"]
     assert "'brooding'" in message and "plugin 'hanging'" in message and "organize()" in message, message
     assert [line["status"] for line in brooding.results] == ["ok", "ok", "ok"]

@@ -6,6 +6,7 @@ import inspect
 import json
 import threading
 import tracemalloc
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -166,7 +167,8 @@ def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
         assert [job for job in provider.list_jobs() if job.display_name == "create-503"] == []
 
 
-@pytest.mark.parametrize("status", [503, 429])
+# A 429 on a poll is the daemon's to wait out (test_a_429_on_a_poll_is_left_to_the_daemon_...).
+@pytest.mark.parametrize("status", [503, 500])
 def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status: int) -> None:
     created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], f"read-retry-{status}")
     with Provider(
@@ -459,3 +461,93 @@ def test_both_clients_share_one_tls_context_made_once_per_process():
     contexts = {id(client._api_client._http_options.client_args["verify"])
                 for provider in (first, second) for client in (provider._retrying_client, provider._single_shot_client)}
     assert contexts == {id(tls_context())}
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def test_model_check_reads_the_model_list_once_and_names_close_models(provider: Provider, tmp_path: Path) -> None:
+    from batchd.model_check import ModelCheck
+
+    asked: list[str] = []
+
+    class Counting:
+        def list_models(self):
+            asked.append("list")
+            return provider.list_models()
+
+        def model_exists(self, model):
+            asked.append(f"get {model}")
+            return provider.model_exists(model)
+
+    cache = tmp_path / "models.json"
+    check = ModelCheck(lambda: Counting(), "the emulator", cache)
+    assert check.problem("gemini-2.5-flash") is None
+    assert check.problem("models/gemini-embedding-001") is None
+    # An id of a current family the service takes without listing it: models.get says so, once.
+    assert check.problem("gemini-3.7-flash-preview-01-2027") is None
+    assert check.problem("gemini-3.7-flash-preview-01-2027") is None
+    problem = check.problem("gemini-2.5-flsh")
+    assert problem is not None and "'gemini-2.5-flsh' is not a model the emulator serves" in problem
+    assert "did you mean 'gemini-2.5-flash'" in problem and "prices" not in problem
+    assert asked == ["list", "get gemini-3.7-flash-preview-01-2027", "get gemini-2.5-flsh"]
+    # The list is kept in the state dir: a check made elsewhere (batchd submit) asks the service nothing.
+    assert "gemini-2.5-flash" in json.loads(cache.read_text())["models"]
+
+    def unreachable():
+        raise AssertionError("the cached list should have answered")
+
+    assert ModelCheck(unreachable, "the emulator", cache).problem("gemini-2.5-pro") is None
+    # Cached for another service, it is not used; a service that cannot answer leaves the model unchecked.
+    def down():
+        raise ConnectionError("no route to host")
+
+    assert ModelCheck(down, "the Gemini API (v1beta)", cache).problem("gemini-2.5-flsh") is None
+
+
+def test_a_429_on_a_poll_is_left_to_the_daemon_with_the_wait_the_service_asks(emulator: Emulator) -> None:
+    """Polls are not retried on 429 inside the SDK (the daemon waits out a quota, visibly); other
+    retryable errors still are; the 429's RetryInfo says how long to wait."""
+    from batchd.provider import quota_delay
+
+    def routes() -> dict:
+        with urllib.request.urlopen(f"{emulator.base_url}/_emulator/stats") as answer:
+            return json.load(answer)["routes"]
+
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
+                  headers={"X-Emulator-Fault": "429*2@list"}) as throttled:
+        before = routes().get("list", 0)
+        with pytest.raises(errors.APIError) as refused:
+            list(throttled.list_jobs())
+        assert routes()["list"] == before + 1, "a 429 on a poll is not retried by the SDK"
+        assert quota_delay(refused.value) == 2.0  # the emulator's RetryInfo, as Google sends one
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
+                  headers={"X-Emulator-Fault": "503*2@list"}) as flaky:
+        list(flaky.list_jobs())  # 503s are still retried
+    assert quota_delay(errors.ServerError(503, {"error": {"code": 503, "message": "m"}})) is None
+
+
+def test_a_quota_wait_counts_down_in_batchd_status() -> None:
+    from batchd.daemon.context import QuotaWait
+    from batchd.statedir import render_notice
+
+    quota = QuotaWait(0.1)
+    assert quota.refused("create", 40.0, "429 RESOURCE_EXHAUSTED on create") == 40.0
+    assert quota.refused("create", 40.0, "429 RESOURCE_EXHAUSTED on create") is None, "the same wait, lengthened"
+    assert quota.waiting("create") and not quota.waiting("poll")
+    [notice] = quota.notices()
+    assert render_notice(notice, now=notice["until"] - 40) == \
+        "waiting: quota (429 RESOURCE_EXHAUSTED on create), retry in 40 s"
+    assert quota.went_through("create") and quota.notices() == [] and quota.seconds_left("create") == float("inf")
+
+
+def test_model_check_refuses_what_is_no_model_id_without_asking() -> None:
+    from batchd.model_check import ModelCheck
+
+    def never():
+        raise AssertionError("nothing is sent for a name that is no model id")
+
+    check = ModelCheck(never, "the emulator")
+    for hostile in ("../../x", "gemini 2.5", "x" * 5000, "$(id)"):
+        problem = check.problem(hostile)
+        assert problem is not None and "is not a model id" in problem and len(problem) < 300

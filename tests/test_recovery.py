@@ -139,13 +139,13 @@ def test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped(wor
     ``running``: every chunk is built and running when the cancel comes. ``building``: batchd was
     stopped right after the second of six chunks was recorded and sent, and the cancel is taken on the
     restart that is killed; the chunks after those two are never built (results for those two only).
-    That one runs without a cost plugin, so that chunks go out while later ones are built (a priced
-    job waits for its whole build pass).
+    That one runs with a budget, so that chunks go out while later ones are built (a job no pass read
+    before its build waits for its whole build pass).
     """
     if when == "running":
         workspace.configure(job_seconds=600, chunk_max_requests=2)
     else:
-        workspace.configure(job_seconds=600, chunk_max_requests=1, disabled_plugins=["cost"])
+        workspace.configure(job_seconds=600, chunk_max_requests=1, cost={"job_budget": 1000.0})
     path = workspace.drop("long.toml", TRANSLATE if when == "running" else SIX)
     dropped = Dropped.of(path)
     built_keys = [request.key for request in load_manifest(path).requests()]

@@ -4,7 +4,11 @@ job the service fails as a whole, one manifest hard-linked into the inbox under 
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
+
+import pytest
 
 from batchd.testing import DaemonRunner, Emulator, Workspace
 from invariants import Dropped, assert_invariants
@@ -129,3 +133,29 @@ def test_a_key_refused_while_results_are_downloaded_is_waited_out_not_a_failed_j
     assert workspace.delivered()["translate"]["state"] == "succeeded"
     assert "fetching chunk 0 failed" in result.stderr and "retrying later" in result.stderr
 
+
+
+@pytest.mark.slow  # about 10 s: a daemon kept waiting on a quota that never comes back
+def test_a_quota_refusal_is_waited_out_visibly_once_per_wait_not_as_a_submitted_job(workspace: Workspace):
+    """429 RESOURCE_EXHAUSTED on create: nothing was created, so the chunks wait 'built' for as long as the
+    service asks (its RetryInfo: 2 s from the emulator); the log says so once per wait, not once per
+    refused create, and `batchd status` shows the wait with its countdown."""
+    workspace.configure(faults=["429@create"], chunk_max_requests=1)  # four chunks, each create refused
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        started = time.monotonic()
+        workspace.wait_for(lambda: "waiting: quota" in daemon.output(), timeout=60, what="the quota wait logged")
+        status = workspace.wait_for(lambda: "waiting: quota" in (result := workspace.batchd("status")).stderr
+                                    and result, timeout=30, what="the quota wait shown by batchd status")
+        assert re.search(rf"batchd \(pid {daemon.pid}\): waiting: quota \(429 RESOURCE_EXHAUSTED on create\), "
+                         r"(retry in \d+ s|retrying now)", status.stderr), status.stderr
+        assert daemon.poll() is None and workspace.delivered() == {}
+    finally:
+        assert daemon.stop() == 0
+    elapsed = time.monotonic() - started
+    waits = re.findall(r"level=warning .*refused: quota exhausted .*waiting: quota, uploads and creates retry in "
+                       r"(\d+) s", daemon.output())
+    assert waits and all(int(wait) >= 2 for wait in waits), "the service's RetryInfo is honoured"
+    assert len(waits) <= 1 + elapsed / 2, f"{len(waits)} log lines in {elapsed:.0f} s: one per wait"
+    assert "will reconcile" not in daemon.output(), "a refused create is known not to exist"

@@ -115,13 +115,15 @@ def test_inline_answers_without_their_key_take_the_keys_no_other_answer_has(tmp_
     spool = built_spool(tmp_path, 4)
     # Chunk 0 holds k0 and k1: the service dropped k0's key and returned k1's answer first.
     spool.write_inline_results(0, [inline_answer("k1", "re k1"), inline_answer(None, "re k0")])
-    spool.write_inline_results(1, [inline_answer("k2", "re k2"), inline_answer("k3", "re k3")])
+    # Chunk 1: both keys dropped.
+    spool.write_inline_results(1, [inline_answer(None, "re k2"), inline_answer(None, "re k3")])
     gate = ChunkGate([0, 1], threading.Event())
     gate.open(0, None)
     gate.open(1, None)
 
     results = list(spool.joined(gate.error_of))
 
-    # Matching by absolute position would have given k0's answer to k1 (a key already taken).
+    # Matching by absolute position would have given k0's answer to k1 (a key already taken). The one
+    # keyless answer for the one request left is certain, not a guess; two of each are matched by position.
     assert [(r.key, r.text, r.joined_by) for r in results] == [
-        ("k0", "re k0", "position"), ("k1", "re k1", "key"), ("k2", "re k2", "key"), ("k3", "re k3", "key")]
+        ("k0", "re k0", "key"), ("k1", "re k1", "key"), ("k2", "re k2", "position"), ("k3", "re k3", "position")]

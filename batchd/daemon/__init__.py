@@ -45,7 +45,7 @@ from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
 from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
 from batchd.daemon.schedule import Loop, Steps
-from batchd.statedir import lock_holder, lock_path, notices_path
+from batchd.statedir import lock_holder, lock_path, notices_path, render_notice
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Journal, journal_path
@@ -310,11 +310,12 @@ class Daemon:
                f"{running} remote batch{'es' if running != 1 else ''} running"
         waiting = len(self.steps.submit.submissions)
         line += f", {waiting} being submitted" if waiting else ""
-        return "; ".join([line, *self.notices()])
+        return "; ".join([line, *(render_notice(notice) for notice in self.notices())])
 
-    def notices(self) -> list[str]:
-        """What the daemon waits on that its operator must know: each a reason and, where it helps, a fix."""
-        notices = []
+    def notices(self) -> list[str | dict]:
+        """What the daemon waits on that its operator must know: each a reason and, where it helps, a fix;
+        a wait with an end is ``{"text", "until"}`` (wall-clock seconds), which ``batchd status`` counts down."""
+        notices: list[str | dict] = list(self.ctx.quota.notices())
         if self.ctx.disk.interval:
             notices.append(f"disk full on {self.settings.state_dir}'s filesystem: writes paused and tried again "
                            "with a growing wait (up to a minute) until there is room")
@@ -325,7 +326,7 @@ class Daemon:
                            "key is fixed (GEMINI_API_KEY / GOOGLE_API_KEY, then restart batchd)")
         return notices
 
-    def publish_notices(self, notices: list[str]) -> None:
+    def publish_notices(self, notices: list[str | dict]) -> None:
         """Write the notices for ``batchd status`` (on change only; not part of the journal: a crash may leave
         them behind, and :func:`read_notices` ignores them once no daemon holds the state dir)."""
         try:

@@ -22,6 +22,7 @@ from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
 from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.model_check import ModelCheck, model_source, models_cache_path
 from batchd.plugin_calls import PluginTimeout, Prefetch
 from batchd.provider import Provider
 from batchd.states import JobState
@@ -113,14 +114,20 @@ class Admit:
         self.estimates = ctx.workers("estimate", ctx.settings.max_concurrent_builds)
         self.turns = Turns()
         self.tokens = TokenCounter(lambda: ctx.provider)
+        #: Whether the provider serves a job's model, asked before anything of the job is priced or sent.
+        self.models = ModelCheck(lambda: ctx.provider, model_source(ctx.settings),
+                                 models_cache_path(ctx.settings.state_dir)) if ctx.settings.check_models else None
         self._finished: dict[str, Work] = {}  # job id → its estimate pass, ended, not yet taken
-        self._timeouts: dict[str, list[PluginTimeout]] = {}  # job id → its estimate pass gave up on the task
+        #: job id → what stopped its estimate pass reading the requests (a bad row, a hung or failing task)
+        self._unreadable: dict[str, list[Exception]] = {}
         self._dropped: set[str] = set()  # jobs delivered while their estimate ran: its answer is not wanted
         self._held_reviewed_at = float("-inf")
 
     def step(self, job: Job) -> None:
         """A ``received`` job not yet admitted: estimate, then admit or hold."""
         ctx = self.ctx
+        if self._unknown_model(job):
+            return  # rejected on its next visit
         if job.cost is None and ctx.costs.estimates and (job.approved or not ctx.costs.budget_may_hold(ctx.settings)):
             ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
             return
@@ -143,12 +150,26 @@ class Admit:
             return
         ctx.journal.update_job(job.id, admitted_at=time.time())
 
+    def _unknown_model(self, job: Job) -> bool:
+        """Reject the job (its error committed; delivered ``rejected`` next) when the provider does not
+        serve its model."""
+        if self.models is None or job.cost is not None:
+            return False  # checked before it was priced
+        model = self.ctx.model_of(job)
+        problem = self.models.problem(model)
+        if problem is None:
+            return False
+        log.error("job %s (%s): %s", job.id, job.source, problem, extra={"job": job.id})
+        self.ctx.journal.update_job(job.id, error={"code": "unknown_model", "file": job.source, "field": "model",
+                                                   "message": f"{job.source}: {problem}"})
+        return True
+
     def collect(self) -> None:
         """Take the estimate passes that ended; hand their threads to the jobs waiting longest."""
         for work in self.estimates.finished():
             if work.key in self._dropped:
                 self._dropped.discard(work.key)
-                self._timeouts.pop(work.key, None)
+                self._unreadable.pop(work.key, None)
             else:
                 self._finished[work.key] = work
         self.turns.call(self.estimates.free(), self.ctx.mark)
@@ -157,7 +178,7 @@ class Admit:
         """The job is delivered (cancelled, rejected) while it waited for or ran its estimate."""
         self.turns.forget(job_id)
         self._finished.pop(job_id, None)
-        self._timeouts.pop(job_id, None)
+        self._unreadable.pop(job_id, None)
         if job_id in self.estimates:
             self._dropped.add(job_id)
 
@@ -166,13 +187,13 @@ class Admit:
         ctx = self.ctx
         work = self._finished.pop(job.id, None)
         if work is not None:
-            timeouts = self._timeouts.pop(job.id, [])
+            unreadable = self._unreadable.pop(job.id, [])
             if ctx.stopping.is_set():
                 return None  # cut short by the stop: estimated again after the restart
-            if timeouts:
-                # The task hung reading its requests: building it would only hang again. Rejected next tick.
-                log.error("job %s: %s", job.id, timeouts[0], extra={"job": job.id})
-                ctx.journal.update_job(job.id, error={"message": str(timeouts[0])})
+            if unreadable:
+                # A bad row, or the task hung or failed reading its requests: building it would only stop
+                # the same way. Rejected next tick, with nothing sent.
+                ctx.journal.update_job(job.id, error=self._unreadable_error(job, unreadable[0]))
                 return None
             return {"result": work.future.result()}  # CostHooks.estimate turns a plugin's failure into an error entry
         if job.id in self.estimates:
@@ -188,23 +209,34 @@ class Admit:
         model = manifest.model or ctx.settings.model
         ctx.journal.update_job(job.id, task=manifest.task, model=model, kind=manifest.kind)
         info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
-        timeouts = self._timeouts[job.id] = []
-        stream = RequestStream(lambda: self._watched_requests(job.id, manifest, timeouts),
+        unreadable = self._unreadable[job.id] = []
+        stream = RequestStream(lambda: self._watched_requests(job.id, manifest, unreadable),
                                stopping=ctx.stopping.is_set)
         self.estimates.start(job.id, ctx.costs.estimate, info, stream, self.tokens.for_model(model), ctx.settings,
                              ctx.journal.observed_output(manifest.task, model))
         return None
 
-    def _watched_requests(self, job_id: str, manifest: Manifest, timeouts: list[PluginTimeout]):
-        """The manifest's requests, read in a thread of their own with a bounded wait (for the estimate pass)."""
+    def _watched_requests(self, job_id: str, manifest: Manifest, unreadable: list[Exception]):
+        """The manifest's requests, read in a thread of their own with a bounded wait (for the estimate pass).
+        What stops the reading is kept in ``unreadable``: the estimate hook only sees an unknown cost."""
         ctx = self.ctx
         clock = ctx.plugin_clock(manifest.task, "requests()")
         feed = Prefetch(clock.iterate(manifest.requests()), clock, name=f"batchd-requests-{job_id}", batch=1000)
         try:
             yield from feed.iterate(ctx.settings.plugin_timeout_seconds, ctx.stopping.is_set)
-        except PluginTimeout as error:
-            timeouts.append(error)
+        except Exception as error:
+            unreadable.append(error)
             raise
+
+    def _unreadable_error(self, job: Job, error: Exception) -> dict:
+        """The rejection of a job whose estimate pass could not read its requests: as its build would say it."""
+        if isinstance(error, ManifestError):
+            return manifest_error(error, self.ctx.settings.limits.error_chars)
+        if isinstance(error, PluginTimeout):
+            log.error("job %s: %s", job.id, error, extra={"job": job.id})
+            return {"message": str(error)}
+        log.error("job %s: reading its requests failed", job.id, exc_info=error, extra={"job": job.id})
+        return {"message": f"task {job.task!r} failed to build requests: {type(error).__name__}: {error}"}
 
     # -- held jobs ----------------------------------------------------------------------------------
 

@@ -2,9 +2,14 @@
 
 A task plugin's ``requests()`` runs in a thread of its own per job being built (a plugin that hangs
 then holds up only its own job, see :mod:`batchd.plugin_calls`), at most ``max_concurrent_builds``
-jobs at once; the others wait their turn in the journal, oldest first. The loop records one chunk
-per visit, so chunks already built are submitted while the next is written. A job not estimated
-before admission (no budget could hold it) is priced from this pass (:class:`EstimateAlongside`).
+jobs at once; the others wait their turn in the journal, oldest first.
+
+Nothing of a job is sent before every one of its input rows was read and checked: a bad row at the
+end of a big input rejects the job whole instead of after some of it was billed. A job estimated
+before admission (a budget could hold it) had its rows read by that pass, so the loop records one
+chunk per visit and chunks already built are submitted while the next is written. Any other job is
+read whole by this pass: its chunks are *held* (recorded together once the last is built) and it is
+priced on the way (:class:`EstimateAlongside`), so it is also priced before it is sent.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class Builder:
 
     chunks: OnDemand
     estimate: EstimateAlongside | None = None
+    #: Built chunks not yet recorded, for a build that holds them until its pass has read every row
+    #: (None: each is recorded as it comes, and may be sent at once).
+    held: list | None = None
 
     def close(self, *, wait: bool = False) -> None:
         self.chunks.close(wait=wait)
@@ -98,6 +106,13 @@ class Build:
                                           f"{type(error).__name__}: {error}"})
             return
         if chunk is not None:
+            if builder.held is not None:
+                builder.held.append(chunk)
+                if not job.cancel_requested:
+                    # Nothing is recorded that would bring the loop back: the next chunk is asked for now
+                    # (a cancel instead finds the build resting at this boundary).
+                    builder.chunks.take()
+                return
             self._record(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
@@ -110,6 +125,8 @@ class Build:
                 fields["cost"] = {"estimate": builder.estimate.result}
                 fields["spend"] = spend_of(fields["cost"])
                 log.info("job %s: estimated %s", job.id, describe_cost(builder.estimate.result), extra={"job": job.id})
+        for chunk in builder.held or ():
+            self._record(job, chunk)
         self._release(job.id)
         counts = ctx.journal.chunk_totals(job.id)
         if not counts["chunks"]:
@@ -118,11 +135,11 @@ class Build:
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
         log.info("job %s: %d requests in %d chunk(s)", job.id, counts["requests"], counts["chunks"])
 
-    def priced_alongside(self, job_id: str) -> bool:
-        """Whether the job's estimate is made by its build pass: then none of it is submitted before the
-        build ends and the estimate is committed with ``built`` (a job is priced before it is sent)."""
+    def sends_while_building(self, job_id: str) -> bool:
+        """Whether the job's chunks may go out while later ones are built: its rows were all read (and
+        it was priced) before admission. Else its chunks are held until the build ends."""
         builder = self.builders.get(job_id)
-        return builder is not None and builder.estimate is not None
+        return builder is None or builder.held is None
 
     def _start(self, job: Job) -> Builder:
         """The chunks of a job, built in a thread of their own; after a crash the same chunks are built
@@ -130,7 +147,7 @@ class Build:
         ctx = self.ctx
         manifest = load_claimed(ctx, job)
         model = manifest.model or ctx.settings.model
-        limits = job.chunk_limits or dataclasses.asdict(self._limits())
+        limits = job.chunk_limits or dataclasses.asdict(self._limits(manifest.kind))
         if job.state != JobState.BUILDING:
             ctx.journal.update_job(job.id, state=JobState.BUILDING, task=manifest.task, model=model,
                                    kind=manifest.kind, chunk_limits=limits)
@@ -145,8 +162,12 @@ class Build:
             ctx.wake()
 
         estimate = None
+        # A job estimated before admission had its rows read by that pass; chunks recorded already went
+        # out as they came (a build a restart cut short). Else this pass is the first to read the rows:
+        # it holds the chunks until the last row is read (a bad row rejects the job with nothing sent).
+        first_read = job.cost is None and not ctx.journal.chunk_totals(job.id)["chunks"]
         if job.cost is None and ctx.costs.estimates:
-            # Not estimated before admission (no budget could hold it): price the requests as they are built.
+            # Priced from the same pass, so it is priced before any of it is sent.
             info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
             observed = ctx.journal.observed_output(manifest.task, model)
@@ -156,7 +177,8 @@ class Build:
         chunks = ctx.spool(job.id).build(requests, encoder.encode, ChunkLimits(**limits),
                                          check_stop=ctx.raise_if_stopping)
         builder = self.builders[job.id] = Builder(
-            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate)
+            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate,
+            held=[] if first_read else None)
         return builder
 
     def stop(self, job: Job) -> Stopped:
@@ -224,9 +246,14 @@ class Build:
         log.error("job %s: building stopped part way: %s", job.id, error["message"])
         ctx.journal.update_job(job.id, state=JobState.BUILT, error=error)
 
-    def _limits(self) -> ChunkLimits:
+    def _limits(self, kind: str = "generate") -> ChunkLimits:
         s = self.ctx.settings
-        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, s.inline_max_requests, s.inline_max_bytes)
+        inline_max = s.inline_max_requests
+        if kind == "embed":
+            # google-genai sends inline embeddings without keys, so their answers could only be matched by
+            # position: an embed chunk goes inline only when it holds one request (a match that is certain).
+            inline_max = min(inline_max, 1)
+        return ChunkLimits(s.chunk_max_requests, s.chunk_max_bytes, inline_max, s.inline_max_bytes)
 
     def close(self) -> None:
         for builder in self.builders.values():

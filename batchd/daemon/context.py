@@ -41,6 +41,10 @@ HELD_EXIT_CODE = 3
 #: Exit code of ``batchd run --once`` when every job was delivered, none failed or is held, but some
 #: are ``partial`` (some of their requests failed: ``batchd retry NAME`` sends those again).
 PARTIAL_EXIT_CODE = 4
+#: Exit code of ``batchd run --once`` when every job was delivered, none failed or is held, but a task
+#: plugin failed to organize the results of some (outcome ``plugin_failed``: results.jsonl is complete,
+#: organized.json is empty, summary.json's ``error`` names the plugin's error).
+PLUGIN_FAILED_EXIT_CODE = 5
 #: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
 #: EX_TEMPFAIL: running it again carries on where it stopped.
 INTERRUPTED_EXIT_CODE = 75
@@ -49,7 +53,59 @@ INTERRUPTED_EXIT_CODE = 75
 DISK_RETRY_SECONDS = 1.0
 DISK_RETRY_MAX_SECONDS = 60.0
 
+#: A 429 whose answer names no longer wait (RetryInfo) is waited out ``poll_interval`` at first, doubling
+#: while the service keeps refusing, up to this.
+QUOTA_RETRY_MAX_SECONDS = 600.0
+
 K = TypeVar("K", bound=Hashable)
+
+
+class QuotaWait:
+    """The service refused calls with 429 RESOURCE_EXHAUSTED: what waits (``"create"``: uploads and
+    creates; ``"poll"``: the remote job list) and until when, for the steps, the log and ``batchd status``.
+
+    A wait lasts what the service asked for (its RetryInfo), at least a backoff that doubles while
+    the refusals go on; a refusal during a wait lengthens it without starting another.
+    """
+
+    def __init__(self, initial: float, maximum: float = QUOTA_RETRY_MAX_SECONDS):
+        self._initial, self._maximum = initial, maximum
+        self._backoffs: dict[str, Backoff] = {}
+        self._until: dict[str, float] = {}  # what → when its wait ends (monotonic)
+        self._reasons: dict[str, str] = {}
+
+    def refused(self, what: str, asked: float, reason: str) -> float | None:
+        """A call of ``what`` was refused; ``asked`` is the service's RetryInfo (0: none). Returns the wait
+        when one starts now (for the one log line of the wait), None when it lengthens the wait in force."""
+        backoff = self._backoffs.setdefault(what, Backoff(self._initial, self._maximum))
+        started = not self.waiting(what)
+        wait = min(max(asked, backoff.failed() if started else backoff.interval), max(asked, self._maximum))
+        until = time.monotonic() + wait
+        self._until[what] = max(until, self._until.get(what, 0.0))
+        self._reasons[what] = reason
+        return wait if started else None
+
+    def waiting(self, what: str) -> bool:
+        return time.monotonic() < self._until.get(what, 0.0)
+
+    def seconds_left(self, what: str) -> float:
+        """Until the wait of ``what`` ends; inf when none is in force."""
+        until = self._until.get(what)
+        return max(0.0, until - time.monotonic()) if until is not None and self.waiting(what) else float("inf")
+
+    def went_through(self, what: str) -> bool:
+        """A call of ``what`` succeeded: the quota is back. Returns whether it had been refused."""
+        self._until.pop(what, None)
+        self._reasons.pop(what, None)
+        backoff = self._backoffs.get(what)
+        return backoff.succeeded() if backoff is not None else False
+
+    def notices(self) -> list[dict]:
+        """One notice per wait in force, with its end in wall-clock time (``batchd status`` counts down)."""
+        now, wall = time.monotonic(), time.time()
+        return [{"text": f"waiting: quota ({self._reasons[what]})", "until": round(wall + until - now)}
+                for what, until in sorted(self._until.items()) if until > now]
+
 
 
 class Stopping(Exception):
@@ -85,6 +141,8 @@ class RunReport:
             return INTERRUPTED_EXIT_CODE
         if self.held:
             return HELD_EXIT_CODE
+        if "plugin_failed" in self.outcomes.values():
+            return PLUGIN_FAILED_EXIT_CODE
         return PARTIAL_EXIT_CODE if "partial" in self.outcomes.values() else 0
 
     def summary(self, outbox: Path) -> str:
@@ -189,6 +247,8 @@ class Context:
         self.report = RunReport()
         #: Writes that found the disk full pause every writing step (see batchd.fs).
         self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)
+        #: Calls the service refused for quota (429) wait here: creates and polls apart.
+        self.quota = QuotaWait(settings.poll_interval)
         #: A storage failure a worker hit; the loop ends the process with it.
         self.storage_failure: fs.StorageFailure | None = None
         #: Called (from any thread) with a job id whose next step can be taken: set by the scheduler.

@@ -83,6 +83,8 @@ class Written:
     tokens: dict
     usage: dict
     organize_error: dict | None
+    #: The failed requests by error code: ``{code: {"count": n, "message": the first one's}}``.
+    errors: dict
 
 
 class Deliver:
@@ -156,6 +158,9 @@ class Deliver:
         self._forget(job.id)
         folder = outbox.JobFolder(self.ctx.spool(job.id).staging)
         summary = self._summary(job, state=state, counts={"total": 0, "succeeded": 0, "failed": 0})
+        if state == "cancelled" and job.error is None:
+            summary["error"] = {"code": "cancelled", "message": f"cancelled on request (batchd cancel {job.name}, "
+                                                                f"or {job.name}.cancel) before any of it was sent"}
         staged = self._summarized(job, summary, None)
         finish_folder(folder, *self._manifest_copy(job), redact_data(summary))
         self._name_folder(job, staged)
@@ -246,14 +251,7 @@ class Deliver:
         ctx = self.ctx
         counts = written.counts
         chunks = ctx.journal.chunks(job.id)
-        if job.cancel_requested:
-            state = "cancelled"
-        elif counts["failed"] == 0:
-            state = "succeeded"
-        elif counts["succeeded"] == 0:
-            state = "failed"
-        else:
-            state = "partial"
+        state = outcome_of(job, counts, written.organize_error)
         summary = self._summary(job, state=state, counts=counts)
         summary["tokens"] = written.tokens
         summary["remote_batches"] = [
@@ -274,8 +272,15 @@ class Deliver:
         expired = [r["remote_name"] for r in remote_jobs if r["role"] == "expired"]
         if expired:
             summary["expired_remote_batches"] = expired  # resubmitted: their chunks ran again
-        if written.organize_error is not None:
-            summary["error"] = written.organize_error
+        error = outcome_error(job, state, counts, written, ctx.settings.limits.error_chars)
+        if error is not None:
+            summary["error"] = error
+        if counts.get("joined_by_position"):
+            log.warning("job %s (%s): %d answers came back without their key and were matched to their requests "
+                        "by position, which the service does not guarantee: delivered as %s; check them (marked "
+                        "\"joined_by\": \"position\" in results.jsonl) or send the job again with "
+                        "inline_max_requests = 0", job.id, job.source, counts["joined_by_position"], state,
+                        extra={"job": job.id, "outcome": state})
         warnings = []
         if job.build_stopped:
             built = sum(c.request_count for c in chunks)
@@ -283,13 +288,7 @@ class Deliver:
                 f"cancelled while it was being built: building stopped after chunk {chunks[-1].idx}; the "
                 f"manifest's requests after its first {built} were never built nor sent and are not in results.jsonl")
         if counts.get("joined_by_position"):
-            without_key = ("inline embeddings carry no key (google-genai sends none with them), so "
-                           f"{counts['joined_by_position']} were" if job.kind == "embed" else
-                           f"{counts['joined_by_position']} inline answers came back without their key and were")
-            warnings.append(
-                f"{without_key} matched to their requests by position, which the service does not guarantee; they "
-                "are marked \"joined_by\": \"position\" in results.jsonl (file batches always carry keys: lower "
-                "inline_max_requests to use them)")
+            warnings.append(position_message(job, counts["joined_by_position"]))
         for c in chunks:
             if (c.error or {}).get("code") == "expired":
                 tries = c.resubmits + 1
@@ -303,6 +302,7 @@ class Deliver:
         return summary
 
     def _summary(self, job: Job, *, state: str, counts: dict) -> dict:
+        """The fields every summary.json has (``without_results`` and ``_results_summary`` add theirs)."""
         now = time.time()
         settings = self.ctx.settings
         return {
@@ -330,6 +330,66 @@ class Deliver:
         self.writers.shutdown(cancel=True)
         self._stager.shutdown(wait=True)  # a folder being finished is finished (a restart writes it anew)
         self._cleanup.shutdown(wait=True)
+
+
+#: A job's outcome when its task plugin's ``organize()`` failed (raised or hung): results.jsonl has every
+#: result, organized.json none; ``run --once`` exits :data:`batchd.daemon.context.PLUGIN_FAILED_EXIT_CODE`.
+PLUGIN_FAILED = "plugin_failed"
+
+
+def outcome_of(job: Job, counts: dict, organize_error: dict | None) -> str:
+    """The outcome of a job that ran: ``succeeded`` only when every request has an answer surely its own
+    and the task organized them; answers matched by position make it ``partial``, as failed requests do."""
+    if job.cancel_requested:
+        return "cancelled"
+    if counts["failed"] and not counts["succeeded"]:
+        return "failed"
+    if organize_error is not None:
+        return PLUGIN_FAILED
+    if counts["failed"] or counts.get("joined_by_position"):
+        return "partial"
+    return "succeeded"
+
+
+def position_message(job: Job, joined: int) -> str:
+    """Why answers matched by position need a second look, and how to avoid them."""
+    if job.kind == "embed":
+        without_key = f"inline embeddings carry no key (google-genai sends none with them), so {joined} were"
+    else:
+        without_key = f"{joined} inline answers came back without their key and were"
+    return (f"{without_key} matched to their requests by position, which the service does not guarantee (the "
+            "answers may belong to other inputs); they are marked \"joined_by\": \"position\" in results.jsonl "
+            "(file batches always carry keys: send the job again with inline_max_requests = 0)")
+
+
+def outcome_error(job: Job, state: str, counts: dict, written: Written, max_chars: int = 2000) -> dict | None:
+    """summary.json's ``error`` for a job that ran and did not succeed: a ``code`` (the state's own reason)
+    and each reason in one message, cut at ``max_chars``."""
+    reasons: list[tuple[str, str]] = []
+    if written.organize_error is not None:
+        reasons.append((PLUGIN_FAILED, written.organize_error["message"]))
+    if state == "cancelled":
+        reasons.append(("cancelled", f"cancelled on request (batchd cancel {job.name}, or {job.name}.cancel): "
+                                     f"{counts['succeeded']} of {counts['total']} requests have an answer; the "
+                                     "others are errors in results.jsonl"))
+    elif counts["failed"]:
+        codes = sorted(written.errors.items(), key=lambda item: -item[1]["count"])
+        detail = "; ".join(f"{entry['count']} × {code}" + (f": {entry['message']}" if entry["message"] else "")
+                           for code, entry in codes)
+        expired = " (expired: the service did not finish them within 48 h)" if "expired" in written.errors else ""
+        what = f"all {counts['total']}" if not counts["succeeded"] else f"{counts['failed']} of the {counts['total']}"
+        reasons.append(("requests_failed", f"{what} requests failed{expired}: {detail}; results.jsonl "
+                                           f"has each error (batchd retry {job.name} sends them again)"))
+    if counts.get("joined_by_position") and state != "cancelled":
+        reasons.append(("joined_by_position", position_message(job, counts["joined_by_position"])))
+    if not reasons or state == "succeeded":
+        return None
+    codes = [code for code, _ in reasons]
+    primary = {PLUGIN_FAILED: PLUGIN_FAILED, "cancelled": "cancelled", "failed": "requests_failed"}.get(state)
+    message = "; ".join(message for _, message in reasons)
+    if len(message) > max_chars:
+        message = message[: max_chars - 1] + "…"
+    return {"code": primary if primary in codes else codes[0], "message": message}
 
 
 @dataclass(frozen=True)
@@ -370,15 +430,15 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         writing = InThread(
             lambda: write_result_files(folder, spool, gate.error_of, organize, stopping, clock, kind),
             name=f"batchd-organize-{job_id}")
-        counts, tokens, usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
+        counts, tokens, usage, errors = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
         raise
     except PluginTimeout as error:
         log.error("job %s: %s", job_id, error, extra={"job": job_id})
         organize_error = {"message": f"{error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
-        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping,
-                                                   kind=kind)
+        counts, tokens, usage, errors = write_result_files(folder, spool, gate.error_of, _organize_nothing,
+                                                           stopping, kind=kind)
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
@@ -387,14 +447,14 @@ def write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginCl
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)
-        counts, tokens, usage = write_result_files(folder, spool, gate.error_of, _organize_nothing, stopping,
-                                                   kind=kind)
-    return Written(folder, counts, tokens, usage, organize_error)
+        counts, tokens, usage, errors = write_result_files(folder, spool, gate.error_of, _organize_nothing,
+                                                           stopping, kind=kind)
+    return Written(folder, counts, tokens, usage, organize_error, errors)
 
 
 def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: Callable[[int], dict | None],
                        organize, stopping: threading.Event,
-                       clock: PluginClock | None = None, kind: str = "generate") -> tuple[dict, dict, dict]:
+                       clock: PluginClock | None = None, kind: str = "generate") -> tuple[dict, dict, dict, dict]:
     """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
     ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
@@ -402,11 +462,13 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     request, in request order) and each row's key to embeddings_index.jsonl; its results.jsonl lines
     carry ``embedding_row`` instead of the vector, so they stay small.
 
-    Returns the counts, the token totals of summary.json and the usage totals of ``account_cost``.
+    Returns the counts, the token totals of summary.json, the usage totals of ``account_cost`` and
+    the failed requests by error code (at most :data:`ERROR_CODES_KEPT` codes, the rest as "other").
     """
     counts = {"total": 0, "succeeded": 0, "failed": 0}
     tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
     extra = {"cached": 0, "with_usage": 0, "joined_by_position": 0}
+    errors: dict[str, dict] = {}
     dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
     def results_written():
@@ -417,6 +479,8 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
                 _add_embedding(result, embeddings, embeddings_index, dumps)
             counts["total"] += 1
             counts["succeeded" if result.status == "ok" else "failed"] += 1
+            if result.status != "ok":
+                _tally_error(errors, result.error)
             if result.usage:
                 usage = result.usage
                 tokens["prompt"] += usage.get("promptTokenCount", 0)
@@ -461,7 +525,21 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     usage = {"prompt_tokens": tokens["prompt"], "output_tokens": tokens["output"],
              "thoughts_tokens": tokens["thoughts"], "cached_tokens": extra["cached"],
              "total_tokens": tokens["total"], "requests": extra["with_usage"]}
-    return counts, tokens, usage
+    return counts, tokens, usage, errors
+
+
+#: How many distinct error codes of failed requests the summary's error names.
+ERROR_CODES_KEPT = 10
+
+
+def _tally_error(errors: dict[str, dict], error: Any) -> None:
+    """Count one failed request under its error code, keeping the first message of each code."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = str(error.get("status") or error.get("code") or "error")  # google.rpc's name, else batchd's code
+    if code not in errors and len(errors) >= ERROR_CODES_KEPT:
+        code = "other"
+    entry = errors.setdefault(code, {"count": 0, "message": str(error.get("message") or "")[:300].rstrip(".")})
+    entry["count"] += 1
 
 
 def _add_embedding(result: TaskResult, embeddings: NpyRowWriter, index, dumps) -> None:

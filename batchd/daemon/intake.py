@@ -150,10 +150,11 @@ class Intake:
                 claimed += 1
                 continue
             try:
-                # Every input row is validated before anything is claimed or sent: a bad row at the end
-                # of a big file rejects the job up front instead of after some of it was billed.
+                # The document is checked here, its input rows by the first pass that reads them, in a
+                # worker (a million rows would hold up the loop for seconds): nothing of a job is sent
+                # before that pass has read its last row (batchd.daemon.build).
                 manifest = load_manifest(path, root=ctx.settings.inbox, tasks=ctx.tasks, content=entry.content,
-                                         limits=ctx.settings.limits)
+                                         limits=ctx.settings.limits, check_inputs=False)
             except Exception as error:  # noqa: BLE001 - whatever was dropped, the daemon goes on
                 if fs.is_disk_full(error):
                     raise  # no room to check it: it is taken once there is (the loop backs off)

@@ -20,7 +20,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
-from batchd.provider import RemoteJob, is_auth_error, is_retryable
+from batchd.provider import RemoteJob, is_auth_error, is_retryable, quota_delay
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
@@ -68,6 +68,8 @@ class Monitor:
         return left
 
     def due(self) -> bool:
+        if self.ctx.quota.waiting("poll"):
+            return False
         return self._poll_seconds_left() <= 0 and self.anything_live() or self._stray_look_due()
 
     def seconds_until_due(self) -> float:
@@ -119,8 +121,23 @@ class Monitor:
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
                 raise
+            asked = quota_delay(error)
+            if asked is not None:
+                # The list is refused for quota: no poll before the service's quota is back.
+                wait = ctx.quota.refused("poll", asked, "429 RESOURCE_EXHAUSTED on poll")
+                if wait is not None:
+                    log.warning("polling refused: quota exhausted (%s); waiting: quota, polls retry in %.0f s",
+                                getattr(error, "message", None) or error, wait, extra={"wait": wait})
+                self.poll_clock.next_after(changed)
+                left = ctx.quota.seconds_left("poll")
+                if left != float("inf"):
+                    self.poll_clock.due_at = max(self.poll_clock.due_at, time.monotonic() + left)
+                return
             # A key revoked while jobs run: they keep running remotely; the poll goes on asking.
             log.warning("polling failed (%s); retrying later", error)
+        else:
+            if ctx.quota.went_through("poll"):
+                log.info("the service answers polls again: the quota wait is over")
         self.poll_clock.next_after(changed)
         self.polled_at = time.monotonic()
 

@@ -93,9 +93,9 @@ class Loop:
         #: One line for ``systemctl status`` (set by the daemon).
         self.status_line: Callable[[], str] = lambda: ""
         #: Hands what the daemon waits on (the daemon's notices) to ``batchd status``; called on change.
-        self.publish_notices: Callable[[list[str]], None] = lambda notices: None
-        self.notices: Callable[[], list[str]] = lambda: []
-        self._published_notices: list[str] | None = None
+        self.publish_notices: Callable[[list], None] = lambda notices: None
+        self.notices: Callable[[], list] = lambda: []
+        self._published_notices: list | None = None
         steps.on_disk_full = self.disk_full
         self._ready: set[str] = set()
         #: When the last tick ended (monotonic): /healthz.
@@ -253,7 +253,7 @@ class Loop:
                 if job.cancel_requested:
                     s.cancel.apply(job)
                 self.steps[job.state](job)
-            elif job.state == JobState.BUILDING and not s.build.priced_alongside(job.id):
+            elif job.state == JobState.BUILDING and s.build.sends_while_building(job.id):
                 s.submit.step(job)
             return
         if job.cancel_requested and s.cancel.apply(job):
@@ -276,11 +276,11 @@ class Loop:
 
     def _building(self, job: Job) -> None:
         # Chunks already built go out while the next one is built, so the service works on chunk n
-        # while chunk n+1 is written; unless the build pass is what prices the job, which must be
-        # priced before any of it is sent.
+        # while chunk n+1 is written; unless this pass is the first to read the job's rows (then its
+        # chunks are held until the last row is read and priced: batchd.daemon.build).
         self.s.build.step(job)
         job = self.ctx.journal.job(job.id)
-        if job.state == JobState.BUILT or job.state == JobState.BUILDING and not self.s.build.priced_alongside(job.id):
+        if job.state == JobState.BUILT or job.state == JobState.BUILDING and self.s.build.sends_while_building(job.id):
             self.s.submit.step(job)
 
     def _submitted(self, job: Job) -> None:
@@ -336,7 +336,8 @@ class Loop:
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
         if s.build.builders:
             wait = min(wait, BUILD_CHECK_SECONDS)
-        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.push.seconds_until_due())
+        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free(),
+                   s.push.seconds_until_due())
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
         for job_wait in self._disk_waits.values():

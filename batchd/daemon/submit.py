@@ -23,7 +23,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
-from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, webhook_config
+from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay, webhook_config
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
@@ -152,13 +152,21 @@ class Submit:
                 log.info("the service accepts the API key again: submissions go on")
                 self.refusal = None
             self.credentials.succeeded()
+            if self.ctx.quota.went_through("create"):
+                log.info("the service takes creates again: the quota wait is over")
             self.adopt(chunk, result)
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
     def free(self) -> int:
-        """Threads free for uploads and creates: none while the service refuses the API key."""
-        return 0 if self.credentials.waiting() else self.submissions.free()
+        """Threads free for uploads and creates: none while the service refuses the API key, or its quota."""
+        if self.credentials.waiting() or self.ctx.quota.waiting("create"):
+            return 0
+        return self.submissions.free()
+
+    def seconds_until_free(self) -> float:
+        """Until a quota wait ends and the jobs waiting for it can go (inf: none is in force)."""
+        return self.ctx.quota.seconds_left("create")
 
     def upload_slots(self) -> int:
         """Uploads that may start now: ``max_concurrent_uploads`` less those in flight, within :meth:`free`."""
@@ -224,6 +232,19 @@ class Submit:
             self.refusal = f"the service refuses the API key ({error_dict(error)['message']})"
             log.error("job %s: %s of chunk %d: %s; submissions paused, tried again in %.0f s (fix the key and "
                       "restart, or wait)", chunk.job_id, stage, chunk.idx, self.refusal, wait)
+            return
+        asked = quota_delay(error)
+        if asked is not None:
+            # 429 RESOURCE_EXHAUSTED refuses at the door, before anything is created or stored: the chunk
+            # waits 'built' and every upload and create waits out the quota (what the service asked for,
+            # at least a backoff), said once per wait in the log and by `batchd status`.
+            self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.BUILT)
+            reason = f"429 RESOURCE_EXHAUSTED on {stage}"
+            wait = self.ctx.quota.refused("create", asked, reason)
+            if wait is not None:
+                log.warning("job %s: %s of chunk %d refused: quota exhausted (%s); waiting: quota, uploads and "
+                            "creates retry in %.0f s", chunk.job_id, stage, chunk.idx, error_dict(error)["message"],
+                            wait, extra={"job": chunk.job_id, "chunk": chunk.idx, "wait": wait})
             return
         if is_retryable(error):
             # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
