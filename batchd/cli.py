@@ -166,6 +166,9 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None, lo
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--provider", type=click.Choice(["emulator", "gemini"]))
 @click.option("--model")
+@click.option("--http", metavar="HOST:PORT",
+              help="Serve the dashboard, /metrics, /healthz, /readyz and /webhooks/gemini here (a bare PORT binds"
+                   " 127.0.0.1); overrides `http` in the config.")
 @pass_context
 def run(ctx: Context, once: bool, **overrides) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it cleanly)."""
@@ -503,6 +506,78 @@ def retry_command(ctx: Context, name: str, failed: bool, expired: bool) -> None:
     click.echo(f"submitted {made.manifest} with keys {made.keys}")
 
 
+@main.group()
+def webhooks() -> None:
+    """Static Gemini webhooks of the project (the SDK's client.webhooks): register, list, delete.
+
+    A static webhook hears of every batch's end (batch.succeeded, batch.failed, batch.cancelled,
+    batch.expired); its deliveries are verified with the secret `register` prints once: keep it like the
+    API key, as `webhook_secret` (or BATCHD_WEBHOOK_SECRET). See docs/web.md.
+    """
+
+
+WEBHOOK_EVENTS = ["batch.succeeded", "batch.failed", "batch.cancelled", "batch.expired"]
+
+
+def _webhook_client(settings: Settings):
+    from google import genai
+
+    from batchd.provider import Provider
+
+    if settings.provider == "emulator":
+        raise click.ClickException('the embedded emulator lives only as long as the daemon: webhooks are registered'
+                                   ' with provider = "gemini" (GOOGLE_GEMINI_BASE_URL may name another emulator)')
+    provider = Provider.from_settings(settings)
+    return provider, provider._single_shot_client.webhooks
+
+
+@webhooks.command("register")
+@click.argument("url")
+@click.option("--name", default="batchd", show_default=True, help="The webhook's name.")
+@pass_context
+def webhooks_register(ctx: Context, url: str, name: str) -> None:
+    """Register URL (this daemon's /webhooks/gemini, reachable by Google) for batch events; prints the
+    signing secret, once."""
+    if not url.startswith(("https://", "http://")):
+        raise click.ClickException(f"{url!r} is not an http(s) URL")
+    provider, client = _webhook_client(ctx.settings())
+    with provider:
+        created = client.create(name=name, subscribed_events=WEBHOOK_EVENTS, uri=url)
+    click.echo(f"registered webhook {created.id} for {url}")
+    click.echo("its signing secret (shown once; set it as webhook_secret or BATCHD_WEBHOOK_SECRET):")
+    click.echo(created.new_signing_secret)
+
+
+@webhooks.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def webhooks_list(ctx: Context, as_json: bool) -> None:
+    """The project's static webhooks (secrets shown truncated, as the service gives them)."""
+    provider, client = _webhook_client(ctx.settings())
+    with provider:
+        found = [{"id": w.id, "name": getattr(w, "name", None), "uri": w.uri, "state": str(w.state),
+                  "subscribed_events": [str(e) for e in (w.subscribed_events or [])]}
+                 for w in (client.list().webhooks or [])]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no webhooks")
+    for w in found:
+        click.echo(f"{w['id']}  {w['state']}  {w['uri']}  {', '.join(w['subscribed_events'])}")
+
+
+@webhooks.command("delete")
+@click.argument("webhook_id")
+@pass_context
+def webhooks_delete(ctx: Context, webhook_id: str) -> None:
+    """Delete static webhook WEBHOOK_ID."""
+    provider, client = _webhook_client(ctx.settings())
+    with provider:
+        client.delete(id=webhook_id)
+    click.echo(f"deleted webhook {webhook_id}")
+
+
 def _open_journal(settings: Settings):
     from batchd.journal import Journal, journal_path
 
@@ -517,40 +592,9 @@ def _open_journal(settings: Settings):
 
 
 def _job_view(journal, job) -> dict:
-    from batchd.costs import summary_cost
+    from batchd.views import job_view
 
-    chunks = journal.chunks(job.id)
-    total = sum(c.request_count for c in chunks)
-    done = 0
-    for c in chunks:
-        if c.state in ("fetched", "skipped"):
-            done += c.request_count
-        else:
-            done += int(c.stats.get("successfulRequestCount", 0)) + int(c.stats.get("failedRequestCount", 0))
-    return {
-        "id": job.id,
-        "name": job.name,
-        "manifest": job.source,
-        "task": job.task,
-        "model": job.model,
-        "state": job.state,
-        "outcome": job.outcome,
-        "requests": total,
-        "done": done,
-        "cancel_requested": job.cancel_requested,
-        "hold": job.hold if job.state == "held" else None,
-        "approved": job.approved,
-        "cost": summary_cost(job.cost),
-        "outbox": job.outbox_dir,
-        "error": job.error,
-        "retry_of": job.retry_of,
-        "created_at": job.created_at,
-        "remote_batches": [
-            {"chunk": c.idx, "name": c.remote_name, "state": c.remote_state or c.state,
-             "requests": c.request_count, "mode": c.mode}
-            for c in chunks
-        ],
-    }
+    return job_view(journal, job)
 
 
 #: ``batchd status`` without NAME shows unfinished jobs and those finished this recently.

@@ -34,6 +34,26 @@ INLINE_MARGIN_BYTES = 1024 * 1024
 
 
 
+def parse_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[::1]:PORT`` or a bare ``PORT`` (loopback) → (host, port)."""
+    value = value.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r} is not HOST:PORT or PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range (0-65535)")
+    return host, number
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ConfigError(Exception):
     """The configuration is unusable; the message says which file/key/variable and why."""
 
@@ -352,6 +372,28 @@ class Settings(BaseSettings):
     cache_max_mb: float = Field(
         512.0, ge=0, description="Size of the answers the request cache keeps at most (MiB); the oldest stored are"
                                  " evicted.")
+    # The HTTP server: dashboard, metrics, health, Gemini webhooks (docs/web.md)
+    http: str | None = Field(
+        None, description="Serve the dashboard, /metrics, /healthz, /readyz and /webhooks/gemini at HOST:PORT"
+                          " (a bare PORT binds 127.0.0.1); unset: no HTTP server. `batchd run --http` sets it.")
+    http_token: SecretStr | None = Field(
+        None, description="Bearer token that enables the dashboard's cancel/approve/retry buttons (sent with each"
+                          " POST); unset: the dashboard is read-only. Never shown.")
+    webhook_public_url: str | None = Field(
+        None, description="The URL at which the Gemini API reaches this daemon's /webhooks/gemini (https://… on"
+                          " Google): sent with every batch as webhook_config.uris, with the job id and chunk in"
+                          " user_metadata, and checked against per-job deliveries' JWT audience.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="The whsec_ signing secret of a static webhook (`batchd webhooks register`), to verify its"
+                          " deliveries (Standard Webhooks HMAC); also read from BATCHD_WEBHOOK_SECRET. Never shown.")
+    webhook_jwks_url: str | None = Field(
+        None, description="Where the keys of per-job webhooks' RS256 JWTs are published; unset: the provider's base"
+                          " URL + /.well-known/jwks.json.")
+    webhook_poll_interval: float = Field(
+        600.0, gt=0, description="While webhooks are healthy (a verified delivery within the last"
+                                 " webhook_healthy_seconds) polls wait this long: the poll stays the safety net.")
+    webhook_healthy_seconds: float = Field(
+        3600.0, gt=0, description="Webhooks count as healthy this long after the last verified delivery.")
 
     limits: ManifestLimits = Field(default_factory=ManifestLimits)
     retry: RetrySettings = Field(default_factory=RetrySettings)
@@ -383,6 +425,13 @@ class Settings(BaseSettings):
         # Highest priority first. No .env or secrets-dir sources: a daemon's environment
         # comes from its service manager, and one config file is enough to reason about.
         return init_settings, _EnvironmentSource(settings_cls), _ConfigFileSource(settings_cls)
+
+    @field_validator("http", mode="before")
+    @classmethod
+    def _http_address(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        return format_address(*parse_address(str(value)))
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -226,6 +226,14 @@ CREATE TABLE IF NOT EXISTS chunk_media (
     PRIMARY KEY (job_id, idx, sha256)
 );
 CREATE INDEX IF NOT EXISTS chunk_media_by_sha ON chunk_media(sha256);
+-- Gemini webhook deliveries taken (by their webhook-id, the sender's idempotency key): a delivery sent
+-- again is acknowledged, not acted on twice. Written by the loop alone; forgotten after a week.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    webhook_id    TEXT PRIMARY KEY,
+    remote_name   TEXT,
+    event_type    TEXT,
+    received_at   REAL NOT NULL
+);
 
 -- What each task and model answered per request (answer and thoughts, in tokens), summed over
 -- delivered jobs: cost estimates price a job's output by it (plugins/cost.py).
@@ -397,6 +405,8 @@ class Journal:
                          " WHERE upload_state IN ('uploading', 'uploaded')")
         # The stray cancels still to retry are looked up while the table holds every remote job ever made.
         self._db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
+        # A webhook delivery names a remote batch; its chunk is looked up by that name.
+        self._db.execute("CREATE INDEX IF NOT EXISTS chunks_by_remote_name ON chunks(remote_name)")
 
     @property
     def initialized(self) -> bool:
@@ -850,6 +860,29 @@ class Journal:
     def set_remote_outcome(self, remote_name: str, outcome: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE remote_jobs SET outcome = ? WHERE remote_name = ?", (outcome, remote_name))
+
+    def chunk_by_remote_name(self, remote_name: str) -> Chunk | None:
+        row = self._db.execute("SELECT * FROM chunks WHERE remote_name = ?", (remote_name,)).fetchone()
+        return _chunk(row) if row else None
+
+    def webhook_seen(self, webhook_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?",
+                                (webhook_id,)).fetchone() is not None
+
+    def record_webhook(self, webhook_id: str, remote_name: str | None, event_type: str | None) -> bool:
+        """Record a webhook delivery by its id; False when it was taken before (a duplicate)."""
+        with self.transaction() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO webhook_deliveries (webhook_id, remote_name, event_type,"
+                                " received_at) VALUES (?, ?, ?, ?)", (webhook_id, remote_name, event_type, time.time()))
+            return cursor.rowcount == 1
+
+    def last_webhook_at(self) -> float | None:
+        """When the latest webhook delivery was taken (wall clock), if any."""
+        return self._db.execute("SELECT max(received_at) FROM webhook_deliveries").fetchone()[0]
+
+    def forget_webhooks(self, before: float) -> int:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (before,)).rowcount
 
     def remote_job(self, remote_name: str) -> dict | None:
         row = self._db.execute("SELECT * FROM remote_jobs WHERE remote_name = ?", (remote_name,)).fetchone()

@@ -30,6 +30,7 @@ import os
 import re
 import ssl
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -358,6 +359,60 @@ class Uploaded:
     attempts: int
 
 
+class RemoteCalls:
+    """Calls to the service by method, and their errors by method and kind, since the process started
+    (``/metrics``: ``batchd_remote_calls_total``, ``batchd_remote_errors_total``). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+
+    def count(self, method: str) -> None:
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+
+    def failed(self, method: str, error: BaseException) -> None:
+        code = getattr(error, "code", None)
+        kind = str(code) if isinstance(code, int) else type(error).__name__
+        with self._lock:
+            self.errors[(method, kind)] = self.errors.get((method, kind), 0) + 1
+
+    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        with self._lock:
+            return dict(self.calls), dict(self.errors)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.calls.values())
+
+
+#: This process's calls to the service (one daemon per process).
+REMOTE_CALLS = RemoteCalls()
+
+
+def _counted(method: str) -> Callable[[Callable[..., _Result]], Callable[..., _Result]]:
+    """Count each call of a Provider method (and its failure) in :data:`REMOTE_CALLS`."""
+    def wrap(function: Callable[..., _Result]) -> Callable[..., _Result]:
+        @functools.wraps(function)
+        def counted(*args: Any, **kwargs: Any) -> _Result:
+            REMOTE_CALLS.count(method)
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                REMOTE_CALLS.failed(method, error)
+                raise
+        return counted
+    return wrap
+
+
+def webhook_config(uri: str | None, job_id: str, chunk_idx: int) -> dict[str, Any] | None:
+    """A create's ``webhook_config``: the daemon's public webhook URL, with the job and chunk it is for."""
+    if not uri:
+        return None
+    return {"uris": [uri], "user_metadata": {"batchd_job": job_id, "batchd_chunk": str(chunk_idx)}}
+
+
 def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None,
               http_options: types.HttpOptions | None = None) -> dict[str, Any]:
     """Call ``path`` through the SDK's private API client and return the JSON body unparsed by the SDK.
@@ -513,6 +568,7 @@ class Provider:
 
     # -- submit ------------------------------------------------------------------------------------
 
+    @_counted("files.upload")
     def upload_jsonl(self, path: Path, display_name: str) -> Uploaded:
         """Upload a requests JSONL file (resumable, 8 MiB chunks) under ``display_name``.
 
@@ -536,6 +592,7 @@ class Provider:
             raise ProviderError(f"upload of {path}: the service returned no file name")
         return Uploaded(uploaded.name, attempts)
 
+    @_counted("files.upload")
     def upload_file(self, path: Path, display_name: str, mime_type: str) -> tuple[RemoteFile, int]:
         """Upload a media file (streamed from disk, resumable) under ``display_name``; the File as the
         service answered and the number of transfer attempts (more than one: a copy may have been left)."""
@@ -554,6 +611,7 @@ class Provider:
             raise ProviderError(f"upload of {path}: the service returned no file name or URI")
         return RemoteFile.from_sdk(uploaded), attempts
 
+    @_counted("files.get")
     def get_file(self, name: str) -> RemoteFile | None:
         """A file's metadata; None when the service no longer has it (deleted, or expired after 48 h)."""
         try:
@@ -565,6 +623,7 @@ class Provider:
 
     def list_files(self, page_size: int = 100) -> Iterator[RemoteFile]:
         """Every file of the project, page after page (100 is the service's largest page)."""
+        REMOTE_CALLS.count("files.list")
         pager = self._retrying_client.files.list(config=types.ListFilesConfig(page_size=page_size))
         seen_tokens: set[str] = set()
         while True:
@@ -578,8 +637,10 @@ class Provider:
             if token in seen_tokens:  # a server bug must not become an endless loop
                 raise ProviderError(f"files.list returned page token {token!r} twice")
             seen_tokens.add(token)
+            REMOTE_CALLS.count("files.list")
             pager.next_page()
 
+    @_counted("files.delete")
     def delete_file(self, name: str) -> bool:
         """Delete a file; False when it was already gone (a repeated delete, or it expired)."""
         try:
@@ -590,7 +651,9 @@ class Provider:
             raise
         return True
 
-    def create_from_file(self, model: str, file_name: str, display_name: str, kind: str = "generate") -> RemoteJob:
+    @_counted("batches.create")
+    def create_from_file(self, model: str, file_name: str, display_name: str, kind: str = "generate",
+                         webhook: dict[str, Any] | None = None) -> RemoteJob:
         """Create a batch from an uploaded JSONL file. Never retried: on an ambiguous failure reconcile
         by display name (``list_jobs``) before creating again.
 
@@ -598,15 +661,16 @@ class Provider:
         """
         if kind == "embed":
             return self._create_embeddings(model, types.EmbeddingsBatchJobSource(file_name=file_name), display_name)
-        return self._create(model, file_name, display_name)
+        return self._create(model, file_name, display_name, webhook)
 
     def create_inline(self, model: str, requests: list[dict[str, Any]], display_name: str) -> RemoteJob:
         """Create a batch from SDK InlinedRequest dicts (see ``RequestEncoder.inline``); the service caps
         the total at 20 MB and the SDK costs ~0.5 ms per request, so use files for anything large."""
         return self._create(model, requests, display_name)
 
+    @_counted("batches.create")
     def create_from_lines(self, model: str, lines: Iterable[Mapping[str, Any]], display_name: str,
-                          kind: str = "generate") -> RemoteJob:
+                          kind: str = "generate", webhook: dict[str, Any] | None = None) -> RemoteJob:
         """Create a batch with its requests inline, given as the lines of a requests file (what the spool
         holds): sent as :meth:`create_inline` sends them, without the SDK's per-request conversion.
         Never retried, like every create.
@@ -618,12 +682,16 @@ class Provider:
         if kind == "embed":
             return self._create_embeddings(model, inline_embeddings_source(lines), display_name)
         path, body = inline_batch_request(model, lines, display_name)
+        if webhook:
+            body["batch"]["webhookConfig"] = {"uris": list(webhook["uris"]),
+                                              "userMetadata": dict(webhook.get("user_metadata") or {})}
         return RemoteJob.from_operation(_raw_json(self._single_shot_client, "post", path, body))
 
-    def _create(self, model: str, source: str | list[dict[str, Any]], display_name: str) -> RemoteJob:
-        job = self._single_shot_client.batches.create(
-            model=model, src=source, config=types.CreateBatchJobConfig(display_name=display_name)
-        )
+    def _create(self, model: str, source: str | list[dict[str, Any]], display_name: str,
+                webhook: dict[str, Any] | None = None) -> RemoteJob:
+        config = types.CreateBatchJobConfig(display_name=display_name,
+                                            webhook_config=types.WebhookConfig(**webhook) if webhook else None)
+        job = self._single_shot_client.batches.create(model=model, src=source, config=config)
         return RemoteJob.from_sdk(job)
 
     def _create_embeddings(self, model: str, source: types.EmbeddingsBatchJobSource, display_name: str) -> RemoteJob:
@@ -634,6 +702,7 @@ class Provider:
 
     # -- reconcile and poll ------------------------------------------------------------------------
 
+    @_counted("batches.get")
     def get(self, name: str) -> RemoteJob:
         return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name),
                                                   http_options=self._poll_options))
@@ -646,7 +715,13 @@ class Provider:
             query: dict[str, Any] = {"pageSize": page_size}
             if page_token:
                 query["pageToken"] = page_token
-            page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}", http_options=self._poll_options)
+            REMOTE_CALLS.count("batches.list")
+            try:
+                page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}",
+                                 http_options=self._poll_options)
+            except Exception as error:
+                REMOTE_CALLS.failed("batches.list", error)
+                raise
             for operation in page.get("operations") or ():
                 yield RemoteJob.from_operation(operation)
             page_token = page.get("nextPageToken") or ""
@@ -656,12 +731,14 @@ class Provider:
                 raise ProviderError(f"batches.list returned page token {page_token!r} twice")
             seen_tokens.add(page_token)
 
+    @_counted("batches.cancel")
     def cancel(self, name: str) -> None:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
         self._retrying_client.batches.cancel(name=_checked_batch_name(name))
 
     # -- models ------------------------------------------------------------------------------------
 
+    @_counted("models.list")
     def list_models(self, max_pages: int = 20) -> list[str]:
         """The ids of the models the service lists (``models.list``, base models), without ``models/``.
 
@@ -677,6 +754,7 @@ class Provider:
             pager.next_page()
         return names
 
+    @_counted("models.get")
     def model_exists(self, model: str) -> bool:
         """Whether ``models.get`` knows ``model`` (the service lists only some of the ids it takes)."""
         try:
@@ -687,6 +765,7 @@ class Provider:
             raise
         return True
 
+    @_counted("models.count_tokens")
     def count_tokens(self, model: str, text: str | list[str]) -> int:
         """Tokens of one prompt, or of several counted in one call (each a user turn)."""
         texts = [text] if isinstance(text, str) else text
@@ -696,6 +775,7 @@ class Provider:
 
     # -- fetch -------------------------------------------------------------------------------------
 
+    @_counted("files.download")
     def download(self, file_name: str, destination: Path) -> Path:
         """Download a generated file to ``destination``, atomically and without holding it in memory."""
         destination = Path(destination)

@@ -109,3 +109,41 @@ def status_frame(jobs: list[dict], *, title: str | None = None):
     """A ``--watch`` frame: a title line (what and when) above the table."""
     header = Text(title or time.strftime("batchd status  %H:%M:%S"), style="bold")
     return Group(header, jobs_table(jobs))
+
+
+def job_view(journal, job) -> dict:
+    """A job as ``batchd status --json`` and the dashboard show it."""
+    from batchd.costs import summary_cost
+
+    chunks = journal.chunks(job.id)
+    total = sum(c.request_count for c in chunks)
+    done = 0
+    for c in chunks:
+        if c.state in ("fetched", "skipped"):
+            done += c.request_count
+        else:
+            done += int(c.stats.get("successfulRequestCount", 0)) + int(c.stats.get("failedRequestCount", 0))
+    return {
+        "id": job.id,
+        "name": job.name,
+        "manifest": job.source,
+        "task": job.task,
+        "model": job.model,
+        "state": job.state,
+        "outcome": job.outcome,
+        "requests": total,
+        "done": done,
+        "cancel_requested": job.cancel_requested,
+        "hold": job.hold if job.state == "held" else None,
+        "approved": job.approved,
+        "cost": summary_cost(job.cost),
+        "outbox": job.outbox_dir,
+        "error": job.error,
+        "retry_of": job.retry_of,
+        "created_at": job.created_at,
+        "remote_batches": [
+            {"chunk": c.idx, "name": c.remote_name, "state": c.remote_state or c.state,
+             "requests": c.request_count, "mode": c.mode}
+            for c in chunks
+        ],
+    }

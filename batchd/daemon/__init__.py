@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from batchd import durable, fs
@@ -87,6 +88,9 @@ class Daemon:
         self.steps = Steps(self.ctx, self.inbox)
         self.events: EventDispatcher | None = None
         self.loop: Loop | None = None
+        #: The HTTP server (``http``), and whether start() finished (recovered, reconciled, watching).
+        self.web = None
+        self.ready = False
 
     @property
     def journal(self) -> Journal | None:
@@ -108,6 +112,7 @@ class Daemon:
         try:
             self.service_manager.status("starting: recovering and reconciling with the remote job list")
             self.start()
+            self.ready = True
             self.service_manager.ready(self.status_line())
             self.loop.run()
         except fs.StorageFailure as failure:
@@ -146,7 +151,14 @@ class Daemon:
         self.loop.status_line = self.status_line
         self.loop.notices = self.notices
         self.loop.publish_notices = self.publish_notices
+        last_webhook = journal.last_webhook_at()
+        if last_webhook is not None:  # webhooks worked before this start: polls stay stretched while they may
+            self.steps.monitor.push_seen_at = time.monotonic() - max(0.0, time.time() - last_webhook)
+        if s.http:
+            self._start_web()
         self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
+        if self.web is not None:
+            self.web.warm()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
         if self.once:
             self.loop.once_pending = once_candidates(s.inbox)
@@ -168,6 +180,39 @@ class Daemon:
             # 'submitting' and every poll reconciles them again, instead of the daemon exiting into
             # a restart loop.
             log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
+
+    def _start_web(self) -> None:
+        from batchd.web import DaemonView, WebServer
+
+        steps = self.steps
+
+        def live() -> dict:
+            monitor = steps.monitor
+            return {"ready": self.ready, "polled_at": monitor.polled_at, "push_healthy": monitor.push_healthy(),
+                    "queues": {"inbound": len(steps.inbound), "submit": len(steps.submit.submissions),
+                               "fetch": len(steps.fetch.fetches), "write": len(steps.deliver.writers),
+                               "estimate": len(steps.admit.estimates), "build": len(steps.build.builders),
+                               "jobs_marked": len(self.loop._ready) if self.loop else 0},
+                    "webhooks": {**self.web.view.webhook_counts, "taken": steps.push.taken,
+                                 "duplicate_in_loop": steps.push.duplicates}}
+
+        view = DaemonView(ticked_at=lambda: self.loop.ticked_at, ready=lambda: self.ready,
+                          stopping=self.stopping.is_set, live=live, provider_base_url=self._provider_base_url)
+        self.web = WebServer(self.settings, steps.inbound, view)
+        try:
+            self.web.start()
+        except OSError as error:
+            self.web = None
+            from batchd.config import ConfigError
+
+            raise ConfigError(str(error)) from None
+
+    def _provider_base_url(self) -> str | None:
+        if self.settings.provider == "emulator":
+            if self.emulator is None:
+                raise RuntimeError("the embedded emulator has not started yet")
+            return self.emulator.wait_ready().base_url
+        return os.environ.get("GOOGLE_GEMINI_BASE_URL")
 
     def _start_emulator(self) -> None:
         s = self.settings
@@ -249,6 +294,8 @@ class Daemon:
                 if self.events is not None:
                     self.events.close()  # calls still running are redelivered after a restart
             ctx.journal.close()
+        if self.web is not None:
+            self.web.stop()
         self.inbox.stop()
         if self.emulator is not None:
             self.emulator.stop()

@@ -30,16 +30,20 @@ class Fetch:
         #: Finished chunks waiting for a free download thread, in the order they were seen.
         self._queued: dict[tuple[str, int], Chunk] = {}
 
-    def start(self, chunk: Chunk) -> None:
-        """Store a finished chunk's results in the spool, unless that is already under way or queued."""
+    def start(self, chunk: Chunk, remote: RemoteJob | None = None) -> None:
+        """Store a finished chunk's results in the spool, unless that is already under way or queued.
+
+        ``remote``: the finished batch as a ``get`` just answered it (inline output included), so it is not
+        asked for again; None when it was seen in a list (which leaves inline output out)."""
         key = (chunk.job_id, chunk.idx)
         if key in self.fetches or self.ctx.writes_paused():
             return  # under way, or no room to store the results: the next poll after the pause fetches them
         if not self.fetches.free():
             self._queued[key] = chunk
-            return
+            return  # (its remote is asked for again when its turn comes: it may be big)
         self._queued.pop(key, None)
-        self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), about=chunk)
+        self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
+                           about=chunk)
 
     def busy(self) -> bool:
         return bool(len(self.fetches) or self._queued)
@@ -86,9 +90,12 @@ class Fetch:
         self.fetches.shutdown(cancel=True)
 
 
-def store_results(provider: Provider, chunk: Chunk, spool: JobSpool) -> tuple[RemoteJob, dict | None]:
-    """One get (list leaves inline output out), then the results themselves (runs in the pool)."""
-    remote = provider.get(chunk.remote_name)
+def store_results(provider: Provider, chunk: Chunk, spool: JobSpool,
+                  remote: RemoteJob | None = None) -> tuple[RemoteJob, dict | None]:
+    """One get (list leaves inline output out) unless ``remote`` is one, then the results themselves (runs in
+    the pool)."""
+    if remote is None:
+        remote = provider.get(chunk.remote_name)
     error = None
     if remote.responses_file:
         try:

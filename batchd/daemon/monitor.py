@@ -31,13 +31,16 @@ CLOCK_SKEW_SECONDS = 600.0
 
 
 class Monitor:
-    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[[Chunk], None]):
+    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[..., None]):
         self.ctx = ctx
         settings = ctx.settings
         self.poll_clock = Backoff(settings.poll_interval, settings.poll_max_interval)
         self._reconcile = reconcile
         self._fetch = fetch
         self._strays_looked_at = float("-inf")
+        #: When the last verified webhook delivery came (monotonic), and the last poll ended.
+        self.push_seen_at = float("-inf")
+        self.polled_at = time.monotonic()
         #: remote name → the backoff of its failed cancels
         self.cancel_backoff: dict[str, Backoff] = {}
 
@@ -52,15 +55,27 @@ class Monitor:
     def running_count(self) -> int:
         return self.ctx.journal.count_chunks_in((ChunkState.RUNNING,), job_states=JOB_STATES_WITH_REMOTE_WORK)
 
+    def push_healthy(self) -> bool:
+        """Whether webhooks are delivering (one verified within ``webhook_healthy_seconds``)."""
+        return time.monotonic() - self.push_seen_at < self.ctx.settings.webhook_healthy_seconds
+
+    def _poll_seconds_left(self) -> float:
+        """The poll clock's wait; while webhooks are healthy, at least ``webhook_poll_interval`` since the
+        last poll (the poll stays as the safety net), unless a poll was asked for at once."""
+        left = self.poll_clock.seconds_left()
+        if self.poll_clock.due_at and self.push_healthy():
+            left = max(left, self.polled_at + self.ctx.settings.webhook_poll_interval - time.monotonic())
+        return left
+
     def due(self) -> bool:
         if self.ctx.quota.waiting("poll"):
             return False
-        return self.poll_clock.due() and self.anything_live() or self._stray_look_due()
+        return self._poll_seconds_left() <= 0 and self.anything_live() or self._stray_look_due()
 
     def seconds_until_due(self) -> float:
         """When the next poll (or look for strays) is due; inf when nothing is to be watched."""
         if self.anything_live():
-            return self.poll_clock.seconds_left()
+            return self._poll_seconds_left()
         if self.ctx.journal.watched_names():
             return max(0.0, self._strays_looked_at + self.ctx.settings.poll_max_interval - time.monotonic())
         return float("inf")
@@ -101,7 +116,7 @@ class Monitor:
             if live:
                 crashpoint("while-polling")
             for name in running.keys() - seen:
-                changed |= self._observe(running[name], self._get_or_none(name))
+                changed |= self._observe(running[name], self._get_or_none(name), got=True)
             self._cancel_strays()
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
@@ -124,6 +139,31 @@ class Monitor:
             if ctx.quota.went_through("poll"):
                 log.info("the service answers polls again: the quota wait is over")
         self.poll_clock.next_after(changed)
+        self.polled_at = time.monotonic()
+
+    def pushed(self, remote_name: str | None) -> bool:
+        """A verified webhook delivery about ``remote_name``: look at that batch now (a get, then its
+        results are fetched). False when no running chunk has that name yet (the caller tries again)."""
+        self.push_seen_at = time.monotonic()
+        if not remote_name:
+            return True  # a ping: webhooks work
+        chunk = self.ctx.journal.chunk_by_remote_name(remote_name)
+        if chunk is None:
+            return False
+        if chunk.state != ChunkState.RUNNING:
+            return True  # fetched already, or being created again
+        job = self.ctx.journal.job(chunk.job_id)
+        if job is None or job.state not in JOB_STATES_WITH_REMOTE_WORK:
+            return True
+        try:
+            self._observe(chunk, self._get_or_none(remote_name), got=True)
+        except Exception as error:
+            if not (is_retryable(error) or is_auth_error(error)):
+                raise
+            log.warning("job %s: looking at %s after its webhook failed (%s); polling soon", chunk.job_id,
+                        remote_name, error)
+            self.poll_clock.now()
+        return True
 
     # -- strays: late remote jobs under a name whose create outcome was unknown ----------------
 
@@ -226,8 +266,9 @@ class Monitor:
 
     # -- what the service says about one chunk ------------------------------------------------------
 
-    def _observe(self, chunk: Chunk, remote: RemoteJob | None) -> bool:
-        """Record what the service says about one chunk; fetch its results once it has finished."""
+    def _observe(self, chunk: Chunk, remote: RemoteJob | None, *, got: bool = False) -> bool:
+        """Record what the service says about one chunk; fetch its results once it has finished (``got``: the
+        remote came from a ``get``, inline output and all, and the fetch uses it instead of asking again)."""
         journal = self.ctx.journal
         if remote is None:
             log.error("job %s: remote job %s has disappeared", chunk.job_id, chunk.remote_name)
@@ -244,7 +285,7 @@ class Monitor:
                 journal.update_chunk(chunk.job_id, chunk.idx, remote_state=remote.state, stats=remote.stats,
                                      events=self.progress_events(chunk, remote.stats))
             return changed
-        self._fetch(chunk)
+        self._fetch(chunk, remote if got else None)
         return True
 
     def _expired(self, chunk: Chunk, remote: RemoteJob) -> None:

@@ -33,6 +33,7 @@ from batchd.daemon.deliver import Deliver
 from batchd.daemon.fetch import Fetch
 from batchd.daemon.intake import Intake, free_space
 from batchd.daemon.monitor import Monitor
+from batchd.daemon.push import Inbound, Push, act
 from batchd.daemon.submit import Submit
 from batchd.daemon.uploads import Uploads
 from batchd.events import EventDispatcher
@@ -55,7 +56,7 @@ class Steps:
         self.admit = Admit(ctx)
         self.intake = Intake(ctx, inbox, on_flag=self.admit.review_now)
         self.build = Build(ctx, self.admit.tokens)
-        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c: self.fetch.start(c))
+        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c, remote=None: self.fetch.start(c, remote))
         self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
                              cancel_adopted=self.monitor.send_cancel)
         # The loop owns the disk-full pause; it plugs itself in as on_disk_full.
@@ -66,6 +67,9 @@ class Steps:
         self.uploads.on_media_deleted = self.submit.media.wake
         self.deliver = Deliver(ctx, forget=self._forget)
         self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
+        #: Webhook deliveries and dashboard actions from the HTTP server's thread (batchd.web).
+        self.inbound = Inbound(ctx.wake)
+        self.push = Push(ctx, self.inbound, pushed=self.monitor.pushed, act=lambda action: act(ctx, action))
         self.on_disk_full: Callable = lambda error, step, job: None
 
     def _forget(self, job_id: str) -> None:
@@ -96,6 +100,8 @@ class Loop:
         self._published_notices: list | None = None
         steps.on_disk_full = self.disk_full
         self._ready: set[str] = set()
+        #: When the last tick ended (monotonic): /healthz.
+        self.ticked_at = time.monotonic()
         self._ready_lock = threading.Lock()
         self._swept_at = float("-inf")
         self._builds_checked_at = float("-inf")
@@ -139,6 +145,7 @@ class Loop:
                 self.tick()
             except Stopping:
                 break
+            self.ticked_at = time.monotonic()
             self.service_manager.watchdog()
             if self.service_manager.enabled:
                 self.service_manager.status(self.status_line())
@@ -195,6 +202,7 @@ class Loop:
     def _steps(self, inbox_present: bool) -> None:
         ctx, s = self.ctx, self.s
         s.collect()
+        s.push.take()
         if inbox_present and not ctx.writes_paused():
             try:
                 s.intake.take()
@@ -323,14 +331,15 @@ class Loop:
         if ctx.storage_failure is not None:
             return 0.0
         with self._ready_lock:
-            if self._ready or s.intake.backlog and not s.intake.claiming_paused:
+            if self._ready or len(s.inbound) or s.intake.backlog and not s.intake.claiming_paused:
                 return 0.0
         # --once also waits for manifests written in place to settle: look each second.
         wait = 1.0 if ctx.once else ctx.settings.rescan_seconds
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
         if s.build.builders:
             wait = min(wait, BUILD_CHECK_SECONDS)
-        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free())
+        wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free(),
+                   s.push.seconds_until_due())
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
         for job_wait in self._disk_waits.values():

@@ -26,7 +26,7 @@ from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
 from batchd.media import resolve_request
-from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay
+from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay, webhook_config
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
 
@@ -140,7 +140,7 @@ class Submit:
         uris = {row["sha256"]: row["uri"] for row in ctx.journal.chunk_media(job.id, chunk.idx) if row["uri"]}
         if chunk.mode == "inline":
             self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
-                                   job.kind, uris, about="create")
+                                   job.kind, uris, self._webhook(job, chunk), about="create")
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
                                    ctx.settings.delete_request_files, uris, about="upload")
@@ -214,7 +214,15 @@ class Submit:
             return
         provider = ctx.provider
         self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
-                               requests_file.name, chunk.display_name, job.kind, about="create")
+                               requests_file.name, chunk.display_name, job.kind, self._webhook(job, chunk),
+                               about="create")
+
+    def _webhook(self, job: Job, chunk: Chunk) -> dict | None:
+        """The create's per-job webhook (``webhook_public_url``), naming the job and chunk; none for embed
+        batches (google-genai's create_embeddings has no webhook_config: they are polled)."""
+        if job.kind == "embed":
+            return None
+        return webhook_config(self.ctx.settings.webhook_public_url, job.id, chunk.idx)
 
     def adopt(self, chunk: Chunk, remote: RemoteJob) -> Chunk:
         """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
@@ -341,11 +349,11 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 
 
 def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str,
-                  uris: dict[str, str] | None = None) -> RemoteJob:
+                  uris: dict[str, str] | None = None, webhook: dict | None = None) -> RemoteJob:
     lines = spool.read_requests(chunk.idx)
     if uris:
         lines = ({**line, "request": resolve_request(line["request"], uris)} for line in lines)
-    return provider.create_from_lines(model, lines, chunk.display_name, kind)
+    return provider.create_from_lines(model, lines, chunk.display_name, kind, webhook)
 
 
 def _sent_requests(spool: JobSpool, chunk: Chunk, uris: dict[str, str]) -> tuple:
