@@ -121,10 +121,11 @@ def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace
     with open(docs / "huge.pdf", "wb") as huge:  # sparse: 2 GB + 1 byte that take no room
         huge.write(b"%PDF-1.4\n")
         huge.truncate(2 * 1024**3 + 1)
-    (ws.inbox / "papers.csv").write_text(
+    rows = (
         "id,path,title\n1,docs/good.pdf,Good\n2,docs/small.png,Small\n3,docs/notes.exe,Exe\n4,docs/fake.pdf,Fake\n"
         "5,docs/link.pdf,Link\n6,docs/pipe.pdf,Pipe\n7,docs/missing.pdf,Missing\n8,../outside.pdf,Outside\n"
         "9,docs/huge.pdf,Huge\n")
+    (ws.inbox / "papers.csv").write_text(rows)
     manifest = ('task = "template"\ninput = "papers.csv"\nfile_column = "path"\ncache = true\n'
                 'template = "Describe the paper {title}."\n')
     ws.drop("papers.toml", manifest)
@@ -143,6 +144,7 @@ def test_a_csv_column_of_paths_and_bad_files_fail_their_items_only(ws: Workspace
     assert ws.outbox_folder("papers").summary["state"] == "partial", result.stderr
     assert len(media_uploads(ws)) == 1
 
+    (ws.inbox / "papers.csv").write_text(rows)  # the first job took its input with it
     ws.drop("again.toml", manifest + "# the same rows again\n")
     ws.batchd("run", "--once", timeout=60)
     again = {r["input"]["id"]: r for r in ws.outbox_folder("again").results}

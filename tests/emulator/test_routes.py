@@ -338,13 +338,13 @@ def test_a_files_uri_is_googles_and_requests_may_reference_it_in_either_form(emu
     """File.uri is https://generativelanguage.googleapis.com/<v>/files/<id>, which the SDKs map back to
     the file's name; fileData.fileUri may give that URI, the emulator's own address or files/<id>; a
     reference to a file that is not there is refused as files.get of it is (403)."""
-    uploaded = client.files.upload(file=write_jsonl(tmp_path / "doc.jsonl", request_lines(1)),
-                                   config={"mime_type": "application/jsonl"})
+    (tmp_path / "doc.txt").write_text("A short document to summarise.\n")
+    uploaded = client.files.upload(file=tmp_path / "doc.txt", config={"mime_type": "text/plain"})
     file_id = uploaded.name.removeprefix("files/")
     assert re.fullmatch(rf"https://generativelanguage\.googleapis\.com/v1(beta)?/files/{file_id}", uploaded.uri)
     assert client.files.get(name=uploaded.uri).name == uploaded.name  # the SDK maps the URI to the name
     for uri in (uploaded.uri, f"{emulator.base_url}/v1beta/files/{file_id}", uploaded.name):
-        part = types.Part.from_uri(file_uri=uri, mime_type="application/jsonl")
+        part = types.Part.from_uri(file_uri=uri, mime_type="text/plain")
         answer = client.models.generate_content(model=MODEL, contents=[part, "Summarise this file."])
         assert answer.text.startswith("[emulated")
     missing = types.Part.from_uri(file_uri="https://generativelanguage.googleapis.com/v1beta/files/nosuchfile1",
@@ -356,7 +356,7 @@ def test_a_files_uri_is_googles_and_requests_may_reference_it_in_either_form(emu
     assert client.models.generate_content(model=MODEL, contents=[web, "Summarise."]).text  # not a File: not checked
     # Inside a batch, the missing file fails its request only.
     job = wait_done(client, client.batches.create(model=MODEL, src=[
-        {"contents": [{"parts": [{"file_data": {"file_uri": uploaded.uri, "mime_type": "application/jsonl"}},
+        {"contents": [{"parts": [{"file_data": {"file_uri": uploaded.uri, "mime_type": "text/plain"}},
                                  {"text": "ok"}]}]},
         {"contents": [{"parts": [{"file_data": {"file_uri": "files/nosuchfile2", "mime_type": "application/pdf"}},
                                  {"text": "gone"}]}]},
