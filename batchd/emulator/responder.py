@@ -63,6 +63,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from batchd.emulator.models import thinks
+from batchd.emulator.wire import compact_json_encoder
 
 __all__ = [
     "Responder",
@@ -82,7 +83,7 @@ MAX_EMBEDDING_DIMENSION = 3072
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 # Prebuilt encoders: json.dumps with non-default arguments builds a new encoder per call.
-_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+_compact_json = compact_json_encoder()
 _sorted_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 _SEP = b"\x1f"
 # generationConfig fields that change *which* answer is sampled; other fields (maxOutputTokens,
