@@ -30,7 +30,7 @@ from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
 from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
-from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
+from batchd.emulator.wire import compact_json_encoder, has_snake_case_keys, int64_counts, rfc3339, to_camel_case
 
 log = logging.getLogger("batchd.emulator")
 
@@ -297,7 +297,7 @@ class BatchRunner:
 _LINE_KEYS = frozenset({"key", "request", "metadata"})
 
 #: One encoder for every output line (json.dumps with options builds a new one per call).
-_encode_line = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+_encode_line = compact_json_encoder()
 
 
 class _LineAnswerer:

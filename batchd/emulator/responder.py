@@ -52,17 +52,18 @@ import base64
 import hashlib
 import importlib
 import json
+import marshal
 import math
 import re
 import re._constants as _re_constants  # sre internals: stable since 3.11, used to walk a pattern
 import re._parser as _re_parser
 import struct
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from batchd.emulator.models import thinks
+from batchd.emulator.wire import compact_json_encoder
 
 __all__ = [
     "Responder",
@@ -82,7 +83,7 @@ MAX_EMBEDDING_DIMENSION = 3072
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 # Prebuilt encoders: json.dumps with non-default arguments builds a new encoder per call.
-_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+_compact_json = compact_json_encoder()
 _sorted_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 _SEP = b"\x1f"
 # generationConfig fields that change *which* answer is sampled; other fields (maxOutputTokens,
@@ -819,11 +820,14 @@ class EmulatedResponder:
 
     #: How many compiled schemas are kept (a batch usually repeats one schema).
     schema_cache_size = 256
+    #: How many generationConfigs' settings are kept (a batch usually repeats one or a few configs).
+    config_cache_size = 64
 
     def __init__(self, *, default_embedding_dimension: int | None = None) -> None:
         """``default_embedding_dimension`` overrides the per-model default (3072 / 768)."""
         self.default_embedding_dimension = default_embedding_dimension
-        self._plans: dict[str, _Gen] = {}
+        self._plans: dict[bytes | str, _Gen] = {}
+        self._configs: dict[bytes, _Settings] = {}
         self._digest_start: tuple[str, Any] | None = None
 
     # -- Responder API
@@ -833,7 +837,9 @@ class EmulatedResponder:
         if config is None:
             config = request.get("generation_config") or {}
         digest_input = self._model_digest(model).copy()
-        by_modality: Counter[str] = Counter({"TEXT": 0})
+        # Prompt tokens by modality: TEXT always listed first, the others in the order they appear.
+        text_tokens = 0
+        other_tokens: dict[str, int] = {}
         last_text = ""
         system = request.get("systemInstruction")
         if system is None:
@@ -842,11 +848,15 @@ class EmulatedResponder:
             for part in _iter_parts(system):
                 text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
-                    by_modality["TEXT"] += (len(text) + 3) // 4
+                    text_tokens += (len(text) + 3) // 4
                     digest_input.update(b"\x1es")
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
                 else:
-                    by_modality[_modality(part)] += NON_TEXT_PART_TOKENS
+                    modality = _modality(part)
+                    if modality == "TEXT":
+                        text_tokens += NON_TEXT_PART_TOKENS
+                    else:
+                        other_tokens[modality] = other_tokens.get(modality, 0) + NON_TEXT_PART_TOKENS
                     digest_input.update(_part_hash_bytes(part))
         for content in _as_contents(request.get("contents")):
             from_user = not (isinstance(content, dict) and content.get("role") == "model")
@@ -854,51 +864,37 @@ class EmulatedResponder:
             for part in _iter_parts(content):
                 text = part.get("text") if isinstance(part, dict) else part
                 if isinstance(text, str):
-                    by_modality["TEXT"] += (len(text) + 3) // 4
+                    text_tokens += (len(text) + 3) // 4
                     digest_input.update(text.encode("utf-8", "surrogatepass"))
                     digest_input.update(_SEP)
                     if from_user and text:
                         last_text = text
                 else:
-                    by_modality[_modality(part)] += NON_TEXT_PART_TOKENS
+                    modality = _modality(part)
+                    if modality == "TEXT":
+                        text_tokens += NON_TEXT_PART_TOKENS
+                    else:
+                        other_tokens[modality] = other_tokens.get(modality, 0) + NON_TEXT_PART_TOKENS
                     digest_input.update(_part_hash_bytes(part))
-        prompt_tokens = sum(by_modality.values())
-        # Sampling settings pick a different (still deterministic) answer, so that e.g. the
-        # same prompt with another `seed` or temperature varies, as with a real model. Sorted,
-        # so that key order (or camel vs snake case) does not matter.
-        sampling = sorted(f"{_SAMPLING_KEYS[key]}={value!r}" for key, value in config.items()
-                          if key in _SAMPLING_KEYS and value is not None)
-        if sampling:
-            digest_input.update("\x1e".join(sampling).encode())
+        prompt_tokens = text_tokens + sum(other_tokens.values())
+        settings = self._settings(config, model)
+        if settings.sampling is not None:
+            digest_input.update(settings.sampling)
         digest = digest_input.digest()
         name = _model_name(model)
 
-        mime = _get(config, "responseMimeType", "response_mime_type") or "text/plain"
-        structured = isinstance(mime, str) and (mime.startswith("application/json")
-                                                or mime == "text/x.enum")
-        schema = None
-        if structured:
-            schema = _get(config, "responseJsonSchema", "response_json_schema")
-            if schema is None:
-                schema = _get(config, "responseSchema", "response_schema")
-        max_tokens = _as_int(_get(config, "maxOutputTokens", "max_output_tokens"))
-        if max_tokens is not None and max_tokens <= 0:
-            max_tokens = None  # proto3: 0 means "not set"
-        stops = _get(config, "stopSequences", "stop_sequences")
-        count = _as_int(_get(config, "candidateCount", "candidate_count")) or 1
-
-        thoughts = _thought_tokens(name, _get(config, "thinkingConfig", "thinking_config"), prompt_tokens)
-        include_thoughts = thoughts and _get(_get(config, "thinkingConfig", "thinking_config") or {},
-                                             "includeThoughts", "include_thoughts")
+        thoughts = _thought_tokens(settings.thinking, prompt_tokens)
+        include_thoughts = thoughts and settings.include_thoughts
+        stops = settings.stops
         candidates = []
         output_tokens = 0
-        for index in range(max(1, min(count, 8))):
+        for index in range(settings.candidates):
             seed = digest if index == 0 else hashlib.blake2b(
                 digest + bytes((index,)), digest_size=16).digest()
-            if not structured:
-                text, finish = self._text(seed, name, last_text, max_tokens)
+            if not settings.structured:
+                text, finish = self._text(seed, name, last_text, settings.max_tokens)
             else:
-                text, finish = self._structured(seed, name, last_text, mime, schema, max_tokens)
+                text, finish = self._structured(seed, name, last_text, settings)
             if stops:
                 text, finish = self._apply_stops(text, finish, stops)
             tokens = (len(text) + 3) // 4
@@ -911,12 +907,14 @@ class EmulatedResponder:
                 "finishReason": finish,
                 "index": index,
             })
+        details = [{"modality": "TEXT", "tokenCount": text_tokens}]
+        if other_tokens:
+            details += [{"modality": modality, "tokenCount": tokens} for modality, tokens in other_tokens.items()]
         usage = {
             "promptTokenCount": prompt_tokens,
             "candidatesTokenCount": output_tokens,
             "totalTokenCount": prompt_tokens + output_tokens + thoughts,
-            "promptTokensDetails": [{"modality": modality, "tokenCount": tokens}
-                                    for modality, tokens in by_modality.items() if tokens or modality == "TEXT"],
+            "promptTokensDetails": details,
         }
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
@@ -985,19 +983,19 @@ class EmulatedResponder:
         text = f'{MARKER_TEMPLATE.format(model=name)}re: "{_echo(prompt)}" - {filler}.'
         return _cut(text, max_tokens)
 
-    def _structured(self, seed: bytes, name: str, prompt: str, mime: str, schema: Any,
-                    max_tokens: int | None) -> tuple[str, str]:
-        if schema is None:
-            plain, _ = self._text(seed, name, prompt, None)
-            text = _compact_json({"emulated": True, "text": plain})
-            return _cut(text, max_tokens)
+    def _structured(self, seed: bytes, name: str, prompt: str, settings: _Settings) -> tuple[str, str]:
+        max_tokens = settings.max_tokens
+        if settings.schema is None:
+            return self._plain_json(seed, name, prompt, max_tokens)
         try:
-            plan = self._plan(schema)
+            plan = settings.plan
+            if plan is None:
+                plan = settings.plan = self._plan(settings.schema)
             rng_seed = int.from_bytes(seed[:8], "little")
             value = plan(_Rng(rng_seed), False)
         except Exception:  # noqa: BLE001 - a malformed schema must not take the emulator down
-            return self._structured(seed, name, prompt, mime, None, max_tokens)
-        if mime == "text/x.enum":
+            return self._plain_json(seed, name, prompt, max_tokens)
+        if settings.mime == "text/x.enum":
             return _cut(value if isinstance(value, str) else _compact_json(value), max_tokens)
         text = _compact_json(value)
         if max_tokens is not None and len(text) > max_tokens * 4:
@@ -1006,17 +1004,37 @@ class EmulatedResponder:
             text = _compact_json(small)
         return _cut(text, max_tokens)
 
+    def _plain_json(self, seed: bytes, name: str, prompt: str, max_tokens: int | None) -> tuple[str, str]:
+        """JSON mode without a schema, or with one that cannot be followed."""
+        plain, _ = self._text(seed, name, prompt, None)
+        return _cut(_compact_json({"emulated": True, "text": plain}), max_tokens)
+
     def _plan(self, schema: Any) -> _Gen:
-        # repr() of JSON-parsed data is injective and ~2x cheaper than sorted JSON. It is also
-        # order-sensitive on purpose: key order decides the output's property order, so two
-        # schemas that differ only in order must not share a plan.
-        key = repr(schema)
+        # Key order decides the output's property order, and 1, 1.0 and true are == but answer
+        # differently, so two schemas share a plan only when they are alike in every way (_exact_key).
+        key = _exact_key(schema)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.schema_cache_size:
                 self._plans.clear()
             plan = self._plans[key] = _SchemaCompiler(schema).compile(schema)
         return plan
+
+    def _settings(self, config: Any, model: str) -> _Settings:
+        """What ``config`` decides for ``model``'s answers, worked out once per distinct config and model
+        (a batch sends one generationConfig, or a few, with every request)."""
+        try:
+            key = marshal.dumps((model, config), 2)  # exact, as _exact_key says
+        except ValueError:  # not plain data (only a direct caller can send that): nothing to share
+            return _Settings(config, _model_name(model))
+        settings = self._configs.get(key)
+        if settings is None:
+            # Made from the key's own copy of the config, so they hold nothing a caller could change.
+            settings = _Settings(marshal.loads(key)[1], _model_name(model))
+            if len(self._configs) >= self.config_cache_size:
+                self._configs.clear()
+            self._configs[key] = settings
+        return settings
 
     @staticmethod
     def _apply_stops(text: str, finish: str, stops: Any) -> tuple[str, str]:
@@ -1037,19 +1055,74 @@ class EmulatedResponder:
 _THINKING_LEVELS = {"MINIMAL": 0.0, "LOW": 0.5, "MEDIUM": 1.0, "HIGH": 2.0}
 
 
-def _thought_tokens(model_id: str, thinking_config: Any, prompt_tokens: int) -> int:
-    """How many tokens a thinking model spends thinking, deterministically: 32 plus half the prompt
-    (scaled by ``thinkingLevel``), never more than a positive ``thinkingBudget``; 0 with a budget of
-    0 or for a model that does not think (``models.thinks``) unless it is given a thinking config."""
+def _thinking(model_id: str, thinking_config: Any) -> tuple[float, int | None] | None:
+    """How a model thinks with ``thinking_config``: (its share of a dynamic budget's tokens, by
+    ``thinkingLevel``; the positive ``thinkingBudget`` that caps them, if any), or None when it does
+    not think: a budget of 0, or a model that does not think (``models.thinks``) unless it is given
+    a thinking config."""
     config = thinking_config if isinstance(thinking_config, dict) else {}
     if not config and not thinks(model_id):
-        return 0
+        return None
     budget = _as_int(_get(config, "thinkingBudget", "thinking_budget"))
     if budget == 0:
-        return 0
+        return None
     level = _get(config, "thinkingLevel", "thinking_level")
-    tokens = int((32 + prompt_tokens // 2) * _THINKING_LEVELS.get(str(level).upper(), 1.0))
-    return min(tokens, budget) if budget is not None and budget > 0 else tokens
+    return _THINKING_LEVELS.get(str(level).upper(), 1.0), budget if budget is not None and budget > 0 else None
+
+
+def _thought_tokens(thinking: tuple[float, int | None] | None, prompt_tokens: int) -> int:
+    """How many tokens a model spends thinking (``thinking`` as _thinking tells), deterministically:
+    32 plus half the prompt, scaled by ``thinkingLevel``, never more than a positive ``thinkingBudget``."""
+    if thinking is None:
+        return 0
+    share, cap = thinking
+    tokens = int((32 + prompt_tokens // 2) * share)
+    return min(tokens, cap) if cap is not None else tokens
+
+
+def _exact_key(value: Any) -> bytes | str:
+    """A cache key that two values share only if they are alike in every way: types (1, 1.0 and true
+    are == but differ), key order, every character. marshal's version 2 writes a value just so, and
+    without back-references (which would depend on how objects happen to be shared); repr() is as
+    exact for JSON data but about three times slower, and serves what marshal cannot write."""
+    try:
+        return marshal.dumps(value, 2)
+    except ValueError:
+        return repr(value)
+
+
+class _Settings:
+    """What a generationConfig decides for every answer of one model (EmulatedResponder._settings)."""
+
+    __slots__ = ("sampling", "mime", "structured", "schema", "plan", "max_tokens", "stops", "candidates",
+                 "thinking", "include_thoughts")
+
+    def __init__(self, config: Any, name: str) -> None:
+        # Sampling settings pick a different (still deterministic) answer, so that e.g. the
+        # same prompt with another `seed` or temperature varies, as with a real model. Sorted,
+        # so that key order (or camel vs snake case) does not matter.
+        sampling = sorted(f"{_SAMPLING_KEYS[key]}={value!r}" for key, value in config.items()
+                          if key in _SAMPLING_KEYS and value is not None)
+        #: What the answer's digest takes in after the prompt, if anything.
+        self.sampling = "\x1e".join(sampling).encode() if sampling else None
+        self.mime = mime = _get(config, "responseMimeType", "response_mime_type") or "text/plain"
+        self.structured = isinstance(mime, str) and (mime.startswith("application/json") or mime == "text/x.enum")
+        schema = None
+        if self.structured:
+            schema = _get(config, "responseJsonSchema", "response_json_schema")
+            if schema is None:
+                schema = _get(config, "responseSchema", "response_schema")
+        self.schema = schema
+        self.plan: _Gen | None = None  # the schema's, once EmulatedResponder._structured compiled it
+        max_tokens = _as_int(_get(config, "maxOutputTokens", "max_output_tokens"))
+        self.max_tokens = None if max_tokens is not None and max_tokens <= 0 else max_tokens  # proto3: 0 is unset
+        self.stops = _get(config, "stopSequences", "stop_sequences")
+        self.candidates = max(1, min(_as_int(_get(config, "candidateCount", "candidate_count")) or 1, 8))
+        thinking_config = _get(config, "thinkingConfig", "thinking_config")
+        self.thinking = _thinking(name, thinking_config)
+        # A thought summary comes only with thoughts: the flag is not read for a model that does not think.
+        self.include_thoughts = self.thinking is not None and _get(thinking_config or {}, "includeThoughts",
+                                                                   "include_thoughts")
 
 
 def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:

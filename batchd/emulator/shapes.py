@@ -34,6 +34,7 @@ import json
 import re
 import types as pytypes
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Union
@@ -99,6 +100,8 @@ class Message:
     fields: dict[str, Shape] = field(default_factory=dict)
     #: Either spelling of a field's name → its snake_case name and shape (one lookup per key checked).
     names: dict[str, tuple[str, Shape]] = field(default_factory=dict)
+    #: Whether a value is a valid body of this message, compiled on first use (see _compile).
+    valid: Callable[[Any], bool] | None = field(default=None, repr=False)
 
     def add(self, name: str, shape: Shape) -> None:
         self.fields[name] = shape
@@ -308,6 +311,8 @@ class Violations:
 
 def check(body: Any, message: Message, path: str = "") -> None:
     """Raise Google's 400 for every unknown name and mistyped value in ``body`` (a ``message``)."""
+    if (message.valid or _compile(message))(body):
+        return  # the usual case (see _compile)
     violations = Violations()
     _check_message(body, message, path, violations)
     if violations.found:
@@ -403,3 +408,90 @@ def _quoted(value: Any) -> str:
     """A value as Google's errors quote it (JSON, cut short if long)."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 200 else text[:200] + "…"
+
+
+# -- the fast path ------------------------------------------------------------------------------------
+#
+# Nearly every body is valid, and finding that out needs neither field paths nor a list of problems.
+# So each message is compiled once into a test that only answers "valid or not", in closures that
+# hold each message's fields by either spelling; a body it does not pass is walked again by
+# _check_message, which finds the problems and words them. The test follows the same rules
+# (_fits, the enum test, null for unset, one value for a list); where it is stricter than the walk,
+# the walk decides, so only a test that passed something the walk refuses would be a bug.
+
+#: Every type a JSON value parses to: what a google.protobuf.Value field takes without a call.
+_JSON_TYPES = (dict, list, str, int, float, bool)
+
+
+def _compile(message: Message) -> Callable[[Any], bool]:
+    """``message.valid``, and that of every message it holds, compiled; each is set once complete."""
+    compiled: dict[Message, Callable[[Any], bool]] = {}
+    test = _message_test(message, compiled)
+    for each, each_test in compiled.items():
+        if each.valid is None:
+            each.valid = each_test
+    return test
+
+
+def _message_test(message: Message, compiled: dict[Message, Callable[[Any], bool]]) -> Callable[[Any], bool]:
+    known = message.valid or compiled.get(message)
+    if known is not None:
+        return known
+    # Either spelling of a field → (the types taken without a call, the test of any other value).
+    table: dict[str, tuple[tuple[type, ...], Callable[[Any], bool]]] = {}
+
+    def valid(value: Any) -> bool:
+        if not isinstance(value, dict):
+            return False
+        for key, item in value.items():
+            entry = table.get(key)
+            if entry is None:
+                return False  # an unknown name
+            if item is None or type(item) in entry[0]:  # null is "not set"; a string where one belongs
+                continue
+            if not entry[1](item):
+                return False
+        return True
+
+    compiled[message] = valid  # before the fields: a Schema's items are a Schema
+    for key, (_, shape) in message.names.items():
+        table[key] = _test(shape, compiled)
+    return valid
+
+
+def _test(shape: Shape, compiled: dict[Message, Callable[[Any], bool]]) -> tuple[tuple[type, ...], Callable[[Any], bool]]:
+    """For a value of ``shape``: the types it takes at once (no call) and the test of any other value."""
+    if isinstance(shape, Message):
+        return (), _message_test(shape, compiled)
+    if isinstance(shape, Repeated):
+        at_once, item_test = _test(shape.item, compiled)
+
+        def valid_list(value: Any) -> bool:
+            # A single value where a list is expected is taken as a list of one, as Google's parser does.
+            for item in value if isinstance(value, list) else (value,):
+                if item is not None and type(item) not in at_once and not item_test(item):
+                    return False
+            return True
+
+        return (), valid_list
+    if isinstance(shape, Map):
+        at_once, value_test = _test(shape.value, compiled)
+
+        def valid_map(value: Any) -> bool:
+            if not isinstance(value, dict):
+                return False
+            for item in value.values():
+                if item is not None and type(item) not in at_once and not value_test(item):
+                    return False
+            return True
+
+        return (), valid_map
+    if isinstance(shape, Struct):
+        return (dict,), lambda value: isinstance(value, dict)
+    if isinstance(shape, Enum):
+        values, count = shape.values, len(shape.values)
+        return (), lambda value: (isinstance(value, str) and value.upper() in values
+                                  or isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count)
+    if isinstance(shape, Scalar):
+        return shape.at_once, lambda value: _fits(value, shape)
+    return _JSON_TYPES, lambda value: True  # Anything

@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -65,6 +66,26 @@ def to_camel_case(value: Any, field: str | None = None) -> Any:
     if isinstance(value, list):
         return [to_camel_case(item, field) for item in value]
     return value
+
+
+def compact_json_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"), check_circular=False)``, as one
+    encoder built once.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, which is more than a third of the time
+    for an answer-sized value; this builds that same C encoder once and calls it as ``encode`` does (the
+    text is the same). Without the C accelerator, ``encode`` itself does the work.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:
+        return encoder.encode
+    # No markers: check_circular is off (a shared markers dict would outlive a failed call).
+    chunks = make_encoder(None, encoder.default, json.encoder.encode_basestring, encoder.indent,
+                          encoder.key_separator, encoder.item_separator, encoder.sort_keys, encoder.skipkeys,
+                          encoder.allow_nan)
+    join = "".join
+    return lambda value: join(chunks(value, 0))
 
 
 def rfc3339(timestamp: float, *, nanoseconds: bool = False) -> str:
