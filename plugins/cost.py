@@ -16,7 +16,10 @@ Estimate (one pass over the job's requests, constant memory):
   (reservoir sampling, seeded by the job id; cut to :data:`MAX_SAMPLE_CHARS` characters); a job no
   larger than the sample is counted exactly.
   Otherwise, or when the call fails, the local rule: 4 characters a token (Google's rule of thumb).
-  Structured-output schemas are not counted.
+  Structured-output schemas are not counted. Files sent with a request (a folder input,
+  ``file_column``, a task's own) add what Google bills for their kind, a unit guessed from their
+  size (:func:`file_tokens`): 258 an image, 258 a PDF page, 32 a second of audio, 263 of video,
+  a token per 4 bytes of text.
 * output tokens: what earlier jobs of the same task and model produced per request (answer and
   thoughts, kept in the journal; at most a request's ``max_output_tokens``), once at least
   :data:`MIN_OBSERVED_REQUESTS` requests of theirs came back. Before that, a request's
@@ -52,6 +55,21 @@ CHARS_PER_TOKEN = 4.0
 MAX_SAMPLE_CHARS = 2_000_000
 #: Earlier requests of a task and model needed before their output replaces the rule in estimates.
 MIN_OBSERVED_REQUESTS = 20
+#: Tokens Google bills a file part for, per unit (docs: "Understand and count tokens"), and the bytes
+#: a unit is guessed to take when only the file's size is known: a PDF page of ~100 KB, audio at
+#: 128 kbit/s, video at ~1 Mbit/s. An image is one unit (258 tokens up to 384 px a side; larger
+#: ones are tiled, so this errs low).
+FILE_TOKENS = {"image": (258, None), "application/pdf": (258, 100_000), "audio": (32, 16_000),
+               "video": (263, 125_000), "text": (1, 4)}
+
+
+def file_tokens(mime_type: str, size: int | None) -> int:
+    """The tokens a file of ``mime_type`` and ``size`` bytes is guessed to cost as a prompt part."""
+    rule = FILE_TOKENS.get(mime_type) or FILE_TOKENS.get(mime_type.partition("/")[0]) or (258, None)
+    tokens, unit_bytes = rule
+    if unit_bytes is None or not size:
+        return tokens
+    return tokens * max(1, -(-size // unit_bytes))
 
 
 @dataclass(frozen=True)
@@ -126,8 +144,11 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
     output_tokens = 0.0
     observed = _output_guess(observed_output)
     embeds = job.kind == "embed"
-    count = 0
+    count = files = file_input_tokens = 0
     for request in requests:
+        for part in request.files:
+            files += 1
+            file_input_tokens += file_tokens(getattr(part, "mime_type", None) or "", getattr(part, "size", None))
         text = request.prompt
         # An embedding's title is embedded with its text; a system instruction is sent with a prompt.
         preamble = request.config.get("title" if embeds else "system_instruction")
@@ -165,6 +186,9 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
             elif sample_chars:
                 input_tokens = round(chars * counted / sample_chars)
                 method = f"countTokens: {len(sample)} of {count} prompts, scaled by characters"
+    if files:
+        input_tokens += file_input_tokens
+        method += f"; {files} file(s): {file_input_tokens} tokens by kind and size"
     if embeds:
         output_method = "none: embeddings have no output tokens"
     elif observed is not None:

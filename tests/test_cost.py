@@ -440,3 +440,18 @@ def test_cli_estimate_prices_a_manifest_with_its_saving_and_submits_nothing(work
     draft.write_text('task = "translate"\n')
     invalid = workspace.batchd("estimate", "--local", str(draft))
     assert invalid.returncode == 1 and "draft.toml" in invalid.stderr
+
+
+def test_hook_estimate_cost_prices_the_files_a_request_sends_by_kind_and_size():
+    from batchd.media import MediaRef
+
+    job = JobInfo(id="j", name="n", manifest="n.toml", task="documents", model="gemini-2.5-flash")
+    pdf = MediaRef("a" * 64, "application/pdf", 250_000)  # three pages of ~100 KB
+    image = MediaRef("b" * 64, "image/png", 40_000)
+    requests = [TaskRequest("k1", "x" * 40, {}, {}, files=(pdf,)), TaskRequest("k2", "x" * 40, {}, {}, files=(image,))]
+    estimate = cost_plugin.estimate_cost(job=job, requests=requests, count_tokens=None, settings=Settings(),
+                                         observed_output=None)
+    assert estimate["input_tokens"] == 20 + 3 * 258 + 258
+    assert "2 file(s)" in estimate["method"]
+    assert cost_plugin.file_tokens("audio/mpeg", 160_000) == 10 * 32
+    assert cost_plugin.file_tokens("text/plain", 400) == 100
