@@ -423,3 +423,26 @@ def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace)
     error = delivered["unknown"]["error"]
     assert error["field"] == "x" and error["reason"].startswith("unknown field (task 'sentiment' takes")
     assert len(error["reason"]) < 150 and error["reason"].endswith("characters in all)")
+
+
+def test_a_job_id_already_taken_is_drawn_again_never_reused(workspace: Workspace, monkeypatch):
+    """Ids are the second plus 24 random bits: a burst claiming thousands a second draws one already
+    taken now and then (by a job of the journal, or a spool folder a crash left): it is drawn again."""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon, intake
+
+    workspace.configure(settle_seconds=0)
+    drawn = iter(["20260101000000-aaaaaa", "20260101000000-bbbbbb", "20260101000000-bbbbbb",
+                  "20260101000000-aaaaaa", "20260101000000-cccccc"])
+    monkeypatch.setattr(intake, "new_job_id", lambda: next(drawn))
+    workspace.drop("one.toml", TRANSLATE)
+    workspace.drop("two.toml", TRANSLATE.replace("Hello", "Good morning"))
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        (daemon.settings.state_dir / "jobs" / "20260101000000-aaaaaa").mkdir(parents=True)  # a spool left over
+        daemon.loop.tick()
+        ids = sorted(job.id for job in daemon.journal.jobs())
+    finally:
+        daemon.close()
+    assert ids == ["20260101000000-bbbbbb", "20260101000000-cccccc"]

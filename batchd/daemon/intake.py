@@ -214,7 +214,7 @@ class Intake:
         # added below, the job's content (duplicate detection).
         digest = hashlib.sha256(entry.content) if entry is not None else None
         manifest_sha256 = digest.hexdigest() if digest is not None else None
-        job_id = new_job_id()
+        job_id = self._unused_job_id()
         spool = ctx.spool(job_id)
         try:
             with fs.naming(spool.root):
@@ -295,6 +295,14 @@ class Intake:
                     ctx.journal.sync_before_commit(left.parent, step="claim")
             except FileNotFoundError:
                 pass  # gone already: removed before a crash, or by its owner
+
+    def _unused_job_id(self) -> str:
+        """A job id no job has, nor a spool folder a crash left behind: ids are the second plus 24 random
+        bits, and a burst claims thousands a second."""
+        while True:
+            job_id = new_job_id()
+            if self.ctx.journal.job(job_id) is None and not os.path.lexists(self.ctx.spool(job_id).root):
+                return job_id
 
     def _retry_of(self, manifest: Manifest | None) -> dict | None:
         """What a retry manifest retries: the job's id, and its name when the journal knows the job."""
