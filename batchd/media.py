@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd import fs
+from batchd.inbox import entry_kind
 
 #: The Files API's limit for one file (2 GB).
 MAX_FILE_BYTES = 2 * 1024**3
@@ -280,16 +281,13 @@ def _open_beneath(root: Path, parts: tuple[str, ...]) -> int:
         raise
 
 
+#: How an error names an entry that is no regular file (batchd.inbox.entry_kind's words for it).
+_KINDS = {"symlink": "a symlink", "directory": "a folder", "fifo": "a FIFO", "socket": "a socket",
+          "device": "a device"}
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a file"
+    return _KINDS.get(entry_kind(mode), "not a file")
 
 
 def media_hashes(request: dict[str, Any]) -> set[str]:

@@ -575,19 +575,9 @@ class Provider:
         The display name is how a copy whose answer was lost (a crash, or a retried attempt) is found
         again with ``list_files``: give each file a deterministic one.
         """
-        attempts = 0
-
-        def count(attempt: int) -> None:
-            nonlocal attempts
-            attempts = attempt
-
-        def upload() -> types.File:
-            config = types.UploadFileConfig(display_name=display_name, mime_type=JSONL_MIME_TYPE)
-            return self._single_shot_client.files.upload(file=path, config=config)
-
         # A 429 is not retried here: the daemon waits out the quota, once for every submission, and says so.
-        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count,
-                                 retry_on=lambda error: is_retryable(error) and quota_delay(error) is None)
+        uploaded, attempts = self._upload(path, display_name, JSONL_MIME_TYPE,
+                                          retry_on=lambda error: is_retryable(error) and quota_delay(error) is None)
         if not uploaded.name:
             raise ProviderError(f"upload of {path}: the service returned no file name")
         return Uploaded(uploaded.name, attempts)
@@ -596,6 +586,13 @@ class Provider:
     def upload_file(self, path: Path, display_name: str, mime_type: str) -> tuple[RemoteFile, int]:
         """Upload a media file (streamed from disk, resumable) under ``display_name``; the File as the
         service answered and the number of transfer attempts (more than one: a copy may have been left)."""
+        uploaded, attempts = self._upload(path, display_name, mime_type)
+        if not uploaded.name or not uploaded.uri:
+            raise ProviderError(f"upload of {path}: the service returned no file name or URI")
+        return RemoteFile.from_sdk(uploaded), attempts
+
+    def _upload(self, path: Path, display_name: str, mime_type: str, **retry: Any) -> tuple[types.File, int]:
+        """The File an upload made, and how many transfers it took (``retry``: :func:`_with_retries`' options)."""
         attempts = 0
 
         def count(attempt: int) -> None:
@@ -606,10 +603,7 @@ class Provider:
             config = types.UploadFileConfig(display_name=display_name, mime_type=mime_type)
             return self._single_shot_client.files.upload(file=path, config=config)
 
-        uploaded = _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count)
-        if not uploaded.name or not uploaded.uri:
-            raise ProviderError(f"upload of {path}: the service returned no file name or URI")
-        return RemoteFile.from_sdk(uploaded), attempts
+        return _with_retries(upload, self._retry, f"upload of {path}", on_attempt=count, **retry), attempts
 
     @_counted("files.get")
     def get_file(self, name: str) -> RemoteFile | None:
