@@ -146,16 +146,17 @@ class MediaResolver:
     """Resolves the files of a job's requests (in its build thread); see the module's docstring.
 
     :param root: the folder files must stay in (the inbox); paths are relative to it.
-    :param store: the job's ``media/`` folder in its spool, where uploaded files are kept by hash.
+    :param store: the job's ``media/`` folder in its spool, where uploaded files are kept by hash; None
+        to check and size the files only, keeping nothing (an estimate before the build).
     """
 
     #: Resolutions kept, so the several requests of one item (an analysis) read its file once.
     CACHED = 64
 
-    def __init__(self, root: Path, store: Path, *, inline_max_bytes: int = INLINE_MAX_BYTES,
+    def __init__(self, root: Path, store: Path | None, *, inline_max_bytes: int = INLINE_MAX_BYTES,
                  max_bytes: int = MAX_FILE_BYTES) -> None:
         self.root = Path(root)
-        self.store = Path(store)
+        self.store = Path(store) if store is not None else None
         self.inline_max_bytes = inline_max_bytes
         self.max_bytes = max_bytes
         self._cache: OrderedDict[str, MediaRef | MediaError] = OrderedDict()
@@ -192,7 +193,7 @@ class MediaResolver:
         try:
             return self._read(fd, parts[-1], mime_type, shown)
         except OSError as error:
-            if error.filename is not None and str(error.filename).startswith(str(self.store)):
+            if self.store is not None and error.filename is not None and str(error.filename).startswith(str(self.store)):
                 raise  # writing the job's spool (a full disk): the build is tried again, as for its chunks
             raise MediaError(f"{shown}: cannot be read: {error.strerror or error}") from None
 
@@ -217,6 +218,8 @@ class MediaResolver:
                 raise MediaError(f"{shown}: {error}") from None
             if mime not in SUPPORTED_MIME_TYPES:
                 raise MediaError(f"{shown}: MIME type {mime!r} is not one the model reads")
+            if self.store is None:
+                return MediaRef("", mime, st.st_size)  # checked and sized: all an estimate needs
             if st.st_size <= self.inline_max_bytes:
                 data = head + file.read(self.inline_max_bytes + 1 - len(head))
                 if len(data) > self.inline_max_bytes:

@@ -96,6 +96,22 @@ def test_the_example_folder_job_uploads_each_file_once_and_a_second_job_reuses_t
     assert len(media_uploads(ws)) == 2  # nothing new uploaded
 
 
+@pytest.mark.slow
+def test_a_media_jobs_estimate_prices_its_files_with_or_without_a_budget(ws: Workspace):
+    """Without a budget the build pass prices the job; with one, the estimate pass before admission does,
+    checking and sizing the files without keeping them. Both count the files' tokens."""
+    make_example_scans(ws.inbox / "scans")
+    ws.drop("plain.toml", (EXAMPLE / "scans.toml").read_text())
+    ws.batchd("run", "--once")
+    ws.configure(media_inline_max_bytes=INLINE, cost={"job_budget": 1000.0})
+    make_example_scans(ws.inbox / "scans")
+    ws.drop("budget.toml", (EXAMPLE / "scans.toml").read_text() + "# priced before admission\n")
+    ws.batchd("run", "--once")
+    for name in ("plain", "budget"):
+        details = ws.outbox_folder(name).summary["cost"]["estimate_details"]
+        assert "3 file(s)" in details["method"], (name, details)
+
+
 def test_a_folder_input_is_told_apart_by_its_listing(tmp_path: Path):
     make_scans(tmp_path / "scans")
     path = tmp_path / "m.toml"

@@ -24,6 +24,7 @@ from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
 from batchd.manifest import Manifest, ManifestError, load_manifest
+from batchd.media import MediaResolver
 from batchd.model_check import ModelCheck, model_source, models_cache_path
 from batchd.plugin_calls import PluginTimeout, Prefetch
 from batchd.provider import Provider
@@ -224,7 +225,9 @@ class Admit:
         What stops the reading is kept in ``unreadable``: the estimate hook only sees an unknown cost."""
         ctx = self.ctx
         clock = ctx.plugin_clock(manifest.task, "requests()")
-        feed = Prefetch(clock.iterate(manifest.requests()), clock, name=f"batchd-requests-{job_id}", batch=1000)
+        # Files are checked and sized (for their price), not kept: the build reads them again to send them.
+        files = MediaResolver(ctx.settings.inbox, None)
+        feed = Prefetch(clock.iterate(manifest.requests(files)), clock, name=f"batchd-requests-{job_id}", batch=1000)
         requests = feed.iterate(ctx.settings.plugin_timeout_seconds, ctx.stopping.is_set)
         if manifest.common.cache if manifest.common.cache is not None else ctx.settings.cache:
             # Requests the request cache answers are never sent, so never priced.
