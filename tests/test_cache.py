@@ -161,6 +161,7 @@ def test_the_store_is_bounded_and_the_oldest_answers_are_evicted(workspace: Work
     assert cache_stats(workspace)["entries"] == 3
 
 
+@pytest.mark.slow  # 6-8 s of CLI processes; the default run keeps under six minutes
 def test_cache_prune_removes_old_or_all_answers_and_stats_says_what_is_left(workspace: Workspace):
     workspace.drop("first.toml", translate(["one", "two"]))
     run_once(workspace)

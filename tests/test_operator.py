@@ -277,6 +277,7 @@ def test_status_watch_ends_cleanly_on_ctrl_c(workspace: Workspace):
             watcher.kill()
 
 
+@pytest.mark.slow  # 6-8 s of CLI processes; the default run keeps under six minutes
 def test_every_read_command_speaks_json(workspace: Workspace):
     workspace.drop("translate.toml", TRANSLATE)
     assert workspace.batchd("run", "--once").returncode == 0

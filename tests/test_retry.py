@@ -139,6 +139,7 @@ def test_a_job_with_nothing_to_retry_drops_nothing_and_exits_0(workspace: Worksp
     assert list(workspace.inbox.iterdir()) == []
 
 
+@pytest.mark.slow  # 6-8 s of CLI processes; the default run keeps under six minutes
 def test_an_unknown_or_unfinished_job_is_a_clear_error(workspace: Workspace):
     assert "no job named 'nobody'" in retry(workspace, "nobody", code=1).stderr  # no journal yet
     workspace.drop("sentiment.toml", SENTIMENT)
