@@ -114,6 +114,8 @@ class Build:
         if chunk is not None:
             if builder.held is not None:
                 builder.held.append(chunk)
+                if chunk.idx:
+                    crashpoint("while-building")
                 if not job.cancel_requested:
                     # Nothing is recorded that would bring the loop back: the next chunk is asked for now
                     # (a cancel instead finds the build resting at this boundary).

@@ -19,7 +19,7 @@ log = logging.getLogger("batchd")
 #: point → where it is. Met by every job, in the order a job meets them.
 ON_EVERY_JOB = {
     "after-claim": "manifest renamed into the spool, job not yet 'received'",
-    "while-building": "a second chunk recorded while the first may already be out",
+    "while-building": "a second chunk built: recorded, the first perhaps out (a job estimated before admission), or held",
     "after-intent": "create intent committed, batches.create not yet sent",
     "after-upload": "a file chunk's requests uploaded, the file's name not yet recorded",
     "after-create": "the remote job exists, its name not yet recorded",
