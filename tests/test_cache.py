@@ -95,6 +95,7 @@ def test_a_second_identical_job_sends_nothing_and_delivers_the_same_results(work
     assert second["tokens"]["total"] == 0
 
 
+@pytest.mark.slow  # 6-8 s of CLI processes; the default run keeps under six minutes
 def test_partial_overlap_sends_only_the_new_requests_and_cache_false_sends_again(workspace: Workspace):
     workspace.drop("first.toml", translate(["one", "two"]))
     run_once(workspace)

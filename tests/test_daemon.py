@@ -325,7 +325,8 @@ def test_kill_9_at_any_step_delivers_exactly_once(workspace: Workspace, point: s
 
 
 @pytest.mark.parametrize("faults, mode, state", [
-    (["http=503:0.3", "http=429:0.2"], "inline", "succeeded"),
+    # Slow (13 s: the 429s wait what the service asks); the file case below meets the same faults.
+    pytest.param(["http=503:0.3", "http=429:0.2"], "inline", "succeeded", marks=pytest.mark.slow),
     (["http=503:0.3", "http=429:0.2"], "file", "succeeded"),
     (["shuffle"], "inline", "succeeded"),
     # Answers without their keys are matched by position, which is a guess: never a silent success.
