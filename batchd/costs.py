@@ -61,12 +61,19 @@ class RequestStream:
                  stopping: Callable[[], bool] = lambda: False):
         self._open = open_requests
         self._stopping = stopping
+        #: What stopped the requests being read (a bad row, a failing task), if anything: the job's
+        #: problem, which its host reports, not the estimating plugin's.
+        self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[TaskRequest]:
-        for n, request in enumerate(self._open()):
-            if n % 10_000 == 0 and self._stopping():
-                return
-            yield request
+        try:
+            for n, request in enumerate(self._open()):
+                if n % 10_000 == 0 and self._stopping():
+                    return
+                yield request
+        except Exception as error:
+            self.error = error
+            raise
 
 
 class EstimateAlongside:
@@ -202,6 +209,8 @@ class CostHooks:
             estimate = self.hook.estimate_cost(job=job, requests=requests, count_tokens=count_tokens,
                                                settings=settings, observed_output=observed_output)
         except Exception as error:
+            if isinstance(requests, RequestStream) and requests.error is error:
+                return {"cost": None, "error": f"its requests could not be read: {error}"}  # rejected by its host
             log.exception("job %s: estimate_cost failed", job.id)
             estimate = {"cost": None, "error": f"{type(error).__name__}: {error}"}
         return estimate

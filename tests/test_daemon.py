@@ -168,25 +168,91 @@ def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Wor
     assert (workspace.outbox / "broken" / "broken.toml").exists(), "the rejected manifest is kept"
 
 
-@pytest.mark.parametrize("budget", [None, 1000.0], ids=["read-by-its-build", "read-by-its-estimate"])
-def test_a_bad_row_at_the_end_of_a_big_input_rejects_the_job_with_nothing_sent(workspace: Workspace, budget):
+@pytest.mark.parametrize("budget, from_file", [(None, False), (1000.0, False), (None, True)],
+                         ids=["held-by-its-build", "read-by-its-estimate-for-a-budget",
+                              "read-by-its-estimate-for-an-input-file"])
+def test_a_bad_row_at_the_end_of_a_big_input_rejects_the_job_with_nothing_sent(workspace: Workspace, budget,
+                                                                               from_file):
     """Rows are checked in a worker, not at the claim; still nothing of a job is sent before its last row
-    was read: the build holds its chunks (no budget) or the estimate pass read them all (a budget)."""
+    was read: the build holds its chunks (items inline, no budget) or the estimate pass read them all (a
+    budget could hold the job, or its rows come from an input file)."""
     workspace.configure(chunk_max_requests=5, inline_max_requests=0, cost={"job_budget": budget} if budget else {})
-    rows = [f"r{n},Review number {n} of the batch." for n in range(39)] + ["r7,a duplicate id at the very end"]
-    (workspace.inbox / "reviews.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
-    workspace.drop("late.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+    rows = [(f"r{n}", f"Review number {n} of the batch.") for n in range(39)] + [("r7", "a duplicate id at the very end")]
+    if from_file:
+        (workspace.inbox / "reviews.csv").write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in rows))
+        workspace.drop("late.toml", 'task = "sentiment"\ninput = "reviews.csv"\n')
+    else:
+        items = ",\n".join(f'  {{ id = "{i}", text = "{t}" }}' for i, t in rows)
+        workspace.drop("late.toml", f'task = "sentiment"\nitems = [\n{items}\n]\n')
 
     result = workspace.batchd("run", "--once")
 
     assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, "a bad row is the job's problem, not a failure of the cost plugin"
     rejected = workspace.delivered()["late"]
     assert rejected["state"] == "rejected"
-    assert "duplicate id 'r7'" in rejected["error"]["message"] and rejected["error"]["line"] == 41
+    assert "duplicate id 'r7'" in rejected["error"]["message"]
+    if from_file:
+        assert rejected["error"]["line"] == 41
     assert remote_jobs(workspace) == [], "a batch was created"
     with EmulatorServer(workspace.state / "emulator") as emulator:
         client = genai.Client(api_key="check", http_options=types.HttpOptions(base_url=emulator.base_url))
         assert list(client.files.list()) == [], "requests were uploaded"
+
+
+GATED_PLUGIN = """
+import time
+from pathlib import Path
+
+from batchd import hookimpl
+from batchd_plugins.sentiment import Sentiment
+
+
+class Gated(Sentiment):
+    \"\"\"Sentiment whose build (its second pass over the rows: the estimate is the first) stops after its
+    first chunk until the test opens the gate.\"\"\"
+
+    name = "gated"
+    passes = 0
+
+    def requests(self, params, items):
+        Gated.passes += 1
+        for n, request in enumerate(super().requests(params, items)):
+            if Gated.passes > 1 and n == 4:  # chunk 0 (requests 0 and 1) is complete
+                deadline = time.monotonic() + 30
+                while not Path(GATE).exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            yield request
+
+
+@hookimpl
+def register_tasks(register):
+    register(Gated())
+"""
+
+
+def test_a_job_reading_an_input_file_sends_its_first_chunk_while_later_ones_are_built(workspace: Workspace):
+    """Priced first (its rows read whole by the estimate pass), a job of input rows is then sent chunk by
+    chunk as it is built: its first batch is created while its build is still stopped at chunk 2."""
+    gate = workspace.root / "gate"
+    workspace.add_plugin("gated", f"GATE = {str(gate)!r}\n" + GATED_PLUGIN)
+    workspace.configure(chunk_max_requests=2, inline_max_requests=0)
+    (workspace.inbox / "reviews.csv").write_text("id,text\n" + "".join(f"r{n},Review {n}.\n" for n in range(10)))
+    workspace.drop("long.toml", 'task = "gated"\ninput = "reviews.csv"\n')
+    daemon = workspace.start("run")
+    try:
+        workspace.wait_for(lambda: remote_job_recorded(workspace), timeout=20,
+                           what="the first chunk created while the build waits")
+        gate.touch()
+        workspace.wait_for(lambda: "long" in workspace.delivered(), what="long delivered")
+    finally:
+        gate.touch()
+        assert daemon.stop() == 0
+    summary = workspace.delivered()["long"]
+    assert summary["state"] == "succeeded" and summary["counts"]["total"] == 10
+    log = daemon.log_path.read_text()
+    assert log.index("chunk 0 is remote job") < log.index("10 requests in 5 chunk(s)"), \
+        "the first chunk was held until the build ended"
 
 
 def test_a_manifest_with_a_bad_field_is_rejected_naming_the_field(workspace: Workspace):

@@ -1,10 +1,12 @@
 """Admit: a ``received`` job gets its cost estimate and a budget decision → admitted, or ``held``.
 
-When a budget could hold the job, its requests are read once for the estimate before any chunk is
-built (chunks go out while later ones are still being built, so the whole job must be priced first);
-those passes run in a bounded pool, a job waiting its turn in the journal. When no budget can hold it
-(none set, or the job approved), it is admitted at once and priced from its build pass instead
-(see :mod:`batchd.daemon.build`).
+A job is *priced first* (its requests read once for the estimate, nothing built or sent) when a budget
+could hold it, and when its requests come from input files: then its build sends each chunk as soon as
+it is built (the whole job was already read and priced), so a large job's first batches run remotely
+while its later chunks are still being written, instead of all of them waiting for its last row. Those
+passes run in a bounded pool, a job waiting its turn in the journal. Any other job (its items inline
+in the manifest, so small: ``limits.manifest_bytes``) is admitted at once and priced from its build
+pass, which holds its chunks until it has read every item (see :mod:`batchd.daemon.build`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from batchd.costs import JobInfo, RequestStream, spend_of
 from batchd.provider import EmbedRequestEncoder, RequestEncoder
 from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
+from batchd.daemon.intake import read_inputs_record
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job
 from batchd.manifest import Manifest, ManifestError, load_manifest
@@ -131,7 +134,7 @@ class Admit:
         ctx = self.ctx
         if self._unknown_model(job):
             return  # rejected on its next visit
-        if job.cost is None and ctx.costs.estimates and (job.approved or not ctx.costs.budget_may_hold(ctx.settings)):
+        if job.cost is None and ctx.costs.estimates and not self._priced_first(job):
             ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
             return
         if job.cost is None and ctx.costs.active:
@@ -153,6 +156,14 @@ class Admit:
                           job.id, job.source, reason, job.name)
             return
         ctx.journal.update_job(job.id, admitted_at=time.time())
+
+    def _priced_first(self, job: Job) -> bool:
+        """Whether the job's requests are read for its estimate before it is built (see the module's
+        docstring): a budget could hold it, or they come from input files."""
+        ctx = self.ctx
+        if not job.approved and ctx.costs.budget_may_hold(ctx.settings):
+            return True
+        return bool(read_inputs_record(ctx.spool(job.id).inputs))
 
     def _unknown_model(self, job: Job) -> bool:
         """Reject the job (its error committed; delivered ``rejected`` next) when the provider does not

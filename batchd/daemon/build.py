@@ -5,11 +5,12 @@ then holds up only its own job, see :mod:`batchd.plugin_calls`), at most ``max_c
 jobs at once; the others wait their turn in the journal, oldest first.
 
 Nothing of a job is sent before every one of its input rows was read and checked: a bad row at the
-end of a big input rejects the job whole instead of after some of it was billed. A job estimated
-before admission (a budget could hold it) had its rows read by that pass, so the loop records one
-chunk per visit and chunks already built are submitted while the next is written. Any other job is
-read whole by this pass: its chunks are *held* (recorded together once the last is built) and it is
-priced on the way (:class:`EstimateAlongside`), so it is also priced before it is sent.
+end of a big input rejects the job whole instead of after some of it was billed. A job priced before
+admission (a budget could hold it, or it reads input files: see :mod:`batchd.daemon.admit`) had its
+rows read by that pass, so the loop records one chunk per visit and chunks already built are
+submitted while the next is written. Any other job (its items inline, so small) is read whole by this
+pass: its chunks are *held* (recorded together once the last is built) and it is priced on the way
+(:class:`EstimateAlongside`), so it is also priced before it is sent.
 """
 
 from __future__ import annotations
