@@ -32,8 +32,11 @@ Rules of the emulated answers (documented in docs/emulator.md):
   (``finishReason: STOP``).
 * **candidateCount** (1..8) gives that many different candidates, ``index`` 0..n-1;
   ``candidatesTokenCount`` is their sum. ``promptTokensDetails`` splits ``promptTokenCount`` by
-  modality (TEXT; IMAGE, AUDIO, VIDEO, DOCUMENT by a part's MIME type). Thinking is not emulated (no
-  ``thoughtsTokenCount``).
+  modality (TEXT; IMAGE, AUDIO, VIDEO, DOCUMENT by a part's MIME type).
+* **Thinking.** A model that thinks (``models.thinks``, or any model given a ``thinkingConfig``)
+  reports ``thoughtsTokenCount``, counted in ``totalTokenCount``: 32 plus half the prompt's tokens,
+  scaled by ``thinkingLevel``, never more than a positive ``thinkingBudget``, none with a budget of 0.
+  With ``includeThoughts`` the answer's first part is a thought summary (``"thought": true``).
 * **JSON mode** (``responseMimeType: application/json``): with ``responseSchema`` (OpenAPI subset,
   upper- or lower-case types, ``nullable``, ``propertyOrdering``) or ``responseJsonSchema`` (JSON
   Schema) the text is compact JSON valid against the schema (made by
