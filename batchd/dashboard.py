@@ -216,13 +216,13 @@ def job_errors(journal: Any, job: Any) -> str:
 
 
 def recent_jobs(journal: Any, now: float) -> list[dict]:
-    from batchd.journal import _job
+    from batchd.journal.rows import job_from_row
 
     rows = journal._db.execute(
         "SELECT * FROM jobs WHERE state != 'done' UNION ALL"
         " SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?)"
         " ORDER BY created_at DESC, id DESC LIMIT ?", (MAX_JOBS, 2 * MAX_JOBS)).fetchall()
-    return [shown_job(journal, _job(row), now) for row in rows]
+    return [shown_job(journal, job_from_row(row), now) for row in rows]
 
 
 def chunk_rows(journal: Any, job_id: str) -> list[dict]:

@@ -377,11 +377,11 @@ def test_hook_estimate_cost_adds_a_capped_thinking_budget_to_the_output():
 
 
 def test_a_journal_from_before_costs_and_events_gains_their_columns(tmp_path):
-    from batchd.journal import SCHEMA, _ADDED_JOB_COLUMNS
+    from batchd.journal.schema import ADDED_JOB_COLUMNS, SCHEMA
 
     path = tmp_path / "journal.db"
     old_schema = "\n".join(line for line in SCHEMA.splitlines()
-                           if line.split()[:1] not in ([column] for column in _ADDED_JOB_COLUMNS))
+                           if line.split()[:1] not in ([column] for column in ADDED_JOB_COLUMNS))
     old_schema = old_schema.replace("finished_at   REAL,", "finished_at   REAL")
     old_schema = old_schema.split("-- Job events")[0]  # no events tables either
     with sqlite3.connect(path) as db:

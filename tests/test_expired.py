@@ -136,7 +136,7 @@ def test_kill_9_while_resubmitting_leaves_one_live_remote_job_and_delivers_once(
 def test_a_journal_from_before_resubmissions_gains_the_chunks_column(tmp_path):
     import sqlite3
 
-    from batchd.journal import SCHEMA
+    from batchd.journal.schema import SCHEMA
 
     path = tmp_path / "journal.db"
     old_schema = SCHEMA.replace("    resubmits     INTEGER NOT NULL DEFAULT 0,  -- times it was submitted again "

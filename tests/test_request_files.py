@@ -387,7 +387,8 @@ def test_provider_files_calls_through_the_sdk(emulator: Emulator, tmp_path: Path
 
 
 def test_a_journal_from_before_upload_states_gains_the_column(tmp_path: Path):
-    from batchd.journal import SCHEMA, Journal
+    from batchd.journal import Journal
+    from batchd.journal.schema import SCHEMA
 
     path = tmp_path / "journal.db"
     old_schema = "\n".join(line for line in SCHEMA.splitlines() if not line.split()[:1] == ["upload_state"])
@@ -412,7 +413,8 @@ def test_a_journal_from_before_upload_states_gains_the_column(tmp_path: Path):
 
 
 def test_a_journal_from_before_upload_states_and_the_stray_watch_gains_both(tmp_path: Path):
-    from batchd.journal import SCHEMA, Journal
+    from batchd.journal import Journal
+    from batchd.journal.schema import SCHEMA
 
     path = tmp_path / "journal.db"
     old_schema = "\n".join(line for line in SCHEMA.splitlines()

@@ -1,4 +1,4 @@
-"""Wire-format helpers: field-name normalization, timestamps, ids and int64 counters.
+"""Wire-format helpers: field-name normalization, timestamps, ids, int64 fields and counters.
 
 Google's protobuf-JSON front end accepts both ``camelCase`` and ``snake_case`` field names, and
 google-genai really sends both (``{"file": {"display_name": ...}}``, ``thinkingConfig:
@@ -66,6 +66,29 @@ def to_camel_case(value: Any, field: str | None = None) -> Any:
     if isinstance(value, list):
         return [to_camel_case(item, field) for item in value]
     return value
+
+
+def get_field(mapping: dict, camel: str, snake: str, default: Any = None) -> Any:
+    """``mapping[camel]``, else ``mapping[snake]``: a body handed to a Responder directly (not through
+    :func:`to_camel_case`) may spell its fields either way, as google-genai does."""
+    value = mapping.get(camel)
+    if value is None:
+        value = mapping.get(snake, default)
+    return value
+
+
+def as_int(value: Any) -> int | None:
+    """int64 fields arrive as JSON strings (``"3"``, e.g. an OpenAPI schema's ``minItems``); accept
+    both, and give None for anything that is not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return None
 
 
 def compact_json_encoder() -> Callable[[Any], str]:

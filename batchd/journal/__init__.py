@@ -1,0 +1,491 @@
+"""The journal: every job's state machine, in SQLite, committed before every effect.
+
+Each transition is all-or-nothing on a WAL database with ``synchronous=FULL``, so a
+commit is the acknowledgement point and survives a power loss, not only ``kill -9``.
+Alone it is one ``BEGIN IMMEDIATE … COMMIT``; inside :meth:`Journal.group` (the
+daemon's loop, one per tick) it is a savepoint and the tick commits once, with every
+effect waiting for that commit (:meth:`Journal.after_commit`).  The rule that keeps the daemon crash-safe is
+*intent before effect*: the row that says what is about to happen (a claim's
+destination, a remote job's display name, an outbox folder) is committed before
+the rename, the ``batches.create`` or the publish, so that on restart the
+daemon can always tell whether the effect happened and finish it, never redo
+it blindly.
+
+The states and every move between them are defined in :mod:`batchd.states`; the journal refuses any
+other (a test checks these diagrams against those tables). Job states, from left to right::
+
+    claiming   → received | done
+    received   → held | building | publishing
+    held       → received
+    building   → built | received | publishing
+    built      → submitted
+    submitted  → fetched
+    fetched    → publishing
+    publishing → done | fetched | received
+
+Before it is built, a ``received`` job gets a cost estimate (committed in ``cost``) and a budget
+decision: within budget, ``admitted_at`` is committed and it is built; over budget it goes to
+``held``, with the reason in ``hold``, and waits, never dropped. A held job goes back to
+``received`` (admitted) when ``approved`` is set (``batchd approve``) or when the budget check
+passes again (a raised budget, or older spending leaving the rolling day); a cancel delivers it
+as cancelled. Held jobs are not *active*: ``batchd run --once`` does not wait for them.
+
+A chunk is recorded as soon as its requests file is complete, so chunks are
+submitted while later ones are still being built; ``built`` means every chunk
+is known. A cancel stops a build at the chunk boundary it is at: ``built`` then
+holds the chunks recorded so far, and ``build_stopped`` says requests were left
+unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
+remote batch) has its own small state machine (``remote_state`` says how it ended)::
+
+    built      → submitting | skipped
+    submitting → running | fetched | skipped | built
+    running    → fetched | built
+
+``built → skipped``: cancelled before it was ever sent. ``submitting → fetched``: the create was
+refused (``remote_state`` "rejected"); ``submitting → skipped``: cancelled, and the unconfirmed
+create never showed up; ``submitting → built``: the service refused the API key (nothing was
+created), the chunk is sent again once a key is accepted. ``running → fetched``: results downloaded, or the remote job ended without
+any (``remote_state`` "missing" when it disappeared). ``running → built``: it expired and is
+submitted again (below).
+
+A remote job the service did not finish within 48 hours ends EXPIRED, without results. While
+``resubmits`` is below the ``resubmit_expired`` setting, the chunk goes back to ``built`` under its
+next display name (``…-c<idx>-r<resubmits>``), in the same transaction that records the expired
+remote job (role ``expired``) and its ``expired`` event; from there it is submitted like any chunk,
+intent first, and reconciled by its new name. After the last resubmission it ends ``fetched``
+with an ``expired`` error.
+
+``submitting`` is written before the create call; a crash there leaves the chunk
+``submitting`` until reconciliation finds its remote job by display name (then
+``running``) or, after ``submit_grace_seconds``, creates it again; a chunk of a job
+whose cancel was requested is never created again: found, it is adopted and
+cancelled, not found after the grace period, it ends ``skipped``. A display name whose create
+outcome was ever unknown is kept in ``watched_names`` for as long as a remote job under it could
+live, whatever its chunk and job became: a create that shows up in the list late is a stray,
+recorded in ``remote_jobs`` (a ``duplicate``) before it is cancelled.
+
+A file chunk's requests go to the Files API first; ``upload_state`` follows that file::
+
+    (none) → uploading → uploaded → deleted    (or kept: deletion is off, or the service refused it)
+
+``uploading`` is committed with the create intent, before any upload: copies under the chunk's
+upload display name (see ``batchd.daemon.naming.upload_display_name``) may exist that nobody knows the
+name of (a crash before the answer was recorded, or a retried transfer). ``uploaded``: ``uploaded_file``,
+recorded before ``batches.create``, is the only copy. A create made again reuses that file while the
+service still has it. Once the chunk is ``fetched`` (or ``skipped``) its file is due for deletion;
+an ``uploading`` chunk's copies are first looked up by display name.
+
+A ``done`` job has an ``outcome``: succeeded, partial, plugin_failed, failed,
+cancelled or rejected.
+
+Job events for the notification plugins are rows of ``events``, inserted in the
+transaction of the transition they announce, each with a ``deliveries`` row per
+plugin (pending → sent, or failed once given up); see :mod:`batchd.journal.notifications` and
+:mod:`batchd.events`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from batchd.journal.notifications import NotificationQueue
+from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
+from batchd.logs import redact
+from batchd.states import ACTIVE_JOB_STATES, CHUNK_SOURCES, JOB_SOURCES, check_chunk_move, check_job_move
+
+__all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
+
+#: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
+#: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
+OBSERVED_REQUESTS_MAX = 100_000
+
+
+def journal_path(state_dir: Path) -> Path:
+    """Where a state dir keeps its journal."""
+    return state_dir / "journal.db"
+
+
+class Journal(NotificationQueue):
+    """The daemon's durable state.  One writer process; readers may open it read-only.
+
+    Its connection and commits are in transactions.py (:class:`~batchd.journal.transactions.Transactions`),
+    job events and their deliveries in notifications.py (:class:`~batchd.journal.notifications.NotificationQueue`),
+    its tables in schema.py; this class holds the rest: jobs, chunks, remote jobs and strays, webhook
+    deliveries taken, media, and the cost history.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False):
+        super().__init__(path, readonly=readonly)
+        #: Called with a job's id after every commit that changed the job or one of its chunks: the
+        #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
+        self.on_change: Callable[[str], None] = lambda job_id: None
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, *, name: str, source: str, state: str = "claiming",
+                sha256: str | None = None, error: dict | None = None, task: str | None = None,
+                model: str | None = None, manifest_sha256: str | None = None,
+                retry_of: dict | None = None, kind: str = "generate") -> None:
+        """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, kind, manifest_sha256,"
+                " retry_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, source, sha256, state,
+                 redacted_json(error) if error is not None else None, task, model, kind, manifest_sha256,
+                 redacted_json(retry_of) if retry_of is not None else None, now, now),
+            )
+
+    def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:
+        """Set fields of one job in its own transaction, with the events that announce the change."""
+        with self.transaction() as db:
+            self._update_job(db, job_id, **fields)
+            self._add_events(db, events)
+        self.on_change(job_id)
+
+    @staticmethod
+    def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        for name in ("error", "chunk_limits", "cost"):
+            if name in fields and fields[name] is not None:
+                fields[name] = redacted_json(fields[name])
+        if isinstance(fields.get("hold"), str):
+            fields["hold"] = redact(fields["hold"])
+        fields["updated_at"] = time.time()
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        if "state" not in fields:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+            return
+        # The move is checked by the UPDATE itself (one statement, not a read and a write); when it
+        # changed nothing, the row is read to tell a missing job from a move the tables forbid.
+        sources = JOB_SOURCES.get(fields["state"], (fields["state"],))
+        updated = db.execute(f"UPDATE jobs SET {columns} WHERE id = ? AND state IN ({', '.join('?' * len(sources))})",
+                             (*fields.values(), job_id, *sources)).rowcount
+        if not updated:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                check_job_move(row[0], fields["state"])
+
+    def job(self, job_id: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return job_from_row(row) if row else None
+
+    def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
+        if states and name is None:
+            return self._cached(("jobs", tuple(states)), lambda: self._jobs(states=states))
+        return self._jobs(states=states, name=name)
+
+    def _jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
+        query, args = "SELECT * FROM jobs", []
+        clauses = []
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        if name is not None:
+            clauses.append("name = ?")
+            args.append(name)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        return [job_from_row(row) for row in self._db.execute(query + " ORDER BY created_at, id", args)]
+
+    def active_jobs(self) -> list[Job]:
+        return self.jobs(states=ACTIVE_JOB_STATES)
+
+    def jobs_by_id(self, job_ids: Iterable[str]) -> list[Job]:
+        """The active ones of these jobs, oldest first (the loop's turn order)."""
+        ids = list(job_ids)
+        found: list[Job] = []
+        for start in range(0, len(ids), 500):  # SQLite caps the number of parameters
+            part = ids[start:start + 500]
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})"
+                f" AND state IN ({', '.join('?' * len(ACTIVE_JOB_STATES))})", (*part, *ACTIVE_JOB_STATES))
+            found.extend(job_from_row(row) for row in rows)
+        return sorted(found, key=lambda job: (job.created_at, job.id))
+
+    def count_jobs(self, states: Iterable[str]) -> int:
+        states = tuple(states)
+        return self._cached(("count_jobs", states), lambda: self._db.execute(
+            f"SELECT count(*) FROM jobs WHERE state IN ({', '.join('?' * len(states))})", states).fetchone()[0])
+
+    def job_with_content(self, sha256: str) -> Job | None:
+        """An earlier job with the same manifest and inputs (not a rejected one)."""
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE sha256 = ? AND coalesce(outcome, '') != 'rejected'"
+            " ORDER BY created_at LIMIT 1", (sha256,),
+        ).fetchone()
+        return job_from_row(row) if row else None
+
+    def find_jobs(self, ref: str) -> list[Job]:
+        """Jobs named ``ref`` (the manifest stem) or with id ``ref``, newest last."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE name = ? OR id = ? ORDER BY created_at, id", (ref, ref)
+        )
+        return [job_from_row(row) for row in rows]
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def add_chunk(self, job_id: str, chunk: dict) -> bool:
+        """Record a built chunk (state ``built``); False if it was already recorded before a crash."""
+        with self.transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'built')",
+                (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
+                 chunk["byte_size"]),
+            ).rowcount
+            media = chunk.get("media") or {}
+            if inserted and media:
+                db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, 'new')",
+                               [(sha256, mime, size) for sha256, (mime, size) in media.items()])
+                db.executemany("INSERT OR IGNORE INTO chunk_media (job_id, idx, sha256) VALUES (?, ?, ?)",
+                               [(job_id, chunk["idx"], sha256) for sha256 in media])
+        self.on_change(job_id)
+        return bool(inserted)
+
+    def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
+        for name in ("stats", "error"):
+            if name in fields and fields[name] is not None:
+                fields[name] = redacted_json(fields[name])
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as db:
+            if "state" not in fields:
+                db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
+            else:  # checked as a job's move is (see _update_job)
+                sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
+                updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
+                                     f" AND state IN ({', '.join('?' * len(sources))})",
+                                     (*fields.values(), job_id, idx, *sources)).rowcount
+                if not updated:
+                    row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+                    if row is not None:
+                        check_chunk_move(row[0], fields["state"])
+            self._add_events(db, events)
+        self.on_change(job_id)
+
+    def resubmit_chunk(self, chunk: Chunk, display_name: str, *, events: Iterable[dict] = ()) -> None:
+        """An expired chunk back to ``built`` under its next display name, to be submitted again.
+
+        One transaction: its expired remote job stays on record (role ``expired``), and the event
+        announcing the resubmission is committed with it.
+        """
+        with self.transaction() as db:
+            db.execute("UPDATE remote_jobs SET role = 'expired' WHERE remote_name = ?", (chunk.remote_name,))
+            db.execute(
+                "UPDATE chunks SET state = 'built', display_name = ?, resubmits = resubmits + 1, remote_name = NULL,"
+                " remote_state = NULL, stats = NULL, intent_at = NULL, cancel_sent = 0, error = NULL"
+                " WHERE job_id = ? AND idx = ? AND state = 'running'",
+                (display_name, chunk.job_id, chunk.idx),
+            )
+            self._add_events(db, events)
+        self.on_change(chunk.job_id)
+
+    def chunks(self, job_id: str) -> list[Chunk]:
+        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
+        return [chunk_from_row(row) for row in rows]
+
+    def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
+        """The job's first ``limit`` chunks waiting to be submitted: a job of many chunks is not read
+        whole on every visit while only a few of them can go out."""
+        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND state = 'built' ORDER BY idx LIMIT ?",
+                                (job_id, limit))
+        return [chunk_from_row(row) for row in rows]
+
+    def chunk(self, job_id: str, idx: int) -> Chunk | None:
+        row = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+        return chunk_from_row(row) if row else None
+
+    def chunk_by_remote_name(self, remote_name: str) -> Chunk | None:
+        row = self._db.execute("SELECT * FROM chunks WHERE remote_name = ?", (remote_name,)).fetchone()
+        return chunk_from_row(row) if row else None
+
+    def chunk_totals(self, job_id: str) -> dict[str, int]:
+        """How many chunks the job has, in each state (``chunks``: all, ``requests``: their requests)."""
+        totals = {"chunks": 0, "requests": 0}
+        for state, chunks, requests in self._db.execute(
+                "SELECT state, count(*), sum(request_count) FROM chunks WHERE job_id = ? GROUP BY state", (job_id,)):
+            totals[state] = chunks
+            totals["chunks"] += chunks
+            totals["requests"] += requests
+        return totals
+
+    def chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...]) -> list[Chunk]:
+        """The chunks in ``states`` of the jobs in ``job_states``, in job order: one query, however
+        many jobs there are."""
+        rows = self._db.execute(
+            "SELECT c.* FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            f" WHERE c.state IN ({', '.join('?' * len(states))}) AND j.state IN ({', '.join('?' * len(job_states))})"
+            " ORDER BY j.created_at, j.id, c.idx",
+            (*states, *job_states),
+        )
+        return [chunk_from_row(row) for row in rows]
+
+    def count_chunks_in(self, states: tuple[str, ...], *, job_states: tuple[str, ...], limit: int = -1) -> int:
+        """How many chunks :meth:`chunks_in` would return (at most ``limit``: 1 asks whether there is any)."""
+        return self._cached(("count_chunks_in", states, job_states, limit), lambda: self._db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            f" WHERE c.state IN ({', '.join('?' * len(states))}) AND j.state IN ({', '.join('?' * len(job_states))})"
+            " LIMIT ?)", (*states, *job_states, limit)).fetchone()[0])
+
+    def uploads_to_delete(self) -> list[Chunk]:
+        """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
+        return self._cached(("uploads_to_delete",), lambda: [chunk_from_row(row) for row in self._db.execute(
+            "SELECT * FROM chunks WHERE upload_state IN ('uploading', 'uploaded') AND state IN ('fetched', 'skipped')"
+            " ORDER BY job_id, idx")])
+
+    def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
+        """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
+        if not states:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE chunks SET upload_state = ? WHERE job_id = ? AND idx = ?",
+                           [(state, job_id, idx) for (job_id, idx), state in states.items()])
+
+    # -- remote jobs and strays -------------------------------------------------------------
+
+    def record_remote_job(self, remote_name: str, chunk: Chunk, role: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO remote_jobs (remote_name, job_id, chunk_idx, display_name, role)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (remote_name, chunk.job_id, chunk.idx, chunk.display_name, role),
+            )
+
+    def record_stray(self, remote_name: str, *, job_id: str, chunk_idx: int, display_name: str,
+                     outcome: str) -> None:
+        """A duplicate the stray watch found (``outcome``: cancelling or finished), recorded before any cancel."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO remote_jobs (remote_name, job_id, chunk_idx, display_name, role, outcome)"
+                " VALUES (?, ?, ?, ?, 'duplicate', ?)", (remote_name, job_id, chunk_idx, display_name, outcome))
+
+    def set_remote_outcome(self, remote_name: str, outcome: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE remote_jobs SET outcome = ? WHERE remote_name = ?", (outcome, remote_name))
+
+    def remote_job(self, remote_name: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM remote_jobs WHERE remote_name = ?", (remote_name,)).fetchone()
+        return dict(row) if row else None
+
+    def remote_jobs(self, job_id: str) -> list[dict]:
+        rows = self._db.execute(
+            "SELECT * FROM remote_jobs WHERE job_id = ? ORDER BY chunk_idx, remote_name", (job_id,)
+        )
+        return [dict(row) for row in rows]
+
+    def remote_jobs_with_outcome(self, outcome: str) -> list[dict]:
+        rows = self._db.execute("SELECT * FROM remote_jobs WHERE outcome = ? ORDER BY remote_name", (outcome,))
+        return [dict(row) for row in rows]
+
+    def watch_name(self, job_id: str, chunk_idx: int, display_name: str, attempt_at: float) -> None:
+        """Watch ``display_name`` (a create under it had an unknown outcome) from ``attempt_at`` on."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO watched_names (display_name, job_id, chunk_idx, first_attempt_at, last_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(display_name) DO UPDATE SET"
+                " first_attempt_at = min(first_attempt_at, excluded.first_attempt_at),"
+                " last_attempt_at = max(last_attempt_at, excluded.last_attempt_at)",
+                (display_name, job_id, chunk_idx, attempt_at, attempt_at))
+
+    def watched_names(self) -> dict[str, dict]:
+        """Every watched display name, with its row."""
+        return self._cached(("watched_names",), lambda: {row["display_name"]: dict(row) for row in self._db.execute(
+            "SELECT * FROM watched_names ORDER BY first_attempt_at")})
+
+    def forget_watched_names(self, last_attempt_before: float) -> int:
+        """Stop watching the names whose last create is older than ``last_attempt_before``; returns how many."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM watched_names WHERE last_attempt_at < ?",
+                              (last_attempt_before,)).rowcount
+
+    # -- webhook deliveries taken -----------------------------------------------------------
+
+    def webhook_seen(self, webhook_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?",
+                                (webhook_id,)).fetchone() is not None
+
+    def record_webhook(self, webhook_id: str, remote_name: str | None, event_type: str | None) -> bool:
+        """Record a webhook delivery by its id; False when it was taken before (a duplicate)."""
+        with self.transaction() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO webhook_deliveries (webhook_id, remote_name, event_type,"
+                                " received_at) VALUES (?, ?, ?, ?)", (webhook_id, remote_name, event_type, time.time()))
+            return cursor.rowcount == 1
+
+    def last_webhook_at(self) -> float | None:
+        """When the latest webhook delivery was taken (wall clock), if any."""
+        return self._db.execute("SELECT max(received_at) FROM webhook_deliveries").fetchone()[0]
+
+    def forget_webhooks(self, before: float) -> int:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (before,)).rowcount
+
+    # -- media (files sent with requests) ---------------------------------------------------
+
+    def chunk_media(self, job_id: str, idx: int) -> list[dict]:
+        """The media rows of the files a chunk's requests upload."""
+        rows = self._db.execute("SELECT m.* FROM media m JOIN chunk_media cm ON cm.sha256 = m.sha256"
+                                " WHERE cm.job_id = ? AND cm.idx = ? ORDER BY m.sha256", (job_id, idx))
+        return [dict(row) for row in rows]
+
+    def media(self, sha256: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM media WHERE sha256 = ?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def all_media(self) -> list[dict]:
+        return [dict(row) for row in self._db.execute("SELECT * FROM media ORDER BY sha256")]
+
+    def set_media(self, states: dict[str, dict[str, Any]]) -> None:
+        """Update media rows, content hash → fields, in one transaction."""
+        if not states:
+            return
+        with self.transaction() as db:
+            for sha256, fields in states.items():
+                if "error" in fields and fields["error"] is not None:
+                    fields = {**fields, "error": redacted_json(fields["error"])}
+                columns = ", ".join(f"{name} = ?" for name in fields)
+                db.execute(f"UPDATE media SET {columns} WHERE sha256 = ?", (*fields.values(), sha256))
+
+    def media_to_delete(self, unused_since: float) -> list[dict]:
+        """Uploaded (or perhaps uploaded) files no chunk still to be sent or running needs, unused since
+        ``unused_since``, and those a deletion round cut short left ``deleting``."""
+        rows = self._db.execute(
+            "SELECT * FROM media m WHERE (m.state = 'deleting' OR (m.state IN ('active', 'uploading')"
+            " AND COALESCE(m.last_used, 0) <= ?)) AND NOT EXISTS (SELECT 1 FROM chunk_media cm JOIN chunks c"
+            " ON c.job_id = cm.job_id AND c.idx = cm.idx WHERE cm.sha256 = m.sha256"
+            " AND c.state NOT IN ('fetched', 'skipped')) ORDER BY m.sha256", (unused_since,))
+        return [dict(row) for row in rows]
+
+    # -- budgets and the cost history -------------------------------------------------------
+
+    def spent_since(self, since: float, *, excluding: str | None = None) -> float:
+        """What the jobs admitted since ``since`` count against budgets (``spend``), summed."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(spend), 0) FROM jobs WHERE admitted_at >= ? AND id != ?",
+            (since, excluding or ""),
+        ).fetchone()
+        return float(row[0])
+
+    def observe_output(self, task: str, model: str, requests: int, output_tokens: int) -> None:
+        """Add a delivered job's answers to what its task and model produce per request."""
+        if requests <= 0:
+            return
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO output_observed (task, model, requests, output_tokens, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (task, model) DO UPDATE SET requests = requests + excluded.requests,"
+                " output_tokens = output_tokens + excluded.output_tokens, updated_at = excluded.updated_at",
+                (task, model, requests, output_tokens, time.time()))
+            db.execute("UPDATE output_observed SET requests = requests / 2, output_tokens = output_tokens / 2"
+                       " WHERE task = ? AND model = ? AND requests > ?", (task, model, OBSERVED_REQUESTS_MAX))
+
+    def observed_output(self, task: str | None, model: str | None) -> dict | None:
+        """``{"requests": n, "output_tokens": m}`` earlier jobs of this task and model came back with, or None."""
+        try:
+            row = self._db.execute("SELECT requests, output_tokens FROM output_observed WHERE task = ? AND model = ?",
+                                   (task or "", model or "")).fetchone()
+        except sqlite3.OperationalError:
+            return None  # a journal opened read-only, from a batchd that did not keep it yet
+        return {"requests": row[0], "output_tokens": row[1]} if row else None

@@ -1,0 +1,188 @@
+"""The journal's tables, as SQLite DDL, and what an older journal gets when it is opened.
+
+Every table and index is created ``IF NOT EXISTS``, so :data:`SCHEMA` runs on every open; it leaves a
+table that exists as it is, so :func:`migrate` then adds the columns an older journal lacks, and the
+indexes on them. The rules the rows follow (states, intents, events) are in :mod:`batchd.journal`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,      -- the manifest's stem: inbox/NAME.toml
+    source        TEXT NOT NULL,      -- the manifest's file name in the inbox
+    sha256        TEXT,               -- manifest bytes plus input files
+    state         TEXT NOT NULL,
+    outcome       TEXT,
+    task          TEXT,
+    model         TEXT,
+    kind          TEXT NOT NULL DEFAULT 'generate',  -- its task's kind: generate | embed (how chunks are sent and read)
+    error         TEXT,               -- JSON: why a job was rejected or failed
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    outbox_dir    TEXT,               -- chosen and committed before publishing
+    chunk_limits  TEXT,               -- JSON: the limits its chunks were cut with (a rebuild reuses them)
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    submitted_at  REAL,
+    finished_at   REAL,
+    cost          TEXT,               -- JSON {"estimate": {...}, "actual": {...}} from the cost hooks
+    spend         REAL,               -- what the job counts against budgets: actual, else estimate
+    admitted_at   REAL,               -- when it passed the budget check (or was approved)
+    hold          TEXT,               -- why it is held
+    approved      INTEGER NOT NULL DEFAULT 0,  -- `batchd approve`: no budget check
+    build_stopped INTEGER NOT NULL DEFAULT 0   -- a cancel stopped its build before its last request
+);
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
+CREATE INDEX IF NOT EXISTS jobs_by_sha ON jobs(sha256);
+-- The loop looks up the active jobs and the live chunks on every tick; finished ones pile up.
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id        TEXT NOT NULL REFERENCES jobs(id),
+    idx           INTEGER NOT NULL,
+    display_name  TEXT NOT NULL UNIQUE,
+    mode          TEXT NOT NULL,       -- inline | file
+    request_count INTEGER NOT NULL,
+    byte_size     INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    remote_name   TEXT,
+    remote_state  TEXT,
+    stats         TEXT,                -- JSON batchStats, for progress
+    uploaded_file TEXT,                -- the requests file on the Files API ("files/…"), recorded before create
+    upload_state  TEXT,                -- uploading | uploaded | deleted | kept (see batchd.journal)
+    intent_at     REAL,                -- when the create intent was committed
+    cancel_sent   INTEGER NOT NULL DEFAULT 0,
+    error         TEXT,                -- JSON: why the chunk has no results (refused, vanished)
+    resubmits     INTEGER NOT NULL DEFAULT 0,  -- times it was submitted again after its remote job expired
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks(state);
+
+-- Every remote job ever seen for a chunk, adopted or not, so cost is counted once per name.
+CREATE TABLE IF NOT EXISTS remote_jobs (
+    remote_name   TEXT PRIMARY KEY,
+    job_id        TEXT NOT NULL,
+    chunk_idx     INTEGER NOT NULL,
+    display_name  TEXT NOT NULL,
+    role          TEXT NOT NULL,       -- adopted | duplicate (cancelled) | expired (its chunk was resubmitted)
+    outcome       TEXT                 -- of a duplicate found by the stray watch: cancelling (cancel not yet
+                                       -- accepted) | cancelled | finished (ended on its own, results unused)
+);
+
+-- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
+-- reached the service may show up in the list late, after its chunk was created again, fetched or
+-- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
+-- created under it would have expired.
+CREATE TABLE IF NOT EXISTS watched_names (
+    display_name     TEXT PRIMARY KEY,
+    job_id           TEXT NOT NULL,
+    chunk_idx        INTEGER NOT NULL,
+    first_attempt_at REAL NOT NULL,    -- the first create under it: no stray of it is older
+    last_attempt_at  REAL NOT NULL     -- the last create under it: the watch runs from here
+);
+
+-- Job events for the notification plugins: committed in the transaction of the transition they
+-- announce, with one delivery row per plugin implementing job_event (an outbox table).
+CREATE TABLE IF NOT EXISTS events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE, -- stable: <job id>:<kind>[:<n>]
+    job_id        TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    body          TEXT NOT NULL,        -- JSON, as handed to job_event
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id      TEXT NOT NULL REFERENCES events(id),
+    plugin        TEXT NOT NULL,
+    state         TEXT NOT NULL,        -- pending | sent | failed (gave up)
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at       REAL NOT NULL,        -- not retried before this time
+    last_error    TEXT,
+    sent_at       REAL,
+    PRIMARY KEY (event_id, plugin)
+);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(state, next_at);
+-- Each plugin's pending deliveries in rowid order, which is their events' order (a delivery row is
+-- inserted with its event): a page of the oldest due ones is read without sorting every pending row.
+CREATE INDEX IF NOT EXISTS deliveries_pending_by_plugin ON deliveries(plugin) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, kind);
+
+-- Files sent with requests (batchd/media.py), one row per content hash, shared by every job that
+-- sends it: 'uploading' is committed before an upload (copies under its display name may then exist
+-- whose name is unknown: they are looked up by it), 'active' records the File; 'deleting' is committed
+-- before a deletion round.   new → uploading → active → deleting → deleted (→ uploading again);
+-- failed: the service refused the upload (the chunks needing it fail).
+CREATE TABLE IF NOT EXISTS media (
+    sha256        TEXT PRIMARY KEY,
+    mime_type     TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    remote_name   TEXT,               -- "files/…"
+    uri           TEXT,               -- what fileData.fileUri names
+    expires_at    REAL,
+    intent_at     REAL,
+    last_used     REAL,               -- when a chunk needing it was last sent
+    error         TEXT
+);
+CREATE TABLE IF NOT EXISTS chunk_media (
+    job_id        TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    sha256        TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx, sha256)
+);
+CREATE INDEX IF NOT EXISTS chunk_media_by_sha ON chunk_media(sha256);
+-- Gemini webhook deliveries taken (by their webhook-id, the sender's idempotency key): a delivery sent
+-- again is acknowledged, not acted on twice. Written by the loop alone; forgotten after a week.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    webhook_id    TEXT PRIMARY KEY,
+    remote_name   TEXT,
+    event_type    TEXT,
+    received_at   REAL NOT NULL
+);
+
+-- What each task and model answered per request (answer and thoughts, in tokens), summed over
+-- delivered jobs: cost estimates price a job's output by it (plugins/cost.py).
+CREATE TABLE IF NOT EXISTS output_observed (
+    task          TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    requests      INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (task, model)
+);
+"""
+
+#: Columns added to ``jobs`` after its first release, added to older journals when opened.
+ADDED_JOB_COLUMNS = {
+    "cost": "TEXT", "spend": "REAL", "admitted_at": "REAL", "hold": "TEXT",
+    "approved": "INTEGER NOT NULL DEFAULT 0", "build_stopped": "INTEGER NOT NULL DEFAULT 0",
+    "manifest_sha256": "TEXT",  # the manifest's bytes as checked at the claim (later reads must match)
+    "retry_of": "TEXT",  # JSON {"job", "name"}: the job a retry manifest (`batchd retry`) sends requests of again
+    "kind": "TEXT NOT NULL DEFAULT 'generate'",
+}
+#: Columns added to ``chunks`` after its first release.
+ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0", "upload_state": "TEXT"}
+#: Columns added to ``remote_jobs`` after its first release.
+ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Add what :data:`SCHEMA` cannot to an older journal: the columns added since, then their indexes."""
+    for table, added in (("jobs", ADDED_JOB_COLUMNS), ("chunks", ADDED_CHUNK_COLUMNS),
+                         ("remote_jobs", ADDED_REMOTE_JOB_COLUMNS)):
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column, declaration in added.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    # After the columns: an older journal gets admitted_at above first.
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
+    # Finished chunks pile up; the few whose request file is still to be deleted are looked up often.
+    db.execute("CREATE INDEX IF NOT EXISTS chunks_holding_uploads ON chunks(state)"
+               " WHERE upload_state IN ('uploading', 'uploaded')")
+    # The stray cancels still to retry are looked up while the table holds every remote job ever made.
+    db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
+    # A webhook delivery names a remote batch; its chunk is looked up by that name.
+    db.execute("CREATE INDEX IF NOT EXISTS chunks_by_remote_name ON chunks(remote_name)")
