@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchd.daemon.intake import readable_name
 from batchd.inbox import is_temp_name
 from batchd.manifest import MANIFEST_SUFFIXES
 
@@ -230,6 +231,7 @@ class Generator:
         body = VALID_TASKS[0].format(n=stem).encode()
         name = self.rng.choice([
             stem.encode() + b"-\xff\xfe.toml",                    # not UTF-8
+            stem.encode() + b"-" + b"\xff" * 240 + b".toml",      # not UTF-8, 1,000 characters as \xNN
             stem.encode() + b"-" + b"n" * 230 + b".toml",          # at the 255-byte limit
             stem.encode() + b"-new\nline.toml",
             stem.encode() + b".TOML",
@@ -310,7 +312,7 @@ def check_outcome(entries: list[Entry], outbox: Path, audit_folder: Path) -> Out
     lost, not_succeeded, longest = [], [], 0
     accounted = [entry for entry in entries if entry.accounted]
     for entry in accounted:
-        name = entry.name.decode("utf-8", "backslashreplace")  # as summary.json spells a name that is not UTF-8
+        name = readable_name(os.fsdecode(entry.name))  # as summary.json spells a name that is not UTF-8
         found = summaries.get(name)
         if not found:
             lost.append(name)

@@ -108,6 +108,31 @@ def test_a_non_utf8_name_claimed_just_before_a_crash_is_finished_by_recovery(wor
     assert workspace.delivered()["na\\xefve"]["error"]["code"] == "file_name_not_utf8"
 
 
+def test_a_long_name_that_is_not_utf8_is_claimed_under_a_shortened_name_and_recovered(workspace: Workspace):
+    """250 bytes that are not UTF-8 read as 1,000 characters (``\\xNN`` each): too long for the job's spool
+    file or outbox folder, so its claim failed, and again in recovery at every start with its row left
+    'claiming'. The readable name is cut to 255 bytes with a digest of the whole; killed right after the
+    claim, the restart finishes it and the other manifest still runs."""
+    raw_name = os.path.join(os.fsencode(workspace.inbox), b"\xff" * 250 + b".toml")
+    with open(raw_name, "wb") as manifest:
+        manifest.write(TRANSLATE.encode())
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -9, crashed.output()[-3000:]
+    workspace.drop("good.toml", TRANSLATE)
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr[-3000:]  # the long name is rejected, and nothing crashed
+    assert "Traceback" not in result.stderr + crashed.output()
+    delivered = workspace.delivered()
+    assert delivered.pop("good")["state"] == "succeeded"
+    [(folder, rejected)] = delivered.items()
+    assert folder.startswith("\\xff\\xff") and "…-" in folder and len(folder.encode()) <= 250
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "file_name_not_utf8"
+    assert (workspace.outbox / folder / rejected["manifest"]).read_text() == TRANSLATE, "the bytes are kept"
+    assert os.listdir(workspace.inbox) == []
+
+
 def test_an_empty_manifest_is_rejected_as_empty(workspace: Workspace):
     (workspace.inbox / "empty.toml").write_bytes(b"")
     (workspace.inbox / "blank.json").write_text("\n  \n")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass
@@ -423,9 +424,28 @@ def free_space(state_dir: Path) -> str:
     return "free space unknown" if free is None else f"{free:.1f} MB free on {state_dir}'s filesystem"
 
 
+#: Longest file name batchd gives a job (its spool file, its outbox folder): NAME_MAX of common filesystems.
+NAME_BYTES = 255
+
+
 def readable_name(name: str) -> str:
-    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``).
+
+    Each such byte takes four characters, so a long name of them would be too long to be a file name
+    itself (the job's spool file, its outbox folder): past :data:`NAME_BYTES` it is cut, and a digest
+    of the whole name keeps two long names that begin alike apart (``\xff\xff…-3f2a9c0d1b7e.toml``)."""
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "backslashreplace")
+    if len(text.encode()) <= NAME_BYTES:
+        return text
+    suffix = next((s for s in MANIFEST_SUFFIXES + CONTROL_SUFFIXES if text.lower().endswith(s)), "")
+    tail = f"…-{hashlib.sha256(raw).hexdigest()[:12]}{text[len(text) - len(suffix):]}"
+    head = text[:len(text) - len(suffix)]
+    room = NAME_BYTES - len(tail.encode())
+    while len(head.encode()) > room:
+        head = head[:room - len(head.encode()) or -1]
+    head = re.sub(r"\\(x[0-9a-f]?)?$", "", head)  # not half an escape
+    return head + tail
 
 
 def once_candidates(inbox: Path) -> set[str]:
