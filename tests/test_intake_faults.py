@@ -4,6 +4,9 @@ that are no regular file, file names that are no text, empty files, stale produc
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,22 +188,44 @@ HOSTILE = {
     "long.toml": ('task = "sentiment"\ninput = "' + "a" * 300 + '.csv"\n', "cannot be looked up"),
     "tilde.toml": ('task = "sentiment"\ninput = "~nosuchuser/x.csv"\n', "not found"),
     "surrogate.json": ('{"task": "sentiment", "items": [{"id": "\\ud800", "text": "x"}]}', "items[0].id"),
+    "surrogate-text.json": ('{"task": "sentiment", "texts": ["fine", "\\ud800"]}', "texts[1]: text that is not valid"),
+    "surrogate-line.toml": ('task = "sentiment"\ninput = "surrogate.jsonl"\n', "line 2: text: text that is not valid"),
     "twice.json": ('{"task": "sentiment", "task": "translate", "texts": ["a"]}', "given twice"),
-    "nan.toml": ('task = "sentiment"\ntexts = ["a"]\ntemperature = nan\n', "finite number"),
+    "nan.toml": ('task = "sentiment"\ntexts = ["a"]\ntemperature = nan\n', "temperature: nan is not a number"),
+    "nan.json": ('{"task": "sentiment", "texts": ["a"], "temperature": NaN}', "temperature: nan is not a number"),
     "deepline.toml": ('task = "sentiment"\ninput = "deep.jsonl"\n', "line 1"),
-    "huge-task.toml": ('task = "' + "x" * 100_000 + '"\ntexts = ["a"]\n', "characters in all"),
+    # Amplification: what is small on disk but large in memory or in the error is refused before it is built.
+    "huge-task.toml": ('task = "' + "x" * 4_000_000 + '"\ntexts = ["a"]\n', "characters in all"),
+    "oversize.toml": ('task = "sentiment"\ntexts = ["' + "a" * 10_000_000 + '"]\n', "larger than 4,194,304 bytes"),
+    "inline.json": ('{"task": "sentiment", "texts": [' + ",".join(["{}"] * 1_300_000) + "]}", "[limits] values"),
+    "wide.toml": ('task = "sentiment"\ninput = "wide.csv"\n', "1,000,000 columns, more than 10,000"),
+    "wide-row.toml": ('task = "sentiment"\ninput = "wide-row.csv"\n', "line 2: 5,000,002 values in one row"),
+    "wide-line.toml": ('task = "sentiment"\ninput = "wide-line.jsonl"\n', "line 1: about 10,000,007 values"),
+}
+#: Input files of the manifests above.
+HOSTILE_INPUTS = {
+    "deep.jsonl": '{"id": "1", "text": ' + "[" * 10_000 + "]" * 10_000 + "}\n",
+    "surrogate.jsonl": '{"id": "1", "text": "fine"}\n{"id": "2", "text": "\\udfff"}\n',
+    "wide.csv": ",".join(f"c{n}" for n in range(1_000_000)) + "\n1,a\n",
+    "wide-row.csv": "id,text\n1," + "ab," * 5_000_000 + "\n",
+    "wide-line.jsonl": '{"id": "1", "text": "a", "x": [' + ",".join(["{}"] * 5_000_000) + "]}\n",
 }
 
 
 def test_manifests_that_once_crashed_intake_are_rejected_naming_why_and_the_others_still_run(workspace: Workspace):
-    (workspace.inbox / "deep.jsonl").write_text('{"id": "1", "text": ' + "[" * 10_000 + "]" * 10_000 + "}\n")
+    """Each once raised out of intake (a crash loop under Restart=on-failure) or was amplified: a 4 MB
+    task made a summary.json and a journal row twice its size, a CSV header of a million columns a 21.8 MB
+    error, a few MB of inline items or of one input line hundreds of MB of memory. Each is rejected naming
+    file, field and line, its error capped, and batchd's memory stays that of an idle daemon."""
+    for name, text in HOSTILE_INPUTS.items():
+        (workspace.inbox / name).write_text(text)
     for name, (text, _) in HOSTILE.items():
         workspace.drop(name, text)
     workspace.drop("good.toml", TRANSLATE)
 
-    result = workspace.batchd("run", "--once", timeout=120)
+    result, peak_mb = run_measured(workspace, "run", "--once")
 
-    assert result.returncode == 1, result.stderr  # rejected jobs, and no crash
+    assert result.returncode == 1, result.stderr[-3000:]  # rejected jobs, and no crash
     assert "Traceback" not in result.stderr
     delivered = workspace.delivered()
     assert delivered["good"]["state"] == "succeeded"
@@ -208,8 +233,29 @@ def test_manifests_that_once_crashed_intake_are_rejected_naming_why_and_the_othe
         summary = delivered[Path(name).stem]
         assert summary["state"] == "rejected", name
         assert reason in summary["error"]["message"], (name, summary["error"])
-        assert len(summary["error"]["message"]) < 2_500, name  # capped, however large the input
+        assert len(summary["error"]["message"]) <= 2_000 + 40, name  # [limits] error_chars, the length said
+        assert (workspace.outbox / Path(name).stem / "summary.json").stat().st_size < 8_000, name
     assert sorted(p.name for p in workspace.inbox.iterdir() if p.suffix in (".toml", ".json")) == []
+    assert peak_mb < 300, f"batchd (or its emulator) took {peak_mb:.0f} MB"
+    journal = sqlite3.connect(workspace.state / "journal.db")
+    try:
+        largest_row = journal.execute("SELECT max(length(error)) FROM jobs").fetchone()[0]
+    finally:
+        journal.close()
+    assert largest_row < 8_000
+
+
+def run_measured(workspace: Workspace, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``batchd ARGS`` run to completion, and the peak resident memory in MB of the largest process it
+    ran (batchd, or its embedded emulator): measured by a parent of their own, which waits for nothing else."""
+    measure = ("import resource, subprocess, sys\n"
+               "code = subprocess.run(sys.argv[1:]).returncode\n"
+               "print(f'peak-rss-kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr)\n"
+               "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", measure, workspace.python, "-m", "batchd", *args],
+                            cwd=workspace.root, env=workspace.env(), capture_output=True, text=True, timeout=240)
+    peak_kb = int(result.stderr.rsplit("peak-rss-kb=", 1)[1].split()[0])
+    return result, peak_kb / 1024
 
 
 FAULTY_READER = '''

@@ -324,11 +324,16 @@ def error_dict(error: Exception) -> dict:
 
 
 def manifest_error(error: ManifestError, max_chars: int) -> dict:
-    """A rejection as summary.json shows it: the file, the field and the line, where known; message and
-    field cut at ``max_chars`` each (``[limits] error_chars``)."""
-    error = error.capped(max_chars)
-    details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
-               "column": error.column, "reason": error.message}
+    """A rejection as summary.json shows it: the file, the field and the line, where known; the message
+    (path, field and reason together), the field and the reason each cut at ``max_chars``
+    (``[limits] error_chars``), the full length said."""
+    capped = error.capped(max_chars)
+    message = str(capped)
+    if len(message) > max_chars:
+        full = len(str(error)) if capped is not error else len(message)
+        message = f"{message[:max_chars]}… ({full:,} characters in all)"
+    details = {"message": message, "file": capped.path.name, "field": capped.field, "line": capped.line,
+               "column": capped.column, "reason": capped.message}
     return {name: value for name, value in details.items() if value is not None}
 
 
