@@ -352,6 +352,43 @@ def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace
     assert remote_jobs(workspace) == []
 
 
+def test_a_manifest_swapped_for_a_symlink_between_the_scan_and_the_open_is_never_read(workspace: Workspace,
+                                                                                     tmp_path, monkeypatch):
+    """The scan saw a regular file; before intake opens it, the name points at a manifest elsewhere that
+    names an input file beside it (such a manifest, read through the link, was run and its input sent;
+    one with ``input =`` crashed the daemon). The open refuses the symlink: neither file is read."""
+    from batchd.daemon import intake
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.toml").write_text('task = "sentiment"\ninput = "rows.csv"\n')
+    (elsewhere / "rows.csv").write_text("id,text\n1,a secret row\n")
+    workspace.configure(settle_seconds=0)
+    workspace.drop("swapped.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,an ordinary row\n")
+    workspace.drop("good.toml", TRANSLATE)
+    read_entry, opened = intake.read_entry, []
+
+    def swap_then_read(path, limit):
+        if path.name == "swapped.toml":
+            os.replace(_symlink_beside(path, elsewhere / "secret.toml"), path)
+        opened.append(path.name)
+        return read_entry(path, limit)
+
+    monkeypatch.setattr(intake, "read_entry", swap_then_read)
+    run_once_in_process(workspace)
+
+    assert "swapped.toml" in opened
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["swapped"]
+    assert rejected["state"] == "rejected" and rejected["error"]["kind"] == "symlink", rejected
+    assert os.path.islink(workspace.outbox / "swapped" / "swapped.toml"), "the symlink is kept, not followed"
+    assert len(remote_jobs(workspace)) == 1, "only the good manifest reached the service"
+    assert (elsewhere / "rows.csv").read_text() == "id,text\n1,a secret row\n"
+    assert (workspace.inbox / "rows.csv").exists(), "the input of the manifest never run stays"
+
+
 def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(workspace: Workspace, tmp_path,
                                                                                monkeypatch):
     """The manifest and its input (in a folder of the inbox) are checked; then the folder is swapped for a
