@@ -108,6 +108,34 @@ class QuotaWait:
 
 
 
+class KeyRefusal:
+    """Whether the service refuses the API key (revoked or mistyped), as the last call that asked found:
+    the operator's to fix, never a job's fault. Said once when it starts and once when it ends (not at
+    every poll), shown by ``batchd status`` meanwhile; submissions pause while it lasts."""
+
+    FIX = "fix GEMINI_API_KEY / GOOGLE_API_KEY and restart batchd; jobs wait in the journal meanwhile"
+
+    def __init__(self) -> None:
+        #: "the service refuses the API key (…)" while it does, else None.
+        self.reason: str | None = None
+
+    def refused(self, error: Exception, doing: str, *, logged: bool = False) -> None:
+        """A call (``doing``: "polling", "reconciling unconfirmed creates", …) was refused for the key;
+        ``logged``: the caller said so in a line of its own."""
+        first = self.reason is None
+        self.reason = f"the service refuses the API key ({error_dict(error)['message']})"
+        if first and not logged:
+            log.error("%s: %s; submissions paused (%s)", doing, self.reason, self.FIX)
+        elif not first:
+            log.debug("%s: %s", doing, self.reason)
+
+    def accepted(self) -> None:
+        """A call the key was needed for went through."""
+        if self.reason is not None:
+            log.info("the service accepts the API key again: submissions go on")
+            self.reason = None
+
+
 class Stopping(Exception):
     """Raised inside long steps when a stop was requested; the step's state stays committed as before."""
 
@@ -249,6 +277,8 @@ class Context:
         self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)
         #: Calls the service refused for quota (429) wait here: creates and polls apart.
         self.quota = QuotaWait(settings.poll_interval)
+        #: A key the service refuses pauses submissions (see KeyRefusal).
+        self.key = KeyRefusal()
         #: A storage failure a worker hit; the loop ends the process with it.
         self.storage_failure: fs.StorageFailure | None = None
         #: Called (from any thread) with a job id whose next step can be taken: set by the scheduler.
