@@ -421,6 +421,42 @@ def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(w
     assert remote_jobs(workspace) == []
 
 
+@pytest.mark.parametrize("change", ["removed", "folder", "fifo"])
+def test_an_input_removed_or_replaced_after_the_check_rejects_its_job_not_the_daemon(workspace: Workspace,
+                                                                                    monkeypatch, change: str):
+    """The manifest is checked with its input there; then the input is removed, or replaced by a folder or
+    a FIFO, before the claim takes it (a producer cleaning up, or someone racing it). The job is rejected
+    saying so, and the daemon goes on with the others."""
+    from batchd.daemon import intake
+
+    workspace.configure(settle_seconds=0)
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,Fine.\n")
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+    workspace.drop("good.toml", TRANSLATE)
+    load_manifest = intake.load_manifest
+
+    def load_then_change(path, *args, **kwargs):
+        manifest = load_manifest(path, *args, **kwargs)
+        if path.name == "reads.toml":
+            (workspace.inbox / "rows.csv").unlink()
+            if change == "folder":
+                (workspace.inbox / "rows.csv").mkdir()
+            elif change == "fifo":
+                os.mkfifo(workspace.inbox / "rows.csv")
+        return manifest
+
+    monkeypatch.setattr(intake, "load_manifest", load_then_change)
+    run_once_in_process(workspace)
+
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["reads"]
+    assert rejected["state"] == "rejected", rejected
+    expected = {"removed": "No such file or directory", "folder": "directory", "fifo": "fifo"}[change]
+    assert "rows.csv" in rejected["error"]["message"] and expected in rejected["error"]["message"], rejected
+    assert len(remote_jobs(workspace)) == 1, "only the good manifest reached the service"
+
+
 def run_once_in_process(workspace: Workspace) -> None:
     """``batchd run --once`` in this process, so that a test can patch a step's module to race it."""
     from batchd.config import load_settings
@@ -485,6 +521,30 @@ def test_upper_case_suffixes_are_manifests_to_run_once_and_to_reject_alike(works
     assert delivered["UP"]["state"] == "succeeded"
     assert delivered["FOLDER"]["state"] == "rejected" and delivered["FOLDER"]["error"]["kind"] == "directory"
     assert os.listdir(workspace.inbox) == []
+
+
+def test_folders_and_fifos_named_like_manifests_being_written_are_never_read_as_one(workspace: Workspace,
+                                                                                    tmp_path):
+    """Whether an input file goes with its job depends on what the other manifests waiting in the inbox
+    name, those still being written (``x.toml.part``) too: their first bytes are read. A folder of such
+    a name, which intake otherwise leaves alone, made that read raise (IsADirectoryError, found by
+    bench/fuzz.py) and stopped the daemon at every claim of a manifest with an input; a FIFO must not
+    block it, and a hard link's bytes, which may be anyone's, are not read either."""
+    outside = tmp_path / "not-theirs.toml"
+    outside.write_text('task = "sentiment"\ninput = "rows.csv"\n')
+    (workspace.inbox / "folder.toml.d").mkdir()
+    os.mkfifo(workspace.inbox / "pipe.json.part")
+    os.link(outside, workspace.inbox / "linked.toml.old")
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,Fine.\n")
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert workspace.delivered()["reads"]["state"] == "succeeded"
+    assert (workspace.outbox / "reads" / "rows.csv").exists(), "no other manifest named it: it went with its job"
+    assert sorted(os.listdir(workspace.inbox)) == ["folder.toml.d", "linked.toml.old", "pipe.json.part"]
 
 
 def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspace):
