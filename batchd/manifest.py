@@ -655,6 +655,10 @@ def _capped(text: str, chars: int) -> str:
     return f"{text[:chars]}… ({len(text):,} characters in all)"
 
 
+#: ``text`` cut at ``chars`` characters, its full length said: how a rejection's parts are bounded.
+cut_text = _capped
+
+
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
     # Python 3.11's TOMLDecodeError has no lineno attribute; the position ends its message.
     message = str(exc)

@@ -27,7 +27,7 @@ from batchd.config import Settings
 from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
-from batchd.manifest import ManifestError
+from batchd.manifest import ManifestError, cut_text
 from batchd.plugin_calls import PluginClock
 from batchd.provider import Provider
 from batchd.spool import JobSpool
@@ -354,14 +354,18 @@ def error_dict(error: Exception) -> dict:
 
 
 def manifest_error(error: ManifestError, max_chars: int) -> dict:
-    """A rejection as summary.json shows it: the file, the field and the line, where known; the message
-    (path, field and reason together), the field and the reason each cut at ``max_chars``
-    (``[limits] error_chars``), the full length said."""
+    """A rejection as summary.json shows it: the file, the field and the line, where known; field and
+    reason cut at ``max_chars`` each (``[limits] error_chars``), the full length said. The message (file,
+    line, field and reason together) keeps its file and line whole and cuts field and reason to what is
+    left of ``max_chars`` (at least 160 characters): about ``max_chars`` in all, however large the input."""
     capped = error.capped(max_chars)
     message = str(capped)
     if len(message) > max_chars:
-        full = len(str(error)) if capped is not error else len(message)
-        message = f"{message[:max_chars]}… ({full:,} characters in all)"
+        where = len(str(ManifestError(error.path, "", line=error.line, column=error.column)))
+        room = max(max_chars - where, 160)
+        field = error.field and cut_text(error.field, room // 2)
+        reason = cut_text(error.message, max(room - len(field or ""), 80))
+        message = str(ManifestError(error.path, reason, field=field, line=error.line, column=error.column))
     details = {"message": message, "file": capped.path.name, "field": capped.field, "line": capped.line,
                "column": capped.column, "reason": capped.message}
     return {name: value for name, value in details.items() if value is not None}
