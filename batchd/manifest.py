@@ -62,10 +62,15 @@ class ManifestLimits(BaseModel):
     nesting: int = Field(
         64, ge=4, le=500, description="Arrays and tables inside each other, in a manifest or one JSONL line.")
     list_items: int = Field(
-        10_000, ge=1, description="Entries of one list in a manifest (texts, items), and columns of a CSV header.")
+        10_000, ge=1, description="Entries of one list in a manifest (texts, items), and values of one CSV row "
+                                  "(its header too), counted before the row is parsed.")
     line_chars: int = Field(
         16_000_000, ge=1024, description="One line of a JSONL or TXT input file, and one CSV field, in characters.")
     integer_digits: int = Field(32, ge=1, le=4300, description="Digits of a whole number in a manifest or JSONL line.")
+    values: int = Field(
+        200_000, ge=100,
+        description="Values (texts, numbers, lists, tables and keys) in a manifest or one JSONL line, counted "
+                    "before it is parsed: a few megabytes of `[{},{},…]` would otherwise take hundreds.")
     error_chars: int = Field(
         2000, ge=100, description="A rejection's message is cut here, with the full length said.")
     retry_keys_bytes: int = Field(
@@ -519,6 +524,7 @@ def _read_document(path: Path, data: bytes | None, limits: ManifestLimits) -> di
         raise ManifestError(path, "not valid UTF-8", line=data.count(b"\n", 0, exc.start) + 1) from None
     if not text.strip():
         raise ManifestError(path, "the file is empty")
+    _check_value_count(path, text, limits, toml=path.suffix.lower() == ".toml")
     if path.suffix.lower() == ".toml":
         try:
             document = tomllib.loads(text)
@@ -536,6 +542,7 @@ def _read_document(path: Path, data: bytes | None, limits: ManifestLimits) -> di
 
 def _json_value(path: Path, text: str, limits: ManifestLimits, *, line: int | None = None) -> Any:
     """``text`` parsed as JSON, with a key given twice refused (JSON parsers disagree on which wins)."""
+    _check_value_count(path, text, limits, line=line)
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
@@ -545,6 +552,33 @@ def _json_value(path: Path, text: str, limits: ManifestLimits, *, line: int | No
         raise ManifestError(path, f"the key {exc.args[0]!r} is given twice", line=line) from None
     except (RecursionError, ValueError) as exc:
         raise _parse_limit_error(path, exc, limits, line=line) from None
+
+
+#: What a document's values are counted by, once its strings (and TOML's comments) are taken out: every
+#: value but the first follows a separator or opens a container, and every key comes with one.
+_JSON_SEPARATORS = (",", "[", "{", ":")
+_TOML_SEPARATORS = (",", "[", "{", "=", ".")  # "." for dotted keys (a table each)
+_JSON_STRING = re.compile(r'"[^"]*"')
+_TOML_SKIPPED = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\n]*"|\'[^\'\n]*\'|#[^\n]*')
+
+
+def _check_value_count(path: Path, text: str, limits: ManifestLimits, *, toml: bool = False,
+                       line: int | None = None) -> None:
+    """Refuse a document of more than ``limits.values`` values before it is parsed: a parser builds an
+    object of 50 to 100 bytes for each, and ``[{},{},…]`` spells one in three characters. Counted in a
+    few linear passes: escaped quotes and backslashes out, then strings (and comments), then separators
+    (an upper bound: a separator the parser would refuse counts too)."""
+    separators = _TOML_SEPARATORS if toml else _JSON_SEPARATORS
+    if sum(map(text.count, separators)) < limits.values:
+        return  # the common case: without taking strings out, already few enough
+    bare = text.replace("\\\\", "").replace('\\"', "")
+    bare = (_TOML_SKIPPED if toml else _JSON_STRING).sub("", bare)
+    count = sum(map(bare.count, separators)) + 1
+    if count > limits.values:
+        hint = "" if line is not None else (": list many items in an input file (input = \"items.jsonl\"), "
+                                            "which is read as a stream")
+        raise ManifestError(path, f"about {count:,} values, more than {limits.values:,} ([limits] values){hint}",
+                            line=line)
 
 
 class _DuplicateKey(Exception):
@@ -619,6 +653,10 @@ def _capped(text: str, chars: int) -> str:
     if len(text) <= chars:
         return text
     return f"{text[:chars]}… ({len(text):,} characters in all)"
+
+
+#: ``text`` cut at ``chars`` characters, its full length said: how a rejection's parts are bounded.
+cut_text = _capped
 
 
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
@@ -1014,7 +1052,31 @@ def _target_field(name: str, renames: Mapping[str, str]) -> str | None:
 
 def _csv_reader(path: Path, file: TextIO, delimiter: str, limits: ManifestLimits):
     csv.field_size_limit(limits.line_chars)  # the csv module's own limit (process-wide) is 131,072
-    return csv.reader(_bounded_lines(path, file, limits.line_chars), delimiter=delimiter)
+    lines = _bounded_lines(path, file, limits.line_chars)
+    return csv.reader(_bounded_rows(path, lines, delimiter, limits.list_items), delimiter=delimiter)
+
+
+_QUOTED = re.compile(r'"[^"]*(?:"|$)')
+
+
+def _bounded_rows(path: Path, lines: Iterable[str], delimiter: str, limit: int) -> Iterator[str]:
+    """``lines``, refusing a CSV row (the header included) of more than ``limit`` values before the csv
+    module makes a string of each: a line of ``a,a,a,…`` is millions of them. The delimiters outside
+    quotes are counted, a quoted field going on over several lines followed (``""`` inside one is two
+    quotes, and keeps the count right)."""
+    values, inside, row = 1, False, 1
+    for number, line in enumerate(lines, start=1):
+        if '"' not in line:
+            values += 0 if inside else line.count(delimiter)
+        else:
+            values += _QUOTED.sub("", '"' + line if inside else line).count(delimiter)
+            inside = (line.count('"') % 2 == 1) != inside
+        if values > limit:
+            what = "columns" if row == 1 else "values in one row"
+            raise ManifestError(path, f"{values:,} {what}, more than {limit:,} ([limits] list_items)", line=number)
+        yield line
+        if not inside and line.endswith("\n"):
+            values, row = 1, row + 1
 
 
 def _csv_header(path: Path, delimiter: str, limits: ManifestLimits) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from common import CONFIG, Batchd, Workspace, _status_field, header, parser, report, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hostile import Generator, audit_environment, check_outcome  # noqa: E402
+from hostile import MESSAGE_CAP, Generator, audit_environment, check_outcome  # noqa: E402
 
 FUZZ_CONFIG = CONFIG.replace("settle_seconds = 0", "settle_seconds = 0.2\nincomplete_grace_seconds = 1")
 
@@ -78,7 +78,9 @@ def main() -> None:
         ("succeeded", outcome.succeeded),
         ("well-formed but not succeeded", len(outcome.valid_not_succeeded)),
         ("reads of the bait folder", len(outcome.bait_reads)),
-        ("longest rejection (chars of summary.json's error)", outcome.longest_message),
+        ("largest rejection message (chars) / the cap ([limits] error_chars + its length said)",
+         f"{outcome.longest_rejection} / {MESSAGE_CAP}"),
+        ("largest rejection error (chars of summary.json's error, message and reason)", outcome.longest_message),
         ("peak RSS of batchd (MB)", round(main_rss, 1)),
         ("RSS after the first wave -> after the last (MB)", f"{rows[0][0]:.1f} -> {rows[-1][0]:.1f}" if rows else "-"),
         ("RSS growth per 1,000 entries after the first wave (MB)", f"{rows[-1][1]:.2f}" if rows else "-"),
@@ -92,7 +94,8 @@ def main() -> None:
         print(f"  bait read: {path}")
     if log_tail:
         print(log_tail)
-    if crashed or outcome.lost or outcome.bait_reads or outcome.valid_not_succeeded or exit_code != 0:
+    if (crashed or outcome.lost or outcome.bait_reads or outcome.valid_not_succeeded or exit_code != 0
+            or outcome.longest_rejection > MESSAGE_CAP):
         sys.exit(1)
 
 

@@ -24,12 +24,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchd.daemon.intake import readable_name
 from batchd.inbox import is_temp_name
 from batchd.manifest import MANIFEST_SUFFIXES
 
-#: A rejection message longer than this fails the check (the manifest error is capped at 2,000
-#: characters; file name and field are added around it, each capped too).
+#: A rejection's whole error (message, reason, field, file) longer than this fails the check: message and
+#: reason are each cut at ``[limits] error_chars``.
 MESSAGE_BOUND = 6000
+#: ``[limits] error_chars`` (the default): a rejection's message is cut there, then "… (N characters in all)".
+ERROR_CHARS = 2000
+MESSAGE_CAP = ERROR_CHARS + 40
 
 #: What the well-formed entries ask for; the emulator answers them.
 VALID_TASKS = ('task = "sentiment"\ntexts = ["Fine {n}.", "Bad {n}."]\n',
@@ -69,7 +73,7 @@ class Generator:
         self.count = 0
         self._kinds = [(self._valid, 8), (self._mutated, 22), (self._grammar, 22), (self._random_bytes, 8),
                        (self._deep, 4), (self._big_number, 3), (self._special, 10), (self._input, 15),
-                       (self._odd_name, 7), (self._ignored, 1)]
+                       (self._odd_name, 7), (self._ignored, 1), (self._amplified, 1)]
         self._weights = [weight for _, weight in self._kinds]
 
     def entry(self) -> Entry:
@@ -161,6 +165,14 @@ class Generator:
         data = ('task = "sentiment"\ntexts = ' + "[" * depth + "]" * depth + "\n").encode()
         return self._manifest(stem, "deep", data, ".toml")
 
+    def _amplified(self, stem: str) -> Entry:
+        """Small on disk, large once parsed: 210,000 empty tables (over [limits] values) in 630 KB."""
+        if self.rng.random() < 0.5:
+            data = '{"task": "sentiment", "texts": [' + ",".join(["{}"] * 210_000) + "]}"
+            return self._manifest(stem, "amplified", data.encode(), ".json")
+        data = 'task = "sentiment"\ntexts = [' + ",".join(["{}"] * 210_000) + "]\n"
+        return self._manifest(stem, "amplified", data.encode(), ".toml")
+
     def _big_number(self, stem: str) -> Entry:
         digits = "9" * self.rng.choice([20, 4301, 100_000])
         return self._manifest(stem, "big-number", f'task = "translate"\nmax_output_tokens = {digits}\n'
@@ -196,7 +208,7 @@ class Generator:
     def _input(self, stem: str) -> Entry:
         inbox = self.inbox
         what = self.rng.choice(["parent", "absolute", "symlink", "hard-link", "deep-jsonl", "wide-csv", "missing",
-                                "nul", "long-name", "home", "bad-rows", "good-csv"])
+                                "nul", "long-name", "home", "bad-rows", "good-csv", "wide-row", "values-line"])
         reference = f"{stem}.csv"
         if what == "parent":
             reference = "../bait/secret.csv"
@@ -211,6 +223,11 @@ class Generator:
             (inbox / reference).write_text('{"id": "1", "text": "ok"}\n' + "[" * 50_000 + "]" * 50_000 + "\n")
         elif what == "wide-csv":
             (inbox / reference).write_text(",".join(f"c{n}" for n in range(50_000)) + "\n" + "x\n")
+        elif what == "wide-row":
+            (inbox / reference).write_text("id,text\n1,ok\n2," + "ab," * 20_000 + "\n")
+        elif what == "values-line":
+            reference = f"{stem}.jsonl"
+            (inbox / reference).write_text('{"id": "1", "text": "ok", "x": [' + ",".join(["{}"] * 210_000) + "]}\n")
         elif what == "missing":
             reference = f"{stem}-absent.csv"
         elif what == "nul":
@@ -230,6 +247,7 @@ class Generator:
         body = VALID_TASKS[0].format(n=stem).encode()
         name = self.rng.choice([
             stem.encode() + b"-\xff\xfe.toml",                    # not UTF-8
+            stem.encode() + b"-" + b"\xff" * 240 + b".toml",      # not UTF-8, 1,000 characters as \xNN
             stem.encode() + b"-" + b"n" * 230 + b".toml",          # at the 255-byte limit
             stem.encode() + b"-new\nline.toml",
             stem.encode() + b".TOML",
@@ -294,7 +312,8 @@ class Outcome:
     succeeded: int
     lost: list[str]
     valid_not_succeeded: list[str]
-    longest_message: int
+    longest_message: int  # characters of a rejection's whole error, as json
+    longest_rejection: int  # characters of a rejection's message, cut at ERROR_CHARS
     bait_reads: list[str]
     kinds: Counter
 
@@ -307,10 +326,10 @@ def check_outcome(entries: list[Entry], outbox: Path, audit_folder: Path) -> Out
         if folder.is_dir() and summary_path.exists():
             summary = json.loads(summary_path.read_text())
             summaries.setdefault(summary.get("manifest"), []).append(summary)
-    lost, not_succeeded, longest = [], [], 0
+    lost, not_succeeded, longest, longest_rejection = [], [], 0, 0
     accounted = [entry for entry in entries if entry.accounted]
     for entry in accounted:
-        name = entry.name.decode("utf-8", "backslashreplace")  # as summary.json spells a name that is not UTF-8
+        name = readable_name(os.fsdecode(entry.name))  # as summary.json spells a name that is not UTF-8
         found = summaries.get(name)
         if not found:
             lost.append(name)
@@ -322,9 +341,11 @@ def check_outcome(entries: list[Entry], outbox: Path, audit_folder: Path) -> Out
     for summary in all_summaries:
         error = summary.get("error") or {}
         longest = max(longest, len(json.dumps(error, ensure_ascii=False)))
+        if summary["state"] == "rejected":
+            longest_rejection = max(longest_rejection, len(error.get("message") or ""))
     return Outcome(
         accounted=len(accounted), delivered=len(all_summaries),
         rejected=sum(summary["state"] == "rejected" for summary in all_summaries),
         succeeded=sum(summary["state"] == "succeeded" for summary in all_summaries),
-        lost=lost, valid_not_succeeded=not_succeeded, longest_message=longest,
+        lost=lost, valid_not_succeeded=not_succeeded, longest_message=longest, longest_rejection=longest_rejection,
         bait_reads=bait_reads(audit_folder), kinds=Counter(entry.kind for entry in entries))

@@ -190,3 +190,21 @@ def test_shipped_config_loads(tmp_path):
     assert load_settings().provider == settings.provider, "one default: the built-in one is the shipped config's"
     assert settings.inbox == REPO_CONFIG.parent / "inbox"
     assert settings.state_dir == REPO_CONFIG.parent / "state"
+
+
+def test_the_daemon_takes_a_comma_list_from_the_environment_and_refuses_a_broken_one_in_one_line(workspace):
+    """BATCHD_DISABLED_PLUGINS=variations printed a 60-line pydantic traceback and exited 1 (a restart
+    loop under systemd): a comma list is a list; broken JSON is one line naming the setting, exit 78."""
+    workspace.drop("sentiment.toml", 'task = "sentiment"\ntexts = ["Fine."]\n')
+    workspace.drop("variations.toml", 'task = "variations"\nprompt = "a name"\n')
+
+    broken = workspace.batchd("run", "--once", BATCHD_DISABLED_PLUGINS='["variations"')
+    assert broken.returncode == 78, broken.stderr  # EX_CONFIG: the service manager does not restart it
+    assert "disabled_plugins" in broken.stderr and "Traceback" not in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+
+    ran = workspace.batchd("run", "--once", BATCHD_DISABLED_PLUGINS="variations, cost")
+    assert ran.returncode == 1, ran.stderr[-3000:]  # the variations manifest names a task no plugin gives
+    delivered = workspace.delivered()
+    assert delivered["sentiment"]["state"] == "succeeded"
+    assert delivered["variations"]["state"] == "rejected" and "unknown task" in delivered["variations"]["error"]["message"]

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from batchd.testing import Workspace
-from hostile import Generator, audit_environment, check_outcome
+from hostile import MESSAGE_BOUND, MESSAGE_CAP, Generator, audit_environment, check_outcome
 
 ENTRIES = int(os.environ.get("BATCHD_FUZZ_ENTRIES", "250"))
 
@@ -30,7 +30,8 @@ def test_hostile_entries_are_each_taken_or_rejected_and_the_rest_still_succeed(w
     assert outcome.lost == [], outcome.lost[:20]
     assert outcome.valid_not_succeeded == [], outcome.valid_not_succeeded[:5]
     assert outcome.bait_reads == [], outcome.bait_reads[:5]
-    assert outcome.longest_message < 6000
+    assert outcome.longest_message < MESSAGE_BOUND
+    assert outcome.longest_rejection <= MESSAGE_CAP, "every rejection's message is cut at [limits] error_chars"
     assert outcome.rejected > ENTRIES // 3 and outcome.succeeded >= sum(entry.valid for entry in entries)
 
 

@@ -142,6 +142,10 @@ def test_a_list_too_long_to_list_inline_is_rejected_before_it_is_validated(inbox
     ({"list_items": 3}, "long.toml", 'task = "sentiment"\ntexts = ["a", "b", "c", "d"]\n', "4 entries, more than 3"),
     ({"integer_digits": 5}, "number.toml", 'task = "sentiment"\ntexts = ["a"]\nmax_output_tokens = 123456\n',
      "more than 5 digits"),
+    ({"values": 100}, "values.json", '{"task": "sentiment", "texts": ["a"], "x": [' + ",".join(["{}"] * 120) + "]}",
+     "about 248 values, more than 100 ([limits] values)"),
+    ({"values": 100}, "values.toml", 'task = "sentiment"\ntexts = ["a"]\nx = [' + ",".join(["{}"] * 120) + "]\n",
+     "values, more than 100 ([limits] values)"),
 ])
 def test_every_limit_is_a_setting(inbox: Path, limits: dict, name: str, text: str, message: str):
     path = _write(inbox, name, text.encode())
@@ -159,13 +163,31 @@ def test_every_limit_is_a_setting(inbox: Path, limits: dict, name: str, text: st
     (".csv", "id,text\n1,short\n2," + "x" * 3000 + "\n", "line 3: a line longer than 2,048 characters"),
     (".csv", 'id,text\n1,short\n2,"' + ("x" * 1000 + "\n") * 3 + '"\n', "field larger than field limit (2048)"),
     (".csv", ",".join(f"c{n}" for n in range(300)) + ",text\n", "301 columns, more than 200"),
+    (".csv", "id,text\n1,short\n2," + "," * 300 + "\n", "line 3: 302 values in one row, more than 200"),
+    (".csv", 'id,text\n1,"a quoted\nfield, ' + "," * 150 + '\n"' + "," * 250 + "\n", "line 4: 252 values in one row"),
+    (".jsonl", '{"text": "short"}\n{"text": "x", "y": [' + ",".join(["{}"] * 300) + "]}\n",
+     "line 2: about 605 values, more than 200 ([limits] values)"),
 ])
 def test_input_lines_are_bounded_before_they_are_read_whole(inbox: Path, suffix: str, body: str, message: str):
     (inbox / f"lines{suffix}").write_text(body)
     path = _write(inbox, "lines.toml", f'task = "sentiment"\ninput = "lines{suffix}"\n'.encode())
-    limits = ManifestLimits(line_chars=2048, list_items=200)
+    limits = ManifestLimits(line_chars=2048, list_items=200, values=200)
     with pytest.raises(ManifestError, match=re.escape(message)):
         load_manifest(path, root=inbox, tasks=TASKS, limits=limits)
+
+
+def test_commas_inside_strings_and_quoted_fields_are_no_values(inbox: Path):
+    """The counts made before parsing take quoted text out: a long text full of commas is one value."""
+    limits = ManifestLimits(values=100, list_items=100)
+    prose = "one, two, three, \\\"four\\\", " * 200
+    for name, text in (("prose.json", '{"task": "sentiment", "texts": ["' + prose + '"]}'),
+                       ("prose.toml", 'task = "sentiment"\ntexts = ["' + prose + '", \'a, b\', """c, d"""]  # x, y\n')):
+        manifest = load_manifest(_write(inbox, name, text.encode()), root=inbox, tasks=TASKS, limits=limits)
+        assert len(list(manifest.requests())) == (1 if name.endswith(".json") else 3)
+    (inbox / "prose.csv").write_text('id,text\n1,"' + "a, b, \"\"c\"\",\n" * 300 + '"\n2,plain\n')
+    manifest = load_manifest(_write(inbox, "rows.toml", b'task = "sentiment"\ninput = "prose.csv"\n'),
+                             root=inbox, tasks=TASKS, limits=limits)
+    assert [request.key for request in manifest.requests()] == ["1", "2"]
 
 
 def test_a_long_error_is_capped_with_its_length_said(inbox: Path):

@@ -4,6 +4,9 @@ that are no regular file, file names that are no text, empty files, stale produc
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +111,31 @@ def test_a_non_utf8_name_claimed_just_before_a_crash_is_finished_by_recovery(wor
     assert workspace.delivered()["na\\xefve"]["error"]["code"] == "file_name_not_utf8"
 
 
+def test_a_long_name_that_is_not_utf8_is_claimed_under_a_shortened_name_and_recovered(workspace: Workspace):
+    """250 bytes that are not UTF-8 read as 1,000 characters (``\\xNN`` each): too long for the job's spool
+    file or outbox folder, so its claim failed, and again in recovery at every start with its row left
+    'claiming'. The readable name is cut to 255 bytes with a digest of the whole; killed right after the
+    claim, the restart finishes it and the other manifest still runs."""
+    raw_name = os.path.join(os.fsencode(workspace.inbox), b"\xff" * 250 + b".toml")
+    with open(raw_name, "wb") as manifest:
+        manifest.write(TRANSLATE.encode())
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-claim")
+    assert crashed.wait(120) == -9, crashed.output()[-3000:]
+    workspace.drop("good.toml", TRANSLATE)
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 1, result.stderr[-3000:]  # the long name is rejected, and nothing crashed
+    assert "Traceback" not in result.stderr + crashed.output()
+    delivered = workspace.delivered()
+    assert delivered.pop("good")["state"] == "succeeded"
+    [(folder, rejected)] = delivered.items()
+    assert folder.startswith("\\xff\\xff") and "…-" in folder and len(folder.encode()) <= 250
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "file_name_not_utf8"
+    assert (workspace.outbox / folder / rejected["manifest"]).read_text() == TRANSLATE, "the bytes are kept"
+    assert os.listdir(workspace.inbox) == []
+
+
 def test_an_empty_manifest_is_rejected_as_empty(workspace: Workspace):
     (workspace.inbox / "empty.toml").write_bytes(b"")
     (workspace.inbox / "blank.json").write_text("\n  \n")
@@ -160,22 +188,44 @@ HOSTILE = {
     "long.toml": ('task = "sentiment"\ninput = "' + "a" * 300 + '.csv"\n', "cannot be looked up"),
     "tilde.toml": ('task = "sentiment"\ninput = "~nosuchuser/x.csv"\n', "not found"),
     "surrogate.json": ('{"task": "sentiment", "items": [{"id": "\\ud800", "text": "x"}]}', "items[0].id"),
+    "surrogate-text.json": ('{"task": "sentiment", "texts": ["fine", "\\ud800"]}', "texts[1]: text that is not valid"),
+    "surrogate-line.toml": ('task = "sentiment"\ninput = "surrogate.jsonl"\n', "line 2: text: text that is not valid"),
     "twice.json": ('{"task": "sentiment", "task": "translate", "texts": ["a"]}', "given twice"),
-    "nan.toml": ('task = "sentiment"\ntexts = ["a"]\ntemperature = nan\n', "finite number"),
+    "nan.toml": ('task = "sentiment"\ntexts = ["a"]\ntemperature = nan\n', "temperature: nan is not a number"),
+    "nan.json": ('{"task": "sentiment", "texts": ["a"], "temperature": NaN}', "temperature: nan is not a number"),
     "deepline.toml": ('task = "sentiment"\ninput = "deep.jsonl"\n', "line 1"),
-    "huge-task.toml": ('task = "' + "x" * 100_000 + '"\ntexts = ["a"]\n', "characters in all"),
+    # Amplification: what is small on disk but large in memory or in the error is refused before it is built.
+    "huge-task.toml": ('task = "' + "x" * 4_000_000 + '"\ntexts = ["a"]\n', "characters in all"),
+    "oversize.toml": ('task = "sentiment"\ntexts = ["' + "a" * 10_000_000 + '"]\n', "larger than 4,194,304 bytes"),
+    "inline.json": ('{"task": "sentiment", "texts": [' + ",".join(["{}"] * 1_300_000) + "]}", "[limits] values"),
+    "wide.toml": ('task = "sentiment"\ninput = "wide.csv"\n', "1,000,000 columns, more than 10,000"),
+    "wide-row.toml": ('task = "sentiment"\ninput = "wide-row.csv"\n', "line 2: 5,000,002 values in one row"),
+    "wide-line.toml": ('task = "sentiment"\ninput = "wide-line.jsonl"\n', "line 1: about 10,000,007 values"),
+}
+#: Input files of the manifests above.
+HOSTILE_INPUTS = {
+    "deep.jsonl": '{"id": "1", "text": ' + "[" * 10_000 + "]" * 10_000 + "}\n",
+    "surrogate.jsonl": '{"id": "1", "text": "fine"}\n{"id": "2", "text": "\\udfff"}\n',
+    "wide.csv": ",".join(f"c{n}" for n in range(1_000_000)) + "\n1,a\n",
+    "wide-row.csv": "id,text\n1," + "ab," * 5_000_000 + "\n",
+    "wide-line.jsonl": '{"id": "1", "text": "a", "x": [' + ",".join(["{}"] * 5_000_000) + "]}\n",
 }
 
 
 def test_manifests_that_once_crashed_intake_are_rejected_naming_why_and_the_others_still_run(workspace: Workspace):
-    (workspace.inbox / "deep.jsonl").write_text('{"id": "1", "text": ' + "[" * 10_000 + "]" * 10_000 + "}\n")
+    """Each once raised out of intake (a crash loop under Restart=on-failure) or was amplified: a 4 MB
+    task made a summary.json and a journal row twice its size, a CSV header of a million columns a 21.8 MB
+    error, a few MB of inline items or of one input line hundreds of MB of memory. Each is rejected naming
+    file, field and line, its error capped, and batchd's memory stays that of an idle daemon."""
+    for name, text in HOSTILE_INPUTS.items():
+        (workspace.inbox / name).write_text(text)
     for name, (text, _) in HOSTILE.items():
         workspace.drop(name, text)
     workspace.drop("good.toml", TRANSLATE)
 
-    result = workspace.batchd("run", "--once", timeout=120)
+    result, peak_mb = run_measured(workspace, "run", "--once")
 
-    assert result.returncode == 1, result.stderr  # rejected jobs, and no crash
+    assert result.returncode == 1, result.stderr[-3000:]  # rejected jobs, and no crash
     assert "Traceback" not in result.stderr
     delivered = workspace.delivered()
     assert delivered["good"]["state"] == "succeeded"
@@ -183,8 +233,29 @@ def test_manifests_that_once_crashed_intake_are_rejected_naming_why_and_the_othe
         summary = delivered[Path(name).stem]
         assert summary["state"] == "rejected", name
         assert reason in summary["error"]["message"], (name, summary["error"])
-        assert len(summary["error"]["message"]) < 2_500, name  # capped, however large the input
+        assert len(summary["error"]["message"]) <= 2_000 + 40, name  # [limits] error_chars, the length said
+        assert (workspace.outbox / Path(name).stem / "summary.json").stat().st_size < 8_000, name
     assert sorted(p.name for p in workspace.inbox.iterdir() if p.suffix in (".toml", ".json")) == []
+    assert peak_mb < 300, f"batchd (or its emulator) took {peak_mb:.0f} MB"
+    journal = sqlite3.connect(workspace.state / "journal.db")
+    try:
+        largest_row = journal.execute("SELECT max(length(error)) FROM jobs").fetchone()[0]
+    finally:
+        journal.close()
+    assert largest_row < 8_000
+
+
+def run_measured(workspace: Workspace, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``batchd ARGS`` run to completion, and the peak resident memory in MB of the largest process it
+    ran (batchd, or its embedded emulator): measured by a parent of their own, which waits for nothing else."""
+    measure = ("import resource, subprocess, sys\n"
+               "code = subprocess.run(sys.argv[1:]).returncode\n"
+               "print(f'peak-rss-kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr)\n"
+               "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", measure, workspace.python, "-m", "batchd", *args],
+                            cwd=workspace.root, env=workspace.env(), capture_output=True, text=True, timeout=240)
+    peak_kb = int(result.stderr.rsplit("peak-rss-kb=", 1)[1].split()[0])
+    return result, peak_kb / 1024
 
 
 FAULTY_READER = '''
@@ -281,6 +352,43 @@ def test_a_manifest_swapped_for_a_symlink_after_it_was_read_is_not_run(workspace
     assert remote_jobs(workspace) == []
 
 
+def test_a_manifest_swapped_for_a_symlink_between_the_scan_and_the_open_is_never_read(workspace: Workspace,
+                                                                                     tmp_path, monkeypatch):
+    """The scan saw a regular file; before intake opens it, the name points at a manifest elsewhere that
+    names an input file beside it (such a manifest, read through the link, was run and its input sent;
+    one with ``input =`` crashed the daemon). The open refuses the symlink: neither file is read."""
+    from batchd.daemon import intake
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.toml").write_text('task = "sentiment"\ninput = "rows.csv"\n')
+    (elsewhere / "rows.csv").write_text("id,text\n1,a secret row\n")
+    workspace.configure(settle_seconds=0)
+    workspace.drop("swapped.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,an ordinary row\n")
+    workspace.drop("good.toml", TRANSLATE)
+    read_entry, opened = intake.read_entry, []
+
+    def swap_then_read(path, limit):
+        if path.name == "swapped.toml":
+            os.replace(_symlink_beside(path, elsewhere / "secret.toml"), path)
+        opened.append(path.name)
+        return read_entry(path, limit)
+
+    monkeypatch.setattr(intake, "read_entry", swap_then_read)
+    run_once_in_process(workspace)
+
+    assert "swapped.toml" in opened
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["swapped"]
+    assert rejected["state"] == "rejected" and rejected["error"]["kind"] == "symlink", rejected
+    assert os.path.islink(workspace.outbox / "swapped" / "swapped.toml"), "the symlink is kept, not followed"
+    assert len(remote_jobs(workspace)) == 1, "only the good manifest reached the service"
+    assert (elsewhere / "rows.csv").read_text() == "id,text\n1,a secret row\n"
+    assert (workspace.inbox / "rows.csv").exists(), "the input of the manifest never run stays"
+
+
 def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(workspace: Workspace, tmp_path,
                                                                                monkeypatch):
     """The manifest and its input (in a folder of the inbox) are checked; then the folder is swapped for a
@@ -311,6 +419,42 @@ def test_an_input_folder_swapped_for_a_symlink_after_the_check_is_not_followed(w
     assert rejected["state"] == "rejected" and rejected["error"]["code"] == "unsafe_input", rejected
     assert "reached through 'data'" in rejected["error"]["message"]
     assert remote_jobs(workspace) == []
+
+
+@pytest.mark.parametrize("change", ["removed", "folder", "fifo"])
+def test_an_input_removed_or_replaced_after_the_check_rejects_its_job_not_the_daemon(workspace: Workspace,
+                                                                                    monkeypatch, change: str):
+    """The manifest is checked with its input there; then the input is removed, or replaced by a folder or
+    a FIFO, before the claim takes it (a producer cleaning up, or someone racing it). The job is rejected
+    saying so, and the daemon goes on with the others."""
+    from batchd.daemon import intake
+
+    workspace.configure(settle_seconds=0)
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,Fine.\n")
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+    workspace.drop("good.toml", TRANSLATE)
+    load_manifest = intake.load_manifest
+
+    def load_then_change(path, *args, **kwargs):
+        manifest = load_manifest(path, *args, **kwargs)
+        if path.name == "reads.toml":
+            (workspace.inbox / "rows.csv").unlink()
+            if change == "folder":
+                (workspace.inbox / "rows.csv").mkdir()
+            elif change == "fifo":
+                os.mkfifo(workspace.inbox / "rows.csv")
+        return manifest
+
+    monkeypatch.setattr(intake, "load_manifest", load_then_change)
+    run_once_in_process(workspace)
+
+    delivered = workspace.delivered()
+    assert delivered["good"]["state"] == "succeeded"
+    rejected = delivered["reads"]
+    assert rejected["state"] == "rejected", rejected
+    expected = {"removed": "No such file or directory", "folder": "directory", "fifo": "fifo"}[change]
+    assert "rows.csv" in rejected["error"]["message"] and expected in rejected["error"]["message"], rejected
+    assert len(remote_jobs(workspace)) == 1, "only the good manifest reached the service"
 
 
 def run_once_in_process(workspace: Workspace) -> None:
@@ -377,6 +521,30 @@ def test_upper_case_suffixes_are_manifests_to_run_once_and_to_reject_alike(works
     assert delivered["UP"]["state"] == "succeeded"
     assert delivered["FOLDER"]["state"] == "rejected" and delivered["FOLDER"]["error"]["kind"] == "directory"
     assert os.listdir(workspace.inbox) == []
+
+
+def test_folders_and_fifos_named_like_manifests_being_written_are_never_read_as_one(workspace: Workspace,
+                                                                                    tmp_path):
+    """Whether an input file goes with its job depends on what the other manifests waiting in the inbox
+    name, those still being written (``x.toml.part``) too: their first bytes are read. A folder of such
+    a name, which intake otherwise leaves alone, made that read raise (IsADirectoryError, found by
+    bench/fuzz.py) and stopped the daemon at every claim of a manifest with an input; a FIFO must not
+    block it, and a hard link's bytes, which may be anyone's, are not read either."""
+    outside = tmp_path / "not-theirs.toml"
+    outside.write_text('task = "sentiment"\ninput = "rows.csv"\n')
+    (workspace.inbox / "folder.toml.d").mkdir()
+    os.mkfifo(workspace.inbox / "pipe.json.part")
+    os.link(outside, workspace.inbox / "linked.toml.old")
+    (workspace.inbox / "rows.csv").write_text("id,text\n1,Fine.\n")
+    workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
+
+    result = workspace.batchd("run", "--once", timeout=120)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert workspace.delivered()["reads"]["state"] == "succeeded"
+    assert (workspace.outbox / "reads" / "rows.csv").exists(), "no other manifest named it: it went with its job"
+    assert sorted(os.listdir(workspace.inbox)) == ["folder.toml.d", "linked.toml.old", "pipe.json.part"]
 
 
 def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspace):

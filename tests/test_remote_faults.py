@@ -121,6 +121,43 @@ def test_a_refused_api_key_pauses_submission_and_the_job_goes_once_the_key_is_fi
         assert len(created) == len(summary["remote_batches"]) == 1, "nothing was created twice"
 
 
+@pytest.mark.slow  # about 4 s alone, 8 s on a loaded machine: three daemons and batchd status
+def test_a_key_refused_while_a_create_is_unconfirmed_is_waited_out_not_a_crash_loop(workspace: Workspace,
+                                                                                   tmp_path: Path):
+    """Killed right after a create, batchd must ask the service whether the batch exists before it creates
+    it again. Restarted with a revoked key, that question raised out of start-up on every restart; now it
+    is one line, the daemon stays up with submissions paused, and with the key fixed the job is delivered
+    from the batch already created, never a second one."""
+    workspace.configure(settle_seconds=0, poll_interval=0.2, poll_max_interval=1.0)
+    runner = DaemonRunner(workspace)
+    with Emulator(tmp_path / "google") as google:
+        workspace.drop("translate.toml", TRANSLATE)
+        crashed = runner.start(emulator=google, BATCHD_CRASH_AT="after-create")
+        assert crashed.wait(120) == -9, crashed.output()[-3000:]
+
+        revoked = workspace.start("run", BATCHD_PROVIDER="gemini", GEMINI_API_KEY="a-revoked-key",
+                                  GOOGLE_GEMINI_BASE_URL=google.base_url)
+        status = workspace.wait_for(lambda: "submissions paused" in (result := workspace.batchd("status")).stderr
+                                    and result, timeout=60, what="the pause shown by batchd status")
+        assert "the service refuses the API key (API key not valid" in status.stderr, status.stderr
+        time.sleep(1.5)  # a few polls, each reconciling again
+        assert revoked.poll() is None, f"the daemon gave up:\n{revoked.output()[-3000:]}"
+        assert revoked.stop() == 0
+        output = revoked.output()
+        assert "Traceback" not in output, output[-3000:]
+        refused = [line for line in output.splitlines() if "refuses the API key" in line and "level=debug" not in line]
+        assert len(refused) == 1, "one line, not one per poll:\n" + "\n".join(refused)
+        assert "reconciling unconfirmed creates" in refused[0] and "fix GEMINI_API_KEY" in refused[0]
+        assert workspace.delivered() == {}, "the job waits for the key"
+
+        right = runner.start(emulator=google)
+        folder = workspace.wait_for_delivery("translate")
+        assert right.stop() == 0
+        created = list(google.client().batches.list(config={"page_size": 50}))
+    assert folder.state == "succeeded"
+    assert len(created) == len(folder.summary["remote_batches"]) == 1, "nothing was created twice"
+
+
 def test_a_key_refused_while_results_are_downloaded_is_waited_out_not_a_failed_job(workspace: Workspace):
     """The key is revoked (403) after the batch ran: its results are fetched again later, and the job is
     delivered succeeded once the service takes the key again, never failed for it."""
@@ -131,7 +168,8 @@ def test_a_key_refused_while_results_are_downloaded_is_waited_out_not_a_failed_j
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert workspace.delivered()["translate"]["state"] == "succeeded"
-    assert "fetching chunk 0 failed" in result.stderr and "retrying later" in result.stderr
+    assert "fetching the results of job" in result.stderr and "the service refuses the API key" in result.stderr
+    assert "the service accepts the API key again" in result.stderr
 
 
 

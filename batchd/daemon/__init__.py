@@ -179,7 +179,10 @@ class Daemon:
             # The service is down, throttling or refusing the key: the unconfirmed creates stay
             # 'submitting' and every poll reconciles them again, instead of the daemon exiting into
             # a restart loop.
-            log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
+            if is_auth_error(error):
+                self.ctx.key.refused(error, "reconciling unconfirmed creates (retried with every poll)")
+            else:
+                log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
 
     def _start_web(self) -> None:
         from batchd.web import DaemonView, WebServer

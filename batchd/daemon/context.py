@@ -27,7 +27,7 @@ from batchd.config import Settings
 from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
-from batchd.manifest import ManifestError
+from batchd.manifest import ManifestError, cut_text
 from batchd.plugin_calls import PluginClock
 from batchd.provider import Provider
 from batchd.spool import JobSpool
@@ -106,6 +106,34 @@ class QuotaWait:
         return [{"text": f"waiting: quota ({self._reasons[what]})", "until": round(wall + until - now)}
                 for what, until in sorted(self._until.items()) if until > now]
 
+
+
+class KeyRefusal:
+    """Whether the service refuses the API key (revoked or mistyped), as the last call that asked found:
+    the operator's to fix, never a job's fault. Said once when it starts and once when it ends (not at
+    every poll), shown by ``batchd status`` meanwhile; submissions pause while it lasts."""
+
+    FIX = "fix GEMINI_API_KEY / GOOGLE_API_KEY and restart batchd; jobs wait in the journal meanwhile"
+
+    def __init__(self) -> None:
+        #: "the service refuses the API key (…)" while it does, else None.
+        self.reason: str | None = None
+
+    def refused(self, error: Exception, doing: str, *, logged: bool = False) -> None:
+        """A call (``doing``: "polling", "reconciling unconfirmed creates", …) was refused for the key;
+        ``logged``: the caller said so in a line of its own."""
+        first = self.reason is None
+        self.reason = f"the service refuses the API key ({error_dict(error)['message']})"
+        if first and not logged:
+            log.error("%s: %s; submissions paused (%s)", doing, self.reason, self.FIX)
+        elif not first:
+            log.debug("%s: %s", doing, self.reason)
+
+    def accepted(self) -> None:
+        """A call the key was needed for went through."""
+        if self.reason is not None:
+            log.info("the service accepts the API key again: submissions go on")
+            self.reason = None
 
 
 class Stopping(Exception):
@@ -249,6 +277,8 @@ class Context:
         self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)
         #: Calls the service refused for quota (429) wait here: creates and polls apart.
         self.quota = QuotaWait(settings.poll_interval)
+        #: A key the service refuses pauses submissions (see KeyRefusal).
+        self.key = KeyRefusal()
         #: A storage failure a worker hit; the loop ends the process with it.
         self.storage_failure: fs.StorageFailure | None = None
         #: Called (from any thread) with a job id whose next step can be taken: set by the scheduler.
@@ -324,11 +354,20 @@ def error_dict(error: Exception) -> dict:
 
 
 def manifest_error(error: ManifestError, max_chars: int) -> dict:
-    """A rejection as summary.json shows it: the file, the field and the line, where known; message and
-    field cut at ``max_chars`` each (``[limits] error_chars``)."""
-    error = error.capped(max_chars)
-    details = {"message": str(error), "file": error.path.name, "field": error.field, "line": error.line,
-               "column": error.column, "reason": error.message}
+    """A rejection as summary.json shows it: the file, the field and the line, where known; field and
+    reason cut at ``max_chars`` each (``[limits] error_chars``), the full length said. The message (file,
+    line, field and reason together) keeps its file and line whole and cuts field and reason to what is
+    left of ``max_chars`` (at least 160 characters): about ``max_chars`` in all, however large the input."""
+    capped = error.capped(max_chars)
+    message = str(capped)
+    if len(message) > max_chars:
+        where = len(str(ManifestError(error.path, "", line=error.line, column=error.column)))
+        room = max(max_chars - where, 160)
+        field = error.field and cut_text(error.field, room // 2)
+        reason = cut_text(error.message, max(room - len(field or ""), 80))
+        message = str(ManifestError(error.path, reason, field=field, line=error.line, column=error.column))
+    details = {"message": message, "file": capped.path.name, "field": capped.field, "line": capped.line,
+               "column": capped.column, "reason": capped.message}
     return {name: value for name, value in details.items() if value is not None}
 
 

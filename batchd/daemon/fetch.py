@@ -63,7 +63,10 @@ class Fetch:
                     self._disk_full(failure, "results", journal.job(chunk.job_id))
                     continue
                 fs.unwritable_is_fatal("results", failure)
-                if is_retryable(failure) or is_auth_error(failure) or isinstance(failure, OSError):
+                if is_auth_error(failure):
+                    self.ctx.key.refused(failure, f"fetching the results of job {chunk.job_id}'s chunk {chunk.idx}")
+                    continue
+                if is_retryable(failure) or isinstance(failure, OSError):
                     log.warning("job %s: fetching chunk %d failed (%s); retrying later",
                                 chunk.job_id, chunk.idx, failure)
                     continue

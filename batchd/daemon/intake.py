@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass
@@ -249,7 +250,16 @@ class Intake:
             if fs.is_disk_full(failure):
                 shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
             fs.unwritable_is_fatal("claim", failure, failure.filename or spool.root)
-            raise
+            if manifest is None or not (failure.errno in _INPUT_GONE or failure.errno in (errno.EACCES, errno.EPERM)
+                                        and os.access(spool.inputs, os.W_OK)):
+                raise  # the state dir's fault (permissions of its own folder, say): not the job's
+            # Removed, or made a folder or unreadable, since the manifest was checked: the job is rejected
+            # saying so (as it would have been a moment earlier), never the daemon stopped.
+            name = readable_name(Path(failure.filename).name) if isinstance(failure.filename, str) else "?"
+            error = {"code": "input_unreadable", "file": source,
+                     "message": f"{source}: its input file {name} could not be taken: "
+                                f"{failure.strerror or failure}; drop the manifest again with its input"}
+            shutil.rmtree(spool.inputs, ignore_errors=True)
         sha256 = digest.hexdigest() if digest is not None else None
         earlier = ctx.journal.job_with_content(sha256) if sha256 is not None else None
         if error is None and earlier is not None and not (manifest is not None and manifest.common.force):
@@ -423,9 +433,28 @@ def free_space(state_dir: Path) -> str:
     return "free space unknown" if free is None else f"{free:.1f} MB free on {state_dir}'s filesystem"
 
 
+#: Longest file name batchd gives a job (its spool file, its outbox folder): NAME_MAX of common filesystems.
+NAME_BYTES = 255
+
+
 def readable_name(name: str) -> str:
-    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    r"""A file name as valid UTF-8 text: undecodable bytes written as ``\xNN`` (``caf\xe9.toml``).
+
+    Each such byte takes four characters, so a long name of them would be too long to be a file name
+    itself (the job's spool file, its outbox folder): past :data:`NAME_BYTES` it is cut, and a digest
+    of the whole name keeps two long names that begin alike apart (``\xff\xff…-3f2a9c0d1b7e.toml``)."""
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "backslashreplace")
+    if len(text.encode()) <= NAME_BYTES:
+        return text
+    suffix = next((s for s in MANIFEST_SUFFIXES + CONTROL_SUFFIXES if text.lower().endswith(s)), "")
+    tail = f"…-{hashlib.sha256(raw).hexdigest()[:12]}{text[len(text) - len(suffix):]}"
+    head = text[:len(text) - len(suffix)]
+    room = NAME_BYTES - len(tail.encode())
+    while len(head.encode()) > room:
+        head = head[:room - len(head.encode()) or -1]
+    head = re.sub(r"\\(x[0-9a-f]?)?$", "", head)  # not half an escape
+    return head + tail
 
 
 def once_candidates(inbox: Path) -> set[str]:
@@ -457,15 +486,16 @@ def _take_input(source: Path, destination: Path, inbox: Path, *, link: bool = Tr
             os.link(source.name, destination, src_dir_fd=folder, follow_symlinks=False)
             expected_links = 2
         except OSError:  # a copy (or a filesystem without hard links), read through a checked descriptor
-            with open(os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder), "rb") as src:
-                st = os.fstat(src.fileno())
+            fd = os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+            st = os.fstat(fd)  # checked before open() wraps it: that refuses a folder with an error of its own
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise UnsafeEntry(source, entry_kind(st.st_mode),
                                       f"a {entry_kind(st.st_mode)}, not a regular file") from None
-                if st.st_nlink != 1:
-                    raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink} hard links")
-                with open(destination, "xb") as dst:
-                    shutil.copyfileobj(src, dst)
+                raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink} hard links") from None
+            with open(fd, "rb") as src, open(destination, "xb") as dst:
+                shutil.copyfileobj(src, dst)
             expected_links = 1
     finally:
         os.close(folder)
@@ -475,6 +505,9 @@ def _take_input(source: Path, destination: Path, inbox: Path, *, link: bool = Tr
     if st.st_nlink != expected_links:
         raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink - expected_links + 1} hard links")
 
+
+#: Errors of an input file taken at its claim that are the file's (gone, a folder, unreadable), not the state dir's.
+_INPUT_GONE = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG})
 
 _TOO_MANY = {}  # _pending_manifests: more waiting manifests than are read
 
@@ -495,14 +528,20 @@ def _pending_manifests(inbox: Path) -> dict[str, bytes | None]:
         if len(found) >= PENDING_READ_FILES:
             return _TOO_MANY
         try:
-            fd = os.open(inbox / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(inbox / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
-        with open(fd, "rb") as file:
-            st = os.fstat(file.fileno())
-            if stat.S_ISREG(st.st_mode):
-                text = file.read(PENDING_READ_BYTES + 1)
+        try:
+            # Checked on the descriptor before a byte is read: a folder (which open() refuses), a FIFO or
+            # a hard link (whose bytes may be anyone's) names nothing; intake rejects it, or leaves it.
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                text = os.read(fd, PENDING_READ_BYTES + 1)
                 found[name] = text if len(text) <= PENDING_READ_BYTES else None
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     return found
 
 

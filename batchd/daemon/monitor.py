@@ -133,9 +133,14 @@ class Monitor:
                 if left != float("inf"):
                     self.poll_clock.due_at = max(self.poll_clock.due_at, time.monotonic() + left)
                 return
-            # A key revoked while jobs run: they keep running remotely; the poll goes on asking.
-            log.warning("polling failed (%s); retrying later", error)
+            if is_auth_error(error):
+                # A key revoked while jobs run: they keep running remotely; the poll goes on asking,
+                # and says so once, not at every poll.
+                ctx.key.refused(error, "polling")
+            else:
+                log.warning("polling failed (%s); retrying later", error)
         else:
+            ctx.key.accepted()
             if ctx.quota.went_through("poll"):
                 log.info("the service answers polls again: the quota wait is over")
         self.poll_clock.next_after(changed)

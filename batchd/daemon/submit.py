@@ -52,7 +52,6 @@ class Submit:
         self.submissions = ctx.workers("submit", ctx.settings.max_concurrent_submissions)
         #: Paused while the service refuses the API key (``refusal`` says how it answered).
         self.credentials = Backoff(ctx.settings.poll_interval, max(ctx.settings.poll_max_interval, 60.0))
-        self.refusal: str | None = None
         self.turns = Turns()
         self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
@@ -167,9 +166,7 @@ class Submit:
             crashpoint("after-create")
             if chunk.resubmits:
                 crashpoint("after-resubmit-create")
-            if self.refusal is not None:
-                log.info("the service accepts the API key again: submissions go on")
-                self.refusal = None
+            self.ctx.key.accepted()
             self.credentials.succeeded()
             if self.ctx.quota.went_through("create"):
                 log.info("the service takes creates again: the quota wait is over")
@@ -177,6 +174,11 @@ class Submit:
         self.media.due()
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why submissions are paused for the key (see :class:`batchd.daemon.context.KeyRefusal`), or None."""
+        return self.ctx.key.reason
 
     def free(self) -> int:
         """Threads free for uploads and creates: none while the service refuses the API key, or its quota."""
@@ -249,9 +251,9 @@ class Submit:
             # is about to fix would lose them.
             self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.BUILT)
             wait = self.credentials.failed()
-            self.refusal = f"the service refuses the API key ({error_dict(error)['message']})"
+            self.ctx.key.refused(error, f"{stage} of chunk {chunk.idx}", logged=True)
             log.error("job %s: %s of chunk %d: %s; submissions paused, tried again in %.0f s (fix the key and "
-                      "restart, or wait)", chunk.job_id, stage, chunk.idx, self.refusal, wait)
+                      "restart, or wait)", chunk.job_id, stage, chunk.idx, self.ctx.key.reason, wait)
             return
         asked = quota_delay(error)
         if asked is not None:
