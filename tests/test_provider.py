@@ -23,6 +23,7 @@ from batchd.emulator.server import EmulatorServer
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
     STAT_FIELDS,
+    UPLOAD_PART_BYTES,
     Provider,
     ProviderError,
     RemoteJob,
@@ -200,6 +201,27 @@ def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tm
     assert peak < 8 * mebibyte
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".part")] == []
     assert sum(1 for _ in read_results_file(destination)) == len(prompts)
+
+
+def test_an_upload_holds_one_small_part_at_a_time(provider: Provider, tmp_path: Path) -> None:
+    """A request file goes up in parts of UPLOAD_PART_BYTES (the SDK would read 8 MiB at once, held
+    twice while sent); every request arrives whole."""
+    prompts = {f"k{number}": f"{number} " + "word " * 50 for number in range(25000)}
+    input_path = write_requests(tmp_path / "requests.jsonl", RequestEncoder(MODEL), prompts)
+    assert input_path.stat().st_size > 3 * UPLOAD_PART_BYTES
+
+    tracemalloc.start()
+    try:
+        uploaded = provider.upload_jsonl(input_path, "in-parts")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 3 * UPLOAD_PART_BYTES
+    job = wait_until_done(provider, provider.create_from_file(MODEL, uploaded.name, "in-parts").name)
+    destination = tmp_path / "results.jsonl"
+    provider.download(job.responses_file, destination)
+    assert {record["key"] for record in read_results_file(destination)} == set(prompts)
 
 
 def test_cancel(tmp_path: Path) -> None:
