@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from batchd.plugin_calls import run_in_own_thread
+
 if TYPE_CHECKING:
     from batchd.config import Settings
     from batchd.journal import Job
@@ -101,9 +103,7 @@ class EstimateAlongside:
         self._closed = False
         self._queue: queue.Queue[list | None] = queue.Queue(maxsize=16)
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(estimate,), daemon=True,
-                                        name=f"batchd-estimate-{job_id}")
-        self._thread.start()
+        run_in_own_thread(lambda: self._run(estimate), f"batchd-estimate-{job_id}")
 
     def _requests(self) -> Iterator[TaskRequest]:
         while (batch := self._queue.get()) is not self._END:

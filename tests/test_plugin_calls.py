@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from batchd.plugin_calls import InThread, OnDemand, PluginClock, PluginTimeout, Prefetch
+from batchd.plugin_calls import InThread, OnDemand, PluginClock, PluginTimeout, Prefetch, SpareThreads
 from batchd.testing import Workspace
 
 FOREVER = threading.Event()  # never set: what a hung plugin waits on
@@ -103,3 +103,52 @@ def test_in_thread_times_out_a_plugin_holding_a_handed_item(workspace: Workspace
     quick = PluginClock("t", "p", "organize()")
     assert InThread(lambda: sum(quick.iterate(quick.handing(range(4)))), name="test-quick").wait(
         quick, 60, lambda: False, RuntimeError) == 6
+
+
+def _ran_in(spares: SpareThreads, work=lambda: None) -> threading.Thread:
+    """The thread ``spares`` ran ``work`` in (waits until it ran)."""
+    ran, where = threading.Event(), []
+
+    def call() -> None:
+        where.append(threading.current_thread())
+        work()
+        ran.set()
+
+    spares.start(call, "batchd-test-call")
+    assert ran.wait(10)
+    return where[0]
+
+
+def test_plugin_calls_reuse_an_idle_thread_and_a_hung_one_is_replaced():
+    spares = SpareThreads(keep=2, idle_seconds=10)
+    first = _ran_in(spares)
+    # The first call's thread goes idle just after its work: the next call waits for it there.
+    for _ in range(1000):
+        if spares.idle_count():
+            break
+        threading.Event().wait(0.01)
+    assert _ran_in(spares) is first, "an idle thread was not reused"
+
+    hang = threading.Event()
+    started = threading.Event()
+    spares.start(lambda: (started.set(), hang.wait()), "batchd-test-hang")
+    assert started.wait(10)
+    other = _ran_in(spares)
+    assert other.is_alive()
+    hang.set()
+
+
+def test_idle_plugin_threads_end_after_their_wait_and_only_a_few_are_kept():
+    spares = SpareThreads(keep=1, idle_seconds=0.2)
+    gate = threading.Event()
+    threads = []
+    for _ in range(3):  # three calls at once: three threads, one kept idle afterwards
+        started = threading.Event()
+        spares.start(lambda started=started: (threads.append(threading.current_thread()), started.set(), gate.wait()),
+                     "batchd-test-busy")
+        assert started.wait(10)
+    assert len(set(threads)) == 3
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads), "idle threads did not end"
