@@ -292,7 +292,7 @@ class Settings(BaseSettings):
     max_concurrent_submissions: int = Field(
         4, ge=1, description="Uploads/creates in flight at once; as many result downloads run beside them.")
     max_concurrent_uploads: int = Field(
-        2, ge=1, description="Of those, request-file uploads at once (each holds an 8 MiB part of its file in"
+        2, ge=1, description="Of those, request-file uploads at once (each holds a 2 MiB part of its file in"
                              " memory); the other chunks wait their turn, creates and inline chunks go on.")
     max_concurrent_builds: int = Field(
         4, ge=1, description="Jobs whose requests are built (or read for a cost estimate) at once; the others"
