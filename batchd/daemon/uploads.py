@@ -65,26 +65,18 @@ class Uploads:
 
     def collect(self) -> None:
         for work in self.rounds.finished():
-            if work.key == MEDIA_ROUND:
-                try:
-                    outcome, again = work.future.result()
-                except Exception:
-                    log.exception("deleting uploaded files failed; retrying later")
-                    outcome, again = {}, True
-                self.ctx.journal.set_media(outcome)
-                self.on_media_deleted(work.about)
-                (self.retry.failed if again else self.retry.succeeded)()
-                continue
+            media = work.key == MEDIA_ROUND
             try:
                 outcome, again = work.future.result()
             except Exception:
-                log.exception("deleting request files failed; retrying later")
+                log.exception("deleting %s failed; retrying later", "uploaded files" if media else "request files")
                 outcome, again = {}, True
-            self.ctx.journal.set_upload_states(outcome)
-            if again:
-                self.retry.failed()
+            if media:
+                self.ctx.journal.set_media(outcome)
+                self.on_media_deleted(work.about)
             else:
-                self.retry.succeeded()
+                self.ctx.journal.set_upload_states(outcome)
+            (self.retry.failed if again else self.retry.succeeded)()
 
     def busy(self) -> bool:
         return bool(len(self.rounds))
