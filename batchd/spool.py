@@ -7,7 +7,8 @@ Layout of ``state_dir/jobs/<job id>/``::
     index.jsonl                    one line per request, in request order: [key, chunk, wants_json, input]
                                    (a fifth element: for a request never sent, its error, an object (a
                                    file it cannot send); with the request cache on, the request's hash,
-                                   a string, by which its answer is stored; chunk -1: answered from the cache)
+                                   a string, by which its answer is stored; chunk -1: answered from the cache;
+                                   read through unsent_error() and cache_digest())
     media/<sha256>                 copies of the files its requests upload (see batchd.media)
     cached.jsonl                   the answers taken from the request cache while it was built, in request
                                    order ({"n", "key", "response"}), and {"upto": n} marks (see CacheSplit)
@@ -223,8 +224,9 @@ class JobSpool:
         """The error of the first request never sent (a file it cannot send), if any."""
         try:
             for entry in self.read_index():
-                if len(entry) > 4 and isinstance(entry[4], dict):
-                    return entry[4]
+                error = unsent_error(entry)
+                if error is not None:
+                    return error
         except FileNotFoundError:
             pass
         return None
@@ -319,22 +321,24 @@ class JobSpool:
                 continue
             error = chunk_error(idx)
             if error is not None:
-                for key, _chunk, _json, inputs, *extra in entries:
-                    never_sent = extra[0] if extra and isinstance(extra[0], dict) else None
+                for entry in entries:
+                    key, _chunk, _json, inputs = entry[:4]
                     yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
-                                     error=never_sent or error, usage=None)
+                                     error=unsent_error(entry) or error, usage=None)
                 continue
-            for (key, _chunk, wants_json, inputs, *extra), record in join_chunk(entries, self.read_results(idx)):
-                if extra and isinstance(extra[0], dict):  # never sent: its error
-                    yield TaskResult(key=key, input=inputs, status="error", error=extra[0])
+            for entry, record in join_chunk(entries, self.read_results(idx)):
+                key, _chunk, wants_json, inputs = entry[:4]
+                never_sent = unsent_error(entry)
+                if never_sent is not None:
+                    yield TaskResult(key=key, input=inputs, status="error", error=never_sent)
                     continue
-                digest = extra
                 result = to_embed_result(key, inputs, record) if kind == "embed" else \
                     to_task_result(key, inputs, wants_json, record)
+                digest = cache_digest(entry)
                 if record is not None and "joined_by" in record:
                     result.joined_by = record["joined_by"]
-                elif keep is not None and digest and result.status == "ok":
-                    keep(digest[0], record["response"])
+                elif keep is not None and digest is not None and result.status == "ok":
+                    keep(digest, record["response"])
                 yield result
 
 
@@ -471,6 +475,16 @@ class CacheSplit:
         fs.fsync(out.fileno(), self.path, "requests")
 
 
+def unsent_error(entry: list) -> dict | None:
+    """An index entry's error, for a request never sent (its fifth element, an object), else None."""
+    return entry[4] if len(entry) > 4 and isinstance(entry[4], dict) else None
+
+
+def cache_digest(entry: list) -> str | None:
+    """An index entry's request hash, with the request cache on (its fifth element, a string), else None."""
+    return entry[4] if len(entry) > 4 and isinstance(entry[4], str) else None
+
+
 def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tuple[list, dict | None]]:
     """Pair each index entry with its result record by key, in index order.
 
@@ -482,7 +496,7 @@ def join_chunk(entries: Iterable[list], records: Iterable[dict]) -> Iterator[tup
     records = iter(records)
     exhausted = False
     for entry in entries:
-        if len(entry) > 4 and isinstance(entry[4], dict):  # a request never sent (its error) has no record
+        if unsent_error(entry) is not None:  # a request never sent has no record
             yield entry, None
             continue
         key = entry[0]
