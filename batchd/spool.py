@@ -249,22 +249,16 @@ class JobSpool:
         ``partial``). The one answer without a key for the one request left is no guess, and is not
         marked. File results always carry their key.
         """
-        keys = [line["key"] for line in self.read_requests(idx)]  # an inline chunk is small
         records = list(records)
-        returned = {record.get("key") for record in records}
-        unclaimed = [key for key in keys if key not in returned]
         keyless = sum(1 for record in records if record.get("key") is None)
-        # One answer without its key for one request without an answer: the match is certain, not a guess.
-        certain = keyless == 1 and len(unclaimed) == 1
-        unclaimed = iter(unclaimed)
-        lines = []
-        for record in records:
-            if record.get("key") is None:
-                record = {**record, "key": next(unclaimed, None)}
-                if not certain:
-                    record["joined_by"] = "position"
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        atomic_write(self.results_path(idx), "".join(lines), step="results")
+        if keyless:
+            returned = {record.get("key") for record in records}
+            unclaimed = [line["key"] for line in self.read_requests(idx) if line["key"] not in returned]
+            # One answer without its key for one request without an answer: the match is certain, not a guess.
+            certain = keyless == 1 and len(unclaimed) == 1
+            records = list(_claim_by_position(records, iter(unclaimed), certain))
+        encode = json.JSONEncoder(ensure_ascii=False).encode
+        atomic_write(self.results_path(idx), "".join(encode(record) + "\n" for record in records), step="results")
 
     def read_results(self, idx: int) -> Iterator[dict]:
         path = self.results_path(idx)
@@ -473,6 +467,17 @@ class CacheSplit:
         out.write(json.dumps({"upto": n}) + "\n")
         out.flush()
         fs.fsync(out.fileno(), self.path, "requests")
+
+
+def _claim_by_position(records: list[dict], unclaimed: Iterator[Any], certain: bool) -> Iterator[dict]:
+    """``records``, each without a key given the next request nobody answered (see
+    :meth:`JobSpool.write_inline_results`)."""
+    for record in records:
+        if record.get("key") is None:
+            record = {**record, "key": next(unclaimed, None)}
+            if not certain:
+                record["joined_by"] = "position"
+        yield record
 
 
 def unsent_error(entry: list) -> dict | None:
