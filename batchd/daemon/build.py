@@ -125,6 +125,8 @@ class Build:
             self._record(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
+            if not job.cancel_requested:
+                builder.chunks.take()  # the next chunk is built while this one is sent
             return
         fields = {}
         if builder.estimate is not None:
