@@ -127,6 +127,7 @@ class Admit:
         #: job id → what stopped its estimate pass reading the requests (a bad row, a hung or failing task)
         self._unreadable: dict[str, list[Exception]] = {}
         self._dropped: set[str] = set()  # jobs delivered while their estimate ran: its answer is not wanted
+        self._reads_files: dict[str, bool] = {}  # job id → whether its requests come from input files
         self._held_reviewed_at = float("-inf")
 
     def step(self, job: Job) -> None:
@@ -135,12 +136,14 @@ class Admit:
         if self._unknown_model(job):
             return  # rejected on its next visit
         if job.cost is None and ctx.costs.estimates and not self._priced_first(job):
+            self._reads_files.pop(job.id, None)
             ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
             return
         if job.cost is None and ctx.costs.active:
             estimate = self._estimate(job)
             if estimate is None:
                 return  # still running or waiting its turn, or the manifest turned out unusable
+            self._reads_files.pop(job.id, None)
             cost = {"estimate": estimate["result"]}
             ctx.journal.update_job(job.id, cost=cost, spend=spend_of(cost))
             log.info("job %s: estimated %s", job.id, describe_cost(cost["estimate"]), extra={"job": job.id})
@@ -163,7 +166,10 @@ class Admit:
         ctx = self.ctx
         if not job.approved and ctx.costs.budget_may_hold(ctx.settings):
             return True
-        return bool(read_inputs_record(ctx.spool(job.id).inputs))
+        reads_files = self._reads_files.get(job.id)
+        if reads_files is None:  # asked at every visit until the job is admitted: its spool is read once
+            reads_files = self._reads_files[job.id] = bool(read_inputs_record(ctx.spool(job.id).inputs))
+        return reads_files
 
     def _unknown_model(self, job: Job) -> bool:
         """Reject the job (its error committed; delivered ``rejected`` next) when the provider does not
@@ -192,6 +198,7 @@ class Admit:
     def forget(self, job_id: str) -> None:
         """The job is delivered (cancelled, rejected) while it waited for or ran its estimate."""
         self.turns.forget(job_id)
+        self._reads_files.pop(job_id, None)
         self._finished.pop(job_id, None)
         self._unreadable.pop(job_id, None)
         if job_id in self.estimates:
