@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from batchd import manifest as manifest_module
+from batchd import inputs as inputs_module
 from batchd.manifest import ManifestError, load_manifest, manifest_json_schema
 from batchd.plugins import get_tasks
 
@@ -540,7 +540,7 @@ def test_a_duplicate_is_found_when_the_ids_seen_move_from_memory_to_a_temporary_
         inbox, monkeypatch, first, again):
     # The first SEEN_IN_MEMORY ids are held in a dict, the rest in SQLite: a duplicate on either side
     # of the move, or across it, names where its id was first used.
-    monkeypatch.setattr(manifest_module, "SEEN_IN_MEMORY", 100)
+    monkeypatch.setattr(inputs_module, "SEEN_IN_MEMORY", 100)
     ids = [f"r{n}" for n in range(1000)]
     ids[again] = ids[first]
     _csv_rows(inbox, "dup.csv", ids)
