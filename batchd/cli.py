@@ -317,7 +317,7 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     requests = job.requests
     if job.common.cache if job.common.cache is not None else settings.cache:
         from batchd.cache import cache_path, uncached
-        from batchd.provider import EmbedRequestEncoder, RequestEncoder
+        from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 
         # What the request cache of this state dir answers now is not sent, so not priced.
         encode = (EmbedRequestEncoder() if job.kind == "embed" else RequestEncoder(model)).encode

@@ -16,7 +16,7 @@ from batchd.cache import CacheStore, cache_path, canonical, request_hash
 from batchd.emulator.server import EmulatorServer
 from batchd.spool import CacheSplit, ChunkLimits, JobSpool
 from batchd.task import TaskRequest
-from batchd.provider import RequestEncoder
+from batchd.encoding import RequestEncoder
 from batchd.testing import Workspace
 from test_daemon import assert_one_live_job_per_chunk
 

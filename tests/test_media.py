@@ -272,7 +272,7 @@ def test_a_hostile_folder_fails_its_bad_files_one_by_one(tmp_path: Path):
 
 
 def test_each_request_of_an_item_carries_its_file_and_a_task_may_add_its_own(tmp_path: Path):
-    from batchd.provider import RequestEncoder
+    from batchd.encoding import RequestEncoder
 
     make_scans(tmp_path / "scans")
     (tmp_path / "items.jsonl").write_text('{"id": "x", "text": "Quarterly report", "scan": "scans/a.pdf"}\n'

@@ -20,6 +20,7 @@ from google.genai import errors
 from batchd.config import RetrySettings
 from batchd.task import GenerationSettings
 from batchd.emulator.server import EmulatorServer
+from batchd.encoding import RequestEncoder
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
     STAT_FIELDS,
@@ -27,7 +28,6 @@ from batchd.provider import (
     Provider,
     ProviderError,
     RemoteJob,
-    RequestEncoder,
     RetryPolicy,
     inline_results,
     is_auth_error,

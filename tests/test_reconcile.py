@@ -15,7 +15,8 @@ from google.genai import types
 
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.provider import RemoteJob, RequestEncoder
+from batchd.encoding import RequestEncoder
+from batchd.provider import RemoteJob
 from batchd.testing import Workspace, make_client, wait_done
 
 MODEL = "gemini-2.5-flash"

@@ -22,7 +22,8 @@ from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.naming import upload_display_name
 from batchd.journal import journal_path
-from batchd.provider import Provider, RequestEncoder
+from batchd.encoding import RequestEncoder
+from batchd.provider import Provider
 from batchd.testing import Emulator, Workspace
 from test_daemon import SENTIMENT, TRANSLATE
 

@@ -8,7 +8,7 @@ import threading
 
 from batchd.daemon.context import Stopping
 from batchd.daemon.deliver import ChunkGate
-from batchd.provider import RequestEncoder
+from batchd.encoding import RequestEncoder
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskRequest
 

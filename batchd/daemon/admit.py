@@ -20,7 +20,7 @@ from typing import Callable
 
 from batchd.cache import cache_path, uncached
 from batchd.costs import JobInfo, RequestStream, spend_of
-from batchd.provider import EmbedRequestEncoder, RequestEncoder
+from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
 from batchd.daemon.intake import read_inputs_record

@@ -31,7 +31,7 @@ from batchd.journal import Job
 from batchd.manifest import ManifestError
 from batchd.media import MediaResolver
 from batchd.plugin_calls import OnDemand, PluginTimeout
-from batchd.provider import EmbedRequestEncoder, RequestEncoder
+from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.cache import cache_path
 from batchd.spool import CacheSplit, ChunkLimits
 from batchd.states import JobState
