@@ -450,9 +450,7 @@ def readable_name(name: str) -> str:
     suffix = next((s for s in MANIFEST_SUFFIXES + CONTROL_SUFFIXES if text.lower().endswith(s)), "")
     tail = f"…-{hashlib.sha256(raw).hexdigest()[:12]}{text[len(text) - len(suffix):]}"
     head = text[:len(text) - len(suffix)]
-    room = NAME_BYTES - len(tail.encode())
-    while len(head.encode()) > room:
-        head = head[:room - len(head.encode()) or -1]
+    head = head.encode()[:NAME_BYTES - len(tail.encode())].decode("utf-8", "ignore")  # whole characters only
     head = re.sub(r"\\(x[0-9a-f]?)?$", "", head)  # not half an escape
     return head + tail
 
