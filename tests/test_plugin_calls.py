@@ -129,12 +129,10 @@ def test_plugin_calls_reuse_an_idle_thread_and_a_hung_one_is_replaced():
         threading.Event().wait(0.01)
     assert _ran_in(spares) is first, "an idle thread was not reused"
 
-    hang = threading.Event()
-    started = threading.Event()
-    spares.start(lambda: (started.set(), hang.wait()), "batchd-test-hang")
+    hang, started, hung = threading.Event(), threading.Event(), []
+    spares.start(lambda: (hung.append(threading.current_thread()), started.set(), hang.wait()), "batchd-test-hang")
     assert started.wait(10)
-    other = _ran_in(spares)
-    assert other.is_alive()
+    assert _ran_in(spares) is not hung[0], "a call was handed to the thread of a call that has not returned"
     hang.set()
 
 
