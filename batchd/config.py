@@ -77,6 +77,9 @@ class EmulatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_seconds: float = Field(2.0, ge=0, description="How long an emulated batch job runs.")
+    concurrent_batches: int = Field(
+        100, ge=0, description="Batch jobs pending or running at once, as Google's limit per project; a create"
+                               " beyond it is refused with 429 RESOURCE_EXHAUSTED. 0 = no limit.")
     faults: list[str] = Field(
         default_factory=list, description="Fault specs injected into every request (see docs/emulator.md)."
     )
@@ -294,6 +297,10 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         2, ge=1, description="Of those, request-file uploads at once (each holds a 2 MiB part of its file in"
                              " memory); the other chunks wait their turn, creates and inline chunks go on.")
+    max_remote_batches: int = Field(
+        100, ge=0, description="Remote batch jobs pending or running at once (the Gemini API runs 100 per project"
+                               " and refuses more creates with 429); further chunks wait their turn, oldest job"
+                               " first. 0 = no limit.")
     max_concurrent_builds: int = Field(
         4, ge=1, description="Jobs whose requests are built (or read for a cost estimate) at once; the others"
                              " wait their turn in the journal, oldest first.")

@@ -277,10 +277,11 @@ class Workspace:
         return self.root / "config.toml"
 
     def configure(self, *, job_seconds: float = EMULATOR_JOB_SECONDS, faults: Sequence[str] = (),
-                  **settings: Any) -> None:
+                  emulator: Mapping[str, Any] | None = None, **settings: Any) -> None:
         """(Re)write config.toml: :data:`FAST_CONFIG`, ``settings`` on top, and the embedded emulator's
-        ``job_seconds`` and fault specs."""
-        config = {**FAST_CONFIG, **settings, "emulator": {"job_seconds": job_seconds, "faults": list(faults)}}
+        ``job_seconds``, fault specs and any other ``[emulator]`` setting in ``emulator``."""
+        config = {**FAST_CONFIG, **settings,
+                  "emulator": {"job_seconds": job_seconds, "faults": list(faults), **(emulator or {})}}
         self.config.write_text(tomli_w.dumps(config))
 
     def add_plugin(self, name: str, source: str) -> Path:

@@ -3,6 +3,7 @@ journal oldest first, and one job of many chunks does not hold back the small on
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -12,7 +13,7 @@ from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.admit import RATIO_MIN_CHARS, TokenCounter
 from batchd.journal import Journal, journal_path
-from batchd.states import JobState
+from batchd.states import JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, JobState
 from batchd.testing import Workspace
 
 
@@ -141,3 +142,31 @@ def test_uploads_are_bounded_apart_from_creates(workspace: Workspace):
     assert most_uploads == 1
     folder = workspace.outbox_folder("many")
     assert folder.summary["state"] == "succeeded" and len(folder.summary["remote_batches"]) == 6
+
+
+def test_remote_batches_stay_within_max_remote_batches_and_the_rest_wait_their_turn(workspace: Workspace, caplog):
+    """Google runs 100 batch jobs per project at once and refuses more creates with 429. With an
+    emulator as strict at 2 and ``max_remote_batches = 2``, twelve chunks go two at a time: never more
+    than two are pending or running, no create is refused, and every job is delivered."""
+    workspace.configure(settle_seconds=0, chunk_max_requests=1, max_remote_batches=2, job_seconds=0.3,
+                        emulator={"concurrent_batches": 2})
+    caplog.set_level(logging.INFO, logger="batchd")
+    for n in range(6):
+        workspace.drop(f"job{n}.toml", small(n))
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    most_live = 0
+    try:
+        deadline = time.monotonic() + 120
+        while len(workspace.outbox_folders()) < 6:
+            assert time.monotonic() < deadline, "timed out"
+            daemon.loop.tick()
+            most_live = max(most_live, daemon.journal.count_chunks_in(
+                REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK))
+            daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
+    finally:
+        daemon.close()
+    assert most_live == 2, most_live
+    assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
+    assert not [r for r in caplog.records if "quota" in r.getMessage()], "a create went beyond the limit"
+    assert any("wait their turn" in r.getMessage() for r in caplog.records), "the limit was never said"

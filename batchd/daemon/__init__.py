@@ -225,6 +225,7 @@ class Daemon:
             self.emulator = EmulatorProcess(
                 s.emulator.state_dir or s.state_dir / "emulator",
                 job_seconds=s.emulator.job_seconds,
+                concurrent_batches=s.emulator.concurrent_batches,
                 faults=list(s.emulator.faults),
             ).spawn()
         else:

@@ -28,7 +28,8 @@ from batchd.journal import Chunk, Job
 from batchd.media import resolve_request
 from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay, webhook_config
 from batchd.spool import JobSpool
-from batchd.states import CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, ChunkState, JobState, UploadState
+from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState,
+                           JobState, UploadState)
 
 log = logging.getLogger("batchd")
 
@@ -53,6 +54,7 @@ class Submit:
         #: Paused while the service refuses the API key (``refusal`` says how it answered).
         self.credentials = Backoff(ctx.settings.poll_interval, max(ctx.settings.poll_max_interval, 60.0))
         self.turns = Turns()
+        self._remote_full = False  # max_remote_batches reached (said once when it starts and ends)
         self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
@@ -181,10 +183,30 @@ class Submit:
         return self.ctx.key.reason
 
     def free(self) -> int:
-        """Threads free for uploads and creates: none while the service refuses the API key, or its quota."""
+        """Chunks that may be sent now: threads free for uploads and creates, within the room left for
+        remote batches; none while the service refuses the API key, or its quota."""
         if self.credentials.waiting() or self.ctx.quota.waiting("create"):
             return 0
-        return self.submissions.free()
+        return min(self.submissions.free(), self.remote_room())
+
+    def remote_room(self) -> int:
+        """Remote batches that may still be created: ``max_remote_batches`` less the chunks whose batch
+        exists or may (``submitting``, ``running``). Google runs 100 per project and answers 429 to any
+        create beyond that; counting our own keeps chunks waiting their turn here, oldest job first,
+        instead of bouncing off the service."""
+        limit = self.ctx.settings.max_remote_batches
+        if not limit:
+            return self.submissions.size
+        live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
+                                                limit=limit)
+        if (live >= limit) != self._remote_full:
+            self._remote_full = live >= limit
+            if self._remote_full:
+                log.info("%d remote batches are pending or running (max_remote_batches): further chunks wait "
+                         "their turn", limit)
+            else:
+                log.info("remote batches below max_remote_batches again: chunks are sent")
+        return max(0, limit - live)
 
     def seconds_until_free(self) -> float:
         """Until a quota wait ends and the jobs waiting for it can go (inf: none is in force)."""

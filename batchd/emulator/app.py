@@ -41,8 +41,8 @@ from batchd.emulator.errors import ApiError, invalid, invalid_api_key, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
 from batchd.emulator.faults import FaultInjector, job_faults_for
 from batchd.emulator.files import Uploads, render_file
-from batchd.emulator.jobs import (BatchRunner, JobView, job_faults, needs_processing, render_operation, view_job,
-                                  write_inline_input)
+from batchd.emulator.jobs import (ActiveJobs, BatchRunner, JobView, job_faults, needs_processing, render_operation,
+                                  view_job, write_inline_input)
 from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
@@ -73,6 +73,8 @@ class EmulatorSettings:
     strict_models: bool = False
     #: Seconds from a cancel request to CANCELLED (None: a tenth of job_seconds, at most 5 s).
     cancel_seconds: float | None = None
+    #: Batch jobs pending or running at once, as Google's "concurrent batch requests" (0: no limit).
+    concurrent_batches: int = 100
 
     #: Webhook deliveries: seconds before the first retry (doubling after), and tries in all.
     webhook_retry_seconds: float = 1.0
@@ -144,6 +146,8 @@ class EmulatorApp:
         self.uploads_by_display_name: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self.runner.resume()
+        self.active = ActiveJobs(settings.concurrent_batches, self._ended)
+        self.active.add_existing(list(self.store.jobs))
         self.webhooks = WebhookService(
             self.store, view=lambda job, now: view_job(job, now, self.runner.progress(job["id"]), settings.expire_seconds),
             retry_seconds=settings.webhook_retry_seconds, attempts=settings.webhook_attempts)
@@ -283,11 +287,21 @@ class EmulatorApp:
         return json_response(operation)
 
     def _store_new_job(self, batch: dict, kind: str, model: str, job_faults: tuple[str, ...]) -> dict:
+        """Count the job against the limit of batch jobs at once (a 429 at the door stores nothing), then
+        validate and store it."""
+        job_id = new_id(36)
+        self.active.reserve(job_id)
+        try:
+            return self._store_job(job_id, batch, kind, model, job_faults)
+        except BaseException:
+            self.active.release(job_id)
+            raise
+
+    def _store_job(self, job_id: str, batch: dict, kind: str, model: str, job_faults: tuple[str, ...]) -> dict:
         """Validate, then make the job durable *before* answering: a job the client heard of survives a kill."""
         input_config = batch.get("inputConfig") or {}
         file_name = input_config.get("fileName")
         inline = (input_config.get("requests") or {}).get("requests")
-        job_id = new_id(36)
         check_webhook_config(batch.get("webhookConfig"))
         job = {
             "id": job_id, "kind": kind, "model": model, "displayName": batch.get("displayName"),
@@ -320,6 +334,12 @@ class EmulatorApp:
         if needs_processing(job):
             self.runner.submit(job)
         return render_operation(job, JobView("PENDING", job["createTime"], None, 0, 0), None)
+
+    def _ended(self, job_id: str) -> bool:
+        """Whether a job no longer counts against ``concurrent_batches``: it ended, or was deleted."""
+        job = self.store.jobs.get(job_id)
+        return job is None or view_job(job, time.time(), self.runner.progress(job_id),
+                                       self.settings.expire_seconds).terminal
 
     def _operation(self, job: dict, *, with_inline: bool = True) -> dict:
         view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)

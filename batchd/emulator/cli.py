@@ -44,6 +44,9 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
               help="Jobs not finished after this long become EXPIRED; files are kept this long.")
 @click.option("--cancel-seconds", type=click.FloatRange(min=0), default=None,
               help="How long a cancel takes to make a job CANCELLED (default: a tenth of --job-seconds, at most 5).")
+@click.option("--concurrent-batches", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Batch jobs pending or running at once, as Google's limit per project; a create beyond it "
+                   "is refused with 429 RESOURCE_EXHAUSTED (0: no limit).")
 @click.option("--api-key", help="Accept only this x-goog-api-key (default: any non-empty key).")
 @click.option("--model", "models", multiple=True,
               help=f"A known model id (repeatable; replaces the default list: {', '.join(DEFAULT_MODELS)}; "
@@ -59,7 +62,7 @@ def _check_fault(_ctx: click.Context, _param: click.Parameter, specs: tuple[str,
 @click.option("--exit-with-parent", is_flag=True, hidden=True,
               help="Shut down when standard input closes (the embedded emulator of `batchd run`).")
 def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: float, expire_seconds: float,
-                     cancel_seconds: float | None, api_key: str | None, models: tuple[str, ...],
+                     cancel_seconds: float | None, concurrent_batches: int, api_key: str | None, models: tuple[str, ...],
                      strict_models: bool, faults: tuple[str, ...],
                      responder_spec: str | None, access_log: bool, exit_with_parent: bool) -> None:
     """Serve a local Gemini Batch API emulator until SIGINT/SIGTERM.
@@ -73,6 +76,6 @@ def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: 
     if exit_with_parent:
         _exit_when_stdin_closes()
     serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
-          cancel_seconds=cancel_seconds, api_key=api_key, models=list(models) or None, strict_models=strict_models,
+          cancel_seconds=cancel_seconds, concurrent_batches=concurrent_batches, api_key=api_key, models=list(models) or None, strict_models=strict_models,
           faults=list(faults), responder=responder,
           access_log=access_log)

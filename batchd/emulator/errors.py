@@ -91,12 +91,12 @@ def invalid_api_key() -> ApiError:
     ])
 
 
-def quota_exhausted() -> ApiError:
+def quota_exhausted(metric: str = "generate_content_requests", quota_id: str = "GenerateRequestsPerMinutePerProjectPerModel",
+                    value: str = "emulated") -> ApiError:
     """A 429 as the Gemini API sends it: which quota, where to read about it, and when to retry."""
     return ApiError(429, DEFAULT_MESSAGES[429], "RESOURCE_EXHAUSTED", details=[
         {"@type": _TYPE + "QuotaFailure", "violations": [
-            {"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
-             "quotaId": "GenerateRequestsPerMinutePerProjectPerModel", "quotaValue": "emulated"}]},
+            {"quotaMetric": f"generativelanguage.googleapis.com/{metric}", "quotaId": quota_id, "quotaValue": value}]},
         {"@type": _TYPE + "Help", "links": [
             {"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
         {"@type": _TYPE + "RetryInfo", "retryDelay": f"{RETRY_DELAY_SECONDS}s"},

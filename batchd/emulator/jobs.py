@@ -24,10 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Iterable
 
 from batchd.emulator import shapes
 from batchd.emulator.answers import Answerer
-from batchd.emulator.errors import ApiError, invalid
+from batchd.emulator.errors import ApiError, invalid, quota_exhausted
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
 from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
 from batchd.emulator.wire import compact_json_encoder, has_snake_case_keys, int64_counts, rfc3339, to_camel_case
@@ -164,6 +165,42 @@ def render_operation(job: Doc, view: JobView, inline_responses: list | None) -> 
 def needs_processing(job: Doc) -> bool:
     return (job.get("completeTime") is None and job.get("cancelTime") is None
             and job_faults(tuple(job["faults"])).produces_results)
+
+
+class ActiveJobs:
+    """The batch jobs not yet ended, bounded as Google bounds them: the Gemini API runs at most
+    100 "concurrent batch requests" per project (its rate-limits page), and a create beyond that is
+    refused with 429 RESOURCE_EXHAUSTED before anything is stored.
+
+    Ended jobs leave the set lazily, when it is full: a create costs O(1) until the limit is near,
+    then at most one look at each job counted.
+    """
+
+    def __init__(self, limit: int, ended: Callable[[str], bool]) -> None:
+        self.limit = limit  # 0: no limit
+        self._ended = ended  # job id → it is in a final state, or gone
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add_existing(self, job_ids: Iterable[str]) -> None:
+        """Count the jobs a previous process accepted that have not ended (at start)."""
+        with self._lock:
+            self._ids.update(job_id for job_id in job_ids if not self._ended(job_id))
+
+    def reserve(self, job_id: str) -> None:
+        """Count ``job_id`` in, or raise the 429 Google answers when the limit is reached."""
+        with self._lock:
+            if self.limit and len(self._ids) >= self.limit:
+                self._ids = {counted for counted in self._ids if not self._ended(counted)}
+            if self.limit and len(self._ids) >= self.limit:
+                raise quota_exhausted("batch_concurrent_requests", "BatchConcurrentRequestsPerProject",
+                                      str(self.limit))
+            self._ids.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        """A reserved job that was never stored (its create failed after :meth:`reserve`)."""
+        with self._lock:
+            self._ids.discard(job_id)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ class EmulatorProcess:
     directory lock keeps a successor from starting before it is gone.
     """
 
-    def __init__(self, state_dir: Path, *, job_seconds: float = 2.0, faults: Sequence[str] = (),
-                 startup_seconds: float = 60.0) -> None:
+    def __init__(self, state_dir: Path, *, job_seconds: float = 2.0, concurrent_batches: int = 100,
+                 faults: Sequence[str] = (), startup_seconds: float = 60.0) -> None:
         self.state_dir = Path(state_dir)
         self._command = [sys.executable, "-m", "batchd.emulator", "--host", "127.0.0.1", "--port", "0",
                          "--state-dir", str(self.state_dir), "--job-seconds", str(job_seconds),
+                         "--concurrent-batches", str(concurrent_batches),
                          "--exit-with-parent", *(f"--fault={spec}" for spec in faults)]
         self._startup_seconds = startup_seconds
         self._process: subprocess.Popen | None = None

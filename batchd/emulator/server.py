@@ -57,6 +57,7 @@ class EmulatorServer:
         models: Sequence[str] | None = None,
         strict_models: bool = False,
         cancel_seconds: float | None = None,
+        concurrent_batches: int = 100,
         webhook_retry_seconds: float = 1.0,
         webhook_attempts: int = 8,
         faults: Sequence[str] = (),
@@ -69,6 +70,7 @@ class EmulatorServer:
         self._requested_port = port
         self._settings = EmulatorSettings(job_seconds=job_seconds, expire_seconds=expire_seconds, api_key=api_key,
                                           strict_models=strict_models, cancel_seconds=cancel_seconds,
+                                          concurrent_batches=concurrent_batches,
                                           webhook_retry_seconds=webhook_retry_seconds,
                                           webhook_attempts=webhook_attempts)
         self._models = list(models) if models else None

@@ -15,7 +15,8 @@ from google.genai import errors, types
 
 from batchd.emulator import EmulatorServer, shapes
 
-from .support import API_KEY, EMBED_MODEL, MODEL, output_lines, request_lines, wait_done, write_jsonl
+from .support import (API_KEY, EMBED_MODEL, MODEL, inline_requests, make_client, output_lines, request_lines, wait_done,
+                      write_jsonl)
 
 HELLO = {"role": "user", "parts": [{"text": "Say hello"}]}
 
@@ -171,3 +172,36 @@ def test_an_upload_whose_file_metadata_google_would_not_parse_is_refused(emulato
                                    "X-Goog-Upload-Command": "start"}, timeout=30)
     error = refusal(response)
     assert error["message"] == "Invalid JSON payload received. Unknown name \"displayNme\" at 'file': Cannot find field."
+
+
+def test_batch_jobs_beyond_the_concurrent_limit_are_refused_with_429_until_one_ends(tmp_path: Path):
+    """Google runs at most 100 batch jobs per project at once ("concurrent batch requests") and refuses
+    a create beyond that with 429 RESOURCE_EXHAUSTED, storing nothing; a job that ends (here: cancelled,
+    deleted) makes room, and the count survives a restart."""
+    def create(client: genai.Client) -> types.BatchJob:
+        return client.batches.create(model=MODEL, src=inline_requests(1))
+
+    with EmulatorServer(tmp_path / "emulator", job_seconds=60, cancel_seconds=0, concurrent_batches=2) as emulator:
+        client = make_client(emulator.base_url)
+        first, second = create(client), create(client)
+        with pytest.raises(errors.ClientError) as refused:
+            create(client)
+        assert (refused.value.code, refused.value.status) == (429, "RESOURCE_EXHAUSTED")
+        [violation] = next(detail for detail in refused.value.details["error"]["details"]
+                           if detail["@type"].endswith("QuotaFailure"))["violations"]
+        assert violation["quotaValue"] == "2" and "concurrent" in violation["quotaMetric"]
+        assert len(list(client.batches.list())) == 2, "the refused create stored a job"
+        client.batches.cancel(name=first.name)
+        third = create(client)  # the cancelled job ended
+        with pytest.raises(errors.ClientError):
+            create(client)
+        client.batches.delete(name=second.name)
+        create(client)
+        client.close()
+    with EmulatorServer(tmp_path / "emulator", job_seconds=60, concurrent_batches=2) as emulator:
+        client = make_client(emulator.base_url)
+        with pytest.raises(errors.ClientError):  # third and the last are still running
+            create(client)
+        client.batches.delete(name=third.name)
+        create(client)
+        client.close()
