@@ -1,6 +1,6 @@
 """What ``batchd status`` shows: a table of jobs with progress bars, once or refreshed (``--watch``).
 
-A job row is the dict ``batchd status --json`` prints (see ``batchd.cli._job_view``). Progress counts
+A job row is the dict ``batchd status --json`` prints (see :func:`job_view`). Progress counts
 requests: a finished chunk counts all of its requests, a running one what its remote ``batchStats``
 say is done. Cost is the row's ``cost`` (``{estimate, actual, standard, saving, currency}``, as in
 summary.json): the actual cost, else the estimate marked ``~``, and beside it what the batch price

@@ -317,7 +317,7 @@ def test_a_service_that_delivered_a_failed_job_still_stops_with_0(workspace: Wor
 
 
 def test_config_and_plugin_errors_exit_78_and_the_unit_does_not_restart_on_it(workspace: Workspace):
-    from batchd.cli import EXIT_CONFIG
+    from batchd.cli.common import EXIT_CONFIG
 
     assert EXIT_CONFIG == 78  # EX_CONFIG of sysexits.h, what RestartPreventExitStatus names
     unit = workspace.batchd("service", "install", "--print")
