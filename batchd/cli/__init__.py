@@ -23,7 +23,7 @@ class _Commands(click.Group):
     _LAZY = {"emulator": ("batchd.emulator.cli", "emulator_command")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self._LAZY])
+        return sorted({*super().list_commands(ctx), *self._LAZY})  # a lazy command once loaded is listed by both
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, globals_first(args))
