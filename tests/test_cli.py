@@ -172,6 +172,15 @@ def test_emulator_command_is_wired(workspace: Workspace):
     assert result.returncode == 0 and "--job-seconds" in result.stdout
 
 
+def test_the_emulator_command_is_listed_once_after_it_was_loaded():
+    """It is imported on first use (it brings uvicorn); once loaded, the help still names it once."""
+    from batchd.cli import main
+
+    context = main.make_context("batchd", [], resilient_parsing=True)
+    assert main.get_command(context, "emulator") is not None
+    assert main.list_commands(context).count("emulator") == 1
+
+
 def test_global_options_are_taken_after_the_command_too(workspace: Workspace):
     """`batchd run --config F`, `batchd status --config F --log-level DEBUG`: the global options anywhere."""
     from batchd.cli import globals_first
