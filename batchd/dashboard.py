@@ -216,13 +216,7 @@ def job_errors(journal: Any, job: Any) -> str:
 
 
 def recent_jobs(journal: Any, now: float) -> list[dict]:
-    from batchd.journal.rows import job_from_row
-
-    rows = journal._db.execute(
-        "SELECT * FROM jobs WHERE state != 'done' UNION ALL"
-        " SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?)"
-        " ORDER BY created_at DESC, id DESC LIMIT ?", (MAX_JOBS, 2 * MAX_JOBS)).fetchall()
-    return [shown_job(journal, job_from_row(row), now) for row in rows]
+    return [shown_job(journal, job, now) for job in journal.recent_jobs(done=MAX_JOBS, limit=2 * MAX_JOBS)]
 
 
 def chunk_rows(journal: Any, job_id: str) -> list[dict]:
@@ -264,11 +258,7 @@ def outbox_files(outbox_dir: str | None) -> list[dict]:
 
 
 def cost_by_day(journal: Any, default_model: str, now: float) -> list[tuple[str, str, float]]:
-    rows = journal._db.execute(
-        "SELECT date(coalesce(finished_at, created_at), 'unixepoch') AS day, coalesce(model, ?) AS model,"
-        " sum(spend) FROM jobs WHERE spend IS NOT NULL AND coalesce(finished_at, created_at) >= ?"
-        " GROUP BY day, model ORDER BY day, model", (default_model, now - CHART_DAYS * 86400)).fetchall()
-    return [(day, model, float(amount or 0.0)) for day, model, amount in rows]
+    return journal.spend_by_day(default_model, now - CHART_DAYS * 86400)
 
 
 def cost_chart(rows: list[tuple[str, str, float]], currency: str) -> dict:

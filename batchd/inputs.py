@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from batchd.manifest import ManifestError, _check_values, _error_from_validation, _field_path, _json_value
+from batchd.bounded import ManifestError, check_values, error_from_validation, field_path, json_value
 from batchd.media import MediaError, describe_name
 
 if TYPE_CHECKING:
@@ -125,13 +125,13 @@ class _Record:
         try:
             return model.model_validate(self.values_with_id())
         except ValidationError as exc:
-            raise _error_from_validation(exc, self.path, prefix=self.field_prefix, line=self.line) from None
+            raise error_from_validation(exc, self.path, prefix=self.field_prefix, line=self.line) from None
 
     def location(self) -> str:
         return self.field_prefix or f"line {self.line}"
 
     def error(self, message: str, *, field: str) -> ManifestError:
-        return ManifestError(self.path, message, field=_field_path((field,), self.field_prefix), line=self.line)
+        return ManifestError(self.path, message, field=field_path((field,), self.field_prefix), line=self.line)
 
 
 #: Records validated together: big enough to amortize the per-call costs, small enough for memory.
@@ -389,8 +389,8 @@ def _csv_records(path: Path, delimiter: str, columns: list[str | None], known_fi
 def _jsonl_records(path: Path, renames: Mapping[str, str], known_fields: Iterable[str],
                    limits: ManifestLimits) -> Iterator[_Record]:
     for line_number, line in _numbered_lines(path, limits):
-        value = _json_value(path, line, limits, line=line_number)
-        _check_values(path, value, limits, line=line_number)
+        value = json_value(path, line, limits, line=line_number)
+        check_values(path, value, limits, line=line_number)
         if isinstance(value, str):
             values = {"text": value}
         elif isinstance(value, dict):

@@ -22,13 +22,10 @@ from batchd.states import JobState
 JOB_STATES = [state.value for state in JobState]
 OUTCOMES = ["succeeded", "partial", "failed", "cancelled", "rejected"]
 
-_DONE = "coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + " \
-        "coalesce(json_extract(stats, '$.failedRequestCount'), 0)"
-
 
 class DaemonCollector(Collector):
-    """Reads the journal (``read(fn)`` runs ``fn(connection)`` under the reader's lock) and ``live()``, the
-    daemon's in-memory figures, at each scrape."""
+    """Reads the journal's totals (``read(fn)`` runs ``fn(journal)`` under the reader's lock) and ``live()``,
+    the daemon's in-memory figures, at each scrape."""
 
     def __init__(self, read: Callable[[Callable[[Any], Any]], Any], live: Callable[[], dict], currency: str) -> None:
         self._read = read
@@ -36,7 +33,7 @@ class DaemonCollector(Collector):
         self._currency = currency
 
     def collect(self) -> Iterator[Any]:
-        figures = self._read(_journal_figures)
+        figures = self._read(lambda journal: journal.totals())
         live = self._live()
 
         up = GaugeMetricFamily("batchd_ready", "1 once recovered, reconciled and watching the inbox")
@@ -110,31 +107,6 @@ class DaemonCollector(Collector):
                                     " webhook_healthy_seconds (polls then wait webhook_poll_interval)")
         healthy.add_metric([], 1.0 if live.get("push_healthy") else 0.0)
         yield healthy
-
-
-def _journal_figures(db: Any) -> dict:
-    figures: dict[str, Any] = {}
-    figures["jobs"] = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-    figures["outcomes"] = dict(db.execute(
-        "SELECT outcome, count(*) FROM jobs WHERE state = 'done' AND outcome IS NOT NULL GROUP BY outcome").fetchall())
-    total, done = db.execute(
-        "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN ('fetched', 'skipped') THEN"
-        f" request_count ELSE {_DONE} END), 0) FROM chunks").fetchone()
-    figures["requests_total"], figures["requests_done"] = total, done
-    row = db.execute(
-        "SELECT coalesce(sum(json_extract(cost, '$.actual.input_tokens')), 0),"
-        " coalesce(sum(json_extract(cost, '$.actual.output_tokens')), 0),"
-        " coalesce(sum(json_extract(cost, '$.estimate.cost')), 0.0),"
-        " coalesce(sum(json_extract(cost, '$.actual.cost')), 0.0),"
-        " coalesce(sum(CASE WHEN json_extract(cost, '$.actual.cost') IS NOT NULL"
-        "   THEN json_extract(cost, '$.actual.saving') ELSE json_extract(cost, '$.estimate.saving') END), 0.0)"
-        " FROM jobs WHERE cost IS NOT NULL").fetchone()
-    (figures["input_tokens"], figures["output_tokens"], figures["cost_estimate"], figures["cost_actual"],
-     figures["cost_saving"]) = row
-    figures["notification_backlog"] = db.execute(
-        "SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
-    figures["running_chunks"] = db.execute("SELECT count(*) FROM chunks WHERE state = 'running'").fetchone()[0]
-    return figures
 
 
 def registry(collector: DaemonCollector) -> CollectorRegistry:

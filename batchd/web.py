@@ -81,9 +81,6 @@ class JournalReader:
                 self._journal = Journal(self._path, readonly=True)
             return fn(self._journal)
 
-    def sql(self, fn: Callable[[Any], Any]) -> Any:
-        return self.read(lambda journal: fn(journal._db))
-
     def close(self) -> None:
         with self._lock:
             if self._journal is not None:
@@ -107,7 +104,7 @@ class WebServer:
         self.address: tuple[str, int] | None = None
         from batchd.metrics import DaemonCollector, registry
 
-        self.registry = registry(DaemonCollector(self.reader.sql, view.live, settings.cost.currency))
+        self.registry = registry(DaemonCollector(self.reader.read, view.live, settings.cost.currency))
         self.app = self._app()
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 
 from batchd import fs
 from batchd.backoff import Backoff
+from batchd.bounded import cut_text
 from batchd.config import Settings
 from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
-from batchd.manifest import ManifestError, cut_text
+from batchd.manifest import ManifestError
 from batchd.plugin_calls import PluginClock
 from batchd.provider import Provider
 from batchd.spool import JobSpool

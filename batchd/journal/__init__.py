@@ -102,6 +102,10 @@ __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
 OBSERVED_REQUESTS_MAX = 100_000
 
+#: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
+_DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
+                  "coalesce(json_extract(stats, '$.failedRequestCount'), 0)")
+
 
 def journal_path(state_dir: Path) -> Path:
     """Where a state dir keeps its journal."""
@@ -114,7 +118,7 @@ class Journal(NotificationQueue):
     Its connection and commits are in transactions.py (:class:`~batchd.journal.transactions.Transactions`),
     job events and their deliveries in notifications.py (:class:`~batchd.journal.notifications.NotificationQueue`),
     its tables in schema.py; this class holds the rest: jobs, chunks, remote jobs and strays, webhook
-    deliveries taken, media, and the cost history.
+    deliveries taken, media, the cost history, and what the dashboard and /metrics read.
     """
 
     def __init__(self, path: Path, *, readonly: bool = False):
@@ -489,3 +493,48 @@ class Journal(NotificationQueue):
         except sqlite3.OperationalError:
             return None  # a journal opened read-only, from a batchd that did not keep it yet
         return {"requests": row[0], "output_tokens": row[1]} if row else None
+
+    # -- what the dashboard and /metrics read ------------------------------------------------
+
+    def recent_jobs(self, *, done: int, limit: int) -> list[Job]:
+        """Every unfinished job and the ``done`` last finished ones, newest first, at most ``limit``."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE state != 'done' UNION ALL"
+            " SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?)"
+            " ORDER BY created_at DESC, id DESC LIMIT ?", (done, limit)).fetchall()
+        return [job_from_row(row) for row in rows]
+
+    def spend_by_day(self, default_model: str, since: float) -> list[tuple[str, str, float]]:
+        """``(day, model, spend)`` of the jobs since ``since``, summed per UTC day and model, oldest first."""
+        rows = self._db.execute(
+            "SELECT date(coalesce(finished_at, created_at), 'unixepoch') AS day, coalesce(model, ?) AS model,"
+            " sum(spend) FROM jobs WHERE spend IS NOT NULL AND coalesce(finished_at, created_at) >= ?"
+            " GROUP BY day, model ORDER BY day, model", (default_model, since)).fetchall()
+        return [(day, model, float(amount or 0.0)) for day, model, amount in rows]
+
+    def totals(self) -> dict[str, Any]:
+        """/metrics' figures: jobs by state and outcome, requests, tokens, cost, notification backlog, running chunks."""
+        figures: dict[str, Any] = {}
+        db = self._db
+        figures["jobs"] = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        figures["outcomes"] = dict(db.execute(
+            "SELECT outcome, count(*) FROM jobs WHERE state = 'done' AND outcome IS NOT NULL"
+            " GROUP BY outcome").fetchall())
+        total, done = db.execute(
+            "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN ('fetched', 'skipped') THEN"
+            f" request_count ELSE {_DONE_REQUESTS} END), 0) FROM chunks").fetchone()
+        figures["requests_total"], figures["requests_done"] = total, done
+        row = db.execute(
+            "SELECT coalesce(sum(json_extract(cost, '$.actual.input_tokens')), 0),"
+            " coalesce(sum(json_extract(cost, '$.actual.output_tokens')), 0),"
+            " coalesce(sum(json_extract(cost, '$.estimate.cost')), 0.0),"
+            " coalesce(sum(json_extract(cost, '$.actual.cost')), 0.0),"
+            " coalesce(sum(CASE WHEN json_extract(cost, '$.actual.cost') IS NOT NULL"
+            "   THEN json_extract(cost, '$.actual.saving') ELSE json_extract(cost, '$.estimate.saving') END), 0.0)"
+            " FROM jobs WHERE cost IS NOT NULL").fetchone()
+        (figures["input_tokens"], figures["output_tokens"], figures["cost_estimate"], figures["cost_actual"],
+         figures["cost_saving"]) = row
+        figures["notification_backlog"] = db.execute(
+            "SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+        figures["running_chunks"] = db.execute("SELECT count(*) FROM chunks WHERE state = 'running'").fetchone()[0]
+        return figures
