@@ -351,7 +351,7 @@ class Loop:
 
     def _once_done(self) -> bool:
         ctx, s = self.ctx, self.s
-        if ctx.journal.count_jobs(ACTIVE_JOB_STATES) or s.submit.busy() or s.fetch.busy() or s.uploads.busy():
+        if ctx.journal.count_jobs(ACTIVE_JOB_STATES, limit=1) or s.submit.busy() or s.fetch.busy() or s.uploads.busy():
             return False  # (the inbox is listed only then: a burst would list it on every tick)
         try:
             listed = {p.name for p in ctx.settings.inbox.iterdir()}

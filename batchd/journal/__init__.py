@@ -210,10 +210,13 @@ class Journal(NotificationQueue):
             found.extend(job_from_row(row) for row in rows)
         return sorted(found, key=lambda job: (job.created_at, job.id))
 
-    def count_jobs(self, states: Iterable[str]) -> int:
+    def count_jobs(self, states: Iterable[str], *, limit: int = -1) -> int:
+        """How many jobs are in ``states`` (at most ``limit``: 1 asks whether there is any, without
+        counting thousands of queued jobs on every tick)."""
         states = tuple(states)
-        return self._cached(("count_jobs", states), lambda: self._db.execute(
-            f"SELECT count(*) FROM jobs WHERE state IN ({', '.join('?' * len(states))})", states).fetchone()[0])
+        return self._cached(("count_jobs", states, limit), lambda: self._db.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state IN ({', '.join('?' * len(states))}) LIMIT ?)",
+            (*states, limit)).fetchone()[0])
 
     def job_with_content(self, sha256: str) -> Job | None:
         """An earlier job with the same manifest and inputs (not a rejected one)."""
