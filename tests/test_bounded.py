@@ -155,7 +155,7 @@ def test_remote_batches_stay_within_max_remote_batches_and_the_rest_wait_their_t
         workspace.drop(f"job{n}.toml", small(n))
     daemon = Daemon(load_settings(workspace.config), once=True)
     daemon.start()
-    most_live = 0
+    most_live, notices = 0, set()
     try:
         deadline = time.monotonic() + 120
         while len(workspace.outbox_folders()) < 6:
@@ -163,10 +163,12 @@ def test_remote_batches_stay_within_max_remote_batches_and_the_rest_wait_their_t
             daemon.loop.tick()
             most_live = max(most_live, daemon.journal.count_chunks_in(
                 REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK))
+            notices.update(notice for notice in daemon.notices() if isinstance(notice, str))
             daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
     finally:
         daemon.close()
     assert most_live == 2, most_live
     assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
     assert not [r for r in caplog.records if "quota" in r.getMessage()], "a create went beyond the limit"
-    assert any("wait their turn" in r.getMessage() for r in caplog.records), "the limit was never said"
+    assert any("wait their turn" in r.getMessage() for r in caplog.records), "the limit was never logged"
+    assert any("as many as max_remote_batches allows" in notice for notice in notices), notices

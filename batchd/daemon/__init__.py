@@ -325,6 +325,9 @@ class Daemon:
                            "with a growing wait (up to a minute) until there is room")
         if self.steps.intake.claiming_paused:
             notices.append(f"not claiming new manifests: {self.steps.intake.claiming_paused}")
+        if self.steps.submit.remote_full:
+            notices.append(f"{self.settings.max_remote_batches} remote batches pending or running, as many as "
+                           "max_remote_batches allows (Gemini runs 100 per project): further chunks wait their turn")
         if self.steps.submit.refusal is not None:
             notices.append(f"submissions paused: {self.steps.submit.refusal}; jobs wait in the journal until the "
                            "key is fixed (GEMINI_API_KEY / GOOGLE_API_KEY, then restart batchd)")

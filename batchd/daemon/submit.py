@@ -54,7 +54,8 @@ class Submit:
         #: Paused while the service refuses the API key (``refusal`` says how it answered).
         self.credentials = Backoff(ctx.settings.poll_interval, max(ctx.settings.poll_max_interval, 60.0))
         self.turns = Turns()
-        self._remote_full = False  # max_remote_batches reached (said once when it starts and ends)
+        #: max_remote_batches reached: logged once when it starts and ends, a notice in `batchd status`
+        self.remote_full = False
         self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
@@ -199,9 +200,9 @@ class Submit:
             return self.submissions.size
         live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
                                                 limit=limit)
-        if (live >= limit) != self._remote_full:
-            self._remote_full = live >= limit
-            if self._remote_full:
+        if (live >= limit) != self.remote_full:
+            self.remote_full = live >= limit
+            if self.remote_full:
                 log.info("%d remote batches are pending or running (max_remote_batches): further chunks wait "
                          "their turn", limit)
             else:
