@@ -14,7 +14,10 @@ flight).  The floors start timing with their emulator up and the SDK imported; b
 include its own start (interpreter, imports, the embedded emulator) and exit, so ``batchd run --once``
 on an empty inbox is timed too and ``ratio4-start`` compares batchd less that fixed cost with the
 4-thread floor.  Printed: jobs/s and wall seconds of batchd and both floors, the ratio of batchd to
-each floor and the peak RSS of batchd with its child processes.
+each floor and the peak RSS of batchd with its child processes; then, from batchd's journal, when
+it first claimed a manifest, and (seconds from then) when its last job was claimed and admitted, its
+first and last create, when its last results were fetched and its last folder published: which step
+sets the pace.
 
     python bench/many_jobs.py --jobs 1000
     python bench/many_jobs.py --jobs 200 --jobs 2000     # per-job cost must stay flat in N
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,12 +42,13 @@ from common import small_manifest as manifest
 FLOOR_THREADS = 4
 
 
-def run_batchd(workspace: Path, jobs: int) -> tuple[float, float, int, int, int]:
+def run_batchd(workspace: Path, jobs: int) -> tuple[float, float, int, int, int, float]:
     """Wall seconds until the last job is published and until ``batchd run --once`` exits (it then
     still delivers the jobs' events to the notification plugins), peak RSS of batchd and of its
-    children (bytes) and its exit code."""
+    children (bytes), its exit code and the wall-clock time it was started at."""
     env = {**os.environ, "BATCHD_CONFIG": str(workspace / "config.toml")}
     published = threading.Event()
+    started_wall = time.time()
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "batchd", "--log-level", "WARNING", "run", "--once"],
                                cwd=workspace, env=env)
@@ -63,7 +68,25 @@ def run_batchd(workspace: Path, jobs: int) -> tuple[float, float, int, int, int]
     published.set()
     watcher.join()
     main_rss, children_rss = memory.stop(usage.ru_maxrss * 1024)
-    return (published_at or [elapsed])[0], elapsed, main_rss, children_rss, os.waitstatus_to_exitcode(status)
+    return ((published_at or [elapsed])[0], elapsed, main_rss, children_rss, os.waitstatus_to_exitcode(status),
+            started_wall)
+
+
+def stages(workspace: Path, started: float) -> dict[str, float]:
+    """When batchd (started at wall-clock ``started``) first claimed a manifest, and when its jobs passed
+    each step after that (seconds from that first claim), read from its journal after it exited: where
+    the time goes (start, claims, admissions, creates, deliveries)."""
+    db = sqlite3.connect(f"file:{workspace / 'state' / 'journal.db'}?mode=ro", uri=True)
+    try:
+        claimed, admitted, submitted, finished = db.execute(
+            "SELECT min(created_at), max(admitted_at), max(submitted_at), max(finished_at) FROM jobs").fetchone()
+        last_claim, = db.execute("SELECT max(created_at) FROM jobs").fetchone()
+        first_create, last_create = db.execute("SELECT min(intent_at), max(intent_at) FROM chunks").fetchone()
+        published, = db.execute("SELECT max(updated_at) FROM jobs WHERE state = 'done'").fetchone()
+    finally:
+        db.close()
+    return {"start to first claim": claimed - started, "claimed": last_claim - claimed, "admitted": admitted - claimed, "first_create": first_create - claimed,
+            "last_create": last_create - claimed, "fetched": finished - claimed, "published": published - claimed}
 
 
 def floor(workspace: Path, jobs: int, threads: int = 1) -> float:
@@ -82,22 +105,23 @@ def measure(jobs: int) -> dict:
         for folder in ("inbox", "outbox"):
             (idle / folder).mkdir(parents=True)
         (idle / "config.toml").write_text(CONFIG)
-        _, start_seconds, _, _, _ = run_batchd(idle, 0)
+        _, start_seconds, _, _, _, _ = run_batchd(idle, 0)
 
         for folder in ("inbox", "outbox"):
             (workspace / folder).mkdir()
         (workspace / "config.toml").write_text(CONFIG)
         for n in range(jobs):
             (workspace / "inbox" / f"m{n:05d}.toml").write_text(manifest(n))
-        seconds, exit_seconds, main_rss, children_rss, code = run_batchd(workspace, jobs)
+        seconds, exit_seconds, main_rss, children_rss, code, started = run_batchd(workspace, jobs)
         delivered = [p for p in (workspace / "outbox").iterdir() if p.is_dir()]
         states = {json.loads((p / "summary.json").read_text())["state"] for p in delivered}
         assert code == 0 and len(delivered) == jobs and states == {"succeeded"}, (code, len(delivered), states)
+        timeline = stages(workspace, started)
     return {"jobs": jobs, "batchd_s": seconds, "exit_s": exit_seconds, "floor_s": floor_seconds, "ratio": seconds / floor_seconds,
             "floor4_s": floor4_seconds, "ratio4": seconds / floor4_seconds, "start_s": start_seconds,
             "ratio4_less_start": (seconds - start_seconds) / floor4_seconds,
             "peak_rss_mb": (main_rss + children_rss) / 2**20, "batchd_rss_mb": main_rss / 2**20,
-            "children_rss_mb": children_rss / 2**20}
+            "children_rss_mb": children_rss / 2**20, "stages": timeline}
 
 
 def main() -> None:
@@ -115,6 +139,8 @@ def main() -> None:
               f"{r['floor4_s']:>9.2f} {r['jobs'] / r['floor4_s']:>7.1f} {r['ratio4']:>7.2f} {r['start_s']:>8.2f} "
               f"{r['ratio4_less_start']:>13.2f} {r['peak_rss_mb']:>12.1f} "
               f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f} {loadavg():>15}", flush=True)
+        print("        batchd's steps, s (after the first, from its first claim): " + ", ".join(
+            f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in r["stages"].items()), flush=True)
 
 
 if __name__ == "__main__":

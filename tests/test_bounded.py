@@ -12,6 +12,7 @@ import pytest
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.admit import RATIO_MIN_CHARS, TokenCounter
+from batchd.daemon.context import Workers
 from batchd.journal import Journal, journal_path
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, JobState
 from batchd.testing import Workspace
@@ -172,3 +173,25 @@ def test_remote_batches_stay_within_max_remote_batches_and_the_rest_wait_their_t
     assert not [r for r in caplog.records if "quota" in r.getMessage()], "a create went beyond the limit"
     assert any("wait their turn" in r.getMessage() for r in caplog.records), "the limit was never logged"
     assert any("as many as max_remote_batches allows" in notice for notice in notices), notices
+
+
+def test_work_taken_off_a_pool_marks_its_job_again():
+    """The mark a finished piece makes (``on_done``) can be spent by a visit in the tick whose collect ran
+    just before the piece ended: that visit still finds it running. Taking it off the pool marks the job
+    again, or a step that keeps the outcome in memory (a writer's, an estimate's) waits for the sweep."""
+    ready: set[str] = set()
+    release = threading.Event()
+    workers = Workers("test", 1, on_done=lambda key, future: ready.add(key), on_taken=ready.add)
+    try:
+        workers.start("job", release.wait)
+        assert workers.finished() == []  # a tick's collect: the piece still runs
+        release.set()
+        deadline = time.monotonic() + 10
+        while "job" not in ready:  # it ended and marked its job
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        ready.clear()  # the same tick's visit took the mark, and found the piece still running
+        [piece] = workers.finished()  # the next tick's collect takes it
+        assert piece.key == "job" and ready == {"job"}, "nothing will visit the job until the sweep"
+    finally:
+        workers.shutdown()

@@ -200,17 +200,23 @@ class Workers(Generic[K]):
 
     A step starts work only while the pool has a free thread (:meth:`full`), so nothing waits in a
     queue that a stop would have to withdraw: a job waits its turn in the journal instead. When a
-    piece ends, ``on_done(key)`` wakes the loop, whose step then takes the outcome (:meth:`finished`).
+    piece ends, ``on_done(key)`` wakes the loop, whose step then takes the outcome (:meth:`finished`),
+    calling ``on_taken(key)`` for it: the loop marks the job again then, because the mark ``on_done``
+    made may already have been spent by a visit in the tick whose collect ran just before the piece
+    ended (a visit that still found it running); a step that keeps the outcome in memory, with no
+    journal change to mark the job, would otherwise leave it waiting for the next sweep.
 
     Work is an effect: it is handed to the pool through ``after_commit`` (the journal's), so it
     starts only once the transition that announced it is committed. It counts as running at once.
     """
 
     def __init__(self, name: str, size: int, on_done: Callable[[K, Future], None],
-                 after_commit: Callable[[Callable[[], Any]], None] = lambda effect: effect()):
+                 after_commit: Callable[[Callable[[], Any]], None] = lambda effect: effect(),
+                 on_taken: Callable[[K], None] = lambda key: None):
         self.name, self.size = name, size
         self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"batchd-{name}")
         self._on_done = on_done
+        self._on_taken = on_taken
         self._after_commit = after_commit
         self.running: dict[K, Work[K]] = {}
 
@@ -246,6 +252,7 @@ class Workers(Generic[K]):
         done = [piece for piece in self.running.values() if piece.future.done()]
         for piece in done:
             del self.running[piece.key]
+            self._on_taken(piece.key)
         return done
 
     def futures(self) -> list[Future]:
@@ -294,13 +301,17 @@ class Context:
     def workers(self, name: str, size: int, *, keyed_by_job: bool = True) -> Workers:
         """A bounded pool whose finished work wakes the loop and, when its keys are job ids (or start
         with one), marks that job for the loop's next tick."""
+        def mark_job(key: Any) -> None:
+            if keyed_by_job:
+                self.mark(key[0] if isinstance(key, tuple) else key)
+
         def done(key: Any, future: Future) -> None:
             if not future.cancelled() and isinstance(future.exception(), fs.StorageFailure):
                 self.storage_failure = self.storage_failure or future.exception()
-            if keyed_by_job:
-                self.mark(key[0] if isinstance(key, tuple) else key)
+            mark_job(key)
             self.wake()
-        return Workers(name, size, done, after_commit=lambda effect: self.journal.after_commit(effect))
+        return Workers(name, size, done, after_commit=lambda effect: self.journal.after_commit(effect),
+                       on_taken=mark_job)
 
     def spool(self, job_id: str) -> JobSpool:
         return JobSpool(self.settings.state_dir / "jobs" / job_id)
