@@ -322,6 +322,7 @@ class OnDemand:
         self._closing = False
         self._finished = threading.Event()
         self._on_ready = on_ready
+        self._name = name
         run_in_own_thread(self._run, name)
 
     def _run(self) -> None:
@@ -334,13 +335,16 @@ class OnDemand:
                     self._iterator.close()  # resting at a boundary: its cleanup runs here
                     return
                 try:
-                    self._answer = ("item", next(self._iterator))
+                    answer: tuple[str, Any] = ("item", next(self._iterator))
                 except StopIteration:
-                    self._answer = ("end", None)
+                    answer = ("end", None)
                 except BaseException as error:  # noqa: BLE001 - handed to the consumer
-                    self._answer = ("error", error)
+                    answer = ("error", error)
+                # Read from here on through the local: the consumer may take an item (and clear
+                # ``_answer``) the moment it is set, before on_ready has even returned.
+                self._answer = answer
                 self._on_ready()
-                if self._answer[0] != "item":
+                if answer[0] != "item":
                     return
         finally:
             close = getattr(self._source, "close", None)
@@ -361,8 +365,13 @@ class OnDemand:
 
     def take(self) -> tuple[str, Any]:
         """``("item", item)``, ``("end", None)``, ``("error", exception)`` or ``("waiting", None)`` (asked,
-        not yet answered: the next item is asked for here when it was not yet)."""
+        not yet answered: the next item is asked for here when it was not yet). A thread that ended
+        without answering what was asked (a bug in batchd, not the plugin's) is an error, not a wait
+        that never ends."""
+        ended = self._finished.is_set()  # read first: an answer is always set before the thread ends
         answer = self._answer
+        if answer is None and ended and self._pending:
+            answer = self._answer = ("error", RuntimeError(f"{self._name} ended without answering"))
         if answer is not None:
             if answer[0] == "item":
                 self._answer, self._pending = None, False

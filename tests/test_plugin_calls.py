@@ -150,3 +150,42 @@ def test_idle_plugin_threads_end_after_their_wait_and_only_a_few_are_kept():
     for thread in threads:
         thread.join(10)
     assert not any(thread.is_alive() for thread in threads), "idle threads did not end"
+
+
+def test_on_demand_survives_an_item_taken_while_it_announces_it(workspace: Workspace):
+    """The loop may take an item the moment it is set, before ``on_ready`` returns (a tick already
+    under way): the thread must not read the answer back. It once did, died, and left its job
+    ``building`` for ever."""
+    clock = PluginClock("t", "p", "requests()")
+    taken: list = []
+    feed: OnDemand
+
+    def take_at_once() -> None:  # the consumer, as fast as it can be
+        taken.append(feed.take())
+
+    feed = OnDemand(iter(range(3)), clock, name="test-on-demand-race", on_ready=take_at_once)
+    for expected in range(3):
+        assert feed.take() == ("waiting", None)
+        workspace.wait_for(lambda: len(taken) > expected, what=f"item {expected}")
+        assert taken[-1] == ("item", expected)
+    assert feed.take() == ("waiting", None)
+    workspace.wait_for(lambda: taken[-1] == ("end", None), what="the end")
+    assert not feed.resting() or feed.take() == ("end", None)
+
+
+def test_on_demand_whose_thread_died_answers_an_error_not_waiting_for_ever(workspace: Workspace):
+    clock = PluginClock("t", "p", "requests()")
+    calls = []
+
+    def broken_on_ready() -> None:  # a bug in batchd's own callback kills the thread
+        calls.append(1)
+        raise RuntimeError("a bug")
+
+    feed = OnDemand(iter(range(3)), clock, name="test-on-demand-dies", on_ready=broken_on_ready)
+    assert feed.take() == ("waiting", None)
+    workspace.wait_for(lambda: calls, what="the first answer")
+    assert feed.take() == ("item", 0)
+    assert feed.take() == ("waiting", None)  # asks for the next one: nobody is left to answer
+    kind, error = workspace.wait_for(lambda: (answer := feed.take())[0] != "waiting" and answer,
+                                     what="the dead thread noticed")
+    assert kind == "error" and "ended without answering" in str(error)
