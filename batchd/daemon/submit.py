@@ -175,6 +175,7 @@ class Submit:
                 log.info("the service takes creates again: the quota wait is over")
             self.adopt(chunk, result)
         self.media.due()
+        self._note_remote_limit()
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
@@ -188,26 +189,29 @@ class Submit:
         remote batches; none while the service refuses the API key, or its quota."""
         if self.credentials.waiting() or self.ctx.quota.waiting("create"):
             return 0
-        return min(self.submissions.free(), self.remote_room())
+        free = self.submissions.free()
+        return min(free, self.remote_room()) if self.ctx.settings.max_remote_batches else free
 
     def remote_room(self) -> int:
-        """Remote batches that may still be created: ``max_remote_batches`` less the chunks whose batch
-        exists or may (``submitting``, ``running``). Google runs 100 per project and answers 429 to any
-        create beyond that; counting our own keeps chunks waiting their turn here, oldest job first,
+        """Remote batches that may still be created: ``max_remote_batches`` (set) less the chunks whose
+        batch exists or may (``submitting``, ``running``). Google runs 100 per project and answers 429 to
+        any create beyond that; counting our own keeps chunks waiting their turn here, oldest job first,
         instead of bouncing off the service."""
         limit = self.ctx.settings.max_remote_batches
-        if not limit:
-            return self.submissions.size
         live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
                                                 limit=limit)
-        if (live >= limit) != self.remote_full:
-            self.remote_full = live >= limit
-            if self.remote_full:
+        return max(0, limit - live)
+
+    def _note_remote_limit(self) -> None:
+        """Say once when ``max_remote_batches`` starts and stops holding chunks back (once a tick)."""
+        full = bool(self.ctx.settings.max_remote_batches) and self.remote_room() == 0
+        if full != self.remote_full:
+            self.remote_full = full
+            if full:
                 log.info("%d remote batches are pending or running (max_remote_batches): further chunks wait "
-                         "their turn", limit)
+                         "their turn", self.ctx.settings.max_remote_batches)
             else:
                 log.info("remote batches below max_remote_batches again: chunks are sent")
-        return max(0, limit - live)
 
     def seconds_until_free(self) -> float:
         """Until a quota wait ends and the jobs waiting for it can go (inf: none is in force)."""

@@ -182,17 +182,25 @@ class ActiveJobs:
         self._ids: set[str] = set()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """Jobs counted: those not yet seen to end (none without a limit: nothing is kept then)."""
+        return len(self._ids)
+
     def add_existing(self, job_ids: Iterable[str]) -> None:
         """Count the jobs a previous process accepted that have not ended (at start)."""
+        if not self.limit:
+            return
         with self._lock:
             self._ids.update(job_id for job_id in job_ids if not self._ended(job_id))
 
     def reserve(self, job_id: str) -> None:
         """Count ``job_id`` in, or raise the 429 Google answers when the limit is reached."""
+        if not self.limit:
+            return  # nothing to bound: keeping every id would grow with every job ever created
         with self._lock:
-            if self.limit and len(self._ids) >= self.limit:
+            if len(self._ids) >= self.limit:
                 self._ids = {counted for counted in self._ids if not self._ended(counted)}
-            if self.limit and len(self._ids) >= self.limit:
+            if len(self._ids) >= self.limit:
                 raise quota_exhausted("batch_concurrent_requests", "BatchConcurrentRequestsPerProject",
                                       str(self.limit))
             self._ids.add(job_id)

@@ -14,6 +14,7 @@ from google import genai
 from google.genai import errors, types
 
 from batchd.emulator import EmulatorServer, shapes
+from batchd.emulator.jobs import ActiveJobs
 
 from .support import (API_KEY, EMBED_MODEL, MODEL, inline_requests, make_client, output_lines, request_lines, wait_done,
                       write_jsonl)
@@ -205,3 +206,16 @@ def test_batch_jobs_beyond_the_concurrent_limit_are_refused_with_429_until_one_e
         client.batches.delete(name=third.name)
         create(client)
         client.close()
+
+
+def test_without_a_concurrent_limit_no_job_is_counted():
+    """``concurrent_batches = 0``: nothing to bound, so no id is kept (it would grow with every job)."""
+    unlimited = ActiveJobs(0, ended=lambda job_id: False)
+    unlimited.add_existing(f"old{n}" for n in range(100))
+    for n in range(1000):
+        unlimited.reserve(f"job{n}")
+    assert len(unlimited) == 0
+    limited = ActiveJobs(2, ended=lambda job_id: job_id == "a")
+    limited.reserve("a"), limited.reserve("b")
+    limited.reserve("c")  # full: "a" has ended and leaves
+    assert len(limited) == 2
