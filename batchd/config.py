@@ -316,6 +316,11 @@ class Settings(BaseSettings):
         description="Chunks up to this size are sent inline; 0 always uploads a file.",
     )
     inline_max_requests: int = Field(1000, ge=0, description="Chunks with more requests are uploaded.")
+    pack_jobs_below: int = Field(
+        100, ge=0, description="Jobs of fewer requests than this (one inline chunk, a generate task) share remote"
+                               " batches: those waiting for the pool leave together, up to inline_max_requests"
+                               " requests a batch, so a burst of small manifests is a few batches, not thousands."
+                               " 0 or 1 = every job gets its own.")
     submit_grace_seconds: float = Field(
         120.0,
         ge=0,

@@ -215,6 +215,12 @@ class JobSpool:
             chunk.mode = "inline"
         return chunk
 
+    def write_requests(self, idx: int, lines: Iterable[str]) -> tuple[int, int]:
+        """Write a requests file whole and durably (a pack's: batchd/daemon/pack.py); its lines and bytes."""
+        text = "".join(lines)
+        atomic_write(self.requests_path(idx), text, step="requests")
+        return text.count("\n"), len(text.encode("utf-8"))
+
     def read_requests(self, idx: int) -> Iterator[dict]:
         with open(self.requests_path(idx), encoding="utf-8", buffering=IO_BUFFER) as lines:
             for line in lines:
@@ -257,6 +263,10 @@ class JobSpool:
             # One answer without its key for one request without an answer: the match is certain, not a guess.
             certain = keyless == 1 and len(unclaimed) == 1
             records = list(_claim_by_position(records, iter(unclaimed), certain))
+        self.write_results(idx, records)
+
+    def write_results(self, idx: int, records: Iterable[dict]) -> None:
+        """Store a chunk's result records (written atomically)."""
         encode = json.JSONEncoder(ensure_ascii=False).encode
         atomic_write(self.results_path(idx), "".join(encode(record) + "\n" for record in records), step="results")
 

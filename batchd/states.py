@@ -24,6 +24,7 @@ class JobState(StrEnum):
 
 class ChunkState(StrEnum):
     BUILT = "built"            # its requests file is complete in the spool
+    PACKED = "packed"          # its requests travel in a pack's remote batch (``packed_in``; batchd/daemon/pack.py)
     SUBMITTING = "submitting"  # create intent committed; the remote batch may or may not exist
     RUNNING = "running"        # its remote batch exists (remote_name recorded)
     FETCHED = "fetched"        # its results are in the spool, or it ended without any (see error)
@@ -64,6 +65,7 @@ JOB_MOVES: frozenset[tuple[JobState, JobState]] = frozenset({
     (JobState.BUILDING, JobState.PUBLISHING),    # cancelled before any chunk was built
     (JobState.BUILT, JobState.SUBMITTED),
     (JobState.SUBMITTED, JobState.FETCHED),
+    (JobState.SUBMITTED, JobState.DONE),         # a pack, once its members have its results (never delivered)
     (JobState.FETCHED, JobState.PUBLISHING),
     (JobState.PUBLISHING, JobState.DONE),
     (JobState.PUBLISHING, JobState.FETCHED),     # its staged folder was lost: written again
@@ -74,6 +76,10 @@ JOB_MOVES: frozenset[tuple[JobState, JobState]] = frozenset({
 CHUNK_MOVES: frozenset[tuple[ChunkState, ChunkState]] = frozenset({
     (ChunkState.BUILT, ChunkState.SUBMITTING),
     (ChunkState.BUILT, ChunkState.SKIPPED),        # cancelled before it was sent
+    (ChunkState.BUILT, ChunkState.PACKED),         # sealed into a pack with other small jobs' chunks
+    (ChunkState.PACKED, ChunkState.FETCHED),       # its share of the pack's results is in its own spool
+    (ChunkState.PACKED, ChunkState.SKIPPED),       # cancelled: its share of the pack's results is dropped
+    (ChunkState.PACKED, ChunkState.BUILT),         # the pack ended without results: it is sent alone
     (ChunkState.SUBMITTING, ChunkState.RUNNING),   # the create's answer, or found by its display name
     (ChunkState.SUBMITTING, ChunkState.FETCHED),   # the create was refused (remote_state "rejected")
     (ChunkState.SUBMITTING, ChunkState.SKIPPED),   # cancelled; its create never showed up

@@ -79,10 +79,11 @@ def stages(workspace: Path, started: float) -> dict[str, float]:
     db = sqlite3.connect(f"file:{workspace / 'state' / 'journal.db'}?mode=ro", uri=True)
     try:
         claimed, admitted, submitted, finished = db.execute(
-            "SELECT min(created_at), max(admitted_at), max(submitted_at), max(finished_at) FROM jobs").fetchone()
-        last_claim, = db.execute("SELECT max(created_at) FROM jobs").fetchone()
+            "SELECT min(created_at), max(admitted_at), max(submitted_at), max(finished_at) FROM jobs WHERE pack = 0"
+        ).fetchone()
+        last_claim, = db.execute("SELECT max(created_at) FROM jobs WHERE pack = 0").fetchone()
         first_create, last_create = db.execute("SELECT min(intent_at), max(intent_at) FROM chunks").fetchone()
-        published, = db.execute("SELECT max(updated_at) FROM jobs WHERE state = 'done'").fetchone()
+        published, = db.execute("SELECT max(updated_at) FROM jobs WHERE state = 'done' AND pack = 0").fetchone()
     finally:
         db.close()
     return {"start to first claim": claimed - started, "claimed": last_claim - claimed, "admitted": admitted - claimed, "first_create": first_create - claimed,

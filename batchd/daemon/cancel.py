@@ -41,6 +41,11 @@ class Cancel:
                 for chunk in self.ctx.journal.chunks(job.id):
                     if chunk.state == ChunkState.RUNNING and not chunk.cancel_sent:
                         self.monitor.send_cancel(chunk)
+                    elif chunk.state == ChunkState.PACKED:
+                        # Its requests share a batch with other jobs': that batch goes on, this job's share
+                        # of it is dropped (batchd.daemon.pack cancels a batch no job is waiting for).
+                        self.ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SKIPPED)
+                        self.ctx.mark(chunk.packed_in)
         return False
 
     def skip_unsent(self, job: Job) -> None:

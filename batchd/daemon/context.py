@@ -316,7 +316,12 @@ class Context:
     def spool(self, job_id: str) -> JobSpool:
         return JobSpool(self.settings.state_dir / "jobs" / job_id)
 
-    def event(self, kind: str, job: Job, **details: Any) -> dict:
+    def event(self, kind: str, job: Job, **details: Any) -> dict | None:
+        """The event of ``kind`` about ``job``, for the journal to commit with the transition it
+        announces; None for a pack, batchd's own job (batchd/daemon/pack.py): its members announce
+        what happens to them, and the journal takes None for no event."""
+        if job.pack:
+            return None
         if kind in ("progress", "expired"):  # kinds a job can meet more than once
             details["seq"] = self.journal.event_count(job.id, kind) + 1
         return make_event(kind, job, default_model=self.settings.model, **details)

@@ -46,7 +46,12 @@ ON_MEDIA = {
 ON_CACHE = {
     "after-cache-store": "results written and the job's answers stored in the request cache, outbox not yet published",
 }
-CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA, **ON_CACHE}
+#: Met only by small jobs sent together in a pack (batchd.daemon.pack).
+ON_PACK = {
+    "after-pack-requests": "a pack's requests file written and synced, the pack and its members' moves not yet committed",
+    "after-pack-split": "a pack's results split into its members' spools, the members not yet 'fetched'",
+}
+CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA, **ON_CACHE, **ON_PACK}
 
 #: Commits the transitions the loop has grouped so far (``Journal.flush``, set by the daemon): a crash
 #: point means "everything before this point is committed", as it was when each transition committed

@@ -13,6 +13,7 @@ from typing import Callable
 from batchd import fs
 from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
+from batchd.daemon.pack import split_results
 from batchd.journal import Chunk
 from batchd.provider import Provider, RemoteJob, inline_results, is_auth_error, is_retryable
 from batchd.spool import JobSpool
@@ -42,8 +43,12 @@ class Fetch:
             self._queued[key] = chunk
             return  # (its remote is asked for again when its turn comes: it may be big)
         self._queued.pop(key, None)
+        journal = self.ctx.journal
+        # A pack's results are split into its members' spools in the same work (batchd.daemon.pack).
+        members = [(member, self.ctx.spool(member.job_id)) for member in journal.packed_members(chunk.job_id)] \
+            if journal.job(chunk.job_id).pack else None
         self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
-                           about=chunk)
+                           members, about=chunk)
 
     def busy(self) -> bool:
         return bool(len(self.fetches) or self._queued)
@@ -54,7 +59,7 @@ class Fetch:
         for work in self.fetches.finished():
             chunk = work.about
             try:
-                remote, error = work.future.result()
+                remote, error, shares = work.future.result()
             except Exception as failure:
                 # Transient (the network, a full disk here, a key refused: the operator's to fix, not the
                 # job's): still 'running' in the journal, so the next poll fetches it again. Anything else
@@ -82,6 +87,12 @@ class Fetch:
             journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state=remote.state,
                                  stats=remote.stats, error=error,
                                  events=self._progress_events(chunk, remote.stats, finished=True))
+            for (job_id, idx), stats in (shares or {}).items():
+                member = journal.chunk(job_id, idx)
+                if member.state == ChunkState.PACKED:  # (not cancelled since)
+                    journal.update_chunk(job_id, idx, state=ChunkState.FETCHED, remote_name=remote.name,
+                                         remote_state=remote.state, stats=stats,
+                                         events=self._progress_events(member, stats, finished=True))
             log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
                      extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
         for chunk in list(self._queued.values())[:self.fetches.free()]:
@@ -93,10 +104,11 @@ class Fetch:
         self.fetches.shutdown(cancel=True)
 
 
-def store_results(provider: Provider, chunk: Chunk, spool: JobSpool,
-                  remote: RemoteJob | None = None) -> tuple[RemoteJob, dict | None]:
+def store_results(provider: Provider, chunk: Chunk, spool: JobSpool, remote: RemoteJob | None = None,
+                  members: list[tuple[Chunk, JobSpool]] | None = None) -> tuple[RemoteJob, dict | None, dict | None]:
     """One get (list leaves inline output out) unless ``remote`` is one, then the results themselves (runs in
-    the pool)."""
+    the pool): the remote batch, the chunk's error (results it cannot have), and for a pack's chunk each
+    ``members``' counts once its share of the results is in its spool (None: no results to share)."""
     if remote is None:
         remote = provider.get(chunk.remote_name)
     error = None
@@ -115,4 +127,8 @@ def store_results(provider: Provider, chunk: Chunk, spool: JobSpool,
     elif remote.inlined is not None:
         spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
     crashpoint("after-download")
-    return remote, error
+    if members is None:
+        return remote, error, None
+    shares = split_results(spool, members) if error is None else None
+    crashpoint("after-pack-split")
+    return remote, error, shares

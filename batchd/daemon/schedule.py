@@ -59,6 +59,7 @@ class Steps:
         self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c, remote=None: self.fetch.start(c, remote))
         self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
                              cancel_adopted=self.monitor.send_cancel)
+        self.pack = self.submit.pack
         # The loop owns the disk-full pause; it plugs itself in as on_disk_full.
         self.fetch = Fetch(ctx, progress_events=self.monitor.progress_events,
                            disk_full=lambda error, step, job: self.on_disk_full(error, step, job))
@@ -76,6 +77,7 @@ class Steps:
         """A job delivered without results: the steps before delivery drop what they hold for it."""
         self.admit.forget(job_id)
         self.build.forget(job_id)
+        self.pack.forget(job_id)
 
     def collect(self) -> None:
         """Take what the workers finished, in the order of the path."""
@@ -162,7 +164,7 @@ class Loop:
         """Visit every active job on the next tick (at start, after a disk pause, and now and then)."""
         self._swept_at = time.monotonic()
         active = set()
-        for job in self.ctx.journal.jobs(states=ACTIVE_JOB_STATES):
+        for job in self.ctx.journal.jobs(states=ACTIVE_JOB_STATES, packs=True):
             active.add(job.id)
             self.mark(job.id)
         for job_id in self._disk_waits.keys() - active:  # finished or cancelled meanwhile
@@ -242,6 +244,8 @@ class Loop:
                 s.build.abandon(job.id)
                 s.deliver.abandon(job)
                 self.disk_full(error, None, job)
+        if not ctx.writes_paused():
+            s.pack.seal()  # the small jobs this tick's visits offered, while the pool has room
         if s.monitor.due():
             s.monitor.poll()
         s.uploads.tidy()
@@ -249,18 +253,20 @@ class Loop:
     def advance(self, job: Job) -> None:
         """Take the job's next step."""
         ctx, s = self.ctx, self.s
+        # A pack (batchd's own job carrying small jobs' chunks) has a step of its own in every state.
+        step = s.pack.step if job.pack else self.steps[job.state]
         if ctx.writes_paused():
             # The disk was full a moment ago: only the steps that write nothing but the journal go on.
             if job.state in (JobState.BUILT, JobState.SUBMITTED):
                 if job.cancel_requested:
                     s.cancel.apply(job)
-                self.steps[job.state](job)
+                step(job)
             elif job.state == JobState.BUILDING and s.build.sends_while_building(job.id):
                 s.submit.step(job)
             return
         if job.cancel_requested and s.cancel.apply(job):
             return
-        self.steps[job.state](job)
+        step(job)
 
     # -- the steps that take more than one module -----------------------------------------------------
 
@@ -340,6 +346,8 @@ class Loop:
             wait = min(wait, BUILD_CHECK_SECONDS)
         wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free(),
                    s.push.seconds_until_due())
+        if s.pack.offered and s.submit.free() and not ctx.writes_paused():
+            wait = min(wait, s.pack.seconds_until_due())  # offers waiting for company, and room to send them
         if ctx.disk.interval:
             wait = min(wait, ctx.disk.seconds_left())
         for job_wait in self._disk_waits.values():

@@ -23,6 +23,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.media import ABOUT as MEDIA_UPLOAD
 from batchd.daemon.media import MediaUploads
 from batchd.daemon.naming import upload_display_name, upload_display_names
+from batchd.daemon.pack import Pack
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
 from batchd.media import resolve_request
@@ -62,6 +63,8 @@ class Submit:
         self._cancel_adopted = cancel_adopted
         #: The files chunks' requests reference, uploaded before their chunk is created (same pool).
         self.media = MediaUploads(ctx, self.submissions)
+        #: Small jobs' chunks, offered here and sent together in one remote batch (batchd.daemon.pack).
+        self.pack = Pack(ctx, send_alone=self.send, free=self.free, submit_step=self.step)
 
     def step(self, job: Job) -> None:
         """Send the job's built chunks while the pool has room; a ``built`` job whose every chunk is sent
@@ -71,6 +74,9 @@ class Submit:
         # One more than can go: to know whether some must wait. A cancelled job sends nothing more (its
         # unsent chunks are skipped by batchd.daemon.cancel).
         chunks = [] if job.cancel_requested else ctx.journal.built_chunks(job.id, free + 1)
+        if len(chunks) == 1 and self.pack.offer(job, chunks[0]):
+            self.turns.forget(job.id)
+            return  # it leaves in a pack (or alone) when the pool has room: Pack.seal
         share = 0
         if chunks and self.turns.first(job.id, free):
             share = 1 if len(self.turns) else free  # others in line: one chunk per turn
@@ -79,22 +85,7 @@ class Submit:
             if chunk.mode == "file" and not self.upload_slots():
                 upload_waits = True  # each upload holds a part of its file in memory: they are bounded apart
                 break
-            uris, refused = self.media.ready(job, chunk)
-            if refused is not None:  # a file the service refused: the chunk's requests can never be sent
-                ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time())
-                ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
-                                         error=refused)
-                continue
-            if uris is None:
-                continue  # its files are being uploaded: the job is visited again when an upload ends
-            if uris:
-                ctx.journal.set_media({sha256: {"last_used": time.time()} for sha256 in uris})
-            ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
-                                     **_upload_intent(chunk))
-            crashpoint("after-intent")
-            if chunk.resubmits:
-                crashpoint("after-resubmit-intent")
-            self.start(job, chunk)
+            self.send(job, chunk)
         if not chunks:
             self.turns.forget(job.id)
         if not upload_waits:
@@ -111,6 +102,26 @@ class Submit:
             submitted = replace(job, state=JobState.SUBMITTED)
             ctx.journal.update_job(job.id, state=JobState.SUBMITTED, submitted_at=time.time() if sent else None,
                                    events=self._submitted_events(submitted, ctx.journal.chunks(job.id)))
+
+    def send(self, job: Job, chunk: Chunk) -> None:
+        """Commit the chunk's create intent and start its create (its upload first, for a file chunk)."""
+        ctx = self.ctx
+        uris, refused = self.media.ready(job, chunk)
+        if refused is not None:  # a file the service refused: the chunk's requests can never be sent
+            ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time())
+            ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
+                                     error=refused)
+            return
+        if uris is None:
+            return  # its files are being uploaded: the job is visited again when an upload ends
+        if uris:
+            ctx.journal.set_media({sha256: {"last_used": time.time()} for sha256 in uris})
+        ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
+                                 **_upload_intent(chunk))
+        crashpoint("after-intent")
+        if chunk.resubmits:
+            crashpoint("after-resubmit-intent")
+        self.start(job, chunk)
 
     def _submitted_events(self, job: Job, chunks: list[Chunk]) -> list[dict]:
         """The ``submitted`` event of a job all of whose chunks are sent, once one remote job of it exists.
@@ -176,6 +187,7 @@ class Submit:
             self.adopt(chunk, result)
         self.media.due()
         self._note_remote_limit()
+        self.pack.seal(most=1)  # waiting offers take their turn first, as one job (the rest: Pack.seal at the tick's end)
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
@@ -261,7 +273,9 @@ class Submit:
                           remote_state=remote.state, stats=remote.stats)
         job = ctx.journal.job(chunk.job_id)
         events = []
-        if job.state == JobState.SUBMITTED and not ctx.journal.event_count(job.id, "submitted"):
+        if job.pack:
+            events = self._members_submitted(job, remote.name)
+        elif job.state == JobState.SUBMITTED and not ctx.journal.event_count(job.id, "submitted"):
             # Every chunk was sent before this first create was confirmed: the job's remote work exists now.
             events = self._submitted_events(job, [adopted if c.idx == chunk.idx else c
                                                   for c in ctx.journal.chunks(job.id)])
@@ -270,6 +284,17 @@ class Submit:
         log.info("job %s: chunk %d is remote job %s", chunk.job_id, chunk.idx, remote.name,
                  extra={"job": chunk.job_id, "chunk": chunk.idx, "remote": remote.name})
         return adopted
+
+    def _members_submitted(self, pack: Job, remote_name: str) -> list[dict]:
+        """The ``submitted`` events of a pack's members, once its remote batch exists (a member's chunk
+        names it from its results on: ``Fetch``)."""
+        ctx = self.ctx
+        members = {chunk.job_id: chunk for chunk in ctx.journal.packed_members(pack.id)}
+        events = []
+        for job in ctx.journal.jobs_by_id(members):
+            if not ctx.journal.event_count(job.id, "submitted"):
+                events += self._submitted_events(job, [replace(members[job.id], remote_name=remote_name)])
+        return events
 
     def _failed(self, chunk: Chunk, error: Exception, stage: str) -> None:
         if is_auth_error(error):

@@ -19,7 +19,7 @@ other (a test checks these diagrams against those tables). Job states, from left
     held       → received
     building   → built | received | publishing
     built      → submitted
-    submitted  → fetched
+    submitted  → fetched | done
     fetched    → publishing
     publishing → done | fetched | received
 
@@ -37,7 +37,8 @@ holds the chunks recorded so far, and ``build_stopped`` says requests were left
 unbuilt. ``submitted`` covers the time the remote jobs run; every chunk (one
 remote batch) has its own small state machine (``remote_state`` says how it ended)::
 
-    built      → submitting | skipped
+    built      → submitting | skipped | packed
+    packed     → fetched | skipped | built
     submitting → running | fetched | skipped | built
     running    → fetched | built
 
@@ -47,6 +48,16 @@ create never showed up; ``submitting → built``: the service refused the API ke
 created), the chunk is sent again once a key is accepted. ``running → fetched``: results downloaded, or the remote job ended without
 any (``remote_state`` "missing" when it disappeared). ``running → built``: it expired and is
 submitted again (below).
+
+Small jobs share remote batches: a *pack* is a job of batchd's own (``pack`` = 1: never delivered,
+announced or shown) whose one chunk carries the requests of many small jobs' chunks (its
+*members*, ``packed_in`` naming it). Sealing a pack commits, in one transaction, the pack's job and
+chunk rows (its requests file already written and synced) with every member's ``built → packed``
+and each member job's ``built → submitted``. The pack's chunk is then submitted, polled and
+fetched like any other; its results are split into the members' spools before the transaction
+that moves them ``packed → fetched``. A pack that ends without results sends its members alone
+(``packed → built``; a chunk is packed once), and is then ``submitted → done``. A member
+cancelled meanwhile is ``packed → skipped``; a pack left without members is cancelled.
 
 A remote job the service did not finish within 48 hours ends EXPIRED, without results. While
 ``resubmits`` is below the ``resubmit_expired`` setting, the chunk goes back to ``built`` under its
@@ -94,7 +105,8 @@ from typing import Any, Callable, Iterable
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
 from batchd.logs import redact
-from batchd.states import ACTIVE_JOB_STATES, CHUNK_SOURCES, JOB_SOURCES, check_chunk_move, check_job_move
+from batchd.states import (ACTIVE_JOB_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState, check_chunk_move,
+                           check_job_move)
 
 __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 
@@ -126,6 +138,16 @@ class Journal(NotificationQueue):
         #: Called with a job's id after every commit that changed the job or one of its chunks: the
         #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
         self.on_change: Callable[[str], None] = lambda job_id: None
+        #: Whether ``jobs.pack`` exists: a writer adds it when it opens; a reader of a journal no daemon of
+        #: this version has opened yet sees no pack (see :attr:`_not_pack`).
+        self._has_pack_column = not readonly
+
+    @property
+    def _not_pack(self) -> str:
+        """SQL that holds for a job people dropped, not a pack (batchd/daemon/pack.py)."""
+        if not self._has_pack_column:
+            self._has_pack_column = any(row[1] == "pack" for row in self._db.execute("PRAGMA table_info(jobs)"))
+        return "pack = 0" if self._has_pack_column else "1"
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -177,14 +199,18 @@ class Journal(NotificationQueue):
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return job_from_row(row) if row else None
 
-    def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
+    def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None,
+             packs: bool = False) -> list[Job]:
+        """Jobs in ``states`` (all: None), oldest first; packs only when asked (the loop's sweep):
+        everything else shows the jobs people dropped."""
         if states and name is None:
-            return self._cached(("jobs", tuple(states)), lambda: self._jobs(states=states))
-        return self._jobs(states=states, name=name)
+            return self._cached(("jobs", tuple(states), packs), lambda: self._jobs(states=states, packs=packs))
+        return self._jobs(states=states, name=name, packs=packs)
 
-    def _jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None) -> list[Job]:
+    def _jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None,
+              packs: bool = False) -> list[Job]:
         query, args = "SELECT * FROM jobs", []
-        clauses = []
+        clauses = [] if packs else [self._not_pack]
         if states:
             clauses.append(f"state IN ({', '.join('?' * len(states))})")
             args.extend(states)
@@ -229,7 +255,7 @@ class Journal(NotificationQueue):
     def find_jobs(self, ref: str) -> list[Job]:
         """Jobs named ``ref`` (the manifest stem) or with id ``ref``, newest last."""
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE name = ? OR id = ? ORDER BY created_at, id", (ref, ref)
+            f"SELECT * FROM jobs WHERE (name = ? OR id = ?) AND {self._not_pack} ORDER BY created_at, id", (ref, ref)
         )
         return [job_from_row(row) for row in rows]
 
@@ -254,24 +280,29 @@ class Journal(NotificationQueue):
         return bool(inserted)
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
+        with self.transaction() as db:
+            self._update_chunk(db, job_id, idx, **fields)
+            self._add_events(db, events)
+        self.on_change(job_id)
+
+    @staticmethod
+    def _update_chunk(db: sqlite3.Connection, job_id: str, idx: int, **fields: Any) -> None:
         for name in ("stats", "error"):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
-        with self.transaction() as db:
-            if "state" not in fields:
-                db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
-            else:  # checked as a job's move is (see _update_job)
-                sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
-                updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
-                                     f" AND state IN ({', '.join('?' * len(sources))})",
-                                     (*fields.values(), job_id, idx, *sources)).rowcount
-                if not updated:
-                    row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
-                    if row is not None:
-                        check_chunk_move(row[0], fields["state"])
-            self._add_events(db, events)
-        self.on_change(job_id)
+        if "state" not in fields:
+            db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
+            return
+        # Checked as a job's move is (see _update_job).
+        sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
+        updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
+                             f" AND state IN ({', '.join('?' * len(sources))})",
+                             (*fields.values(), job_id, idx, *sources)).rowcount
+        if not updated:
+            row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+            if row is not None:
+                check_chunk_move(row[0], fields["state"])
 
     def resubmit_chunk(self, chunk: Chunk, display_name: str, *, events: Iterable[dict] = ()) -> None:
         """An expired chunk back to ``built`` under its next display name, to be submitted again.
@@ -290,6 +321,31 @@ class Journal(NotificationQueue):
             self._add_events(db, events)
         self.on_change(chunk.job_id)
 
+    # -- packs (batchd/daemon/pack.py) -------------------------------------------------------
+
+    def add_pack(self, pack_id: str, *, model: str, chunk: dict, members: list[Chunk]) -> None:
+        """Seal a pack: its job and chunk rows (``built``), each member chunk ``built → packed`` and each
+        member job ``built → submitted``, in one transaction (its requests file is already durable)."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT INTO jobs (id, name, source, state, model, kind, pack, created_at, updated_at)"
+                       " VALUES (?, 'pack', '', 'built', ?, 'generate', 1, ?, ?)", (pack_id, model, now, now))
+            db.execute("INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
+                       " VALUES (?, 0, ?, 'inline', ?, ?, 'built')",
+                       (pack_id, chunk["display_name"], chunk["request_count"], chunk["byte_size"]))
+            for member in members:
+                self._update_chunk(db, member.job_id, member.idx, state=ChunkState.PACKED, packed_in=pack_id)
+                self._update_job(db, member.job_id, state=JobState.SUBMITTED, submitted_at=now)
+        self.on_change(pack_id)
+        for member in members:
+            self.on_change(member.job_id)
+
+    def packed_members(self, pack_id: str) -> list[Chunk]:
+        """The chunks still waiting for the pack's results (not cancelled, not sent alone)."""
+        rows = self._db.execute("SELECT * FROM chunks WHERE packed_in = ? AND state = 'packed' ORDER BY job_id, idx",
+                                (pack_id,))
+        return [chunk_from_row(row) for row in rows]
+
     def chunks(self, job_id: str) -> list[Chunk]:
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         return [chunk_from_row(row) for row in rows]
@@ -306,7 +362,9 @@ class Journal(NotificationQueue):
         return chunk_from_row(row) if row else None
 
     def chunk_by_remote_name(self, remote_name: str) -> Chunk | None:
-        row = self._db.execute("SELECT * FROM chunks WHERE remote_name = ?", (remote_name,)).fetchone()
+        # A pack's members record its remote name once they have their results: the pack's own chunk is it.
+        row = self._db.execute("SELECT * FROM chunks WHERE remote_name = ? ORDER BY packed_in IS NOT NULL LIMIT 1",
+                               (remote_name,)).fetchone()
         return chunk_from_row(row) if row else None
 
     def chunk_totals(self, job_id: str) -> dict[str, int]:
@@ -502,8 +560,9 @@ class Journal(NotificationQueue):
     def recent_jobs(self, *, done: int, limit: int) -> list[Job]:
         """Every unfinished job and the ``done`` last finished ones, newest first, at most ``limit``."""
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE state != 'done' UNION ALL"
-            " SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?)"
+            f"SELECT * FROM jobs WHERE state != 'done' AND {self._not_pack} UNION ALL"
+            f" SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' AND {self._not_pack}"
+            " ORDER BY finished_at DESC LIMIT ?)"
             " ORDER BY created_at DESC, id DESC LIMIT ?", (done, limit)).fetchall()
         return [job_from_row(row) for row in rows]
 
@@ -511,7 +570,7 @@ class Journal(NotificationQueue):
         """``(day, model, spend)`` of the jobs since ``since``, summed per UTC day and model, oldest first."""
         rows = self._db.execute(
             "SELECT date(coalesce(finished_at, created_at), 'unixepoch') AS day, coalesce(model, ?) AS model,"
-            " sum(spend) FROM jobs WHERE spend IS NOT NULL AND coalesce(finished_at, created_at) >= ?"
+            f" sum(spend) FROM jobs WHERE spend IS NOT NULL AND {self._not_pack} AND coalesce(finished_at, created_at) >= ?"
             " GROUP BY day, model ORDER BY day, model", (default_model, since)).fetchall()
         return [(day, model, float(amount or 0.0)) for day, model, amount in rows]
 
@@ -519,13 +578,15 @@ class Journal(NotificationQueue):
         """/metrics' figures: jobs by state and outcome, requests, tokens, cost, notification backlog, running chunks."""
         figures: dict[str, Any] = {}
         db = self._db
-        figures["jobs"] = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        figures["jobs"] = dict(db.execute(f"SELECT state, count(*) FROM jobs WHERE {self._not_pack} GROUP BY state"
+                                          ).fetchall())
         figures["outcomes"] = dict(db.execute(
             "SELECT outcome, count(*) FROM jobs WHERE state = 'done' AND outcome IS NOT NULL"
             " GROUP BY outcome").fetchall())
         total, done = db.execute(
             "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN ('fetched', 'skipped') THEN"
-            f" request_count ELSE {_DONE_REQUESTS} END), 0) FROM chunks").fetchone()
+            f" request_count ELSE {_DONE_REQUESTS} END), 0) FROM chunks"
+            f" WHERE job_id NOT IN (SELECT id FROM jobs WHERE NOT {self._not_pack})").fetchone()
         figures["requests_total"], figures["requests_done"] = total, done
         row = db.execute(
             "SELECT coalesce(sum(json_extract(cost, '$.actual.input_tokens')), 0),"

@@ -33,9 +33,12 @@ class NotificationQueue(Transactions):
 
     def _add_events(self, db: sqlite3.Connection, events: Iterable[dict]) -> None:
         """Insert ``events`` in the open transaction ``db`` (the transition's own), each with a pending
-        delivery row per plugin :attr:`event_targets` names."""
+        delivery row per plugin :attr:`event_targets` names. None stands for no event (a pack's: see
+        ``Context.event``)."""
         now = time.time()
         for event in events:
+            if event is None:
+                continue
             inserted = db.execute(
                 "INSERT OR IGNORE INTO events (id, job_id, kind, body, created_at) VALUES (?, ?, ?, ?, ?)",
                 (event["id"], event["job_id"], event["kind"], redacted_json(event), now),

@@ -45,6 +45,7 @@ class Job:
     manifest_sha256: str | None = None
     retry_of: dict | None = None
     kind: str = "generate"
+    pack: bool = False  # batchd's own job carrying small jobs' chunks (batchd/daemon/pack.py)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Chunk:
     error: dict | None
     resubmits: int = 0
     upload_state: str | None = None
+    packed_in: str | None = None  # the pack (a job id) its requests were sealed into
 
 
 def new_job_id() -> str:
@@ -81,6 +83,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     data["cancel_requested"] = bool(data["cancel_requested"])
     data["approved"] = bool(data.get("approved"))
     data["build_stopped"] = bool(data.get("build_stopped"))
+    data["pack"] = bool(data.get("pack"))
     return Job(**data)
 
 

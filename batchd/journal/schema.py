@@ -162,9 +162,15 @@ ADDED_JOB_COLUMNS = {
     "manifest_sha256": "TEXT",  # the manifest's bytes as checked at the claim (later reads must match)
     "retry_of": "TEXT",  # JSON {"job", "name"}: the job a retry manifest (`batchd retry`) sends requests of again
     "kind": "TEXT NOT NULL DEFAULT 'generate'",
+    # 1: a pack, batchd's own job carrying small jobs' chunks in one remote batch (batchd/daemon/pack.py);
+    # never delivered, announced or shown: its members are.
+    "pack": "INTEGER NOT NULL DEFAULT 0",
 }
 #: Columns added to ``chunks`` after its first release.
-ADDED_CHUNK_COLUMNS = {"resubmits": "INTEGER NOT NULL DEFAULT 0", "upload_state": "TEXT"}
+ADDED_CHUNK_COLUMNS = {
+    "resubmits": "INTEGER NOT NULL DEFAULT 0", "upload_state": "TEXT",
+    "packed_in": "TEXT",  # the pack its requests were sealed into (kept once it is done: a chunk is packed once)
+}
 #: Columns added to ``remote_jobs`` after its first release.
 ADDED_REMOTE_JOB_COLUMNS = {"outcome": "TEXT"}
 
@@ -186,3 +192,5 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
     # A webhook delivery names a remote batch; its chunk is looked up by that name.
     db.execute("CREATE INDEX IF NOT EXISTS chunks_by_remote_name ON chunks(remote_name)")
+    # A pack's members are looked up by it.
+    db.execute("CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(packed_in) WHERE packed_in IS NOT NULL")
