@@ -134,7 +134,7 @@ def assert_invariants(ws: Workspace, dropped: Iterable[Dropped], remote_jobs: It
 
     journal = Journal(journal_path(ws.state), readonly=True)
     try:
-        jobs = journal.jobs()
+        jobs = journal.jobs(packs=True)  # a pack's remote batches are recorded under it
         unfinished = [(job.source, job.state) for job in jobs if job.state != "done"]
         assert not unfinished, f"jobs the journal still has in flight: {unfinished}"
         chunks = [chunk for job in jobs for chunk in journal.chunks(job.id)]

@@ -32,6 +32,23 @@ def test_the_chunk_diagram_is_the_table():
     assert diagram_moves("has its own small state machine") == {(a.value, b.value) for a, b in CHUNK_MOVES}
 
 
+def test_the_design_notes_draw_the_same_moves():
+    """docs/design.md's diagram is the one people read first: it must not drift from the tables either."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    block = text[text.index("## States"):].split("```\n", 2)[1]
+    moves = {"job": set(), "chunk": set()}
+    machine = None
+    for line in block.splitlines():
+        found = re.fullmatch(r"(?:(job|chunk):)?\s+(\w+)\s+→ (.+)", line)
+        assert found, f"not a diagram line: {line!r}"
+        machine = found[1] or machine
+        moves[machine] |= {(found[2], target.strip()) for target in found[3].split("|")}
+    assert moves["job"] == {(a.value, b.value) for a, b in JOB_MOVES}
+    assert moves["chunk"] == {(a.value, b.value) for a, b in CHUNK_MOVES}
+
+
 def test_every_state_is_reachable_and_every_job_can_end():
     reached = {JobState.CLAIMING}
     while True:

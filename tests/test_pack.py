@@ -1,0 +1,186 @@
+"""Small jobs share remote batches (batchd/daemon/pack.py; docs/design.md, "Packs"): each job still
+gets exactly its own results, a cancelled member drops only its share, a refused pack sends its
+members alone, a failed one fails them as their own batch would have, and a kill at either pack crash
+point delivers every job once without sending any request twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from collections import Counter
+
+import pytest
+from google.genai import types
+
+from batchd.daemon.crashpoints import ON_PACK
+from batchd.daemon.pack import member_of, pack_key
+from batchd.journal import journal_path
+from batchd.testing import Workspace
+from invariants import Dropped, assert_invariants
+from test_daemon import remote_jobs
+
+
+def small(n: int) -> str:
+    """A two-request manifest whose answers say which job they belong to."""
+    return f'task = "translate"\ntexts = ["Job {n} first.", "Job {n} second."]\nlanguages = ["French"]\n'
+
+
+def drop_small(workspace: Workspace, count: int) -> list[Dropped]:
+    return [Dropped.of(workspace.drop(f"job{n:02d}.toml", small(n))) for n in range(count)]
+
+
+def journal_rows(workspace: Workspace, query: str, *args) -> list[tuple]:
+    if not journal_path(workspace.state).exists():
+        return []  # the daemon is starting
+    db = sqlite3.connect(f"file:{journal_path(workspace.state)}?mode=ro", uri=True)
+    try:
+        return db.execute(query, args).fetchall()
+    finally:
+        db.close()
+
+
+def packs(workspace: Workspace) -> dict[str, list[str]]:
+    """Pack id → the names of the jobs packed into it."""
+    found: dict[str, list[str]] = {}
+    for pack_id, name in journal_rows(workspace, "SELECT c.packed_in, j.name FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                                                 " WHERE c.packed_in IS NOT NULL ORDER BY j.name"):
+        found.setdefault(pack_id, []).append(name)
+    return found
+
+
+def sent_requests(workspace: Workspace) -> int:
+    """Requests in the remote batches batchd created and did not find refused: a pack's chunk or a
+    job's own, never a member's (whose requests travel in its pack's)."""
+    # The chunks naming a remote batch: a job's own, or a pack's with its members (the pack's is the largest).
+    return journal_rows(workspace, "SELECT coalesce(sum(requests), 0) FROM (SELECT max(request_count) AS requests"
+                                   " FROM chunks WHERE remote_name IS NOT NULL GROUP BY remote_name)")[0][0]
+
+
+def test_a_pack_key_names_its_member_and_keeps_the_members_own_key():
+    assert member_of(pack_key("20261204-abc123", 7, "row/1")) == ("20261204-abc123", 7, "row/1")
+    assert member_of("no-separators") is None
+    assert member_of("job/x/key") is None
+    assert member_of(None) is None
+
+
+def test_small_jobs_dropped_together_share_remote_batches_and_each_gets_its_own_results(workspace: Workspace):
+    dropped = drop_small(workspace, 20)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    remote = remote_jobs(workspace)
+    assert 1 <= len(remote) < 20, f"{len(remote)} remote batches for 20 small jobs"
+    assert any(len(members) > 1 for members in packs(workspace).values())
+    assert_invariants(workspace, dropped, remote)
+    names = {job.name for job in remote}
+    for n in range(20):
+        folder = workspace.outbox_folder(f"job{n:02d}")
+        assert folder.state == "succeeded"
+        assert {line["input"]["text"] for line in folder.results} == {f"Job {n} first.", f"Job {n} second."}, \
+            "a job got another job's answers"
+        assert folder.summary["remote_batches"][0]["name"] in names
+    assert sent_requests(workspace) == 40, "a request was sent twice, or not at all"
+    # The packs are batchd's own: not shown as jobs, nor counted in the metrics.
+    assert sorted(job["name"] for job in workspace.status()) == [f"job{n:02d}" for n in range(20)]
+
+
+def test_a_member_cancelled_while_its_pack_runs_drops_only_its_share(workspace: Workspace):
+    workspace.configure(job_seconds=6)
+    drop_small(workspace, 3)
+    daemon = workspace.start("run")
+    try:
+        shared = workspace.wait_for(lambda: [m for m in packs(workspace).values() if len(m) > 1], timeout=30,
+                                    what="a pack of two jobs or more")[0]
+        workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
+                                                           " 'running'"), what="the pack's batch running")
+        cancelled, kept = shared[0], shared[1]
+        assert workspace.batchd("cancel", cancelled).returncode == 0
+        workspace.wait_for(lambda: {cancelled, kept} <= set(workspace.delivered()), what="both delivered")
+    finally:
+        assert daemon.stop() == 0
+    delivered = workspace.delivered()
+    assert delivered[cancelled]["state"] == "cancelled"
+    assert all(line["status"] == "error" for line in workspace.outbox_folder(cancelled).results)
+    assert delivered[kept]["state"] == "succeeded", "the batch it shared was cancelled with the other job"
+    remote = {job.name: job for job in remote_jobs(workspace)}
+    assert remote[delivered[kept]["remote_batches"][0]["name"]].state == types.JobState.JOB_STATE_SUCCEEDED
+
+
+def test_a_pack_whose_jobs_are_all_cancelled_is_cancelled(workspace: Workspace):
+    workspace.configure(job_seconds=60)
+    drop_small(workspace, 2)
+    daemon = workspace.start("run")
+    try:
+        workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
+                                                           " 'running'"), timeout=30, what="a remote batch running")
+        for name in ("job00", "job01"):
+            assert workspace.batchd("cancel", name).returncode == 0
+        workspace.wait_for(lambda: {"job00", "job01"} <= set(workspace.delivered()), what="both delivered")
+        # The pack is done once its batch has ended: cancelled, with nobody waiting for it.
+        workspace.wait_for(lambda: not journal_rows(workspace, "SELECT 1 FROM jobs WHERE state != 'done'"),
+                           what="every job done, its packs included")
+    finally:
+        assert daemon.stop() == 0
+    assert {summary["state"] for summary in workspace.delivered().values()} == {"cancelled"}
+    assert [job.state for job in remote_jobs(workspace)] == [types.JobState.JOB_STATE_CANCELLED]
+    assert not list((workspace.state / "jobs").iterdir()), "a spool was left behind"
+
+
+def test_a_pack_the_service_refuses_sends_its_jobs_alone(workspace: Workspace):
+    # The first create is refused for good (400): with six jobs claimed at once, it is a pack's.
+    workspace.configure(faults=["http=400*1@create"])
+    dropped = drop_small(workspace, 6)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    refused = journal_rows(workspace, "SELECT job_id FROM chunks WHERE remote_state = 'rejected'")
+    assert len(refused) == 1
+    members = journal_rows(workspace, "SELECT job_id, remote_name FROM chunks WHERE packed_in = ?", refused[0][0])
+    assert len(members) > 1
+    assert len({remote_name for _, remote_name in members}) == len(members), "each was sent alone"
+    assert "sending it alone" in result.stderr
+    assert {summary["state"] for summary in workspace.delivered().values()} == {"succeeded"}
+    assert_invariants(workspace, dropped, remote_jobs(workspace))
+    assert sent_requests(workspace) == 12
+
+
+def test_a_pack_that_fails_fails_its_jobs_as_their_own_batch_would_have(workspace: Workspace):
+    workspace.configure(faults=["job-failed@batchd-pack-*"])
+    dropped = drop_small(workspace, 6)
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 1, result.stderr  # jobs failed
+    packed = {name for members in packs(workspace).values() for name in members}
+    assert packed
+    delivered = workspace.delivered()
+    for name in packed:
+        assert delivered[name]["state"] == "failed", delivered[name]
+        assert delivered[name]["remote_batches"][0]["state"] == "failed"
+    assert_invariants(workspace, dropped, remote_jobs(workspace))
+    assert sent_requests(workspace) == 12, "a job of the failed pack was sent again"
+
+
+@pytest.mark.parametrize("point", ON_PACK)
+def test_kill_9_at_a_pack_crash_point_delivers_every_job_once_and_sends_nothing_twice(workspace: Workspace,
+                                                                                     point: str):
+    dropped = drop_small(workspace, 8)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT=point)
+    assert crashed.wait(120) == -signal.SIGKILL, f"never reached {point}:\n{crashed.output()[-2000:]}"
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert {summary["state"] for summary in workspace.delivered().values()} == {"succeeded"}
+    remote = remote_jobs(workspace)
+    assert_invariants(workspace, dropped, remote)
+    live = Counter(job.display_name for job in remote if job.state != types.JobState.JOB_STATE_CANCELLED)
+    assert all(count == 1 for count in live.values()), live
+    assert sent_requests(workspace) == 16, "a request was sent twice, or not at all"
+    assert len(remote) == len(live), "a remote batch was cancelled: something was sent twice"
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in workspace.outbox.iterdir()]
+    assert all(s["counts"]["succeeded"] == 2 for s in summaries)
