@@ -183,5 +183,8 @@ def assert_invariants(ws: Workspace, dropped: Iterable[Dropped], remote_jobs: It
     reached = {job.display_name for job in remote if recorded.get(job.name, {}).get("role") != "duplicate"}
     assert len(remote) - len(duplicates) == len(reached), (len(remote), len(duplicates), len(reached))
 
+    # Chunks meant to be a remote batch of their own: not those whose requests rode in a pack's.
+    sharing = Counter(c.remote_name for c in chunks if c.remote_name)
+    own = [c for c in chunks if c.packed_in is None or c.remote_name and sharing[c.remote_name] == 1]
     return {"folders": len(folders), "requests": requests, "remote_jobs": len(remote),
-            "duplicates_cancelled": len(duplicates), "chunks": len(chunks)}
+            "duplicates_cancelled": len(duplicates), "chunks": len(own)}

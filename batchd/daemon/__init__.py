@@ -308,7 +308,7 @@ class Daemon:
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: e.g. "3 jobs active, 2 remote batches running"."""
-        jobs = self.journal.count_jobs(ACTIVE_JOB_STATES)
+        jobs = self.journal.count_jobs(ACTIVE_JOB_STATES, packs=False)
         running = self.steps.monitor.running_count()
         line = f"{jobs} job{'s' if jobs != 1 else ''} active, " \
                f"{running} remote batch{'es' if running != 1 else ''} running"

@@ -236,12 +236,13 @@ class Journal(NotificationQueue):
             found.extend(job_from_row(row) for row in rows)
         return sorted(found, key=lambda job: (job.created_at, job.id))
 
-    def count_jobs(self, states: Iterable[str], *, limit: int = -1) -> int:
+    def count_jobs(self, states: Iterable[str], *, limit: int = -1, packs: bool = True) -> int:
         """How many jobs are in ``states`` (at most ``limit``: 1 asks whether there is any, without
-        counting thousands of queued jobs on every tick)."""
+        counting thousands of queued jobs on every tick); packs too unless ``packs`` is False."""
         states = tuple(states)
-        return self._cached(("count_jobs", states, limit), lambda: self._db.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state IN ({', '.join('?' * len(states))}) LIMIT ?)",
+        shown = "" if packs else f" AND {self._not_pack}"
+        return self._cached(("count_jobs", states, limit, packs), lambda: self._db.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state IN ({', '.join('?' * len(states))}){shown} LIMIT ?)",
             (*states, limit)).fetchone()[0])
 
     def job_with_content(self, sha256: str) -> Job | None:
