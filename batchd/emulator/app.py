@@ -40,7 +40,7 @@ from batchd.emulator.answers import Answerer, check_embed_request, check_generat
 from batchd.emulator.errors import ApiError, invalid, invalid_api_key, not_found
 from batchd.emulator.faults import HEADER as FAULT_HEADER
 from batchd.emulator.faults import FaultInjector, job_faults_for
-from batchd.emulator.files import Uploads, render_file
+from batchd.emulator.files import CHUNK_GRANULARITY, Uploads, render_file
 from batchd.emulator.jobs import (ActiveJobs, BatchRunner, JobView, job_faults, needs_processing, render_operation,
                                   view_job, write_inline_input)
 from batchd.emulator.models import ModelCatalog
@@ -556,7 +556,7 @@ class EmulatorApp:
                                             call.request.headers.get(FAULT_HEADER))
         url = f"{call.base_url}/upload/{call.version}/files?upload_id={upload_id}&upload_protocol=resumable"
         return Response(b"", headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active",
-                                      "X-Goog-Upload-Chunk-Granularity": "262144"})
+                                      "X-Goog-Upload-Chunk-Granularity": str(CHUNK_GRANULARITY)})
 
     async def upload_chunk(self, call: Call) -> Response:
         result = await self.uploads.chunk(call.request.query_params["upload_id"], call.request)

@@ -29,6 +29,10 @@ from batchd.emulator.errors import ApiError, invalid, not_found
 from batchd.emulator.store import Doc, Store
 from batchd.emulator.wire import new_id, rfc3339
 
+#: Every chunk of a resumable upload but the one that finalizes it is a multiple of this many bytes
+#: (announced in ``X-Goog-Upload-Chunk-Granularity``, as Google's resumable protocol does).
+CHUNK_GRANULARITY = 256 * 1024
+
 #: The service's limit for one file (discovery document ``media.upload.maxSize``).
 MAX_FILE_BYTES = 2 * 1024**3
 #: ``File.display_name``: "must be no more than 512 characters in length" (google-genai's File type).
@@ -154,6 +158,15 @@ class Uploads:
                 raise invalid(f"Upload offset {offset} is past the {received} bytes received so far.")
             received = await self._write(upload_id, session, part, offset, request.stream())
             if "finalize" not in commands:
+                if (received - offset) % CHUNK_GRANULARITY:
+                    # Only the last chunk may be of any size; the others are whole granules, as the
+                    # start answer said (X-Goog-Upload-Chunk-Granularity). Refused whole: not stored.
+                    with open(part, "r+b") as out:
+                        out.truncate(offset)
+                    session.hashed = -1
+                    raise invalid(f"Upload chunk of {received - offset} bytes at offset {offset} is not a multiple "
+                                  f"of the chunk granularity ({CHUNK_GRANULARITY} bytes); only the chunk that "
+                                  f"finalizes the upload may be smaller.")
                 return ChunkResult("active", received)
             file = await run_in_threadpool(self._finalize, upload, session, part, received)
             self._sessions.pop(upload_id, None)

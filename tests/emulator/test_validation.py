@@ -153,18 +153,24 @@ def test_upload_sessions_are_unguessable_and_always_answer_with_a_status(emulato
     assert_envelope(wrong, 404, "NOT_FOUND")
     assert wrong.headers["x-goog-upload-status"] == "final"
 
-    # Offsets are honoured: a resent chunk replaces its bytes, a gap is refused.
+    # Offsets are honoured: a resent chunk replaces its bytes, a gap is refused. Every chunk but the
+    # last is a whole number of granules (the start answer's X-Goog-Upload-Chunk-Granularity).
+    granule = int(start.headers["x-goog-upload-chunk-granularity"])
+    assert granule == 256 * 1024
     command = {"X-Goog-Upload-Command": "upload"}
-    assert httpx.post(url, content=b"abc", headers={**command, "X-Goog-Upload-Offset": "0"}).status_code == 200
-    assert httpx.post(url, content=b"abX", headers={**command, "X-Goog-Upload-Offset": "0"}).status_code == 200
-    gap = httpx.post(url, content=b"zzz", headers={**command, "X-Goog-Upload-Offset": "9"})
+    assert httpx.post(url, content=b"a" * granule, headers={**command, "X-Goog-Upload-Offset": "0"}).status_code == 200
+    assert httpx.post(url, content=b"b" * granule, headers={**command, "X-Goog-Upload-Offset": "0"}).status_code == 200
+    gap = httpx.post(url, content=b"z" * granule, headers={**command, "X-Goog-Upload-Offset": str(3 * granule)})
     assert gap.status_code == 400 and gap.headers["x-goog-upload-status"] == "final"
+    ragged = httpx.post(url, content=b"abc", headers={**command, "X-Goog-Upload-Offset": str(granule)})
+    assert_envelope(ragged, 400, "INVALID_ARGUMENT")
+    assert "granularity" in ragged.json()["error"]["message"]
     query = httpx.post(url, headers={"X-Goog-Upload-Command": "query"})
-    assert query.headers["x-goog-upload-size-received"] == "3"
+    assert query.headers["x-goog-upload-size-received"] == str(granule), "the refused chunk was kept"
     final = httpx.post(url, content=b"def\n", headers={"X-Goog-Upload-Command": "upload, finalize",
-                                                         "X-Goog-Upload-Offset": "3"})
+                                                         "X-Goog-Upload-Offset": str(granule)})
     assert final.status_code == 200 and final.headers["x-goog-upload-status"] == "final"
-    assert final.json()["file"]["sizeBytes"] == "7"
+    assert final.json()["file"]["sizeBytes"] == str(granule + 4)
 
 
 def test_uploaded_files_cannot_be_downloaded(client: genai.Client, tmp_path: Path):
