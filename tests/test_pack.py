@@ -15,7 +15,7 @@ from google.genai import types
 
 from batchd.daemon.crashpoints import ON_PACK
 from batchd.daemon.pack import member_of, pack_key
-from batchd.journal import journal_path
+from batchd.journal import Journal, journal_path
 from batchd.testing import Workspace
 from invariants import Dropped, assert_invariants
 from test_daemon import remote_jobs
@@ -75,15 +75,25 @@ def test_small_jobs_dropped_together_share_remote_batches_and_each_gets_its_own_
     assert any(len(members) > 1 for members in packs(workspace).values())
     assert_invariants(workspace, dropped, remote)
     names = {job.name for job in remote}
+    packed = {name for members in packs(workspace).values() if len(members) > 1 for name in members}
     for n in range(20):
         folder = workspace.outbox_folder(f"job{n:02d}")
         assert folder.state == "succeeded"
         assert {line["input"]["text"] for line in folder.results} == {f"Job {n} first.", f"Job {n} second."}, \
             "a job got another job's answers"
-        assert folder.summary["remote_batches"][0]["name"] in names
+        batch = folder.summary["remote_batches"][0]
+        assert batch["name"] in names
+        assert batch.get("shared", False) == (folder.name in packed)
     assert sent_requests(workspace) == 40, "a request was sent twice, or not at all"
     # The packs are batchd's own: not shown as jobs, nor counted in the metrics.
     assert sorted(job["name"] for job in workspace.status()) == [f"job{n:02d}" for n in range(20)]
+    journal = Journal(journal_path(workspace.state), readonly=True)
+    try:
+        totals = journal.totals()
+    finally:
+        journal.close()
+    assert totals["jobs"] == {"done": 20}
+    assert totals["requests_total"] == totals["requests_done"] == 40
 
 
 def test_a_member_cancelled_while_its_pack_runs_drops_only_its_share(workspace: Workspace):

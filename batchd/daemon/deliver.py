@@ -271,6 +271,14 @@ class Deliver:
         if job.state in (JobState.RECEIVED, JobState.FETCHED) and job.id not in self.gates:
             shutil.rmtree(self.ctx.spool(job.id).staging, ignore_errors=True)  # the room it took is free again
 
+    def _rode_in_pack(self, chunk: Chunk) -> bool:
+        """Whether the chunk's requests went in a pack's remote batch, with other jobs' (batchd.daemon.pack),
+        rather than alone (never packed, or sent alone once its pack was refused)."""
+        if chunk.packed_in is None or chunk.remote_name is None:
+            return False
+        pack = self.ctx.journal.chunk(chunk.packed_in, 0)
+        return pack is not None and pack.remote_name == chunk.remote_name
+
     def _final_event(self, job: Job, destination: Path) -> dict:
         try:
             summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
@@ -289,7 +297,8 @@ class Deliver:
         summary["remote_batches"] = [
             {"chunk": c.idx, "name": c.remote_name, "display_name": c.display_name, "mode": c.mode,
              "requests": c.request_count, "state": c.remote_state or c.state,
-             **({"resubmits": c.resubmits} if c.resubmits else {})}
+             **({"resubmits": c.resubmits} if c.resubmits else {}),
+             **({"shared": True} if self._rode_in_pack(c) else {})}
             for c in chunks
         ]
         remote_jobs = ctx.journal.remote_jobs(job.id)
