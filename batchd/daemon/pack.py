@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
+from batchd import fs
 from batchd.daemon.context import Context
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
@@ -71,6 +72,8 @@ def member_of(key: object) -> tuple[str, int, str] | None:
 
 
 class Pack:
+    """The offers of small jobs' chunks, and the step of every pack (a job whose ``pack`` is set)."""
+
     def __init__(self, ctx: Context, *, send_alone: Callable[[Job, Chunk], None], free: Callable[[], int],
                  submit_step: Callable[[Job], None]):
         self.ctx = ctx
@@ -148,7 +151,7 @@ class Pack:
             if len(members) == 1:
                 self._send_alone(*members[0])
             else:
-                self._seal(members)
+                self._seal_or_send_alone(members)
             slots -= 1
 
     def seconds_until_due(self) -> float:
@@ -177,6 +180,19 @@ class Pack:
                 full = True
         ready[:] = left
         return members, full or requests + settings.pack_jobs_below > settings.inline_max_requests
+
+    def _seal_or_send_alone(self, members: list[tuple[Job, Chunk]]) -> None:
+        try:
+            self._seal(members)
+        except OSError as error:
+            if fs.is_disk_full(error):
+                raise  # the loop pauses the writing steps; the offers are made again once there is room
+            fs.unwritable_is_fatal("requests", error)
+            # A member's requests file cannot be read (its spool was tampered with): nothing is recorded,
+            # and each goes alone, where an unreadable file fails its own job only.
+            log.error("a pack of %d jobs could not be written (%s); sending them alone", len(members), error)
+            for job, chunk in members:
+                self._send_alone(job, chunk)
 
     def _seal(self, members: list[tuple[Job, Chunk]]) -> None:
         """Write the pack's requests file, then commit the pack and its members' moves together."""
