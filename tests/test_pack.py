@@ -194,3 +194,20 @@ def test_kill_9_at_a_pack_crash_point_delivers_every_job_once_and_sends_nothing_
     assert len(remote) == len(live), "a remote batch was cancelled: something was sent twice"
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in workspace.outbox.iterdir()]
     assert all(s["counts"]["succeeded"] == 2 for s in summaries)
+
+
+def test_answers_without_their_keys_in_a_shared_batch_are_never_matched_by_position(workspace: Workspace):
+    """Within one job an answer without its key is matched by position, a guess its results mark; in a
+    shared batch that guess could hand one job another job's answer, so such answers are errors."""
+    workspace.configure(faults=["drop-metadata"])
+    dropped = drop_small(workspace, 4)
+
+    workspace.batchd("run", "--once")
+
+    packed = {name for members in packs(workspace).values() if len(members) > 1 for name in members}
+    assert packed
+    for name in packed:
+        results = workspace.outbox_folder(name).results
+        assert [line["error"]["code"] for line in results] == ["key_dropped", "key_dropped"]
+        assert not any("joined_by" in line for line in results)
+    assert_invariants(workspace, dropped, remote_jobs(workspace))

@@ -272,6 +272,13 @@ def split_results(pack: JobSpool, members: list[tuple[Chunk, JobSpool]]) -> dict
         if share is None:
             dropped += 1  # a member cancelled since, or a key batchd never sent
             continue
+        if record.get("joined_by") == "position":
+            # The service returned this answer without its key; matched by position within one job that
+            # is a guess the job's results mark, but in a shared batch the answer may be another job's.
+            # No job is given an answer that may not be its own.
+            record = {"error": {"code": "key_dropped", "message": "the service returned this request's answer "
+                                "without its key, in a batch shared with other jobs: it is not matched by "
+                                "position (it could be another job's); send it again with `batchd retry`"}}
         share.append({**record, "key": found[2]})
     if dropped:
         log.info("%s: %d results belong to no member waiting for them", pack.root.name, dropped)
