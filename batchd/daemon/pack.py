@@ -10,9 +10,9 @@ requests of as many jobs, under keys ``<job id>/<idx>/<key>``. The pack's chunk 
 reconciled, polled, resubmitted when it expires and fetched by the same steps as any chunk; the
 pack itself is never delivered, announced or shown (``jobs.pack``; ``Context.event`` gives it none).
 
-When: offers are sealed whenever the submission pool has room, at the end of every tick, and first
-when the pool frees up (a pack takes its turn like one job's chunk, so neither big jobs nor packs
-starve). An offer alone is sent alone: one manifest dropped into a quiet daemon waits for nobody.
+When: offers are sealed whenever the submission pool has room, at the end of every tick, and one
+pack right after the tick's collect, when the pool frees up (a pack takes its turn like one job's
+chunk, so neither big jobs nor packs starve). An offer alone is sent alone: one manifest dropped into a quiet daemon waits for nobody.
 Under load the pool is busy, offers pile up meanwhile and leave together.
 
 Crash safety (docs/design.md, "Packs"): the pack's requests file is written and synced before the

@@ -204,6 +204,9 @@ class Loop:
     def _steps(self, inbox_present: bool) -> None:
         ctx, s = self.ctx, self.s
         s.collect()
+        if not ctx.writes_paused():
+            # Offers left waiting take a free thread first, as one job would (the rest: at the tick's end).
+            s.pack.seal(most=1)
         s.push.take()
         if inbox_present and not ctx.writes_paused():
             try:

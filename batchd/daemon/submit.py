@@ -187,7 +187,6 @@ class Submit:
             self.adopt(chunk, result)
         self.media.due()
         self._note_remote_limit()
-        self.pack.seal(most=1)  # waiting offers take their turn first, as one job (the rest: Pack.seal at the tick's end)
         self.upload_turns.call(self.upload_slots(), self.ctx.mark)
         self.turns.call(self.free(), self.ctx.mark)
 
