@@ -36,6 +36,10 @@ def journal_rows(workspace: Workspace, query: str, *args) -> list[tuple]:
     db = sqlite3.connect(f"file:{journal_path(workspace.state)}?mode=ro", uri=True)
     try:
         return db.execute(query, args).fetchall()
+    except sqlite3.OperationalError as error:
+        if "no such table" in str(error):
+            return []  # the journal's file is there, its schema not yet committed
+        raise
     finally:
         db.close()
 

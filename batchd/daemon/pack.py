@@ -80,9 +80,10 @@ class Pack:
         self._send_alone = send_alone
         self._free = free
         self._submit_step = submit_step  # sends a pack's chunk as any job's
-        #: (job id, idx) → the offered chunk and when it was first offered (monotonic), oldest first:
-        #: still ``built`` in the journal, so a crash forgets nothing (the job is visited and offers it again).
-        self.offered: dict[tuple[str, int], tuple[Chunk, float]] = {}
+        #: (job id, idx) → the offered chunk's requests and when it was first offered (monotonic), oldest
+        #: first: as little as a job waiting in a pool's line keeps. The chunk stays ``built`` in the
+        #: journal (read again when sealed), so a crash forgets nothing: the job is visited and offers it again.
+        self.offered: dict[tuple[str, int], tuple[int, float]] = {}
         self._offered_requests = 0  # their requests, as offered
 
     @property
@@ -100,13 +101,13 @@ class Pack:
         if journal.chunk_totals(job.id)["chunks"] != 1 or journal.chunk_media(job.id, chunk.idx):
             return False  # one chunk of a bigger job, or requests whose files are uploaded first
         if (job.id, chunk.idx) not in self.offered:
-            self.offered[(job.id, chunk.idx)] = (chunk, time.monotonic())
+            self.offered[(job.id, chunk.idx)] = (chunk.request_count, time.monotonic())
             self._offered_requests += chunk.request_count
         return True
 
     def _take(self, key: tuple[str, int]) -> None:
-        chunk, _ = self.offered.pop(key)
-        self._offered_requests -= chunk.request_count
+        requests, _ = self.offered.pop(key)
+        self._offered_requests -= requests
 
     def forget(self, job_id: str) -> None:
         for key in [key for key in self.offered if key[0] == job_id]:
@@ -129,7 +130,7 @@ class Pack:
             return  # no pack can be full yet, and more may join: not worth reading the offers again
         jobs = {job.id: job for job in journal.jobs_by_id({job_id for job_id, _ in self.offered})}
         ready: list[tuple[Job, Chunk, float]] = []
-        for key, (chunk, offered_at) in list(self.offered.items()):
+        for key, (_, offered_at) in list(self.offered.items()):
             job = jobs.get(key[0])
             current = journal.chunk(*key) if job is not None else None
             if job is None or job.cancel_requested or job.state != JobState.BUILT or current is None \
