@@ -285,6 +285,8 @@ def split_results(pack: JobSpool, members: list[tuple[Chunk, JobSpool]]) -> dict
         log.info("%s: %d results belong to no member waiting for them", pack.root.name, dropped)
     counts = {}
     for chunk, spool in members:
+        if not spool.root.is_dir():
+            continue  # cancelled and delivered since the fetch began: its spool is gone, and so is its share
         records = shares[(chunk.job_id, chunk.idx)]
         spool.write_results(chunk.idx, records)
         failed = sum(1 for record in records if "error" in record)
