@@ -77,9 +77,10 @@ CHUNK_MOVES: frozenset[tuple[ChunkState, ChunkState]] = frozenset({
     (ChunkState.BUILT, ChunkState.SUBMITTING),
     (ChunkState.BUILT, ChunkState.SKIPPED),        # cancelled before it was sent
     (ChunkState.BUILT, ChunkState.PACKED),         # sealed into a pack with other small jobs' chunks
-    (ChunkState.PACKED, ChunkState.FETCHED),       # its share of the pack's results is in its own spool
+    (ChunkState.PACKED, ChunkState.FETCHED),       # its share of the pack's results is in its own spool, or the
+                                                   # pack ended without results, as it did
     (ChunkState.PACKED, ChunkState.SKIPPED),       # cancelled: its share of the pack's results is dropped
-    (ChunkState.PACKED, ChunkState.BUILT),         # the pack ended without results: it is sent alone
+    (ChunkState.PACKED, ChunkState.BUILT),         # the service refused the pack's create: it is sent alone
     (ChunkState.SUBMITTING, ChunkState.RUNNING),   # the create's answer, or found by its display name
     (ChunkState.SUBMITTING, ChunkState.FETCHED),   # the create was refused (remote_state "rejected")
     (ChunkState.SUBMITTING, ChunkState.SKIPPED),   # cancelled; its create never showed up

@@ -3,10 +3,11 @@
 Every manifest is a 2-request job, translate and sentiment alternating, as users drop them by the
 thousand.  The floor is measured in the same run against the same emulator (started as batchd starts
 its embedded one, in its own process, ``job_seconds = 0``): a plain script that, one job after
-another, does the round trips batchd cannot avoid per job with the real SDK: ``batches.create`` with
-the two requests inline and ``batches.get`` until the job is done (the get also brings the inline
-answers back), then writes the answers to a file.  batchd also lists jobs, keeps a journal, spools
-and publishes; the ratio says how much all that costs per job on top.  batchd's seconds run until
+another, does what a plain script would per job with the real SDK: ``batches.create`` with the two
+requests inline and ``batches.get`` until the job is done (the get also brings the inline answers
+back), then writes the answers to a file.  batchd sends small jobs that wait together in shared
+batches (batchd/daemon/pack.py), so it makes far fewer round trips; it also keeps a journal, spools
+and publishes, and the ratio says what all of that costs against the plain script.  batchd's seconds run until
 its last job is published; ``exit s`` until it has also delivered the jobs' events to the
 notification plugins and exited.  A second floor makes the same SDK calls from a
 ThreadPoolExecutor(4) (a plain script that overlaps jobs, as batchd does with its 4 submissions in

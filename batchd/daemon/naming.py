@@ -13,7 +13,12 @@ from batchd.journal import Chunk, Job
 def chunk_display_name(job: Job, idx: int, resubmits: int = 0) -> str:
     """The remote batch's display name: unique per chunk and attempt (an expired chunk's next
     attempt gets ``-r<n>``)."""
-    return f"batchd-{job.name[:60]}-{job.id}-c{idx}" + (f"-r{resubmits}" if resubmits else "")
+    return display_name(job.name, job.id, idx, resubmits)
+
+
+def display_name(job_name: str, job_id: str, idx: int, resubmits: int = 0) -> str:
+    """:func:`chunk_display_name` of a job known by its name and id (a pack, named before its row exists)."""
+    return f"batchd-{job_name[:60]}-{job_id}-c{idx}" + (f"-r{resubmits}" if resubmits else "")
 
 
 def upload_display_name(chunk_display_name: str) -> str:

@@ -38,13 +38,15 @@ from typing import Callable, Iterable
 from batchd import fs
 from batchd.daemon.context import Context
 from batchd.daemon.crashpoints import crashpoint
-from batchd.daemon.naming import chunk_display_name
+from batchd.daemon.naming import display_name
 from batchd.journal import Chunk, Job, new_job_id
 from batchd.spool import JobSpool
 from batchd.states import CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
 
+#: A pack's job name, in its display names (``batchd-pack-<id>-c0``).
+PACK_NAME = "pack"
 #: Separates a member's job id, chunk index and own key in a pack's request keys (a job id has none).
 KEY_SEPARATOR = "/"
 #: An offer waits at most this long for company while other jobs are on their way (claimed, estimated,
@@ -203,19 +205,17 @@ class Pack:
         spool.root.mkdir(parents=True)
         requests, size = spool.write_requests(0, _pack_lines((chunk, ctx.spool(job.id)) for job, chunk in members))
         crashpoint("after-pack-requests")
-        pack = Job(id=pack_id, name="pack", source="", sha256=None, state=JobState.BUILT, outcome=None, task=None,
-                   model=ctx.model_of(members[0][0]), error=None, cancel_requested=False, outbox_dir=None,
-                   chunk_limits=None, created_at=0.0, updated_at=0.0, submitted_at=None, finished_at=None, pack=True)
-        ctx.journal.add_pack(pack_id, model=pack.model,
-                             chunk={"display_name": chunk_display_name(pack, 0), "request_count": requests,
+        ctx.journal.add_pack(pack_id, name=PACK_NAME, model=ctx.model_of(members[0][0]),
+                             chunk={"display_name": display_name(PACK_NAME, pack_id, 0), "request_count": requests,
                                     "byte_size": size},
                              members=[chunk for _, chunk in members])
         log.info("pack %s: %d small jobs share one remote batch (%d requests)", pack_id, len(members), requests,
                  extra={"job": pack_id, "requests": requests, "members": len(members)})
 
     def step(self, pack: Job) -> None:
-        """A pack's own step: its chunk is sent (again, once expired) like any; once it is done, members
-        still waiting for it are sent alone, and the pack is done."""
+        """A pack's own step: its chunk is sent (again, once expired) like any; once it is done, the members
+        the fetch gave no results end as the pack did (or go alone, if its create was refused), and the
+        pack is done."""
         ctx = self.ctx
         journal = ctx.journal
         chunk = journal.chunk(pack.id, 0)
@@ -262,7 +262,7 @@ def _pack_lines(members: Iterable[tuple[Chunk, JobSpool]]) -> Iterable[str]:
 def split_results(pack: JobSpool, members: list[tuple[Chunk, JobSpool]]) -> dict[tuple[str, int], dict] | None:
     """Write each member's share of the pack's stored results into its own spool, under its own keys
     (runs in the fetch pool); each member's counts, as ``batchStats``. None when the pack has no results
-    (its members are then sent alone)."""
+    (its step then ends its members as it ended: :meth:`Pack.step`)."""
     if not pack.results_path(0).exists():
         return None
     shares: dict[tuple[str, int], list[dict]] = {(chunk.job_id, chunk.idx): [] for chunk, _ in members}

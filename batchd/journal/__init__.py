@@ -55,9 +55,11 @@ announced or shown) whose one chunk carries the requests of many small jobs' chu
 chunk rows (its requests file already written and synced) with every member's ``built → packed``
 and each member job's ``built → submitted``. The pack's chunk is then submitted, polled and
 fetched like any other; its results are split into the members' spools before the transaction
-that moves them ``packed → fetched``. A pack that ends without results sends its members alone
-(``packed → built``; a chunk is packed once), and is then ``submitted → done``. A member
-cancelled meanwhile is ``packed → skipped``; a pack left without members is cancelled.
+that moves them ``packed → fetched``. A pack that ends without results ends its members as it
+ended (``packed → fetched``, its state and error), except one whose create the service refused:
+its members are sent alone (``packed → built``; a chunk is packed once). Then the pack is
+``submitted → done``. A member cancelled meanwhile is ``packed → skipped``; a pack left without
+members is cancelled.
 
 A remote job the service did not finish within 48 hours ends EXPIRED, without results. While
 ``resubmits`` is below the ``resubmit_expired`` setting, the chunk goes back to ``built`` under its
@@ -324,16 +326,16 @@ class Journal(NotificationQueue):
 
     # -- packs (batchd/daemon/pack.py) -------------------------------------------------------
 
-    def add_pack(self, pack_id: str, *, model: str, chunk: dict, members: list[Chunk]) -> None:
+    def add_pack(self, pack_id: str, *, name: str, model: str, chunk: dict, members: list[Chunk]) -> None:
         """Seal a pack: its job and chunk rows (``built``), each member chunk ``built → packed`` and each
         member job ``built → submitted``, in one transaction (its requests file is already durable)."""
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT INTO jobs (id, name, source, state, model, kind, pack, created_at, updated_at)"
-                       " VALUES (?, 'pack', '', 'built', ?, 'generate', 1, ?, ?)", (pack_id, model, now, now))
+                       " VALUES (?, ?, '', ?, ?, 'generate', 1, ?, ?)", (pack_id, name, JobState.BUILT, model, now, now))
             db.execute("INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
-                       " VALUES (?, 0, ?, 'inline', ?, ?, 'built')",
-                       (pack_id, chunk["display_name"], chunk["request_count"], chunk["byte_size"]))
+                       " VALUES (?, 0, ?, 'inline', ?, ?, ?)",
+                       (pack_id, chunk["display_name"], chunk["request_count"], chunk["byte_size"], ChunkState.BUILT))
             for member in members:
                 self._update_chunk(db, member.job_id, member.idx, state=ChunkState.PACKED, packed_in=pack_id)
                 self._update_job(db, member.job_id, state=JobState.SUBMITTED, submitted_at=now)
