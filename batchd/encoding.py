@@ -2,7 +2,7 @@
 
 A chunk's requests file holds one ``{"key": …, "request": …}`` line per request, the request being the
 camelCase REST GenerateContentRequest (or EmbedContentRequest) google-genai would send for the same
-call: inline chunks post these lines as they are (:func:`batchd.provider.inline_batch_request`), file
+call: inline chunks post the text of these requests as it is (:func:`inlined_request`), file
 chunks upload them. Encoding them here, instead of through the SDK's pydantic types, keeps a million
 requests at a few microseconds each while the bytes stay the SDK's (tests/test_provider.py compares them).
 """
@@ -209,6 +209,35 @@ class RequestEncoder:
 
 # EmbedContentConfig settings in the SDK's snake_case -> their EmbedContentRequest field on the wire, as
 # the SDK's converter (batches._EmbedContentConfig_to_mldev) renames them for every inline request.
+#: How a requests-file line starts, and what follows its key (RequestEncoder writes them so).
+_LINE_HEAD = '{"key":'
+_REQUEST_FIELD = ',"request":'
+_scan_key = json.JSONDecoder().raw_decode
+
+
+def inlined_request(line: str) -> str:
+    """The JSON of the InlinedRequest a requests-file line stands for: ``{"request": …, "metadata": {"key": …}}``.
+
+    A line as the encoders write it, ``{"key":"…","request":{…}}``, keeps the text of its request as it
+    is: only the key is decoded to find where it ends. Why: an inline create of 100 requests would
+    otherwise decode and encode each of them again on its way out, and those are the GIL-holding
+    microseconds that make the loop wait. Any other line (written by hand, reordered) goes through
+    :mod:`json`.
+    """
+    line = line.rstrip("\n")
+    if line.startswith(_LINE_HEAD) and line.endswith("}"):
+        try:
+            key, end = _scan_key(line, len(_LINE_HEAD))
+        except ValueError:
+            key, end = None, 0
+        if isinstance(key, str) and line.startswith(_REQUEST_FIELD, end):
+            request, key_json = line[end + len(_REQUEST_FIELD):-1], line[len(_LINE_HEAD):end]
+            return f'{{"request":{request},"metadata":{{"key":{key_json}}}}}'
+    parsed = json.loads(line)
+    return json.dumps({"request": parsed["request"], "metadata": {"key": parsed["key"]}}, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
 _EMBED_CONFIG_FIELDS = {"task_type": "taskType", "title": "title", "output_dimensionality": "outputDimensionality"}
 _SETTING_BY_EMBED_FIELD = {wire_name: name for name, wire_name in _EMBED_CONFIG_FIELDS.items()}
 

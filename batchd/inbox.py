@@ -233,6 +233,7 @@ class _EventHints(FileSystemEventHandler):
                     self._note(event)
             finally:
                 # After the note, so that the scan this hint wakes finds the move recorded.
+                self._inbox.changed = True
                 self._wake.set()
         except BaseException:  # noqa: BLE001 - see class docstring
             log.exception("inbox event handler failed")
@@ -310,6 +311,8 @@ class Inbox:
         self._irregular_unreported: list[Irregular] = []
         self._next_rescan = 0.0  # monotonic; 0 means "scan now"
         self._next_settle_check: float | None = None
+        #: Something happened in the folder since the last scan began (set by the watcher's thread).
+        self.changed = True
         # Written by the watcher's thread, read and pruned by scan() on the caller's.
         self._moves_lock = threading.Lock()
         self._moved_in: dict[str, _MovedIn] = {}
@@ -388,6 +391,7 @@ class Inbox:
             _stop_observer(observer)
             self._forget_all_moves()
             self._observer = self._start_observer()
+        self.changed = True
         self._hint.set()
         return True
 
@@ -409,6 +413,7 @@ class Inbox:
         # A write to a renamed-in file may have gone unreported while no one watched.
         self._forget_all_moves()
         self._observer = self._start_observer()
+        self.changed = True
         self._hint.set()
         return True
 
@@ -446,6 +451,19 @@ class Inbox:
 
     # -- scanning ---------------------------------------------------------------------------
 
+    def scan_due(self) -> bool:
+        """Whether a scan may find what the last one did not: the watcher saw something since, a
+        file is due to have settled, or the periodic rescan is due (the safety net for lost events).
+        An inbox nobody watches (``backend = "none"``) is always due.
+
+        Why it matters: the loop ticks whenever a worker finishes, hundreds of times a second in a
+        busy daemon, and listing the folder each time costs it a wait for the GIL per entry.
+        """
+        if self._observer is None or self.changed:
+            return True
+        now = time.monotonic()
+        return now >= self._next_rescan or self._next_settle_check is not None and now >= self._next_settle_check
+
     def scan(self) -> list[Candidate]:
         """List the inbox and return its manifest candidates, oldest mtime first.
 
@@ -453,6 +471,7 @@ class Inbox:
         the watcher saw it then. Entries with a manifest's name that are not regular files are
         logged once and kept for :meth:`take_irregular`.
         """
+        self.changed = False  # first: what happens from here on is seen by the next scan too
         now = time.monotonic()
         wall_now_ns = time.time_ns()
         settle_ns = int(self.settle_seconds * 1e9)

@@ -298,16 +298,18 @@ class Prefetch:
 
 
 class OnDemand:
-    """Iterates ``iterable`` in a daemon thread of its own, one item each time the consumer asks.
+    """Iterates ``iterable`` in a daemon thread of its own, at most ``ahead`` items before the consumer.
 
-    For a job's chunks: the generator only moves when the loop asks for the next chunk, so between
-    an item taken and the next ask it rests at a chunk boundary, where :meth:`close` ends it (the
-    build's index then holds exactly the chunks taken). :meth:`take` never blocks; ``on_ready``
-    is called from the thread when an answer is there (to wake the loop).
+    For a job's chunks: the generator only moves when the loop has asked (:meth:`ask`) for more than
+    it has taken, so once the loop stops asking it comes to rest at a chunk boundary, where
+    :meth:`close` ends it (the build's index then holds exactly the chunks taken). Building a few
+    chunks ahead lets the loop take several in one visit while it is busy elsewhere. :meth:`take`
+    never blocks; ``on_ready`` is called from the thread when an answer is there (to wake the loop).
     """
 
     def __init__(self, iterable: Iterable[Any], clock: PluginClock, *, name: str,
-                 on_ready: Callable[[], None] = lambda: None, source: Iterator[Any] | None = None):
+                 on_ready: Callable[[], None] = lambda: None, source: Iterator[Any] | None = None,
+                 ahead: int = 1):
         """``source``: a generator ``iterable`` draws from, closed in the thread when the iteration ends
         (an error's traceback would otherwise keep it suspended until another thread frees it, and
         its cleanup, such as closing an SQLite connection, must run in the thread that made it)."""
@@ -316,9 +318,12 @@ class OnDemand:
         #: The item taken last (the loop's view of where the generator rests).
         self.last: Any = None
         self._iterator = iter(iterable)
-        self._asked = threading.Event()
-        self._answer: tuple[str, Any] | None = None  # set by the thread, taken by the consumer
-        self._pending = False  # asked, not yet taken (the consumer's side)
+        self._ahead = max(1, ahead)
+        self._lock = threading.Lock()
+        self._answers: collections.deque[tuple[str, Any]] = collections.deque()  # built, not yet taken
+        self._asked = 0  # items asked for and not yet started (under the lock)
+        self._building = False  # an item is being built (under the lock)
+        self._wake = threading.Event()
         self._closing = False
         self._finished = threading.Event()
         self._on_ready = on_ready
@@ -328,9 +333,14 @@ class OnDemand:
     def _run(self) -> None:
         try:
             while True:
-                while not self._asked.wait(WAIT_SLICE_SECONDS * 10) and not self._closing:
-                    pass
-                self._asked.clear()
+                while not self._closing:
+                    with self._lock:
+                        if self._asked:
+                            self._asked -= 1
+                            self._building = True
+                            break
+                    self._wake.wait(WAIT_SLICE_SECONDS * 10)
+                    self._wake.clear()  # an ask made meanwhile is seen by the count above
                 if self._closing:
                     self._iterator.close()  # resting at a boundary: its cleanup runs here
                     return
@@ -340,9 +350,9 @@ class OnDemand:
                     answer = ("end", None)
                 except BaseException as error:  # noqa: BLE001 - handed to the consumer
                     answer = ("error", error)
-                # Read from here on through the local: the consumer may take an item (and clear
-                # ``_answer``) the moment it is set, before on_ready has even returned.
-                self._answer = answer
+                with self._lock:
+                    self._answers.append(answer)
+                    self._building = False
                 self._on_ready()
                 if answer[0] != "item":
                     return
@@ -355,31 +365,49 @@ class OnDemand:
                     pass
             self._finished.set()
 
+    def ask(self, most: int | None = None) -> None:
+        """Let the generator run until ``ahead`` items (or ``most``, if fewer) wait to be taken; a no-op
+        when they already do."""
+        with self._lock:
+            ahead = self._ahead if most is None else min(most, self._ahead)
+            wanted = ahead - self._asked - self._building - len(self._answers)
+            if wanted <= 0 or self._answers and self._answers[-1][0] != "item":
+                return
+            self._asked += wanted
+        self._wake.set()
+
+    def withdraw(self) -> None:
+        """Ask for nothing more: the item being built is the last (a cancel stops the build there)."""
+        with self._lock:
+            self._asked = 0
+
     def ready(self) -> bool:
-        """Whether :meth:`take` has something to do now: an answer to take, or the next item to ask for."""
-        return self._answer is not None or not self._pending
+        """Whether :meth:`take` has an answer to give now."""
+        with self._lock:
+            return bool(self._answers)
 
     def resting(self) -> bool:
-        """Whether the generator rests just after the item taken last (nothing asked since)."""
-        return not self._pending
+        """Whether the generator rests just after the item taken last (nothing asked, nothing waiting)."""
+        with self._lock:
+            return not self._asked and not self._building and not self._answers
 
     def take(self) -> tuple[str, Any]:
-        """``("item", item)``, ``("end", None)``, ``("error", exception)`` or ``("waiting", None)`` (asked,
-        not yet answered: the next item is asked for here when it was not yet). A thread that ended
-        without answering what was asked (a bug in batchd, not the plugin's) is an error, not a wait
-        that never ends."""
-        ended = self._finished.is_set()  # read first: an answer is always set before the thread ends
-        answer = self._answer
-        if answer is None and ended and self._pending:
-            answer = self._answer = ("error", RuntimeError(f"{self._name} ended without answering"))
-        if answer is not None:
-            if answer[0] == "item":
-                self._answer, self._pending = None, False
+        """``("item", item)``, ``("end", None)``, ``("error", exception)`` or ``("waiting", None)`` (nothing
+        built yet; :meth:`ask` for it). A thread that ended without answering what was asked (a bug in
+        batchd, not the plugin's) is an error, not a wait that never ends."""
+        ended = self._finished.is_set()  # read first: an answer is always queued before the thread ends
+        with self._lock:
+            if self._answers:
+                answer = self._answers[0]
+                if answer[0] != "item":
+                    return answer  # the end and an error stay the answer
+                self._answers.popleft()
                 self.last = answer[1]
-            return answer  # the end and an error stay the answer
-        if not self._pending:
-            self._pending = True
-            self._asked.set()
+                return answer
+            if ended and (self._asked or self._building):
+                error = RuntimeError(f"{self._name} ended without answering")
+                self._answers.append(("error", error))
+                return "error", error
         return "waiting", None
 
     def close(self, *, wait: bool = False) -> None:
@@ -387,7 +415,9 @@ class OnDemand:
         thread stops when its current item is done (a hung plugin's thread is simply left behind)."""
         self._closing = True
         self.clock.abandoned = True
-        if not self._pending or self._answer is not None:  # the thread waits to be asked
-            self._asked.set()
+        with self._lock:
+            idle = not self._asked and not self._building  # the thread waits to be asked
+        if idle:
+            self._wake.set()
             if wait:
                 self._finished.wait()

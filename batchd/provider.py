@@ -47,7 +47,7 @@ from google.genai._common import ExperimentalWarning
 
 from batchd import fs
 from batchd.durable import fsync_dir
-from batchd.encoding import inline_embeddings_source
+from batchd.encoding import inline_embeddings_source, inlined_request
 
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ class _UploadParts(io.RawIOBase):
         return self._file.read(UPLOAD_PART_BYTES if size is None or size < 0 else min(size, UPLOAD_PART_BYTES))
 
 
-def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | None = None,
+def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any] | bytes | None = None,
               http_options: types.HttpOptions | None = None) -> dict[str, Any]:
     """Call ``path`` through the SDK's private API client and return the JSON body unparsed by the SDK.
 
@@ -451,20 +451,35 @@ def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any]
     URL, API version, auth header, timeout, retry policy and error types identical to the public
     calls. ``_api_client`` is private: this is the only place batchd touches it, and
     tests/test_provider.py::test_sdk_private_request_api_is_unchanged fails loudly if the SDK changes it.
+
+    ``body`` as bytes is sent as it is (an inline create, :func:`inline_batch_request`): the request is
+    built by the SDK as for any call, then its data replaced, which its sender passes through unchanged.
     """
-    response = client._api_client.request(method, path, body or {}, http_options)
-    return json.loads(response.body) if response.body else {}
+    api = client._api_client
+    if not isinstance(body, bytes):
+        response = api.request(method, path, body or {}, http_options)
+        return json.loads(response.body) if response.body else {}
+    request = api._build_request(method, path, {}, http_options)
+    request.data = body
+    stream = api._request(request, http_options, stream=False).response_stream
+    text = stream[0] if stream else ""
+    return json.loads(text) if text else {}
 
 
-def inline_batch_request(model: str, lines: Iterable[Mapping[str, Any]], display_name: str) -> tuple[str, dict]:
-    """The path and body of ``batches.create`` with inline requests, from request lines in the form a
-    requests file holds them (``{"key": …, "request": GenerateContentRequest}``): the same bytes the
-    SDK sends for the same requests given as InlinedRequest dicts (tests/test_provider.py compares
-    them), the key travelling in each request's ``metadata``."""
+def inline_batch_request(model: str, lines: Iterable[str], display_name: str,
+                         webhook: Mapping[str, Any] | None = None) -> tuple[str, bytes]:
+    """The path and body of ``batches.create`` with inline requests, from the lines of a requests file
+    (``{"key": …, "request": GenerateContentRequest}``): the JSON the SDK sends for the same requests
+    given as InlinedRequest dicts (tests/test_provider.py compares them), the key travelling in each
+    request's ``metadata``, the requests' text passed through (:func:`batchd.encoding.inlined_request`)."""
     model_path = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
-    requests = [{"request": line["request"], "metadata": {"key": line["key"]}} for line in lines]
-    body = {"batch": {"displayName": display_name, "inputConfig": {"requests": {"requests": requests}}}}
-    return f"{model_path}:batchGenerateContent", body
+    batch: dict[str, Any] = {"displayName": display_name}
+    if webhook:
+        batch["webhookConfig"] = {"uris": list(webhook["uris"]), "userMetadata": dict(webhook.get("user_metadata") or {})}
+    head = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))[:-1]  # the batch's object, left open
+    requests = ",".join(map(inlined_request, lines))
+    body = f'{{"batch":{head},"inputConfig":{{"requests":{{"requests":[{requests}]}}}}}}}}'
+    return f"{model_path}:batchGenerateContent", body.encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -690,7 +705,7 @@ class Provider:
         return self._create(model, requests, display_name)
 
     @_counted("batches.create")
-    def create_from_lines(self, model: str, lines: Iterable[Mapping[str, Any]], display_name: str,
+    def create_from_lines(self, model: str, lines: Iterable[str], display_name: str,
                           kind: str = "generate", webhook: dict[str, Any] | None = None) -> RemoteJob:
         """Create a batch with its requests inline, given as the lines of a requests file (what the spool
         holds): sent as :meth:`create_inline` sends them, without the SDK's per-request conversion.
@@ -701,11 +716,8 @@ class Provider:
         results come back without keys and are joined by position.
         """
         if kind == "embed":
-            return self._create_embeddings(model, inline_embeddings_source(lines), display_name)
-        path, body = inline_batch_request(model, lines, display_name)
-        if webhook:
-            body["batch"]["webhookConfig"] = {"uris": list(webhook["uris"]),
-                                              "userMetadata": dict(webhook.get("user_metadata") or {})}
+            return self._create_embeddings(model, inline_embeddings_source(map(json.loads, lines)), display_name)
+        path, body = inline_batch_request(model, lines, display_name, webhook)
         return RemoteJob.from_operation(_raw_json(self._single_shot_client, "post", path, body))
 
     def _create(self, model: str, source: str | list[dict[str, Any]], display_name: str,

@@ -222,9 +222,13 @@ class JobSpool:
         return text.count("\n"), len(text.encode("utf-8"))
 
     def read_requests(self, idx: int) -> Iterator[dict]:
+        for line in self.request_lines(idx):
+            yield json.loads(line)
+
+    def request_lines(self, idx: int) -> Iterator[str]:
+        """The lines of chunk ``idx``'s requests file, as text (an inline create sends them so)."""
         with open(self.requests_path(idx), encoding="utf-8", buffering=IO_BUFFER) as lines:
-            for line in lines:
-                yield json.loads(line)
+            yield from lines
 
     def first_unsent_error(self) -> dict | None:
         """The error of the first request never sent (a file it cannot send), if any."""

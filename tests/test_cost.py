@@ -351,7 +351,7 @@ def test_every_job_is_priced_before_any_of_its_chunks_is_submitted(workspace: Wo
     workspace.configure(chunk_max_requests=1)
     workspace.drop("translate.toml", TRANSLATE)
 
-    result = workspace.batchd("run", "--once")
+    result = workspace.batchd("--log-level", "debug", "run", "--once")
 
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()

@@ -107,7 +107,7 @@ def test_inline_and_file_embedding_creates_send_what_the_sdk_sends(recorder):
     base_url, bodies = recorder
     config = {"task_type": "SEMANTIC_SIMILARITY", "output_dimensionality": 8}
     texts = ['A "quoted" text — ünïcödé, 日本語', "second"]
-    lines = [json.loads(EmbedRequestEncoder().encode(TaskRequest(str(n), text, {}, config)))
+    lines = [EmbedRequestEncoder().encode(TaskRequest(str(n), text, {}, config)) + "\n"
              for n, text in enumerate(texts)]
     with Provider(api_key=EMULATOR_API_KEY, base_url=base_url) as provider:
         provider.create_from_lines(MODEL, lines, "inline-embed", "embed")
@@ -122,7 +122,7 @@ def test_inline_and_file_embedding_creates_send_what_the_sdk_sends(recorder):
     assert inline == documented
     # Each inline request is the request its requests-file line holds; no key travels with it.
     assert [sent["request"] for sent in inline["batch"]["inputConfig"]["requests"]["requests"]] == \
-        [line["request"] for line in lines]
+        [json.loads(line)["request"] for line in lines]
     assert all("metadata" not in sent for sent in inline["batch"]["inputConfig"]["requests"]["requests"])
     assert from_file["batch"] == {"inputConfig": {"file_name": "files/abc"}, "displayName": "file-embed"}
 

@@ -67,17 +67,46 @@ def test_on_demand_moves_only_when_asked_and_closes_at_the_item_taken_last(works
 
     clock = PluginClock("t", "p", "requests()")
     feed = OnDemand(chunks(), clock, name="test-on-demand", on_ready=ready.set)
-    assert feed.take() == ("waiting", None) and not feed.resting()
+    assert feed.take() == ("waiting", None) and feed.resting() and not produced  # nothing asked: nothing built
+    feed.ask()
+    assert not feed.resting()
     workspace.wait_for(ready.is_set, what="the first item")
+    assert feed.ready()
     assert feed.take() == ("item", 0) and feed.last == 0 and feed.resting()
-    assert feed.ready()  # the next item is the consumer's to ask for
+    assert not feed.ready()  # the next item is the consumer's to ask for
     ready.clear()
-    assert feed.take() == ("waiting", None)
+    feed.ask()
+    feed.ask()  # asked twice, built once: one item ahead at most
     workspace.wait_for(ready.is_set, what="the second item")
     assert feed.take() == ("item", 1)
+    assert feed.take() == ("waiting", None)
     feed.close(wait=True)
     assert cleaned_up.is_set()
     assert produced == [0, 1], "nothing was built beyond what was asked for"
+
+
+def test_on_demand_runs_ahead_as_far_as_asked_and_hands_items_over_in_order(workspace: Workspace):
+    produced = []
+
+    def chunks():
+        for n in range(10):
+            produced.append(n)
+            yield n
+
+    clock = PluginClock("t", "p", "requests()")
+    feed = OnDemand(chunks(), clock, name="test-on-demand-ahead", ahead=3)
+    feed.ask()
+    workspace.wait_for(lambda: len(produced) == 3, what="three items built ahead")
+    threading.Event().wait(0.05)
+    assert produced == [0, 1, 2], "it built more than three ahead"
+    assert [feed.take(), feed.take()] == [("item", 0), ("item", 1)] and feed.last == 1
+    assert not feed.resting()  # item 2 waits to be taken
+    feed.ask()  # two more, so three wait again
+    workspace.wait_for(lambda: len(produced) == 5, what="two more items")
+    taken = [feed.take() for _ in range(3)]
+    assert taken == [("item", 2), ("item", 3), ("item", 4)] and feed.resting()
+    feed.close(wait=True)
+    assert produced == [0, 1, 2, 3, 4]
 
 
 def test_in_thread_times_out_a_plugin_holding_a_handed_item(workspace: Workspace):
@@ -166,9 +195,11 @@ def test_on_demand_survives_an_item_taken_while_it_announces_it(workspace: Works
     feed = OnDemand(iter(range(3)), clock, name="test-on-demand-race", on_ready=take_at_once)
     for expected in range(3):
         assert feed.take() == ("waiting", None)
+        feed.ask()
         workspace.wait_for(lambda: len(taken) > expected, what=f"item {expected}")
         assert taken[-1] == ("item", expected)
     assert feed.take() == ("waiting", None)
+    feed.ask()
     workspace.wait_for(lambda: taken[-1] == ("end", None), what="the end")
     assert feed.take() == ("end", None), "the end stays the answer"
 
@@ -182,10 +213,10 @@ def test_on_demand_whose_thread_died_answers_an_error_not_waiting_for_ever(works
         raise RuntimeError("a bug")
 
     feed = OnDemand(iter(range(3)), clock, name="test-on-demand-dies", on_ready=broken_on_ready)
-    assert feed.take() == ("waiting", None)
+    feed.ask()
     workspace.wait_for(lambda: calls, what="the first answer")
     assert feed.take() == ("item", 0)
-    assert feed.take() == ("waiting", None)  # asks for the next one: nobody is left to answer
+    feed.ask()  # nobody is left to answer
     kind, error = workspace.wait_for(lambda: (answer := feed.take())[0] != "waiting" and answer,
                                      what="the dead thread noticed")
     assert kind == "error" and "ended without answering" in str(error)

@@ -20,7 +20,7 @@ from google.genai import errors
 from batchd.config import RetrySettings
 from batchd.task import GenerationSettings
 from batchd.emulator.server import EmulatorServer
-from batchd.encoding import RequestEncoder
+from batchd.encoding import RequestEncoder, inlined_request
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
     STAT_FIELDS,
@@ -280,6 +280,11 @@ def test_sdk_private_request_api_is_unchanged() -> None:
     client = genai.Client(api_key=API_KEY, http_options={"base_url": "http://127.0.0.1:9"})
     parameters = list(inspect.signature(client._api_client.request).parameters)
     assert parameters == ["http_method", "path", "request_dict", "http_options"]
+    # An inline create's body goes as bytes: a built request's data replaced, then sent.
+    built = client._api_client._build_request("post", "models/m:batchGenerateContent", {}, None)
+    assert built.data == {} and hasattr(built, "headers")
+    parameters = list(inspect.signature(client._api_client._request).parameters)
+    assert parameters == ["http_request", "http_options", "stream"]
 
 
 # -- the wire request: file path vs inline path ------------------------------------------------------
@@ -350,13 +355,17 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
     with Provider(api_key=API_KEY, base_url=base_url) as provider:
         provider.create_inline(MODEL, [encoder.inline("key-1", prompt, overrides)], "from-settings")
         provider.create_inline(MODEL, [RequestEncoder.inline_from_line(json.loads(line))], "from-line")
-        provider.create_from_lines(MODEL, [json.loads(line)], "from-lines")
+        provider.create_from_lines(MODEL, [line + "\n"], "from-lines")
+        # A line not in the encoder's own order goes through json (the same request on the wire).
+        provider.create_from_lines(MODEL, [json.dumps({"request": json.loads(line)["request"], "key": "key-1"})],
+                                   "reordered")
 
     assert "\n" not in line
     # The daemon's inline creates skip the SDK's conversion: the body must be the one the SDK sends.
+    assert bodies[3]["batch"].pop("displayName") == "reordered"
     assert bodies[2]["batch"].pop("displayName") == "from-lines"
     assert bodies[1]["batch"].pop("displayName") == "from-line"
-    assert bodies[2] == bodies[1]
+    assert bodies[3] == bodies[2] == bodies[1]
     assert json.loads(line)["request"] == encoder.wire_request(prompt, overrides)
     for body in bodies:
         [sent] = body["batch"]["inputConfig"]["requests"]["requests"]
@@ -364,6 +373,19 @@ def test_jsonl_line_is_the_request_the_sdk_sends_inline(
 
 
 # -- units --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["k1", 'a "quoted", \\ key', 'k","request":{"x":1}', "ünïcödé 日本語", "tab\tand\nnewline"])
+def test_an_inlined_request_is_its_line_with_the_key_in_metadata(key: str) -> None:
+    encoder = RequestEncoder(MODEL, TRANSLATE_DEFAULTS)
+    line = encoder.jsonl_line(key, 'a prompt "with" }braces{ and ,"request": inside', {"temperature": 0.5})
+    expected = {"request": json.loads(line)["request"], "metadata": {"key": key}}
+    assert json.loads(inlined_request(line + "\n")) == expected  # the request's text passed through
+    reordered = json.dumps({"request": expected["request"], "key": key})
+    assert json.loads(inlined_request(reordered)) == expected  # any other form: through json
+    with pytest.raises(ValueError):
+        inlined_request('{"key":"k","request":')  # a torn line is an error, never half a request
+
 
 
 def test_manifest_settings_are_the_wire_names_and_enum_values() -> None:

@@ -39,6 +39,12 @@ from batchd.states import JobState
 log = logging.getLogger("batchd")
 
 
+#: Chunks a job's build may have ready before the loop takes them, and the most it takes in one visit.
+#: Why more than one: a busy loop then records (and sends) several in a visit instead of one a tick,
+#: while a cancel still finds the build a few chunk files ahead at most (batchd.plugin_calls.OnDemand).
+CHUNKS_AHEAD = 4
+
+
 class Stopped(Enum):
     """How a cancelled job's build ended (see :meth:`Build.stop`)."""
 
@@ -75,63 +81,56 @@ class Build:
         self.turns = Turns()
         self._tokens = tokens  # shared with the estimates made before admission
 
-    def step(self, job: Job) -> None:
-        """Record the job's next chunk, if it is built (one per visit: finished chunks go out meanwhile)."""
+    def step(self, job: Job) -> str:
+        """Record the job's chunks that are built (the next ones are built meanwhile, a few ahead).
+
+        Returns the job's state after the step (the loop reads the job again only when it moved on)."""
         ctx = self.ctx
-        try:
-            builder = self.builders.get(job.id)
-            if builder is None:
-                if not self.turns.first(job.id, self.slots - len(self.builders)):
-                    self.turns.wait(job)
-                    return
+        builder = self.builders.get(job.id)
+        if builder is None:
+            if not self.turns.first(job.id, self.slots - len(self.builders)):
+                self.turns.wait(job)
+                return job.state
+            try:
                 builder = self._start(job)
-                if job.state != JobState.BUILDING:
-                    return  # its requests are asked for once 'building' is committed: the next visit
+            except Stopping:
+                raise
+            except Exception as error:  # noqa: BLE001 - classified as a failure of the build below
+                return self._build_failed(job, error)
+            if job.state != JobState.BUILDING:
+                return JobState.BUILDING  # its requests are asked for once 'building' commits: next visit
+        for _ in range(CHUNKS_AHEAD):
+            ctx.check_stop()  # a stop is taken at the next chunk boundary, as between two jobs
+            if not job.cancel_requested:
+                builder.chunks.ask()
+            elif self._rebuilding(job, builder):
+                builder.chunks.ask(most=1)  # a restarted build makes its recorded chunks again, and no more
+            else:
+                builder.chunks.withdraw()  # the build comes to rest after the chunk being built (Build.stop)
             kind, chunk = builder.chunks.take()
             if kind == "waiting":
                 timeout = ctx.settings.plugin_timeout_seconds
                 if builder.chunks.clock.overdue(timeout):
-                    raise builder.chunks.clock.timeout(timeout)
-                return  # the next chunk is still being built; the feed marks the job when it is
+                    return self._build_failed(job, builder.chunks.clock.timeout(timeout))
+                if job.cancel_requested and builder.chunks.resting():
+                    ctx.mark(job.id)  # nothing more is coming: the cancel stops it on the next visit
+                return job.state  # the next chunk is still being built; the feed marks the job when it is
             if kind == "error":
-                raise chunk
-        except Stopping:
-            raise
-        except ManifestError as error:
-            self._failed(job, manifest_error(error, self.ctx.settings.limits.error_chars))
-            return
-        except PluginTimeout as error:  # a hung plugin: its thread is left behind, the job fails
-            log.error("job %s: %s", job.id, error, extra={"job": job.id})
-            self._failed(job, {"message": str(error)})
-            return
-        except Exception as error:  # a task plugin's failure rejects its job, never the daemon
-            if fs.is_disk_full(error):
-                raise  # no room for the chunk files: the loop backs off and the build starts again
-            fs.unwritable_is_fatal("requests", error)
-            log.exception("job %s: building requests failed", job.id)
-            self._failed(job, {"message": f"task {job.task!r} failed to build requests: "
-                                          f"{type(error).__name__}: {error}"})
-            return
-        if chunk is not None:
+                return self._build_failed(job, chunk)
+            if chunk is None:
+                break
             if builder.held is not None:
-                builder.held.append(chunk)
-                if chunk.idx:
-                    crashpoint("while-building")
-                if not job.cancel_requested:
-                    # Nothing is recorded that would bring the loop back: the next chunk is asked for now
-                    # (a cancel instead finds the build resting at this boundary).
-                    builder.chunks.take()
-                return
-            self._record(job, chunk)
+                builder.held.append(chunk)  # recorded once every row is read
+            else:
+                self._record(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
-            if not job.cancel_requested:
-                builder.chunks.take()  # the next chunk is built while this one is sent
-            return
+        else:
+            return job.state  # more may be built already: the feed marked the job for the next tick
         fields = {}
         if builder.estimate is not None:
             if not builder.estimate.done():
-                return  # every request is read; the estimate finishes in its thread (a countTokens call)
+                return job.state  # every request is read; the estimate finishes in its thread (a countTokens call)
             if not builder.estimate.abandoned:
                 fields["cost"] = {"estimate": builder.estimate.result}
                 fields["spend"] = spend_of(fields["cost"])
@@ -144,10 +143,9 @@ class Build:
         if not counts["chunks"] and not hits:
             unsent = ctx.spool(job.id).first_unsent_error()
             if unsent is not None:  # every request had a file it cannot send
-                self._failed(job, {"message": f"no request can be sent: {unsent['message']}", "code": unsent["code"]})
-                return
-            self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
-            return
+                return self._failed(job, {"message": f"no request can be sent: {unsent['message']}",
+                                          "code": unsent["code"]})
+            return self._failed(job, {"message": f"task {job.task!r} produced no requests from the manifest"})
         # Kept in the spool (written before 'built' commits; a build started again writes it anew) for
         # summary.json's warnings, and said now.
         ctx.spool(job.id).write_warnings(builder.warnings, step="requests")
@@ -157,6 +155,13 @@ class Build:
         ctx.journal.update_job(job.id, state=JobState.BUILT, **fields)
         log.info("job %s: %d requests in %d chunk(s)%s", job.id, counts["requests"], counts["chunks"],
                  f", {hits} answered from the request cache" if hits else "")
+        return JobState.BUILT
+
+    def _rebuilding(self, job: Job, builder: Builder) -> bool:
+        """Whether the build, started again after a restart, has not yet made every chunk recorded before."""
+        recorded = self.ctx.journal.chunks(job.id)
+        last = builder.chunks.last
+        return bool(recorded) and (last is None or last.idx < recorded[-1].idx)
 
     def sends_while_building(self, job_id: str) -> bool:
         """Whether the job's chunks may go out while later ones are built: its rows were all read (and
@@ -211,7 +216,8 @@ class Build:
         chunks = spool.build(requests, encoder.encode, ChunkLimits(**limits), check_stop=ctx.raise_if_stopping,
                              cache=cache)
         builder = self.builders[job.id] = Builder(
-            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests), estimate,
+            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests,
+                     ahead=CHUNKS_AHEAD), estimate,
             cache, held=[] if first_read else None, warnings=manifest.warnings)
         return builder
 
@@ -269,16 +275,33 @@ class Build:
             raise RuntimeError(f"chunk {chunk.idx} came out different when rebuilt after a restart: "
                                f"task {job.task!r} must build the same requests from the same manifest")
 
-    def _failed(self, job: Job, error: dict) -> None:
+    def _build_failed(self, job: Job, error: BaseException) -> str:
+        """Reject (or cut short) the job whose build raised ``error``; never the daemon."""
+        if isinstance(error, Stopping) or not isinstance(error, Exception):
+            raise error
+        if isinstance(error, ManifestError):
+            return self._failed(job, manifest_error(error, self.ctx.settings.limits.error_chars))
+        if isinstance(error, PluginTimeout):  # a hung plugin: its thread is left behind, the job fails
+            log.error("job %s: %s", job.id, error, extra={"job": job.id})
+            return self._failed(job, {"message": str(error)})
+        if fs.is_disk_full(error):
+            raise error  # no room for the chunk files: the loop backs off and the build starts again
+        fs.unwritable_is_fatal("requests", error)
+        log.error("job %s: building requests failed", job.id, exc_info=error)
+        return self._failed(job, {"message": f"task {job.task!r} failed to build requests: "
+                                             f"{type(error).__name__}: {error}"})
+
+    def _failed(self, job: Job, error: dict) -> str:
         ctx = self.ctx
         self._release(job.id)
         if not ctx.journal.chunk_totals(job.id)["chunks"]:
             ctx.journal.update_job(job.id, state=JobState.RECEIVED, error=error)  # rejected: nothing was sent
-            return
+            return JobState.RECEIVED
         # Chunks already out may be running: their results are kept, the requests that were never
         # sent show up as errors, and the summary says why the job stopped short.
         log.error("job %s: building stopped part way: %s", job.id, error["message"])
         ctx.journal.update_job(job.id, state=JobState.BUILT, error=error)
+        return JobState.BUILT
 
     def _limits(self, kind: str = "generate") -> ChunkLimits:
         s = self.ctx.settings

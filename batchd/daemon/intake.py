@@ -72,6 +72,11 @@ class Intake:
         self.backlog = False
         #: The text of the manifests waiting in the inbox, read at most once a tick (see _named_elsewhere).
         self._pending: dict | None = None
+        #: Claims were intended and not all moved yet (a full disk or a stop cut them short).
+        self._claims_unfinished = False
+        #: The last scan left manifests in the inbox that no event will bring back (the claims of one
+        #: tick are bounded, the disk is low, or a file does not parse yet): the next tick scans again.
+        self._left_in_inbox = False
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -100,29 +105,37 @@ class Intake:
     def take(self) -> None:
         """Claim what settled in the inbox, oldest first."""
         ctx = self.ctx
-        # A claim a full disk cut short (its row committed, the move refused) is finished first, so
-        # the file still in the inbox is not taken for a second copy of itself.
-        for job in ctx.journal.jobs(states=(JobState.CLAIMING,)):
-            self.finish_claim(job)
+        if self._claims_unfinished:
+            # A claim a full disk cut short (its row committed, the move refused) is finished first, so
+            # the file still in the inbox is not taken for a second copy of itself.
+            for job in ctx.journal.jobs(states=(JobState.CLAIMING,)):
+                self.finish_claim(job)
+            self._claims_unfinished = False
         try:
             self.inbox.reap_stale_temp_files()
+            if not (self.inbox.scan_due() or self._left_in_inbox or self.claiming_paused):
+                return  # nothing new can be there (while claiming is paused, the free space is looked at)
+            paused = self._below_free_space_floor()
             candidates = self.inbox.scan()
         except FileNotFoundError:
             return  # the inbox went away this instant: the next tick creates it again
-        paused = self._below_free_space_floor()
         self.backlog = False
         self._pending = None  # the waiting manifests' text, read again this tick if an input needs it
         intents: list[Claim] = []
         # The claims' intents commit together, then the files move. A stop or a full disk part way
         # leaves the claims intended so far 'claiming': the next tick, or the next start, finishes them.
-        self._intend_claims(candidates, paused, intents)
+        self._left_in_inbox = self._intend_claims(candidates, paused, intents)
         if intents:
             ctx.journal.flush()
+            self._claims_unfinished = True
             for intent in intents:
                 self._claim(intent)
+            self._claims_unfinished = False
 
-    def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> None:
+    def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> bool:
+        """Intend the claims of the settled ``candidates``; whether some were left for a later tick."""
         ctx = self.ctx
+        left = False
         for irregular in self.inbox.take_irregular() if not paused else ():
             self._reject_irregular(irregular, intents)
         claimed = 0
@@ -130,9 +143,10 @@ class Intake:
             ctx.check_stop()
             if claimed >= CLAIMS_PER_TICK:
                 self.backlog = True  # the rest next tick, after the jobs already claimed have moved
-                break
+                return True
             path = candidate.path
             if paused and path.suffix.lower() not in CONTROL_SUFFIXES:
+                left = True
                 continue  # a cancel or approval takes no room; a new job does
             if not is_valid_text(path.name):
                 # Journal, outbox folder and remote display name all need a text name: the job is
@@ -176,6 +190,7 @@ class Intake:
                 # it has stayed unchanged long enough. Under ``run --once`` a candidate is complete
                 # (it has settled, or was renamed in, and --once takes what the inbox holds): at once.
                 if not ctx.once and candidate.unchanged_for < ctx.settings.incomplete_grace_seconds:
+                    left = True
                     continue
                 if not isinstance(error, ManifestError):
                     # A reader's bug or an input nobody foresaw: the file is rejected with the error
@@ -190,6 +205,7 @@ class Intake:
                 continue
             self._accept(path, manifest, intents, entry=entry)
             claimed += 1
+        return left
 
     def _reject_irregular(self, irregular: Irregular, intents: list[Claim], *, reason: str | None = None) -> None:
         """A symlink, folder, FIFO or hard-linked file with a manifest's name: rejected, and the entry

@@ -289,8 +289,8 @@ class Loop:
         # Chunks already built go out while the next one is built, so the service works on chunk n
         # while chunk n+1 is written; unless this pass is the first to read the job's rows (then its
         # chunks are held until the last row is read and priced: batchd.daemon.build).
-        self.s.build.step(job)
-        job = self.ctx.journal.job(job.id)
+        if self.s.build.step(job) != job.state:
+            job = self.ctx.journal.job(job.id)  # it moved on: built, or rejected
         if job.state == JobState.BUILT or job.state == JobState.BUILDING and self.s.build.sends_while_building(job.id):
             self.s.submit.step(job)
 
@@ -362,7 +362,8 @@ class Loop:
 
     def _once_done(self) -> bool:
         ctx, s = self.ctx, self.s
-        if ctx.journal.count_jobs(ACTIVE_JOB_STATES, limit=1) or s.submit.busy() or s.fetch.busy() or s.uploads.busy():
+        # The pools first: asked on every tick, the journal would cost the loop a wait for the GIL.
+        if s.submit.busy() or s.fetch.busy() or s.uploads.busy() or ctx.journal.count_jobs(ACTIVE_JOB_STATES, limit=1):
             return False  # (the inbox is listed only then: a burst would list it on every tick)
         try:
             listed = {p.name for p in ctx.settings.inbox.iterdir()}

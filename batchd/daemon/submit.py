@@ -12,7 +12,9 @@ remote batch by display name (it is adopted), or after ``submit_grace_seconds`` 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -57,6 +59,9 @@ class Submit:
         self.turns = Turns()
         #: max_remote_batches reached: logged once when it starts and ends, a notice in `batchd status`
         self.remote_full = False
+        #: Chunks whose remote batch exists or may, counted once a tick (each count costs the loop a wait
+        #: for the GIL) and kept up to date by the sends of the tick (see :meth:`remote_room`).
+        self._remote_live: int | None = None
         self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
@@ -118,6 +123,8 @@ class Submit:
             ctx.journal.set_media({sha256: {"last_used": time.time()} for sha256 in uris})
         ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
                                  **_upload_intent(chunk))
+        if self._remote_live is not None:
+            self._remote_live += 1
         crashpoint("after-intent")
         if chunk.resubmits:
             crashpoint("after-resubmit-intent")
@@ -157,12 +164,13 @@ class Submit:
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
                                    ctx.settings.delete_request_files, uris, about="upload")
-        log.info("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
+        log.debug("job %s: submitting chunk %d (%s, %d requests)", job.id, chunk.idx, chunk.mode,
                  chunk.request_count, extra={"job": job.id, "chunk": chunk.idx, "requests": chunk.request_count})
 
     def collect(self) -> None:
         """Record the uploads and creates that ended; hand the pool to the jobs waiting longest."""
         journal = self.ctx.journal
+        self._remote_live = None  # counted afresh this tick
         for work in self.submissions.finished():
             if work.about == MEDIA_UPLOAD:
                 self.media.collect(work)
@@ -207,11 +215,16 @@ class Submit:
         """Remote batches that may still be created: ``max_remote_batches`` (set) less the chunks whose
         batch exists or may (``submitting``, ``running``). Google runs 100 per project and answers 429 to
         any create beyond that; counting our own keeps chunks waiting their turn here, oldest job first,
-        instead of bouncing off the service."""
+        instead of bouncing off the service.
+
+        Counted in the journal at the first ask of a tick, then kept by :meth:`send`. A batch that ends
+        during the tick frees its room at the next one: the count may only be high, never low.
+        """
         limit = self.ctx.settings.max_remote_batches
-        live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
-                                                limit=limit)
-        return max(0, limit - live)
+        if self._remote_live is None:
+            self._remote_live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES,
+                                                                 job_states=JOB_STATES_WITH_REMOTE_WORK, limit=limit)
+        return max(0, limit - self._remote_live)
 
     def _note_remote_limit(self) -> None:
         """Say once when ``max_remote_batches`` starts and stops holding chunks back (once a tick)."""
@@ -403,9 +416,10 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 
 def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str,
                   uris: dict[str, str] | None = None, webhook: dict | None = None) -> RemoteJob:
-    lines = spool.read_requests(chunk.idx)
-    if uris:
-        lines = ({**line, "request": resolve_request(line["request"], uris)} for line in lines)
+    lines = spool.request_lines(chunk.idx)
+    if uris:  # requests naming uploaded files: each placeholder replaced by its File's URI
+        lines = (json.dumps({**line, "request": resolve_request(line["request"], uris)}, ensure_ascii=False,
+                            separators=(",", ":")) for line in spool.read_requests(chunk.idx))
     return provider.create_from_lines(model, lines, chunk.display_name, kind, webhook)
 
 
@@ -414,8 +428,6 @@ def _sent_requests(spool: JobSpool, chunk: Chunk, uris: dict[str, str]) -> tuple
     copy naming the Files' URIs instead of their placeholders (``requests-NNNN.sent.jsonl``)."""
     if not uris:
         return spool.requests_path(chunk.idx), chunk.byte_size
-    import json
-    import os
 
     path = spool.requests_path(chunk.idx).with_suffix(".sent.jsonl")
     partial = path.with_name(f".{path.name}.part")
