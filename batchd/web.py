@@ -124,8 +124,10 @@ class WebServer:
             raise OSError(error.errno, f"cannot serve HTTP at {self.settings.http}: {error.strerror}") from None
         sock.listen(128)
         self.address = sock.getsockname()[:2]
+        # h11 (not httptools, which uvicorn would pick): its bound on a request's head is what keeps a
+        # hostile client's endless headers out of memory.
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
-                                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
+                                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, http="h11",
                                 h11_max_incomplete_event_size=64 * 1024)
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
             logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop lines; errors still show

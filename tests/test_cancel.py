@@ -137,11 +137,10 @@ def test_a_build_holding_its_chunks_asks_for_the_next_at_once_and_a_cancel_sends
 
 
 def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_more(workspace: Workspace):
-    """Stopped right after its second chunk was recorded, cancelled while batchd was down: the restart
-    builds the recorded chunks again (their index joins the results) and nothing after them; the
-    remote jobs of those sent before the stop are cancelled, those never sent are skipped, and the job
-    is delivered cancelled with those two requests. With a budget, so that chunks go out while later
-    ones are built."""
+    """Stopped right after its second chunk was recorded (both sent), cancelled while batchd was down:
+    the restart builds the recorded chunks again (their index joins the results) and nothing after
+    them; both remote jobs are cancelled and the job is delivered cancelled with those two requests.
+    With a budget, so that chunks go out while later ones are built."""
     workspace.configure(chunk_max_requests=1, job_seconds=600, **SENT_WHILE_BUILDING)
     manifest = workspace.drop("long.toml", SIX)
     keys = request_keys(manifest)
@@ -153,14 +152,13 @@ def test_a_cancel_of_a_job_stopped_part_way_through_its_build_builds_nothing_mor
 
     assert result.returncode == 0, result.stderr
     job, chunks, kinds = journal_of(workspace, "long")
-    # The stop came right after chunk 1 was recorded (chunk 0 sent by then, or recorded in the same visit).
+    # The stop came right after chunk 1 was recorded, and each chunk is sent before the next is recorded.
     assert [c.idx for c in chunks] == [0, 1], "chunks were built after the cancel"
-    sent = [c for c in chunks if c.remote_name]
-    assert all(c.cancel_sent for c in sent) and all(c.state == "skipped" for c in chunks if not c.remote_name)
+    assert all(c.remote_name and c.cancel_sent for c in chunks)
     remote = remote_jobs(workspace)
-    assert sorted(r.name for r in remote) == sorted(c.remote_name for c in sent)
+    assert sorted(r.name for r in remote) == sorted(c.remote_name for c in chunks)
     assert all(r.state == types.JobState.JOB_STATE_CANCELLED for r in remote)
-    assert kinds[0] == "accepted" and kinds[-1] == "cancelled"
+    assert kinds == ["accepted", "submitted", "cancelled"]
     folder = workspace.outbox_folder("long")
     assert folder.state == "cancelled"
     assert result_keys(workspace, "long") == keys[:2]
@@ -183,13 +181,11 @@ def test_a_cancel_of_a_job_whose_create_was_never_sent_creates_nothing(workspace
 
     assert result.returncode == 0, result.stderr
     job, chunks, kinds = journal_of(workspace, "long")
-    # Chunk 0, and those recorded with it in the same visit (built ahead): none ever sent.
-    assert 1 <= len(chunks) <= CHUNKS_AHEAD
-    assert [(c.idx, c.state) for c in chunks] == [(n, "skipped") for n in range(len(chunks))]
+    assert [(c.idx, c.state) for c in chunks] == [(0, "skipped")]
     assert remote_jobs(workspace) == []
     assert kinds == ["accepted", "cancelled"]
     assert workspace.outbox_folder("long").state == "cancelled"
-    assert result_keys(workspace, "long") == keys[:len(chunks)]
+    assert result_keys(workspace, "long") == keys[:1]
 
 
 def test_hook_job_event_announces_no_submitted_for_a_job_whose_every_create_is_refused(workspace: Workspace):

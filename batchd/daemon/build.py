@@ -39,7 +39,7 @@ from batchd.states import JobState
 log = logging.getLogger("batchd")
 
 
-#: Chunks a job's build may have ready before the loop takes them, and the most it takes in one visit.
+#: Chunks a job's build may have ready before the loop takes them, and the most a visit records and sends.
 #: Why more than one: a busy loop then records (and sends) several in a visit instead of one a tick,
 #: while a cancel still finds the build a few chunk files ahead at most (batchd.plugin_calls.OnDemand).
 CHUNKS_AHEAD = 4
@@ -82,7 +82,7 @@ class Build:
         self._tokens = tokens  # shared with the estimates made before admission
 
     def step(self, job: Job) -> str:
-        """Record the job's chunks that are built (the next ones are built meanwhile, a few ahead).
+        """Record the job's next chunk, if it is built (the next ones are built meanwhile, a few ahead).
 
         Returns the job's state after the step (the loop reads the job again only when it moved on)."""
         ctx = self.ctx
@@ -99,34 +99,26 @@ class Build:
                 return self._build_failed(job, error)
             if job.state != JobState.BUILDING:
                 return JobState.BUILDING  # its requests are asked for once 'building' commits: next visit
-        for _ in range(CHUNKS_AHEAD):
-            ctx.check_stop()  # a stop is taken at the next chunk boundary, as between two jobs
-            if not job.cancel_requested:
-                builder.chunks.ask()
-            elif self._rebuilding(job, builder):
-                builder.chunks.ask(most=1)  # a restarted build makes its recorded chunks again, and no more
-            else:
-                builder.chunks.withdraw()  # the build comes to rest after the chunk being built (Build.stop)
-            kind, chunk = builder.chunks.take()
-            if kind == "waiting":
-                timeout = ctx.settings.plugin_timeout_seconds
-                if builder.chunks.clock.overdue(timeout):
-                    return self._build_failed(job, builder.chunks.clock.timeout(timeout))
-                if job.cancel_requested and builder.chunks.resting():
-                    ctx.mark(job.id)  # nothing more is coming: the cancel stops it on the next visit
-                return job.state  # the next chunk is still being built; the feed marks the job when it is
-            if kind == "error":
-                return self._build_failed(job, chunk)
-            if chunk is None:
-                break
+        self._ask(job, builder)
+        kind, chunk = builder.chunks.take()
+        if kind == "waiting":
+            timeout = ctx.settings.plugin_timeout_seconds
+            if builder.chunks.clock.overdue(timeout):
+                return self._build_failed(job, builder.chunks.clock.timeout(timeout))
+            if job.cancel_requested and builder.chunks.resting():
+                ctx.mark(job.id)  # nothing more is coming: the cancel stops it on the next visit
+            return job.state  # the next chunk is still being built; the feed marks the job when it is
+        if kind == "error":
+            return self._build_failed(job, chunk)
+        if chunk is not None:
             if builder.held is not None:
                 builder.held.append(chunk)  # recorded once every row is read
             else:
                 self._record(job, chunk)
             if chunk.idx:
                 crashpoint("while-building")
-        else:
-            return job.state  # more may be built already: the feed marked the job for the next tick
+            self._ask(job, builder)  # built ahead while this one is sent
+            return job.state
         fields = {}
         if builder.estimate is not None:
             if not builder.estimate.done():
@@ -156,6 +148,22 @@ class Build:
         log.info("job %s: %d requests in %d chunk(s)%s", job.id, counts["requests"], counts["chunks"],
                  f", {hits} answered from the request cache" if hits else "")
         return JobState.BUILT
+
+    def _ask(self, job: Job, builder: Builder) -> None:
+        """Keep the build ``CHUNKS_AHEAD`` chunks ahead; once the job is cancelled, ask for nothing more
+        (its build comes to rest after the chunk being built: :meth:`stop`) but the chunks a restarted
+        build must make again."""
+        if not job.cancel_requested:
+            builder.chunks.ask()
+        elif self._rebuilding(job, builder):
+            builder.chunks.ask(most=1)
+        else:
+            builder.chunks.withdraw()
+
+    def has_chunk(self, job_id: str) -> bool:
+        """Whether the job's next chunk is built, waiting to be taken by :meth:`step`."""
+        builder = self.builders.get(job_id)
+        return builder is not None and builder.chunks.ready()
 
     def _rebuilding(self, job: Job, builder: Builder) -> bool:
         """Whether the build, started again after a restart, has not yet made every chunk recorded before."""

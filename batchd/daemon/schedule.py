@@ -26,7 +26,7 @@ from batchd import fs
 from batchd.backoff import Backoff
 from batchd.config import ConfigError, load_settings
 from batchd.daemon.admit import Admit
-from batchd.daemon.build import Build
+from batchd.daemon.build import CHUNKS_AHEAD, Build
 from batchd.daemon.cancel import Cancel
 from batchd.daemon.context import DISK_RETRY_MAX_SECONDS, DISK_RETRY_SECONDS, Context, Stopping
 from batchd.daemon.deliver import Deliver
@@ -47,6 +47,9 @@ log = logging.getLogger("batchd")
 PRUNE_EVENTS_SECONDS = 3600.0
 #: Jobs being built are looked at least this often, to give up on a task plugin that hangs.
 BUILD_CHECK_SECONDS = 1.0
+#: How often a tick looks whether the inbox folder is still there (and watched) and whether the config
+#: file changed: each look is a system call, which costs a busy loop a wait for the GIL.
+SURROUNDINGS_CHECK_SECONDS = 1.0
 
 
 class Steps:
@@ -107,6 +110,8 @@ class Loop:
         self._ready_lock = threading.Lock()
         self._swept_at = float("-inf")
         self._builds_checked_at = float("-inf")
+        self._surroundings_checked_at = float("-inf")
+        self._inbox_present = False
         self._events_pruned_at = float("-inf")
         self._disk_full_seen = False
         #: Jobs whose own write found no room: each waits out its own backoff, which only its own progress
@@ -174,10 +179,14 @@ class Loop:
         ctx = self.ctx
         if ctx.storage_failure is not None:
             raise ctx.storage_failure
-        inbox_present = self.inbox.ensure_present()
-        if inbox_present:
-            self.inbox.ensure_watching()
-        self._reload_settings()
+        now = time.monotonic()
+        if now - self._surroundings_checked_at >= SURROUNDINGS_CHECK_SECONDS or not self._inbox_present:
+            self._surroundings_checked_at = now
+            self._inbox_present = self.inbox.ensure_present()
+            if self._inbox_present:
+                self.inbox.ensure_watching()
+            self._reload_settings()
+        inbox_present = self._inbox_present
         self._disk_full_seen = False
         # A tick's transitions commit together (one fsync), each effect once what announced it is
         # committed (batchd.journal.Journal.group); the events are handed out after that commit.
@@ -288,11 +297,17 @@ class Loop:
     def _building(self, job: Job) -> None:
         # Chunks already built go out while the next one is built, so the service works on chunk n
         # while chunk n+1 is written; unless this pass is the first to read the job's rows (then its
-        # chunks are held until the last row is read and priced: batchd.daemon.build).
-        if self.s.build.step(job) != job.state:
-            job = self.ctx.journal.job(job.id)  # it moved on: built, or rejected
-        if job.state == JobState.BUILT or job.state == JobState.BUILDING and self.s.build.sends_while_building(job.id):
-            self.s.submit.step(job)
+        # chunks are held until the last row is read and priced: batchd.daemon.build). A visit takes the
+        # chunks built meanwhile, a few at most, each sent before the next is recorded.
+        s = self.s
+        for _ in range(CHUNKS_AHEAD):
+            if s.build.step(job) != job.state:
+                job = self.ctx.journal.job(job.id)  # it moved on: built, or rejected
+            if job.state == JobState.BUILT or job.state == JobState.BUILDING and s.build.sends_while_building(job.id):
+                s.submit.step(job)
+            if job.state != JobState.BUILDING or not s.build.has_chunk(job.id):
+                return
+            self.ctx.check_stop()  # a stop is taken at the next chunk boundary, as between two jobs
 
     def _submitted(self, job: Job) -> None:
         """Remote batches run: an expired chunk is sent again; once the first chunk is back, the job's

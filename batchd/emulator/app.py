@@ -119,6 +119,12 @@ def route(method: str, area: str | None, pattern: str, name: str):
     return register
 
 
+#: Stands for a stored list of inline responses in a rendered Operation, replaced by its text (no
+#: rendered value can contain it: NUL characters are escaped in JSON).
+_SPLICED = "\x00inlined responses\x00"
+_SPLICED_JSON = json.dumps(_SPLICED)
+
+
 def json_response(data: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     return Response(body, status_code=status, media_type="application/json", headers=headers)
@@ -341,12 +347,11 @@ class EmulatorApp:
         return job is None or view_job(job, time.time(), self.runner.progress(job_id),
                                        self.settings.expire_seconds).terminal
 
-    def _operation(self, job: dict, *, with_inline: bool = True) -> dict:
+    def _listed_operation(self, job: dict) -> dict:
+        """The job's Operation in a list answer: the real service leaves inlined responses out of those;
+        clients must get each job."""
         view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
-        inline = None
-        if view.state == "SUCCEEDED" and not job.get("inputFile") and with_inline:
-            inline = json.loads(self.store.job_output(job["id"]).read_bytes())
-        return render_operation(job, view, inline)
+        return render_operation(job, view, None)
 
     def _job(self, call: Call) -> dict:
         job = self.store.jobs.get(call.params["id"])
@@ -357,7 +362,17 @@ class EmulatorApp:
     @route("GET", None, r"batches/(?P<id>[^/:]+)", "get")
     async def get_batch(self, call: Call) -> Response:
         job = self._job(call)
-        return json_response(await run_in_threadpool(self._operation, job))
+        return await run_in_threadpool(self._operation_response, job)
+
+    def _operation_response(self, job: dict) -> Response:
+        """The job's Operation; a finished inline job's responses are spliced in as stored (the JSON
+        text of the output file), not decoded and encoded again on every get."""
+        view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
+        if view.state != "SUCCEEDED" or job.get("inputFile"):
+            return json_response(render_operation(job, view, None))
+        stored = self.store.job_output(job["id"]).read_text(encoding="utf-8")
+        body = json.dumps(render_operation(job, view, _SPLICED), ensure_ascii=False, separators=(",", ":"))
+        return Response(body.replace(_SPLICED_JSON, stored).encode(), media_type="application/json")
 
     @route("GET", None, r"batches", "list")
     async def list_batches(self, call: Call) -> Response:
@@ -366,8 +381,7 @@ class EmulatorApp:
         jobs.sort(key=lambda j: (-j["createTime"], j["id"]))
         page, token = _page(jobs, call, DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE,
                             lambda j: (-j["createTime"], j["id"]))
-        # The real service leaves inlined responses out of list answers; clients must get each job.
-        body: dict = {"operations": [self._operation(job, with_inline=False) for job in page]}
+        body: dict = {"operations": [self._listed_operation(job) for job in page]}
         if token:
             body["nextPageToken"] = token
         return json_response(body)

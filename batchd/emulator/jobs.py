@@ -117,8 +117,9 @@ def view_job(job: Doc, now: float, progress: tuple[int, int], expire_seconds: fl
     return JobView("RUNNING", running_from, None, shown - shown_failed, shown_failed)
 
 
-def render_operation(job: Doc, view: JobView, inline_responses: list | None) -> dict:
-    """The google.longrunning Operation google-genai reads (it only looks at ``name`` and ``metadata``)."""
+def render_operation(job: Doc, view: JobView, inline_responses: list | str | None) -> dict:
+    """The google.longrunning Operation google-genai reads (it only looks at ``name`` and ``metadata``).
+    ``inline_responses``: a finished inline job's, or a stand-in its caller replaces (app._SPLICED)."""
     name = f"batches/{job['id']}"
     total = job["requestCount"]
     pending = total - view.succeeded - view.failed if view.state in ("PENDING", "RUNNING", "CANCELLED") else 0

@@ -143,6 +143,10 @@ class Journal(NotificationQueue):
         #: Whether ``jobs.pack`` exists: a writer adds it when it opens; a reader of a journal no daemon of
         #: this version has opened yet sees no pack (see :attr:`_not_pack`).
         self._has_pack_column = not readonly
+        #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
+        #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
+        self._jobs_with_media: set[str] | None = None if readonly else {
+            row[0] for row in self._db.execute("SELECT DISTINCT job_id FROM chunk_media")}
 
     @property
     def _not_pack(self) -> str:
@@ -275,6 +279,8 @@ class Journal(NotificationQueue):
             ).rowcount
             media = chunk.get("media") or {}
             if inserted and media:
+                if self._jobs_with_media is not None:
+                    self._jobs_with_media.add(job_id)  # before the rows: a rollback leaves one lookup too many
                 db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, 'new')",
                                [(sha256, mime, size) for sha256, (mime, size) in media.items()])
                 db.executemany("INSERT OR IGNORE INTO chunk_media (job_id, idx, sha256) VALUES (?, ?, ?)",
@@ -494,6 +500,8 @@ class Journal(NotificationQueue):
 
     def chunk_media(self, job_id: str, idx: int) -> list[dict]:
         """The media rows of the files a chunk's requests upload."""
+        if self._jobs_with_media is not None and job_id not in self._jobs_with_media:
+            return []
         rows = self._db.execute("SELECT m.* FROM media m JOIN chunk_media cm ON cm.sha256 = m.sha256"
                                 " WHERE cm.job_id = ? AND cm.idx = ? ORDER BY m.sha256", (job_id, idx))
         return [dict(row) for row in rows]
@@ -519,6 +527,8 @@ class Journal(NotificationQueue):
     def media_to_delete(self, unused_since: float) -> list[dict]:
         """Uploaded (or perhaps uploaded) files no chunk still to be sent or running needs, unused since
         ``unused_since``, and those a deletion round cut short left ``deleting``."""
+        if self._jobs_with_media == set():
+            return []  # no request ever sent a file: nothing was uploaded
         rows = self._db.execute(
             "SELECT * FROM media m WHERE (m.state = 'deleting' OR (m.state IN ('active', 'uploading')"
             " AND COALESCE(m.last_used, 0) <= ?)) AND NOT EXISTS (SELECT 1 FROM chunk_media cm JOIN chunks c"
