@@ -47,7 +47,7 @@ from google.genai._common import ExperimentalWarning
 
 from batchd import fs
 from batchd.durable import fsync_dir
-from batchd.encoding import inline_embeddings_source, inlined_request
+from batchd.encoding import decode_json, inline_embeddings_source, inlined_request
 
 
 log = logging.getLogger(__name__)
@@ -457,13 +457,13 @@ def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any]
     """
     api = client._api_client
     if not isinstance(body, bytes):
-        response = api.request(method, path, body or {}, http_options)
-        return json.loads(response.body) if response.body else {}
-    request = api._build_request(method, path, {}, http_options)
-    request.data = body
-    stream = api._request(request, http_options, stream=False).response_stream
-    text = stream[0] if stream else ""
-    return json.loads(text) if text else {}
+        text = api.request(method, path, body or {}, http_options).body
+    else:
+        request = api._build_request(method, path, {}, http_options)
+        request.data = body
+        stream = api._request(request, http_options, stream=False).response_stream
+        text = stream[0] if stream else ""
+    return decode_json(text) if text else {}
 
 
 def inline_batch_request(model: str, lines: Iterable[str], display_name: str,

@@ -47,7 +47,7 @@ from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
 from batchd.emulator.webhooks import JWKS_PATH, WebhookService, check_webhook_config
-from batchd.emulator.wire import double_quoted, has_snake_case_keys, new_id, to_camel_case
+from batchd.emulator.wire import decode, double_quoted, encode, has_snake_case_keys, new_id, to_camel_case
 
 log = logging.getLogger("batchd.emulator")
 
@@ -126,7 +126,7 @@ _SPLICED_JSON = json.dumps(_SPLICED)
 
 
 def json_response(data: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    body = encode(data).encode()
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -260,7 +260,7 @@ class EmulatorApp:
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw)
+            body = decode(raw)
         except ValueError as error:
             try:
                 body = json.loads(double_quoted(raw.decode("utf-8")))
@@ -371,7 +371,7 @@ class EmulatorApp:
         if view.state != "SUCCEEDED" or job.get("inputFile"):
             return json_response(render_operation(job, view, None))
         stored = self.store.job_output(job["id"]).read_text(encoding="utf-8")
-        body = json.dumps(render_operation(job, view, _SPLICED), ensure_ascii=False, separators=(",", ":"))
+        body = encode(render_operation(job, view, _SPLICED))
         return Response(body.replace(_SPLICED_JSON, stored).encode(), media_type="application/json")
 
     @route("GET", None, r"batches", "list")

@@ -15,7 +15,6 @@ is computed from stored times, a restarted emulator continues where the old one 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid, quota_exhausted
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
 from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
-from batchd.emulator.wire import compact_json_encoder, has_snake_case_keys, int64_counts, rfc3339, to_camel_case
+from batchd.emulator.wire import decode, encode, has_snake_case_keys, int64_counts, rfc3339, to_camel_case
 
 log = logging.getLogger("batchd.emulator")
 
@@ -281,7 +280,7 @@ class BatchRunner:
     def _run_inline(self, job: Doc) -> tuple[int, int]:
         job_id, kind, model = job["id"], job["kind"], job["model"]
         faults = job_faults(tuple(job["faults"]))
-        items = json.loads(self.store.job_input(job_id).read_bytes())
+        items = decode(self.store.job_input(job_id).read_bytes())
         responses = []
         failed = 0
         for index, item in enumerate(items):
@@ -342,8 +341,6 @@ class BatchRunner:
 #: The names a JSONL input line may have besides its request's (shapes.batch_request_line).
 _LINE_KEYS = frozenset({"key", "request", "metadata"})
 
-#: One encoder for every output line (json.dumps with options builds a new one per call).
-_encode_line = compact_json_encoder()
 
 
 class _LineAnswerer:
@@ -359,7 +356,7 @@ class _LineAnswerer:
         key = str(line_number)
         try:
             try:
-                item = json.loads(raw)
+                item = decode(raw)
             except ValueError as error:
                 raise invalid(f"Invalid JSON on line {line_number}: {error}") from None
             if not isinstance(item, dict):
@@ -380,7 +377,7 @@ class _LineAnswerer:
         except ApiError as error:
             line = {"key": key, "error": error.status_object()}
             ok = False
-        return (_encode_line(line) + "\n").encode(), ok
+        return (encode(line) + "\n").encode(), ok
 
 
 def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:
@@ -393,4 +390,4 @@ def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:
 
 def write_inline_input(store: Store, job_id: str, items: list) -> None:
     """An inline job's requests go to disk before the job record, so a stored job always has them."""
-    replace_file(store.job_input(job_id), json.dumps(items, separators=(",", ":")))
+    replace_file(store.job_input(job_id), encode(items))

@@ -29,13 +29,14 @@ slow disk; batchd's own journal, spool and outbox are fsynced (batchd/durable.py
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from batchd.emulator.wire import decode, encode
 
 
 Doc = dict[str, Any]
@@ -55,7 +56,7 @@ def replace_file(path: Path, data: str | bytes) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     """A compact JSON document, replaced all-or-nothing (see :func:`replace_file`)."""
-    replace_file(path, json.dumps(value, separators=(",", ":")))
+    replace_file(path, encode(value))
 
 
 def _lock_state_dir(root: Path, wait_seconds: float = 30.0):
@@ -201,6 +202,6 @@ class Store:
         for path in folder.glob("*.json"):
             if path.name.endswith(skip_suffixes):
                 continue
-            doc = json.loads(path.read_bytes())
+            doc = decode(path.read_bytes())
             docs[doc["id"]] = doc
         return docs
