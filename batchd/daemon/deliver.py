@@ -62,6 +62,11 @@ class ChunkGate:
                 self._opened[idx] = error
                 self._changed.notify_all()
 
+    def waits_for(self, idx: int) -> bool:
+        """Whether chunk ``idx`` is recorded and not opened yet."""
+        with self._changed:
+            return idx in self._waiting
+
     def pending(self) -> bool:
         """Whether some recorded chunk is not back yet."""
         with self._changed:
@@ -130,7 +135,7 @@ class Deliver:
                                ctx.stopping, job.kind, CacheLimits.of(ctx.settings), job.model or ctx.settings.model)
         spool = ctx.spool(job.id)
         for chunk in chunks:
-            if chunk.state in CHUNK_DONE_STATES:
+            if chunk.state in CHUNK_DONE_STATES and gate.waits_for(chunk.idx):  # each looked at once, not each visit
                 gate.open(chunk.idx, _chunk_error(chunk, spool))
         return True
 
