@@ -217,3 +217,30 @@ def test_the_loops_per_tick_reads_are_kept_only_while_nothing_is_written(journal
     finally:
         reader.close()
     assert journal.count_jobs(["received"]) == 0 and journal.jobs(states=("received",)) == []
+
+
+def test_the_writer_keeps_jobs_it_read_until_it_writes_them_and_forgets_them_on_a_rollback(journal: Journal):
+    """Journal.job and jobs_by_id answer from memory what the writer read before (each query costs the
+    loop a wait for the GIL); a write of the job, or any rollback, makes the next read go to the database."""
+    add(journal, "a")
+    assert journal.job("a").state == "claiming"
+    journal.update_job("a", state="received")
+    assert journal.job("a").state == "received", "a write drops what was kept"
+    assert [job.state for job in journal.jobs_by_id(["a"])] == ["received"]
+    with journal.group():
+        journal.update_job("a", state="building")
+        with pytest.raises(RuntimeError):
+            with journal.transaction() as db:
+                db.execute("UPDATE jobs SET task = 'x' WHERE id = 'a'")
+                assert journal.job("a").task == "x"  # read inside the transition that is rolled back
+                raise RuntimeError("the transition fails")
+        assert journal.job("a").task is None and journal.job("a").state == "building"
+    assert journal.job("a").state == "building"
+    # A reader never keeps jobs: another process writes them.
+    reader = Journal(journal.path, readonly=True)
+    try:
+        assert reader.job("a").state == "building"
+        journal.update_job("a", state="built")
+        assert reader.job("a").state == "built"
+    finally:
+        reader.close()

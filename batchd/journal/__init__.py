@@ -116,6 +116,9 @@ __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
 OBSERVED_REQUESTS_MAX = 100_000
 
+#: Job rows the writer keeps in memory at most (Journal._job_rows); past that, it starts over.
+KEPT_JOBS = 4096
+
 #: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
 _DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
                   "coalesce(json_extract(stats, '$.failedRequestCount'), 0)")
@@ -143,6 +146,12 @@ class Journal(NotificationQueue):
         #: Whether ``jobs.pack`` exists: a writer adds it when it opens; a reader of a journal no daemon of
         #: this version has opened yet sees no pack (see :attr:`_not_pack`).
         self._has_pack_column = not readonly
+        #: Jobs as last read, by id, for the loop's many reads of the same rows (each read costs it a wait
+        #: for the GIL). Sound because this connection alone writes (the state dir's lock): every write
+        #: of a job row drops its entry first, so a write rolled back costs a read, never a stale job.
+        #: None for a reader (another process writes).
+        self._job_rows: dict[str, Job] | None = None if readonly else {}
+        self._job_rows_rollbacks = 0  # a rollback may undo what was read inside it: the kept jobs go
         #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
         #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
@@ -179,8 +188,9 @@ class Journal(NotificationQueue):
             self._add_events(db, events)
         self.on_change(job_id)
 
-    @staticmethod
-    def _update_job(db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+    def _update_job(self, db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        if self._job_rows is not None:
+            self._job_rows.pop(job_id, None)
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
@@ -202,8 +212,27 @@ class Journal(NotificationQueue):
                 check_job_move(row[0], fields["state"])
 
     def job(self, job_id: str) -> Job | None:
+        if self._kept_jobs().get(job_id) is not None:
+            return self._job_rows[job_id]
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return job_from_row(row) if row else None
+        return self._kept(job_from_row(row)) if row else None
+
+    def _kept_jobs(self) -> dict[str, Job]:
+        """The jobs kept in memory (none for a reader, and none kept across a rollback)."""
+        if self._job_rows is None:
+            return {}
+        if self._rollbacks != self._job_rows_rollbacks:
+            self._job_rows.clear()
+            self._job_rows_rollbacks = self._rollbacks
+        return self._job_rows
+
+    def _kept(self, job: Job) -> Job:
+        """``job``, as read, kept for the next read of it (up to :data:`KEPT_JOBS`: an active daemon's)."""
+        if self._job_rows is not None:
+            if len(self._job_rows) >= KEPT_JOBS:
+                self._job_rows.clear()
+            self._job_rows[job.id] = job
+        return job
 
     def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None,
              packs: bool = False) -> list[Job]:
@@ -232,14 +261,21 @@ class Journal(NotificationQueue):
 
     def jobs_by_id(self, job_ids: Iterable[str]) -> list[Job]:
         """The active ones of these jobs, oldest first (the loop's turn order)."""
-        ids = list(job_ids)
         found: list[Job] = []
+        ids = []
+        kept_jobs = self._kept_jobs()
+        for job_id in job_ids:
+            kept = kept_jobs.get(job_id)
+            if kept is None:
+                ids.append(job_id)
+            elif kept.state in ACTIVE_JOB_STATES:
+                found.append(kept)
         for start in range(0, len(ids), 500):  # SQLite caps the number of parameters
             part = ids[start:start + 500]
             rows = self._db.execute(
                 f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})"
                 f" AND state IN ({', '.join('?' * len(ACTIVE_JOB_STATES))})", (*part, *ACTIVE_JOB_STATES))
-            found.extend(job_from_row(row) for row in rows)
+            found.extend(self._kept(job_from_row(row)) for row in rows)
         return sorted(found, key=lambda job: (job.created_at, job.id))
 
     def count_jobs(self, states: Iterable[str], *, limit: int = -1, packs: bool = True) -> int:
