@@ -273,6 +273,37 @@ def test_an_event_wakes_wait(inbox, inbox_dir):
     assert names(scan_until(inbox, bool)) == ["job.toml"]
 
 
+def test_a_scan_is_due_only_when_it_can_find_something(inbox, inbox_dir, tmp_path):
+    """The loop ticks whenever a worker finishes; it lists the inbox only when the watcher saw an event
+    since the last scan began, a file is due to have settled, or the rescan is due."""
+    assert inbox.scan_due(), "not watched yet: every tick looks"
+    inbox.start()
+    assert inbox.scan_due(), "the first scan after the watch starts"
+    inbox.scan()
+    assert not inbox.scan_due(), "nothing happened since the last scan"
+    outside = tmp_path / "job.toml"
+    outside.write_text("x")
+    outside.rename(inbox_dir / "job.toml")
+    assert inbox.wait(30) is True
+    assert inbox.scan_due(), "the watcher saw the rename"
+    assert names(inbox.scan()) == ["job.toml"]  # renamed in: no settle wait
+    assert not inbox.scan_due()
+    (inbox_dir / "other.toml").write_text("x")  # written in place: it settles
+    assert inbox.wait(30) is True
+    assert inbox.scan_due() and names(inbox.scan()) == ["job.toml"]
+    assert not inbox.scan_due(), "the settle check is not due yet"
+    time.sleep(SETTLE + 0.05)
+    assert inbox.scan_due(), "the file written in place is due to have settled"
+    assert names(inbox.scan()) == ["job.toml", "other.toml"]
+
+
+def test_an_unwatched_inbox_is_always_due_for_a_scan(inbox_dir):
+    inbox = Inbox(inbox_dir, settle_seconds=SETTLE, rescan_seconds=3600, backend="none")
+    with inbox:
+        inbox.scan()
+        assert inbox.scan_due()
+
+
 def test_a_rename_into_the_inbox_wakes_wait(inbox, inbox_dir, tmp_path):
     outside = tmp_path / "job.toml"
     outside.write_text("x")

@@ -6,9 +6,11 @@ import json
 import queue
 import threading
 
+import pytest
+
 from batchd.daemon.context import Stopping
 from batchd.daemon.deliver import ChunkGate
-from batchd.encoding import RequestEncoder
+from batchd.encoding import RequestEncoder, decode_json, encode_json_line
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskRequest
 
@@ -127,3 +129,16 @@ def test_inline_answers_without_their_key_take_the_keys_no_other_answer_has(tmp_
     # keyless answer for the one request left is certain, not a guess; two of each are matched by position.
     assert [(r.key, r.text, r.joined_by) for r in results] == [
         ("k0", "re k0", "key"), ("k1", "re k1", "key"), ("k2", "re k2", "position"), ("k3", "re k3", "position")]
+
+
+def test_result_lines_and_answers_decode_whatever_json_takes():
+    """orjson encodes and decodes the hot JSON (batchd.encoding); what it refuses goes through json, so
+    an integer beyond 64 bits or a NaN in an answer is kept, never an error."""
+    record = {"key": "k", "response": {"n": 2 ** 70, "text": "ünïcödé \u2028 \"q\"\n"}}
+    line = encode_json_line(record)
+    assert line.endswith("\n") and line.count("\n") == 1 and "ünïcödé" in line
+    assert decode_json(line) == record
+    assert decode_json('{"x": NaN, "y": 1}')["y"] == 1
+    assert decode_json(b'{"a": [1, 2.5, null, true]}') == {"a": [1, 2.5, None, True]}
+    with pytest.raises(ValueError):
+        decode_json('{"torn": ')
