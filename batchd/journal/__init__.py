@@ -212,8 +212,9 @@ class Journal(NotificationQueue):
                 check_job_move(row[0], fields["state"])
 
     def job(self, job_id: str) -> Job | None:
-        if self._kept_jobs().get(job_id) is not None:
-            return self._job_rows[job_id]
+        kept = self._kept_jobs().get(job_id)
+        if kept is not None:
+            return kept
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._kept(job_from_row(row)) if row else None
 
