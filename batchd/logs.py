@@ -118,8 +118,16 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(data, default=str, ensure_ascii=False))
 
 
+_last_second: tuple[int, str] = (-1, "")  # the whole second formatted last: records come many a second
+
+
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    global _last_second
+    second, text = _last_second
+    if int(created) != second:
+        second, text = int(created), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        _last_second = (second, text)
+    return f"{text}.{int(created % 1 * 1000):03d}Z"
 
 
 def under_journald(stream: TextIO | None = None, environ: dict | os._Environ | None = None) -> bool:
