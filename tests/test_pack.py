@@ -6,6 +6,8 @@ point delivers every job once without sending any request twice."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import signal
 import sqlite3
 from collections import Counter
@@ -13,11 +15,14 @@ from collections import Counter
 import pytest
 from google.genai import types
 
+from batchd.config import load_settings
+from batchd.daemon import Daemon
 from batchd.daemon.crashpoints import ON_PACK
 from batchd.daemon.pack import member_of, pack_key
 from batchd.journal import Journal, journal_path
 from batchd.testing import Workspace
 from invariants import Dropped, assert_invariants
+from test_cancel import tick_until
 from test_daemon import remote_jobs
 
 
@@ -215,3 +220,37 @@ def test_answers_without_their_keys_in_a_shared_batch_are_never_matched_by_posit
         assert [line["error"]["code"] for line in results] == ["key_dropped", "key_dropped"]
         assert not any("joined_by" in line for line in results)
     assert_invariants(workspace, dropped, remote_jobs(workspace))
+
+
+def test_a_pack_that_cannot_be_written_sends_its_jobs_alone_and_only_the_damaged_one_fails(workspace: Workspace,
+                                                                                          caplog):
+    """A member's requests file gone unreadable between its build and the seal (its spool tampered
+    with): no pack is recorded, the loop goes on, each job goes alone, and only the damaged one fails."""
+    workspace.configure()
+    drop_small(workspace, 2)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    pack = daemon.steps.submit.pack
+    free = pack._free
+    pack._free = lambda: 0  # no room to send yet: the offers wait
+    try:
+        tick_until(daemon, lambda: len(pack.offered) == 2, "both small jobs offered")
+        (damaged_id, idx), (intact_id, _) = sorted(pack.offered)
+        requests = daemon.ctx.spool(damaged_id).requests_path(idx)
+        requests.unlink()
+        requests.mkdir()  # reading it now fails (IsADirectoryError), as root too
+        pack._free = free
+        with caplog.at_level(logging.ERROR, logger="batchd"):
+            tick_until(daemon, lambda: not daemon.journal.active_jobs(), "both jobs delivered")
+        damaged, intact = daemon.journal.job(damaged_id), daemon.journal.job(intact_id)
+    finally:
+        daemon.close()
+        shutil.rmtree(requests, ignore_errors=True)
+
+    assert "could not be written" in caplog.text and "sending them alone" in caplog.text
+    assert packs(workspace) == {}, "no pack was recorded"
+    assert journal_rows(workspace, "SELECT count(*) FROM jobs WHERE pack = 1") == [(0,)]
+    folders = workspace.delivered()
+    assert folders[intact.name]["state"] == "succeeded"
+    assert folders[damaged.name]["state"] == "failed"
+    assert sent_requests(workspace) == 2, "only the intact job's requests were sent"
