@@ -62,6 +62,9 @@ class Submit:
         #: Chunks whose remote batch exists or may, counted once a tick (each count costs the loop a wait
         #: for the GIL) and kept up to date by the sends of the tick (see :meth:`remote_room`).
         self._remote_live: int | None = None
+        #: The chunks whose upload or create is in flight, as their last write left them: nothing else
+        #: writes a chunk while its create is in flight, so the collect reads no row for them.
+        self._in_flight: dict[tuple[str, int], Chunk] = {}
         self.upload_turns = Turns()  # jobs whose next chunk waits for an upload slot
         self._watch = watch  # a display name whose create outcome is unknown is watched for strays
         self._stray = stray
@@ -121,14 +124,15 @@ class Submit:
             return  # its files are being uploaded: the job is visited again when an upload ends
         if uris:
             ctx.journal.set_media({sha256: {"last_used": time.time()} for sha256 in uris})
-        ctx.journal.update_chunk(job.id, chunk.idx, state=ChunkState.SUBMITTING, intent_at=time.time(),
-                                 **_upload_intent(chunk))
+        intent = {"state": ChunkState.SUBMITTING, "intent_at": time.time(), **_upload_intent(chunk)}
+        ctx.journal.update_chunk(job.id, chunk.idx, **intent)
         if self._remote_live is not None:
             self._remote_live += 1
         crashpoint("after-intent")
         if chunk.resubmits:
             crashpoint("after-resubmit-intent")
         self.start(job, chunk)
+        self._in_flight[(job.id, chunk.idx)] = replace(chunk, **intent)
 
     def _submitted_events(self, job: Job, chunks: list[Chunk]) -> list[dict]:
         """The ``submitted`` event of a job all of whose chunks are sent, once one remote job of it exists.
@@ -176,7 +180,7 @@ class Submit:
                 self.media.collect(work)
                 continue
             job_id, idx = work.key
-            chunk = journal.chunk(job_id, idx)
+            chunk = self._in_flight.pop(work.key, None) or journal.chunk(job_id, idx)
             try:
                 result = work.future.result()
             except Exception as error:
@@ -256,9 +260,9 @@ class Submit:
             # Cancelled while its requests were being uploaded: the create was never sent, so it never
             # will be; the upload is deleted as the chunk's of any finished chunk.
             fields["state"] = ChunkState.SKIPPED
-        ctx.journal.update_chunk(chunk.job_id, chunk.idx, uploaded_file=requests_file.name,
-                                 upload_state=UploadState.UPLOADED if requests_file.sole_copy else UploadState.UPLOADING,
-                                 **fields)
+        uploaded = {"uploaded_file": requests_file.name,
+                    "upload_state": UploadState.UPLOADED if requests_file.sole_copy else UploadState.UPLOADING}
+        ctx.journal.update_chunk(chunk.job_id, chunk.idx, **uploaded, **fields)
         log.info("job %s: chunk %d's requests are %s%s%s", chunk.job_id, chunk.idx, requests_file.name,
                  " (uploaded before)" if requests_file.reused else "",
                  "; the job is cancelled, so it is never created" if fields else "",
@@ -269,6 +273,7 @@ class Submit:
         self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
                                requests_file.name, chunk.display_name, job.kind, self._webhook(job, chunk),
                                about="create")
+        self._in_flight[(chunk.job_id, chunk.idx)] = replace(chunk, **uploaded)
 
     def _webhook(self, job: Job, chunk: Chunk) -> dict | None:
         """The create's per-job webhook (``webhook_public_url``), naming the job and chunk; none for embed
