@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for str
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from google.genai import types
 
 if TYPE_CHECKING:
@@ -210,27 +209,6 @@ class RequestEncoder:
 
 # EmbedContentConfig settings in the SDK's snake_case -> their EmbedContentRequest field on the wire, as
 # the SDK's converter (batches._EmbedContentConfig_to_mldev) renames them for every inline request.
-def decode_json(data: str | bytes) -> Any:
-    """``json.loads(data)``, made by orjson where it can: a batch's answers come back as hundreds of
-    kilobytes of JSON per get, decoded while the loop waits for the GIL, and orjson takes half the
-    time. What orjson refuses and :mod:`json` takes (an integer beyond 64 bits, ``NaN``) goes through
-    :mod:`json`, so both accept the same documents."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
-
-
-def encode_json_line(value: Any) -> str:
-    """One compact JSON line of ``value`` (non-ASCII kept as is), with its newline: by orjson, ten times
-    faster than :mod:`json` for the records a chunk's results hold; what orjson cannot encode (an
-    integer beyond 64 bits) by :mod:`json`."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE).decode("utf-8")
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
 #: How a requests-file line starts, and what follows its key (RequestEncoder writes them so).
 _LINE_HEAD = '{"key":'
 _REQUEST_FIELD = ',"request":'

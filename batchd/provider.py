@@ -47,7 +47,8 @@ from google.genai._common import ExperimentalWarning
 
 from batchd import fs
 from batchd.durable import fsync_dir
-from batchd.encoding import decode_json, inline_embeddings_source, inlined_request
+from batchd import jsonfast
+from batchd.encoding import inline_embeddings_source, inlined_request
 
 
 log = logging.getLogger(__name__)
@@ -463,7 +464,7 @@ def _raw_json(client: genai.Client, method: str, path: str, body: dict[str, Any]
         request.data = body
         stream = api._request(request, http_options, stream=False).response_stream
         text = stream[0] if stream else ""
-    return decode_json(text) if text else {}
+    return jsonfast.loads(text) if text else {}
 
 
 def inline_batch_request(model: str, lines: Iterable[str], display_name: str,
@@ -475,7 +476,8 @@ def inline_batch_request(model: str, lines: Iterable[str], display_name: str,
     model_path = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
     batch: dict[str, Any] = {"displayName": display_name}
     if webhook:
-        batch["webhookConfig"] = {"uris": list(webhook["uris"]), "userMetadata": dict(webhook.get("user_metadata") or {})}
+        batch["webhookConfig"] = {"uris": list(webhook["uris"]),
+                                  "userMetadata": dict(webhook.get("user_metadata") or {})}
     head = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))[:-1]  # the batch's object, left open
     requests = ",".join(map(inlined_request, lines))
     body = f'{{"batch":{head},"inputConfig":{{"requests":{{"requests":[{requests}]}}}}}}}}'

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from batchd import fs
+from batchd import fs, jsonfast
 from batchd.cache import CacheStore, request_hash
 from batchd.durable import atomic_write, fsync_dir
-from batchd.encoding import decode_json, encode_json_line
 from batchd.task import TaskRequest, TaskResult
 
 #: Buffer size of the spool's files: a few large reads and writes instead of thousands of 8 KiB
@@ -272,7 +271,8 @@ class JobSpool:
 
     def write_results(self, idx: int, records: Iterable[dict]) -> None:
         """Store a chunk's result records (written atomically)."""
-        atomic_write(self.results_path(idx), "".join(map(encode_json_line, records)), step="results")
+        text = "".join(jsonfast.dumps(record) + "\n" for record in records)
+        atomic_write(self.results_path(idx), text, step="results")
 
     def read_results(self, idx: int) -> Iterator[dict]:
         path = self.results_path(idx)
@@ -283,7 +283,7 @@ class JobSpool:
                 if not line.strip():
                     continue
                 try:
-                    yield decode_json(line)
+                    yield jsonfast.loads(line)
                 except json.JSONDecodeError as exc:
                     # A torn or garbled line must not sink the whole job: its request shows as an error.
                     yield {"key": None, "error": {"code": "bad_result_line",

@@ -47,7 +47,9 @@ from batchd.emulator.models import ModelCatalog
 from batchd.emulator.responder import Responder
 from batchd.emulator.store import Store
 from batchd.emulator.webhooks import JWKS_PATH, WebhookService, check_webhook_config
-from batchd.emulator.wire import decode, double_quoted, encode, has_snake_case_keys, new_id, to_camel_case
+from batchd.emulator.wire import double_quoted, has_snake_case_keys, new_id, to_camel_case
+from batchd.jsonfast import dumps as encode
+from batchd.jsonfast import loads as decode
 
 log = logging.getLogger("batchd.emulator")
 

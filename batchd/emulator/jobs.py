@@ -30,7 +30,9 @@ from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid, quota_exhausted
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
 from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
-from batchd.emulator.wire import decode, encode, has_snake_case_keys, int64_counts, rfc3339, to_camel_case
+from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
+from batchd.jsonfast import dumps as encode
+from batchd.jsonfast import loads as decode
 
 log = logging.getLogger("batchd.emulator")
 

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchd.emulator.wire import decode, encode
+from batchd.jsonfast import dumps as encode
+from batchd.jsonfast import loads as decode
 
 
 Doc = dict[str, Any]

@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-import orjson
-
 #: A JSON object key in snake_case, found on the raw bytes. A quote inside a JSON string is always
 #: escaped (``\"``), so this cannot match inside a string value: no match means no snake_case key.
 _SNAKE_KEY = re.compile(rb'"[a-z][a-z0-9]*_[a-z0-9_]*"\s*:')
@@ -111,25 +109,6 @@ def compact_json_encoder() -> Callable[[Any], str]:
                           encoder.allow_nan)
     join = "".join
     return lambda value: join(chunks(value, 0))
-
-
-def decode(raw: str | bytes) -> Any:
-    """``json.loads(raw)``, by orjson where it can (half the time for a 100-request create or its
-    answers); what orjson refuses goes to :mod:`json`, which accepts what it always did (an integer
-    beyond 64 bits, ``NaN``, a lone surrogate) and words the error of what neither takes."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-
-
-def encode(value: Any) -> str:
-    """Compact JSON with non-ASCII kept as is, by orjson (a tenth of :mod:`json`'s time); by :mod:`json`
-    what orjson cannot encode (an integer beyond 64 bits)."""
-    try:
-        return orjson.dumps(value).decode("utf-8")
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def rfc3339(timestamp: float, *, nanoseconds: bool = False) -> str:
