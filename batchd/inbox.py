@@ -24,14 +24,11 @@ needed, not a second of watching the file stand still. Every candidate is taken 
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import filecmp
 import hashlib
 import logging
 import os
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +47,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from batchd.durable import DirSync, durable_move, fsync_dir, numbered_paths, write_temp
+from batchd.durable import DirSync, durable_move, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +58,13 @@ __all__ = [
     "Inbox",
     "Irregular",
     "claim",
-    "drop_bytes",
-    "drop_file",
     "is_temp_name",
     "sha256_file",
 ]
 
 DEFAULT_SUFFIXES = (".toml", ".json", ".cancel")
 BACKENDS = ("auto", "inotify", "polling", "none")
+_HASH_BLOCK = 1 << 20
 
 #: Careful producers write under one of these names and rename when done (Maildir B1);
 #: editors leave the others behind. None of them is ever a finished manifest.
@@ -77,7 +73,6 @@ _TEMP_SUFFIXES = (".tmp", ".part", "~", ".swp")
 #: Names a producer writes under before its rename; once stale, the reaper removes them.
 _PRODUCER_TEMP_SUFFIXES = (".tmp", ".part")
 
-_HASH_BLOCK = 1 << 20
 
 
 def is_temp_name(name: str) -> bool:
@@ -647,122 +642,6 @@ def claim(candidate_path: Path, dest: Path, *, sync: DirSync = fsync_dir) -> boo
             raise  # the source is still there: it is dest's directory that is missing
         return False
     return True
-
-
-#: renameat2(2)'s flag to fail with EEXIST rather than replace the target, and "relative to the
-#: current directory" for its directory arguments.
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-
-#: Errors meaning this kernel, libc, sandbox or filesystem has no renameat2 with that flag.
-_NO_RENAMEAT2 = frozenset({errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
-
-
-def _load_renameat2():
-    if sys.platform != "linux":
-        return None
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.4
-    except (OSError, AttributeError):
-        return None
-    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    renameat2.restype = ctypes.c_int
-    return renameat2
-
-
-_renameat2 = _load_renameat2()
-
-
-def _rename_no_replace(src: Path, dst: Path) -> bool:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists (then ``FileExistsError``), atomically.
-
-    Returns False, having done nothing, where the system offers no such rename.
-    """
-    if _renameat2 is None:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in _NO_RENAMEAT2:
-        return False
-    raise OSError(code, os.strerror(code), str(src), None, str(dst))
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Give the finished temp file ``tmp`` its final name ``dest`` beside it, never replacing a file.
-
-    A rename where the system can rename without replacing: the daemon's watcher sees it as a
-    move in and takes the file without waiting for it to settle. Elsewhere link + unlink
-    (:func:`durable_move`), which the daemon finds complete once it has settled.
-    """
-    if _rename_no_replace(tmp, dest):
-        fsync_dir(dest.parent)  # tmp is beside dest: one directory holds both changes
-    else:
-        durable_move(tmp, dest)
-
-
-def drop_file(src: Path, inbox: Path, *, content: bytes | None = None) -> Path:
-    """Deliver a copy of ``src`` into ``inbox`` as a careful producer should, and return its path.
-
-    The producer side of Maildir's protocol: the copy is written and fsynced under a dotfile
-    temp name that scans ignore, then renamed (or linked) to its final name, so it is never
-    seen half written. An existing file is never replaced: if ``NAME.toml`` is still waiting,
-    the copy becomes ``NAME-2.toml`` (then ``-3``, …). ``content``: the bytes to drop instead of ``src``'s.
-    """
-    src, inbox = Path(src), Path(inbox)
-    if content is not None:
-        tmp = write_temp(inbox / src.name, content)
-    else:
-        with open(src, "rb") as source:
-            tmp = write_temp(inbox / src.name, source)
-    try:
-        for dest in numbered_paths(inbox, src.stem, src.suffix):
-            try:
-                _move_into_place(tmp, dest)
-            except FileExistsError:
-                continue
-            return dest
-    finally:
-        tmp.unlink(missing_ok=True)
-    raise AssertionError("unreachable: numbered_paths never ends")
-
-
-def drop_input(src: Path, dest: Path) -> bool:
-    """Deliver a copy of input file ``src`` as exactly ``dest`` (a path in the inbox), the same careful way.
-
-    Returns ``False`` when ``dest`` already holds the same bytes (nothing is written), ``True``
-    once the copy is in place. A different existing file is never replaced: that raises
-    ``FileExistsError``, since another manifest may be reading it.
-    """
-    src, dest = Path(src), Path(dest)
-    if dest.exists() and (os.path.samefile(src, dest) or filecmp.cmp(src, dest, shallow=False)):
-        return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(src, "rb") as source:
-        tmp = write_temp(dest, source)
-    try:
-        _move_into_place(tmp, dest)
-    except FileExistsError:
-        if filecmp.cmp(src, dest, shallow=False):  # the same file arrived meanwhile
-            return False
-        raise FileExistsError(f"{dest} already exists with different content") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
-
-
-def drop_bytes(data: bytes, path: Path) -> Path:
-    """Deliver ``data`` as exactly ``path`` (e.g. ``inbox/NAME.cancel``), the same careful way.
-
-    Raises ``FileExistsError`` if ``path`` exists: that file is left as it is.
-    """
-    path = Path(path)
-    tmp = write_temp(path, data)
-    try:
-        _move_into_place(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def sha256_file(path: Path) -> str:

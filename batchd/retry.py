@@ -24,7 +24,8 @@ from typing import Any
 import tomli_w
 
 from batchd.config import Settings
-from batchd.inbox import drop_bytes, drop_input, sha256_file
+from batchd.drop import drop_bytes, drop_input
+from batchd.inbox import sha256_file
 from batchd.journal import Job, Journal
 from batchd.manifest import MANIFEST_SUFFIXES, Manifest, ManifestError, load_manifest
 from batchd.states import JobState

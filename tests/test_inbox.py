@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from watchdog.events import FileSystemEventHandler
 
-from batchd.inbox import Candidate, Inbox, claim, drop_bytes, drop_file, is_temp_name, sha256_file
+from batchd.drop import drop_bytes, drop_file
+from batchd.inbox import Candidate, Inbox, claim, is_temp_name, sha256_file
 
 SETTLE = 0.2
 
@@ -627,7 +628,7 @@ def test_a_restarted_watcher_forgets_recorded_moves(watched, inbox_dir, tmp_path
 def test_drop_functions_never_replace_a_file_with_or_without_renameat2(inbox_dir, tmp_path, monkeypatch,
                                                                         renameat2):
     if renameat2 == "missing":
-        monkeypatch.setattr("batchd.inbox._renameat2", None)  # falls back to link + unlink
+        monkeypatch.setattr("batchd.drop._renameat2", None)  # falls back to link + unlink
     source = tmp_path / "job.toml"
     source.write_text("x = 1\n")
     (inbox_dir / "job.toml").write_text("waiting")

@@ -32,7 +32,7 @@ def submit(ctx: Context, manifest: Path, no_model_check: bool, force: bool) -> N
     A manifest whose content (its bytes and its input file's) a job already ran is rejected as a
     duplicate; --force drops a copy with ``force = true`` added, which the daemon runs again.
     """
-    from batchd.inbox import drop_file, drop_input
+    from batchd.drop import drop_file, drop_input
     from batchd.manifest import ManifestError, load_manifest
 
     settings = ctx.settings()
@@ -132,7 +132,7 @@ def _existing_inbox(settings: Settings) -> Path:
 
 def _drop_request(settings: Settings, name: str, verb: str, noun: str) -> None:
     """Drop an empty ``NAME.<verb>`` into the inbox (atomically, once) for the daemon to act on."""
-    from batchd.inbox import drop_bytes
+    from batchd.drop import drop_bytes
 
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise click.ClickException(f"{name!r} is not a job name or id (the manifest's name without "

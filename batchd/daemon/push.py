@@ -136,7 +136,7 @@ class Push:
 def act(ctx: Context, action: Action) -> str:
     """Do a dashboard button's action the way ``batchd cancel`` / ``approve`` / ``retry`` does; returns what
     to tell the operator. Raises ValueError for a request that cannot be done."""
-    from batchd.inbox import drop_bytes
+    from batchd.drop import drop_bytes
     from batchd.retry import RetryError, finished_job, retry
 
     name = action.name
