@@ -109,7 +109,7 @@ def merge_with_jq(ws: Workspace, results_path: Path, retry_path: Path) -> Path:
 @pytest.mark.slow  # minutes of the default run are counted: two daemon runs and two retries
 def test_expired_and_failed_requests_are_retried_apart(workspace: Workspace):
     # Three chunks of two requests: the first expires (no resubmission), the others lose some requests.
-    workspace.configure(faults=["job-expired@*-c0*", "fail-requests=0.5"], chunk_max_requests=2, resubmit_expired=0)
+    workspace.configure(faults=["job-expired@*-c0", "fail-requests=0.5"], chunk_max_requests=2, resubmit_expired=0)
     workspace.drop("translate.toml", TRANSLATE)
     run_once(workspace)
     expired, failed = (error_keys(workspace, "translate", expired=flag) for flag in (True, False))
