@@ -54,6 +54,52 @@ def test_a_burst_of_jobs_runs_on_a_fixed_number_of_threads(workspace: Workspace)
     assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
 
 
+def test_a_thread_freed_in_a_tick_goes_to_the_next_in_line_in_that_tick(workspace: Workspace):
+    """One build thread, three jobs: the tick whose visit ends a build also starts the next job's, instead of
+    leaving the thread idle for a tick. A job is visited again within a tick only if the tick did not
+    change it: a change's next step waits for the commit (what it intends is durable first)."""
+    workspace.configure(settle_seconds=0, max_concurrent_builds=1, job_seconds=0)
+    for n in range(3):
+        workspace.drop(f"job{n}.toml", small(n))
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    tick = 0
+    visits: list[tuple[int, object]] = []  # (tick, the job as its visit read it)
+    built_in: dict[str, int] = {}  # job id → the tick it was built in
+    building_in: dict[str, int] = {}  # job id → the tick its build started in
+    advance, update_job = daemon.loop.advance, daemon.journal.update_job
+
+    def recorded_advance(job):
+        visits.append((tick, job))
+        advance(job)
+
+    def recorded_update(job_id, **fields):
+        if fields.get("state") == JobState.BUILT:
+            built_in.setdefault(job_id, tick)
+        if fields.get("state") == JobState.BUILDING:
+            building_in.setdefault(job_id, tick)
+        update_job(job_id, **fields)
+
+    daemon.loop.advance, daemon.journal.update_job = recorded_advance, recorded_update
+    try:
+        deadline = time.monotonic() + 60
+        while len(workspace.outbox_folders()) < 3:
+            assert time.monotonic() < deadline, "timed out"
+            tick += 1
+            daemon.loop.tick()
+            daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
+    finally:
+        daemon.close()
+    jobs = sorted(built_in, key=built_in.get)
+    assert len(jobs) == 3, built_in
+    for earlier, later in zip(jobs, jobs[1:]):
+        assert building_in[later] == built_in[earlier], (building_in, built_in)
+    seen: dict[tuple[int, str], object] = {}
+    for at, job in visits:
+        before = seen.setdefault((at, job.id), job)
+        assert before == job, f"visited again in tick {at} after the tick changed it: {before} → {job}"
+
+
 @pytest.mark.slow
 def test_jobs_take_their_turn_oldest_first_and_a_big_job_does_not_starve_small_ones(workspace: Workspace):
     """A job of 30 one-request chunks arrives first, then 6 small jobs: with 2 submission threads and

@@ -146,7 +146,7 @@ class Daemon:
         journal = self.ctx.journal = Journal(journal_path(s.state_dir))
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
-        journal.on_change = self.loop.mark
+        journal.on_change = self.loop.changed
         crashpoints.commit_pending = journal.flush
         self.loop.status_line = self.status_line
         self.loop.notices = self.notices

@@ -98,7 +98,10 @@ class Build:
             except Exception as error:  # noqa: BLE001 - classified as a failure of the build below
                 return self._build_failed(job, error)
             if job.state != JobState.BUILDING:
-                return JobState.BUILDING  # its requests are asked for once 'building' commits: next visit
+                # The build starts now, not once 'building' commits: it writes only into the job's own
+                # spool, and its first chunk row commits with 'building' or after it. A crash before
+                # that commit leaves the job 'received', built again from the start.
+                job = replace(job, state=JobState.BUILDING)
         self._ask(job, builder)
         kind, chunk = builder.chunks.take()
         if kind == "waiting":

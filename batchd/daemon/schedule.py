@@ -50,6 +50,8 @@ BUILD_CHECK_SECONDS = 1.0
 #: How often a tick looks whether the inbox folder is still there (and watched) and whether the config
 #: file changed: each look is a system call, which costs a busy loop a wait for the GIL.
 SURROUNDINGS_CHECK_SECONDS = 1.0
+#: Times a tick visits again the jobs marked during its visits that it did not change (see Loop._steps).
+SAME_TICK_ROUNDS = 2
 
 
 class Steps:
@@ -105,6 +107,7 @@ class Loop:
         self._published_notices: list | None = None
         steps.on_disk_full = self.disk_full
         self._ready: set[str] = set()
+        self._changed: set[str] = set()  # jobs the tick wrote (loop thread only)
         #: When the last tick ended (monotonic): /healthz.
         self.ticked_at = time.monotonic()
         self._ready_lock = threading.Lock()
@@ -134,6 +137,11 @@ class Loop:
             JobState.FETCHED: steps.deliver.step,
             JobState.PUBLISHING: steps.deliver.publish,
         }
+
+    def changed(self, job_id: str) -> None:
+        """The tick wrote the job or its chunks (``Journal.on_change``): its later rounds leave it to the next tick."""
+        self._changed.add(job_id)
+        self.mark(job_id)
 
     def mark(self, job_id: str) -> None:
         """The job can take a step (called from any thread)."""
@@ -212,6 +220,7 @@ class Loop:
 
     def _steps(self, inbox_present: bool) -> None:
         ctx, s = self.ctx, self.s
+        self._changed.clear()
         s.collect()
         if not ctx.writes_paused():
             # Offers left waiting take a free thread first, as one job would (the rest: at the tick's end).
@@ -239,7 +248,28 @@ class Loop:
             if not wait.retried and wait.backoff.due():
                 wait.retried = True
                 self.mark(job_id)
-        for job in ctx.journal.jobs_by_id(self._take_ready()):
+        self._visit(self._take_ready())
+        # Jobs marked during the visits that the tick did not change (a build's thread came free for
+        # the next in line, a chunk is built) are visited again at once rather than a tick later. A job
+        # the tick changed waits for the commit: its next step may act on what the change intends.
+        for _ in range(SAME_TICK_ROUNDS):
+            again = self._take_ready()
+            later = again & self._changed
+            if later:
+                with self._ready_lock:
+                    self._ready |= later
+            if len(again) == len(later):
+                break
+            self._visit(again - later)
+        if not ctx.writes_paused():
+            s.pack.seal()  # the small jobs this tick's visits offered, while the pool has room
+        if s.monitor.due():
+            s.monitor.poll()
+        s.uploads.tidy()
+
+    def _visit(self, job_ids: set[str]) -> None:
+        ctx, s = self.ctx, self.s
+        for job in ctx.journal.jobs_by_id(job_ids):
             ctx.check_stop()
             wait = self._disk_waits.get(job.id)
             if wait is not None and wait.state != job.state:
@@ -256,11 +286,6 @@ class Loop:
                 s.build.abandon(job.id)
                 s.deliver.abandon(job)
                 self.disk_full(error, None, job)
-        if not ctx.writes_paused():
-            s.pack.seal()  # the small jobs this tick's visits offered, while the pool has room
-        if s.monitor.due():
-            s.monitor.poll()
-        s.uploads.tidy()
 
     def advance(self, job: Job) -> None:
         """Take the job's next step."""
