@@ -55,8 +55,11 @@ def estimate_cost(
         or "embed": embeddings have no output tokens).
     :param requests: the job's requests, streamed in constant memory: iterate once.
     :param count_tokens: the provider's token counter for ``job.model`` (``countTokens``): the
-        total tokens of the given prompt texts, one API call per call; ``None`` when the provider
-        has none. It may raise (network, quota): fall back to a local estimate.
+        total tokens of the given prompt texts; ``None`` when the provider has none. It may raise
+        (network, quota): fall back to a local estimate. A small count is answered from the
+        characters-per-token ratio earlier calls measured for the model, without a call (see
+        ``batchd.daemon.admit.TokenCounter``); its ``method`` attribute says how the last count was
+        made: ``"countTokens"``, or ``"countTokens ratio (… characters a token)"``.
     :param settings: the daemon's settings (``settings.cost``).
     :param observed_output: what earlier delivered jobs of the same task and model came back with:
         ``{"requests": n, "output_tokens": m}`` (answer and thinking tokens, summed; older jobs

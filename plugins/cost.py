@@ -14,7 +14,9 @@ Estimate (one pass over the job's requests, constant memory):
   ratio. With ``cost.count_tokens`` and a provider that counts tokens, the ratio comes from one
   ``countTokens`` call over a sample of ``cost.count_tokens_sample`` prompts spread over the job
   (reservoir sampling, seeded by the job id; cut to :data:`MAX_SAMPLE_CHARS` characters); a job no
-  larger than the sample is counted exactly.
+  larger than the sample is counted exactly. batchd answers a small sample from the ratio earlier
+  calls measured for the model instead of a call of its own (the method then says ``countTokens
+  ratio``), so a burst of small jobs does not make a round trip each.
   Otherwise, or when the call fails, the local rule: 4 characters a token (Google's rule of thumb).
   Structured-output schemas are not counted. Files sent with a request (a folder input,
   ``file_column``, a task's own) add what Google bills for their kind, a unit guessed from their
@@ -181,11 +183,13 @@ def estimate_cost(job, requests, count_tokens, settings, observed_output) -> dic
         except Exception as error:  # the estimate falls back; the job is not at stake
             method += f" (countTokens failed: {type(error).__name__}: {error})"
         else:
+            # "countTokens", or the ratio earlier calls measured for the model (batchd's counter says which).
+            how = getattr(count_tokens, "method", "countTokens")
             if len(sample) == count and sample_chars == chars:
-                input_tokens, method = counted, f"countTokens: all {count} prompts"
+                input_tokens, method = counted, f"{how}: all {count} prompts"
             elif sample_chars:
                 input_tokens = round(chars * counted / sample_chars)
-                method = f"countTokens: {len(sample)} of {count} prompts, scaled by characters"
+                method = f"{how}: {len(sample)} of {count} prompts, scaled by characters"
     if files:
         input_tokens += file_input_tokens
         method += f"; {files} file(s): {file_input_tokens} tokens by kind and size"

@@ -51,7 +51,11 @@ def test_a_burst_of_jobs_runs_on_a_fixed_number_of_threads(workspace: Workspace)
     # builds 2 (+2 estimates, each reading in one more thread) + submit 2 + fetch 2 + write 2 (+2 organize)
     # + delete 1 + cleanup 1, the watcher, the notification workers and the emulator's pipe reader.
     assert most - before <= 30, most - before
-    assert {folder.summary["state"] for folder in workspace.outbox_folders().values()} == {"succeeded"}
+    summaries = [folder.summary for folder in workspace.outbox_folders().values()]
+    assert {summary["state"] for summary in summaries} == {"succeeded"}
+    # The first jobs' counts measure a ratio the others are priced with, and their estimates say so.
+    methods = {summary["cost"]["estimate_details"]["method"].split(":")[0] for summary in summaries}
+    assert "countTokens" in methods and any(m.startswith("countTokens ratio (") for m in methods), methods
 
 
 def test_a_thread_freed_in_a_tick_goes_to_the_next_in_line_in_that_tick(workspace: Workspace):
@@ -145,8 +149,10 @@ def test_small_jobs_are_counted_with_a_ratio_a_larger_count_measured():
     provider = CountingProvider()
     counter = TokenCounter(lambda: provider).for_model("gemini-2.5-flash")
     assert counter(["a few words"]) == 2 and provider.calls == 1, "no ratio yet: the service counts"
+    assert counter.method == "countTokens"
     assert counter(["x" * 4000]) == 1000 and provider.calls == 2, "a large sample is always counted"
     assert counter(["y" * 400]) == 100 and provider.calls == 2, "a small one is priced with its ratio"
+    assert counter.method == "countTokens ratio (4.00 characters a token)", "the estimate says no call was made"
     other = TokenCounter(lambda: provider).for_model("gemini-2.5-pro")
     other(["z" * 40])
     assert provider.calls == 3, "a ratio is per model"

@@ -75,24 +75,42 @@ class TokenCounter:
         self._measured: dict[str, _Ratio] = {}
         self._lock = threading.Lock()
 
-    def for_model(self, model: str):
-        def count_tokens(texts: list[str]) -> int:
-            texts = list(texts)
-            chars = sum(len(text) for text in texts)
-            now = time.monotonic()
+    def for_model(self, model: str) -> ModelTokenCounter:
+        return ModelTokenCounter(self, model)
+
+    def count(self, model: str, texts: list[str]) -> tuple[int, str]:
+        """The tokens of ``texts`` for ``model``, and how they were counted (see :class:`ModelTokenCounter`)."""
+        texts = list(texts)
+        chars = sum(len(text) for text in texts)
+        now = time.monotonic()
+        with self._lock:
+            ratio = self._measured.get(model)
+            if ratio is not None and now - ratio.started_at >= RATIO_TRUSTED_SECONDS:
+                del self._measured[model]  # stale: measured anew
+                ratio = None
+        if ratio is not None and ratio.trusted() and chars < SMALL_COUNT_CHARS:
+            per_token = ratio.chars_per_token()
+            return max(1, round(chars / per_token)), f"countTokens ratio ({per_token:.2f} characters a token)"
+        counted = self._provider().count_tokens(model, texts)
+        if counted:
             with self._lock:
-                ratio = self._measured.get(model)
-                if ratio is not None and now - ratio.started_at >= RATIO_TRUSTED_SECONDS:
-                    del self._measured[model]  # stale: measured anew
-                    ratio = None
-            if ratio is not None and ratio.trusted() and chars < SMALL_COUNT_CHARS:
-                return max(1, round(chars / ratio.chars_per_token()))
-            counted = self._provider().count_tokens(model, texts)
-            if counted:
-                with self._lock:
-                    self._measured.setdefault(model, _Ratio(started_at=now)).add(chars, counted)
-            return counted
-        return count_tokens
+                self._measured.setdefault(model, _Ratio(started_at=now)).add(chars, counted)
+        return counted, "countTokens"
+
+
+class ModelTokenCounter:
+    """The ``count_tokens`` a cost plugin is given for one job's model: ``count_tokens(texts) -> int``.
+    ``method`` says how its last count was made, for the estimate's ``method``: ``"countTokens"`` (a
+    call), or the characters-per-token ratio this model's earlier calls measured (no call)."""
+
+    def __init__(self, counter: TokenCounter, model: str):
+        self._counter = counter
+        self.model = model
+        self.method = "countTokens"
+
+    def __call__(self, texts: list[str]) -> int:
+        tokens, self.method = self._counter.count(self.model, texts)
+        return tokens
 
 
 @dataclass
