@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterator
 
 from batchd import fs
 from batchd.costs import EstimateAlongside, JobInfo, spend_of
@@ -30,10 +31,10 @@ from batchd.daemon.naming import chunk_display_name
 from batchd.journal import Job
 from batchd.manifest import ManifestError
 from batchd.media import MediaResolver
-from batchd.plugin_calls import OnDemand, PluginTimeout
+from batchd.plugin_calls import OnDemand, PluginClock, PluginTimeout
 from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.cache import cache_path
-from batchd.spool import CacheSplit, ChunkLimits
+from batchd.spool import BuiltChunk, CacheSplit, ChunkLimits
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
@@ -58,7 +59,7 @@ class Builder:
     """A job being built: its chunks from a thread of their own, the estimate its pass feeds, and which
     of its requests the request cache answers."""
 
-    chunks: OnDemand
+    chunks: OnDemand | None
     estimate: EstimateAlongside | None = None
     cache: CacheSplit | None = None
     #: Built chunks not yet recorded, for a build that holds them until its pass has read every row
@@ -182,30 +183,15 @@ class Build:
 
     def _start(self, job: Job) -> Builder:
         """The chunks of a job, built in a thread of their own; after a crash the same chunks are built
-        again, with the same limits. Only the loop's thread records them in the journal."""
+        again, with the same limits. Only the loop's thread records them in the journal. The task,
+        model and kind are the claim's (it recorded what it checked); the manifest is read again in the
+        build's thread (:meth:`_chunks`): parsing it is no work for the loop."""
         ctx = self.ctx
-        manifest = load_claimed(ctx, job)
-        model = manifest.model or ctx.settings.model
-        limits = job.chunk_limits or dataclasses.asdict(self._limits(manifest.kind))
+        model = job.model or ctx.settings.model
+        limits = job.chunk_limits or dataclasses.asdict(self._limits(job.kind))
         if job.state != JobState.BUILDING:
-            ctx.journal.update_job(job.id, state=JobState.BUILDING, task=manifest.task, model=model,
-                                   kind=manifest.kind, chunk_limits=limits)
-        # Settings are merged per request by the manifest, so the encoder has no defaults.
-        encoder = EmbedRequestEncoder() if manifest.kind == "embed" else RequestEncoder(model)
-        clock = ctx.plugin_clock(manifest.task, "requests()")
-        # Files are read, checked and kept (by hash, in the spool) in the build's thread: see batchd.media.
-        media = MediaResolver(ctx.settings.inbox, ctx.spool(job.id).root / "media",
-                              inline_max_bytes=ctx.settings.media_inline_max_bytes)
-        requests = clock.iterate(manifest.requests(media))
+            ctx.journal.update_job(job.id, state=JobState.BUILDING, chunk_limits=limits)
         job_id = job.id
-        spool = ctx.spool(job.id)
-        cache = None
-        use_cache = manifest.common.cache if manifest.common.cache is not None else ctx.settings.cache
-        if use_cache or spool.cached_path.exists():
-            # Decisions a first pass made are kept even if the setting changed since (CacheSplit).
-            cache = CacheSplit(spool, cache_path(ctx.settings.state_dir) if use_cache else None, manifest.kind,
-                               model, encoder.encode)
-            requests = cache.tag(requests)
 
         def look_again() -> None:  # a chunk is built, or the estimate is done: the loop takes it at once
             ctx.mark(job_id)
@@ -218,19 +204,47 @@ class Build:
         first_read = job.cost is None and not ctx.journal.chunk_totals(job.id)["chunks"]
         if job.cost is None and ctx.costs.estimates:
             # Priced from the same pass, so it is priced before any of it is sent.
-            info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
+            info = JobInfo.of(replace(job, model=model))
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
-            observed = ctx.journal.observed_output(manifest.task, model)
+            observed = ctx.journal.observed_output(job.task, model)
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),
                                          job.id, on_done=look_again)
-            requests = estimate.feed(requests)
-        chunks = spool.build(requests, encoder.encode, ChunkLimits(**limits), check_stop=ctx.raise_if_stopping,
-                             cache=cache)
-        builder = self.builders[job.id] = Builder(
-            OnDemand(chunks, clock, name=f"batchd-build-{job.id}", on_ready=look_again, source=requests,
-                     ahead=CHUNKS_AHEAD), estimate,
-            cache, held=[] if first_read else None, warnings=manifest.warnings)
+        clock = ctx.plugin_clock(job.task, "requests()")
+        builder = Builder(None, estimate, held=[] if first_read else None)
+        builder.chunks = OnDemand(self._chunks(job, model, ChunkLimits(**limits), clock, builder), clock,
+                                  name=f"batchd-build-{job.id}", on_ready=look_again, ahead=CHUNKS_AHEAD)
+        self.builders[job.id] = builder
         return builder
+
+    def _chunks(self, job: Job, model: str, limits: ChunkLimits, clock: PluginClock,
+                builder: Builder) -> Iterator[BuiltChunk]:
+        """The job's chunks, made in the build's thread: the claimed manifest read, its task's requests
+        through the request cache and the estimate, written into chunk files of the job's spool."""
+        ctx = self.ctx
+        manifest = load_claimed(ctx, job)
+        builder.warnings = manifest.warnings  # read by the loop once the build has ended
+        # Settings are merged per request by the manifest, so the encoder has no defaults.
+        encoder = EmbedRequestEncoder() if job.kind == "embed" else RequestEncoder(model)
+        # Files are read, checked and kept (by hash, in the spool) in the build's thread: see batchd.media.
+        spool = ctx.spool(job.id)
+        media = MediaResolver(ctx.settings.inbox, spool.root / "media",
+                              inline_max_bytes=ctx.settings.media_inline_max_bytes)
+        requests = clock.iterate(manifest.requests(media))
+        use_cache = manifest.common.cache if manifest.common.cache is not None else ctx.settings.cache
+        if use_cache or spool.cached_path.exists():
+            # Decisions a first pass made are kept even if the setting changed since (CacheSplit).
+            builder.cache = CacheSplit(spool, cache_path(ctx.settings.state_dir) if use_cache else None, job.kind,
+                                       model, encoder.encode)
+            requests = builder.cache.tag(requests)
+        if builder.estimate is not None:
+            requests = builder.estimate.feed(requests)
+        try:
+            yield from spool.build(requests, encoder.encode, limits, check_stop=ctx.raise_if_stopping,
+                                   cache=builder.cache)
+        finally:
+            # Closed here, in the thread that made it: its cleanup (an SQLite connection's, say) must run
+            # in that thread, and an error's traceback would otherwise keep it suspended.
+            requests.close()
 
     def stop(self, job: Job) -> Stopped:
         """End the build of a job whose cancel was requested, at the chunk boundary it is at.
