@@ -259,12 +259,17 @@ class Deliver:
             durable.durable_move(claimed, destination / job.source, step="publish")
         crashpoint("after-publish")
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
-        ctx.journal.after_commit(lambda: self._cleanup.submit(spool.remove))  # once 'done' is committed
+        self.remove_spool(job.id)
         ctx.report.delivered(job)
         ctx.log_event(job.outcome, logging.INFO if job.outcome in ("succeeded", "cancelled") else logging.WARNING,
                       "job %s (%s): %s → %s%s", job.id, job.source, job.outcome, destination,
                       f": {job.error['message']}" if isinstance(job.error, dict) and job.error.get("message") else "",
                       extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+
+    def remove_spool(self, job_id: str) -> None:
+        """Remove a job's spool folder, once what ended the job is committed, in the cleanup thread."""
+        spool = self.ctx.spool(job_id)
+        self.ctx.journal.after_commit(lambda: self._cleanup.submit(spool.remove))
 
     def abandon(self, job: Job) -> None:
         """A full disk cut the job's writing short: its staging folder is written anew once there is room

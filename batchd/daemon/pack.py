@@ -87,6 +87,8 @@ class Pack:
         #: journal (read again when sealed), so a crash forgets nothing: the job is visited and offers it again.
         self.offered: dict[tuple[str, int], tuple[int, float]] = {}
         self._offered_requests = 0  # their requests, as offered
+        #: Removes an ended pack's spool once that is committed, off the loop's thread (Deliver.remove_spool).
+        self.remove_spool: Callable[[str], None] = lambda job_id: ctx.journal.after_commit(ctx.spool(job_id).remove)
 
     @property
     def enabled(self) -> bool:
@@ -247,8 +249,7 @@ class Pack:
                                      remote_state=chunk.remote_state, error=chunk.error)
         journal.update_job(pack.id, state=JobState.DONE, outcome=chunk.remote_state or chunk.state,
                            finished_at=time.time())
-        spool = ctx.spool(pack.id)
-        journal.after_commit(spool.remove)  # its members' shares are in their own spools
+        self.remove_spool(pack.id)  # its members' shares are in their own spools
 
 
 def _pack_lines(members: Iterable[tuple[Chunk, JobSpool]]) -> Iterable[str]:

@@ -72,6 +72,7 @@ class Steps:
         self.uploads.in_flight = lambda: self.submit.media.in_flight
         self.uploads.on_media_deleted = self.submit.media.wake
         self.deliver = Deliver(ctx, forget=self._forget)
+        self.pack.remove_spool = self.deliver.remove_spool
         self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
         #: Webhook deliveries and dashboard actions from the HTTP server's thread (batchd.web).
         self.inbound = Inbound(ctx.wake)
