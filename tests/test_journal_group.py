@@ -63,6 +63,21 @@ def test_a_failed_transition_in_a_group_is_undone_alone(journal: Journal):
     assert committed_states(journal.path) == {"a": "claiming", "b": "claiming"}
 
 
+def test_a_transition_of_one_write_takes_no_savepoint_and_one_of_more_is_undone_whole(journal: Journal):
+    statements: list[str] = []
+    with journal.group():
+        add(journal, "a")
+        journal._db.set_trace_callback(statements.append)
+        journal.update_job("a", state="received")  # one UPDATE: atomic by itself
+        assert not [s for s in statements if "SAVEPOINT" in s], statements
+        with pytest.raises(KeyError):
+            # The UPDATE runs, then its event (no id) fails: the savepoint undoes the UPDATE too.
+            journal.update_job("a", state="building", events=[{"kind": "accepted"}])
+        journal._db.set_trace_callback(None)
+        assert journal.job("a").state == "received"
+    assert committed_states(journal.path) == {"a": "received"}
+
+
 def test_flush_commits_mid_group_and_runs_what_waited(journal: Journal):
     ran = []
     with journal.group():

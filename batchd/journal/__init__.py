@@ -172,7 +172,7 @@ class Journal(NotificationQueue):
                 retry_of: dict | None = None, kind: str = "generate") -> None:
         """A new job; ``error`` (already known at the claim: why it is rejected) is recorded with it."""
         now = time.time()
-        with self.transaction() as db:
+        with self.transaction(one_write=True) as db:
             db.execute(
                 "INSERT INTO jobs (id, name, source, sha256, state, error, task, model, kind, manifest_sha256,"
                 " retry_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -183,7 +183,7 @@ class Journal(NotificationQueue):
 
     def update_job(self, job_id: str, *, events: Iterable[dict] = (), **fields: Any) -> None:
         """Set fields of one job in its own transaction, with the events that announce the change."""
-        with self.transaction() as db:
+        with self.transaction(one_write=not events) as db:
             self._update_job(db, job_id, **fields)
             self._add_events(db, events)
         self.on_change(job_id)
@@ -326,7 +326,7 @@ class Journal(NotificationQueue):
         return bool(inserted)
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
-        with self.transaction() as db:
+        with self.transaction(one_write=not events) as db:
             self._update_chunk(db, job_id, idx, **fields)
             self._add_events(db, events)
         self.on_change(job_id)
