@@ -15,7 +15,8 @@ from batchd.emulator.responder import EmulatedResponder
 from batchd.manifest import ManifestError, load_manifest
 from batchd.npy import NpyRowWriter
 from batchd.encoding import EmbedRequestEncoder, inline_embeddings_source
-from batchd.provider import Provider, RemoteJob
+from batchd.provider import Provider
+from batchd.remote import RemoteJob
 from batchd.spool import to_embed_result
 from batchd.task import TaskRequest
 from batchd.testing import EMULATOR_API_KEY, DaemonRunner, Workspace

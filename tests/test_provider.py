@@ -23,19 +23,15 @@ from batchd.emulator.server import EmulatorServer
 from batchd.encoding import RequestEncoder, inlined_request
 from batchd.testing import EMULATOR_API_KEY, Emulator
 from batchd.provider import (
-    STAT_FIELDS,
     UPLOAD_PART_BYTES,
     Provider,
     ProviderError,
-    RemoteJob,
     RetryPolicy,
-    inline_results,
     is_auth_error,
     is_retryable,
-    read_results_file,
-    short_state,
     tls_context,
 )
+from batchd.remote import STAT_FIELDS, RemoteJob, inline_results, read_results_file, short_state
 
 MODEL = "gemini-2.5-flash"
 API_KEY = EMULATOR_API_KEY

@@ -16,7 +16,7 @@ from google.genai import types
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.encoding import RequestEncoder
-from batchd.provider import RemoteJob
+from batchd.remote import RemoteJob
 from batchd.testing import Workspace, make_client, wait_done
 
 MODEL = "gemini-2.5-flash"

@@ -110,7 +110,7 @@ def test_opening_a_chunk_twice_keeps_the_first_word(tmp_path):
 
 
 def inline_answer(key: str | None, text: str) -> dict:
-    """An inline result record as provider.inline_results makes it (key None: the service dropped it)."""
+    """An inline result record as batchd.remote.inline_results makes it (key None: the service dropped it)."""
     return {"key": key, "response": {"candidates": [{"content": {"parts": [{"text": text}]}}]}}
 
 

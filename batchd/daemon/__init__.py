@@ -36,7 +36,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from batchd import durable, fs
 from batchd.config import Settings

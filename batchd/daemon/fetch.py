@@ -15,7 +15,8 @@ from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.pack import split_results
 from batchd.journal import Chunk
-from batchd.provider import Provider, RemoteJob, inline_results, is_auth_error, is_retryable
+from batchd.provider import Provider, is_auth_error, is_retryable
+from batchd.remote import RemoteJob, inline_results
 from batchd.spool import JobSpool
 from batchd.states import ChunkState
 

@@ -21,7 +21,8 @@ from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.journal import Chunk, Job
 from batchd.media import REUSE_MIN_SECONDS, display_name
-from batchd.provider import Provider, RemoteFile, is_retryable
+from batchd.provider import Provider, is_retryable
+from batchd.remote import RemoteFile
 from batchd.states import MediaState
 
 log = logging.getLogger("batchd")

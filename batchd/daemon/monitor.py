@@ -20,7 +20,8 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
-from batchd.provider import RemoteJob, is_auth_error, is_retryable, quota_delay
+from batchd.provider import is_auth_error, is_retryable, quota_delay
+from batchd.remote import RemoteJob
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")

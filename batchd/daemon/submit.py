@@ -29,7 +29,8 @@ from batchd.daemon.pack import Pack
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job
 from batchd.media import resolve_request
-from batchd.provider import Provider, RemoteFile, RemoteJob, is_auth_error, is_retryable, quota_delay, webhook_config
+from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay, webhook_config
+from batchd.remote import RemoteFile, RemoteJob
 from batchd.spool import JobSpool
 from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState,
                            JobState, UploadState)
