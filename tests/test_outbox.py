@@ -394,7 +394,8 @@ def test_json_object_writer_context_leaves_interrupted_output_unparseable():
 def test_a_job_succeeds_only_with_every_answer_surely_its_own_and_organized_else_its_summary_says_why():
     from types import SimpleNamespace
 
-    from batchd.daemon.deliver import Written, outcome_error, outcome_of
+    from batchd.daemon.deliver import outcome_error, outcome_of
+    from batchd.daemon.writer import Written
 
     job = SimpleNamespace(cancel_requested=False, name="n", kind="generate")
 

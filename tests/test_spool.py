@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from batchd.daemon.context import Stopping
-from batchd.daemon.deliver import ChunkGate
+from batchd.daemon.writer import ChunkGate
 from batchd import jsonfast
 from batchd.encoding import RequestEncoder
 from batchd.spool import ChunkLimits, JobSpool
