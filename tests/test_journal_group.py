@@ -259,3 +259,52 @@ def test_the_writer_keeps_jobs_it_read_until_it_writes_them_and_forgets_them_on_
         assert reader.job("a").state == "built"
     finally:
         reader.close()
+
+
+def test_the_writer_keeps_a_jobs_chunks_until_it_writes_one_and_forgets_them_on_a_rollback(journal: Journal):
+    """chunks, chunk and chunk_totals answer from memory what the writer read before; a write of any of
+    the job's chunks, or any rollback, makes the next read go to the database."""
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+
+    def reads() -> int:
+        count = sum(1 for s in statements if s.startswith("SELECT") and "FROM chunks" in s)
+        statements.clear()
+        return count
+
+    add(journal, "a")
+    for idx in range(2):
+        journal.add_chunk("a", {"idx": idx, "display_name": f"a-c{idx}", "mode": "inline", "request_count": 3,
+                                "byte_size": 10})
+    assert [c.state for c in journal.chunks("a")] == ["built", "built"] and reads() == 1
+    journal.update_chunk("a", 1, state="submitting")
+    assert journal.chunk("a", 1).state == "submitting" and reads() == 1, "a write drops what was kept"
+    for _ in range(2):
+        journal.chunks("a").clear()  # a caller's list is its own, read or kept
+    assert len(journal.chunks("a")) == 2 and reads() == 1
+    assert journal.chunk("a", 1).state == "submitting" and journal.chunk("a", 5) is None
+    assert journal.chunk_totals("a") == {"chunks": 2, "requests": 6, "built": 1, "submitting": 1}
+    assert reads() == 0, "answered from memory"
+    with journal.group():
+        with pytest.raises(RuntimeError):
+            with journal.transaction():
+                journal.update_chunk("a", 0, state="submitting")
+                assert journal.chunks("a")[0].state == "submitting"  # read (and kept) inside the transition
+                raise RuntimeError("the transition fails")
+        assert journal.chunk_totals("a")["built"] == 1 and journal.chunks("a")[0].state == "built"
+    for state in ("received", "building", "built"):
+        journal.update_job("a", state=state)
+    journal.add_pack("p", name="pack", model="m", chunk={"display_name": "p-c0", "request_count": 3, "byte_size": 10},
+                     members=[journal.chunk("a", 0)])
+    assert journal.chunk("a", 0).state == "packed" and journal.chunk("a", 0).packed_in == "p"
+    assert journal.chunks("a")[1].upload_state is None
+    journal.set_upload_states({("a", 1): "uploaded"})
+    assert journal.chunk("a", 1).upload_state == "uploaded"
+    journal._db.set_trace_callback(None)
+    reader = Journal(journal.path, readonly=True)  # a reader never keeps chunks: another process writes them
+    try:
+        assert reader.chunks("a")[1].state == "submitting"
+        journal.update_chunk("a", 1, state="running")
+        assert reader.chunks("a")[1].state == "running"
+    finally:
+        reader.close()

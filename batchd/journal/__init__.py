@@ -118,6 +118,9 @@ OBSERVED_REQUESTS_MAX = 100_000
 
 #: Job rows the writer keeps in memory at most (Journal._job_rows); past that, it starts over.
 KEPT_JOBS = 4096
+#: A job's chunks are kept in memory (Journal._chunk_rows) only when it has at most this many: a job of
+#: thousands of chunks is read as before, its visits reading only the few they need.
+KEPT_CHUNKS_PER_JOB = 256
 
 #: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
 _DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
@@ -152,6 +155,10 @@ class Journal(NotificationQueue):
         #: None for a reader (another process writes).
         self._job_rows: dict[str, Job] | None = None if readonly else {}
         self._job_rows_rollbacks = 0  # a rollback may undo what was read inside it: the kept jobs go
+        #: Each job's chunks as last read, kept by the same rule (every write of a job's chunks drops
+        #: them first, a rollback drops them all), for jobs of at most :data:`KEPT_CHUNKS_PER_JOB` chunks.
+        self._chunk_rows: dict[str, list[Chunk]] | None = None if readonly else {}
+        self._chunk_rows_rollbacks = 0
         #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
         #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
@@ -307,6 +314,7 @@ class Journal(NotificationQueue):
 
     def add_chunk(self, job_id: str, chunk: dict) -> bool:
         """Record a built chunk (state ``built``); False if it was already recorded before a crash."""
+        self._forget_chunks(job_id)
         with self.transaction() as db:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
@@ -326,6 +334,7 @@ class Journal(NotificationQueue):
         return bool(inserted)
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
+        self._forget_chunks(job_id)
         with self.transaction(one_write=not events) as db:
             self._update_chunk(db, job_id, idx, **fields)
             self._add_events(db, events)
@@ -356,6 +365,7 @@ class Journal(NotificationQueue):
         One transaction: its expired remote job stays on record (role ``expired``), and the event
         announcing the resubmission is committed with it.
         """
+        self._forget_chunks(chunk.job_id)
         with self.transaction() as db:
             db.execute("UPDATE remote_jobs SET role = 'expired' WHERE remote_name = ?", (chunk.remote_name,))
             db.execute(
@@ -373,6 +383,7 @@ class Journal(NotificationQueue):
         """Seal a pack: its job and chunk rows (``built``), each member chunk ``built → packed`` and each
         member job ``built → submitted``, in one transaction (its requests file is already durable)."""
         now = time.time()
+        self._forget_chunks(pack_id, *(member.job_id for member in members))
         with self.transaction() as db:
             db.execute("INSERT INTO jobs (id, name, source, state, model, kind, pack, created_at, updated_at)"
                        " VALUES (?, ?, '', ?, ?, 'generate', 1, ?, ?)", (pack_id, name, JobState.BUILT, model, now, now))
@@ -386,6 +397,21 @@ class Journal(NotificationQueue):
         for member in members:
             self.on_change(member.job_id)
 
+    def _kept_chunks(self) -> dict[str, list[Chunk]]:
+        """The chunk lists kept in memory (none for a reader, and none kept across a rollback)."""
+        if self._chunk_rows is None:
+            return {}
+        if self._rollbacks != self._chunk_rows_rollbacks:
+            self._chunk_rows.clear()
+            self._chunk_rows_rollbacks = self._rollbacks
+        return self._chunk_rows
+
+    def _forget_chunks(self, *job_ids: str) -> None:
+        """Called before every write of these jobs' chunks."""
+        if self._chunk_rows is not None:
+            for job_id in job_ids:
+                self._chunk_rows.pop(job_id, None)
+
     def packed_members(self, pack_id: str) -> list[Chunk]:
         """The chunks still waiting for the pack's results (not cancelled, not sent alone)."""
         rows = self._db.execute("SELECT * FROM chunks WHERE packed_in = ? AND state = 'packed' ORDER BY job_id, idx",
@@ -393,8 +419,16 @@ class Journal(NotificationQueue):
         return [chunk_from_row(row) for row in rows]
 
     def chunks(self, job_id: str) -> list[Chunk]:
+        kept = self._kept_chunks().get(job_id)
+        if kept is not None:
+            return list(kept)
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
-        return [chunk_from_row(row) for row in rows]
+        chunks = [chunk_from_row(row) for row in rows]
+        if self._chunk_rows is not None and len(chunks) <= KEPT_CHUNKS_PER_JOB:
+            if len(self._chunk_rows) >= KEPT_JOBS:
+                self._chunk_rows.clear()
+            self._chunk_rows[job_id] = chunks
+        return list(chunks)
 
     def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
         """The job's first ``limit`` chunks waiting to be submitted: a job of many chunks is not read
@@ -404,6 +438,9 @@ class Journal(NotificationQueue):
         return [chunk_from_row(row) for row in rows]
 
     def chunk(self, job_id: str, idx: int) -> Chunk | None:
+        kept = self._kept_chunks().get(job_id)
+        if kept is not None:
+            return next((chunk for chunk in kept if chunk.idx == idx), None)
         row = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
         return chunk_from_row(row) if row else None
 
@@ -416,6 +453,13 @@ class Journal(NotificationQueue):
     def chunk_totals(self, job_id: str) -> dict[str, int]:
         """How many chunks the job has, in each state (``chunks``: all, ``requests``: their requests)."""
         totals = {"chunks": 0, "requests": 0}
+        kept = self._kept_chunks().get(job_id)
+        if kept is not None:
+            for chunk in kept:
+                totals[chunk.state] = totals.get(chunk.state, 0) + 1
+                totals["chunks"] += 1
+                totals["requests"] += chunk.request_count
+            return totals
         for state, chunks, requests in self._db.execute(
                 "SELECT state, count(*), sum(request_count) FROM chunks WHERE job_id = ? GROUP BY state", (job_id,)):
             totals[state] = chunks
@@ -451,6 +495,7 @@ class Journal(NotificationQueue):
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
         if not states:
             return
+        self._forget_chunks(*(job_id for job_id, _ in states))
         with self.transaction() as db:
             db.executemany("UPDATE chunks SET upload_state = ? WHERE job_id = ? AND idx = ?",
                            [(state, job_id, idx) for (job_id, idx), state in states.items()])
