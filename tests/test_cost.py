@@ -455,3 +455,24 @@ def test_hook_estimate_cost_prices_the_files_a_request_sends_by_kind_and_size():
     assert "2 file(s)" in estimate["method"]
     assert cost_plugin.file_tokens("audio/mpeg", 160_000) == 10 * 32
     assert cost_plugin.file_tokens("text/plain", 400) == 100
+
+
+def test_the_output_observed_per_task_and_model_adds_up_and_halves_past_its_bound(tmp_path):
+    from batchd.journal import OBSERVED_REQUESTS_MAX, Journal
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        assert journal.observed_output("sentiment", "m") is None
+        journal.observe_output("sentiment", "m", 10, 500)
+        journal.observe_output("sentiment", "m", 30, 1500)
+        journal.observe_output("translate", "m", 1, 7)
+        assert journal.observed_output("sentiment", "m") == {"requests": 40, "output_tokens": 2000}
+        journal.observe_output("sentiment", "m", OBSERVED_REQUESTS_MAX, 3 * OBSERVED_REQUESTS_MAX)
+        # Past the bound both sums are halved: the ratio stays, older jobs weigh less.
+        assert journal.observed_output("sentiment", "m") == {
+            "requests": (OBSERVED_REQUESTS_MAX + 40) // 2, "output_tokens": (3 * OBSERVED_REQUESTS_MAX + 2000) // 2}
+        journal.observe_output("big", "m", OBSERVED_REQUESTS_MAX + 2, 10)  # the first job alone is past it
+        assert journal.observed_output("big", "m") == {"requests": OBSERVED_REQUESTS_MAX // 2 + 1, "output_tokens": 5}
+        assert journal.observed_output("translate", "m") == {"requests": 1, "output_tokens": 7}
+    finally:
+        journal.close()

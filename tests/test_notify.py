@@ -349,6 +349,10 @@ def test_events_of_a_job_killed_mid_way_are_each_delivered(workspace: Workspace,
     assert all(event["id"] == ids[event["kind"]] for event in events), "a redelivered event keeps its id"
     assert [event["kind"] for event in events].count("succeeded") == 1
     assert all(entry["deliveries"]["recorder"]["state"] == "sent" for entry in deliveries(workspace))
+    # The final event says summary.json's counts: kept from the folder's naming, or read back after a restart.
+    [final] = [event for event in events if event["kind"] == "succeeded"]
+    assert final["counts"] == workspace.delivered()["translate"]["counts"] == {"total": 4, "succeeded": 4, "failed": 0}
+    assert final["outbox"] == str(workspace.outbox / "translate")
 
 
 def test_hook_job_event_announces_rejected_and_failed_jobs(workspace: Workspace):

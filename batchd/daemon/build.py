@@ -59,7 +59,7 @@ class Builder:
     """A job being built: its chunks from a thread of their own, the estimate its pass feeds, and which
     of its requests the request cache answers."""
 
-    chunks: OnDemand | None
+    chunks: OnDemand = dataclasses.field(init=False)  # set once the builder exists: its thread fills the rest
     estimate: EstimateAlongside | None = None
     cache: CacheSplit | None = None
     #: Built chunks not yet recorded, for a build that holds them until its pass has read every row
@@ -210,7 +210,7 @@ class Build:
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),
                                          job.id, on_done=look_again)
         clock = ctx.plugin_clock(job.task, "requests()")
-        builder = Builder(None, estimate, held=[] if first_read else None)
+        builder = Builder(estimate, held=[] if first_read else None)
         builder.chunks = OnDemand(self._chunks(job, model, ChunkLimits(**limits), clock, builder), clock,
                                   name=f"batchd-build-{job.id}", on_ready=look_again, ahead=CHUNKS_AHEAD)
         self.builders[job.id] = builder

@@ -51,6 +51,9 @@ class Deliver:
         # three fsyncs a job that held up every other job's step.
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchd-stage")
         self._staging: dict[str, tuple[Future, _Staged]] = {}  # job id → its folder being finished
+        #: job id → the counts and error of its summary, from its outbox name's commit to its publish (the
+        #: final event says them without reading summary.json back; after a restart it is read).
+        self._announcing: dict[str, tuple[dict | None, dict | None]] = {}
         self._forget = forget  # other steps drop what they hold for a job delivered without results
 
     def collect(self) -> None:
@@ -127,7 +130,8 @@ class Deliver:
             cost["actual"] = ctx.costs.account(JobInfo.of(job, ctx.settings.model), usage, ctx.settings)
         if cost:
             summary["cost"] = summary_cost(cost)
-        return _Staged(summary["state"], cost, usage)
+        return _Staged(summary["state"], cost, usage, counts=summary.get("counts"),
+                       error=redact_data(summary.get("error", job.error)))
 
     def _cache_summary(self, job: Job, written: Written) -> dict:
         """summary.json's ``cache``: the requests answered from the request cache, their tokens and what
@@ -167,6 +171,7 @@ class Deliver:
         # The folder's name is the intent; the job is published on its next visit, once that is committed.
         ctx.journal.update_job(job.id, state=JobState.PUBLISHING, outbox_dir=str(destination),
                                outcome=staged.state, cost=staged.cost or None, spend=spend_of(staged.cost))
+        self._announcing[job.id] = (staged.counts, staged.error)
 
     def publish(self, job: Job) -> None:
         """A ``publishing`` job: rename its staged folder into the outbox, then it is ``done``."""
@@ -224,16 +229,20 @@ class Deliver:
         rather than alone (never packed, or sent alone once its pack was refused)."""
         if chunk.packed_in is None or chunk.remote_name is None:
             return False
-        pack = self.ctx.journal.chunk(chunk.packed_in, 0)
+        pack = next(iter(self.ctx.journal.chunks(chunk.packed_in)), None)  # its one chunk, kept once read
         return pack is not None and pack.remote_name == chunk.remote_name
 
     def _final_event(self, job: Job, destination: Path) -> dict:
-        try:
-            summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
-        return self.ctx.event(job.outcome, replace(job, state=JobState.DONE), counts=summary.get("counts"),
-                              outbox=str(destination), error=summary.get("error", job.error))
+        announced = self._announcing.pop(job.id, None)
+        if announced is None:  # named before a restart: summary.json says it
+            try:
+                summary = json.loads((destination / "summary.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
+            announced = summary.get("counts"), summary.get("error", job.error)
+        counts, error = announced
+        return self.ctx.event(job.outcome, replace(job, state=JobState.DONE), counts=counts, outbox=str(destination),
+                              error=error)
 
     def _results_summary(self, job: Job, written: Written) -> dict:
         ctx = self.ctx
@@ -383,11 +392,13 @@ def outcome_error(job: Job, state: str, counts: dict, written: Written, max_char
 
 @dataclass(frozen=True)
 class _Staged:
-    """What a finished folder's ``publishing`` transition records."""
+    """What a finished folder's ``publishing`` transition records, and what the job's final event says."""
 
     state: str
     cost: dict
     usage: dict | None
+    counts: dict | None = None
+    error: dict | None = None  # as summary.json has it (redacted)
 
 
 def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:

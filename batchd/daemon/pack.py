@@ -87,7 +87,8 @@ class Pack:
         #: journal (read again when sealed), so a crash forgets nothing: the job is visited and offers it again.
         self.offered: dict[tuple[str, int], tuple[int, float]] = {}
         self._offered_requests = 0  # their requests, as offered
-        #: Removes an ended pack's spool once that is committed, off the loop's thread (Deliver.remove_spool).
+        #: Removes an ended pack's spool once that is committed; the daemon plugs in Deliver.remove_spool,
+        #: which removes it in the cleanup thread rather than the loop's.
         self.remove_spool: Callable[[str], None] = lambda job_id: ctx.journal.after_commit(ctx.spool(job_id).remove)
 
     @property

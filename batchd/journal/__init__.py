@@ -632,14 +632,21 @@ class Journal(NotificationQueue):
         """Add a delivered job's answers to what its task and model produce per request."""
         if requests <= 0:
             return
-        with self.transaction() as db:
+        # Past OBSERVED_REQUESTS_MAX requests both sums are halved, so older jobs count less over time.
+        # One statement (its SET reads the row as it was before it), so no savepoint in a group.
+        first = (requests // 2, output_tokens // 2) if requests > OBSERVED_REQUESTS_MAX else (requests, output_tokens)
+        with self.transaction(one_write=True) as db:
             db.execute(
-                "INSERT INTO output_observed (task, model, requests, output_tokens, updated_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (task, model) DO UPDATE SET requests = requests + excluded.requests,"
-                " output_tokens = output_tokens + excluded.output_tokens, updated_at = excluded.updated_at",
-                (task, model, requests, output_tokens, time.time()))
-            db.execute("UPDATE output_observed SET requests = requests / 2, output_tokens = output_tokens / 2"
-                       " WHERE task = ? AND model = ? AND requests > ?", (task, model, OBSERVED_REQUESTS_MAX))
+                "INSERT INTO output_observed (task, model, requests, output_tokens, updated_at)"
+                " VALUES (:task, :model, :first_requests, :first_tokens, :now)"
+                " ON CONFLICT (task, model) DO UPDATE SET"
+                " requests = CASE WHEN requests + :requests > :most THEN (requests + :requests) / 2"
+                " ELSE requests + :requests END,"
+                " output_tokens = CASE WHEN requests + :requests > :most THEN (output_tokens + :tokens) / 2"
+                " ELSE output_tokens + :tokens END,"
+                " updated_at = :now",
+                {"task": task, "model": model, "first_requests": first[0], "first_tokens": first[1], "now": time.time(),
+                 "requests": requests, "tokens": output_tokens, "most": OBSERVED_REQUESTS_MAX})
 
     def observed_output(self, task: str | None, model: str | None) -> dict | None:
         """``{"requests": n, "output_tokens": m}`` earlier jobs of this task and model came back with, or None."""

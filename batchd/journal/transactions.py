@@ -84,7 +84,7 @@ class Transactions:
                     try:
                         yield self._db
                     except BaseException:
-                        self._rollbacks += 1  # nothing to undo; the readers' kept rows are dropped all the same
+                        self._rollbacks += 1  # nothing to undo; what the writer kept is dropped all the same
                         raise
                     return
                 self._db.execute("SAVEPOINT transition")
