@@ -154,11 +154,10 @@ class Journal(NotificationQueue):
         #: of a job row drops its entry first, so a write rolled back costs a read, never a stale job.
         #: None for a reader (another process writes).
         self._job_rows: dict[str, Job] | None = None if readonly else {}
-        self._job_rows_rollbacks = 0  # a rollback may undo what was read inside it: the kept jobs go
+        self._kept_rollbacks = 0  # a rollback may undo what was read inside it: every kept row goes
         #: Each job's chunks as last read, kept by the same rule (every write of a job's chunks drops
         #: them first, a rollback drops them all), for jobs of at most :data:`KEPT_CHUNKS_PER_JOB` chunks.
         self._chunk_rows: dict[str, list[Chunk]] | None = None if readonly else {}
-        self._chunk_rows_rollbacks = 0
         #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
         #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
@@ -225,14 +224,17 @@ class Journal(NotificationQueue):
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._kept(job_from_row(row)) if row else None
 
+    def _forget_kept_after_rollback(self) -> None:
+        if self._rollbacks != self._kept_rollbacks:
+            self._kept_rollbacks = self._rollbacks
+            for kept in (self._job_rows, self._chunk_rows):
+                if kept is not None:
+                    kept.clear()
+
     def _kept_jobs(self) -> dict[str, Job]:
         """The jobs kept in memory (none for a reader, and none kept across a rollback)."""
-        if self._job_rows is None:
-            return {}
-        if self._rollbacks != self._job_rows_rollbacks:
-            self._job_rows.clear()
-            self._job_rows_rollbacks = self._rollbacks
-        return self._job_rows
+        self._forget_kept_after_rollback()
+        return self._job_rows if self._job_rows is not None else {}
 
     def _kept(self, job: Job) -> Job:
         """``job``, as read, kept for the next read of it (up to :data:`KEPT_JOBS`: an active daemon's)."""
@@ -399,12 +401,8 @@ class Journal(NotificationQueue):
 
     def _kept_chunks(self) -> dict[str, list[Chunk]]:
         """The chunk lists kept in memory (none for a reader, and none kept across a rollback)."""
-        if self._chunk_rows is None:
-            return {}
-        if self._rollbacks != self._chunk_rows_rollbacks:
-            self._chunk_rows.clear()
-            self._chunk_rows_rollbacks = self._rollbacks
-        return self._chunk_rows
+        self._forget_kept_after_rollback()
+        return self._chunk_rows if self._chunk_rows is not None else {}
 
     def _forget_chunks(self, *job_ids: str) -> None:
         """Called before every write of these jobs' chunks."""
