@@ -308,3 +308,22 @@ def test_the_writer_keeps_a_jobs_chunks_until_it_writes_one_and_forgets_them_on_
         assert reader.chunks("a")[1].state == "running"
     finally:
         reader.close()
+
+
+def test_the_chunks_the_writer_keeps_are_bounded_in_all(journal: Journal, monkeypatch):
+    import batchd.journal
+
+    monkeypatch.setattr(batchd.journal, "KEPT_CHUNKS", 5)
+    monkeypatch.setattr(batchd.journal, "KEPT_CHUNKS_PER_JOB", 3)
+    for n, count in enumerate([2, 2, 4, 3, 1, 2]):  # the job of 4 is over the per-job bound: never kept
+        add(journal, f"j{n}")
+        for idx in range(count):
+            journal.add_chunk(f"j{n}", {"idx": idx, "display_name": f"j{n}-c{idx}", "mode": "inline",
+                                        "request_count": 1, "byte_size": 1})
+        assert len(journal.chunks(f"j{n}")) == count
+        kept = journal._kept_chunks()
+        assert sum(len(chunks) for chunks in kept.values()) == journal._chunk_rows_kept <= 5, kept
+        assert f"j{n}" in kept or count > 3
+    journal.update_chunk("j5", 0, state="submitting")
+    assert "j5" not in journal._kept_chunks() and journal._chunk_rows_kept == sum(
+        len(chunks) for chunks in journal._kept_chunks().values())

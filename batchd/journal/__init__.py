@@ -121,6 +121,8 @@ KEPT_JOBS = 4096
 #: A job's chunks are kept in memory (Journal._chunk_rows) only when it has at most this many: a job of
 #: thousands of chunks is read as before, its visits reading only the few they need.
 KEPT_CHUNKS_PER_JOB = 256
+#: Chunk rows kept in memory at most, of all jobs (a few MB); past that, it starts over.
+KEPT_CHUNKS = 20_000
 
 #: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
 _DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
@@ -158,6 +160,7 @@ class Journal(NotificationQueue):
         #: Each job's chunks as last read, kept by the same rule (every write of a job's chunks drops
         #: them first, a rollback drops them all), for jobs of at most :data:`KEPT_CHUNKS_PER_JOB` chunks.
         self._chunk_rows: dict[str, list[Chunk]] | None = None if readonly else {}
+        self._chunk_rows_kept = 0  # the chunks in _chunk_rows, of all jobs
         #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
         #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
@@ -230,6 +233,7 @@ class Journal(NotificationQueue):
             for kept in (self._job_rows, self._chunk_rows):
                 if kept is not None:
                     kept.clear()
+            self._chunk_rows_kept = 0
 
     def _kept_jobs(self) -> dict[str, Job]:
         """The jobs kept in memory (none for a reader, and none kept across a rollback)."""
@@ -408,7 +412,17 @@ class Journal(NotificationQueue):
         """Called before every write of these jobs' chunks."""
         if self._chunk_rows is not None:
             for job_id in job_ids:
-                self._chunk_rows.pop(job_id, None)
+                self._chunk_rows_kept -= len(self._chunk_rows.pop(job_id, ()))
+
+    def _keep_chunks(self, job_id: str, chunks: list[Chunk]) -> None:
+        if self._chunk_rows is None or len(chunks) > KEPT_CHUNKS_PER_JOB:
+            return
+        self._forget_chunks(job_id)
+        if self._chunk_rows_kept + len(chunks) > KEPT_CHUNKS:
+            self._chunk_rows.clear()
+            self._chunk_rows_kept = 0
+        self._chunk_rows[job_id] = chunks
+        self._chunk_rows_kept += len(chunks)
 
     def packed_members(self, pack_id: str) -> list[Chunk]:
         """The chunks still waiting for the pack's results (not cancelled, not sent alone)."""
@@ -422,10 +436,7 @@ class Journal(NotificationQueue):
             return list(kept)
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         chunks = [chunk_from_row(row) for row in rows]
-        if self._chunk_rows is not None and len(chunks) <= KEPT_CHUNKS_PER_JOB:
-            if len(self._chunk_rows) >= KEPT_JOBS:
-                self._chunk_rows.clear()
-            self._chunk_rows[job_id] = chunks
+        self._keep_chunks(job_id, chunks)
         return list(chunks)
 
     def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
