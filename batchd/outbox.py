@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -104,15 +103,24 @@ class JobFolder:
             shutil.copyfileobj(src, dst, COPY_BLOCK)
 
     def link_in(self, name: str, src_path: Path) -> None:
-        """Put ``src_path`` into the folder as ``name``: a hard link where the filesystem has them, else a copy."""
+        """Put ``src_path`` into the folder as ``name``: a hard link where the filesystem has them, else a copy.
+
+        A linked file's data is synced as a copy's would be: it came from a producer that may never have
+        synced it, and after a power cut the published folder must still hold its bytes."""
         with fs.naming(self.staging_dir / name):
             path = self._member_path(name)
             try:
                 os.link(src_path, path, follow_symlinks=False)
-                return
             except OSError as error:
                 if error.errno in (errno.EEXIST, errno.ENOENT) or fs.is_disk_full(error):
                     raise
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    fs.fsync(fd, path, "outbox")
+                finally:
+                    os.close(fd)
+                return
         self.copy_in(name, src_path)
 
     def sync(self) -> None:

@@ -201,3 +201,31 @@ def test_hook_job_event_announces_no_submitted_for_a_job_whose_every_create_is_r
     assert kinds == ["accepted", "failed"]
     assert workspace.outbox_folder("refused").summary["timings"]["submitted"] is not None, \
         "the creates were sent"
+
+
+def test_spools_of_done_jobs_are_removed_together_once_no_job_is_on_its_way(workspace: Workspace):
+    """A done job's spool is not removed while other jobs are still on their way (removing files while
+    others are created slows the creations down on some filesystems: batchd.daemon.deliver.Deliver.tidy);
+    it goes once the last of them is done."""
+    workspace.configure(settle_seconds=0, job_seconds=600)
+    workspace.drop("long.toml", SIX)
+    workspace.drop("bad.toml", 'task = "translate"\ntexts = [\n')  # does not parse: rejected at once
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        journal = daemon.journal
+        tick_until(daemon, lambda: len(journal.find_jobs("bad")) == 1 and journal.find_jobs("bad")[0].state == "done"
+                   and journal.find_jobs("long")[0].state == "submitted", "bad delivered, long running")
+        (bad,), (long,) = journal.find_jobs("bad"), journal.find_jobs("long")
+        for _ in range(5):
+            daemon.loop.tick()
+        assert daemon.ctx.spool(bad.id).root.is_dir(), "removed while another job was on its way"
+
+        (workspace.inbox / "long.cancel").write_text("")
+        tick_until(daemon, lambda: journal.job(long.id).state == "done", "long cancelled and delivered")
+        tick_until(daemon, lambda: not daemon.ctx.spool(bad.id).root.exists()
+                   and not daemon.ctx.spool(long.id).root.exists(), "both spools removed")
+    finally:
+        daemon.close()
+    assert workspace.outbox_folder("bad").state == "rejected"
+    assert workspace.outbox_folder("long").state == "cancelled"

@@ -140,6 +140,20 @@ def test_run_once_delivers_every_task(workspace: Workspace):
     assert_one_live_job_per_chunk(workspace)
 
 
+def test_the_outbox_folder_holds_the_dropped_manifest_itself_and_the_spool_keeps_no_name_of_it(workspace: Workspace):
+    dropped = workspace.drop("translate.toml", TRANSLATE)
+    inode = dropped.stat().st_ino
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    published = (workspace.outbox / "translate" / "translate.toml").stat()
+    # Linked, not copied: no file written again, and its only name once the spool is gone.
+    assert (published.st_ino, published.st_nlink) == (inode, 1)
+    assert (workspace.outbox / "translate" / "translate.toml").read_text() == TRANSLATE
+    assert not list((workspace.state / "jobs").iterdir())
+
+
 def test_daemon_takes_manifests_dropped_while_running_and_stops_cleanly(workspace: Workspace):
     daemon = workspace.start("run")
     try:

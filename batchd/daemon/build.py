@@ -123,6 +123,12 @@ class Build:
                 crashpoint("while-building")
             self._ask(job, builder)  # built ahead while this one is sent
             return job.state
+        if job.cancel_requested and builder.held is not None:
+            # Cancelled while its chunks were held (none recorded, none sent), and built to the end
+            # meanwhile: none is recorded now. The cancel's next visit delivers it with nothing built.
+            self._release(job.id)
+            ctx.mark(job.id)
+            return job.state
         fields = {}
         if builder.estimate is not None:
             if not builder.estimate.done():

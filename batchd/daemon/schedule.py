@@ -267,6 +267,7 @@ class Loop:
         if s.monitor.due():
             s.monitor.poll()
         s.uploads.tidy()
+        s.deliver.tidy()
 
     def _visit(self, job_ids: set[str]) -> None:
         ctx, s = self.ctx, self.s
@@ -389,7 +390,7 @@ class Loop:
         if s.build.builders:
             wait = min(wait, BUILD_CHECK_SECONDS)
         wait = min(wait, s.monitor.seconds_until_due(), self.events.seconds_until_due(), s.submit.seconds_until_free(),
-                   s.push.seconds_until_due())
+                   s.push.seconds_until_due(), s.deliver.seconds_until_tidy())
         if s.pack.offered and s.submit.free() and not ctx.writes_paused():
             wait = min(wait, s.pack.seconds_until_due())  # offers waiting for company, and room to send them
         if ctx.disk.interval:

@@ -1,6 +1,6 @@
 """The writer of a job's folder, deliver's side in its pool: results.jsonl and organized.json (and an
 embed job's embeddings) written into the job's staging folder as each chunk is back, then the
-manifest's copy, the inputs and summary.json added (:func:`finish_folder`).
+manifest, the inputs and summary.json added (:func:`finish_folder`).
 
 It runs in a writer thread given the job's spool and :class:`ChunkGate`, never the journal: what it
 wrote comes back to the loop as :class:`Written` (batchd.daemon.deliver).
@@ -87,11 +87,15 @@ class Written:
 
 def finish_folder(folder: outbox.JobFolder, manifest_name: str, manifest: Path | None, summary: dict,
                   inputs: list[tuple[str, Path]] = ()) -> None:
-    """Add the manifest's copy, the job's input files (linked from its spool: the spool goes once the
-    job is done) and summary.json to a staged folder and make its entries durable, so it may be
-    renamed into the outbox once its name is committed."""
+    """Add the manifest and the job's input files (linked from its spool: the spool goes once the job is
+    done) and summary.json to a staged folder and make its entries durable, so it may be renamed into
+    the outbox once its name is committed.
+
+    The manifest is linked, not copied: the claim moved the dropped file itself into the spool (one
+    name, checked), so the folder gets that file without a new one written and synced. Creating and
+    removing files is most of what a small job costs the disk."""
     if manifest is not None:
-        folder.copy_in(manifest_name, manifest)
+        folder.link_in(manifest_name, manifest)
     for name, path in inputs:
         folder.link_in(name, path)
     folder.write_json("summary.json", summary)  # redacted by the caller: an error text may quote a secret

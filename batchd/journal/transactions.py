@@ -36,6 +36,9 @@ class Transactions:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transition survives power loss, not just a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
+            # Statement journals (a statement undone inside the tick's transaction) and sorts in memory:
+            # in files they were a file created and deleted in /var/tmp every few ticks.
+            self._db.execute("PRAGMA temp_store=MEMORY")
             # One transaction: a reader opening the file meanwhile sees the whole schema or none of it.
             with self._storage_failures():
                 self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
