@@ -367,12 +367,12 @@ class EmulatorApp:
         return await run_in_threadpool(self._operation_response, job)
 
     def _operation_response(self, job: dict) -> Response:
-        """The job's Operation; a finished inline job's responses are spliced in as stored (the JSON
-        text of the output file), not decoded and encoded again on every get."""
+        """The job's Operation; a finished inline job's responses are spliced in as stored (their JSON
+        text), not decoded and encoded again on every get."""
         view = view_job(job, time.time(), self.runner.progress(job["id"]), self.settings.expire_seconds)
         if view.state != "SUCCEEDED" or job.get("inputFile"):
             return json_response(render_operation(job, view, None))
-        stored = self.store.job_output(job["id"]).read_text(encoding="utf-8")
+        stored = self.store.inline_output_json(job["id"])
         body = encode(render_operation(job, view, _SPLICED))
         return Response(body.replace(_SPLICED_JSON, stored).encode(), media_type="application/json")
 

@@ -29,7 +29,7 @@ from batchd.emulator import shapes
 from batchd.emulator.answers import Answerer
 from batchd.emulator.errors import ApiError, invalid, quota_exhausted
 from batchd.emulator.faults import FAILED_REQUEST, JobFaults
-from batchd.emulator.store import Doc, Store, atomic_write_json, replace_file
+from batchd.emulator.store import Doc, Store
 from batchd.emulator.wire import has_snake_case_keys, int64_counts, rfc3339, to_camel_case
 from batchd.jsonfast import dumps as encode
 from batchd.jsonfast import loads as decode
@@ -282,7 +282,7 @@ class BatchRunner:
     def _run_inline(self, job: Doc) -> tuple[int, int]:
         job_id, kind, model = job["id"], job["kind"], job["model"]
         faults = job_faults(tuple(job["faults"]))
-        items = decode(self.store.job_input(job_id).read_bytes())
+        items = self.store.inline_input(job_id)
         responses = []
         failed = 0
         for index, item in enumerate(items):
@@ -301,7 +301,7 @@ class BatchRunner:
                 entry["metadata"] = metadata
             responses.append(entry)
         self._check(job_id, len(items), failed)
-        atomic_write_json(self.store.job_output(job_id), [responses[i] for i in faults.order(len(responses))])
+        self.store.save_inline_output(job_id, [responses[i] for i in faults.order(len(responses))])
         return len(items) - failed, failed
 
     def _run_file(self, job: Doc) -> tuple[int, int]:
@@ -391,5 +391,5 @@ def generated_file_doc(file_id: str, size: int, job: Doc) -> Doc:
 
 
 def write_inline_input(store: Store, job_id: str, items: list) -> None:
-    """An inline job's requests go to disk before the job record, so a stored job always has them."""
-    replace_file(store.job_input(job_id), encode(items))
+    """An inline job's requests are stored before the job record, so a stored job always has them."""
+    store.save_inline_input(job_id, items)

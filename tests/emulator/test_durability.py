@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -96,11 +98,12 @@ def test_a_job_whose_processing_was_cut_off_is_processed_again(tmp_path: Path):
         expected = output_lines(client, job)
     # What a kill in the middle of processing leaves: the job record without completion, no output yet.
     job_id = job.name.removeprefix("batches/")
-    record_path = state / "batches" / f"{job_id}.json"
-    record = json.loads(record_path.read_text())
-    del record["completeTime"]
-    record_path.write_text(json.dumps(record))
-    (state / "files" / f"batch-{job_id}.json").unlink()
+    with contextlib.closing(sqlite3.connect(state / "state.db")) as db, db:
+        (body,) = db.execute("SELECT body FROM docs WHERE kind = 'jobs' AND id = ?", (job_id,)).fetchone()
+        record = json.loads(body)
+        del record["completeTime"]
+        db.execute("UPDATE docs SET body = ? WHERE kind = 'jobs' AND id = ?", (json.dumps(record), job_id))
+        db.execute("DELETE FROM docs WHERE kind = 'files' AND id = ?", (f"batch-{job_id}",))
     (state / "blobs" / f"batch-{job_id}").rename(state / "blobs" / f"batch-{job_id}.part")  # half written
 
     with EmulatorServer(state, api_key=API_KEY) as emulator:
@@ -132,3 +135,31 @@ def test_sigkill_after_the_create_answer_keeps_the_job(tmp_path: Path):
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_documents_an_older_emulator_kept_as_files_are_moved_into_its_database(tmp_path: Path):
+    state = tmp_path / "state"
+    with EmulatorServer(state, job_seconds=0, api_key=API_KEY) as emulator:
+        client = make_client(emulator.base_url)
+        inline = wait_done(client, client.batches.create(model=MODEL, src=inline_requests(2)).name)
+        uploaded = client.files.upload(file=str(write_jsonl(tmp_path / "in.jsonl", request_lines(2))),
+                                       config={"mime_type": "jsonl", "display_name": "kept"})
+    # The layout an older emulator left: a JSON file per document (jobs in batches/), an inline job's
+    # requests and answers beside its record.
+    with contextlib.closing(sqlite3.connect(state / "state.db")) as db:
+        for kind, doc_id, body in db.execute("SELECT kind, id, body FROM docs"):
+            folder = state / ("batches" if kind == "jobs" else kind)
+            folder.mkdir(exist_ok=True)
+            (folder / f"{doc_id}.json").write_text(body)
+        for job_id, requests, answers in db.execute("SELECT job_id, input, output FROM inline"):
+            (state / "batches" / f"{job_id}.input.json").write_text(requests)
+            (state / "batches" / f"{job_id}.output.json").write_text(answers)
+    for suffix in ("", "-wal", "-shm"):
+        (state / f"state.db{suffix}").unlink(missing_ok=True)
+
+    with EmulatorServer(state, api_key=API_KEY) as emulator:
+        client = make_client(emulator.base_url)
+        assert [r.metadata["key"] for r in client.batches.get(name=inline.name).dest.inlined_responses] == \
+            ["req-0", "req-1"]
+        assert client.files.get(name=uploaded.name).display_name == "kept"
+    assert not (state / "batches").exists() and not (state / "files").exists()

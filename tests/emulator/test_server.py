@@ -69,7 +69,9 @@ def test_cli_serves_until_sigterm_and_keeps_state(tmp_path: Path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert (tmp_path / "batches" / f"{job.name.removeprefix('batches/')}.json").exists()
+    with EmulatorServer(tmp_path, api_key="cli-key") as emulator:  # kept: a new emulator on it serves the job
+        assert make_client(emulator.base_url, api_key="cli-key").batches.get(name=job.name).state == \
+            types.JobState.JOB_STATE_SUCCEEDED
 
 
 def test_cli_refuses_a_bad_fault_spec():
