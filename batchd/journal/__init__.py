@@ -107,8 +107,8 @@ from typing import Any, Callable, Iterable
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
 from batchd.logs import redact
-from batchd.states import (ACTIVE_JOB_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState, check_chunk_move,
-                           check_job_move)
+from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
+                           MediaState, UploadState, check_chunk_move, check_job_move)
 
 __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 
@@ -324,16 +324,16 @@ class Journal(NotificationQueue):
         with self.transaction() as db:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'built')",
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
-                 chunk["byte_size"]),
+                 chunk["byte_size"], ChunkState.BUILT),
             ).rowcount
             media = chunk.get("media") or {}
             if inserted and media:
                 if self._jobs_with_media is not None:
                     self._jobs_with_media.add(job_id)  # before the rows: a rollback leaves one lookup too many
-                db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, 'new')",
-                               [(sha256, mime, size) for sha256, (mime, size) in media.items()])
+                db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, ?)",
+                               [(sha256, mime, size, MediaState.NEW) for sha256, (mime, size) in media.items()])
                 db.executemany("INSERT OR IGNORE INTO chunk_media (job_id, idx, sha256) VALUES (?, ?, ?)",
                                [(job_id, chunk["idx"], sha256) for sha256 in media])
         self.on_change(job_id)
@@ -375,10 +375,10 @@ class Journal(NotificationQueue):
         with self.transaction() as db:
             db.execute("UPDATE remote_jobs SET role = 'expired' WHERE remote_name = ?", (chunk.remote_name,))
             db.execute(
-                "UPDATE chunks SET state = 'built', display_name = ?, resubmits = resubmits + 1, remote_name = NULL,"
+                "UPDATE chunks SET state = ?, display_name = ?, resubmits = resubmits + 1, remote_name = NULL,"
                 " remote_state = NULL, stats = NULL, intent_at = NULL, cancel_sent = 0, error = NULL"
-                " WHERE job_id = ? AND idx = ? AND state = 'running'",
-                (display_name, chunk.job_id, chunk.idx),
+                " WHERE job_id = ? AND idx = ? AND state = ?",
+                (ChunkState.BUILT, display_name, chunk.job_id, chunk.idx, ChunkState.RUNNING),
             )
             self._add_events(db, events)
         self.on_change(chunk.job_id)
@@ -426,8 +426,8 @@ class Journal(NotificationQueue):
 
     def packed_members(self, pack_id: str) -> list[Chunk]:
         """The chunks still waiting for the pack's results (not cancelled, not sent alone)."""
-        rows = self._db.execute("SELECT * FROM chunks WHERE packed_in = ? AND state = 'packed' ORDER BY job_id, idx",
-                                (pack_id,))
+        rows = self._db.execute("SELECT * FROM chunks WHERE packed_in = ? AND state = ? ORDER BY job_id, idx",
+                                (pack_id, ChunkState.PACKED))
         return [chunk_from_row(row) for row in rows]
 
     def chunks(self, job_id: str) -> list[Chunk]:
@@ -442,8 +442,8 @@ class Journal(NotificationQueue):
     def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
         """The job's first ``limit`` chunks waiting to be submitted: a job of many chunks is not read
         whole on every visit while only a few of them can go out."""
-        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND state = 'built' ORDER BY idx LIMIT ?",
-                                (job_id, limit))
+        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND state = ? ORDER BY idx LIMIT ?",
+                                (job_id, ChunkState.BUILT, limit))
         return [chunk_from_row(row) for row in rows]
 
     def chunk(self, job_id: str, idx: int) -> Chunk | None:
@@ -497,8 +497,8 @@ class Journal(NotificationQueue):
     def uploads_to_delete(self) -> list[Chunk]:
         """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
         return self._cached(("uploads_to_delete",), lambda: [chunk_from_row(row) for row in self._db.execute(
-            "SELECT * FROM chunks WHERE upload_state IN ('uploading', 'uploaded') AND state IN ('fetched', 'skipped')"
-            " ORDER BY job_id, idx")])
+            "SELECT * FROM chunks WHERE upload_state IN (?, ?) AND state IN (?, ?) ORDER BY job_id, idx",
+            (UploadState.UPLOADING, UploadState.UPLOADED, *CHUNK_DONE_STATES))])
 
     def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
@@ -621,10 +621,11 @@ class Journal(NotificationQueue):
         if self._jobs_with_media == set():
             return []  # no request ever sent a file: nothing was uploaded
         rows = self._db.execute(
-            "SELECT * FROM media m WHERE (m.state = 'deleting' OR (m.state IN ('active', 'uploading')"
+            "SELECT * FROM media m WHERE (m.state = ? OR (m.state IN (?, ?)"
             " AND COALESCE(m.last_used, 0) <= ?)) AND NOT EXISTS (SELECT 1 FROM chunk_media cm JOIN chunks c"
             " ON c.job_id = cm.job_id AND c.idx = cm.idx WHERE cm.sha256 = m.sha256"
-            " AND c.state NOT IN ('fetched', 'skipped')) ORDER BY m.sha256", (unused_since,))
+            " AND c.state NOT IN (?, ?)) ORDER BY m.sha256",
+            (MediaState.DELETING, MediaState.ACTIVE, MediaState.UPLOADING, unused_since, *CHUNK_DONE_STATES))
         return [dict(row) for row in rows]
 
     # -- budgets and the cost history -------------------------------------------------------
@@ -671,10 +672,10 @@ class Journal(NotificationQueue):
     def recent_jobs(self, *, done: int, limit: int) -> list[Job]:
         """Every unfinished job and the ``done`` last finished ones, newest first, at most ``limit``."""
         rows = self._db.execute(
-            f"SELECT * FROM jobs WHERE state != 'done' AND {self._not_pack} UNION ALL"
-            f" SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' AND {self._not_pack}"
+            f"SELECT * FROM jobs WHERE state != ? AND {self._not_pack} UNION ALL"
+            f" SELECT * FROM (SELECT * FROM jobs WHERE state = ? AND {self._not_pack}"
             " ORDER BY finished_at DESC LIMIT ?)"
-            " ORDER BY created_at DESC, id DESC LIMIT ?", (done, limit)).fetchall()
+            " ORDER BY created_at DESC, id DESC LIMIT ?", (JobState.DONE, JobState.DONE, done, limit)).fetchall()
         return [job_from_row(row) for row in rows]
 
     def spend_by_day(self, default_model: str, since: float) -> list[tuple[str, str, float]]:
@@ -692,12 +693,12 @@ class Journal(NotificationQueue):
         figures["jobs"] = dict(db.execute(f"SELECT state, count(*) FROM jobs WHERE {self._not_pack} GROUP BY state"
                                           ).fetchall())
         figures["outcomes"] = dict(db.execute(
-            "SELECT outcome, count(*) FROM jobs WHERE state = 'done' AND outcome IS NOT NULL"
-            " GROUP BY outcome").fetchall())
+            "SELECT outcome, count(*) FROM jobs WHERE state = ? AND outcome IS NOT NULL"
+            " GROUP BY outcome", (JobState.DONE,)).fetchall())
         total, done = db.execute(
-            "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN ('fetched', 'skipped') THEN"
+            "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN (?, ?) THEN"
             f" request_count ELSE {_DONE_REQUESTS} END), 0) FROM chunks"
-            f" WHERE job_id NOT IN (SELECT id FROM jobs WHERE NOT {self._not_pack})").fetchone()
+            f" WHERE job_id NOT IN (SELECT id FROM jobs WHERE NOT {self._not_pack})", CHUNK_DONE_STATES).fetchone()
         figures["requests_total"], figures["requests_done"] = total, done
         row = db.execute(
             "SELECT coalesce(sum(json_extract(cost, '$.actual.input_tokens')), 0),"
@@ -711,5 +712,6 @@ class Journal(NotificationQueue):
          figures["cost_saving"]) = row
         figures["notification_backlog"] = db.execute(
             "SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
-        figures["running_chunks"] = db.execute("SELECT count(*) FROM chunks WHERE state = 'running'").fetchone()[0]
+        figures["running_chunks"] = db.execute("SELECT count(*) FROM chunks WHERE state = ?",
+                                               (ChunkState.RUNNING,)).fetchone()[0]
         return figures
