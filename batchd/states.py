@@ -40,6 +40,15 @@ class UploadState(StrEnum):
     KEPT = "kept"              # deletion is off, or the service refused it
 
 
+class StrayOutcome(StrEnum):
+    """What became of a stray: a remote batch under one of our display names that is not its chunk's
+    own (``remote_jobs.outcome`` of a ``duplicate``; see batchd/daemon/monitor.py)."""
+
+    CANCELLING = "cancelling"  # recorded; its cancel not yet taken by the service (it runs, and counts)
+    CANCELLED = "cancelled"
+    FINISHED = "finished"      # it had ended on its own when found: billed, its results unused
+
+
 class MediaState(StrEnum):
     """A file sent with requests, on the Files API (``media.state``, one row per content hash; see
     batchd/daemon/media.py)."""

@@ -14,7 +14,7 @@ from batchd.daemon import Daemon
 from batchd.daemon.admit import RATIO_MIN_CHARS, TokenCounter
 from batchd.daemon.context import Workers
 from batchd.journal import Journal, journal_path
-from batchd.states import JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, JobState
+from batchd.states import JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, JobState, StrayOutcome
 from batchd.testing import Workspace
 
 
@@ -225,6 +225,27 @@ def test_remote_batches_stay_within_max_remote_batches_and_the_rest_wait_their_t
     assert not [r for r in caplog.records if "quota" in r.getMessage()], "a create went beyond the limit"
     assert any("wait their turn" in r.getMessage() for r in caplog.records), "the limit was never logged"
     assert any("as many as max_remote_batches allows" in notice for notice in notices), notices
+
+
+def test_a_stray_whose_cancel_was_not_taken_yet_counts_against_max_remote_batches(workspace: Workspace):
+    """A stray (a late duplicate under one of our names) runs, and counts against Google's 100, until its
+    cancel is taken: until then it takes a place under ``max_remote_batches``; once cancelled, none."""
+    workspace.configure(max_remote_batches=2)
+    daemon = Daemon(load_settings(workspace.config))
+    daemon.start()
+    try:
+        journal, submit = daemon.journal, daemon.steps.submit
+        submit.collect()  # a tick's count starts afresh
+        assert submit.remote_room() == 2
+        journal.record_stray("batches/late", job_id="20261204000000-abcdef", chunk_idx=0,
+                             display_name="batchd-x-20261204000000-abcdef-c0", outcome=StrayOutcome.CANCELLING)
+        submit.collect()
+        assert submit.remote_room() == 1
+        journal.set_remote_outcome("batches/late", StrayOutcome.CANCELLED)
+        submit.collect()
+        assert submit.remote_room() == 2
+    finally:
+        daemon.close()
 
 
 def test_work_taken_off_a_pool_marks_its_job_again():

@@ -30,7 +30,7 @@ from batchd.daemon.writer import ChunkGate, Written, finish_folder, write_result
 from batchd.journal import Chunk, Job
 from batchd.logs import redact_data
 from batchd.spool import JobSpool
-from batchd.states import ACTIVE_JOB_STATES, CHUNK_DONE_STATES, ChunkState, JobState
+from batchd.states import ACTIVE_JOB_STATES, CHUNK_DONE_STATES, ChunkState, JobState, StrayOutcome
 
 log = logging.getLogger("batchd")
 
@@ -303,10 +303,10 @@ class Deliver:
         ]
         remote_jobs = ctx.journal.remote_jobs(job.id)
         duplicates = [r for r in remote_jobs if r["role"] == "duplicate"]
-        cancelled = [r["remote_name"] for r in duplicates if r["outcome"] != "finished"]
+        cancelled = [r["remote_name"] for r in duplicates if r["outcome"] != StrayOutcome.FINISHED]
         if cancelled:
             summary["duplicate_remote_batches_cancelled"] = cancelled
-        finished = [r["remote_name"] for r in duplicates if r["outcome"] == "finished"]
+        finished = [r["remote_name"] for r in duplicates if r["outcome"] == StrayOutcome.FINISHED]
         if finished:
             # Found only after they had ended: billed, their results unused.
             summary["duplicate_remote_batches_finished"] = finished

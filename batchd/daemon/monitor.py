@@ -22,7 +22,8 @@ from batchd.events import progress_counts
 from batchd.journal import Chunk
 from batchd.provider import is_auth_error, is_retryable, quota_delay
 from batchd.remote import RemoteJob
-from batchd.states import JOB_STATES_WITH_REMOTE_WORK, CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
+from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState,
+                           StrayOutcome)
 
 log = logging.getLogger("batchd")
 
@@ -192,7 +193,7 @@ class Monitor:
         journal = self.ctx.journal
         if time.monotonic() - self._strays_looked_at < self.ctx.settings.poll_max_interval:
             return False
-        if journal.watched_names() or journal.remote_jobs_with_outcome("cancelling"):
+        if journal.watched_names() or journal.remote_jobs_with_outcome(StrayOutcome.CANCELLING):
             return True
         self._strays_looked_at = time.monotonic()  # nothing to look for: ask again an interval later
         return False
@@ -211,21 +212,21 @@ class Monitor:
             log.warning("job %s: remote job %s under %s ended (%s) apart from the chunk's own; its results "
                         "are not used, its cost counts", job_id, remote.name, display_name, remote.state, extra=extra)
             journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
-                                 outcome="finished")
+                                 outcome=StrayOutcome.FINISHED)
             return
         log.warning("job %s: cancelling duplicate remote job %s for %s", job_id, remote.name, display_name,
                     extra=extra)
         journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
-                             outcome="cancelling")
+                             outcome=StrayOutcome.CANCELLING)
         if self.cancel(remote.name, job_id):
-            journal.set_remote_outcome(remote.name, "cancelled")
+            journal.set_remote_outcome(remote.name, StrayOutcome.CANCELLED)
 
     def _cancel_strays(self) -> None:
         """Retry the cancels of recorded strays the service did not accept yet (each with its backoff)."""
         journal = self.ctx.journal
-        for row in journal.remote_jobs_with_outcome("cancelling"):
+        for row in journal.remote_jobs_with_outcome(StrayOutcome.CANCELLING):
             if self.cancel(row["remote_name"], row["job_id"]):
-                journal.set_remote_outcome(row["remote_name"], "cancelled")
+                journal.set_remote_outcome(row["remote_name"], StrayOutcome.CANCELLED)
 
     def cancel(self, remote_name: str, job_id: str) -> bool:
         """``batches.cancel``; False if it failed or its backoff has not run out (retried later, waiting

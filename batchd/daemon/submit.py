@@ -33,7 +33,7 @@ from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay, 
 from batchd.remote import RemoteFile, RemoteJob
 from batchd.spool import JobSpool
 from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState,
-                           JobState, UploadState)
+                           JobState, StrayOutcome, UploadState)
 
 log = logging.getLogger("batchd")
 
@@ -218,17 +218,20 @@ class Submit:
 
     def remote_room(self) -> int:
         """Remote batches that may still be created: ``max_remote_batches`` (set) less the chunks whose
-        batch exists or may (``submitting``, ``running``). Google runs 100 per project and answers 429 to
-        any create beyond that; counting our own keeps chunks waiting their turn here, oldest job first,
-        instead of bouncing off the service.
+        batch exists or may (``submitting``, ``running``) and the strays whose cancel the service has not
+        taken yet (batchd.daemon.monitor: they run, and count, until it does). Google runs 100 per project
+        and answers 429 to any create beyond that; counting our own keeps chunks waiting their turn here,
+        oldest job first, instead of bouncing off the service.
 
         Counted in the journal at the first ask of a tick, then kept by :meth:`send`. A batch that ends
         during the tick frees its room at the next one: the count may only be high, never low.
         """
         limit = self.ctx.settings.max_remote_batches
         if self._remote_live is None:
-            self._remote_live = self.ctx.journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES,
-                                                                 job_states=JOB_STATES_WITH_REMOTE_WORK, limit=limit)
+            journal = self.ctx.journal
+            self._remote_live = journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
+                                                        limit=limit) + journal.count_remote_jobs_with_outcome(
+                                                            StrayOutcome.CANCELLING)
         return max(0, limit - self._remote_live)
 
     def _note_remote_limit(self) -> None:

@@ -541,6 +541,10 @@ class Journal(NotificationQueue):
         )
         return [dict(row) for row in rows]
 
+    def count_remote_jobs_with_outcome(self, outcome: str) -> int:
+        return self._cached(("count_remote_jobs_with_outcome", outcome), lambda: self._db.execute(
+            "SELECT count(*) FROM remote_jobs WHERE outcome = ?", (outcome,)).fetchone()[0])
+
     def remote_jobs_with_outcome(self, outcome: str) -> list[dict]:
         rows = self._db.execute("SELECT * FROM remote_jobs WHERE outcome = ? ORDER BY remote_name", (outcome,))
         return [dict(row) for row in rows]
