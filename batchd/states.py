@@ -1,4 +1,5 @@
-"""The states of a job, of a chunk and of a chunk's requests file, and the moves allowed between them.
+"""The states of a job, of a chunk, of a chunk's requests file, of a file sent with requests and of a stray;
+the moves allowed between job and chunk states.
 
 This module is the one home of that vocabulary: the journal refuses a transition missing from
 :data:`JOB_MOVES` or :data:`CHUNK_MOVES`, the daemon's loop reads as a table from job state to step,

@@ -311,19 +311,22 @@ def test_the_writer_keeps_a_jobs_chunks_until_it_writes_one_and_forgets_them_on_
 
 
 def test_the_chunks_the_writer_keeps_are_bounded_in_all(journal: Journal, monkeypatch):
-    import batchd.journal
+    import batchd.journal.kept
 
-    monkeypatch.setattr(batchd.journal, "KEPT_CHUNKS", 5)
-    monkeypatch.setattr(batchd.journal, "KEPT_CHUNKS_PER_JOB", 3)
+    monkeypatch.setattr(batchd.journal.kept, "KEPT_CHUNKS", 5)
+    monkeypatch.setattr(batchd.journal.kept, "KEPT_CHUNKS_PER_JOB", 3)
+    kept = journal.kept_rows
+
+    def kept_count() -> int:
+        return sum(len(kept.chunks(job_id)) for job_id in kept.jobs_with_chunks())
+
     for n, count in enumerate([2, 2, 4, 3, 1, 2]):  # the job of 4 is over the per-job bound: never kept
         add(journal, f"j{n}")
         for idx in range(count):
             journal.add_chunk(f"j{n}", {"idx": idx, "display_name": f"j{n}-c{idx}", "mode": "inline",
                                         "request_count": 1, "byte_size": 1})
         assert len(journal.chunks(f"j{n}")) == count
-        kept = journal._kept_chunks()
-        assert sum(len(chunks) for chunks in kept.values()) == journal._chunk_rows_kept <= 5, kept
-        assert f"j{n}" in kept or count > 3
+        assert kept_count() == kept.chunk_count <= 5, kept.jobs_with_chunks()
+        assert f"j{n}" in kept.jobs_with_chunks() or count > 3
     journal.update_chunk("j5", 0, state="submitting")
-    assert "j5" not in journal._kept_chunks() and journal._chunk_rows_kept == sum(
-        len(chunks) for chunks in journal._kept_chunks().values())
+    assert "j5" not in kept.jobs_with_chunks() and kept.chunk_count == kept_count()

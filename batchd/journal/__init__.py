@@ -105,6 +105,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from batchd.journal.notifications import NotificationQueue
+from batchd.journal.kept import KeptRows
 from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
 from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
@@ -115,14 +116,6 @@ __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 #: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
 OBSERVED_REQUESTS_MAX = 100_000
-
-#: Job rows the writer keeps in memory at most (Journal._job_rows); past that, it starts over.
-KEPT_JOBS = 4096
-#: A job's chunks are kept in memory (Journal._chunk_rows) only when it has at most this many: a job of
-#: thousands of chunks is read as before, its visits reading only the few they need.
-KEPT_CHUNKS_PER_JOB = 256
-#: Chunk rows kept in memory at most, of all jobs (a few MB); past that, it starts over.
-KEPT_CHUNKS = 20_000
 
 #: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
 _DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
@@ -151,16 +144,9 @@ class Journal(NotificationQueue):
         #: Whether ``jobs.pack`` exists: a writer adds it when it opens; a reader of a journal no daemon of
         #: this version has opened yet sees no pack (see :attr:`_not_pack`).
         self._has_pack_column = not readonly
-        #: Jobs as last read, by id, for the loop's many reads of the same rows (each read costs it a wait
-        #: for the GIL). Sound because this connection alone writes (the state dir's lock): every write
-        #: of a job row drops its entry first, so a write rolled back costs a read, never a stale job.
-        #: None for a reader (another process writes).
-        self._job_rows: dict[str, Job] | None = None if readonly else {}
-        self._kept_rollbacks = 0  # a rollback may undo what was read inside it: every kept row goes
-        #: Each job's chunks as last read, kept by the same rule (every write of a job's chunks drops
-        #: them first, a rollback drops them all), for jobs of at most :data:`KEPT_CHUNKS_PER_JOB` chunks.
-        self._chunk_rows: dict[str, list[Chunk]] | None = None if readonly else {}
-        self._chunk_rows_kept = 0  # the chunks in _chunk_rows, of all jobs
+        #: Jobs and chunks as last read, for the loop's many reads of the same rows (batchd/journal/kept.py):
+        #: every write of a row drops it first, any rollback drops them all; a reader keeps none.
+        self.kept_rows = KeptRows(lambda: self._rollbacks, keep=not readonly)
         #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
         #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
@@ -198,8 +184,7 @@ class Journal(NotificationQueue):
         self.on_change(job_id)
 
     def _update_job(self, db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
-        if self._job_rows is not None:
-            self._job_rows.pop(job_id, None)
+        self.kept_rows.forget_job(job_id)
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
@@ -221,32 +206,11 @@ class Journal(NotificationQueue):
                 check_job_move(row[0], fields["state"])
 
     def job(self, job_id: str) -> Job | None:
-        kept = self._kept_jobs().get(job_id)
+        kept = self.kept_rows.job(job_id)
         if kept is not None:
             return kept
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._kept(job_from_row(row)) if row else None
-
-    def _forget_kept_after_rollback(self) -> None:
-        if self._rollbacks != self._kept_rollbacks:
-            self._kept_rollbacks = self._rollbacks
-            for kept in (self._job_rows, self._chunk_rows):
-                if kept is not None:
-                    kept.clear()
-            self._chunk_rows_kept = 0
-
-    def _kept_jobs(self) -> dict[str, Job]:
-        """The jobs kept in memory (none for a reader, and none kept across a rollback)."""
-        self._forget_kept_after_rollback()
-        return self._job_rows if self._job_rows is not None else {}
-
-    def _kept(self, job: Job) -> Job:
-        """``job``, as read, kept for the next read of it (up to :data:`KEPT_JOBS`: an active daemon's)."""
-        if self._job_rows is not None:
-            if len(self._job_rows) >= KEPT_JOBS:
-                self._job_rows.clear()
-            self._job_rows[job.id] = job
-        return job
+        return self.kept_rows.keep_job(job_from_row(row)) if row else None
 
     def jobs(self, *, states: tuple[str, ...] | None = None, name: str | None = None,
              packs: bool = False) -> list[Job]:
@@ -277,9 +241,8 @@ class Journal(NotificationQueue):
         """The active ones of these jobs, oldest first (the loop's turn order)."""
         found: list[Job] = []
         ids = []
-        kept_jobs = self._kept_jobs()
         for job_id in job_ids:
-            kept = kept_jobs.get(job_id)
+            kept = self.kept_rows.job(job_id)
             if kept is None:
                 ids.append(job_id)
             elif kept.state in ACTIVE_JOB_STATES:
@@ -289,7 +252,7 @@ class Journal(NotificationQueue):
             rows = self._db.execute(
                 f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(part))})"
                 f" AND state IN ({', '.join('?' * len(ACTIVE_JOB_STATES))})", (*part, *ACTIVE_JOB_STATES))
-            found.extend(self._kept(job_from_row(row)) for row in rows)
+            found.extend(self.kept_rows.keep_job(job_from_row(row)) for row in rows)
         return sorted(found, key=lambda job: (job.created_at, job.id))
 
     def count_jobs(self, states: Iterable[str], *, limit: int = -1, packs: bool = True) -> int:
@@ -320,7 +283,7 @@ class Journal(NotificationQueue):
 
     def add_chunk(self, job_id: str, chunk: dict) -> bool:
         """Record a built chunk (state ``built``); False if it was already recorded before a crash."""
-        self._forget_chunks(job_id)
+        self.kept_rows.forget_chunks(job_id)
         with self.transaction() as db:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state)"
@@ -340,7 +303,7 @@ class Journal(NotificationQueue):
         return bool(inserted)
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
-        self._forget_chunks(job_id)
+        self.kept_rows.forget_chunks(job_id)
         with self.transaction(one_write=not events) as db:
             self._update_chunk(db, job_id, idx, **fields)
             self._add_events(db, events)
@@ -371,7 +334,7 @@ class Journal(NotificationQueue):
         One transaction: its expired remote job stays on record (role ``expired``), and the event
         announcing the resubmission is committed with it.
         """
-        self._forget_chunks(chunk.job_id)
+        self.kept_rows.forget_chunks(chunk.job_id)
         with self.transaction() as db:
             db.execute("UPDATE remote_jobs SET role = 'expired' WHERE remote_name = ?", (chunk.remote_name,))
             db.execute(
@@ -389,7 +352,7 @@ class Journal(NotificationQueue):
         """Seal a pack: its job and chunk rows (``built``), each member chunk ``built → packed`` and each
         member job ``built → submitted``, in one transaction (its requests file is already durable)."""
         now = time.time()
-        self._forget_chunks(pack_id, *(member.job_id for member in members))
+        self.kept_rows.forget_chunks(pack_id, *(member.job_id for member in members))
         with self.transaction() as db:
             db.execute("INSERT INTO jobs (id, name, source, state, model, kind, pack, created_at, updated_at)"
                        " VALUES (?, ?, '', ?, ?, 'generate', 1, ?, ?)", (pack_id, name, JobState.BUILT, model, now, now))
@@ -403,27 +366,6 @@ class Journal(NotificationQueue):
         for member in members:
             self.on_change(member.job_id)
 
-    def _kept_chunks(self) -> dict[str, list[Chunk]]:
-        """The chunk lists kept in memory (none for a reader, and none kept across a rollback)."""
-        self._forget_kept_after_rollback()
-        return self._chunk_rows if self._chunk_rows is not None else {}
-
-    def _forget_chunks(self, *job_ids: str) -> None:
-        """Called before every write of these jobs' chunks."""
-        if self._chunk_rows is not None:
-            for job_id in job_ids:
-                self._chunk_rows_kept -= len(self._chunk_rows.pop(job_id, ()))
-
-    def _keep_chunks(self, job_id: str, chunks: list[Chunk]) -> None:
-        if self._chunk_rows is None or len(chunks) > KEPT_CHUNKS_PER_JOB:
-            return
-        self._forget_chunks(job_id)
-        if self._chunk_rows_kept + len(chunks) > KEPT_CHUNKS:
-            self._chunk_rows.clear()
-            self._chunk_rows_kept = 0
-        self._chunk_rows[job_id] = chunks
-        self._chunk_rows_kept += len(chunks)
-
     def packed_members(self, pack_id: str) -> list[Chunk]:
         """The chunks still waiting for the pack's results (not cancelled, not sent alone)."""
         rows = self._db.execute("SELECT * FROM chunks WHERE packed_in = ? AND state = ? ORDER BY job_id, idx",
@@ -431,12 +373,12 @@ class Journal(NotificationQueue):
         return [chunk_from_row(row) for row in rows]
 
     def chunks(self, job_id: str) -> list[Chunk]:
-        kept = self._kept_chunks().get(job_id)
+        kept = self.kept_rows.chunks(job_id)
         if kept is not None:
             return list(kept)
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx", (job_id,))
         chunks = [chunk_from_row(row) for row in rows]
-        self._keep_chunks(job_id, chunks)
+        self.kept_rows.keep_chunks(job_id, chunks)
         return list(chunks)
 
     def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
@@ -447,7 +389,7 @@ class Journal(NotificationQueue):
         return [chunk_from_row(row) for row in rows]
 
     def chunk(self, job_id: str, idx: int) -> Chunk | None:
-        kept = self._kept_chunks().get(job_id)
+        kept = self.kept_rows.chunks(job_id)
         if kept is not None:
             return next((chunk for chunk in kept if chunk.idx == idx), None)
         row = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
@@ -462,7 +404,7 @@ class Journal(NotificationQueue):
     def chunk_totals(self, job_id: str) -> dict[str, int]:
         """How many chunks the job has, in each state (``chunks``: all, ``requests``: their requests)."""
         totals = {"chunks": 0, "requests": 0}
-        kept = self._kept_chunks().get(job_id)
+        kept = self.kept_rows.chunks(job_id)
         if kept is not None:
             for chunk in kept:
                 totals[chunk.state] = totals.get(chunk.state, 0) + 1
@@ -504,7 +446,7 @@ class Journal(NotificationQueue):
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""
         if not states:
             return
-        self._forget_chunks(*(job_id for job_id, _ in states))
+        self.kept_rows.forget_chunks(*(job_id for job_id, _ in states))
         with self.transaction() as db:
             db.executemany("UPDATE chunks SET upload_state = ? WHERE job_id = ? AND idx = ?",
                            [(state, job_id, idx) for (job_id, idx), state in states.items()])
