@@ -236,7 +236,7 @@ class Deliver:
         Why not each as its job is done: on some filesystems creating a file costs more the more files
         were deleted in the seconds before (ext4 without a journal looks past each recently freed inode
         of the block group, one by one; measured: 20 µs a file, 300 µs after a burst's deletions). A
-        burst's jobs each create a dozen files; the spools of the first ones delivered made every
+        small job creates about ten files; the spools of a burst's first jobs delivered made every
         later one's creations slower. A crash meanwhile loses nothing: the next start removes the spools
         of done jobs (batchd.daemon.intake)."""
         self._tidy_due = False
@@ -247,8 +247,12 @@ class Deliver:
                 or time.monotonic() - self._removable[0][0] >= SPOOLS_KEPT_SECONDS
                 or not ctx.journal.count_jobs(ACTIVE_JOB_STATES, limit=1)):
             return
+        self._remove_waiting_spools()
+
+    def _remove_waiting_spools(self) -> None:
         spools, self._removable = [spool for _, spool in self._removable], []
-        self._cleanup.submit(lambda: [spool.remove() for spool in spools])
+        if spools:
+            self._cleanup.submit(_remove_spools, spools)
 
     def seconds_until_tidy(self) -> float:
         if self._tidy_due:
@@ -370,9 +374,13 @@ class Deliver:
         # Writers waiting for chunks give up (the stop is set); a restart writes the job's staging folder anew.
         self.writers.shutdown(cancel=True)
         self._stager.shutdown(wait=True)  # a folder being finished is finished (a restart writes it anew)
-        spools, self._removable = [spool for _, spool in self._removable], []
-        self._cleanup.submit(lambda: [spool.remove() for spool in spools])
+        self._remove_waiting_spools()
         self._cleanup.shutdown(wait=True)
+
+
+def _remove_spools(spools: list[JobSpool]) -> None:
+    for spool in spools:
+        spool.remove()
 
 
 #: A job's outcome when its task plugin's ``organize()`` failed (raised or hung): results.jsonl has every
