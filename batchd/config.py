@@ -64,7 +64,7 @@ class RetrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Bounded: a cancel is sent from the daemon's loop, which the service watchdog expects back.
+    # Bounded: an upload, a download or a token count waits through them in its worker thread.
     attempts: int = Field(5, ge=1, le=10, description="Tries of one call, the first included (at most 10).")
     initial_seconds: float = Field(
         1.0, gt=0, description="Wait before the second try; it doubles (plus up to this much jitter) each time.")

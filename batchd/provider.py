@@ -5,7 +5,10 @@ Everything goes through the google-genai SDK over HTTP, exactly as to Google; th
 another ``base_url``. Two SDK clients share the same settings and differ only in retries:
 
 * ``_retrying_client`` has SDK retries on (exponential backoff on 408/429/5xx, timeouts, connect errors). It
-  serves every call that is safe to repeat: get, list, cancel, count_tokens.
+  serves the calls that are safe to repeat and made from worker threads: a fetch's get, count_tokens.
+  The calls the daemon's loop makes itself go out once (``list_jobs``, ``get(once=True)``, ``cancel``):
+  the loop paces them on its own (the poll clock, each cancel's backoff), and a call sitting in the
+  SDK's backoff held every job, and a stop, for 16 s with the service unreachable.
 * ``_single_shot_client`` never retries. ``batches.create`` is not idempotent: a retry after an ambiguous
   5xx or timeout can create a second job, so batchd reconciles by display name instead (the
   daemon matches ``list_jobs`` against the display names of its unconfirmed creates). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
@@ -392,9 +395,9 @@ class Provider:
             api_key=api_key, http_options=types.HttpOptions(**options, retry_options=retry.sdk_options())
         )
         self._single_shot_client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
-        # Polls retry what the SDK retries but a 429: the daemon waits out a quota itself, as long as the
-        # service asks and visibly (batchd status), instead of the loop sitting in the SDK's backoff.
-        self._poll_options = types.HttpOptions(retry_options=retry.sdk_options(
+        # A fetch's get retries what the SDK retries but a 429: the daemon waits out a quota itself, as long
+        # as the service asks and visibly (batchd status), instead of sitting in the SDK's backoff.
+        self._get_options = types.HttpOptions(retry_options=retry.sdk_options(
             tuple(code for code in RETRYABLE_STATUS_CODES if code != 429)))
 
     @classmethod
@@ -553,12 +556,16 @@ class Provider:
     # -- reconcile and poll ------------------------------------------------------------------------
 
     @_counted("batches.get")
-    def get(self, name: str) -> RemoteJob:
+    def get(self, name: str, *, once: bool = False) -> RemoteJob:
+        """``batches.get``; ``once``: a single attempt (the loop's: see the module)."""
+        if once:
+            return RemoteJob.from_operation(_raw_json(self._single_shot_client, "get", _checked_batch_name(name)))
         return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name),
-                                                  http_options=self._poll_options))
+                                                  http_options=self._get_options))
 
     def list_jobs(self, page_size: int = 100) -> Iterator[RemoteJob]:
-        """All jobs of the project, page after page. On the real service inline output is left out."""
+        """All jobs of the project, page after page, each page asked once (the loop's: see the module).
+        On the real service inline output is left out."""
         page_token = ""
         seen_tokens: set[str] = set()
         while True:
@@ -567,8 +574,7 @@ class Provider:
                 query["pageToken"] = page_token
             REMOTE_CALLS.count("batches.list")
             try:
-                page = _raw_json(self._retrying_client, "get", f"batches?{urlencode(query)}",
-                                 http_options=self._poll_options)
+                page = _raw_json(self._single_shot_client, "get", f"batches?{urlencode(query)}")
             except Exception as error:
                 REMOTE_CALLS.failed("batches.list", error)
                 raise
@@ -583,8 +589,9 @@ class Provider:
 
     @_counted("batches.cancel")
     def cancel(self, name: str) -> None:
-        """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later)."""
-        self._retrying_client.batches.cancel(name=_checked_batch_name(name))
+        """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later), once: the loop retries
+        with a backoff of its own."""
+        self._single_shot_client.batches.cancel(name=_checked_batch_name(name))
 
     # -- models ------------------------------------------------------------------------------------
 

@@ -164,15 +164,29 @@ def test_create_is_not_retried_on_503(emulator: EmulatorServer) -> None:
         assert [job for job in provider.list_jobs() if job.display_name == "create-503"] == []
 
 
-# A 429 on a poll is the daemon's to wait out (test_a_429_on_a_poll_is_left_to_the_daemon_...).
+# A 429 on a get is the daemon's to wait out (test_a_429_on_a_get_is_left_to_the_daemon_...).
 @pytest.mark.parametrize("status", [503, 500])
-def test_reads_are_retried(emulator: EmulatorServer, provider: Provider, status: int) -> None:
+def test_a_fetch_s_get_is_retried_and_the_loop_s_reads_go_out_once(emulator: EmulatorServer, provider: Provider,
+                                                                   status: int) -> None:
+    """A fetch's get runs in a worker thread: the SDK retries it. The loop's own reads (the poll's list,
+    the get of a batch the list left out) are tried once: the loop paces them (its poll clock)."""
     created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], f"read-retry-{status}")
     with Provider(
         api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": read_fault(status)}
     ) as flaky:
         assert flaky.get(created.name).name == created.name
-        assert any(job.name == created.name for job in flaky.list_jobs())
+        for _ in range(2):  # each poll's list fails as the service answers it...
+            with pytest.raises(errors.APIError) as refused:
+                list(flaky.list_jobs())
+            assert refused.value.code == status
+        assert any(job.name == created.name for job in flaky.list_jobs())  # ...until it answers
+    # (A header's fault counts are shared by every request carrying the same text: a text of its own.)
+    with Provider(
+        api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY, headers={"X-Emulator-Fault": f"{status}*1@get"}
+    ) as flaky:
+        with pytest.raises(errors.APIError):
+            flaky.get(created.name, once=True)
+        assert flaky.get(created.name, once=True).name == created.name
 
 
 def test_download_streams_a_multi_megabyte_output_to_disk(provider: Provider, tmp_path: Path) -> None:
@@ -545,25 +559,30 @@ def test_model_check_reads_the_model_list_once_and_names_close_models(provider: 
     assert ModelCheck(down, "the Gemini API (v1beta)", cache).problem("gemini-2.5-flsh") is None
 
 
-def test_a_429_on_a_poll_is_left_to_the_daemon_with_the_wait_the_service_asks(emulator: Emulator) -> None:
-    """Polls are not retried on 429 inside the SDK (the daemon waits out a quota, visibly); other
-    retryable errors still are; the 429's RetryInfo says how long to wait."""
+def test_a_429_on_a_get_is_left_to_the_daemon_with_the_wait_the_service_asks(emulator: Emulator) -> None:
+    """A fetch's get is not retried on 429 inside the SDK (the daemon waits out a quota, visibly); other
+    retryable errors still are; the 429's RetryInfo says how long to wait. The poll's list is sent once
+    whatever the error."""
     from batchd.provider import quota_delay
 
     def routes() -> dict:
         with urllib.request.urlopen(f"{emulator.base_url}/_emulator/stats") as answer:
             return json.load(answer)["routes"]
 
+    with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY) as provider:
+        created = provider.create_inline(MODEL, [RequestEncoder(MODEL).inline("k", "hi")], "quota-get")
     with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
-                  headers={"X-Emulator-Fault": "429*2@list"}) as throttled:
-        before = routes().get("list", 0)
+                  headers={"X-Emulator-Fault": "429*2@get,429*2@list"}) as throttled:
+        before = routes().get("get", 0), routes().get("list", 0)
         with pytest.raises(errors.APIError) as refused:
+            throttled.get(created.name)
+        with pytest.raises(errors.APIError):
             list(throttled.list_jobs())
-        assert routes()["list"] == before + 1, "a 429 on a poll is not retried by the SDK"
+        assert (routes()["get"], routes()["list"]) == (before[0] + 1, before[1] + 1), "a 429 is not retried by the SDK"
         assert quota_delay(refused.value) == 2.0  # the emulator's RetryInfo, as Google sends one
     with Provider(api_key=API_KEY, base_url=emulator.base_url, retry=FAST_RETRY,
-                  headers={"X-Emulator-Fault": "503*2@list"}) as flaky:
-        list(flaky.list_jobs())  # 503s are still retried
+                  headers={"X-Emulator-Fault": "503*2@get"}) as flaky:
+        assert flaky.get(created.name).name == created.name  # 503s are still retried
     assert quota_delay(errors.ServerError(503, {"error": {"code": 503, "message": "m"}})) is None
 
 

@@ -197,3 +197,24 @@ def test_a_quota_refusal_is_waited_out_visibly_once_per_wait_not_as_a_submitted_
     assert waits and all(int(wait) >= 2 for wait in waits), "the service's RetryInfo is honoured"
     assert len(waits) <= 1 + elapsed / 2, f"{len(waits)} log lines in {elapsed:.0f} s: one per wait"
     assert "will reconcile" not in daemon.output(), "a refused create is known not to exist"
+
+
+def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):
+    """The loop's own calls (the poll's list, a cancel) go out once and are paced by the loop: with the
+    service unreachable and the shipped retry settings, a stop is prompt, where one poll sitting in the
+    SDK's backoff (1 + 2 + 4 + 8 s) held the loop, and the stop, for 15 s."""
+    workspace.configure(retry={"initial_seconds": 1.0, "max_seconds": 60.0})
+    with Emulator(tmp_path / "google", job_seconds=600) as google:
+        runner = DaemonRunner(workspace)
+        process = runner.start(emulator=google)
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: list(google.client().batches.list()), what="the remote job")
+    try:
+        time.sleep(1.0)  # the service is gone: the daemon's polls are refused meanwhile
+        stop_asked = time.monotonic()
+        assert process.stop(timeout=30) == 0
+        assert time.monotonic() - stop_asked < 8, process.output()[-2000:]
+        assert "polling failed" in process.output()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -265,7 +265,7 @@ class Monitor:
 
     def _get_or_none(self, name: str) -> RemoteJob | None:
         try:
-            return self.ctx.provider.get(name)
+            return self.ctx.provider.get(name, once=True)
         except Exception as error:
             if getattr(error, "code", None) == 404:
                 return None
