@@ -187,7 +187,7 @@ def check_emulator(settings) -> Check:
             with Provider(api_key="batchd-doctor", base_url=emulator.base_url, api_version=settings.api_version,
                           retry=RetryPolicy(attempts=3, initial_delay=0.5, max_delay=2.0),
                       timeout_s=REACH_TIMEOUT_SECONDS) as provider:
-                next(provider.list_jobs(page_size=1), None)
+                provider.answers()
         except Exception as error:  # noqa: BLE001 - any failure is the finding
             return Check("provider emulator", "fail", f"the embedded emulator did not start or answer: {error}",
                          "run `batchd emulator --port 8765` to see why; reinstall batchd if it cannot import")
@@ -219,7 +219,7 @@ def check_gemini_reachable(settings) -> Check:
         with Provider(api_key=settings.gemini_api_key(), api_version=settings.api_version,
                       retry=RetryPolicy(attempts=3, initial_delay=0.5, max_delay=2.0),
                       timeout_s=REACH_TIMEOUT_SECONDS) as provider:
-            next(provider.list_jobs(page_size=1), None)
+            provider.answers()
     except Exception as error:  # noqa: BLE001 - any failure is the finding
         if is_auth_error(error):
             return Check("provider gemini", "fail", f"{base} refused the API key: {error}",

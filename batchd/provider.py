@@ -587,6 +587,11 @@ class Provider:
                 raise ProviderError(f"batches.list returned page token {page_token!r} twice")
             seen_tokens.add(page_token)
 
+    def answers(self) -> None:
+        """One page of one job (``batchd doctor``'s check), tried again as the retry policy says: a
+        transient answer is no verdict. Raises what the last try raised."""
+        _with_retries(lambda: next(self.list_jobs(page_size=1), None), self._retry, "batches.list")
+
     @_counted("batches.cancel")
     def cancel(self, name: str) -> None:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later), once: the loop retries
