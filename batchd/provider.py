@@ -8,7 +8,7 @@ another ``base_url``. Two SDK clients share the same settings and differ only in
   serves the calls that are safe to repeat and made from worker threads: a fetch's get, count_tokens.
   The calls the daemon's loop makes itself go out once (``list_jobs``, ``get(once=True)``, ``cancel``):
   the loop paces them on its own (the poll clock, each cancel's backoff), and a call sitting in the
-  SDK's backoff held every job, and a stop, for 16 s with the service unreachable.
+  SDK's backoff held every job, and a stop, for about 15 s with the service unreachable.
 * ``_single_shot_client`` never retries. ``batches.create`` is not idempotent: a retry after an ambiguous
   5xx or timeout can create a second job, so batchd reconciles by display name instead (the
   daemon matches ``list_jobs`` against the display names of its unconfirmed creates). Uploads and downloads also use it, wrapped in batchd's own retry loop around the

@@ -229,9 +229,8 @@ class Submit:
         limit = self.ctx.settings.max_remote_batches
         if self._remote_live is None:
             journal = self.ctx.journal
-            self._remote_live = journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK,
-                                                        limit=limit) + journal.count_remote_jobs_with_outcome(
-                                                            StrayOutcome.CANCELLING)
+            chunks = journal.count_chunks_in(REMOTE_LIVE_CHUNK_STATES, job_states=JOB_STATES_WITH_REMOTE_WORK, limit=limit)
+            self._remote_live = chunks + journal.count_remote_jobs_with_outcome(StrayOutcome.CANCELLING)
         return max(0, limit - self._remote_live)
 
     def _note_remote_limit(self) -> None:
