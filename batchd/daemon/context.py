@@ -176,14 +176,17 @@ class RunReport:
 
     def summary(self, outbox: Path) -> str:
         """The closing line of ``run --once``: what it delivered, what that cost, and where it is."""
+        # Ended before all was delivered: a stop, or manifests a full disk left unclaimed (logged apart).
+        left = "" if self.finished else "; ended before every job was delivered: the rest go on with the next run"
         counts = Counter(self.outcomes.values())
         if not counts:
-            return "run --once: nothing to do (no manifest in the inbox)"
+            return f"run --once: no job delivered{left}" if left else \
+                "run --once: nothing to do (no manifest in the inbox)"
         outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
         cost = "; ".join(f"{amount:.6f} {currency}" for currency, amount in sorted(self.spent.items()))
         held = f"; {len(self.held)} held over budget (batchd approve NAME)" if self.held else ""
         return (f"run --once: {len(self.outcomes)} job(s) delivered ({outcomes}){held}"
-                f"{f', costing {cost}' if cost else ''}; results in {outbox}")
+                f"{f', costing {cost}' if cost else ''}; results in {outbox}{left}")
 
 
 @dataclass
