@@ -74,9 +74,9 @@ def _lock_state_dir(root: Path, wait_seconds: float = 30.0):
 
 
 #: The kinds of document, each with the folder an older emulator kept them in (one JSON file each).
-KINDS = ("jobs", "files", "uploads", "webhooks", "deliveries")
 _LEGACY_FOLDERS = {"jobs": "batches", "files": "files", "uploads": "uploads", "webhooks": "webhooks",
                    "deliveries": "deliveries"}
+KINDS = tuple(_LEGACY_FOLDERS)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (kind TEXT NOT NULL, id TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (kind, id));

@@ -80,11 +80,6 @@ class KeptRows:
         for job_id in job_ids:
             self.chunk_count -= len(self._chunks.pop(job_id, ()))
 
-    def jobs_with_chunks(self) -> set[str]:
-        """The jobs whose chunks are kept."""
-        self._forget_after_rollback()
-        return set(self._chunks)
-
     def _forget_after_rollback(self) -> None:
         rollbacks = self._rollbacks()
         if rollbacks != self._seen_rollbacks:
