@@ -448,3 +448,30 @@ def test_a_journal_from_before_upload_states_and_the_stray_watch_gains_both(tmp_
         assert journal.remote_jobs_with_outcome("cancelled")[0]["remote_name"] == "batches/a"
     finally:
         journal.close()
+
+
+def test_the_lookup_of_request_files_to_delete_does_not_walk_every_finished_chunk(tmp_path: Path):
+    """``uploads_to_delete`` runs on every tick that wrote. Finished chunks pile up by the thousand and
+    nearly none holds a request file: the lookup reads the partial index of those that do, so its cost
+    does not grow with the rest (measured in SQLite's VM steps, which do not depend on the machine)."""
+    from batchd.journal import Journal
+
+    def vm_steps_with_finished_chunks(count: int) -> int:
+        path = tmp_path / f"journal-{count}.db"
+        Journal(path).close()
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT INTO jobs (id, name, source, state, created_at, updated_at)"
+                       " VALUES ('old', 'old', 'old.toml', 'done', 1, 1)")
+            db.executemany("INSERT INTO chunks (job_id, idx, display_name, mode, request_count, byte_size, state,"
+                           " upload_state) VALUES ('old', ?, ?, 'file', 1, 10, 'fetched', ?)",
+                           [(n, f"batchd-old-c{n}", "uploaded" if n == 0 else "deleted") for n in range(count)])
+        journal = Journal(path)
+        steps = []
+        try:
+            journal._db.set_progress_handler(lambda: steps.append(1), 10)
+            assert [c.idx for c in journal.uploads_to_delete()] == [0]
+        finally:
+            journal.close()
+        return len(steps)
+
+    assert vm_steps_with_finished_chunks(5000) < 2 * vm_steps_with_finished_chunks(10) + 5

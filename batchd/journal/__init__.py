@@ -106,10 +106,11 @@ from typing import Any, Callable, Iterable
 
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
+from batchd.journal.schema import HOLDING_UPLOADS
 from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
 from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
-                           MediaState, UploadState, check_chunk_move, check_job_move)
+                           MediaState, check_chunk_move, check_job_move)
 
 __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
 
@@ -439,8 +440,8 @@ class Journal(NotificationQueue):
     def uploads_to_delete(self) -> list[Chunk]:
         """Finished chunks (``fetched`` or ``skipped``, of any job) whose request file the service may still hold."""
         return self._cached(("uploads_to_delete",), lambda: [chunk_from_row(row) for row in self._db.execute(
-            "SELECT * FROM chunks WHERE upload_state IN (?, ?) AND state IN (?, ?) ORDER BY job_id, idx",
-            (UploadState.UPLOADING, UploadState.UPLOADED, *CHUNK_DONE_STATES))])
+            f"SELECT * FROM chunks WHERE {HOLDING_UPLOADS} AND state IN (?, ?) ORDER BY job_id, idx",
+            CHUNK_DONE_STATES)])
 
     def set_upload_states(self, states: dict[tuple[str, int], str]) -> None:
         """Set the ``upload_state`` of several chunks, keyed by (job id, idx), in one transaction."""

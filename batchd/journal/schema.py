@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import sqlite3
 
+#: The rows of ``chunks_holding_uploads``, a partial index. A query reaches the index only if its WHERE
+#: repeats this condition word for word, literals included (SQLite cannot tell what a bound parameter
+#: will be when it plans), so the index and :meth:`batchd.journal.Journal.uploads_to_delete` share it.
+HOLDING_UPLOADS = "upload_state IN ('uploading', 'uploaded')"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id            TEXT PRIMARY KEY,
@@ -186,8 +191,7 @@ def migrate(db: sqlite3.Connection) -> None:
     # After the columns: an older journal gets admitted_at above first.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs(admitted_at)")
     # Finished chunks pile up; the few whose request file is still to be deleted are looked up often.
-    db.execute("CREATE INDEX IF NOT EXISTS chunks_holding_uploads ON chunks(state)"
-               " WHERE upload_state IN ('uploading', 'uploaded')")
+    db.execute(f"CREATE INDEX IF NOT EXISTS chunks_holding_uploads ON chunks(state) WHERE {HOLDING_UPLOADS}")
     # The stray cancels still to retry are looked up while the table holds every remote job ever made.
     db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_outcome ON remote_jobs(outcome)")
     # A webhook delivery names a remote batch; its chunk is looked up by that name.
