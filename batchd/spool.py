@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -67,20 +68,20 @@ class JobSpool:
     def __init__(self, root: Path):
         self.root = root
 
-    @property
+    @cached_property
     def index_path(self) -> Path:
         return self.root / "index.jsonl"
 
-    @property
+    @cached_property
     def inputs(self) -> Path:
         """Copies of the input files the manifest names."""
         return self.root / "inputs"
 
-    @property
+    @cached_property
     def staging(self) -> Path:
         return self.root / "outbox"
 
-    @property
+    @cached_property
     def cached_path(self) -> Path:
         """The answers this job took from the request cache (:class:`CacheSplit`)."""
         return self.root / "cached.jsonl"
@@ -94,7 +95,7 @@ class JobSpool:
     def manifest_path(self, source: str) -> Path:
         return self.root / source
 
-    @property
+    @cached_property
     def warnings_path(self) -> Path:
         return self.root / "warnings.json"
 

@@ -10,6 +10,7 @@ import pytest
 
 from batchd import fs
 from batchd.journal import Journal
+from batchd.states import IllegalMove
 
 
 @pytest.fixture()
@@ -245,9 +246,9 @@ def test_the_writer_keeps_jobs_it_read_until_it_writes_them_and_forgets_them_on_
     with journal.group():
         journal.update_job("a", state="building")
         with pytest.raises(RuntimeError):
-            with journal.transaction() as db:
-                db.execute("UPDATE jobs SET task = 'x' WHERE id = 'a'")
-                assert journal.job("a").task == "x"  # read inside the transition that is rolled back
+            with journal.transaction():
+                journal.update_job("a", task="x")
+                assert journal.job("a").task == "x"  # kept inside the transition that is rolled back
                 raise RuntimeError("the transition fails")
         assert journal.job("a").task is None and journal.job("a").state == "building"
     assert journal.job("a").state == "building"
@@ -258,6 +259,42 @@ def test_the_writer_keeps_jobs_it_read_until_it_writes_them_and_forgets_them_on_
         journal.update_job("a", state="built")
         assert reader.job("a").state == "built"
     finally:
+        reader.close()
+
+
+def test_the_writer_keeps_a_job_as_its_own_update_left_it_and_reads_the_same_as_a_fresh_reader(journal: Journal,
+                                                                                               monkeypatch):
+    """After an UPDATE through the writer, Journal.job answers without a query, and what it answers is
+    what a read of the row returns: JSON columns decoded (secrets masked as stored), flags as bools."""
+    import batchd.logs
+
+    monkeypatch.setattr(batchd.logs, "_secrets", {"AIzaSyA0123456789abcdefghijklmnopqrstuvw"})
+    statements: list[str] = []
+    add(journal, "a")
+    journal.job("a")
+    reader = Journal(journal.path, readonly=True)
+    journal._db.set_trace_callback(statements.append)
+    try:
+        updates = [
+            {"state": "received", "approved": 1, "hold": "over budget, key AIzaSyA0123456789abcdefghijklmnopqrstuvw"},
+            {"cost": {"estimate": {"cost": 0.5, "currency": "USD"}}, "spend": 0.5, "admitted_at": 12.5},
+            {"state": "building", "chunk_limits": {"max_requests": 10, "max_bytes": 100}},
+            {"cancel_requested": 1, "error": {"message": "key AIzaSyA0123456789abcdefghijklmnopqrstuvw", "n": (1, 2)}},
+            {"state": "built", "build_stopped": True, "hold": None},
+        ]
+        for fields in updates:
+            journal.update_job("a", **fields)
+            statements.clear()
+            kept = journal.job("a")
+            assert not [s for s in statements if s.startswith("SELECT")], "answered from memory"
+            assert kept == reader.job("a")
+            assert type(kept.state) is str and type(kept.cancel_requested) is bool
+        assert "AIza" not in str(kept.error) and kept.error["n"] == [1, 2]
+        with pytest.raises(IllegalMove):
+            journal.update_job("a", state="done")  # a move the tables forbid: nothing kept, nothing written
+        assert journal.job("a") == reader.job("a") and journal.job("a").state == "built"
+    finally:
+        journal._db.set_trace_callback(None)
         reader.close()
 
 

@@ -49,6 +49,9 @@ PLUGIN_FAILED_EXIT_CODE = 5
 #: Exit code of ``batchd run --once`` stopped (SIGTERM, Ctrl-C) before it delivered everything;
 #: EX_TEMPFAIL: running it again carries on where it stopped.
 INTERRUPTED_EXIT_CODE = 75
+#: Spools remembered by :meth:`Context.spool` (their paths made once); past this many the memory is
+#: started afresh, so it stays bounded whatever the number of jobs.
+SPOOLS_REMEMBERED = 4096
 #: After a write failed for lack of room, writes are tried again after this long, doubling each time
 #: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
 DISK_RETRY_SECONDS = 1.0
@@ -296,6 +299,7 @@ class Context:
         self.mark: Callable[[str], None] = lambda job_id: None
         #: Pings the service manager's watchdog: set by the daemon.
         self.alive: Callable[[], None] = lambda: None
+        self._spools: dict[str, JobSpool] = {}
 
     @property
     def provider(self) -> Provider:
@@ -317,7 +321,14 @@ class Context:
                        on_taken=mark_job)
 
     def spool(self, job_id: str) -> JobSpool:
-        return JobSpool(self.settings.state_dir / "jobs" / job_id)
+        """The job's spool folder. A job's steps ask for it a dozen times; its paths are made once (a
+        pathlib join is no cheap thing for the loop). Any thread may ask: each dict operation is atomic."""
+        spool = self._spools.get(job_id)
+        if spool is None:
+            if len(self._spools) >= SPOOLS_REMEMBERED:
+                self._spools.clear()
+            spool = self._spools[job_id] = JobSpool(self.settings.state_dir / "jobs" / job_id)
+        return spool
 
     def event(self, kind: str, job: Job, **details: Any) -> dict | None:
         """The event of ``kind`` about ``job``, for the journal to commit with the transition it

@@ -99,6 +99,7 @@ plugin (pending → sent, or failed once given up); see :mod:`batchd.journal.not
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ from typing import Any, Callable, Iterable
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.schema import HOLDING_UPLOADS
-from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, new_job_id, redacted_json
+from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id, redacted_json
 from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
@@ -185,6 +186,7 @@ class Journal(NotificationQueue):
         self.on_change(job_id)
 
     def _update_job(self, db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        kept = self.kept_rows.job(job_id)
         self.kept_rows.forget_job(job_id)
         for name in ("error", "chunk_limits", "cost"):
             if name in fields and fields[name] is not None:
@@ -194,17 +196,22 @@ class Journal(NotificationQueue):
         fields["updated_at"] = time.time()
         columns = ", ".join(f"{name} = ?" for name in fields)
         if "state" not in fields:
-            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
-            return
-        # The move is checked by the UPDATE itself (one statement, not a read and a write); when it
-        # changed nothing, the row is read to tell a missing job from a move the tables forbid.
-        sources = JOB_SOURCES.get(fields["state"], (fields["state"],))
-        updated = db.execute(f"UPDATE jobs SET {columns} WHERE id = ? AND state IN ({', '.join('?' * len(sources))})",
-                             (*fields.values(), job_id, *sources)).rowcount
-        if not updated:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None:
-                check_job_move(row[0], fields["state"])
+            updated = db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id)).rowcount
+        else:
+            # The move is checked by the UPDATE itself (one statement, not a read and a write); when it
+            # changed nothing, the row is read to tell a missing job from a move the tables forbid.
+            sources = JOB_SOURCES.get(fields["state"], (fields["state"],))
+            updated = db.execute(
+                f"UPDATE jobs SET {columns} WHERE id = ? AND state IN ({', '.join('?' * len(sources))})",
+                (*fields.values(), job_id, *sources)).rowcount
+            if not updated:
+                row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    check_job_move(row[0], fields["state"])
+        if updated and kept is not None:
+            # The row as a read would now return it, kept without the read: the loop visits a job right
+            # after writing it. A rollback drops it with the rest (batchd/journal/kept.py).
+            self.kept_rows.keep_job(dataclasses.replace(kept, **job_values(fields)))
 
     def job(self, job_id: str) -> Job | None:
         kept = self.kept_rows.job(job_id)

@@ -5,7 +5,8 @@ holds it: under load a query costs the loop about a millisecond, whatever it rea
 connection alone writes the journal (the state dir's lock), that connection may answer the loop's
 many reads of the same rows from memory:
 
-* a job as last read, dropped by every write of that job;
+* a job as last read, and as each UPDATE of its row through this connection then left it (the
+  values written, as a read would return them: :func:`batchd.journal.rows.job_values`);
 * a job's chunks as last read (all of them, for jobs of at most :data:`KEPT_CHUNKS_PER_JOB`), dropped
   by every write of one of them;
 * everything, after any rollback (it may undo what was read inside it).

@@ -74,17 +74,28 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
 
 
+#: The jobs columns that hold JSON, and those that hold a flag (0 or 1).
+JOB_JSON_COLUMNS = ("error", "chunk_limits", "cost", "retry_of")
+JOB_FLAG_COLUMNS = ("cancel_requested", "approved", "build_stopped", "pack")
+
+
+def job_values(stored: dict[str, Any]) -> dict[str, Any]:
+    """Columns of a jobs row as stored → as :class:`Job` holds them: JSON decoded, flags as bools, a
+    state as a plain string. ``stored`` may hold some columns only (what an UPDATE wrote)."""
+    values = dict(stored)
+    for name in JOB_JSON_COLUMNS:
+        if name in values:
+            values[name] = json.loads(values[name]) if values[name] else None
+    for name in JOB_FLAG_COLUMNS:
+        if name in values:
+            values[name] = bool(values[name])
+    if "state" in values:
+        values["state"] = str(values["state"])
+    return values
+
+
 def job_from_row(row: sqlite3.Row) -> Job:
-    data = dict(row)
-    data["error"] = json.loads(data["error"]) if data["error"] else None
-    data["chunk_limits"] = json.loads(data["chunk_limits"]) if data["chunk_limits"] else None
-    data["cost"] = json.loads(data["cost"]) if data.get("cost") else None
-    data["retry_of"] = json.loads(data["retry_of"]) if data.get("retry_of") else None
-    data["cancel_requested"] = bool(data["cancel_requested"])
-    data["approved"] = bool(data.get("approved"))
-    data["build_stopped"] = bool(data.get("build_stopped"))
-    data["pack"] = bool(data.get("pack"))
-    return Job(**data)
+    return Job(**job_values(dict(row)))
 
 
 def chunk_from_row(row: sqlite3.Row) -> Chunk:
