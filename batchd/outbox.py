@@ -68,7 +68,8 @@ class JobFolder:
         if relative.is_absolute() or not relative.parts or any(part in ("", ".", "..") for part in relative.parts):
             raise ValueError(f"not a relative file name inside the job folder: {name!r}")
         path = self.staging_dir.joinpath(*relative.parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(relative.parts) > 1:  # the folder itself exists: a file at its top needs no mkdir
+            path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     @contextmanager
