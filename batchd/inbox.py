@@ -121,6 +121,8 @@ class Entry:
     content: bytes
     device: int
     inode: int
+    size: int
+    mtime_ns: int
 
 
 def read_entry(path: Path, limit: int) -> Entry:
@@ -146,7 +148,7 @@ def read_entry(path: Path, limit: int) -> Entry:
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
             left -= len(chunk)
-        return Entry(b"".join(chunks), st.st_dev, st.st_ino)
+        return Entry(b"".join(chunks), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     finally:
         os.close(fd)
 

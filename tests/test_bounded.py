@@ -105,6 +105,40 @@ def test_a_thread_freed_in_a_tick_goes_to_the_next_in_line_in_that_tick(workspac
 
 
 @pytest.mark.slow
+def test_a_burst_is_claimed_from_one_listing_of_the_inbox_and_a_file_changed_since_settles_again(
+        workspace: Workspace, monkeypatch):
+    """Claims are bounded per tick (CLAIMS_PER_TICK); the ticks after the first take the rest from the
+    listing they were in instead of listing the inbox again each time (a burst of thousands made that
+    the square of its size). A file written to since it was listed is not taken from that listing: it
+    settles again and is claimed as it is then."""
+    import batchd.daemon.intake as intake
+
+    monkeypatch.setattr(intake, "RELIST_SECONDS", 3600.0)
+    workspace.configure(settle_seconds=0, job_seconds=0)
+    count = 2 * intake.CLAIMS_PER_TICK + 10
+    for n in range(count):
+        workspace.drop(f"job{n:03}.toml", small(n))
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    listings = []
+    scan = daemon.inbox.scan
+    daemon.inbox.scan = lambda: listings.append(1) or scan()
+    try:
+        daemon.loop.tick()
+        assert len(listings) == 1 and len(list(workspace.inbox.iterdir())) == count - intake.CLAIMS_PER_TICK
+        changed = workspace.inbox / f"job{count - 1:03}.toml"
+        changed.write_text(small(count - 1) + '# edited after the listing\n')
+        daemon.loop.tick()
+        assert len(listings) == 1, "the second tick claims from the first listing"
+        daemon.loop.tick()
+        assert [path.name for path in workspace.inbox.iterdir()] == [changed.name], "left to settle again"
+        run_in_process(daemon, lambda: len(workspace.outbox_folders()) == count)
+    finally:
+        daemon.close()
+    folder = workspace.outbox_folders()[changed.stem]
+    assert "edited after the listing" in (folder.path / changed.name).read_text()
+
+
 def test_jobs_take_their_turn_oldest_first_and_a_big_job_does_not_starve_small_ones(workspace: Workspace):
     """A job of 30 one-request chunks arrives first, then 6 small jobs: with 2 submission threads and
     creates that take a while, the small jobs each get a turn before the big job has sent all its

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,8 +25,8 @@ from batchd import fs
 from batchd.daemon.context import Context, is_regular_file, manifest_error, replace
 from batchd.daemon.crashpoints import crashpoint
 from batchd.durable import atomic_write
-from batchd.inbox import (Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name, read_entry,
-                          sha256_file)
+from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name,
+                          read_entry, sha256_file)
 from batchd.journal import Job, new_job_id
 from batchd.manifest import Manifest, ManifestError, is_valid_text, load_manifest
 from batchd.states import JobState
@@ -47,6 +48,11 @@ CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
 #: Manifests claimed in one tick at most: a burst of thousands is claimed over many ticks, so the jobs
 #: already claimed move on meanwhile (each claim parses a manifest and commits twice).
 CLAIMS_PER_TICK = 50
+#: While manifests of the last listing wait their turn (a burst: CLAIMS_PER_TICK a tick), the next
+#: ticks take them from that listing, and the inbox is listed again at most this often: a cancel or
+#: approval dropped meanwhile waits that long at most. Listing a folder of thousands on every tick made
+#: the claims of a burst cost the square of its size.
+RELIST_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,10 @@ class Intake:
         #: The last scan left manifests in the inbox that no event will bring back (the claims of one
         #: tick are bounded, the disk is low, or a file does not parse yet): the next tick scans again.
         self._left_in_inbox = False
+        #: The settled manifests of the last listing not yet taken (oldest first), and when (monotonic)
+        #: the inbox is listed again all the same (RELIST_SECONDS).
+        self._listed: list[Candidate] = []
+        self._relist_at = float("-inf")
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -113,10 +123,14 @@ class Intake:
             self._claims_unfinished = False
         try:
             self.inbox.reap_stale_temp_files()
-            if not (self.inbox.scan_due() or self._left_in_inbox or self.claiming_paused):
+            if not (self.inbox.scan_due() or self._left_in_inbox or self.claiming_paused or self._listed):
                 return  # nothing new can be there (while claiming is paused, the free space is looked at)
             paused = self._below_free_space_floor()
-            candidates = self.inbox.scan()
+            now = time.monotonic()
+            if self._listed and now < self._relist_at:
+                candidates, self._listed = self._listed, []
+            else:
+                candidates, self._relist_at = self.inbox.scan(), now + RELIST_SECONDS
         except FileNotFoundError:
             return  # the inbox went away this instant: the next tick creates it again
         self.backlog = False
@@ -139,10 +153,11 @@ class Intake:
         for irregular in self.inbox.take_irregular() if not paused else ():
             self._reject_irregular(irregular, intents)
         claimed = 0
-        for candidate in candidates:
+        for n, candidate in enumerate(candidates):
             ctx.check_stop()
             if claimed >= CLAIMS_PER_TICK:
                 self.backlog = True  # the rest next tick, after the jobs already claimed have moved
+                self._listed = candidates[n:]
                 return True
             path = candidate.path
             if paused and path.suffix.lower() not in CONTROL_SUFFIXES:
@@ -176,6 +191,9 @@ class Intake:
                     "code": "unreadable", "file": path.name,
                     "message": f"{path.name} cannot be read: {unreadable.strerror or unreadable}"})
                 claimed += 1
+                continue
+            if (entry.size, entry.mtime_ns) != (candidate.size, candidate.mtime_ns):
+                left = True  # written to since the listing that found it settled: it settles again
                 continue
             try:
                 # The document is checked here, its input rows by the first pass that reads them, in a
