@@ -306,6 +306,10 @@ class Settings(BaseSettings):
                              " wait their turn in the journal, oldest first.")
     max_concurrent_writes: int = Field(
         8, ge=1, description="Jobs whose result files are written at once.")
+    one_cpu: bool = Field(
+        True, description="Run the daemon's threads on one CPU (the one it starts on). They take turns on one"
+                          " GIL whatever the number of CPUs, and handing it from one CPU to another cost a"
+                          " quarter of the daemon's CPU time under load. The embedded emulator keeps every CPU.")
     chunk_max_requests: int = Field(50_000, ge=1, description="Requests per remote batch job at most.")
     chunk_max_bytes: int = Field(
         200 * 1024 * 1024, ge=1, description="Size of one batch's JSONL input at most."

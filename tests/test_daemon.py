@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from google import genai
@@ -165,6 +167,36 @@ def test_daemon_takes_manifests_dropped_while_running_and_stops_cleanly(workspac
     finally:
         assert daemon.stop() == 0
     assert {s["state"] for s in workspace.delivered().values()} == {"succeeded"}
+
+
+def _allowed_cpus(pid: int, tid: int) -> str:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("one_cpu", [True, False])
+def test_the_daemons_threads_share_one_cpu_and_the_embedded_emulator_keeps_every_cpu(workspace: Workspace, one_cpu):
+    """one_cpu: every thread of the daemon, those started after the setting took effect too, runs on one
+    CPU (they take turns on one GIL); the emulator's process is not bound by it."""
+    every = _allowed_cpus(os.getpid(), os.getpid())
+    daemon = workspace.start("run", BATCHD_ONE_CPU=str(one_cpu).lower())
+    try:
+        workspace.drop("first.toml", TRANSLATE)  # the jobs' threads start after the setting took effect
+        workspace.wait_for(lambda: "first" in workspace.delivered(), what="first delivered")
+        threads = {tid: _allowed_cpus(daemon.pid, int(tid)) for tid in os.listdir(f"/proc/{daemon.pid}/task")}
+        children = [int(pid) for tid in threads
+                    for pid in Path(f"/proc/{daemon.pid}/task/{tid}/children").read_text().split()]
+        assert len(threads) > 5 and len(children) == 1, (threads, children)
+        emulator = {_allowed_cpus(child, int(tid)) for child in children for tid in os.listdir(f"/proc/{child}/task")}
+    finally:
+        assert daemon.stop() == 0
+    if one_cpu:
+        assert len(set(threads.values())) == 1 and "," not in next(iter(threads.values())) \
+            and "-" not in next(iter(threads.values())), threads
+    else:
+        assert set(threads.values()) == {every}
+    assert emulator == {every}
 
 
 def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Workspace):
