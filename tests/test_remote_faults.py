@@ -199,6 +199,28 @@ def test_a_quota_refusal_is_waited_out_visibly_once_per_wait_not_as_a_submitted_
     assert "will reconcile" not in daemon.output(), "a refused create is known not to exist"
 
 
+@pytest.mark.slow
+def test_a_service_that_never_answers_holds_the_loop_and_a_stop_for_one_short_timeout(workspace: Workspace):
+    """The calls the loop makes itself wait LOOP_CALL_TIMEOUT_SECONDS at most for each connect, read or
+    write: a service that takes the poll's list and never answers held every job, and a stop, for the
+    clients' 60 s (here: the 30 s the emulator sleeps on every list)."""
+    from batchd.provider import LOOP_CALL_TIMEOUT_SECONDS
+
+    workspace.configure(job_seconds=600, faults=["slow=30@list"])
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: "submitted" in process.output(), what="the remote job")
+        time.sleep(1.0)  # the first poll's list is on its way, and is not answered
+        stop_asked = time.monotonic()
+        assert process.stop(timeout=60) == 0
+        assert time.monotonic() - stop_asked < LOOP_CALL_TIMEOUT_SECONDS + 5, process.output()[-2000:]
+        assert "polling failed" in process.output()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):
     """The loop's own calls (the poll's list, a cancel) go out once and are paced by the loop: with the
     service unreachable and the shipped retry settings, a stop is prompt, where one poll sitting in the
