@@ -104,7 +104,6 @@ def test_a_thread_freed_in_a_tick_goes_to_the_next_in_line_in_that_tick(workspac
         assert before == job, f"visited again in tick {at} after the tick changed it: {before} → {job}"
 
 
-@pytest.mark.slow
 def test_a_burst_is_claimed_from_one_listing_of_the_inbox_and_a_file_changed_since_settles_again(
         workspace: Workspace, monkeypatch):
     """Claims are bounded per tick (CLAIMS_PER_TICK); the ticks after the first take the rest from the
@@ -139,6 +138,7 @@ def test_a_burst_is_claimed_from_one_listing_of_the_inbox_and_a_file_changed_sin
     assert "edited after the listing" in (folder.path / changed.name).read_text()
 
 
+@pytest.mark.slow
 def test_jobs_take_their_turn_oldest_first_and_a_big_job_does_not_starve_small_ones(workspace: Workspace):
     """A job of 30 one-request chunks arrives first, then 6 small jobs: with 2 submission threads and
     creates that take a while, the small jobs each get a turn before the big job has sent all its

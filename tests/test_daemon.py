@@ -169,6 +169,13 @@ def test_daemon_takes_manifests_dropped_while_running_and_stops_cleanly(workspac
     assert {s["state"] for s in workspace.delivered().values()} == {"succeeded"}
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # ended meanwhile
+
+
 def _allowed_cpus(pid: int, tid: int) -> str:
     status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
     return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
@@ -185,8 +192,7 @@ def test_the_daemons_threads_share_one_cpu_and_the_embedded_emulator_keeps_every
         workspace.drop("first.toml", TRANSLATE)  # the jobs' threads start after the setting took effect
         workspace.wait_for(lambda: "first" in workspace.delivered(), what="first delivered")
         threads = {tid: _allowed_cpus(daemon.pid, int(tid)) for tid in os.listdir(f"/proc/{daemon.pid}/task")}
-        children = [int(pid) for tid in threads
-                    for pid in Path(f"/proc/{daemon.pid}/task/{tid}/children").read_text().split()]
+        children = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent(int(entry)) == daemon.pid]
         assert len(threads) > 5 and len(children) == 1, (threads, children)
         emulator = {_allowed_cpus(child, int(tid)) for child in children for tid in os.listdir(f"/proc/{child}/task")}
     finally:

@@ -363,10 +363,11 @@ def _keep_threads_on_one_cpu() -> None:
 
     The daemon's threads take turns on one GIL however many CPUs run them. On several CPUs each turn
     handed over wakes a thread on another CPU: under a burst of small jobs a quarter of the daemon's
-    CPU time went to those wake-ups (futex and scheduler, measured with perf), and ``bench/many_jobs.py``
-    ran in three quarters of the time on one CPU. What runs apart from the GIL keeps its own CPUs: the
-    embedded emulator (a process of its own, started before) and the kernel's work for file I/O. Other
-    processes are moved off the CPU by the scheduler as it balances; the daemon's threads are not.
+    CPU time went to those wake-ups (futex and scheduler, measured with perf), and 1,000 small jobs on
+    tmpfs took three quarters of the time on one CPU. The embedded emulator, a process of its own
+    started before, keeps every CPU; the kernel's work for the daemon's file I/O runs on the daemon's
+    CPU (docs/design.md says where that costs). Other processes are moved off the CPU by the scheduler
+    as it balances; the daemon's threads are not.
     """
     if not hasattr(os, "sched_setaffinity"):
         return  # not Linux: nothing to tune
