@@ -205,6 +205,38 @@ def test_the_daemons_threads_share_one_cpu_and_the_embedded_emulator_keeps_every
     assert emulator == {every}
 
 
+FROZEN_PROBE_PLUGIN = """
+import gc
+from pathlib import Path
+
+from batchd import hookimpl
+from batchd_plugins.sentiment import Sentiment
+
+
+class Probe(Sentiment):
+    name = "probe"
+
+    def requests(self, params, items):
+        Path(REPORT).write_text(str(gc.get_freeze_count()))
+        yield from super().requests(params, items)
+
+
+@hookimpl
+def register_tasks(register):
+    register(Probe())
+"""
+
+
+def test_what_is_alive_at_start_is_left_out_of_the_cyclic_collectors_walks(workspace: Workspace, tmp_path: Path):
+    """The modules, the SDK's types and the plugins live as long as the daemon: they are frozen once it
+    has started (gc.freeze), so that no full collection walks them again."""
+    report = tmp_path / "frozen"
+    workspace.add_plugin("probe", f"REPORT = {str(report)!r}\n" + FROZEN_PROBE_PLUGIN)
+    workspace.drop("probe.toml", 'task = "probe"\ntexts = ["Order 1 arrived."]\n')
+    assert workspace.batchd("run", "--once").returncode == 0
+    assert int(report.read_text()) > 10_000
+
+
 def test_a_manifest_that_does_not_parse_is_rejected_with_its_line(workspace: Workspace):
     workspace.drop("broken.toml", 'task = "translate"\ntexts = ["a", "b"\nlanguages = ["French"]\n')
     workspace.drop("good.toml", TRANSLATE)
