@@ -108,7 +108,8 @@ from typing import Any, Callable, Iterable
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.schema import HOLDING_UPLOADS
-from batchd.journal.rows import Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id, redacted_json
+from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
+                                 redacted_json)
 from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
@@ -188,7 +189,7 @@ class Journal(NotificationQueue):
     def _update_job(self, db: sqlite3.Connection, job_id: str, **fields: Any) -> None:
         kept = self.kept_rows.job(job_id)
         self.kept_rows.forget_job(job_id)
-        for name in ("error", "chunk_limits", "cost"):
+        for name in JOB_JSON_COLUMNS:  # stored as JSON; job_values decodes the same columns for the kept row
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
         if isinstance(fields.get("hold"), str):
