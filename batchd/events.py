@@ -20,7 +20,8 @@ the daemon's loop, hands the pending deliveries to the plugins:
 * a call that returns marks its events ``sent`` (but those a batch call says it could not deliver);
   one that raises or times out is retried with exponential backoff per event
   (``notify.retry_initial_seconds`` doubling up to ``notify.retry_max_seconds``) and given up, with
-  a logged error, after ``notify.max_attempts`` attempts.
+  a logged error, after ``notify.max_attempts`` attempts. A start makes every pending delivery due at
+  once (the receiver may have been mended meanwhile), so they go out in the order of their events.
 
 The journal is only read and written from the daemon's thread: workers hand their outcomes back,
 and each pump records all of them in one transaction. A delivery made before a crash (or before

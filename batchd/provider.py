@@ -6,10 +6,10 @@ another ``base_url``. Two SDK clients share the same settings and differ only in
 
 * ``_retrying_client`` has SDK retries on (exponential backoff on 408/429/5xx, timeouts, connect errors). It
   serves the calls that are safe to repeat and made from worker threads: a fetch's get, count_tokens.
-  The calls the daemon's loop makes itself go out once (``list_jobs``, ``get(once=True)``, ``cancel``):
-  the loop paces them on its own (the poll clock, each cancel's backoff), and a call sitting in the
-  SDK's backoff held every job, and a stop, for about 15 s with the service unreachable. They (and the
-  model list and gets) also time out sooner: :data:`LOOP_CALL_TIMEOUT_SECONDS`.
+  The calls the daemon paces itself go out once (``list_jobs``, ``get(once=True)``, ``cancel``): the
+  poll clock and each cancel's backoff retry them, and a call sitting in the SDK's backoff held every
+  job, and a stop, for about 15 s with the service unreachable. They (and the model list and gets)
+  also time out sooner: :data:`ASKED_ONCE_TIMEOUT_SECONDS`.
 * ``_single_shot_client`` never retries. ``batches.create`` is not idempotent: a retry after an ambiguous
   5xx or timeout can create a second job, so batchd reconciles by display name instead (the
   daemon matches ``list_jobs`` against the display names of its unconfirmed creates). Uploads and downloads also use it, wrapped in batchd's own retry loop around the
@@ -67,13 +67,13 @@ UPLOAD_PART_BYTES = 2 * 1024 * 1024
 
 #: HTTP statuses worth retrying: the SDK's own default set.
 RETRYABLE_STATUS_CODES = (408, 429, 500, 502, 503, 504)
-#: How long each connect, read or write of a call the daemon's loop makes itself may take (the poll's
-#: list pages, a get the list left out, a cancel, the model list). The loop waits for those: a service
-#: that accepts a call and never answers held every job, and a stop, for the clients' 60 s. A healthy
-#: service answers such a call in well under a second; one that timed out is asked again on the loop's
-#: own clock (the next poll, the cancel's backoff), as any failed call is.
-LOOP_CALL_TIMEOUT_SECONDS = 10.0
-_LOOP_CALL = types.HttpOptions(timeout=int(LOOP_CALL_TIMEOUT_SECONDS * 1000))
+#: How long each connect, read or write of a call asked once may take (the poll's list pages, a get the
+#: list left out, a cancel, the model list). The loop waits for a cancel and the model checks, and the
+#: next poll for the one before it: a service that accepts a call and never answers held them for the
+#: clients' 60 s. A healthy service answers such a call in well under a second; one that timed out is
+#: asked again on the daemon's own clock (the next poll, the cancel's backoff), as any failed call is.
+ASKED_ONCE_TIMEOUT_SECONDS = 10.0
+_ASKED_ONCE = types.HttpOptions(timeout=int(ASKED_ONCE_TIMEOUT_SECONDS * 1000))
 
 _BATCH_NAME = re.compile(r"batches/[A-Za-z0-9_-]+")
 _FILE_NAME = re.compile(r"files/[a-z0-9-]+")
@@ -565,15 +565,15 @@ class Provider:
 
     @_counted("batches.get")
     def get(self, name: str, *, once: bool = False) -> RemoteJob:
-        """``batches.get``; ``once``: a single attempt (the loop's: see the module)."""
+        """``batches.get``; ``once``: a single attempt (a poll's: see the module)."""
         if once:
             return RemoteJob.from_operation(_raw_json(self._single_shot_client, "get", _checked_batch_name(name),
-                                                      http_options=_LOOP_CALL))
+                                                      http_options=_ASKED_ONCE))
         return RemoteJob.from_operation(_raw_json(self._retrying_client, "get", _checked_batch_name(name),
                                                   http_options=self._get_options))
 
     def list_jobs(self, page_size: int = 100) -> Iterator[RemoteJob]:
-        """All jobs of the project, page after page, each page asked once (the loop's: see the module).
+        """All jobs of the project, page after page, each page asked once (see the module).
         On the real service inline output is left out."""
         page_token = ""
         seen_tokens: set[str] = set()
@@ -583,7 +583,7 @@ class Provider:
                 query["pageToken"] = page_token
             REMOTE_CALLS.count("batches.list")
             try:
-                page = _raw_json(self._single_shot_client, "get", f"batches?{urlencode(query)}", http_options=_LOOP_CALL)
+                page = _raw_json(self._single_shot_client, "get", f"batches?{urlencode(query)}", http_options=_ASKED_ONCE)
             except Exception as error:
                 REMOTE_CALLS.failed("batches.list", error)
                 raise
@@ -606,7 +606,7 @@ class Provider:
         """Ask the service to cancel (asynchronous: the job shows ``cancelled`` later), once: the loop retries
         with a backoff of its own."""
         self._single_shot_client.batches.cancel(name=_checked_batch_name(name),
-                                                config=types.CancelBatchJobConfig(http_options=_LOOP_CALL))
+                                                config=types.CancelBatchJobConfig(http_options=_ASKED_ONCE))
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -618,7 +618,7 @@ class Provider:
         lets a job through when the service cannot say (a 429 must not hold the loop for retries).
         """
         pager = self._single_shot_client.models.list(config=types.ListModelsConfig(page_size=1000, query_base=True,
-                                                                                   http_options=_LOOP_CALL))
+                                                                                   http_options=_ASKED_ONCE))
         names: list[str] = []
         for _ in range(max_pages):
             names += [model.name.removeprefix("models/") for model in pager.page if model.name]
@@ -631,7 +631,7 @@ class Provider:
     def model_exists(self, model: str) -> bool:
         """Whether ``models.get`` knows ``model`` (the service lists only some of the ids it takes)."""
         try:
-            self._single_shot_client.models.get(model=model, config=types.GetModelConfig(http_options=_LOOP_CALL))
+            self._single_shot_client.models.get(model=model, config=types.GetModelConfig(http_options=_ASKED_ONCE))
         except errors.APIError as error:
             if error.code == 404:
                 return False

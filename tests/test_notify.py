@@ -332,6 +332,28 @@ def test_events_survive_a_sigkill_and_are_delivered_after_the_restart_with_the_s
     assert all(entry["deliveries"]["webhook"]["state"] == "sent" for entry in deliveries(workspace))
 
 
+def test_a_restart_makes_deliveries_waiting_out_a_backoff_at_once_in_the_order_of_their_events(workspace: Workspace):
+    """Refused with a 10-minute backoff, a job's events wait; after a restart (the receiver mended) they
+    go at once, oldest first. Before, `run --once` gave up waiting for them (once_drain_seconds) and
+    delivered none."""
+    with HttpSink(status=500) as sink:
+        workspace.configure(notify={"retry_initial_seconds": 600, "retry_max_seconds": 600, "once_drain_seconds": 3,
+                                    "webhook": {"urls": [sink.url], "secret": SECRET}})
+        daemon = workspace.start("run")
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: any(post.event["kind"] == "succeeded" for post in sink.received),
+                           what="the final event refused once")
+        assert daemon.stop() == 0
+        sink.status = 200
+        result = workspace.batchd("run", "--once")
+        accepted = [post.event["kind"] for post in sink.accepted()]
+
+    assert result.returncode == 0, result.stderr
+    assert without_progress([{"kind": kind} for kind in accepted]) == [
+        {"kind": "accepted"}, {"kind": "submitted"}, {"kind": "succeeded"}]
+    assert all(entry["deliveries"]["webhook"]["state"] == "sent" for entry in deliveries(workspace))
+
+
 @pytest.mark.parametrize("point", ["after-intent", "after-publish"])
 def test_events_of_a_job_killed_mid_way_are_each_delivered(workspace: Workspace, point: str):
     record = workspace.root / "events.jsonl"

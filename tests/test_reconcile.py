@@ -7,6 +7,7 @@ a chunk whose create intent is committed, and the remote jobs the service may or
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -251,3 +252,47 @@ def test_a_failed_cancel_is_retried_only_after_a_growing_backoff(workspace: Work
         assert failures == 2 and second_retry_at - time.monotonic() > retry_at - time.monotonic()
     finally:
         daemon.close()
+
+
+def answer_came(daemon: Daemon) -> None:
+    """Wait until the poll the loop started has its answer (the reader thread is gone), not yet recorded."""
+    deadline = time.monotonic() + 30
+    while any(thread.name == "batchd-poll" for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, "the poll's reader did not answer within 30 s"
+        time.sleep(0.01)
+    assert daemon.steps.monitor.busy(), "the answer is recorded only when the loop collects it"
+
+
+def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(quick_daemon: Daemon):
+    """The loop asks and goes on; the answer (the chunk's remote job has succeeded) comes after the chunk
+    was fetched meanwhile (as a webhook's get does): it starts no second fetch and changes nothing."""
+    daemon = quick_daemon
+    remote = create_remote(daemon)
+    daemon.steps.submit.reconcile()
+    wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), remote.name)
+    monitor = daemon.steps.monitor
+
+    monitor.start_poll()
+    assert not monitor.due(), "one poll at a time"
+    answer_came(daemon)
+    daemon.journal.update_chunk("j1", 0, state="fetched", remote_state="succeeded")
+    monitor.collect()
+
+    assert not monitor.busy() and not daemon.steps.fetch.busy(), "a fetch was started for a fetched chunk"
+    chunk = daemon.journal.chunks("j1")[0]
+    assert (chunk.state, chunk.remote_name) == ("fetched", remote.name)
+
+
+def test_a_poll_answer_finds_the_running_chunks_finished_job_and_fetches_it(quick_daemon: Daemon):
+    """The same answer, with the chunk still running when it comes: its results are fetched."""
+    daemon = quick_daemon
+    remote = create_remote(daemon)
+    daemon.steps.submit.reconcile()
+    wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), remote.name)
+    monitor = daemon.steps.monitor
+
+    monitor.start_poll()
+    answer_came(daemon)
+    monitor.collect()
+
+    assert daemon.steps.fetch.busy(), "the finished remote job's results are being fetched"

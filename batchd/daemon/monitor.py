@@ -5,13 +5,24 @@ same pass looks for *strays*: remote batches under a display name whose create o
 unknown that are not the chunk's own (a create that reached the service but was listed late, or a
 duplicate a crash left). Each is recorded before it is cancelled. Polls back off while nothing
 changes (``poll_interval`` doubling up to ``poll_max_interval``); with nothing running the list is
-read for the watched names alone, every ``poll_max_interval``.
+read for the watched names alone, every ``poll_max_interval``. The same pass gives reconciliation
+(batchd.daemon.submit) the remote jobs under the names of unconfirmed creates.
+
+The loop never waits for the service here: a poll is a question (:class:`PollQuestion`, made from the
+journal on the loop) that one reader thread answers (:func:`read_remote`: the list's pages and the
+gets, never the journal), and the loop records the answer (:meth:`Monitor.collect`) the tick after it
+came, against the journal as it is then: a chunk fetched, cancelled or created meanwhile is taken as
+it now is, not as it was when the question was asked. A service slow to answer, or hung until the
+calls' timeout, holds no claim, create or delivery meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Callable
 
 from batchd.backoff import Backoff
@@ -20,7 +31,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
-from batchd.provider import is_auth_error, is_retryable, quota_delay
+from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay
 from batchd.remote import RemoteJob
 from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState,
                            StrayOutcome)
@@ -32,13 +43,87 @@ log = logging.getLogger("batchd")
 CLOCK_SKEW_SECONDS = 600.0
 
 
+@dataclass(frozen=True)
+class PollQuestion:
+    """What one poll asks the service, made from the journal on the loop."""
+
+    #: Remote names of the running chunks: each is looked for in the list, else asked for with a get.
+    running: frozenset[str]
+    #: Display names whose remote jobs are wanted too: running chunks' (strays), watched names, unconfirmed creates.
+    names: frozenset[str]
+    #: Display names of unconfirmed creates: the list is then read to its end (an absence is a finding).
+    unconfirmed: frozenset[str]
+    #: Whether strays of watched names are looked for, and how far down the newest-first list (create time).
+    watching: bool
+    oldest: float
+
+    @property
+    def empty(self) -> bool:
+        return not (self.running or self.names)
+
+
+@dataclass
+class PollAnswer:
+    """What the service said (:func:`read_remote`): the listed remote jobs the question wants, in list
+    order, and the gets' answers (None: no such job). ``error``: the call that failed, and ended the
+    reading there (what was read before it is kept)."""
+
+    listed_at: float
+    listed: list[RemoteJob] = field(default_factory=list)
+    got: dict[str, RemoteJob | None] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+def read_remote(provider: Provider, question: PollQuestion) -> PollAnswer:
+    """Answer ``question`` with the list's pages, newest first, and a get for each running chunk the list
+    did not show (runs in the monitor's reader thread, or the caller's: never touches the journal)."""
+    answer = PollAnswer(listed_at=time.time())
+    if question.empty:
+        return answer
+    seen: set[str] = set()
+    try:
+        for remote in provider.list_jobs():
+            if remote.name in question.running:
+                seen.add(remote.name)
+                answer.listed.append(remote)
+            elif remote.display_name in question.names:
+                answer.listed.append(remote)
+            # Newest first: once every running job is seen, only a watched name's stray can be further
+            # down, and none is older than the first create under its name.
+            if (not question.unconfirmed and len(seen) == len(question.running)
+                    and (not question.watching or remote.create_time is not None
+                         and remote.create_time.timestamp() < question.oldest)):
+                break  # every job we watch is accounted for, and older pages hold no stray
+        for name in question.running - seen:
+            answer.got[name] = get_or_none(provider, name)
+    except Exception as error:  # noqa: BLE001 - the loop classifies it (Monitor.collect)
+        answer.error = error
+    return answer
+
+
+def get_or_none(provider: Provider, name: str) -> RemoteJob | None:
+    """``batches.get`` of ``name``, asked once; None when the service has no such job."""
+    try:
+        return provider.get(name, once=True)
+    except Exception as error:
+        if getattr(error, "code", None) == 404:
+            return None
+        raise
+
+
 class Monitor:
-    def __init__(self, ctx: Context, *, reconcile: Callable[[], None], fetch: Callable[..., None]):
+    def __init__(self, ctx: Context, *, unconfirmed: Callable[[], dict[str, Chunk]],
+                 reconcile: Callable[[dict[str, Chunk], list[RemoteJob], float], None], fetch: Callable[..., None]):
         self.ctx = ctx
         settings = ctx.settings
         self.poll_clock = Backoff(settings.poll_interval, settings.poll_max_interval)
+        self._unconfirmed = unconfirmed
         self._reconcile = reconcile
         self._fetch = fetch
+        #: The poll whose answer the reader thread is making, if one is: its question and the answer to come.
+        self._reading: tuple[PollQuestion, Future[PollAnswer]] | None = None
+        #: Remote names a webhook had looked at (a get) while that poll was read: its older word is not taken.
+        self._looked_at_meanwhile: set[str] = set()
         self._strays_looked_at = float("-inf")
         #: When the last verified webhook delivery came (monotonic), and the last poll ended.
         self.push_seen_at = float("-inf")
@@ -70,12 +155,15 @@ class Monitor:
         return left
 
     def due(self) -> bool:
-        if self.ctx.quota.waiting("poll"):
+        if self._reading is not None or self.ctx.quota.waiting("poll"):
             return False
         return self._poll_seconds_left() <= 0 and self.anything_live() or self._stray_look_due()
 
     def seconds_until_due(self) -> float:
-        """When the next poll (or look for strays) is due; inf when nothing is to be watched."""
+        """When the next poll (or look for strays) is due; inf when nothing is to be watched, or while a poll's
+        answer is on its way (it wakes the loop)."""
+        if self._reading is not None:
+            return float("inf")
         if self.anything_live():
             return self._poll_seconds_left()
         if self.ctx.journal.watched_names():
@@ -83,42 +171,82 @@ class Monitor:
         return float("inf")
 
     def poll(self) -> None:
-        """One round of monitoring: list pages for every running job, a get only for finished ones.
+        """One round of monitoring, now, on the caller's thread (the loop starts one with :meth:`start_poll`
+        instead, and records it with :meth:`collect`)."""
+        question = self._question()
+        self._record(question, read_remote(self.ctx.provider, question))
 
-        The same list pass looks for strays under the watched display names (see :meth:`stray`);
-        with nothing running it is made for them alone, every ``poll_max_interval``.
-        """
+    def start_poll(self) -> None:
+        """Ask the service in the reader thread; :meth:`collect` records the answer once it has come."""
+        question = self._question()
+        provider = self.ctx.provider  # here: the loop is where a provider is first made
+        answer: Future[PollAnswer] = Future()
+        answer.add_done_callback(lambda _: self.ctx.wake())
+        self._reading = (question, answer)
+        self._looked_at_meanwhile.clear()
+        # A daemon thread, one at a time: a call the service never answers (until its timeout) keeps
+        # nothing from stopping, and it writes nothing, so nothing is lost when a stop leaves it behind.
+        def read() -> None:
+            try:
+                answer.set_result(read_remote(provider, question))
+            except BaseException as error:  # noqa: BLE001 - a bug: the loop raises it (collect)
+                answer.set_exception(error)
+        threading.Thread(target=read, name="batchd-poll", daemon=True).start()
+
+    def collect(self) -> None:
+        """Record the answer of the poll started last, if it has come."""
+        if self._reading is None or not self._reading[1].done():
+            return
+        (question, answer), self._reading = self._reading, None
+        self._record(question, answer.result())
+
+    def busy(self) -> bool:
+        return self._reading is not None
+
+    def _question(self) -> PollQuestion:
+        running = self.chunks_in(ChunkState.RUNNING)
+        unconfirmed = self._unconfirmed()
+        watched = self.watched_now()
+        oldest = min((w["first_attempt_at"] for w in watched.values()), default=float("inf")) - CLOCK_SKEW_SECONDS
+        return PollQuestion(running=frozenset(c.remote_name for c in running),
+                            names=frozenset({c.display_name for c in running} | watched.keys() | unconfirmed.keys()),
+                            unconfirmed=frozenset(unconfirmed), watching=bool(watched), oldest=oldest)
+
+    def _record(self, question: PollQuestion, answer: PollAnswer) -> None:
+        """Record what the service said, against the journal as it is now: a chunk that is no longer running
+        under the name asked about (fetched after a webhook, cancelled, expired) is left as it is."""
         ctx = self.ctx
-        running = {c.remote_name: c for c in self.chunks_in(ChunkState.RUNNING)}
-        by_display_name = {c.display_name: c for c in running.values()}
-        live = self.anything_live()  # else a look for strays alone
         changed = False
+        live = self.anything_live()
         try:
-            self._reconcile()
+            if question.unconfirmed and answer.error is None:
+                # Those still unconfirmed (none is created again before the grace period is over at the
+                # time the list was read: batchd.daemon.submit).
+                pending = {name: c for name, c in self._unconfirmed().items() if name in question.unconfirmed}
+                if pending:
+                    self._reconcile(pending, answer.listed, answer.listed_at)
+            running = {c.remote_name: c for c in self.chunks_in(ChunkState.RUNNING)}
+            by_display_name = {c.display_name: c for c in running.values()}
             watched = self.watched_now()
-            # Newest first: once every running job is seen, only a watched name's stray can be further
-            # down, and none is older than the first create under its name.
-            oldest = min((w["first_attempt_at"] for w in watched.values()), default=float("inf"))
-            oldest -= CLOCK_SKEW_SECONDS
-            seen: set[str] = set()
-            if running or watched:
-                for remote in ctx.provider.list_jobs():
-                    chunk = running.get(remote.name)
-                    if chunk is not None:
-                        seen.add(remote.name)
+            for remote in answer.listed:
+                chunk = running.get(remote.name)
+                if chunk is not None:
+                    if remote.name not in self._looked_at_meanwhile:
                         changed |= self._observe(chunk, remote)
-                    elif (owner := by_display_name.get(remote.display_name)) is not None:
-                        self.stray(owner.job_id, owner.idx, owner.display_name, remote)
-                    elif (name := watched.get(remote.display_name)) is not None:
-                        self.stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
-                    if len(seen) == len(running) and (not watched or remote.create_time is not None
-                                                      and remote.create_time.timestamp() < oldest):
-                        break  # every job we watch is accounted for, and older pages hold no stray
+                elif (owner := by_display_name.get(remote.display_name)) is not None:
+                    self.stray(owner.job_id, owner.idx, owner.display_name, remote)
+                elif (name := watched.get(remote.display_name)) is not None:
+                    self.stray(name["job_id"], name["chunk_idx"], remote.display_name, remote)
+            if answer.error is not None:
+                raise answer.error
+            if not question.empty:
                 self._strays_looked_at = time.monotonic()
             if live:
                 crashpoint("while-polling")
-            for name in running.keys() - seen:
-                changed |= self._observe(running[name], self._get_or_none(name), got=True)
+            for name, remote in answer.got.items():
+                chunk = running.get(name)
+                if chunk is not None and name not in self._looked_at_meanwhile:
+                    changed |= self._observe(chunk, remote, got=True)
             self._cancel_strays()
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
@@ -162,8 +290,10 @@ class Monitor:
         job = self.ctx.journal.job(chunk.job_id)
         if job is None or job.state not in JOB_STATES_WITH_REMOTE_WORK:
             return True
+        if self._reading is not None:
+            self._looked_at_meanwhile.add(remote_name)
         try:
-            self._observe(chunk, self._get_or_none(remote_name), got=True)
+            self._observe(chunk, get_or_none(self.ctx.provider, remote_name), got=True)
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
                 raise
@@ -262,14 +392,6 @@ class Monitor:
         crashpoint("after-cancel")
         self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
         self.poll_clock.now()  # look again soon
-
-    def _get_or_none(self, name: str) -> RemoteJob | None:
-        try:
-            return self.ctx.provider.get(name, once=True)
-        except Exception as error:
-            if getattr(error, "code", None) == 404:
-                return None
-            raise
 
     # -- what the service says about one chunk ------------------------------------------------------
 

@@ -61,7 +61,9 @@ class Steps:
         self.admit = Admit(ctx)
         self.intake = Intake(ctx, inbox, on_flag=self.admit.review_now)
         self.build = Build(ctx, self.admit.tokens)
-        self.monitor = Monitor(ctx, reconcile=lambda: self.submit.reconcile(), fetch=lambda c, remote=None: self.fetch.start(c, remote))
+        self.monitor = Monitor(ctx, unconfirmed=lambda: self.submit.unconfirmed(),
+                               reconcile=lambda *answer: self.submit.match(*answer),
+                               fetch=lambda c, remote=None: self.fetch.start(c, remote))
         self.submit = Submit(ctx, watch=self.monitor.watch, stray=self.monitor.stray,
                              cancel_adopted=self.monitor.send_cancel)
         self.pack = self.submit.pack
@@ -89,6 +91,7 @@ class Steps:
         """Take what the workers finished, in the order of the path."""
         self.admit.collect()
         self.submit.collect()
+        self.monitor.collect()
         self.fetch.collect()
         self.deliver.collect()
 
@@ -265,7 +268,7 @@ class Loop:
         if not ctx.writes_paused():
             s.pack.seal()  # the small jobs this tick's visits offered, while the pool has room
         if s.monitor.due():
-            s.monitor.poll()
+            s.monitor.start_poll()
         s.uploads.tidy()
         s.deliver.tidy()
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from batchd.backoff import Backoff
 from batchd.daemon.context import Context, Turns, error_dict, replace
@@ -352,18 +352,33 @@ class Submit:
                                       error=error_dict(error))
 
     def reconcile(self) -> None:
-        """Match chunks whose create is unconfirmed against the remote job list, by display name."""
+        """Match chunks whose create is unconfirmed against the remote job list, by display name (the list
+        read here, on the caller's thread: at start, before the loop runs; the loop's polls read it in the
+        monitor's reader and hand it to :meth:`match`)."""
+        pending = self.unconfirmed()
+        if pending:
+            listed_at = time.time()
+            self.match(pending, self.ctx.provider.list_jobs(), listed_at)
+
+    def unconfirmed(self) -> dict[str, Chunk]:
+        """The chunks whose create is unconfirmed and not in flight, by display name. Each name is watched
+        for strays from now on."""
+        pending = {c.display_name: c for c in unconfirmed_chunks(self.ctx) if (c.job_id, c.idx) not in self.submissions}
+        if pending:
+            watched = self.ctx.journal.watched_names()
+            for chunk in pending.values():
+                # Its create was sent (or may have been) with no answer recorded: the name is watched from now on.
+                if chunk.display_name not in watched:
+                    self._watch(chunk, chunk.intent_at or time.time())
+        return pending
+
+    def match(self, pending: dict[str, Chunk], listed: Iterable[RemoteJob], listed_at: float) -> None:
+        """Adopt each ``pending`` chunk's remote job found in ``listed`` (every remote job of the project,
+        as the list read from ``listed_at`` on said); a chunk with none is created again once its
+        create is older than ``submit_grace_seconds`` at ``listed_at`` (the list may be older than now)."""
         ctx = self.ctx
-        pending = {c.display_name: c for c in unconfirmed_chunks(ctx) if (c.job_id, c.idx) not in self.submissions}
-        if not pending:
-            return
-        watched = ctx.journal.watched_names()
-        for chunk in pending.values():
-            # Its create was sent (or may have been) with no answer recorded: the name is watched from now on.
-            if chunk.display_name not in watched:
-                self._watch(chunk, chunk.intent_at or time.time())
         found: dict[str, list[RemoteJob]] = {}
-        for remote in ctx.provider.list_jobs():
+        for remote in listed:
             if remote.display_name in pending:
                 found.setdefault(remote.display_name, []).append(remote)
         for display_name, chunk in pending.items():
@@ -375,7 +390,7 @@ class Submit:
                     self._stray(chunk.job_id, chunk.idx, display_name, duplicate)
                 if job.cancel_requested:
                     self._cancel_adopted(adopted)  # kept, so whatever results it has are the job's
-            elif time.time() - (chunk.intent_at or 0) < ctx.settings.submit_grace_seconds:
+            elif listed_at - (chunk.intent_at or 0) < ctx.settings.submit_grace_seconds:
                 continue  # the create may have reached the service and not be listed yet
             elif job.cancel_requested:
                 # A cancelled job is never created again; the grace period is what says the create

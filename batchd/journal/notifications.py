@@ -112,6 +112,12 @@ class NotificationQueue(Transactions):
             f" AND plugin IN ({', '.join('?' * len(plugins))})", plugins).fetchone()
         return row[0]
 
+    def retry_pending_now(self, now: float) -> int:
+        """Make every pending delivery due at ``now``; returns how many were waiting out a backoff."""
+        with self.transaction() as db:
+            return db.execute("UPDATE deliveries SET next_at = ? WHERE state = 'pending' AND next_at > ?",
+                              (now, now)).rowcount
+
     def delivery_attempts(self, event_id: str, plugin: str) -> int:
         row = self._db.execute("SELECT attempts FROM deliveries WHERE event_id = ? AND plugin = ?",
                                (event_id, plugin)).fetchone()
