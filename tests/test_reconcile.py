@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import urllib.request
+from concurrent.futures import wait
 
 import pytest
 from google.genai import types
@@ -118,6 +119,12 @@ def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_a
     assert daemon.provider.get(adopted.name).state != "cancelled"
 
 
+def cancels_answered(daemon: Daemon) -> None:
+    """Wait for the cancels on their way (the cancel pool), then record them as the loop does."""
+    wait(daemon.steps.monitor.cancels.futures(), timeout=30)
+    daemon.steps.monitor.collect()
+
+
 def remote_names(daemon: Daemon) -> list[str]:
     return [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME]
 
@@ -152,6 +159,7 @@ def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_c
     created = create_remote(daemon)
 
     daemon.steps.submit.reconcile()
+    cancels_answered(daemon)
 
     assert not daemon.steps.submit.submissions.running
     chunk = daemon.journal.chunks("j1")[0]
@@ -194,6 +202,7 @@ def test_a_late_stray_older_than_the_running_job_is_not_skipped_by_the_list_pass
     assert list(daemon.journal.watched_names()) == [DISPLAY_NAME]
 
     daemon.steps.monitor.poll()
+    cancels_answered(daemon)
 
     roles = {r["remote_name"]: (r["role"], r["outcome"]) for r in daemon.journal.remote_jobs("j1")}
     assert roles == {adopted: ("adopted", None), late.name: ("duplicate", "cancelled")}
@@ -237,19 +246,26 @@ def test_a_failed_cancel_is_retried_only_after_a_growing_backoff(workspace: Work
             with urllib.request.urlopen(stats) as answer:  # not the Gemini API
                 return json.load(answer)["routes"].get("cancel", 0)
 
-        assert not daemon.steps.monitor.cancel(remote.name, "j1")
+        cancelled = []
+
+        def cancel() -> None:
+            daemon.steps.monitor.cancel(remote.name, "j1", lambda: cancelled.append(remote.name))
+            cancels_answered(daemon)
+
+        cancel()
         sent = cancels()
         assert sent == 1
-        assert not daemon.steps.monitor.cancel(remote.name, "j1"), "within the backoff"
+        cancel()
         assert cancels() == sent, "no request within the backoff"
         backoff = daemon.steps.monitor.cancel_backoff[remote.name]
         failures, retry_at = backoff.failures, backoff.due_at
         assert failures == 1
         backoff.now()  # the backoff has run out
-        assert not daemon.steps.monitor.cancel(remote.name, "j1")
+        cancel()
         assert cancels() == 2
         failures, second_retry_at = backoff.failures, backoff.due_at
         assert failures == 2 and second_retry_at - time.monotonic() > retry_at - time.monotonic()
+        assert cancelled == [], "a refused cancel is not recorded as sent"
     finally:
         daemon.close()
 

@@ -216,9 +216,7 @@ def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_st
         time.sleep(1.0)  # the first poll's list is on its way, and is not answered
         dropped = time.monotonic()
         workspace.drop("second.toml", TRANSLATE + "force = true\n")
-        workspace.wait_for(lambda: [job for job in workspace.status()
-                                    if job["name"] == "second" and job["state"] == "submitted"],
-                           what="the second job submitted while the list hangs")
+        workspace.wait_for(lambda: submitted(workspace, "second"), what="the second job submitted while the list hangs")
         assert time.monotonic() - dropped < ASKED_ONCE_TIMEOUT_SECONDS - 4, process.output()[-2000:]
         workspace.wait_for(lambda: "polling failed" in process.output(), timeout=ASKED_ONCE_TIMEOUT_SECONDS + 20,
                            what="the list given up after its timeout")
@@ -229,6 +227,31 @@ def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_st
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def submitted(workspace: Workspace, name: str) -> bool:
+    return any(job["name"] == name and job["state"] == "submitted" for job in workspace.status())
+
+
+@pytest.mark.slow
+def test_cancels_the_service_is_slow_to_answer_hold_no_other_job(workspace: Workspace):
+    """A job of four chunks is cancelled while every cancel takes the service 3 s: the four go out from the
+    cancel pool together, and a manifest dropped meanwhile is submitted at once. Before, the loop sent
+    them one after the other and waited for each: 12 s in which no other job moved."""
+    workspace.configure(job_seconds=600, faults=["slow=3@cancel"], chunk_max_requests=1)
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: submitted(workspace, "translate"), what="the job's four remote jobs")
+        assert workspace.batchd("cancel", "translate").returncode == 0
+        time.sleep(1.0)  # the cancels are on their way, and not answered
+        dropped = time.monotonic()
+        workspace.drop("second.toml", TRANSLATE + "force = true\n")
+        workspace.wait_for(lambda: submitted(workspace, "second"), what="the second job submitted")
+        assert time.monotonic() - dropped < 5, process.output()[-2000:]
+        assert workspace.wait_for_delivery("translate").summary["state"] == "cancelled"
+    finally:
+        assert process.stop() == 0
 
 
 def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):

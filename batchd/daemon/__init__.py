@@ -295,6 +295,7 @@ class Daemon:
             steps.submit.drain(self.service_manager)
         steps.submit.close()
         steps.fetch.close()
+        steps.monitor.close()
         steps.uploads.close()
         # Writers waiting for chunks give up; a restart writes the job's staging folder anew.
         self.stopping.set()

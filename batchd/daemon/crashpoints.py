@@ -30,7 +30,7 @@ ON_EVERY_JOB = {
 #: Met only by a job being cancelled.
 ON_CANCEL = {
     "after-cancel-request": "the cancel request committed, its NAME.cancel not yet removed, nothing sent",
-    "after-cancel": "batches.cancel sent for a remote job, not yet recorded (cancel_sent)",
+    "after-cancel": "batches.cancel answered for a remote job, not yet recorded (cancel_sent)",
 }
 #: Met only when a remote batch expired and its chunk is submitted again.
 ON_RESUBMIT = {

@@ -38,6 +38,9 @@ from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOT
 
 log = logging.getLogger("batchd")
 
+#: ``batches.cancel`` calls on their way at once (the cancel pool): a job of many chunks cancelled at once
+#: sends one a chunk.
+CANCELS_AT_ONCE = 4
 #: How far the service's create times may be behind this machine's clock: the stray watch reads the
 #: newest-first list down to this much before a watched name's first create.
 CLOCK_SKEW_SECONDS = 600.0
@@ -128,6 +131,8 @@ class Monitor:
         #: When the last verified webhook delivery came (monotonic), and the last poll ended.
         self.push_seen_at = float("-inf")
         self.polled_at = time.monotonic()
+        #: ``batches.cancel`` calls on their way, by remote name (``about``: the job, and what records the cancel).
+        self.cancels = ctx.workers("cancel", CANCELS_AT_ONCE, keyed_by_job=False)
         #: remote name → the backoff of its failed cancels
         self.cancel_backoff: dict[str, Backoff] = {}
 
@@ -194,14 +199,20 @@ class Monitor:
         threading.Thread(target=read, name="batchd-poll", daemon=True).start()
 
     def collect(self) -> None:
-        """Record the answer of the poll started last, if it has come."""
+        """Record the cancels the service answered, and the answer of the poll started last if it has come."""
+        self._collect_cancels()
         if self._reading is None or not self._reading[1].done():
             return
         (question, answer), self._reading = self._reading, None
         self._record(question, answer.result())
 
     def busy(self) -> bool:
-        return self._reading is not None
+        return self._reading is not None or bool(len(self.cancels))
+
+    def close(self) -> None:
+        # A cancel on its way is waited for (it has been sent, or is about to be); one not begun is
+        # withdrawn: the next start sends it again (a stray's outcome, a chunk's cancel_sent, are unrecorded).
+        self.cancels.shutdown(cancel=True)
 
     def _question(self) -> PollQuestion:
         running = self.chunks_in(ChunkState.RUNNING)
@@ -348,50 +359,58 @@ class Monitor:
                     extra=extra)
         journal.record_stray(remote.name, job_id=job_id, chunk_idx=idx, display_name=display_name,
                              outcome=StrayOutcome.CANCELLING)
-        if self.cancel(remote.name, job_id):
-            journal.set_remote_outcome(remote.name, StrayOutcome.CANCELLED)
+        self._cancel_stray(remote.name, job_id)
 
     def _cancel_strays(self) -> None:
         """Retry the cancels of recorded strays the service did not accept yet (each with its backoff)."""
-        journal = self.ctx.journal
-        for row in journal.remote_jobs_with_outcome(StrayOutcome.CANCELLING):
-            if self.cancel(row["remote_name"], row["job_id"]):
-                journal.set_remote_outcome(row["remote_name"], StrayOutcome.CANCELLED)
+        for row in self.ctx.journal.remote_jobs_with_outcome(StrayOutcome.CANCELLING):
+            self._cancel_stray(row["remote_name"], row["job_id"])
 
-    def cancel(self, remote_name: str, job_id: str) -> bool:
-        """``batches.cancel``; False if it failed or its backoff has not run out (retried later, waiting
-        twice as long after each failure, up to ``poll_max_interval``). Cancelling twice is harmless."""
-        settings = self.ctx.settings
+    def _cancel_stray(self, remote_name: str, job_id: str) -> None:
+        self.cancel(remote_name, job_id,
+                    lambda: self.ctx.journal.set_remote_outcome(remote_name, StrayOutcome.CANCELLED))
+
+    def cancel(self, remote_name: str, job_id: str, cancelled: Callable[[], None]) -> None:
+        """``batches.cancel``, sent from the cancel pool once what it follows from (a stray recorded, a cancel
+        request) is committed; ``cancelled`` records it on the loop when the service has taken it (or has
+        no such job: nothing is left running to bill). A failure is retried at the next ask once its
+        backoff has run out (twice as long after each failure, up to ``poll_max_interval``); one on its
+        way is not sent again. Cancelling twice is harmless."""
         backoff = self.cancel_backoff.get(remote_name)
-        if backoff is not None and not backoff.due():
-            return False
-        self.ctx.journal.flush()  # what this cancel follows from (a stray recorded, a cancel request) first
-        try:
-            self.ctx.provider.cancel(remote_name)
-        except Exception as error:
-            if getattr(error, "code", None) == 404:
+        if remote_name in self.cancels or backoff is not None and not backoff.due():
+            return
+        self.cancels.start(remote_name, self.ctx.provider.cancel, remote_name, about=(job_id, cancelled))
+
+    def _collect_cancels(self) -> None:
+        settings = self.ctx.settings
+        for work in self.cancels.finished():
+            remote_name, (job_id, cancelled) = work.key, work.about
+            try:
+                work.future.result()
+            except Exception as error:
+                if getattr(error, "code", None) != 404:
+                    backoff = self.cancel_backoff.setdefault(
+                        remote_name, Backoff(settings.poll_interval, settings.poll_max_interval))
+                    wait = backoff.failed()
+                    log.warning("job %s: cancel of %s failed (%s); retrying in %.0f s", job_id, remote_name, error,
+                                wait)
+                    continue
                 log.warning("job %s: remote job %s to cancel no longer exists", job_id, remote_name)
-                self.cancel_backoff.pop(remote_name, None)
-                return True  # gone: nothing is left running to bill
-            backoff = self.cancel_backoff.setdefault(
-                remote_name, Backoff(settings.poll_interval, settings.poll_max_interval))
-            wait = backoff.failed()
-            log.warning("job %s: cancel of %s failed (%s); retrying in %.0f s", job_id, remote_name, error, wait)
-            return False
-        self.cancel_backoff.pop(remote_name, None)
-        return True
+            self.cancel_backoff.pop(remote_name, None)
+            cancelled()
 
     def send_cancel(self, chunk: Chunk) -> None:
-        """``batches.cancel`` for a running chunk of a cancelled job; a failure is retried on a later visit,
-        with a backoff (see :meth:`cancel`).
+        """``batches.cancel`` for a running chunk of a cancelled job (see :meth:`cancel`); ``cancel_sent`` is
+        recorded once the service has taken it, and the chunk is polled soon after.
 
         Sent again after a crash before ``cancel_sent`` is committed: cancelling twice is harmless.
         """
-        if not self.cancel(chunk.remote_name, chunk.job_id):
-            return
-        crashpoint("after-cancel")
-        self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
-        self.poll_clock.now()  # look again soon
+        def sent() -> None:
+            crashpoint("after-cancel")
+            self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, cancel_sent=1)
+            self.poll_clock.now()  # look again soon
+
+        self.cancel(chunk.remote_name, chunk.job_id, sent)
 
     # -- what the service says about one chunk ------------------------------------------------------
 
