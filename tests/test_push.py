@@ -224,3 +224,33 @@ def test_with_webhooks_healthy_polls_stretch_and_still_deliver_a_batch_whose_web
         assert lists <= (delivered_at - started) / 3.0 + 2, lists
     finally:
         process.stop()
+
+
+@pytest.mark.slow
+def test_the_gets_webhooks_ask_for_hold_no_other_job_while_the_service_is_slow(tmp_path):
+    """A job of four chunks ends: four webhook deliveries, each asking for a get that takes the service 3 s.
+    The gets go out from the monitor's pool together, and a manifest dropped meanwhile is submitted at
+    once. Before, the loop made them one after the other and waited for each: 12 s in which no other job
+    moved."""
+    with Emulator(tmp_path / "emulator", job_seconds=JOB_SECONDS, faults=["slow=3@get"]) as emulator:
+        port = free_port()
+        hook = f"http://127.0.0.1:{port}/webhooks/gemini"
+        workspace = Workspace.create(tmp_path / "ws", job_seconds=JOB_SECONDS, http=f"127.0.0.1:{port}",
+                                     webhook_public_url=hook, poll_interval=600, poll_max_interval=600,
+                                     chunk_max_requests=1)
+        secret = emulator.client().webhooks.create(name="batchd", uri=hook, subscribed_events=[
+            "batch.succeeded", "batch.failed", "batch.cancelled", "batch.expired"]).new_signing_secret
+        process = workspace.start("run", BATCHD_WEBHOOK_SECRET=secret, BATCHD_PROVIDER="gemini",
+                                  GEMINI_API_KEY=emulator.api_key, GOOGLE_GEMINI_BASE_URL=emulator.base_url)
+        try:
+            workspace.drop_manifest("four.toml", {"task": "translate", "texts": ["one", "two"],
+                                                  "languages": ["French", "German"]})
+            workspace.wait_for(lambda: "webhook " in process.output(), what="the first webhook delivery")
+            dropped = time.monotonic()
+            workspace.drop_manifest("other.toml", {"task": "translate", "texts": ["three"], "languages": ["French"]})
+            workspace.wait_for(lambda: any(job["name"] == "other" and job["state"] in ("submitted", "done")
+                                           for job in workspace.status()), what="the other job submitted")
+            assert time.monotonic() - dropped < 5, process.output()[-2000:]
+            assert workspace.wait_for_delivery("four").summary["state"] == "succeeded"
+        finally:
+            assert process.stop() == 0

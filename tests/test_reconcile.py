@@ -121,7 +121,7 @@ def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_a
 
 def cancels_answered(daemon: Daemon) -> None:
     """Wait for the cancels on their way (the cancel pool), then record them as the loop does."""
-    wait(daemon.steps.monitor.cancels.futures(), timeout=30)
+    wait(daemon.steps.monitor.calls.futures(), timeout=30)
     daemon.steps.monitor.collect()
 
 

@@ -38,9 +38,9 @@ from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOT
 
 log = logging.getLogger("batchd")
 
-#: ``batches.cancel`` calls on their way at once (the cancel pool): a job of many chunks cancelled at once
-#: sends one a chunk.
-CANCELS_AT_ONCE = 4
+#: Cancels and webhooks' gets on their way at once (the monitor's pool): a job of many chunks cancelled
+#: at once sends one cancel a chunk, and a burst of webhooks asks one get each.
+CALLS_AT_ONCE = 4
 #: How far the service's create times may be behind this machine's clock: the stray watch reads the
 #: newest-first list down to this much before a watched name's first create.
 CLOCK_SKEW_SECONDS = 600.0
@@ -131,8 +131,9 @@ class Monitor:
         #: When the last verified webhook delivery came (monotonic), and the last poll ended.
         self.push_seen_at = float("-inf")
         self.polled_at = time.monotonic()
-        #: ``batches.cancel`` calls on their way, by remote name (``about``: the job, and what records the cancel).
-        self.cancels = ctx.workers("cancel", CANCELS_AT_ONCE, keyed_by_job=False)
+        #: The calls on their way that the loop made no poll for, by ``("cancel" | "look", remote name)``: a
+        #: ``batches.cancel`` (``about``: the job, and what records it), a webhook's ``batches.get``.
+        self.calls = ctx.workers("monitor", CALLS_AT_ONCE, keyed_by_job=False)
         #: remote name → the backoff of its failed cancels
         self.cancel_backoff: dict[str, Backoff] = {}
 
@@ -199,20 +200,22 @@ class Monitor:
         threading.Thread(target=read, name="batchd-poll", daemon=True).start()
 
     def collect(self) -> None:
-        """Record the cancels the service answered, and the answer of the poll started last if it has come."""
-        self._collect_cancels()
+        """Record the cancels and webhooks' gets the service answered, and the answer of the poll started
+        last if it has come."""
+        self._collect_calls()
         if self._reading is None or not self._reading[1].done():
             return
         (question, answer), self._reading = self._reading, None
         self._record(question, answer.result())
 
     def busy(self) -> bool:
-        return self._reading is not None or bool(len(self.cancels))
+        return self._reading is not None or bool(len(self.calls))
 
     def close(self) -> None:
-        # A cancel on its way is waited for (it has been sent, or is about to be); one not begun is
-        # withdrawn: the next start sends it again (a stray's outcome, a chunk's cancel_sent, are unrecorded).
-        self.cancels.shutdown(cancel=True)
+        # A call on its way is waited for (it has been sent, or is about to be); one not begun is withdrawn:
+        # the next start sends a cancel again (a stray's outcome, a chunk's cancel_sent, are unrecorded),
+        # and the next poll looks at what a webhook announced.
+        self.calls.shutdown(cancel=True)
 
     def _question(self) -> PollQuestion:
         running = self.chunks_in(ChunkState.RUNNING)
@@ -288,8 +291,9 @@ class Monitor:
         self.polled_at = time.monotonic()
 
     def pushed(self, remote_name: str | None) -> bool:
-        """A verified webhook delivery about ``remote_name``: look at that batch now (a get, then its
-        results are fetched). False when no running chunk has that name yet (the caller tries again)."""
+        """A verified webhook delivery about ``remote_name``: look at that batch now (a get in the monitor's
+        pool; the loop records its answer, and fetches the results of a batch that has finished). False
+        when no running chunk has that name yet (the caller tries again)."""
         self.push_seen_at = time.monotonic()
         if not remote_name:
             return True  # a ping: webhooks work
@@ -301,17 +305,31 @@ class Monitor:
         job = self.ctx.journal.job(chunk.job_id)
         if job is None or job.state not in JOB_STATES_WITH_REMOTE_WORK:
             return True
+        if ("look", remote_name) not in self.calls:
+            self.calls.start(("look", remote_name), get_or_none, self.ctx.provider, remote_name)
+        return True
+
+    def _looked(self, remote_name: str, answer: Future[RemoteJob | None]) -> None:
+        """Record what a webhook's get answered, if its chunk still runs under that name (a poll may have
+        seen it finish meanwhile, or a cancel ended its job)."""
+        chunk = self.ctx.journal.chunk_by_remote_name(remote_name)
+        if chunk is None or chunk.state != ChunkState.RUNNING:
+            return
+        job = self.ctx.journal.job(chunk.job_id)
+        if job is None or job.state not in JOB_STATES_WITH_REMOTE_WORK:
+            return
         if self._reading is not None:
-            self._looked_at_meanwhile.add(remote_name)
+            self._looked_at_meanwhile.add(remote_name)  # the poll on its way may have read it earlier
         try:
-            self._observe(chunk, get_or_none(self.ctx.provider, remote_name), got=True)
+            remote = answer.result()
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
                 raise
             log.warning("job %s: looking at %s after its webhook failed (%s); polling soon", chunk.job_id,
                         remote_name, error)
             self.poll_clock.now()
-        return True
+            return
+        self._observe(chunk, remote, got=True)
 
     # -- strays: late remote jobs under a name whose create outcome was unknown ----------------
 
@@ -377,14 +395,18 @@ class Monitor:
         backoff has run out (twice as long after each failure, up to ``poll_max_interval``); one on its
         way is not sent again. Cancelling twice is harmless."""
         backoff = self.cancel_backoff.get(remote_name)
-        if remote_name in self.cancels or backoff is not None and not backoff.due():
+        if ("cancel", remote_name) in self.calls or backoff is not None and not backoff.due():
             return
-        self.cancels.start(remote_name, self.ctx.provider.cancel, remote_name, about=(job_id, cancelled))
+        self.calls.start(("cancel", remote_name), self.ctx.provider.cancel, remote_name, about=(job_id, cancelled))
 
-    def _collect_cancels(self) -> None:
+    def _collect_calls(self) -> None:
         settings = self.ctx.settings
-        for work in self.cancels.finished():
-            remote_name, (job_id, cancelled) = work.key, work.about
+        for work in self.calls.finished():
+            what, remote_name = work.key
+            if what == "look":
+                self._looked(remote_name, work.future)
+                continue
+            job_id, cancelled = work.about
             try:
                 work.future.result()
             except Exception as error:
