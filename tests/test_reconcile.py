@@ -279,9 +279,12 @@ def answer_came(daemon: Daemon) -> None:
     assert daemon.steps.monitor.busy(), "the answer is recorded only when the loop collects it"
 
 
-def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(quick_daemon: Daemon):
-    """The loop asks and goes on; the answer (the chunk's remote job has succeeded) comes after the chunk
-    was fetched meanwhile (as a webhook's get does): it starts no second fetch and changes nothing."""
+@pytest.mark.parametrize("fetched_meanwhile", [True, False], ids=["fetched-meanwhile", "still-running"])
+def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(quick_daemon: Daemon,
+                                                                              fetched_meanwhile: bool):
+    """The loop asks and goes on; the answer says the chunk's remote job has succeeded. If the chunk was
+    fetched meanwhile (as after a webhook's get), it starts no second fetch and changes nothing; if the
+    chunk still runs, its results are fetched."""
     daemon = quick_daemon
     remote = create_remote(daemon)
     daemon.steps.submit.reconcile()
@@ -291,24 +294,11 @@ def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(qu
     monitor.start_poll()
     assert not monitor.due(), "one poll at a time"
     answer_came(daemon)
-    daemon.journal.update_chunk("j1", 0, state="fetched", remote_state="succeeded")
+    if fetched_meanwhile:
+        daemon.journal.update_chunk("j1", 0, state="fetched", remote_state="succeeded")
     monitor.collect()
 
-    assert not monitor.busy() and not daemon.steps.fetch.busy(), "a fetch was started for a fetched chunk"
+    assert not monitor.busy()
+    assert daemon.steps.fetch.busy() is not fetched_meanwhile, "a fetch for a fetched chunk, or none for a finished one"
     chunk = daemon.journal.chunks("j1")[0]
-    assert (chunk.state, chunk.remote_name) == ("fetched", remote.name)
-
-
-def test_a_poll_answer_finds_the_running_chunks_finished_job_and_fetches_it(quick_daemon: Daemon):
-    """The same answer, with the chunk still running when it comes: its results are fetched."""
-    daemon = quick_daemon
-    remote = create_remote(daemon)
-    daemon.steps.submit.reconcile()
-    wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), remote.name)
-    monitor = daemon.steps.monitor
-
-    monitor.start_poll()
-    answer_came(daemon)
-    monitor.collect()
-
-    assert daemon.steps.fetch.busy(), "the finished remote job's results are being fetched"
+    assert (chunk.state, chunk.remote_name) == ("fetched" if fetched_meanwhile else "running", remote.name)
