@@ -558,6 +558,21 @@ def test_model_check_reads_the_model_list_once_and_names_close_models(provider: 
 
     assert ModelCheck(down, "the Gemini API (v1beta)", cache).problem("gemini-2.5-flsh") is None
 
+    # What the daemon's loop asks (answer) asks the service nothing: it says what must be asked first,
+    # which the daemon does in a thread of its own (refresh); a failed ask leaves the model unchecked.
+    asked.clear()
+    fresh = ModelCheck(lambda: Counting(), "the emulator")
+    assert fresh.answer("gemini-2.5-flsh") == (False, None) and asked == []
+    fresh.refresh("gemini-2.5-flsh")
+    known, problem = fresh.answer("gemini-2.5-flsh")
+    assert known and "did you mean 'gemini-2.5-flash'" in problem
+    assert fresh.answer("gemini-2.5-flash") == (True, None)
+    assert asked == ["list", "get gemini-2.5-flsh"]
+    failing = ModelCheck(down, "the emulator")
+    assert failing.answer("gemini-2.5-flash") == (False, None)
+    failing.refresh("gemini-2.5-flash")
+    assert failing.answer("gemini-2.5-flash") == (True, None)
+
 
 def test_a_429_on_a_get_is_left_to_the_daemon_with_the_wait_the_service_asks(emulator: Emulator) -> None:
     """A fetch's get is not retried on 429 inside the SDK (the daemon waits out a quota, visibly); other

@@ -254,6 +254,25 @@ def test_cancels_the_service_is_slow_to_answer_hold_no_other_job(workspace: Work
         assert process.stop() == 0
 
 
+@pytest.mark.slow
+def test_a_model_list_the_service_is_slow_to_answer_holds_no_other_job(workspace: Workspace):
+    """Admission asks for the model list in a thread of its own: while the service takes 8 s to answer it,
+    a manifest that needs no model check (it names no task batchd has) is rejected and delivered at once,
+    and the job that waits for the list goes on once it has come. Before, the loop waited in the list."""
+    workspace.configure(faults=["slow=8@model-list"])
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        time.sleep(1.0)  # its model is being looked up, and the list is not answered
+        dropped = time.monotonic()
+        workspace.drop("bad.toml", 'task = "no-such-task"\ntexts = ["one"]\n')
+        assert workspace.wait_for_delivery("bad").summary["state"] == "rejected"
+        assert time.monotonic() - dropped < 4, process.output()[-2000:]
+        assert workspace.wait_for_delivery("translate").summary["state"] == "succeeded"
+    finally:
+        assert process.stop() == 0
+
+
 def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):
     """The loop's own calls (the poll's list, a cancel) go out once and are paced by the loop: with the
     service unreachable and the shipped retry settings, a stop is prompt, where one poll sitting in the

@@ -141,6 +141,9 @@ class Admit:
         #: Whether the provider serves a job's model, asked before anything of the job is priced or sent.
         self.models = ModelCheck(lambda: ctx.provider, model_source(ctx.settings),
                                  models_cache_path(ctx.settings.state_dir)) if ctx.settings.check_models else None
+        #: The service asked about a model (the list, a models.get), by model: one at a time, never the loop.
+        self.model_lookups = ctx.workers("models", 1, keyed_by_job=False)
+        self._awaiting_model: set[str] = set()  # jobs waiting for a model lookup
         self._finished: dict[str, Work] = {}  # job id → its estimate pass, ended, not yet taken
         #: job id → what stopped its estimate pass reading the requests (a bad row, a hung or failing task)
         self._unreadable: dict[str, list[Exception]] = {}
@@ -151,8 +154,8 @@ class Admit:
     def step(self, job: Job) -> None:
         """A ``received`` job not yet admitted: estimate, then admit or hold."""
         ctx = self.ctx
-        if self._unknown_model(job):
-            return  # rejected on its next visit
+        if self._model_refused(job) is not False:
+            return  # rejected on its next visit, or waiting for the service to say
         if job.cost is None and ctx.costs.estimates and not self._priced_first(job):
             self._reads_files.pop(job.id, None)
             ctx.journal.update_job(job.id, admitted_at=time.time())  # priced from its build pass
@@ -189,13 +192,19 @@ class Admit:
             reads_files = self._reads_files[job.id] = bool(read_inputs_record(ctx.spool(job.id).inputs))
         return reads_files
 
-    def _unknown_model(self, job: Job) -> bool:
-        """Reject the job (its error committed; delivered ``rejected`` next) when the provider does not
-        serve its model."""
+    def _model_refused(self, job: Job) -> bool | None:
+        """Reject the job (its error committed; delivered ``rejected`` next: True) when the provider does not
+        serve its model; None while the service is asked (in the lookup thread: the job is visited again
+        when it has answered)."""
         if self.models is None or job.cost is not None:
             return False  # checked before it was priced
         model = self.ctx.model_of(job)
-        problem = self.models.problem(model)
+        known, problem = self.models.answer(model)
+        if not known:
+            self._awaiting_model.add(job.id)
+            if model not in self.model_lookups and self.model_lookups.free():
+                self.model_lookups.start(model, self.models.refresh, model)
+            return None
         if problem is None:
             return False
         log.error("job %s (%s): %s", job.id, job.source, problem, extra={"job": job.id})
@@ -204,7 +213,13 @@ class Admit:
         return True
 
     def collect(self) -> None:
-        """Take the estimate passes that ended; hand their threads to the jobs waiting longest."""
+        """Take the estimate passes that ended; hand their threads to the jobs waiting longest. Once a model
+        lookup has ended, the jobs waiting for one are visited again (one for another model starts it)."""
+        for work in self.model_lookups.finished():
+            work.future.result()  # the lookup logs what the service could not say; anything else is a bug
+            for job_id in self._awaiting_model:
+                self.ctx.mark(job_id)
+            self._awaiting_model.clear()
         for work in self.estimates.finished():
             if work.key in self._dropped:
                 self._dropped.discard(work.key)
@@ -326,3 +341,4 @@ class Admit:
 
     def close(self) -> None:
         self.estimates.shutdown(cancel=True)
+        self.model_lookups.shutdown(cancel=True)
