@@ -185,7 +185,6 @@ class Monitor:
     def start_poll(self) -> None:
         """Ask the service in the reader thread; :meth:`collect` records the answer once it has come."""
         question = self._question()
-        provider = self.ctx.provider  # here: the loop is where a provider is first made
         answer: Future[PollAnswer] = Future()
         answer.add_done_callback(lambda _: self.ctx.wake())
         self._reading = (question, answer)
@@ -194,7 +193,7 @@ class Monitor:
         # nothing from stopping, and it writes nothing, so nothing is lost when a stop leaves it behind.
         def read() -> None:
             try:
-                answer.set_result(read_remote(provider, question))
+                answer.set_result(read_remote(self.ctx.provider, question))
             except BaseException as error:  # noqa: BLE001 - a bug: the loop raises it (collect)
                 answer.set_exception(error)
         threading.Thread(target=read, name="batchd-poll", daemon=True).start()
