@@ -388,7 +388,7 @@ class Monitor:
                     lambda: self.ctx.journal.set_remote_outcome(remote_name, StrayOutcome.CANCELLED))
 
     def cancel(self, remote_name: str, job_id: str, cancelled: Callable[[], None]) -> None:
-        """``batches.cancel``, sent from the cancel pool once what it follows from (a stray recorded, a cancel
+        """``batches.cancel``, sent from the monitor's pool once what it follows from (a stray recorded, a cancel
         request) is committed; ``cancelled`` records it on the loop when the service has taken it (or has
         no such job: nothing is left running to bill). A failure is retried at the next ask once its
         backoff has run out (twice as long after each failure, up to ``poll_max_interval``); one on its
