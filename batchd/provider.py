@@ -68,10 +68,11 @@ UPLOAD_PART_BYTES = 2 * 1024 * 1024
 #: HTTP statuses worth retrying: the SDK's own default set.
 RETRYABLE_STATUS_CODES = (408, 429, 500, 502, 503, 504)
 #: How long each connect, read or write of a call asked once may take (the poll's list pages, a get the
-#: list left out, a cancel, the model list). The loop waits for a cancel and the model checks, and the
-#: next poll for the one before it: a service that accepts a call and never answers held them for the
-#: clients' 60 s. A healthy service answers such a call in well under a second; one that timed out is
-#: asked again on the daemon's own clock (the next poll, the cancel's backoff), as any failed call is.
+#: list left out, a cancel, the model list). None is the loop's, but each holds what waits for it (the
+#: next poll, the next cancel of that batch, the jobs of that model): a service that accepts a call and
+#: never answers held them for the clients' 60 s. A healthy service answers such a call in well under a
+#: second; one that timed out is asked again on the daemon's own clock (the next poll, the cancel's
+#: backoff, the model check's retry), as any failed call is.
 ASKED_ONCE_TIMEOUT_SECONDS = 10.0
 _ASKED_ONCE = types.HttpOptions(timeout=int(ASKED_ONCE_TIMEOUT_SECONDS * 1000))
 
