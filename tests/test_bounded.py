@@ -12,7 +12,7 @@ import pytest
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.admit import RATIO_MIN_CHARS, TokenCounter
-from batchd.daemon.context import Workers
+from batchd.daemon.context import DaemonThreads, Workers
 from batchd.journal import Journal, journal_path
 from batchd.states import JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, JobState, StrayOutcome
 from batchd.testing import Workspace
@@ -302,3 +302,34 @@ def test_work_taken_off_a_pool_marks_its_job_again():
         assert piece.key == "job" and ready == {"job"}, "nothing will visit the job until the sweep"
     finally:
         workers.shutdown()
+
+
+def test_daemon_threads_run_every_piece_on_at_most_their_size_and_a_stop_waits_for_none():
+    """The pool of calls a stop need not wait for (batchd.daemon.context.DaemonThreads): bounded, every
+    piece runs, and shutting it down returns at once while a piece still runs."""
+    from batchd.daemon.context import DaemonThreads
+
+    pool = DaemonThreads(2, "bounded-test")
+    release, done, names = threading.Event(), [], set()
+
+    def piece(n: int) -> None:
+        names.add(threading.current_thread().name)
+        release.wait(10)
+        done.append(n)
+
+    for n in range(6):
+        pool.submit(lambda n=n: piece(n))
+    time.sleep(0.2)
+    threads = [t for t in threading.enumerate() if t.name.startswith("bounded-test_")]
+    assert len(threads) == 2 and all(t.daemon for t in threads) and names == {t.name for t in threads}
+    started = time.monotonic()
+    pool.shutdown(wait=True)
+    assert time.monotonic() - started < 0.5, "a stop waited for a running piece"
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(done) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(done) == list(range(6))
+    for thread in threads:
+        thread.join(5)
+    assert not any(t.is_alive() for t in threads), "each thread ends once the work queued before the stop is done"

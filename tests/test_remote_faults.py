@@ -273,6 +273,26 @@ def test_a_model_list_the_service_is_slow_to_answer_holds_no_other_job(workspace
         assert process.stop() == 0
 
 
+@pytest.mark.slow
+def test_a_cancel_the_service_never_answers_holds_no_stop(workspace: Workspace):
+    """The monitor's calls run on daemon threads: a stop while a cancel waits for a service that does not
+    answer (here for 30 s) is prompt, and exits 0. On a ThreadPoolExecutor's threads, joined at exit, it
+    waited for the call's timeout (10 s)."""
+    workspace.configure(job_seconds=600, faults=["slow=30@cancel"])
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: submitted(workspace, "translate"), what="the remote job")
+        assert workspace.batchd("cancel", "translate").returncode == 0
+        time.sleep(1.5)  # the cancel is on its way, and not answered
+        stop_asked = time.monotonic()
+        assert process.stop(timeout=60) == 0
+        assert time.monotonic() - stop_asked < 5, process.output()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):
     """The loop's own calls (the poll's list, a cancel) go out once and are paced by the loop: with the
     service unreachable and the shipped retry settings, a stop is prompt, where one poll sitting in the

@@ -142,7 +142,7 @@ class Admit:
         self.models = ModelCheck(lambda: ctx.provider, model_source(ctx.settings),
                                  models_cache_path(ctx.settings.state_dir)) if ctx.settings.check_models else None
         #: The service asked about a model (the list, a models.get), by model: one at a time, never the loop.
-        self.model_lookups = ctx.workers("models", 1, keyed_by_job=False)
+        self.model_lookups = ctx.workers("models", 1, keyed_by_job=False, daemon=True)
         self._awaiting_model: set[str] = set()  # jobs waiting for a model lookup
         self._finished: dict[str, Work] = {}  # job id → its estimate pass, ended, not yet taken
         #: job id → what stopped its estimate pass reading the requests (a bad row, a hung or failing task)

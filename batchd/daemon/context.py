@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -201,6 +202,44 @@ class Work(Generic[K]):
     about: Any = None
 
 
+class DaemonThreads:
+    """What :class:`Workers` needs of a ``ThreadPoolExecutor`` (``submit``, ``shutdown``), on daemon threads
+    started as work comes (``size`` at most, each reused): for calls that write nothing and whose answer
+    nobody needs once the daemon stops, so that a service that never answers one holds no stop (a
+    ``ThreadPoolExecutor``'s threads are joined at exit)."""
+
+    def __init__(self, size: int, name: str):
+        self._size, self._name = size, name
+        self._work: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by each thread that waits for work (as the executor's)
+        self._lock = threading.Lock()
+        self._threads = 0
+
+    def submit(self, work: Callable[[], Any]) -> None:
+        self._work.put(work)
+        if self._idle.acquire(blocking=False):
+            return  # a waiting thread takes it
+        with self._lock:
+            if self._threads >= self._size:
+                return  # taken once one is free
+            self._threads += 1
+            name = f"{self._name}_{self._threads - 1}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            work()
+            self._idle.release()
+
+    def shutdown(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Let each thread end after what it runs now; nothing waits for them (``wait`` is not honoured: a
+        piece not begun was withdrawn by :meth:`Workers.shutdown`, and one running needs no waiting for)."""
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._work.put(None)
+
+
 class Workers(Generic[K]):
     """A fixed number of threads doing one kind of slow work, each piece keyed by what it works on.
 
@@ -218,9 +257,10 @@ class Workers(Generic[K]):
 
     def __init__(self, name: str, size: int, on_done: Callable[[K, Future], None],
                  after_commit: Callable[[Callable[[], Any]], None] = lambda effect: effect(),
-                 on_taken: Callable[[K], None] = lambda key: None):
+                 on_taken: Callable[[K], None] = lambda key: None, *, daemon: bool = False):
         self.name, self.size = name, size
-        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"batchd-{name}")
+        self._pool = DaemonThreads(size, f"batchd-{name}") if daemon else \
+            ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"batchd-{name}")
         self._on_done = on_done
         self._on_taken = on_taken
         self._after_commit = after_commit
@@ -267,7 +307,7 @@ class Workers(Generic[K]):
     def shutdown(self, *, cancel: bool = False) -> None:
         if cancel:
             for piece in self.running.values():
-                piece.future.cancel()  # one not begun never begins; one running is waited for
+                piece.future.cancel()  # one not begun never begins; one running is waited for (not on daemon threads)
         self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
@@ -305,9 +345,9 @@ class Context:
     def provider(self) -> Provider:
         return self._provider()
 
-    def workers(self, name: str, size: int, *, keyed_by_job: bool = True) -> Workers:
+    def workers(self, name: str, size: int, *, keyed_by_job: bool = True, daemon: bool = False) -> Workers:
         """A bounded pool whose finished work wakes the loop and, when its keys are job ids (or start
-        with one), marks that job for the loop's next tick."""
+        with one), marks that job for the loop's next tick; ``daemon``: on :class:`DaemonThreads`."""
         def mark_job(key: Any) -> None:
             if keyed_by_job:
                 self.mark(key[0] if isinstance(key, tuple) else key)
@@ -318,7 +358,7 @@ class Context:
             mark_job(key)
             self.wake()
         return Workers(name, size, done, after_commit=lambda effect: self.journal.after_commit(effect),
-                       on_taken=mark_job)
+                       on_taken=mark_job, daemon=daemon)
 
     def spool(self, job_id: str) -> JobSpool:
         """The job's spool folder. A job's steps ask for it a dozen times; its paths are made once (a

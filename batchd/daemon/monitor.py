@@ -133,7 +133,7 @@ class Monitor:
         self.polled_at = time.monotonic()
         #: The calls on their way that the loop made no poll for, by ``("cancel" | "look", remote name)``: a
         #: ``batches.cancel`` (``about``: the job, and what records it), a webhook's ``batches.get``.
-        self.calls = ctx.workers("monitor", CALLS_AT_ONCE, keyed_by_job=False)
+        self.calls = ctx.workers("monitor", CALLS_AT_ONCE, keyed_by_job=False, daemon=True)
         #: remote name → the backoff of its failed cancels
         self.cancel_backoff: dict[str, Backoff] = {}
 
@@ -211,9 +211,10 @@ class Monitor:
         return self._reading is not None or bool(len(self.calls))
 
     def close(self) -> None:
-        # A call on its way is waited for (it has been sent, or is about to be); one not begun is withdrawn:
-        # the next start sends a cancel again (a stray's outcome, a chunk's cancel_sent, are unrecorded),
-        # and the next poll looks at what a webhook announced.
+        # A call on its way, or not begun, is left: a service that never answers holds no stop. What it
+        # would have recorded is done again after the next start: a stray whose outcome is unrecorded, and
+        # a cancelled job's chunk without cancel_sent, are cancelled again (cancelling twice is harmless);
+        # the next poll looks at what a webhook announced.
         self.calls.shutdown(cancel=True)
 
     def _question(self) -> PollQuestion:
