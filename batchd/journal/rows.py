@@ -108,24 +108,31 @@ def chunk_from_row(row: sqlite3.Row) -> Chunk:
 
 _Row = TypeVar("_Row", Job, Chunk)
 _FIELDS = {cls: frozenset(field.name for field in fields(cls)) for cls in (Job, Chunk)}
+#: A row of each kind made by its dataclass, whose attribute dict the others copy: a copy shares its
+#: keys (PEP 412), as the dataclass's own rows do, where a dict filled anew takes three times the room.
+_TEMPLATES = {cls: cls(**dict.fromkeys(_FIELDS[cls])) for cls in (Job, Chunk)}
 
 
 def _made(cls: type[_Row], values: dict[str, Any]) -> _Row:
     """``cls(**values)``, every field given, without the dataclass's generated ``__init__``: a frozen one
-    sets each of 20 to 30 fields through ``object.__setattr__``, ten times the cost, and the loop makes a
-    row for every read it does not keep and every write it keeps."""
+    sets each of 20 to 30 fields through ``object.__setattr__``, three times the cost, and the loop makes
+    a row for every read it does not keep."""
     if values.keys() != _FIELDS[cls]:
         raise TypeError(f"{cls.__name__} fields {sorted(values.keys() ^ _FIELDS[cls])} missing or unknown")
-    row = object.__new__(cls)
-    row.__dict__.update(values)
-    return row
+    return _with_attributes(cls, _TEMPLATES[cls], values)
 
 
 def replace_row(row: _Row, **changes: Any) -> _Row:
-    """``dataclasses.replace(row, **changes)`` at a seventh of the cost (see :func:`_made`)."""
+    """``dataclasses.replace(row, **changes)`` at a tenth of the cost (see :func:`_made`): the loop makes
+    one for every write of a job it keeps."""
     if not changes.keys() <= _FIELDS[type(row)]:
         raise TypeError(f"{type(row).__name__} has no fields {sorted(changes.keys() - _FIELDS[type(row)])}")
-    new = object.__new__(type(row))
-    new.__dict__.update(row.__dict__)
-    new.__dict__.update(changes)
-    return new
+    return _with_attributes(type(row), row, changes)
+
+
+def _with_attributes(cls: type[_Row], like: _Row, values: dict[str, Any]) -> _Row:
+    attributes = like.__dict__.copy()
+    attributes.update(values)  # existing keys only: the copy keeps sharing them
+    row = object.__new__(cls)
+    object.__setattr__(row, "__dict__", attributes)  # (frozen: its own __setattr__ refuses)
+    return row
