@@ -22,10 +22,10 @@ from batchd.cache import cache_path, uncached
 from batchd.costs import JobInfo, RequestStream, spend_of
 from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.costs import describe as describe_cost
-from batchd.daemon.context import Context, Turns, Work, manifest_error, replace
+from batchd.daemon.context import Context, Turns, Work, manifest_error
 from batchd.daemon.intake import read_inputs_record
 from batchd.inbox import UnsafeEntry, read_entry
-from batchd.journal import Job
+from batchd.journal import Job, replace_row
 from batchd.manifest import Manifest, ManifestError, load_manifest
 from batchd.media import MediaResolver
 from batchd.model_check import ModelCheck, model_source, models_cache_path
@@ -172,7 +172,7 @@ class Admit:
         reasons = [] if job.approved else self._budget_reasons(job)
         if reasons:
             reason = "; ".join(reasons)
-            held = replace(job, state=JobState.HELD, hold=reason)
+            held = replace_row(job, state=JobState.HELD, hold=reason)
             ctx.journal.update_job(job.id, state=JobState.HELD, hold=reason,
                                    events=[ctx.event("held", held, reason=reason)])
             ctx.log_event("held", logging.WARNING,
@@ -263,7 +263,7 @@ class Admit:
             return None
         model = manifest.model or ctx.settings.model
         ctx.journal.update_job(job.id, task=manifest.task, model=model, kind=manifest.kind)
-        info = JobInfo.of(replace(job, task=manifest.task, model=model, kind=manifest.kind))
+        info = JobInfo.of(replace_row(job, task=manifest.task, model=model, kind=manifest.kind))
         unreadable = self._unreadable[job.id] = []
         stream = RequestStream(lambda: self._watched_requests(job.id, manifest, unreadable),
                                stopping=ctx.stopping.is_set)

@@ -25,10 +25,10 @@ from batchd import fs
 from batchd.costs import EstimateAlongside, JobInfo, spend_of
 from batchd.costs import describe as describe_cost
 from batchd.daemon.admit import TokenCounter, load_claimed
-from batchd.daemon.context import Context, Stopping, Turns, manifest_error, replace
+from batchd.daemon.context import Context, Stopping, Turns, manifest_error
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
-from batchd.journal import Job
+from batchd.journal import Job, replace_row
 from batchd.manifest import ManifestError
 from batchd.media import MediaResolver
 from batchd.plugin_calls import OnDemand, PluginClock, PluginTimeout
@@ -102,7 +102,7 @@ class Build:
                 # The build starts now, not once 'building' commits: it writes only into the job's own
                 # spool, and its first chunk row commits with 'building' or after it. A crash before
                 # that commit leaves the job 'received', built again from the start.
-                job = replace(job, state=JobState.BUILDING)
+                job = replace_row(job, state=JobState.BUILDING)
         self._ask(job, builder)
         kind, chunk = builder.chunks.take()
         if kind == "waiting":
@@ -210,7 +210,7 @@ class Build:
         first_read = job.cost is None and not ctx.journal.chunk_totals(job.id)["chunks"]
         if job.cost is None and ctx.costs.estimates:
             # Priced from the same pass, so it is priced before any of it is sent.
-            info = JobInfo.of(replace(job, model=model))
+            info = JobInfo.of(replace_row(job, model=model))
             counter, settings, costs = self._tokens.for_model(model), ctx.settings, ctx.costs
             observed = ctx.journal.observed_output(job.task, model)
             estimate = EstimateAlongside(lambda stream: costs.estimate(info, stream, counter, settings, observed),

@@ -28,7 +28,6 @@ from batchd.config import Settings
 from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
-from batchd.journal.rows import replace_row
 from batchd.manifest import ManifestError
 from batchd.plugin_calls import PluginClock
 from batchd.provider import Provider
@@ -415,8 +414,6 @@ class Context:
 # -- small helpers the steps share ------------------------------------------------------------------
 
 
-#: The job or chunk with some fields changed, as the steps make them to pass on what they just wrote.
-replace = replace_row
 
 
 def error_dict(error: Exception) -> dict:

@@ -23,11 +23,11 @@ from typing import Callable
 from batchd import durable, outbox
 from batchd.cache import CacheLimits
 from batchd.costs import JobInfo, spend_of, summary_cost
-from batchd.daemon.context import Context, Turns, Work, is_own_file, iso, replace
+from batchd.daemon.context import Context, Turns, Work, is_own_file, iso
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.intake import read_inputs_record
 from batchd.daemon.writer import ChunkGate, Written, finish_folder, write_results
-from batchd.journal import Chunk, Job
+from batchd.journal import Chunk, Job, replace_row
 from batchd.logs import redact_data
 from batchd.spool import JobSpool
 from batchd.states import ACTIVE_JOB_STATES, CHUNK_DONE_STATES, ChunkState, JobState, StrayOutcome
@@ -288,8 +288,8 @@ class Deliver:
                 summary = {}  # a folder that vanished (or was edited) since: the event says what the journal knows
             announced = summary.get("counts"), summary.get("error", job.error)
         counts, error = announced
-        return self.ctx.event(job.outcome, replace(job, state=JobState.DONE), counts=counts, outbox=str(destination),
-                              error=error)
+        return self.ctx.event(job.outcome, replace_row(job, state=JobState.DONE), counts=counts,
+                              outbox=str(destination), error=error)
 
     def _results_summary(self, job: Job, written: Written) -> dict:
         ctx = self.ctx

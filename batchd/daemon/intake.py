@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 from batchd import fs
-from batchd.daemon.context import Context, is_regular_file, manifest_error, replace
+from batchd.daemon.context import Context, is_regular_file, manifest_error
 from batchd.daemon.crashpoints import crashpoint
 from batchd.durable import atomic_write
 from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name,
                           read_entry, sha256_file)
-from batchd.journal import Job, new_job_id
+from batchd.journal import Job, new_job_id, replace_row
 from batchd.manifest import Manifest, ManifestError, is_valid_text, load_manifest
 from batchd.states import JobState
 
@@ -379,7 +379,7 @@ class Intake:
                          "message": f"{source} was replaced or linked to while batchd was claiming it; "
                                     f"it is kept in this folder unread: drop it again"}
                 ctx.journal.update_job(job_id, error=error)
-                job = replace(job, error=error)
+                job = replace_row(job, error=error)
         self._received(job)
         if job.error:  # its ``rejected`` event comes when its outbox folder is published
             ctx.log_event("rejected", logging.WARNING, "rejected %s (job %s): %s", source, job_id,
@@ -391,7 +391,7 @@ class Intake:
     def _received(self, job: Job) -> None:
         """The claim is complete: the job is ``received``. Its verdict was committed with the claim's
         intent: a duplicate or an irregular entry is no accepted job."""
-        events = [] if job.error else [self.ctx.event("accepted", replace(job, state=JobState.RECEIVED))]
+        events = [] if job.error else [self.ctx.event("accepted", replace_row(job, state=JobState.RECEIVED))]
         self.ctx.journal.update_job(job.id, state=JobState.RECEIVED, events=events)
 
     def finish_claim(self, job: Job) -> None:

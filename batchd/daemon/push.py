@@ -31,7 +31,8 @@ log = logging.getLogger("batchd")
 INBOUND_MAX = 1000
 #: A delivery for a remote batch not yet recorded (its create's answer not collected yet) is kept this long.
 EARLY_SECONDS = 120.0
-#: Items taken in one tick at most (each delivery costs journal writes, and a get in the monitor's pool); the rest next tick.
+#: Items taken in one tick at most (each delivery costs journal writes, and a get in the monitor's pool);
+#: the rest next tick.
 TAKE_PER_TICK = 100
 #: Taken webhook ids are remembered this long (Google retries a delivery for less).
 KEEP_WEBHOOK_IDS_SECONDS = 7 * 86400.0

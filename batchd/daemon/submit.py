@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from batchd.backoff import Backoff
-from batchd.daemon.context import Context, Turns, error_dict, replace
+from batchd.daemon.context import Context, Turns, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.media import ABOUT as MEDIA_UPLOAD
 from batchd.daemon.media import MediaUploads
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.daemon.pack import Pack
 from batchd.events import progress_counts
-from batchd.journal import Chunk, Job
+from batchd.journal import Chunk, Job, replace_row
 from batchd.media import resolve_request
 from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay, webhook_config
 from batchd.remote import RemoteFile, RemoteJob
@@ -108,7 +108,7 @@ class Submit:
             if totals.get(ChunkState.BUILT):
                 return  # a cancelled job's unsent chunks are skipped first
             sent = totals["chunks"] > totals.get(ChunkState.SKIPPED, 0)  # none: cancelled before any was sent
-            submitted = replace(job, state=JobState.SUBMITTED)
+            submitted = replace_row(job, state=JobState.SUBMITTED)
             ctx.journal.update_job(job.id, state=JobState.SUBMITTED, submitted_at=time.time() if sent else None,
                                    events=self._submitted_events(submitted, ctx.journal.chunks(job.id)))
 
@@ -133,7 +133,7 @@ class Submit:
         if chunk.resubmits:
             crashpoint("after-resubmit-intent")
         self.start(job, chunk)
-        self._in_flight[(job.id, chunk.idx)] = replace(chunk, **intent)
+        self._in_flight[(job.id, chunk.idx)] = replace_row(chunk, **intent)
 
     def _submitted_events(self, job: Job, chunks: list[Chunk]) -> list[dict]:
         """The ``submitted`` event of a job all of whose chunks are sent, once one remote job of it exists.
@@ -276,7 +276,7 @@ class Submit:
         self.submissions.start((chunk.job_id, chunk.idx), provider.create_from_file, ctx.model_of(job),
                                requests_file.name, chunk.display_name, job.kind, self._webhook(job, chunk),
                                about="create")
-        self._in_flight[(chunk.job_id, chunk.idx)] = replace(chunk, **uploaded)
+        self._in_flight[(chunk.job_id, chunk.idx)] = replace_row(chunk, **uploaded)
 
     def _webhook(self, job: Job, chunk: Chunk) -> dict | None:
         """The create's per-job webhook (``webhook_public_url``), naming the job and chunk; none for embed
@@ -289,7 +289,7 @@ class Submit:
         """Record ``remote`` as the chunk's remote job; returns the chunk as now recorded."""
         ctx = self.ctx
         ctx.journal.record_remote_job(remote.name, chunk, "adopted")
-        adopted = replace(chunk, state=ChunkState.RUNNING, remote_name=remote.name,
+        adopted = replace_row(chunk, state=ChunkState.RUNNING, remote_name=remote.name,
                           remote_state=remote.state, stats=remote.stats)
         job = ctx.journal.job(chunk.job_id)
         events = []
@@ -313,7 +313,7 @@ class Submit:
         events = []
         for job in ctx.journal.jobs_by_id(members):
             if not ctx.journal.event_count(job.id, "submitted"):
-                events += self._submitted_events(job, [replace(members[job.id], remote_name=remote_name)])
+                events += self._submitted_events(job, [replace_row(members[job.id], remote_name=remote_name)])
         return events
 
     def _failed(self, chunk: Chunk, error: Exception, stage: str) -> None:

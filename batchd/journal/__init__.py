@@ -113,7 +113,7 @@ from batchd.logs import redact
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
 
-__all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id"]
+__all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id", "replace_row"]
 
 #: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
