@@ -319,7 +319,9 @@ def test_daemon_threads_run_every_piece_on_at_most_their_size_and_a_stop_waits_f
 
     for n in range(6):
         pool.submit(lambda n=n: piece(n))
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(names) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # both threads take a piece (and then wait in it)
     threads = [t for t in threading.enumerate() if t.name.startswith("bounded-test_")]
     assert len(threads) == 2 and all(t.daemon for t in threads) and names == {t.name for t in threads}
     started = time.monotonic()

@@ -220,12 +220,8 @@ def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_st
         workspace.wait_for(lambda: "polling failed" in process.output(), timeout=ASKED_ONCE_TIMEOUT_SECONDS + 20,
                            what="the list given up after its timeout")
         time.sleep(1.0)  # the next poll's list is on its way, and is not answered either
-        stop_asked = time.monotonic()
-        assert process.stop(timeout=60) == 0
-        assert time.monotonic() - stop_asked < 5, process.output()[-2000:]
     finally:
-        if process.poll() is None:
-            process.kill()
+        stops_within(process, 5)
 
 
 def submitted(workspace: Workspace, name: str) -> bool:
@@ -246,6 +242,17 @@ def cancelling_while_the_service_is_slow(workspace: Workspace, seconds: float, *
         process.kill()
         raise
     return process
+
+
+def stops_within(process, seconds: float) -> None:
+    """A SIGTERM ends ``process`` with exit code 0 within ``seconds`` (else it is killed and the test fails)."""
+    try:
+        stop_asked = time.monotonic()
+        assert process.stop(timeout=60) == 0
+        assert time.monotonic() - stop_asked < seconds, process.output()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def seconds_until(workspace: Workspace, predicate, what: str) -> float:
@@ -294,14 +301,7 @@ def test_a_cancel_the_service_never_answers_holds_no_stop(workspace: Workspace):
     """The monitor's calls run on daemon threads: a stop while a cancel waits for a service that does not
     answer (here for 30 s) is prompt, and exits 0. On a ThreadPoolExecutor's threads, joined at exit, it
     waited for the call's timeout (10 s)."""
-    process = cancelling_while_the_service_is_slow(workspace, 30)
-    try:
-        stop_asked = time.monotonic()
-        assert process.stop(timeout=60) == 0
-        assert time.monotonic() - stop_asked < 5, process.output()[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stops_within(cancelling_while_the_service_is_slow(workspace, 30), 5)
 
 
 def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace: Workspace, tmp_path: Path):
@@ -314,12 +314,6 @@ def test_a_service_gone_unreachable_holds_neither_the_loop_nor_a_stop(workspace:
         process = runner.start(emulator=google)
         workspace.drop("translate.toml", TRANSLATE)
         workspace.wait_for(lambda: list(google.client().batches.list()), what="the remote job")
-    try:
-        time.sleep(1.0)  # the service is gone: the daemon's polls are refused meanwhile
-        stop_asked = time.monotonic()
-        assert process.stop(timeout=30) == 0
-        assert time.monotonic() - stop_asked < 8, process.output()[-2000:]
-        assert "polling failed" in process.output()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    time.sleep(1.0)  # the service is gone: the daemon's polls are refused meanwhile
+    stops_within(process, 8)
+    assert "polling failed" in process.output()
