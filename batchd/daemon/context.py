@@ -242,8 +242,10 @@ class DaemonThreads:
 class Workers(Generic[K]):
     """A fixed number of threads doing one kind of slow work, each piece keyed by what it works on.
 
-    A step starts work only while the pool has a free thread (:meth:`full`), so nothing waits in a
-    queue that a stop would have to withdraw: a job waits its turn in the journal instead. When a
+    A step starts work only while the pool has a free thread (:meth:`free`), so nothing waits in a
+    queue that a stop would have to withdraw: a job waits its turn in the journal instead. (The
+    monitor's calls are the exception: keyed by remote batch, at most one of each kind per batch
+    alive waits, and a stop withdraws what has not begun.) When a
     piece ends, ``on_done(key)`` wakes the loop, whose step then takes the outcome (:meth:`finished`),
     calling ``on_taken(key)`` for it: the loop marks the job again then, because the mark ``on_done``
     made may already have been spent by a visit in the tick whose collect ran just before the piece

@@ -39,7 +39,9 @@ from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOT
 log = logging.getLogger("batchd")
 
 #: Cancels and webhooks' gets on their way at once (the monitor's pool): a job of many chunks cancelled
-#: at once sends one cancel a chunk, and a burst of webhooks asks one get each.
+#: at once sends one cancel a chunk, and a burst of webhooks asks one get each. The rest wait in the
+#: pool's queue, at most one of each kind per remote batch (they are keyed by its name): bounded by the
+#: batches alive, not by how many webhooks or cancel requests come.
 CALLS_AT_ONCE = 4
 #: How far the service's create times may be behind this machine's clock: the stray watch reads the
 #: newest-first list down to this much before a watched name's first create.
