@@ -198,3 +198,10 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS chunks_by_remote_name ON chunks(remote_name)")
     # A pack's members are looked up by it.
     db.execute("CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(packed_in) WHERE packed_in IS NOT NULL")
+    # Tables that keep every job's rows for as long as the journal lives are read per job by an index:
+    # a scan would cost each delivery (summary.json lists the job's remote batches) time in proportion
+    # to every job ever delivered, and the hourly prunes of old events and webhook ids would hold the
+    # loop as long.
+    db.execute("CREATE INDEX IF NOT EXISTS remote_jobs_by_job ON remote_jobs(job_id, chunk_idx)")
+    db.execute("CREATE INDEX IF NOT EXISTS events_by_age ON events(created_at)")
+    db.execute("CREATE INDEX IF NOT EXISTS webhook_deliveries_by_age ON webhook_deliveries(received_at)")
