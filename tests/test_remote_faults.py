@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from batchd.journal import Journal, journal_path
 from batchd.testing import DaemonRunner, Emulator, Workspace
 from invariants import Dropped, assert_invariants
 from sinks import ReservedPort
@@ -222,6 +223,38 @@ def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_st
         time.sleep(1.0)  # the next poll's list is on its way, and is not answered either
     finally:
         stops_within(process, 5)
+
+
+@pytest.mark.slow
+def test_a_start_with_an_unconfirmed_create_waits_for_no_list(workspace: Workspace):
+    """Killed right after a create, batchd restarts while every list takes the service 30 s: new manifests
+    are claimed and submitted at once, the unconfirmed create waits for the poll's list in the poll's
+    thread, and a stop takes no time. Restarted with a prompt service, the job is delivered from the batch
+    created before the kill, never a second one. Before, the start read the list itself, before READY and
+    before any claim, until the call's timeout (10 s)."""
+    workspace.configure(settle_seconds=0)
+    workspace.drop("translate.toml", TRANSLATE)
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-create")
+    assert crashed.wait(120) == -9, crashed.output()[-3000:]
+    workspace.configure(settle_seconds=0, faults=["slow=30@list"])
+    started = time.monotonic()
+    process = workspace.start("run")
+    try:
+        workspace.drop("second.toml", TRANSLATE + "force = true\n")
+        workspace.wait_for(lambda: submitted(workspace, "second"), what="the second job submitted")
+        assert time.monotonic() - started < 6, process.output()[-2000:]
+        journal = Journal(journal_path(workspace.state), readonly=True)
+        try:  # its create is still unconfirmed: the list has not answered
+            [job] = journal.find_jobs("translate")
+            assert [chunk.state for chunk in journal.chunks(job.id)] == ["submitting"]
+        finally:
+            journal.close()
+    finally:
+        stops_within(process, 5)
+    workspace.configure(settle_seconds=0)
+    assert workspace.batchd("run", "--once").returncode == 0
+    summary = workspace.delivered()["translate"]
+    assert summary["state"] == "succeeded" and len(summary["remote_batches"]) == 1, summary
 
 
 def submitted(workspace: Workspace, name: str) -> bool:

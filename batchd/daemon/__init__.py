@@ -50,7 +50,7 @@ from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Journal, journal_path
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
-from batchd.provider import Provider, is_auth_error, is_retryable
+from batchd.provider import Provider
 from batchd.service import ServiceManager
 from batchd.states import ACTIVE_JOB_STATES
 
@@ -182,18 +182,9 @@ class Daemon:
         # goes now, each plugin's in the order the events were committed (each event's backoff differs:
         # a job's `submitted`, refused more often, would come after its `succeeded`).
         self.ctx.journal.retry_pending_now(time.time())
-        try:
-            self.steps.submit.reconcile()
-        except Exception as error:
-            if not (is_retryable(error) or is_auth_error(error)):
-                raise
-            # The service is down, throttling or refusing the key: the unconfirmed creates stay
-            # 'submitting' and every poll reconciles them again, instead of the daemon exiting into
-            # a restart loop.
-            if is_auth_error(error):
-                self.ctx.key.refused(error, "reconciling unconfirmed creates (retried with every poll)")
-            else:
-                log.warning("reconciling with the service failed (%s); retrying with the next poll", error)
+        # Unconfirmed creates are matched by the first poll, started at the first tick (the poll clock is due
+        # at once) and read in the monitor's reader thread: a service that answers its list slowly, or not
+        # at all, holds neither the start (READY) nor the claims, as it would if the list were read here.
 
     def _start_web(self) -> None:
         from batchd.web import DaemonView, WebServer

@@ -5,7 +5,7 @@ visit before the job's own step. Nothing already paid for is thrown away: chunks
 cancelled remotely and whatever results they have are the job's. Two points act on it apart from
 this table, because they are where an effect would otherwise follow: an upload that finishes for a
 cancelled job is never created (:mod:`batchd.daemon.submit`), an unconfirmed create of a cancelled
-job is never made again (``Submit.reconcile``), and an expired chunk of one is not resubmitted
+job is never made again (``Submit.match``), and an expired chunk of one is not resubmitted
 (:mod:`batchd.daemon.monitor`).
 """
 

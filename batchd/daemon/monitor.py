@@ -282,7 +282,8 @@ class Monitor:
             if is_auth_error(error):
                 # A key revoked while jobs run: they keep running remotely; the poll goes on asking,
                 # and says so once, not at every poll.
-                ctx.key.refused(error, "polling")
+                ctx.key.refused(error, "polling and reconciling unconfirmed creates" if question.unconfirmed
+                                else "polling")
             else:
                 log.warning("polling failed (%s); retrying later", error)
         else:

@@ -6,8 +6,9 @@ the file's name recorded, and only then is the batch created from it. The transf
 ``max_concurrent_submissions`` threads; a job whose chunks find it full waits its turn in the journal,
 and jobs take turns chunk by chunk, so one job of many chunks does not hold back the small ones.
 
-A create whose answer was lost leaves its chunk ``submitting``: :meth:`Submit.reconcile` finds the
-remote batch by display name (it is adopted), or after ``submit_grace_seconds`` creates it again.
+A create whose answer was lost leaves its chunk ``submitting``: :meth:`Submit.match`, given the poll's
+list, finds the remote batch by display name (it is adopted), or after ``submit_grace_seconds`` creates
+it again.
 """
 
 from __future__ import annotations
@@ -352,9 +353,9 @@ class Submit:
                                       error=error_dict(error))
 
     def reconcile(self) -> None:
-        """Match chunks whose create is unconfirmed against the remote job list, by display name (the list
-        read here, on the caller's thread: at start, before the loop runs; the loop's polls read it in the
-        monitor's reader and hand it to :meth:`match`)."""
+        """Match chunks whose create is unconfirmed against the remote job list, by display name, the list
+        read here, on the caller's thread (a test's, a tool's: the loop's polls read it in the monitor's
+        reader and hand it to :meth:`match`, at start too)."""
         pending = self.unconfirmed()
         if pending:
             listed_at = time.time()
