@@ -17,10 +17,12 @@ removed either way. The job's outbox folder built on these is :mod:`batchd.outbo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -39,6 +41,7 @@ __all__ = [
     "fsync_dir",
     "json_text",
     "numbered_paths",
+    "remove_left_temps",
     "write_temp",
 ]
 
@@ -83,6 +86,24 @@ def _temp_name(final_name: str) -> str:
     # A dotfile ending in .tmp: inbox scanning and outbox readers skip both patterns, and the
     # random part keeps a leftover from a crashed writer from colliding with the next one.
     return f".{final_name}.{secrets.token_hex(4)}.tmp"
+
+
+#: What :func:`_temp_name` makes: ``.<final name>.<8 hex digits>.tmp``.
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_left_temps(directory: Path) -> list[str]:
+    """Remove the temp files a writer killed mid-write left in ``directory`` (only files named as
+    :func:`_temp_name` names them); call it while no writer can be at work there (the daemon's lock).
+    Returns the names removed."""
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
 
 
 def write_temp(path: Path | str, data: bytes | str | BinaryIO, *, step: str | None = None) -> Path:

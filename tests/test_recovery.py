@@ -279,3 +279,25 @@ def test_a_daemon_that_rejected_a_manifest_still_stops_with_exit_0(workspace: Wo
     workspace.wait_for_delivery("broken")
     assert workspace.delivered()["broken"]["state"] == "rejected"
     assert process.stop() == 0, process.output()[-2000:]
+
+
+def test_a_temp_file_a_kill_left_in_the_state_dir_is_removed_at_the_next_start(workspace: Workspace):
+    """notices.json and models.json are written from a temp file (a kill -9 mid-write leaves it, and the model
+    list is written from a thread a stop does not wait for): the next start removes such leftovers, and only
+    them."""
+    workspace.state.mkdir(parents=True, exist_ok=True)
+    left = [workspace.state / ".models.json.0123abcd.tmp", workspace.state / ".notices.json.deadbeef.tmp"]
+    for path in left:
+        path.write_text('{"torn')
+    kept = [workspace.state / ".models.json.tmp", workspace.state / "notes.0123abcd.tmp"]
+    for path in kept:
+        path.write_text("not batchd's")
+    (workspace.state / ".link.0123abcd.tmp").symlink_to(kept[0])
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert not any(path.exists() for path in left)
+    assert all(path.read_text() == "not batchd's" for path in kept)
+    assert (workspace.state / ".link.0123abcd.tmp").is_symlink()
+    assert "removed .models.json.0123abcd.tmp" in result.stderr

@@ -150,6 +150,10 @@ class Daemon:
             raise
         # Claims and publishes are renames: they are only atomic within one filesystem.
         durable.check_same_filesystem(s.inbox, s.outbox, s.state_dir)
+        # The state dir's own files (notices.json, models.json) are written whole from a temp file; one a
+        # kill left behind, mid-write, is nobody's now that this process holds the lock.
+        for name in durable.remove_left_temps(s.state_dir):
+            log.info("removed %s, left in the state dir by a writer that was stopped mid-write", name)
         journal = self.ctx.journal = Journal(journal_path(s.state_dir))
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
