@@ -36,7 +36,7 @@ class DaemonCollector(Collector):
         figures = self._read(lambda journal: journal.totals())
         live = self._live()
 
-        up = GaugeMetricFamily("batchd_ready", "1 once recovered, reconciled and watching the inbox")
+        up = GaugeMetricFamily("batchd_ready", "1 once recovered and watching the inbox")
         up.add_metric([], 1.0 if live.get("ready") else 0.0)
         yield up
 

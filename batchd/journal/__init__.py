@@ -106,7 +106,7 @@ from typing import Any, Callable, Iterable
 
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
-from batchd.journal.schema import HOLDING_UPLOADS
+from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
                                  redacted_json, replace_row)
 from batchd.logs import redact
@@ -118,11 +118,6 @@ __all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id", "replace_row
 #: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
 OBSERVED_REQUESTS_MAX = 100_000
-
-#: A chunk's requests answered or failed so far, per the service's counts (its ``stats``).
-_DONE_REQUESTS = ("coalesce(json_extract(stats, '$.successfulRequestCount'), 0) + "
-                  "coalesce(json_extract(stats, '$.failedRequestCount'), 0)")
-
 
 _NOT_DONE = tuple(state for state in JobState if state != JobState.DONE)
 
@@ -198,6 +193,11 @@ class Journal(NotificationQueue):
             fields["hold"] = redact(fields["hold"])
         fields["updated_at"] = time.time()
         columns = ", ".join(f"{name} = ?" for name in fields)
+        # A job finishing is added to /metrics' sums over finished jobs (schema.py, done_totals), once.
+        finishing = fields.get("state") == JobState.DONE and (
+            kept.state if kept is not None
+            else (db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone() or [None])[0]
+        ) != JobState.DONE
         if "state" not in fields:
             updated = db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id)).rowcount
         else:
@@ -211,6 +211,8 @@ class Journal(NotificationQueue):
                 row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is not None:
                     check_job_move(row[0], fields["state"])
+        if updated and finishing:
+            db.execute(DONE_TOTALS_ADD, (job_id,))
         if updated and kept is not None:
             # The row as a read would now return it, kept without the read: the loop visits a job right
             # after writing it. A rollback drops it with the rest (batchd/journal/kept.py).
@@ -326,6 +328,11 @@ class Journal(NotificationQueue):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
+        # A job finishing is added to /metrics' sums over finished jobs (schema.py, done_totals), once.
+        finishing = fields.get("state") == JobState.DONE and (
+            kept.state if kept is not None
+            else (db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone() or [None])[0]
+        ) != JobState.DONE
         if "state" not in fields:
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
             return
@@ -631,9 +638,9 @@ class Journal(NotificationQueue):
         rows = self._db.execute(
             # Each part by an index (schema.py): the states named, not "!= done", which reads every row.
             f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(_NOT_DONE))}) AND {self._not_pack} UNION ALL"
-            f" SELECT * FROM (SELECT * FROM jobs WHERE state = 'done' AND {self._not_pack}"
+            f" SELECT * FROM (SELECT * FROM jobs WHERE state = ? AND {self._not_pack}"
             " ORDER BY finished_at DESC LIMIT ?)"
-            " ORDER BY created_at DESC, id DESC LIMIT ?", (*_NOT_DONE, done, limit)).fetchall()
+            " ORDER BY created_at DESC, id DESC LIMIT ?", (*_NOT_DONE, JobState.DONE, done, limit)).fetchall()
         return [job_from_row(row) for row in rows]
 
     def spend_by_day(self, default_model: str, since: float) -> list[tuple[str, str, float]]:
@@ -645,29 +652,25 @@ class Journal(NotificationQueue):
         return [(day, model, float(amount or 0.0)) for day, model, amount in rows]
 
     def totals(self) -> dict[str, Any]:
-        """/metrics' figures: jobs by state and outcome, requests, tokens, cost, notification backlog, running chunks."""
-        figures: dict[str, Any] = {}
+        """/metrics' figures: jobs by state and outcome, requests, tokens, cost, notification backlog, running chunks.
+
+        The finished jobs' sums are kept in ``done_totals`` (a journal no daemon of this version opened yet
+        has none: they are summed from the rows); the unfinished jobs' are read, by the state index."""
         db = self._db
-        figures["jobs"] = dict(db.execute(f"SELECT state, count(*) FROM jobs WHERE {self._not_pack} GROUP BY state"
-                                          ).fetchall())
-        figures["outcomes"] = dict(db.execute(
-            "SELECT outcome, count(*) FROM jobs WHERE state = ? AND outcome IS NOT NULL"
-            " GROUP BY outcome", (JobState.DONE,)).fetchall())
-        total, done = db.execute(
-            "SELECT coalesce(sum(request_count), 0), coalesce(sum(CASE WHEN state IN (?, ?) THEN"
-            f" request_count ELSE {_DONE_REQUESTS} END), 0) FROM chunks"
-            f" WHERE job_id NOT IN (SELECT id FROM jobs WHERE NOT {self._not_pack})", CHUNK_DONE_STATES).fetchone()
-        figures["requests_total"], figures["requests_done"] = total, done
-        row = db.execute(
-            "SELECT coalesce(sum(json_extract(cost, '$.actual.input_tokens')), 0),"
-            " coalesce(sum(json_extract(cost, '$.actual.output_tokens')), 0),"
-            " coalesce(sum(json_extract(cost, '$.estimate.cost')), 0.0),"
-            " coalesce(sum(json_extract(cost, '$.actual.cost')), 0.0),"
-            " coalesce(sum(CASE WHEN json_extract(cost, '$.actual.cost') IS NOT NULL"
-            "   THEN json_extract(cost, '$.actual.saving') ELSE json_extract(cost, '$.estimate.saving') END), 0.0)"
-            " FROM jobs WHERE cost IS NOT NULL").fetchone()
-        (figures["input_tokens"], figures["output_tokens"], figures["cost_estimate"], figures["cost_actual"],
-         figures["cost_saving"]) = row
+        try:
+            done = db.execute(f"SELECT outcome, jobs, {', '.join(JOB_FIGURES)} FROM done_totals").fetchall()
+        except sqlite3.OperationalError:
+            done = db.execute(done_figures_by_scan(self._not_pack)).fetchall()
+        live = db.execute(
+            f"SELECT j.state, count(*), {', '.join(f'sum({sql})' for sql in JOB_FIGURES.values())} FROM jobs j"
+            f" WHERE j.state IN ({', '.join('?' * len(_NOT_DONE))}) AND {self._not_pack} GROUP BY j.state",
+            _NOT_DONE).fetchall()
+        figures: dict[str, Any] = {"jobs": {row[0]: row[1] for row in live},
+                                   "outcomes": {row[0]: row[1] for row in done if row[0]}}
+        if done:
+            figures["jobs"][JobState.DONE.value] = sum(row[1] for row in done)
+        for n, name in enumerate(JOB_FIGURES, start=2):
+            figures[name] = sum(row[n] or 0 for row in (*done, *live))
         figures["notification_backlog"] = db.execute(
             "SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
         figures["running_chunks"] = db.execute("SELECT count(*) FROM chunks WHERE state = ?",

@@ -9,10 +9,46 @@ from __future__ import annotations
 
 import sqlite3
 
+from batchd.states import ChunkState, JobState
+
 #: The rows of ``chunks_holding_uploads``, a partial index. A query reaches the index only if its WHERE
 #: repeats this condition word for word, literals included (SQLite cannot tell what a bound parameter
 #: will be when it plans), so the index and :meth:`batchd.journal.Journal.uploads_to_delete` share it.
 HOLDING_UPLOADS = "upload_state IN ('uploading', 'uploaded')"
+
+#: A chunk's requests answered or failed so far: all of a finished one, else the service's counts (``stats``).
+_DONE_REQUESTS = (f"CASE WHEN state IN ('{ChunkState.FETCHED}', '{ChunkState.SKIPPED}') THEN request_count ELSE"
+                  " coalesce(json_extract(stats, '$.successfulRequestCount'), 0) +"
+                  " coalesce(json_extract(stats, '$.failedRequestCount'), 0) END")
+#: What /metrics sums over jobs, as SQL over one job's row ``j``: its chunks' requests, its actual tokens,
+#: its estimated and actual cost and the saving (the actual one once known). The sums over finished jobs
+#: are kept in ``done_totals`` (see :data:`DONE_TOTALS_ADD`); those of the others are read at each scrape.
+JOB_FIGURES = {
+    "requests_total": "(SELECT coalesce(sum(request_count), 0) FROM chunks WHERE job_id = j.id)",
+    "requests_done": f"(SELECT coalesce(sum({_DONE_REQUESTS}), 0) FROM chunks WHERE job_id = j.id)",
+    "input_tokens": "coalesce(json_extract(j.cost, '$.actual.input_tokens'), 0)",
+    "output_tokens": "coalesce(json_extract(j.cost, '$.actual.output_tokens'), 0)",
+    "cost_estimate": "coalesce(json_extract(j.cost, '$.estimate.cost'), 0.0)",
+    "cost_actual": "coalesce(json_extract(j.cost, '$.actual.cost'), 0.0)",
+    "cost_saving": "coalesce(CASE WHEN json_extract(j.cost, '$.actual.cost') IS NOT NULL THEN"
+                   " json_extract(j.cost, '$.actual.saving') ELSE json_extract(j.cost, '$.estimate.saving') END, 0.0)",
+}
+_FIGURE_SUMS = ", ".join(f"sum({expression})" for expression in JOB_FIGURES.values())
+
+
+def done_figures_by_scan(not_pack: str = "pack = 0") -> str:
+    """SQL: the finished jobs' figures by outcome ('' for none), summed from their rows (what ``done_totals``
+    holds); ``not_pack`` is the condition that leaves packs out (a journal from before packs has no column)."""
+    return (f"SELECT coalesce(j.outcome, ''), count(*), {_FIGURE_SUMS} FROM jobs j"
+            f" WHERE j.state = '{JobState.DONE}' AND {not_pack} GROUP BY 1")
+
+
+#: Adds the job ``?`` (just finished) to ``done_totals``, in the transaction that finishes it.
+DONE_TOTALS_ADD = (
+    f"INSERT INTO done_totals (outcome, jobs, {', '.join(JOB_FIGURES)})"
+    f" SELECT coalesce(j.outcome, ''), 1, {', '.join(JOB_FIGURES.values())} FROM jobs j WHERE j.id = ? AND j.pack = 0"
+    " ON CONFLICT (outcome) DO UPDATE SET jobs = jobs + excluded.jobs, "
+    + ", ".join(f"{name} = {name} + excluded.{name}" for name in JOB_FIGURES))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -159,6 +195,21 @@ CREATE TABLE IF NOT EXISTS output_observed (
     updated_at    REAL NOT NULL,
     PRIMARY KEY (task, model)
 );
+
+-- /metrics' sums over the finished jobs (not packs), by outcome ('' for none): each job is added in the
+-- transaction that makes it 'done' (DONE_TOTALS_ADD), so a scrape reads these and the unfinished jobs,
+-- never the whole history. Filled from the jobs' rows when an older journal is first opened.
+CREATE TABLE IF NOT EXISTS done_totals (
+    outcome        TEXT PRIMARY KEY,
+    jobs           INTEGER NOT NULL,
+    requests_total INTEGER NOT NULL,
+    requests_done  INTEGER NOT NULL,
+    input_tokens   INTEGER NOT NULL,
+    output_tokens  INTEGER NOT NULL,
+    cost_estimate  REAL NOT NULL,
+    cost_actual    REAL NOT NULL,
+    cost_saving    REAL NOT NULL
+);
 """
 
 #: Columns added to ``jobs`` after its first release, added to older journals when opened.
@@ -210,3 +261,7 @@ def migrate(db: sqlite3.Connection) -> None:
     # The dashboard's cost chart of the last days reads those days, not the history.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_spent_by_day ON jobs(coalesce(finished_at, created_at))"
                " WHERE spend IS NOT NULL")
+    # A journal whose jobs finished before done_totals existed: its sums, once (every finish adds to it since).
+    if (db.execute("SELECT 1 FROM done_totals LIMIT 1").fetchone() is None
+            and db.execute("SELECT 1 FROM jobs WHERE state = ? AND pack = 0 LIMIT 1", (JobState.DONE,)).fetchone()):
+        db.execute(f"INSERT INTO done_totals (outcome, jobs, {', '.join(JOB_FIGURES)}) {done_figures_by_scan()}")
