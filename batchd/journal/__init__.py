@@ -328,11 +328,6 @@ class Journal(NotificationQueue):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
-        # A job finishing is added to /metrics' sums over finished jobs (schema.py, done_totals), once.
-        finishing = fields.get("state") == JobState.DONE and (
-            kept.state if kept is not None
-            else (db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone() or [None])[0]
-        ) != JobState.DONE
         if "state" not in fields:
             db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
             return
@@ -659,7 +654,9 @@ class Journal(NotificationQueue):
         db = self._db
         try:
             done = db.execute(f"SELECT outcome, jobs, {', '.join(JOB_FIGURES)} FROM done_totals").fetchall()
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise
             done = db.execute(done_figures_by_scan(self._not_pack)).fetchall()
         live = db.execute(
             f"SELECT j.state, count(*), {', '.join(f'sum({sql})' for sql in JOB_FIGURES.values())} FROM jobs j"
