@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator
 
 from batchd import fs
-from batchd.durable import COPY_BLOCK, DirSync, durable_move, fsync_dir, json_text, numbered_paths
+from batchd.durable import COPY_BLOCK, DirSync, durable_move, fsync_dir, json_text
 
 __all__ = ["DuplicateKeyError", "JobFolder", "JsonObjectWriter", "choose_folder"]
 
@@ -33,7 +33,26 @@ def choose_folder(outbox: Path, name: str, taken: Callable[[Path], bool] | None 
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"not a usable folder name: {name!r}")
     is_taken = taken if taken is not None else os.path.lexists
-    return next(path for path in numbered_paths(outbox, name) if not is_taken(path))
+
+    def candidate(number: int) -> Path:
+        return outbox / (name if number == 1 else f"{name}-{number}")
+
+    if not is_taken(candidate(1)):
+        return candidate(1)
+    # A name is reused job after job (a producer that drops report.toml every hour): NAME-2, NAME-3, …
+    # fill up in order, and trying them one by one would cost each delivery as many lookups as there were
+    # jobs of that name before it. Doubling until one is free, then halving back to the end of the taken
+    # run, takes 2 log2(N) lookups. A hole a user made in the run may be chosen: any free name will do.
+    taken_number, free_number = 1, 2
+    while is_taken(candidate(free_number)):
+        taken_number, free_number = free_number, free_number * 2
+    while free_number - taken_number > 1:
+        middle = (taken_number + free_number) // 2
+        if is_taken(candidate(middle)):
+            taken_number = middle
+        else:
+            free_number = middle
+    return candidate(free_number)
 
 
 class JobFolder:

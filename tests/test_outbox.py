@@ -182,6 +182,25 @@ def test_choose_folder_adds_a_suffix_when_taken(tmp_path):
     assert choose_folder(tmp_path, "report") == tmp_path / "report-3"
 
 
+def test_choose_folder_finds_the_next_of_a_name_reused_thousands_of_times_in_a_few_lookups(tmp_path):
+    """A producer drops report.toml every hour: report, report-2 … report-5000 exist. The next job's folder is
+    report-5001, found in 2 log2(5000) lookups, not 5,000 (each delivery's cost grew with the name's history);
+    with a hole someone made in the run, a free name is chosen all the same."""
+    for number in range(1, 5001):
+        (tmp_path / ("report" if number == 1 else f"report-{number}")).mkdir()
+    looked_up = []
+
+    def taken(path):
+        looked_up.append(path)
+        return os.path.lexists(path)
+
+    assert choose_folder(tmp_path, "report", taken=taken) == tmp_path / "report-5001"
+    assert len(looked_up) <= 2 * 13 + 2, len(looked_up)
+    (tmp_path / "report-2500").rmdir()
+    chosen = choose_folder(tmp_path, "report")
+    assert not chosen.exists() and chosen.name in ("report-2500", "report-5001")
+
+
 def test_numbered_paths(tmp_path):
     paths = numbered_paths(tmp_path, "job", ".toml")
     assert [next(paths).name for _ in range(3)] == ["job.toml", "job-2.toml", "job-3.toml"]
