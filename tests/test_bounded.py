@@ -335,3 +335,21 @@ def test_daemon_threads_run_every_piece_on_at_most_their_size_and_a_stop_waits_f
     for thread in threads:
         thread.join(5)
     assert not any(t.is_alive() for t in threads), "each thread ends once the work queued before the stop is done"
+
+
+def test_a_service_keeps_no_record_per_job_it_delivered(workspace: Workspace):
+    """A service delivers for months: its run report (what ``run --once`` sums up) counts outcomes, and keeps
+    no job's id or manifest name. Before, it kept both for every job delivered, for as long as the process
+    ran (about 200 bytes a job). The daemon's other per-job memory is bounded caches (``KEPT_JOBS`` rows,
+    ``SPOOLS_REMEMBERED`` spools)."""
+    workspace.configure(settle_seconds=0, job_seconds=0)
+    daemon = Daemon(load_settings(workspace.config), once=False)
+    daemon.start()
+    try:
+        for n in range(50):
+            workspace.drop(f"job{n:02}.toml", small(n))
+        run_in_process(daemon, lambda: len(workspace.outbox_folders()) == 50)
+        assert daemon.report.outcomes == {"succeeded": 50}
+        assert daemon.report.sources == set()
+    finally:
+        daemon.close()

@@ -137,7 +137,7 @@ def test_ready_comes_after_recovery_then_status_lines_and_stopping_on_sigterm(wo
     try:
         ready = systemd.wait_for(lambda lines: "READY=1" in lines, what="READY=1")
         assert "claiming" not in job_states(workspace), "READY=1 came before recovery finished"
-        assert systemd.messages[0] == ["STATUS=starting: recovering and reconciling with the remote job list"]
+        assert systemd.messages[0] == ["STATUS=starting: recovering"]
         assert f"MAINPID={daemon.pid}" in ready
         assert any(line.startswith("STATUS=") and "job" in line for line in ready)
 

@@ -110,7 +110,7 @@ class Daemon:
         sys.setswitchinterval(SWITCH_INTERVAL)
         _return_big_buffers_to_the_os()
         try:
-            self.service_manager.status("starting: recovering and reconciling with the remote job list")
+            self.service_manager.status("starting: recovering")
             self.start()
             if self.settings.one_cpu:
                 _keep_threads_on_one_cpu()  # after start: the embedded emulator keeps every CPU

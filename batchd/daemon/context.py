@@ -146,9 +146,13 @@ class Stopping(Exception):
 
 @dataclass
 class RunReport:
-    """What one ``run`` delivered, for the exit code of ``--once``."""
+    """What one ``run`` delivered, for the exit code and closing line of ``--once``. A service delivers
+    for months: nothing here grows with the jobs it delivers but ``sources``, kept for ``--once`` alone."""
 
-    outcomes: dict[str, str] = field(default_factory=dict)
+    #: Jobs delivered, by outcome.
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: Whether the run is ``--once``, which keeps the manifest names it delivered in ``sources``.
+    once: bool = False
     #: The manifest names of the jobs delivered (``run --once`` stops waiting for them).
     sources: set[str] = field(default_factory=set)
     held: list[str] = field(default_factory=list)
@@ -158,8 +162,9 @@ class RunReport:
     spent: dict[str, float] = field(default_factory=dict)
 
     def delivered(self, job: Job) -> None:
-        self.outcomes[job.id] = job.outcome
-        self.sources.add(job.source)
+        self.outcomes[job.outcome] += 1
+        if self.once:
+            self.sources.add(job.source)
         amount = spend_of(job.cost)
         if amount is not None:
             currency = summary_cost(job.cost)["currency"] or "USD"
@@ -167,28 +172,27 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes.values()):
+        if any(outcome in FAILED_OUTCOMES for outcome in self.outcomes):
             return 1
         if not self.finished:
             return INTERRUPTED_EXIT_CODE
         if self.held:
             return HELD_EXIT_CODE
-        if "plugin_failed" in self.outcomes.values():
+        if "plugin_failed" in self.outcomes:
             return PLUGIN_FAILED_EXIT_CODE
-        return PARTIAL_EXIT_CODE if "partial" in self.outcomes.values() else 0
+        return PARTIAL_EXIT_CODE if "partial" in self.outcomes else 0
 
     def summary(self, outbox: Path) -> str:
         """The closing line of ``run --once``: what it delivered, what that cost, and where it is."""
         # Ended before all was delivered: a stop, or manifests a full disk left unclaimed (logged apart).
         left = "" if self.finished else "; ended before every job was delivered: the rest go on with the next run"
-        counts = Counter(self.outcomes.values())
-        if not counts:
+        if not self.outcomes:
             return f"run --once: no job delivered{left}" if left else \
                 "run --once: nothing to do (no manifest in the inbox)"
-        outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes.items()))
         cost = "; ".join(f"{amount:.6f} {currency}" for currency, amount in sorted(self.spent.items()))
         held = f"; {len(self.held)} held over budget (batchd approve NAME)" if self.held else ""
-        return (f"run --once: {len(self.outcomes)} job(s) delivered ({outcomes}){held}"
+        return (f"run --once: {self.outcomes.total()} job(s) delivered ({outcomes}){held}"
                 f"{f', costing {cost}' if cost else ''}; results in {outbox}{left}")
 
 
@@ -327,7 +331,7 @@ class Context:
         self._provider = provider
         self.wake = wake
         self.journal: Journal | None = None  # opened by Daemon.start, after the state dir's lock is held
-        self.report = RunReport()
+        self.report = RunReport(once=once)
         #: Writes that found the disk full pause every writing step (see batchd.fs).
         self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)
         #: Calls the service refused for quota (429) wait here: creates and polls apart.
