@@ -59,6 +59,8 @@ MAX_INLINE_BYTES = 20 * 1024 * 1024
 DEFAULT_BATCH_PAGE_SIZE, MAX_BATCH_PAGE_SIZE = 50, 1000
 DEFAULT_FILE_PAGE_SIZE, MAX_FILE_PAGE_SIZE = 10, 100
 DEFAULT_MODEL_PAGE_SIZE, MAX_MODEL_PAGE_SIZE = 50, 1000
+#: How often the files past their expiry are looked for and removed (on the first request after that).
+EXPIRED_LOOK_SECONDS = 600.0
 #: Answer headers a browser page may read: the resumable upload protocol's.
 CORS_EXPOSED_HEADERS = ("X-Goog-Upload-URL", "X-Goog-Upload-Status", "X-Goog-Upload-Size-Received",
                         "X-Goog-Upload-Chunk-Granularity")
@@ -153,6 +155,8 @@ class EmulatorApp:
         self.creates_by_display_name: Counter[str] = Counter()
         self.uploads_by_display_name: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        #: When expired files were last forgotten (see :meth:`_forget_expired_files`).
+        self._expired_looked_at = float("-inf")
         self.runner.resume()
         self.active = ActiveJobs(settings.concurrent_batches, self._ended)
         self.active.add_existing(list(self.store.jobs))
@@ -182,6 +186,7 @@ class EmulatorApp:
         path = request.url.path
         found = _VERSIONED_PATH.match(path)
         name = None
+        self._forget_expired_files()
         try:
             if found is None:
                 raise not_found(f"The requested URL {path} was not found on this server.")
@@ -523,6 +528,18 @@ class EmulatorApp:
         return json_response({"embeddings": await run_in_threadpool(embed_all)})
 
     # -- files ------------------------------------------------------------------------------------
+
+    def _forget_expired_files(self) -> None:
+        """Remove the files past their expiry, bytes and all, as the Files API deletes them (at most every
+        :data:`EXPIRED_LOOK_SECONDS`, or ``expire_seconds`` if shorter): no call shows one any more, and
+        a results file kept for ever would fill the disk of an emulator that runs for months."""
+        now = time.time()
+        if now - self._expired_looked_at < min(EXPIRED_LOOK_SECONDS, self.settings.expire_seconds):
+            return
+        self._expired_looked_at = now
+        for file_id, doc in list(self.store.files.items()):
+            if doc["createTime"] + self.settings.expire_seconds <= now:
+                self.store.delete_file(file_id)
 
     def _live_file(self, file_id: str) -> dict | None:
         """A stored file that has not expired (files are kept for ``expire_seconds``, 48 h by default)."""

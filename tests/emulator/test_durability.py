@@ -163,3 +163,21 @@ def test_documents_an_older_emulator_kept_as_files_are_moved_into_its_database(t
             ["req-0", "req-1"]
         assert client.files.get(name=uploaded.name).display_name == "kept"
     assert not (state / "batches").exists() and not (state / "files").exists()
+
+
+def test_a_file_past_its_expiry_is_removed_bytes_and_all(tmp_path: Path):
+    """The Files API deletes a file once it expires: the emulator answers it 403 from then on and, at its
+    next look (every ``expire_seconds`` here, every 10 minutes at most), removes its bytes too, so an
+    emulator that runs for months does not keep every results file it ever made."""
+    source = tmp_path / "hello.txt"
+    source.write_text("hello")
+    with EmulatorServer(tmp_path / "state", job_seconds=0.1, expire_seconds=1.0) as emulator:
+        client = make_client(emulator.base_url)
+        expiring = client.files.upload(file=source, config=types.UploadFileConfig(mime_type="text/plain"))
+        blob = emulator.app.store.blob(expiring.name.removeprefix("files/"))
+        assert blob.exists()
+        time.sleep(1.2)
+        kept = client.files.upload(file=source, config=types.UploadFileConfig(mime_type="text/plain"))
+        assert [f.name for f in client.files.list()] == [kept.name]
+        assert not blob.exists()
+        assert emulator.app.store.blob(kept.name.removeprefix("files/")).exists()
