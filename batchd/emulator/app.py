@@ -537,8 +537,10 @@ class EmulatorApp:
         if now - self._expired_looked_at < min(EXPIRED_LOOK_SECONDS, self.settings.expire_seconds):
             return
         self._expired_looked_at = now
+        # A job still to run reads its input file when it runs; that one stays until the job has ended.
+        needed = {job.get("inputFile") for job in list(self.store.jobs.values()) if not self._ended(job["id"])}
         for file_id, doc in list(self.store.files.items()):
-            if doc["createTime"] + self.settings.expire_seconds <= now:
+            if doc["createTime"] + self.settings.expire_seconds <= now and file_id not in needed:
                 self.store.delete_file(file_id)
 
     def _live_file(self, file_id: str) -> dict | None:
