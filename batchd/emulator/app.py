@@ -538,7 +538,8 @@ class EmulatorApp:
             return
         self._expired_looked_at = now
         # A job still to run reads its input file when it runs; that one stays until the job has ended.
-        needed = {job.get("inputFile") for job in list(self.store.jobs.values()) if not self._ended(job["id"])}
+        needed = {job["inputFile"] for job in list(self.store.jobs.values())
+                  if job.get("inputFile") and not self._ended(job["id"])}
         for file_id, doc in list(self.store.files.items()):
             if doc["createTime"] + self.settings.expire_seconds <= now and file_id not in needed:
                 self.store.delete_file(file_id)
