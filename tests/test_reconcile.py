@@ -70,7 +70,7 @@ def create_remote(daemon: Daemon):
 def test_duplicates_left_by_a_crash_keep_the_oldest_and_cancel_the_rest(daemon: Daemon):
     first, second = create_remote(daemon), create_remote(daemon)
 
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
 
     chunk = daemon.journal.chunks("j1")[0]
     assert (chunk.state, chunk.remote_name) == ("running", first.name)
@@ -81,7 +81,7 @@ def test_duplicates_left_by_a_crash_keep_the_oldest_and_cancel_the_rest(daemon: 
 
 
 def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_once(daemon: Daemon):
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     assert not daemon.steps.submit.submissions.running, "inside the grace period nothing is created"
     assert daemon.journal.chunks("j1")[0].state == "submitting"
 
@@ -90,7 +90,7 @@ def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_
     spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True)
     spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     assert len(daemon.steps.submit.submissions.running) == 1
     next(iter(daemon.steps.submit.submissions.running.values())).future.result(timeout=30)
     daemon.steps.submit.collect()
@@ -98,7 +98,7 @@ def test_an_intent_without_a_remote_job_waits_out_the_grace_period_then_creates_
     chunk = daemon.journal.chunks("j1")[0]
     assert chunk.state == "running"
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
-    daemon.steps.submit.reconcile()  # a second pass finds nothing left to do
+    daemon.steps.monitor.poll()  # a second pass finds nothing left to do
     assert [job.name for job in daemon.provider.list_jobs() if job.display_name == DISPLAY_NAME] == [chunk.remote_name]
 
 
@@ -106,7 +106,7 @@ def test_a_create_that_shows_up_after_its_chunk_was_created_again_is_cancelled_a
     """The list missed a create for longer than the grace period, so the chunk was created again; when the
     first one shows up at last, the next poll records it (its cost counts) and cancels it."""
     adopted = create_remote(daemon)
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     assert daemon.journal.chunks("j1")[0].remote_name == adopted.name
     late = create_remote(daemon)  # the original create, visible only now
 
@@ -135,11 +135,11 @@ def test_a_cancelled_job_waits_out_the_grace_period_for_an_unconfirmed_create_an
     daemon.settings.submit_grace_seconds = 30.0  # "inside" must hold on a loaded machine too (not 0.3 s)
     daemon.journal.update_job("j1", cancel_requested=1)
 
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     assert daemon.journal.chunks("j1")[0].state == "submitting", "inside the grace period it may yet show up"
 
     daemon.journal.update_chunk("j1", 0, intent_at=time.time() - 60)
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
 
     assert not daemon.steps.submit.submissions.running, "a create was sent for a cancelled job"
     chunk = daemon.journal.chunks("j1")[0]
@@ -154,11 +154,11 @@ def test_an_unconfirmed_create_of_a_cancelled_job_that_is_found_is_adopted_and_c
     daemon.journal.update_job("j1", cancel_requested=1)
     if late:
         daemon.settings.submit_grace_seconds = 30.0  # "within" must hold on a loaded machine too
-        daemon.steps.submit.reconcile()
+        daemon.steps.monitor.poll()
         assert daemon.journal.chunks("j1")[0].state == "submitting"
     created = create_remote(daemon)
 
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     cancels_answered(daemon)
 
     assert not daemon.steps.submit.submissions.running
@@ -186,7 +186,7 @@ def create_again(daemon: Daemon) -> None:
     spool = daemon.ctx.spool("j1")
     spool.root.mkdir(parents=True, exist_ok=True)
     spool.requests_path(0).write_text(RequestEncoder(MODEL).jsonl_line("k", "hi") + "\n")
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     next(iter(daemon.steps.submit.submissions.running.values())).future.result(timeout=30)
     daemon.steps.submit.collect()
 
@@ -287,7 +287,7 @@ def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(qu
     chunk still runs, its results are fetched."""
     daemon = quick_daemon
     remote = create_remote(daemon)
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     wait_done(make_client(daemon.emulator.base_url, api_key="batchd-emulator"), remote.name)
     monitor = daemon.steps.monitor
 

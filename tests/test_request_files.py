@@ -266,7 +266,7 @@ def inproc(workspace: Workspace):
 
 def created_again(daemon: Daemon):
     """Reconcile (no remote job: the chunk is created again) and run the submission to its end."""
-    daemon.steps.submit.reconcile()
+    daemon.steps.monitor.poll()
     assert daemon.steps.submit.submissions.running
     while daemon.steps.submit.submissions.running:
         for submission in list(daemon.steps.submit.submissions.running.values()):

@@ -352,15 +352,6 @@ class Submit:
         self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
                                       error=error_dict(error))
 
-    def reconcile(self) -> None:
-        """Match chunks whose create is unconfirmed against the remote job list, by display name, the list
-        read here, on the caller's thread (a test's, a tool's: the loop's polls read it in the monitor's
-        reader and hand it to :meth:`match`, at start too)."""
-        pending = self.unconfirmed()
-        if pending:
-            listed_at = time.time()
-            self.match(pending, self.ctx.provider.list_jobs(), listed_at)
-
     def unconfirmed(self) -> dict[str, Chunk]:
         """The chunks whose create is unconfirmed and not in flight, by display name. Each name is watched
         for strays from now on."""
