@@ -113,6 +113,22 @@ def test_secret_settings_are_registered_generically():
     assert logs.redact_data({"a": ["whsec-123456789"]}) == {"a": ["***"]}
 
 
+
+def test_json_for_the_journal_masks_every_string_and_stays_valid_json(monkeypatch):
+    """The journal's JSON is written first and redacted only where a secret shows in it: keys, nested
+    strings, a secret JSON escapes, one inside a longer one; a secret's digits as a number stay a number."""
+    monkeypatch.setattr(logs, "_secrets", ())
+    monkeypatch.setattr(logs, "_secrets_in_json", ())
+    plain = {"error": {"message": "no key here", "n": [1, 2.5, None, True]}}
+    assert logs.redacted_json(plain) == json.dumps(plain, ensure_ascii=False)  # no secret: the JSON as written
+    for secret in ("AIzaFAKE-0123456789", 'quote"and\\back', "AIzaFAKE-0123456789-longer", "1234567"):
+        logs.register_secret(secret)
+    value = {"AIzaFAKE-0123456789": ["key AIzaFAKE-0123456789-longer", 'q quote"and\\back'],
+             "count": 1234567, "note": "1234567 émis", "ok": "nothing"}
+    decoded = json.loads(logs.redacted_json(value))
+    assert decoded == {"***": ["key ***", "q ***"], "count": 1234567, "note": "*** émis", "ok": "nothing"}
+    assert logs.redacted_json({"count": 1234567}) == '{"count": 1234567}'
+
 def test_key_value_lines_quote_what_needs_it_and_keep_a_traceback_on_one_line():
     formatter = logs.KeyValueFormatter()
     try:

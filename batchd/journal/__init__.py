@@ -108,8 +108,8 @@ from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
-                                 redacted_json, replace_row)
-from batchd.logs import redact
+                                 replace_row)
+from batchd.logs import redact, redacted_json
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
 

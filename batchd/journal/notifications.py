@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from batchd.journal.rows import redacted_json
+from batchd.logs import redacted_json
 from batchd.journal.transactions import Transactions
 
 

@@ -1,4 +1,4 @@
-"""The journal's rows as values (:class:`Job`, :class:`Chunk`), and how its JSON columns are written."""
+"""The journal's rows as values (:class:`Job`, :class:`Chunk`), and how its JSON columns are read."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import sqlite3
 import time
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
-
-from batchd.logs import redact_data
-
-
-def redacted_json(value: Any) -> str:
-    """JSON for the journal, secrets masked: an error or an event may quote an API key, and the
-    journal is what ``batchd status``, the outbox and the notification plugins are made from."""
-    return json.dumps(redact_data(value), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
