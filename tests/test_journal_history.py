@@ -142,3 +142,43 @@ def test_metrics_sums_of_finished_jobs_are_kept_as_they_finish_not_read_from_eve
         assert comparable(journal.totals()) == comparable(expected)
     finally:
         journal.close()
+
+
+def test_the_writer_remembers_the_jobs_that_send_files_only_until_they_are_done(tmp_path):
+    """The writer keeps the ids of jobs whose chunks send files, to spare the others a lookup per chunk.
+    It read them from every chunk_media row ever written, and kept each for good: a service that sent a
+    million jobs with images held a million ids. Only unfinished jobs are kept now; the uploaded files
+    of finished ones are still found for deletion."""
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    try:
+        for job_id in ("finished", "running"):
+            journal.add_job(job_id, name=job_id, source=f"{job_id}.toml", state=JobState.RECEIVED)
+            journal.update_job(job_id, state=JobState.BUILDING)
+            journal.add_chunk(job_id, {"idx": 0, "display_name": f"batchd-{job_id}-c0", "mode": "inline",
+                                       "request_count": 1, "byte_size": 10, "media": {"f" * 64: ("image/png", 10)}})
+        journal.set_media({"f" * 64: {"state": "active", "last_used": 1.0}})
+        assert [row["sha256"] for row in journal.chunk_media("finished", 0)] == ["f" * 64]
+        for state in (JobState.BUILT, JobState.SUBMITTED, JobState.FETCHED, JobState.PUBLISHING, JobState.DONE):
+            journal.update_job("finished", state=state)
+        assert journal._jobs_with_media == {"running"}
+    finally:
+        journal.close()
+    journal = Journal(path)
+    try:
+        assert journal._jobs_with_media == {"running"}
+        assert [row["sha256"] for row in journal.chunk_media("running", 0)] == ["f" * 64]
+        assert journal.media_to_delete(time.time()) == []  # the running job's chunk still needs it
+        for state in (JobState.BUILT, JobState.SUBMITTED, JobState.FETCHED, JobState.PUBLISHING, JobState.DONE):
+            journal.update_job("running", state=state)
+        for job_id in ("finished", "running"):
+            for state in ("submitting", "running", "fetched"):
+                journal.update_chunk(job_id, 0, state=state)
+    finally:
+        journal.close()
+    journal = Journal(path)
+    try:
+        assert journal._jobs_with_media == set()
+        assert [row["sha256"] for row in journal.media_to_delete(time.time())] == ["f" * 64]
+    finally:
+        journal.close()

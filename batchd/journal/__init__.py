@@ -147,10 +147,14 @@ class Journal(NotificationQueue):
         #: Jobs and chunks as last read, for the loop's many reads of the same rows (batchd/journal/kept.py):
         #: every write of a row drops it first, any rollback drops them all; a reader keeps none.
         self.kept_rows = KeptRows(lambda: self._rollbacks, keep=not readonly)
-        #: The jobs whose requests send files (``chunk_media`` rows), kept by the one writer so that the
-        #: many jobs without any skip the per-chunk lookups; None for a reader (another process writes).
+        #: The unfinished jobs whose requests send files (``chunk_media`` rows), kept by the one writer so
+        #: that the many jobs without any skip the per-chunk lookups (a job leaves it when it is done: the
+        #: set does not grow with the history); None for a reader (another process writes).
         self._jobs_with_media: set[str] | None = None if readonly else {
-            row[0] for row in self._db.execute("SELECT DISTINCT job_id FROM chunk_media")}
+            row[0] for row in self._db.execute("SELECT DISTINCT cm.job_id FROM chunk_media cm JOIN jobs j"
+                                               " ON j.id = cm.job_id WHERE j.state != ?", (JobState.DONE,))}
+        #: Whether any request ever sent a file (a ``media`` row): else there is nothing uploaded to delete.
+        self._media_seen = readonly or self._db.execute("SELECT 1 FROM media LIMIT 1").fetchone() is not None
 
     @property
     def _not_pack(self) -> str:
@@ -213,6 +217,8 @@ class Journal(NotificationQueue):
                     check_job_move(row[0], fields["state"])
         if updated and finishing:
             db.execute(DONE_TOTALS_ADD, (job_id,))
+            if self._jobs_with_media is not None and job_id in self._jobs_with_media:
+                self.after_commit(lambda: self._jobs_with_media.discard(job_id))
         if updated and kept is not None:
             # The row as a read would now return it, kept without the read: the loop visits a job right
             # after writing it. A rollback drops it with the rest (batchd/journal/kept.py).
@@ -308,6 +314,7 @@ class Journal(NotificationQueue):
             if inserted and media:
                 if self._jobs_with_media is not None:
                     self._jobs_with_media.add(job_id)  # before the rows: a rollback leaves one lookup too many
+                self._media_seen = True
                 db.executemany("INSERT OR IGNORE INTO media (sha256, mime_type, size, state) VALUES (?, ?, ?, ?)",
                                [(sha256, mime, size, MediaState.NEW) for sha256, (mime, size) in media.items()])
                 db.executemany("INSERT OR IGNORE INTO chunk_media (job_id, idx, sha256) VALUES (?, ?, ?)",
@@ -549,7 +556,7 @@ class Journal(NotificationQueue):
     # -- media (files sent with requests) ---------------------------------------------------
 
     def chunk_media(self, job_id: str, idx: int) -> list[dict]:
-        """The media rows of the files a chunk's requests upload."""
+        """The media rows of the files a chunk's requests upload (a chunk of a job that is not done)."""
         if self._jobs_with_media is not None and job_id not in self._jobs_with_media:
             return []
         rows = self._db.execute("SELECT m.* FROM media m JOIN chunk_media cm ON cm.sha256 = m.sha256"
@@ -577,7 +584,7 @@ class Journal(NotificationQueue):
     def media_to_delete(self, unused_since: float) -> list[dict]:
         """Uploaded (or perhaps uploaded) files no chunk still to be sent or running needs, unused since
         ``unused_since``, and those a deletion round cut short left ``deleting``."""
-        if self._jobs_with_media == set():
+        if not self._media_seen:
             return []  # no request ever sent a file: nothing was uploaded
         rows = self._db.execute(
             "SELECT * FROM media m WHERE (m.state = ? OR (m.state IN (?, ?)"
