@@ -198,7 +198,8 @@ CREATE TABLE IF NOT EXISTS output_observed (
 
 -- /metrics' sums over the finished jobs (not packs), by outcome ('' for none): each job is added in the
 -- transaction that makes it 'done' (DONE_TOTALS_ADD), so a scrape reads these and the unfinished jobs,
--- never the whole history. Filled from the jobs' rows when an older journal is first opened.
+-- never the whole history. Filled from the jobs' rows when a writer opens a journal where it does not
+-- count every finished job (an older journal, or one an older batchd ran on since).
 CREATE TABLE IF NOT EXISTS done_totals (
     outcome        TEXT PRIMARY KEY,
     jobs           INTEGER NOT NULL,
@@ -261,7 +262,10 @@ def migrate(db: sqlite3.Connection) -> None:
     # The dashboard's cost chart of the last days reads those days, not the history.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_spent_by_day ON jobs(coalesce(finished_at, created_at))"
                " WHERE spend IS NOT NULL")
-    # A journal whose jobs finished before done_totals existed: its sums, once (every finish adds to it since).
-    if (db.execute("SELECT 1 FROM done_totals LIMIT 1").fetchone() is None
-            and db.execute("SELECT 1 FROM jobs WHERE state = ? AND pack = 0 LIMIT 1", (JobState.DONE,)).fetchone()):
+    # done_totals counts every finished job once, as each finishes; read from the rows again when it does not
+    # count as many as there are: a journal whose jobs finished before it existed, or one an older batchd ran
+    # on since (it finishes jobs without adding them). Counting them is 10 ms at 100,000 jobs; a sum 0.25 s.
+    counted = db.execute("SELECT coalesce(sum(jobs), 0) FROM done_totals").fetchone()[0]
+    if counted != db.execute("SELECT count(*) FROM jobs WHERE state = ? AND pack = 0", (JobState.DONE,)).fetchone()[0]:
+        db.execute("DELETE FROM done_totals")
         db.execute(f"INSERT INTO done_totals (outcome, jobs, {', '.join(JOB_FIGURES)}) {done_figures_by_scan()}")
