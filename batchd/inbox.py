@@ -384,10 +384,7 @@ class Inbox:
         self._missing_reported = False
         log.warning("the inbox %s was gone; created it again", self.path)
         if self._observer is not None:
-            observer, self._observer = self._observer, None
-            _stop_observer(observer)
-            self._forget_all_moves()
-            self._observer = self._start_observer()
+            self._restart_observer()
         self.changed = True
         self._hint.set()
         return True
@@ -405,14 +402,17 @@ class Inbox:
         if observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters):
             return False
         log.warning("the watcher of %s stopped; restarting it", self.path)
-        self._observer = None
+        self._restart_observer()
+        self.changed = True
+        self._hint.set()
+        return True
+
+    def _restart_observer(self) -> None:
+        observer, self._observer = self._observer, None
         _stop_observer(observer)
         # A write to a renamed-in file may have gone unreported while no one watched.
         self._forget_all_moves()
         self._observer = self._start_observer()
-        self.changed = True
-        self._hint.set()
-        return True
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None
