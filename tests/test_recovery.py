@@ -301,3 +301,54 @@ def test_a_temp_file_a_kill_left_in_the_state_dir_is_removed_at_the_next_start(w
     assert all(path.read_text() == "not batchd's" for path in kept)
     assert (workspace.state / ".link.0123abcd.tmp").is_symlink()
     assert "removed .models.json.0123abcd.tmp" in result.stderr
+
+
+def test_a_journal_that_is_no_database_stops_the_start_with_what_to_do_and_exit_78(workspace: Workspace):
+    """A journal.db that is not SQLite (overwritten, or damaged on disk): batchd neither crashes with a traceback
+    nor starts a new journal over it, which would forget what it claimed and created. `run` says what to do and
+    exits 78 (the systemd unit does not restart it in a loop: a restart cannot mend it), `status` says the same,
+    and the file and the inbox are left as they were."""
+    workspace.drop("translate.toml", TRANSLATE)
+    workspace.state.mkdir(parents=True, exist_ok=True)
+    damaged = b"not a database " * 600
+    journal_path(workspace.state).write_bytes(damaged)
+
+    refused = workspace.batchd("run", "--once")
+    status = workspace.batchd("status")
+
+    assert refused.returncode == 78, refused.stderr[-3000:]
+    for result in (refused, status):
+        assert "cannot be read" in result.stderr and ".recover" in result.stderr, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) <= 2, result.stderr[-3000:]
+    assert status.returncode == 1
+    assert journal_path(workspace.state).read_bytes() == damaged
+    assert (workspace.inbox / "translate.toml").exists() and not workspace.outbox_folders()
+
+
+def test_an_embedded_emulator_whose_state_is_damaged_stops_the_start_saying_so(workspace: Workspace):
+    """The embedded emulator's state.db damaged: its error and the daemon's are one line each, no traceback, and
+    nothing of the manifest waiting in the inbox is lost; once the state is moved aside, as the error says, the
+    manifest is delivered (before, the emulator's traceback and then the daemon's, from the first step that
+    called it in a worker thread)."""
+    workspace.drop("sentiment.toml", SENTIMENT)
+    assert workspace.batchd("run", "--once").returncode == 0
+    emulator_state = workspace.state / "emulator"
+    for leftover in emulator_state.glob("state.db-*"):
+        leftover.unlink()
+    (emulator_state / "state.db").write_bytes(b"not a database " * 600)
+    workspace.drop("translate.toml", TRANSLATE)
+
+    refused = workspace.batchd("run", "--once", timeout=60)
+
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "the emulator's state" in refused.stderr and "Move it aside" in refused.stderr, refused.stderr[-3000:]
+    assert "the embedded emulator" in refused.stderr and "did not start" in refused.stderr, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and "Fatal Python error" not in refused.stderr, refused.stderr[-3000:]
+    assert len(refused.stderr.splitlines()) <= 3, refused.stderr[-3000:]
+    assert (workspace.inbox / "translate.toml").exists()
+
+    (emulator_state / "state.db").rename(emulator_state / "state.db.damaged")
+    delivered = workspace.batchd("run", "--once")
+
+    assert delivered.returncode == 0, delivered.stderr[-3000:]
+    assert workspace.outbox_folder("translate").state == "succeeded"

@@ -81,12 +81,15 @@ def no_config_file(settings: Settings) -> str:
 
 def open_journal(settings: Settings):
     """The state dir's journal, read-only (the caller closes it); None while batchd has made none."""
-    from batchd.journal import Journal, journal_path
+    from batchd.journal import Journal, JournalUnreadable, journal_path
 
     path = journal_path(settings.state_dir)
     if not path.exists():
         return None
-    journal = Journal(path, readonly=True)
+    try:
+        journal = Journal(path, readonly=True)
+    except JournalUnreadable as error:
+        raise click.ClickException(str(error)) from None
     if not journal.initialized:  # the daemon has created the file but not yet its tables
         journal.close()
         return None

@@ -42,20 +42,32 @@ def run(ctx: Context, once: bool, **overrides) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_while_starting)
 
+    from batchd.emulator.process import EmulatorFailed, EmulatorProcess
+
+    settings = ctx.settings(**overrides)
+    # The embedded emulator first: it boots in its own process while this one imports the daemon and the SDK
+    # (a third of a second), and serves by the time the daemon has started. Its state has a lock of its own:
+    # a second daemon's emulator waits for it, and is stopped once that daemon finds the state dir taken.
+    # (Where it cannot write, the daemon's start says why, and starts none.)
+    emulator = EmulatorProcess.embedded(settings) if settings.provider == "emulator" else None
+    if emulator is not None and emulator.can_start():
+        emulator.spawn()
+
     from batchd.daemon import AlreadyRunning, Daemon, fatal_storage_message
     from batchd.fs import EXIT_STORAGE, StorageFailure
     from batchd.durable import CrossDeviceError
+    from batchd.journal import JournalUnreadable
     from batchd.plugins import PluginError
 
-    settings = ctx.settings(**overrides)
     try:
-        daemon = early["daemon"] = Daemon(settings, once=once)
+        daemon = early["daemon"] = Daemon(settings, once=once, emulator=emulator)
         if early["stop"]:
             daemon.stopping.set()
         code = daemon.run()
-    except (ConfigError, PluginError) as error:
+    except (ConfigError, PluginError, JournalUnreadable) as error:
+        # (A journal that cannot be read is not mended by a restart either: the unit must not loop.)
         raise ConfigProblem(str(error)) from None
-    except AlreadyRunning as error:
+    except (AlreadyRunning, EmulatorFailed) as error:
         raise click.ClickException(str(error)) from None
     except CrossDeviceError as error:
         raise click.ClickException(f"{error}; keep inbox, outbox and state_dir on one filesystem"
@@ -63,4 +75,7 @@ def run(ctx: Context, once: bool, **overrides) -> None:
     except StorageFailure as failure:  # the daemon reports its own; this is one while stopping
         logging.getLogger("batchd").critical(fatal_storage_message(failure))
         code = EXIT_STORAGE
+    finally:
+        if emulator is not None:
+            emulator.stop()  # (the daemon stopped it, unless it failed before it had started)
     sys.exit(code)

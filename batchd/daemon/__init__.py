@@ -45,6 +45,7 @@ from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
 from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
 from batchd.daemon.schedule import Loop, Steps
+from batchd.emulator.process import EmulatorProcess
 from batchd.statedir import lock_holder, lock_path, notices_path, render_notice
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
@@ -67,11 +68,13 @@ class AlreadyRunning(Exception):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, once: bool = False):
+    def __init__(self, settings: Settings, *, once: bool = False, emulator: EmulatorProcess | None = None):
+        """``emulator``: the embedded emulator (``provider = "emulator"``), if the caller spawned it already
+        (``batchd run`` does, before it imports the daemon, so that it boots meanwhile); the daemon stops it."""
         self.settings = settings
         self.once = once
         self.stopping = threading.Event()
-        self.emulator = None
+        self.emulator = emulator
         self._provider: Provider | None = None
         self._provider_lock = threading.Lock()
         self._lock_file = None
@@ -154,6 +157,7 @@ class Daemon:
         # kill left behind, mid-write, is nobody's now that this process holds the lock.
         for name in durable.remove_left_temps(s.state_dir):
             log.info("removed %s, left in the state dir by a writer that was stopped mid-write", name)
+        self._start_emulator()  # (if not spawned yet) it boots while the journal is opened and recovery done
         journal = self.ctx.journal = Journal(journal_path(s.state_dir))
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
@@ -167,7 +171,6 @@ class Daemon:
             self.steps.monitor.push_seen_at = time.monotonic() - max(0.0, time.time() - last_webhook)
         if s.http:
             self._start_web()
-        self._start_emulator()  # it boots while the inbox is scanned and the first manifest validated
         if self.web is not None:
             self.web.warm()
         self.inbox.start()  # watch first, then scan: a file created in between is seen twice, never missed
@@ -176,6 +179,10 @@ class Daemon:
         self.recover()
         self.loop.prune_events()
         self.loop.sweep()
+        if self.emulator is not None:
+            # Booted meanwhile (in a tenth of a second): one that cannot start ends the start here, saying
+            # why, rather than failing the first step that calls it from a worker.
+            self.emulator.wait_ready()
         log.info("batchd ready: inbox %s, outbox %s, provider %s", s.inbox, s.outbox, s.provider)
 
     def recover(self) -> None:
@@ -226,14 +233,7 @@ class Daemon:
     def _start_emulator(self) -> None:
         s = self.settings
         if s.provider == "emulator":
-            from batchd.emulator.process import EmulatorProcess
-
-            self.emulator = EmulatorProcess(
-                s.emulator.state_dir or s.state_dir / "emulator",
-                job_seconds=s.emulator.job_seconds,
-                concurrent_batches=s.emulator.concurrent_batches,
-                faults=list(s.emulator.faults),
-            ).spawn()
+            self.emulator = (self.emulator or EmulatorProcess.embedded(s)).spawn()
         else:
             self._provider = Provider.from_settings(s)  # now, so a missing key is reported at start
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +17,10 @@ def _exit_when_stdin_closes() -> None:
     """Stop cleanly once the parent is gone: its end of our stdin pipe closes even when it is SIGKILLed."""
 
     def wait_for_eof() -> None:
-        sys.stdin.buffer.read()
+        # The descriptor, not sys.stdin: a thread blocked inside the buffered reader holds its lock, and an
+        # interpreter exiting for another reason (a state it cannot read) then aborts trying to take it.
+        while os.read(0, 65536):
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait_for_eof, name="emulator-parent-watch", daemon=True).start()
@@ -71,11 +73,17 @@ def emulator_command(host: str, port: int, state_dir: Path | None, job_seconds: 
     """
     from batchd.emulator.responder import load_responder
     from batchd.emulator.server import serve
+    from batchd.emulator.store import StateError
 
     responder = load_responder(responder_spec) if responder_spec else None
     if exit_with_parent:
         _exit_when_stdin_closes()
-    serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
-          cancel_seconds=cancel_seconds, concurrent_batches=concurrent_batches, api_key=api_key, models=list(models) or None, strict_models=strict_models,
-          faults=list(faults), responder=responder,
-          access_log=access_log)
+    try:
+        serve(state_dir, host=host, port=port, job_seconds=job_seconds, expire_seconds=expire_seconds,
+              cancel_seconds=cancel_seconds, concurrent_batches=concurrent_batches, api_key=api_key,
+              models=list(models) or None, strict_models=strict_models, faults=list(faults), responder=responder,
+              access_log=access_log)
+    except StateError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:  # its state directory unwritable, the port taken: one line, not a traceback
+        raise click.ClickException(f"the emulator cannot start: {error}") from None

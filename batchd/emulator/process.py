@@ -7,14 +7,23 @@ reads its URL, never imports uvicorn, Starlette or the emulator's app.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchd.config import Settings
 
 log = logging.getLogger("batchd.emulator")
+
+
+class EmulatorFailed(RuntimeError):
+    """The embedded emulator exited before it served (its own error is on stderr, above)."""
 
 
 class EmulatorProcess:
@@ -36,13 +45,32 @@ class EmulatorProcess:
         self._startup_seconds = startup_seconds
         self._process: subprocess.Popen | None = None
         self.base_url: str | None = None
+        self._failure: EmulatorFailed | None = None
+
+    @classmethod
+    def embedded(cls, settings: Settings) -> EmulatorProcess:
+        """The emulator ``batchd run`` embeds for ``settings`` (``provider = "emulator"``), not yet spawned."""
+        emulator = settings.emulator
+        return cls(emulator.state_dir or settings.state_dir / "emulator", job_seconds=emulator.job_seconds,
+                   concurrent_batches=emulator.concurrent_batches, faults=list(emulator.faults))
+
+    def can_start(self) -> bool:
+        """Whether its state directory is (or can be made) a writable folder: else the child would only fail,
+        saying what the daemon's own start says better (a read-only disk, a folder it may not write)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(self.state_dir, os.W_OK | os.X_OK)
 
     def start(self) -> EmulatorProcess:
         """Start the child and return once it serves."""
         return self.spawn().wait_ready()
 
     def spawn(self) -> EmulatorProcess:
-        """Start the child without waiting for it (it boots while the caller does other work)."""
+        """Start the child without waiting for it (it boots while the caller does other work); once."""
+        if self._process is not None or self.base_url is not None or self._failure is not None:
+            return self
         # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and the
         # emulator must outlive the daemon's graceful stop (which records creates still in flight).
         # It stops when the daemon closes its stdin, or when the daemon dies.
@@ -54,16 +82,27 @@ class EmulatorProcess:
         """Wait until the spawned child serves; ``base_url`` is then set."""
         if self.base_url is not None:
             return self
-        timer = threading.Timer(self._startup_seconds, self._process.kill)  # a child that never answers
+        if self._failure is not None:
+            raise self._failure
+        process, expired = self._process, threading.Event()
+
+        def stop_waiting() -> None:  # a child that never answers
+            expired.set()
+            process.kill()
+
+        timer = threading.Timer(self._startup_seconds, stop_waiting)
         timer.start()
         try:
-            first_line = self._process.stdout.readline()
+            first_line = process.stdout.readline()
         finally:
             timer.cancel()
         found = re.search(r"listening on (http://\S+)", first_line)
         if found is None:
             self.stop()
-            raise RuntimeError(f"the embedded emulator did not start (exit status {self._process.returncode})")
+            why = (f"did not serve within {self._startup_seconds:g} s and was stopped" if expired.is_set()
+                   else f"did not start: it exited with status {process.returncode}, saying why on stderr (above)")
+            self._failure = EmulatorFailed(f"the embedded emulator (state {self.state_dir}) {why}")
+            raise self._failure
         self.base_url = found[1]
         # Whatever else it prints must not fill the pipe and block it.
         threading.Thread(target=self._process.stdout.read, name="emulator-stdout", daemon=True).start()

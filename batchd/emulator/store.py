@@ -56,6 +56,10 @@ def replace_file(path: Path, data: str | bytes) -> None:
         raise
 
 
+class StateError(Exception):
+    """The state directory cannot be used: another emulator holds it, or its database cannot be read."""
+
+
 def _lock_state_dir(root: Path, wait_seconds: float = 30.0):
     """Own ``root`` for as long as the returned file stays open: two emulators on one state dir
     would process the same jobs twice. Waits a while, as an emulator whose parent was just killed
@@ -69,7 +73,7 @@ def _lock_state_dir(root: Path, wait_seconds: float = 30.0):
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 owner.close()
-                raise RuntimeError(f"another emulator is using the state directory {root}") from None
+                raise StateError(f"another emulator is using the state directory {root}") from None
             time.sleep(0.05)
 
 
@@ -98,15 +102,25 @@ class Store:
         # worker) never loses a field, and the one connection is used by one thread at a time.
         # Documents in the dicts are replaced, never mutated.
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(root / "state.db", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")  # a kill of this process, not a power cut (see the module)
-        self._db.executescript(_SCHEMA)
-        self._remove_leftovers()
-        self._import_legacy_files()
-        docs: dict[str, dict[str, Doc]] = {kind: {} for kind in KINDS}
-        for kind, doc_id, body in self._db.execute("SELECT kind, id, body FROM docs"):
-            docs[kind][doc_id] = decode(body)
+        path = root / "state.db"
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")  # a kill of this process, not a power cut (see the module)
+            self._db.executescript(_SCHEMA)
+            self._remove_leftovers()
+            self._import_legacy_files()
+            docs: dict[str, dict[str, Doc]] = {kind: {} for kind in KINDS}
+            for kind, doc_id, body in self._db.execute("SELECT kind, id, body FROM docs"):
+                docs[kind][doc_id] = decode(body)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):
+                raise  # locked, its permissions, a full disk: not the file's content
+            self._owner.close()
+            raise StateError(f"the emulator's state {path} cannot be read ({error}): it is not a SQLite database, "
+                             f"or a damaged one. Move it aside to start afresh: the batches and files it held are "
+                             f"forgotten (a client then finds them gone, as Google answers for a batch it no longer "
+                             f"has)") from None
         self.jobs: dict[str, Doc] = docs["jobs"]
         self.files: dict[str, Doc] = docs["files"]
         self.uploads: dict[str, Doc] = docs["uploads"]

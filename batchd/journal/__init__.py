@@ -107,13 +107,14 @@ from typing import Any, Callable, Iterable
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
+from batchd.journal.transactions import JournalUnreadable
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
                                  replace_row)
 from batchd.logs import redact, redacted_json
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
 
-__all__ = ["Chunk", "Job", "Journal", "journal_path", "new_job_id", "replace_row"]
+__all__ = ["Chunk", "Job", "Journal", "JournalUnreadable", "journal_path", "new_job_id", "replace_row"]
 
 #: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.

@@ -22,14 +22,40 @@ from batchd.durable import fsync_dir
 from batchd.journal.schema import SCHEMA, migrate
 
 
+class JournalUnreadable(Exception):
+    """The journal file is not a SQLite database, or a damaged one: batchd does not go on without the record
+    of what it claimed, created and was billed for, nor start a new one over it."""
+
+    def __init__(self, path: Path, error: sqlite3.DatabaseError):
+        self.path = path
+        super().__init__(
+            f"the journal {path} cannot be read ({error}): it is not a SQLite database, or a damaged one. batchd "
+            f"keeps there which manifests it claimed and which remote batches it created, and does not go on "
+            f"without them. Restore it from a backup (with its -wal file), or salvage what SQLite can read "
+            f"(`sqlite3 {path.name} .recover | sqlite3 recovered.db`, then put recovered.db in its place); moving "
+            f"it aside starts a new journal that knows none of the jobs")
+
+
 class Transactions:
     """The journal's connection and its commits.  One writer process; readers may open it read-only."""
 
     def __init__(self, path: Path, *, readonly: bool = False):
         self.path = path
+        try:
+            self._open(readonly)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):
+                raise  # locked, unreadable for its permissions, a full disk: not the file's content
+            with contextlib.suppress(sqlite3.Error, AttributeError):
+                self._db.close()
+            raise JournalUnreadable(path, error) from None
+
+    def _open(self, readonly: bool) -> None:
+        path = self.path
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
+            self._db.execute("SELECT count(*) FROM sqlite_master")  # a file that is no database fails here
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
