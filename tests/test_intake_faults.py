@@ -509,6 +509,38 @@ def test_an_inbox_deleted_while_batchd_runs_is_created_again_and_served(workspac
     assert "Traceback" not in process.output()
 
 
+def test_an_outbox_deleted_while_batchd_runs_is_created_again_and_published_into(workspace: Workspace,
+                                                                               daemon: DaemonRunner):
+    """An operator (or a cleanup job) removes the whole outbox while batchd runs: the next job's publish
+    found no outbox and crashed the daemon (FileNotFoundError). It is created again, as the inbox is, and
+    the job is published into it; a file put in its place holds the publishes, said once, until it is a
+    folder again."""
+    import shutil
+
+    workspace.configure(settle_seconds=0, rescan_seconds=0.5)
+    process = daemon.start()
+    workspace.drop("before.toml", TRANSLATE)
+    workspace.wait_for_delivery("before")
+
+    shutil.rmtree(workspace.outbox)
+    workspace.drop("after.toml", TRANSLATE.replace("Hello", "Hi again"))
+    workspace.wait_for_delivery("after")
+    assert process.poll() is None, process.output()[-3000:]
+
+    shutil.rmtree(workspace.outbox)
+    workspace.outbox.write_text("not a folder")
+    workspace.drop("held.toml", TRANSLATE.replace("Hello", "Held"))
+    workspace.wait_for(lambda: "cannot be created again" in process.output(), timeout=60, what="the error said")
+    workspace.outbox.unlink()
+    workspace.wait_for_delivery("held")
+
+    assert process.stop() == 0, process.output()[-3000:]
+    assert process.output().count("the outbox") >= 2 and "created it again" in process.output()
+    assert process.output().count("cannot be created again") == 1
+    assert "Traceback" not in process.output()
+    assert {folder.state for folder in workspace.outbox_folders().values()} == {"succeeded"}
+
+
 def test_upper_case_suffixes_are_manifests_to_run_once_and_to_reject_alike(workspace: Workspace):
     """`run --once` waits for UP.TOML as `run` takes it; a folder named X.TOML is rejected, not left forever."""
     workspace.drop("UP.TOML", TRANSLATE)

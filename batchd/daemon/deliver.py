@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from batchd import durable, outbox
+from batchd import durable, fs, outbox
 from batchd.cache import CacheLimits
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, Turns, Work, is_own_file, iso
@@ -63,6 +63,7 @@ class Deliver:
         #: final event says them without reading summary.json back; after a restart it is read).
         self._announcing: dict[str, tuple[dict | None, dict | None]] = {}
         self._forget = forget  # other steps drop what they hold for a job delivered without results
+        self._outbox_missing_reported = False
 
     def collect(self) -> None:
         for work in self.writers.finished():
@@ -186,6 +187,8 @@ class Deliver:
         ctx = self.ctx
         spool = ctx.spool(job.id)
         destination = Path(job.outbox_dir)
+        if not self._outbox_present(destination.parent):
+            return  # visited again by the sweep (every rescan_seconds) once it is back
         if spool.staging.exists():
             if destination.exists():
                 # Taken by someone else since we chose it: pick again, intent first.
@@ -216,6 +219,27 @@ class Deliver:
                       "job %s (%s): %s → %s%s", job.id, job.source, job.outcome, destination,
                       f": {job.error['message']}" if isinstance(job.error, dict) and job.error.get("message") else "",
                       extra={"job": job.id, "outcome": job.outcome, "outbox": str(destination)})
+
+    def _outbox_present(self, folder: Path) -> bool:
+        """Whether the outbox is a folder to publish into. One deleted while batchd runs (by an operator, a
+        cleanup job) is created again, as the inbox is: publishing into it crashed the daemon. One that
+        cannot be (a file in its place, a folder batchd may not create) is waited for, said once."""
+        if folder.is_dir():
+            return True
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # (a file in its place: FileExistsError)
+            durable.fsync_dir(folder.parent, step="publish")  # before the publish into it commits
+        except OSError as error:
+            if fs.is_disk_full(error):
+                raise
+            if not self._outbox_missing_reported:
+                self._outbox_missing_reported = True
+                log.error("the outbox %s is gone and cannot be created again (%s); nothing is published until "
+                          "it is back", folder, error.strerror or error)
+            return False
+        self._outbox_missing_reported = False
+        log.warning("the outbox %s was gone; created it again", folder)
+        return True
 
     def remove_spool(self, job_id: str) -> None:
         """Remove a job's spool folder, once what ended the job is committed, in the cleanup thread (when
