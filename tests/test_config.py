@@ -142,6 +142,16 @@ def test_toml_syntax_error_names_the_line(tmp_path):
         load_settings(config)
 
 
+def test_a_config_file_of_any_bytes_is_a_config_error_not_a_crash(tmp_path):
+    config = write_config(tmp_path, "")
+    config.write_bytes(b'inbox = "in\xffbox"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(config)
+    config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deep"):
+        load_settings(config)
+
+
 def test_unknown_cli_override_is_an_error():
     with pytest.raises(ConfigError, match="no_such_setting"):
         load_settings(no_such_setting=1)

@@ -183,6 +183,10 @@ def test_a_raised_budget_releases_a_held_job_while_the_daemon_runs(workspace: Wo
     try:
         workspace.drop("translate.toml", TRANSLATE)
         workspace.wait_for(lambda: [job["state"] for job in workspace.status()] == ["held"], what="job held")
+        # An edit in progress, or any bytes: refused, said, the settings in force kept (it crashed the daemon).
+        workspace.config.write_bytes(workspace.config.read_bytes() + b"\n\xff\xfe [[[ not toml")
+        workspace.wait_for(lambda: "cannot be used" in daemon.output(), what="the broken config refused")
+        assert daemon.poll() is None and "not UTF-8" in daemon.output()
         workspace.configure(cost={"job_budget": 1.0})  # the config file is re-read when it changes
         workspace.wait_for(lambda: "translate" in workspace.delivered(), what="released job delivered")
     finally:

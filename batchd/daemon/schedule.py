@@ -458,8 +458,9 @@ class Loop:
         self._config_mtime = mtime
         try:
             fresh = load_settings(settings.config_file)
-        except ConfigError as error:
-            log.error("config file changed but cannot be used (%s); keeping the settings in force", error)
+        except Exception as error:  # noqa: BLE001 - an edit in progress, or any bytes: the daemon goes on
+            log.error("config file changed but cannot be used (%s); keeping the settings in force",
+                      error if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}")
             return
         if (fresh.cost, fresh.notify) != (settings.cost, settings.notify):
             settings.cost, settings.notify = fresh.cost, fresh.notify
