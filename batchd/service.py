@@ -218,11 +218,13 @@ Description=batchd: Gemini Batch API jobs ({paths.config})
 Documentation=https://ai.google.dev/gemini-api/docs/batch-mode
 {network}
 [Service]
-# READY=1 comes once recovery and reconciliation are done and the inbox is watched.
+# READY=1 comes once recovery is done, the inbox watched and the embedded emulator (if any) serving.
 Type=notify
 NotifyAccess=main
 {identity}WorkingDirectory={_quote(str(paths.working_dir))}
 ExecStart={command}
+# `systemctl reload batchd`: the config file's [cost] and [notify] are read again (as when it changes).
+ExecReload=/bin/kill -HUP $MAINPID
 # GEMINI_API_KEY=... (mode 0600, never in config.toml). "-": the file is optional for the emulator.
 EnvironmentFile=-{_quote(str(paths.env_file))}
 # The main loop pings at half this; a wedged loop is killed and restarted. Generous, because
@@ -231,11 +233,11 @@ EnvironmentFile=-{_quote(str(paths.env_file))}
 WatchdogSec=600
 Restart=on-failure
 RestartSec=5
-# Exit 78 (EX_CONFIG) is a config or plugin error: a restart cannot fix it, so systemd stops.
+# Exit 78 (EX_CONFIG) is a config or plugin error, or a journal it cannot read: a restart cannot fix it.
 # Exit 74 (EX_IOERR), a failed fsync or journal commit, is restarted: recovery resumes from the journal.
 RestartPreventExitStatus=78
-# Startup recovery reconciles with the remote job list (one list call may wait out its retries,
-# as above); a stop finishes the step in hand.
+# The start calls no service (the first poll reconciles creates a crash left unconfirmed), but it may
+# wait for the embedded emulator (a minute at most); a stop finishes the step in hand.
 TimeoutStartSec=600
 TimeoutStopSec=120
 # SIGTERM to batchd only: it stops its embedded emulator itself after recording any create in

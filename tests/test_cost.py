@@ -194,6 +194,36 @@ def test_a_raised_budget_releases_a_held_job_while_the_daemon_runs(workspace: Wo
     assert workspace.delivered()["translate"]["state"] == "succeeded"
 
 
+def test_sighup_reads_the_config_file_again_changed_or_not_and_the_daemon_goes_on(workspace: Workspace):
+    """`systemctl reload` (the unit's ExecReload sends SIGHUP) reads the config file again even when its
+    modification time did not move (a file copied in with its old time, a clock set back); SIGHUP ended
+    the process on the spot before."""
+    import os
+    import signal
+    import time
+
+    workspace.configure(cost={"job_budget": 0.0001})
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: [job["state"] for job in workspace.status()] == ["held"], what="job held")
+        before = workspace.config.stat()
+        workspace.configure(cost={"job_budget": 1.0})
+        os.utime(workspace.config, ns=(before.st_atime_ns, before.st_mtime_ns))  # only the signal tells
+        time.sleep(2.5)  # two looks at the file's time (every second): nothing to reload
+        assert [job["state"] for job in workspace.status()] == ["held"]
+
+        daemon.send_signal(signal.SIGHUP)
+        workspace.wait_for(lambda: "translate" in workspace.delivered(), what="released job delivered")
+        assert "reload asked for (SIGHUP): [cost] and [notify] reloaded" in daemon.output()
+        daemon.send_signal(signal.SIGHUP)
+        workspace.wait_for(lambda: "[cost] and [notify] unchanged" in daemon.output(), what="a second reload")
+        assert daemon.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    assert workspace.delivered()["translate"]["state"] == "succeeded"
+
+
 # --- the plugin's rules, in process --------------------------------------------------------------
 
 

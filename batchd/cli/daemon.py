@@ -41,6 +41,8 @@ def run(ctx: Context, once: bool, **overrides) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_while_starting)
+    # A reload asked for while starting (SIGHUP would end the process): the start reads the config anyway.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
 
     from batchd.emulator.process import EmulatorFailed, EmulatorProcess
 

@@ -280,8 +280,15 @@ class Daemon:
             # which the interrupted main thread may hold, so another thread does it.
             threading.Thread(target=self.inbox.wake, name="batchd-wake", daemon=True).start()
 
+        def request_reload(_signum, _frame):
+            # (Unhandled, SIGHUP would end the process on the spot: a daemon's SIGHUP is "read your config".)
+            if self.loop is not None:
+                self.loop.reload_requested = True
+                threading.Thread(target=self.inbox.wake, name="batchd-wake", daemon=True).start()
+
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
 
     def close(self) -> None:
         steps, ctx = self.steps, self.ctx

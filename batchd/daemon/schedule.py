@@ -126,6 +126,8 @@ class Loop:
         #: big for the room left would otherwise try, and log, every second or two forever).
         self._disk_waits: dict[str, _DiskWait] = {}
         self._config_mtime = _mtime(ctx.settings.config_file)
+        #: Set by SIGHUP (``systemctl reload``): the config file is read again on the next tick, changed or not.
+        self.reload_requested = False
         #: ``run --once``: the inbox entries it waits for, and whether it gave up on some.
         self.once_pending: set[str] = set()
         self._once_jobs_done_at: float | None = None
@@ -198,6 +200,9 @@ class Loop:
             if self._inbox_present:
                 self.inbox.ensure_watching()
             self._reload_settings()
+        if self.reload_requested:
+            self.reload_requested = False
+            self._reload_settings(asked=True)
         inbox_present = self._inbox_present
         self._disk_full_seen = False
         # A tick's transitions commit together (one fsync), each effect once what announced it is
@@ -449,22 +454,29 @@ class Loop:
         if pruned:
             log.info("forgot %d delivered events older than %g days", pruned, keep_days)
 
-    def _reload_settings(self) -> None:
-        """Take the config file's [cost] and [notify] tables anew when it changes (a raised budget)."""
+    def _reload_settings(self, *, asked: bool = False) -> None:
+        """Take the config file's [cost] and [notify] tables anew when it changes (a raised budget), or when
+        ``asked`` (SIGHUP: ``systemctl reload``), changed or not."""
         settings = self.ctx.settings
         mtime = _mtime(settings.config_file)
-        if mtime == self._config_mtime:
+        if mtime == self._config_mtime and not asked:
             return
         self._config_mtime = mtime
+        what = "reload asked for (SIGHUP)" if asked else "config file changed"
+        if settings.config_file is None:
+            log.info("%s, but batchd runs without a config file: nothing to read", what)
+            return
         try:
             fresh = load_settings(settings.config_file)
         except Exception as error:  # noqa: BLE001 - an edit in progress, or any bytes: the daemon goes on
-            log.error("config file changed but cannot be used (%s); keeping the settings in force",
+            log.error("%s but the file cannot be used (%s); keeping the settings in force", what,
                       error if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}")
             return
         if (fresh.cost, fresh.notify) != (settings.cost, settings.notify):
             settings.cost, settings.notify = fresh.cost, fresh.notify
-            log.info("config file changed: [cost] and [notify] reloaded (other settings need a restart)")
+            log.info("%s: [cost] and [notify] reloaded (other settings need a restart)", what)
+        elif asked:
+            log.info("%s: [cost] and [notify] unchanged (other settings need a restart)", what)
 
 
 def _mtime(path) -> float | None:
