@@ -420,7 +420,12 @@ def _read_document(path: Path, data: bytes | None, limits: ManifestLimits) -> di
         raise ManifestError(path, f"unsupported manifest type (use {' or '.join(MANIFEST_SUFFIXES)})")
     if data is None:
         try:
-            with path.open("rb") as file:
+            # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of blocking the command.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ManifestError(path, "not a regular file (a manifest is read from a file, not a device, "
+                                              "FIFO or folder)")
                 data = file.read(limits.manifest_bytes + 1)
         except OSError as exc:
             raise ManifestError(path, f"cannot read: {exc.strerror}") from None

@@ -63,6 +63,20 @@ def test_submit_refuses_an_invalid_manifest(workspace: Workspace, tmp_path_facto
     assert not list(workspace.inbox.iterdir())
 
 
+def test_submit_refuses_a_fifo_or_a_device_at_once_instead_of_waiting_on_it(workspace: Workspace, tmp_path):
+    """`batchd submit x.toml` where x.toml is a FIFO blocked forever in open(); a device was read as a file."""
+    import os
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    device = tmp_path / "device.toml"
+    device.symlink_to("/dev/zero")
+    for path in (fifo, device):
+        result = workspace.batchd("submit", str(path), timeout=30)
+        assert result.returncode == 1 and "not a regular file" in result.stderr, result.stderr
+    assert not list(workspace.inbox.iterdir())
+
+
 def test_submit_refuses_a_model_the_provider_does_not_serve(workspace: Workspace, tmp_path_factory):
     source = tmp_path_factory.mktemp("elsewhere") / "typo.toml"
     source.write_text(TRANSLATE + 'model = "gemini-2.5-flsh"\n')
