@@ -548,7 +548,8 @@ def _confined_input(manifest_path: Path, reference: str, base: Path, root: Path,
             manifest_path, f"unsupported {kind} type {candidate.suffix!r} (use {', '.join(suffixes)})", field=field,
         )
     if not found:
-        raise ManifestError(manifest_path, f"{what} not found: {candidate}", field=field)
+        problem = "is not a regular file" if os.path.lexists(candidate) else "not found"  # (a FIFO, a folder...)
+        raise ManifestError(manifest_path, f"{what} {problem}: {candidate}", field=field)
     return candidate
 
 

@@ -465,6 +465,17 @@ def test_input_may_not_escape_the_inbox(inbox, reference):
     assert error.field == "input" and "outside the inbox" in error.message
 
 
+def test_an_input_that_is_no_regular_file_is_named_so_and_a_manifest_that_is_none_is_refused_unread(inbox):
+    import os
+
+    os.mkfifo(inbox / "in.csv")
+    error = manifest_error(write(inbox, "s.toml", 'task = "sentiment"\ninput = "in.csv"\n'))
+    assert error.field == "input" and "is not a regular file" in error.message  # it said "not found"
+    os.mkfifo(inbox / "pipe.toml")
+    with pytest.raises(ManifestError, match="not a regular file"):  # opened without blocking, then refused
+        load_manifest(inbox / "pipe.toml")
+
+
 def test_input_in_a_subfolder_of_the_root(inbox):
     write(inbox, "shared/in.txt", "a\n")
     path = write(inbox, "team/s.toml", 'task = "sentiment"\ninput = "../shared/in.txt"\n')
