@@ -68,8 +68,9 @@ class EmulatorProcess:
         return self.spawn().wait_ready()
 
     def spawn(self) -> EmulatorProcess:
-        """Start the child without waiting for it (it boots while the caller does other work); once."""
-        if self._process is not None or self.base_url is not None or self._failure is not None:
+        """Start the child without waiting for it (it boots while the caller does other work), unless it was
+        spawned already or failed to start."""
+        if self._process is not None or self._failure is not None:
             return self
         # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and the
         # emulator must outlive the daemon's graceful stop (which records creates still in flight).
@@ -119,6 +120,7 @@ class EmulatorProcess:
             self._process.kill()
             self._process.wait()
         self._process = None
+        self.base_url = None  # (gone with it: a start spawns another)
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()
