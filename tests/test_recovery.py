@@ -352,3 +352,40 @@ def test_an_embedded_emulator_whose_state_is_damaged_stops_the_start_saying_so(w
 
     assert delivered.returncode == 0, delivered.stderr[-3000:]
     assert workspace.outbox_folder("translate").state == "succeeded"
+
+
+def test_an_embedded_emulator_killed_while_batchd_runs_is_started_again_and_the_jobs_go_on(workspace: Workspace):
+    """The embedded emulator is batchd's child: killed (an OOM kill, an operator's kill -9), it is started again
+    on the same port, which is all the daemon's client knows, with the batches its state holds; calls made
+    meanwhile failed and are retried, as in an outage of the service. Before, every call failed from then on
+    until batchd was restarted."""
+    import time
+
+    workspace.configure(settle_seconds=0, poll_interval=0.2, poll_max_interval=1)
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("before.toml", SENTIMENT)
+        workspace.wait_for_delivery("before")
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+        [emulator] = [int(pid) for pid in children if b"batchd.emulator" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(emulator, signal.SIGKILL)
+        workspace.drop("after.toml", TRANSLATE)
+        workspace.wait_for_delivery("after", timeout=90)
+        deadline = time.monotonic() + 10
+        while "serves again" not in daemon.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.output()[-3000:]
+    output = daemon.output()
+    assert "the embedded emulator exited (status -9)" in output and "serves again" in output, output[-3000:]
+    assert {name: folder.state for name, folder in workspace.outbox_folders().items()} == {
+        "before": "succeeded", "after": "succeeded"}
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_emulator_of(pid, workspace)]
+
+
+def _is_emulator_of(pid: str, workspace: Workspace) -> bool:
+    try:
+        return str(workspace.state) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
