@@ -200,6 +200,25 @@ def test_a_quota_refusal_is_waited_out_visibly_once_per_wait_not_as_a_submitted_
     assert "will reconcile" not in daemon.output(), "a refused create is known not to exist"
 
 
+def test_a_service_that_fails_every_poll_is_polled_at_the_poll_clock_not_in_a_loop(workspace: Workspace):
+    """A create whose outcome is unknown (a 503: the batch may exist) has its display name watched, and the
+    list is read for it. With every list failing too (an outage), the failed look was not counted as a look:
+    the next poll started at the next tick, about 1,400 polls and log lines a second, until the service was
+    back. The polls now wait for the poll clock, as any failed poll does."""
+    workspace.configure(poll_interval=0.2, poll_max_interval=1, faults=["503@create", "503@list"])
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: "will reconcile" in daemon.output(), timeout=60, what="the create failed")
+        time.sleep(4)
+        assert daemon.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    output = daemon.output()
+    polls = output.count("polling failed")
+    assert 1 <= polls <= 12, f"{polls} failed polls in 4 s (poll_interval 0.2 s, poll_max_interval 1 s)"
+
+
 @pytest.mark.slow
 def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_stop(workspace: Workspace):
     """The poll's list is read in a thread of its own: a service that takes it and does not answer (here

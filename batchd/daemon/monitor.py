@@ -267,6 +267,10 @@ class Monitor:
         except Exception as error:
             if not (is_retryable(error) or is_auth_error(error)):
                 raise
+            if not question.empty:
+                # A failed look is a look: the next waits for the poll clock, or for an interval, like any
+                # poll's (else a watched name made every tick poll, a thousand times a second in an outage).
+                self._strays_looked_at = time.monotonic()
             asked = quota_delay(error)
             if asked is not None:
                 # The list is refused for quota: no poll before the service's quota is back.
