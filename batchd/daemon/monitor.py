@@ -38,6 +38,9 @@ from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOT
 
 log = logging.getLogger("batchd")
 
+#: A run of failed polls is said once, then once every this long while it lasts.
+POLL_FAILURES_SAID_SECONDS = 600.0
+
 #: Cancels and webhooks' gets on their way at once (the monitor's pool): a job of many chunks cancelled
 #: at once sends one cancel a chunk, and a burst of webhooks asks one get each. The rest wait in the
 #: pool's queue, at most one of each kind per remote batch (they are keyed by its name): bounded by the
@@ -130,6 +133,9 @@ class Monitor:
         #: Remote names a webhook had looked at (a get) while that poll was read: its older word is not taken.
         self._looked_at_meanwhile: set[str] = set()
         self._strays_looked_at = float("-inf")
+        #: Polls failed in a row (not for the key or the quota), and when the failures were last said.
+        self._polls_failed = 0
+        self._poll_failure_said_at = float("-inf")
         #: When the last verified webhook delivery came (monotonic), and the last poll ended.
         self.push_seen_at = float("-inf")
         self.polled_at = time.monotonic()
@@ -289,13 +295,28 @@ class Monitor:
                 ctx.key.refused(error, "polling and reconciling unconfirmed creates" if question.unconfirmed
                                 else "polling")
             else:
-                log.warning("polling failed (%s); retrying later", error)
+                self._poll_failed(error)
         else:
             ctx.key.accepted()
             if ctx.quota.went_through("poll"):
                 log.info("the service answers polls again: the quota wait is over")
+            if self._polls_failed:
+                log.info("the service answers polls again, after %d failed", self._polls_failed)
+                self._polls_failed = 0
         self.poll_clock.next_after(changed)
         self.polled_at = time.monotonic()
+
+    def _poll_failed(self, error: Exception) -> None:
+        """Say a failed poll: the first of a run of them, then every :data:`POLL_FAILURES_SAID_SECONDS` (an
+        outage of hours is a few lines, not one a poll), the rest at DEBUG."""
+        self._polls_failed += 1
+        now = time.monotonic()
+        if self._polls_failed == 1 or now - self._poll_failure_said_at >= POLL_FAILURES_SAID_SECONDS:
+            self._poll_failure_said_at = now
+            log.warning("polling failed (%s); retrying at the poll interval%s", error,
+                        f" ({self._polls_failed} failed in a row)" if self._polls_failed > 1 else "")
+        else:
+            log.debug("polling failed (%s); %d in a row", error, self._polls_failed)
 
     def pushed(self, remote_name: str | None) -> bool:
         """A verified webhook delivery about ``remote_name``: look at that batch now (a get in the monitor's
