@@ -61,6 +61,11 @@ HANDED_MAX = 200
 REFILL_AT = 100
 #: Events per ``job_event_batch`` call at most.
 BATCH_MAX = 100
+#: After the first failed delivery of a run of them, a plugin's failures are summed up in one line this often
+#: (a receiver down for an hour while thousands of events are retried ten times each is a few lines).
+FAILURES_SAID_SECONDS = 60.0
+#: The event ids a summary of given-up deliveries names, at most (the journal has every one).
+GIVEN_UP_NAMED = 5
 
 
 def make_event(kind: str, job: Job, *, seq: int | None = None, state: str | None = None,
@@ -241,6 +246,72 @@ class _Worker:
         self._wake()  # its plugin may have been waiting for one of its hung calls to return
 
 
+class _FailureLog:
+    """What one plugin's failed deliveries say in the log: the first of a run of failures in full, then one line
+    every :data:`FAILURES_SAID_SECONDS` summing up those since (retried, given up, the last error), and the end
+    of the run. One line per attempt flooded the log while a receiver was down."""
+
+    def __init__(self, plugin: str):
+        self.plugin = plugin
+        self.failing = False
+        self.said_at = float("-inf")  # time.monotonic()
+        self.attempts_failed = 0  # in this run of failures
+        self.retried = 0  # since the last line
+        self.given_up: list[str] = []  # event ids, since the last line (the first GIVEN_UP_NAMED)
+        self.given_up_count = 0
+        self.attempts_allowed = 0
+        self.last_error = ""
+
+    def failed(self, event_id: str, attempts: int, max_attempts: int, error: str, delay: float | None) -> None:
+        """A failed attempt; ``delay`` None: the last one, the event given up for this plugin."""
+        self.attempts_failed += 1
+        if not self.failing:
+            self.failing, self.said_at = True, time.monotonic()
+            later = f" (this plugin's further failures are summed up every {FAILURES_SAID_SECONDS:g} s)"
+            if delay is None:
+                log.error("plugin %s: giving up on event %s after %d attempts: %s%s", self.plugin, event_id, attempts,
+                          error, later)
+            else:
+                log.warning("plugin %s: event %s not delivered (attempt %d of %d: %s); retrying in %.1f s%s",
+                            self.plugin, event_id, attempts, max_attempts, error, delay, later)
+            return
+        if delay is None:
+            self.given_up_count += 1
+            if len(self.given_up) < GIVEN_UP_NAMED:
+                self.given_up.append(event_id)
+            self.attempts_allowed = attempts
+        else:
+            self.retried += 1
+        self.last_error = error
+
+    def delivered(self) -> None:
+        if self.failing:
+            self._say()
+            log.info("plugin %s delivers again (%d attempts had failed)", self.plugin, self.attempts_failed)
+            self.failing, self.attempts_failed = False, 0
+
+    def say_if_due(self, *, final: bool = False) -> None:
+        """Sum up the failures since the last line, once :data:`FAILURES_SAID_SECONDS` have passed (or now:
+        ``final``, at a stop)."""
+        if self.failing and (final or time.monotonic() - self.said_at >= FAILURES_SAID_SECONDS):
+            self._say()
+
+    def _say(self) -> None:
+        if not (self.retried or self.given_up_count):
+            return
+        seconds = time.monotonic() - self.said_at
+        if self.given_up_count:
+            named = ", ".join(self.given_up) + (", …" if self.given_up_count > len(self.given_up) else "")
+            log.error("plugin %s: gave up on %d event(s) after %d attempts (%s), and %d more attempt(s) failed, "
+                      "to be retried, in the last %.0f s; the last error: %s", self.plugin, self.given_up_count,
+                      self.attempts_allowed, named, self.retried, seconds, self.last_error)
+        else:
+            log.warning("plugin %s: %d more attempt(s) failed, to be retried, in the last %.0f s; the last error: %s",
+                        self.plugin, self.retried, seconds, self.last_error)
+        self.said_at = time.monotonic()
+        self.retried, self.given_up, self.given_up_count = 0, [], 0
+
+
 class EventDispatcher:
     """Delivers the journal's pending events to the notification plugins (see the module docstring)."""
 
@@ -265,6 +336,7 @@ class EventDispatcher:
         self.hung: dict[str, list[_Worker]] = {plugin: [] for plugin in self.delivers}
         self._next_check = 0.0  # no pending delivery is due before this (time.time())
         self._deliveries_seen = -1
+        self._failure_logs = {plugin: _FailureLog(plugin) for plugin in self.delivers}
 
     @property
     def plugins(self) -> tuple[str, ...]:
@@ -353,6 +425,7 @@ class EventDispatcher:
             for delivery, error in finished:
                 if error is None:
                     sent.append((delivery.event["id"], plugin))
+                    self._failure_logs[plugin].delivered()
                 else:
                     failed.append(self._failure(plugin, delivery, error, notify, now))
             if timed_out:
@@ -363,21 +436,19 @@ class EventDispatcher:
         if sent or failed:
             self.journal.record_deliveries(sent=sent, failed=failed)
             self._next_check = 0.0
+        for failure_log in self._failure_logs.values():
+            failure_log.say_if_due(final=timeout is None)
 
-    @staticmethod
-    def _failure(plugin: str, delivery: Delivery, error: str, notify: NotifySettings,
+    def _failure(self, plugin: str, delivery: Delivery, error: str, notify: NotifySettings,
                  now: float) -> tuple[str, str, str, float | None]:
         """A failed attempt as :meth:`batchd.journal.Journal.record_deliveries` takes it: retried
         after its backoff, or given up after the last attempt."""
         event_id = delivery.event["id"]
         attempts = delivery.attempts + 1
-        if attempts >= notify.max_attempts:
-            log.error("plugin %s: giving up on event %s after %d attempts: %s", plugin, event_id, attempts, error)
-            return event_id, plugin, error, None
-        delay = min(notify.retry_initial_seconds * 2 ** (attempts - 1), notify.retry_max_seconds)
-        log.warning("plugin %s: event %s not delivered (attempt %d of %d: %s); retrying in %.1f s",
-                    plugin, event_id, attempts, notify.max_attempts, error, delay)
-        return event_id, plugin, error, now + delay
+        delay = None if attempts >= notify.max_attempts else \
+            min(notify.retry_initial_seconds * 2 ** (attempts - 1), notify.retry_max_seconds)
+        self._failure_logs[plugin].failed(event_id, attempts, notify.max_attempts, error, delay)
+        return event_id, plugin, error, None if delay is None else now + delay
 
     def _forget_returned_calls(self) -> bool:
         """Drop the abandoned workers whose hung call has returned; whether there were any."""

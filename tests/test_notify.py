@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import signal
 import sqlite3
 import threading
@@ -266,6 +267,27 @@ def test_hook_job_event_webhook_failing_then_recovering_is_retried(workspace: Wo
     assert "not delivered (attempt 1 of 10" in result.stderr
 
 
+def test_a_receiver_down_is_said_once_and_summed_up_not_a_log_line_per_attempt(workspace: Workspace):
+    """A webhook receiver refusing everything while 20 jobs' events are each tried four times: the log had a
+    WARNING per attempt (about 240 lines here, tens of thousands in an hour's outage under load). Now the
+    first failure in full, then one line summing up the rest (here at the stop), naming events given up."""
+    with HttpSink(status=500) as sink:
+        workspace.configure(notify={**FAST_RETRIES, "max_attempts": 4, "once_drain_seconds": 10,
+                                    "webhook": {"urls": [sink.url], "secret": SECRET}})
+        for n in range(20):
+            workspace.drop(f"m{n}.toml", TRANSLATE.replace("Hello", f"Hello {n}"))
+
+        result = workspace.batchd("run", "--once")
+        refused = len(sink.received)
+
+    assert result.returncode == 0, result.stderr
+    assert refused >= 20 * 3 * 4, refused  # every event (accepted, submitted, succeeded) tried four times
+    lines = [line for line in result.stderr.splitlines() if "plugin webhook" in line]
+    assert len(lines) <= 4, "\n".join(lines)
+    assert "not delivered (attempt 1 of 4" in lines[0]
+    assert re.search(r"gave up on \d+ event\(s\) after 4 attempts \([^)]*, …\)", result.stderr), result.stderr
+
+
 def test_hook_job_event_email_through_apprise_reaches_the_smtp_sink(workspace: Workspace):
     with SmtpSink() as smtp:
         workspace.configure(notify={"email": {"urls": [smtp.apprise_url()]}})
@@ -308,7 +330,10 @@ def test_hook_job_event_a_raising_and_a_hanging_plugin_change_nothing_for_the_ot
     assert all(row["raising"]["state"] == "failed" and "boom on" in row["raising"]["last_error"] for row in rows)
     assert all(row["hanging"]["state"] != "sent" for row in rows)
     assert any("timed out after 0.5 s" in (row["hanging"]["last_error"] or "") for row in rows)
-    assert "giving up on event" in result.stderr
+    # Said once in full, then summed up (at the latest when the daemon stops), not a line per attempt.
+    assert "plugin raising: event " in result.stderr and "not delivered (attempt 1 of 2" in result.stderr
+    assert re.search(r"plugin raising: gave up on [2-4] event\(s\) after 2 attempts", result.stderr), result.stderr
+    assert sum("plugin raising" in line for line in result.stderr.splitlines()) == 2, result.stderr
 
 
 def test_events_survive_a_sigkill_and_are_delivered_after_the_restart_with_the_same_ids(workspace: Workspace):
