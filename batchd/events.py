@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import pluggy
 
 from batchd.costs import summary_cost
+from batchd.logs import FailureRun
 from batchd.plugins import single_plugin_callers
 
 if TYPE_CHECKING:
@@ -247,26 +248,21 @@ class _Worker:
 
 
 class _FailureLog:
-    """What one plugin's failed deliveries say in the log: the first of a run of failures in full, then one line
-    every :data:`FAILURES_SAID_SECONDS` summing up those since (retried, given up, the last error), and the end
-    of the run. One line per attempt flooded the log while a receiver was down."""
+    """What one plugin's failed deliveries say in the log (a :class:`batchd.logs.FailureRun`): the first of a
+    run in full, then a line every :data:`FAILURES_SAID_SECONDS` summing up those since (retried, given up:
+    named, the last error), and the run's end. One line per attempt flooded the log while a receiver was down."""
 
     def __init__(self, plugin: str):
         self.plugin = plugin
-        self.failing = False
-        self.said_at = float("-inf")  # time.monotonic()
-        self.attempts_failed = 0  # in this run of failures
-        self.retried = 0  # since the last line
-        self.given_up: list[str] = []  # event ids, since the last line (the first GIVEN_UP_NAMED)
+        self.run = FailureRun(FAILURES_SAID_SECONDS)
+        self.given_up: list[str] = []  # since the last line, the first GIVEN_UP_NAMED of them
         self.given_up_count = 0
         self.attempts_allowed = 0
         self.last_error = ""
 
     def failed(self, event_id: str, attempts: int, max_attempts: int, error: str, delay: float | None) -> None:
         """A failed attempt; ``delay`` None: the last one, the event given up for this plugin."""
-        self.attempts_failed += 1
-        if not self.failing:
-            self.failing, self.said_at = True, time.monotonic()
+        if self.run.failed():
             later = f" (this plugin's further failures are summed up every {FAILURES_SAID_SECONDS:g} s)"
             if delay is None:
                 log.error("plugin %s: giving up on event %s after %d attempts: %s%s", self.plugin, event_id, attempts,
@@ -280,36 +276,29 @@ class _FailureLog:
             if len(self.given_up) < GIVEN_UP_NAMED:
                 self.given_up.append(event_id)
             self.attempts_allowed = attempts
-        else:
-            self.retried += 1
         self.last_error = error
 
     def delivered(self) -> None:
-        if self.failing:
-            self._say()
-            log.info("plugin %s delivers again (%d attempts had failed)", self.plugin, self.attempts_failed)
-            self.failing, self.attempts_failed = False, 0
+        if self.run.failures:
+            self.say(now=True)
+            log.info("plugin %s delivers again (%d attempts had failed)", self.plugin, self.run.succeeded())
 
-    def say_if_due(self, *, final: bool = False) -> None:
-        """Sum up the failures since the last line, once :data:`FAILURES_SAID_SECONDS` have passed (or now:
-        ``final``, at a stop)."""
-        if self.failing and (final or time.monotonic() - self.said_at >= FAILURES_SAID_SECONDS):
-            self._say()
-
-    def _say(self) -> None:
-        if not (self.retried or self.given_up_count):
+    def say(self, *, now: bool = False) -> None:
+        """Sum up the failures since the last line, when due (or ``now``: at a stop, at the run's end)."""
+        summary = self.run.summary(now=now)
+        if summary is None:
             return
-        seconds = time.monotonic() - self.said_at
+        failures, seconds = summary
+        retried = failures - self.given_up_count
         if self.given_up_count:
             named = ", ".join(self.given_up) + (", …" if self.given_up_count > len(self.given_up) else "")
             log.error("plugin %s: gave up on %d event(s) after %d attempts (%s), and %d more attempt(s) failed, "
                       "to be retried, in the last %.0f s; the last error: %s", self.plugin, self.given_up_count,
-                      self.attempts_allowed, named, self.retried, seconds, self.last_error)
+                      self.attempts_allowed, named, retried, seconds, self.last_error)
         else:
             log.warning("plugin %s: %d more attempt(s) failed, to be retried, in the last %.0f s; the last error: %s",
-                        self.plugin, self.retried, seconds, self.last_error)
-        self.said_at = time.monotonic()
-        self.retried, self.given_up, self.given_up_count = 0, [], 0
+                        self.plugin, retried, seconds, self.last_error)
+        self.given_up, self.given_up_count = [], 0
 
 
 class EventDispatcher:
@@ -437,7 +426,7 @@ class EventDispatcher:
             self.journal.record_deliveries(sent=sent, failed=failed)
             self._next_check = 0.0
         for failure_log in self._failure_logs.values():
-            failure_log.say_if_due(final=timeout is None)
+            failure_log.say(now=timeout is None)
 
     def _failure(self, plugin: str, delivery: Delivery, error: str, notify: NotifySettings,
                  now: float) -> tuple[str, str, str, float | None]:

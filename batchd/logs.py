@@ -87,6 +87,41 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 _SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
+class FailureRun:
+    """A run of failures of one thing (a poll, a plugin's deliveries), said without flooding the log: the
+    first failure of a run in full, the next ones summed up once every ``every`` seconds at most, and the
+    run's end. An outage of hours is then a few lines, not one per attempt."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.failures = 0  # in this run
+        self._unsaid = 0  # since the last line
+        self._said_at = float("-inf")  # time.monotonic()
+
+    def failed(self) -> bool:
+        """Count a failure; True when it is the first of a run, to be said in full."""
+        self.failures += 1
+        if self.failures == 1:
+            self._said_at = time.monotonic()
+            return True
+        self._unsaid += 1
+        return False
+
+    def summary(self, *, now: bool = False) -> tuple[int, float] | None:
+        """``(failures, seconds)`` since the last line, when they are to be summed up: ``every`` seconds after
+        it, or ``now`` (at a stop); None otherwise."""
+        seconds = time.monotonic() - self._said_at
+        if not self._unsaid or not (now or seconds >= self.every):
+            return None
+        unsaid, self._unsaid, self._said_at = self._unsaid, 0, time.monotonic()
+        return unsaid, seconds
+
+    def succeeded(self) -> int:
+        """The failures of the run this success ends (0: none), to say it is over."""
+        failures, self.failures, self._unsaid = self.failures, 0, 0
+        return failures
+
+
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key, value in vars(record).items() if key not in _RECORD_ATTRS and not key.startswith("_")}
 

@@ -191,3 +191,19 @@ def test_lifecycle_lines_carry_job_fields(workspace: Workspace):
     ours = next(line for line in lines if "msg=\"accepted translate.toml" in line)
     assert "level=debug" in ours and " job=" in ours and " manifest=translate.toml" in ours
     assert any(" outcome=succeeded " in line and "level=debug" in line for line in lines)
+
+
+def test_a_run_of_failures_is_said_first_in_full_then_summed_up_then_its_end():
+    run = logs.FailureRun(every=3600)
+    assert run.failed() is True  # the first of a run: said in full
+    assert [run.failed() for _ in range(4)] == [False] * 4
+    assert run.summary() is None  # an hour has not passed
+    failures, seconds = run.summary(now=True)
+    assert failures == 4 and 0 <= seconds < 60
+    assert run.summary(now=True) is None  # nothing new since
+    run.failed()
+    assert run.succeeded() == 6 and run.succeeded() == 0
+    assert run.failed() is True  # a new run
+    quick = logs.FailureRun(every=0)
+    quick.failed(), quick.failed()
+    assert quick.summary()[0] == 1  # due at once: every = 0

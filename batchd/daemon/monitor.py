@@ -31,6 +31,7 @@ from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import chunk_display_name
 from batchd.events import progress_counts
 from batchd.journal import Chunk
+from batchd.logs import FailureRun
 from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay
 from batchd.remote import RemoteJob
 from batchd.states import (CHUNK_DONE_STATES, JOB_STATES_WITH_REMOTE_WORK, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState,
@@ -133,9 +134,8 @@ class Monitor:
         #: Remote names a webhook had looked at (a get) while that poll was read: its older word is not taken.
         self._looked_at_meanwhile: set[str] = set()
         self._strays_looked_at = float("-inf")
-        #: Polls failed in a row (not for the key or the quota), and when the failures were last said.
-        self._polls_failed = 0
-        self._poll_failure_said_at = float("-inf")
+        #: Polls failing in a row (not for the key or the quota).
+        self._poll_failures = FailureRun(POLL_FAILURES_SAID_SECONDS)
         #: When the last verified webhook delivery came (monotonic), and the last poll ended.
         self.push_seen_at = float("-inf")
         self.polled_at = time.monotonic()
@@ -300,23 +300,20 @@ class Monitor:
             ctx.key.accepted()
             if ctx.quota.went_through("poll"):
                 log.info("the service answers polls again: the quota wait is over")
-            if self._polls_failed:
-                log.info("the service answers polls again, after %d failed", self._polls_failed)
-                self._polls_failed = 0
+            if failed := self._poll_failures.succeeded():
+                log.info("the service answers polls again, after %d failed", failed)
         self.poll_clock.next_after(changed)
         self.polled_at = time.monotonic()
 
     def _poll_failed(self, error: Exception) -> None:
-        """Say a failed poll: the first of a run of them, then every :data:`POLL_FAILURES_SAID_SECONDS` (an
-        outage of hours is a few lines, not one a poll), the rest at DEBUG."""
-        self._polls_failed += 1
-        now = time.monotonic()
-        if self._polls_failed == 1 or now - self._poll_failure_said_at >= POLL_FAILURES_SAID_SECONDS:
-            self._poll_failure_said_at = now
-            log.warning("polling failed (%s); retrying at the poll interval%s", error,
-                        f" ({self._polls_failed} failed in a row)" if self._polls_failed > 1 else "")
+        if self._poll_failures.failed():
+            log.warning("polling failed (%s); retrying at the poll interval (further failures are summed up "
+                        "every %g s)", error, POLL_FAILURES_SAID_SECONDS)
+        elif summary := self._poll_failures.summary():
+            log.warning("polling failed %d more time(s) in the last %.0f s, %d in a row; the last error: %s",
+                        *summary, self._poll_failures.failures, error)
         else:
-            log.debug("polling failed (%s); %d in a row", error, self._polls_failed)
+            log.debug("polling failed (%s); %d in a row", error, self._poll_failures.failures)
 
     def pushed(self, remote_name: str | None) -> bool:
         """A verified webhook delivery about ``remote_name``: look at that batch now (a get in the monitor's
