@@ -113,6 +113,14 @@ class JobSpool:
             return []
         return [str(warning) for warning in warnings] if isinstance(warnings, list) else []
 
+    def removed_error(self, error: OSError) -> dict:
+        """The error of a job whose spool folder was removed while it ran, not by batchd: it cannot be finished
+        (``Fetch.collect``, ``Deliver._spool_removed``)."""
+        return {"code": "spool_removed",
+                "message": f"its folder {self.root} was removed while it ran, not by batchd ({error.strerror or error}): "
+                           f"its requests and what joins each result to its input went with it; drop the manifest "
+                           f"again to run it anew (keep state_dir away from cleaners of old files, such as /tmp's)"}
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 

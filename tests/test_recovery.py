@@ -389,3 +389,29 @@ def _is_emulator_of(pid: str, workspace: Workspace) -> bool:
         return str(workspace.state) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_a_job_whose_spool_is_removed_while_it_runs_is_delivered_failed_saying_so(workspace: Workspace):
+    """The job's folder in state/jobs removed while its batch runs (an operator, a cleaner of old files in a
+    state dir kept under /tmp): its requests, manifest and index (what joins results to inputs) are gone, so
+    it cannot be finished. Its fetch failed at every poll, forever, and the job never ended; it is now
+    delivered failed with error code spool_removed, and the daemon goes on with the next job."""
+    import shutil
+
+    workspace.configure(settle_seconds=0, job_seconds=2, poll_interval=0.2, poll_max_interval=1)
+    daemon = workspace.start("run")
+    try:
+        workspace.drop("lost.toml", TRANSLATE)
+        workspace.wait_for(lambda: [job["state"] for job in workspace.status()] == ["submitted"], timeout=60,
+                           what="the job submitted")
+        for spool in (workspace.state / "jobs").iterdir():
+            shutil.rmtree(spool)
+        lost = workspace.wait_for_delivery("lost")
+        workspace.drop("next.toml", SENTIMENT)
+        workspace.wait_for_delivery("next")
+        assert daemon.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.output()[-3000:]
+    assert lost.state == "failed" and lost.summary["error"]["code"] == "spool_removed", lost.summary
+    assert "was removed while it ran" in lost.summary["error"]["message"]
+    assert workspace.outbox_folder("next").state == "succeeded"

@@ -105,7 +105,13 @@ class Deliver:
             return
         work = self._written.pop(job.id)
         del self.gates[job.id]
-        written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
+        try:
+            written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
+        except FileNotFoundError as error:
+            if ctx.spool(job.id).index_path.exists():  # (the writer's staging folder makes the spool's anew)
+                raise
+            self._spool_removed(job, error)
+            return
         crashpoint("after-cache-store")
         summary = self._results_summary(job, written)
         staged = self._summarized(job, summary, written.usage)
@@ -117,8 +123,18 @@ class Deliver:
         job_id = job.id
         finishing.add_done_callback(lambda _: (ctx.mark(job_id), ctx.wake()))
 
+    def _spool_removed(self, job: Job, error: OSError) -> None:
+        """A job whose spool folder was removed while it ran, not by batchd (an operator, a cleaner of old
+        files): its requests, its manifest and the index that joins each result to its input went with it, so
+        it cannot be finished. It is delivered ``failed``, saying so, instead of being retried forever."""
+        job_error = self.ctx.spool(job.id).removed_error(error)
+        log.error("job %s: %s", job.id, job_error["message"])
+        self.ctx.journal.update_job(job.id, error=job_error)
+        self.without_results(replace_row(job, error=job_error), "failed")
+
     def without_results(self, job: Job, state: str) -> None:
-        """Deliver a job that never ran: ``rejected`` or ``cancelled`` (its folder is finished at once)."""
+        """Deliver a job that never ran: ``rejected`` or ``cancelled``, or one that cannot be finished:
+        ``failed`` (its folder is finished at once)."""
         self._forget(job.id)
         folder = outbox.JobFolder(self.ctx.spool(job.id).staging)
         summary = self._summary(job, state=state, counts={"total": 0, "succeeded": 0, "failed": 0})

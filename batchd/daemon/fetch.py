@@ -72,6 +72,15 @@ class Fetch:
                 if is_auth_error(failure):
                     self.ctx.key.refused(failure, f"fetching the results of job {chunk.job_id}'s chunk {chunk.idx}")
                     continue
+                spool = self.ctx.spool(chunk.job_id)
+                if isinstance(failure, FileNotFoundError) and not spool.root.is_dir():
+                    # The job's spool folder was removed while it ran (not by batchd): the results have nowhere
+                    # to go, now or later. The chunk ends without them; the job is delivered failed, saying why.
+                    error = spool.removed_error(failure)
+                    log.error("job %s: %s", chunk.job_id, error["message"])
+                    journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, error=error,
+                                         events=self._progress_events(chunk, chunk.stats, finished=True))
+                    continue
                 if is_retryable(failure) or isinstance(failure, OSError):
                     log.warning("job %s: fetching chunk %d failed (%s); retrying later",
                                 chunk.job_id, chunk.idx, failure)
