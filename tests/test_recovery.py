@@ -414,4 +414,5 @@ def test_a_job_whose_spool_is_removed_while_it_runs_is_delivered_failed_saying_s
         assert daemon.stop() == 0, daemon.output()[-3000:]
     assert lost.state == "failed" and lost.summary["error"]["code"] == "spool_removed", lost.summary
     assert "was removed while it ran" in lost.summary["error"]["message"]
+    assert "failed to organize" not in daemon.output()  # not the task's fault
     assert workspace.outbox_folder("next").state == "succeeded"

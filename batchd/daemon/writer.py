@@ -210,6 +210,8 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
+        if isinstance(error, FileNotFoundError) and not spool.index_path.exists():
+            raise  # nor is a spool removed while the job ran: the job cannot be finished (Deliver._spool_removed)
         fs.unwritable_is_fatal("outbox", error)
         log.exception("job %s: task %r failed to organize its results", job_id, clock.task)
         organize_error = {"message": f"task {clock.task!r} failed to organize the results: "
