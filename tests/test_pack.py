@@ -127,6 +127,30 @@ def test_a_member_cancelled_while_its_pack_runs_drops_only_its_share(workspace: 
     assert remote[delivered[kept]["remote_batches"][0]["name"]].state == types.JobState.JOB_STATE_SUCCEEDED
 
 
+def test_a_member_whose_spool_is_removed_while_its_pack_runs_ends_failed_and_the_others_succeed(workspace: Workspace):
+    """A member's spool folder removed while the pack's batch runs (an operator, a cleaner of old files): the
+    pack's fetch skipped its share, and the member stayed 'packed', its job never ending. It ends failed
+    (spool_removed), as a job sent alone does; the pack's other jobs get their results."""
+    workspace.configure(job_seconds=6)
+    drop_small(workspace, 3)
+    daemon = workspace.start("run")
+    try:
+        shared = workspace.wait_for(lambda: [m for m in packs(workspace).values() if len(m) > 1], timeout=30,
+                                    what="a pack of two jobs or more")[0]
+        workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
+                                                           " 'running'"), what="the pack's batch running")
+        lost, kept = shared[0], shared[1]
+        [(lost_id,)] = journal_rows(workspace, "SELECT id FROM jobs WHERE name = ?", lost)
+        shutil.rmtree(workspace.state / "jobs" / lost_id)
+        workspace.wait_for(lambda: {lost, kept} <= set(workspace.delivered()), timeout=60, what="both delivered")
+        assert daemon.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    delivered = workspace.delivered()
+    assert delivered[lost]["state"] == "failed" and delivered[lost]["error"]["code"] == "spool_removed"
+    assert delivered[kept]["state"] == "succeeded"
+
+
 def test_a_pack_whose_jobs_are_all_cancelled_is_cancelled(workspace: Workspace):
     workspace.configure(job_seconds=60)
     drop_small(workspace, 2)
