@@ -105,15 +105,21 @@ def test_small_jobs_dropped_together_share_remote_batches_and_each_gets_its_own_
     assert totals["requests_total"] == totals["requests_done"] == 40
 
 
+def a_running_pack(workspace: Workspace) -> list[str]:
+    """The names of the jobs of a pack of two or more, once its batch runs."""
+    shared = workspace.wait_for(lambda: [m for m in packs(workspace).values() if len(m) > 1], timeout=30,
+                                what="a pack of two jobs or more")[0]
+    workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
+                                                       " 'running'"), what="the pack's batch running")
+    return shared
+
+
 def test_a_member_cancelled_while_its_pack_runs_drops_only_its_share(workspace: Workspace):
     workspace.configure(job_seconds=6)
     drop_small(workspace, 3)
     daemon = workspace.start("run")
     try:
-        shared = workspace.wait_for(lambda: [m for m in packs(workspace).values() if len(m) > 1], timeout=30,
-                                    what="a pack of two jobs or more")[0]
-        workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
-                                                           " 'running'"), what="the pack's batch running")
+        shared = a_running_pack(workspace)
         cancelled, kept = shared[0], shared[1]
         assert workspace.batchd("cancel", cancelled).returncode == 0
         workspace.wait_for(lambda: {cancelled, kept} <= set(workspace.delivered()), what="both delivered")
@@ -129,16 +135,13 @@ def test_a_member_cancelled_while_its_pack_runs_drops_only_its_share(workspace: 
 
 def test_a_member_whose_spool_is_removed_while_its_pack_runs_ends_failed_and_the_others_succeed(workspace: Workspace):
     """A member's spool folder removed while the pack's batch runs (an operator, a cleaner of old files): the
-    pack's fetch skipped its share, and the member stayed 'packed', its job never ending. It ends failed
-    (spool_removed), as a job sent alone does; the pack's other jobs get their results."""
+    job never ended (not delivered within a minute). It ends failed (spool_removed), as a job sent alone does:
+    its index, which joins results to inputs, is gone; the pack's other jobs get their results."""
     workspace.configure(job_seconds=6)
     drop_small(workspace, 3)
     daemon = workspace.start("run")
     try:
-        shared = workspace.wait_for(lambda: [m for m in packs(workspace).values() if len(m) > 1], timeout=30,
-                                    what="a pack of two jobs or more")[0]
-        workspace.wait_for(lambda: journal_rows(workspace, "SELECT 1 FROM chunks WHERE packed_in IS NULL AND state ="
-                                                           " 'running'"), what="the pack's batch running")
+        shared = a_running_pack(workspace)
         lost, kept = shared[0], shared[1]
         [(lost_id,)] = journal_rows(workspace, "SELECT id FROM jobs WHERE name = ?", lost)
         shutil.rmtree(workspace.state / "jobs" / lost_id)
