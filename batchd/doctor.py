@@ -46,6 +46,7 @@ def run_checks(load_settings: Callable, *, inotify_dir: Path = INOTIFY_DIR) -> l
     checks.append(check_free_space(settings))
     checks.append(check_inotify(inotify_dir))
     checks.append(check_daemon(settings))
+    checks.append(check_journal(settings))
     checks.extend(check_provider(settings))
     return checks
 
@@ -163,6 +164,35 @@ def check_daemon(settings) -> Check:
     if pid is None:
         return Check("daemon", "ok", f"no batchd is running on {settings.state_dir}")
     return Check("daemon", "ok", f"batchd is running on {settings.state_dir}" + (f" (pid {pid})" if pid else ""))
+
+
+def check_journal(settings) -> Check:
+    """The journal read through (SQLite's ``quick_check``, read-only, beside a running daemon): a damaged
+    page stops the daemon when it meets it, at a start or while running."""
+    import sqlite3
+
+    from batchd.journal import Journal, JournalUnreadable, journal_path
+
+    path = journal_path(settings.state_dir)
+    if not path.exists():
+        return Check("journal", "ok", f"none yet at {path} (the daemon's first start makes it)")
+    fix = (f"stop batchd; restore {path.name} from a backup (with its -wal file), or salvage what SQLite can read: "
+           f"`sqlite3 {path.name} .recover | sqlite3 recovered.db`, then put recovered.db in its place")
+    try:
+        journal = Journal(path, readonly=True)
+    except JournalUnreadable as error:
+        return Check("journal", "fail", f"{path} cannot be read ({error.reason}): it is not a SQLite database, or a "
+                     f"damaged one", fix)
+    except sqlite3.OperationalError as error:
+        return Check("journal", "warn", f"{path} could not be opened to check it: {error}")
+    try:
+        problem = journal.check()
+        size = path.stat().st_size
+    finally:
+        journal.close()
+    if problem is not None:
+        return Check("journal", "fail", f"{path} is damaged: {problem}", fix)
+    return Check("journal", "ok", f"{path} reads through ({size / 1e6:.1f} MB)")
 
 
 def check_provider(settings) -> list[Check]:

@@ -14,7 +14,7 @@ import pytest
 
 from batchd import service
 from batchd.emulator.server import EmulatorServer
-from batchd.testing import Workspace
+from batchd.testing import DaemonRunner, Workspace
 from conftest import REPO
 
 TRANSLATE = 'task = "translate"\ntexts = ["Hello", "Goodbye"]\nlanguages = ["French"]\n'
@@ -151,6 +151,19 @@ def test_doctor_passes_a_working_emulator_setup(workspace: Workspace):
         assert f"max_user_watches={int(watches.read_text())}" in inotify["detail"]
     text = workspace.batchd("doctor")
     assert text.returncode == 0 and "provider emulator" in text.stdout
+    assert checks["journal"]["status"] == "ok" and "none yet" in checks["journal"]["detail"]
+
+
+def test_doctor_reads_the_journal_through_beside_a_running_daemon(workspace: Workspace, daemon: DaemonRunner):
+    """The journal check reads every page (quick_check) with the daemon running; a damaged journal is a
+    failure (tests/test_recovery.py)."""
+    process = daemon.start()
+    workspace.drop("translate.toml", 'task = "translate"\ntexts = ["Hello"]\nlanguages = ["French"]\n')
+    workspace.wait_for(lambda: workspace.outbox_folders(), what="the job delivered")
+    code, checks = doctor(workspace)
+    assert process.stop() == 0
+    assert code == 0, checks
+    assert checks["journal"]["status"] == "ok" and "reads through" in checks["journal"]["detail"], checks["journal"]
 
 
 def test_doctor_fails_a_broken_config_with_a_fix(workspace: Workspace):

@@ -325,6 +325,46 @@ def test_a_journal_that_is_no_database_stops_the_start_with_what_to_do_and_exit_
     assert (workspace.inbox / "translate.toml").exists() and not workspace.outbox_folders()
 
 
+def _damage_pages_of(path: Path, *names: str) -> None:
+    """Overwrite the root page of each named table or index of an SQLite file (the whole of a small one)."""
+    with sqlite3.connect(path) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        roots = [db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+                 for name in names]
+    db.close()
+    with path.open("r+b") as file:
+        for root in roots:
+            file.seek((root - 1) * page_size)
+            file.write(b"\xde\xad\xbe\xef" * (page_size // 4))
+
+
+def test_a_journal_page_damaged_where_the_start_does_not_read_stops_the_daemon_when_met(workspace: Workspace):
+    """A damaged page the start does not read (the index of manifests' contents, met at the next claim; an old
+    job's chunks, met by `status`): the daemon stops there with the start's one line and exit 78 (a restart would
+    meet the page again: systemd must not loop), the manifest it was claiming stays in the inbox, `status` says
+    the same line and `doctor` names the page. Before, each was a traceback, and the unit restarted the daemon
+    into the same page for ever."""
+    workspace.drop("translate.toml", TRANSLATE)
+    assert workspace.batchd("run", "--once").returncode == 0
+    journal = journal_path(workspace.state)
+    _damage_pages_of(journal, "jobs_by_sha", "chunks")
+    workspace.drop("sentiment.toml", SENTIMENT)
+
+    stopped = workspace.batchd("run", "--once")
+    status = workspace.batchd("status")
+    doctor = workspace.batchd("doctor")
+
+    assert stopped.returncode == 78, stopped.stderr[-3000:]
+    for result in (stopped, status):
+        said = [line for line in result.stderr.splitlines() if "level=info" not in line]
+        assert said[0].startswith("Error: the journal") and len(said) == 1, result.stderr[-3000:]
+        assert "cannot be read (database disk image is malformed)" in said[0], result.stderr[-3000:]
+    assert status.returncode == 1
+    assert (workspace.inbox / "sentiment.toml").exists() and list(workspace.outbox_folders()) == ["translate"]
+    assert doctor.returncode == 1
+    assert "FAIL  journal:" in doctor.stdout and "is damaged: Page" in doctor.stdout and ".recover" in doctor.stdout
+
+
 def test_an_embedded_emulator_whose_state_is_damaged_stops_the_start_saying_so(workspace: Workspace):
     """The embedded emulator's state.db damaged: its error and the daemon's are one line each, no traceback, and
     nothing of the manifest waiting in the inbox is lost; once the state is moved aside, as the error says, the

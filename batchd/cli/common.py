@@ -3,13 +3,19 @@ and its exit status, what batchd says when it found no config file, and the jour
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
 from batchd.config import ConfigError, Settings, load_settings
 from batchd.logs import setup_logging
+
+if TYPE_CHECKING:
+    from batchd.journal import Journal
 
 
 #: Exit status of a configuration or plugin error (sysexits.h EX_CONFIG). The systemd unit
@@ -79,18 +85,28 @@ def no_config_file(settings: Settings) -> str:
             f"(`batchd init DIR` makes a working folder with a config.toml)")
 
 
-def open_journal(settings: Settings):
-    """The state dir's journal, read-only (the caller closes it); None while batchd has made none."""
+@contextlib.contextmanager
+def reading_journal(settings: Settings) -> Iterator[Journal | None]:
+    """The state dir's journal, read-only, closed after the block; None while batchd has made none.
+
+    A damaged page met while reading (the open reads only the schema) is said in one line, as the
+    daemon says it, not as a traceback."""
     from batchd.journal import Journal, JournalUnreadable, journal_path
 
     path = journal_path(settings.state_dir)
     if not path.exists():
-        return None
+        yield None
+        return
     try:
         journal = Journal(path, readonly=True)
     except JournalUnreadable as error:
         raise click.ClickException(str(error)) from None
-    if not journal.initialized:  # the daemon has created the file but not yet its tables
+    try:
+        yield journal if journal.initialized else None  # None: created, its tables not committed yet
+    except sqlite3.DatabaseError as error:
+        damage = journal.damage(error)
+        if damage is None:
+            raise
+        raise click.ClickException(str(damage)) from None
+    finally:
         journal.close()
-        return None
-    return journal

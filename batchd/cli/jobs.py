@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from batchd.cli.common import Context, config_origin, open_journal, pass_context
+from batchd.cli.common import Context, config_origin, pass_context, reading_journal
 from batchd.config import Settings
 
 
@@ -186,16 +186,14 @@ def retry_command(ctx: Context, name: str, failed: bool, expired: bool) -> None:
     settings = ctx.settings()
     if not failed and not expired:
         failed = expired = True
-    journal = open_journal(settings)
-    if journal is None:
-        raise click.ClickException(f"no job named {name!r}")
-    try:
-        job = finished_job(journal, name)
-        made = retry(settings, journal, ctx.tasks(), job, failed=failed, expired=expired)
-    except RetryError as error:
-        raise click.ClickException(str(error)) from None
-    finally:
-        journal.close()
+    with reading_journal(settings) as journal:
+        if journal is None:
+            raise click.ClickException(f"no job named {name!r}")
+        try:
+            job = finished_job(journal, name)
+            made = retry(settings, journal, ctx.tasks(), job, failed=failed, expired=expired)
+        except RetryError as error:
+            raise click.ClickException(str(error)) from None
     chosen = " or ".join(kind for kind, wanted in (("failed", failed), ("expired", expired)) if wanted)
     if made.manifest is None:
         click.echo(f"job {job.id} ({job.source}, {job.outcome}): nothing to retry (no {chosen} request)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from batchd.cli.common import ConfigProblem, Context, open_journal, pass_context
+from batchd.cli.common import ConfigProblem, Context, reading_journal, pass_context
 from batchd.config import ConfigError, Settings
 
 
@@ -45,10 +45,8 @@ def estimate(ctx: Context, manifest: Path, local: bool, as_json: bool) -> None:
     model = job.model or settings.model
     info = JobInfo(id=manifest.stem, name=manifest.stem, manifest=manifest.name, task=job.task, model=model,
                    kind=job.kind)
-    journal = open_journal(settings)
-    observed = journal.observed_output(job.task, model) if journal is not None else None
-    if journal is not None:
-        journal.close()
+    with reading_journal(settings) as journal:
+        observed = journal.observed_output(job.task, model) if journal is not None else None
     requests = job.requests
     if job.common.cache if job.common.cache is not None else settings.cache:
         from batchd.cache import cache_path, uncached

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from batchd.cli.common import Context, config_origin, open_journal, pass_context
+from batchd.cli.common import Context, config_origin, pass_context, reading_journal
 from batchd.config import Settings
 
 
@@ -19,22 +19,19 @@ def _read_jobs(settings: Settings, name: str | None, *, finished_within: float |
     """The jobs named ``name``, else every job; ``finished_within`` (seconds) leaves out jobs finished earlier."""
     from batchd.views import job_view
 
-    journal = open_journal(settings)
-    if journal is None:
-        if not settings.state_dir.is_dir():
-            # Not "no jobs": this is no batchd's folder (run from elsewhere, or a config not found).
-            raise click.ClickException(f"no batchd state at {settings.state_dir} ({config_origin(settings)}): batchd "
-                                       f"has not run with these settings; give the config with --config PATH or "
-                                       f"BATCHD_CONFIG")
-        return []
-    try:
+    with reading_journal(settings) as journal:
+        if journal is None:
+            if not settings.state_dir.is_dir():
+                # Not "no jobs": this is no batchd's folder (run from elsewhere, or a config not found).
+                raise click.ClickException(f"no batchd state at {settings.state_dir} ({config_origin(settings)}): "
+                                           f"batchd has not run with these settings; give the config with "
+                                           f"--config PATH or BATCHD_CONFIG")
+            return []
         selected = journal.find_jobs(name) if name else journal.jobs()
         if finished_within is not None and not name:
             since = time.time() - finished_within
             selected = [job for job in selected if job.finished_at is None or job.finished_at >= since]
         return [job_view(journal, job) for job in selected]
-    finally:
-        journal.close()
 
 
 @click.command()

@@ -34,6 +34,7 @@ import logging
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -94,6 +95,7 @@ class Daemon:
         #: The HTTP server (``http``), and whether start() finished (recovered, reconciled, watching).
         self.web = None
         self.ready = False
+        self._journal_damaged = False  # found damaged while running: the stop writes nothing more into it
 
     @property
     def journal(self) -> Journal | None:
@@ -129,6 +131,15 @@ class Daemon:
             self.ctx.storage_failure = failure
             log.critical(fatal_storage_message(failure))
             self.service_manager.status(f"exiting: {failure}")
+        except sqlite3.DatabaseError as error:
+            # A damaged page the start did not read (an old job's, an index's): as at a start, the daemon
+            # does not go on without its record, and a restart would only meet the same page again.
+            damage = self.ctx.journal.damage(error) if self.ctx.journal is not None else None
+            if damage is None:
+                raise
+            self._journal_damaged = True
+            self.service_manager.status("exiting: the journal is damaged")
+            raise damage from None
         finally:
             self.close()
         if self.ctx.storage_failure is not None:
@@ -293,7 +304,7 @@ class Daemon:
     def close(self) -> None:
         steps, ctx = self.steps, self.ctx
         # Let creates already sent finish and record them, so no remote job is left unrecorded.
-        if ctx.journal is not None:
+        if ctx.journal is not None and not self._journal_damaged:
             steps.submit.drain(self.service_manager)
         steps.submit.close()
         steps.fetch.close()
@@ -307,7 +318,7 @@ class Daemon:
         # After a failed fsync or commit nothing more is written: creates that went out meanwhile are
         # found again by display name when the restarted daemon reconciles.
         if ctx.journal is not None:
-            if ctx.storage_failure is None:
+            if ctx.storage_failure is None and not self._journal_damaged:
                 steps.submit.collect()
                 if self.events is not None:
                     self.events.close()  # calls still running are redelivered after a restart

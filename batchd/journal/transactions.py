@@ -28,12 +28,25 @@ class JournalUnreadable(Exception):
 
     def __init__(self, path: Path, error: sqlite3.DatabaseError):
         self.path = path
+        self.reason = str(error)
         super().__init__(
             f"the journal {path} cannot be read ({error}): it is not a SQLite database, or a damaged one. batchd "
             f"keeps there which manifests it claimed and which remote batches it created, and does not go on "
             f"without them. Restore it from a backup (with its -wal file), or salvage what SQLite can read "
             f"(`sqlite3 {path.name} .recover | sqlite3 recovered.db`, then put recovered.db in its place); moving "
             f"it aside starts a new journal that knows none of the jobs")
+
+
+#: SQLite's primary result codes for a file that is damaged, or no database (https://sqlite.org/rescode.html).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite finding a damaged file (a page that is not what it should be), not a
+    lock, a full disk or a constraint."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
+        _SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 class Transactions:
@@ -92,6 +105,28 @@ class Transactions:
 
     def close(self) -> None:
         self._db.close()
+
+    def damage(self, error: BaseException) -> JournalUnreadable | None:
+        """What to say when ``error``, raised while the journal was in use, is this file found damaged: a
+        page the start did not read (an old job's, an index's) can be damaged without its open failing.
+        None for any other error, and for damage found in another SQLite file (the request cache's): the
+        journal is checked before it is blamed."""
+        if not is_damage(error) or self.check() is None:
+            return None
+        return JournalUnreadable(self.path, error)
+
+    def check(self) -> str | None:
+        """What SQLite's ``quick_check`` finds wrong with the file (its first problem), None when nothing."""
+        try:
+            verdict = [row[0] for row in self._db.execute("PRAGMA quick_check(1)")]
+        except sqlite3.DatabaseError as error:
+            if not is_damage(error):
+                raise
+            return str(error)
+        if verdict == ["ok"]:
+            return None
+        # e.g. "*** in database main ***\nPage 183: btreeInitPage() returns error code 11": its last line
+        return verdict[0].strip().splitlines()[-1]
 
     @contextmanager
     def transaction(self, *, one_write: bool = False) -> Iterator[sqlite3.Connection]:
