@@ -458,10 +458,10 @@ class Settings(BaseSettings):
     def _absolute_paths(self) -> Settings:
         # Values from the config file arrive already resolved against its folder; anything
         # still relative came from defaults, the environment or the command line.
-        _make_paths_absolute(self, Path.cwd())
+        _make_paths_absolute(self)
         if self.emulator.state_dir is None:
             self.emulator.state_dir = self.state_dir / "emulator"
-        _make_paths_absolute(self.emulator, Path.cwd())
+        _make_paths_absolute(self.emulator)
         return self
 
     @property
@@ -602,11 +602,15 @@ def _find_config_file(config_path: Path | None) -> Path | None:
     if config_path is None and os.environ.get(CONFIG_ENV_VAR):
         config_path = Path(os.environ[CONFIG_ENV_VAR])
     if config_path is not None:
-        config_path = Path(config_path).expanduser().resolve()
+        config_path = Path(config_path).expanduser()
+        config_path = (config_path if config_path.is_absolute() else working_dir() / config_path).resolve()
         if not config_path.is_file():
             raise ConfigError(f"config file not found: {config_path}")
         return config_path
-    default = Path.cwd() / DEFAULT_CONFIG_NAME
+    try:
+        default = Path.cwd() / DEFAULT_CONFIG_NAME
+    except FileNotFoundError:
+        return None  # (the defaults' relative folders then say that the current directory is gone)
     return default.resolve() if default.is_file() else None
 
 
@@ -653,11 +657,23 @@ def _resolve_relative_paths(model: type[BaseModel], values: dict[str, Any], base
     return resolved
 
 
-def _make_paths_absolute(model: BaseModel, base: Path) -> None:
+def working_dir() -> Path:
+    """The current directory, which relative paths of the command line, the environment and the defaults are
+    taken from; a ConfigError if it was removed (a shell still in a folder deleted under it)."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise ConfigError("the current directory no longer exists (it was removed after this shell entered it), "
+                          "so relative paths have no meaning: cd to an existing folder, or give the config "
+                          "file and folders as absolute paths") from None
+
+
+def _make_paths_absolute(model: BaseModel) -> None:
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if _is_path_field(field.annotation) and isinstance(value, Path):
-            setattr(model, name, (base / value.expanduser()).resolve())
+            value = value.expanduser()
+            setattr(model, name, (value if value.is_absolute() else working_dir() / value).resolve())
 
 
 def _is_path_field(annotation: Any) -> bool:

@@ -1,10 +1,12 @@
 """Settings layering: defaults < config file < BATCHD_* environment < command-line flags."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from batchd.config import ConfigError, Settings, load_settings
+from batchd.testing import Workspace
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 
@@ -218,3 +220,31 @@ def test_the_daemon_takes_a_comma_list_from_the_environment_and_refuses_a_broken
     delivered = workspace.delivered()
     assert delivered["sentiment"]["state"] == "succeeded"
     assert delivered["variations"]["state"] == "rejected" and "unknown task" in delivered["variations"]["error"]["message"]
+
+
+def test_a_current_directory_removed_under_the_shell_is_a_config_error_unless_every_path_is_absolute(tmp_path):
+    """`batchd status` typed in a folder deleted meanwhile: relative paths (the defaults', the command line's)
+    have nothing to be taken from. One line and exit 78, not a traceback; a config given by an absolute path
+    (its folders are taken from its own folder) works from there."""
+    import subprocess
+    import sys
+
+    ws = Workspace.create(tmp_path / "ws")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = ("import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+              "from batchd.cli import main; sys.argv = ['batchd', *sys.argv[2:]]; main()")
+
+    def batchd(*args: str) -> subprocess.CompletedProcess:
+        env = {key: value for key, value in os.environ.items() if key != "BATCHD_CONFIG"}
+        gone.mkdir(exist_ok=True)
+        return subprocess.run([sys.executable, "-c", script, str(gone), *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    for args in (["status"], ["--config", "config.toml", "status"]):
+        refused = batchd(*args)
+        assert refused.returncode == 78, refused.stderr
+        assert refused.stderr.startswith("Error: the current directory no longer exists"), refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    listed = batchd("--config", str(ws.config), "list")
+    assert listed.returncode == 0, listed.stderr
