@@ -229,6 +229,25 @@ def test_a_service_that_fails_every_poll_is_polled_at_the_poll_clock_not_in_a_lo
     assert daemon.output().count("polling failed") == 1, daemon.output()[-3000:]
 
 
+def test_creates_failing_through_an_outage_are_said_once_then_summed_up_not_once_per_chunk(workspace: Workspace):
+    """Twenty jobs sent while every create fails with an unknown outcome (here a 503: the batch may exist):
+    each is reconciled (found by its name, or sent again), and the log says the first failure in full, then
+    that creates go through again and after how many failures, instead of a WARNING per chunk (thousands
+    under a burst). Every job is delivered, each from one remote batch."""
+    workspace.configure(pack_jobs_below=0, faults=["503*20@create"])
+    dropped = [Dropped.of(workspace.drop(f"t{n:02d}.toml", TRANSLATE.replace("Hello", f"Hello {n}")))
+               for n in range(20)]
+    run = workspace.batchd("run", "--once")
+    said = run.stderr
+    assert run.returncode == 0, said[-3000:]
+    assert said.count("will reconcile") == 1, said[-3000:]
+    assert "further such failures are summed up every 60 s" in said
+    failed = int(re.search(r"takes uploads and creates again, after (\d+) failed", said)[1])
+    assert 2 <= failed <= 20
+    report = assert_invariants(workspace, dropped, remote_jobs(workspace))
+    assert report["folders"] == 20
+
+
 @pytest.mark.slow
 def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_stop(workspace: Workspace):
     """The poll's list is read in a thread of its own: a service that takes it and does not answer (here

@@ -29,6 +29,7 @@ from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.daemon.pack import Pack
 from batchd.events import progress_counts
 from batchd.journal import Chunk, Job, replace_row
+from batchd.logs import FailureRun
 from batchd.media import resolve_request
 from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay, webhook_config
 from batchd.remote import RemoteFile, RemoteJob
@@ -40,6 +41,9 @@ log = logging.getLogger("batchd")
 
 #: While stopping with uploads in flight, systemd's stop timeout is extended by this much at a time.
 DRAIN_EXTEND_SECONDS = 30.0
+#: A run of uploads and creates failing with an unknown outcome (an outage) is said once, then summed up
+#: once every this long while it lasts: one line per chunk was thousands under a burst.
+UNSURE_FAILURES_SAID_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class Submit:
         self._cancel_adopted = cancel_adopted
         #: The files chunks' requests reference, uploaded before their chunk is created (same pool).
         self.media = MediaUploads(ctx, self.submissions)
+        #: Uploads and creates failing in a row with an unknown outcome (each then reconciled).
+        self._unsure_failures = FailureRun(UNSURE_FAILURES_SAID_SECONDS)
         #: Small jobs' chunks, offered here and sent together in one remote batch (batchd.daemon.pack).
         self.pack = Pack(ctx, send_alone=self.send, free=self.free, submit_step=self.step)
 
@@ -188,6 +194,9 @@ class Submit:
             except Exception as error:
                 self._failed(chunk, error, work.about)
                 continue
+            if failed := self._unsure_failures.succeeded():
+                log.info("the service takes uploads and creates again, after %d failed (each is reconciled: found "
+                         "by its name, or sent again)", failed)
             if work.about == "upload":
                 self._create_from_file(chunk, result)
                 continue
@@ -344,13 +353,25 @@ class Submit:
         if is_retryable(error):
             # Ambiguous: the job may exist.  It stays 'submitting' and the next reconcile
             # either finds it by display name or, after the grace period, creates it.
-            log.warning("job %s: %s of chunk %d failed (%s); will reconcile", chunk.job_id, stage, chunk.idx, error)
+            self._say_unsure(chunk, error, stage)
             if stage == "create":  # a failed upload sent no create: nothing under the name to watch for
                 self._watch(chunk, chunk.intent_at or time.time())
             return
         log.error("job %s: chunk %d was refused: %s", chunk.job_id, chunk.idx, error)
         self.ctx.journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state="rejected",
                                       error=error_dict(error))
+
+    def _say_unsure(self, chunk: Chunk, error: Exception, stage: str) -> None:
+        what = f"job {chunk.job_id}: {stage} of chunk {chunk.idx} failed ({error}); will reconcile"
+        extra = {"job": chunk.job_id, "chunk": chunk.idx}
+        if self._unsure_failures.failed():
+            log.warning("%s (further such failures are summed up every %g s)", what, UNSURE_FAILURES_SAID_SECONDS,
+                        extra=extra)
+        elif summary := self._unsure_failures.summary():
+            log.warning("%d more uploads or creates failed in the last %.0f s, %d in a row, each to be reconciled; "
+                        "the last: %s", *summary, self._unsure_failures.failures, what, extra=extra)
+        else:
+            log.debug("%s", what, extra=extra)
 
     def unconfirmed(self) -> dict[str, Chunk]:
         """The chunks whose create is unconfirmed and not in flight, by display name. Each name is watched
@@ -417,13 +438,14 @@ class Submit:
 
     def close(self) -> None:
         self.submissions.shutdown()
+        if summary := self._unsure_failures.summary(now=True):
+            log.warning("%d more uploads or creates failed in the last %.0f s, each to be reconciled after the "
+                        "restart", *summary)
 
 
 def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
     """Chunks whose create intent is committed and whose remote batch is not recorded."""
     return ctx.journal.chunks_in((ChunkState.SUBMITTING,), job_states=JOB_STATES_WITH_REMOTE_WORK)
-
-
 
 
 # -- work run in the pool: given what it needs, never the journal ---------------------------------------
