@@ -248,6 +248,22 @@ def test_creates_failing_through_an_outage_are_said_once_then_summed_up_not_once
     assert report["folders"] == 20
 
 
+def test_fetches_failing_for_a_while_are_said_once_then_their_end(workspace: Workspace):
+    """Ten finished batches whose results cannot be fetched for a while (every get answers 503, each tried
+    again at the next poll): the first failure is said in full, the end of the run with its count, not a
+    WARNING per chunk per poll. Every job is delivered."""
+    workspace.configure(pack_jobs_below=0, faults=["503*60@get"])  # (the SDK tries a get 5 times)
+    dropped = [Dropped.of(workspace.drop(f"t{n:02d}.toml", TRANSLATE.replace("Hello", f"Hello {n}")))
+               for n in range(10)]
+    run = workspace.batchd("run", "--once")
+    said = run.stderr
+    assert run.returncode == 0, said[-3000:]
+    assert said.count("fetching chunk") == 1 and "further failed fetches are summed up every 60 s" in said, said[-3000:]
+    failed = int(re.search(r"results are fetched again, after (\d+) failed fetches", said)[1])
+    assert 2 <= failed <= 12
+    assert assert_invariants(workspace, dropped, remote_jobs(workspace))["folders"] == 10
+
+
 @pytest.mark.slow
 def test_a_service_that_never_answers_the_poll_holds_neither_other_jobs_nor_a_stop(workspace: Workspace):
     """The poll's list is read in a thread of its own: a service that takes it and does not answer (here

@@ -15,12 +15,17 @@ from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.pack import split_results
 from batchd.journal import Chunk
+from batchd.logs import FailureRun
 from batchd.provider import Provider, is_auth_error, is_retryable
 from batchd.remote import RemoteJob, inline_results
 from batchd.spool import JobSpool
 from batchd.states import ChunkState
 
 log = logging.getLogger("batchd")
+
+#: A run of failed fetches (each tried again at the next poll) is said once, then summed up once every
+#: this long while it lasts: a line per chunk per poll was hundreds a minute through an outage of downloads.
+FETCH_FAILURES_SAID_SECONDS = 60.0
 
 
 class Fetch:
@@ -31,6 +36,8 @@ class Fetch:
         self._disk_full = disk_full
         #: Finished chunks waiting for a free download thread, in the order they were seen.
         self._queued: dict[tuple[str, int], Chunk] = {}
+        #: Fetches failing in a row, each tried again later.
+        self._failures = FailureRun(FETCH_FAILURES_SAID_SECONDS)
 
     def start(self, chunk: Chunk, remote: RemoteJob | None = None) -> None:
         """Store a finished chunk's results in the spool, unless that is already under way or queued.
@@ -82,8 +89,7 @@ class Fetch:
                                          events=self._progress_events(chunk, chunk.stats, finished=True))
                     continue
                 if is_retryable(failure) or isinstance(failure, OSError):
-                    log.warning("job %s: fetching chunk %d failed (%s); retrying later",
-                                chunk.job_id, chunk.idx, failure)
+                    self._say_failed(chunk, failure)
                     continue
                 log.error("job %s: results of chunk %d cannot be fetched: %s", chunk.job_id, chunk.idx, failure)
                 missing = getattr(failure, "code", None) == 404
@@ -94,6 +100,8 @@ class Fetch:
                                                        f"fetched: {error_dict(failure)['message']}"},
                                      events=self._progress_events(chunk, chunk.stats, finished=True))
                 continue
+            if failed := self._failures.succeeded():
+                log.info("results are fetched again, after %d failed fetches", failed)
             journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state=remote.state,
                                  stats=remote.stats, error=error,
                                  events=self._progress_events(chunk, remote.stats, finished=True))
@@ -108,10 +116,24 @@ class Fetch:
         for chunk in list(self._queued.values())[:self.fetches.free()]:
             self.start(chunk)
 
+    def _say_failed(self, chunk: Chunk, failure: Exception) -> None:
+        what = f"job {chunk.job_id}: fetching chunk {chunk.idx} failed ({failure}); retrying later"
+        extra = {"job": chunk.job_id, "chunk": chunk.idx}
+        if self._failures.failed():
+            log.warning("%s (further failed fetches are summed up every %g s)", what, FETCH_FAILURES_SAID_SECONDS,
+                        extra=extra)
+        elif summary := self._failures.summary():
+            log.warning("%d more fetches failed in the last %.0f s, %d in a row; the last: %s", *summary,
+                        self._failures.failures, what, extra=extra)
+        else:
+            log.debug("%s", what, extra=extra)
+
     def close(self) -> None:
         # A download cut short leaves its chunk 'running': the next start fetches it again.
         self._queued.clear()
         self.fetches.shutdown(cancel=True)
+        if summary := self._failures.summary(now=True):
+            log.warning("%d more fetches failed in the last %.0f s, each fetched again after the restart", *summary)
 
 
 def store_results(provider: Provider, chunk: Chunk, spool: JobSpool, remote: RemoteJob | None = None,
