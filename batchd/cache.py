@@ -22,7 +22,8 @@ journal: a job's result writer (the ``batchd-write`` pool) stores its answers on
 build threads read it, ``batchd cache`` prunes it. What a job takes from the store is copied into its
 spool (``cached.jsonl``) while it is built, so a store pruned or changed later never changes a job
 already being built (see :class:`CacheSplit`). The store is a cache: losing its last writes (it is
-written with ``synchronous=NORMAL``) only means paying for those requests once more.
+written with ``synchronous=NORMAL``) only means paying for those requests once more, and a damaged
+file only means sending every request until it is replaced (:class:`_DamagedStores`).
 
 **Bounds.** ``cache_max_entries`` answers and ``cache_max_mb`` of answers at most; the oldest
 stored go first, after every job's answers are stored.
@@ -35,10 +36,13 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from batchd.fs import is_damaged_database
 
 log = logging.getLogger("batchd")
 
@@ -122,6 +126,56 @@ class CacheLimits:
                    int(settings.cache_max_mb * 1024 * 1024))
 
 
+class _DamagedStores:
+    """The store files this process found damaged, each with what identifies the file (its inode and
+    change time): a damaged store is said once, as an error with what to do, and left alone until the
+    file is replaced. Each job opening it said it again, twice (its build's read, its writer's store)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[Path, tuple[int, int]] = {}
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is a file found damaged, not replaced since."""
+        with self._lock:
+            if path not in self._files:
+                return False
+            try:
+                stat = path.stat()
+            except OSError:
+                identity = None
+            else:
+                identity = (stat.st_ino, stat.st_ctime_ns)
+            if identity == self._files[path]:
+                return True
+            del self._files[path]  # moved aside or removed: a new store is made
+            return False
+
+    def found(self, path: Path, error: sqlite3.Error) -> None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return
+        with self._lock:
+            if path in self._files:
+                return
+            self._files[path] = (stat.st_ino, stat.st_ctime_ns)
+        log.error("%s", damage_message(path, error, "jobs send every request and keep no answers until it is replaced"))
+
+
+def damage_message(path: Path, error: BaseException, meanwhile: str = "") -> str:
+    """What batchd says of a damaged store, and what to do about it."""
+    return f"request cache {path} is damaged ({error}){': ' + meanwhile if meanwhile else ''}; {damage_fix(path)}"
+
+
+def damage_fix(path: Path) -> str:
+    return (f"stop batchd and move {path.name} aside with its -wal and -shm files (the next job starts a new one), "
+            f"or salvage it with `sqlite3 {path.name} .recover`")
+
+
+_damaged = _DamagedStores()
+
+
 class CacheStore:
     """One connection to the store, for the thread that opened it."""
 
@@ -142,14 +196,39 @@ class CacheStore:
 
     @classmethod
     def reader(cls, path: Path) -> CacheStore | None:
-        """A read-only connection, or None when there is no store yet (nothing is cached)."""
-        if not Path(path).exists():
+        """A read-only connection, or None when there is no store yet (nothing is cached) or it is damaged."""
+        path = Path(path)
+        if not path.exists() or _damaged.holds(path):
             return None
         try:
             return cls(path, readonly=True)
         except sqlite3.Error as error:
-            log.warning("request cache %s cannot be opened (%s): requests are sent", path, error)
+            if is_damaged_database(error):
+                _damaged.found(path, error)
+            else:
+                log.warning("request cache %s cannot be opened (%s): requests are sent", path, error)
             return None
+
+    @classmethod
+    def writer(cls, path: Path) -> CacheStore | None:
+        """A connection to store answers in, or None when the store is damaged (said once)."""
+        path = Path(path)
+        if _damaged.holds(path):
+            return None
+        try:
+            return cls(path)
+        except sqlite3.Error as error:
+            if not is_damaged_database(error):
+                raise
+            _damaged.found(path, error)
+            return None
+
+    def damaged(self, error: sqlite3.Error) -> bool:
+        """Whether ``error``, raised by this store, says its file is damaged (then said once)."""
+        if not is_damaged_database(error):
+            return False
+        _damaged.found(self.path, error)
+        return True
 
     def close(self) -> None:
         self.commit()
@@ -175,7 +254,7 @@ class CacheStore:
             row = self._db.execute("SELECT response FROM answers WHERE hash = ?", (digest,)).fetchone()
             return row[0] if row is not None else None
         except sqlite3.Error as error:
-            if not self._warned:
+            if not self.damaged(error) and not self._warned:
                 self._warned = True
                 log.warning("request cache %s cannot be read (%s: %s): requests are sent", self.path,
                             type(error).__name__, error)

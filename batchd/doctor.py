@@ -47,6 +47,7 @@ def run_checks(load_settings: Callable, *, inotify_dir: Path = INOTIFY_DIR) -> l
     checks.append(check_inotify(inotify_dir))
     checks.append(check_daemon(settings))
     checks.append(check_journal(settings))
+    checks.append(check_cache(settings))
     checks.extend(check_provider(settings))
     return checks
 
@@ -193,6 +194,34 @@ def check_journal(settings) -> Check:
     if problem is not None:
         return Check("journal", "fail", f"{path} is damaged: {problem}", fix)
     return Check("journal", "ok", f"{path} reads through ({size / 1e6:.1f} MB)")
+
+
+def check_cache(settings) -> Check:
+    """The request cache read through, like the journal: a damaged one costs money (every request is sent
+    again and no answer is kept), never a job."""
+    import sqlite3
+
+    from batchd.cache import cache_path, damage_fix
+    from batchd.fs import is_damaged_database
+
+    path = cache_path(settings.state_dir)
+    if not path.exists():
+        return Check("request cache", "ok", f"none yet at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            verdict = [row[0] for row in db.execute("PRAGMA quick_check(1)")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as error:
+        if not is_damaged_database(error):
+            return Check("request cache", "warn", f"{path} could not be checked: {error}")
+        verdict = [str(error)]
+    if verdict != ["ok"]:
+        problem = verdict[0].strip().splitlines()[-1]
+        return Check("request cache", "warn", f"{path} is damaged ({problem}): jobs send every request again and "
+                     f"keep no answers", damage_fix(path))
+    return Check("request cache", "ok", f"{path} reads through")
 
 
 def check_provider(settings) -> list[Check]:

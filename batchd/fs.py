@@ -51,11 +51,13 @@ STEPS = (
 EXIT_STORAGE = 74
 #: Errors that mean "no room now", retried once there is room again.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-# SQLite's primary result codes for a full disk and an I/O error (extended codes keep them in the low byte).
+# SQLite's primary result codes (https://sqlite.org/rescode.html; extended codes keep them in the low byte).
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
 _SQLITE_READONLY = 8
 _SQLITE_CANTOPEN = 14
+_SQLITE_CORRUPT = 11  # a damaged page
+_SQLITE_NOTADB = 26  # no database at all
 #: Errors that mean nothing can be written here at all: retrying the step cannot help.
 UNWRITABLE_ERRNOS = frozenset({errno.EROFS})
 
@@ -117,6 +119,14 @@ def is_journal_storage_error(error: BaseException) -> bool:
     if isinstance(error, sqlite3.OperationalError) and code is not None:
         return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN)
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS | UNWRITABLE_ERRNOS | {errno.EIO}
+
+
+def is_damaged_database(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite finding a damaged file (a page that is not what it should be, or no
+    database at all), not a lock, a full disk or a constraint."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
+        _SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 def fsync(fd: int, path: Path | str, step: str | None = None) -> None:

@@ -328,3 +328,47 @@ def test_embeddings_from_file_batches_are_cached_and_written_to_the_same_array(w
     assert second["counts"]["cached"] == 2 and second["remote_batches"] == []
     arrays = [np.load(workspace.outbox / name / "embeddings.npy") for name in ("first", "second")]
     assert arrays[0].shape == (2, 8) and (arrays[0] == arrays[1]).all()
+
+
+def test_a_damaged_store_is_said_once_costs_no_job_and_a_replaced_one_is_used_at_once(workspace: Workspace):
+    """The store's file damaged on disk (its pages overwritten) under a running daemon: the jobs are delivered,
+    sending every request; the damage is one ERROR with what to do, not two warnings a job; `batchd cache
+    stats` says it in one line and `batchd doctor` warns. Moved aside as the message says, the next job
+    starts a new store in the same process, which keeps its answers again."""
+    workspace.configure(settle_seconds=0)
+    workspace.drop("first.toml", translate(["one", "two"]))
+    run_once(workspace)
+    store = cache_path(workspace.state)
+    with sqlite3.connect(store) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.close()
+    with store.open("r+b") as file:
+        for page in range(1, pages):  # every page but the header's
+            file.seek(page * page_size)
+            file.write(b"\xde\xad" * (page_size // 2))
+
+    process = workspace.start("run")
+    try:
+        for n in range(4):
+            workspace.drop(f"again{n}.toml", translate(["one", "two", f"three {n}"], note=str(n)))
+        workspace.wait_for(lambda: len(workspace.outbox_folders()) == 5, what="the four jobs delivered")
+        said = process.output()
+        assert said.count("is damaged") == 1 and "level=error" in said.split("is damaged")[0].splitlines()[-1]
+        assert "storing answers failed" not in said and "cannot be read" not in said
+        assert all(workspace.delivered()[f"again{n}"]["counts"].get("cached") is None for n in range(4))
+        stats = workspace.batchd("cache", "stats")
+        assert stats.returncode == 1 and stats.stderr.startswith(f"Error: request cache {store} is damaged")
+        doctor = json.loads(workspace.batchd("doctor", "--json").stdout)
+        [check] = [check for check in doctor["checks"] if check["name"] == "request cache"]
+        assert check["status"] == "warn" and "move cache.sqlite3 aside" in check["fix"]
+
+        for suffix in ("", "-wal", "-shm"):
+            aside = store.with_name(store.name + suffix)
+            if aside.exists():
+                aside.rename(aside.with_name(f"damaged-{aside.name}"))
+        workspace.drop("after.toml", translate(["four", "five"], note="after"))
+        workspace.wait_for(lambda: "after" in workspace.outbox_folders(), what="the job after the move")
+    finally:
+        assert process.stop() == 0
+    assert cache_stats(workspace)["entries"] == 4  # the new store keeps the last job's answers

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import click
 
@@ -15,10 +17,20 @@ def cache_group() -> None:
     """The request cache: answers reused by jobs with cache = true (state_dir/cache.sqlite3)."""
 
 
+@contextlib.contextmanager
 def _cache_store(settings: Settings):
-    from batchd.cache import CacheStore, cache_path
+    """The state dir's request cache; a damaged one is said in one line with what to do, not a traceback."""
+    from batchd.cache import CacheStore, cache_path, damage_message
+    from batchd.fs import is_damaged_database
 
-    return CacheStore(cache_path(settings.state_dir))
+    path = cache_path(settings.state_dir)
+    try:
+        with CacheStore(path) as store:
+            yield store
+    except sqlite3.DatabaseError as error:
+        if not is_damaged_database(error):
+            raise
+        raise click.ClickException(damage_message(path, error)) from None
 
 
 def _age(seconds: float | None) -> str:

@@ -142,7 +142,10 @@ class _Keeper:
             return
         try:
             if self.store is None:
-                self.store = CacheStore(self.limits.path)
+                self.store = CacheStore.writer(self.limits.path)
+                if self.store is None:  # damaged, said once for every job
+                    self.failed = True
+                    return
             self.store.put(digest, self.kind, self.model, response)
         except sqlite3.Error as error:
             self._failure(error)
@@ -169,8 +172,9 @@ class _Keeper:
 
     def _failure(self, error: sqlite3.Error) -> None:
         self.failed = True
-        log.warning("request cache %s: storing answers failed (%s: %s); this job's answers are not kept",
-                    self.limits.path, type(error).__name__, error)
+        if self.store is None or not self.store.damaged(error):
+            log.warning("request cache %s: storing answers failed (%s: %s); this job's answers are not kept",
+                        self.limits.path, type(error).__name__, error)
         self.close()
 
     def close(self) -> None:

@@ -37,18 +37,6 @@ class JournalUnreadable(Exception):
             f"it aside starts a new journal that knows none of the jobs")
 
 
-#: SQLite's primary result codes for a file that is damaged, or no database (https://sqlite.org/rescode.html).
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-
-
-def is_damage(error: BaseException) -> bool:
-    """Whether ``error`` is SQLite finding a damaged file (a page that is not what it should be), not a
-    lock, a full disk or a constraint."""
-    code = getattr(error, "sqlite_errorcode", None)
-    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
-        _SQLITE_CORRUPT, _SQLITE_NOTADB)
-
-
 class Transactions:
     """The journal's connection and its commits.  One writer process; readers may open it read-only."""
 
@@ -111,7 +99,7 @@ class Transactions:
         page the start did not read (an old job's, an index's) can be damaged without its open failing.
         None for any other error, and for damage found in another SQLite file (the request cache's): the
         journal is checked before it is blamed."""
-        if not is_damage(error) or self.check() is None:
+        if not fs.is_damaged_database(error) or self.check() is None:
             return None
         return JournalUnreadable(self.path, error)
 
@@ -120,7 +108,7 @@ class Transactions:
         try:
             verdict = [row[0] for row in self._db.execute("PRAGMA quick_check(1)")]
         except sqlite3.DatabaseError as error:
-            if not is_damage(error):
+            if not fs.is_damaged_database(error):
                 raise
             return str(error)
         if verdict == ["ok"]:
