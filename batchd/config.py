@@ -250,6 +250,14 @@ class Settings(BaseSettings):
                     " manifest is claimed; jobs in flight go on, and the room left keeps journal commits and"
                     " deliveries going. 0 = no floor.",
     )
+    forget_jobs_after_days: float = Field(
+        0.0,
+        ge=0,
+        description="Jobs finished longer ago than this are forgotten by the journal (their rows, events and"
+                    " status; /metrics keeps counting them, their outbox folders stay), so it keeps the size"
+                    " of its recent history. A forgotten job's manifest dropped again runs again. 0 = keep"
+                    " every job; otherwise at least 7 (a remote batch can still show up days later).",
+    )
     plugins_dir: Path | None = Field(None, description="Optional folder of one-off *.py task plugins.")
     disabled_plugins: list[str] = Field(
         default_factory=list,
@@ -448,6 +456,15 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         return format_address(*parse_address(str(value)))
+
+    @field_validator("forget_jobs_after_days")
+    @classmethod
+    def _forget_after_a_week_at_least(cls, value: float) -> float:
+        # A create whose outcome was unknown is watched for stray batches for stray_watch_seconds (about two
+        # days), and a batch lives up to 48 h: the job's rows name what may still show up until then.
+        if 0 < value < 7:
+            raise ValueError("must be 0 (keep every job) or at least 7 days")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

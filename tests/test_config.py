@@ -248,3 +248,16 @@ def test_a_current_directory_removed_under_the_shell_is_a_config_error_unless_ev
         assert len(refused.stderr.splitlines()) == 1
     listed = batchd("--config", str(ws.config), "list")
     assert listed.returncode == 0, listed.stderr
+
+
+@pytest.mark.parametrize(("days", "accepted"), [(0, True), (7, True), (90.5, True), (3, False), (-1, False)])
+def test_forget_jobs_after_days_is_off_or_a_week_at_least(tmp_path, days, accepted):
+    """Rows of a job name what may still show up for days after it is done (a stray batch of an unknown
+    create, watched for about two days): forgetting sooner is refused, with why."""
+    config = tmp_path / "config.toml"
+    config.write_text(f"forget_jobs_after_days = {days}\n")
+    if accepted:
+        assert load_settings(config).forget_jobs_after_days == days
+    else:
+        with pytest.raises(ConfigError, match="forget_jobs_after_days"):
+            load_settings(config)

@@ -27,7 +27,7 @@ def deliver_some_jobs(workspace: Workspace, *, statements: list[str] | None = No
     """Small jobs sent together, a job of several chunks and a rejected manifest, through an in-process
     daemon until all six are delivered; then the prunes and the dashboard's reads. Every statement run
     after the start is appended to ``statements``."""
-    workspace.configure(settle_seconds=0, job_seconds=0, chunk_max_requests=3)
+    workspace.configure(settle_seconds=0, job_seconds=0, chunk_max_requests=3, forget_jobs_after_days=7)
     for n in range(4):
         workspace.drop(f"small{n}.toml", f'task = "sentiment"\ntexts = ["Order {n} arrived.", "Order {n} was late."]\n')
     workspace.drop("large.toml", 'task = "sentiment"\ntexts = [' + ", ".join(f'"Review {n}."' for n in range(7)) + "]\n")
@@ -42,7 +42,7 @@ def deliver_some_jobs(workspace: Workspace, *, statements: list[str] | None = No
             assert time.monotonic() < deadline, "timed out"
             daemon.loop.tick()
             daemon.inbox.wait(min(daemon.loop.sleep_seconds(), 0.05))
-        daemon.loop.prune_events()  # hourly, over every event
+        daemon.loop.prune_history()  # hourly, over every event
         daemon.journal.recent_jobs(done=50, limit=200)  # the dashboard's page and its cost chart
         daemon.journal.spend_by_day("gemini-2.5-flash", time.time() - 30 * 86400)
     finally:
@@ -188,5 +188,115 @@ def test_the_writer_remembers_the_jobs_that_send_files_only_until_they_are_done(
     try:
         assert journal._jobs_with_media == set()
         assert [row["sha256"] for row in journal.media_to_delete(time.time())] == ["f" * 64]
+    finally:
+        journal.close()
+
+
+def _job_names(path) -> dict[str, int]:
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT name, count(*) FROM jobs WHERE pack = 0 GROUP BY name"))
+    finally:
+        db.close()
+
+
+def _rows_naming(path, job_ids: set[str]) -> dict[str, int]:
+    """Rows left in the tables that hold rows by job id, of the jobs ``job_ids``."""
+    marks = ", ".join("?" * len(job_ids))
+    db = sqlite3.connect(path)
+    try:
+        counts = {table: db.execute(f"SELECT count(*) FROM {table} WHERE job_id IN ({marks})", tuple(job_ids)).fetchone()[0]
+                  for table in ("chunks", "remote_jobs", "watched_names", "chunk_media", "events")}
+        counts["jobs"] = db.execute(f"SELECT count(*) FROM jobs WHERE id IN ({marks})", tuple(job_ids)).fetchone()[0]
+        counts["deliveries"] = db.execute(f"SELECT count(*) FROM deliveries WHERE event_id IN (SELECT id FROM events"
+                                          f" WHERE job_id IN ({marks}))", tuple(job_ids)).fetchone()[0]
+        return {table: count for table, count in counts.items() if count}
+    finally:
+        db.close()
+
+
+def _age(path, names: tuple[str, ...], days: float, *, packs: bool) -> set[str]:
+    """Make the jobs named ``names`` (and every pack, with ``packs``) done ``days`` earlier; their ids."""
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            which = f"name IN ({', '.join('?' * len(names))})" + (" OR pack = 1" if packs else "")
+            ids = {row[0] for row in db.execute(f"SELECT id FROM jobs WHERE {which}", names)}
+            db.execute(f"UPDATE jobs SET updated_at = updated_at - ? WHERE {which}", (days * 86400, *names))
+        return ids
+    finally:
+        db.close()
+
+
+def test_jobs_finished_before_forget_jobs_after_days_are_forgotten_with_every_row_that_names_them(workspace: Workspace):
+    """A service runs for months: with forget_jobs_after_days, jobs finished longer ago go from every table that
+    holds rows by job (a pack once no member of it is left), while /metrics' sums keep counting them, also
+    when a later open sums the rows again; their outbox folders stay, and a forgotten manifest dropped again
+    runs again instead of being refused as a duplicate. The jobs finished since are kept whole."""
+    deliver_some_jobs(workspace)
+    path = journal_path(workspace.state)
+    journal = Journal(path)
+    try:
+        before = comparable(journal.totals())
+    finally:
+        journal.close()
+    old = _age(path, ("small0", "small1", "large"), 40, packs=True)
+
+    workspace.configure(settle_seconds=0, job_seconds=0, chunk_max_requests=3, forget_jobs_after_days=30)
+    run = workspace.batchd("run", "--once")
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "forgot 3 jobs finished more than 30 days ago" in run.stderr
+    assert _job_names(path) == {"small2": 1, "small3": 1, "unknown": 1}
+    packs = old - {job.id for job in Journal(path, readonly=True).jobs()}
+    left = _rows_naming(path, old)
+    assert left.get("jobs") == 1 and set(left) <= {"jobs", "chunks", "remote_jobs", "events"}, left  # the pack: its members remain
+    for _ in range(2):  # as kept, and as summed from the rows again at an open (done_totals dropped)
+        journal = Journal(path)
+        try:
+            assert comparable(journal.totals()) == before
+            with journal.transaction() as db:
+                db.execute("DELETE FROM done_totals")
+        finally:
+            journal.close()
+    assert len(workspace.outbox_folders()) == 6
+
+    workspace.drop("small0.toml", 'task = "sentiment"\ntexts = ["Order 0 arrived.", "Order 0 was late."]\n')
+    again = workspace.batchd("run", "--once")
+    assert again.returncode == 0, again.stderr[-3000:]  # not refused as the same content as a job it forgot
+    assert _job_names(path)["small0"] == 1 and len(workspace.outbox_folders()) == 7
+
+    _age(path, ("small2", "small3", "unknown", "small0"), 40, packs=True)
+    assert workspace.batchd("run", "--once").returncode == 0
+    assert _job_names(path) == {}
+    assert _rows_naming(path, old | packs) == {}
+    journal = Journal(path)
+    try:
+        totals = comparable(journal.totals())
+        assert totals["jobs"] == {"done": 7} and totals["requests_total"] == before["requests_total"] + 2
+    finally:
+        journal.close()
+
+
+def test_a_long_history_is_forgotten_a_round_per_transaction(tmp_path):
+    """Turned on over a long history, the forgetting goes a few hundred jobs per transaction (the loop's tick
+    stays short; the loop comes back at once while rounds are full), oldest first, and counts every one."""
+    from batchd.journal.retention import FORGET_PER_TRANSACTION
+
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        long_ago = time.time() - 100 * 86400
+        with journal.transaction() as db:
+            db.executemany(
+                "INSERT INTO jobs (id, name, source, state, outcome, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'done', 'succeeded', ?, ?)",
+                [(f"job{n:05d}", f"job{n}", f"job{n}.toml", long_ago, long_ago + n) for n in range(1100)])
+            db.execute("INSERT INTO done_totals (outcome, jobs, requests_total, requests_done, input_tokens,"
+                       " output_tokens, cost_estimate, cost_actual, cost_saving) VALUES ('succeeded', 1100, 0, 0, 0, 0,"
+                       " 0, 0, 0)")
+        rounds = [journal.forget_finished(time.time() - 30 * 86400) for _ in range(4)]
+        assert rounds == [FORGET_PER_TRANSACTION, FORGET_PER_TRANSACTION, 1100 - 2 * FORGET_PER_TRANSACTION, 0]
+        assert journal.totals()["jobs"] == {"done": 1100}
+        assert journal._db.execute("SELECT sum(jobs) FROM forgotten_totals").fetchone()[0] == 1100
     finally:
         journal.close()

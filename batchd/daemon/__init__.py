@@ -188,7 +188,7 @@ class Daemon:
         if self.once:
             self.loop.once_pending = once_candidates(s.inbox)
         self.recover()
-        self.loop.prune_events()
+        self.loop.prune_history()
         self.loop.sweep()
         if self.emulator is not None:
             # Booted meanwhile (in a tenth of a second): one that cannot start ends the start here, saying

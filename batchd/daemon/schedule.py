@@ -39,12 +39,14 @@ from batchd.daemon.uploads import Uploads
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Job
+from batchd.journal.retention import FORGET_PER_TRANSACTION
 from batchd.states import ACTIVE_JOB_STATES, CHUNK_DONE_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
 
-#: Delivered events older than ``notify.keep_days`` are forgotten at start and then this often.
-PRUNE_EVENTS_SECONDS = 3600.0
+#: Delivered events older than ``notify.keep_days``, and jobs finished before ``forget_jobs_after_days``, are
+#: forgotten at start and then this often (a backlog of jobs a round per tick: batchd/journal/retention.py).
+PRUNE_SECONDS = 3600.0
 #: Jobs being built are looked at least this often, to give up on a task plugin that hangs.
 BUILD_CHECK_SECONDS = 1.0
 #: How often a tick looks whether the inbox folder is still there (and watched) and whether the config
@@ -119,7 +121,9 @@ class Loop:
         self._builds_checked_at = float("-inf")
         self._surroundings_checked_at = float("-inf")
         self._inbox_present = False
-        self._events_pruned_at = float("-inf")
+        self._pruned_at = float("-inf")
+        self._forgetting = False  # a round of old jobs was forgotten, and more may be left
+        self._forgotten = 0  # jobs forgotten since the first round
         self._disk_full_seen = False
         #: Jobs whose own write found no room: each waits out its own backoff, which only its own progress
         #: resets (the shared pause of every writer is reset by any write that goes through, so a job too
@@ -219,8 +223,8 @@ class Loop:
                 raise
             self.disk_full(error, "commit", None)
         self.events.hand_out()
-        if time.monotonic() - self._events_pruned_at >= PRUNE_EVENTS_SECONDS:
-            self.prune_events()
+        if self._forgetting or time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self.prune_history()
         # Judged at the tick's end, not its start: a pause that ran out during the tick let its
         # writes go through, and the tick that follows may be the one a stop never gets to.
         if not self._disk_full_seen and not ctx.disk.waiting() and ctx.disk.succeeded():
@@ -392,6 +396,8 @@ class Loop:
         with self._ready_lock:
             if self._ready or len(s.inbound) or s.intake.backlog and not s.intake.claiming_paused:
                 return 0.0
+        if self._forgetting:
+            return 0.0
         # --once also waits for manifests written in place to settle: look each second.
         wait = 1.0 if ctx.once else ctx.settings.rescan_seconds
         wait = min(wait, self._swept_at + ctx.settings.rescan_seconds - time.monotonic())
@@ -445,14 +451,26 @@ class Loop:
 
     # -- housekeeping ---------------------------------------------------------------------------------
 
-    def prune_events(self) -> None:
-        """Forget delivered events past ``notify.keep_days`` (at start, then hourly: a service runs for months)."""
+    def prune_history(self) -> None:
+        """Forget delivered events past ``notify.keep_days`` and jobs finished before ``forget_jobs_after_days``
+        (at start, then hourly: a service runs for months). Jobs go a round per call; while rounds are full,
+        the next tick comes at once and forgets the next (a first start with the setting on a long history)."""
         ctx = self.ctx
-        self._events_pruned_at = time.monotonic()
-        keep_days = ctx.settings.notify.keep_days
-        pruned = ctx.journal.prune_events(time.time() - keep_days * 86400)
-        if pruned:
-            log.info("forgot %d delivered events older than %g days", pruned, keep_days)
+        if not self._forgetting:
+            self._pruned_at = time.monotonic()
+            keep_days = ctx.settings.notify.keep_days
+            pruned = ctx.journal.prune_events(time.time() - keep_days * 86400)
+            if pruned:
+                log.info("forgot %d delivered events older than %g days", pruned, keep_days)
+        days = ctx.settings.forget_jobs_after_days
+        if not days:
+            return
+        forgotten = ctx.journal.forget_finished(time.time() - days * 86400)
+        self._forgotten += forgotten
+        self._forgetting = forgotten == FORGET_PER_TRANSACTION
+        if not self._forgetting and self._forgotten:
+            log.info("forgot %d jobs finished more than %g days ago (forget_jobs_after_days)", self._forgotten, days)
+            self._forgotten = 0
 
     def _reload_settings(self, *, asked: bool = False) -> None:
         """Take the config file's [cost] and [notify] tables anew when it changes (a raised budget), or when

@@ -106,6 +106,7 @@ from typing import Any, Callable, Iterable
 
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
+from batchd.journal.retention import forget_finished
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
 from batchd.journal.transactions import JournalUnreadable
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
@@ -553,6 +554,18 @@ class Journal(NotificationQueue):
     def forget_webhooks(self, before: float) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (before,)).rowcount
+
+    # -- history -----------------------------------------------------------------------------
+
+    def forget_finished(self, before: float) -> int:
+        """Forget a round of the jobs finished before ``before`` (batchd/journal/retention.py); returns how
+        many (a full round, :data:`~batchd.journal.retention.FORGET_PER_TRANSACTION`: there may be more)."""
+        with self.transaction() as db:
+            count, ids = forget_finished(db, before)
+        for job_id in ids:
+            self.kept_rows.forget_job(job_id)
+        self.kept_rows.forget_chunks(*ids)
+        return count
 
     # -- media (files sent with requests) ---------------------------------------------------
 

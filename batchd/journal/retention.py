@@ -1,0 +1,70 @@
+"""Forgetting finished jobs: ``forget_jobs_after_days`` keeps the journal the size of its recent history.
+
+A service runs for months, and every job it ever ran kept its rows (the job, its chunks, its remote
+batches, its events): tens of thousands a day. Jobs finished longer ago than the setting are deleted
+from every table that holds them by job, a few hundred per transaction, so the loop's tick stays short.
+What outlives them:
+
+- ``done_totals`` (/metrics' sums over finished jobs) keeps counting them, and ``forgotten_totals``
+  holds their figures so that a journal whose sums are read again from its rows
+  (:func:`batchd.journal.schema.migrate`) still counts them;
+- ``output_observed`` (what each task and model answered, which estimates price by), the request cache
+  and ``media`` (shared by content, with a life of their own);
+- their outbox folders, which are the user's.
+
+Not forgotten: a job with a notification still pending for a plugin (a receiver down for days gets it
+when it is back), and a pack (batchd's own job carrying small jobs' requests) while a member of it is
+kept. A forgotten job's manifest is no longer recognized: dropped again with the same content, it runs
+again (see README, "Forgetting old jobs").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from batchd.journal.schema import DONE, totals_add
+
+#: Jobs forgotten per transaction: each costs about a dozen row deletions with their index entries.
+FORGET_PER_TRANSACTION = 500
+
+#: Tables holding rows by job id, emptied of a forgotten job's (its events' deliveries first).
+_ROWS_BY_JOB = ("chunks", "remote_jobs", "watched_names", "chunk_media", "events")
+
+
+def forget_finished(db: sqlite3.Connection, before: float, limit: int = FORGET_PER_TRANSACTION) -> tuple[int, list[str]]:
+    """Delete up to ``limit`` jobs (packs aside) done before ``before`` (wall clock; their row's last write,
+    which made them done: a rejected job has no ``finished_at``), oldest first, with every row that names
+    them; then the packs done before it that no chunk is packed in any more.
+    Returns how many jobs (not packs) were forgotten, and the ids of all (packs too). Runs inside the
+    caller's transaction."""
+    jobs = [row[0] for row in db.execute(
+        f"SELECT id FROM jobs WHERE {DONE} AND updated_at < ? AND pack = 0 AND NOT EXISTS ("
+        " SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.id"
+        " WHERE e.job_id = jobs.id AND d.state = 'pending')"
+        " ORDER BY updated_at LIMIT ?", (before, limit))]
+    if jobs:
+        ids = _temp_ids(db, jobs)
+        db.execute(totals_add("forgotten_totals", f"j.id IN (SELECT id FROM {ids})"))
+        _delete_rows_of(db, ids)
+    packs = [row[0] for row in db.execute(
+        f"SELECT id FROM jobs WHERE {DONE} AND updated_at < ? AND pack = 1"
+        " AND NOT EXISTS (SELECT 1 FROM chunks WHERE packed_in = jobs.id)"
+        " ORDER BY updated_at LIMIT ?", (before, limit))]
+    if packs:
+        _delete_rows_of(db, _temp_ids(db, packs))
+    return len(jobs), jobs + packs
+
+
+def _temp_ids(db: sqlite3.Connection, ids: list[str]) -> str:
+    """The ids in a temporary table (dropped at the connection's close; emptied at each use), its name."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS forgetting (id TEXT PRIMARY KEY)")
+    db.execute("DELETE FROM forgetting")
+    db.executemany("INSERT INTO forgetting VALUES (?)", ((job_id,) for job_id in ids))
+    return "temp.forgetting"
+
+
+def _delete_rows_of(db: sqlite3.Connection, ids: str) -> None:
+    db.execute(f"DELETE FROM deliveries WHERE event_id IN (SELECT id FROM events WHERE job_id IN (SELECT id FROM {ids}))")
+    for table in _ROWS_BY_JOB:
+        db.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM {ids})")
+    db.execute(f"DELETE FROM jobs WHERE id IN (SELECT id FROM {ids})")
