@@ -11,7 +11,10 @@ remote batches under new ids, a delivery to a notification plugin per event, as 
 journal has). Then ``--jobs`` new manifests are dropped into each and timed through ``run --once``,
 alternating, ``--rounds`` times; and ``run --once`` on an empty inbox (the start: opening the journal,
 recovery, the first prune) is timed on each. Printed: seconds of each run, and the ratios history /
-new (goal: 1.0 within noise).
+new (goal: 1.0 within noise). Then the grown journal's jobs are made 30 days old and forgotten as
+``forget_jobs_after_days`` does (batchd/journal/retention.py), a round per transaction: how long the
+longest round holds the loop, the cost per job, and ``run --once`` of new jobs on what is left against
+the new journal (goal: 1.0 within noise).
 
     python bench/history.py                       # 300 jobs, history of 100,000 jobs
     python bench/history.py --history 500000
@@ -80,6 +83,30 @@ def grow(journal: Path, jobs: int) -> dict[str, int]:
         db.close()
 
 
+def forget_all(journal_path: Path) -> tuple[int, list[float]]:
+    """Every job of the journal made done 30 days ago, then forgotten round after round as the loop does:
+    the jobs forgotten and each round's seconds."""
+    from batchd.journal import Journal
+    from batchd.journal.retention import FORGET_PER_TRANSACTION
+
+    db = sqlite3.connect(journal_path)
+    with db:
+        db.execute("UPDATE jobs SET updated_at = updated_at - 30 * 86400 WHERE state = 'done'")
+    db.close()
+    journal = Journal(journal_path)
+    try:
+        forgotten, rounds = 0, []
+        while True:
+            started = time.perf_counter()
+            count = journal.forget_finished(time.time() - 7 * 86400)
+            rounds.append(time.perf_counter() - started)
+            forgotten += count
+            if count < FORGET_PER_TRANSACTION:
+                return forgotten, rounds
+    finally:
+        journal.close()
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--jobs", type=int, default=300, help="new manifests timed in each workspace (300)")
@@ -109,6 +136,13 @@ def main() -> None:
         assert new.delivered() == old.delivered() == expected, (new.delivered(), old.delivered(), expected)
         new_s, old_s = median(seconds["new"]), median(seconds["history"])
         new_start, old_start = median(starts["new"]), median(starts["history"])
+        forgotten, rounds = forget_all(old.path / "state" / "journal.db")
+        after: dict[str, list[float]] = {"new": [], "forgotten": []}
+        for round_ in range(args.rounds):
+            for label, workspace in (("new", new), ("forgotten", old)):
+                drop(workspace, first, args.jobs)
+                after[label].append(run_once(workspace, args.timeout))
+            first += args.jobs
         report([
             (f"{args.jobs} jobs, new journal: s (each round)", ", ".join(f"{s:.2f}" for s in seconds["new"])),
             (f"{args.jobs} jobs, {rows['jobs']:,}-job journal: s (each round)",
@@ -118,6 +152,12 @@ def main() -> None:
             ("ratio of the starts", old_start / new_start),
             ("per job less the start, new / history: ms",
              f"{(new_s - new_start) / args.jobs * 1e3:.2f} / {(old_s - old_start) / args.jobs * 1e3:.2f}"),
+            ("forgotten (forget_jobs_after_days): jobs, rounds", f"{forgotten:,}, {len(rounds)}"),
+            ("forgetting: s in all, longest round ms, us a job",
+             f"{sum(rounds):.2f}, {max(rounds) * 1e3:.0f}, {sum(rounds) / max(forgotten, 1) * 1e6:.0f}"),
+            (f"{args.jobs} jobs after it, new / forgotten journal: s (each round)",
+             " / ".join(", ".join(f"{s:.2f}" for s in after[label]) for label in ("new", "forgotten"))),
+            ("ratio forgotten / new (medians)", median(after["forgotten"]) / median(after["new"])),
         ], args.json, history=args.history, jobs=args.jobs)
 
 
