@@ -365,6 +365,51 @@ def test_a_journal_page_damaged_where_the_start_does_not_read_stops_the_daemon_w
     assert "FAIL  journal:" in doctor.stdout and "is damaged: Page" in doctor.stdout and ".recover" in doctor.stdout
 
 
+@pytest.mark.slow  # 20 s of waiting for the lock on purpose
+def test_a_journal_locked_by_another_process_is_waited_for_and_a_stop_meanwhile_loses_nothing(workspace: Workspace):
+    """Another process holding the journal's write lock (an operator's `sqlite3` shell with a transaction
+    open): the daemon waits, says so, and goes on once it is released; a stop while it waits ends it within
+    seconds, the manifest dropped meanwhile still in the inbox, delivered by the next run. Before, the first
+    write after five seconds raised "database is locked" out of the loop: a traceback and a dead daemon."""
+    import time
+
+    def lock() -> sqlite3.Connection:
+        holder = sqlite3.connect(journal_path(workspace.state), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        return holder
+
+    workspace.configure(settle_seconds=0)
+    process = workspace.start("run")
+    try:
+        workspace.wait_for(lambda: "batchd ready" in process.output(), what="the daemon ready")
+        holder = lock()
+        workspace.drop("translate.toml", TRANSLATE)
+        workspace.wait_for(lambda: "is locked by another process" in process.output(), what="the wait said")
+        time.sleep(2)
+        assert process.poll() is None and not workspace.outbox_folders()
+        holder.rollback()
+        holder.close()
+        workspace.wait_for(lambda: "translate" in workspace.outbox_folders(), what="the job delivered")
+        assert "is free again, after" in process.output()
+
+        holder = lock()
+        workspace.drop("sentiment.toml", SENTIMENT)
+        workspace.wait_for(lambda: process.output().count("is locked by another process") >= 2, what="the second wait")
+        started = time.monotonic()
+        assert process.stop(timeout=30) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        if process.poll() is None:
+            process.kill()
+    holder.rollback()
+    holder.close()
+    said = process.output()
+    assert "stopping without recording the last steps" in said and "Traceback" not in said, said[-3000:]
+    assert (workspace.inbox / "sentiment.toml").exists()
+    assert workspace.batchd("run", "--once").returncode == 0
+    assert set(workspace.outbox_folders()) == {"translate", "sentiment"}
+
+
 def test_an_embedded_emulator_whose_state_is_damaged_stops_the_start_saying_so(workspace: Workspace):
     """The embedded emulator's state.db damaged: its error and the daemon's are one line each, no traceback, and
     nothing of the manifest waiting in the inbox is lost; once the state is moved aside, as the error says, the

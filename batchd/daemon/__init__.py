@@ -50,7 +50,7 @@ from batchd.emulator.process import EmulatorProcess
 from batchd.statedir import lock_holder, lock_path, notices_path, render_notice
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
-from batchd.journal import Journal, journal_path
+from batchd.journal import Journal, JournalLocked, journal_path
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
 from batchd.provider import Provider
 from batchd.service import ServiceManager
@@ -95,7 +95,9 @@ class Daemon:
         #: The HTTP server (``http``), and whether start() finished (recovered, reconciled, watching).
         self.web = None
         self.ready = False
-        self._journal_damaged = False  # found damaged while running: the stop writes nothing more into it
+        #: Found damaged while running, or locked by another process through a stop: the stop writes nothing
+        #: more into it.
+        self._journal_unusable = False
 
     @property
     def journal(self) -> Journal | None:
@@ -137,9 +139,12 @@ class Daemon:
             damage = self.ctx.journal.damage(error) if self.ctx.journal is not None else None
             if damage is None:
                 raise
-            self._journal_damaged = True
+            self._journal_unusable = True
             self.service_manager.status("exiting: the journal is damaged")
             raise damage from None
+        except JournalLocked as locked:
+            self._journal_unusable = True
+            log.error("%s", locked)
         finally:
             self.close()
         if self.ctx.storage_failure is not None:
@@ -169,7 +174,7 @@ class Daemon:
         for name in durable.remove_left_temps(s.state_dir):
             log.info("removed %s, left in the state dir by a writer that was stopped mid-write", name)
         self._start_emulator()  # (if not spawned yet) it boots while the journal is opened and recovery done
-        journal = self.ctx.journal = Journal(journal_path(s.state_dir))
+        journal = self.ctx.journal = Journal(journal_path(s.state_dir), while_locked=self._while_journal_locked)
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
         journal.on_change = self.loop.changed
@@ -304,7 +309,7 @@ class Daemon:
     def close(self) -> None:
         steps, ctx = self.steps, self.ctx
         # Let creates already sent finish and record them, so no remote job is left unrecorded.
-        if ctx.journal is not None and not self._journal_damaged:
+        if ctx.journal is not None and not self._journal_unusable:
             steps.submit.drain(self.service_manager)
         steps.submit.close()
         steps.fetch.close()
@@ -318,7 +323,7 @@ class Daemon:
         # After a failed fsync or commit nothing more is written: creates that went out meanwhile are
         # found again by display name when the restarted daemon reconciles.
         if ctx.journal is not None:
-            if ctx.storage_failure is None and not self._journal_damaged:
+            if ctx.storage_failure is None and not self._journal_unusable:
                 steps.submit.collect()
                 if self.events is not None:
                     self.events.close()  # calls still running are redelivered after a restart
@@ -330,6 +335,13 @@ class Daemon:
             self.emulator.stop()
         if self._lock_file is not None:
             self._lock_file.close()
+
+    def _while_journal_locked(self, seconds: float) -> None:
+        """Another process holds the journal's write lock (batchd.journal.transactions): the loop waits, alive
+        for the watchdog, until a stop, which then gives up after a few seconds (a kill loses nothing either)."""
+        self.service_manager.watchdog()
+        if self.stopping.is_set():
+            raise JournalLocked(journal_path(self.settings.state_dir), seconds)
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: e.g. "3 jobs active, 2 remote batches running"."""

@@ -108,14 +108,14 @@ from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.retention import forget_finished
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
-from batchd.journal.transactions import JournalUnreadable
+from batchd.journal.transactions import JournalLocked, JournalUnreadable
 from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
                                  replace_row)
 from batchd.logs import redact, redacted_json
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
 
-__all__ = ["Chunk", "Job", "Journal", "JournalUnreadable", "journal_path", "new_job_id", "replace_row"]
+__all__ = ["Chunk", "Job", "Journal", "JournalLocked", "JournalUnreadable", "journal_path", "new_job_id", "replace_row"]
 
 #: ``output_observed`` forgets old jobs gradually: past this many requests its sums are halved, so
 #: a task whose answers changed (a new prompt, a new model version) is priced by the new ones soon.
@@ -138,8 +138,9 @@ class Journal(NotificationQueue):
     deliveries taken, media, the cost history, and what the dashboard and /metrics read.
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False):
-        super().__init__(path, readonly=readonly)
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 while_locked: Callable[[float], None] = lambda seconds: None):
+        super().__init__(path, readonly=readonly, while_locked=while_locked)
         #: Called with a job's id after every commit that changed the job or one of its chunks: the
         #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
         self.on_change: Callable[[str], None] = lambda job_id: None

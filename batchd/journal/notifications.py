@@ -23,8 +23,9 @@ from batchd.journal.transactions import Transactions
 class NotificationQueue(Transactions):
     """The ``events`` and ``deliveries`` tables (see the module doc)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False):
-        super().__init__(path, readonly=readonly)
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 while_locked: Callable[[float], None] = lambda seconds: None):
+        super().__init__(path, readonly=readonly, while_locked=while_locked)
         #: The plugins an event is to be delivered to (one delivery row each); set by the dispatcher.
         self.event_targets: Callable[[dict], Iterable[str]] = lambda event: ()
         #: Delivery rows added by this process so far (lets the dispatcher skip its queries when none

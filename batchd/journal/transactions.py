@@ -11,8 +11,10 @@ why it is committed before every effect is in :mod:`batchd.journal`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,6 +22,13 @@ from typing import Any, Callable, Iterator
 from batchd import fs
 from batchd.durable import fsync_dir
 from batchd.journal.schema import SCHEMA, migrate
+
+log = logging.getLogger("batchd")
+
+#: While another process holds the journal's write lock, a line says so this often (the first at once).
+LOCKED_SAID_SECONDS = 60.0
+#: SQLite waits this long for the write lock before an attempt fails (each failed attempt is waited again).
+BUSY_TIMEOUT_MS = 5000
 
 
 class JournalUnreadable(Exception):
@@ -37,11 +46,29 @@ class JournalUnreadable(Exception):
             f"it aside starts a new journal that knows none of the jobs")
 
 
+class JournalLocked(Exception):
+    """Another process held the journal's write lock while batchd was stopping: what it did meanwhile that
+    was not committed is done again at its next start (each step is redone from its committed state)."""
+
+    def __init__(self, path: Path, seconds: float):
+        super().__init__(f"the journal {path} is locked by another process (for {seconds:.0f} s): stopping without "
+                         f"recording the last steps; the next start redoes them")
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY: another connection holds the lock (the extended codes keep it in the low byte)."""
+    return (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF == 5
+
+
 class Transactions:
     """The journal's connection and its commits.  One writer process; readers may open it read-only."""
 
-    def __init__(self, path: Path, *, readonly: bool = False):
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 while_locked: Callable[[float], None] = lambda seconds: None):
         self.path = path
+        #: Called every few seconds while another process holds the write lock, with the seconds waited so
+        #: far: the daemon pings its watchdog, and raises :class:`JournalLocked` once it is stopping.
+        self.while_locked = while_locked
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as error:
@@ -67,12 +94,14 @@ class Transactions:
             # in files they were a file created and deleted in /var/tmp every few ticks.
             self._db.execute("PRAGMA temp_store=MEMORY")
             # One transaction: a reader opening the file meanwhile sees the whole schema or none of it.
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             with self._storage_failures():
-                self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
+                # (executescript commits an open transaction first: the BEGIN is the script's)
+                self._begin(lambda: self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}"))
                 migrate(self._db)
                 self._db.execute("COMMIT")
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         #: Effects waiting for the open transaction or group to commit (see :meth:`after_commit`).
         self._effects: list[Callable[[], Any]] = []
         #: Directories whose entries must be durable before the open group commits (see
@@ -131,7 +160,7 @@ class Transactions:
         if self._grouped():
             with self._storage_failures():
                 if not self._db.in_transaction:
-                    self._db.execute("BEGIN IMMEDIATE")
+                    self._begin()
                 if one_write:
                     try:
                         yield self._db
@@ -153,7 +182,7 @@ class Transactions:
         if self._group_thread is not None:
             raise RuntimeError("the journal is written only by the thread whose group is open (the loop's)")
         with self._storage_failures():
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin()
             self._transaction_thread = threading.get_ident()
             try:
                 try:
@@ -241,6 +270,38 @@ class Transactions:
             directory, step = next(iter(self._dirs_to_sync.items()))
             fsync_dir(directory, step=step)  # a failure leaves it (and the rest) for the next flush
             del self._dirs_to_sync[directory]
+
+    def _begin(self, begin: Callable[[], Any] | None = None) -> None:
+        """BEGIN IMMEDIATE (the write lock; ``begin`` runs it), waited for as long as another process holds it:
+        a `sqlite3` shell left with a transaction open, a tool writing the file. Nothing of the transaction
+        has happened yet, so waiting changes nothing but time; the daemon's one writer meanwhile claims,
+        sends and delivers nothing (that would need the journal), and says so once a minute."""
+        begin = begin or (lambda: self._db.execute("BEGIN IMMEDIATE"))
+        started = time.monotonic()
+        try:
+            begin()
+            return
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error):
+                raise
+            reason = error
+        said_at = time.monotonic()
+        log.warning("the journal %s is locked by another process (%s): waiting for it; nothing is claimed, sent or "
+                    "delivered meanwhile (a `sqlite3` shell with a transaction open?)", self.path, reason)
+        while True:
+            waited = time.monotonic() - started
+            self.while_locked(waited)
+            if time.monotonic() - said_at >= LOCKED_SAID_SECONDS:
+                said_at = time.monotonic()
+                log.warning("the journal %s is still locked by another process, for %.0f s now", self.path, waited)
+            try:
+                begin()  # (waits up to BUSY_TIMEOUT_MS inside SQLite)
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error):
+                    raise
+                continue
+            log.info("the journal %s is free again, after %.0f s locked", self.path, time.monotonic() - started)
+            return
 
     def _grouped(self) -> bool:
         return self._group_thread is not None and self._group_thread == threading.get_ident()
