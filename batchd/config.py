@@ -374,6 +374,14 @@ class Settings(BaseSettings):
                     " expire after 48 h); false leaves them to expire.",
     )
 
+    delete_finished_batches: bool = Field(
+        True,
+        description="Delete a job's remote batches once it is delivered (a shared batch once every job in it"
+                    " has its results): the outbox has the results, and the project's batch list, which every"
+                    " poll reads, stays short. False leaves them with the service. A delete that fails is"
+                    " tried again while batchd runs, never at the next start.",
+    )
+
     media_inline_max_bytes: int = Field(
         64 * 1024, ge=0, le=4 * 2**20,
         description="A request's file (a folder input, file_column, a task's files) up to this size goes in the"

@@ -564,6 +564,17 @@ class Provider:
 
     # -- reconcile and poll ------------------------------------------------------------------------
 
+    @_counted("batches.delete")
+    def delete_batch(self, name: str) -> bool:
+        """Delete a batch that has ended (its results were taken); False when it was already gone."""
+        try:
+            self._retrying_client.batches.delete(name=_checked_batch_name(name))
+        except errors.APIError as error:
+            if is_gone(error):
+                return False
+            raise
+        return True
+
     @_counted("batches.get")
     def get(self, name: str, *, once: bool = False) -> RemoteJob:
         """``batches.get``; ``once``: a single attempt (a poll's: see the module)."""

@@ -84,6 +84,9 @@ FAST_CONFIG: dict[str, Any] = {
     "submit_grace_seconds": 0.3,
     # The emulator's injected 429s and 503s are retried at once instead of after seconds.
     "retry": {"initial_seconds": 0.02, "max_seconds": 0.2},
+    # Tests count the remote batches each job made (never one billed twice) by listing them after the run;
+    # tests/test_daemon.py checks the deletion itself.
+    "delete_finished_batches": False,
 }
 
 _T = TypeVar("_T")

@@ -142,6 +142,32 @@ def test_run_once_delivers_every_task(workspace: Workspace):
     assert_one_live_job_per_chunk(workspace)
 
 
+def test_a_delivered_jobs_remote_batches_are_deleted_and_a_shared_one_once_every_member_has_its_results(
+        workspace: Workspace):
+    """delete_finished_batches (on by default): once a job is delivered its remote batches are deleted, a
+    shared one (small jobs packed together) once the pack has split its results between its members; a
+    delete the service fails is tried again. The project's batch list, which every poll reads newest first,
+    then holds what is running, not every batch ever run."""
+    workspace.configure(delete_finished_batches=True, chunk_max_requests=3, pack_jobs_below=3,
+                        faults=["503*10@delete"])  # (the SDK tries a delete 5 times: two rounds fail)
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)  # 4 requests: two chunks of its own
+        workspace.drop("small1.toml", 'task = "sentiment"\ntexts = ["Fine.", "Late."]\n')  # packed together
+        workspace.drop("small2.toml", 'task = "sentiment"\ntexts = ["Broken.", "Great."]\n')
+        workspace.wait_for(lambda: process.output().count("its results delivered") == 3, timeout=60,
+                           what="the three remote batches deleted")
+    finally:
+        assert process.stop() == 0
+    said = process.output()
+    assert "deleting batches/" in said and "Traceback" not in said
+    assert {name: s["state"] for name, s in workspace.delivered().items()} == {
+        "translate": "succeeded", "small1": "succeeded", "small2": "succeeded"}
+    made = {batch["name"] for s in workspace.delivered().values() for batch in s["remote_batches"]}
+    assert len(made) == 3  # translate's two, and the one small1 and small2 shared
+    assert remote_jobs(workspace) == []
+
+
 def test_the_outbox_folder_holds_the_dropped_manifest_itself_and_the_spool_keeps_no_name_of_it(workspace: Workspace):
     dropped = workspace.drop("translate.toml", TRANSLATE)
     inode = dropped.stat().st_ino

@@ -77,6 +77,7 @@ class Steps:
         self.uploads.on_media_deleted = self.submit.media.wake
         self.deliver = Deliver(ctx, forget=self._forget)
         self.pack.remove_spool = self.deliver.remove_spool
+        self.deliver.batches_done = self.pack.batches_done = self.uploads.batches_done
         self.cancel = Cancel(ctx, build=self.build, deliver=self.deliver, monitor=self.monitor)
         #: Webhook deliveries and dashboard actions from the HTTP server's thread (batchd.web).
         self.inbound = Inbound(ctx.wake)

@@ -1,9 +1,15 @@
-"""Request files: a finished chunk's uploaded requests are deleted from the Files API.
+"""What the service keeps for finished work, deleted: a finished chunk's uploaded requests from the Files
+API, the files sent with requests once no chunk needs them, and the remote batches of delivered jobs.
 
 Once a chunk is ``fetched`` (or ``skipped``) nothing will create a batch from its requests file
-again (see :mod:`batchd.journal`, ``upload_state``). Deletions run one round at a time in a thread
-of their own; a round that failed is tried again after ``poll_max_interval``; a failed delete never
-fails a job (the file expires after 48 h anyway).
+again (see :mod:`batchd.journal`, ``upload_state``). Once a job is delivered (a pack: once every member
+has its share of the results in its spool) nothing reads its remote batch again: with
+``delete_finished_batches`` it is deleted, so the project's batch list (read newest first at every
+poll; the embedded emulator sorts it at each page) does not grow with every batch ever run. Deletions
+run one round at a time in a thread of their own; a round that failed is tried again after
+``poll_max_interval``; a failed delete never fails a job (a file expires after 48 h anyway; a batch
+left over stays listed, as every batch did before). Batches to delete are kept in memory only: a
+restart leaves those not deleted yet.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ log = logging.getLogger("batchd")
 
 ROUND = "cleanup"
 MEDIA_ROUND = "media-cleanup"
+BATCHES_ROUND = "batches-cleanup"
+#: Remote batches deleted per round at most (a round stays short: a stop waits for it).
+BATCHES_PER_ROUND = 50
 
 
 class Uploads:
@@ -35,6 +44,14 @@ class Uploads:
         self.in_flight = lambda: set()
         #: Called with the hashes a deletion round took (the jobs waiting for them are visited); set by the daemon.
         self.on_media_deleted = lambda hashes: None
+        #: Remote batches of delivered jobs, to delete (``delete_finished_batches``), oldest first.
+        self._batches: dict[str, None] = {}
+
+    def batches_done(self, names: list[str]) -> None:
+        """The remote batches of a job just delivered (or a pack whose members have their results): delete
+        them, once that is committed (called from the loop, in the commit's effects)."""
+        if self.ctx.settings.delete_finished_batches:
+            self._batches.update(dict.fromkeys(name for name in names if name))
 
     def tidy(self) -> None:
         """Start deleting the request files of finished chunks, unless a round is under way or failed lately."""
@@ -44,6 +61,12 @@ class Uploads:
             return
         chunks = ctx.journal.uploads_to_delete()
         if not chunks:
+            if self._batches:
+                names = list(self._batches)[:BATCHES_PER_ROUND]
+                for name in names:
+                    del self._batches[name]
+                self.rounds.start(BATCHES_ROUND, delete_batches, ctx.provider, names, ctx.stopping)
+                return
             self._tidy_media()
             return
         if not ctx.settings.delete_request_files:
@@ -71,7 +94,9 @@ class Uploads:
             except Exception:
                 log.exception("deleting %s failed; retrying later", "uploaded files" if media else "request files")
                 outcome, again = {}, True
-            if media:
+            if work.key == BATCHES_ROUND:
+                self._batches.update(dict.fromkeys(outcome))  # (not deleted: tried again, after the others)
+            elif media:
                 self.ctx.journal.set_media(outcome)
                 self.on_media_deleted(work.about)
             else:
@@ -79,7 +104,9 @@ class Uploads:
             (self.retry.failed if again else self.retry.succeeded)()
 
     def busy(self) -> bool:
-        return bool(len(self.rounds))
+        """A round is under way, or remote batches wait for theirs (run --once deletes them before it exits;
+        those whose delete failed are left, rather than hold the exit for the retry's wait)."""
+        return bool(len(self.rounds)) or bool(self._batches) and self.retry.due()
 
     def close(self) -> None:
         self.rounds.shutdown()
@@ -134,3 +161,20 @@ def delete_request_files(provider: Provider, chunks: list[Chunk],
         else:
             outcome[(job_id, idx)] = state
     return outcome, again
+
+
+def delete_batches(provider: Provider, names: list[str], stopping: threading.Event) -> tuple[list[str], bool]:
+    """Delete the remote batches of delivered jobs (runs in the pool). Returns the names to try again (a
+    failure the service may get over, and those a stop or such a failure left) and whether to wait first."""
+    for n, name in enumerate(names):
+        if stopping.is_set():
+            return names[n:], False
+        try:
+            if provider.delete_batch(name):
+                log.info("deleted %s, its results delivered", name, extra={"remote": name})
+        except Exception as error:
+            if is_retryable(error):
+                log.warning("deleting %s failed (%s); retrying later", name, error)
+                return names[n:], True
+            log.error("the service refused to delete %s (%s); it stays listed", name, error, extra={"remote": name})
+    return [], False
