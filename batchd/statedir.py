@@ -27,7 +27,7 @@ def lock_holder(state_dir: Path) -> int | None:
                 text = f.read().strip()
                 return int(text) if text.isdigit() else 0  # held, pid not written yet
             return None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (no state dir: a file in its way is the folder check's)
         return None
 
 

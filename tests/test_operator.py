@@ -324,3 +324,20 @@ def test_the_cost_column_shows_the_actual_cost_else_the_estimate(tmp_path):
     assert "~2.0000 EUR" in with_cost
     assert "$0.0500" not in with_cost, "the actual cost wins over the estimate"
     assert "cost" not in render([unknown]), "no column when no job has a cost"
+
+
+@pytest.mark.parametrize("setting", ["inbox", "outbox", "state_dir"])
+def test_a_file_where_a_configured_folder_should_be_stops_the_start_saying_which(workspace: Workspace, setting: str):
+    """inbox, outbox or state_dir set to a file's path (or a path under a file): `run` says which setting and
+    exits 78 (a restart cannot mend it), `doctor` fails that folder; before, both ended in a traceback
+    (FileExistsError, NotADirectoryError)."""
+    (workspace.root / "a-file").write_text("not a folder")
+    workspace.configure(**{setting: "a-file/below" if setting == "state_dir" else "a-file"})
+
+    run = workspace.batchd("run", "--once")
+    code, checks = doctor(workspace)
+
+    assert run.returncode == 78, run.stderr[-2000:]
+    assert f"Error: {setting} " in run.stderr and "is not a folder (a file is in its way)" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert code == 1 and checks[f"folder {setting}"]["status"] == "fail"

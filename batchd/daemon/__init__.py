@@ -40,7 +40,7 @@ import threading
 import time
 
 from batchd import durable, fs
-from batchd.config import Settings
+from batchd.config import ConfigError, Settings
 from batchd.costs import CostHooks
 from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
@@ -159,8 +159,14 @@ class Daemon:
     def start(self) -> None:
         s = self.settings
         try:
-            for folder in (s.inbox, s.outbox, s.state_dir, s.state_dir / "jobs"):
-                folder.mkdir(parents=True, exist_ok=True)
+            for name, folder in (("inbox", s.inbox), ("outbox", s.outbox), ("state_dir", s.state_dir),
+                                 ("state_dir", s.state_dir / "jobs")):
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    # A file where the folder (or a folder above it) should be: the settings' to fix.
+                    raise ConfigError(f"{name} {folder} is not a folder (a file is in its way): point {name} at a "
+                                      f"folder, or move the file") from None
             self._lock_state_dir()
         except PermissionError as error:
             raise fs.StorageFailure("start", error.filename or s.state_dir, error) from error
