@@ -37,6 +37,7 @@ from typing import Any, Callable
 from batchd import dashboard
 from batchd.config import Settings, parse_address
 from batchd.daemon.push import Action, Delivery, Inbound
+from batchd.fs import is_damaged_database
 from batchd.journal import Journal, journal_path
 from batchd.webhooks import MAX_BODY_BYTES, Refused, Verifier, job_of, remote_name_of
 
@@ -195,6 +196,11 @@ class WebServer:
                                                             405: self._not_allowed})
 
     async def _error(self, request: Any, error: Exception) -> Any:
+        if is_damaged_database(error):
+            # The pages this request read are damaged (the daemon stops when it meets them: batchd.daemon).
+            log.warning("HTTP %s %s failed: the journal is damaged (%s); `batchd doctor` checks it",
+                        request.method, request.url.path[:200], error)
+            return _json({"error": f"the journal is damaged ({error}): see `batchd doctor`"}, 503)
         log.warning("HTTP %s %s failed: %s", request.method, request.url.path[:200], type(error).__name__)
         return _json({"error": "internal error"}, 500)
 

@@ -162,3 +162,32 @@ def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path):
         sock.listen()
         busy = workspace.batchd("run", "--http", f"127.0.0.1:{sock.getsockname()[1]}", timeout=60)
     assert busy.returncode != 0 and "cannot serve HTTP at 127.0.0.1:" in busy.stderr
+
+
+def test_a_damaged_journal_page_is_a_503_naming_it_and_the_daemon_serves_on(tmp_path):
+    """A damaged page only the dashboard reads (an old job's chunks, for its page): that page answers 503 with
+    what is wrong and where to look, not "internal error", and the daemon goes on."""
+    import sqlite3
+
+    from batchd.journal import journal_path
+
+    workspace = Workspace.create(tmp_path, http="127.0.0.1:0")
+    _translate(workspace, "old")
+    assert workspace.batchd("run", "--once").returncode == 0
+    job_id = workspace.delivered()["old"]["job"]
+    path = journal_path(workspace.state)
+    with sqlite3.connect(path) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'chunks'").fetchone()[0]
+    db.close()
+    with path.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xde\xad" * (page_size // 2))
+    process = workspace.start("run")
+    try:
+        url = base_url(process)
+        answer = request(f"{url}/jobs/{job_id}")
+        assert answer.status == 503 and b"the journal is damaged" in answer.body, answer
+        assert request(url + "/healthz").status == 200 and process.poll() is None
+    finally:
+        assert process.stop() == 0
