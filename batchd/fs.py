@@ -57,6 +57,7 @@ _SQLITE_IOERR = 10
 _SQLITE_READONLY = 8
 _SQLITE_CANTOPEN = 14
 _SQLITE_CORRUPT = 11  # a damaged page
+_SQLITE_BUSY = 5  # locked by another connection
 _SQLITE_NOTADB = 26  # no database at all
 #: Errors that mean nothing can be written here at all: retrying the step cannot help.
 UNWRITABLE_ERRNOS = frozenset({errno.EROFS})
@@ -119,6 +120,13 @@ def is_journal_storage_error(error: BaseException) -> bool:
     if isinstance(error, sqlite3.OperationalError) and code is not None:
         return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN)
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS | UNWRITABLE_ERRNOS | {errno.EIO}
+
+
+def is_locked_database(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite finding the database locked by another connection (SQLITE_BUSY), past the
+    connection's busy timeout."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.OperationalError) and code is not None and code & 0xFF == _SQLITE_BUSY
 
 
 def is_damaged_database(error: BaseException) -> bool:

@@ -55,11 +55,6 @@ class JournalLocked(Exception):
                          f"recording the last steps; the next start redoes them")
 
 
-def _is_busy(error: sqlite3.OperationalError) -> bool:
-    """SQLITE_BUSY: another connection holds the lock (the extended codes keep it in the low byte)."""
-    return (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF == 5
-
-
 class Transactions:
     """The journal's connection and its commits.  One writer process; readers may open it read-only."""
 
@@ -87,6 +82,7 @@ class Transactions:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transition survives power loss, not just a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
@@ -94,9 +90,8 @@ class Transactions:
             # in files they were a file created and deleted in /var/tmp every few ticks.
             self._db.execute("PRAGMA temp_store=MEMORY")
             # One transaction: a reader opening the file meanwhile sees the whole schema or none of it.
-            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # (executescript commits an open transaction first: the BEGIN is the script's.)
             with self._storage_failures():
-                # (executescript commits an open transaction first: the BEGIN is the script's)
                 self._begin(lambda: self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}"))
                 migrate(self._db)
                 self._db.execute("COMMIT")
@@ -282,7 +277,7 @@ class Transactions:
             begin()
             return
         except sqlite3.OperationalError as error:
-            if not _is_busy(error):
+            if not fs.is_locked_database(error):
                 raise
             reason = error
         said_at = time.monotonic()
@@ -297,7 +292,7 @@ class Transactions:
             try:
                 begin()  # (waits up to BUSY_TIMEOUT_MS inside SQLite)
             except sqlite3.OperationalError as error:
-                if not _is_busy(error):
+                if not fs.is_locked_database(error):
                     raise
                 continue
             log.info("the journal %s is free again, after %.0f s locked", self.path, time.monotonic() - started)
