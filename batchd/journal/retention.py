@@ -35,7 +35,7 @@ _ROWS_BY_JOB = ("chunks", "remote_jobs", "watched_names", "chunk_media", "events
 def forget_finished(db: sqlite3.Connection, before: float, limit: int = FORGET_PER_TRANSACTION) -> tuple[int, list[str]]:
     """Delete up to ``limit`` jobs (packs aside) done before ``before`` (wall clock; their row's last write,
     which made them done: a rejected job has no ``finished_at``), oldest first, with every row that names
-    them; then the packs done before it that no chunk is packed in any more.
+    them; then the packs they were sent in that no chunk is packed in any more.
     Returns how many jobs (not packs) were forgotten, and the ids of all (packs too). Runs inside the
     caller's transaction."""
     jobs = [row[0] for row in db.execute(
@@ -43,14 +43,17 @@ def forget_finished(db: sqlite3.Connection, before: float, limit: int = FORGET_P
         " SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.id"
         " WHERE e.job_id = jobs.id AND d.state = 'pending')"
         " ORDER BY updated_at LIMIT ?", (before, limit))]
-    if jobs:
-        ids = _temp_ids(db, jobs)
-        db.execute(totals_add("forgotten_totals", f"j.id IN (SELECT id FROM {ids})"))
-        _delete_rows_of(db, ids)
+    if not jobs:
+        return 0, []
+    ids = _temp_ids(db, jobs)
+    db.execute(totals_add("forgotten_totals", f"j.id IN (SELECT id FROM {ids})"))
+    # Their packs, found through them (a scan of every old job for packs cost each round as much as the history)
+    packed_in = [row[0] for row in db.execute(
+        f"SELECT DISTINCT packed_in FROM chunks WHERE job_id IN (SELECT id FROM {ids}) AND packed_in IS NOT NULL")]
+    _delete_rows_of(db, ids)
     packs = [row[0] for row in db.execute(
-        f"SELECT id FROM jobs WHERE {DONE} AND updated_at < ? AND pack = 1"
-        " AND NOT EXISTS (SELECT 1 FROM chunks WHERE packed_in = jobs.id)"
-        " ORDER BY updated_at LIMIT ?", (before, limit))]
+        f"SELECT id FROM jobs WHERE id IN ({', '.join('?' * len(packed_in))}) AND {DONE} AND pack = 1"
+        " AND NOT EXISTS (SELECT 1 FROM chunks WHERE packed_in = jobs.id)", packed_in)] if packed_in else []
     if packs:
         _delete_rows_of(db, _temp_ids(db, packs))
     return len(jobs), jobs + packs
