@@ -116,6 +116,17 @@ class FailureRun:
         unsaid, self._unsaid, self._said_at = self._unsaid, 0, time.monotonic()
         return unsaid, seconds
 
+    def say(self, logger: logging.Logger, what: str, many: str, extra: dict | None = None) -> None:
+        """Count the failure ``what`` (a line, in full) and say it as a run is said: the first as it is, then
+        ``many`` ("fetches failed") counted once every ``every`` seconds with the last one, the rest at DEBUG."""
+        if self.failed():
+            logger.warning("%s (further such failures are summed up every %g s)", what, self.every, extra=extra)
+        elif summary := self.summary():
+            logger.warning("%d more %s in the last %.0f s, %d in a row; the last: %s", summary[0], many, summary[1],
+                           self.failures, what, extra=extra)
+        else:
+            logger.debug("%s", what, extra=extra)
+
     def succeeded(self) -> int:
         """The failures of the run this success ends (0: none), to say it is over."""
         failures, self.failures, self._unsaid = self.failures, 0, 0

@@ -19,6 +19,7 @@ from batchd.task import TaskRequest
 from batchd.encoding import RequestEncoder
 from batchd.testing import Workspace
 from test_daemon import assert_one_live_job_per_chunk
+from test_recovery import damage_sqlite_pages
 
 TRANSLATE = """\
 task = "translate"
@@ -339,14 +340,7 @@ def test_a_damaged_store_is_said_once_costs_no_job_and_a_replaced_one_is_used_at
     workspace.drop("first.toml", translate(["one", "two"]))
     run_once(workspace)
     store = cache_path(workspace.state)
-    with sqlite3.connect(store) as db:
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-    db.close()
-    with store.open("r+b") as file:
-        for page in range(1, pages):  # every page but the header's
-            file.seek(page * page_size)
-            file.write(b"\xde\xad" * (page_size // 2))
+    damage_sqlite_pages(store, "answers", "totals")
 
     process = workspace.start("run")
     try:

@@ -207,3 +207,25 @@ def test_a_run_of_failures_is_said_first_in_full_then_summed_up_then_its_end():
     quick = logs.FailureRun(every=0)
     quick.failed(), quick.failed()
     assert quick.summary()[0] == 1  # due at once: every = 0
+
+
+def test_a_failure_run_says_its_first_failure_in_full_then_sums_up_the_next(caplog):
+    """FailureRun.say, as the poll, the creates and the fetches use it: the first line as it is (and when the next
+    are summed up), then a count with the last failure once ``every`` has passed, the rest at DEBUG only."""
+    import logging
+
+    logger = logging.getLogger("batchd.test-failure-run")
+    caplog.set_level(logging.DEBUG, logger=logger.name)
+    slow, quick = logs.FailureRun(every=3600), logs.FailureRun(every=0)
+    for n in range(3):
+        slow.say(logger, f"fetching chunk {n} failed", "fetches failed")
+    quick.say(logger, "create 1 failed", "creates failed")
+    quick.say(logger, "create 2 failed", "creates failed")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert said == [
+        ("WARNING", "fetching chunk 0 failed (further such failures are summed up every 3600 s)"),
+        ("DEBUG", "fetching chunk 1 failed"),
+        ("DEBUG", "fetching chunk 2 failed"),
+        ("WARNING", "create 1 failed (further such failures are summed up every 0 s)"),
+        ("WARNING", "1 more creates failed in the last 0 s, 2 in a row; the last: create 2 failed"),
+    ]

@@ -325,7 +325,7 @@ def test_a_journal_that_is_no_database_stops_the_start_with_what_to_do_and_exit_
     assert (workspace.inbox / "translate.toml").exists() and not workspace.outbox_folders()
 
 
-def _damage_pages_of(path: Path, *names: str) -> None:
+def damage_sqlite_pages(path: Path, *names: str) -> None:
     """Overwrite the root page of each named table or index of an SQLite file (the whole of a small one)."""
     with sqlite3.connect(path) as db:
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
@@ -347,7 +347,7 @@ def test_a_journal_page_damaged_where_the_start_does_not_read_stops_the_daemon_w
     workspace.drop("translate.toml", TRANSLATE)
     assert workspace.batchd("run", "--once").returncode == 0
     journal = journal_path(workspace.state)
-    _damage_pages_of(journal, "jobs_by_sha", "chunks")
+    damage_sqlite_pages(journal, "jobs_by_sha", "chunks")
     workspace.drop("sentiment.toml", SENTIMENT)
 
     stopped = workspace.batchd("run", "--once")

@@ -258,7 +258,7 @@ def test_fetches_failing_for_a_while_are_said_once_then_their_end(workspace: Wor
     run = workspace.batchd("run", "--once")
     said = run.stderr
     assert run.returncode == 0, said[-3000:]
-    assert said.count("fetching chunk") == 1 and "further failed fetches are summed up every 60 s" in said, said[-3000:]
+    assert said.count("fetching chunk") == 1 and "further such failures are summed up every 60 s" in said, said[-3000:]
     failed = int(re.search(r"results are fetched again, after (\d+) failed fetches", said)[1])
     assert 2 <= failed <= 12
     assert assert_invariants(workspace, dropped, remote_jobs(workspace))["folders"] == 10

@@ -167,22 +167,14 @@ def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path):
 def test_a_damaged_journal_page_is_a_503_naming_it_and_the_daemon_serves_on(tmp_path):
     """A damaged page only the dashboard reads (an old job's chunks, for its page): that page answers 503 with
     what is wrong and where to look, not "internal error", and the daemon goes on."""
-    import sqlite3
-
     from batchd.journal import journal_path
+    from test_recovery import damage_sqlite_pages
 
     workspace = Workspace.create(tmp_path, http="127.0.0.1:0")
     _translate(workspace, "old")
     assert workspace.batchd("run", "--once").returncode == 0
     job_id = workspace.delivered()["old"]["job"]
-    path = journal_path(workspace.state)
-    with sqlite3.connect(path) as db:
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'chunks'").fetchone()[0]
-    db.close()
-    with path.open("r+b") as file:
-        file.seek((root - 1) * page_size)
-        file.write(b"\xde\xad" * (page_size // 2))
+    damage_sqlite_pages(journal_path(workspace.state), "chunks")
     process = workspace.start("run")
     try:
         url = base_url(process)

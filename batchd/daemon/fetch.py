@@ -117,16 +117,8 @@ class Fetch:
             self.start(chunk)
 
     def _say_failed(self, chunk: Chunk, failure: Exception) -> None:
-        what = f"job {chunk.job_id}: fetching chunk {chunk.idx} failed ({failure}); retrying later"
-        extra = {"job": chunk.job_id, "chunk": chunk.idx}
-        if self._failures.failed():
-            log.warning("%s (further failed fetches are summed up every %g s)", what, FETCH_FAILURES_SAID_SECONDS,
-                        extra=extra)
-        elif summary := self._failures.summary():
-            log.warning("%d more fetches failed in the last %.0f s, %d in a row; the last: %s", *summary,
-                        self._failures.failures, what, extra=extra)
-        else:
-            log.debug("%s", what, extra=extra)
+        self._failures.say(log, f"job {chunk.job_id}: fetching chunk {chunk.idx} failed ({failure}); retrying later",
+                           "fetches failed", {"job": chunk.job_id, "chunk": chunk.idx})
 
     def close(self) -> None:
         # A download cut short leaves its chunk 'running': the next start fetches it again.

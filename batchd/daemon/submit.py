@@ -362,16 +362,9 @@ class Submit:
                                       error=error_dict(error))
 
     def _say_unsure(self, chunk: Chunk, error: Exception, stage: str) -> None:
-        what = f"job {chunk.job_id}: {stage} of chunk {chunk.idx} failed ({error}); will reconcile"
-        extra = {"job": chunk.job_id, "chunk": chunk.idx}
-        if self._unsure_failures.failed():
-            log.warning("%s (further such failures are summed up every %g s)", what, UNSURE_FAILURES_SAID_SECONDS,
-                        extra=extra)
-        elif summary := self._unsure_failures.summary():
-            log.warning("%d more uploads or creates failed in the last %.0f s, %d in a row, each to be reconciled; "
-                        "the last: %s", *summary, self._unsure_failures.failures, what, extra=extra)
-        else:
-            log.debug("%s", what, extra=extra)
+        self._unsure_failures.say(log, f"job {chunk.job_id}: {stage} of chunk {chunk.idx} failed ({error}); will "
+                                  f"reconcile", "uploads or creates failed (each to be reconciled)",
+                                  {"job": chunk.job_id, "chunk": chunk.idx})
 
     def unconfirmed(self) -> dict[str, Chunk]:
         """The chunks whose create is unconfirmed and not in flight, by display name. Each name is watched

@@ -208,20 +208,11 @@ CREATE TABLE IF NOT EXISTS output_observed (
 -- transaction that makes it 'done' (DONE_TOTALS_ADD), so a scrape reads these and the unfinished jobs,
 -- never the whole history. Filled from the jobs' rows when a writer opens a journal where it does not
 -- count every finished job (an older journal, or one an older batchd ran on since).
-CREATE TABLE IF NOT EXISTS done_totals (
-    outcome        TEXT PRIMARY KEY,
-    jobs           INTEGER NOT NULL,
-    requests_total INTEGER NOT NULL,
-    requests_done  INTEGER NOT NULL,
-    input_tokens   INTEGER NOT NULL,
-    output_tokens  INTEGER NOT NULL,
-    cost_estimate  REAL NOT NULL,
-    cost_actual    REAL NOT NULL,
-    cost_saving    REAL NOT NULL
-);
+CREATE TABLE IF NOT EXISTS done_totals (__TOTALS__);
 -- The same sums over the finished jobs forgotten since (forget_jobs_after_days, batchd/journal/retention.py):
 -- done_totals still counts them, and a sum read again from the rows adds these.
-CREATE TABLE IF NOT EXISTS forgotten_totals (
+CREATE TABLE IF NOT EXISTS forgotten_totals (__TOTALS__);
+""".replace("__TOTALS__", """
     outcome        TEXT PRIMARY KEY,
     jobs           INTEGER NOT NULL,
     requests_total INTEGER NOT NULL,
@@ -231,8 +222,7 @@ CREATE TABLE IF NOT EXISTS forgotten_totals (
     cost_estimate  REAL NOT NULL,
     cost_actual    REAL NOT NULL,
     cost_saving    REAL NOT NULL
-);
-"""
+""")
 
 #: Columns added to ``jobs`` after its first release, added to older journals when opened.
 ADDED_JOB_COLUMNS = {
