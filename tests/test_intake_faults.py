@@ -646,3 +646,57 @@ def test_a_job_id_already_taken_is_drawn_again_never_reused(workspace: Workspace
     finally:
         daemon.close()
     assert ids == ["20260101000000-bbbbbb", "20260101000000-cccccc"]
+
+
+def _as_nobody() -> list[str] | None:
+    """A command prefix that runs what follows as the user nobody: only when the tests run as root and nobody
+    may run this interpreter (a Python under /root usually is not)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return None
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # (as batchd will: import it, and start a child interpreter as the embedded emulator is started)
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import subprocess, sys, batchd; "
+                            "subprocess.run([sys.executable, '-c', ''], check=True)"], capture_output=True, cwd="/")
+    return prefix if probe.returncode == 0 else None
+
+
+def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_others_run():
+    """Another user drops a manifest batchd's user may not read (mode 000) into a shared inbox: it is rejected,
+    saying so, and moved into its folder whole, unread; the other manifests are delivered. Before, its folder's
+    copy of the manifest raised PermissionError out of the loop: the daemon died, and after a restart died
+    again on the same job, the others never delivered."""
+    import shutil
+    import tempfile
+
+    prefix = _as_nobody()
+    if prefix is None:
+        why = "needs root (to drop privileges to nobody) and an interpreter nobody may run"
+        if os.environ.get("BATCHD_REQUIRE_NOBODY"):  # CI (.ci/run) makes it possible
+            pytest.fail(why)
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix="batchd-nobody-"))
+    try:
+        root.chmod(0o755)
+        workspace = Workspace.create(root)
+        workspace.drop("translate.toml", TRANSLATE)
+        secret = workspace.drop("secret.toml", TRANSLATE.replace("Hello", "Private"))
+        for path in (root, *root.rglob("*")):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+        os.chown(secret, 0, 0)
+        secret.chmod(0)
+
+        run = subprocess.run([*prefix, workspace.python, "-m", "batchd", "run", "--once"], cwd=root,
+                             env=workspace.env(), capture_output=True, text=True, timeout=120)
+
+        assert run.returncode == 1, run.stderr[-3000:]  # a job was rejected
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+        delivered = workspace.delivered()
+        assert delivered["translate"]["state"] == "succeeded"
+        assert delivered["secret"]["state"] == "rejected" and "Permission denied" in delivered["secret"]["error"]["message"]
+        moved = workspace.outbox / "secret" / "secret.toml"
+        assert moved.stat().st_uid == 0 and moved.stat().st_mode & 0o777 == 0  # the dropped file itself
+        assert not list(workspace.inbox.iterdir())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -453,13 +453,14 @@ def is_regular_file(path: Path) -> bool:
 
 
 def is_own_file(path: Path) -> bool:
-    """A regular file with no other name: its bytes may be copied into the outbox. Anything else (a
-    symlink, a FIFO, a hard link to a file its dropper may not read) is moved there whole, unread."""
+    """A regular file with no other name, which batchd may read: its bytes may be copied into the outbox.
+    Anything else (a symlink, a FIFO, a hard link to a file its dropper may not read, a file dropped by
+    another user that batchd's user may not read) is moved there whole, unread."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and os.access(path, os.R_OK)
 
 
 def iso(timestamp: float | None) -> str | None:
