@@ -662,12 +662,8 @@ def _as_nobody() -> list[str] | None:
     return prefix if probe.returncode == 0 else None
 
 
-def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_others_run():
-    """Another user drops a manifest batchd's user may not read (mode 000) into a shared inbox: it is rejected,
-    saying so, and moved into its folder whole, unread; the other manifests are delivered. Before, its folder's
-    copy of the manifest raised PermissionError out of the loop: the daemon died, and after a restart died
-    again on the same job, the others never delivered."""
-    import shutil
+def _nobody_workspace():
+    """A workspace in a folder of its own that the user nobody owns, and the prefix that runs as nobody."""
     import tempfile
 
     prefix = _as_nobody()
@@ -677,13 +673,68 @@ def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_othe
             pytest.fail(why)
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="batchd-nobody-"))
+    root.chmod(0o755)
+    return Workspace.create(root), prefix
+
+
+def _own_by_nobody(root: Path) -> None:
+    for path in (root, *root.rglob("*")):
+        os.chown(path, 65534, 65534, follow_symlinks=False)
+
+
+def test_an_outbox_batchd_may_not_write_stops_the_start_and_holds_publishes_while_it_runs():
+    """The outbox not writable by batchd's user: at a start, one line and exit 74 (as for the state dir), not
+    a start that fails at the first publish; made so while batchd runs (an operator's chown), the finished
+    job waits, said once, and is published once batchd may write there again. Before, the publish raised
+    PermissionError out of the loop: a dead daemon."""
+    import shutil
+
+    workspace, prefix = _nobody_workspace()
     try:
-        root.chmod(0o755)
-        workspace = Workspace.create(root)
+        _own_by_nobody(workspace.root)
+        os.chown(workspace.outbox, 0, 0)
+        refused = subprocess.run([*prefix, workspace.python, "-m", "batchd", "run", "--once"], cwd=workspace.root,
+                                 env=workspace.env(), capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 74, refused.stderr[-3000:]
+        assert f"writing {workspace.outbox} failed (EACCES" in refused.stderr and "Traceback" not in refused.stderr
+
+        os.chown(workspace.outbox, 65534, 65534)
+        log = workspace.root / "daemon.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([*prefix, workspace.python, "-m", "batchd", "run"], cwd=workspace.root,
+                                       env=workspace.env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            workspace.wait_for(lambda: "batchd ready" in log.read_text(), what="the daemon ready")
+            os.chown(workspace.outbox, 0, 0)
+            workspace.drop("translate.toml", TRANSLATE)
+            os.chown(workspace.inbox / "translate.toml", 65534, 65534)
+            workspace.wait_for(lambda: "may not write into the outbox" in log.read_text(), what="the wait said")
+            assert process.poll() is None and not workspace.outbox_folders()
+            os.chown(workspace.outbox, 65534, 65534)
+            workspace.wait_for(lambda: "translate" in workspace.outbox_folders(), timeout=60, what="the job published")
+        finally:
+            process.terminate()
+            assert process.wait(30) == 0
+        said = log.read_text()
+        assert said.count("may not write into the outbox") == 1 and "takes folders again" in said
+        assert "Traceback" not in said
+    finally:
+        shutil.rmtree(workspace.root, ignore_errors=True)
+
+
+def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_others_run():
+    """Another user drops a manifest batchd's user may not read (mode 000) into a shared inbox: it is rejected,
+    saying so, and moved into its folder whole, unread; the other manifests are delivered. Before, its folder's
+    copy of the manifest raised PermissionError out of the loop: the daemon died, and after a restart died
+    again on the same job, the others never delivered."""
+    import shutil
+
+    workspace, prefix = _nobody_workspace()
+    root = workspace.root
+    try:
         workspace.drop("translate.toml", TRANSLATE)
         secret = workspace.drop("secret.toml", TRANSLATE.replace("Hello", "Private"))
-        for path in (root, *root.rglob("*")):
-            os.chown(path, 65534, 65534, follow_symlinks=False)
+        _own_by_nobody(root)
         os.chown(secret, 0, 0)
         secret.chmod(0)
 

@@ -28,6 +28,7 @@ new manifest is claimed. A failed fsync or journal commit ends the process with
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import gc
 import logging
@@ -168,6 +169,9 @@ class Daemon:
                     raise ConfigError(f"{name} {folder} is not a folder (a file is in its way): point {name} at a "
                                       f"folder, or move the file") from None
             self._lock_state_dir()
+            for folder in (s.inbox, s.outbox):  # claims move files out of one, publishes into the other
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
         except PermissionError as error:
             raise fs.StorageFailure("start", error.filename or s.state_dir, error) from error
         except OSError as error:

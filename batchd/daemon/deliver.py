@@ -66,6 +66,7 @@ class Deliver:
         #: Called with a delivered job's remote batch names, to delete them; the daemon plugs in Uploads'.
         self.batches_done: Callable[[list[str]], None] = lambda names: None
         self._outbox_missing_reported = False
+        self._outbox_unwritable_reported = False
 
     def collect(self) -> None:
         for work in self.writers.finished():
@@ -247,7 +248,7 @@ class Deliver:
         cleanup job) is created again, as the inbox is: publishing into it crashed the daemon. One that
         cannot be (a file in its place, a folder batchd may not create) is waited for, said once."""
         if folder.is_dir():
-            return True
+            return self._outbox_writable(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)  # (a file in its place: FileExistsError)
             durable.fsync_dir(folder.parent, step="publish")  # before the publish into it commits
@@ -262,6 +263,20 @@ class Deliver:
         self._outbox_missing_reported = False
         log.warning("the outbox %s was gone; created it again", folder)
         return True
+
+    def _outbox_writable(self, folder: Path) -> bool:
+        """Whether batchd's user may publish into the outbox: its permissions changed while batchd runs (the
+        start checks them) made the publish raise PermissionError out of the loop. Waited for, said once."""
+        if os.access(folder, os.W_OK | os.X_OK):
+            if self._outbox_unwritable_reported:
+                self._outbox_unwritable_reported = False
+                log.info("the outbox %s takes folders again", folder)
+            return True
+        if not self._outbox_unwritable_reported:
+            self._outbox_unwritable_reported = True
+            log.error("batchd's user (uid %d) may not write into the outbox %s; nothing is published until it may "
+                      "(jobs wait, finished, in their spools)", os.geteuid(), folder)
+        return False
 
     def remove_spool(self, job_id: str) -> None:
         """Remove a job's spool folder, once what ended the job is committed, in the cleanup thread (when
