@@ -751,3 +751,48 @@ def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_othe
         assert not list(workspace.inbox.iterdir())
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_in_a_sticky_one_is_left():
+    """The inbox made so batchd's user may not move files out of it while batchd runs: claims wait, said once,
+    and go on once it may. A shared drop folder (mode 1777, another owner) where another user dropped a file:
+    only its owner may move it, so its job is rejected saying so, the file left in place and not taken again
+    at each rescan, while batchd's own drops are delivered. Before, each raised PermissionError out of the
+    loop: a dead daemon, again at every restart."""
+    import shutil
+
+    workspace, prefix = _nobody_workspace()
+    try:
+        workspace.configure(rescan_seconds=0.3)
+        _own_by_nobody(workspace.root)
+        log = workspace.root / "daemon.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([*prefix, workspace.python, "-m", "batchd", "run"], cwd=workspace.root,
+                                       env=workspace.env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            workspace.wait_for(lambda: "batchd ready" in log.read_text(), what="the daemon ready")
+            os.chown(workspace.inbox, 0, 0)  # (mode 755: root's alone)
+            os.chown(workspace.drop("first.toml", TRANSLATE), 65534, 65534)
+            workspace.wait_for(lambda: "may not move files out of the inbox" in log.read_text(), what="the wait said")
+            time.sleep(1)
+            assert process.poll() is None and (workspace.inbox / "first.toml").exists()
+
+            workspace.inbox.chmod(0o1777)  # a shared drop folder, still root's
+            workspace.wait_for(lambda: "first" in workspace.outbox_folders(), timeout=60, what="first delivered")
+            foreign = workspace.drop("foreign.toml", TRANSLATE.replace("Hello", "Foreign"))  # root's file
+            workspace.wait_for(lambda: "foreign" in workspace.outbox_folders(), timeout=60, what="foreign rejected")
+            time.sleep(1.5)  # rescans meanwhile
+            assert process.poll() is None
+        finally:
+            process.terminate()
+            assert process.wait(30) == 0
+        said = log.read_text()
+        assert said.count("may not move files out of the inbox") == 1 and "lets batchd take files again" in said
+        assert "Traceback" not in said
+        assert said.count("foreign.toml cannot be moved out of the inbox by batchd's user (Operation not permitted); "
+                          "rejected, and left there") == 1  # not taken again at the rescans
+        summary = workspace.delivered()["foreign"]
+        assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
+        assert foreign.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
+    finally:
+        shutil.rmtree(workspace.root, ignore_errors=True)

@@ -8,6 +8,7 @@ them is finished by :meth:`Intake.finish_claim` at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -87,6 +88,10 @@ class Intake:
         #: the inbox is listed again all the same (RELIST_SECONDS).
         self._listed: list[Candidate] = []
         self._relist_at = float("-inf")
+        self._inbox_unwritable_reported = False
+        #: Files batchd's user may not move out of the inbox (another user's, in a folder with the sticky bit,
+        #: as a shared drop folder has), by (name, size, mtime): each was rejected once and is left alone.
+        self._unmovable: set[tuple[str, int, int]] = set()
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -115,6 +120,8 @@ class Intake:
     def take(self) -> None:
         """Claim what settled in the inbox, oldest first."""
         ctx = self.ctx
+        if not self._inbox_writable():
+            return
         if self._claims_unfinished:
             # A claim a full disk cut short (its row committed, the move refused) is finished first, so
             # the file still in the inbox is not taken for a second copy of itself.
@@ -146,6 +153,21 @@ class Intake:
                 self._claim(intent)
             self._claims_unfinished = False
 
+    def _inbox_writable(self) -> bool:
+        """Whether batchd's user may move files out of the inbox: its permissions changed while batchd runs (the
+        start checks them) made each claim raise PermissionError out of the loop. Waited for, said once."""
+        inbox = self.ctx.settings.inbox
+        if os.access(inbox, os.W_OK | os.X_OK) or not os.path.isdir(inbox):  # (a missing one: ensure_present's)
+            if self._inbox_unwritable_reported:
+                self._inbox_unwritable_reported = False
+                log.info("the inbox %s lets batchd take files again", inbox)
+            return True
+        if not self._inbox_unwritable_reported:
+            self._inbox_unwritable_reported = True
+            log.error("batchd's user (uid %d) may not move files out of the inbox %s; nothing is claimed until it "
+                      "may", os.geteuid(), inbox)
+        return False
+
     def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> bool:
         """Intend the claims of the settled ``candidates``; whether some were left for a later tick."""
         ctx = self.ctx
@@ -160,6 +182,8 @@ class Intake:
                 self._listed = candidates[n:]
                 return True
             path = candidate.path
+            if (path.name, candidate.size, candidate.mtime_ns) in self._unmovable:
+                continue  # rejected once: batchd's user may not move it (see _claim)
             if paused and path.suffix.lower() not in CONTROL_SUFFIXES:
                 left = True
                 continue  # a cancel or approval takes no room; a new job does
@@ -362,7 +386,12 @@ class Intake:
         job_id, source = intent.job_id, intent.source
         claimed = ctx.spool(job_id).manifest_path(source)
         # The inbox's fsync waits for the tick's commit: one for the whole burst claimed this tick.
-        if not claim(intent.path, claimed, sync=ctx.journal.sync_before_commit):
+        try:
+            moved = claim(intent.path, claimed, sync=ctx.journal.sync_before_commit)
+        except PermissionError as error:
+            self._not_movable(job_id, source, intent.path, error)
+            return
+        if not moved:
             log.warning("%s vanished before it could be claimed", source)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})
@@ -402,13 +431,33 @@ class Intake:
         # claim() finishes that move. A different file under the same name arrived after the claim
         # was complete: it is a new manifest, left for intake.
         if os.path.lexists(source) and (not os.path.lexists(claimed) or _same_file(source, claimed)):
-            claim(source, claimed)
+            try:
+                claim(source, claimed)
+            except PermissionError as error:
+                self._not_movable(job.id, job.source, source, error)
+                return
         if not os.path.lexists(claimed):
             ctx.journal.update_job(job.id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{job.source} vanished during its claim"})
             return
         self._release_inputs(job.id)
         self._received(job)
+
+    def _not_movable(self, job_id: str, source: str, path: Path, error: PermissionError) -> None:
+        """A claimed file batchd's user may not move out of the inbox (the inbox itself is writable: another
+        user's file in a folder with the sticky bit): its job is rejected, saying so, and the file is left
+        where it is, never claimed again while it is unchanged."""
+        log.warning("%s cannot be moved out of the inbox by batchd's user (%s); rejected, and left there",
+                    source, error.strerror or error)
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            self._unmovable.add((path.name, st.st_size, st.st_mtime_ns))
+        # 'received' with the error: delivered as any rejected job, a folder saying why (and no manifest in it)
+        self.ctx.journal.update_job(job_id, state=JobState.RECEIVED, error={
+            "code": "not_movable", "file": source,
+            "message": f"{source} cannot be moved out of the inbox by batchd's user ({error.strerror or error}): "
+                       f"the inbox has the sticky bit and the file is another user's. It is left there; drop it "
+                       f"again as batchd's user, or let the inbox's owner or batchd's user own it"})
 
     def _inbox_path(self, source: str) -> Path:
         """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""
