@@ -31,6 +31,8 @@ log = logging.getLogger("batchd")
 ROUND = "cleanup"
 MEDIA_ROUND = "media-cleanup"
 BATCHES_ROUND = "batches-cleanup"
+#: What each kind of round deletes (for its log lines).
+_ROUND_DELETES = {ROUND: "request files", MEDIA_ROUND: "uploaded files", BATCHES_ROUND: "remote batches"}
 #: Remote batches deleted per round at most (a round stays short: a stop waits for it).
 BATCHES_PER_ROUND = 50
 #: A delivered job's remote batch waits at most this long for its deletion while other jobs are on their way:
@@ -106,7 +108,7 @@ class Uploads:
             try:
                 outcome, again = work.future.result()
             except Exception:
-                log.exception("deleting %s failed; retrying later", "uploaded files" if media else "request files")
+                log.exception("deleting %s failed; retrying later", _ROUND_DELETES[work.key])
                 outcome, again = {}, True
             if work.key == BATCHES_ROUND:
                 self._batches.update(dict.fromkeys(outcome, time.monotonic()))  # (not deleted: tried again)
