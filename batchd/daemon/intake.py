@@ -54,6 +54,9 @@ CLAIMS_PER_TICK = 50
 #: approval dropped meanwhile waits that long at most. Listing a folder of thousands on every tick made
 #: the claims of a burst cost the square of its size.
 RELIST_SECONDS = 1.0
+#: Files batchd's user may not move out of the inbox remembered at most (Intake._not_movable): whatever a
+#: flood of them, memory stays bounded.
+UNMOVABLE_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,10 @@ class Intake:
         self._relist_at = float("-inf")
         self._inbox_unwritable_reported = False
         #: Files batchd's user may not move out of the inbox (another user's, in a folder with the sticky bit,
-        #: as a shared drop folder has), by (name, size, mtime): each was rejected once and is left alone.
-        self._unmovable: set[tuple[str, int, int]] = set()
+        #: as a shared drop folder has), by (name, size, mtime), oldest first: each was rejected once and is
+        #: left alone (up to UNMOVABLE_KEPT: past that the oldest is forgotten, and rejected again if it is
+        #: still there).
+        self._unmovable: dict[tuple[str, int, int], None] = {}
 
     # -- at start -------------------------------------------------------------------------------
 
@@ -451,7 +456,9 @@ class Intake:
                     source, error.strerror or error)
         with contextlib.suppress(OSError):
             st = os.lstat(path)
-            self._unmovable.add((path.name, st.st_size, st.st_mtime_ns))
+            self._unmovable[(path.name, st.st_size, st.st_mtime_ns)] = None
+            if len(self._unmovable) > UNMOVABLE_KEPT:
+                del self._unmovable[next(iter(self._unmovable))]
         # 'received' with the error: delivered as any rejected job, a folder saying why (and no manifest in it)
         self.ctx.journal.update_job(job_id, state=JobState.RECEIVED, error={
             "code": "not_movable", "file": source,
