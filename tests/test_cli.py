@@ -166,6 +166,16 @@ def test_cancel_and_approve_refuse_a_name_with_a_folder(workspace: Workspace, ve
     assert not list(workspace.root.glob(f"elsewhere.{verb}")) and not list(workspace.inbox.iterdir())
 
 
+@pytest.mark.parametrize("verb", ["cancel", "approve"])
+def test_cancel_and_approve_of_a_name_too_long_for_a_file_say_to_give_the_id(workspace: Workspace, verb: str):
+    """A name longer than a file name may be (pasted by mistake, or a long manifest's): one line pointing to the
+    job's id, not an OSError traceback, and nothing left in the inbox."""
+    result = workspace.batchd(verb, "x" * 5000)
+    assert result.returncode == 1 and "too long a name" in result.stderr and "job's id" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr) < 400
+    assert not list(workspace.inbox.iterdir())
+
+
 def test_schema_describes_every_task(workspace: Workspace):
     result = workspace.batchd("schema")
     assert result.returncode == 0

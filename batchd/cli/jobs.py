@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 from pathlib import Path
@@ -142,6 +143,11 @@ def _drop_request(settings: Settings, name: str, verb: str, noun: str) -> None:
     except FileExistsError:
         click.echo(f"{noun} of {name} was already requested")
         return
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        raise click.ClickException(f"{name[:60]!r}… is too long a name for the request file {verb} drops into the "
+                                   f"inbox: give the job's id instead (`batchd status` shows it)") from None
     click.echo(f"{noun} requested for {name}")
 
 
