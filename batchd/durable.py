@@ -82,9 +82,19 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+#: The longest file name (bytes) most filesystems take (NAME_MAX).
+NAME_MAX = 255
+#: What a temp name adds to the final one: a leading dot, and ``.<8 hex digits>.tmp``.
+_TEMP_NAME_OVERHEAD = 14
+
+
 def _temp_name(final_name: str) -> str:
     # A dotfile ending in .tmp: inbox scanning and outbox readers skip both patterns, and the
-    # random part keeps a leftover from a crashed writer from colliding with the next one.
+    # random part keeps a leftover from a crashed writer from colliding with the next one. A final
+    # name near NAME_MAX is shortened in it (whole characters), or the temp could not be created.
+    encoded = final_name.encode("utf-8", "surrogateescape")
+    if len(encoded) > NAME_MAX - _TEMP_NAME_OVERHEAD:
+        final_name = encoded[:NAME_MAX - _TEMP_NAME_OVERHEAD].decode("utf-8", "ignore") or "x"
     return f".{final_name}.{secrets.token_hex(4)}.tmp"
 
 

@@ -176,6 +176,20 @@ def test_cancel_and_approve_of_a_name_too_long_for_a_file_say_to_give_the_id(wor
     assert not list(workspace.inbox.iterdir())
 
 
+@pytest.mark.parametrize("stem", ["n" * 250, "é" * 125])
+def test_submit_of_a_manifest_whose_name_is_as_long_as_a_file_name_may_be(workspace: Workspace, tmp_path, stem: str):
+    """A manifest named up to the filesystem's limit (255 bytes): submit writes it beside its final name under a
+    temp name, which was the name and 14 bytes more (ENAMETOOLONG, a traceback); the temp name is shortened,
+    and the daemon delivers the job under its full name."""
+    manifest = tmp_path / f"{stem}.toml"
+    manifest.write_text('task = "translate"\ntexts = ["Hello"]\nlanguages = ["French"]\n')
+    submitted = workspace.batchd("submit", str(manifest))
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert [path.name for path in workspace.inbox.iterdir()] == [manifest.name]
+    assert workspace.batchd("run", "--once").returncode == 0
+    assert workspace.delivered()[stem]["state"] == "succeeded"
+
+
 def test_schema_describes_every_task(workspace: Workspace):
     result = workspace.batchd("schema")
     assert result.returncode == 0
