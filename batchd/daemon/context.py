@@ -140,6 +140,29 @@ class KeyRefusal:
             self.reason = None
 
 
+class FolderAccess:
+    """Whether batchd's user may write a folder a step moves files out of or into (the inbox, the outbox),
+    looked at as the step is about to. Its permissions changed while batchd runs (the start checks them)
+    made each move raise PermissionError out of the loop; now the step waits, and the change is said once
+    when it starts and once when it ends. A folder that is not there is another check's."""
+
+    def __init__(self, doing: str, meanwhile: str):
+        self._doing, self._meanwhile = doing, meanwhile  # "move files out of the inbox", "nothing is claimed"
+        self._denied = False
+
+    def allows(self, folder: Path) -> bool:
+        if os.access(folder, os.W_OK | os.X_OK) or not os.path.isdir(folder):
+            if self._denied:
+                self._denied = False
+                log.info("batchd's user may %s %s again", self._doing, folder)
+            return True
+        if not self._denied:
+            self._denied = True
+            log.error("batchd's user (uid %d) may not %s %s; %s until it may", os.geteuid(), self._doing, folder,
+                      self._meanwhile)
+        return False
+
+
 class Stopping(Exception):
     """Raised inside long steps when a stop was requested; the step's state stays committed as before."""
 

@@ -23,7 +23,7 @@ from typing import Callable
 from batchd import durable, fs, outbox
 from batchd.cache import CacheLimits
 from batchd.costs import JobInfo, spend_of, summary_cost
-from batchd.daemon.context import Context, Turns, Work, is_own_file, iso
+from batchd.daemon.context import Context, FolderAccess, Turns, Work, is_own_file, iso
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.intake import read_inputs_record
 from batchd.daemon.writer import ChunkGate, Written, finish_folder, write_results
@@ -66,7 +66,8 @@ class Deliver:
         #: Called with a delivered job's remote batch names, to delete them; the daemon plugs in Uploads'.
         self.batches_done: Callable[[list[str]], None] = lambda names: None
         self._outbox_missing_reported = False
-        self._outbox_unwritable_reported = False
+        self._outbox_access = FolderAccess("write into the outbox", "nothing is published (finished jobs wait in "
+                                                                    "their spools)")
 
     def collect(self) -> None:
         for work in self.writers.finished():
@@ -248,7 +249,7 @@ class Deliver:
         cleanup job) is created again, as the inbox is: publishing into it crashed the daemon. One that
         cannot be (a file in its place, a folder batchd may not create) is waited for, said once."""
         if folder.is_dir():
-            return self._outbox_writable(folder)
+            return self._outbox_access.allows(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)  # (a file in its place: FileExistsError)
             durable.fsync_dir(folder.parent, step="publish")  # before the publish into it commits
@@ -263,20 +264,6 @@ class Deliver:
         self._outbox_missing_reported = False
         log.warning("the outbox %s was gone; created it again", folder)
         return True
-
-    def _outbox_writable(self, folder: Path) -> bool:
-        """Whether batchd's user may publish into the outbox: its permissions changed while batchd runs (the
-        start checks them) made the publish raise PermissionError out of the loop. Waited for, said once."""
-        if os.access(folder, os.W_OK | os.X_OK):
-            if self._outbox_unwritable_reported:
-                self._outbox_unwritable_reported = False
-                log.info("the outbox %s takes folders again", folder)
-            return True
-        if not self._outbox_unwritable_reported:
-            self._outbox_unwritable_reported = True
-            log.error("batchd's user (uid %d) may not write into the outbox %s; nothing is published until it may "
-                      "(jobs wait, finished, in their spools)", os.geteuid(), folder)
-        return False
 
     def remove_spool(self, job_id: str) -> None:
         """Remove a job's spool folder, once what ended the job is committed, in the cleanup thread (when

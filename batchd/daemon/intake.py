@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from batchd import fs
-from batchd.daemon.context import Context, is_regular_file, manifest_error
+from batchd.daemon.context import Context, FolderAccess, is_regular_file, manifest_error
 from batchd.daemon.crashpoints import crashpoint
 from batchd.durable import atomic_write
 from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name,
@@ -91,7 +91,7 @@ class Intake:
         #: the inbox is listed again all the same (RELIST_SECONDS).
         self._listed: list[Candidate] = []
         self._relist_at = float("-inf")
-        self._inbox_unwritable_reported = False
+        self._inbox_access = FolderAccess("move files out of the inbox", "nothing is claimed")
         #: Files batchd's user may not move out of the inbox (another user's, in a folder with the sticky bit,
         #: as a shared drop folder has), by (name, size, mtime), oldest first: each was rejected once and is
         #: left alone (up to UNMOVABLE_KEPT: past that the oldest is forgotten, and rejected again if it is
@@ -125,7 +125,7 @@ class Intake:
     def take(self) -> None:
         """Claim what settled in the inbox, oldest first."""
         ctx = self.ctx
-        if not self._inbox_writable():
+        if not self._inbox_access.allows(ctx.settings.inbox):
             return
         if self._claims_unfinished:
             # A claim a full disk cut short (its row committed, the move refused) is finished first, so
@@ -157,21 +157,6 @@ class Intake:
             for intent in intents:
                 self._claim(intent)
             self._claims_unfinished = False
-
-    def _inbox_writable(self) -> bool:
-        """Whether batchd's user may move files out of the inbox: its permissions changed while batchd runs (the
-        start checks them) made each claim raise PermissionError out of the loop. Waited for, said once."""
-        inbox = self.ctx.settings.inbox
-        if os.access(inbox, os.W_OK | os.X_OK) or not os.path.isdir(inbox):  # (a missing one: ensure_present's)
-            if self._inbox_unwritable_reported:
-                self._inbox_unwritable_reported = False
-                log.info("the inbox %s lets batchd take files again", inbox)
-            return True
-        if not self._inbox_unwritable_reported:
-            self._inbox_unwritable_reported = True
-            log.error("batchd's user (uid %d) may not move files out of the inbox %s; nothing is claimed until it "
-                      "may", os.geteuid(), inbox)
-        return False
 
     def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> bool:
         """Intend the claims of the settled ``candidates``; whether some were left for a later tick."""
