@@ -253,10 +253,10 @@ class Settings(BaseSettings):
     forget_jobs_after_days: float = Field(
         0.0,
         ge=0,
-        description="Jobs finished longer ago than this are forgotten by the journal (their rows, events and"
-                    " status; /metrics keeps counting them, their outbox folders stay), so it keeps the size"
-                    " of its recent history. A forgotten job's manifest dropped again runs again. 0 = keep"
-                    " every job; otherwise at least 7 (a remote batch can still show up days later).",
+        description="Jobs done (delivered or rejected) longer ago than this many days are forgotten by the journal"
+                    " (their rows, events and status; /metrics keeps counting them, their outbox folders stay), so"
+                    " it keeps the size of its recent history. A forgotten job's manifest dropped again runs again."
+                    " 0 = keep every job; otherwise at least 7 (a remote batch can still show up days later).",
     )
     plugins_dir: Path | None = Field(None, description="Optional folder of one-off *.py task plugins.")
     disabled_plugins: list[str] = Field(
