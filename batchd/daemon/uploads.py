@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Iterable
 
 from batchd.backoff import Backoff
 from batchd.daemon.context import Context
@@ -39,6 +40,9 @@ BATCHES_PER_ROUND = 50
 #: nothing needs it gone soon, and each delete is a call whose thread shares the loop's CPU (a burst of
 #: small jobs was 2 % slower when each pack's batch was deleted as it was done).
 BATCHES_KEPT_SECONDS = 10.0
+#: Remote batches waiting for their deletion at most (a service refusing deletes for days while jobs are
+#: delivered): past that the oldest is left listed, as every batch was before.
+BATCHES_WAITING = 10_000
 
 
 class Uploads:
@@ -58,7 +62,12 @@ class Uploads:
         """The remote batches of a job just delivered (or a pack whose members have their results): delete
         them, once that is committed (called from the loop, in the commit's effects)."""
         if self.ctx.settings.delete_finished_batches:
-            self._batches.update(dict.fromkeys((name for name in names if name), time.monotonic()))
+            self._wait_for_deletion(names)
+
+    def _wait_for_deletion(self, names: Iterable[str]) -> None:
+        self._batches.update(dict.fromkeys((name for name in names if name), time.monotonic()))
+        while len(self._batches) > BATCHES_WAITING:
+            del self._batches[next(iter(self._batches))]
 
     def _batches_due(self) -> bool:
         """Whether to delete the waiting batches now: no job is on its way, a round's worth waits, or the
@@ -111,7 +120,7 @@ class Uploads:
                 log.exception("deleting %s failed; retrying later", _ROUND_DELETES[work.key])
                 outcome, again = {}, True
             if work.key == BATCHES_ROUND:
-                self._batches.update(dict.fromkeys(outcome, time.monotonic()))  # (not deleted: tried again)
+                self._wait_for_deletion(outcome)  # (not deleted: tried again)
             elif media:
                 self.ctx.journal.set_media(outcome)
                 self.on_media_deleted(work.about)
