@@ -722,7 +722,8 @@ def test_an_outbox_batchd_may_not_write_stops_the_start_and_holds_publishes_whil
             process.terminate()
             assert process.wait(30) == 0
         said = log.read_text()
-        assert said.count("may not write into the outbox") == 1 and "may write into the outbox" in said.split("may not write into the outbox")[1]
+        assert said.count("may not write into the outbox") == 1
+        assert "may write into the outbox" in said.split("may not write into the outbox")[1]  # (again)
         assert "Traceback" not in said
     finally:
         shutil.rmtree(workspace.root, ignore_errors=True)
@@ -751,7 +752,8 @@ def test_a_manifest_batchd_may_not_read_is_rejected_and_moved_whole_and_the_othe
         assert "Traceback" not in run.stderr, run.stderr[-3000:]
         delivered = workspace.delivered()
         assert delivered["translate"]["state"] == "succeeded"
-        assert delivered["secret"]["state"] == "rejected" and "Permission denied" in delivered["secret"]["error"]["message"]
+        assert delivered["secret"]["state"] == "rejected"
+        assert "Permission denied" in delivered["secret"]["error"]["message"]
         moved = workspace.outbox / "secret" / "secret.toml"
         assert moved.stat().st_uid == 0 and moved.stat().st_mode & 0o777 == 0  # the dropped file itself
         assert not list(workspace.inbox.iterdir())
@@ -789,7 +791,8 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             process.terminate()
             assert process.wait(30) == 0
         said = log.read_text()
-        assert said.count("may not move files out of the inbox") == 1 and "may move files out of the inbox" in said.split("may not move files out of")[1]
+        assert said.count("may not move files out of the inbox") == 1
+        assert "may move files out of the inbox" in said.split("may not move files out of")[1]  # (again)
         assert "Traceback" not in said
         assert said.count("foreign.toml cannot be moved out of the inbox by batchd's user (Operation not permitted); "
                           "rejected, and left there") == 1  # not taken again at the rescans

@@ -205,7 +205,8 @@ def _rows_naming(path, job_ids: set[str]) -> dict[str, int]:
     marks = ", ".join("?" * len(job_ids))
     db = sqlite3.connect(path)
     try:
-        counts = {table: db.execute(f"SELECT count(*) FROM {table} WHERE job_id IN ({marks})", tuple(job_ids)).fetchone()[0]
+        counts = {table: db.execute(f"SELECT count(*) FROM {table} WHERE job_id IN ({marks})",
+                                    tuple(job_ids)).fetchone()[0]
                   for table in ("chunks", "remote_jobs", "watched_names", "chunk_media", "events")}
         counts["jobs"] = db.execute(f"SELECT count(*) FROM jobs WHERE id IN ({marks})", tuple(job_ids)).fetchone()[0]
         counts["deliveries"] = db.execute(f"SELECT count(*) FROM deliveries WHERE event_id IN (SELECT id FROM events"
@@ -250,7 +251,8 @@ def test_jobs_finished_before_forget_jobs_after_days_are_forgotten_with_every_ro
     assert _job_names(path) == {"small2": 1, "small3": 1, "unknown": 1}
     packs = old - {job.id for job in Journal(path, readonly=True).jobs()}
     left = _rows_naming(path, old)
-    assert left.get("jobs") == 1 and set(left) <= {"jobs", "chunks", "remote_jobs", "events"}, left  # the pack: its members remain
+    # the pack: its members remain
+    assert left.get("jobs") == 1 and set(left) <= {"jobs", "chunks", "remote_jobs", "events"}, left
     for _ in range(2):  # as kept, and as summed from the rows again at an open (done_totals dropped)
         journal = Journal(path)
         try:

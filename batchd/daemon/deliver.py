@@ -235,7 +235,8 @@ class Deliver:
         ctx.journal.update_job(job.id, state=JobState.DONE, events=[self._final_event(job, destination)])
         self.remove_spool(job.id)
         # Its remote batches have nothing more to give (a shared one goes with its pack: batchd.daemon.pack).
-        batches = [chunk.remote_name for chunk in ctx.journal.chunks(job.id) if chunk.remote_name and not chunk.packed_in]
+        batches = [chunk.remote_name for chunk in ctx.journal.chunks(job.id)
+                   if chunk.remote_name and not chunk.packed_in]
         if batches:
             ctx.journal.after_commit(lambda: self.batches_done(batches))
         ctx.report.delivered(job)

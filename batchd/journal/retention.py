@@ -32,7 +32,8 @@ FORGET_PER_TRANSACTION = 200
 _ROWS_BY_JOB = ("chunks", "remote_jobs", "watched_names", "chunk_media", "events")
 
 
-def forget_finished(db: sqlite3.Connection, before: float, limit: int = FORGET_PER_TRANSACTION) -> tuple[int, list[str]]:
+def forget_finished(db: sqlite3.Connection, before: float,
+                    limit: int = FORGET_PER_TRANSACTION) -> tuple[int, list[str]]:
     """Delete up to ``limit`` jobs (packs aside) done before ``before`` (wall clock; their row's last write,
     which made them done: a rejected job has no ``finished_at``), oldest first, with every row that names
     them; then the packs they were sent in that no chunk is packed in any more.
@@ -71,7 +72,8 @@ def _temp_ids(db: sqlite3.Connection, ids: list[str]) -> str:
 
 
 def _delete_rows_of(db: sqlite3.Connection, ids: str) -> None:
-    db.execute(f"DELETE FROM deliveries WHERE event_id IN (SELECT id FROM events WHERE job_id IN (SELECT id FROM {ids}))")
+    db.execute(f"DELETE FROM deliveries WHERE event_id IN"
+               f" (SELECT id FROM events WHERE job_id IN (SELECT id FROM {ids}))")
     for table in _ROWS_BY_JOB:
         db.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM {ids})")
     db.execute(f"DELETE FROM jobs WHERE id IN (SELECT id FROM {ids})")
