@@ -202,7 +202,7 @@ def check_cache(settings) -> Check:
     import sqlite3
 
     from batchd.cache import cache_path, damage_fix
-    from batchd.fs import is_damaged_database
+    from batchd.fs import damage_found
 
     path = cache_path(settings.state_dir)
     if not path.exists():
@@ -210,15 +210,12 @@ def check_cache(settings) -> Check:
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
-            verdict = [row[0] for row in db.execute("PRAGMA quick_check(1)")]
+            problem = damage_found(db)
         finally:
             db.close()
-    except sqlite3.DatabaseError as error:
-        if not is_damaged_database(error):
-            return Check("request cache", "warn", f"{path} could not be checked: {error}")
-        verdict = [str(error)]
-    if verdict != ["ok"]:
-        problem = verdict[0].strip().splitlines()[-1]
+    except sqlite3.DatabaseError as error:  # (locked past the timeout, unreadable for its permissions)
+        return Check("request cache", "warn", f"{path} could not be checked: {error}")
+    if problem is not None:
         return Check("request cache", "warn", f"{path} is damaged ({problem}): jobs send every request again and "
                      f"keep no answers", damage_fix(path))
     return Check("request cache", "ok", f"{path} reads through")

@@ -137,6 +137,21 @@ def is_damaged_database(error: BaseException) -> bool:
         _SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
+def damage_found(db: sqlite3.Connection) -> str | None:
+    """What SQLite's ``quick_check`` finds wrong with ``db``'s file (its first problem, one line), None when
+    nothing. Reads every page: for a check on demand (``batchd doctor``, an error to explain), not a step."""
+    try:
+        verdict = [row[0] for row in db.execute("PRAGMA quick_check(1)")]
+    except sqlite3.DatabaseError as error:
+        if not is_damaged_database(error):
+            raise
+        return str(error)
+    if verdict == ["ok"]:
+        return None
+    # e.g. "*** in database main ***\nPage 183: btreeInitPage() returns error code 11": its last line
+    return verdict[0].strip().splitlines()[-1]
+
+
 def fsync(fd: int, path: Path | str, step: str | None = None) -> None:
     """``os.fsync(fd)`` of ``path``'s file; with a ``step``, a failure is classified (see the module).
 

@@ -129,16 +129,7 @@ class Transactions:
 
     def check(self) -> str | None:
         """What SQLite's ``quick_check`` finds wrong with the file (its first problem), None when nothing."""
-        try:
-            verdict = [row[0] for row in self._db.execute("PRAGMA quick_check(1)")]
-        except sqlite3.DatabaseError as error:
-            if not fs.is_damaged_database(error):
-                raise
-            return str(error)
-        if verdict == ["ok"]:
-            return None
-        # e.g. "*** in database main ***\nPage 183: btreeInitPage() returns error code 11": its last line
-        return verdict[0].strip().splitlines()[-1]
+        return fs.damage_found(self._db)
 
     @contextmanager
     def transaction(self, *, one_write: bool = False) -> Iterator[sqlite3.Connection]:
