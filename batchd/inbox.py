@@ -603,6 +603,10 @@ class Inbox:
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue  # renamed into place (or removed) by its producer just now
+                except PermissionError:
+                    # Another user's, in a folder with the sticky bit (a shared drop folder): its owner's to remove.
+                    log.debug("left %s: a stale temp file batchd's user may not remove", entry.path)
+                    continue
                 age_hours = (time.time_ns() - st.st_mtime_ns) / 3.6e12
                 log.warning("removed %s: a temp file left in the inbox %.1f h ago", entry.path, age_hours)
                 removed.append(Path(entry.path))

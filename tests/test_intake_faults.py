@@ -771,7 +771,7 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
     """The inbox made so batchd's user may not move files out of it while batchd runs: claims wait, said once,
     and go on once it may. A shared drop folder (mode 1777, another owner) where another user dropped a file:
     only its owner may move it, so its job is rejected saying so, the file left in place and not taken again
-    at each rescan, while batchd's own drops are delivered. Before, each raised PermissionError out of the
+    at each rescan, while batchd's own drops are delivered; another user's stale temp file is left too. Before, each raised PermissionError out of the
     loop: a dead daemon, again at every restart."""
     import shutil
 
@@ -787,6 +787,9 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             time.sleep(1)
             assert process.poll() is None and (workspace.inbox / "first.toml").exists()
 
+            stale = workspace.inbox / "upload.csv.part"  # another user's, left two days ago: not batchd's to remove
+            stale.write_text("half a file")
+            os.utime(stale, (time.time() - 2 * 86400,) * 2)
             workspace.inbox.chmod(0o1777)  # a shared drop folder, still root's
             workspace.wait_for(lambda: "first" in workspace.outbox_folders(), timeout=60, what="first delivered")
             foreign = workspace.drop("foreign.toml", TRANSLATE.replace("Hello", "Foreign"))  # root's file
@@ -801,6 +804,6 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
                           "rejected, and left there") == 1  # not taken again at the rescans
         summary = workspace.delivered()["foreign"]
         assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
-        assert foreign.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
+        assert foreign.exists() and stale.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
     finally:
         shutil.rmtree(workspace.root, ignore_errors=True)
