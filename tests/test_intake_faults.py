@@ -794,14 +794,18 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             workspace.wait_for(lambda: "first" in workspace.outbox_folders(), timeout=60, what="first delivered")
             foreign = workspace.drop("foreign.toml", TRANSLATE.replace("Hello", "Foreign"))  # root's file
             workspace.wait_for(lambda: "foreign" in workspace.outbox_folders(), timeout=60, what="foreign rejected")
+            request = workspace.inbox / "ghost.cancel"  # another user's `batchd cancel`: acted on, left
+            request.write_bytes(b"")
+            workspace.wait_for(lambda: "ghost.cancel was acted on" in log.read_text(), what="the cancel taken")
             time.sleep(1.5)  # rescans meanwhile
-            assert process.poll() is None
+            assert process.poll() is None and request.exists()
         finally:
             said = _stopped(process, log)
         assert said.count("may not move files out of the inbox") == 1
         assert "may move files out of the inbox" in said.split("may not move files out of")[1]  # (again)
         assert said.count("foreign.toml cannot be moved out of the inbox by batchd's user (Operation not permitted); "
                           "rejected, and left there") == 1  # not taken again at the rescans
+        assert said.count("ghost.cancel was acted on") == 1
         summary = workspace.delivered()["foreign"]
         assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
         assert foreign.exists() and stale.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}

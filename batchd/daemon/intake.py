@@ -439,17 +439,20 @@ class Intake:
         where it is, never claimed again while it is unchanged."""
         log.warning("%s cannot be moved out of the inbox by batchd's user (%s); rejected, and left there",
                     source, error.strerror or error)
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            self._unmovable[(path.name, st.st_size, st.st_mtime_ns)] = None
-            if len(self._unmovable) > UNMOVABLE_KEPT:
-                del self._unmovable[next(iter(self._unmovable))]
+        self._remember_unmovable(path)
         # 'received' with the error: delivered as any rejected job, a folder saying why (and no manifest in it)
         self.ctx.journal.update_job(job_id, state=JobState.RECEIVED, error={
             "code": "not_movable", "file": source,
             "message": f"{source} cannot be moved out of the inbox by batchd's user ({error.strerror or error}): "
                        f"the inbox has the sticky bit and the file is another user's. It is left there; drop it "
                        f"again as batchd's user, or let the inbox's owner or batchd's user own it"})
+
+    def _remember_unmovable(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            self._unmovable[(path.name, st.st_size, st.st_mtime_ns)] = None
+            if len(self._unmovable) > UNMOVABLE_KEPT:
+                del self._unmovable[next(iter(self._unmovable))]
 
     def _inbox_path(self, source: str) -> Path:
         """The inbox entry a job's ``source`` name came from (it differs for a non-UTF-8 file name)."""
@@ -485,7 +488,16 @@ class Intake:
             log.warning("%s: no unfinished job named %r", path.name, name)
         elif path.suffix.lower() == CANCEL_SUFFIX:
             crashpoint("after-cancel-request")
-        ctx.journal.after_commit(lambda: path.unlink(missing_ok=True))
+        ctx.journal.after_commit(lambda: self._remove_control_file(path))
+
+    def _remove_control_file(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            # Another user's request in a shared drop folder (the sticky bit): acted on, and its owner's to remove.
+            log.info("%s was acted on; batchd's user may not remove it (another user's, in a folder with the sticky "
+                     "bit): left there, and not taken again while unchanged", path.name)
+            self._remember_unmovable(path)
 
     def _below_free_space_floor(self) -> bool:
         """Whether the state dir's filesystem has less than ``min_free_mb`` left; says so when that changes."""
