@@ -318,6 +318,12 @@ class Settings(BaseSettings):
         True, description="Run the daemon's threads on one CPU (the one it starts on). They take turns on one"
                           " GIL whatever the number of CPUs, and handing it from one CPU to another cost a"
                           " quarter of the daemon's CPU time under load. The embedded emulator keeps every CPU.")
+    group_sync: bool = Field(
+        True, description="Make the files the steps write (chunks, results, outbox folders) durable together:"
+                          " one syncfs of the state dir's filesystem before the journal commit that records them,"
+                          " instead of an fsync each (a small job's took a dozen). It also writes what other"
+                          " programs left unwritten on that filesystem: false for one shared with heavy writers."
+                          " Linux 5.8 and later; elsewhere an fsync each.")
     chunk_max_requests: int = Field(50_000, ge=1, description="Requests per remote batch job at most.")
     chunk_max_bytes: int = Field(
         200 * 1024 * 1024, ge=1, description="Size of one batch's JSONL input at most."

@@ -64,11 +64,12 @@ class CrossDeviceError(OSError):
         return self.strerror
 
 
-def fsync_dir(path: Path | str, *, step: str | None = None) -> None:
-    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
+def fsync_dir(path: Path | str, *, step: str | None = None, deferrable: bool = True) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable (``deferrable``: see
+    :func:`batchd.fs.fsync`)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fs.fsync(fd, path, step)
+        fs.fsync(fd, path, step, deferrable=deferrable)
     finally:
         os.close(fd)
 
@@ -230,7 +231,7 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, s
         # Directories cannot be hard-linked; they are renamed into an absent name.
         linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
         if linked:
-            fsync_dir(dst.parent, step=step)
+            fsync_dir(dst.parent, step=step, deferrable=False)  # the old name goes next
             try:
                 os.unlink(src)
             except FileNotFoundError:

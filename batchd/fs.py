@@ -23,6 +23,9 @@ depends on its kind, never on the job (reliability.md B8, "Filesystem faults"):
   goes on. The free-space floor (``min_free_mb``) keeps room for the journal by refusing new
   manifests first.
 
+A daemon's fsyncs may be made together (:class:`SyncGroup`): one ``syncfs(2)`` before the journal's
+next commit stands for every fsync its steps deferred, and fails as they would have.
+
 ``BATCHD_FS_FAULT=<step>:<ERRNO>`` (e.g. ``outbox:ENOSPC``, ``results:EIO``) makes the step's writes
 fail as if the disk said so, for the fault tests: ``ENOSPC`` as a full disk, ``EROFS`` as a read-only
 filesystem, ``EIO`` as a failed fsync. With ``BATCHD_FS_FAULT_WHILE=<path>`` the fault lasts only while that file exists, the way a
@@ -31,9 +34,13 @@ filler file holds a real disk full: delete it and there is "space" again.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import os
 import sqlite3
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +52,7 @@ STEPS = (
     "results",   # a finished chunk's results downloaded into the spool
     "outbox",    # the job's outbox folder written in the spool's staging folder
     "publish",   # the staging folder renamed into the outbox
+    "sync",      # the steps' files made durable together before a commit (SyncGroup)
     "journal",   # a journal commit
 )
 #: Exit status after a :class:`StorageFailure` (sysexits.h EX_IOERR): the unit restarts the service.
@@ -152,21 +160,140 @@ def damage_found(db: sqlite3.Connection) -> str | None:
     return verdict[0].strip().splitlines()[-1]
 
 
-def fsync(fd: int, path: Path | str, step: str | None = None) -> None:
+def fsync(fd: int, path: Path | str, step: str | None = None, *, deferrable: bool = True) -> None:
     """``os.fsync(fd)`` of ``path``'s file; with a ``step``, a failure is classified (see the module).
 
     Disk full raises ``OSError`` naming ``path`` (the caller's step is retried); anything else raises
     :class:`StorageFailure`. Without a step (the emulator, command-line tools), errors pass as they are.
+    While a :class:`SyncGroup` of the file's filesystem is open, a step's fsync is left to the group's
+    next :meth:`~SyncGroup.sync`, unless not ``deferrable``: what the caller does next needs it on disk
+    first (a link made durable before the old name goes).
     """
     try:
         fault_point(step, path)
-        os.fsync(fd)
+        groups = _deferred_to(fd) if step is not None and deferrable else ()
+        for group in groups:
+            group.note()
+        if not groups:
+            os.fsync(fd)
     except OSError as error:
         if step is None:
             raise
         if is_disk_full(error):
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise StorageFailure(step, path, error) from error
+
+
+# -- syncing together ---------------------------------------------------------------------------------
+
+#: (major, minor) of the first Linux whose syncfs(2) reports writeback errors (before, it says nothing).
+SYNCFS_REPORTS_ERRORS = (5, 8)
+#: Device → the open sync groups of the filesystem on it (one per daemon running in this process).
+_groups_by_device: dict[int, tuple[SyncGroup, ...]] = {}
+_groups_lock = threading.Lock()
+
+
+class SyncGroup:
+    """A daemon's fsyncs made together: while the group is open, the fsync of a step's file or folder
+    (:func:`fsync`) on the state dir's filesystem is only noted, and one ``syncfs(2)`` of that filesystem
+    right before the journal's next commit (``Transactions._make_durable``) stands for all of them.
+
+    What a step writes (a chunk's requests, a fetched chunk's results, an outbox folder) must be on the
+    disk before the commit that records it, and nothing trusts it before: a crash before that commit
+    leaves the step to be redone from its committed state (docs/design.md, "The steps' files, synced
+    together"). So the order of a step's syncs does not matter, only that all of them are done when the
+    commit is. An fsync costs a flush of the disk's cache, and a small job's files and folders took a
+    dozen. Linux documents that syncfs gives "the same guarantees as fsync() called on every file in the
+    filesystem", and reports writeback errors since 5.8: a failure is classified as an fsync's. The
+    price: it also writes what other programs left unwritten there (``group_sync = false``).
+    """
+
+    def __init__(self, path: Path | str):
+        #: A folder on the filesystem synced: the state dir (the inbox and outbox are on the same one).
+        self.path = Path(path)
+        self.device = os.stat(self.path).st_dev
+        self._lock = threading.Lock()
+        self._noted = 0  # fsyncs deferred so far
+        self._synced = 0  # of those, the ones the last sync made durable
+        self._fd: int | None = None  # the state dir's, while open
+        #: syncfs calls made.
+        self.syncs = 0
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this system has a syncfs that reports errors (Linux 5.8 and later)."""
+        if not sys.platform.startswith("linux") or not hasattr(_libc(), "syncfs"):
+            return False
+        try:
+            release = tuple(int(part) for part in os.uname().release.split(".")[:2])
+        except ValueError:
+            return False
+        return release >= SYNCFS_REPORTS_ERRORS
+
+    def open(self) -> SyncGroup:
+        """From now on the steps' fsyncs on its filesystem are noted for :meth:`sync`."""
+        # One descriptor for the group's life: syncfs reports the writeback errors that happened since the
+        # descriptor was opened (a background writeback's too, before the sync), not those before.
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        with _groups_lock:
+            _groups_by_device[self.device] = (*_groups_by_device.get(self.device, ()), self)
+        return self
+
+    def close(self) -> None:
+        """The fsyncs on its filesystem are made at once again (once the journal is closed: every commit
+        made meanwhile synced what was noted before it)."""
+        with _groups_lock:
+            left = tuple(group for group in _groups_by_device.get(self.device, ()) if group is not self)
+            if left:
+                _groups_by_device[self.device] = left
+            else:
+                _groups_by_device.pop(self.device, None)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SyncGroup:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def note(self) -> None:
+        with self._lock:
+            self._noted += 1
+
+    def sync(self, step: str = "sync", *, anyway: bool = False) -> bool:
+        """Make every fsync noted so far durable with one syncfs (the group is open); False when none was
+        noted since the last (and not ``anyway``). A failure raises as :func:`fsync`'s does (disk full: ``OSError``; else
+        :class:`StorageFailure`), what was noted left for the next call."""
+        with self._lock:
+            noted = self._noted
+        if noted == self._synced and not anyway:
+            return False
+        try:
+            fault_point(step, self.path)
+            if _libc().syncfs(self._fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), str(self.path))
+        except OSError as error:
+            if is_disk_full(error):
+                raise OSError(error.errno, error.strerror, str(self.path)) from error
+            raise StorageFailure(step, self.path, error) from error
+        self._synced = noted
+        self.syncs += 1
+        return True
+
+
+def _deferred_to(fd: int) -> tuple[SyncGroup, ...]:
+    """The open sync groups of ``fd``'s filesystem (none: it is synced at once)."""
+    if not _groups_by_device:
+        return ()
+    return _groups_by_device.get(os.fstat(fd).st_dev, ())
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 #: Errors of writing a file that :func:`naming` names the file in (a buffered write's have no name).

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from batchd import fs
 from batchd.fs import EXIT_STORAGE, STEPS
 from batchd.testing import Emulator, Workspace
 from invariants import Dropped, assert_invariants
@@ -27,8 +28,17 @@ from test_recovery import creates_by_display_name
 
 #: translate: 4 requests, sentiment: 3; at 2 a chunk, 4 remote batches.
 CHUNKS = 4
+#: The steps' files are synced together (one syncfs before a commit) only where syncfs reports errors.
+WITH_SYNCFS = pytest.mark.skipif(not fs.SyncGroup.available(), reason="syncfs reports errors on Linux 5.8 and later")
+
+
+def steps() -> list:
+    """STEPS as test parameters, the ``sync`` step's marked to run only where the daemon syncs together."""
+    return [pytest.param(step, marks=WITH_SYNCFS) if step == "sync" else step for step in STEPS]
+
+
 #: Steps whose disk-full failure is retried (a journal commit's is fatal instead).
-RETRIED_STEPS = [step for step in STEPS if step != "journal"]
+RETRIED_STEPS = [step for step in steps() if step != "journal"]
 
 
 def service(emulator: Emulator) -> dict[str, str]:
@@ -93,8 +103,9 @@ def test_a_full_disk_at_each_step_is_retried_and_delivered_once_there_is_room(
     assert_delivered_once(workspace, emulator, dropped)
 
 
-@pytest.mark.parametrize("step,error", [(step, "EIO") for step in STEPS] + [("journal", "ENOSPC")]
-                         + [(step, "EROFS") for step in STEPS])
+@pytest.mark.parametrize("step,error", [(step, "EIO") for step in STEPS if step != "sync"] + [("journal", "ENOSPC")]
+                         + [(step, "EROFS") for step in STEPS if step != "sync"]
+                         + [pytest.param("sync", error, marks=WITH_SYNCFS) for error in ("EIO", "EROFS")])
 def test_a_failed_fsync_or_commit_exits_74_and_a_restart_delivers_once(
         workspace: Workspace, emulator: Emulator, step: str, error: str):
     """EIO at ``step``'s fsync, a journal commit refused for a full disk, or a filesystem turned
@@ -122,6 +133,18 @@ def test_a_failed_fsync_or_commit_exits_74_and_a_restart_delivers_once(
 
     restarted = workspace.batchd("run", "--once", **service(emulator))
     assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert_delivered_once(workspace, emulator, dropped)
+
+
+@WITH_SYNCFS
+def test_with_group_sync_off_every_file_is_synced_alone_and_no_syncfs_is_made(workspace: Workspace,
+                                                                              emulator: Emulator):
+    """``group_sync = false``: the fault that fails the steps' syncfs (above: exit 74) is never met, since
+    each file and folder is fsynced where it is written; both jobs are delivered once."""
+    workspace.configure(chunk_max_requests=2, group_sync=False)
+    dropped = drop_both(workspace)
+    run = workspace.batchd("run", "--once", BATCHD_FS_FAULT="sync:EIO", **service(emulator))
+    assert run.returncode == 0, run.stderr[-3000:]
     assert_delivered_once(workspace, emulator, dropped)
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
 import sqlite3
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +88,95 @@ def test_disk_backoff_doubles_up_to_its_maximum_and_resets_on_success():
     assert backoff.succeeded() and not backoff.waiting()
     assert not backoff.succeeded()
     assert backoff.failed() == 1.0
+
+
+# -- syncing together (fs.SyncGroup) --------------------------------------------------------------------
+
+needs_syncfs = pytest.mark.skipif(not fs.SyncGroup.available(), reason="syncfs reports errors on Linux 5.8 and later")
+
+
+def counting_fsyncs(monkeypatch) -> list[str]:
+    """The names of the files and folders os.fsync is called on from now on."""
+    synced: list[str] = []
+    real_fsync = fs.os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(f"/proc/self/fd/{fd}").readlink().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(fs.os, "fsync", fsync)
+    return synced
+
+
+@needs_syncfs
+def test_while_a_sync_group_is_open_its_filesystems_step_fsyncs_wait_for_one_syncfs(tmp_path, monkeypatch):
+    synced = counting_fsyncs(monkeypatch)
+    with fs.SyncGroup(tmp_path) as group:
+        folder = outbox.JobFolder(tmp_path / "staging")
+        folder.write_json("summary.json", {"state": "succeeded"})
+        folder.sync()
+        durable.atomic_write(tmp_path / "requests.jsonl", "{}\n", step="requests")
+        assert synced == [] and group.syncs == 0  # noted, not synced
+        assert json.loads((tmp_path / "staging" / "summary.json").read_text()) == {"state": "succeeded"}
+        assert group.sync() is True and group.syncs == 1
+        assert group.sync() is False and group.syncs == 1  # nothing noted since
+        assert group.sync(anyway=True) is True and group.syncs == 2  # folders to sync: one syncfs for them too
+    durable.atomic_write(tmp_path / "other.json", "{}", step="outbox")  # closed: synced at once again
+    assert group.syncs == 2 and len(synced) == 2 and synced[0].startswith(".other.json.") and synced[1] == tmp_path.name
+
+
+@needs_syncfs
+def test_what_must_be_on_disk_at_once_is_synced_at_once_while_a_group_is_open(tmp_path, monkeypatch):
+    """A file linked to its new name is durable there before its old name goes (durable_move); a write
+    with no step (the emulator's, the CLI's) is no step's to defer; nor is one on another filesystem."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "inbox" / "a.toml").write_text("task = 'translate'\n")
+    synced = counting_fsyncs(monkeypatch)
+    with fs.SyncGroup(tmp_path) as group:
+        durable.durable_move(tmp_path / "inbox" / "a.toml", tmp_path / "spool" / "a.toml", step="claim")
+        assert synced == ["spool"]  # before the unlink from the inbox (whose own sync waits for the commit)
+        durable.atomic_write(tmp_path / "notes.json", "{}")
+        assert len(synced) == 3 and synced[2] == tmp_path.name
+        elsewhere = Path("/dev/shm")
+        if elsewhere.is_dir() and os.stat(elsewhere).st_dev != group.device:
+            with tempfile.TemporaryDirectory(dir=elsewhere) as other:
+                durable.atomic_write(Path(other) / "results.jsonl", "{}\n", step="results")
+            assert len(synced) == 5
+    assert (tmp_path / "spool" / "a.toml").exists() and not (tmp_path / "inbox" / "a.toml").exists()
+
+
+@needs_syncfs
+def test_two_groups_of_one_filesystem_each_sync_what_was_written_since_their_last(tmp_path):
+    """Two daemons of one process (tests run several): each commit of either must find the other's files
+    no less durable, so a deferred fsync is noted in both."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with fs.SyncGroup(tmp_path / "a") as first, fs.SyncGroup(tmp_path / "b") as second:
+        durable.atomic_write(tmp_path / "a" / "x.json", "{}", step="outbox")
+        assert first.sync() and not first.sync()
+        assert second.sync() and not second.sync()
+
+
+@needs_syncfs
+def test_a_deferred_fsync_meets_the_faults_an_fsync_would(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHD_FS_FAULT", "outbox:EIO")
+    with fs.SyncGroup(tmp_path), pytest.raises(fs.StorageFailure) as raised:
+        outbox.JobFolder(tmp_path / "staging").write_json("summary.json", {})
+    assert raised.value.step == "outbox"
+
+
+@needs_syncfs
+def test_a_failed_syncfs_is_classified_as_an_fsync_and_what_it_was_to_sync_waits_for_the_next(tmp_path, monkeypatch):
+    with fs.SyncGroup(tmp_path) as group:
+        durable.atomic_write(tmp_path / "results.jsonl", "{}\n", step="results")
+        monkeypatch.setenv("BATCHD_FS_FAULT", "sync:ENOSPC")
+        with pytest.raises(OSError) as raised:
+            group.sync()
+        assert fs.is_disk_full(raised.value) and raised.value.filename == str(tmp_path)
+        monkeypatch.setenv("BATCHD_FS_FAULT", "sync:EIO")
+        with pytest.raises(fs.StorageFailure) as failed:
+            group.sync()
+        assert failed.value.step == "sync" and group.syncs == 0
+        monkeypatch.delenv("BATCHD_FS_FAULT")
+        assert group.sync() is True and group.syncs == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd import fs
+from batchd import durable, fs
 from batchd.journal import Job, Journal, journal_path
 from batchd.journal.rows import replace_row
 from batchd.states import IllegalMove
@@ -396,3 +396,44 @@ def test_rows_made_and_replaced_without_their_init_equal_those_the_dataclass_mak
             replace_row(job, no_such_field=1)
     finally:
         journal.close()
+
+
+@pytest.mark.skipif(not fs.SyncGroup.available(), reason="syncfs reports errors on Linux 5.8 and later")
+def test_a_commit_first_makes_what_the_steps_wrote_durable_with_one_syncfs(tmp_path: Path, monkeypatch):
+    """Every commit, a group's or a transition's alone, is preceded by one syncfs when a step deferred an
+    fsync since the last or a folder is to be synced (the syncfs stands for both: one filesystem)."""
+    seen: list[dict] = []
+
+    class WatchedGroup(fs.SyncGroup):
+        def sync(self, step: str = "sync", *, anyway: bool = False) -> bool:
+            synced = super().sync(step, anyway=anyway)
+            if synced:
+                seen.append(committed_states(journal.path))
+            return synced
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    synced_at_once = []
+    real_fsync = fs.os.fsync
+    monkeypatch.setattr(fs.os, "fsync", lambda fd: (synced_at_once.append(fd), real_fsync(fd)))
+    with WatchedGroup(tmp_path) as group:
+        journal = Journal(tmp_path / "journal.sqlite3", sync_group=group)
+        try:
+            add(journal, "a")
+            add(journal, "b")
+            assert group.syncs == 0  # nothing written by a step yet
+            durable.atomic_write(tmp_path / "a-results.jsonl", "{}\n", step="results")
+            with journal.group():
+                journal.update_job("a", state="received")
+                journal.sync_before_commit(inbox, step="claim")
+            assert seen == [{"a": "claiming", "b": "claiming"}]  # synced before the commit
+            assert committed_states(journal.path)["a"] == "received"
+            with journal.group():
+                journal.update_job("b", state="received")
+            assert group.syncs == 1  # nothing written, no folder to sync: no syncfs
+            durable.atomic_write(tmp_path / "b-results.jsonl", "{}\n", step="results")
+            journal.update_job("a", state="building")  # a transition alone: synced first as well
+            assert group.syncs == 2 and seen[-1]["a"] == "received"
+            assert synced_at_once == []
+        finally:
+            journal.close()

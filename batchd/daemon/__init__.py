@@ -184,7 +184,10 @@ class Daemon:
         for name in durable.remove_left_temps(s.state_dir):
             log.info("removed %s, left in the state dir by a writer that was stopped mid-write", name)
         self._start_emulator()  # (if not spawned yet) it boots while the journal is opened and recovery done
-        journal = self.ctx.journal = Journal(journal_path(s.state_dir), while_locked=self._while_journal_locked)
+        if s.group_sync and fs.SyncGroup.available():
+            self.ctx.sync_group = fs.SyncGroup(s.state_dir).open()
+        journal = self.ctx.journal = Journal(journal_path(s.state_dir), while_locked=self._while_journal_locked,
+                                             sync_group=self.ctx.sync_group)
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
         self.loop = Loop(self.ctx, self.inbox, self.steps, self.events, self.service_manager)
         journal.on_change = self.loop.changed
@@ -338,6 +341,8 @@ class Daemon:
                 if self.events is not None:
                     self.events.close()  # calls still running are redelivered after a restart
             ctx.journal.close()
+        if ctx.sync_group is not None:
+            ctx.sync_group.close()
         if self.web is not None:
             self.web.stop()
         self.inbox.stop()

@@ -354,6 +354,8 @@ class Context:
         self._provider = provider
         self.wake = wake
         self.journal: Journal | None = None  # opened by Daemon.start, after the state dir's lock is held
+        #: The steps' fsyncs, made together before each journal commit (``group_sync``; opened by Daemon.start).
+        self.sync_group: fs.SyncGroup | None = None
         self.report = RunReport(once=once)
         #: Writes that found the disk full pause every writing step (see batchd.fs).
         self.disk = Backoff(DISK_RETRY_SECONDS, DISK_RETRY_MAX_SECONDS)

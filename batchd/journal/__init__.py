@@ -104,6 +104,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from batchd import fs
 from batchd.journal.notifications import NotificationQueue
 from batchd.journal.kept import KeptRows
 from batchd.journal.retention import forget_finished
@@ -139,8 +140,9 @@ class Journal(NotificationQueue):
     """
 
     def __init__(self, path: Path, *, readonly: bool = False,
-                 while_locked: Callable[[float], None] = lambda seconds: None):
-        super().__init__(path, readonly=readonly, while_locked=while_locked)
+                 while_locked: Callable[[float], None] = lambda seconds: None,
+                 sync_group: fs.SyncGroup | None = None):
+        super().__init__(path, readonly=readonly, while_locked=while_locked, sync_group=sync_group)
         #: Called with a job's id after every commit that changed the job or one of its chunks: the
         #: daemon's loop visits exactly those jobs next (see batchd.daemon.schedule).
         self.on_change: Callable[[str], None] = lambda job_id: None

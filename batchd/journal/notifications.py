@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
+from batchd import fs
 from batchd.logs import redacted_json
 from batchd.journal.transactions import Transactions
 
@@ -24,8 +25,9 @@ class NotificationQueue(Transactions):
     """The ``events`` and ``deliveries`` tables (see the module doc)."""
 
     def __init__(self, path: Path, *, readonly: bool = False,
-                 while_locked: Callable[[float], None] = lambda seconds: None):
-        super().__init__(path, readonly=readonly, while_locked=while_locked)
+                 while_locked: Callable[[float], None] = lambda seconds: None,
+                 sync_group: fs.SyncGroup | None = None):
+        super().__init__(path, readonly=readonly, while_locked=while_locked, sync_group=sync_group)
         #: The plugins an event is to be delivered to (one delivery row each); set by the dispatcher.
         self.event_targets: Callable[[dict], Iterable[str]] = lambda event: ()
         #: Delivery rows added by this process so far (lets the dispatcher skip its queries when none

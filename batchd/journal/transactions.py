@@ -3,7 +3,8 @@
 :class:`Transactions` owns the journal's SQLite connection (WAL, ``synchronous=FULL``) and every way a
 transition reaches the disk: :meth:`~Transactions.transaction` alone, :meth:`~Transactions.group` for
 the loop's tick, effects held back until the commit that promises them (:meth:`~Transactions.after_commit`),
-directories synced before it (:meth:`~Transactions.sync_before_commit`), and the reads the loop repeats
+directories synced before it (:meth:`~Transactions.sync_before_commit`) with the files the steps wrote
+(``sync_group``, :class:`batchd.fs.SyncGroup`), and the reads the loop repeats
 every tick kept while nothing is written. What is committed is :class:`batchd.journal.Journal`'s part;
 why it is committed before every effect is in :mod:`batchd.journal`.
 """
@@ -59,8 +60,11 @@ class Transactions:
     """The journal's connection and its commits.  One writer process; readers may open it read-only."""
 
     def __init__(self, path: Path, *, readonly: bool = False,
-                 while_locked: Callable[[float], None] = lambda seconds: None):
+                 while_locked: Callable[[float], None] = lambda seconds: None,
+                 sync_group: fs.SyncGroup | None = None):
         self.path = path
+        #: The steps' deferred fsyncs, made before every commit (see :meth:`_make_durable`).
+        self.sync_group = sync_group
         #: Called every few seconds while another process holds the write lock, with the seconds waited so
         #: far: the daemon pings its watchdog, and raises :class:`JournalLocked` once it is stopping.
         self.while_locked = while_locked
@@ -178,6 +182,7 @@ class Transactions:
                     with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                         self._db.execute("ROLLBACK")
                     raise
+                self._make_durable()
                 self._commit()
             finally:
                 self._transaction_thread = None
@@ -224,7 +229,7 @@ class Transactions:
         outside a group, or when called from another thread, such as a worker at a crash point)."""
         if self._group_thread != threading.get_ident():
             return
-        self._sync_dirs()
+        self._make_durable()
         if self._db.in_transaction:
             with self._storage_failures():
                 try:
@@ -250,6 +255,16 @@ class Transactions:
             self._dirs_to_sync.setdefault(Path(directory), step)
         else:
             fsync_dir(directory, step=step)
+
+    def _make_durable(self) -> None:
+        """Before a commit: with a sync group, one syncfs for what the steps wrote since the last (their
+        fsyncs were deferred to it) and for the folders to sync (the inbox, outbox and state dir share a
+        filesystem, checked at the start); without, the folders to sync one by one."""
+        if self.sync_group is not None:
+            if self.sync_group.sync(anyway=bool(self._dirs_to_sync)):
+                self._dirs_to_sync.clear()
+            return
+        self._sync_dirs()
 
     def _sync_dirs(self) -> None:
         while self._dirs_to_sync:
