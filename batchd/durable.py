@@ -251,6 +251,40 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, s
         sync(src.parent, step=step)
 
 
+def link_first(src: Path, dst: Path, *, step: str | None = None) -> bool:
+    """The first half of a move made for many files together (a tick's claims): give ``src``'s file the
+    extra name ``dst``. True if it now has both (or a move killed between link and unlink left them);
+    False if it was not linked, for whatever reason (gone, a folder, no hard links here, a full
+    directory): :func:`durable_move` then moves it as usual and meets the error, if any, itself.
+
+    Once the new names are durable (one sync of their folders, or of the filesystem, for all),
+    :func:`unlink_old` removes each old one: at no instant is a file in neither place."""
+    try:
+        src_stat = os.lstat(src)
+        if stat.S_ISDIR(src_stat.st_mode):
+            return False
+        fs.fault_point(step, dst)
+        return _link_no_replace(src, dst, src_stat)
+    except OSError:
+        return False
+
+
+def unlink_old(src: Path, dst: Path, *, step: str | None = None, sync: DirSync = fsync_dir) -> None:
+    """The second half (see :func:`link_first`), once ``dst`` is durable: remove ``src`` if it is still
+    the same file (one dropped in its place meanwhile is a new file, left where it is), its folder synced
+    by ``sync``."""
+    try:
+        if not _same_file(os.lstat(dst), src):
+            return
+        os.unlink(src)
+    except FileNotFoundError:
+        return  # removed by someone else meanwhile: the file is at dst, which is all the move promises
+    except OSError as exc:
+        fs.unwritable_is_fatal(step, exc, src)
+        raise
+    sync(src.parent, step=step)
+
+
 def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:
     """``directory/STEM+SUFFIX``, then ``STEM-2+SUFFIX``, ``STEM-3+SUFFIX``, … without end."""
     yield directory / f"{stem}{suffix}"

@@ -17,7 +17,9 @@ from batchd.durable import (
     atomic_write_json,
     check_same_filesystem,
     durable_move,
+    link_first,
     numbered_paths,
+    unlink_old,
     write_temp,
 )
 from batchd.outbox import JobFolder, JsonObjectWriter, choose_folder
@@ -158,6 +160,34 @@ def test_durable_move_reports_cross_device_clearly(tmp_path, monkeypatch):
     with pytest.raises(CrossDeviceError, match="different filesystems"):
         durable_move(src, tmp_path / "dst")
     assert src.exists()
+
+
+def test_a_move_in_two_halves_links_first_and_removes_the_old_name_only_if_it_is_still_the_file(tmp_path):
+    """A tick's claims: every file linked into its spool, the new names synced together, then each old name
+    removed; a file dropped in the old name's place meanwhile is a new file, and stays."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "spool").mkdir()
+    moved, replaced, gone = (tmp_path / "inbox" / name for name in ("a.toml", "b.toml", "c.toml"))
+    for path in (moved, replaced, gone):
+        path.write_text(path.name)
+    synced: list[Path] = []
+
+    def sync(directory: Path, *, step: str | None = None) -> None:
+        synced.append(directory)
+
+    assert all(link_first(path, tmp_path / "spool" / path.name, step="claim") for path in (moved, replaced, gone))
+    assert link_first(moved, tmp_path / "spool" / "a.toml")  # killed between the halves: linked already
+    assert not link_first(tmp_path / "inbox" / "none.toml", tmp_path / "spool" / "none.toml")
+    assert not link_first(tmp_path / "spool", tmp_path / "inbox" / "folder")  # a folder is renamed instead
+    (tmp_path / "other").write_text("dropped again")
+    os.replace(tmp_path / "other", replaced)
+    gone.unlink()
+    for path in (moved, replaced, gone):
+        unlink_old(path, tmp_path / "spool" / path.name, step="claim", sync=sync)
+    assert names(tmp_path / "inbox") == ["b.toml"] and replaced.read_text() == "dropped again"
+    assert names(tmp_path / "spool") == ["a.toml", "b.toml", "c.toml"]
+    assert (tmp_path / "spool" / "b.toml").read_text() == "b.toml"
+    assert synced == [tmp_path / "inbox"]  # the one old name removed
 
 
 def test_check_same_filesystem(tmp_path):
