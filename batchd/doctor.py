@@ -44,6 +44,7 @@ def run_checks(load_settings: Callable, *, inotify_dir: Path = INOTIFY_DIR) -> l
     checks.append(check_plugins(settings))
     checks.extend(check_folders(settings))
     checks.append(check_free_space(settings))
+    checks.append(check_syncing(settings))
     checks.append(check_inotify(inotify_dir))
     checks.append(check_daemon(settings))
     checks.append(check_journal(settings))
@@ -115,6 +116,21 @@ def check_free_space(settings) -> Check:
         return Check("free space", "warn", f"{detail}: close to the floor below which no manifest is claimed",
                      "free some space on that disk before it fills up")
     return Check("free space", "ok", detail)
+
+
+def check_syncing(settings) -> Check:
+    """How the steps' files are made durable: together (one syncfs before each journal commit) or an fsync
+    each; where group_sync is asked for and this system's syncfs cannot stand for fsyncs, the reason."""
+    from batchd.fs import SYNCFS_REPORTS_ERRORS, SyncGroup
+
+    if not settings.group_sync:
+        return Check("syncing", "ok", "group_sync = false: every file and folder a step writes is fsynced alone")
+    if not SyncGroup.available():
+        version = ".".join(map(str, SYNCFS_REPORTS_ERRORS))
+        return Check("syncing", "ok", f"group_sync is on, but this system's syncfs does not report write errors "
+                                      f"(it does on Linux {version} and later): every file is fsynced alone")
+    return Check("syncing", "ok", "the files the steps write are made durable together: one syncfs of the state "
+                                  "dir's filesystem before each journal commit (group_sync)")
 
 
 def _inotify_instances_in_use() -> int | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd import service
+from batchd import fs, service
 from batchd.emulator.server import EmulatorServer
 from batchd.testing import DaemonRunner, Workspace
 from conftest import REPO
@@ -152,6 +152,14 @@ def test_doctor_passes_a_working_emulator_setup(workspace: Workspace):
     text = workspace.batchd("doctor")
     assert text.returncode == 0 and "provider emulator" in text.stdout
     assert checks["journal"]["status"] == "ok" and "none yet" in checks["journal"]["detail"]
+
+
+def test_doctor_says_how_the_files_the_steps_write_are_made_durable(workspace: Workspace):
+    _, checks = doctor(workspace)
+    together = "one syncfs of the state dir's filesystem before each journal commit"
+    assert (together in checks["syncing"]["detail"]) == fs.SyncGroup.available(), checks["syncing"]
+    _, checks = doctor(workspace, BATCHD_GROUP_SYNC="false")
+    assert checks["syncing"]["status"] == "ok" and "fsynced alone" in checks["syncing"]["detail"]
 
 
 def test_doctor_reads_the_journal_through_beside_a_running_daemon(workspace: Workspace, daemon: DaemonRunner):
