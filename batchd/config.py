@@ -323,7 +323,8 @@ class Settings(BaseSettings):
                           " one syncfs of the state dir's filesystem before the journal commit that records them,"
                           " instead of an fsync each (a small job's took a dozen). It also writes what other"
                           " programs left unwritten on that filesystem: false for one shared with heavy writers."
-                          " Linux 5.8 and later; elsewhere an fsync each.")
+                          " On ext4, xfs, btrfs, f2fs or tmpfs under Linux 5.8 and later; elsewhere an fsync each"
+                          " (batchd doctor says which).")
     chunk_max_requests: int = Field(50_000, ge=1, description="Requests per remote batch job at most.")
     chunk_max_bytes: int = Field(
         200 * 1024 * 1024, ge=1, description="Size of one batch's JSONL input at most."

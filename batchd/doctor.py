@@ -121,14 +121,13 @@ def check_free_space(settings) -> Check:
 def check_syncing(settings) -> Check:
     """How the steps' files are made durable: together (one syncfs before each journal commit) or an fsync
     each; where group_sync is asked for and this system's syncfs cannot stand for fsyncs, the reason."""
-    from batchd.fs import SYNCFS_REPORTS_ERRORS, SyncGroup
+    from batchd.fs import SyncGroup
 
     if not settings.group_sync:
         return Check("syncing", "ok", "group_sync = false: every file and folder a step writes is fsynced alone")
-    if not SyncGroup.available():
-        version = ".".join(map(str, SYNCFS_REPORTS_ERRORS))
-        return Check("syncing", "ok", f"group_sync is on, but this system's syncfs does not report write errors "
-                                      f"(it does on Linux {version} and later): every file is fsynced alone")
+    why_not = SyncGroup.unavailable_because(_existing_ancestor(settings.state_dir))
+    if why_not is not None:
+        return Check("syncing", "ok", f"group_sync is on, but {why_not}: every file a step writes is fsynced alone")
     return Check("syncing", "ok", "the files the steps write are made durable together: one syncfs of the state "
                                   "dir's filesystem before each journal commit (group_sync)")
 

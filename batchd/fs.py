@@ -38,6 +38,7 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -188,6 +189,9 @@ def fsync(fd: int, path: Path | str, step: str | None = None, *, deferrable: boo
 
 #: (major, minor) of the first Linux whose syncfs(2) reports writeback errors (before, it says nothing).
 SYNCFS_REPORTS_ERRORS = (5, 8)
+#: Filesystems whose syncfs writes every file and folder of the filesystem and waits for it (local ones whose
+#: sync_fs batchd relies on); on others (FUSE, network and stacked filesystems) each file is fsynced alone.
+SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
 #: Device → the open sync groups of the filesystem on it (one per daemon running in this process).
 _groups_by_device: dict[int, tuple[SyncGroup, ...]] = {}
 _groups_lock = threading.Lock()
@@ -220,15 +224,28 @@ class SyncGroup:
         self.syncs = 0
 
     @staticmethod
-    def available() -> bool:
-        """Whether this system has a syncfs that reports errors (Linux 5.8 and later)."""
+    def unavailable_because(path: Path | str) -> str | None:
+        """Why the files written under ``path`` cannot be synced together here, None if they can: a Linux
+        of 5.8 or later (syncfs reports write errors) and a filesystem of :data:`SYNCFS_FILESYSTEMS`."""
         if not sys.platform.startswith("linux") or not hasattr(_libc(), "syncfs"):
-            return False
+            return "this system has no syncfs"
+        release = os.uname().release
         try:
-            release = tuple(int(part) for part in os.uname().release.split(".")[:2])
+            version = tuple(int(part) for part in release.split("-")[0].split(".")[:2])
         except ValueError:
-            return False
-        return release >= SYNCFS_REPORTS_ERRORS
+            version = ()
+        if version < SYNCFS_REPORTS_ERRORS:
+            return (f"the kernel ({release}) is older than Linux {'.'.join(map(str, SYNCFS_REPORTS_ERRORS))}, whose "
+                    f"syncfs reports write errors")
+        kind = filesystem_type(path)
+        if kind not in SYNCFS_FILESYSTEMS:
+            return (f"{path} is on a filesystem of type {kind or 'unknown'}, not one whose syncfs batchd relies on "
+                    f"({', '.join(sorted(SYNCFS_FILESYSTEMS))})")
+        return None
+
+    @classmethod
+    def available(cls, path: Path | str) -> bool:
+        return cls.unavailable_because(path) is None
 
     def open(self) -> SyncGroup:
         """From now on the steps' fsyncs on its filesystem are noted for :meth:`sync`."""
@@ -282,6 +299,31 @@ class SyncGroup:
         self._synced = noted
         self.syncs += 1
         return True
+
+
+def filesystem_type(path: Path | str) -> str | None:
+    """The type of the filesystem ``path`` is on (``ext4``, ``tmpfs``, ``fuse.sshfs`` …), from
+    /proc/self/mountinfo: the mount of its device, else the longest mount point above it; None if unknown."""
+    try:
+        device = os.stat(path).st_dev
+        mounts = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+        resolved = os.path.realpath(path)
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    longest, kind = -1, None
+    for line in mounts:
+        fields, _, after = line.partition(" - ")
+        fields, after = fields.split(), after.split()
+        if len(fields) < 5 or not after:
+            continue
+        if fields[2] == wanted:
+            return after[0]
+        # Octal escapes (a space is \040) as the kernel writes mount points.
+        point = re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape[1], 8)), fields[4])
+        if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(point) > longest:
+            longest, kind = len(point), after[0]
+    return kind
 
 
 def _deferred_to(fd: int) -> tuple[SyncGroup, ...]:

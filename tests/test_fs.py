@@ -92,7 +92,7 @@ def test_disk_backoff_doubles_up_to_its_maximum_and_resets_on_success():
 
 # -- syncing together (fs.SyncGroup) --------------------------------------------------------------------
 
-needs_syncfs = pytest.mark.skipif(not fs.SyncGroup.available(), reason="syncfs reports errors on Linux 5.8 and later")
+needs_syncfs = pytest.mark.skipif(not fs.SyncGroup.available(tempfile.gettempdir()), reason="syncfs reports errors on Linux 5.8 and later")
 
 
 def counting_fsyncs(monkeypatch) -> list[str]:
@@ -156,6 +156,17 @@ def test_two_groups_of_one_filesystem_each_sync_what_was_written_since_their_las
         durable.atomic_write(tmp_path / "a" / "x.json", "{}", step="outbox")
         assert first.sync() and not first.sync()
         assert second.sync() and not second.sync()
+
+
+def test_the_filesystems_whose_syncfs_is_relied_on_are_told_by_their_type(tmp_path):
+    """Local filesystems whose syncfs writes every file; elsewhere (proc here stands for a FUSE or network
+    one) each file is fsynced alone, and the reason names the type."""
+    assert fs.filesystem_type("/proc") == "proc"
+    reason = fs.SyncGroup.unavailable_because("/proc")
+    assert reason is not None and "type proc" in reason and "ext4" in reason
+    if Path("/dev/shm").is_dir():
+        assert fs.filesystem_type("/dev/shm") == "tmpfs"
+    assert fs.filesystem_type(tmp_path) == fs.filesystem_type(tmp_path.parent)  # the mount, not the folder
 
 
 @needs_syncfs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -398,7 +399,7 @@ def test_rows_made_and_replaced_without_their_init_equal_those_the_dataclass_mak
         journal.close()
 
 
-@pytest.mark.skipif(not fs.SyncGroup.available(), reason="syncfs reports errors on Linux 5.8 and later")
+@pytest.mark.skipif(not fs.SyncGroup.available(tempfile.gettempdir()), reason="syncfs reports errors on Linux 5.8 and later")
 def test_a_commit_first_makes_what_the_steps_wrote_durable_with_one_syncfs(tmp_path: Path, monkeypatch):
     """Every commit, a group's or a transition's alone, is preceded by one syncfs when a step deferred an
     fsync since the last or a folder is to be synced (the syncfs stands for both: one filesystem)."""

@@ -157,7 +157,7 @@ def test_doctor_passes_a_working_emulator_setup(workspace: Workspace):
 def test_doctor_says_how_the_files_the_steps_write_are_made_durable(workspace: Workspace):
     _, checks = doctor(workspace)
     together = "one syncfs of the state dir's filesystem before each journal commit"
-    assert (together in checks["syncing"]["detail"]) == fs.SyncGroup.available(), checks["syncing"]
+    assert (together in checks["syncing"]["detail"]) == fs.SyncGroup.available(workspace.root), checks["syncing"]
     _, checks = doctor(workspace, BATCHD_GROUP_SYNC="false")
     assert checks["syncing"]["status"] == "ok" and "fsynced alone" in checks["syncing"]["detail"]
 

@@ -184,8 +184,12 @@ class Daemon:
         for name in durable.remove_left_temps(s.state_dir):
             log.info("removed %s, left in the state dir by a writer that was stopped mid-write", name)
         self._start_emulator()  # (if not spawned yet) it boots while the journal is opened and recovery done
-        if s.group_sync and fs.SyncGroup.available():
-            self.ctx.sync_group = fs.SyncGroup(s.state_dir).open()
+        if s.group_sync:
+            why_not = fs.SyncGroup.unavailable_because(s.state_dir)
+            if why_not is None:
+                self.ctx.sync_group = fs.SyncGroup(s.state_dir).open()
+            else:
+                log.info("group_sync: %s; every file a step writes is fsynced alone", why_not)
         journal = self.ctx.journal = Journal(journal_path(s.state_dir), while_locked=self._while_journal_locked,
                                              sync_group=self.ctx.sync_group)
         self.events = EventDispatcher(self.plugin_manager, journal, lambda: self.settings, wake=self.inbox.wake)
