@@ -123,6 +123,8 @@ class Entry:
     inode: int
     size: int
     mtime_ns: int
+    #: Its owner's uid.
+    owner: int
 
 
 def read_entry(path: Path, limit: int) -> Entry:
@@ -148,7 +150,7 @@ def read_entry(path: Path, limit: int) -> Entry:
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
             left -= len(chunk)
-        return Entry(b"".join(chunks), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return Entry(b"".join(chunks), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid)
     finally:
         os.close(fd)
 

@@ -771,8 +771,8 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
     """The inbox made so batchd's user may not move files out of it while batchd runs: claims wait, said once,
     and go on once it may. A shared drop folder (mode 1777, another owner) where another user dropped a file:
     only its owner may move it, so its job is rejected saying so, the file left in place and not taken again
-    at each rescan, while batchd's own drops are delivered; another user's stale temp file is left too. Before, each raised PermissionError out of the
-    loop: a dead daemon, again at every restart."""
+    at each rescan nor after a restart, while batchd's own drops are delivered; another user's stale temp file is
+    left too. Before, each raised PermissionError out of the loop: a dead daemon, again at every restart."""
     import shutil
 
     workspace, prefix = _nobody_workspace()
@@ -809,5 +809,14 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
         summary = workspace.delivered()["foreign"]
         assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
         assert foreign.exists() and stale.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
+
+        # A restart leaves it as the last run did: no second rejection (folder, event) for the same file.
+        process, log = _run_as_nobody(workspace, prefix)
+        try:
+            time.sleep(1.5)  # the start's scan and rescans
+        finally:
+            said = _stopped(process, log)
+        assert "foreign.toml cannot be moved" not in said, said[-3000:]
+        assert foreign.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
     finally:
         shutil.rmtree(workspace.root, ignore_errors=True)

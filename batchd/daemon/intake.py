@@ -94,8 +94,8 @@ class Intake:
         self._inbox_access = FolderAccess("move files out of the inbox", "nothing is claimed")
         #: Files batchd's user may not move out of the inbox (another user's, in a folder with the sticky bit,
         #: as a shared drop folder has), by (name, size, mtime), oldest first: each was rejected once and is
-        #: left alone (up to UNMOVABLE_KEPT: past that the oldest is forgotten, and rejected again if it is
-        #: still there).
+        #: left alone (up to UNMOVABLE_KEPT: past that the oldest is forgotten, and found again in the journal,
+        #: as after a restart: :meth:`_rejected_as_unmovable_before`).
         self._unmovable: dict[tuple[str, int, int], None] = {}
 
     # -- at start -------------------------------------------------------------------------------
@@ -209,6 +209,8 @@ class Intake:
                 continue
             if (entry.size, entry.mtime_ns) != (candidate.size, candidate.mtime_ns):
                 left = True  # written to since the listing that found it settled: it settles again
+                continue
+            if self._rejected_as_unmovable_before(path, entry):
                 continue
             try:
                 # The document is checked here, its input rows by the first pass that reads them, in a
@@ -456,7 +458,7 @@ class Intake:
     def _not_movable(self, job_id: str, source: str, path: Path, error: PermissionError) -> None:
         """A claimed file batchd's user may not move out of the inbox (the inbox itself is writable: another
         user's file in a folder with the sticky bit): its job is rejected, saying so, and the file is left
-        where it is, never claimed again while it is unchanged."""
+        where it is, never claimed again while it is unchanged (after a restart too)."""
         log.warning("%s cannot be moved out of the inbox by batchd's user (%s); rejected, and left there",
                     source, error.strerror or error)
         self._remember_unmovable(path)
@@ -466,6 +468,24 @@ class Intake:
             "message": f"{source} cannot be moved out of the inbox by batchd's user ({error.strerror or error}): "
                        f"the inbox has the sticky bit and the file is another user's. It is left there; drop it "
                        f"again as batchd's user, or let the inbox's owner or batchd's user own it"})
+
+    def _rejected_as_unmovable_before(self, path: Path, entry: Entry) -> bool:
+        """Whether ``entry`` is another user's file in a sticky inbox that an earlier run rejected as not movable,
+        unchanged since: left alone, as that run left it (a restart would reject it once more, another folder and
+        another ``rejected`` event for the same file). Looked up only for such a file."""
+        euid = os.geteuid()
+        if entry.owner == euid or euid == 0:
+            return False
+        try:
+            inbox = os.stat(self.ctx.settings.inbox)
+        except OSError:
+            return False
+        if not inbox.st_mode & stat.S_ISVTX or inbox.st_uid == euid:
+            return False  # batchd's user may move it: it is claimed as any file
+        if not self.ctx.journal.rejected_as_unmovable(path.name, hashlib.sha256(entry.content).hexdigest()):
+            return False
+        self._remember_unmovable(path)
+        return True
 
     def _remember_unmovable(self, path: Path) -> None:
         with contextlib.suppress(OSError):

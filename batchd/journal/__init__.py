@@ -296,6 +296,14 @@ class Journal(NotificationQueue):
         ).fetchone()
         return job_from_row(row) if row else None
 
+    def rejected_as_unmovable(self, source: str, manifest_sha256: str) -> bool:
+        """Whether the manifest ``source`` with these bytes was rejected already because batchd's user may not
+        move it out of the inbox (batchd.daemon.intake, ``not_movable``)."""
+        return self._db.execute(
+            "SELECT 1 FROM jobs WHERE name = ? AND source = ? AND manifest_sha256 = ?"
+            " AND json_extract(error, '$.code') = 'not_movable' LIMIT 1",
+            (Path(source).stem, source, manifest_sha256)).fetchone() is not None
+
     def find_jobs(self, ref: str) -> list[Job]:
         """Jobs named ``ref`` (the manifest stem) or with id ``ref``, newest last."""
         rows = self._db.execute(
