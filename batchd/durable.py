@@ -269,20 +269,26 @@ def link_first(src: Path, dst: Path, *, step: str | None = None) -> bool:
         return False
 
 
-def unlink_old(src: Path, dst: Path, *, step: str | None = None, sync: DirSync = fsync_dir) -> None:
+def unlink_old(src: Path, dst: Path, *, step: str | None = None, sync: DirSync = fsync_dir) -> bool:
     """The second half (see :func:`link_first`), once ``dst`` is durable: remove ``src`` if it is still
     the same file (one dropped in its place meanwhile is a new file, left where it is), its folder synced
-    by ``sync``."""
+    by ``sync``. Whether the file is at ``dst``: False if the new name was removed meanwhile (``src``,
+    if still there, is left, so the file is never in neither place)."""
     try:
-        if not _same_file(os.lstat(dst), src):
-            return
+        dst_stat = os.lstat(dst)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _same_file(dst_stat, src):
+            return True
         os.unlink(src)
     except FileNotFoundError:
-        return  # removed by someone else meanwhile: the file is at dst, which is all the move promises
+        return True  # removed by someone else meanwhile: the file is at dst, which is all the move promises
     except OSError as exc:
         fs.unwritable_is_fatal(step, exc, src)
         raise
     sync(src.parent, step=step)
+    return True
 
 
 def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:

@@ -166,7 +166,8 @@ def test_the_filesystems_whose_syncfs_is_relied_on_are_told_by_their_type(tmp_pa
     assert reason is not None and "type proc" in reason and "ext4" in reason
     if Path("/dev/shm").is_dir():
         assert fs.filesystem_type("/dev/shm") == "tmpfs"
-    assert fs.filesystem_type(tmp_path) == fs.filesystem_type(tmp_path.parent)  # the mount, not the folder
+    kind = fs.filesystem_type(tmp_path)
+    assert kind is not None and kind == fs.filesystem_type(tmp_path.parent)  # the mount's, not the folder's
 
 
 @needs_syncfs

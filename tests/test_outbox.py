@@ -175,16 +175,21 @@ def test_a_move_in_two_halves_links_first_and_removes_the_old_name_only_if_it_is
     def sync(directory: Path, *, step: str | None = None) -> None:
         synced.append(directory)
 
-    assert all(link_first(path, tmp_path / "spool" / path.name, step="claim") for path in (moved, replaced, gone))
+    unclaimed = tmp_path / "inbox" / "d.toml"
+    unclaimed.write_text(unclaimed.name)
+    assert all(link_first(path, tmp_path / "spool" / path.name, step="claim")
+               for path in (moved, replaced, gone, unclaimed))
     assert link_first(moved, tmp_path / "spool" / "a.toml")  # killed between the halves: linked already
     assert not link_first(tmp_path / "inbox" / "none.toml", tmp_path / "spool" / "none.toml")
     assert not link_first(tmp_path / "spool", tmp_path / "inbox" / "folder")  # a folder is renamed instead
     (tmp_path / "other").write_text("dropped again")
     os.replace(tmp_path / "other", replaced)
     gone.unlink()
+    (tmp_path / "spool" / "d.toml").unlink()  # the new name removed between the halves: the old one stays
+    assert not unlink_old(unclaimed, tmp_path / "spool" / "d.toml", step="claim", sync=sync)
     for path in (moved, replaced, gone):
-        unlink_old(path, tmp_path / "spool" / path.name, step="claim", sync=sync)
-    assert names(tmp_path / "inbox") == ["b.toml"] and replaced.read_text() == "dropped again"
+        assert unlink_old(path, tmp_path / "spool" / path.name, step="claim", sync=sync)
+    assert names(tmp_path / "inbox") == ["b.toml", "d.toml"] and replaced.read_text() == "dropped again"
     assert names(tmp_path / "spool") == ["a.toml", "b.toml", "c.toml"]
     assert (tmp_path / "spool" / "b.toml").read_text() == "b.toml"
     assert synced == [tmp_path / "inbox"]  # the one old name removed

@@ -396,8 +396,7 @@ class Intake:
         # The inbox's fsync waits for the tick's commit: one for the whole burst claimed this tick.
         try:
             if linked:
-                unlink_old(intent.path, claimed, step="claim", sync=ctx.journal.sync_before_commit)
-                moved = True
+                moved = unlink_old(intent.path, claimed, step="claim", sync=ctx.journal.sync_before_commit)
             else:
                 moved = claim(intent.path, claimed, sync=ctx.journal.sync_before_commit)
         except PermissionError as error:
