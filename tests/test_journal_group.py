@@ -302,9 +302,10 @@ def test_the_writer_keeps_a_job_as_its_own_update_left_it_and_reads_the_same_as_
         reader.close()
 
 
-def test_the_writer_keeps_a_jobs_chunks_until_it_writes_one_and_forgets_them_on_a_rollback(journal: Journal):
-    """chunks, chunk and chunk_totals answer from memory what the writer read before; a write of any of
-    the job's chunks, or any rollback, makes the next read go to the database."""
+def test_the_writer_keeps_a_jobs_chunks_as_it_writes_them_and_forgets_them_on_a_rollback(journal: Journal):
+    """chunks, chunk, built_chunks and chunk_totals answer from memory what the writer read before, and
+    what its writes of the job's chunks made of it; a chunk added, a write of several jobs' chunks at
+    once, or any rollback makes the next read go to the database."""
     statements: list[str] = []
     journal._db.set_trace_callback(statements.append)
 
@@ -319,10 +320,11 @@ def test_the_writer_keeps_a_jobs_chunks_until_it_writes_one_and_forgets_them_on_
                                 "byte_size": 10})
     assert [c.state for c in journal.chunks("a")] == ["built", "built"] and reads() == 1
     journal.update_chunk("a", 1, state="submitting")
-    assert journal.chunk("a", 1).state == "submitting" and reads() == 1, "a write drops what was kept"
+    assert journal.chunk("a", 1).state == "submitting" and reads() == 0, "a write updates what was kept"
+    assert [c.idx for c in journal.built_chunks("a", 5)] == [0] and reads() == 0
     for _ in range(2):
         journal.chunks("a").clear()  # a caller's list is its own, read or kept
-    assert len(journal.chunks("a")) == 2 and reads() == 1
+    assert len(journal.chunks("a")) == 2 and reads() == 0
     assert journal.chunk("a", 1).state == "submitting" and journal.chunk("a", 5) is None
     assert journal.chunk_totals("a") == {"chunks": 2, "requests": 6, "built": 1, "submitting": 1}
     assert reads() == 0, "answered from memory"
@@ -371,7 +373,47 @@ def test_the_chunks_the_writer_keeps_are_bounded_in_all(journal: Journal, monkey
         assert kept_count() == kept.chunk_count <= 5
         assert (kept.chunks(f"j{n}") is not None) is (count <= 3)
     journal.update_chunk("j5", 0, state="submitting")
-    assert kept.chunks("j5") is None and kept.chunk_count == kept_count()
+    assert kept.chunks("j5")[0].state == "submitting" and kept.chunk_count == kept_count() <= 5
+
+
+def test_a_chunk_the_writer_wrote_is_kept_as_a_read_returns_it(journal: Journal, monkeypatch):
+    """After an UPDATE of a chunk through the writer, the job's kept chunks are what a read returns: JSON
+    columns decoded (secrets masked as stored), the flag a bool, the state a plain string; a move the
+    tables forbid keeps nothing of it."""
+    import batchd.logs
+
+    monkeypatch.setattr(batchd.logs, "_secrets", {"AIzaSyA0123456789abcdefghijklmnopqrstuvw"})
+    add(journal, "a")
+    for idx in range(2):
+        journal.add_chunk("a", {"idx": idx, "display_name": f"a-c{idx}", "mode": "inline", "request_count": 1,
+                                "byte_size": 1})
+    journal.chunks("a")
+    reader = Journal(journal.path, readonly=True)
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    try:
+        updates = [
+            {"state": "submitting", "intent_at": 3.5},
+            {"state": "running", "remote_name": "batches/1", "remote_state": "JOB_STATE_PENDING",
+             "stats": {"total": 1, "note": "key AIzaSyA0123456789abcdefghijklmnopqrstuvw"}},
+            {"cancel_sent": 1},
+            {"state": "fetched", "remote_state": "JOB_STATE_FAILED", "stats": None,
+             "error": {"message": "key AIzaSyA0123456789abcdefghijklmnopqrstuvw", "n": (1, 2)}},
+        ]
+        for fields in updates:
+            journal.update_chunk("a", 1, **fields)
+            statements.clear()
+            kept = journal.chunks("a")
+            assert not [s for s in statements if s.startswith("SELECT")], "answered from memory"
+            assert kept == reader.chunks("a")
+            assert type(kept[1].state) is str and type(kept[1].cancel_sent) is bool
+        assert "AIza" not in str(kept[1].error) and kept[1].error["n"] == [1, 2] and kept[1].stats == {}
+        with pytest.raises(IllegalMove):
+            journal.update_chunk("a", 0, state="fetched")  # built → fetched: refused, nothing kept of it
+        assert journal.chunks("a") == reader.chunks("a") and journal.chunk("a", 0).state == "built"
+    finally:
+        journal._db.set_trace_callback(None)
+        reader.close()
 
 
 def test_rows_made_and_replaced_without_their_init_equal_those_the_dataclass_makes(tmp_path):

@@ -106,12 +106,13 @@ from typing import Any, Callable, Iterable
 
 from batchd import fs
 from batchd.journal.notifications import NotificationQueue
+from batchd.journal import kept as kept_rows
 from batchd.journal.kept import KeptRows
 from batchd.journal.retention import forget_finished
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
 from batchd.journal.transactions import JournalLocked, JournalUnreadable
-from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, job_from_row, job_values, new_job_id,
-                                 replace_row)
+from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, chunk_values, job_from_row, job_values,
+                                 new_job_id, replace_row)
 from batchd.logs import redact, redacted_json
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
@@ -336,30 +337,37 @@ class Journal(NotificationQueue):
         return bool(inserted)
 
     def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
-        self.kept_rows.forget_chunks(job_id)
         with self.transaction(one_write=not events) as db:
             self._update_chunk(db, job_id, idx, **fields)
             self._add_events(db, events)
         self.on_change(job_id)
 
-    @staticmethod
-    def _update_chunk(db: sqlite3.Connection, job_id: str, idx: int, **fields: Any) -> None:
+    def _update_chunk(self, db: sqlite3.Connection, job_id: str, idx: int, **fields: Any) -> None:
+        kept = self.kept_rows.chunks(job_id)
+        self.kept_rows.forget_chunks(job_id)
         for name in ("stats", "error"):
             if name in fields and fields[name] is not None:
                 fields[name] = redacted_json(fields[name])
         columns = ", ".join(f"{name} = ?" for name in fields)
         if "state" not in fields:
-            db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?", (*fields.values(), job_id, idx))
-            return
-        # Checked as a job's move is (see _update_job).
-        sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
-        updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
-                             f" AND state IN ({', '.join('?' * len(sources))})",
-                             (*fields.values(), job_id, idx, *sources)).rowcount
-        if not updated:
-            row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
-            if row is not None:
-                check_chunk_move(row[0], fields["state"])
+            updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?",
+                                 (*fields.values(), job_id, idx)).rowcount
+        else:
+            # Checked as a job's move is (see _update_job).
+            sources = CHUNK_SOURCES.get(fields["state"], (fields["state"],))
+            updated = db.execute(f"UPDATE chunks SET {columns} WHERE job_id = ? AND idx = ?"
+                                 f" AND state IN ({', '.join('?' * len(sources))})",
+                                 (*fields.values(), job_id, idx, *sources)).rowcount
+            if not updated:
+                row = db.execute("SELECT state FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
+                if row is not None:
+                    check_chunk_move(row[0], fields["state"])
+        if updated and kept is not None:
+            # The job's chunks as a read would now return them, as a job's row is kept (_update_job): the
+            # loop reads them again right after (counts for an event, the next step's chunks).
+            changed = chunk_values(fields)
+            self.kept_rows.keep_chunks(job_id, [replace_row(chunk, **changed) if chunk.idx == idx else chunk
+                                                for chunk in kept])
 
     def resubmit_chunk(self, chunk: Chunk, display_name: str, *, events: Iterable[dict] = ()) -> None:
         """An expired chunk back to ``built`` under its next display name, to be submitted again.
@@ -385,7 +393,7 @@ class Journal(NotificationQueue):
         """Seal a pack: its job and chunk rows (``built``), each member chunk ``built → packed`` and each
         member job ``built → submitted``, in one transaction (its requests file is already durable)."""
         now = time.time()
-        self.kept_rows.forget_chunks(pack_id, *(member.job_id for member in members))
+        self.kept_rows.forget_chunks(pack_id)  # (its members' kept chunks are updated with their rows)
         with self.transaction() as db:
             db.execute("INSERT INTO jobs (id, name, source, state, model, kind, pack, created_at, updated_at)"
                        " VALUES (?, ?, '', ?, ?, 'generate', 1, ?, ?)", (pack_id, name, JobState.BUILT, model, now, now))
@@ -414,15 +422,36 @@ class Journal(NotificationQueue):
         self.kept_rows.keep_chunks(job_id, chunks)
         return list(chunks)
 
+    def _kept_chunks(self, job_id: str) -> list[Chunk] | None:
+        """The job's chunks as kept (not to be handed out: callers copy), read whole and kept first when the
+        job has few; None for a job of many, or in a reader. Asked for by the reads of some of a job's
+        chunks (its totals, its next built ones, one of them): a small job's next reads are then answered
+        from memory, where each asked the database again."""
+        kept = self.kept_rows.chunks(job_id)
+        if kept is not None or not self.kept_rows.keeps or self.kept_rows.is_large(job_id):
+            return kept
+        most = kept_rows.KEPT_CHUNKS_PER_JOB
+        rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? ORDER BY idx LIMIT ?",
+                                (job_id, most + 1)).fetchall()
+        if len(rows) > most:
+            self.kept_rows.note_large(job_id)
+            return None
+        chunks = [chunk_from_row(row) for row in rows]
+        self.kept_rows.keep_chunks(job_id, chunks)
+        return chunks
+
     def built_chunks(self, job_id: str, limit: int) -> list[Chunk]:
         """The job's first ``limit`` chunks waiting to be submitted: a job of many chunks is not read
         whole on every visit while only a few of them can go out."""
+        kept = self._kept_chunks(job_id)
+        if kept is not None:
+            return [chunk for chunk in kept if chunk.state == ChunkState.BUILT][:limit]
         rows = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND state = ? ORDER BY idx LIMIT ?",
                                 (job_id, ChunkState.BUILT, limit))
         return [chunk_from_row(row) for row in rows]
 
     def chunk(self, job_id: str, idx: int) -> Chunk | None:
-        kept = self.kept_rows.chunks(job_id)
+        kept = self._kept_chunks(job_id)
         if kept is not None:
             return next((chunk for chunk in kept if chunk.idx == idx), None)
         row = self._db.execute("SELECT * FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx)).fetchone()
@@ -437,7 +466,7 @@ class Journal(NotificationQueue):
     def chunk_totals(self, job_id: str) -> dict[str, int]:
         """How many chunks the job has, in each state (``chunks``: all, ``requests``: their requests)."""
         totals = {"chunks": 0, "requests": 0}
-        kept = self.kept_rows.chunks(job_id)
+        kept = self._kept_chunks(job_id)
         if kept is not None:
             for chunk in kept:
                 totals[chunk.state] = totals.get(chunk.state, 0) + 1

@@ -7,8 +7,9 @@ many reads of the same rows from memory:
 
 * a job as last read, and as each UPDATE of its row through this connection then left it (the
   values written, as a read would return them: :func:`batchd.journal.rows.job_values`);
-* a job's chunks as last read (all of them, for jobs of at most :data:`KEPT_CHUNKS_PER_JOB`), dropped
-  by every write of one of them;
+* a job's chunks as last read (all of them, for jobs of at most :data:`KEPT_CHUNKS_PER_JOB`), and as each
+  UPDATE of one of them through this connection then left it; dropped when a chunk is added or several
+  jobs' chunks are written at once;
 * everything, after any rollback (it may undo what was read inside it).
 
 So a write rolled back costs a read, never a stale row. Both kinds are bounded (:data:`KEPT_JOBS`,
@@ -43,6 +44,13 @@ class KeptRows:
         self._chunks: dict[str, list[Chunk]] = {}
         #: The chunks kept, of all jobs.
         self.chunk_count = 0
+        #: Jobs seen with more than KEPT_CHUNKS_PER_JOB chunks: never read whole to be kept (a job's chunks
+        #: are only ever added to while it runs).
+        self._large: set[str] = set()
+
+    @property
+    def keeps(self) -> bool:
+        return self._keep
 
     def job(self, job_id: str) -> Job | None:
         self._forget_after_rollback()
@@ -67,7 +75,10 @@ class KeptRows:
 
     def keep_chunks(self, job_id: str, chunks: list[Chunk]) -> None:
         """Every chunk of the job, as read."""
-        if not self._keep or len(chunks) > KEPT_CHUNKS_PER_JOB:
+        if not self._keep:
+            return
+        if len(chunks) > KEPT_CHUNKS_PER_JOB:
+            self.note_large(job_id)
             return
         self.forget_chunks(job_id)
         if self.chunk_count + len(chunks) > KEPT_CHUNKS:
@@ -81,6 +92,16 @@ class KeptRows:
         for job_id in job_ids:
             self.chunk_count -= len(self._chunks.pop(job_id, ()))
 
+    def is_large(self, job_id: str) -> bool:
+        """Whether the job has too many chunks to be kept (as far as this writer has seen)."""
+        self._forget_after_rollback()
+        return job_id in self._large
+
+    def note_large(self, job_id: str) -> None:
+        if len(self._large) >= KEPT_JOBS:
+            self._large.clear()
+        self._large.add(job_id)
+
     def _forget_after_rollback(self) -> None:
         rollbacks = self._rollbacks()
         if rollbacks != self._seen_rollbacks:
@@ -88,3 +109,4 @@ class KeptRows:
             self._jobs.clear()
             self._chunks.clear()
             self.chunk_count = 0
+            self._large.clear()

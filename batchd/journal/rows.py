@@ -90,12 +90,22 @@ def job_from_row(row: sqlite3.Row) -> Job:
     return _made(Job, job_values(dict(row)))
 
 
+def chunk_values(stored: dict[str, Any]) -> dict[str, Any]:
+    """Columns of a chunks row as stored → as :class:`Chunk` holds them (``stored`` may hold some only)."""
+    values = dict(stored)
+    if "stats" in values:
+        values["stats"] = json.loads(values["stats"]) if values["stats"] else {}
+    if "error" in values:
+        values["error"] = json.loads(values["error"]) if values["error"] else None
+    if "cancel_sent" in values:
+        values["cancel_sent"] = bool(values["cancel_sent"])
+    if "state" in values:
+        values["state"] = str(values["state"])
+    return values
+
+
 def chunk_from_row(row: sqlite3.Row) -> Chunk:
-    data = dict(row)
-    data["stats"] = json.loads(data["stats"]) if data["stats"] else {}
-    data["error"] = json.loads(data["error"]) if data["error"] else None
-    data["cancel_sent"] = bool(data["cancel_sent"])
-    return _made(Chunk, data)
+    return _made(Chunk, chunk_values(dict(row)))
 
 
 _Row = TypeVar("_Row", Job, Chunk)
