@@ -302,3 +302,53 @@ def test_a_poll_answer_is_recorded_against_the_journal_as_it_is_when_it_comes(qu
     assert daemon.steps.fetch.busy() is not fetched_meanwhile, "a fetch for a fetched chunk, or none for a finished one"
     chunk = daemon.journal.chunks("j1")[0]
     assert (chunk.state, chunk.remote_name) == ("fetched" if fetched_meanwhile else "running", remote.name)
+
+
+def test_the_search_for_an_unconfirmed_create_reads_the_list_down_to_its_first_create_only(tmp_path):
+    """A project keeps every batch it ever ran (unless deleted): a poll looking for an unconfirmed create's
+    job reads the newest-first list down to the first create under its name, less the clock skew allowed,
+    not through every page of the project's history. A batch under that name an hour older is none of
+    its; with the watch begun that long ago, the same batch is found."""
+    import sqlite3
+
+    from batchd.daemon.monitor import CLOCK_SKEW_SECONDS, PollQuestion, read_remote
+    from batchd.provider import Provider
+    from batchd.testing import EMULATOR_API_KEY, Emulator
+
+    state = tmp_path / "google"
+    google = Emulator(state, job_seconds=0).start()
+    try:
+        client = google.client()
+        request = {"contents": [{"parts": [{"text": "one"}], "role": "user"}], "metadata": {"key": "k"}}
+        old = client.batches.create(model=MODEL, src=[request], config=types.CreateBatchJobConfig(display_name=DISPLAY_NAME))
+        for n in range(230):  # newer: it is on the list's third page
+            client.batches.create(model=MODEL, src=[request], config=types.CreateBatchJobConfig(display_name=f"other-{n}"))
+    finally:
+        google.stop()
+    # An hour back: the emulator dates a batch by its own clock, as Google does.
+    db = sqlite3.connect(state / "state.db")
+    with db:
+        for doc_id, body in db.execute("SELECT id, body FROM docs WHERE kind = 'jobs'").fetchall():
+            doc = json.loads(body)
+            doc["createTime"] -= 3600
+            db.execute("UPDATE docs SET body = ? WHERE kind = 'jobs' AND id = ?", (json.dumps(doc), doc_id))
+    db.close()
+    google = Emulator(state, job_seconds=0).start()
+    try:
+        recent = google.client().batches.create(model=MODEL, src=[request],
+                                                config=types.CreateBatchJobConfig(display_name="recent"))
+        with Provider(api_key=EMULATOR_API_KEY, base_url=google.base_url) as provider:
+            listed = [job.name for job in provider.list_jobs()]
+            assert (listed[0], listed[-1], len(listed)) == (recent.name, old.name, 232), "newest first, 3 pages"
+
+            def question(first_create: float) -> PollQuestion:
+                return PollQuestion(running=frozenset(), names=frozenset({DISPLAY_NAME}),
+                                    unconfirmed=frozenset({DISPLAY_NAME}), watching=True,
+                                    oldest=first_create - CLOCK_SKEW_SECONDS)
+
+            now = read_remote(provider, question(time.time()))
+            assert now.error is None and now.listed == [], "an hour-old batch is not this create's"
+            hour_ago = read_remote(provider, question(time.time() - 3600))
+            assert [job.name for job in hour_ago.listed] == [old.name]
+    finally:
+        google.stop()

@@ -47,8 +47,9 @@ POLL_FAILURES_SAID_SECONDS = 600.0
 #: pool's queue, at most one of each kind per remote batch (they are keyed by its name): bounded by the
 #: batches alive, not by how many webhooks or cancel requests come.
 CALLS_AT_ONCE = 4
-#: How far the service's create times may be behind this machine's clock: the stray watch reads the
-#: newest-first list down to this much before a watched name's first create.
+#: How far the service's create times may be behind this machine's clock: the stray watch and the search
+#: for an unconfirmed create's job read the newest-first list down to this much before the first create
+#: under the name (a remote job older than that is none of theirs).
 CLOCK_SKEW_SECONDS = 600.0
 
 
@@ -60,9 +61,11 @@ class PollQuestion:
     running: frozenset[str]
     #: Display names whose remote jobs are wanted too: running chunks' (strays), watched names, unconfirmed creates.
     names: frozenset[str]
-    #: Display names of unconfirmed creates: the list is then read to its end (an absence is a finding).
+    #: Display names of unconfirmed creates: the list is then read down to ``oldest`` whatever was seen
+    #: before (an absence is a finding).
     unconfirmed: frozenset[str]
-    #: Whether strays of watched names are looked for, and how far down the newest-first list (create time).
+    #: Whether strays of watched names are looked for; how far down the newest-first list (create time) a
+    #: watched name's stray or an unconfirmed create's job may be.
     watching: bool
     oldest: float
 
@@ -97,12 +100,13 @@ def read_remote(provider: Provider, question: PollQuestion) -> PollAnswer:
                 answer.listed.append(remote)
             elif remote.display_name in question.names:
                 answer.listed.append(remote)
-            # Newest first: once every running job is seen, only a watched name's stray can be further
-            # down, and none is older than the first create under its name.
-            if (not question.unconfirmed and len(seen) == len(question.running)
-                    and (not question.watching or remote.create_time is not None
+            # Newest first: once every running job is seen, only a watched name's stray or an unconfirmed
+            # create's job can be further down, and none is older than the first create under its name. (A
+            # project keeps every batch it ever ran unless deleted: read whole, it is pages of calls a poll.)
+            if (len(seen) == len(question.running)
+                    and (not (question.watching or question.unconfirmed) or remote.create_time is not None
                          and remote.create_time.timestamp() < question.oldest)):
-                break  # every job we watch is accounted for, and older pages hold no stray
+                break  # every job we look for is accounted for, and older pages hold none of them
         for name in question.running - seen:
             answer.got[name] = get_or_none(provider, name)
     except Exception as error:  # noqa: BLE001 - the loop classifies it (Monitor.collect)
@@ -229,7 +233,11 @@ class Monitor:
         running = self.chunks_in(ChunkState.RUNNING)
         unconfirmed = self._unconfirmed()
         watched = self.watched_now()
-        oldest = min((w["first_attempt_at"] for w in watched.values()), default=float("inf")) - CLOCK_SKEW_SECONDS
+        # An unconfirmed create's name is watched from its first create on (Submit.unconfirmed); its own intent
+        # counts too, and one without (recorded by an older batchd) has the whole list read.
+        firsts = [w["first_attempt_at"] for w in watched.values()]
+        firsts += [c.intent_at if c.intent_at is not None else float("-inf") for c in unconfirmed.values()]
+        oldest = min(firsts, default=float("inf")) - CLOCK_SKEW_SECONDS
         return PollQuestion(running=frozenset(c.remote_name for c in running),
                             names=frozenset({c.display_name for c in running} | watched.keys() | unconfirmed.keys()),
                             unconfirmed=frozenset(unconfirmed), watching=bool(watched), oldest=oldest)
