@@ -386,7 +386,7 @@ class Settings(BaseSettings):
         description="Delete a job's remote batches once it is delivered (a shared batch once every job in it"
                     " has its results): the outbox has the results, and the project's batch list, which every"
                     " poll reads, stays short. False leaves them with the service. A delete that fails is"
-                    " tried again while batchd runs, never at the next start.",
+                    " tried again, and those a stop or a crash left are deleted after the next start.",
     )
 
     media_inline_max_bytes: int = Field(

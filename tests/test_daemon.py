@@ -168,6 +168,39 @@ def test_a_delivered_jobs_remote_batches_are_deleted_and_a_shared_one_once_every
     assert remote_jobs(workspace) == []
 
 
+def test_remote_batches_a_killed_run_had_not_deleted_are_deleted_after_the_next_start(workspace: Workspace):
+    """A batch to delete is committed with the delivery of its work: a daemon killed (SIGKILL) while the
+    service fails its deletes leaves them in the journal, and the next start deletes them, once each."""
+    workspace.configure(delete_finished_batches=True, chunk_max_requests=3, faults=["503@delete"])
+    process = workspace.start("run")
+    try:
+        workspace.drop("translate.toml", TRANSLATE)  # 4 requests: two batches
+        workspace.wait_for(lambda: "translate" in workspace.delivered(), timeout=60, what="translate delivered")
+        workspace.wait_for(lambda: "retrying later" in process.output(), timeout=60, what="a delete failed")
+    finally:
+        process.kill()
+        process.wait(30)
+    journal = Journal(journal_path(workspace.state), readonly=True)
+    try:
+        waiting = {name for name, _ in journal.batches_to_delete()}
+    finally:
+        journal.close()
+    made = {batch["name"] for batch in workspace.delivered()["translate"]["remote_batches"]}
+    assert waiting == made and len(made) == 2
+
+    workspace.configure(delete_finished_batches=True, chunk_max_requests=3)  # the service deletes again
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(re.findall(r"deleted (batches/[^,]+), its results delivered", result.stderr)) == sorted(made)
+    assert remote_jobs(workspace) == []
+    journal = Journal(journal_path(workspace.state), readonly=True)
+    try:
+        assert journal.batches_to_delete() == []
+    finally:
+        journal.close()
+
+
 def test_the_outbox_folder_holds_the_dropped_manifest_itself_and_the_spool_keeps_no_name_of_it(workspace: Workspace):
     dropped = workspace.drop("translate.toml", TRANSLATE)
     inode = dropped.stat().st_ino

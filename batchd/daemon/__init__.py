@@ -222,6 +222,7 @@ class Daemon:
         """Finish what a crash interrupted; runs before the first new manifest is taken."""
         self.steps.intake.recover()
         self.steps.intake.take_cancel_files()
+        self.steps.uploads.recover()  # remote batches of delivered work the last run had not deleted yet
         # A start is when a receiver that refused events may have been mended: what waits out a backoff
         # goes now, each plugin's in the order the events were committed (each event's backoff differs:
         # a job's `submitted`, refused more often, would come after its `succeeded`).

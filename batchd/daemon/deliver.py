@@ -63,7 +63,8 @@ class Deliver:
         #: final event says them without reading summary.json back; after a restart it is read).
         self._announcing: dict[str, tuple[dict | None, dict | None]] = {}
         self._forget = forget  # other steps drop what they hold for a job delivered without results
-        #: Called with a delivered job's remote batch names, to delete them; the daemon plugs in Uploads'.
+        #: Called with a job's remote batch names as it is delivered, to delete them once that is committed;
+        #: the daemon plugs in Uploads'.
         self.batches_done: Callable[[list[str]], None] = lambda names: None
         self._outbox_missing_reported = False
         self._outbox_access = FolderAccess("write into the outbox", "nothing is published (finished jobs wait in "
@@ -238,7 +239,7 @@ class Deliver:
         batches = [chunk.remote_name for chunk in ctx.journal.chunks(job.id)
                    if chunk.remote_name and not chunk.packed_in]
         if batches:
-            ctx.journal.after_commit(lambda: self.batches_done(batches))
+            self.batches_done(batches)  # (committed with 'done', deleted after it)
         ctx.report.delivered(job)
         ctx.log_event(job.outcome, logging.INFO if job.outcome in ("succeeded", "cancelled") else logging.WARNING,
                       "job %s (%s): %s → %s%s", job.id, job.source, job.outcome, destination,

@@ -90,7 +90,8 @@ class Pack:
         #: Removes an ended pack's spool once that is committed; the daemon plugs in Deliver.remove_spool,
         #: which removes it in the cleanup thread rather than the loop's.
         self.remove_spool: Callable[[str], None] = lambda job_id: ctx.journal.after_commit(ctx.spool(job_id).remove)
-        #: Called with an ended pack's remote batch, to delete it; the daemon plugs in Uploads.batches_done.
+        #: Called with an ending pack's remote batch, to delete it once that is committed; the daemon plugs in
+        #: Uploads.batches_done.
         self.batches_done: Callable[[list[str]], None] = lambda names: None
 
     @property
@@ -254,7 +255,7 @@ class Pack:
                            finished_at=time.time())
         self.remove_spool(pack.id)  # its members' shares are in their own spools
         if chunk.remote_name:  # ... so nothing reads its remote batch again
-            journal.after_commit(lambda: self.batches_done([chunk.remote_name]))
+            self.batches_done([chunk.remote_name])  # (committed with 'done', deleted after it)
 
 
 def _pack_lines(members: Iterable[tuple[Chunk, JobSpool]]) -> Iterable[str]:

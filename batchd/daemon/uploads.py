@@ -8,8 +8,9 @@ has its share of the results in its spool) nothing reads its remote batch again:
 poll; the embedded emulator sorts it at each page) does not grow with every batch ever run. Deletions
 run one round at a time in a thread of their own; a round that failed is tried again after
 ``poll_max_interval``; a failed delete never fails a job (a file expires after 48 h anyway; a batch
-left over stays listed, as every batch did before). Batches to delete are kept in memory only: a
-restart leaves those not deleted yet.
+left over stays listed, as every batch did before). The batches to delete are committed with the
+transition that delivered their work (the journal's ``batches_to_delete``) and leave it once deleted,
+so a restart, or a kill at any instant, deletes those the last run had not yet.
 """
 
 from __future__ import annotations
@@ -55,19 +56,33 @@ class Uploads:
         #: Called with the hashes a deletion round took (the jobs waiting for them are visited); set by the daemon.
         self.on_media_deleted = lambda hashes: None
         #: Remote batches of delivered jobs, to delete (``delete_finished_batches``), oldest first, with when
-        #: each was handed over (monotonic).
+        #: each was handed over (monotonic): those of the journal's ``batches_to_delete`` not in a round.
         self._batches: dict[str, float] = {}
+        #: Left listed past BATCHES_WAITING: to remove from the journal at the next tidy.
+        self._dropped: list[str] = []
+
+    def recover(self) -> None:
+        """At start: the batches the last run had not deleted yet wait again (due at once, if that long ago)."""
+        if not self.ctx.settings.delete_finished_batches:
+            return  # (kept in the journal: deleted once the setting is on again)
+        now, monotonic = time.time(), time.monotonic()
+        for name, since in self.ctx.journal.batches_to_delete():
+            self._wait_for_deletion([name], monotonic - max(0.0, now - since))
 
     def batches_done(self, names: list[str]) -> None:
-        """The remote batches of a job just delivered (or a pack whose members have their results): delete
-        them, once that is committed (called from the loop, in the commit's effects)."""
-        if self.ctx.settings.delete_finished_batches:
-            self._wait_for_deletion(names)
+        """The remote batches of a job being delivered (or a pack whose members have their results): delete
+        them once that is committed (called from the loop, in the transition's transaction)."""
+        names = [name for name in names if name]
+        if self.ctx.settings.delete_finished_batches and names:
+            self.ctx.journal.add_batches_to_delete(names)
+            self.ctx.journal.after_commit(lambda: self._wait_for_deletion(names))
 
-    def _wait_for_deletion(self, names: Iterable[str]) -> None:
-        self._batches.update(dict.fromkeys((name for name in names if name), time.monotonic()))
+    def _wait_for_deletion(self, names: Iterable[str], since: float | None = None) -> None:
+        self._batches.update(dict.fromkeys(names, time.monotonic() if since is None else since))
         while len(self._batches) > BATCHES_WAITING:
-            del self._batches[next(iter(self._batches))]
+            oldest = next(iter(self._batches))
+            del self._batches[oldest]
+            self._dropped.append(oldest)
 
     def _batches_due(self) -> bool:
         """Whether to delete the waiting batches now: no job is on its way, a round's worth waits, or the
@@ -82,6 +97,11 @@ class Uploads:
         """Start deleting the request files of finished chunks, unless a round is under way or failed lately."""
         ctx = self.ctx
         self.collect()
+        if self._dropped:
+            log.warning("%d remote batches wait for their deletion already: %d older ones are left listed",
+                        len(self._batches), len(self._dropped))
+            ctx.journal.forget_batches_to_delete(self._dropped)
+            self._dropped = []
         if len(self.rounds) or not self.retry.due():
             return
         chunks = ctx.journal.uploads_to_delete()
@@ -90,7 +110,7 @@ class Uploads:
                 names = list(self._batches)[:BATCHES_PER_ROUND]
                 for name in names:
                     del self._batches[name]
-                self.rounds.start(BATCHES_ROUND, delete_batches, ctx.provider, names, ctx.stopping)
+                self.rounds.start(BATCHES_ROUND, delete_batches, ctx.provider, names, ctx.stopping, about=names)
                 return
             self._tidy_media()
             return
@@ -118,8 +138,10 @@ class Uploads:
                 outcome, again = work.future.result()
             except Exception:
                 log.exception("deleting %s failed; retrying later", _ROUND_DELETES[work.key])
-                outcome, again = {}, True
+                outcome, again = ({}, True) if work.key != BATCHES_ROUND else (work.about, True)
             if work.key == BATCHES_ROUND:
+                retried = set(outcome)
+                self.ctx.journal.forget_batches_to_delete([name for name in work.about if name not in retried])
                 self._wait_for_deletion(outcome)  # (not deleted: tried again)
             elif media:
                 self.ctx.journal.set_media(outcome)

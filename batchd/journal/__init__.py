@@ -553,6 +553,24 @@ class Journal(NotificationQueue):
         rows = self._db.execute("SELECT * FROM remote_jobs WHERE outcome = ? ORDER BY remote_name", (outcome,))
         return [dict(row) for row in rows]
 
+    def add_batches_to_delete(self, names: Iterable[str]) -> None:
+        """Remote batches whose work is delivered, to delete: committed with the transition that delivered
+        it, so a restart still deletes them (batchd/daemon/uploads.py)."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO batches_to_delete (remote_name, since) VALUES (?, ?)",
+                           [(name, now) for name in names])
+
+    def forget_batches_to_delete(self, names: Iterable[str]) -> None:
+        """Deleted (or refused for good, or left listed past the bound): no longer waiting."""
+        with self.transaction() as db:
+            db.executemany("DELETE FROM batches_to_delete WHERE remote_name = ?", [(name,) for name in names])
+
+    def batches_to_delete(self) -> list[tuple[str, float]]:
+        """The remote batches waiting for their deletion, oldest first, each with when its work was delivered."""
+        return [(row[0], row[1]) for row in
+                self._db.execute("SELECT remote_name, since FROM batches_to_delete ORDER BY since, remote_name")]
+
     def watch_name(self, job_id: str, chunk_idx: int, display_name: str, attempt_at: float) -> None:
         """Watch ``display_name`` (a create under it had an unknown outcome) from ``attempt_at`` on."""
         with self.transaction() as db:

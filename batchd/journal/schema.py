@@ -122,6 +122,14 @@ CREATE TABLE IF NOT EXISTS remote_jobs (
                                        -- accepted) | cancelled | finished (ended on its own, results unused)
 );
 
+-- Remote batches of delivered work, waiting for their deletion (delete_finished_batches): each added
+-- with the transition that delivered its work, removed once the service deleted it (or refused to),
+-- so a restart deletes what the last run had not yet. At most BATCHES_WAITING (batchd/daemon/uploads.py).
+CREATE TABLE IF NOT EXISTS batches_to_delete (
+    remote_name   TEXT PRIMARY KEY,
+    since         REAL NOT NULL        -- when its work was delivered: the oldest go first
+);
+
 -- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
 -- reached the service may show up in the list late, after its chunk was created again, fetched or
 -- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
