@@ -320,9 +320,14 @@ def test_the_search_for_an_unconfirmed_create_reads_the_list_down_to_its_first_c
     try:
         client = google.client()
         request = {"contents": [{"parts": [{"text": "one"}], "role": "user"}], "metadata": {"key": "k"}}
-        old = client.batches.create(model=MODEL, src=[request], config=types.CreateBatchJobConfig(display_name=DISPLAY_NAME))
+
+        def create(display_name: str) -> types.BatchJob:
+            return client.batches.create(model=MODEL, src=[request],
+                                         config=types.CreateBatchJobConfig(display_name=display_name))
+
+        old = create(DISPLAY_NAME)
         for n in range(230):  # newer: it is on the list's third page
-            client.batches.create(model=MODEL, src=[request], config=types.CreateBatchJobConfig(display_name=f"other-{n}"))
+            create(f"other-{n}")
     finally:
         google.stop()
     # An hour back: the emulator dates a batch by its own clock, as Google does.
