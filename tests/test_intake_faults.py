@@ -793,7 +793,12 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             workspace.inbox.chmod(0o1777)  # a shared drop folder, still root's
             workspace.wait_for(lambda: "first" in workspace.outbox_folders(), timeout=60, what="first delivered")
             foreign = workspace.drop("foreign.toml", TRANSLATE.replace("Hello", "Foreign"))  # root's file
-            workspace.wait_for(lambda: "foreign" in workspace.outbox_folders(), timeout=60, what="foreign rejected")
+            hidden = workspace.root / "hidden.toml"  # root's too, and batchd's user may not even read it
+            hidden.write_text(TRANSLATE.replace("Hello", "Hidden"))
+            hidden.chmod(0)
+            hidden = hidden.rename(workspace.inbox / "hidden.toml")
+            workspace.wait_for(lambda: {"foreign", "hidden"} <= set(workspace.outbox_folders()), timeout=60,
+                               what="foreign and hidden rejected")
             request = workspace.inbox / "ghost.cancel"  # another user's `batchd cancel`: acted on, left
             request.write_bytes(b"")
             workspace.wait_for(lambda: "ghost.cancel was acted on" in log.read_text(), what="the cancel taken")
@@ -803,20 +808,36 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             said = _stopped(process, log)
         assert said.count("may not move files out of the inbox") == 1
         assert "may move files out of the inbox" in said.split("may not move files out of")[1]  # (again)
-        assert said.count("foreign.toml cannot be moved out of the inbox by batchd's user (Operation not permitted); "
-                          "rejected, and left there") == 1  # not taken again at the rescans
+        for name in ("foreign.toml", "hidden.toml"):
+            assert said.count(f"{name} cannot be moved out of the inbox by batchd's user (Operation not permitted); "
+                              "rejected, and left there") == 1  # not taken again at the rescans
         assert said.count("ghost.cancel was acted on") == 1
-        summary = workspace.delivered()["foreign"]
-        assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
-        assert foreign.exists() and stale.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
+        for name in ("foreign", "hidden"):
+            summary = workspace.delivered()[name]
+            assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
+        assert foreign.exists() and hidden.exists() and stale.exists()
+        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden"}
 
-        # A restart leaves it as the last run did: no second rejection (folder, event) for the same file.
+        # A restart leaves them as the last run did: no second rejection (folder, event) for the same files, the
+        # one batchd's user may read known by its bytes, the other by its last change.
         process, log = _run_as_nobody(workspace, prefix)
         try:
             time.sleep(1.5)  # the start's scan and rescans
         finally:
             said = _stopped(process, log)
-        assert "foreign.toml cannot be moved" not in said, said[-3000:]
-        assert foreign.exists() and set(workspace.outbox_folders()) == {"first", "foreign"}
+        assert "foreign.toml cannot be moved" not in said and "hidden.toml cannot be moved" not in said, said[-3000:]
+        assert foreign.exists() and hidden.exists()
+        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden"}
+
+        # Changed since (its owner wrote it again): a file the last rejection was not about, rejected anew.
+        time.sleep(0.05)
+        hidden.chmod(0o600)  # (a change of its mode is a change: its ctime moves)
+        process, log = _run_as_nobody(workspace, prefix)
+        try:
+            workspace.wait_for(lambda: "hidden-2" in workspace.outbox_folders(), timeout=60, what="hidden rejected anew")
+        finally:
+            said = _stopped(process, log)
+        assert said.count("hidden.toml cannot be moved out of the inbox by batchd's user (Operation not permitted); "
+                          "rejected, and left there") == 1 and "foreign.toml cannot be moved" not in said
     finally:
         shutil.rmtree(workspace.root, ignore_errors=True)

@@ -201,6 +201,8 @@ class Intake:
                 claimed += 1
                 continue
             except OSError as unreadable:
+                if self._unread_rejected_as_unmovable_before(path):
+                    continue
                 # Unreadable (permissions): rejected and moved aside, or it would fail every tick and restart.
                 self._accept(path, None, intents, error={
                     "code": "unreadable", "file": path.name,
@@ -472,19 +474,45 @@ class Intake:
         """Whether ``entry`` is another user's file in a sticky inbox that an earlier run rejected as not movable,
         unchanged since: left alone, as that run left it (a restart would reject it once more, another folder and
         another ``rejected`` event for the same file). Looked up only for such a file."""
-        euid = os.geteuid()
-        if entry.owner == euid or euid == 0:
-            return False
-        try:
-            inbox = os.stat(self.ctx.settings.inbox)
-        except OSError:
-            return False
-        if not inbox.st_mode & stat.S_ISVTX or inbox.st_uid == euid:
+        if not self._foreign_in_sticky_inbox(entry.owner):
             return False  # batchd's user may move it: it is claimed as any file
         if not self.ctx.journal.rejected_as_unmovable(path.name, hashlib.sha256(entry.content).hexdigest()):
             return False
         self._remember_unmovable(path)
         return True
+
+    def _unread_rejected_as_unmovable_before(self, path: Path) -> bool:
+        """The same for such a file batchd's user may not even read (rejected unread): known by its name and its
+        last change, whose time (ctime) only the kernel sets; a file changed, or put in its place, since the
+        rejection is newer than it, and claimed again. Looked at through a descriptor that reads nothing."""
+        if not hasattr(os, "O_PATH"):
+            return False  # (not Linux: such a file is rejected again after a restart)
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or not self._foreign_in_sticky_inbox(st.st_uid):
+            return False
+        if not self.ctx.journal.rejected_as_unmovable(path.name, None, unchanged_since=st.st_ctime):
+            return False
+        self._remember_unmovable(path)
+        return True
+
+    def _foreign_in_sticky_inbox(self, owner: int) -> bool:
+        """Whether a file of ``owner`` is one batchd's user may not move out of the inbox: another user's, in an
+        inbox with the sticky bit that batchd's user does not own."""
+        euid = os.geteuid()
+        if owner == euid or euid == 0:
+            return False
+        try:
+            inbox = os.stat(self.ctx.settings.inbox)
+        except OSError:
+            return False
+        return bool(inbox.st_mode & stat.S_ISVTX) and inbox.st_uid != euid
 
     def _remember_unmovable(self, path: Path) -> None:
         with contextlib.suppress(OSError):

@@ -299,13 +299,22 @@ class Journal(RemoteRecords):
         ).fetchone()
         return job_from_row(row) if row else None
 
-    def rejected_as_unmovable(self, source: str, manifest_sha256: str) -> bool:
+    def rejected_as_unmovable(self, source: str, manifest_sha256: str | None, *,
+                              unchanged_since: float | None = None) -> bool:
         """Whether the manifest ``source`` with these bytes was rejected already because batchd's user may not
-        move it out of the inbox (batchd.daemon.intake, ``not_movable``)."""
+        move it out of the inbox (batchd.daemon.intake, ``not_movable``); ``manifest_sha256`` None: one rejected
+        unread, the rejection finished after ``unchanged_since`` (the file's last change: the claim's attempt to
+        link it may change it, where the kernel lets batchd's user link another user's file)."""
+        if manifest_sha256 is not None:
+            return self._db.execute(
+                "SELECT 1 FROM jobs WHERE name = ? AND source = ? AND manifest_sha256 = ?"
+                " AND json_extract(error, '$.code') = 'not_movable' LIMIT 1",
+                (Path(source).stem, source, manifest_sha256)).fetchone() is not None
         return self._db.execute(
-            "SELECT 1 FROM jobs WHERE name = ? AND source = ? AND manifest_sha256 = ?"
+            "SELECT 1 FROM jobs WHERE name = ? AND source = ? AND manifest_sha256 IS NULL"
+            " AND coalesce(finished_at, updated_at) >= ?"
             " AND json_extract(error, '$.code') = 'not_movable' LIMIT 1",
-            (Path(source).stem, source, manifest_sha256)).fetchone() is not None
+            (Path(source).stem, source, unchanged_since)).fetchone() is not None
 
     def find_jobs(self, ref: str) -> list[Job]:
         """Jobs named ``ref`` (the manifest stem) or with id ``ref``, newest last."""
