@@ -10,6 +10,7 @@ What outlives them:
   (:func:`batchd.journal.schema.migrate`) still counts them;
 - ``output_observed`` (what each task and model answered, which estimates price by), the request cache
   and ``media`` (shared by content, with a life of their own);
+- ``batches_to_delete``, by remote name, until each is deleted (bounded: batchd/daemon/uploads.py);
 - their outbox folders, which are the user's.
 
 Not forgotten: a job with a notification still pending for a plugin (a receiver down for days gets it
