@@ -4,13 +4,14 @@ One module per step of the data path, each owning its state and its bounded pool
 
 =========================  ==========================================================================
 :mod:`.intake`             inbox → ``claiming`` → ``received``; ``NAME.cancel`` / ``NAME.approve``
+:mod:`.claim_inputs`       the input files a manifest names, taken into its spool with the claim
 :mod:`.admit`              cost estimate and budget: → admitted, or ``held``
 :mod:`.build`              requests → chunk files: ``building`` → ``built``
 :mod:`.submit`             uploads and creates, reconciliation by display name: chunks → ``running``
 :mod:`.monitor`            polls, strays, remote cancels, expiry
 :mod:`.fetch`              results → the spool: chunks → ``fetched``
 :mod:`.deliver`            result files, summary, publish: ``fetched`` → ``publishing`` → ``done``
-:mod:`.uploads`            request files deleted once their chunk is done
+:mod:`.uploads`            request files, media and remote batches deleted once nothing needs them
 :mod:`.cancel`             what a cancel request does, state by state
 :mod:`.schedule`           the loop: job state → step, and when to sleep
 =========================  ==========================================================================
@@ -45,13 +46,14 @@ from batchd.config import ConfigError, Settings
 from batchd.costs import CostHooks
 from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
-from batchd.daemon.intake import CONTROL_SUFFIXES, MANIFEST_SUFFIXES, once_candidates
+from batchd.daemon.intake import CONTROL_SUFFIXES, once_candidates
 from batchd.daemon.schedule import Loop, Steps
 from batchd.emulator.process import EmulatorProcess
 from batchd.statedir import lock_holder, lock_path, notices_path, render_notice
 from batchd.events import EventDispatcher
 from batchd.inbox import Inbox
 from batchd.journal import Journal, JournalLocked, journal_path
+from batchd.manifest import MANIFEST_SUFFIXES
 from batchd.plugins import get_plugin_manager, task_owners, tasks_for
 from batchd.provider import Provider
 from batchd.service import ServiceManager

@@ -23,7 +23,7 @@ from batchd.costs import JobInfo, RequestStream, spend_of
 from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.costs import describe as describe_cost
 from batchd.daemon.context import Context, Turns, Work, manifest_error
-from batchd.daemon.intake import read_inputs_record
+from batchd.daemon.claim_inputs import read_inputs_record
 from batchd.inbox import UnsafeEntry, read_entry
 from batchd.journal import Job, replace_row
 from batchd.manifest import Manifest, ManifestError, load_manifest

@@ -25,7 +25,7 @@ from batchd.cache import CacheLimits
 from batchd.costs import JobInfo, spend_of, summary_cost
 from batchd.daemon.context import Context, FolderAccess, Turns, Work, is_own_file, iso
 from batchd.daemon.crashpoints import crashpoint
-from batchd.daemon.intake import read_inputs_record
+from batchd.daemon.claim_inputs import read_inputs_record
 from batchd.daemon.writer import ChunkGate, Written, finish_folder, write_results
 from batchd.journal import Chunk, Job, replace_row
 from batchd.logs import redact_data

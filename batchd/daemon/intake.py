@@ -24,25 +24,18 @@ from typing import Callable
 
 from batchd import fs
 from batchd.daemon.context import Context, FolderAccess, is_regular_file, manifest_error
+from batchd.daemon.claim_inputs import (INPUT_GONE, INPUTS_RECORD, OUTBOX_FILES, TOO_MANY, pending_manifests,
+                                        read_inputs_record, same_file, take_input)
 from batchd.daemon.crashpoints import crashpoint
 from batchd.durable import atomic_write, fsync_dir, link_first, unlink_old
-from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, entry_kind, is_temp_name,
+from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, is_temp_name,
                           read_entry, sha256_file)
 from batchd.journal import Job, new_job_id, replace_row
-from batchd.manifest import Manifest, ManifestError, is_valid_text, load_manifest
+from batchd.manifest import MANIFEST_SUFFIXES, Manifest, ManifestError, is_valid_text, load_manifest
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
 
-MANIFEST_SUFFIXES = (".toml", ".json")
-#: Files batchd writes into a job's outbox folder: an input file of the same path stays in the inbox.
-OUTBOX_FILES = frozenset({"results.jsonl", "organized.json", "summary.json", "embeddings.npy",
-                          "embeddings_index.jsonl"})
-#: In a job's spool ``inputs/``: which input files it took, from where, and whether they left the inbox.
-INPUTS_RECORD = ".batchd-inputs.json"
-#: Manifests waiting in the inbox read (their first bytes) per tick to see which input files they name.
-PENDING_READ_FILES = 1000
-PENDING_READ_BYTES = 64 * 1024
 CANCEL_SUFFIX = ".cancel"
 APPROVE_SUFFIX = ".approve"
 CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
@@ -284,7 +277,7 @@ class Intake:
                     relative = input_path.relative_to(ctx.settings.inbox.resolve()).as_posix()
                     placed = relative not in OUTBOX_FILES and relative != source
                     moved = placed and not self._named_elsewhere(input_path.name, path, intents)
-                    _take_input(input_path, copy, ctx.settings.inbox, link=moved)
+                    take_input(input_path, copy, ctx.settings.inbox, link=moved)
                     taken.append({"path": relative, "name": input_path.name, "moved": moved, "placed": placed})
                     digest.update(b"\0" + input_path.name.encode() + b"\0" + sha256_file(copy).encode())
                 if manifest is not None and manifest.input_folder is not None:
@@ -303,7 +296,7 @@ class Intake:
             if fs.is_disk_full(failure):
                 shutil.rmtree(spool.root, ignore_errors=True)  # no row yet: the manifest is taken again later
             fs.unwritable_is_fatal("claim", failure, failure.filename or spool.root)
-            if manifest is None or not (failure.errno in _INPUT_GONE or failure.errno in (errno.EACCES, errno.EPERM)
+            if manifest is None or not (failure.errno in INPUT_GONE or failure.errno in (errno.EACCES, errno.EPERM)
                                         and os.access(spool.inputs, os.W_OK)):
                 raise  # the state dir's fault (permissions of its own folder, say): not the job's
             # Removed, or made a folder or unreadable, since the manifest was checked: the job is rejected
@@ -335,8 +328,8 @@ class Intake:
         may name input file ``name`` (its text holds the name; one too big or too many to read counts
         as naming it: an input is kept rather than taken from a job that needs it)."""
         if self._pending is None:
-            self._pending = _pending_manifests(self.ctx.settings.inbox)
-        if self._pending is _TOO_MANY:
+            self._pending = pending_manifests(self.ctx.settings.inbox)
+        if self._pending is TOO_MANY:
             return True
         besides = {manifest.name, *(intent.path.name for intent in intents)}
         needle = name.encode()
@@ -353,7 +346,7 @@ class Intake:
                 continue
             left = ctx.settings.inbox / entry["path"]
             try:
-                if _same_file(left, spool.inputs / entry["name"]):
+                if same_file(left, spool.inputs / entry["name"]):
                     os.unlink(left)
                     ctx.journal.sync_before_commit(left.parent, step="claim")
             except FileNotFoundError:
@@ -443,7 +436,7 @@ class Intake:
         # A crash between the claim's link and its unlink leaves the same file in both places, and
         # claim() finishes that move. A different file under the same name arrived after the claim
         # was complete: it is a new manifest, left for intake.
-        if os.path.lexists(source) and (not os.path.lexists(claimed) or _same_file(source, claimed)):
+        if os.path.lexists(source) and (not os.path.lexists(claimed) or same_file(source, claimed)):
             try:
                 claim(source, claimed)
             except PermissionError as error:
@@ -615,117 +608,3 @@ def once_candidates(inbox: Path) -> set[str]:
     return {p.name for p in inbox.iterdir()
             if not is_temp_name(p.name)
             and (p.suffix.lower() in MANIFEST_SUFFIXES or p.suffix.lower() in CONTROL_SUFFIXES and is_regular_file(p))}
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return os.path.samestat(os.lstat(a), os.lstat(b))
-
-
-def _take_input(source: Path, destination: Path, inbox: Path, *, link: bool = True) -> None:
-    """Link (``link``, where the filesystem can) or copy an input file into the spool, never through a
-    symlink, and only a file with no other name than its inbox one: a hard link could name a file its
-    dropper may not read (raises UnsafeEntry).
-
-    ``source`` is reached from ``inbox`` one folder at a time without following a symlink (a folder on its
-    path swapped for a link to elsewhere since the manifest was checked is refused, not followed)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.unlink(missing_ok=True)
-    folder = _open_folder_beneath(inbox, source)
-    try:
-        try:
-            if not link:
-                raise OSError("a copy is wanted")
-            os.link(source.name, destination, src_dir_fd=folder, follow_symlinks=False)
-            expected_links = 2
-        except OSError:  # a copy (or a filesystem without hard links), read through a checked descriptor
-            fd = os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
-            st = os.fstat(fd)  # checked before open() wraps it: that refuses a folder with an error of its own
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                os.close(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise UnsafeEntry(source, entry_kind(st.st_mode),
-                                      f"a {entry_kind(st.st_mode)}, not a regular file") from None
-                raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink} hard links") from None
-            with open(fd, "rb") as src, open(destination, "xb") as dst:
-                shutil.copyfileobj(src, dst)
-            expected_links = 1
-    finally:
-        os.close(folder)
-    st = os.lstat(destination)
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeEntry(source, entry_kind(st.st_mode), f"a {entry_kind(st.st_mode)}, not a regular file")
-    if st.st_nlink != expected_links:
-        raise UnsafeEntry(source, "hard link", f"a file with {st.st_nlink - expected_links + 1} hard links")
-
-
-#: Errors of an input file taken at its claim that are the file's (gone, a folder, unreadable), not the state dir's.
-_INPUT_GONE = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG})
-
-_TOO_MANY = {}  # _pending_manifests: more waiting manifests than are read
-
-
-def _pending_manifests(inbox: Path) -> dict[str, bytes | None]:
-    """The first bytes of each manifest waiting in ``inbox`` (under a temp name too: one being
-    written), by file name; None for one larger than :data:`PENDING_READ_BYTES`, and
-    :data:`_TOO_MANY` past :data:`PENDING_READ_FILES` of them. Only regular files are read."""
-    found: dict[str, bytes | None] = {}
-    try:
-        names = os.listdir(inbox)
-    except OSError:
-        return _TOO_MANY
-    for name in names:
-        lowered = name.lower()
-        if not (lowered.endswith(MANIFEST_SUFFIXES) or any(f"{suffix}." in lowered for suffix in MANIFEST_SUFFIXES)):
-            continue
-        if len(found) >= PENDING_READ_FILES:
-            return _TOO_MANY
-        try:
-            fd = os.open(inbox / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            # Checked on the descriptor before a byte is read: a folder (which open() refuses), a FIFO or
-            # a hard link (whose bytes may be anyone's) names nothing; intake rejects it, or leaves it.
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                text = os.read(fd, PENDING_READ_BYTES + 1)
-                found[name] = text if len(text) <= PENDING_READ_BYTES else None
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return found
-
-
-def read_inputs_record(inputs: Path) -> list[dict]:
-    """The input files a job took (see :data:`INPUTS_RECORD`); none for a job without one."""
-    try:
-        record = json.loads((inputs / INPUTS_RECORD).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    return [entry for entry in record if isinstance(entry, dict)] if isinstance(record, list) else []
-
-
-def _open_folder_beneath(inbox: Path, source: Path) -> int:
-    """A descriptor of ``source``'s folder, opened from ``inbox`` one component at a time with
-    ``O_NOFOLLOW``: what was checked to be inside the inbox is what is reached (raises UnsafeEntry)."""
-    try:
-        parts = source.parent.relative_to(inbox.resolve()).parts
-    except ValueError:
-        raise UnsafeEntry(source, "outside", "outside the inbox") from None
-    folder = os.open(inbox.resolve(), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in parts:
-            try:
-                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
-            except OSError as error:
-                if error.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeEntry(source, "symlink", f"reached through {part!r}, which is no longer a "
-                                                         "folder of the inbox (a symlink?)") from None
-                raise
-            os.close(folder)
-            folder = inner
-    except BaseException:
-        os.close(folder)
-        raise
-    return folder
