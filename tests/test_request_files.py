@@ -477,3 +477,23 @@ def test_the_lookup_of_request_files_to_delete_does_not_walk_every_finished_chun
         return len(steps)
 
     assert vm_steps_with_finished_chunks(5000) < 2 * vm_steps_with_finished_chunks(10) + 5
+
+
+def test_remote_batches_waiting_for_their_deletion_are_bounded_in_the_journal_too(inproc: Daemon, monkeypatch,
+                                                                                   caplog):
+    """Past BATCHES_WAITING (a service refusing deletes for days while jobs are delivered) the oldest are
+    left listed, as every batch was before: dropped from the journal as from memory, said in one line,
+    so neither grows with the jobs delivered meanwhile."""
+    import batchd.daemon.uploads
+
+    monkeypatch.setattr(batchd.daemon.uploads, "BATCHES_WAITING", 3)
+    monkeypatch.setattr(inproc.settings, "delete_finished_batches", True)  # (off in the tests' config)
+    uploads, journal = inproc.steps.uploads, inproc.journal
+    for n in range(5):
+        with journal.group():  # as a delivery's transition: committed with it, waiting once it is
+            uploads.batches_done([f"batches/b{n}", ""])
+    assert len(journal.batches_to_delete()) == 5
+    with caplog.at_level("WARNING", logger="batchd"), journal.group():
+        uploads.tidy()  # (no round: a job is on its way and none has waited long)
+    assert [name for name, _ in journal.batches_to_delete()] == ["batches/b2", "batches/b3", "batches/b4"]
+    assert "3 remote batches wait for their deletion already: 2 older ones are left listed" in caplog.text
