@@ -20,8 +20,14 @@ it first claimed a manifest, and (seconds from then) when its last job was claim
 first and last create, when its last results were fetched and its last folder published: which step
 sets the pace.
 
+Each size is measured ``--rounds`` times (3 by default), batchd and both floors in every round, and
+the medians of the rounds' ratios are printed last: a ratio pairs batchd with floors measured in the
+same minute, and the median of several such pairs stands against this machine's noise (a run of
+batchd or of a floor alone varies by a tenth from one minute to the next here).
+
     python bench/many_jobs.py --jobs 1000
     python bench/many_jobs.py --jobs 200 --jobs 2000     # per-job cost must stay flat in N
+    python bench/many_jobs.py --jobs 1000 --rounds 7     # a firmer median
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,28 +104,30 @@ def floor(workspace: Path, jobs: int, threads: int = 1) -> float:
     return sdk_floor(workspace, jobs, threads=threads)[0]
 
 
-def measure(jobs: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
-        workspace = Path(tmp)
-        floor_seconds = floor(workspace / "floor", jobs)
-        floor4_seconds = floor(workspace / "floor4", jobs, threads=FLOOR_THREADS)
+def measure(jobs: int, workspace: Path) -> dict:
+    """One round in ``workspace`` (an empty folder, removed by the caller after the last round of all: on
+    some filesystems files are created slower the more were deleted in the minutes before, and batchd
+    creates about eight a job where the floors create one, so a round must not follow the removal of the
+    last one's workspace)."""
+    floor_seconds = floor(workspace / "floor", jobs)
+    floor4_seconds = floor(workspace / "floor4", jobs, threads=FLOOR_THREADS)
 
-        idle = workspace / "idle"
-        for folder in ("inbox", "outbox"):
-            (idle / folder).mkdir(parents=True)
-        (idle / "config.toml").write_text(CONFIG)
-        _, start_seconds, _, _, _, _ = run_batchd(idle, 0)
+    idle = workspace / "idle"
+    for folder in ("inbox", "outbox"):
+        (idle / folder).mkdir(parents=True)
+    (idle / "config.toml").write_text(CONFIG)
+    _, start_seconds, _, _, _, _ = run_batchd(idle, 0)
 
-        for folder in ("inbox", "outbox"):
-            (workspace / folder).mkdir()
-        (workspace / "config.toml").write_text(CONFIG)
-        for n in range(jobs):
-            (workspace / "inbox" / f"m{n:05d}.toml").write_text(manifest(n))
-        seconds, exit_seconds, main_rss, children_rss, code, started = run_batchd(workspace, jobs)
-        delivered = [p for p in (workspace / "outbox").iterdir() if p.is_dir()]
-        states = {json.loads((p / "summary.json").read_text())["state"] for p in delivered}
-        assert code == 0 and len(delivered) == jobs and states == {"succeeded"}, (code, len(delivered), states)
-        timeline = stages(workspace, started)
+    for folder in ("inbox", "outbox"):
+        (workspace / folder).mkdir()
+    (workspace / "config.toml").write_text(CONFIG)
+    for n in range(jobs):
+        (workspace / "inbox" / f"m{n:05d}.toml").write_text(manifest(n))
+    seconds, exit_seconds, main_rss, children_rss, code, started = run_batchd(workspace, jobs)
+    delivered = [p for p in (workspace / "outbox").iterdir() if p.is_dir()]
+    states = {json.loads((p / "summary.json").read_text())["state"] for p in delivered}
+    assert code == 0 and len(delivered) == jobs and states == {"succeeded"}, (code, len(delivered), states)
+    timeline = stages(workspace, started)
     return {"jobs": jobs, "batchd_s": seconds, "exit_s": exit_seconds, "floor_s": floor_seconds, "ratio": seconds / floor_seconds,
             "floor4_s": floor4_seconds, "ratio4": seconds / floor4_seconds, "start_s": start_seconds,
             "ratio4_less_start": (seconds - start_seconds) / floor4_seconds,
@@ -129,20 +138,43 @@ def measure(jobs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, action="append", help="manifests dropped (repeatable)")
-    sizes = parser.parse_args().jobs or [1000]
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per size; the medians are printed last (3)")
+    args = parser.parse_args()
+    sizes = args.jobs or [1000]
     print(f"# load average {loadavg()} at the start")
     print(f"{'jobs':>6} {'batchd s':>9} {'jobs/s':>7} {'exit s':>7} {'floor s':>8} {'jobs/s':>7} {'ratio':>6} "
           f"{'floor4 s':>9} {'jobs/s':>7} {'ratio4':>7} {'start s':>8} {'ratio4-start':>13} {'peak RSS MB':>12} "
           f"{'(batchd + emulator)':>20} {'load':>15}")
-    for jobs in sizes:
-        r = measure(jobs)
-        print(f"{r['jobs']:>6} {r['batchd_s']:>9.2f} {r['jobs'] / r['batchd_s']:>7.1f} {r['exit_s']:>7.2f} "
-              f"{r['floor_s']:>8.2f} {r['jobs'] / r['floor_s']:>7.1f} {r['ratio']:>6.2f} "
-              f"{r['floor4_s']:>9.2f} {r['jobs'] / r['floor4_s']:>7.1f} {r['ratio4']:>7.2f} {r['start_s']:>8.2f} "
-              f"{r['ratio4_less_start']:>13.2f} {r['peak_rss_mb']:>12.1f} "
-              f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f} {loadavg():>15}", flush=True)
-        print("        batchd's steps, s (after the first, from its first claim): " + ", ".join(
-            f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in r["stages"].items()), flush=True)
+    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:  # removed after the last round
+        for jobs in sizes:
+            rounds = []
+            for n in range(max(1, args.rounds)):
+                workspace = Path(tmp) / f"{jobs}-{n}"
+                workspace.mkdir()
+                rounds.append(measure(jobs, workspace))
+                print_round(rounds[-1])
+            if len(rounds) > 1:
+                print_medians(jobs, rounds)
+
+
+def print_medians(jobs: int, rounds: list[dict]) -> None:
+    medians = {key: statistics.median(r[key] for r in rounds)
+               for key in ("batchd_s", "floor_s", "floor4_s", "ratio", "ratio4", "ratio4_less_start")}
+    each = ", ".join(f"{r['ratio4']:.2f}" for r in rounds)
+    print(f"{jobs:>6} median of {len(rounds)} rounds: batchd {medians['batchd_s']:.2f} s, floor "
+          f"{medians['floor_s']:.2f} s, floor4 {medians['floor4_s']:.2f} s; ratio {medians['ratio']:.2f}, "
+          f"ratio4 {medians['ratio4']:.2f} (rounds: {each}), ratio4-start {medians['ratio4_less_start']:.2f}",
+          flush=True)
+
+
+def print_round(r: dict) -> None:
+    print(f"{r['jobs']:>6} {r['batchd_s']:>9.2f} {r['jobs'] / r['batchd_s']:>7.1f} {r['exit_s']:>7.2f} "
+          f"{r['floor_s']:>8.2f} {r['jobs'] / r['floor_s']:>7.1f} {r['ratio']:>6.2f} "
+          f"{r['floor4_s']:>9.2f} {r['jobs'] / r['floor4_s']:>7.1f} {r['ratio4']:>7.2f} {r['start_s']:>8.2f} "
+          f"{r['ratio4_less_start']:>13.2f} {r['peak_rss_mb']:>12.1f} "
+          f"{r['batchd_rss_mb']:>10.1f} + {r['children_rss_mb']:>7.1f} {loadavg():>15}", flush=True)
+    print("        batchd's steps, s (after the first, from its first claim): " + ", ".join(
+        f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in r["stages"].items()), flush=True)
 
 
 if __name__ == "__main__":
