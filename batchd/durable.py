@@ -233,7 +233,7 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, s
         if linked:
             fsync_dir(dst.parent, step=step, deferrable=False)  # the old name goes next
             try:
-                os.unlink(src)
+                _unlink_old_name(src, dst)
             except FileNotFoundError:
                 # Someone else removed the old name meanwhile; the file is at dst, which is
                 # all this move promises (and the single-writer lock makes this rare).
@@ -281,7 +281,7 @@ def unlink_old(src: Path, dst: Path, *, step: str | None = None, sync: DirSync =
     try:
         if not _same_file(dst_stat, src):
             return True
-        os.unlink(src)
+        _unlink_old_name(src, dst)
     except FileNotFoundError:
         return True  # removed by someone else meanwhile: the file is at dst, which is all the move promises
     except OSError as exc:
@@ -289,6 +289,20 @@ def unlink_old(src: Path, dst: Path, *, step: str | None = None, sync: DirSync =
         raise
     sync(src.parent, step=step)
     return True
+
+
+def _unlink_old_name(src: Path, dst: Path) -> None:
+    """Remove a linked move's old name ``src``. Where it may not be removed (another user's file in a folder
+    with the sticky bit, which the kernel still let this user link), the new name ``dst`` goes again before
+    the error is raised: a move that failed leaves the file where it was, with no other name."""
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
 
 
 def numbered_paths(directory: Path, stem: str, suffix: str = "") -> Iterator[Path]:

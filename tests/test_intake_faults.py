@@ -797,8 +797,12 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             hidden.write_text(TRANSLATE.replace("Hello", "Hidden"))
             hidden.chmod(0)
             hidden = hidden.rename(workspace.inbox / "hidden.toml")
-            workspace.wait_for(lambda: {"foreign", "hidden"} <= set(workspace.outbox_folders()), timeout=60,
-                               what="foreign and hidden rejected")
+            shared = workspace.root / "shared.toml"  # root's, that anyone may write: the kernel lets nobody link it
+            shared.write_text(TRANSLATE.replace("Hello", "Shared"))
+            shared.chmod(0o666)
+            shared = shared.rename(workspace.inbox / "shared.toml")
+            workspace.wait_for(lambda: {"foreign", "hidden", "shared"} <= set(workspace.outbox_folders()), timeout=60,
+                               what="foreign, hidden and shared rejected")
             request = workspace.inbox / "ghost.cancel"  # another user's `batchd cancel`: acted on, left
             request.write_bytes(b"")
             workspace.wait_for(lambda: "ghost.cancel was acted on" in log.read_text(), what="the cancel taken")
@@ -808,15 +812,18 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             said = _stopped(process, log)
         assert said.count("may not move files out of the inbox") == 1
         assert "may move files out of the inbox" in said.split("may not move files out of")[1]  # (again)
-        for name in ("foreign.toml", "hidden.toml"):
+        for name in ("foreign.toml", "hidden.toml", "shared.toml"):
             assert said.count(f"{name} cannot be moved out of the inbox by batchd's user (Operation not permitted); "
                               "rejected, and left there") == 1  # not taken again at the rescans
         assert said.count("ghost.cancel was acted on") == 1
-        for name in ("foreign", "hidden"):
+        for name in ("foreign", "hidden", "shared"):
             summary = workspace.delivered()[name]
             assert summary["state"] == "rejected" and summary["error"]["code"] == "not_movable"
         assert foreign.exists() and hidden.exists() and stale.exists()
-        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden"}
+        # The one batchd's user could link into its spool before the move failed: its spool name went again,
+        # as a failed move leaves none (no other name of another user's file, in the outbox or anywhere).
+        assert shared.stat().st_nlink == 1 and not (workspace.outbox / "shared" / "shared.toml").exists()
+        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden", "shared"}
 
         # A restart leaves them as the last run did: no second rejection (folder, event) for the same files, the
         # one batchd's user may read known by its bytes, the other by its last change.
@@ -825,9 +832,9 @@ def test_an_inbox_batchd_may_not_take_from_holds_claims_and_another_users_file_i
             time.sleep(1.5)  # the start's scan and rescans
         finally:
             said = _stopped(process, log)
-        assert "foreign.toml cannot be moved" not in said and "hidden.toml cannot be moved" not in said, said[-3000:]
+        assert not [name for name in ("foreign", "hidden", "shared") if f"{name}.toml cannot be moved" in said], said[-3000:]
         assert foreign.exists() and hidden.exists()
-        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden"}
+        assert set(workspace.outbox_folders()) == {"first", "foreign", "hidden", "shared"}
 
         # Changed since (its owner wrote it again): a file the last rejection was not about, rejected anew.
         time.sleep(0.05)
