@@ -701,6 +701,61 @@ def _own_by_nobody(root: Path) -> None:
         os.chown(path, 65534, 65534, follow_symlinks=False)
 
 
+_CLAIM_REFUSED_FOR_NOW = """
+import json, logging, os, sys
+from pathlib import Path
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+
+logging.basicConfig(level=logging.INFO)
+root = Path(sys.argv[1])
+daemon = Daemon(load_settings(root / "config.toml"))
+daemon.start()
+try:
+    journal, intake, inbox = daemon.journal, daemon.steps.intake, root / "inbox"
+    (inbox / "late.toml").write_text(sys.argv[2])
+    # A claim intended (its row committed) when the operator's chmod lands, before the move.
+    journal.add_job("j1", name="late", source="late.toml")
+    daemon.ctx.spool("j1").root.mkdir(parents=True)
+    os.chmod(inbox, 0o555)
+    refused = intake.finish_claim(journal.job("j1"))
+    during = (journal.job("j1").state, journal.job("j1").error, (inbox / "late.toml").exists(),
+              (inbox / "late.toml").stat().st_nlink)
+    os.chmod(inbox, 0o755)
+    with journal.group():
+        intake.take()  # the inbox may be written again: the claim is finished first
+    after = (journal.job("j1").state, journal.job("j1").error, (inbox / "late.toml").exists())
+    print(json.dumps({"refused": refused, "during": during, "after": after}))
+finally:
+    daemon.close()
+"""
+
+
+def test_a_claim_the_inbox_refuses_for_a_moment_waits_and_is_finished_not_rejected():
+    """The inbox made unwritable for batchd's user between a tick's look at it and a claim's move (an
+    operator's chmod): the claim stays intended, the file where it was, and is finished once the inbox may be
+    written again. Before, the move's EACCES was taken for another user's file in a sticky folder: the job
+    rejected for good as not movable, and the manifest claimed again as a second job after a restart."""
+    import json
+    import shutil
+
+    workspace, prefix = _nobody_workspace()
+    try:
+        _own_by_nobody(workspace.root)
+        script = workspace.root / "refused.py"
+        script.write_text(_CLAIM_REFUSED_FOR_NOW)
+        run = subprocess.run([*prefix, workspace.python, str(script), str(workspace.root), TRANSLATE],
+                             cwd=workspace.root, env=workspace.env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        seen = json.loads(run.stdout.strip().splitlines()[-1])
+        assert seen["refused"] is False
+        assert seen["during"] == ["claiming", None, True, 1]  # left as it was: no spool name, no verdict
+        assert seen["after"] == ["received", None, False]
+        assert "its claim is finished once batchd's user may move files out of the inbox again" in run.stderr
+    finally:
+        shutil.rmtree(workspace.root, ignore_errors=True)
+
+
 def test_an_outbox_batchd_may_not_write_stops_the_start_and_holds_publishes_while_it_runs():
     """The outbox not writable by batchd's user: at a start, one line and exit 74 (as for the state dir), not
     a start that fails at the first publish; made so while batchd runs (an operator's chown), the finished

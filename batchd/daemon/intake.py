@@ -95,8 +95,8 @@ class Intake:
 
     def recover(self) -> None:
         """Finish the claims a crash cut short, and remove spools no job needs."""
-        for job in self.ctx.journal.jobs(states=(JobState.CLAIMING,)):
-            self.finish_claim(job)
+        left = [job.id for job in self.ctx.journal.jobs(states=(JobState.CLAIMING,)) if not self.finish_claim(job)]
+        self._claims_unfinished = bool(left)
         for folder in (self.ctx.settings.state_dir / "jobs").iterdir():
             # A spool of a job already done (killed before its spool was removed), or of no job at all
             # (killed in accept() before the job's row: it holds only copies of the inputs).
@@ -123,9 +123,10 @@ class Intake:
         if self._claims_unfinished:
             # A claim a full disk cut short (its row committed, the move refused) is finished first, so
             # the file still in the inbox is not taken for a second copy of itself.
-            for job in ctx.journal.jobs(states=(JobState.CLAIMING,)):
-                self.finish_claim(job)
-            self._claims_unfinished = False
+            finished = [self.finish_claim(job) for job in ctx.journal.jobs(states=(JobState.CLAIMING,))]
+            self._claims_unfinished = not all(finished)
+            if self._claims_unfinished:
+                return  # the inbox refused a move this instant: the new claims wait for the ones intended
         try:
             self.inbox.reap_stale_temp_files()
             if not (self.inbox.scan_due() or self._left_in_inbox or self.claiming_paused or self._listed):
@@ -148,9 +149,8 @@ class Intake:
             ctx.journal.flush()
             self._claims_unfinished = True
             linked = self._link_claimed(intents)
-            for intent in intents:
-                self._claim(intent, linked=intent.job_id in linked)
-            self._claims_unfinished = False
+            finished = [self._claim(intent, linked=intent.job_id in linked) for intent in intents]
+            self._claims_unfinished = not all(finished)
 
     def _intend_claims(self, candidates, paused: bool, intents: list[Claim]) -> bool:
         """Intend the claims of the settled ``candidates``; whether some were left for a later tick."""
@@ -382,9 +382,10 @@ class Intake:
                 fsync_dir(ctx.spool(job_id).root, step="claim", deferrable=False)
         return linked
 
-    def _claim(self, intent: Claim, *, linked: bool = False) -> None:
+    def _claim(self, intent: Claim, *, linked: bool = False) -> bool:
         """Move a manifest whose claim is committed into its job's spool (``linked``: its new name is there
-        and durable already); the job is then ``received``."""
+        and durable already); the job is then ``received``. False when the claim is left ``claiming``: the
+        inbox refused the move this instant (:meth:`_refused_for_now`)."""
         ctx = self.ctx
         job_id, source = intent.job_id, intent.source
         claimed = ctx.spool(job_id).manifest_path(source)
@@ -395,13 +396,15 @@ class Intake:
             else:
                 moved = claim(intent.path, claimed, sync=ctx.journal.sync_before_commit)
         except PermissionError as error:
+            if self._refused_for_now(source, error):
+                return False
             self._not_movable(job_id, source, intent.path, error)
-            return
+            return True
         if not moved:
             log.warning("%s vanished before it could be claimed", source)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})
-            return
+            return True
         crashpoint("after-claim")
         self._release_inputs(job_id)
         job = ctx.journal.job(job_id)
@@ -422,6 +425,19 @@ class Intake:
         else:
             ctx.log_event("accepted", logging.INFO, "accepted %s as job %s", source, job_id,
                           extra={"job": job_id, "manifest": source})
+        return True
+
+    def _refused_for_now(self, source: str, error: PermissionError) -> bool:
+        """Whether a claim's move was refused because the inbox is not writable for batchd's user this instant
+        (an operator's chown or chmod between the tick's look at the inbox and the move), not because of the
+        file (another user's in a sticky folder: for good, :meth:`_not_movable`). The claim stays intended and
+        is finished once batchd's user may move files out of the inbox again (:meth:`take`)."""
+        if error.errno != errno.EACCES or os.access(self.ctx.settings.inbox, os.W_OK | os.X_OK):
+            return False
+        self._claims_unfinished = True  # (the next tick that may move files out of the inbox finishes it)
+        log.info("%s: the inbox refused its move (%s); its claim is finished once batchd's user may move files "
+                 "out of the inbox again", source, error.strerror or error)
+        return True
 
     def _received(self, job: Job) -> None:
         """The claim is complete: the job is ``received``. Its verdict was committed with the claim's
@@ -429,7 +445,9 @@ class Intake:
         events = [] if job.error else [self.ctx.event("accepted", replace_row(job, state=JobState.RECEIVED))]
         self.ctx.journal.update_job(job.id, state=JobState.RECEIVED, events=events)
 
-    def finish_claim(self, job: Job) -> None:
+    def finish_claim(self, job: Job) -> bool:
+        """Finish a claim intended before (a crash, a full disk or a refused move cut it short); False when it
+        is left ``claiming`` again (:meth:`_refused_for_now`)."""
         ctx = self.ctx
         claimed = ctx.spool(job.id).manifest_path(job.source)
         source = self._inbox_path(job.source)
@@ -440,14 +458,17 @@ class Intake:
             try:
                 claim(source, claimed)
             except PermissionError as error:
+                if self._refused_for_now(job.source, error):
+                    return False
                 self._not_movable(job.id, job.source, source, error)
-                return
+                return True
         if not os.path.lexists(claimed):
             ctx.journal.update_job(job.id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{job.source} vanished during its claim"})
-            return
+            return True
         self._release_inputs(job.id)
         self._received(job)
+        return True
 
     def _not_movable(self, job_id: str, source: str, path: Path, error: PermissionError) -> None:
         """A claimed file batchd's user may not move out of the inbox (the inbox itself is writable: another
