@@ -49,7 +49,9 @@ RATIO_MIN_CHARS = 1000
 def load_claimed(ctx: Context, job: Job) -> Manifest:
     """The manifest of a claimed job, from its spool (inputs were validated at the claim): the bytes
     checked at the claim, or an error. A producer that kept the file open for writing could change it
-    after the check; what runs is only ever what was checked."""
+    after the check; what runs is only ever what was checked (and what its outbox folder will hold).
+    The bytes are always read and compared; their parse is the claim's when it was kept
+    (:class:`batchd.daemon.context.ClaimedManifests`)."""
     spool = ctx.spool(job.id)
     path = spool.manifest_path(job.source)
     try:
@@ -59,6 +61,9 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
     if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
         raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
                                   "writing?); drop it again once it is complete")
+    kept = ctx.claimed_manifests.get(job.id, job.manifest_sha256, path)
+    if kept is not None:
+        return kept  # parsed from these very bytes by the claim
     return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content,
                          limits=ctx.settings.limits, media_dir=ctx.settings.inbox)
 

@@ -8,6 +8,7 @@ loop's thread can commit anything. Their outcomes come back to the step's ``coll
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -15,7 +16,7 @@ import queue
 import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from batchd.config import Settings
 from batchd.costs import CostHooks, spend_of, summary_cost
 from batchd.events import make_event
 from batchd.journal import Job, Journal
-from batchd.manifest import ManifestError
+from batchd.manifest import Manifest, ManifestError
 from batchd.plugin_calls import PluginClock
 from batchd.provider import Provider
 from batchd.spool import JobSpool
@@ -52,6 +53,10 @@ INTERRUPTED_EXIT_CODE = 75
 #: Spools remembered by :meth:`Context.spool` (their paths made once); past this many the memory is
 #: started afresh, so it stays bounded whatever the number of jobs.
 SPOOLS_REMEMBERED = 4096
+#: Bytes of manifests :class:`ClaimedManifests` keeps at most (the files' bytes; parsed, a few times that),
+#: and the largest manifest it keeps.
+CLAIMED_MANIFESTS_BYTES = 2**20
+CLAIMED_MANIFEST_MAX_BYTES = 64 * 2**10
 #: After a write failed for lack of room, writes are tried again after this long, doubling each time
 #: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
 DISK_RETRY_SECONDS = 1.0
@@ -339,6 +344,55 @@ class Workers(Generic[K]):
         self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
+class ClaimedManifests:
+    """The manifests the claims just parsed and checked, kept for the step that reads each next (its
+    estimate, its build). That step still reads the claimed file and compares its bytes with the hash
+    the claim recorded (:func:`batchd.daemon.admit.load_claimed`: a producer that kept the file open
+    may have changed it), but need not parse and validate them again: in a burst of small manifests
+    that parse was a tenth of the daemon's work.
+
+    Only a manifest that names no input file is kept: the claim resolved its inputs in the inbox, the
+    steps read the spool's copies. Small ones only, and :data:`CLAIMED_MANIFESTS_BYTES` of them at most,
+    the oldest dropped first; one not kept, dropped, or asked for after a restart is parsed again, so
+    this changes how fast a manifest is read, never what is read. Any thread may ask.
+    """
+
+    def __init__(self, most_bytes: int = CLAIMED_MANIFESTS_BYTES, largest: int = CLAIMED_MANIFEST_MAX_BYTES):
+        self._most, self._largest = most_bytes, largest
+        self._kept: OrderedDict[str, tuple[str, Manifest, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, job_id: str, sha256: str, manifest: Manifest, size: int) -> None:
+        """Keep the manifest claimed as ``job_id``, read from ``size`` bytes hashing to ``sha256``."""
+        if size > self._largest or manifest.input_files():
+            return
+        with self._lock:
+            self._kept[job_id] = (sha256, manifest, size)
+            self._bytes += size
+            while self._bytes > self._most:
+                _, (_, _, dropped) = self._kept.popitem(last=False)
+                self._bytes -= dropped
+
+    def get(self, job_id: str, sha256: str | None, path: Path) -> Manifest | None:
+        """The kept manifest of ``job_id`` if it was read from bytes hashing to ``sha256``, named ``path``
+        (its spool copy) and with warnings of its own (a pass over its requests fills them)."""
+        with self._lock:
+            kept = self._kept.get(job_id)
+        if kept is None or kept[0] != sha256:
+            return None
+        return dataclasses.replace(kept[1], path=path, warnings=[])
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            kept = self._kept.pop(job_id, None)
+            if kept is not None:
+                self._bytes -= kept[2]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 class Context:
     """The daemon's shared services, handed to every step."""
 
@@ -370,6 +424,8 @@ class Context:
         #: Pings the service manager's watchdog: set by the daemon.
         self.alive: Callable[[], None] = lambda: None
         self._spools: dict[str, JobSpool] = {}
+        #: The manifests the claims checked, kept for the step that reads each next.
+        self.claimed_manifests = ClaimedManifests()
 
     @property
     def provider(self) -> Provider:

@@ -321,6 +321,8 @@ class Intake:
         ctx.journal.add_job(job_id, name=Path(source).stem, source=source, sha256=sha256, error=error,
                             manifest_sha256=manifest_sha256, retry_of=self._retry_of(manifest),
                             **task_and_model)
+        if error is None and manifest is not None:
+            ctx.claimed_manifests.keep(job_id, manifest_sha256, manifest, len(entry.content))
         intents.append(Claim(job_id, path, source, (entry.device, entry.inode) if entry is not None else None))
 
     def _named_elsewhere(self, name: str, manifest: Path, intents: list[Claim]) -> bool:
