@@ -224,14 +224,16 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, s
     that records the move); for a linked file the new name is made durable at once, before the
     old one is removed, so at no instant is the file in neither place.
     """
-    src, dst = Path(src), Path(dst)
+    src = src if isinstance(src, Path) else Path(src)
+    dst = dst if isinstance(dst, Path) else Path(dst)
     src_stat = os.lstat(src)
     try:
         fs.fault_point(step, dst)  # where a full directory refuses the new name
         # Directories cannot be hard-linked; they are renamed into an absent name.
         linked = False if stat.S_ISDIR(src_stat.st_mode) else _link_no_replace(src, dst, src_stat)
+        dst_parent = dst.parent
         if linked:
-            fsync_dir(dst.parent, step=step, deferrable=False)  # the old name goes next
+            fsync_dir(dst_parent, step=step, deferrable=False)  # the old name goes next
             try:
                 _unlink_old_name(src, dst)
             except FileNotFoundError:
@@ -241,14 +243,15 @@ def durable_move(src: Path | str, dst: Path | str, *, step: str | None = None, s
         else:
             # One atomic rename: its two directory entries are synced together, later if deferred.
             _rename_if_absent(src, dst)
-            sync(dst.parent, step=step)
+            sync(dst_parent, step=step)
     except OSError as exc:
         if exc.errno == errno.EXDEV and not isinstance(exc, CrossDeviceError):
             raise CrossDeviceError(f"cannot move {src} to {dst}: they are on different filesystems") from exc
         fs.unwritable_is_fatal(step, exc, dst)
         raise
-    if src.parent != dst.parent or linked:
-        sync(src.parent, step=step)
+    src_parent = src.parent
+    if linked or src_parent != dst_parent:
+        sync(src_parent, step=step)
 
 
 def link_first(src: Path, dst: Path, *, step: str | None = None) -> bool:

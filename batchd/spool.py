@@ -62,11 +62,17 @@ class BuiltChunk:
     media: dict = field(default_factory=dict)
 
 
+#: Paths a :class:`JobSpool` keeps made (its files' names), at most.
+PATHS_KEPT = 16
+
+
 class JobSpool:
     """Paths and streaming readers/writers of one job's working folder."""
 
     def __init__(self, root: Path):
         self.root = root
+        # A job's steps ask for the same few paths a dozen times (a pathlib join is no cheap thing).
+        self._paths: dict[str, Path] = {}
 
     @cached_property
     def index_path(self) -> Path:
@@ -87,13 +93,21 @@ class JobSpool:
         return self.root / "cached.jsonl"
 
     def requests_path(self, idx: int) -> Path:
-        return self.root / f"requests-{idx:04d}.jsonl"
+        return self._path(f"requests-{idx:04d}.jsonl")
 
     def results_path(self, idx: int) -> Path:
-        return self.root / f"results-{idx:04d}.jsonl"
+        return self._path(f"results-{idx:04d}.jsonl")
 
     def manifest_path(self, source: str) -> Path:
-        return self.root / source
+        return self._path(source)
+
+    def _path(self, name: str) -> Path:
+        path = self._paths.get(name)
+        if path is None:
+            if len(self._paths) >= PATHS_KEPT:  # a job of thousands of chunks: made afresh
+                self._paths.clear()
+            path = self._paths[name] = self.root / name
+        return path
 
     @cached_property
     def warnings_path(self) -> Path:

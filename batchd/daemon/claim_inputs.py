@@ -132,7 +132,8 @@ def _open_folder_beneath(inbox: Path, source: Path) -> int:
 def read_inputs_record(inputs: Path) -> list[dict]:
     """The input files a job took (see :data:`INPUTS_RECORD`); none for a job without one."""
     try:
-        record = json.loads((inputs / INPUTS_RECORD).read_text(encoding="utf-8"))
+        with open(os.path.join(inputs, INPUTS_RECORD), encoding="utf-8") as file:  # (most jobs have none)
+            record = json.loads(file.read())
     except FileNotFoundError:
         return []
     return [entry for entry in record if isinstance(entry, dict)] if isinstance(record, list) else []

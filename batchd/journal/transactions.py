@@ -252,7 +252,7 @@ class Transactions:
         claimed from the inbox, or published to the outbox, costs one fsync of it, not one a job);
         outside one, at once. ``step`` classifies a failure as for :func:`batchd.durable.fsync_dir`."""
         if self._grouped():
-            self._dirs_to_sync.setdefault(Path(directory), step)
+            self._dirs_to_sync.setdefault(directory if isinstance(directory, Path) else Path(directory), step)
         else:
             fsync_dir(directory, step=step)
 
