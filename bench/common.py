@@ -25,13 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import floor
 from e2e import CONFIG, TreeMemory, write_csv  # noqa: F401  (re-exported for the scripts)
+from floor import MODEL, sdk_client  # noqa: F401  (re-exported for the scripts)
 
-MODEL = "gemini-2.5-flash"
 REPO = Path(__file__).resolve().parents[1]
 #: The config.toml shipped at the root of the checkout this script belongs to.
 SHIPPED_CONFIG = REPO / "config.toml"
@@ -485,13 +485,6 @@ def wait_until(predicate, timeout: float, every: float = 0.05) -> bool:
 
 # -- the SDK floor ------------------------------------------------------------------------------------
 
-def sdk_client(base_url: str, api_key: str = "bench"):
-    from google import genai
-    from google.genai import types
-
-    return genai.Client(api_key=api_key, http_options=types.HttpOptions(base_url=base_url, api_version="v1beta"))
-
-
 class Emulator:
     """A standalone emulator (``python -m batchd.emulator`` on a free port) in a process of its own, as
     batchd runs its embedded one; ``base_url`` once started."""
@@ -532,51 +525,30 @@ class Emulator:
         self.process = None
 
 
-def sdk_job(client, n: int, out: Path) -> None:
-    """What a plain script does per job: create it with its two requests inline, get it until it is done
-    (the get brings the inline answers back), write the answers to a file."""
-    from google.genai import types
-
-    requests = [{"contents": [{"parts": [{"text": f"Text {k} of job {n}."}], "role": "user"}],
-                 "metadata": {"key": str(k)}} for k in (1, 2)]
-    job = client.batches.create(model=MODEL, src=requests, config=types.CreateBatchJobConfig(display_name=f"floor-{n}"))
-    while not (job := client.batches.get(name=job.name)).done:
-        time.sleep(0.001)
-    answers = [r.response.text if r.response else None for r in job.dest.inlined_responses]
-    (out / f"{n}.json").write_text(json.dumps(answers))
-
-
 def sdk_floor(folder: Path, jobs: int, threads: int = 1, timeout: float = 1e9) -> tuple[float, int]:
     """Seconds for ``jobs`` create + get round trips with the SDK against a fresh emulator (``job_seconds = 0``),
-    one after another (``threads = 1``) or from a ThreadPoolExecutor(``threads``); and the jobs done."""
+    made in this process (the SDK imported before timing), one after another (``threads = 1``) or from a
+    ThreadPoolExecutor(``threads``); and the jobs done (bench/floor.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     with Emulator(folder / "emulator", job_seconds=0) as emulator:
-        out = folder / "out"
-        out.mkdir()
-        deadline = time.monotonic() + timeout
-        done = 0
+        return floor.run(emulator.base_url, jobs, folder / "out", threads=threads, timeout=timeout)
+
+
+def sdk_floor_script(folder: Path, jobs: int, threads: int = 1) -> tuple[float, float]:
+    """bench/floor.py run as a process against a fresh emulator (``job_seconds = 0``), already up as a
+    service is: its wall seconds from launch to exit (interpreter and SDK import included, as a user's
+    ``time python script.py`` says), and the seconds of its calls alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with Emulator(folder / "emulator", job_seconds=0) as emulator:
         started = time.perf_counter()
-        if threads == 1:
-            clients = [sdk_client(emulator.base_url)]
-            for n in range(jobs):
-                if time.monotonic() > deadline:
-                    break
-                sdk_job(clients[0], n, out)
-                done += 1
-        else:
-            local = threading.local()
-
-            def one(n: int) -> bool:
-                if time.monotonic() > deadline:
-                    return False
-                if not hasattr(local, "client"):
-                    local.client = sdk_client(emulator.base_url)  # one client (connection pool) per thread
-                sdk_job(local.client, n, out)
-                return True
-
-            with ThreadPoolExecutor(threads) as pool:
-                done = sum(pool.map(one, range(jobs)))
-        return time.perf_counter() - started, done
+        ran = subprocess.run([sys.executable, floor.__file__, "--base-url", emulator.base_url, "--jobs", str(jobs),
+                              "--threads", str(threads), "--out", str(folder / "out")],
+                             capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - started
+    outcome = json.loads(ran.stdout)
+    if outcome["done"] != jobs:
+        raise RuntimeError(f"the floor did {outcome['done']} of {jobs} jobs")
+    return seconds, outcome["seconds"]
 
 
 # -- an HTTP sink for webhooks ------------------------------------------------------------------------
