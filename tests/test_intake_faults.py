@@ -610,8 +610,8 @@ def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspa
 def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_bytes_again(workspace: Workspace):
     """A claim keeps what it parsed and checked of a manifest that names no input file; the build still
     reads the claimed file and compares its bytes (the test above), then takes that parse instead of
-    parsing again, and forgets it. A manifest with an input file is parsed again from the spool (its
-    inputs are the spool's copies there)."""
+    parsing again. A manifest with an input file is parsed again from the spool (its inputs are the
+    spool's copies there)."""
     from batchd.config import load_settings
     from batchd.daemon import Daemon
 
@@ -624,19 +624,10 @@ def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_byte
     try:
         with daemon.journal.group():
             daemon.steps.intake.take()
-        jobs = {job.name: job for job in daemon.journal.active_jobs()}
-        ctx = daemon.steps.build.ctx
-        claimed = ctx.claimed_manifests
+        claimed = daemon.steps.build.ctx.claimed_manifests
         assert len(claimed) == 1, "only the manifest without an input file is kept"
-        inline = jobs["inline"]
-        spool_copy = ctx.spool(inline.id).manifest_path(inline.source)
-        kept = claimed.get(inline.id, inline.manifest_sha256, spool_copy)
-        assert kept is not None and kept.path == spool_copy and kept.task == "translate"
-        assert kept.warnings == [] and kept.warnings is not claimed.get(inline.id, inline.manifest_sha256, spool_copy).warnings
-        assert claimed.get(inline.id, "0" * 64, spool_copy) is None, "kept only for the bytes the claim hashed"
-        assert claimed.get(jobs["reads"].id, jobs["reads"].manifest_sha256, spool_copy) is None
         daemon.loop.run()
-        assert len(claimed) == 0, "the build forgets what it took"
+        assert len(claimed) == 0, "the build took it"
     finally:
         daemon.close()
 
@@ -644,21 +635,27 @@ def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_byte
     assert delivered["inline"]["state"] == "succeeded" and delivered["reads"]["state"] == "succeeded"
 
 
-def test_claimed_manifests_are_bounded_by_their_bytes():
+def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded_by_bytes():
     from batchd.daemon.context import ClaimedManifests
     from batchd.manifest import load_manifest
 
     manifest = load_manifest(Path("small.toml"), content=TRANSLATE.encode(), check_inputs=False)
     claimed = ClaimedManifests(most_bytes=250, largest=100)
+    claimed.keep("job", "sha", manifest, 100)
+    taken = claimed.take("job", "sha", Path("spool/small.toml"))
+    assert taken is not None and taken.path == Path("spool/small.toml") and taken.task == "translate"
+    assert claimed.take("job", "sha", Path("spool/small.toml")) is None, "a second reader parses anew"
+    claimed.keep("job", "sha", manifest, 100)
+    assert claimed.take("job", "0" * 64, Path("x")) is None, "kept only for the bytes the claim hashed"
     for n in range(5):
         claimed.keep(f"job-{n}", "sha", manifest, 100)
     claimed.keep("big", "sha", manifest, 101)
-    assert len(claimed) == 2 and claimed.get("job-4", "sha", Path("x")) is not None
-    assert claimed.get("job-2", "sha", Path("x")) is None, "the oldest go first"
-    assert claimed.get("big", "sha", Path("x")) is None, "a large manifest is never kept"
-    claimed.forget("job-4")
+    assert len(claimed) == 2, "the oldest go first"
+    assert claimed.take("big", "sha", Path("x")) is None, "a large manifest is never kept"
+    assert claimed.take("job-2", "sha", Path("x")) is None and claimed.take("job-4", "sha", Path("x")) is not None
     claimed.keep("job-5", "sha", manifest, 100)
-    assert len(claimed) == 2, "what is forgotten no longer counts"
+    claimed.keep("job-6", "sha", manifest, 100)
+    assert len(claimed) == 2, "what was taken no longer counts"
 
 
 def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace):

@@ -61,7 +61,7 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
     if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
         raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
                                   "writing?); drop it again once it is complete")
-    kept = ctx.claimed_manifests.get(job.id, job.manifest_sha256, path)
+    kept = ctx.claimed_manifests.take(job.id, job.manifest_sha256, path)
     if kept is not None:
         return kept  # parsed from these very bytes by the claim
     return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content,

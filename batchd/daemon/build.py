@@ -228,7 +228,6 @@ class Build:
         through the request cache and the estimate, written into chunk files of the job's spool."""
         ctx = self.ctx
         manifest = load_claimed(ctx, job)
-        ctx.claimed_manifests.forget(job.id)  # the build reads it last; a build begun again reads the spool
         builder.warnings = manifest.warnings  # read by the loop once the build has ended
         # Settings are merged per request by the manifest, so the encoder has no defaults.
         encoder = EmbedRequestEncoder() if job.kind == "embed" else RequestEncoder(model)

@@ -345,16 +345,18 @@ class Workers(Generic[K]):
 
 
 class ClaimedManifests:
-    """The manifests the claims just parsed and checked, kept for the step that reads each next (its
-    estimate, its build). That step still reads the claimed file and compares its bytes with the hash
-    the claim recorded (:func:`batchd.daemon.admit.load_claimed`: a producer that kept the file open
+    """The manifests the claims just parsed and checked, kept for the step that reads each first (its
+    estimate, else its build). That step still reads the claimed file and compares its bytes with the
+    hash the claim recorded (:func:`batchd.daemon.admit.load_claimed`: a producer that kept the file open
     may have changed it), but need not parse and validate them again: in a burst of small manifests
     that parse was a tenth of the daemon's work.
 
-    Only a manifest that names no input file is kept: the claim resolved its inputs in the inbox, the
-    steps read the spool's copies. Small ones only, and :data:`CLAIMED_MANIFESTS_BYTES` of them at most,
-    the oldest dropped first; one not kept, dropped, or asked for after a restart is parsed again, so
-    this changes how fast a manifest is read, never what is read. Any thread may ask.
+    Each is taken once: a later reader (the build of a job its estimate read first) parses the bytes
+    anew, so no two passes of a task plugin ever share a manifest's objects. Only a manifest that names
+    no input file is kept (the claim resolved its inputs in the inbox, the steps read the spool's
+    copies); small ones only, and :data:`CLAIMED_MANIFESTS_BYTES` of them at most, the oldest dropped
+    first. One not kept, dropped, or asked for after a restart is parsed again, so this changes how fast
+    a manifest is read, never what is read. Any thread may ask.
     """
 
     def __init__(self, most_bytes: int = CLAIMED_MANIFESTS_BYTES, largest: int = CLAIMED_MANIFEST_MAX_BYTES):
@@ -374,20 +376,16 @@ class ClaimedManifests:
                 _, (_, _, dropped) = self._kept.popitem(last=False)
                 self._bytes -= dropped
 
-    def get(self, job_id: str, sha256: str | None, path: Path) -> Manifest | None:
+    def take(self, job_id: str, sha256: str | None, path: Path) -> Manifest | None:
         """The kept manifest of ``job_id`` if it was read from bytes hashing to ``sha256``, named ``path``
-        (its spool copy) and with warnings of its own (a pass over its requests fills them)."""
-        with self._lock:
-            kept = self._kept.get(job_id)
-        if kept is None or kept[0] != sha256:
-            return None
-        return dataclasses.replace(kept[1], path=path, warnings=[])
-
-    def forget(self, job_id: str) -> None:
+        (its spool copy); it is kept no longer."""
         with self._lock:
             kept = self._kept.pop(job_id, None)
             if kept is not None:
                 self._bytes -= kept[2]
+        if kept is None or kept[0] != sha256:
+            return None
+        return dataclasses.replace(kept[1], path=path)
 
     def __len__(self) -> int:
         return len(self._kept)
