@@ -635,27 +635,26 @@ def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_byte
     assert delivered["inline"]["state"] == "succeeded" and delivered["reads"]["state"] == "succeeded"
 
 
-def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded_by_bytes():
+def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded():
     from batchd.daemon.context import ClaimedManifests
     from batchd.manifest import load_manifest
 
     manifest = load_manifest(Path("small.toml"), content=TRANSLATE.encode(), check_inputs=False)
-    claimed = ClaimedManifests(most_bytes=250, largest=100)
+    claimed = ClaimedManifests(memory=2 * (4 * 100 + 2560), largest=100)
     claimed.keep("job", "sha", manifest, 100)
     taken = claimed.take("job", "sha", Path("spool/small.toml"))
     assert taken is not None and taken.path == Path("spool/small.toml") and taken.task == "translate"
     assert claimed.take("job", "sha", Path("spool/small.toml")) is None, "a second reader parses anew"
     claimed.keep("job", "sha", manifest, 100)
     assert claimed.take("job", "0" * 64, Path("x")) is None, "kept only for the bytes the claim hashed"
+    claimed.keep("big", "sha", manifest, 101)
+    assert claimed.take("big", "sha", Path("x")) is None, "a large manifest is never kept"
     for n in range(5):
         claimed.keep(f"job-{n}", "sha", manifest, 100)
-    claimed.keep("big", "sha", manifest, 101)
-    assert len(claimed) == 2, "the oldest go first"
-    assert claimed.take("big", "sha", Path("x")) is None, "a large manifest is never kept"
-    assert claimed.take("job-2", "sha", Path("x")) is None and claimed.take("job-4", "sha", Path("x")) is not None
+    assert len(claimed) == 2, "full: the first claimed (the first built) are kept, later ones are not"
+    assert claimed.take("job-2", "sha", Path("x")) is None and claimed.take("job-0", "sha", Path("x")) is not None
     claimed.keep("job-5", "sha", manifest, 100)
-    claimed.keep("job-6", "sha", manifest, 100)
-    assert len(claimed) == 2, "what was taken no longer counts"
+    assert claimed.take("job-5", "sha", Path("x")) is not None, "what was taken no longer counts"
 
 
 def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace):

@@ -16,7 +16,7 @@ import queue
 import stat
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +53,10 @@ INTERRUPTED_EXIT_CODE = 75
 #: Spools remembered by :meth:`Context.spool` (their paths made once); past this many the memory is
 #: started afresh, so it stays bounded whatever the number of jobs.
 SPOOLS_REMEMBERED = 4096
-#: Bytes of manifests :class:`ClaimedManifests` keeps at most (the files' bytes; parsed, a few times that),
-#: and the largest manifest it keeps.
-CLAIMED_MANIFESTS_BYTES = 2**20
+#: Memory the manifests :class:`ClaimedManifests` keeps may take, estimated (a parsed manifest measured
+#: four times its bytes and 2.5 KiB more: 1,600 small ones, or 16 of the largest kept), and the largest
+#: manifest it keeps.
+CLAIMED_MANIFESTS_MEMORY = 4 * 2**20
 CLAIMED_MANIFEST_MAX_BYTES = 64 * 2**10
 #: After a write failed for lack of room, writes are tried again after this long, doubling each time
 #: the disk is still full up to the maximum (a full disk is freed by a person or a cleanup job).
@@ -354,27 +355,27 @@ class ClaimedManifests:
     Each is taken once: a later reader (the build of a job its estimate read first) parses the bytes
     anew, so no two passes of a task plugin ever share a manifest's objects. Only a manifest that names
     no input file is kept (the claim resolved its inputs in the inbox, the steps read the spool's
-    copies); small ones only, and :data:`CLAIMED_MANIFESTS_BYTES` of them at most, the oldest dropped
-    first. One not kept, dropped, or asked for after a restart is parsed again, so this changes how fast
-    a manifest is read, never what is read. Any thread may ask.
+    copies), of :data:`CLAIMED_MANIFEST_MAX_BYTES` at most, while the kept ones take less than
+    :data:`CLAIMED_MANIFESTS_MEMORY`; past that a claim keeps nothing (the jobs claimed first are built
+    first: theirs are the ones to keep). One not kept, or asked for after a restart, is parsed again, so
+    this changes how fast a manifest is read, never what is read. Any thread may ask.
     """
 
-    def __init__(self, most_bytes: int = CLAIMED_MANIFESTS_BYTES, largest: int = CLAIMED_MANIFEST_MAX_BYTES):
-        self._most, self._largest = most_bytes, largest
-        self._kept: OrderedDict[str, tuple[str, Manifest, int]] = OrderedDict()
-        self._bytes = 0
+    def __init__(self, memory: int = CLAIMED_MANIFESTS_MEMORY, largest: int = CLAIMED_MANIFEST_MAX_BYTES):
+        self._memory, self._largest = memory, largest
+        self._kept: dict[str, tuple[str, Manifest, int]] = {}
+        self._used = 0
         self._lock = threading.Lock()
 
     def keep(self, job_id: str, sha256: str, manifest: Manifest, size: int) -> None:
         """Keep the manifest claimed as ``job_id``, read from ``size`` bytes hashing to ``sha256``."""
         if size > self._largest or manifest.input_files():
             return
+        cost = 4 * size + 2560  # its parsed objects, as measured
         with self._lock:
-            self._kept[job_id] = (sha256, manifest, size)
-            self._bytes += size
-            while self._bytes > self._most:
-                _, (_, _, dropped) = self._kept.popitem(last=False)
-                self._bytes -= dropped
+            if self._used + cost <= self._memory:
+                self._kept[job_id] = (sha256, manifest, cost)
+                self._used += cost
 
     def take(self, job_id: str, sha256: str | None, path: Path) -> Manifest | None:
         """The kept manifest of ``job_id`` if it was read from bytes hashing to ``sha256``, named ``path``
@@ -382,7 +383,7 @@ class ClaimedManifests:
         with self._lock:
             kept = self._kept.pop(job_id, None)
             if kept is not None:
-                self._bytes -= kept[2]
+                self._used -= kept[2]
         if kept is None or kept[0] != sha256:
             return None
         return dataclasses.replace(kept[1], path=path)
@@ -422,7 +423,7 @@ class Context:
         #: Pings the service manager's watchdog: set by the daemon.
         self.alive: Callable[[], None] = lambda: None
         self._spools: dict[str, JobSpool] = {}
-        #: The manifests the claims checked, kept for the step that reads each next.
+        #: The manifests the claims checked, kept for the step that reads each first.
         self.claimed_manifests = ClaimedManifests()
 
     @property
