@@ -604,6 +604,7 @@ def test_a_manifest_changed_after_it_was_checked_does_not_run(workspace: Workspa
     rejected = workspace.delivered()["changing"]
     assert rejected["state"] == "rejected"
     assert "changed after batchd checked it" in rejected["error"]["message"]
+    assert len(daemon.steps.build.ctx.claimed_manifests) == 0, "the claim's parse of other bytes is dropped"
     assert remote_jobs(workspace) == []
 
 
@@ -617,6 +618,7 @@ def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_byte
 
     workspace.configure(settle_seconds=0)
     workspace.drop("inline.toml", TRANSLATE)
+    workspace.drop("cancelled.toml", TRANSLATE.replace("Hello", "Bye"))
     (workspace.inbox / "rows.csv").write_text("id,text\n1,Fine.\n")
     workspace.drop("reads.toml", 'task = "sentiment"\ninput = "rows.csv"\n')
     daemon = Daemon(load_settings(workspace.config), once=True)
@@ -625,14 +627,18 @@ def test_the_build_takes_the_claims_parse_of_a_small_manifest_and_reads_its_byte
         with daemon.journal.group():
             daemon.steps.intake.take()
         claimed = daemon.steps.build.ctx.claimed_manifests
-        assert len(claimed) == 1, "only the manifest without an input file is kept"
+        assert len(claimed) == 2, "only the manifests without an input file are kept"
+        (dropped,) = [job for job in daemon.journal.active_jobs() if job.name == "cancelled"]
+        with daemon.journal.group():
+            daemon.journal.update_job(dropped.id, cancel_requested=1)
         daemon.loop.run()
-        assert len(claimed) == 0, "the build took it"
+        assert len(claimed) == 0, "the build took one, the cancel forgot the other"
     finally:
         daemon.close()
 
     delivered = workspace.delivered()
     assert delivered["inline"]["state"] == "succeeded" and delivered["reads"]["state"] == "succeeded"
+    assert delivered["cancelled"]["state"] == "cancelled"
 
 
 def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded():
@@ -655,6 +661,12 @@ def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded():
     assert claimed.take("job-2", "sha", Path("x")) is None and claimed.take("job-0", "sha", Path("x")) is not None
     claimed.keep("job-5", "sha", manifest, 100)
     assert claimed.take("job-5", "sha", Path("x")) is not None, "what was taken no longer counts"
+    claimed.keep("job-6", "sha", manifest, 100)
+    claimed.forget("job-1")
+    claimed.forget("job-6")
+    claimed.keep("job-7", "sha", manifest, 100)
+    claimed.keep("job-8", "sha", manifest, 100)
+    assert len(claimed) == 2, "nor what was forgotten"
 
 
 def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace):

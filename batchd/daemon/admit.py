@@ -54,6 +54,7 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
     (:class:`batchd.daemon.context.ClaimedManifests`)."""
     spool = ctx.spool(job.id)
     path = spool.manifest_path(job.source)
+    kept = ctx.claimed_manifests.take(job.id, job.manifest_sha256, path)  # (taken even if what follows fails)
     try:
         content = read_entry(path, ctx.settings.limits.manifest_bytes).content
     except (OSError, UnsafeEntry) as error:
@@ -61,7 +62,6 @@ def load_claimed(ctx: Context, job: Job) -> Manifest:
     if job.manifest_sha256 is not None and hashlib.sha256(content).hexdigest() != job.manifest_sha256:
         raise ManifestError(path, "the manifest changed after batchd checked it (was it still open for "
                                   "writing?); drop it again once it is complete")
-    kept = ctx.claimed_manifests.take(job.id, job.manifest_sha256, path)
     if kept is not None:
         return kept  # parsed from these very bytes by the claim
     return load_manifest(path, input_dir=spool.inputs, tasks=ctx.tasks, check_inputs=False, content=content,

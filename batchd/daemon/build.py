@@ -287,6 +287,7 @@ class Build:
         """The job is delivered without being built (cancelled, rejected)."""
         self.turns.forget(job_id)
         self._release(job_id)
+        self.ctx.claimed_manifests.forget(job_id)
 
     def _release(self, job_id: str, *, wait: bool = False) -> None:
         builder = self.builders.pop(job_id, None)

@@ -380,13 +380,19 @@ class ClaimedManifests:
     def take(self, job_id: str, sha256: str | None, path: Path) -> Manifest | None:
         """The kept manifest of ``job_id`` if it was read from bytes hashing to ``sha256``, named ``path``
         (its spool copy); it is kept no longer."""
+        kept = self.forget(job_id)
+        if kept is None or kept[0] != sha256:
+            return None
+        return dataclasses.replace(kept[1], path=path)
+
+    def forget(self, job_id: str) -> tuple[str, Manifest, int] | None:
+        """Keep ``job_id``'s manifest no longer (its job ended before a step read it: cancelled,
+        rejected); what was kept, if anything."""
         with self._lock:
             kept = self._kept.pop(job_id, None)
             if kept is not None:
                 self._used -= kept[2]
-        if kept is None or kept[0] != sha256:
-            return None
-        return dataclasses.replace(kept[1], path=path)
+        return kept
 
     def __len__(self) -> int:
         return len(self._kept)
