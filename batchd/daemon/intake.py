@@ -404,6 +404,7 @@ class Intake:
             return True
         if not moved:
             log.warning("%s vanished before it could be claimed", source)
+            ctx.claimed_manifests.forget(job_id)
             ctx.journal.update_job(job_id, state=JobState.DONE, outcome="rejected",
                                    error={"message": f"{source} was removed before batchd could claim it"})
             return True
