@@ -94,7 +94,12 @@ def test_outbox_files_are_served_read_only_and_path_checked(served):
     workspace, process, url = served
     _translate(workspace, "filed", n=1)
     workspace.wait_for_delivery("filed")
-    [job] = [j for j in request(url + "/api/jobs").json()["jobs"] if j["name"] == "filed"]
+
+    def done() -> dict | None:  # the folder is published a moment before its 'done' commits
+        return next((j for j in request(url + "/api/jobs").json()["jobs"] if j["name"] == "filed" and j["state"] == "done"),
+                    None)
+
+    job = workspace.wait_for(done, 30, what="filed done")
     page = request(url + f"/jobs/{job['id']}")
     assert page.status == 200 and "summary.json" in page.text and "results.jsonl" in page.text
     summary = request(url + f"/files/{job['id']}/summary.json")
