@@ -92,6 +92,9 @@ def test_a_running_jobs_progress_moves_without_a_reload(site, page):
 def test_a_failed_jobs_error_is_shown_on_the_dashboard_and_its_page(site, page):
     workspace, url = site
     workspace.wait_for_delivery("broken", timeout=60)
+    # The folder is published a moment before the job's 'done' commits, and the page shows what is committed.
+    wait_until(lambda: any(job["name"] == "broken" and job["state"] == "done"
+                           for job in request(url + "/api/jobs").json()["jobs"]), what="broken done")
     page.goto(url + "/")
     row = page.locator('tr.job:has(a:text-is("broken"))')
     assert row.locator("td.state").inner_text() == "failed"
