@@ -50,6 +50,8 @@ RELIST_SECONDS = 1.0
 #: Files batchd's user may not move out of the inbox remembered at most (Intake._not_movable): whatever a
 #: flood of them, memory stays bounded.
 UNMOVABLE_KEPT = 10_000
+#: Control files taken that the journal remembers (by name and last change), the newest.
+CONTROL_FILES_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -554,6 +556,17 @@ class Intake:
         The flag is committed before the file goes: a crash in between flags twice, harmlessly.
         """
         ctx = self.ctx
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # gone since the scan
+        if ctx.journal.control_file_taken(path.name, st.st_ino, st.st_ctime_ns):
+            # Taken before a restart and left: batchd's user may not remove it (or was stopped before it did).
+            # The jobs it asked about were flagged then; one of its name claimed since is not one of them.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                path.unlink()
+            self._remember_unmovable(path)
+            return
         name = path.stem
         jobs = [job for job in ctx.journal.find_jobs(name) if job.state != JobState.DONE]
         waiting = [p for p in (ctx.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
@@ -572,6 +585,7 @@ class Intake:
             log.warning("%s: no unfinished job named %r", path.name, name)
         elif path.suffix.lower() == CANCEL_SUFFIX:
             crashpoint("after-cancel-request")
+        ctx.journal.note_control_file_taken(path.name, st.st_ino, st.st_ctime_ns, keep=CONTROL_FILES_KEPT)
         ctx.journal.after_commit(lambda: self._remove_control_file(path))
 
     def _remove_control_file(self, path: Path) -> None:

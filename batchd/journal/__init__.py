@@ -316,6 +316,20 @@ class Journal(RemoteRecords):
             " AND json_extract(error, '$.code') = 'not_movable' LIMIT 1",
             (Path(source).stem, source, unchanged_since)).fetchone() is not None
 
+    def control_file_taken(self, name: str, inode: int, changed_ns: int) -> bool:
+        """Whether the control file ``name`` (``inode``) was taken already, unchanged since (its ctime)."""
+        return self._db.execute("SELECT 1 FROM control_files_taken WHERE name = ? AND inode = ? AND changed_ns = ?",
+                                (name, inode, changed_ns)).fetchone() is not None
+
+    def note_control_file_taken(self, name: str, inode: int, changed_ns: int, *, keep: int) -> None:
+        """Record the control file ``name`` taken (in the transition that sets its flags); the newest ``keep``
+        are kept."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO control_files_taken (name, inode, changed_ns, taken_at)"
+                       " VALUES (?, ?, ?, ?)", (name, inode, changed_ns, time.time()))
+            db.execute("DELETE FROM control_files_taken WHERE taken_at < (SELECT taken_at FROM control_files_taken"
+                       " ORDER BY taken_at DESC LIMIT 1 OFFSET ?)", (keep - 1,))
+
     def find_jobs(self, ref: str) -> list[Job]:
         """Jobs named ``ref`` (the manifest stem) or with id ``ref``, newest last."""
         rows = self._db.execute(

@@ -130,6 +130,19 @@ CREATE TABLE IF NOT EXISTS batches_to_delete (
     since         REAL NOT NULL        -- when its work was delivered: the oldest go first
 );
 
+-- Control files (NAME.cancel, NAME.approve) taken, by name, inode and last change, each added with the flags it
+-- set: one batchd's user may not remove (another user's, in a folder with the sticky bit) stays in the
+-- inbox, and is not taken again after a restart while unchanged (a job of that name claimed later is not
+-- what it asked about). The newest CONTROL_FILES_KEPT (batchd/daemon/intake.py).
+CREATE TABLE IF NOT EXISTS control_files_taken (
+    name          TEXT NOT NULL,
+    inode         INTEGER NOT NULL,
+    changed_ns    INTEGER NOT NULL,    -- its ctime when taken (only the kernel sets it)
+    taken_at      REAL NOT NULL,
+    PRIMARY KEY (name, inode, changed_ns)
+);
+CREATE INDEX IF NOT EXISTS control_files_by_age ON control_files_taken(taken_at);
+
 -- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
 -- reached the service may show up in the list late, after its chunk was created again, fetched or
 -- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
