@@ -169,6 +169,10 @@ def test_kill_9_around_a_cancel_ends_cancelled_with_every_remote_job_stopped(wor
     assert len(jobs) == 2 and all(job.state == types.JobState.JOB_STATE_CANCELLED for job in jobs), \
         [(job.display_name, job.state) for job in jobs]
     assert_invariants(workspace, [dropped], jobs)
+    # Taken before the kill (its record committed with the flag), the request left is removed, not taken again.
+    assert not (workspace.inbox / "long.cancel").exists()
+    if point == "after-cancel-request":
+        assert "cancel requested for job" not in result.stderr, result.stderr
 
 
 def cancel_both_running_chunks(ws: Workspace, **env: str):

@@ -553,7 +553,8 @@ class Intake:
     def take_control_file(self, path: Path) -> None:
         """``NAME.cancel`` (``batchd cancel``) or ``NAME.approve`` (``batchd approve``): flag NAME's unfinished jobs.
 
-        The flag is committed before the file goes: a crash in between flags twice, harmlessly.
+        The flags and the file's record commit together before the file goes: a crash in between leaves the file,
+        removed at the restart without flagging again.
         """
         ctx = self.ctx
         try:
@@ -583,9 +584,9 @@ class Intake:
             self._on_flag()  # a held job is released, or delivered cancelled, on this tick
         if not jobs:
             log.warning("%s: no unfinished job named %r", path.name, name)
-        elif path.suffix.lower() == CANCEL_SUFFIX:
-            crashpoint("after-cancel-request")
         ctx.journal.note_control_file_taken(path.name, st.st_ino, st.st_ctime_ns, keep=CONTROL_FILES_KEPT)
+        if jobs and path.suffix.lower() == CANCEL_SUFFIX:
+            crashpoint("after-cancel-request")
         ctx.journal.after_commit(lambda: self._remove_control_file(path))
 
     def _remove_control_file(self, path: Path) -> None:
