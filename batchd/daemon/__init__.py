@@ -46,7 +46,8 @@ from batchd.config import ConfigError, Settings
 from batchd.costs import CostHooks
 from batchd.daemon import crashpoints
 from batchd.daemon.context import Context
-from batchd.daemon.intake import CONTROL_SUFFIXES, once_candidates
+from batchd.daemon.control_files import CONTROL_SUFFIXES
+from batchd.daemon.intake import once_candidates
 from batchd.daemon.schedule import Loop, Steps
 from batchd.emulator.process import EmulatorProcess
 from batchd.statedir import lock_holder, lock_path, notices_path, render_notice
@@ -223,7 +224,7 @@ class Daemon:
     def recover(self) -> None:
         """Finish what a crash interrupted; runs before the first new manifest is taken."""
         self.steps.intake.recover()
-        self.steps.intake.take_cancel_files()
+        self.steps.intake.control_files.take_cancel_files()
         self.steps.uploads.recover()  # remote batches of delivered work the last run had not deleted yet
         # A start is when a receiver that refused events may have been mended: what waits out a backoff
         # goes now, each plugin's in the order the events were committed (each event's backoff differs:

@@ -26,6 +26,7 @@ from batchd import fs
 from batchd.daemon.context import Context, FolderAccess, is_regular_file, manifest_error
 from batchd.daemon.claim_inputs import (INPUT_GONE, INPUTS_RECORD, OUTBOX_FILES, TOO_MANY, pending_manifests,
                                         read_inputs_record, same_file, take_input)
+from batchd.daemon.control_files import CONTROL_SUFFIXES, ControlFiles
 from batchd.daemon.crashpoints import crashpoint
 from batchd.durable import atomic_write, fsync_dir, link_first, unlink_old
 from batchd.inbox import (Candidate, Entry, Inbox, Irregular, UnsafeEntry, claim, is_temp_name,
@@ -36,9 +37,6 @@ from batchd.states import JobState
 
 log = logging.getLogger("batchd")
 
-CANCEL_SUFFIX = ".cancel"
-APPROVE_SUFFIX = ".approve"
-CONTROL_SUFFIXES = (CANCEL_SUFFIX, APPROVE_SUFFIX)
 #: Manifests claimed in one tick at most: a burst of thousands is claimed over many ticks, so the jobs
 #: already claimed move on meanwhile (each claim parses a manifest and commits twice).
 CLAIMS_PER_TICK = 50
@@ -50,8 +48,6 @@ RELIST_SECONDS = 1.0
 #: Files batchd's user may not move out of the inbox remembered at most (Intake._not_movable): whatever a
 #: flood of them, memory stays bounded.
 UNMOVABLE_KEPT = 10_000
-#: Control files taken that the journal remembers (by name and last change), the newest.
-CONTROL_FILES_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -69,8 +65,8 @@ class Intake:
     def __init__(self, ctx: Context, inbox: Inbox, *, on_flag: Callable[[], None]):
         self.ctx = ctx
         self.inbox = inbox
-        #: Called when a job was approved or cancelled by a control file (a held job is reviewed at once).
-        self._on_flag = on_flag
+        #: NAME.cancel and NAME.approve, taken as they are found.
+        self.control_files = ControlFiles(ctx, on_flag=on_flag, left=self._remember_unmovable)
         #: Why new manifests are not claimed (free space under min_free_mb), or None.
         self.claiming_paused: str | None = None
         #: Whether the last tick left settled manifests for the next one (CLAIMS_PER_TICK).
@@ -106,14 +102,6 @@ class Intake:
             if job is None or job.state == JobState.DONE:
                 log.info("removing the leftover spool %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
-
-    def take_cancel_files(self) -> None:
-        """Take the NAME.cancel files dropped while batchd was down, before reconciling: a job cancelled
-        by then gets no create for a chunk whose create a crash left unconfirmed."""
-        for path in sorted(self.ctx.settings.inbox.iterdir()):
-            if (path.suffix.lower() == CANCEL_SUFFIX and not is_temp_name(path.name) and is_valid_text(path.name)
-                    and is_regular_file(path)):
-                self.take_control_file(path)
 
     # -- each tick --------------------------------------------------------------------------------
 
@@ -183,7 +171,7 @@ class Intake:
                 claimed += 1
                 continue
             if path.suffix.lower() in CONTROL_SUFFIXES:
-                self.take_control_file(path)
+                self.control_files.take(path)
                 continue
             try:
                 # Open, then check: what is validated is the bytes read through a descriptor that
@@ -549,54 +537,6 @@ class Intake:
                 if name != source and readable_name(name) == source:
                     return inbox / name
         return path
-
-    def take_control_file(self, path: Path) -> None:
-        """``NAME.cancel`` (``batchd cancel``) or ``NAME.approve`` (``batchd approve``): flag NAME's unfinished jobs.
-
-        The flags and the file's record commit together before the file goes: a crash in between leaves the file,
-        removed at the restart without flagging again.
-        """
-        ctx = self.ctx
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return  # gone since the scan
-        if ctx.journal.control_file_taken(path.name, st.st_ino, st.st_ctime_ns):
-            # Taken before a restart and left: batchd's user may not remove it (or was stopped before it did).
-            # The jobs it asked about were flagged then; one of its name claimed since is not one of them.
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                path.unlink()
-            self._remember_unmovable(path)
-            return
-        name = path.stem
-        jobs = [job for job in ctx.journal.find_jobs(name) if job.state != JobState.DONE]
-        waiting = [p for p in (ctx.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
-        if not jobs and waiting:
-            return  # the manifest is still settling; flag it once it is a job
-        for job in jobs:
-            if path.suffix.lower() == CANCEL_SUFFIX:
-                ctx.journal.update_job(job.id, cancel_requested=1)
-                log.info("cancel requested for job %s (%s)", job.id, job.source)
-            else:
-                ctx.journal.update_job(job.id, approved=1)
-                log.info("job %s (%s) approved%s", job.id, job.source,
-                         "" if job.state == JobState.HELD else " ahead of its budget check")
-            self._on_flag()  # a held job is released, or delivered cancelled, on this tick
-        if not jobs:
-            log.warning("%s: no unfinished job named %r", path.name, name)
-        ctx.journal.note_control_file_taken(path.name, st.st_ino, st.st_ctime_ns, keep=CONTROL_FILES_KEPT)
-        if jobs and path.suffix.lower() == CANCEL_SUFFIX:
-            crashpoint("after-cancel-request")
-        ctx.journal.after_commit(lambda: self._remove_control_file(path))
-
-    def _remove_control_file(self, path: Path) -> None:
-        try:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            # Another user's request in a shared drop folder (the sticky bit): acted on, and its owner's to remove.
-            log.info("%s was acted on; batchd's user may not remove it (another user's, in a folder with the sticky "
-                     "bit): left there, and not taken again while unchanged", path.name)
-            self._remember_unmovable(path)
 
     def _below_free_space_floor(self) -> bool:
         """Whether the state dir's filesystem has less than ``min_free_mb`` left; says so when that changes."""
