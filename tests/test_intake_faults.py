@@ -669,6 +669,31 @@ def test_a_claimed_manifest_is_taken_once_for_its_hash_and_bounded():
     assert len(claimed) == 2, "nor what was forgotten"
 
 
+def test_a_flood_of_control_files_is_taken_over_several_ticks(workspace: Workspace):
+    """Control files count against a tick's claims, as manifests do: thousands of NAME.cancel files dropped at
+    once are taken over many ticks, so one tick never holds up the loop for all of them. (NAME.approve: the
+    cancels dropped while batchd was down are all taken at its start, before it reconciles.)"""
+    from batchd.config import load_settings
+    from batchd.daemon import Daemon
+    from batchd.daemon.intake import CLAIMS_PER_TICK
+
+    workspace.configure(settle_seconds=0)
+    for n in range(CLAIMS_PER_TICK + 10):
+        workspace.drop(f"nobody-{n:03d}.approve", "")
+    daemon = Daemon(load_settings(workspace.config), once=True)
+    daemon.start()
+    try:
+        with daemon.journal.group():
+            daemon.steps.intake.take()
+        assert daemon.steps.intake.backlog
+        assert len(list(workspace.inbox.glob("*.approve"))) == 10, "one tick took them all"
+        with daemon.journal.group():
+            daemon.steps.intake.take()
+        assert not list(workspace.inbox.glob("*.approve"))
+    finally:
+        daemon.close()
+
+
 def test_the_limits_come_from_the_config_and_cut_the_error(workspace: Workspace):
     workspace.configure(limits={"list_items": 2, "error_chars": 100})
     workspace.drop("two.toml", 'task = "sentiment"\ntexts = ["Fine.", "Bad."]\n')

@@ -37,8 +37,8 @@ from batchd.states import JobState
 
 log = logging.getLogger("batchd")
 
-#: Manifests claimed in one tick at most: a burst of thousands is claimed over many ticks, so the jobs
-#: already claimed move on meanwhile (each claim parses a manifest and commits twice).
+#: Manifests claimed (or control files taken) in one tick at most: a burst of thousands is claimed over
+#: many ticks, so the jobs already claimed move on meanwhile (each claim parses a manifest and commits twice).
 CLAIMS_PER_TICK = 50
 #: While manifests of the last listing wait their turn (a burst: CLAIMS_PER_TICK a tick), the next
 #: ticks take them from that listing, and the inbox is listed again at most this often: a cancel or
@@ -172,6 +172,7 @@ class Intake:
                 continue
             if path.suffix.lower() in CONTROL_SUFFIXES:
                 self.control_files.take(path)
+                claimed += 1  # (a flood of them is taken over many ticks too)
                 continue
             try:
                 # Open, then check: what is validated is the bytes read through a descriptor that
