@@ -294,23 +294,19 @@ class JobSpool:
 
     def write_results(self, idx: int, records: Iterable[dict]) -> None:
         """Store a chunk's result records (written atomically)."""
-        text = "".join(jsonfast.dumps(record) + "\n" for record in records)
-        atomic_write(self.results_path(idx), text, step="results")
+        atomic_write(self.results_path(idx), results_lines(records), step="results")
 
-    def read_results(self, idx: int) -> Iterator[dict]:
+    def read_results(self, idx: int, share: str | None = None) -> Iterator[dict]:
+        """A chunk's result records: those of ``share`` (a pack member's share of its pack's results, kept in
+        the journal), else of its results file."""
+        if share is not None:
+            yield from _result_records(share.splitlines())
+            return
         path = self.results_path(idx)
         if not path.exists():
             return
         with open(path, encoding="utf-8", buffering=IO_BUFFER) as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield jsonfast.loads(line)
-                except json.JSONDecodeError as exc:
-                    # A torn or garbled line must not sink the whole job: its request shows as an error.
-                    yield {"key": None, "error": {"code": "bad_result_line",
-                                                  "message": f"results line {number}: {exc}"}}
+            yield from _result_records(lines)
 
     def read_cached(self) -> Iterator[dict]:
         """The answers taken from the request cache, ``{"n", "key", "response"}``, in request order."""
@@ -327,7 +323,8 @@ class JobSpool:
                     yield record
 
     def joined(self, chunk_error: Callable[[int], dict | None], kind: str = "generate", *,
-               keep: Callable[[str, dict], None] | None = None) -> Iterator[TaskResult]:
+               keep: Callable[[str, dict], None] | None = None,
+               share_of: Callable[[int], str | None] = lambda idx: None) -> Iterator[TaskResult]:
         """Every request's result, in request order, joined by key; ``kind`` "embed" reads
         EmbedContentResponses (:func:`to_embed_result`).
 
@@ -340,6 +337,9 @@ class JobSpool:
         marked ``cached``. ``keep(hash, response)`` is called for every successful answer the
         service gave to a request whose index entry carries a hash (the cache is on for the job),
         except one joined by position: that is what enters the request cache.
+
+        ``share_of(idx)``: a chunk's results kept in the journal rather than in a file (a pack member's share
+        of its pack's results), asked once its ``chunk_error`` returned None; None reads its results file.
         """
         cached = self.read_cached()
         for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
@@ -357,7 +357,7 @@ class JobSpool:
                     yield TaskResult(key=key, input=inputs, status="error", text=None, data=None,
                                      error=unsent_error(entry) or error, usage=None)
                 continue
-            for entry, record in join_chunk(entries, self.read_results(idx)):
+            for entry, record in join_chunk(entries, self.read_results(idx, share_of(idx))):
                 key, _chunk, wants_json, inputs = entry[:4]
                 never_sent = unsent_error(entry)
                 if never_sent is not None:
@@ -504,6 +504,22 @@ class CacheSplit:
         out.write(json.dumps({"upto": n}) + "\n")
         out.flush()
         fs.fsync(out.fileno(), self.path, "requests")
+
+
+def results_lines(records: Iterable[dict]) -> str:
+    """Result records as a results file has them: one JSON object a line."""
+    return "".join(jsonfast.dumps(record) + "\n" for record in records)
+
+
+def _result_records(lines: Iterable[str]) -> Iterator[dict]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield jsonfast.loads(line)
+        except json.JSONDecodeError as exc:
+            # A torn or garbled line must not sink the whole job: its request shows as an error.
+            yield {"key": None, "error": {"code": "bad_result_line", "message": f"results line {number}: {exc}"}}
 
 
 def _claim_by_position(records: list[dict], unclaimed: Iterator[Any], certain: bool) -> Iterator[dict]:

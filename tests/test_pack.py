@@ -232,6 +232,31 @@ def test_kill_9_at_a_pack_crash_point_delivers_every_job_once_and_sends_nothing_
     assert all(s["counts"]["succeeded"] == 2 for s in summaries)
 
 
+def test_a_members_share_of_the_results_is_kept_in_the_journal_until_its_job_is_done(workspace: Workspace):
+    """A member's share of its pack's results is committed with its move to 'fetched', in the journal, not
+    written to a file of its own (docs/design.md, "Packs"): a kill before its outbox is published finds it
+    there, the restart delivers it, and it is removed in the transaction that finishes the job."""
+    dropped = drop_small(workspace, 4)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-cache-store")
+    assert crashed.wait(120) == -signal.SIGKILL, crashed.output()[-2000:]
+
+    shares = journal_rows(workspace, "SELECT j.id, m.records FROM member_results m JOIN jobs j ON j.id = m.job_id")
+    assert shares, "no member's share was committed"
+    for job_id, records in shares:
+        lines = [json.loads(line) for line in records.splitlines()]
+        assert len(lines) == 2 and all("response" in line for line in lines), lines
+        assert not list((workspace.state / "jobs" / job_id).glob("results-*")), "a share was written to a file"
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert_invariants(workspace, dropped, remote_jobs(workspace))
+    summaries = workspace.delivered().values()
+    assert len(summaries) == 4 and all(s["state"] == "succeeded" and s["counts"]["succeeded"] == 2 for s in summaries)
+    assert journal_rows(workspace, "SELECT count(*) FROM member_results") == [(0,)]
+
+
 def test_answers_without_their_keys_in_a_shared_batch_are_never_matched_by_position(workspace: Workspace):
     """Within one job an answer without its key is matched by position, a guess its results mark; in a
     shared batch that guess could hand one job another job's answer, so such answers are errors."""

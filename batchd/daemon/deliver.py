@@ -89,9 +89,13 @@ class Deliver:
                                ctx.plugin_clock(job.task, "organize()"), ctx.settings.plugin_timeout_seconds,
                                ctx.stopping, job.kind, CacheLimits.of(ctx.settings), job.model or ctx.settings.model)
         spool = ctx.spool(job.id)
+        shares = None
         for chunk in chunks:
             if chunk.state in CHUNK_DONE_STATES and gate.waits_for(chunk.idx):  # each looked at once, not each visit
-                gate.open(chunk.idx, _chunk_error(chunk, spool))
+                if shares is None:
+                    shares = ctx.journal.member_results(job.id)
+                share = shares.get(chunk.idx)
+                gate.open(chunk.idx, _chunk_error(chunk, spool, share is not None), share)
         return True
 
     def step(self, job: Job) -> None:
@@ -504,13 +508,14 @@ class _Staged:
     error: dict | None = None  # as summary.json has it (redacted)
 
 
-def _chunk_error(chunk: Chunk, spool: JobSpool) -> dict | None:
-    """The error every request of a chunk gets when the chunk itself produced no results."""
+def _chunk_error(chunk: Chunk, spool: JobSpool, shared: bool) -> dict | None:
+    """The error every request of a chunk gets when the chunk itself produced no results (``shared``: it has
+    a share of its pack's results)."""
     if chunk.state == ChunkState.SKIPPED:
         return {"code": "cancelled", "message": "cancelled before it was submitted"}
     if chunk.error is not None:
         return chunk.error
-    if not spool.results_path(chunk.idx).exists():
+    if not shared and not spool.results_path(chunk.idx).exists():
         return {"code": chunk.remote_state or "no_results",
                 "message": f"remote batch {chunk.remote_name} ended {chunk.remote_state} with no results"}
     return None  # requests the service left out of the results show up as "missing"

@@ -53,8 +53,7 @@ class Fetch:
         self._queued.pop(key, None)
         journal = self.ctx.journal
         # A pack's results are split into its members' spools in the same work (batchd.daemon.pack).
-        members = [(member, self.ctx.spool(member.job_id)) for member in journal.packed_members(chunk.job_id)] \
-            if journal.job(chunk.job_id).pack else None
+        members = journal.packed_members(chunk.job_id) if journal.job(chunk.job_id).pack else None
         self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
                            members, about=chunk)
 
@@ -105,11 +104,11 @@ class Fetch:
             journal.update_chunk(chunk.job_id, chunk.idx, state=ChunkState.FETCHED, remote_state=remote.state,
                                  stats=remote.stats, error=error,
                                  events=self._progress_events(chunk, remote.stats, finished=True))
-            for (job_id, idx), stats in (shares or {}).items():
+            for (job_id, idx), (stats, share) in (shares or {}).items():
                 member = journal.chunk(job_id, idx)
                 if member.state == ChunkState.PACKED:  # (not cancelled since)
                     journal.update_chunk(job_id, idx, state=ChunkState.FETCHED, remote_name=remote.name,
-                                         remote_state=remote.state, stats=stats,
+                                         remote_state=remote.state, stats=stats, member_results=share,
                                          events=self._progress_events(member, stats, finished=True))
             log.info("job %s: chunk %d %s", chunk.job_id, chunk.idx, remote.state,
                      extra={"job": chunk.job_id, "chunk": chunk.idx, "remote_state": remote.state})
@@ -129,10 +128,10 @@ class Fetch:
 
 
 def store_results(provider: Provider, chunk: Chunk, spool: JobSpool, remote: RemoteJob | None = None,
-                  members: list[tuple[Chunk, JobSpool]] | None = None) -> tuple[RemoteJob, dict | None, dict | None]:
+                  members: list[Chunk] | None = None) -> tuple[RemoteJob, dict | None, dict | None]:
     """One get (list leaves inline output out) unless ``remote`` is one, then the results themselves (runs in
-    the pool): the remote batch, the chunk's error (results it cannot have), and for a pack's chunk each
-    ``members``' counts once its share of the results is in its spool (None: no results to share)."""
+    the pool): the remote batch, the chunk's error (results it cannot have), and for a pack's chunk each of
+    its ``members``' counts and share of the results, for the loop to commit (None: no results to share)."""
     if remote is None:
         remote = provider.get(chunk.remote_name)
     error = None

@@ -18,9 +18,9 @@ Under load the pool is busy, offers pile up meanwhile and leave together.
 Crash safety (docs/design.md, "Packs"): the pack's requests file is written and synced before the
 transaction that records the pack and moves its members ``built → packed`` (their jobs ``built →
 submitted``); a crash before that commit leaves an unknown spool folder (removed at start) and the
-members ``built``, sealed again. The fetch of the pack's chunk writes each member's share of the
-results into the member's own spool before the transaction that moves it ``packed → fetched``
-(batchd.daemon.fetch), so a crash in between fetches and splits again. A pack that ended without
+members ``built``, sealed again. The fetch of the pack's chunk splits the results into each member's
+share, which the loop commits to the journal with the member's move ``packed → fetched``
+(batchd.daemon.fetch), so a crash before that fetches and splits again. A pack that ended without
 results ends its members as it ended (failed, expired past ``resubmit_expired``, vanished: what a
 chunk of their own would have got, never sent again, so never billed twice), except one whose
 create the service refused: nothing ran, and one member's request may be what it refused, so its
@@ -40,7 +40,7 @@ from batchd.daemon.context import Context
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import display_name
 from batchd.journal import Chunk, Job, new_job_id
-from batchd.spool import JobSpool
+from batchd.spool import JobSpool, results_lines
 from batchd.states import CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
 log = logging.getLogger("batchd")
@@ -253,7 +253,7 @@ class Pack:
                                      remote_state=chunk.remote_state, error=chunk.error)
         journal.update_job(pack.id, state=JobState.DONE, outcome=chunk.remote_state or chunk.state,
                            finished_at=time.time())
-        self.remove_spool(pack.id)  # its members' shares are in their own spools
+        self.remove_spool(pack.id)  # its members' shares are in the journal
         if chunk.remote_name:  # ... so nothing reads its remote batch again
             self.batches_done([chunk.remote_name])  # (committed with 'done', deleted after it)
 
@@ -266,13 +266,13 @@ def _pack_lines(members: Iterable[tuple[Chunk, JobSpool]]) -> Iterable[str]:
             yield encode(line) + "\n"
 
 
-def split_results(pack: JobSpool, members: list[tuple[Chunk, JobSpool]]) -> dict[tuple[str, int], dict] | None:
-    """Write each member's share of the pack's stored results into its own spool, under its own keys
-    (runs in the fetch pool); each member's counts, as ``batchStats``. None when the pack has no results
-    (its step then ends its members as it ended: :meth:`Pack.step`)."""
+def split_results(pack: JobSpool, members: list[Chunk]) -> dict[tuple[str, int], tuple[dict, str]] | None:
+    """Each member's share of the pack's stored results, under its own keys, as JSON lines, with its counts as
+    ``batchStats`` (runs in the fetch pool; the loop commits each share with its member's move to ``fetched``).
+    None when the pack has no results (its step then ends its members as it ended: :meth:`Pack.step`)."""
     if not pack.results_path(0).exists():
         return None
-    shares: dict[tuple[str, int], list[dict]] = {(chunk.job_id, chunk.idx): [] for chunk, _ in members}
+    shares: dict[tuple[str, int], list[dict]] = {(chunk.job_id, chunk.idx): [] for chunk in members}
     dropped = 0
     for record in pack.read_results(0):
         found = member_of(record.get("key"))
@@ -290,14 +290,11 @@ def split_results(pack: JobSpool, members: list[tuple[Chunk, JobSpool]]) -> dict
         share.append({**record, "key": found[2]})
     if dropped:
         log.info("%s: %d results belong to no member waiting for them", pack.root.name, dropped)
-    counts = {}
-    for chunk, spool in members:
-        if not spool.root.is_dir():
-            continue  # cancelled and delivered since the fetch began: its spool is gone, and so is its share
+    split = {}
+    for chunk in members:
         records = shares[(chunk.job_id, chunk.idx)]
-        spool.write_results(chunk.idx, records)
         failed = sum(1 for record in records if "error" in record)
-        counts[(chunk.job_id, chunk.idx)] = {"requestCount": chunk.request_count,
-                                             "successfulRequestCount": len(records) - failed,
-                                             "failedRequestCount": failed, "pendingRequestCount": 0}
-    return counts
+        counts = {"requestCount": chunk.request_count, "successfulRequestCount": len(records) - failed,
+                  "failedRequestCount": failed, "pendingRequestCount": 0}
+        split[(chunk.job_id, chunk.idx)] = counts, results_lines(records)
+    return split

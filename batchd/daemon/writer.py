@@ -32,7 +32,8 @@ class ChunkGate:
     """Which chunks of a job have their results in the spool, told by the loop to the job's writer.
 
     The writer joins chunks in order and waits at each one until the loop opens it (with the
-    error every request of the chunk gets when the chunk produced no results, else None).
+    error every request of the chunk gets when the chunk produced no results, else None, and a pack
+    member's share of its pack's results, which the journal keeps: the writer has no journal).
     Index entries of a chunk that was never recorded (a build that stopped part way) have
     nothing to wait for.
     """
@@ -40,15 +41,24 @@ class ChunkGate:
     def __init__(self, recorded: Iterable[int], stopping: threading.Event):
         self._waiting = set(recorded)
         self._opened: dict[int, dict | None] = {}
+        self._shares: dict[int, str] = {}
         self._changed = threading.Condition()
         self._stopping = stopping
 
-    def open(self, idx: int, error: dict | None) -> None:
+    def open(self, idx: int, error: dict | None, share: str | None = None) -> None:
         with self._changed:
             if idx in self._waiting:
                 self._waiting.discard(idx)
                 self._opened[idx] = error
+                if share is not None:
+                    self._shares[idx] = share
                 self._changed.notify_all()
+
+    def share_of(self, idx: int) -> str | None:
+        """The chunk's share of its pack's results, if it has one (kept with the gate: a writer whose task's
+        ``organize`` failed joins every chunk again)."""
+        with self._changed:
+            return self._shares.get(idx)
 
     def waits_for(self, idx: int) -> bool:
         """Whether chunk ``idx`` is recorded and not opened yet."""
@@ -200,7 +210,8 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         organize = tasks[clock.task].organize
         # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
         writing = InThread(
-            lambda: write_result_files(folder, spool, error_of, organize, stopping, clock, kind, keep),
+            lambda: write_result_files(folder, spool, error_of, organize, stopping, clock, kind, keep,
+                                       gate.share_of),
             name=f"batchd-organize-{job_id}")
         counts, tokens, usage, errors, cache_usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
@@ -210,7 +221,8 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         organize_error = {"message": f"{error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
         counts, tokens, usage, errors, cache_usage = write_result_files(
-            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep)
+            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep,
+            share_of=gate.share_of)
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
@@ -222,14 +234,16 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
                                      f"{type(error).__name__}: {error}; results.jsonl has every result"}
         folder = outbox.JobFolder(spool.staging)
         counts, tokens, usage, errors, cache_usage = write_result_files(
-            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep)
+            folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep,
+            share_of=gate.share_of)
     return Written(folder, counts, tokens, usage, organize_error, errors, cache_usage)
 
 
 def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: Callable[[int], dict | None],
                        organize, stopping: threading.Event,
                        clock: PluginClock | None = None, kind: str = "generate",
-                       keep: Callable[[str, dict], None] | None = None) -> tuple[dict, dict, dict, dict, dict]:
+                       keep: Callable[[str, dict], None] | None = None,
+                       share_of: Callable[[int], str | None] = lambda idx: None) -> tuple[dict, dict, dict, dict, dict]:
     """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
     ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
@@ -254,7 +268,7 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
     def results_written():
-        for n, result in enumerate(spool.joined(chunk_error, kind, keep=keep)):
+        for n, result in enumerate(spool.joined(chunk_error, kind, keep=keep, share_of=share_of)):
             if n % 10_000 == 0 and stopping.is_set():
                 raise Stopping()
             if embeddings is not None:

@@ -225,6 +225,7 @@ class Journal(RemoteRecords):
                     check_job_move(row[0], fields["state"])
         if updated and finishing:
             db.execute(DONE_TOTALS_ADD, (job_id,))
+            db.execute("DELETE FROM member_results WHERE job_id = ?", (job_id,))  # (its outbox has them now)
             if self._jobs_with_media is not None and job_id in self._jobs_with_media:
                 self.after_commit(lambda: self._jobs_with_media.discard(job_id))
         if updated and kept is not None:
@@ -361,11 +362,21 @@ class Journal(RemoteRecords):
         self.on_change(job_id)
         return bool(inserted)
 
-    def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), **fields: Any) -> None:
-        with self.transaction(one_write=not events) as db:
+    def update_chunk(self, job_id: str, idx: int, *, events: Iterable[dict] = (), member_results: str | None = None,
+                     **fields: Any) -> None:
+        """Set fields of one chunk in its own transaction, with the events that announce the change and, for a
+        pack member moving ``packed → fetched``, its share of the pack's results (:meth:`member_results`)."""
+        with self.transaction(one_write=not events and member_results is None) as db:
             self._update_chunk(db, job_id, idx, **fields)
+            if member_results is not None:
+                db.execute("INSERT OR REPLACE INTO member_results (job_id, idx, records) VALUES (?, ?, ?)",
+                           (job_id, idx, member_results))
             self._add_events(db, events)
         self.on_change(job_id)
+
+    def member_results(self, job_id: str) -> dict[int, str]:
+        """The job's chunks' shares of their packs' results, as JSON lines, by chunk index (see schema.py)."""
+        return dict(self._db.execute("SELECT idx, records FROM member_results WHERE job_id = ?", (job_id,)))
 
     def _update_chunk(self, db: sqlite3.Connection, job_id: str, idx: int, **fields: Any) -> None:
         kept = self.kept_rows.chunks(job_id)

@@ -143,6 +143,17 @@ CREATE TABLE IF NOT EXISTS control_files_taken (
 );
 CREATE INDEX IF NOT EXISTS control_files_by_age ON control_files_taken(taken_at);
 
+-- A pack member's share of its pack's results (batchd/daemon/pack.py), as JSON lines: added in the
+-- transaction that moves its chunk 'packed → fetched', read by its job's writer, removed in the one that
+-- finishes its job. A share is small (a pack's results come back inline), and a file of its own would cost
+-- each small job an inode created and freed (docs/design.md, "Packs").
+CREATE TABLE IF NOT EXISTS member_results (
+    job_id        TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    records       TEXT NOT NULL,       -- JSON lines, as a results file has them
+    PRIMARY KEY (job_id, idx)
+);
+
 -- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
 -- reached the service may show up in the list late, after its chunk was created again, fetched or
 -- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
