@@ -13,7 +13,9 @@ Layout of ``state_dir/jobs/<job id>/``::
     cached.jsonl                   the answers taken from the request cache while it was built, in request
                                    order ({"n", "key", "response"}), and {"upto": n} marks (see CacheSplit)
     requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
-    results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"})
+    results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"});
+                                   a pack member's share of its pack's are kept in the journal instead
+                                   (``member_results``: see batchd.daemon.pack)
     outbox/                        the job's outbox folder while it is being written
 
 Everything here is streamed line by line, so memory stays flat however many
