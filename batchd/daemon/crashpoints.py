@@ -49,7 +49,7 @@ ON_CACHE = {
 #: Met only by small jobs sent together in a pack (batchd.daemon.pack).
 ON_PACK = {
     "after-pack-requests": "a pack's requests file written and synced, the pack and its members' moves not yet committed",
-    "after-pack-split": "a pack's results split into its members' shares, not yet committed with their moves to 'fetched'",
+    "after-pack-split": "a pack's results split into its members' shares, not yet committed with their moves",
 }
 CRASH_POINTS = {**ON_EVERY_JOB, **ON_CANCEL, **ON_RESUBMIT, **ON_MEDIA, **ON_CACHE, **ON_PACK}
 

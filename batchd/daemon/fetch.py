@@ -52,7 +52,7 @@ class Fetch:
             return  # (its remote is asked for again when its turn comes: it may be big)
         self._queued.pop(key, None)
         journal = self.ctx.journal
-        # A pack's results are split into its members' spools in the same work (batchd.daemon.pack).
+        # A pack's results are split into its members' shares in the same work (batchd.daemon.pack).
         members = journal.packed_members(chunk.job_id) if journal.job(chunk.job_id).pack else None
         self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
                            members, about=chunk)
