@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchd.manifest import load_manifest
-from batchd.plugins import PluginError, get_plugin_manager, get_tasks
+from batchd.plugins import PluginError, describe_plugins, get_plugin_manager, get_tasks
 from batchd.testing import answered, failed
 
 BUILTIN_TASKS = {"translate", "sentiment", "variations"}
@@ -26,9 +26,9 @@ def test_entry_points_provide_the_builtin_tasks():
     tasks = get_tasks()
     assert BUILTIN_TASKS <= tasks.keys()
     pm = get_plugin_manager()
-    distributions = {dist.project_name for _, dist in pm.list_plugin_distinfo()}
-    assert "batchd" in distributions
     assert {"translate", "sentiment", "variations"} <= {name for name, _ in pm.list_name_plugin()}
+    described = {info.name: info for info in describe_plugins()}
+    assert described["translate"].source == "entry point batchd" and described["translate"].version
 
 
 def write_plugin(folder: Path, name: str, body: str) -> Path:
