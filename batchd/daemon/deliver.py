@@ -92,9 +92,9 @@ class Deliver:
         shares = None
         for chunk in chunks:
             if chunk.state in CHUNK_DONE_STATES and gate.waits_for(chunk.idx):  # each looked at once, not each visit
-                if shares is None:
-                    shares = ctx.journal.member_results(job.id)
-                share = shares.get(chunk.idx)
+                if shares is None and chunk.packed_in is not None:
+                    shares = ctx.journal.member_results(job.id)  # (a member's results are in the journal)
+                share = shares.get(chunk.idx) if shares else None
                 gate.open(chunk.idx, _chunk_error(chunk, spool, share is not None), share)
         return True
 
