@@ -40,14 +40,37 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from batchd.fs import is_damaged_database
+
+if TYPE_CHECKING:
+    from batchd.task import TaskRequest
 
 log = logging.getLogger("batchd")
 
 #: The store's file name in the state dir.
 CACHE_FILE = "cache.sqlite3"
+
+# -- a build's requests, as batchd/cache_split.py tags them ------------------------------------------
+
+@dataclass(slots=True)
+class CacheHit:
+    """A request answered from the request cache: only its index entry is written."""
+
+    key: str
+    input: dict
+    wants_json: bool
+
+
+@dataclass(slots=True)
+class CacheMiss:
+    """A request to send, already encoded (its line) and hashed (None: the cache is off for the job)."""
+
+    request: TaskRequest
+    line: str
+    digest: str | None
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -97,7 +120,7 @@ def request_hash(kind: str, model: str, request: Any) -> str:
 def uncached(requests: Iterator, path: Path, kind: str, model: str, encode) -> Iterator:
     """``requests`` without those the store answers now (what an estimate made before the build prices).
 
-    The build decides again, for good (:class:`batchd.spool.CacheSplit`): an answer stored or evicted
+    The build decides again, for good (:class:`batchd.cache_split.CacheSplit`): an answer stored or evicted
     in between makes the estimate a request off, never the job.
     """
     store = CacheStore.reader(path)

@@ -130,8 +130,8 @@ class EstimateAlongside:
 
     def feed(self, requests: Iterable[TaskRequest]) -> Iterator[TaskRequest]:
         """``requests``, unchanged, each also handed to the estimate; from a request-cache split
-        (:class:`batchd.spool.CacheSplit`), only those to be sent are."""
-        from batchd.spool import CacheHit, CacheMiss
+        (:class:`batchd.cache_split.CacheSplit`), only those to be sent are."""
+        from batchd.cache import CacheHit, CacheMiss
 
         batch: list = []
         try:

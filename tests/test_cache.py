@@ -14,7 +14,8 @@ import pytest
 
 from batchd.cache import CacheStore, cache_path, canonical, request_hash
 from batchd.emulator.server import EmulatorServer
-from batchd.spool import CacheSplit, ChunkLimits, JobSpool
+from batchd.cache_split import CacheSplit
+from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskRequest
 from batchd.encoding import RequestEncoder
 from batchd.testing import Workspace

@@ -34,7 +34,8 @@ from batchd.media import MediaResolver
 from batchd.plugin_calls import OnDemand, PluginClock, PluginTimeout
 from batchd.encoding import EmbedRequestEncoder, RequestEncoder
 from batchd.cache import cache_path
-from batchd.spool import BuiltChunk, CacheSplit, ChunkLimits
+from batchd.cache_split import CacheSplit
+from batchd.spool import BuiltChunk, ChunkLimits
 from batchd.states import JobState
 
 log = logging.getLogger("batchd")
