@@ -65,8 +65,7 @@ class ControlFiles:
             return
         name = path.stem
         jobs = [job for job in ctx.journal.find_jobs(name) if job.state != JobState.DONE]
-        waiting = [p for p in (ctx.settings.inbox / (name + s) for s in MANIFEST_SUFFIXES) if p.exists()]
-        if not jobs and waiting:
+        if not jobs and any((ctx.settings.inbox / (name + suffix)).exists() for suffix in MANIFEST_SUFFIXES):
             return  # the manifest is still settling; flag it once it is a job
         cancel = path.suffix.lower() == CANCEL_SUFFIX
         for job in jobs:
