@@ -13,6 +13,8 @@ Layout of ``state_dir/jobs/<job id>/``::
     cached.jsonl                   the answers taken from the request cache while it was built, in request
                                    order ({"n", "key", "response"}), and {"upto": n} marks (see batchd.cache_split)
     requests-0000.jsonl            the wire requests of chunk 0, as uploaded ({"key", "request"} lines)
+                                   (a small job's index and requests are kept in the journal instead,
+                                   ``small_builds``: see :class:`SmallBuild`)
     results-0000.jsonl             chunk 0's results as the service returned them ({"key", "response"|"error"});
                                    a pack member's share of its pack's are kept in the journal instead
                                    (``member_results``: see batchd.daemon.pack)
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from batchd import fs, jsonfast
 from batchd.cache import CacheHit
 from batchd.durable import atomic_write, fsync_dir
+from batchd.journal.rows import SmallBuild
 from batchd.task import TaskRequest, TaskResult
 
 if TYPE_CHECKING:
@@ -65,6 +68,14 @@ class BuiltChunk:
     last: bool = False
     #: Content hash → (MIME type, size) of the files its requests reference as uploads.
     media: dict = field(default_factory=dict)
+    #: A small job's one chunk, built in memory: its requests and index lines, for the journal (no file).
+    small: SmallBuild | None = None
+
+
+#: A job whose index and requests come to at most this many bytes is built in memory, as one inline
+#: chunk, and kept in the journal (:class:`SmallBuild`); a larger one is written into its spool's files.
+SMALL_BUILD_BYTES = 64 * 1024
+
 
 
 #: Paths a :class:`JobSpool` keeps made (its files' names), at most.
@@ -164,6 +175,11 @@ class JobSpool:
         before the chunk is yielded.
         """
         dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
+        if cache is None and SMALL_BUILD_BYTES:
+            small, requests = _built_small(requests, encode, limits, dumps)
+            if small is not None:
+                yield small
+                return
         try:
             yield from self._build(requests, encode, limits, check_stop, dumps, cache)
         except OSError:
@@ -249,12 +265,16 @@ class JobSpool:
         atomic_write(self.requests_path(idx), text, step="requests")
         return text.count("\n"), len(text.encode("utf-8"))
 
-    def read_requests(self, idx: int) -> Iterator[dict]:
-        for line in self.request_lines(idx):
+    def read_requests(self, idx: int, small: SmallBuild | None = None) -> Iterator[dict]:
+        for line in self.request_lines(idx, small):
             yield json.loads(line)
 
-    def request_lines(self, idx: int) -> Iterator[str]:
-        """The lines of chunk ``idx``'s requests file, as text (an inline create sends them so)."""
+    def request_lines(self, idx: int, small: SmallBuild | None = None) -> Iterator[str]:
+        """The lines of chunk ``idx``'s requests, as text (an inline create sends them so): from the job's
+        ``small`` build (the journal's), else from its requests file."""
+        if small is not None:
+            yield from small.requests.splitlines(keepends=True)
+            return
         with open(self.requests_path(idx), encoding="utf-8", buffering=IO_BUFFER) as lines:
             yield from lines
 
@@ -269,15 +289,20 @@ class JobSpool:
             pass
         return None
 
-    def read_index(self) -> Iterator[list]:
-        """Index entries ``[key, chunk, wants_json, input]``, in request order."""
+    def read_index(self, small: SmallBuild | None = None) -> Iterator[list]:
+        """Index entries ``[key, chunk, wants_json, input]``, in request order (from the job's ``small``
+        build, else from its index file)."""
+        if small is not None:
+            for line in small.index.splitlines():
+                yield json.loads(line)
+            return
         with open(self.index_path, encoding="utf-8", buffering=IO_BUFFER) as lines:
             for line in lines:
                 yield json.loads(line)
 
     # -- results --------------------------------------------------------------------------------
 
-    def write_inline_results(self, idx: int, records: Iterable[dict]) -> None:
+    def write_inline_results(self, idx: int, records: Iterable[dict], small: SmallBuild | None = None) -> None:
         """Store inline results as the same JSONL a file job returns (written atomically).
 
         A record whose ``metadata.key`` the service dropped (key None) is matched to a request
@@ -291,7 +316,7 @@ class JobSpool:
         keyless = sum(1 for record in records if record.get("key") is None)
         if keyless:
             returned = {record.get("key") for record in records}
-            unclaimed = [line["key"] for line in self.read_requests(idx) if line["key"] not in returned]
+            unclaimed = [line["key"] for line in self.read_requests(idx, small) if line["key"] not in returned]
             # One answer without its key for one request without an answer: the match is certain, not a guess.
             certain = keyless == 1 and len(unclaimed) == 1
             records = list(_claim_by_position(records, iter(unclaimed), certain))
@@ -329,7 +354,8 @@ class JobSpool:
 
     def joined(self, chunk_error: Callable[[int], dict | None], kind: str = "generate", *,
                keep: Callable[[str, dict], None] | None = None,
-               share_of: Callable[[int], str | None] = lambda idx: None) -> Iterator[TaskResult]:
+               share_of: Callable[[int], str | None] = lambda idx: None,
+               small: SmallBuild | None = None) -> Iterator[TaskResult]:
         """Every request's result, in request order, joined by key; ``kind`` "embed" reads
         EmbedContentResponses (:func:`to_embed_result`).
 
@@ -345,9 +371,10 @@ class JobSpool:
 
         ``share_of(idx)``: a chunk's results kept in the journal rather than in a file (a pack member's share
         of its pack's results), asked once its ``chunk_error`` returned None; None reads its results file.
+        ``small``: the job's build as the journal keeps it, when it was small (None: its index file).
         """
         cached = self.read_cached()
-        for idx, entries in itertools.groupby(self.read_index(), key=lambda entry: entry[1]):
+        for idx, entries in itertools.groupby(self.read_index(small), key=lambda entry: entry[1]):
             if idx == CACHED_CHUNK:
                 for (key, _chunk, wants_json, inputs, *_), record in join_chunk(entries, cached):
                     result = to_embed_result(key, inputs, record) if kind == "embed" else \
@@ -376,6 +403,41 @@ class JobSpool:
                 elif keep is not None and digest is not None and result.status == "ok":
                     keep(digest, record["response"])
                 yield result
+
+
+def _built_small(requests: Iterable[TaskRequest], encode: Callable[[TaskRequest], str], limits: ChunkLimits,
+                 dumps: Callable[[Any], str]) -> tuple[BuiltChunk | None, Iterable[TaskRequest]]:
+    """The job built in memory, as one inline chunk with its :class:`SmallBuild`, when it turns out small:
+    its index and request lines within :data:`SMALL_BUILD_BYTES`, every request sendable, none uploading a
+    file. Else None and the requests to build into files, those read so far first (at most a small job's
+    worth: they are encoded again there)."""
+    requests = iter(requests)
+    taken: list[TaskRequest] = []
+    request_lines: list[str] = []
+    index_lines: list[str] = []
+    room = SMALL_BUILD_BYTES
+    most_requests = min(limits.inline_max_requests, limits.max_requests)
+    most_bytes = min(limits.inline_max_bytes, limits.max_bytes)
+    size = 0
+    for request in requests:
+        taken.append(request)
+        if request.error is not None or len(taken) > most_requests or any(
+                ref.inline_data is None for ref in request.files):
+            return None, itertools.chain(taken, requests)
+        line = encode(request) + "\n"
+        entry = dumps([request.key, 0, request.config.get("response_mime_type") == "application/json",
+                       request.input]) + "\n"
+        line_size = len(line.encode("utf-8")) if not line.isascii() else len(line)
+        size += line_size
+        room -= line_size + (len(entry.encode("utf-8")) if not entry.isascii() else len(entry))
+        if room < 0 or size > most_bytes:
+            return None, itertools.chain(taken, requests)
+        request_lines.append(line)
+        index_lines.append(entry)
+    if not taken:
+        return None, ()
+    return BuiltChunk(idx=0, request_count=len(taken), byte_size=size, mode="inline", last=True,
+                      small=SmallBuild("".join(request_lines), "".join(index_lines))), ()
 
 
 #: The chunk of an index entry answered from the request cache.

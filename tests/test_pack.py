@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 from google.genai import types
 
+from batchd import spool as spool_module
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.daemon.crashpoints import ON_PACK
@@ -257,6 +258,34 @@ def test_a_members_share_of_the_results_is_kept_in_the_journal_until_its_job_is_
     assert journal_rows(workspace, "SELECT count(*) FROM member_results") == [(0,)]
 
 
+def test_a_small_jobs_build_is_kept_in_the_journal_until_its_job_is_done(workspace: Workspace):
+    """A small job is built in memory and its requests and index committed with its chunk, in the journal
+    (docs/design.md, "Small jobs"): its spool holds no file of them. A kill once they are sealed into a pack's
+    requests file, before the pack commits, finds them there; the restart seals and delivers them from the
+    journal, and each is removed in the transaction that finishes its job."""
+    dropped = drop_small(workspace, 4)
+
+    crashed = workspace.start("run", BATCHD_CRASH_AT="after-pack-requests")
+    assert crashed.wait(120) == -signal.SIGKILL, crashed.output()[-2000:]
+
+    builds = journal_rows(workspace, "SELECT job_id, requests, entries FROM small_builds")
+    assert len(builds) == 4, "not every small job's build was committed"
+    for job_id, requests, entries in builds:
+        assert [json.loads(line)["key"] for line in requests.splitlines()] == \
+            [json.loads(line)[0] for line in entries.splitlines()] and len(entries.splitlines()) == 2
+        assert not [path.name for path in (workspace.state / "jobs" / job_id).iterdir()
+                    if path.name.startswith(("index", "requests", ".requests"))], "a small build wrote a file"
+
+    result = workspace.batchd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert_invariants(workspace, dropped, remote_jobs(workspace))
+    summaries = workspace.delivered().values()
+    assert len(summaries) == 4 and all(s["state"] == "succeeded" and s["counts"]["succeeded"] == 2 for s in summaries)
+    assert sent_requests(workspace) == 8, "each request was sent once"
+    assert journal_rows(workspace, "SELECT count(*) FROM small_builds") == [(0,)]
+
+
 def test_answers_without_their_keys_in_a_shared_batch_are_never_matched_by_position(workspace: Workspace):
     """Within one job an answer without its key is matched by position, a guess its results mark; in a
     shared batch that guess could hand one job another job's answer, so such answers are errors."""
@@ -275,9 +304,10 @@ def test_answers_without_their_keys_in_a_shared_batch_are_never_matched_by_posit
 
 
 def test_a_pack_that_cannot_be_written_sends_its_jobs_alone_and_only_the_damaged_one_fails(workspace: Workspace,
-                                                                                          caplog):
+                                                                                          caplog, monkeypatch):
     """A member's requests file gone unreadable between its build and the seal (its spool tampered
     with): no pack is recorded, the loop goes on, each job goes alone, and only the damaged one fails."""
+    monkeypatch.setattr(spool_module, "SMALL_BUILD_BYTES", 0)  # built into files, as a member of 64 KiB or more is
     workspace.configure()
     drop_small(workspace, 2)
     daemon = Daemon(load_settings(workspace.config))

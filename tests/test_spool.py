@@ -11,6 +11,7 @@ import pytest
 from batchd.daemon.context import Stopping
 from batchd.daemon.writer import ChunkGate
 from batchd import jsonfast
+from batchd import spool as spool_module
 from batchd.encoding import RequestEncoder
 from batchd.spool import ChunkLimits, JobSpool
 from batchd.task import TaskRequest
@@ -143,3 +144,55 @@ def test_result_lines_and_answers_decode_whatever_json_takes():
     assert jsonfast.loads(b'{"a": [1, 2.5, null, true]}') == {"a": [1, 2.5, None, True]}
     with pytest.raises(ValueError):
         jsonfast.loads('{"torn": ')
+
+
+INLINE = ChunkLimits(max_requests=100, max_bytes=1 << 20, inline_max_requests=100, inline_max_bytes=1 << 20)
+
+
+def requests_of(count: int, size: int = 10) -> list[TaskRequest]:
+    return [TaskRequest(key=f"k{n}", prompt="é" * size, input={"n": n},
+                        config={"response_mime_type": "application/json"} if n % 2 else {}) for n in range(count)]
+
+
+def test_a_small_job_is_built_in_memory_as_its_files_would_hold_it(tmp_path, monkeypatch):
+    """A small job's one inline chunk carries its requests and index lines (for the journal: SmallBuild) and
+    leaves no file; its readers give exactly what the files of the same build give."""
+    encode = RequestEncoder("m").encode
+    small_spool, file_spool = JobSpool(tmp_path / "small"), JobSpool(tmp_path / "files")
+    small_spool.root.mkdir()
+    file_spool.root.mkdir()
+
+    [chunk] = small_spool.build(iter(requests_of(3)), encode, INLINE)
+    monkeypatch.setattr(spool_module, "SMALL_BUILD_BYTES", 0)
+    [filed] = file_spool.build(iter(requests_of(3)), encode, INLINE)
+
+    assert chunk.small is not None and filed.small is None
+    assert list(small_spool.root.iterdir()) == [], "a small build wrote a file"
+    assert (chunk.idx, chunk.mode, chunk.last, chunk.request_count) == (0, "inline", True, 3)
+    assert (filed.idx, filed.mode, filed.last, filed.request_count, filed.byte_size) == \
+        (chunk.idx, chunk.mode, chunk.last, chunk.request_count, chunk.byte_size)
+    assert chunk.small.requests == file_spool.requests_path(0).read_text(encoding="utf-8")
+    assert chunk.small.index == file_spool.index_path.read_text(encoding="utf-8")
+    assert list(small_spool.read_index(chunk.small)) == list(file_spool.read_index())
+    assert list(small_spool.request_lines(0, chunk.small)) == list(file_spool.request_lines(0))
+
+
+@pytest.mark.parametrize("why, requests, limits", [
+    ("more than SMALL_BUILD_BYTES", requests_of(3, size=spool_module.SMALL_BUILD_BYTES // 4), INLINE),
+    ("more than one chunk", requests_of(3), ChunkLimits(2, 1 << 20, 100, 1 << 20)),
+    ("too many to go inline", requests_of(3), ChunkLimits(100, 1 << 20, 2, 1 << 20)),
+    ("a request it cannot send", [*requests_of(2), TaskRequest(key="bad", prompt="x", input={},
+                                                               error={"code": "too_large", "message": "no"})], INLINE),
+])
+def test_a_job_that_turns_out_larger_is_built_into_files_whole(tmp_path, why, requests, limits):
+    """Read until it outgrows a small build, a job is written into its spool's files from its first request on:
+    the requests read so far are not lost."""
+    spool = JobSpool(tmp_path / "job")
+    spool.root.mkdir()
+
+    chunks = list(spool.build(iter(requests), RequestEncoder("m").encode, limits))
+
+    assert all(chunk.small is None for chunk in chunks), why
+    assert [entry[0] for entry in spool.read_index()] == [request.key for request in requests]
+    sent = [json.loads(line)["key"] for chunk in chunks for line in spool.request_lines(chunk.idx)]
+    assert sent == [request.key for request in requests if request.error is None]

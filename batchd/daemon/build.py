@@ -300,7 +300,7 @@ class Build:
         ctx = self.ctx
         recorded = {"idx": chunk.idx, "display_name": chunk_display_name(job, chunk.idx), "mode": chunk.mode,
                     "request_count": chunk.request_count, "byte_size": chunk.byte_size, "media": chunk.media}
-        if ctx.journal.add_chunk(job.id, recorded):
+        if ctx.journal.add_chunk(job.id, recorded, chunk.small):
             return
         # Recorded before a crash, and perhaps submitted already: the rebuild must agree with it.
         before = next(c for c in ctx.journal.chunks(job.id) if c.idx == chunk.idx)

@@ -10,6 +10,7 @@ outbox, so it appears complete or not at all.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -84,7 +85,8 @@ class Deliver:
             if not self.turns.first(job.id, self.writers.free()):
                 self.turns.wait(job)
                 return False
-            gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping)
+            gate = self.gates[job.id] = ChunkGate((c.idx for c in chunks), ctx.stopping,
+                                                  ctx.journal.small_build(job.id) if chunks else None)
             self.writers.start(job.id, write_results, ctx.spool(job.id), gate, ctx.tasks,
                                ctx.plugin_clock(job.task, "organize()"), ctx.settings.plugin_timeout_seconds,
                                ctx.stopping, job.kind, CacheLimits.of(ctx.settings), job.model or ctx.settings.model)
@@ -113,13 +115,17 @@ class Deliver:
             self.join(job, ctx.journal.chunks(job.id))
             return
         work = self._written.pop(job.id)
-        del self.gates[job.id]
+        gate = self.gates.pop(job.id)
         try:
             written: Written = work.future.result()  # a full disk's error goes to the loop, which backs off
         except FileNotFoundError as error:
-            if ctx.spool(job.id).index_path.exists():  # (the writer's staging folder makes the spool's anew)
+            if not self._spool_gone(job, gate):
                 raise
             self._spool_removed(job, error)
+            return
+        if gate.small is not None and self._spool_gone(job, gate):  # (its index is the journal's: it was joined)
+            manifest = ctx.spool(job.id).manifest_path(job.source)
+            self._spool_removed(job, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(manifest)))
             return
         crashpoint("after-cache-store")
         summary = self._results_summary(job, written)
@@ -131,6 +137,15 @@ class Deliver:
         self._staging[job.id] = (finishing, staged)
         job_id = job.id
         finishing.add_done_callback(lambda _: (ctx.mark(job_id), ctx.wake()))
+
+    def _spool_gone(self, job: Job, gate: ChunkGate) -> bool:
+        """Whether the job's spool folder was removed while it ran (not by batchd): its index file is gone, or
+        for a small job, whose index the journal keeps, its claimed manifest. (The folder itself tells nothing:
+        the writer's staging folder makes it anew.)"""
+        spool = self.ctx.spool(job.id)
+        if gate.small is None:
+            return not spool.index_path.exists()
+        return not os.path.lexists(spool.manifest_path(job.source))
 
     def _spool_removed(self, job: Job, error: OSError) -> None:
         """A job whose spool folder was removed while it ran, not by batchd (an operator, a cleaner of old

@@ -14,7 +14,7 @@ from batchd import fs
 from batchd.daemon.context import Context, error_dict
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.pack import split_results
-from batchd.journal import Chunk
+from batchd.journal import Chunk, SmallBuild
 from batchd.logs import FailureRun
 from batchd.provider import Provider, is_auth_error, is_retryable
 from batchd.remote import RemoteJob, inline_results
@@ -55,7 +55,7 @@ class Fetch:
         # A pack's results are split into its members' shares in the same work (batchd.daemon.pack).
         members = journal.packed_members(chunk.job_id) if journal.job(chunk.job_id).pack else None
         self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
-                           members, about=chunk)
+                           members, journal.small_build(chunk.job_id) if members is None else None, about=chunk)
 
     def busy(self) -> bool:
         return bool(len(self.fetches) or self._queued)
@@ -128,10 +128,12 @@ class Fetch:
 
 
 def store_results(provider: Provider, chunk: Chunk, spool: JobSpool, remote: RemoteJob | None = None,
-                  members: list[Chunk] | None = None) -> tuple[RemoteJob, dict | None, dict | None]:
+                  members: list[Chunk] | None = None,
+                  small: SmallBuild | None = None) -> tuple[RemoteJob, dict | None, dict | None]:
     """One get (list leaves inline output out) unless ``remote`` is one, then the results themselves (runs in
     the pool): the remote batch, the chunk's error (results it cannot have), and for a pack's chunk each of
-    its ``members``' counts and share of the results, for the loop to commit (None: no results to share)."""
+    its ``members``' counts and share of the results, for the loop to commit (None: no results to share).
+    ``small``: the job's build as the journal keeps it (its keys match answers the service left without one)."""
     if remote is None:
         remote = provider.get(chunk.remote_name)
     error = None
@@ -148,7 +150,7 @@ def store_results(provider: Provider, chunk: Chunk, spool: JobSpool, remote: Rem
                      "message": f"{remote.responses_file} could not be downloaded: "
                                 f"{error_dict(failure)['message']}"}
     elif remote.inlined is not None:
-        spool.write_inline_results(chunk.idx, inline_results(remote.inlined))
+        spool.write_inline_results(chunk.idx, inline_results(remote.inlined), small)
     crashpoint("after-download")
     if members is None:
         return remote, error, None

@@ -39,7 +39,7 @@ from batchd import fs
 from batchd.daemon.context import Context
 from batchd.daemon.crashpoints import crashpoint
 from batchd.daemon.naming import display_name
-from batchd.journal import Chunk, Job, new_job_id
+from batchd.journal import Chunk, Job, SmallBuild, new_job_id
 from batchd.spool import JobSpool, results_lines
 from batchd.states import CHUNK_DONE_STATES, REMOTE_LIVE_CHUNK_STATES, ChunkState, JobState
 
@@ -209,7 +209,8 @@ class Pack:
         pack_id = new_job_id()
         spool = ctx.spool(pack_id)
         spool.root.mkdir(parents=True)
-        requests, size = spool.write_requests(0, _pack_lines((chunk, ctx.spool(job.id)) for job, chunk in members))
+        requests, size = spool.write_requests(0, _pack_lines(
+            (chunk, ctx.spool(job.id), ctx.journal.small_build(job.id)) for job, chunk in members))
         crashpoint("after-pack-requests")
         ctx.journal.add_pack(pack_id, name=PACK_NAME, model=ctx.model_of(members[0][0]),
                              chunk={"display_name": display_name(PACK_NAME, pack_id, 0), "request_count": requests,
@@ -258,10 +259,10 @@ class Pack:
             self.batches_done([chunk.remote_name])  # (committed with 'done', deleted after it)
 
 
-def _pack_lines(members: Iterable[tuple[Chunk, JobSpool]]) -> Iterable[str]:
+def _pack_lines(members: Iterable[tuple[Chunk, JobSpool, SmallBuild | None]]) -> Iterable[str]:
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    for chunk, spool in members:
-        for line in spool.read_requests(chunk.idx):
+    for chunk, spool, small in members:
+        for line in spool.read_requests(chunk.idx, small):
             line["key"] = pack_key(chunk.job_id, chunk.idx, line["key"])
             yield encode(line) + "\n"
 

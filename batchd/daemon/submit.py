@@ -28,7 +28,7 @@ from batchd.daemon.media import MediaUploads
 from batchd.daemon.naming import upload_display_name, upload_display_names
 from batchd.daemon.pack import Pack
 from batchd.events import progress_counts
-from batchd.journal import Chunk, Job, replace_row
+from batchd.journal import Chunk, Job, SmallBuild, replace_row
 from batchd.logs import FailureRun
 from batchd.media import resolve_request
 from batchd.provider import Provider, is_auth_error, is_retryable, quota_delay, webhook_config
@@ -172,7 +172,8 @@ class Submit:
         uris = {row["sha256"]: row["uri"] for row in ctx.journal.chunk_media(job.id, chunk.idx) if row["uri"]}
         if chunk.mode == "inline":
             self.submissions.start(key, create_inline, ctx.provider, ctx.model_of(job), ctx.spool(job.id), chunk,
-                                   job.kind, uris, self._webhook(job, chunk), about="create")
+                                   job.kind, uris, self._webhook(job, chunk), ctx.journal.small_build(job.id),
+                                   about="create")
         else:
             self.submissions.start(key, upload_requests, ctx.provider, chunk, ctx.spool(job.id),
                                    ctx.settings.delete_request_files, uris, about="upload")
@@ -445,11 +446,14 @@ def unconfirmed_chunks(ctx: Context) -> list[Chunk]:
 
 
 def create_inline(provider: Provider, model: str, spool: JobSpool, chunk: Chunk, kind: str,
-                  uris: dict[str, str] | None = None, webhook: dict | None = None) -> RemoteJob:
-    lines = spool.request_lines(chunk.idx)
+                  uris: dict[str, str] | None = None, webhook: dict | None = None,
+                  small: SmallBuild | None = None) -> RemoteJob:
+    """Create the chunk's remote batch with its requests inline (``small``: the job's build, as the journal
+    keeps it, else its requests file)."""
+    lines = spool.request_lines(chunk.idx, small)
     if uris:  # requests naming uploaded files: each placeholder replaced by its File's URI
         lines = (json.dumps({**line, "request": resolve_request(line["request"], uris)}, ensure_ascii=False,
-                            separators=(",", ":")) for line in spool.read_requests(chunk.idx))
+                            separators=(",", ":")) for line in spool.read_requests(chunk.idx, small))
     return provider.create_from_lines(model, lines, chunk.display_name, kind, webhook)
 
 

@@ -22,6 +22,7 @@ from batchd.cache import CacheLimits, CacheStore
 from batchd.daemon.context import Stopping
 from batchd.npy import NpyRowWriter
 from batchd.plugin_calls import InThread, PluginClock, PluginTimeout
+from batchd.journal import SmallBuild
 from batchd.spool import JobSpool
 from batchd.task import TaskResult
 
@@ -33,12 +34,15 @@ class ChunkGate:
 
     The writer joins chunks in order and waits at each one until the loop opens it (with the
     error every request of the chunk gets when the chunk produced no results, else None, and a pack
-    member's share of its pack's results, which the journal keeps: the writer has no journal).
+    member's share of its pack's results, which the journal keeps: the writer has no journal), and
+    from the start a small job's index, which the journal keeps too.
     Index entries of a chunk that was never recorded (a build that stopped part way) have
     nothing to wait for.
     """
 
-    def __init__(self, recorded: Iterable[int], stopping: threading.Event):
+    def __init__(self, recorded: Iterable[int], stopping: threading.Event, small: SmallBuild | None = None):
+        #: The job's build as the journal keeps it when it was small (None: its spool's index file).
+        self.small = small
         self._waiting = set(recorded)
         self._opened: dict[int, dict | None] = {}
         self._shares: dict[int, str] = {}
@@ -211,7 +215,7 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         # In a thread of its own: a plugin that hangs in organize() holds neither this writer nor the exit.
         writing = InThread(
             lambda: write_result_files(folder, spool, error_of, organize, stopping, clock, kind, keep,
-                                       gate.share_of),
+                                       gate.share_of, gate.small),
             name=f"batchd-organize-{job_id}")
         counts, tokens, usage, errors, cache_usage = writing.wait(clock, timeout, stopping.is_set, Stopping)
     except Stopping:
@@ -222,11 +226,11 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         folder = outbox.JobFolder(spool.staging)  # anew: the abandoned thread's files are left unlinked
         counts, tokens, usage, errors, cache_usage = write_result_files(
             folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep,
-            share_of=gate.share_of)
+            share_of=gate.share_of, small=gate.small)
     except Exception as error:
         if fs.is_disk_full(error):
             raise  # not the task's fault: the folder is written again once there is room
-        if isinstance(error, FileNotFoundError) and not spool.index_path.exists():
+        if isinstance(error, FileNotFoundError) and gate.small is None and not spool.index_path.exists():
             raise  # nor is a spool removed while the job ran: the job cannot be finished (Deliver._spool_removed)
         fs.unwritable_is_fatal("outbox", error)
         log.exception("job %s: task %r failed to organize its results", job_id, clock.task)
@@ -235,7 +239,7 @@ def _write_results(spool: JobSpool, gate: ChunkGate, tasks: dict, clock: PluginC
         folder = outbox.JobFolder(spool.staging)
         counts, tokens, usage, errors, cache_usage = write_result_files(
             folder, spool, error_of, _organize_nothing, stopping, kind=kind, keep=keep,
-            share_of=gate.share_of)
+            share_of=gate.share_of, small=gate.small)
     return Written(folder, counts, tokens, usage, organize_error, errors, cache_usage)
 
 
@@ -243,7 +247,8 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
                        organize, stopping: threading.Event,
                        clock: PluginClock | None = None, kind: str = "generate",
                        keep: Callable[[str, dict], None] | None = None,
-                       share_of: Callable[[int], str | None] = lambda idx: None) -> tuple[dict, dict, dict, dict, dict]:
+                       share_of: Callable[[int], str | None] = lambda idx: None,
+                       small: SmallBuild | None = None) -> tuple[dict, dict, dict, dict, dict]:
     """Stream every joined result into results.jsonl and through ``organize`` into organized.json.
 
     ``clock`` (for a task plugin's ``organize``) is stamped whenever control passes to it and back.
@@ -268,7 +273,7 @@ def write_result_files(folder: outbox.JobFolder, spool: JobSpool, chunk_error: C
     dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per line
 
     def results_written():
-        for n, result in enumerate(spool.joined(chunk_error, kind, keep=keep, share_of=share_of)):
+        for n, result in enumerate(spool.joined(chunk_error, kind, keep=keep, share_of=share_of, small=small)):
             if n % 10_000 == 0 and stopping.is_set():
                 raise Stopping()
             if embeddings is not None:

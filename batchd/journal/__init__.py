@@ -111,8 +111,8 @@ from batchd.journal.kept import KeptRows
 from batchd.journal.retention import forget_finished
 from batchd.journal.schema import DONE_TOTALS_ADD, HOLDING_UPLOADS, JOB_FIGURES, done_figures_by_scan
 from batchd.journal.transactions import JournalLocked, JournalUnreadable
-from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, chunk_from_row, chunk_values, job_from_row, job_values,
-                                 new_job_id, replace_row)
+from batchd.journal.rows import (JOB_JSON_COLUMNS, Chunk, Job, SmallBuild, chunk_from_row, chunk_values, job_from_row,
+                                 job_values, new_job_id, replace_row)
 from batchd.logs import redact, redacted_json
 from batchd.states import (ACTIVE_JOB_STATES, CHUNK_DONE_STATES, CHUNK_SOURCES, JOB_SOURCES, ChunkState, JobState,
                            MediaState, check_chunk_move, check_job_move)
@@ -226,6 +226,7 @@ class Journal(RemoteRecords):
         if updated and finishing:
             db.execute(DONE_TOTALS_ADD, (job_id,))
             db.execute("DELETE FROM member_results WHERE job_id = ?", (job_id,))  # (its outbox has them now)
+            db.execute("DELETE FROM small_builds WHERE job_id = ?", (job_id,))
             if self._jobs_with_media is not None and job_id in self._jobs_with_media:
                 self.after_commit(lambda: self._jobs_with_media.discard(job_id))
         if updated and kept is not None:
@@ -340,8 +341,9 @@ class Journal(RemoteRecords):
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def add_chunk(self, job_id: str, chunk: dict) -> bool:
-        """Record a built chunk (state ``built``); False if it was already recorded before a crash."""
+    def add_chunk(self, job_id: str, chunk: dict, small: SmallBuild | None = None) -> bool:
+        """Record a built chunk (state ``built``), with the job's ``small`` build when it was built in memory
+        (:meth:`small_build`); False if it was already recorded before a crash."""
         self.kept_rows.forget_chunks(job_id)
         with self.transaction() as db:
             inserted = db.execute(
@@ -350,6 +352,9 @@ class Journal(RemoteRecords):
                 (job_id, chunk["idx"], chunk["display_name"], chunk["mode"], chunk["request_count"],
                  chunk["byte_size"], ChunkState.BUILT),
             ).rowcount
+            if inserted and small is not None:
+                db.execute("INSERT OR REPLACE INTO small_builds (job_id, requests, entries) VALUES (?, ?, ?)",
+                           (job_id, small.requests, small.index))
             media = chunk.get("media") or {}
             if inserted and media:
                 if self._jobs_with_media is not None:
@@ -373,6 +378,11 @@ class Journal(RemoteRecords):
                            (job_id, idx, member_results))
             self._add_events(db, events)
         self.on_change(job_id)
+
+    def small_build(self, job_id: str) -> SmallBuild | None:
+        """The job's build as the journal keeps it when it was small (see schema.py), else None: its spool's files."""
+        row = self._db.execute("SELECT requests, entries FROM small_builds WHERE job_id = ?", (job_id,)).fetchone()
+        return SmallBuild(*row) if row is not None else None
 
     def member_results(self, job_id: str) -> dict[int, str]:
         """The job's chunks' shares of their packs' results, as JSON lines, by chunk index (see schema.py)."""

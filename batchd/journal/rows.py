@@ -61,6 +61,22 @@ class Chunk:
     packed_in: str | None = None  # the pack (a job id) its requests were sealed into
 
 
+@dataclass(frozen=True)
+class SmallBuild:
+    """A small job's build (batchd/spool.py), kept in the journal (``small_builds``) rather than in files of its
+    spool.
+
+    Why: each file a job creates, and frees once it is delivered, costs it an inode, and on ext4 without a
+    journal every inode freed is passed over, at a cost, by each inode created in the minute after it
+    (docs/design.md, "Small jobs"). A burst of small jobs paid for the index and requests files of every
+    earlier one in each of its creates. Committed with the chunk's row (``built``), read by the loop and
+    handed to the steps that send, split and join it; removed in the transaction that finishes the job.
+    """
+
+    requests: str  #: chunk 0's request lines, as its requests file would hold them
+    index: str  #: the index lines, as index.jsonl would hold them
+
+
 def new_job_id() -> str:
     """A sortable, unique job id: creation time plus randomness."""
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)

@@ -154,6 +154,16 @@ CREATE TABLE IF NOT EXISTS member_results (
     PRIMARY KEY (job_id, idx)
 );
 
+-- A small job's build (batchd/spool.py, SmallBuild): its one chunk's request lines and its index lines,
+-- added in the transaction that records the chunk, read by the steps that send, split and join it,
+-- removed in the one that finishes its job. Files of their own would cost each small job two inodes
+-- created and freed (docs/design.md, "Small jobs").
+CREATE TABLE IF NOT EXISTS small_builds (
+    job_id        TEXT PRIMARY KEY,
+    requests      TEXT NOT NULL,       -- JSON lines, as a requests file has them
+    entries       TEXT NOT NULL        -- JSON lines, as index.jsonl has them
+);
+
 -- Display names whose create outcome was once unknown (a timeout, a 5xx, a crash): a create that
 -- reached the service may show up in the list late, after its chunk was created again, fetched or
 -- skipped, or its job delivered. Each is watched, whatever became of its chunk, until a remote job
