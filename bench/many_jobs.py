@@ -105,7 +105,7 @@ def stages(workspace: Path, started: float) -> dict[str, float]:
 def measure(jobs: int, workspace: Path) -> dict:
     """One round in ``workspace`` (an empty folder, removed by the caller after the last round of all: on
     some filesystems files are created slower the more were deleted in the minutes before, and batchd
-    creates about seven a job where the floors create one, so a round must not follow the removal of the
+    creates five a job where the floors create one, so a round must not follow the removal of the
     last one's workspace)."""
     floor_seconds, _ = sdk_floor_script(workspace / "floor", jobs)
     floor4_seconds, floor4_calls = sdk_floor_script(workspace / "floor4", jobs, threads=FLOOR_THREADS)
