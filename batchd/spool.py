@@ -77,7 +77,6 @@ class BuiltChunk:
 SMALL_BUILD_BYTES = 64 * 1024
 
 
-
 #: Paths a :class:`JobSpool` keeps made (its files' names), at most.
 PATHS_KEPT = 16
 
@@ -273,7 +272,7 @@ class JobSpool:
         """The lines of chunk ``idx``'s requests, as text (an inline create sends them so): from the job's
         ``small`` build (the journal's), else from its requests file."""
         if small is not None:
-            yield from small.requests.splitlines(keepends=True)
+            yield from json_lines(small.requests)
             return
         with open(self.requests_path(idx), encoding="utf-8", buffering=IO_BUFFER) as lines:
             yield from lines
@@ -293,7 +292,7 @@ class JobSpool:
         """Index entries ``[key, chunk, wants_json, input]``, in request order (from the job's ``small``
         build, else from its index file)."""
         if small is not None:
-            for line in small.index.splitlines():
+            for line in json_lines(small.index):
                 yield json.loads(line)
             return
         with open(self.index_path, encoding="utf-8", buffering=IO_BUFFER) as lines:
@@ -330,7 +329,7 @@ class JobSpool:
         """A chunk's result records: those of ``share`` (a pack member's share of its pack's results, kept in
         the journal), else of its results file."""
         if share is not None:
-            yield from _result_records(share.splitlines())
+            yield from _result_records(json_lines(share))
             return
         path = self.results_path(idx)
         if not path.exists():
@@ -447,6 +446,18 @@ CACHED_CHUNK = -1
 def results_lines(records: Iterable[dict]) -> str:
     """Result records as a results file has them: one JSON object a line."""
     return "".join(jsonfast.dumps(record) + "\n" for record in records)
+
+
+def json_lines(text: str) -> Iterator[str]:
+    """The lines of JSON-lines ``text`` (kept in the journal rather than in a file), each with its newline, as
+    reading its file gives them. Split at newlines only: ``str.splitlines`` also splits at U+2028, U+0085 and
+    others, which JSON written with ``ensure_ascii=False`` (a prompt, an answer) carries as they are."""
+    lines = text.split("\n")
+    last = lines.pop()
+    for line in lines:
+        yield line + "\n"
+    if last:
+        yield last
 
 
 def _result_records(lines: Iterable[str]) -> Iterator[dict]:

@@ -150,7 +150,8 @@ INLINE = ChunkLimits(max_requests=100, max_bytes=1 << 20, inline_max_requests=10
 
 
 def requests_of(count: int, size: int = 10) -> list[TaskRequest]:
-    return [TaskRequest(key=f"k{n}", prompt="é" * size, input={"n": n},
+    # (U+2028 and U+0085 end a line for str.splitlines, never in JSON lines)
+    return [TaskRequest(key=f"k{n}", prompt="é\u2028\x85" * (size // 3), input={"n": n, "text": "a\u2029b"},
                         config={"response_mime_type": "application/json"} if n % 2 else {}) for n in range(count)]
 
 
@@ -175,6 +176,17 @@ def test_a_small_job_is_built_in_memory_as_its_files_would_hold_it(tmp_path, mon
     assert chunk.small.index == file_spool.index_path.read_text(encoding="utf-8")
     assert list(small_spool.read_index(chunk.small)) == list(file_spool.read_index())
     assert list(small_spool.request_lines(0, chunk.small)) == list(file_spool.request_lines(0))
+    prompts = [line["request"]["contents"][0]["parts"][0]["text"] for line in small_spool.read_requests(0, chunk.small)]
+    assert prompts == [request.prompt for request in requests_of(3)]
+
+
+def test_a_members_share_of_its_packs_results_reads_as_its_file_would(tmp_path):
+    """A share kept in the journal is read line by line as a results file is: split at newlines only."""
+    spool = JobSpool(tmp_path / "job")
+    records = [{"key": "k0", "response": {"text": "one\u2028two\x85three"}}, {"key": "k1", "error": {"code": 3}}]
+    share = spool_module.results_lines(records)
+
+    assert list(spool.read_results(0, share)) == records
 
 
 @pytest.mark.parametrize("why, requests, limits", [
