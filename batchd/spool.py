@@ -231,8 +231,7 @@ class JobSpool:
                         current.media[ref.sha256] = (ref.mime_type, ref.size)
                 current.request_count += 1
                 current.byte_size += size
-                wants_json = request.config.get("response_mime_type") == "application/json"
-                entry = [request.key, current.idx, wants_json, request.input]
+                entry = index_entry(request, current.idx)
                 if digest is not None:
                     entry.append(digest)
                 index.write(dumps(entry) + "\n")
@@ -404,6 +403,11 @@ class JobSpool:
                 yield result
 
 
+def index_entry(request: TaskRequest, chunk_idx: int) -> list:
+    """A sent request's index entry: ``[key, chunk, wants_json, input]``."""
+    return [request.key, chunk_idx, request.config.get("response_mime_type") == "application/json", request.input]
+
+
 def _built_small(requests: Iterable[TaskRequest], encode: Callable[[TaskRequest], str], limits: ChunkLimits,
                  dumps: Callable[[Any], str]) -> tuple[BuiltChunk | None, Iterable[TaskRequest]]:
     """The job built in memory, as one inline chunk with its :class:`SmallBuild`, when it turns out small:
@@ -424,8 +428,7 @@ def _built_small(requests: Iterable[TaskRequest], encode: Callable[[TaskRequest]
                 ref.inline_data is None for ref in request.files):
             return None, itertools.chain(taken, requests)
         line = encode(request) + "\n"
-        entry = dumps([request.key, 0, request.config.get("response_mime_type") == "application/json",
-                       request.input]) + "\n"
+        entry = dumps(index_entry(request, 0)) + "\n"
         line_size = len(line.encode("utf-8")) if not line.isascii() else len(line)
         size += line_size
         room -= line_size + (len(entry.encode("utf-8")) if not entry.isascii() else len(entry))
