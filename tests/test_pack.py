@@ -271,8 +271,8 @@ def test_a_small_jobs_build_is_kept_in_the_journal_until_its_job_is_done(workspa
     builds = journal_rows(workspace, "SELECT job_id, requests, entries FROM small_builds")
     assert len(builds) == 4, "not every small job's build was committed"
     for job_id, requests, entries in builds:
-        assert [json.loads(line)["key"] for line in requests.splitlines()] == \
-            [json.loads(line)[0] for line in entries.splitlines()] and len(entries.splitlines()) == 2
+        keys = [json.loads(line)[0] for line in spool_module.json_lines(entries)]
+        assert [json.loads(line)["key"] for line in spool_module.json_lines(requests)] == keys and len(keys) == 2
         assert not [path.name for path in (workspace.state / "jobs" / job_id).iterdir()
                     if path.name.startswith(("index", "requests", ".requests"))], "a small build wrote a file"
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Iterator
 from batchd import fs, outbox
 from batchd.cache import CacheLimits, CacheStore
 from batchd.daemon.context import Stopping
+from batchd.journal import SmallBuild
 from batchd.npy import NpyRowWriter
 from batchd.plugin_calls import InThread, PluginClock, PluginTimeout
-from batchd.journal import SmallBuild
 from batchd.spool import JobSpool
 from batchd.task import TaskResult
 
