@@ -209,7 +209,7 @@ class JobSpool:
                     continue
                 if cache is None:
                     line = encode(request) + "\n"
-                size = len(line.encode("utf-8")) if not line.isascii() else len(line)
+                size = utf8_size(line)
                 if current is None or current.request_count >= limits.max_requests or (
                     current.request_count and current.byte_size + size > limits.max_bytes
                 ):
@@ -261,7 +261,7 @@ class JobSpool:
         """Write a requests file whole and durably (a pack's: batchd/daemon/pack.py); its lines and bytes."""
         text = "".join(lines)
         atomic_write(self.requests_path(idx), text, step="requests")
-        return text.count("\n"), len(text.encode("utf-8"))
+        return text.count("\n"), utf8_size(text)
 
     def read_requests(self, idx: int, small: SmallBuild | None = None) -> Iterator[dict]:
         for line in self.request_lines(idx, small):
@@ -403,6 +403,11 @@ class JobSpool:
                 yield result
 
 
+def utf8_size(text: str) -> int:
+    """The bytes ``text`` takes in UTF-8 (without encoding it when it is ASCII, as most lines are)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def index_entry(request: TaskRequest, chunk_idx: int) -> list:
     """A sent request's index entry: ``[key, chunk, wants_json, input]``."""
     return [request.key, chunk_idx, request.config.get("response_mime_type") == "application/json", request.input]
@@ -429,9 +434,9 @@ def _built_small(requests: Iterable[TaskRequest], encode: Callable[[TaskRequest]
             return None, itertools.chain(taken, requests)
         line = encode(request) + "\n"
         entry = dumps(index_entry(request, 0)) + "\n"
-        line_size = len(line.encode("utf-8")) if not line.isascii() else len(line)
+        line_size = utf8_size(line)
         size += line_size
-        room -= line_size + (len(entry.encode("utf-8")) if not entry.isascii() else len(entry))
+        room -= line_size + utf8_size(entry)
         if room < 0 or size > most_bytes:
             return None, itertools.chain(taken, requests)
         request_lines.append(line)

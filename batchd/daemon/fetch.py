@@ -54,8 +54,10 @@ class Fetch:
         journal = self.ctx.journal
         # A pack's results are split into its members' shares in the same work (batchd.daemon.pack).
         members = journal.packed_members(chunk.job_id) if journal.job(chunk.job_id).pack else None
+        # A small job's requests are in the journal: they match answers returned inline without their key.
+        small = journal.small_build(chunk.job_id) if members is None and chunk.mode == "inline" else None
         self.fetches.start(key, store_results, self.ctx.provider, chunk, self.ctx.spool(chunk.job_id), remote,
-                           members, journal.small_build(chunk.job_id) if members is None else None, about=chunk)
+                           members, small, about=chunk)
 
     def busy(self) -> bool:
         return bool(len(self.fetches) or self._queued)
