@@ -147,8 +147,9 @@ class JobSpool:
         (``Fetch.collect``, ``Deliver._spool_removed``)."""
         return {"code": "spool_removed",
                 "message": f"its folder {self.root} was removed while it ran, not by batchd ({error.strerror or error}): "
-                           f"its requests and what joins each result to its input went with it; drop the manifest "
-                           f"again to run it anew (keep state_dir away from cleaners of old files, such as /tmp's)"}
+                           f"what the job kept there went with it (the manifest it claimed, and unless the job was "
+                           f"small its requests and what joins each result to its input); drop the manifest again "
+                           f"to run it anew (keep state_dir away from cleaners of old files, such as /tmp's)"}
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
